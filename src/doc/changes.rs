@@ -1,0 +1,155 @@
+//! Automerge change bytes from outside: splitting, parsing and the Lamport stamp they carry.
+//!
+//! The wire format for "changes" (HTTP sync, mesh `CRDT_SYNC`, `GET …/changes`) is Automerge
+//! change chunks concatenated, as `get_changes` + `raw_bytes` produce them. Automerge parses one
+//! chunk at a time, so we split the concatenation using the chunk header (magic bytes, checksum,
+//! type, LEB128 length) and let Automerge verify each chunk fully.
+
+use automerge::Change;
+use serde::{Deserialize, Serialize};
+
+use super::DocError;
+
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// Chunk types that hold one change (plain or compressed); a document chunk is type 0.
+const CHANGE_CHUNK_TYPES: [u8; 2] = [1, 2];
+
+/// Parses concatenated change chunks; every byte must belong to a valid change.
+pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    if bytes.is_empty() {
+        return Err(DocError::InvalidChanges("no change bytes".into()));
+    }
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let len = chunk_len(rest).map_err(|why| {
+            DocError::InvalidChanges(format!("chunk {} (at byte {}): {why}", out.len(), bytes.len() - rest.len()))
+        })?;
+        let (chunk, tail) = rest.split_at(len);
+        let change = Change::try_from(chunk).map_err(|e| {
+            DocError::InvalidChanges(format!("chunk {} is not an Automerge change: {e}", out.len()))
+        })?;
+        out.push(change);
+        rest = tail;
+    }
+    Ok(out)
+}
+
+/// The total length (header included) of the change chunk at the start of `bytes`.
+fn chunk_len(bytes: &[u8]) -> Result<usize, String> {
+    if bytes.len() < 10 {
+        return Err("truncated chunk header".into());
+    }
+    if bytes[..4] != MAGIC {
+        return Err("missing Automerge magic bytes".into());
+    }
+    let chunk_type = bytes[8];
+    if !CHANGE_CHUNK_TYPES.contains(&chunk_type) {
+        return Err(format!("chunk type {chunk_type} is not a change"));
+    }
+    let (data_len, leb_len) = read_uleb128(&bytes[9..]).ok_or("bad chunk length")?;
+    let total = 9usize
+        .checked_add(leb_len)
+        .and_then(|n| n.checked_add(usize::try_from(data_len).ok()?))
+        .ok_or("chunk length overflows")?;
+    if total > bytes.len() {
+        return Err(format!("chunk claims {total} bytes, only {} remain", bytes.len()));
+    }
+    Ok(total)
+}
+
+fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value: u64 = 0;
+    for (i, byte) in bytes.iter().take(10).enumerate() {
+        let low = u64::from(byte & 0x7f);
+        value |= low.checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// Concatenates changes into the wire format `parse_changes` reads.
+pub fn concat_changes<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for change in changes {
+        out.extend_from_slice(change.raw_bytes());
+    }
+    out
+}
+
+/// What every change made by a crdt-node carries in its commit message: the Lamport timestamp
+/// and region of the mutation. A receiver advances its clock from it, whatever path the change
+/// took (HTTP, mesh, a snapshot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub lamport: u64,
+    pub region: String,
+}
+
+impl Stamp {
+    pub fn to_message(&self) -> String {
+        // Serializing two plain fields cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The stamp in a change's message, if it has one (changes from other clients may not).
+    pub fn of(change: &Change) -> Option<Stamp> {
+        change.message().and_then(Stamp::parse)
+    }
+
+    pub fn parse(message: &str) -> Option<Stamp> {
+        serde_json::from_str(message).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::{transaction::Transactable, AutoCommit, ROOT};
+
+    fn two_changes() -> Vec<Change> {
+        let mut doc = AutoCommit::new();
+        doc.put(ROOT, "a", 1).unwrap();
+        doc.commit();
+        doc.put(ROOT, "b", "x".repeat(300)).unwrap();
+        doc.commit();
+        doc.get_changes(&[])
+    }
+
+    #[test]
+    fn concatenated_changes_round_trip() {
+        let changes = two_changes();
+        let bytes = concat_changes(&changes);
+        let parsed = parse_changes(&bytes).unwrap();
+        let hashes: Vec<_> = parsed.iter().map(|c| c.hash()).collect();
+        assert_eq!(hashes, changes.iter().map(|c| c.hash()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn rejects_garbage_truncation_and_documents() {
+        assert!(parse_changes(b"").is_err());
+        assert!(parse_changes(b"hello world, not automerge").is_err());
+        let bytes = concat_changes(&two_changes());
+        assert!(parse_changes(&bytes[..bytes.len() - 1]).is_err());
+        let mut corrupted = bytes.clone();
+        let last = corrupted.len() - 3;
+        corrupted[last] ^= 0xff;
+        assert!(parse_changes(&corrupted).is_err(), "a flipped byte must fail the checksum");
+        let mut doc = AutoCommit::new();
+        doc.put(ROOT, "a", 1).unwrap();
+        let err = parse_changes(&doc.save()).unwrap_err().to_string();
+        assert!(err.contains("not a change"), "{err}");
+    }
+
+    #[test]
+    fn stamp_round_trips_through_a_commit_message() {
+        let stamp = Stamp { lamport: 42, region: "us-east-1".into() };
+        let mut doc = AutoCommit::new();
+        doc.put(ROOT, "a", 1).unwrap();
+        doc.commit_with(automerge::transaction::CommitOptions::default().with_message(stamp.to_message()));
+        let change = doc.get_last_local_change().unwrap();
+        assert_eq!(Stamp::of(&change), Some(stamp));
+    }
+}

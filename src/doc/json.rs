@@ -1,0 +1,117 @@
+//! Conversion between JSON values and Automerge values, for flags.
+//!
+//! JSON objects become Automerge maps and arrays become lists, so two regions editing different
+//! keys of one flag object merge instead of one overwriting the other. Integers keep their
+//! integer type; every other number is an `f64`.
+
+use automerge::{
+    transaction::Transactable, AutoCommit, AutomergeError, ObjId, ObjType, Prop, ReadDoc,
+    ScalarValue, Value,
+};
+use serde_json::{Map, Number, Value as Json};
+
+/// Writes `value` at `prop` of `obj`, creating nested objects as needed.
+pub fn put_json(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    prop: Prop,
+    value: &Json,
+) -> Result<(), AutomergeError> {
+    match value {
+        Json::Object(fields) => {
+            let child = doc.put_object(obj, prop, ObjType::Map)?;
+            for (k, v) in fields {
+                put_json(doc, &child, Prop::Map(k.clone()), v)?;
+            }
+        }
+        Json::Array(items) => {
+            let child = doc.put_object(obj, prop, ObjType::List)?;
+            for (i, v) in items.iter().enumerate() {
+                insert_json(doc, &child, i, v)?;
+            }
+        }
+        scalar => doc.put(obj, prop, to_scalar(scalar))?,
+    }
+    Ok(())
+}
+
+fn insert_json(
+    doc: &mut AutoCommit,
+    list: &ObjId,
+    index: usize,
+    value: &Json,
+) -> Result<(), AutomergeError> {
+    match value {
+        Json::Object(fields) => {
+            let child = doc.insert_object(list, index, ObjType::Map)?;
+            for (k, v) in fields {
+                put_json(doc, &child, Prop::Map(k.clone()), v)?;
+            }
+        }
+        Json::Array(items) => {
+            let child = doc.insert_object(list, index, ObjType::List)?;
+            for (i, v) in items.iter().enumerate() {
+                insert_json(doc, &child, i, v)?;
+            }
+        }
+        scalar => doc.insert(list, index, to_scalar(scalar))?,
+    }
+    Ok(())
+}
+
+fn to_scalar(value: &Json) -> ScalarValue {
+    match value {
+        Json::Null => ScalarValue::Null,
+        Json::Bool(b) => ScalarValue::Boolean(*b),
+        Json::String(s) => ScalarValue::Str(s.as_str().into()),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ScalarValue::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                ScalarValue::Uint(u)
+            } else {
+                ScalarValue::F64(n.as_f64().unwrap_or(0.0))
+            }
+        }
+        // Objects and arrays are handled by the callers.
+        Json::Object(_) | Json::Array(_) => ScalarValue::Null,
+    }
+}
+
+/// Reads an Automerge value (and, for objects, everything below it) as JSON.
+pub fn read_json(doc: &AutoCommit, value: &Value<'_>, id: &ObjId) -> Json {
+    match value {
+        Value::Scalar(s) => scalar_to_json(s),
+        Value::Object(ObjType::Map) | Value::Object(ObjType::Table) => {
+            let mut out = Map::new();
+            for key in doc.keys(id) {
+                if let Ok(Some((v, child))) = doc.get(id, key.as_str()) {
+                    out.insert(key, read_json(doc, &v, &child));
+                }
+            }
+            Json::Object(out)
+        }
+        Value::Object(ObjType::List) => Json::Array(
+            (0..doc.length(id))
+                .filter_map(|i| doc.get(id, i).ok().flatten())
+                .map(|(v, child)| read_json(doc, &v, &child))
+                .collect(),
+        ),
+        Value::Object(ObjType::Text) => Json::String(doc.text(id).unwrap_or_default()),
+    }
+}
+
+fn scalar_to_json(s: &ScalarValue) -> Json {
+    match s {
+        ScalarValue::Null => Json::Null,
+        ScalarValue::Boolean(b) => Json::Bool(*b),
+        ScalarValue::Str(s) => Json::String(s.to_string()),
+        ScalarValue::Int(i) => Json::Number((*i).into()),
+        ScalarValue::Uint(u) => Json::Number((*u).into()),
+        ScalarValue::F64(f) => Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        ScalarValue::Counter(c) => Json::Number(i64::from(c).into()),
+        ScalarValue::Timestamp(t) => Json::Number((*t).into()),
+        ScalarValue::Bytes(b) => Json::Array(b.iter().map(|x| Json::Number((*x).into())).collect()),
+        ScalarValue::Unknown { .. } => Json::Null,
+    }
+}

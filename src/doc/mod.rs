@@ -1,0 +1,344 @@
+//! The run document: one Automerge document per workflow run, with no IO and no actix.
+//!
+//! A run holds three things, each a CRDT inside one Automerge document:
+//! - `grafts`: a list of agents grafted into the run (`{id, agent, afterStep, user, region,
+//!   lamport, createdAt}`); concurrent grafts are all kept;
+//! - `prunedSteps`: a map used as a set, stepId → `{user, region, lamport}`; a concurrent prune
+//!   and unprune resolve to pruned (add wins);
+//! - `flags`: a map of JSON values; concurrent writes to one key keep a deterministic winner and
+//!   the losing values stay visible as a conflict.
+//!
+//! [`RunDoc`] owns the document and the run's Lamport clock. Every local mutation increments the
+//! clock and stamps it into the graft or prune entry and into the change's commit message;
+//! applying a remote change advances the clock to at least the change's stamp. This module owns
+//! the document's rules; it does not know about actors, storage or the network.
+
+mod changes;
+mod genesis;
+mod json;
+mod state;
+
+use std::collections::HashSet;
+
+use automerge::{
+    transaction::{CommitOptions, Transactable},
+    ActorId, AutoCommit, AutomergeError, Change, ChangeHash, ObjType, Prop, ReadDoc,
+    ScalarValue,
+};
+use serde_json::Value as Json;
+use uuid::Uuid;
+
+pub use changes::{concat_changes, parse_changes, Stamp};
+pub use genesis::genesis_actor;
+pub use state::{Graft, PrunedStep, RunState};
+
+use genesis::{FLAGS, GRAFTS, PRUNED_STEPS};
+use state::root_obj;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    #[error("invalid change bytes: {0}")]
+    InvalidChanges(String),
+    #[error("changes depend on {} change(s) this run does not have: {}", .0.len(), hashes(.0))]
+    MissingDependencies(Vec<ChangeHash>),
+    #[error("the document does not follow the run schema: {0}")]
+    Schema(String),
+    #[error("not a saved document of run {run_id}: {reason}")]
+    NotThisRun { run_id: Uuid, reason: String },
+    #[error("automerge rejected the operation: {0}")]
+    Automerge(#[from] AutomergeError),
+}
+
+fn hashes(hs: &[ChangeHash]) -> String {
+    hs.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// A mutation a user asks for. Graft ids are chosen by the caller, so a retried request can
+/// carry the same id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mutation {
+    Graft { id: Uuid, agent: String, after_step: String, user: String },
+    Prune { step_id: String, user: String },
+    Unprune { step_id: String },
+    SetFlag { key: String, value: Json },
+    DeleteFlag { key: String },
+}
+
+impl Mutation {
+    /// The event type recorded in `collaboration_events`.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Mutation::Graft { .. } => "GRAFT",
+            Mutation::Prune { .. } => "PRUNE",
+            Mutation::Unprune { .. } => "UNPRUNE",
+            Mutation::SetFlag { .. } => "SET_FLAG",
+            Mutation::DeleteFlag { .. } => "DELETE_FLAG",
+        }
+    }
+}
+
+/// The result of a local mutation.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The new change; `None` when the mutation changed nothing (unprune of a step that is not
+    /// pruned, delete of an absent flag).
+    pub change: Option<Change>,
+    /// The graft as stored, for graft mutations.
+    pub graft: Option<Graft>,
+    pub lamport: u64,
+}
+
+/// The result of applying changes from elsewhere.
+#[derive(Debug, Default)]
+pub struct RemoteApplied {
+    /// Changes that were new to this document, in the order they were applied.
+    pub applied: Vec<Change>,
+    /// Changes that were already present (a no-op).
+    pub duplicates: usize,
+    /// Set when a change failed to apply; the changes before it stay applied.
+    pub error: Option<DocError>,
+}
+
+/// One run's Automerge document and Lamport clock.
+pub struct RunDoc {
+    run_id: Uuid,
+    region: String,
+    doc: AutoCommit,
+    lamport: u64,
+}
+
+impl RunDoc {
+    /// A new, empty run: the deterministic genesis, then a fresh random actor id for this
+    /// incarnation's own changes.
+    pub fn new(run_id: Uuid, region: &str) -> Self {
+        let mut doc = genesis::genesis_doc(run_id);
+        doc.set_actor(ActorId::random());
+        RunDoc { run_id, region: region.to_string(), doc, lamport: 0 }
+    }
+
+    /// A run from a saved document (a snapshot). The clock starts at the highest stamp found.
+    pub fn load(run_id: Uuid, region: &str, bytes: &[u8]) -> Result<Self, DocError> {
+        let not_this_run = |reason: String| DocError::NotThisRun { run_id, reason };
+        let mut doc = AutoCommit::load(bytes).map_err(|e| not_this_run(e.to_string()))?;
+        let genesis_hash = genesis::genesis_doc(run_id).get_heads();
+        if genesis_hash.iter().any(|h| doc.get_change_by_hash(h).is_none()) {
+            return Err(not_this_run("it lacks the run's genesis change".into()));
+        }
+        let lamport = doc
+            .get_changes_meta(&[])
+            .iter()
+            .filter_map(|m| Stamp::parse(m.message.as_deref()?))
+            .map(|s| s.lamport)
+            .max()
+            .unwrap_or(0);
+        doc.set_actor(ActorId::random());
+        Ok(RunDoc { run_id, region: region.to_string(), doc, lamport })
+    }
+
+    pub fn run_id(&self) -> Uuid {
+        self.run_id
+    }
+
+    pub fn lamport(&self) -> u64 {
+        self.lamport
+    }
+
+    /// Advances the clock to at least `seen` (a timestamp received or recovered from storage).
+    pub fn observe_lamport(&mut self, seen: u64) {
+        self.lamport = self.lamport.max(seen);
+    }
+
+    pub fn heads(&mut self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    pub fn state(&mut self) -> RunState {
+        let heads = self.doc.get_heads().iter().map(|h| h.to_string()).collect();
+        state::read_state(&self.doc, self.lamport, heads)
+    }
+
+    /// Applies a local mutation as one change, stamped with the next Lamport timestamp.
+    pub fn apply(&mut self, mutation: &Mutation, now_ms: i64) -> Result<Applied, DocError> {
+        let lamport = self.lamport.saturating_add(1);
+        let region = self.region.clone();
+        let mut graft = None;
+        let changed = match mutation {
+            Mutation::Graft { id, agent, after_step, user } => {
+                let list = self.root(GRAFTS, ObjType::List)?;
+                let at = self.doc.length(&list);
+                let obj = self.doc.insert_object(&list, at, ObjType::Map)?;
+                let g = Graft {
+                    id: id.to_string(),
+                    agent: agent.clone(),
+                    after_step: after_step.clone(),
+                    user: user.clone(),
+                    region: region.clone(),
+                    lamport,
+                    created_at: chrono::DateTime::from_timestamp_millis(now_ms)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                        .unwrap_or_default(),
+                };
+                for (k, v) in [
+                    ("id", &g.id),
+                    ("agent", &g.agent),
+                    ("afterStep", &g.after_step),
+                    ("user", &g.user),
+                    ("region", &g.region),
+                ] {
+                    self.doc.put(&obj, k, v.as_str())?;
+                }
+                self.doc.put(&obj, "lamport", lamport_scalar(lamport))?;
+                self.doc.put(&obj, "createdAt", ScalarValue::Timestamp(now_ms))?;
+                graft = Some(g);
+                true
+            }
+            Mutation::Prune { step_id, user } => {
+                let pruned = self.root(PRUNED_STEPS, ObjType::Map)?;
+                let entry = self.doc.put_object(&pruned, step_id.as_str(), ObjType::Map)?;
+                self.doc.put(&entry, "user", user.as_str())?;
+                self.doc.put(&entry, "region", region.as_str())?;
+                self.doc.put(&entry, "lamport", lamport_scalar(lamport))?;
+                true
+            }
+            Mutation::Unprune { step_id } => {
+                let pruned = self.root(PRUNED_STEPS, ObjType::Map)?;
+                self.delete_if_present(&pruned, step_id)?
+            }
+            Mutation::SetFlag { key, value } => {
+                let flags = self.root(FLAGS, ObjType::Map)?;
+                json::put_json(&mut self.doc, &flags, Prop::Map(key.clone()), value)?;
+                true
+            }
+            Mutation::DeleteFlag { key } => {
+                let flags = self.root(FLAGS, ObjType::Map)?;
+                self.delete_if_present(&flags, key)?
+            }
+        };
+        if !changed {
+            return Ok(Applied { change: None, graft: None, lamport: self.lamport });
+        }
+        let stamp = Stamp { lamport, region };
+        let options = CommitOptions::default()
+            .with_message(stamp.to_message())
+            .with_time(now_ms.div_euclid(1000));
+        self.doc.commit_with(options);
+        self.lamport = lamport;
+        let change = self.doc.get_last_local_change();
+        Ok(Applied { change, graft, lamport })
+    }
+
+    fn root(&self, key: &str, kind: ObjType) -> Result<automerge::ObjId, DocError> {
+        root_obj(&self.doc, key, kind).map_err(DocError::Schema)
+    }
+
+    fn delete_if_present(&mut self, map: &automerge::ObjId, key: &str) -> Result<bool, DocError> {
+        if self.doc.get(map, key)?.is_none() {
+            return Ok(false);
+        }
+        self.doc.delete(map, key)?;
+        Ok(true)
+    }
+
+    /// Applies changes from another replica. Changes already present are skipped (a no-op);
+    /// a batch whose dependencies are neither here nor in the batch is refused whole, so the
+    /// document never holds changes it cannot use. The clock advances to the highest stamp
+    /// seen and to `remote_lamport`.
+    pub fn apply_remote(
+        &mut self,
+        changes: Vec<Change>,
+        remote_lamport: Option<u64>,
+    ) -> Result<RemoteApplied, DocError> {
+        let ordered = self.order_new_changes(changes)?;
+        let mut out = RemoteApplied { duplicates: ordered.1, ..Default::default() };
+        for change in ordered.0 {
+            let stamp = Stamp::of(&change).map(|s| s.lamport);
+            // One at a time, so a change Automerge rejects leaves the earlier ones applied and
+            // reported, never a half-known state.
+            if let Err(e) = self.doc.apply_changes([change.clone()]) {
+                out.error = Some(DocError::Automerge(e));
+                break;
+            }
+            if let Some(l) = stamp {
+                self.observe_lamport(l);
+            }
+            out.applied.push(change);
+        }
+        if let Some(l) = remote_lamport {
+            self.observe_lamport(l);
+        }
+        Ok(out)
+    }
+
+    /// Drops changes already present and orders the rest so each comes after its dependencies.
+    fn order_new_changes(&mut self, changes: Vec<Change>) -> Result<(Vec<Change>, usize), DocError> {
+        let total = changes.len();
+        let mut seen = HashSet::new();
+        let mut pending: Vec<Change> = changes
+            .into_iter()
+            .filter(|c| seen.insert(c.hash()) && self.doc.get_change_by_hash(&c.hash()).is_none())
+            .collect();
+        let duplicates = total - pending.len();
+        let mut ready: HashSet<ChangeHash> = HashSet::new();
+        let mut ordered = Vec::with_capacity(pending.len());
+        while !pending.is_empty() {
+            let before = pending.len();
+            let mut rest = Vec::new();
+            for change in pending {
+                let deps_met = change
+                    .deps()
+                    .iter()
+                    .all(|d| ready.contains(d) || self.doc.get_change_by_hash(d).is_some());
+                if deps_met {
+                    ready.insert(change.hash());
+                    ordered.push(change);
+                } else {
+                    rest.push(change);
+                }
+            }
+            if rest.len() == before {
+                let mut missing: Vec<ChangeHash> = rest
+                    .iter()
+                    .flat_map(|c| c.deps().to_vec())
+                    .filter(|d| !ready.contains(d) && self.doc.get_change_by_hash(d).is_none())
+                    .filter(|d| !rest.iter().any(|c| c.hash() == *d))
+                    .collect();
+                missing.sort();
+                missing.dedup();
+                return Err(DocError::MissingDependencies(missing));
+            }
+            pending = rest;
+        }
+        Ok((ordered, duplicates))
+    }
+
+    /// Every change the holder of `heads` lacks. Heads this document does not know are
+    /// ignored, so the answer is a superset of what is missing (applying a change twice is a
+    /// no-op).
+    pub fn changes_since(&mut self, heads: &[ChangeHash]) -> Vec<Change> {
+        let known: Vec<ChangeHash> = heads
+            .iter()
+            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .copied()
+            .collect();
+        self.doc.get_changes(&known)
+    }
+
+    pub fn has_change(&mut self, hash: &ChangeHash) -> bool {
+        self.doc.get_change_by_hash(hash).is_some()
+    }
+
+    /// The whole document in Automerge's compact form.
+    pub fn save(&mut self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+}
+
+/// Lamport timestamps are stored as signed integers: JavaScript clients and BIGINT columns
+/// both read them without surprises.
+fn lamport_scalar(lamport: u64) -> ScalarValue {
+    ScalarValue::Int(i64::try_from(lamport).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+//! The read model of a run: what the state API and browser sessions show.
+//!
+//! Grafts are shown in one total order, identical on every node whatever order Automerge's list
+//! merge produced: by (lamport, region, user, id). A graft made after seeing another has a higher
+//! Lamport timestamp, so causal order is kept; concurrent grafts tie-break by region, then user.
+
+use std::collections::BTreeMap;
+
+use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+
+use super::genesis::{FLAGS, GRAFTS, PRUNED_STEPS};
+use super::json::read_json;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Graft {
+    pub id: String,
+    pub agent: String,
+    pub after_step: String,
+    pub user: String,
+    pub region: String,
+    pub lamport: u64,
+    pub created_at: String,
+}
+
+impl Graft {
+    fn order_key(&self) -> (u64, &str, &str, &str) {
+        (self.lamport, &self.region, &self.user, &self.id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrunedStep {
+    pub step_id: String,
+    pub user: String,
+    pub region: String,
+    pub lamport: u64,
+}
+
+/// A run's state as clients see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RunState {
+    pub grafts: Vec<Graft>,
+    pub pruned_steps: Vec<PrunedStep>,
+    pub flags: Map<String, Json>,
+    /// Flags that regions set concurrently: every value still held; `flags` shows the winner,
+    /// which Automerge picks identically on every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub flag_conflicts: BTreeMap<String, Vec<Json>>,
+    /// Entries that do not fit the run schema (written by a foreign client); they are skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schema_errors: Vec<String>,
+    pub lamport: u64,
+    pub heads: Vec<String>,
+}
+
+pub(super) fn read_state(doc: &AutoCommit, lamport: u64, heads: Vec<String>) -> RunState {
+    let mut state = RunState { lamport, heads, ..RunState::default() };
+    match root_obj(doc, GRAFTS, ObjType::List) {
+        Ok(grafts) => {
+            for i in 0..doc.length(&grafts) {
+                match doc.get(&grafts, i) {
+                    Ok(Some((Value::Object(ObjType::Map), id))) => match read_graft(doc, &id) {
+                        Some(g) => state.grafts.push(g),
+                        None => state.schema_errors.push(format!("grafts[{i}] lacks a field")),
+                    },
+                    _ => state.schema_errors.push(format!("grafts[{i}] is not a map")),
+                }
+            }
+            state.grafts.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+        }
+        Err(e) => state.schema_errors.push(e),
+    }
+    match root_obj(doc, PRUNED_STEPS, ObjType::Map) {
+        Ok(pruned) => {
+            for step_id in doc.keys(&pruned) {
+                let entry = doc.get(&pruned, step_id.as_str()).ok().flatten();
+                match entry {
+                    Some((Value::Object(ObjType::Map), id)) => state.pruned_steps.push(PrunedStep {
+                        user: str_field(doc, &id, "user").unwrap_or_default(),
+                        region: str_field(doc, &id, "region").unwrap_or_default(),
+                        lamport: u64_field(doc, &id, "lamport").unwrap_or(0),
+                        step_id,
+                    }),
+                    _ => state.schema_errors.push(format!("prunedSteps.{step_id} is not a map")),
+                }
+            }
+        }
+        Err(e) => state.schema_errors.push(e),
+    }
+    match root_obj(doc, FLAGS, ObjType::Map) {
+        Ok(flags) => {
+            for key in doc.keys(&flags) {
+                let all = doc.get_all(&flags, key.as_str()).unwrap_or_default();
+                if let Ok(Some((value, id))) = doc.get(&flags, key.as_str()) {
+                    state.flags.insert(key.clone(), read_json(doc, &value, &id));
+                }
+                if all.len() > 1 {
+                    let values = all.iter().map(|(v, id)| read_json(doc, v, id)).collect();
+                    state.flag_conflicts.insert(key, values);
+                }
+            }
+        }
+        Err(e) => state.schema_errors.push(e),
+    }
+    state
+}
+
+/// The id of a root object, checked to be of the kind the run schema says.
+pub(super) fn root_obj(doc: &AutoCommit, key: &str, kind: ObjType) -> Result<ObjId, String> {
+    match doc.get(ROOT, key) {
+        Ok(Some((Value::Object(k), id))) if k == kind => Ok(id),
+        Ok(Some(_)) => Err(format!("{key} is not a {kind:?}")),
+        _ => Err(format!("{key} is missing")),
+    }
+}
+
+fn read_graft(doc: &AutoCommit, id: &ObjId) -> Option<Graft> {
+    Some(Graft {
+        id: str_field(doc, id, "id")?,
+        agent: str_field(doc, id, "agent")?,
+        after_step: str_field(doc, id, "afterStep")?,
+        user: str_field(doc, id, "user")?,
+        region: str_field(doc, id, "region")?,
+        lamport: u64_field(doc, id, "lamport")?,
+        created_at: time_field(doc, id, "createdAt").unwrap_or_default(),
+    })
+}
+
+fn scalar(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<ScalarValue> {
+    match doc.get(obj, key).ok()?? {
+        (Value::Scalar(s), _) => Some(s.into_owned()),
+        _ => None,
+    }
+}
+
+fn str_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
+    match scalar(doc, obj, key)? {
+        ScalarValue::Str(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn u64_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<u64> {
+    match scalar(doc, obj, key)? {
+        ScalarValue::Int(i) => u64::try_from(i).ok(),
+        ScalarValue::Uint(u) => Some(u),
+        // JavaScript clients write numbers as floats.
+        ScalarValue::F64(f) if f >= 0.0 && f.fract() == 0.0 => Some(f as u64),
+        _ => None,
+    }
+}
+
+fn time_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
+    match scalar(doc, obj, key)? {
+        ScalarValue::Timestamp(ms) => chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        ScalarValue::Str(s) => Some(s.to_string()),
+        _ => None,
+    }
+}

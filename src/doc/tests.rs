@@ -1,0 +1,370 @@
+//! Unit and property tests of the run document's convergence rules.
+
+use super::*;
+use proptest::prelude::*;
+use serde_json::json;
+
+const T0: i64 = 1_764_000_000_000;
+
+fn graft(agent: &str, step: &str, user: &str) -> Mutation {
+    Mutation::Graft {
+        id: Uuid::new_v4(),
+        agent: agent.into(),
+        after_step: step.into(),
+        user: user.into(),
+    }
+}
+
+/// Brings every change of `from` that `into` lacks into `into`.
+fn merge(into: &mut RunDoc, from: &mut RunDoc) -> RemoteApplied {
+    let have = into.heads();
+    let changes = from.changes_since(&have);
+    let lamport = from.lamport();
+    into.apply_remote(changes, Some(lamport)).expect("merge")
+}
+
+#[test]
+fn graft_is_stamped_and_visible() {
+    let run = Uuid::new_v4();
+    let mut doc = RunDoc::new(run, "us-east-1");
+    let out = doc.apply(&graft("SecurityAgent", "Step1", "alice"), T0).unwrap();
+    assert!(out.change.is_some());
+    assert_eq!(out.lamport, 1);
+    let g = out.graft.unwrap();
+    assert_eq!((g.agent.as_str(), g.region.as_str(), g.lamport), ("SecurityAgent", "us-east-1", 1));
+    let state = doc.state();
+    assert_eq!(state.grafts, vec![g]);
+    assert_eq!(state.lamport, 1);
+    assert_eq!(state.heads.len(), 1);
+    assert_eq!(Stamp::of(&out.change.unwrap()).unwrap().lamport, 1);
+}
+
+#[test]
+fn seed_scenario_concurrent_grafts_after_the_same_step_are_both_kept_in_one_order() {
+    let run = Uuid::new_v4();
+    let mut us = RunDoc::new(run, "us-east-1");
+    let mut eu = RunDoc::new(run, "eu-central-1");
+    // Both regions were at lamport 41 when the users acted.
+    us.observe_lamport(41);
+    eu.observe_lamport(41);
+    us.apply(&graft("SecurityAgent", "Step1", "userA"), T0).unwrap();
+    eu.apply(&graft("PerformanceAgent", "Step1", "userB"), T0).unwrap();
+    merge(&mut us, &mut eu);
+    merge(&mut eu, &mut us);
+    let (a, b) = (us.state(), eu.state());
+    assert_eq!(a, b);
+    let summary: Vec<_> = a.grafts.iter().map(|g| (g.agent.as_str(), g.lamport, g.region.as_str())).collect();
+    // Same lamport: the tie is broken by region.
+    assert_eq!(
+        summary,
+        vec![("PerformanceAgent", 42, "eu-central-1"), ("SecurityAgent", 42, "us-east-1")]
+    );
+    assert_eq!(a.lamport, 42);
+}
+
+#[test]
+fn tie_on_lamport_and_region_is_broken_by_user() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "us-east-1");
+    let mut b = RunDoc::new(run, "us-east-1");
+    a.apply(&graft("X", "S", "zoe"), T0).unwrap();
+    b.apply(&graft("Y", "S", "adam"), T0).unwrap();
+    merge(&mut a, &mut b);
+    let users: Vec<_> = a.state().grafts.into_iter().map(|g| g.user).collect();
+    assert_eq!(users, vec!["adam", "zoe"]);
+}
+
+#[test]
+fn genesis_is_shared_so_independent_creations_merge_into_one_list() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "us-east-1");
+    let mut b = RunDoc::new(run, "eu-central-1");
+    a.apply(&graft("A", "S", "u"), T0).unwrap();
+    b.apply(&graft("B", "S", "u"), T0).unwrap();
+    merge(&mut a, &mut b);
+    assert_eq!(a.state().grafts.len(), 2);
+    assert!(a.state().schema_errors.is_empty());
+}
+
+#[test]
+fn prune_unprune_and_concurrent_prune_wins_over_unprune() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "us-east-1");
+    a.apply(&Mutation::Prune { step_id: "Step2".into(), user: "u".into() }, T0).unwrap();
+    let st = a.state();
+    assert_eq!(st.pruned_steps.len(), 1);
+    assert_eq!(st.pruned_steps[0].step_id, "Step2");
+    assert_eq!(st.pruned_steps[0].lamport, 1);
+
+    let mut b = RunDoc::new(run, "eu-central-1");
+    merge(&mut b, &mut a);
+    // Concurrently: b unprunes, a prunes again.
+    b.apply(&Mutation::Unprune { step_id: "Step2".into() }, T0).unwrap();
+    a.apply(&Mutation::Prune { step_id: "Step2".into(), user: "v".into() }, T0).unwrap();
+    merge(&mut a, &mut b);
+    merge(&mut b, &mut a);
+    assert_eq!(a.state(), b.state());
+    assert_eq!(a.state().pruned_steps[0].user, "v");
+
+    // A sequential unprune removes it.
+    let out = a.apply(&Mutation::Unprune { step_id: "Step2".into() }, T0).unwrap();
+    assert!(out.change.is_some());
+    assert!(a.state().pruned_steps.is_empty());
+}
+
+#[test]
+fn removing_what_is_absent_makes_no_change_and_keeps_the_clock() {
+    let mut a = RunDoc::new(Uuid::new_v4(), "r");
+    let heads = a.heads();
+    let out = a.apply(&Mutation::Unprune { step_id: "nope".into() }, T0).unwrap();
+    assert!(out.change.is_none());
+    let out = a.apply(&Mutation::DeleteFlag { key: "nope".into() }, T0).unwrap();
+    assert!(out.change.is_none());
+    assert_eq!(a.lamport(), 0);
+    assert_eq!(a.heads(), heads);
+}
+
+#[test]
+fn flags_hold_any_json_and_delete() {
+    let mut a = RunDoc::new(Uuid::new_v4(), "r");
+    let value = json!({"n": 1, "f": 1.5, "s": "x", "b": true, "z": null, "l": [1, {"k": "v"}], "big": u64::MAX});
+    a.apply(&Mutation::SetFlag { key: "cfg".into(), value: value.clone() }, T0).unwrap();
+    a.apply(&Mutation::SetFlag { key: "on".into(), value: json!(false) }, T0).unwrap();
+    let st = a.state();
+    assert_eq!(st.flags.get("cfg"), Some(&value));
+    assert_eq!(st.flags.get("on"), Some(&json!(false)));
+    a.apply(&Mutation::DeleteFlag { key: "on".into() }, T0).unwrap();
+    assert!(!a.state().flags.contains_key("on"));
+}
+
+#[test]
+fn conflicting_flags_pick_the_same_winner_everywhere_and_show_the_conflict() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "us-east-1");
+    let mut b = RunDoc::new(run, "eu-central-1");
+    a.apply(&Mutation::SetFlag { key: "mode".into(), value: json!("fast") }, T0).unwrap();
+    b.apply(&Mutation::SetFlag { key: "mode".into(), value: json!("safe") }, T0).unwrap();
+    merge(&mut a, &mut b);
+    merge(&mut b, &mut a);
+    let (sa, sb) = (a.state(), b.state());
+    assert_eq!(sa, sb);
+    let values = &sa.flag_conflicts["mode"];
+    assert_eq!(values.len(), 2);
+    assert!(values.contains(&json!("fast")) && values.contains(&json!("safe")));
+    assert!(values.contains(&sa.flags["mode"]));
+}
+
+#[test]
+fn applying_changes_twice_is_a_no_op() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r1");
+    let mut b = RunDoc::new(run, "r2");
+    a.apply(&graft("A", "S", "u"), T0).unwrap();
+    let changes = a.changes_since(&[]);
+    let first = b.apply_remote(changes.clone(), None).unwrap();
+    assert_eq!(first.applied.len(), 1, "genesis is already there, the graft is new");
+    assert_eq!(first.duplicates, 1);
+    let heads = b.heads();
+    let second = b.apply_remote(changes, None).unwrap();
+    assert!(second.applied.is_empty());
+    assert_eq!(second.duplicates, 2);
+    assert_eq!(b.heads(), heads);
+}
+
+#[test]
+fn changes_with_missing_dependencies_are_refused_whole() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r1");
+    a.apply(&graft("A", "S", "u"), T0).unwrap();
+    let after_first = a.heads();
+    a.apply(&graft("B", "S", "u"), T0).unwrap();
+    let only_second = a.changes_since(&after_first);
+    let mut b = RunDoc::new(run, "r2");
+    let heads = b.heads();
+    let err = b.apply_remote(only_second, None).unwrap_err();
+    assert!(matches!(err, DocError::MissingDependencies(ref m) if m == &after_first), "{err}");
+    assert_eq!(b.heads(), heads);
+    assert!(b.state().grafts.is_empty());
+}
+
+#[test]
+fn remote_changes_advance_the_clock_and_local_ops_continue_from_it() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r1");
+    for _ in 0..5 {
+        a.apply(&Mutation::SetFlag { key: "k".into(), value: json!(1) }, T0).unwrap();
+    }
+    let mut b = RunDoc::new(run, "r2");
+    merge(&mut b, &mut a);
+    assert_eq!(b.lamport(), 5);
+    let out = b.apply(&graft("G", "S", "u"), T0).unwrap();
+    assert_eq!(out.lamport, 6);
+    // The stamp in the change message advances the clock even without the hint.
+    let mut c = RunDoc::new(run, "r3");
+    let changes = b.changes_since(&[]);
+    c.apply_remote(changes, None).unwrap();
+    assert_eq!(c.lamport(), 6);
+}
+
+#[test]
+fn save_and_load_round_trip_with_a_fresh_actor() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r1");
+    a.apply(&graft("A", "S", "u"), T0).unwrap();
+    a.apply(&Mutation::SetFlag { key: "k".into(), value: json!([1, 2]) }, T0).unwrap();
+    let bytes = a.save();
+    let mut b = RunDoc::load(run, "r1", &bytes).unwrap();
+    assert_eq!(a.state(), b.state());
+    assert_eq!(b.lamport(), 2);
+    // A new incarnation writes with a new actor: its change must not collide with `a`'s.
+    let ca = a.apply(&graft("X", "S", "u"), T0).unwrap().change.unwrap();
+    let cb = b.apply(&graft("X", "S", "u"), T0).unwrap().change.unwrap();
+    assert_ne!(ca.actor_id(), cb.actor_id());
+    merge(&mut a, &mut b);
+    assert_eq!(a.state().grafts.len(), 3);
+}
+
+#[test]
+fn load_rejects_garbage_and_other_runs() {
+    let mut other = RunDoc::new(Uuid::new_v4(), "r");
+    let bytes = other.save();
+    assert!(matches!(RunDoc::load(Uuid::new_v4(), "r", &bytes), Err(DocError::NotThisRun { .. })));
+    assert!(RunDoc::load(Uuid::new_v4(), "r", b"garbage").is_err());
+}
+
+#[test]
+fn changes_since_unknown_heads_returns_everything() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r");
+    a.apply(&graft("A", "S", "u"), T0).unwrap();
+    let unknown: ChangeHash = "00".repeat(32).parse().unwrap();
+    assert_eq!(a.changes_since(&[unknown]).len(), 2);
+    let heads = a.heads();
+    assert!(a.changes_since(&heads).is_empty());
+}
+
+// ---- property tests ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Graft(u8, u8),
+    Prune(u8),
+    Unprune(u8),
+    SetFlag(u8, i64),
+    DeleteFlag(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..4, 0u8..4).prop_map(|(a, s)| Op::Graft(a, s)),
+        (0u8..4).prop_map(Op::Prune),
+        (0u8..4).prop_map(Op::Unprune),
+        (0u8..3, -5i64..5).prop_map(|(k, v)| Op::SetFlag(k, v)),
+        (0u8..3).prop_map(Op::DeleteFlag),
+    ]
+}
+
+fn to_mutation(op: &Op, user: &str) -> Mutation {
+    match op {
+        Op::Graft(a, s) => graft(&format!("agent{a}"), &format!("step{s}"), user),
+        Op::Prune(s) => Mutation::Prune { step_id: format!("step{s}"), user: user.into() },
+        Op::Unprune(s) => Mutation::Unprune { step_id: format!("step{s}") },
+        Op::SetFlag(k, v) => Mutation::SetFlag { key: format!("k{k}"), value: json!(v) },
+        Op::DeleteFlag(k) => Mutation::DeleteFlag { key: format!("k{k}") },
+    }
+}
+
+/// A step of a random schedule: replica i makes op, or replica i pulls from replica j.
+#[derive(Debug, Clone)]
+enum Step {
+    Local(usize, Op),
+    Pull(usize, usize),
+}
+
+fn schedule() -> impl Strategy<Value = Vec<Step>> {
+    prop::collection::vec(
+        prop_oneof![
+            3 => (0usize..3, op()).prop_map(|(i, o)| Step::Local(i, o)),
+            1 => (0usize..3, 0usize..3).prop_map(|(i, j)| Step::Pull(i, j)),
+        ],
+        1..40,
+    )
+}
+
+fn replicas(run: Uuid) -> Vec<RunDoc> {
+    ["us-east-1", "eu-central-1", "ap-southeast-1"].iter().map(|r| RunDoc::new(run, r)).collect()
+}
+
+fn pull(docs: &mut [RunDoc], into: usize, from: usize) {
+    if into == from {
+        return;
+    }
+    let (a, b) = if into < from {
+        let (l, r) = docs.split_at_mut(from);
+        (&mut l[into], &mut r[0])
+    } else {
+        let (l, r) = docs.split_at_mut(into);
+        (&mut r[0], &mut l[from])
+    };
+    merge(a, b);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Random operations on three replicas, interleaved with random partial merges, then merged
+    /// in a random order: every replica ends with identical state and heads.
+    #[test]
+    fn three_replicas_converge(steps in schedule(), order in Just([0usize, 1, 2]).prop_shuffle()) {
+        let run = Uuid::new_v4();
+        let mut docs = replicas(run);
+        for step in &steps {
+            match step {
+                Step::Local(i, o) => { docs[*i].apply(&to_mutation(o, &format!("user{i}")), T0).unwrap(); }
+                Step::Pull(i, j) => pull(&mut docs, *i, *j),
+            }
+        }
+        // Full exchange in a random order: a ring twice reaches everyone.
+        for _ in 0..2 {
+            for w in 0..3 {
+                pull(&mut docs, order[(w + 1) % 3], order[w]);
+            }
+        }
+        let s0 = docs[0].state();
+        for d in docs.iter_mut().skip(1) {
+            prop_assert_eq!(&d.state(), &s0);
+        }
+        let h0 = docs[0].heads();
+        for d in docs.iter_mut() {
+            prop_assert_eq!(d.heads(), h0.clone());
+        }
+    }
+
+    /// Merging is commutative (a←b equals b←a) and idempotent (merging again changes nothing).
+    #[test]
+    fn merge_is_commutative_and_idempotent(
+        ops_a in prop::collection::vec(op(), 0..15),
+        ops_b in prop::collection::vec(op(), 0..15),
+    ) {
+        let run = Uuid::new_v4();
+        let mut docs = replicas(run);
+        for o in &ops_a { docs[0].apply(&to_mutation(o, "a"), T0).unwrap(); }
+        for o in &ops_b { docs[1].apply(&to_mutation(o, "b"), T0).unwrap(); }
+        // Replica 2 is a copy of b, so each side can merge the other from its own start.
+        let a_changes = docs[0].changes_since(&[]);
+        let b_changes = docs[1].changes_since(&[]);
+        docs[2].apply_remote(b_changes.clone(), None).unwrap();
+        docs[0].apply_remote(b_changes, None).unwrap(); // a ← b
+        docs[2].apply_remote(a_changes, None).unwrap(); // b ← a
+        let (ab, ba) = (docs[0].state(), docs[2].state());
+        prop_assert_eq!(&ab, &ba);
+        let again = merge_from_all(&mut docs);
+        prop_assert_eq!(again, 0);
+        prop_assert_eq!(docs[0].state(), ab);
+    }
+}
+
+fn merge_from_all(docs: &mut [RunDoc]) -> usize {
+    let all = docs[2].changes_since(&[]);
+    docs[0].apply_remote(all, None).unwrap().applied.len()
+}

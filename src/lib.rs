@@ -1,0 +1,2 @@
+//! crdt-node library: see README.md and ../DESIGN for the architecture.
+pub mod doc;
