@@ -1,2 +1,3 @@
 //! crdt-node library: see README.md and ../DESIGN for the architecture.
 pub mod doc;
+pub mod store;

@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS crdt_snapshots;
+DROP TABLE IF EXISTS collaboration_events;

@@ -1,0 +1,79 @@
+//! Group commit: appends from many runs share one transaction.
+//!
+//! Each run actor has at most one append in flight (so its log stays in order), but thousands
+//! of runs append at once. Committer tasks take every append waiting in the queue, write them
+//! in a single transaction and answer each caller. Under light load a batch is one append and
+//! costs one commit; under heavy load one commit carries hundreds, so durability does not cost
+//! throughput. Several committers (PostgreSQL) overlap one batch's commit with the next batch's
+//! collection; SQLite has a single writer, so it gets one.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::{NewEvent, Store, StoreError};
+
+type Reply = oneshot::Sender<Result<(), Arc<StoreError>>>;
+
+struct Request {
+    events: Vec<NewEvent>,
+    reply: Reply,
+}
+
+#[derive(Clone)]
+pub struct GroupCommitter {
+    queue: mpsc::UnboundedSender<Request>,
+}
+
+/// Most events one transaction carries.
+const MAX_BATCH_EVENTS: usize = 4096;
+
+impl GroupCommitter {
+    /// Starts `committers` tasks on the current runtime.
+    pub fn start(store: Arc<dyn Store>, committers: usize) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..committers.max(1) {
+            tokio::spawn(run_committer(store.clone(), rx.clone()));
+        }
+        GroupCommitter { queue }
+    }
+
+    /// Appends `events` durably; resolves once their transaction has committed.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<(), Arc<StoreError>> {
+        let (reply, done) = oneshot::channel();
+        self.queue
+            .send(Request { events, reply })
+            .map_err(|_| Arc::new(StoreError::CommitterStopped))?;
+        done.await.map_err(|_| Arc::new(StoreError::CommitterStopped))?
+    }
+}
+
+async fn run_committer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut size = first.events.len();
+            let mut batch = vec![first];
+            while size < MAX_BATCH_EVENTS {
+                match rx.try_recv() {
+                    Ok(next) => {
+                        size += next.events.len();
+                        batch.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let events: Vec<NewEvent> = batch.iter().flat_map(|r| r.events.iter().cloned()).collect();
+        let result = store.append(&events).await.map(|_| ()).map_err(Arc::new);
+        if let Err(e) = &result {
+            log::warn!("group commit of {} events failed: {e}", events.len());
+        }
+        for request in batch {
+            let _ = request.reply.send(result.clone());
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Durable storage of runs: the event log (`collaboration_events`) and snapshots
+//! (`crdt_snapshots`).
+//!
+//! [`Store`] is shaped by what the runtime needs and nothing more. Two implementations sit behind
+//! it: PostgreSQL (production) and SQLite (the embedded default, so the node runs with no
+//! database server). [`GroupCommitter`] batches appends from many runs into one transaction.
+//! This module knows bytes and rows, not Automerge documents.
+
+mod group_commit;
+mod migrate;
+mod postgres;
+pub mod schema;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::NaiveDateTime;
+use uuid::Uuid;
+
+pub use group_commit::GroupCommitter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database URL {url:?} is not usable: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    #[error("the group committer has stopped")]
+    CommitterStopped,
+}
+
+/// One CRDT change to append to a run's log.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub run_id: Uuid,
+    /// Position in the run's log, assigned by the run's actor (1, 2, …).
+    pub run_seq: i64,
+    pub event_type: String,
+    /// A JSON description of the mutation, for people reading the log.
+    pub payload: Option<String>,
+    pub user_id: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub crdt_changes: Vec<u8>,
+    pub change_hash: Vec<u8>,
+    pub source_region: String,
+    pub lamport: i64,
+}
+
+/// An event read back for replay. `crdt_changes` is `None` for a legacy OT event.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub run_seq: Option<i64>,
+    pub event_type: String,
+    pub payload: Option<String>,
+    pub crdt_changes: Option<Vec<u8>>,
+    pub lamport: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub id: Uuid,
+    pub run_id: Uuid,
+    pub data: Vec<u8>,
+    pub lamport: i64,
+    pub region: String,
+    pub created_at: NaiveDateTime,
+    /// The `run_seq` of the last event the snapshot covers.
+    pub event_count: i32,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Appends events in one transaction; events whose change is already stored for the run
+    /// are skipped. Returns how many rows were inserted.
+    async fn append(&self, events: &[NewEvent]) -> Result<usize, StoreError>;
+    /// The run's newest snapshot, if any.
+    async fn latest_snapshot(&self, run_id: Uuid) -> Result<Option<Snapshot>, StoreError>;
+    /// The run's events after position `after_seq` (legacy events, which have no position,
+    /// only when `after_seq` is 0), in log order.
+    async fn events_after(&self, run_id: Uuid, after_seq: i64) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Writes a snapshot and keeps only the newest `keep` for its run.
+    async fn save_snapshot(&self, snapshot: &Snapshot, keep: usize) -> Result<(), StoreError>;
+    /// Checks the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// "postgres" or "sqlite".
+    fn backend(&self) -> &'static str;
+}
+
+/// Opens the store a database URL names, running embedded migrations first.
+/// `postgres://` / `postgresql://` → PostgreSQL; `sqlite://PATH` or a plain path → SQLite.
+pub async fn open(url: &str, pool_size: usize) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        migrate::run(migrate::Target::Postgres(url.to_string())).await?;
+        Ok(Arc::new(postgres::PgStore::connect(url, pool_size)?))
+    } else {
+        let path = sqlite_path(url)?;
+        migrate::run(migrate::Target::Sqlite(path.clone())).await?;
+        Ok(Arc::new(sqlite::SqliteStore::connect(&path, pool_size)?))
+    }
+}
+
+fn sqlite_path(url: &str) -> Result<String, StoreError> {
+    let path = url.strip_prefix("sqlite://").unwrap_or(url);
+    let bad = |reason: &str| StoreError::BadUrl { url: url.to_string(), reason: reason.to_string() };
+    if path.is_empty() {
+        return Err(bad("no file path"));
+    }
+    if path.contains("://") {
+        return Err(bad("use postgres://… or sqlite://PATH or a file path"));
+    }
+    if path == ":memory:" {
+        return Err(bad("an in-memory database would lose every run on restart; give a file path"));
+    }
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|e| bad(&format!("cannot create {}: {e}", dir.display())))?;
+        }
+    }
+    Ok(path.to_string())
+}
+
+fn pool_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sub/x.db");
+        let url = format!("sqlite://{}", file.display());
+        assert_eq!(sqlite_path(&url).unwrap(), file.display().to_string());
+        assert!(file.parent().unwrap().is_dir());
+        assert!(sqlite_path("sqlite://").is_err());
+        assert!(sqlite_path(":memory:").is_err());
+        assert!(sqlite_path("mysql://x").is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! PostgreSQL store through diesel-async and a deadpool connection pool.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use diesel::prelude::*;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::schema::pg::{collaboration_events as ev, crdt_snapshots as snap};
+use super::{pool_error, NewEvent, Snapshot, Store, StoreError, StoredEvent};
+
+pub struct PgStore {
+    pool: Pool<AsyncPgConnection>,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = ev)]
+struct EventRow<'a> {
+    run_id: Uuid,
+    event_type: &'a str,
+    payload: Option<&'a str>,
+    user_id: Option<&'a str>,
+    created_at: chrono::NaiveDateTime,
+    crdt_changes: Option<&'a [u8]>,
+    source_region: Option<&'a str>,
+    lamport_timestamp: Option<i64>,
+    run_seq: Option<i64>,
+    change_hash: Option<&'a [u8]>,
+}
+
+#[derive(Insertable, Queryable)]
+#[diesel(table_name = snap)]
+struct SnapshotRow {
+    id: Uuid,
+    run_id: Uuid,
+    snapshot_data: Vec<u8>,
+    lamport_timestamp: i64,
+    region: String,
+    created_at: chrono::NaiveDateTime,
+    event_count: Option<i32>,
+}
+
+impl PgStore {
+    pub fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        let mut config = ManagerConfig::default();
+        // A broken connection shows itself on first use and is then dropped; checking each
+        // checkout with a query would cost a round trip per commit.
+        config.recycling_method = RecyclingMethod::Fast;
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(2))
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(pool_error)?;
+        Ok(PgStore { pool })
+    }
+}
+
+fn event_row(e: &NewEvent) -> EventRow<'_> {
+    EventRow {
+        run_id: e.run_id,
+        event_type: &e.event_type,
+        payload: e.payload.as_deref(),
+        user_id: e.user_id.as_deref(),
+        created_at: e.created_at,
+        crdt_changes: Some(&e.crdt_changes),
+        source_region: Some(&e.source_region),
+        lamport_timestamp: Some(e.lamport),
+        run_seq: Some(e.run_seq),
+        change_hash: Some(&e.change_hash),
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn append(&self, events: &[NewEvent]) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let rows: Vec<EventRow<'_>> = events.iter().map(event_row).collect();
+        // One statement per chunk keeps under PostgreSQL's 65,535 bind parameters; all chunks
+        // commit together.
+        let inserted = conn
+            .transaction(async |c| {
+                let mut n = 0;
+                for chunk in rows.chunks(2000) {
+                    n += diesel::insert_into(ev::table)
+                        .values(chunk)
+                        .on_conflict_do_nothing()
+                        .execute(c)
+                        .await?;
+                }
+                Ok::<_, diesel::result::Error>(n)
+            })
+            .await?;
+        Ok(inserted)
+    }
+
+    async fn latest_snapshot(&self, run_id: Uuid) -> Result<Option<Snapshot>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let row: Option<SnapshotRow> = snap::table
+            .filter(snap::run_id.eq(run_id))
+            .order((snap::event_count.desc().nulls_last(), snap::created_at.desc()))
+            .first(&mut conn)
+            .await
+            .optional()?;
+        Ok(row.map(|r| Snapshot {
+            id: r.id,
+            run_id: r.run_id,
+            data: r.snapshot_data,
+            lamport: r.lamport_timestamp,
+            region: r.region,
+            created_at: r.created_at,
+            event_count: r.event_count.unwrap_or(0),
+        }))
+    }
+
+    async fn events_after(&self, run_id: Uuid, after_seq: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let mut query = ev::table
+            .filter(ev::run_id.eq(run_id))
+            .select((ev::run_seq, ev::event_type, ev::payload, ev::crdt_changes, ev::lamport_timestamp))
+            .order((ev::run_seq.asc().nulls_first(), ev::id.asc()))
+            .into_boxed();
+        query = if after_seq > 0 {
+            query.filter(ev::run_seq.gt(after_seq))
+        } else {
+            query
+        };
+        let rows: Vec<(Option<i64>, String, Option<String>, Option<Vec<u8>>, Option<i64>)> =
+            query.load(&mut conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(run_seq, event_type, payload, crdt_changes, lamport)| StoredEvent {
+                run_seq,
+                event_type,
+                payload,
+                crdt_changes,
+                lamport,
+            })
+            .collect())
+    }
+
+    async fn save_snapshot(&self, s: &Snapshot, keep: usize) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let row = SnapshotRow {
+            id: s.id,
+            run_id: s.run_id,
+            snapshot_data: s.data.clone(),
+            lamport_timestamp: s.lamport,
+            region: s.region.clone(),
+            created_at: s.created_at,
+            event_count: Some(s.event_count),
+        };
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        conn.transaction(async |c| {
+            diesel::insert_into(snap::table).values(&row).execute(c).await?;
+            let newest: Vec<Uuid> = snap::table
+                .filter(snap::run_id.eq(row.run_id))
+                .order((snap::event_count.desc().nulls_last(), snap::created_at.desc()))
+                .select(snap::id)
+                .limit(keep)
+                .load(c)
+                .await?;
+            diesel::delete(
+                snap::table
+                    .filter(snap::run_id.eq(row.run_id))
+                    .filter(snap::id.ne_all(newest)),
+            )
+            .execute(c)
+            .await?;
+            Ok::<_, diesel::result::Error>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        diesel::sql_query("SELECT 1").execute(&mut conn).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}

@@ -1,0 +1,62 @@
+//! diesel table definitions, one module per backend: PostgreSQL has UUID columns, the SQLite
+//! mirror stores them as 16-byte BLOBs. Keep both in step with `migrations/`.
+
+pub mod pg {
+    diesel::table! {
+        collaboration_events (id) {
+            id -> BigInt,
+            run_id -> Uuid,
+            event_type -> Varchar,
+            payload -> Nullable<Text>,
+            user_id -> Nullable<Varchar>,
+            created_at -> Timestamp,
+            crdt_changes -> Nullable<Bytea>,
+            source_region -> Nullable<Varchar>,
+            lamport_timestamp -> Nullable<BigInt>,
+            run_seq -> Nullable<BigInt>,
+            change_hash -> Nullable<Bytea>,
+        }
+    }
+
+    diesel::table! {
+        crdt_snapshots (id) {
+            id -> Uuid,
+            run_id -> Uuid,
+            snapshot_data -> Bytea,
+            lamport_timestamp -> BigInt,
+            region -> Varchar,
+            created_at -> Timestamp,
+            event_count -> Nullable<Integer>,
+        }
+    }
+}
+
+pub mod sqlite {
+    diesel::table! {
+        collaboration_events (id) {
+            id -> BigInt,
+            run_id -> Binary,
+            event_type -> Text,
+            payload -> Nullable<Text>,
+            user_id -> Nullable<Text>,
+            created_at -> Timestamp,
+            crdt_changes -> Nullable<Binary>,
+            source_region -> Nullable<Text>,
+            lamport_timestamp -> Nullable<BigInt>,
+            run_seq -> Nullable<BigInt>,
+            change_hash -> Nullable<Binary>,
+        }
+    }
+
+    diesel::table! {
+        crdt_snapshots (id) {
+            id -> Binary,
+            run_id -> Binary,
+            snapshot_data -> Binary,
+            lamport_timestamp -> BigInt,
+            region -> Text,
+            created_at -> Timestamp,
+            event_count -> Nullable<Integer>,
+        }
+    }
+}

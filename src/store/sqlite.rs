@@ -1,0 +1,211 @@
+//! SQLite store (the embedded default) through diesel-async's wrapper of the sync connection.
+//!
+//! WAL mode lets loads read while the group committer writes; `synchronous=FULL` makes every
+//! committed transaction survive a power cut, which is what an acknowledgement promises.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use diesel::prelude::*;
+use diesel::SqliteConnection;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+use futures_util::FutureExt;
+use uuid::Uuid;
+
+use super::schema::sqlite::{collaboration_events as ev, crdt_snapshots as snap};
+use super::{pool_error, NewEvent, Snapshot, Store, StoreError, StoredEvent};
+
+type Conn = SyncConnectionWrapper<SqliteConnection>;
+
+pub struct SqliteStore {
+    pool: Pool<Conn>,
+}
+
+const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                       PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
+
+#[derive(Insertable)]
+#[diesel(table_name = ev)]
+struct EventRow<'a> {
+    run_id: &'a [u8],
+    event_type: &'a str,
+    payload: Option<&'a str>,
+    user_id: Option<&'a str>,
+    created_at: chrono::NaiveDateTime,
+    crdt_changes: Option<&'a [u8]>,
+    source_region: Option<&'a str>,
+    lamport_timestamp: Option<i64>,
+    run_seq: Option<i64>,
+    change_hash: Option<&'a [u8]>,
+}
+
+#[derive(Insertable, Queryable)]
+#[diesel(table_name = snap)]
+struct SnapshotRow {
+    id: Vec<u8>,
+    run_id: Vec<u8>,
+    snapshot_data: Vec<u8>,
+    lamport_timestamp: i64,
+    region: String,
+    created_at: chrono::NaiveDateTime,
+    event_count: Option<i32>,
+}
+
+impl SqliteStore {
+    pub fn connect(path: &str, pool_size: usize) -> Result<Self, StoreError> {
+        let mut config = ManagerConfig::default();
+        config.recycling_method = RecyclingMethod::Fast;
+        config.custom_setup = Box::new(|url| {
+            let url = url.to_string();
+            async move {
+                let mut conn = Conn::establish(&url).await?;
+                conn.batch_execute(PRAGMAS)
+                    .await
+                    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                Ok(conn)
+            }
+            .boxed()
+        });
+        let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(path, config);
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.clamp(2, 8))
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(pool_error)?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn append(&self, events: &[NewEvent]) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let run_ids: Vec<[u8; 16]> = events.iter().map(|e| *e.run_id.as_bytes()).collect();
+        let rows: Vec<EventRow<'_>> = events
+            .iter()
+            .zip(&run_ids)
+            .map(|(e, run_id)| EventRow {
+                run_id,
+                event_type: &e.event_type,
+                payload: e.payload.as_deref(),
+                user_id: e.user_id.as_deref(),
+                created_at: e.created_at,
+                crdt_changes: Some(&e.crdt_changes),
+                source_region: Some(&e.source_region),
+                lamport_timestamp: Some(e.lamport),
+                run_seq: Some(e.run_seq),
+                change_hash: Some(&e.change_hash),
+            })
+            .collect();
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let inserted = conn
+            .transaction(async |c| {
+                let mut n = 0;
+                for row in &rows {
+                    n += diesel::insert_into(ev::table)
+                        .values(row)
+                        .on_conflict_do_nothing()
+                        .execute(c)
+                        .await?;
+                }
+                Ok::<_, diesel::result::Error>(n)
+            })
+            .await?;
+        Ok(inserted)
+    }
+
+    async fn latest_snapshot(&self, run_id: Uuid) -> Result<Option<Snapshot>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let row: Option<SnapshotRow> = snap::table
+            .filter(snap::run_id.eq(run_id.as_bytes().to_vec()))
+            .order((snap::event_count.desc(), snap::created_at.desc()))
+            .first(&mut conn)
+            .await
+            .optional()?;
+        Ok(row.map(|r| Snapshot {
+            id: Uuid::from_slice(&r.id).unwrap_or_default(),
+            run_id,
+            data: r.snapshot_data,
+            lamport: r.lamport_timestamp,
+            region: r.region,
+            created_at: r.created_at,
+            event_count: r.event_count.unwrap_or(0),
+        }))
+    }
+
+    async fn events_after(&self, run_id: Uuid, after_seq: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let mut query = ev::table
+            .filter(ev::run_id.eq(run_id.as_bytes().to_vec()))
+            .select((ev::run_seq, ev::event_type, ev::payload, ev::crdt_changes, ev::lamport_timestamp))
+            // SQLite sorts NULLs first in ascending order: legacy rows come first.
+            .order((ev::run_seq.asc(), ev::id.asc()))
+            .into_boxed();
+        if after_seq > 0 {
+            query = query.filter(ev::run_seq.gt(after_seq));
+        }
+        let rows: Vec<(Option<i64>, String, Option<String>, Option<Vec<u8>>, Option<i64>)> =
+            query.load(&mut conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(run_seq, event_type, payload, crdt_changes, lamport)| StoredEvent {
+                run_seq,
+                event_type,
+                payload,
+                crdt_changes,
+                lamport,
+            })
+            .collect())
+    }
+
+    async fn save_snapshot(&self, s: &Snapshot, keep: usize) -> Result<(), StoreError> {
+        let row = SnapshotRow {
+            id: s.id.as_bytes().to_vec(),
+            run_id: s.run_id.as_bytes().to_vec(),
+            snapshot_data: s.data.clone(),
+            lamport_timestamp: s.lamport,
+            region: s.region.clone(),
+            created_at: s.created_at,
+            event_count: Some(s.event_count),
+        };
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        conn.transaction(async |c| {
+            diesel::insert_into(snap::table).values(&row).execute(c).await?;
+            let newest: Vec<Vec<u8>> = snap::table
+                .filter(snap::run_id.eq(row.run_id.clone()))
+                .order((snap::event_count.desc(), snap::created_at.desc()))
+                .select(snap::id)
+                .limit(keep)
+                .load(c)
+                .await?;
+            diesel::delete(
+                snap::table
+                    .filter(snap::run_id.eq(row.run_id.clone()))
+                    .filter(snap::id.ne_all(newest)),
+            )
+            .execute(c)
+            .await?;
+            Ok::<_, diesel::result::Error>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        diesel::sql_query("SELECT 1").execute(&mut conn).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
