@@ -1,1 +1,30 @@
-fn main() {}
+//! crdt-node: load the configuration, start the node, serve until stopped.
+
+use crdt_node::config::Settings;
+
+fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,automerge=warn")).init();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("crdt-node: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = actix_web::rt::System::new().block_on(async move {
+        let node = crdt_node::node::start(&settings).await.map_err(|e| e.to_string())?;
+        match node.task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("crdt-node: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! Configuration: `config/application.yml` (or the file `CRDT_CONFIG` names), overridden by
+//! environment variables. Every value is checked before the node starts, and a bad one stops
+//! start-up with a message naming its key.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    pub crdt: Crdt,
+    pub server: Server,
+    pub database: Database,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Crdt {
+    pub region: String,
+    #[serde(default)]
+    pub node_id: Option<String>,
+    #[serde(default)]
+    pub mesh: Mesh,
+    #[serde(default)]
+    pub api: Api,
+    #[serde(default)]
+    pub snapshot: SnapshotSettings,
+    #[serde(default)]
+    pub runs: RunSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Mesh {
+    #[serde(default)]
+    pub peers: Peers,
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// Peers as the seed writes them (one comma-separated string) or as a YAML list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Peers {
+    List(Vec<String>),
+    Csv(String),
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Peers::List(Vec::new())
+    }
+}
+
+impl Peers {
+    pub fn urls(&self) -> Vec<String> {
+        let items: Vec<&str> = match self {
+            Peers::List(v) => v.iter().map(String::as_str).collect(),
+            Peers::Csv(s) => s.split(',').collect(),
+        };
+        items.into_iter().map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Api {
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SnapshotSettings {
+    #[serde(default = "default_every")]
+    pub every_events: u64,
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_every() -> u64 {
+    100
+}
+
+fn default_keep() -> usize {
+    10
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        SnapshotSettings { every_events: default_every(), keep: default_keep() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunSettings {
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings { idle_timeout_secs: default_idle() }
+    }
+}
+
+fn default_idle() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Server {
+    pub bind: String,
+    pub port: u16,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+fn default_max_body() -> usize {
+    4 * 1024 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Database {
+    pub url: String,
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+}
+
+fn default_pool() -> usize {
+    8
+}
+
+/// Plain environment variable names (the seed's and the operators') and the keys they set.
+const ENV_KEYS: &[(&str, &str)] = &[
+    ("REGION", "crdt.region"),
+    ("NODE_ID", "crdt.node-id"),
+    ("CRDT_MESH_PEERS", "crdt.mesh.peers"),
+    ("CRDT_MESH_SECRET", "crdt.mesh.secret"),
+    ("CRDT_API_TOKEN", "crdt.api.token"),
+    ("CRDT_SNAPSHOT_EVERY", "crdt.snapshot.every-events"),
+    ("CRDT_SNAPSHOT_KEEP", "crdt.snapshot.keep"),
+    ("CRDT_RUN_IDLE_SECS", "crdt.runs.idle-timeout-secs"),
+    ("DATABASE_URL", "database.url"),
+    ("DATABASE_POOL_SIZE", "database.pool-size"),
+    ("BIND", "server.bind"),
+    ("PORT", "server.port"),
+    ("CRDT_MAX_BODY_BYTES", "server.max-body-bytes"),
+];
+
+impl Settings {
+    /// Loads from the file `CRDT_CONFIG` names (default `config/application.yml`, optional)
+    /// and the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let path = std::env::var("CRDT_CONFIG").unwrap_or_else(|_| "config/application.yml".into());
+        let required = std::env::var("CRDT_CONFIG").is_ok();
+        Self::load_from(&path, required, |k| std::env::var(k).ok())
+    }
+
+    /// Loads from `path` with environment lookups through `env` (tests pass a map).
+    pub fn load_from(
+        path: &str,
+        required: bool,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder()
+            .set_default("crdt.region", "us-east-1")?
+            .set_default("server.bind", "127.0.0.1")?
+            .set_default("server.port", 8080)?
+            .set_default("database.url", "sqlite://./data/crdt-node.db")?
+            .add_source(config::File::new(path, config::FileFormat::Yaml).required(required));
+        for (var, key) in ENV_KEYS {
+            if let Some(value) = env(var) {
+                builder = builder.set_override(*key, value)?;
+            }
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()
+    }
+
+    fn validate(mut self) -> Result<Self, ConfigError> {
+        let region = &self.crdt.region;
+        if region.is_empty()
+            || region.len() > 50
+            || !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "crdt.region",
+                format!("{region:?} must be 1-50 characters of letters, digits, '-' or '_'"),
+            ));
+        }
+        let node_id = self
+            .crdt
+            .node_id
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| format!("{region}-node"));
+        if node_id.len() > 100 || node_id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(invalid("crdt.node-id", format!("{node_id:?} must be 1-100 printable characters without spaces")));
+        }
+        self.crdt.node_id = Some(node_id);
+        for peer in self.crdt.mesh.peers.urls() {
+            let parsed = url::Url::parse(&peer)
+                .map_err(|e| invalid("crdt.mesh.peers", format!("{peer:?} is not a URL: {e}")))?;
+            if !matches!(parsed.scheme(), "ws" | "wss") {
+                return Err(invalid("crdt.mesh.peers", format!("{peer:?} must be a ws:// or wss:// URL")));
+            }
+        }
+        if self.crdt.mesh.secret.as_deref() == Some("") {
+            self.crdt.mesh.secret = None;
+        }
+        if self.crdt.api.token.as_deref() == Some("") {
+            self.crdt.api.token = None;
+        }
+        if self.crdt.snapshot.every_events == 0 {
+            return Err(invalid("crdt.snapshot.every-events", "must be at least 1"));
+        }
+        if self.crdt.snapshot.keep == 0 {
+            return Err(invalid("crdt.snapshot.keep", "must be at least 1"));
+        }
+        if self.crdt.runs.idle_timeout_secs == 0 {
+            return Err(invalid("crdt.runs.idle-timeout-secs", "must be at least 1"));
+        }
+        self.server
+            .bind
+            .parse::<IpAddr>()
+            .map_err(|e| invalid("server.bind", format!("{:?} is not an IP address: {e}", self.server.bind)))?;
+        if self.server.max_body_bytes < 1024 {
+            return Err(invalid("server.max-body-bytes", "must be at least 1024"));
+        }
+        if self.database.url.trim().is_empty() {
+            return Err(invalid("database.url", "must not be empty"));
+        }
+        if self.database.pool_size == 0 {
+            return Err(invalid("database.pool-size", "must be at least 1"));
+        }
+        Ok(self)
+    }
+
+    pub fn node_id(&self) -> &str {
+        self.crdt.node_id.as_deref().unwrap_or("crdt-node")
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.crdt.runs.idle_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(yaml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("application.yml");
+        std::fs::write(&path, yaml).unwrap();
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Settings::load_from(path.to_str().unwrap(), true, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn the_shipped_file_loads() {
+        let s = Settings::load_from("config/application.yml", true, |_| None).unwrap();
+        assert_eq!(s.crdt.region, "us-east-1");
+        assert_eq!(s.crdt.snapshot.every_events, 100);
+        assert_eq!(s.crdt.snapshot.keep, 10);
+        assert_eq!((s.server.bind.as_str(), s.server.port), ("127.0.0.1", 8080));
+    }
+
+    #[test]
+    fn seed_layout_and_environment_overrides() {
+        let yaml = "crdt:\n  mesh:\n    peers: wss://us-west.atlasia.ai/ws,wss://eu-central.atlasia.ai/ws\n  region: us-east-1\n";
+        let s = load(yaml, &[]).unwrap();
+        assert_eq!(s.crdt.mesh.peers.urls(), vec!["wss://us-west.atlasia.ai/ws", "wss://eu-central.atlasia.ai/ws"]);
+        let s = load(
+            yaml,
+            &[
+                ("REGION", "eu-central-1"),
+                ("PORT", "9090"),
+                ("BIND", "0.0.0.0"),
+                ("CRDT_MESH_PEERS", "ws://a:1/ws, ws://b:2/ws"),
+                ("DATABASE_URL", "postgres://x@y/z"),
+                ("CRDT_API_TOKEN", "t"),
+                ("CRDT_SNAPSHOT_EVERY", "7"),
+                ("NODE_ID", "n1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.crdt.region, "eu-central-1");
+        assert_eq!(s.server.port, 9090);
+        assert_eq!(s.server.bind, "0.0.0.0");
+        assert_eq!(s.crdt.mesh.peers.urls(), vec!["ws://a:1/ws", "ws://b:2/ws"]);
+        assert_eq!(s.database.url, "postgres://x@y/z");
+        assert_eq!(s.crdt.api.token.as_deref(), Some("t"));
+        assert_eq!(s.crdt.snapshot.every_events, 7);
+        assert_eq!(s.node_id(), "n1");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+            ("crdt:\n  region: us-east-1\n", &[("PORT", "eighty")], "port"),
+            ("crdt:\n  region: us-east-1\n", &[("PORT", "70000")], "port"),
+            ("crdt:\n  region: 'us east'\n", &[], "crdt.region"),
+            ("crdt:\n  region: r\n", &[("BIND", "localhost:1")], "server.bind"),
+            ("crdt:\n  region: r\n", &[("CRDT_MESH_PEERS", "http://x/ws")], "crdt.mesh.peers"),
+            ("crdt:\n  region: r\n", &[("CRDT_SNAPSHOT_EVERY", "0")], "crdt.snapshot.every-events"),
+            ("crdt:\n  region: r\n", &[("CRDT_SNAPSHOT_KEEP", "-1")], "keep"),
+            ("crdt:\n  region: r\n  regoin: x\n", &[], "regoin"),
+        ];
+        for (yaml, env, key) in cases {
+            let err = load(yaml, env).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml:?} {env:?}: {err:?} should name {key}");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Errors at the HTTP edge, each mapped to a status code and a JSON body:
+//! `{"error": "<code>", "message": "<what went wrong, for a person>"}`.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::doc::DocError;
+use crate::runs::RunError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("request body is larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        ApiError::Invalid { field, reason: reason.into() }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Invalid { .. } => "invalid_field",
+            ApiError::TooLarge { .. } => "payload_too_large",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Unprocessable(_) => "unprocessable",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) | ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unauthorized) {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        response.json(json!({"error": self.code(), "message": self.to_string()}))
+    }
+}
+
+impl From<RunError> for ApiError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Unavailable(_) | RunError::Stopped => ApiError::Unavailable(e.to_string()),
+            RunError::Doc(DocError::InvalidChanges(_)) => ApiError::BadRequest(e.to_string()),
+            RunError::Doc(DocError::MissingDependencies(_)) | RunError::PartiallyApplied { .. } => {
+                ApiError::Unprocessable(e.to_string())
+            }
+            RunError::Doc(DocError::Schema(_)) => ApiError::Unprocessable(e.to_string()),
+            RunError::Doc(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Turns actix's JSON extractor errors into our JSON error bodies.
+pub fn json_error(err: actix_web::error::JsonPayloadError, limit: usize) -> actix_web::Error {
+    use actix_web::error::JsonPayloadError as J;
+    let api = match &err {
+        J::Overflow { .. } | J::OverflowKnownLength { .. } => ApiError::TooLarge { limit },
+        J::ContentType => ApiError::BadRequest("expected Content-Type: application/json".into()),
+        J::Deserialize(e) => ApiError::BadRequest(format!("malformed JSON body: {e}")),
+        other => ApiError::BadRequest(format!("unreadable JSON body: {other}")),
+    };
+    api.into()
+}
+
+/// Turns query-string errors into our JSON error bodies.
+pub fn query_error(err: actix_web::error::QueryPayloadError) -> actix_web::Error {
+    ApiError::BadRequest(format!("malformed query string: {err}")).into()
+}

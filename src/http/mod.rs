@@ -1,0 +1,47 @@
+//! The HTTP edge: routes under `/api/crdt`, health under `/actuator`, metrics at
+//! `/actuator/prometheus`. Routes only parse, validate and send a message to the core.
+
+mod auth;
+pub mod error;
+mod health;
+mod mesh;
+mod runs;
+mod validate;
+
+use actix_web::{middleware, web, HttpResponse};
+
+use crate::mesh::MeshState;
+use crate::metrics::Metrics;
+use crate::runs::Runs;
+pub use auth::ApiToken;
+use error::ApiError;
+
+/// What every route can reach.
+pub struct AppState {
+    pub runs: Runs,
+    pub mesh: MeshState,
+    pub metrics: Metrics,
+    pub region: String,
+    pub node_id: String,
+}
+
+/// Registers everything on an App; `max_body` bounds every request body.
+pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, token: ApiToken, max_body: usize) {
+    cfg.app_data(state)
+        .app_data(web::Data::new(token))
+        .app_data(web::JsonConfig::default().limit(max_body).error_handler(move |e, _| error::json_error(e, max_body)))
+        .app_data(web::PayloadConfig::default().limit(max_body))
+        .app_data(web::QueryConfig::default().error_handler(|e, _| error::query_error(e)))
+        .configure(health::routes)
+        .service(
+            web::scope("/api/crdt")
+                .wrap(middleware::from_fn(auth::require_token))
+                .configure(runs::routes)
+                .configure(mesh::routes),
+        )
+        .default_service(web::to(not_found));
+}
+
+async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())))
+}

@@ -1,0 +1,219 @@
+//! Routes of one run: its state, its changes, sync from other regions, and the five mutations.
+//! Each route parses and validates, sends one message to the run's actor, and shapes the reply.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value as Json};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::validate;
+use super::AppState;
+use crate::doc::{parse_changes, Mutation};
+use crate::runs::{ApplySync, GetChanges, GetState, Mutate, MutationOutcome};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/runs/{runId}/state", web::get().to(state))
+        .route("/runs/{runId}/changes", web::get().to(changes))
+        .route("/runs/{runId}/sync", web::post().to(sync))
+        .route("/runs/{runId}/grafts", web::post().to(graft))
+        .route("/runs/{runId}/pruned-steps", web::post().to(prune))
+        .route("/runs/{runId}/pruned-steps/{stepId}", web::delete().to(unprune))
+        .route("/runs/{runId}/flags/{key}", web::put().to(set_flag))
+        .route("/runs/{runId}/flags/{key}", web::delete().to(delete_flag));
+}
+
+async fn state(app: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let run_id = validate::run_id(&path)?;
+    let state = app.runs.send(run_id, GetState).await??;
+    let mut body = serde_json::to_value(&state).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("runId".into(), json!(run_id));
+        obj.insert("region".into(), json!(app.region));
+    }
+    Ok(HttpResponse::Ok().json(body))
+}
+
+#[derive(Deserialize)]
+struct ChangesQuery {
+    heads: Option<String>,
+}
+
+async fn changes(
+    app: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<ChangesQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = validate::run_id(&path)?;
+    let heads = validate::heads(query.heads.as_deref())?;
+    let (bytes, count, heads) = app.runs.send(run_id, GetChanges { heads }).await??;
+    Ok(HttpResponse::Ok().json(json!({
+        "runId": run_id,
+        "changes": validate::encode(&bytes),
+        "count": count,
+        "heads": heads,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SyncBody {
+    changes: Option<String>,
+    source_region: Option<String>,
+    lamport_timestamp: Option<i64>,
+}
+
+async fn sync(
+    app: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<SyncBody>,
+) -> Result<HttpResponse, ApiError> {
+    let metrics = &app.metrics;
+    metrics.sync_messages.with_label_values(&["in"]).inc();
+    let result = async {
+        let run_id = validate::run_id(&path)?;
+        let source_region = validate::region("sourceRegion", body.source_region.as_deref())?;
+        let lamport = validate::lamport("lamportTimestamp", body.lamport_timestamp)?;
+        let bytes = validate::base64("changes", body.changes.as_deref())?;
+        let changes = parse_changes(&bytes).map_err(|e| ApiError::invalid("changes", e.to_string()))?;
+        let out = app.runs.send(run_id, ApplySync { changes, source_region, lamport }).await??;
+        Ok::<_, ApiError>(json!({
+            "runId": run_id,
+            "applied": out.applied,
+            "duplicates": out.duplicates,
+            "lamport": out.lamport,
+            "heads": out.heads,
+        }))
+    }
+    .await;
+    match result {
+        Ok(body) => Ok(HttpResponse::Ok().json(body)),
+        Err(e) => {
+            let reason = match &e {
+                ApiError::Unavailable(_) | ApiError::Internal(_) => "apply",
+                _ => "decode",
+            };
+            metrics.sync_failures.with_label_values(&[reason]).inc();
+            Err(e)
+        }
+    }
+}
+
+fn outcome_json(out: &MutationOutcome) -> serde_json::Map<String, Json> {
+    let mut m = serde_json::Map::new();
+    m.insert("changed".into(), json!(out.changed));
+    m.insert("lamport".into(), json!(out.lamport));
+    m.insert("heads".into(), json!(out.heads));
+    m
+}
+
+async fn mutate(app: &AppState, run_id: Uuid, mutation: Mutation, user: Option<String>) -> Result<MutationOutcome, ApiError> {
+    Ok(app.runs.send(run_id, Mutate { mutation, user }).await??)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GraftBody {
+    agent: Option<String>,
+    after_step: Option<String>,
+    user: Option<String>,
+}
+
+async fn graft(
+    app: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<GraftBody>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = validate::run_id(&path)?;
+    let agent = validate::name("agent", body.agent.as_deref())?;
+    let after_step = validate::name("afterStep", body.after_step.as_deref())?;
+    let user = validate::name("user", body.user.as_deref())?;
+    let mutation = Mutation::Graft { id: Uuid::new_v4(), agent, after_step, user: user.clone() };
+    let out = mutate(&app, run_id, mutation, Some(user)).await?;
+    let mut body = outcome_json(&out);
+    body.insert("graft".into(), json!(out.graft));
+    Ok(HttpResponse::Created().json(body))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PruneBody {
+    step_id: Option<String>,
+    user: Option<String>,
+}
+
+async fn prune(
+    app: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<PruneBody>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = validate::run_id(&path)?;
+    let step_id = validate::name("stepId", body.step_id.as_deref())?;
+    let user = validate::name("user", body.user.as_deref())?;
+    let mutation = Mutation::Prune { step_id: step_id.clone(), user: user.clone() };
+    let out = mutate(&app, run_id, mutation, Some(user)).await?;
+    let mut body = outcome_json(&out);
+    body.insert("stepId".into(), json!(step_id));
+    Ok(HttpResponse::Ok().json(body))
+}
+
+#[derive(Deserialize)]
+struct UserQuery {
+    user: Option<String>,
+}
+
+async fn unprune(
+    app: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    query: web::Query<UserQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = validate::run_id(&path.0)?;
+    let step_id = validate::name("stepId", Some(&path.1))?;
+    let user = query.user.as_deref().map(|u| validate::name("user", Some(u))).transpose()?;
+    let out = mutate(&app, run_id, Mutation::Unprune { step_id: step_id.clone() }, user).await?;
+    let mut body = outcome_json(&out);
+    body.insert("stepId".into(), json!(step_id));
+    Ok(HttpResponse::Ok().json(body))
+}
+
+#[derive(Deserialize)]
+struct FlagBody {
+    /// `Some(Json::Null)` for an explicit null, `None` when the field is missing.
+    #[serde(default, deserialize_with = "present")]
+    value: Option<Json>,
+    user: Option<String>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Json>, D::Error> {
+    Json::deserialize(d).map(Some)
+}
+
+async fn set_flag(
+    app: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    body: web::Json<FlagBody>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = validate::run_id(&path.0)?;
+    let key = validate::name("key", Some(&path.1))?;
+    let value = body.value.clone().ok_or_else(|| ApiError::invalid("value", "is required (any JSON value)"))?;
+    let user = validate::name("user", body.user.as_deref())?;
+    let out = mutate(&app, run_id, Mutation::SetFlag { key: key.clone(), value: value.clone() }, Some(user)).await?;
+    let mut body = outcome_json(&out);
+    body.insert("key".into(), json!(key));
+    body.insert("value".into(), value);
+    Ok(HttpResponse::Ok().json(body))
+}
+
+async fn delete_flag(
+    app: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    query: web::Query<UserQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = validate::run_id(&path.0)?;
+    let key = validate::name("key", Some(&path.1))?;
+    let user = query.user.as_deref().map(|u| validate::name("user", Some(u))).transpose()?;
+    let out = mutate(&app, run_id, Mutation::DeleteFlag { key: key.clone() }, user).await?;
+    let mut body = outcome_json(&out);
+    body.insert("key".into(), json!(key));
+    Ok(HttpResponse::Ok().json(body))
+}

@@ -1,0 +1,71 @@
+//! Checks on values from requests, shared by the routes.
+
+use automerge::ChangeHash;
+use base64::Engine;
+use uuid::Uuid;
+
+use super::error::ApiError;
+
+/// Longest accepted name (agent, step, user, flag key).
+pub const MAX_NAME: usize = 200;
+
+pub fn run_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|e| ApiError::invalid("runId", format!("{raw:?} is not a UUID: {e}")))
+}
+
+/// A required, trimmed, printable name.
+pub fn name(field: &'static str, value: Option<&str>) -> Result<String, ApiError> {
+    let value = value.map(str::trim).unwrap_or("");
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "is required and must not be empty"));
+    }
+    if value.chars().count() > MAX_NAME {
+        return Err(ApiError::invalid(field, format!("is longer than {MAX_NAME} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(field, "must not contain control characters"));
+    }
+    Ok(value.to_string())
+}
+
+/// A region name as the event log stores it (VARCHAR(50)).
+pub fn region(field: &'static str, value: Option<&str>) -> Result<String, ApiError> {
+    let value = name(field, value)?;
+    if value.len() > 50 || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(ApiError::invalid(field, "must be 1-50 letters, digits, '-' or '_'"));
+    }
+    Ok(value)
+}
+
+pub fn base64(field: &'static str, value: Option<&str>) -> Result<Vec<u8>, ApiError> {
+    let value = value.ok_or_else(|| ApiError::invalid(field, "is required"))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .map_err(|e| ApiError::invalid(field, format!("is not valid base64: {e}")))
+}
+
+pub fn lamport(field: &'static str, value: Option<i64>) -> Result<Option<u64>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) => u64::try_from(v)
+            .map(Some)
+            .map_err(|_| ApiError::invalid(field, "must not be negative")),
+    }
+}
+
+/// Comma-separated hex change hashes.
+pub fn heads(raw: Option<&str>) -> Result<Vec<ChangeHash>, ApiError> {
+    raw.unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|h| {
+            h.parse::<ChangeHash>()
+                .map_err(|_| ApiError::invalid("heads", format!("{h:?} is not a 64-hex-digit change hash")))
+        })
+        .collect()
+}
+
+pub fn encode(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}

@@ -1,0 +1,66 @@
+//! The node's Prometheus metrics: the specification's names, registered beside actix-web-prom's
+//! HTTP metrics and served at `/actuator/prometheus`.
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Sync messages, by direction (`in`, `out`).
+    pub sync_messages: IntCounterVec,
+    /// Sync messages that failed to decode or apply, by reason.
+    pub sync_failures: IntCounterVec,
+    pub snapshot_size: Histogram,
+    pub peers_connected: IntGauge,
+    /// Lamport clock per loaded run; a run's series is removed when it is unloaded.
+    pub lamport_clock: IntGaugeVec,
+    pub runs_loaded: IntGauge,
+    pub snapshot_failures: prometheus::IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let sync_messages = IntCounterVec::new(
+            Opts::new("crdt_sync_messages_total", "Total sync messages sent and received"),
+            &["direction"],
+        )?;
+        let sync_failures = IntCounterVec::new(
+            Opts::new("crdt_sync_failures_total", "Failed sync attempts"),
+            &["reason"],
+        )?;
+        let snapshot_size = Histogram::with_opts(
+            HistogramOpts::new("crdt_snapshot_size_bytes", "Size of CRDT snapshots")
+                .buckets(prometheus::exponential_buckets(256.0, 4.0, 10)?),
+        )?;
+        let peers_connected = IntGauge::new("crdt_mesh_peers_connected", "Number of connected peers")?;
+        let lamport_clock = IntGaugeVec::new(
+            Opts::new("crdt_lamport_clock", "Current Lamport timestamp per loaded run"),
+            &["run_id"],
+        )?;
+        let runs_loaded = IntGauge::new("crdt_runs_loaded", "Runs loaded in memory")?;
+        let snapshot_failures =
+            prometheus::IntCounter::new("crdt_snapshot_failures_total", "Snapshots that failed to be written")?;
+        registry.register(Box::new(sync_messages.clone()))?;
+        registry.register(Box::new(sync_failures.clone()))?;
+        registry.register(Box::new(snapshot_size.clone()))?;
+        registry.register(Box::new(peers_connected.clone()))?;
+        registry.register(Box::new(lamport_clock.clone()))?;
+        registry.register(Box::new(runs_loaded.clone()))?;
+        registry.register(Box::new(snapshot_failures.clone()))?;
+        // Make the labelled series visible from the start, at zero.
+        for d in ["in", "out"] {
+            sync_messages.with_label_values(&[d]);
+        }
+        Ok(Metrics {
+            registry,
+            sync_messages,
+            sync_failures,
+            snapshot_size,
+            peers_connected,
+            lamport_clock,
+            runs_loaded,
+            snapshot_failures,
+        })
+    }
+}

@@ -1,0 +1,98 @@
+//! Assembling a node: open the store, start the runtime, bind the HTTP server.
+//! `main` and the integration tests both start nodes through [`start`].
+
+use std::net::SocketAddr;
+
+use actix_web::{web, App, HttpServer};
+use actix_web_prom::PrometheusMetricsBuilder;
+
+use crate::config::Settings;
+use crate::http::{self, ApiToken, AppState};
+use crate::mesh::MeshState;
+use crate::metrics::Metrics;
+use crate::runs::{Runs, RunsConfig};
+use crate::store::{self, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("metrics: {0}")]
+    Metrics(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// A node serving on `addr`. Dropping it does not stop the server; await `server` or stop it.
+pub struct RunningNode {
+    pub addr: SocketAddr,
+    pub server: actix_web::dev::ServerHandle,
+    pub runs: Runs,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts a node on the current actix system.
+pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let store = store::open(&settings.database.url, settings.database.pool_size).await?;
+    log::info!("storage: {} ({})", store.backend(), redact(&settings.database.url));
+    let metrics = Metrics::new().map_err(|e| NodeError::Metrics(e.to_string()))?;
+    let committers = if store.backend() == "sqlite" { 1 } else { settings.database.pool_size.clamp(1, 4) };
+    let runs = Runs::start(
+        store,
+        RunsConfig {
+            region: settings.crdt.region.clone(),
+            snapshot_every: settings.crdt.snapshot.every_events,
+            snapshot_keep: settings.crdt.snapshot.keep,
+            idle_timeout: settings.idle_timeout(),
+        },
+        metrics.clone(),
+        workers,
+        committers,
+    );
+    let state = web::Data::new(AppState {
+        runs: runs.clone(),
+        mesh: MeshState::new(&settings.crdt.mesh.peers.urls()),
+        metrics: metrics.clone(),
+        region: settings.crdt.region.clone(),
+        node_id: settings.node_id().to_string(),
+    });
+    let prometheus = PrometheusMetricsBuilder::new("crdt_node")
+        .registry(metrics.registry.clone())
+        .endpoint("/actuator/prometheus")
+        .mask_unmatched_patterns("UNKNOWN")
+        .build()
+        .map_err(|e| NodeError::Metrics(e.to_string()))?;
+    let token = ApiToken(settings.crdt.api.token.clone());
+    let max_body = settings.server.max_body_bytes;
+    let bind = (settings.server.bind.as_str(), settings.server.port);
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(prometheus.clone())
+            .configure(|cfg| http::configure(cfg, state.clone(), token.clone(), max_body))
+    })
+    .workers(workers)
+    .bind(bind)
+    .map_err(|source| NodeError::Bind { addr: format!("{}:{}", bind.0, bind.1), source })?;
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    let task = tokio::spawn(server);
+    log::info!(
+        "crdt-node {} (region {}) listening on http://{addr}",
+        settings.node_id(),
+        settings.crdt.region
+    );
+    Ok(RunningNode { addr, server: handle, runs, task })
+}
+
+/// A database URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,206 @@
+//! The core runtime: one [`RunActor`] per loaded run, the [`Runs`] registry that finds or starts
+//! them, and the [`SnapshotActor`] that writes snapshots.
+//!
+//! Everything that touches a run's document reaches it as a message to its actor. Committed
+//! changes are published to subscribers given as `Recipient<RunChanged>`, so the core never
+//! imports the edges (HTTP, mesh, browser sessions) that consume them.
+
+mod loader;
+mod run_actor;
+mod snapshot_actor;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+use uuid::Uuid;
+
+use crate::doc::DocError;
+use crate::metrics::Metrics;
+use crate::store::{GroupCommitter, Store};
+
+pub use run_actor::{
+    ApplySync, CaptureSnapshot, GetChanges, GetState, Mutate, MutationOutcome, RunActor, SyncOutcome,
+};
+pub use snapshot_actor::SnapshotActor;
+
+/// What the runtime needs to know of the configuration.
+#[derive(Debug, Clone)]
+pub struct RunsConfig {
+    pub region: String,
+    pub snapshot_every: u64,
+    pub snapshot_keep: usize,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Doc(#[from] DocError),
+    #[error("change {applied} of {total} was rejected: {reason}")]
+    PartiallyApplied { applied: usize, total: usize, reason: DocError },
+    #[error("the run's actor stopped before answering; try again")]
+    Stopped,
+}
+
+/// Where a committed change came from, so a subscriber can avoid echoing it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Local,
+    Remote { source_region: String },
+}
+
+/// Published after changes are committed to the log.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct RunChanged {
+    pub run_id: Uuid,
+    /// The new changes, concatenated in the wire format (`doc::parse_changes` reads it).
+    pub changes: Arc<Vec<u8>>,
+    pub lamport: u64,
+    pub origin: Origin,
+}
+
+struct Entry {
+    addr: Addr<RunActor>,
+    incarnation: u64,
+}
+
+struct Inner {
+    shards: Vec<Mutex<HashMap<Uuid, Entry>>>,
+    arbiters: Vec<ArbiterHandle>,
+    next_arbiter: AtomicUsize,
+    incarnations: AtomicU64,
+    store: Arc<dyn Store>,
+    committer: GroupCommitter,
+    snapshots: Addr<SnapshotActor>,
+    config: RunsConfig,
+    metrics: Metrics,
+    feed: RwLock<Vec<Recipient<RunChanged>>>,
+}
+
+/// The run registry. Cheap to clone; lookups take one short lock on one of many shards, so
+/// requests for different runs do not queue behind each other.
+#[derive(Clone)]
+pub struct Runs {
+    inner: Arc<Inner>,
+}
+
+const SHARDS: usize = 64;
+
+impl Runs {
+    /// Starts the runtime on the current actix system: `arbiters` worker threads for run
+    /// actors, the group committer and the supervised snapshot actor.
+    pub fn start(
+        store: Arc<dyn Store>,
+        config: RunsConfig,
+        metrics: Metrics,
+        arbiters: usize,
+        committers: usize,
+    ) -> Self {
+        let committer = GroupCommitter::start(store.clone(), committers);
+        let snapshots = {
+            let store = store.clone();
+            let config = config.clone();
+            let metrics = metrics.clone();
+            Supervisor::start(move |_| SnapshotActor::new(store, config, metrics))
+        };
+        let arbiters = (0..arbiters.max(1)).map(|_| Arbiter::new().handle()).collect();
+        Runs {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                arbiters,
+                next_arbiter: AtomicUsize::new(0),
+                incarnations: AtomicU64::new(1),
+                store,
+                committer,
+                snapshots,
+                config,
+                metrics,
+                feed: RwLock::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &RunsConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Adds a subscriber to every committed change of every run.
+    pub fn subscribe(&self, recipient: Recipient<RunChanged>) {
+        if let Ok(mut feed) = self.inner.feed.write() {
+            feed.push(recipient);
+        }
+    }
+
+    /// Sends `msg` to the run's actor, starting (and loading) it first if needed.
+    pub async fn send<M>(&self, run_id: Uuid, msg: M) -> Result<M::Result, RunError>
+    where
+        M: Message + Send + Clone + 'static,
+        M::Result: Send,
+        RunActor: Handler<M>,
+    {
+        // An actor may stop (idle, failed) between lookup and delivery: then start a fresh one.
+        for _ in 0..3 {
+            let (addr, incarnation) = self.actor(run_id);
+            match addr.send(msg.clone()).await {
+                Ok(result) => return Ok(result),
+                Err(_) => self.forget(run_id, incarnation),
+            }
+        }
+        Err(RunError::Stopped)
+    }
+
+    /// Number of runs loaded in memory.
+    pub fn loaded(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+    }
+
+    fn shard(&self, run_id: Uuid) -> &Mutex<HashMap<Uuid, Entry>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        run_id.hash(&mut h);
+        &self.inner.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    fn actor(&self, run_id: Uuid) -> (Addr<RunActor>, u64) {
+        let mut shard = self.shard(run_id).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = shard.get(&run_id) {
+            if e.addr.connected() {
+                return (e.addr.clone(), e.incarnation);
+            }
+        }
+        let incarnation = self.inner.incarnations.fetch_add(1, Ordering::Relaxed);
+        let i = self.inner.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
+        let runs = self.clone();
+        let addr = RunActor::start_in_arbiter(&self.inner.arbiters[i], move |_| {
+            RunActor::new(run_id, incarnation, runs)
+        });
+        shard.insert(run_id, Entry { addr: addr.clone(), incarnation });
+        (addr, incarnation)
+    }
+
+    /// Removes the registry entry of one incarnation of a run's actor (not a newer one).
+    fn forget(&self, run_id: Uuid, incarnation: u64) {
+        let mut shard = self.shard(run_id).lock().unwrap_or_else(|p| p.into_inner());
+        if shard.get(&run_id).is_some_and(|e| e.incarnation == incarnation) {
+            shard.remove(&run_id);
+        }
+    }
+
+    fn publish(&self, event: RunChanged) {
+        if let Ok(feed) = self.inner.feed.read() {
+            for recipient in feed.iter() {
+                recipient.do_send(event.clone());
+            }
+        }
+    }
+}

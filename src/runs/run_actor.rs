@@ -1,0 +1,417 @@
+//! `RunActor`: owns one run's document and Lamport clock; every read and write is a message.
+//!
+//! A write is applied to the document at once (so the caller learns the new heads and later
+//! writes build on it), then appended to the log. Each actor keeps at most one append in
+//! flight, so its log stays in order; writes arriving meanwhile wait and go together in the
+//! next append, and the group committer merges appends of many runs into one transaction. A
+//! caller is answered only after its events are committed. If an append fails, every write not
+//! yet committed is refused and the actor stops: the next request reloads the run from the
+//! durable log with a fresh actor id, so no unacknowledged change lingers in memory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use automerge::{Change, ChangeHash};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::{loader, Origin, RunChanged, RunError, Runs};
+use crate::doc::{concat_changes, Graft, Mutation, RunDoc, RunState};
+use crate::store::NewEvent;
+
+/// A local mutation, with the user to record in the log.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<MutationOutcome, RunError>")]
+pub struct Mutate {
+    pub mutation: Mutation,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MutationOutcome {
+    /// False when the mutation changed nothing (so nothing was written).
+    pub changed: bool,
+    pub graft: Option<Graft>,
+    pub lamport: u64,
+    pub heads: Vec<String>,
+}
+
+/// Changes from another replica (HTTP sync, the mesh).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<SyncOutcome, RunError>")]
+pub struct ApplySync {
+    pub changes: Vec<Change>,
+    pub source_region: String,
+    pub lamport: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncOutcome {
+    pub applied: usize,
+    pub duplicates: usize,
+    pub lamport: u64,
+    pub heads: Vec<String>,
+}
+
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<RunState, RunError>")]
+pub struct GetState;
+
+/// Every change the holder of `heads` lacks, concatenated.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<(Vec<u8>, usize, Vec<String>), RunError>")]
+pub struct GetChanges {
+    pub heads: Vec<ChangeHash>,
+}
+
+/// Asks for the document's bytes for a snapshot (from the snapshot actor).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Capture, RunError>")]
+pub struct CaptureSnapshot;
+
+#[derive(Debug)]
+pub struct Capture {
+    pub data: Vec<u8>,
+    pub lamport: u64,
+    /// `run_seq` of the last committed event; the snapshot covers the log up to here.
+    pub event_count: i64,
+}
+
+/// Tells the actor a snapshot covering the log up to `event_count` is stored.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct SnapshotWritten {
+    pub event_count: i64,
+}
+
+type Reply = oneshot::Sender<Result<(), RunError>>;
+
+struct PendingWrite {
+    events: Vec<NewEvent>,
+    changes: Vec<Change>,
+    origin: Origin,
+    reply: Reply,
+}
+
+pub struct RunActor {
+    run_id: Uuid,
+    incarnation: u64,
+    runs: Runs,
+    doc: Option<RunDoc>,
+    failed: Option<String>,
+    /// `run_seq` of the last event handed to the log (committed or in flight).
+    last_seq: i64,
+    committed_seq: i64,
+    snapshot_seq: i64,
+    pending: Vec<PendingWrite>,
+    in_flight: bool,
+    last_active: Instant,
+}
+
+impl RunActor {
+    pub(super) fn new(run_id: Uuid, incarnation: u64, runs: Runs) -> Self {
+        RunActor {
+            run_id,
+            incarnation,
+            runs,
+            doc: None,
+            failed: None,
+            last_seq: 0,
+            committed_seq: 0,
+            snapshot_seq: 0,
+            pending: Vec::new(),
+            in_flight: false,
+            last_active: Instant::now(),
+        }
+    }
+
+    fn doc(&mut self) -> Result<&mut RunDoc, RunError> {
+        self.last_active = Instant::now();
+        if let Some(reason) = &self.failed {
+            return Err(RunError::Unavailable(reason.clone()));
+        }
+        self.doc.as_mut().ok_or_else(|| RunError::Unavailable("run not loaded".into()))
+    }
+
+    fn lamport_gauge(&self, lamport: u64) {
+        self.runs
+            .inner
+            .metrics
+            .lamport_clock
+            .with_label_values(&[&self.run_id.to_string()])
+            .set(i64::try_from(lamport).unwrap_or(i64::MAX));
+    }
+
+    /// Queues `changes` for the log and returns the receiver that resolves once they commit.
+    fn enqueue(
+        &mut self,
+        changes: Vec<Change>,
+        describe: impl Fn(&Change) -> (String, Option<String>, Option<String>),
+        origin: Origin,
+        ctx: &mut Context<Self>,
+    ) -> oneshot::Receiver<Result<(), RunError>> {
+        let region = match &origin {
+            Origin::Local => self.runs.inner.config.region.clone(),
+            Origin::Remote { source_region } => source_region.clone(),
+        };
+        let now = chrono::Utc::now().naive_utc();
+        let events = changes
+            .iter()
+            .map(|change| {
+                self.last_seq += 1;
+                let (event_type, payload, user_id) = describe(change);
+                let stamp = crate::doc::Stamp::of(change);
+                NewEvent {
+                    run_id: self.run_id,
+                    run_seq: self.last_seq,
+                    event_type,
+                    payload,
+                    user_id,
+                    created_at: now,
+                    crdt_changes: change.raw_bytes().to_vec(),
+                    change_hash: change.hash().as_ref().to_vec(),
+                    source_region: stamp.as_ref().map_or(region.clone(), |s| s.region.clone()),
+                    lamport: stamp.map_or(0, |s| i64::try_from(s.lamport).unwrap_or(i64::MAX)),
+                }
+            })
+            .collect();
+        let (reply, done) = oneshot::channel();
+        self.pending.push(PendingWrite { events, changes, origin, reply });
+        if !self.in_flight {
+            self.flush(ctx);
+        }
+        done
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.in_flight = true;
+        let batch = std::mem::take(&mut self.pending);
+        let events: Vec<NewEvent> = batch.iter().flat_map(|w| w.events.iter().cloned()).collect();
+        let last = events.last().map_or(self.committed_seq, |e| e.run_seq);
+        let committer = self.runs.inner.committer.clone();
+        ctx.spawn(async move { committer.append(events).await }.into_actor(self).map(
+            move |result, act, ctx| {
+                act.in_flight = false;
+                match result {
+                    Ok(()) => {
+                        act.committed_seq = last;
+                        act.on_committed(batch, ctx);
+                        act.flush(ctx);
+                    }
+                    Err(e) => act.fail(format!("the event log refused a write: {e}"), batch, ctx),
+                }
+            },
+        ));
+    }
+
+    fn on_committed(&mut self, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
+        let lamport = self.doc.as_ref().map_or(0, |d| d.lamport());
+        self.lamport_gauge(lamport);
+        for write in batch {
+            let _ = write.reply.send(Ok(()));
+            self.runs.publish(RunChanged {
+                run_id: self.run_id,
+                changes: Arc::new(concat_changes(&write.changes)),
+                lamport,
+                origin: write.origin,
+            });
+        }
+        self.runs.inner.snapshots.do_send(super::snapshot_actor::EventCount {
+            run_id: self.run_id,
+            since_snapshot: self.committed_seq - self.snapshot_seq,
+            run: ctx.address(),
+        });
+    }
+
+    /// Refuses every uncommitted write and stops; see the module comment.
+    fn fail(&mut self, reason: String, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
+        log::error!("run {}: {reason}; unloading it", self.run_id);
+        for write in batch.into_iter().chain(std::mem::take(&mut self.pending)) {
+            let _ = write.reply.send(Err(RunError::Unavailable(reason.clone())));
+        }
+        self.failed = Some(reason);
+        self.doc = None;
+        self.runs.forget(self.run_id, self.incarnation);
+        ctx.stop();
+    }
+}
+
+impl Actor for RunActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.runs.inner.metrics.runs_loaded.inc();
+        let store = self.runs.inner.store.clone();
+        let region = self.runs.inner.config.region.clone();
+        let run_id = self.run_id;
+        // `wait` holds every message until the run is loaded.
+        ctx.wait(async move { loader::load(store.as_ref(), run_id, &region).await }.into_actor(self).map(
+            |result, act, ctx| match result {
+                Ok(loaded) => {
+                    act.last_seq = loaded.last_seq;
+                    act.committed_seq = loaded.last_seq;
+                    act.snapshot_seq = loaded.snapshot_seq;
+                    act.lamport_gauge(loaded.doc.lamport());
+                    act.doc = Some(loaded.doc);
+                    if act.committed_seq - act.snapshot_seq >= act.runs.inner.config.snapshot_every as i64 {
+                        act.runs.inner.snapshots.do_send(super::snapshot_actor::EventCount {
+                            run_id: act.run_id,
+                            since_snapshot: act.committed_seq - act.snapshot_seq,
+                            run: ctx.address(),
+                        });
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("loading the run failed: {e}");
+                    log::warn!("run {}: {reason}", act.run_id);
+                    act.failed = Some(reason);
+                    // Queued messages are answered with the error; new requests start afresh.
+                    act.runs.forget(act.run_id, act.incarnation);
+                    ctx.run_later(Duration::from_millis(100), |_, ctx| ctx.stop());
+                }
+            },
+        ));
+        let idle = self.runs.inner.config.idle_timeout;
+        let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        ctx.run_interval(tick, move |act, ctx| {
+            if act.last_active.elapsed() >= idle && act.pending.is_empty() && !act.in_flight {
+                act.runs.forget(act.run_id, act.incarnation);
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.runs.forget(self.run_id, self.incarnation);
+        let metrics = &self.runs.inner.metrics;
+        metrics.runs_loaded.dec();
+        let _ = metrics.lamport_clock.remove_label_values(&[&self.run_id.to_string()]);
+    }
+}
+
+fn log_payload(mutation: &Mutation) -> String {
+    use serde_json::json;
+    let value = match mutation {
+        Mutation::Graft { id, agent, after_step, user } => {
+            json!({"id": id, "agent": agent, "afterStep": after_step, "user": user})
+        }
+        Mutation::Prune { step_id, user } => json!({"stepId": step_id, "user": user}),
+        Mutation::Unprune { step_id } => json!({"stepId": step_id}),
+        Mutation::SetFlag { key, value } => json!({"key": key, "value": value}),
+        Mutation::DeleteFlag { key } => json!({"key": key}),
+    };
+    value.to_string()
+}
+
+impl Handler<Mutate> for RunActor {
+    type Result = ResponseFuture<Result<MutationOutcome, RunError>>;
+
+    fn handle(&mut self, msg: Mutate, ctx: &mut Self::Context) -> Self::Result {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let applied = match self.doc().and_then(|d| d.apply(&msg.mutation, now_ms).map_err(RunError::from)) {
+            Ok(a) => a,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let heads: Vec<String> = self.doc().map(|d| d.heads().iter().map(|h| h.to_string()).collect()).unwrap_or_default();
+        let outcome = MutationOutcome {
+            changed: applied.change.is_some(),
+            graft: applied.graft,
+            lamport: applied.lamport,
+            heads,
+        };
+        let Some(change) = applied.change else {
+            return Box::pin(async move { Ok(outcome) });
+        };
+        let event_type = msg.mutation.event_type().to_string();
+        let payload = log_payload(&msg.mutation);
+        let user = msg.user;
+        let done = self.enqueue(
+            vec![change],
+            |_| (event_type.clone(), Some(payload.clone()), user.clone()),
+            Origin::Local,
+            ctx,
+        );
+        Box::pin(async move {
+            done.await.map_err(|_| RunError::Stopped)??;
+            Ok(outcome)
+        })
+    }
+}
+
+impl Handler<ApplySync> for RunActor {
+    type Result = ResponseFuture<Result<SyncOutcome, RunError>>;
+
+    fn handle(&mut self, msg: ApplySync, ctx: &mut Self::Context) -> Self::Result {
+        let total = msg.changes.len();
+        let result = self.doc().and_then(|d| {
+            let out = d.apply_remote(msg.changes, msg.lamport)?;
+            let heads = d.heads().iter().map(|h| h.to_string()).collect::<Vec<_>>();
+            Ok((out, d.lamport(), heads))
+        });
+        let (out, lamport, heads) = match result {
+            Ok(r) => r,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        self.lamport_gauge(lamport);
+        let outcome = SyncOutcome { applied: out.applied.len(), duplicates: out.duplicates, lamport, heads };
+        let error = out.error.map(|reason| RunError::PartiallyApplied {
+            applied: out.applied.len(),
+            total,
+            reason,
+        });
+        if out.applied.is_empty() {
+            return Box::pin(async move { error.map_or(Ok(outcome), Err) });
+        }
+        let done = self.enqueue(
+            out.applied,
+            |_| ("CRDT_SYNC".to_string(), None, None),
+            Origin::Remote { source_region: msg.source_region },
+            ctx,
+        );
+        Box::pin(async move {
+            done.await.map_err(|_| RunError::Stopped)??;
+            error.map_or(Ok(outcome), Err)
+        })
+    }
+}
+
+impl Handler<GetState> for RunActor {
+    type Result = Result<RunState, RunError>;
+
+    fn handle(&mut self, _: GetState, _: &mut Self::Context) -> Self::Result {
+        Ok(self.doc()?.state())
+    }
+}
+
+impl Handler<GetChanges> for RunActor {
+    type Result = Result<(Vec<u8>, usize, Vec<String>), RunError>;
+
+    fn handle(&mut self, msg: GetChanges, _: &mut Self::Context) -> Self::Result {
+        let doc = self.doc()?;
+        let changes = doc.changes_since(&msg.heads);
+        let heads = doc.heads().iter().map(|h| h.to_string()).collect();
+        Ok((concat_changes(&changes), changes.len(), heads))
+    }
+}
+
+impl Handler<CaptureSnapshot> for RunActor {
+    type Result = Result<Capture, RunError>;
+
+    fn handle(&mut self, _: CaptureSnapshot, _: &mut Self::Context) -> Self::Result {
+        let event_count = self.committed_seq;
+        let doc = self.doc()?;
+        Ok(Capture { data: doc.save(), lamport: doc.lamport(), event_count })
+    }
+}
+
+impl Handler<SnapshotWritten> for RunActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SnapshotWritten, _: &mut Self::Context) {
+        self.snapshot_seq = self.snapshot_seq.max(msg.event_count);
+    }
+}
