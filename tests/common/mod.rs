@@ -1,0 +1,317 @@
+//! Test harness: real node processes on ephemeral ports, each with a database of its own
+//! (a temporary SQLite file, or a fresh PostgreSQL database dropped afterwards).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs an async test body once per backend: `both_backends!(name);` expects
+/// `async fn name(backend: Backend)` and makes `name::sqlite` and `name::postgres`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() { super::$name($crate::common::Backend::Sqlite).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() { super::$name($crate::common::Backend::Postgres).await }
+        }
+    )*};
+}
+
+pub fn pg_admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database for one test.
+pub struct TestDb {
+    pub url: String,
+    pub backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("crdt.db").display());
+                TestDb { url, backend, _dir: Some(dir), pg_name: None }
+            }
+            Backend::Postgres => {
+                let admin = pg_admin_url();
+                let name = format!("crdt_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = AsyncPgConnection::establish(&admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is required for this test: {e}"));
+                diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create db");
+                let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin.clone());
+                TestDb { url: format!("{base}/{name}"), backend, _dir: None, pg_name: Some(name) }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = self.pg_name.take() {
+            // Drop runs outside any async context we may block; use a thread of our own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                rt.block_on(async move {
+                    let mut conn = AsyncPgConnection::establish(&pg_admin_url()).await.ok()?;
+                    diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await
+                        .ok()
+                })
+            })
+            .join();
+        }
+    }
+}
+
+/// A node process.
+pub struct Node {
+    child: Child,
+    pub base: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Node {
+    /// Starts the node binary on an ephemeral port against `db`, with extra environment.
+    pub fn spawn(db: &TestDb, env: &[(&str, &str)]) -> Node {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crdt-node"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CRDT_CONFIG", concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"))
+            .env("DATABASE_URL", &db.url)
+            .env("PORT", "0")
+            .env("RUST_LOG", "info,automerge=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start crdt-node");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => Node { child, base: format!("http://{addr}"), log },
+            Err(_) => {
+                let _ = child.kill();
+                panic!("node did not start; log:\n{}", log.lock().unwrap().join("\n"));
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A thin JSON client: every call returns (status, body as JSON).
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new() -> Client {
+        Client { http: reqwest::Client::new(), token: None }
+    }
+
+    pub fn with_token(token: &str) -> Client {
+        Client { http: reqwest::Client::new(), token: Some(token.into()) }
+    }
+
+    fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    pub async fn send(&self, rb: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = self.auth(rb).send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
+    pub async fn get(&self, url: &str) -> (u16, Value) {
+        self.send(self.http.get(url)).await
+    }
+
+    pub async fn post(&self, url: &str, body: &Value) -> (u16, Value) {
+        self.send(self.http.post(url).json(body)).await
+    }
+
+    pub async fn put(&self, url: &str, body: &Value) -> (u16, Value) {
+        self.send(self.http.put(url).json(body)).await
+    }
+
+    pub async fn delete(&self, url: &str) -> (u16, Value) {
+        self.send(self.http.delete(url)).await
+    }
+
+    pub async fn raw(&self, rb: impl FnOnce(&reqwest::Client) -> reqwest::RequestBuilder) -> (u16, Value) {
+        let rb = rb(&self.http);
+        self.send(rb).await
+    }
+
+    pub async fn text(&self, url: &str) -> String {
+        self.auth(self.http.get(url)).send().await.expect("request").text().await.expect("body")
+    }
+}
+
+pub fn run_url(node: &Node, run: uuid::Uuid, rest: &str) -> String {
+    node.url(&format!("/api/crdt/runs/{run}{rest}"))
+}
+
+/// The value of a Prometheus sample line `name{labels} value` (or `name value`).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls `f` until it returns Some, for up to `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Direct reads of the tables, to check what the node stored.
+pub mod db {
+    use super::{Backend, TestDb};
+    use crdt_node::store::schema;
+    use diesel::prelude::*;
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    use uuid::Uuid;
+
+    /// `event_count` of each stored snapshot of the run, newest first.
+    pub async fn snapshot_positions(db: &TestDb, run: Uuid) -> Vec<i32> {
+        match db.backend {
+            Backend::Postgres => {
+                use schema::pg::crdt_snapshots::dsl::*;
+                let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
+                let v: Vec<Option<i32>> = crdt_snapshots
+                    .filter(run_id.eq(run))
+                    .order(event_count.desc())
+                    .select(event_count)
+                    .load(&mut c)
+                    .await
+                    .unwrap();
+                v.into_iter().map(|x| x.unwrap_or(0)).collect()
+            }
+            Backend::Sqlite => {
+                use schema::sqlite::crdt_snapshots::dsl::*;
+                let mut c = sqlite(db);
+                let v: Vec<Option<i32>> = diesel::RunQueryDsl::load(
+                    crdt_snapshots.filter(run_id.eq(run.as_bytes().to_vec())).order(event_count.desc()).select(event_count),
+                    &mut c,
+                )
+                .unwrap();
+                v.into_iter().map(|x| x.unwrap_or(0)).collect()
+            }
+        }
+    }
+
+    /// Number of event rows of the run.
+    pub async fn event_rows(db: &TestDb, run: Uuid) -> i64 {
+        match db.backend {
+            Backend::Postgres => {
+                use schema::pg::collaboration_events::dsl::*;
+                let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
+                collaboration_events.filter(run_id.eq(run)).count().get_result(&mut c).await.unwrap()
+            }
+            Backend::Sqlite => {
+                use schema::sqlite::collaboration_events::dsl::*;
+                let mut c = sqlite(db);
+                diesel::RunQueryDsl::get_result(
+                    collaboration_events.filter(run_id.eq(run.as_bytes().to_vec())).count(),
+                    &mut c,
+                )
+                .unwrap()
+            }
+        }
+    }
+
+    /// Runs one SQL statement (used to damage or trim data on purpose).
+    pub async fn execute(db: &TestDb, sql: &str) -> usize {
+        match db.backend {
+            Backend::Postgres => {
+                let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
+                diesel::sql_query(sql).execute(&mut c).await.unwrap()
+            }
+            Backend::Sqlite => diesel::RunQueryDsl::execute(diesel::sql_query(sql), &mut sqlite(db)).unwrap(),
+        }
+    }
+
+    /// The SQL literal of a run id in this backend.
+    pub fn run_literal(db: &TestDb, run: Uuid) -> String {
+        match db.backend {
+            Backend::Postgres => format!("'{run}'"),
+            Backend::Sqlite => format!("X'{}'", run.simple()),
+        }
+    }
+
+    fn sqlite(db: &TestDb) -> diesel::SqliteConnection {
+        let path = db.url.strip_prefix("sqlite://").unwrap();
+        diesel::SqliteConnection::establish(path).unwrap()
+    }
+}
