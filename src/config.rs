@@ -16,7 +16,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, reason: reason.into() }
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,7 +75,12 @@ impl Peers {
             Peers::List(v) => v.iter().map(String::as_str).collect(),
             Peers::Csv(s) => s.split(',').collect(),
         };
-        items.into_iter().map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+        items
+            .into_iter()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
     }
 }
 
@@ -102,7 +110,10 @@ fn default_keep() -> usize {
 
 impl Default for SnapshotSettings {
     fn default() -> Self {
-        SnapshotSettings { every_events: default_every(), keep: default_keep() }
+        SnapshotSettings {
+            every_events: default_every(),
+            keep: default_keep(),
+        }
     }
 }
 
@@ -115,7 +126,9 @@ pub struct RunSettings {
 
 impl Default for RunSettings {
     fn default() -> Self {
-        RunSettings { idle_timeout_secs: default_idle() }
+        RunSettings {
+            idle_timeout_secs: default_idle(),
+        }
     }
 }
 
@@ -199,7 +212,9 @@ impl Settings {
         let region = &self.crdt.region;
         if region.is_empty()
             || region.len() > 50
-            || !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !region
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return Err(invalid(
                 "crdt.region",
@@ -214,14 +229,20 @@ impl Settings {
             .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
             .unwrap_or_else(|| format!("{region}-node"));
         if node_id.len() > 100 || node_id.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(invalid("crdt.node-id", format!("{node_id:?} must be 1-100 printable characters without spaces")));
+            return Err(invalid(
+                "crdt.node-id",
+                format!("{node_id:?} must be 1-100 printable characters without spaces"),
+            ));
         }
         self.crdt.node_id = Some(node_id);
         for peer in self.crdt.mesh.peers.urls() {
             let parsed = url::Url::parse(&peer)
                 .map_err(|e| invalid("crdt.mesh.peers", format!("{peer:?} is not a URL: {e}")))?;
             if !matches!(parsed.scheme(), "ws" | "wss") {
-                return Err(invalid("crdt.mesh.peers", format!("{peer:?} must be a ws:// or wss:// URL")));
+                return Err(invalid(
+                    "crdt.mesh.peers",
+                    format!("{peer:?} must be a ws:// or wss:// URL"),
+                ));
             }
         }
         if self.crdt.mesh.secret.as_deref() == Some("") {
@@ -239,10 +260,12 @@ impl Settings {
         if self.crdt.runs.idle_timeout_secs == 0 {
             return Err(invalid("crdt.runs.idle-timeout-secs", "must be at least 1"));
         }
-        self.server
-            .bind
-            .parse::<IpAddr>()
-            .map_err(|e| invalid("server.bind", format!("{:?} is not an IP address: {e}", self.server.bind)))?;
+        self.server.bind.parse::<IpAddr>().map_err(|e| {
+            invalid(
+                "server.bind",
+                format!("{:?} is not an IP address: {e}", self.server.bind),
+            )
+        })?;
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max-body-bytes", "must be at least 1024"));
         }
@@ -273,7 +296,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("application.yml");
         std::fs::write(&path, yaml).unwrap();
-        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Settings::load_from(path.to_str().unwrap(), true, |k| env.get(k).cloned())
     }
 
@@ -290,7 +316,13 @@ mod tests {
     fn seed_layout_and_environment_overrides() {
         let yaml = "crdt:\n  mesh:\n    peers: wss://us-west.atlasia.ai/ws,wss://eu-central.atlasia.ai/ws\n  region: us-east-1\n";
         let s = load(yaml, &[]).unwrap();
-        assert_eq!(s.crdt.mesh.peers.urls(), vec!["wss://us-west.atlasia.ai/ws", "wss://eu-central.atlasia.ai/ws"]);
+        assert_eq!(
+            s.crdt.mesh.peers.urls(),
+            vec![
+                "wss://us-west.atlasia.ai/ws",
+                "wss://eu-central.atlasia.ai/ws"
+            ]
+        );
         let s = load(
             yaml,
             &[
@@ -317,19 +349,43 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
-            ("crdt:\n  region: us-east-1\n", &[("PORT", "eighty")], "port"),
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            (
+                "crdt:\n  region: us-east-1\n",
+                &[("PORT", "eighty")],
+                "port",
+            ),
             ("crdt:\n  region: us-east-1\n", &[("PORT", "70000")], "port"),
             ("crdt:\n  region: 'us east'\n", &[], "crdt.region"),
-            ("crdt:\n  region: r\n", &[("BIND", "localhost:1")], "server.bind"),
-            ("crdt:\n  region: r\n", &[("CRDT_MESH_PEERS", "http://x/ws")], "crdt.mesh.peers"),
-            ("crdt:\n  region: r\n", &[("CRDT_SNAPSHOT_EVERY", "0")], "crdt.snapshot.every-events"),
-            ("crdt:\n  region: r\n", &[("CRDT_SNAPSHOT_KEEP", "-1")], "keep"),
+            (
+                "crdt:\n  region: r\n",
+                &[("BIND", "localhost:1")],
+                "server.bind",
+            ),
+            (
+                "crdt:\n  region: r\n",
+                &[("CRDT_MESH_PEERS", "http://x/ws")],
+                "crdt.mesh.peers",
+            ),
+            (
+                "crdt:\n  region: r\n",
+                &[("CRDT_SNAPSHOT_EVERY", "0")],
+                "crdt.snapshot.every-events",
+            ),
+            (
+                "crdt:\n  region: r\n",
+                &[("CRDT_SNAPSHOT_KEEP", "-1")],
+                "keep",
+            ),
             ("crdt:\n  region: r\n  regoin: x\n", &[], "regoin"),
         ];
         for (yaml, env, key) in cases {
             let err = load(yaml, env).unwrap_err().to_string();
-            assert!(err.contains(key), "{yaml:?} {env:?}: {err:?} should name {key}");
+            assert!(
+                err.contains(key),
+                "{yaml:?} {env:?}: {err:?} should name {key}"
+            );
         }
     }
 }

@@ -3,7 +3,10 @@
 use crdt_node::config::Settings;
 
 fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,automerge=warn")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,automerge=warn"),
+    )
+    .init();
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {
@@ -12,7 +15,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = actix_web::rt::System::new().block_on(async move {
-        let node = crdt_node::node::start(&settings).await.map_err(|e| e.to_string())?;
+        let node = crdt_node::node::start(&settings)
+            .await
+            .map_err(|e| e.to_string())?;
         match node.task.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),

@@ -22,7 +22,10 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let sync_messages = IntCounterVec::new(
-            Opts::new("crdt_sync_messages_total", "Total sync messages sent and received"),
+            Opts::new(
+                "crdt_sync_messages_total",
+                "Total sync messages sent and received",
+            ),
             &["direction"],
         )?;
         let sync_failures = IntCounterVec::new(
@@ -33,14 +36,20 @@ impl Metrics {
             HistogramOpts::new("crdt_snapshot_size_bytes", "Size of CRDT snapshots")
                 .buckets(prometheus::exponential_buckets(256.0, 4.0, 10)?),
         )?;
-        let peers_connected = IntGauge::new("crdt_mesh_peers_connected", "Number of connected peers")?;
+        let peers_connected =
+            IntGauge::new("crdt_mesh_peers_connected", "Number of connected peers")?;
         let lamport_clock = IntGaugeVec::new(
-            Opts::new("crdt_lamport_clock", "Current Lamport timestamp per loaded run"),
+            Opts::new(
+                "crdt_lamport_clock",
+                "Current Lamport timestamp per loaded run",
+            ),
             &["run_id"],
         )?;
         let runs_loaded = IntGauge::new("crdt_runs_loaded", "Runs loaded in memory")?;
-        let snapshot_failures =
-            prometheus::IntCounter::new("crdt_snapshot_failures_total", "Snapshots that failed to be written")?;
+        let snapshot_failures = prometheus::IntCounter::new(
+            "crdt_snapshot_failures_total",
+            "Snapshots that failed to be written",
+        )?;
         registry.register(Box::new(sync_messages.clone()))?;
         registry.register(Box::new(sync_failures.clone()))?;
         registry.register(Box::new(snapshot_size.clone()))?;

@@ -20,7 +20,10 @@ pub enum NodeError {
     #[error("metrics: {0}")]
     Metrics(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// A node serving on `addr`. Dropping it does not stop the server; await `server` or stop it.
@@ -35,9 +38,17 @@ pub struct RunningNode {
 pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let store = store::open(&settings.database.url, settings.database.pool_size).await?;
-    log::info!("storage: {} ({})", store.backend(), redact(&settings.database.url));
+    log::info!(
+        "storage: {} ({})",
+        store.backend(),
+        redact(&settings.database.url)
+    );
     let metrics = Metrics::new().map_err(|e| NodeError::Metrics(e.to_string()))?;
-    let committers = if store.backend() == "sqlite" { 1 } else { settings.database.pool_size.clamp(1, 4) };
+    let committers = if store.backend() == "sqlite" {
+        1
+    } else {
+        settings.database.pool_size.clamp(1, 4)
+    };
     let runs = Runs::start(
         store,
         RunsConfig {
@@ -73,7 +84,10 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     })
     .workers(workers)
     .bind(bind)
-    .map_err(|source| NodeError::Bind { addr: format!("{}:{}", bind.0, bind.1), source })?;
+    .map_err(|source| NodeError::Bind {
+        addr: format!("{}:{}", bind.0, bind.1),
+        source,
+    })?;
     let addr = server.addrs()[0];
     let server = server.run();
     let handle = server.handle();
@@ -83,7 +97,12 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         settings.node_id(),
         settings.crdt.region
     );
-    Ok(RunningNode { addr, server: handle, runs, task })
+    Ok(RunningNode {
+        addr,
+        server: handle,
+        runs,
+        task,
+    })
 }
 
 /// A database URL without its password, for logs.

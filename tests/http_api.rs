@@ -14,7 +14,9 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 fn unb64(v: &Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap()
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().unwrap())
+        .unwrap()
 }
 
 async fn reading_a_new_run_is_empty_and_writes_nothing(backend: Backend) {
@@ -30,7 +32,11 @@ async fn reading_a_new_run_is_empty_and_writes_nothing(backend: Backend) {
     assert_eq!(state["prunedSteps"], json!([]));
     assert_eq!(state["flags"], json!({}));
     assert_eq!(state["lamport"], 0);
-    assert_eq!(state["heads"].as_array().unwrap().len(), 1, "only the genesis change");
+    assert_eq!(
+        state["heads"].as_array().unwrap().len(),
+        1,
+        "only the genesis change"
+    );
     let (status, _) = c.get(&run_url(&node, run, "/changes")).await;
     assert_eq!(status, 200);
     assert_eq!(db::event_rows(&db, run).await, 0);
@@ -43,7 +49,10 @@ async fn five_mutations_round_trip(backend: Backend) {
     let run = Uuid::new_v4();
 
     let (s, g) = c
-        .post(&run_url(&node, run, "/grafts"), &json!({"agent": "SecurityAgent", "afterStep": "Step1", "user": "alice"}))
+        .post(
+            &run_url(&node, run, "/grafts"),
+            &json!({"agent": "SecurityAgent", "afterStep": "Step1", "user": "alice"}),
+        )
         .await;
     assert_eq!(s, 201, "{g}");
     assert_eq!(g["graft"]["agent"], "SecurityAgent");
@@ -53,29 +62,56 @@ async fn five_mutations_round_trip(backend: Backend) {
     assert_eq!(g["lamport"], 1);
     assert!(Uuid::parse_str(g["graft"]["id"].as_str().unwrap()).is_ok());
 
-    let (s, p) = c.post(&run_url(&node, run, "/pruned-steps"), &json!({"stepId": "Step2", "user": "bob"})).await;
+    let (s, p) = c
+        .post(
+            &run_url(&node, run, "/pruned-steps"),
+            &json!({"stepId": "Step2", "user": "bob"}),
+        )
+        .await;
     assert_eq!((s, p["lamport"].as_u64()), (200, Some(2)), "{p}");
     let flag = json!({"threshold": 0.75, "tags": ["a", "b"], "nested": {"on": true, "n": null}});
-    let (s, f) = c.put(&run_url(&node, run, "/flags/review"), &json!({"value": flag, "user": "carol"})).await;
+    let (s, f) = c
+        .put(
+            &run_url(&node, run, "/flags/review"),
+            &json!({"value": flag, "user": "carol"}),
+        )
+        .await;
     assert_eq!((s, f["lamport"].as_u64()), (200, Some(3)), "{f}");
-    let (s, f) = c.put(&run_url(&node, run, "/flags/gone"), &json!({"value": null, "user": "carol"})).await;
+    let (s, f) = c
+        .put(
+            &run_url(&node, run, "/flags/gone"),
+            &json!({"value": null, "user": "carol"}),
+        )
+        .await;
     assert_eq!(s, 200, "{f}");
 
     let (_, state) = c.get(&run_url(&node, run, "/state")).await;
     assert_eq!(state["grafts"][0], g["graft"]);
-    assert_eq!(state["prunedSteps"], json!([{"stepId": "Step2", "user": "bob", "region": "us-east-1", "lamport": 2}]));
+    assert_eq!(
+        state["prunedSteps"],
+        json!([{"stepId": "Step2", "user": "bob", "region": "us-east-1", "lamport": 2}])
+    );
     assert_eq!(state["flags"], json!({"review": flag, "gone": null}));
     assert_eq!(state["lamport"], 4);
     assert_eq!(state["heads"], f["heads"]);
 
-    let (s, u) = c.delete(&run_url(&node, run, "/pruned-steps/Step2?user=bob")).await;
+    let (s, u) = c
+        .delete(&run_url(&node, run, "/pruned-steps/Step2?user=bob"))
+        .await;
     assert_eq!((s, &u["changed"]), (200, &json!(true)), "{u}");
     let (s, d) = c.delete(&run_url(&node, run, "/flags/gone")).await;
-    assert_eq!((s, &d["changed"], d["lamport"].as_u64()), (200, &json!(true), Some(6)), "{d}");
+    assert_eq!(
+        (s, &d["changed"], d["lamport"].as_u64()),
+        (200, &json!(true), Some(6)),
+        "{d}"
+    );
     // Removing what is not there changes nothing and writes nothing.
     let rows = db::event_rows(&db, run).await;
     let (s, again) = c.delete(&run_url(&node, run, "/flags/gone")).await;
-    assert_eq!((s, &again["changed"], again["lamport"].as_u64()), (200, &json!(false), Some(6)));
+    assert_eq!(
+        (s, &again["changed"], again["lamport"].as_u64()),
+        (200, &json!(false), Some(6))
+    );
     assert_eq!(db::event_rows(&db, run).await, rows);
     assert_eq!(rows, 6, "one event per effective mutation");
 
@@ -89,17 +125,33 @@ async fn sync_applies_remote_changes_once(backend: Backend) {
     let node = Node::spawn(&db, &[]);
     let c = Client::new();
     let run = Uuid::new_v4();
-    c.post(&run_url(&node, run, "/grafts"), &json!({"agent": "SecurityAgent", "afterStep": "Step1", "user": "a"})).await;
+    c.post(
+        &run_url(&node, run, "/grafts"),
+        &json!({"agent": "SecurityAgent", "afterStep": "Step1", "user": "a"}),
+    )
+    .await;
 
     // Another region's replica, made with the library, grafts concurrently at a higher clock.
     let mut eu = RunDoc::new(run, "eu-central-1");
     eu.observe_lamport(41);
     eu.apply(
-        &Mutation::Graft { id: Uuid::new_v4(), agent: "PerformanceAgent".into(), after_step: "Step1".into(), user: "b".into() },
+        &Mutation::Graft {
+            id: Uuid::new_v4(),
+            agent: "PerformanceAgent".into(),
+            after_step: "Step1".into(),
+            user: "b".into(),
+        },
         1_764_000_000_000,
     )
     .unwrap();
-    eu.apply(&Mutation::SetFlag { key: "mode".into(), value: json!("eu") }, 1_764_000_000_000).unwrap();
+    eu.apply(
+        &Mutation::SetFlag {
+            key: "mode".into(),
+            value: json!("eu"),
+        },
+        1_764_000_000_000,
+    )
+    .unwrap();
     let changes = eu.changes_since(&[]);
     let body = json!({"changes": b64(&concat_changes(&changes)), "sourceRegion": "eu-central-1", "lamportTimestamp": 43});
     let (s, out) = c.post(&run_url(&node, run, "/sync"), &body).await;
@@ -112,23 +164,47 @@ async fn sync_applies_remote_changes_once(backend: Backend) {
 
     // The same changes again: a no-op, no new rows.
     let (s, out) = c.post(&run_url(&node, run, "/sync"), &body).await;
-    assert_eq!((s, out["applied"].as_u64(), out["duplicates"].as_u64()), (200, Some(0), Some(3)));
+    assert_eq!(
+        (s, out["applied"].as_u64(), out["duplicates"].as_u64()),
+        (200, Some(0), Some(3))
+    );
     assert_eq!(db::event_rows(&db, run).await, rows);
 
     let (_, state) = c.get(&run_url(&node, run, "/state")).await;
-    let agents: Vec<&str> = state["grafts"].as_array().unwrap().iter().map(|g| g["agent"].as_str().unwrap()).collect();
-    assert_eq!(agents, vec!["SecurityAgent", "PerformanceAgent"], "ordered by lamport 1 < 42");
+    let agents: Vec<&str> = state["grafts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["agent"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        agents,
+        vec!["SecurityAgent", "PerformanceAgent"],
+        "ordered by lamport 1 < 42"
+    );
     assert_eq!(state["flags"]["mode"], "eu");
     // The next local mutation continues from the received clock.
-    let (_, g) = c.post(&run_url(&node, run, "/grafts"), &json!({"agent": "X", "afterStep": "S", "user": "a"})).await;
+    let (_, g) = c
+        .post(
+            &run_url(&node, run, "/grafts"),
+            &json!({"agent": "X", "afterStep": "S", "user": "a"}),
+        )
+        .await;
     assert_eq!(g["lamport"], 44);
 
     // GET changes since eu's heads returns exactly what eu lacks; applying them converges.
     let heads: Vec<String> = eu.heads().iter().map(ChangeHash::to_string).collect();
-    let (s, missing) = c.get(&run_url(&node, run, &format!("/changes?heads={}", heads.join(",")))).await;
+    let (s, missing) = c
+        .get(&run_url(
+            &node,
+            run,
+            &format!("/changes?heads={}", heads.join(",")),
+        ))
+        .await;
     assert_eq!(s, 200, "{missing}");
     assert_eq!(missing["count"], 2, "the first graft and the last one");
-    eu.apply_remote(parse_changes(&unb64(&missing["changes"])).unwrap(), None).unwrap();
+    eu.apply_remote(parse_changes(&unb64(&missing["changes"])).unwrap(), None)
+        .unwrap();
     let (_, state) = c.get(&run_url(&node, run, "/state")).await;
     let mine = serde_json::to_value(eu.state()).unwrap();
     assert_eq!(mine["grafts"], state["grafts"]);
@@ -142,14 +218,35 @@ async fn sync_with_missing_dependencies_is_refused(backend: Backend) {
     let c = Client::new();
     let run = Uuid::new_v4();
     let mut eu = RunDoc::new(run, "eu-central-1");
-    eu.apply(&Mutation::SetFlag { key: "a".into(), value: json!(1) }, 0).unwrap();
+    eu.apply(
+        &Mutation::SetFlag {
+            key: "a".into(),
+            value: json!(1),
+        },
+        0,
+    )
+    .unwrap();
     let first = eu.heads();
-    eu.apply(&Mutation::SetFlag { key: "b".into(), value: json!(2) }, 0).unwrap();
+    eu.apply(
+        &Mutation::SetFlag {
+            key: "b".into(),
+            value: json!(2),
+        },
+        0,
+    )
+    .unwrap();
     let second_only = eu.changes_since(&first);
-    let body = json!({"changes": b64(&concat_changes(&second_only)), "sourceRegion": "eu-central-1"});
+    let body =
+        json!({"changes": b64(&concat_changes(&second_only)), "sourceRegion": "eu-central-1"});
     let (s, err) = c.post(&run_url(&node, run, "/sync"), &body).await;
     assert_eq!(s, 422, "{err}");
-    assert!(err["message"].as_str().unwrap().contains(&first[0].to_string()), "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains(&first[0].to_string()),
+        "{err}"
+    );
     let (_, state) = c.get(&run_url(&node, run, "/state")).await;
     assert_eq!(state["flags"], json!({}));
     assert_eq!(db::event_rows(&db, run).await, 0);
@@ -161,7 +258,11 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
     let node = Node::spawn(&db, &[("CRDT_MAX_BODY_BYTES", "65536")]);
     let c = Client::new();
     let run = Uuid::new_v4();
-    c.post(&run_url(&node, run, "/grafts"), &json!({"agent": "A", "afterStep": "S", "user": "u"})).await;
+    c.post(
+        &run_url(&node, run, "/grafts"),
+        &json!({"agent": "A", "afterStep": "S", "user": "u"}),
+    )
+    .await;
     let (_, before) = c.get(&run_url(&node, run, "/state")).await;
 
     let graft_url = run_url(&node, run, "/grafts");
@@ -169,7 +270,9 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
     let cases: Vec<(&str, u16, reqwest::RequestBuilder)> = {
         let h = reqwest::Client::new();
         let json_post = |url: &str, body: &str| {
-            h.post(url).header("content-type", "application/json").body(body.to_string())
+            h.post(url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
         };
         vec![
             ("malformed run id", 400, h.get(node.url("/api/crdt/runs/not-a-uuid/state"))),
@@ -195,7 +298,10 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
     for (what, expected, rb) in cases {
         let (status, body) = c.send(rb).await;
         assert_eq!(status, expected, "{what}: {body}");
-        assert!(body["error"].is_string() && body["message"].is_string(), "{what}: not a JSON error: {body}");
+        assert!(
+            body["error"].is_string() && body["message"].is_string(),
+            "{what}: not a JSON error: {body}"
+        );
     }
     let (status, after) = c.get(&run_url(&node, run, "/state")).await;
     assert_eq!(status, 200, "the node keeps serving");
@@ -213,16 +319,29 @@ async fn api_token_guards_api_but_not_health_or_metrics(backend: Backend) {
     for c in [&anonymous, &wrong] {
         let (s, body) = c.get(&run_url(&node, run, "/state")).await;
         assert_eq!(s, 401, "{body}");
-        let (s, _) = c.post(&run_url(&node, run, "/grafts"), &json!({"agent": "A", "afterStep": "S", "user": "u"})).await;
+        let (s, _) = c
+            .post(
+                &run_url(&node, run, "/grafts"),
+                &json!({"agent": "A", "afterStep": "S", "user": "u"}),
+            )
+            .await;
         assert_eq!(s, 401);
         let (s, _) = c.get(&node.url("/api/crdt/mesh/status")).await;
         assert_eq!(s, 401);
     }
-    let (s, _) = right.post(&run_url(&node, run, "/grafts"), &json!({"agent": "A", "afterStep": "S", "user": "u"})).await;
+    let (s, _) = right
+        .post(
+            &run_url(&node, run, "/grafts"),
+            &json!({"agent": "A", "afterStep": "S", "user": "u"}),
+        )
+        .await;
     assert_eq!(s, 201);
     let (s, _) = anonymous.get(&node.url("/actuator/health")).await;
     assert_eq!(s, 200);
-    assert!(anonymous.text(&node.url("/actuator/prometheus")).await.contains("crdt_mesh_peers_connected"));
+    assert!(anonymous
+        .text(&node.url("/actuator/prometheus"))
+        .await
+        .contains("crdt_mesh_peers_connected"));
     assert_eq!(db::event_rows(&db, run).await, 1);
 }
 
@@ -230,21 +349,44 @@ async fn health_and_mesh_status(backend: Backend) {
     let db = TestDb::new(backend).await;
     let node = Node::spawn(
         &db,
-        &[("NODE_ID", "use1-a"), ("CRDT_MESH_PEERS", "ws://127.0.0.1:1/ws,wss://eu.example/ws")],
+        &[
+            ("NODE_ID", "use1-a"),
+            ("CRDT_MESH_PEERS", "ws://127.0.0.1:1/ws,wss://eu.example/ws"),
+        ],
     );
     let c = Client::new();
-    for path in ["/actuator/health", "/actuator/health/liveness", "/actuator/health/readiness"] {
+    for path in [
+        "/actuator/health",
+        "/actuator/health/liveness",
+        "/actuator/health/readiness",
+    ] {
         let (s, body) = c.get(&node.url(path)).await;
-        assert_eq!((s, body["status"].as_str()), (200, Some("UP")), "{path}: {body}");
+        assert_eq!(
+            (s, body["status"].as_str()),
+            (200, Some("UP")),
+            "{path}: {body}"
+        );
     }
     let (_, ready) = c.get(&node.url("/actuator/health/readiness")).await;
-    let expected = if backend == Backend::Postgres { "postgres" } else { "sqlite" };
+    let expected = if backend == Backend::Postgres {
+        "postgres"
+    } else {
+        "sqlite"
+    };
     assert_eq!(ready["components"]["db"]["backend"], expected);
 
     let run = Uuid::new_v4();
-    let (s, reg) = c.post(&run_url(&node, run, "/register-peer"), &json!({"peerRegion": "ap-southeast-1"})).await;
+    let (s, reg) = c
+        .post(
+            &run_url(&node, run, "/register-peer"),
+            &json!({"peerRegion": "ap-southeast-1"}),
+        )
+        .await;
     assert_eq!(s, 200, "{reg}");
-    assert_eq!((reg["registered"].as_bool(), reg["connected"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(
+        (reg["registered"].as_bool(), reg["connected"].as_bool()),
+        (Some(true), Some(false))
+    );
     let (s, status) = c.get(&node.url("/api/crdt/mesh/status")).await;
     assert_eq!(s, 200);
     assert_eq!(status["nodeId"], "use1-a");
@@ -252,29 +394,54 @@ async fn health_and_mesh_status(backend: Backend) {
     assert_eq!(status["peers"].as_array().unwrap().len(), 2);
     assert_eq!(status["peers"][1]["url"], "wss://eu.example/ws");
     assert_eq!(status["connectedPeers"], 0);
-    assert_eq!(status["registrations"][run.to_string()], json!(["ap-southeast-1"]));
+    assert_eq!(
+        status["registrations"][run.to_string()],
+        json!(["ap-southeast-1"])
+    );
 }
 
 async fn metrics_follow_the_runs(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let node = Node::spawn(&db, &[("CRDT_SNAPSHOT_EVERY", "5"), ("CRDT_RUN_IDLE_SECS", "1")]);
+    let node = Node::spawn(
+        &db,
+        &[("CRDT_SNAPSHOT_EVERY", "5"), ("CRDT_RUN_IDLE_SECS", "1")],
+    );
     let c = Client::new();
     let run = Uuid::new_v4();
     for i in 0..6 {
-        c.put(&run_url(&node, run, &format!("/flags/k{i}")), &json!({"value": i, "user": "u"})).await;
+        c.put(
+            &run_url(&node, run, &format!("/flags/k{i}")),
+            &json!({"value": i, "user": "u"}),
+        )
+        .await;
     }
-    c.post(&run_url(&node, run, "/sync"), &json!({"changes": "***", "sourceRegion": "eu"})).await;
+    c.post(
+        &run_url(&node, run, "/sync"),
+        &json!({"changes": "***", "sourceRegion": "eu"}),
+    )
+    .await;
     let series = format!("crdt_lamport_clock{{run_id=\"{run}\"}}");
     let text = c.text(&node.url("/actuator/prometheus")).await;
     assert_eq!(metric(&text, &series), Some(6.0), "{text}");
-    assert_eq!(metric(&text, "crdt_sync_messages_total{direction=\"in\"}"), Some(1.0));
-    assert_eq!(metric(&text, "crdt_sync_failures_total{reason=\"decode\"}"), Some(1.0));
+    assert_eq!(
+        metric(&text, "crdt_sync_messages_total{direction=\"in\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "crdt_sync_failures_total{reason=\"decode\"}"),
+        Some(1.0)
+    );
     assert_eq!(metric(&text, "crdt_mesh_peers_connected"), Some(0.0));
-    assert!(text.contains("crdt_node_http_requests_total"), "actix-web-prom's HTTP metrics");
+    assert!(
+        text.contains("crdt_node_http_requests_total"),
+        "actix-web-prom's HTTP metrics"
+    );
     let snap = common::eventually(10, || {
         let c = c.clone();
         let url = node.url("/actuator/prometheus");
-        async move { metric(&c.text(&url).await, "crdt_snapshot_size_bytes_count").filter(|n| *n >= 1.0) }
+        async move {
+            metric(&c.text(&url).await, "crdt_snapshot_size_bytes_count").filter(|n| *n >= 1.0)
+        }
     })
     .await;
     assert!(snap.is_some(), "a snapshot was written at 5 events");
@@ -285,7 +452,8 @@ async fn metrics_follow_the_runs(backend: Backend) {
         let series = series.clone();
         async move {
             let text = c.text(&url).await;
-            (metric(&text, &series).is_none() && metric(&text, "crdt_runs_loaded") == Some(0.0)).then_some(())
+            (metric(&text, &series).is_none() && metric(&text, "crdt_runs_loaded") == Some(0.0))
+                .then_some(())
         }
     })
     .await;

@@ -23,11 +23,18 @@ pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
     let mut rest = bytes;
     while !rest.is_empty() {
         let len = chunk_len(rest).map_err(|why| {
-            DocError::InvalidChanges(format!("chunk {} (at byte {}): {why}", out.len(), bytes.len() - rest.len()))
+            DocError::InvalidChanges(format!(
+                "chunk {} (at byte {}): {why}",
+                out.len(),
+                bytes.len() - rest.len()
+            ))
         })?;
         let (chunk, tail) = rest.split_at(len);
         let change = Change::try_from(chunk).map_err(|e| {
-            DocError::InvalidChanges(format!("chunk {} is not an Automerge change: {e}", out.len()))
+            DocError::InvalidChanges(format!(
+                "chunk {} is not an Automerge change: {e}",
+                out.len()
+            ))
         })?;
         out.push(change);
         rest = tail;
@@ -53,7 +60,10 @@ fn chunk_len(bytes: &[u8]) -> Result<usize, String> {
         .and_then(|n| n.checked_add(usize::try_from(data_len).ok()?))
         .ok_or("chunk length overflows")?;
     if total > bytes.len() {
-        return Err(format!("chunk claims {total} bytes, only {} remain", bytes.len()));
+        return Err(format!(
+            "chunk claims {total} bytes, only {} remain",
+            bytes.len()
+        ));
     }
     Ok(total)
 }
@@ -136,7 +146,10 @@ mod tests {
         let mut corrupted = bytes.clone();
         let last = corrupted.len() - 3;
         corrupted[last] ^= 0xff;
-        assert!(parse_changes(&corrupted).is_err(), "a flipped byte must fail the checksum");
+        assert!(
+            parse_changes(&corrupted).is_err(),
+            "a flipped byte must fail the checksum"
+        );
         let mut doc = AutoCommit::new();
         doc.put(ROOT, "a", 1).unwrap();
         let err = parse_changes(&doc.save()).unwrap_err().to_string();
@@ -145,10 +158,15 @@ mod tests {
 
     #[test]
     fn stamp_round_trips_through_a_commit_message() {
-        let stamp = Stamp { lamport: 42, region: "us-east-1".into() };
+        let stamp = Stamp {
+            lamport: 42,
+            region: "us-east-1".into(),
+        };
         let mut doc = AutoCommit::new();
         doc.put(ROOT, "a", 1).unwrap();
-        doc.commit_with(automerge::transaction::CommitOptions::default().with_message(stamp.to_message()));
+        doc.commit_with(
+            automerge::transaction::CommitOptions::default().with_message(stamp.to_message()),
+        );
         let change = doc.get_last_local_change().unwrap();
         assert_eq!(Stamp::of(&change), Some(stamp));
     }

@@ -50,7 +50,10 @@ mod tests {
         let b = genesis_doc(run).save();
         assert_eq!(a, b);
         let other = genesis_doc(Uuid::new_v4()).save();
-        assert_ne!(a, other, "different runs must have different genesis changes");
+        assert_ne!(
+            a, other,
+            "different runs must have different genesis changes"
+        );
     }
 
     #[test]

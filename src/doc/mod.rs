@@ -22,8 +22,7 @@ use std::collections::HashSet;
 
 use automerge::{
     transaction::{CommitOptions, Transactable},
-    ActorId, AutoCommit, AutomergeError, Change, ChangeHash, ObjType, Prop, ReadDoc,
-    ScalarValue,
+    ActorId, AutoCommit, AutomergeError, Change, ChangeHash, ObjType, Prop, ReadDoc, ScalarValue,
 };
 use serde_json::Value as Json;
 use uuid::Uuid;
@@ -50,18 +49,36 @@ pub enum DocError {
 }
 
 fn hashes(hs: &[ChangeHash]) -> String {
-    hs.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", ")
+    hs.iter()
+        .map(|h| h.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A mutation a user asks for. Graft ids are chosen by the caller, so a retried request can
 /// carry the same id.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mutation {
-    Graft { id: Uuid, agent: String, after_step: String, user: String },
-    Prune { step_id: String, user: String },
-    Unprune { step_id: String },
-    SetFlag { key: String, value: Json },
-    DeleteFlag { key: String },
+    Graft {
+        id: Uuid,
+        agent: String,
+        after_step: String,
+        user: String,
+    },
+    Prune {
+        step_id: String,
+        user: String,
+    },
+    Unprune {
+        step_id: String,
+    },
+    SetFlag {
+        key: String,
+        value: Json,
+    },
+    DeleteFlag {
+        key: String,
+    },
 }
 
 impl Mutation {
@@ -113,7 +130,12 @@ impl RunDoc {
     pub fn new(run_id: Uuid, region: &str) -> Self {
         let mut doc = genesis::genesis_doc(run_id);
         doc.set_actor(ActorId::random());
-        RunDoc { run_id, region: region.to_string(), doc, lamport: 0 }
+        RunDoc {
+            run_id,
+            region: region.to_string(),
+            doc,
+            lamport: 0,
+        }
     }
 
     /// A run from a saved document (a snapshot). The clock starts at the highest stamp found.
@@ -121,7 +143,10 @@ impl RunDoc {
         let not_this_run = |reason: String| DocError::NotThisRun { run_id, reason };
         let mut doc = AutoCommit::load(bytes).map_err(|e| not_this_run(e.to_string()))?;
         let genesis_hash = genesis::genesis_doc(run_id).get_heads();
-        if genesis_hash.iter().any(|h| doc.get_change_by_hash(h).is_none()) {
+        if genesis_hash
+            .iter()
+            .any(|h| doc.get_change_by_hash(h).is_none())
+        {
             return Err(not_this_run("it lacks the run's genesis change".into()));
         }
         let lamport = doc
@@ -132,7 +157,12 @@ impl RunDoc {
             .max()
             .unwrap_or(0);
         doc.set_actor(ActorId::random());
-        Ok(RunDoc { run_id, region: region.to_string(), doc, lamport })
+        Ok(RunDoc {
+            run_id,
+            region: region.to_string(),
+            doc,
+            lamport,
+        })
     }
 
     pub fn run_id(&self) -> Uuid {
@@ -163,7 +193,12 @@ impl RunDoc {
         let region = self.region.clone();
         let mut graft = None;
         let changed = match mutation {
-            Mutation::Graft { id, agent, after_step, user } => {
+            Mutation::Graft {
+                id,
+                agent,
+                after_step,
+                user,
+            } => {
                 let list = self.root(GRAFTS, ObjType::List)?;
                 let at = self.doc.length(&list);
                 let obj = self.doc.insert_object(&list, at, ObjType::Map)?;
@@ -188,13 +223,16 @@ impl RunDoc {
                     self.doc.put(&obj, k, v.as_str())?;
                 }
                 self.doc.put(&obj, "lamport", lamport_scalar(lamport))?;
-                self.doc.put(&obj, "createdAt", ScalarValue::Timestamp(now_ms))?;
+                self.doc
+                    .put(&obj, "createdAt", ScalarValue::Timestamp(now_ms))?;
                 graft = Some(g);
                 true
             }
             Mutation::Prune { step_id, user } => {
                 let pruned = self.root(PRUNED_STEPS, ObjType::Map)?;
-                let entry = self.doc.put_object(&pruned, step_id.as_str(), ObjType::Map)?;
+                let entry = self
+                    .doc
+                    .put_object(&pruned, step_id.as_str(), ObjType::Map)?;
                 self.doc.put(&entry, "user", user.as_str())?;
                 self.doc.put(&entry, "region", region.as_str())?;
                 self.doc.put(&entry, "lamport", lamport_scalar(lamport))?;
@@ -215,7 +253,11 @@ impl RunDoc {
             }
         };
         if !changed {
-            return Ok(Applied { change: None, graft: None, lamport: self.lamport });
+            return Ok(Applied {
+                change: None,
+                graft: None,
+                lamport: self.lamport,
+            });
         }
         let stamp = Stamp { lamport, region };
         let options = CommitOptions::default()
@@ -224,7 +266,11 @@ impl RunDoc {
         self.doc.commit_with(options);
         self.lamport = lamport;
         let change = self.doc.get_last_local_change();
-        Ok(Applied { change, graft, lamport })
+        Ok(Applied {
+            change,
+            graft,
+            lamport,
+        })
     }
 
     fn root(&self, key: &str, kind: ObjType) -> Result<automerge::ObjId, DocError> {
@@ -249,7 +295,10 @@ impl RunDoc {
         remote_lamport: Option<u64>,
     ) -> Result<RemoteApplied, DocError> {
         let ordered = self.order_new_changes(changes)?;
-        let mut out = RemoteApplied { duplicates: ordered.1, ..Default::default() };
+        let mut out = RemoteApplied {
+            duplicates: ordered.1,
+            ..Default::default()
+        };
         for change in ordered.0 {
             let stamp = Stamp::of(&change).map(|s| s.lamport);
             // One at a time, so a change Automerge rejects leaves the earlier ones applied and
@@ -270,7 +319,10 @@ impl RunDoc {
     }
 
     /// Drops changes already present and orders the rest so each comes after its dependencies.
-    fn order_new_changes(&mut self, changes: Vec<Change>) -> Result<(Vec<Change>, usize), DocError> {
+    fn order_new_changes(
+        &mut self,
+        changes: Vec<Change>,
+    ) -> Result<(Vec<Change>, usize), DocError> {
         let total = changes.len();
         let mut seen = HashSet::new();
         let mut pending: Vec<Change> = changes
@@ -331,7 +383,6 @@ impl RunDoc {
     pub fn save(&mut self) -> Vec<u8> {
         self.doc.save()
     }
-
 }
 
 /// Lamport timestamps are stored as signed integers: JavaScript clients and BIGINT columns

@@ -59,19 +59,29 @@ pub struct RunState {
 }
 
 pub(super) fn read_state(doc: &AutoCommit, lamport: u64, heads: Vec<String>) -> RunState {
-    let mut state = RunState { lamport, heads, ..RunState::default() };
+    let mut state = RunState {
+        lamport,
+        heads,
+        ..RunState::default()
+    };
     match root_obj(doc, GRAFTS, ObjType::List) {
         Ok(grafts) => {
             for i in 0..doc.length(&grafts) {
                 match doc.get(&grafts, i) {
                     Ok(Some((Value::Object(ObjType::Map), id))) => match read_graft(doc, &id) {
                         Some(g) => state.grafts.push(g),
-                        None => state.schema_errors.push(format!("grafts[{i}] lacks a field")),
+                        None => state
+                            .schema_errors
+                            .push(format!("grafts[{i}] lacks a field")),
                     },
-                    _ => state.schema_errors.push(format!("grafts[{i}] is not a map")),
+                    _ => state
+                        .schema_errors
+                        .push(format!("grafts[{i}] is not a map")),
                 }
             }
-            state.grafts.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+            state
+                .grafts
+                .sort_by(|a, b| a.order_key().cmp(&b.order_key()));
         }
         Err(e) => state.schema_errors.push(e),
     }
@@ -80,13 +90,17 @@ pub(super) fn read_state(doc: &AutoCommit, lamport: u64, heads: Vec<String>) -> 
             for step_id in doc.keys(&pruned) {
                 let entry = doc.get(&pruned, step_id.as_str()).ok().flatten();
                 match entry {
-                    Some((Value::Object(ObjType::Map), id)) => state.pruned_steps.push(PrunedStep {
-                        user: str_field(doc, &id, "user").unwrap_or_default(),
-                        region: str_field(doc, &id, "region").unwrap_or_default(),
-                        lamport: u64_field(doc, &id, "lamport").unwrap_or(0),
-                        step_id,
-                    }),
-                    _ => state.schema_errors.push(format!("prunedSteps.{step_id} is not a map")),
+                    Some((Value::Object(ObjType::Map), id)) => {
+                        state.pruned_steps.push(PrunedStep {
+                            user: str_field(doc, &id, "user").unwrap_or_default(),
+                            region: str_field(doc, &id, "region").unwrap_or_default(),
+                            lamport: u64_field(doc, &id, "lamport").unwrap_or(0),
+                            step_id,
+                        })
+                    }
+                    _ => state
+                        .schema_errors
+                        .push(format!("prunedSteps.{step_id} is not a map")),
                 }
             }
         }

@@ -27,11 +27,16 @@ fn merge(into: &mut RunDoc, from: &mut RunDoc) -> RemoteApplied {
 fn graft_is_stamped_and_visible() {
     let run = Uuid::new_v4();
     let mut doc = RunDoc::new(run, "us-east-1");
-    let out = doc.apply(&graft("SecurityAgent", "Step1", "alice"), T0).unwrap();
+    let out = doc
+        .apply(&graft("SecurityAgent", "Step1", "alice"), T0)
+        .unwrap();
     assert!(out.change.is_some());
     assert_eq!(out.lamport, 1);
     let g = out.graft.unwrap();
-    assert_eq!((g.agent.as_str(), g.region.as_str(), g.lamport), ("SecurityAgent", "us-east-1", 1));
+    assert_eq!(
+        (g.agent.as_str(), g.region.as_str(), g.lamport),
+        ("SecurityAgent", "us-east-1", 1)
+    );
     let state = doc.state();
     assert_eq!(state.grafts, vec![g]);
     assert_eq!(state.lamport, 1);
@@ -47,17 +52,26 @@ fn seed_scenario_concurrent_grafts_after_the_same_step_are_both_kept_in_one_orde
     // Both regions were at lamport 41 when the users acted.
     us.observe_lamport(41);
     eu.observe_lamport(41);
-    us.apply(&graft("SecurityAgent", "Step1", "userA"), T0).unwrap();
-    eu.apply(&graft("PerformanceAgent", "Step1", "userB"), T0).unwrap();
+    us.apply(&graft("SecurityAgent", "Step1", "userA"), T0)
+        .unwrap();
+    eu.apply(&graft("PerformanceAgent", "Step1", "userB"), T0)
+        .unwrap();
     merge(&mut us, &mut eu);
     merge(&mut eu, &mut us);
     let (a, b) = (us.state(), eu.state());
     assert_eq!(a, b);
-    let summary: Vec<_> = a.grafts.iter().map(|g| (g.agent.as_str(), g.lamport, g.region.as_str())).collect();
+    let summary: Vec<_> = a
+        .grafts
+        .iter()
+        .map(|g| (g.agent.as_str(), g.lamport, g.region.as_str()))
+        .collect();
     // Same lamport: the tie is broken by region.
     assert_eq!(
         summary,
-        vec![("PerformanceAgent", 42, "eu-central-1"), ("SecurityAgent", 42, "us-east-1")]
+        vec![
+            ("PerformanceAgent", 42, "eu-central-1"),
+            ("SecurityAgent", 42, "us-east-1")
+        ]
     );
     assert_eq!(a.lamport, 42);
 }
@@ -90,7 +104,14 @@ fn genesis_is_shared_so_independent_creations_merge_into_one_list() {
 fn prune_unprune_and_concurrent_prune_wins_over_unprune() {
     let run = Uuid::new_v4();
     let mut a = RunDoc::new(run, "us-east-1");
-    a.apply(&Mutation::Prune { step_id: "Step2".into(), user: "u".into() }, T0).unwrap();
+    a.apply(
+        &Mutation::Prune {
+            step_id: "Step2".into(),
+            user: "u".into(),
+        },
+        T0,
+    )
+    .unwrap();
     let st = a.state();
     assert_eq!(st.pruned_steps.len(), 1);
     assert_eq!(st.pruned_steps[0].step_id, "Step2");
@@ -99,15 +120,35 @@ fn prune_unprune_and_concurrent_prune_wins_over_unprune() {
     let mut b = RunDoc::new(run, "eu-central-1");
     merge(&mut b, &mut a);
     // Concurrently: b unprunes, a prunes again.
-    b.apply(&Mutation::Unprune { step_id: "Step2".into() }, T0).unwrap();
-    a.apply(&Mutation::Prune { step_id: "Step2".into(), user: "v".into() }, T0).unwrap();
+    b.apply(
+        &Mutation::Unprune {
+            step_id: "Step2".into(),
+        },
+        T0,
+    )
+    .unwrap();
+    a.apply(
+        &Mutation::Prune {
+            step_id: "Step2".into(),
+            user: "v".into(),
+        },
+        T0,
+    )
+    .unwrap();
     merge(&mut a, &mut b);
     merge(&mut b, &mut a);
     assert_eq!(a.state(), b.state());
     assert_eq!(a.state().pruned_steps[0].user, "v");
 
     // A sequential unprune removes it.
-    let out = a.apply(&Mutation::Unprune { step_id: "Step2".into() }, T0).unwrap();
+    let out = a
+        .apply(
+            &Mutation::Unprune {
+                step_id: "Step2".into(),
+            },
+            T0,
+        )
+        .unwrap();
     assert!(out.change.is_some());
     assert!(a.state().pruned_steps.is_empty());
 }
@@ -116,9 +157,18 @@ fn prune_unprune_and_concurrent_prune_wins_over_unprune() {
 fn removing_what_is_absent_makes_no_change_and_keeps_the_clock() {
     let mut a = RunDoc::new(Uuid::new_v4(), "r");
     let heads = a.heads();
-    let out = a.apply(&Mutation::Unprune { step_id: "nope".into() }, T0).unwrap();
+    let out = a
+        .apply(
+            &Mutation::Unprune {
+                step_id: "nope".into(),
+            },
+            T0,
+        )
+        .unwrap();
     assert!(out.change.is_none());
-    let out = a.apply(&Mutation::DeleteFlag { key: "nope".into() }, T0).unwrap();
+    let out = a
+        .apply(&Mutation::DeleteFlag { key: "nope".into() }, T0)
+        .unwrap();
     assert!(out.change.is_none());
     assert_eq!(a.lamport(), 0);
     assert_eq!(a.heads(), heads);
@@ -128,12 +178,27 @@ fn removing_what_is_absent_makes_no_change_and_keeps_the_clock() {
 fn flags_hold_any_json_and_delete() {
     let mut a = RunDoc::new(Uuid::new_v4(), "r");
     let value = json!({"n": 1, "f": 1.5, "s": "x", "b": true, "z": null, "l": [1, {"k": "v"}], "big": u64::MAX});
-    a.apply(&Mutation::SetFlag { key: "cfg".into(), value: value.clone() }, T0).unwrap();
-    a.apply(&Mutation::SetFlag { key: "on".into(), value: json!(false) }, T0).unwrap();
+    a.apply(
+        &Mutation::SetFlag {
+            key: "cfg".into(),
+            value: value.clone(),
+        },
+        T0,
+    )
+    .unwrap();
+    a.apply(
+        &Mutation::SetFlag {
+            key: "on".into(),
+            value: json!(false),
+        },
+        T0,
+    )
+    .unwrap();
     let st = a.state();
     assert_eq!(st.flags.get("cfg"), Some(&value));
     assert_eq!(st.flags.get("on"), Some(&json!(false)));
-    a.apply(&Mutation::DeleteFlag { key: "on".into() }, T0).unwrap();
+    a.apply(&Mutation::DeleteFlag { key: "on".into() }, T0)
+        .unwrap();
     assert!(!a.state().flags.contains_key("on"));
 }
 
@@ -142,8 +207,22 @@ fn conflicting_flags_pick_the_same_winner_everywhere_and_show_the_conflict() {
     let run = Uuid::new_v4();
     let mut a = RunDoc::new(run, "us-east-1");
     let mut b = RunDoc::new(run, "eu-central-1");
-    a.apply(&Mutation::SetFlag { key: "mode".into(), value: json!("fast") }, T0).unwrap();
-    b.apply(&Mutation::SetFlag { key: "mode".into(), value: json!("safe") }, T0).unwrap();
+    a.apply(
+        &Mutation::SetFlag {
+            key: "mode".into(),
+            value: json!("fast"),
+        },
+        T0,
+    )
+    .unwrap();
+    b.apply(
+        &Mutation::SetFlag {
+            key: "mode".into(),
+            value: json!("safe"),
+        },
+        T0,
+    )
+    .unwrap();
     merge(&mut a, &mut b);
     merge(&mut b, &mut a);
     let (sa, sb) = (a.state(), b.state());
@@ -162,7 +241,11 @@ fn applying_changes_twice_is_a_no_op() {
     a.apply(&graft("A", "S", "u"), T0).unwrap();
     let changes = a.changes_since(&[]);
     let first = b.apply_remote(changes.clone(), None).unwrap();
-    assert_eq!(first.applied.len(), 1, "genesis is already there, the graft is new");
+    assert_eq!(
+        first.applied.len(),
+        1,
+        "genesis is already there, the graft is new"
+    );
     assert_eq!(first.duplicates, 1);
     let heads = b.heads();
     let second = b.apply_remote(changes, None).unwrap();
@@ -182,7 +265,10 @@ fn changes_with_missing_dependencies_are_refused_whole() {
     let mut b = RunDoc::new(run, "r2");
     let heads = b.heads();
     let err = b.apply_remote(only_second, None).unwrap_err();
-    assert!(matches!(err, DocError::MissingDependencies(ref m) if m == &after_first), "{err}");
+    assert!(
+        matches!(err, DocError::MissingDependencies(ref m) if m == &after_first),
+        "{err}"
+    );
     assert_eq!(b.heads(), heads);
     assert!(b.state().grafts.is_empty());
 }
@@ -192,7 +278,14 @@ fn remote_changes_advance_the_clock_and_local_ops_continue_from_it() {
     let run = Uuid::new_v4();
     let mut a = RunDoc::new(run, "r1");
     for _ in 0..5 {
-        a.apply(&Mutation::SetFlag { key: "k".into(), value: json!(1) }, T0).unwrap();
+        a.apply(
+            &Mutation::SetFlag {
+                key: "k".into(),
+                value: json!(1),
+            },
+            T0,
+        )
+        .unwrap();
     }
     let mut b = RunDoc::new(run, "r2");
     merge(&mut b, &mut a);
@@ -211,7 +304,14 @@ fn save_and_load_round_trip_with_a_fresh_actor() {
     let run = Uuid::new_v4();
     let mut a = RunDoc::new(run, "r1");
     a.apply(&graft("A", "S", "u"), T0).unwrap();
-    a.apply(&Mutation::SetFlag { key: "k".into(), value: json!([1, 2]) }, T0).unwrap();
+    a.apply(
+        &Mutation::SetFlag {
+            key: "k".into(),
+            value: json!([1, 2]),
+        },
+        T0,
+    )
+    .unwrap();
     let bytes = a.save();
     let mut b = RunDoc::load(run, "r1", &bytes).unwrap();
     assert_eq!(a.state(), b.state());
@@ -228,7 +328,10 @@ fn save_and_load_round_trip_with_a_fresh_actor() {
 fn load_rejects_garbage_and_other_runs() {
     let mut other = RunDoc::new(Uuid::new_v4(), "r");
     let bytes = other.save();
-    assert!(matches!(RunDoc::load(Uuid::new_v4(), "r", &bytes), Err(DocError::NotThisRun { .. })));
+    assert!(matches!(
+        RunDoc::load(Uuid::new_v4(), "r", &bytes),
+        Err(DocError::NotThisRun { .. })
+    ));
     assert!(RunDoc::load(Uuid::new_v4(), "r", b"garbage").is_err());
 }
 
@@ -267,10 +370,20 @@ fn op() -> impl Strategy<Value = Op> {
 fn to_mutation(op: &Op, user: &str) -> Mutation {
     match op {
         Op::Graft(a, s) => graft(&format!("agent{a}"), &format!("step{s}"), user),
-        Op::Prune(s) => Mutation::Prune { step_id: format!("step{s}"), user: user.into() },
-        Op::Unprune(s) => Mutation::Unprune { step_id: format!("step{s}") },
-        Op::SetFlag(k, v) => Mutation::SetFlag { key: format!("k{k}"), value: json!(v) },
-        Op::DeleteFlag(k) => Mutation::DeleteFlag { key: format!("k{k}") },
+        Op::Prune(s) => Mutation::Prune {
+            step_id: format!("step{s}"),
+            user: user.into(),
+        },
+        Op::Unprune(s) => Mutation::Unprune {
+            step_id: format!("step{s}"),
+        },
+        Op::SetFlag(k, v) => Mutation::SetFlag {
+            key: format!("k{k}"),
+            value: json!(v),
+        },
+        Op::DeleteFlag(k) => Mutation::DeleteFlag {
+            key: format!("k{k}"),
+        },
     }
 }
 
@@ -292,7 +405,10 @@ fn schedule() -> impl Strategy<Value = Vec<Step>> {
 }
 
 fn replicas(run: Uuid) -> Vec<RunDoc> {
-    ["us-east-1", "eu-central-1", "ap-southeast-1"].iter().map(|r| RunDoc::new(run, r)).collect()
+    ["us-east-1", "eu-central-1", "ap-southeast-1"]
+        .iter()
+        .map(|r| RunDoc::new(run, r))
+        .collect()
 }
 
 fn pull(docs: &mut [RunDoc], into: usize, from: usize) {

@@ -18,7 +18,9 @@ pub async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
-    let expected = req.app_data::<web::Data<ApiToken>>().and_then(|t| t.0.clone());
+    let expected = req
+        .app_data::<web::Data<ApiToken>>()
+        .and_then(|t| t.0.clone());
     if let Some(expected) = expected {
         let presented = req
             .headers()

@@ -30,7 +30,10 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        ApiError::Invalid { field, reason: reason.into() }
+        ApiError::Invalid {
+            field,
+            reason: reason.into(),
+        }
     }
 
     fn code(&self) -> &'static str {

@@ -26,10 +26,19 @@ pub struct AppState {
 }
 
 /// Registers everything on an App; `max_body` bounds every request body.
-pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, token: ApiToken, max_body: usize) {
+pub fn configure(
+    cfg: &mut web::ServiceConfig,
+    state: web::Data<AppState>,
+    token: ApiToken,
+    max_body: usize,
+) {
     cfg.app_data(state)
         .app_data(web::Data::new(token))
-        .app_data(web::JsonConfig::default().limit(max_body).error_handler(move |e, _| error::json_error(e, max_body)))
+        .app_data(
+            web::JsonConfig::default()
+                .limit(max_body)
+                .error_handler(move |e, _| error::json_error(e, max_body)),
+        )
         .app_data(web::PayloadConfig::default().limit(max_body))
         .app_data(web::QueryConfig::default().error_handler(|e, _| error::query_error(e)))
         .configure(health::routes)
@@ -43,5 +52,9 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, token
 }
 
 async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())))
+    Err(ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
 }

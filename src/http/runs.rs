@@ -18,12 +18,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/runs/{runId}/sync", web::post().to(sync))
         .route("/runs/{runId}/grafts", web::post().to(graft))
         .route("/runs/{runId}/pruned-steps", web::post().to(prune))
-        .route("/runs/{runId}/pruned-steps/{stepId}", web::delete().to(unprune))
+        .route(
+            "/runs/{runId}/pruned-steps/{stepId}",
+            web::delete().to(unprune),
+        )
         .route("/runs/{runId}/flags/{key}", web::put().to(set_flag))
         .route("/runs/{runId}/flags/{key}", web::delete().to(delete_flag));
 }
 
-async fn state(app: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn state(
+    app: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path)?;
     let state = app.runs.send(run_id, GetState).await??;
     let mut body = serde_json::to_value(&state).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -75,8 +81,19 @@ async fn sync(
         let source_region = validate::region("sourceRegion", body.source_region.as_deref())?;
         let lamport = validate::lamport("lamportTimestamp", body.lamport_timestamp)?;
         let bytes = validate::base64("changes", body.changes.as_deref())?;
-        let changes = parse_changes(&bytes).map_err(|e| ApiError::invalid("changes", e.to_string()))?;
-        let out = app.runs.send(run_id, ApplySync { changes, source_region, lamport }).await??;
+        let changes =
+            parse_changes(&bytes).map_err(|e| ApiError::invalid("changes", e.to_string()))?;
+        let out = app
+            .runs
+            .send(
+                run_id,
+                ApplySync {
+                    changes,
+                    source_region,
+                    lamport,
+                },
+            )
+            .await??;
         Ok::<_, ApiError>(json!({
             "runId": run_id,
             "applied": out.applied,
@@ -107,7 +124,12 @@ fn outcome_json(out: &MutationOutcome) -> serde_json::Map<String, Json> {
     m
 }
 
-async fn mutate(app: &AppState, run_id: Uuid, mutation: Mutation, user: Option<String>) -> Result<MutationOutcome, ApiError> {
+async fn mutate(
+    app: &AppState,
+    run_id: Uuid,
+    mutation: Mutation,
+    user: Option<String>,
+) -> Result<MutationOutcome, ApiError> {
     Ok(app.runs.send(run_id, Mutate { mutation, user }).await??)
 }
 
@@ -128,7 +150,12 @@ async fn graft(
     let agent = validate::name("agent", body.agent.as_deref())?;
     let after_step = validate::name("afterStep", body.after_step.as_deref())?;
     let user = validate::name("user", body.user.as_deref())?;
-    let mutation = Mutation::Graft { id: Uuid::new_v4(), agent, after_step, user: user.clone() };
+    let mutation = Mutation::Graft {
+        id: Uuid::new_v4(),
+        agent,
+        after_step,
+        user: user.clone(),
+    };
     let out = mutate(&app, run_id, mutation, Some(user)).await?;
     let mut body = outcome_json(&out);
     body.insert("graft".into(), json!(out.graft));
@@ -150,7 +177,10 @@ async fn prune(
     let run_id = validate::run_id(&path)?;
     let step_id = validate::name("stepId", body.step_id.as_deref())?;
     let user = validate::name("user", body.user.as_deref())?;
-    let mutation = Mutation::Prune { step_id: step_id.clone(), user: user.clone() };
+    let mutation = Mutation::Prune {
+        step_id: step_id.clone(),
+        user: user.clone(),
+    };
     let out = mutate(&app, run_id, mutation, Some(user)).await?;
     let mut body = outcome_json(&out);
     body.insert("stepId".into(), json!(step_id));
@@ -169,8 +199,20 @@ async fn unprune(
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path.0)?;
     let step_id = validate::name("stepId", Some(&path.1))?;
-    let user = query.user.as_deref().map(|u| validate::name("user", Some(u))).transpose()?;
-    let out = mutate(&app, run_id, Mutation::Unprune { step_id: step_id.clone() }, user).await?;
+    let user = query
+        .user
+        .as_deref()
+        .map(|u| validate::name("user", Some(u)))
+        .transpose()?;
+    let out = mutate(
+        &app,
+        run_id,
+        Mutation::Unprune {
+            step_id: step_id.clone(),
+        },
+        user,
+    )
+    .await?;
     let mut body = outcome_json(&out);
     body.insert("stepId".into(), json!(step_id));
     Ok(HttpResponse::Ok().json(body))
@@ -195,9 +237,21 @@ async fn set_flag(
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path.0)?;
     let key = validate::name("key", Some(&path.1))?;
-    let value = body.value.clone().ok_or_else(|| ApiError::invalid("value", "is required (any JSON value)"))?;
+    let value = body
+        .value
+        .clone()
+        .ok_or_else(|| ApiError::invalid("value", "is required (any JSON value)"))?;
     let user = validate::name("user", body.user.as_deref())?;
-    let out = mutate(&app, run_id, Mutation::SetFlag { key: key.clone(), value: value.clone() }, Some(user)).await?;
+    let out = mutate(
+        &app,
+        run_id,
+        Mutation::SetFlag {
+            key: key.clone(),
+            value: value.clone(),
+        },
+        Some(user),
+    )
+    .await?;
     let mut body = outcome_json(&out);
     body.insert("key".into(), json!(key));
     body.insert("value".into(), value);
@@ -211,8 +265,18 @@ async fn delete_flag(
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path.0)?;
     let key = validate::name("key", Some(&path.1))?;
-    let user = query.user.as_deref().map(|u| validate::name("user", Some(u))).transpose()?;
-    let out = mutate(&app, run_id, Mutation::DeleteFlag { key: key.clone() }, user).await?;
+    let user = query
+        .user
+        .as_deref()
+        .map(|u| validate::name("user", Some(u)))
+        .transpose()?;
+    let out = mutate(
+        &app,
+        run_id,
+        Mutation::DeleteFlag { key: key.clone() },
+        user,
+    )
+    .await?;
     let mut body = outcome_json(&out);
     body.insert("key".into(), json!(key));
     Ok(HttpResponse::Ok().json(body))

@@ -10,20 +10,30 @@ use super::error::ApiError;
 pub const MAX_NAME: usize = 200;
 
 pub fn run_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|e| ApiError::invalid("runId", format!("{raw:?} is not a UUID: {e}")))
+    Uuid::parse_str(raw)
+        .map_err(|e| ApiError::invalid("runId", format!("{raw:?} is not a UUID: {e}")))
 }
 
 /// A required, trimmed, printable name.
 pub fn name(field: &'static str, value: Option<&str>) -> Result<String, ApiError> {
     let value = value.map(str::trim).unwrap_or("");
     if value.is_empty() {
-        return Err(ApiError::invalid(field, "is required and must not be empty"));
+        return Err(ApiError::invalid(
+            field,
+            "is required and must not be empty",
+        ));
     }
     if value.chars().count() > MAX_NAME {
-        return Err(ApiError::invalid(field, format!("is longer than {MAX_NAME} characters")));
+        return Err(ApiError::invalid(
+            field,
+            format!("is longer than {MAX_NAME} characters"),
+        ));
     }
     if value.chars().any(char::is_control) {
-        return Err(ApiError::invalid(field, "must not contain control characters"));
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(value.to_string())
 }
@@ -31,8 +41,15 @@ pub fn name(field: &'static str, value: Option<&str>) -> Result<String, ApiError
 /// A region name as the event log stores it (VARCHAR(50)).
 pub fn region(field: &'static str, value: Option<&str>) -> Result<String, ApiError> {
     let value = name(field, value)?;
-    if value.len() > 50 || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(ApiError::invalid(field, "must be 1-50 letters, digits, '-' or '_'"));
+    if value.len() > 50
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ApiError::invalid(
+            field,
+            "must be 1-50 letters, digits, '-' or '_'",
+        ));
     }
     Ok(value)
 }
@@ -60,8 +77,9 @@ pub fn heads(raw: Option<&str>) -> Result<Vec<ChangeHash>, ApiError> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|h| {
-            h.parse::<ChangeHash>()
-                .map_err(|_| ApiError::invalid("heads", format!("{h:?} is not a 64-hex-digit change hash")))
+            h.parse::<ChangeHash>().map_err(|_| {
+                ApiError::invalid("heads", format!("{h:?} is not a 64-hex-digit change hash"))
+            })
         })
         .collect()
 }

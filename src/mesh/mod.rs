@@ -40,20 +40,35 @@ impl MeshState {
     pub fn new(peer_urls: &[String]) -> Self {
         let peers = peer_urls
             .iter()
-            .map(|url| PeerStatus { url: url.clone(), region: None, node_id: None, connected: false })
+            .map(|url| PeerStatus {
+                url: url.clone(),
+                region: None,
+                node_id: None,
+                connected: false,
+            })
             .collect();
-        MeshState { inner: Arc::new(RwLock::new(Directory { peers, registrations: BTreeMap::new() })) }
+        MeshState {
+            inner: Arc::new(RwLock::new(Directory {
+                peers,
+                registrations: BTreeMap::new(),
+            })),
+        }
     }
 
     /// Records that `region` takes part in `run_id`; true if it was not recorded before.
     pub fn register(&self, run_id: Uuid, region: &str) -> bool {
         let mut dir = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        dir.registrations.entry(run_id).or_default().insert(region.to_string())
+        dir.registrations
+            .entry(run_id)
+            .or_default()
+            .insert(region.to_string())
     }
 
     pub fn is_connected(&self, region: &str) -> bool {
         let dir = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        dir.peers.iter().any(|p| p.connected && p.region.as_deref() == Some(region))
+        dir.peers
+            .iter()
+            .any(|p| p.connected && p.region.as_deref() == Some(region))
     }
 
     pub fn snapshot(&self) -> MeshSnapshot {

@@ -44,7 +44,10 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         match &event.crdt_changes {
             Some(bytes) => match parse_changes(bytes) {
                 Ok(mut c) => changes.append(&mut c),
-                Err(e) => log::warn!("run {run_id}: event {:?} holds bad change bytes: {e}", event.run_seq),
+                Err(e) => log::warn!(
+                    "run {run_id}: event {:?} holds bad change bytes: {e}",
+                    event.run_seq
+                ),
             },
             None => log::warn!(
                 "run {run_id}: legacy {} event is not replayed by this version; skipped",
@@ -62,5 +65,9 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
             Err(e) => log::error!("run {run_id}: stored changes do not apply: {e}"),
         }
     }
-    Ok(Loaded { doc, last_seq, snapshot_seq })
+    Ok(Loaded {
+        doc,
+        last_seq,
+        snapshot_seq,
+    })
 }

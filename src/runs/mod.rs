@@ -23,7 +23,8 @@ use crate::metrics::Metrics;
 use crate::store::{GroupCommitter, Store};
 
 pub use run_actor::{
-    ApplySync, CaptureSnapshot, GetChanges, GetState, Mutate, MutationOutcome, RunActor, SyncOutcome,
+    ApplySync, CaptureSnapshot, GetChanges, GetState, Mutate, MutationOutcome, RunActor,
+    SyncOutcome,
 };
 pub use snapshot_actor::SnapshotActor;
 
@@ -42,8 +43,12 @@ pub enum RunError {
     Unavailable(String),
     #[error(transparent)]
     Doc(#[from] DocError),
-    #[error("change {applied} of {total} was rejected: {reason}")]
-    PartiallyApplied { applied: usize, total: usize, reason: DocError },
+    #[error("{applied} of {total} changes applied, then one was rejected: {reason}")]
+    PartiallyApplied {
+        applied: usize,
+        total: usize,
+        reason: Box<DocError>,
+    },
     #[error("the run's actor stopped before answering; try again")]
     Stopped,
 }
@@ -110,7 +115,9 @@ impl Runs {
             let metrics = metrics.clone();
             Supervisor::start(move |_| SnapshotActor::new(store, config, metrics))
         };
-        let arbiters = (0..arbiters.max(1)).map(|_| Arbiter::new().handle()).collect();
+        let arbiters = (0..arbiters.max(1))
+            .map(|_| Arbiter::new().handle())
+            .collect();
         Runs {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -162,7 +169,11 @@ impl Runs {
 
     /// Number of runs loaded in memory.
     pub fn loaded(&self) -> usize {
-        self.inner.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
     }
 
     fn shard(&self, run_id: Uuid) -> &Mutex<HashMap<Uuid, Entry>> {
@@ -184,14 +195,23 @@ impl Runs {
         let addr = RunActor::start_in_arbiter(&self.inner.arbiters[i], move |_| {
             RunActor::new(run_id, incarnation, runs)
         });
-        shard.insert(run_id, Entry { addr: addr.clone(), incarnation });
+        shard.insert(
+            run_id,
+            Entry {
+                addr: addr.clone(),
+                incarnation,
+            },
+        );
         (addr, incarnation)
     }
 
     /// Removes the registry entry of one incarnation of a run's actor (not a newer one).
     fn forget(&self, run_id: Uuid, incarnation: u64) {
         let mut shard = self.shard(run_id).lock().unwrap_or_else(|p| p.into_inner());
-        if shard.get(&run_id).is_some_and(|e| e.incarnation == incarnation) {
+        if shard
+            .get(&run_id)
+            .is_some_and(|e| e.incarnation == incarnation)
+        {
             shard.remove(&run_id);
         }
     }

@@ -131,7 +131,9 @@ impl RunActor {
         if let Some(reason) = &self.failed {
             return Err(RunError::Unavailable(reason.clone()));
         }
-        self.doc.as_mut().ok_or_else(|| RunError::Unavailable("run not loaded".into()))
+        self.doc
+            .as_mut()
+            .ok_or_else(|| RunError::Unavailable("run not loaded".into()))
     }
 
     fn lamport_gauge(&self, lamport: u64) {
@@ -177,7 +179,12 @@ impl RunActor {
             })
             .collect();
         let (reply, done) = oneshot::channel();
-        self.pending.push(PendingWrite { events, changes, origin, reply });
+        self.pending.push(PendingWrite {
+            events,
+            changes,
+            origin,
+            reply,
+        });
         if !self.in_flight {
             self.flush(ctx);
         }
@@ -190,22 +197,29 @@ impl RunActor {
         }
         self.in_flight = true;
         let batch = std::mem::take(&mut self.pending);
-        let events: Vec<NewEvent> = batch.iter().flat_map(|w| w.events.iter().cloned()).collect();
+        let events: Vec<NewEvent> = batch
+            .iter()
+            .flat_map(|w| w.events.iter().cloned())
+            .collect();
         let last = events.last().map_or(self.committed_seq, |e| e.run_seq);
         let committer = self.runs.inner.committer.clone();
-        ctx.spawn(async move { committer.append(events).await }.into_actor(self).map(
-            move |result, act, ctx| {
-                act.in_flight = false;
-                match result {
-                    Ok(()) => {
-                        act.committed_seq = last;
-                        act.on_committed(batch, ctx);
-                        act.flush(ctx);
+        ctx.spawn(
+            async move { committer.append(events).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    act.in_flight = false;
+                    match result {
+                        Ok(()) => {
+                            act.committed_seq = last;
+                            act.on_committed(batch, ctx);
+                            act.flush(ctx);
+                        }
+                        Err(e) => {
+                            act.fail(format!("the event log refused a write: {e}"), batch, ctx)
+                        }
                     }
-                    Err(e) => act.fail(format!("the event log refused a write: {e}"), batch, ctx),
-                }
-            },
-        ));
+                }),
+        );
     }
 
     fn on_committed(&mut self, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
@@ -220,11 +234,22 @@ impl RunActor {
                 origin: write.origin,
             });
         }
-        self.runs.inner.snapshots.do_send(super::snapshot_actor::EventCount {
-            run_id: self.run_id,
-            since_snapshot: self.committed_seq - self.snapshot_seq,
-            run: ctx.address(),
-        });
+        self.report_event_count(ctx);
+    }
+
+    /// Tells the snapshot actor how many events are logged since the last snapshot.
+    fn report_event_count(&self, ctx: &mut Context<Self>) {
+        let since_snapshot = self.committed_seq - self.snapshot_seq;
+        if since_snapshot >= self.runs.inner.config.snapshot_every as i64 {
+            self.runs
+                .inner
+                .snapshots
+                .do_send(super::snapshot_actor::EventCount {
+                    run_id: self.run_id,
+                    since_snapshot,
+                    run: ctx.address(),
+                });
+        }
     }
 
     /// Refuses every uncommitted write and stops; see the module comment.
@@ -249,32 +274,28 @@ impl Actor for RunActor {
         let region = self.runs.inner.config.region.clone();
         let run_id = self.run_id;
         // `wait` holds every message until the run is loaded.
-        ctx.wait(async move { loader::load(store.as_ref(), run_id, &region).await }.into_actor(self).map(
-            |result, act, ctx| match result {
-                Ok(loaded) => {
-                    act.last_seq = loaded.last_seq;
-                    act.committed_seq = loaded.last_seq;
-                    act.snapshot_seq = loaded.snapshot_seq;
-                    act.lamport_gauge(loaded.doc.lamport());
-                    act.doc = Some(loaded.doc);
-                    if act.committed_seq - act.snapshot_seq >= act.runs.inner.config.snapshot_every as i64 {
-                        act.runs.inner.snapshots.do_send(super::snapshot_actor::EventCount {
-                            run_id: act.run_id,
-                            since_snapshot: act.committed_seq - act.snapshot_seq,
-                            run: ctx.address(),
-                        });
+        ctx.wait(
+            async move { loader::load(store.as_ref(), run_id, &region).await }
+                .into_actor(self)
+                .map(|result, act, ctx| match result {
+                    Ok(loaded) => {
+                        act.last_seq = loaded.last_seq;
+                        act.committed_seq = loaded.last_seq;
+                        act.snapshot_seq = loaded.snapshot_seq;
+                        act.lamport_gauge(loaded.doc.lamport());
+                        act.doc = Some(loaded.doc);
+                        act.report_event_count(ctx);
                     }
-                }
-                Err(e) => {
-                    let reason = format!("loading the run failed: {e}");
-                    log::warn!("run {}: {reason}", act.run_id);
-                    act.failed = Some(reason);
-                    // Queued messages are answered with the error; new requests start afresh.
-                    act.runs.forget(act.run_id, act.incarnation);
-                    ctx.run_later(Duration::from_millis(100), |_, ctx| ctx.stop());
-                }
-            },
-        ));
+                    Err(e) => {
+                        let reason = format!("loading the run failed: {e}");
+                        log::warn!("run {}: {reason}", act.run_id);
+                        act.failed = Some(reason);
+                        // Queued messages are answered with the error; new requests start afresh.
+                        act.runs.forget(act.run_id, act.incarnation);
+                        ctx.run_later(Duration::from_millis(100), |_, ctx| ctx.stop());
+                    }
+                }),
+        );
         let idle = self.runs.inner.config.idle_timeout;
         let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         ctx.run_interval(tick, move |act, ctx| {
@@ -289,14 +310,21 @@ impl Actor for RunActor {
         self.runs.forget(self.run_id, self.incarnation);
         let metrics = &self.runs.inner.metrics;
         metrics.runs_loaded.dec();
-        let _ = metrics.lamport_clock.remove_label_values(&[&self.run_id.to_string()]);
+        let _ = metrics
+            .lamport_clock
+            .remove_label_values(&[&self.run_id.to_string()]);
     }
 }
 
 fn log_payload(mutation: &Mutation) -> String {
     use serde_json::json;
     let value = match mutation {
-        Mutation::Graft { id, agent, after_step, user } => {
+        Mutation::Graft {
+            id,
+            agent,
+            after_step,
+            user,
+        } => {
             json!({"id": id, "agent": agent, "afterStep": after_step, "user": user})
         }
         Mutation::Prune { step_id, user } => json!({"stepId": step_id, "user": user}),
@@ -312,11 +340,17 @@ impl Handler<Mutate> for RunActor {
 
     fn handle(&mut self, msg: Mutate, ctx: &mut Self::Context) -> Self::Result {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let applied = match self.doc().and_then(|d| d.apply(&msg.mutation, now_ms).map_err(RunError::from)) {
+        let applied = match self
+            .doc()
+            .and_then(|d| d.apply(&msg.mutation, now_ms).map_err(RunError::from))
+        {
             Ok(a) => a,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
-        let heads: Vec<String> = self.doc().map(|d| d.heads().iter().map(|h| h.to_string()).collect()).unwrap_or_default();
+        let heads: Vec<String> = self
+            .doc()
+            .map(|d| d.heads().iter().map(|h| h.to_string()).collect())
+            .unwrap_or_default();
         let outcome = MutationOutcome {
             changed: applied.change.is_some(),
             graft: applied.graft,
@@ -357,11 +391,16 @@ impl Handler<ApplySync> for RunActor {
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         self.lamport_gauge(lamport);
-        let outcome = SyncOutcome { applied: out.applied.len(), duplicates: out.duplicates, lamport, heads };
+        let outcome = SyncOutcome {
+            applied: out.applied.len(),
+            duplicates: out.duplicates,
+            lamport,
+            heads,
+        };
         let error = out.error.map(|reason| RunError::PartiallyApplied {
             applied: out.applied.len(),
             total,
-            reason,
+            reason: Box::new(reason),
         });
         if out.applied.is_empty() {
             return Box::pin(async move { error.map_or(Ok(outcome), Err) });
@@ -369,7 +408,9 @@ impl Handler<ApplySync> for RunActor {
         let done = self.enqueue(
             out.applied,
             |_| ("CRDT_SYNC".to_string(), None, None),
-            Origin::Remote { source_region: msg.source_region },
+            Origin::Remote {
+                source_region: msg.source_region,
+            },
             ctx,
         );
         Box::pin(async move {
@@ -404,14 +445,20 @@ impl Handler<CaptureSnapshot> for RunActor {
     fn handle(&mut self, _: CaptureSnapshot, _: &mut Self::Context) -> Self::Result {
         let event_count = self.committed_seq;
         let doc = self.doc()?;
-        Ok(Capture { data: doc.save(), lamport: doc.lamport(), event_count })
+        Ok(Capture {
+            data: doc.save(),
+            lamport: doc.lamport(),
+            event_count,
+        })
     }
 }
 
 impl Handler<SnapshotWritten> for RunActor {
     type Result = ();
 
-    fn handle(&mut self, msg: SnapshotWritten, _: &mut Self::Context) {
+    fn handle(&mut self, msg: SnapshotWritten, ctx: &mut Self::Context) {
         self.snapshot_seq = self.snapshot_seq.max(msg.event_count);
+        // Events committed while that snapshot was written may already be due another one.
+        self.report_event_count(ctx);
     }
 }

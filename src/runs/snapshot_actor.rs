@@ -33,7 +33,12 @@ pub struct SnapshotActor {
 
 impl SnapshotActor {
     pub fn new(store: Arc<dyn Store>, config: RunsConfig, metrics: Metrics) -> Self {
-        SnapshotActor { store, config, metrics, in_progress: HashSet::new() }
+        SnapshotActor {
+            store,
+            config,
+            metrics,
+            in_progress: HashSet::new(),
+        }
     }
 }
 
@@ -62,7 +67,9 @@ impl Handler<EventCount> for SnapshotActor {
     type Result = ();
 
     fn handle(&mut self, msg: EventCount, ctx: &mut Self::Context) {
-        if msg.since_snapshot < self.config.snapshot_every as i64 || !self.in_progress.insert(msg.run_id) {
+        if msg.since_snapshot < self.config.snapshot_every as i64
+            || !self.in_progress.insert(msg.run_id)
+        {
             return;
         }
         let store = self.store.clone();
@@ -71,7 +78,10 @@ impl Handler<EventCount> for SnapshotActor {
         let run_id = msg.run_id;
         let run = msg.run;
         let work = async move {
-            let capture = run.send(CaptureSnapshot).await.map_err(|_| SnapshotError::RunGone)??;
+            let capture = run
+                .send(CaptureSnapshot)
+                .await
+                .map_err(|_| SnapshotError::RunGone)??;
             let snapshot = Snapshot {
                 id: Uuid::new_v4(),
                 run_id,
@@ -82,7 +92,9 @@ impl Handler<EventCount> for SnapshotActor {
                 data: capture.data,
             };
             store.save_snapshot(&snapshot, keep).await?;
-            run.do_send(SnapshotWritten { event_count: capture.event_count });
+            run.do_send(SnapshotWritten {
+                event_count: capture.event_count,
+            });
             Ok::<usize, SnapshotError>(snapshot.data.len())
         };
         ctx.spawn(work.into_actor(self).map(move |result, act, _| {

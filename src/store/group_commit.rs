@@ -45,7 +45,8 @@ impl GroupCommitter {
         self.queue
             .send(Request { events, reply })
             .map_err(|_| Arc::new(StoreError::CommitterStopped))?;
-        done.await.map_err(|_| Arc::new(StoreError::CommitterStopped))?
+        done.await
+            .map_err(|_| Arc::new(StoreError::CommitterStopped))?
     }
 }
 
@@ -67,7 +68,10 @@ async fn run_committer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::UnboundedRecei
             }
             batch
         };
-        let events: Vec<NewEvent> = batch.iter().flat_map(|r| r.events.iter().cloned()).collect();
+        let events: Vec<NewEvent> = batch
+            .iter()
+            .flat_map(|r| r.events.iter().cloned())
+            .collect();
         let result = store.append(&events).await.map(|_| ()).map_err(Arc::new);
         if let Err(e) = &result {
             log::warn!("group commit of {} events failed: {e}", events.len());

@@ -51,7 +51,10 @@ fn run_blocking(target: Target) -> Result<(), StoreError> {
                 // On a worker thread, where the harness may block in place.
                 tokio::spawn(async move {
                     let mut harness = AsyncMigrationHarness::new(conn);
-                    harness.run_pending_migrations(POSTGRES).map(|_| ()).map_err(failed)
+                    harness
+                        .run_pending_migrations(POSTGRES)
+                        .map(|_| ())
+                        .map_err(failed)
                 })
                 .await
                 .map_err(|e| StoreError::Migration(e.to_string()))?

@@ -82,7 +82,11 @@ pub trait Store: Send + Sync + 'static {
     async fn latest_snapshot(&self, run_id: Uuid) -> Result<Option<Snapshot>, StoreError>;
     /// The run's events after position `after_seq` (legacy events, which have no position,
     /// only when `after_seq` is 0), in log order.
-    async fn events_after(&self, run_id: Uuid, after_seq: i64) -> Result<Vec<StoredEvent>, StoreError>;
+    async fn events_after(
+        &self,
+        run_id: Uuid,
+        after_seq: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
     /// Writes a snapshot and keeps only the newest `keep` for its run.
     async fn save_snapshot(&self, snapshot: &Snapshot, keep: usize) -> Result<(), StoreError>;
     /// Checks the database answers.
@@ -106,7 +110,10 @@ pub async fn open(url: &str, pool_size: usize) -> Result<Arc<dyn Store>, StoreEr
 
 fn sqlite_path(url: &str) -> Result<String, StoreError> {
     let path = url.strip_prefix("sqlite://").unwrap_or(url);
-    let bad = |reason: &str| StoreError::BadUrl { url: url.to_string(), reason: reason.to_string() };
+    let bad = |reason: &str| StoreError::BadUrl {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
     if path.is_empty() {
         return Err(bad("no file path"));
     }
@@ -114,11 +121,14 @@ fn sqlite_path(url: &str) -> Result<String, StoreError> {
         return Err(bad("use postgres://… or sqlite://PATH or a file path"));
     }
     if path == ":memory:" {
-        return Err(bad("an in-memory database would lose every run on restart; give a file path"));
+        return Err(bad(
+            "an in-memory database would lose every run on restart; give a file path",
+        ));
     }
     if let Some(dir) = std::path::Path::new(path).parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|e| bad(&format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| bad(&format!("cannot create {}: {e}", dir.display())))?;
         }
     }
     Ok(path.to_string())

@@ -5,7 +5,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use diesel::prelude::*;
 use diesel_async::pooled_connection::deadpool::Pool;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -49,7 +51,8 @@ impl PgStore {
         // A broken connection shows itself on first use and is then dropped; checking each
         // checkout with a query would cost a round trip per commit.
         config.recycling_method = RecyclingMethod::Fast;
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
+        let manager =
+            AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(2))
             .wait_timeout(Some(Duration::from_secs(5)))
@@ -107,7 +110,10 @@ impl Store for PgStore {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let row: Option<SnapshotRow> = snap::table
             .filter(snap::run_id.eq(run_id))
-            .order((snap::event_count.desc().nulls_last(), snap::created_at.desc()))
+            .order((
+                snap::event_count.desc().nulls_last(),
+                snap::created_at.desc(),
+            ))
             .first(&mut conn)
             .await
             .optional()?;
@@ -122,11 +128,21 @@ impl Store for PgStore {
         }))
     }
 
-    async fn events_after(&self, run_id: Uuid, after_seq: i64) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn events_after(
+        &self,
+        run_id: Uuid,
+        after_seq: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let mut query = ev::table
             .filter(ev::run_id.eq(run_id))
-            .select((ev::run_seq, ev::event_type, ev::payload, ev::crdt_changes, ev::lamport_timestamp))
+            .select((
+                ev::run_seq,
+                ev::event_type,
+                ev::payload,
+                ev::crdt_changes,
+                ev::lamport_timestamp,
+            ))
             .order((ev::run_seq.asc().nulls_first(), ev::id.asc()))
             .into_boxed();
         query = if after_seq > 0 {
@@ -134,17 +150,24 @@ impl Store for PgStore {
         } else {
             query
         };
-        let rows: Vec<(Option<i64>, String, Option<String>, Option<Vec<u8>>, Option<i64>)> =
-            query.load(&mut conn).await?;
+        let rows: Vec<(
+            Option<i64>,
+            String,
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<i64>,
+        )> = query.load(&mut conn).await?;
         Ok(rows
             .into_iter()
-            .map(|(run_seq, event_type, payload, crdt_changes, lamport)| StoredEvent {
-                run_seq,
-                event_type,
-                payload,
-                crdt_changes,
-                lamport,
-            })
+            .map(
+                |(run_seq, event_type, payload, crdt_changes, lamport)| StoredEvent {
+                    run_seq,
+                    event_type,
+                    payload,
+                    crdt_changes,
+                    lamport,
+                },
+            )
             .collect())
     }
 
@@ -161,10 +184,16 @@ impl Store for PgStore {
         };
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
         conn.transaction(async |c| {
-            diesel::insert_into(snap::table).values(&row).execute(c).await?;
+            diesel::insert_into(snap::table)
+                .values(&row)
+                .execute(c)
+                .await?;
             let newest: Vec<Uuid> = snap::table
                 .filter(snap::run_id.eq(row.run_id))
-                .order((snap::event_count.desc().nulls_last(), snap::created_at.desc()))
+                .order((
+                    snap::event_count.desc().nulls_last(),
+                    snap::created_at.desc(),
+                ))
                 .select(snap::id)
                 .limit(keep)
                 .load(c)

@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use diesel::prelude::*;
 use diesel::SqliteConnection;
 use diesel_async::pooled_connection::deadpool::Pool;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use futures_util::FutureExt;
@@ -140,28 +142,45 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn events_after(&self, run_id: Uuid, after_seq: i64) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn events_after(
+        &self,
+        run_id: Uuid,
+        after_seq: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let mut query = ev::table
             .filter(ev::run_id.eq(run_id.as_bytes().to_vec()))
-            .select((ev::run_seq, ev::event_type, ev::payload, ev::crdt_changes, ev::lamport_timestamp))
+            .select((
+                ev::run_seq,
+                ev::event_type,
+                ev::payload,
+                ev::crdt_changes,
+                ev::lamport_timestamp,
+            ))
             // SQLite sorts NULLs first in ascending order: legacy rows come first.
             .order((ev::run_seq.asc(), ev::id.asc()))
             .into_boxed();
         if after_seq > 0 {
             query = query.filter(ev::run_seq.gt(after_seq));
         }
-        let rows: Vec<(Option<i64>, String, Option<String>, Option<Vec<u8>>, Option<i64>)> =
-            query.load(&mut conn).await?;
+        let rows: Vec<(
+            Option<i64>,
+            String,
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<i64>,
+        )> = query.load(&mut conn).await?;
         Ok(rows
             .into_iter()
-            .map(|(run_seq, event_type, payload, crdt_changes, lamport)| StoredEvent {
-                run_seq,
-                event_type,
-                payload,
-                crdt_changes,
-                lamport,
-            })
+            .map(
+                |(run_seq, event_type, payload, crdt_changes, lamport)| StoredEvent {
+                    run_seq,
+                    event_type,
+                    payload,
+                    crdt_changes,
+                    lamport,
+                },
+            )
             .collect())
     }
 
@@ -178,7 +197,10 @@ impl Store for SqliteStore {
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         conn.transaction(async |c| {
-            diesel::insert_into(snap::table).values(&row).execute(c).await?;
+            diesel::insert_into(snap::table)
+                .values(&row)
+                .execute(c)
+                .await?;
             let newest: Vec<Vec<u8>> = snap::table
                 .filter(snap::run_id.eq(row.run_id.clone()))
                 .order((snap::event_count.desc(), snap::created_at.desc()))

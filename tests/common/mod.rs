@@ -31,7 +31,8 @@ macro_rules! both_backends {
 }
 
 pub fn pg_admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database for one test.
@@ -48,17 +49,35 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = format!("sqlite://{}", dir.path().join("crdt.db").display());
-                TestDb { url, backend, _dir: Some(dir), pg_name: None }
+                TestDb {
+                    url,
+                    backend,
+                    _dir: Some(dir),
+                    pg_name: None,
+                }
             }
             Backend::Postgres => {
                 let admin = pg_admin_url();
                 let name = format!("crdt_test_{}", uuid::Uuid::new_v4().simple());
                 let mut conn = AsyncPgConnection::establish(&admin)
                     .await
-                    .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is required for this test: {e}"));
-                diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create db");
-                let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin.clone());
-                TestDb { url: format!("{base}/{name}"), backend, _dir: None, pg_name: Some(name) }
+                    .unwrap_or_else(|e| {
+                        panic!("PostgreSQL at {admin} is required for this test: {e}")
+                    });
+                diesel::sql_query(format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create db");
+                let base = admin
+                    .rsplit_once('/')
+                    .map(|(b, _)| b.to_string())
+                    .unwrap_or(admin.clone());
+                TestDb {
+                    url: format!("{base}/{name}"),
+                    backend,
+                    _dir: None,
+                    pg_name: Some(name),
+                }
             }
         }
     }
@@ -69,7 +88,10 @@ impl Drop for TestDb {
         if let Some(name) = self.pg_name.take() {
             // Drop runs outside any async context we may block; use a thread of our own.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
                 rt.block_on(async move {
                     let mut conn = AsyncPgConnection::establish(&pg_admin_url()).await.ok()?;
                     diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -96,7 +118,10 @@ impl Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crdt-node"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CRDT_CONFIG", concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"))
+            .env(
+                "CRDT_CONFIG",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
+            )
             .env("DATABASE_URL", &db.url)
             .env("PORT", "0")
             .env("RUST_LOG", "info,automerge=warn")
@@ -119,10 +144,17 @@ impl Node {
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => Node { child, base: format!("http://{addr}"), log },
+            Ok(addr) => Node {
+                child,
+                base: format!("http://{addr}"),
+                log,
+            },
             Err(_) => {
                 let _ = child.kill();
-                panic!("node did not start; log:\n{}", log.lock().unwrap().join("\n"));
+                panic!(
+                    "node did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
             }
         }
     }
@@ -157,11 +189,17 @@ pub struct Client {
 
 impl Client {
     pub fn new() -> Client {
-        Client { http: reqwest::Client::new(), token: None }
+        Client {
+            http: reqwest::Client::new(),
+            token: None,
+        }
     }
 
     pub fn with_token(token: &str) -> Client {
-        Client { http: reqwest::Client::new(), token: Some(token.into()) }
+        Client {
+            http: reqwest::Client::new(),
+            token: Some(token.into()),
+        }
     }
 
     fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -195,13 +233,22 @@ impl Client {
         self.send(self.http.delete(url)).await
     }
 
-    pub async fn raw(&self, rb: impl FnOnce(&reqwest::Client) -> reqwest::RequestBuilder) -> (u16, Value) {
+    pub async fn raw(
+        &self,
+        rb: impl FnOnce(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> (u16, Value) {
         let rb = rb(&self.http);
         self.send(rb).await
     }
 
     pub async fn text(&self, url: &str) -> String {
-        self.auth(self.http.get(url)).send().await.expect("request").text().await.expect("body")
+        self.auth(self.http.get(url))
+            .send()
+            .await
+            .expect("request")
+            .text()
+            .await
+            .expect("body")
     }
 }
 
@@ -262,7 +309,10 @@ pub mod db {
                 use schema::sqlite::crdt_snapshots::dsl::*;
                 let mut c = sqlite(db);
                 let v: Vec<Option<i32>> = diesel::RunQueryDsl::load(
-                    crdt_snapshots.filter(run_id.eq(run.as_bytes().to_vec())).order(event_count.desc()).select(event_count),
+                    crdt_snapshots
+                        .filter(run_id.eq(run.as_bytes().to_vec()))
+                        .order(event_count.desc())
+                        .select(event_count),
                     &mut c,
                 )
                 .unwrap();
@@ -277,13 +327,20 @@ pub mod db {
             Backend::Postgres => {
                 use schema::pg::collaboration_events::dsl::*;
                 let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
-                collaboration_events.filter(run_id.eq(run)).count().get_result(&mut c).await.unwrap()
+                collaboration_events
+                    .filter(run_id.eq(run))
+                    .count()
+                    .get_result(&mut c)
+                    .await
+                    .unwrap()
             }
             Backend::Sqlite => {
                 use schema::sqlite::collaboration_events::dsl::*;
                 let mut c = sqlite(db);
                 diesel::RunQueryDsl::get_result(
-                    collaboration_events.filter(run_id.eq(run.as_bytes().to_vec())).count(),
+                    collaboration_events
+                        .filter(run_id.eq(run.as_bytes().to_vec()))
+                        .count(),
                     &mut c,
                 )
                 .unwrap()
@@ -298,7 +355,9 @@ pub mod db {
                 let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
                 diesel::sql_query(sql).execute(&mut c).await.unwrap()
             }
-            Backend::Sqlite => diesel::RunQueryDsl::execute(diesel::sql_query(sql), &mut sqlite(db)).unwrap(),
+            Backend::Sqlite => {
+                diesel::RunQueryDsl::execute(diesel::sql_query(sql), &mut sqlite(db)).unwrap()
+            }
         }
     }
 
