@@ -5,7 +5,7 @@
 //! changes are published to subscribers given as `Recipient<RunChanged>`, so the core never
 //! imports the edges (HTTP, mesh, browser sessions) that consume them.
 
-mod loader;
+pub mod loader;
 mod run_actor;
 mod snapshot_actor;
 
