@@ -19,14 +19,24 @@ fn mutation(kind: &str, i: usize) -> Mutation {
             after_step: format!("Step{}", i % 20),
             user: format!("user{}", i % 10),
         },
-        "prune" => Mutation::Prune { step_id: format!("Step{}", i % 200), user: "u".into() },
-        "unprune" => Mutation::Unprune { step_id: format!("Step{}", i % 200) },
-        "set flag (scalar)" => Mutation::SetFlag { key: format!("k{}", i % 64), value: json!(i) },
+        "prune" => Mutation::Prune {
+            step_id: format!("Step{}", i % 200),
+            user: "u".into(),
+        },
+        "unprune" => Mutation::Unprune {
+            step_id: format!("Step{}", i % 200),
+        },
+        "set flag (scalar)" => Mutation::SetFlag {
+            key: format!("k{}", i % 64),
+            value: json!(i),
+        },
         "set flag (object)" => Mutation::SetFlag {
             key: format!("k{}", i % 64),
             value: json!({"enabled": true, "threshold": 0.5, "tags": ["a", "b"]}),
         },
-        "delete flag" => Mutation::DeleteFlag { key: format!("k{}", i % 64) },
+        "delete flag" => Mutation::DeleteFlag {
+            key: format!("k{}", i % 64),
+        },
         _ => mix(i),
     }
 }
@@ -50,12 +60,24 @@ fn time<F: FnMut(usize)>(n: usize, mut f: F) -> f64 {
 
 fn main() {
     println!("document model, one core, {N} operations each, one change per operation");
-    for kind in ["graft", "prune", "unprune", "set flag (scalar)", "set flag (object)", "delete flag", "mix"] {
+    for kind in [
+        "graft",
+        "prune",
+        "unprune",
+        "set flag (scalar)",
+        "set flag (object)",
+        "delete flag",
+        "mix",
+    ] {
         let mut doc = RunDoc::new(Uuid::new_v4(), "us-east-1");
         // Removals need something to remove.
         if kind == "unprune" || kind == "delete flag" {
             for i in 0..N {
-                let setup = if kind == "unprune" { mutation("prune", i) } else { mutation("set flag (scalar)", i) };
+                let setup = if kind == "unprune" {
+                    mutation("prune", i)
+                } else {
+                    mutation("set flag (scalar)", i)
+                };
                 doc.apply(&setup, 0).unwrap();
             }
         }
@@ -83,7 +105,11 @@ fn main() {
     let mut again = RunDoc::new(run, "us-east-1");
     let start = Instant::now();
     again.apply_remote(changes, None).unwrap();
-    println!("{:<20} {:>10.0} changes/s", "apply remote batch", N as f64 / start.elapsed().as_secs_f64());
+    println!(
+        "{:<20} {:>10.0} changes/s",
+        "apply remote batch",
+        N as f64 / start.elapsed().as_secs_f64()
+    );
 
     let start = Instant::now();
     let bytes = source.save();

@@ -219,7 +219,100 @@ async fn acknowledged_writes_survive_sigkill(backend: Backend) {
     );
 }
 
+/// While the database refuses writes, mutations get 503 and are never acknowledged; the run
+/// serves its durable state; when writes work again everything resumes, and after a restart
+/// the refused mutation is nowhere.
+async fn refused_writes_are_never_acknowledged_or_resurrected(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let env = [("CRDT_SNAPSHOT_EVERY", "2")];
+    let mut node = Node::spawn(&db, &env);
+    let graft = |agent: &str| json!({"agent": agent, "afterStep": "S", "user": "u"});
+    for agent in ["before-1", "before-2", "before-3"] {
+        let (s, _) = c.post(&run_url(&node, run, "/grafts"), &graft(agent)).await;
+        assert_eq!(s, 201);
+    }
+    let (break_writes, mend_writes): (&[&str], &str) = match backend {
+        Backend::Postgres => (
+            &[
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'injected fault'; END $$ LANGUAGE plpgsql",
+                "CREATE TRIGGER refuse BEFORE INSERT ON collaboration_events EXECUTE FUNCTION refuse()",
+            ],
+            "DROP TRIGGER refuse ON collaboration_events",
+        ),
+        Backend::Sqlite => (
+            &["CREATE TRIGGER refuse BEFORE INSERT ON collaboration_events BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+            "DROP TRIGGER refuse",
+        ),
+    };
+    for statement in break_writes {
+        db::execute(&db, statement).await;
+    }
+    let (s, err) = c
+        .post(&run_url(&node, run, "/grafts"), &graft("refused"))
+        .await;
+    assert_eq!(s, 503, "{err}");
+    assert_eq!(err["error"], "unavailable");
+    let (s, err) = c
+        .put(
+            &run_url(&node, run, "/flags/f"),
+            &json!({"value": 1, "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 503, "{err}");
+    let st = state(&c, &node, run).await;
+    let agents: Vec<&str> = st["grafts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["agent"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        agents,
+        vec!["before-1", "before-2", "before-3"],
+        "reads serve the durable state"
+    );
+    assert_eq!(st["flags"], json!({}));
+
+    db::execute(&db, mend_writes).await;
+    let (s, _) = c
+        .post(&run_url(&node, run, "/grafts"), &graft("after"))
+        .await;
+    assert_eq!(s, 201);
+    node.kill();
+    let node = Node::spawn(&db, &env);
+    let st = state(&c, &node, run).await;
+    let agents: Vec<&str> = st["grafts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["agent"].as_str().unwrap())
+        .collect();
+    assert_eq!(agents, vec!["before-1", "before-2", "before-3", "after"]);
+    assert_eq!(st["flags"], json!({}));
+    assert_eq!(db::event_rows(&db, run).await, 4);
+}
+
+async fn a_retried_graft_is_stored_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let node = Node::spawn(&db, &[]);
+    let id = Uuid::new_v4();
+    let body = json!({"id": id, "agent": "A", "afterStep": "S", "user": "u"});
+    let (s1, first) = c.post(&run_url(&node, run, "/grafts"), &body).await;
+    let (s2, again) = c.post(&run_url(&node, run, "/grafts"), &body).await;
+    assert_eq!((s1, s2), (201, 201));
+    assert_eq!(first["graft"], again["graft"]);
+    assert_eq!(first["graft"]["id"], json!(id));
+    assert_eq!(again["changed"], false);
+    assert_eq!(db::event_rows(&db, run).await, 1);
+}
+
 both_backends!(
+    refused_writes_are_never_acknowledged_or_resurrected,
+    a_retried_graft_is_stored_once,
     restart_serves_identical_state_and_continues_the_clock,
     snapshot_plus_tail,
     snapshots_keep_the_newest,

@@ -267,6 +267,38 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
 
     let graft_url = run_url(&node, run, "/grafts");
     let sync_url = run_url(&node, run, "/sync");
+    // Well-formed change bytes, so the checks after decoding are what refuses them.
+    let mut replica = RunDoc::new(run, "eu");
+    let out = replica
+        .apply(
+            &Mutation::SetFlag {
+                key: "x".into(),
+                value: json!(1),
+            },
+            0,
+        )
+        .unwrap();
+    let valid = b64(out.change.unwrap().raw_bytes());
+    let foreign = {
+        let mut other = automerge::AutoCommit::new();
+        automerge::transaction::Transactable::put(&mut other, automerge::ROOT, "grafts", "mine")
+            .unwrap();
+        other.commit();
+        b64(&concat_changes(&other.get_changes(&[])))
+    };
+    let takeover = {
+        let mut raw = automerge::AutoCommit::load(&RunDoc::new(run, "eu").save()).unwrap();
+        let base = raw.get_heads();
+        automerge::transaction::Transactable::put(&mut raw, automerge::ROOT, "flags", "gone")
+            .unwrap();
+        raw.commit();
+        b64(&concat_changes(&raw.get_changes(&base)))
+    };
+    let whole_doc = b64(&replica.save());
+    let mut deep = json!(1);
+    for _ in 0..40 {
+        deep = json!([deep]);
+    }
     let cases: Vec<(&str, u16, reqwest::RequestBuilder)> = {
         let h = reqwest::Client::new();
         let json_post = |url: &str, body: &str| {
@@ -287,8 +319,14 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
             ("bad base64", 400, json_post(&sync_url, r#"{"changes":"***","sourceRegion":"eu-central-1"}"#)),
             ("bytes that are not automerge", 400, json_post(&sync_url, &json!({"changes": b64(b"definitely not an automerge change"), "sourceRegion": "eu-central-1"}).to_string())),
             ("missing changes", 400, json_post(&sync_url, r#"{"sourceRegion":"eu-central-1"}"#)),
-            ("bad source region", 400, json_post(&sync_url, &json!({"changes": b64(b"x"), "sourceRegion": "eu central"}).to_string())),
-            ("negative lamport", 400, json_post(&sync_url, &json!({"changes": b64(b"x"), "sourceRegion": "eu", "lamportTimestamp": -1}).to_string())),
+            ("bad source region", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu central"}).to_string())),
+            ("negative lamport", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": -1}).to_string())),
+            ("lamport beyond 2^53", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": 1i64 << 60}).to_string())),
+            ("a change of another document", 422, json_post(&sync_url, &json!({"changes": foreign, "sourceRegion": "eu"}).to_string())),
+            ("a change that rewrites the root", 422, json_post(&sync_url, &json!({"changes": takeover, "sourceRegion": "eu"}).to_string())),
+            ("a document instead of changes", 400, json_post(&sync_url, &json!({"changes": whole_doc, "sourceRegion": "eu"}).to_string())),
+            ("flag nested too deep", 400, h.put(run_url(&node, run, "/flags/deep")).header("content-type", "application/json").body(json!({"value": deep, "user": "u"}).to_string())),
+            ("graft id that is not a UUID", 400, json_post(&graft_url, r#"{"id":"x","agent":"A","afterStep":"S","user":"u"}"#)),
             ("bad heads", 400, h.get(run_url(&node, run, "/changes?heads=zz"))),
             ("oversized body", 413, json_post(&graft_url, &json!({"agent": "A", "afterStep": "S", "user": "u", "pad": "x".repeat(70_000)}).to_string())),
             ("bad peer region", 400, json_post(&run_url(&node, run, "/register-peer"), r#"{"peerRegion":""}"#)),

@@ -13,6 +13,11 @@ use super::DocError;
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 /// Chunk types that hold one change (plain or compressed); a document chunk is type 0.
 const CHANGE_CHUNK_TYPES: [u8; 2] = [1, 2];
+const COMPRESSED: u8 = 2;
+/// Bounds on what compressed chunks may inflate to: deflate can expand ~1000×, so a small body
+/// could otherwise claim gigabytes.
+const MAX_COMPRESSED_CHUNK: usize = 64 * 1024;
+const MAX_INFLATED_TOTAL: usize = 64 * 1024 * 1024;
 
 /// Parses concatenated change chunks; every byte must belong to a valid change.
 pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
@@ -20,6 +25,7 @@ pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
         return Err(DocError::InvalidChanges("no change bytes".into()));
     }
     let mut out = Vec::new();
+    let mut inflated = 0usize;
     let mut rest = bytes;
     while !rest.is_empty() {
         let len = chunk_len(rest).map_err(|why| {
@@ -30,12 +36,25 @@ pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
             ))
         })?;
         let (chunk, tail) = rest.split_at(len);
+        if chunk[8] == COMPRESSED && len > MAX_COMPRESSED_CHUNK {
+            return Err(DocError::InvalidChanges(format!(
+                "chunk {} is a compressed change of {len} bytes; send changes over \
+                 {MAX_COMPRESSED_CHUNK} bytes uncompressed",
+                out.len()
+            )));
+        }
         let change = Change::try_from(chunk).map_err(|e| {
             DocError::InvalidChanges(format!(
                 "chunk {} is not an Automerge change: {e}",
                 out.len()
             ))
         })?;
+        inflated += change.raw_bytes().len();
+        if inflated > MAX_INFLATED_TOTAL {
+            return Err(DocError::InvalidChanges(format!(
+                "changes inflate to more than {MAX_INFLATED_TOTAL} bytes"
+            )));
+        }
         out.push(change);
         rest = tail;
     }
@@ -109,8 +128,17 @@ impl Stamp {
         change.message().and_then(Stamp::parse)
     }
 
+    /// A stamp is trusted only when it is well-formed: a region as the log stores it and a
+    /// timestamp within [`super::MAX_LAMPORT`].
     pub fn parse(message: &str) -> Option<Stamp> {
-        serde_json::from_str(message).ok()
+        let stamp: Stamp = serde_json::from_str(message).ok()?;
+        let region_ok = !stamp.region.is_empty()
+            && stamp.region.len() <= 50
+            && stamp
+                .region
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        (region_ok && stamp.lamport <= super::MAX_LAMPORT).then_some(stamp)
     }
 }
 

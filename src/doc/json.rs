@@ -78,15 +78,26 @@ fn to_scalar(value: &Json) -> ScalarValue {
     }
 }
 
+/// Deepest nesting read back; deeper objects (only a foreign client could write them) read as
+/// null, so a hostile document cannot overflow the stack.
+pub const MAX_DEPTH: usize = 64;
+
 /// Reads an Automerge value (and, for objects, everything below it) as JSON.
 pub fn read_json(doc: &AutoCommit, value: &Value<'_>, id: &ObjId) -> Json {
+    read_at_depth(doc, value, id, 0)
+}
+
+fn read_at_depth(doc: &AutoCommit, value: &Value<'_>, id: &ObjId, depth: usize) -> Json {
+    if depth > MAX_DEPTH {
+        return Json::Null;
+    }
     match value {
         Value::Scalar(s) => scalar_to_json(s),
         Value::Object(ObjType::Map) | Value::Object(ObjType::Table) => {
             let mut out = Map::new();
             for key in doc.keys(id) {
                 if let Ok(Some((v, child))) = doc.get(id, key.as_str()) {
-                    out.insert(key, read_json(doc, &v, &child));
+                    out.insert(key, read_at_depth(doc, &v, &child, depth + 1));
                 }
             }
             Json::Object(out)
@@ -94,7 +105,7 @@ pub fn read_json(doc: &AutoCommit, value: &Value<'_>, id: &ObjId) -> Json {
         Value::Object(ObjType::List) => Json::Array(
             (0..doc.length(id))
                 .filter_map(|i| doc.get(id, i).ok().flatten())
-                .map(|(v, child)| read_json(doc, &v, &child))
+                .map(|(v, child)| read_at_depth(doc, &v, &child, depth + 1))
                 .collect(),
         ),
         Value::Object(ObjType::Text) => Json::String(doc.text(id).unwrap_or_default()),

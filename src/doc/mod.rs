@@ -42,6 +42,8 @@ pub enum DocError {
     MissingDependencies(Vec<ChangeHash>),
     #[error("the document does not follow the run schema: {0}")]
     Schema(String),
+    #[error("change {hash} is refused: {reason}")]
+    Refused { hash: ChangeHash, reason: String },
     #[error("not a saved document of run {run_id}: {reason}")]
     NotThisRun { run_id: Uuid, reason: String },
     #[error("automerge rejected the operation: {0}")]
@@ -122,6 +124,7 @@ pub struct RunDoc {
     region: String,
     doc: AutoCommit,
     lamport: u64,
+    genesis: ChangeHash,
 }
 
 impl RunDoc {
@@ -129,12 +132,14 @@ impl RunDoc {
     /// incarnation's own changes.
     pub fn new(run_id: Uuid, region: &str) -> Self {
         let mut doc = genesis::genesis_doc(run_id);
+        let genesis = doc.get_heads()[0];
         doc.set_actor(ActorId::random());
         RunDoc {
             run_id,
             region: region.to_string(),
             doc,
             lamport: 0,
+            genesis,
         }
     }
 
@@ -142,11 +147,8 @@ impl RunDoc {
     pub fn load(run_id: Uuid, region: &str, bytes: &[u8]) -> Result<Self, DocError> {
         let not_this_run = |reason: String| DocError::NotThisRun { run_id, reason };
         let mut doc = AutoCommit::load(bytes).map_err(|e| not_this_run(e.to_string()))?;
-        let genesis_hash = genesis::genesis_doc(run_id).get_heads();
-        if genesis_hash
-            .iter()
-            .any(|h| doc.get_change_by_hash(h).is_none())
-        {
+        let genesis = genesis::genesis_doc(run_id).get_heads()[0];
+        if doc.get_change_meta_by_hash(&genesis).is_none() {
             return Err(not_this_run("it lacks the run's genesis change".into()));
         }
         let lamport = doc
@@ -162,6 +164,7 @@ impl RunDoc {
             region: region.to_string(),
             doc,
             lamport,
+            genesis,
         })
     }
 
@@ -175,7 +178,9 @@ impl RunDoc {
 
     /// Advances the clock to at least `seen` (a timestamp received or recovered from storage).
     pub fn observe_lamport(&mut self, seen: u64) {
-        self.lamport = self.lamport.max(seen);
+        if seen <= MAX_LAMPORT {
+            self.lamport = self.lamport.max(seen);
+        }
     }
 
     pub fn heads(&mut self) -> Vec<ChangeHash> {
@@ -188,11 +193,69 @@ impl RunDoc {
     }
 
     /// Applies a local mutation as one change, stamped with the next Lamport timestamp.
+    /// On error nothing is left half-done in the document.
     pub fn apply(&mut self, mutation: &Mutation, now_ms: i64) -> Result<Applied, DocError> {
-        let lamport = self.lamport.saturating_add(1);
+        if let Mutation::Graft { id, .. } = mutation {
+            // A retried graft (same id) is answered with the graft already stored.
+            let id = id.to_string();
+            if let Some(existing) = self.state().grafts.into_iter().find(|g| g.id == id) {
+                return Ok(Applied {
+                    change: None,
+                    graft: Some(existing),
+                    lamport: self.lamport,
+                });
+            }
+        }
+        let lamport = self.lamport.saturating_add(1).min(MAX_LAMPORT);
+        let (changed, graft) = match self.write(mutation, lamport, now_ms) {
+            Ok(r) => r,
+            Err(e) => {
+                self.doc.rollback();
+                return Err(e);
+            }
+        };
+        if !changed {
+            self.doc.rollback();
+            return Ok(Applied {
+                change: None,
+                graft: None,
+                lamport: self.lamport,
+            });
+        }
+        let stamp = Stamp {
+            lamport,
+            region: self.region.clone(),
+        };
+        let options = CommitOptions::default()
+            .with_message(stamp.to_message())
+            .with_time(now_ms.div_euclid(1000));
+        // Automerge drops writes that change nothing (a flag set to its current value): then
+        // there is no change, and the clock does not move.
+        if self.doc.commit_with(options).is_none() {
+            return Ok(Applied {
+                change: None,
+                graft: None,
+                lamport: self.lamport,
+            });
+        }
+        self.lamport = lamport;
+        let change = self.doc.get_last_local_change();
+        Ok(Applied {
+            change,
+            graft,
+            lamport,
+        })
+    }
+
+    /// The operations of one mutation, in the open transaction; true if anything changed.
+    fn write(
+        &mut self,
+        mutation: &Mutation,
+        lamport: u64,
+        now_ms: i64,
+    ) -> Result<(bool, Option<Graft>), DocError> {
         let region = self.region.clone();
-        let mut graft = None;
-        let changed = match mutation {
+        Ok(match mutation {
             Mutation::Graft {
                 id,
                 agent,
@@ -207,7 +270,7 @@ impl RunDoc {
                     agent: agent.clone(),
                     after_step: after_step.clone(),
                     user: user.clone(),
-                    region: region.clone(),
+                    region,
                     lamport,
                     created_at: chrono::DateTime::from_timestamp_millis(now_ms)
                         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -225,8 +288,7 @@ impl RunDoc {
                 self.doc.put(&obj, "lamport", lamport_scalar(lamport))?;
                 self.doc
                     .put(&obj, "createdAt", ScalarValue::Timestamp(now_ms))?;
-                graft = Some(g);
-                true
+                (true, Some(g))
             }
             Mutation::Prune { step_id, user } => {
                 let pruned = self.root(PRUNED_STEPS, ObjType::Map)?;
@@ -236,40 +298,21 @@ impl RunDoc {
                 self.doc.put(&entry, "user", user.as_str())?;
                 self.doc.put(&entry, "region", region.as_str())?;
                 self.doc.put(&entry, "lamport", lamport_scalar(lamport))?;
-                true
+                (true, None)
             }
             Mutation::Unprune { step_id } => {
                 let pruned = self.root(PRUNED_STEPS, ObjType::Map)?;
-                self.delete_if_present(&pruned, step_id)?
+                (self.delete_if_present(&pruned, step_id)?, None)
             }
             Mutation::SetFlag { key, value } => {
                 let flags = self.root(FLAGS, ObjType::Map)?;
                 json::put_json(&mut self.doc, &flags, Prop::Map(key.clone()), value)?;
-                true
+                (true, None)
             }
             Mutation::DeleteFlag { key } => {
                 let flags = self.root(FLAGS, ObjType::Map)?;
-                self.delete_if_present(&flags, key)?
+                (self.delete_if_present(&flags, key)?, None)
             }
-        };
-        if !changed {
-            return Ok(Applied {
-                change: None,
-                graft: None,
-                lamport: self.lamport,
-            });
-        }
-        let stamp = Stamp { lamport, region };
-        let options = CommitOptions::default()
-            .with_message(stamp.to_message())
-            .with_time(now_ms.div_euclid(1000));
-        self.doc.commit_with(options);
-        self.lamport = lamport;
-        let change = self.doc.get_last_local_change();
-        Ok(Applied {
-            change,
-            graft,
-            lamport,
         })
     }
 
@@ -286,20 +329,27 @@ impl RunDoc {
     }
 
     /// Applies changes from another replica. Changes already present are skipped (a no-op);
-    /// a batch whose dependencies are neither here nor in the batch is refused whole, so the
-    /// document never holds changes it cannot use. The clock advances to the highest stamp
-    /// seen and to `remote_lamport`.
+    /// a batch whose dependencies are neither here nor in the batch is refused whole, and so is
+    /// a batch holding a change that could take over the run's root objects (see
+    /// [`Self::check_foreign`]). The clock advances to the highest stamp seen, and to
+    /// `remote_lamport` when at least one change was new.
     pub fn apply_remote(
         &mut self,
         changes: Vec<Change>,
         remote_lamport: Option<u64>,
     ) -> Result<RemoteApplied, DocError> {
-        let ordered = self.order_new_changes(changes)?;
+        let (ordered, stuck, duplicates) = self.order_new_changes(changes);
+        if !stuck.is_empty() {
+            return Err(DocError::MissingDependencies(self.missing_of(&stuck)));
+        }
+        for change in &ordered {
+            self.check_foreign(change)?;
+        }
         let mut out = RemoteApplied {
-            duplicates: ordered.1,
+            duplicates,
             ..Default::default()
         };
-        for change in ordered.0 {
+        for change in ordered {
             let stamp = Stamp::of(&change).map(|s| s.lamport);
             // One at a time, so a change Automerge rejects leaves the earlier ones applied and
             // reported, never a half-known state.
@@ -312,23 +362,74 @@ impl RunDoc {
             }
             out.applied.push(change);
         }
-        if let Some(l) = remote_lamport {
-            self.observe_lamport(l);
+        if let Some(l) = remote_lamport.filter(|_| !out.applied.is_empty()) {
+            self.observe_lamport(l.min(MAX_LAMPORT));
         }
         Ok(out)
     }
 
-    /// Drops changes already present and orders the rest so each comes after its dependencies.
-    fn order_new_changes(
-        &mut self,
-        changes: Vec<Change>,
-    ) -> Result<(Vec<Change>, usize), DocError> {
+    /// Replays stored changes (loading a run): everything whose dependencies are present is
+    /// applied; changes that cannot be are returned, so the caller can report them.
+    pub fn replay(&mut self, changes: Vec<Change>) -> Vec<Change> {
+        let (ordered, stuck, _) = self.order_new_changes(changes);
+        for change in &ordered {
+            if let Some(s) = Stamp::of(change) {
+                self.observe_lamport(s.lamport);
+            }
+        }
+        let mut rejected = stuck;
+        if self.doc.apply_changes_batch(ordered.clone()).is_err() {
+            // Find the culprits one at a time; the others still apply.
+            for change in ordered {
+                let hash = change.hash();
+                if !self.has(&hash) && self.doc.apply_changes([change.clone()]).is_err() {
+                    rejected.push(change);
+                }
+            }
+        }
+        rejected
+    }
+
+    /// A change from outside must build on this run (only the run's own genesis has no
+    /// dependencies) and must not write the root map: the root objects come from genesis,
+    /// and a second `grafts` list written concurrently could hide every graft.
+    fn check_foreign(&self, change: &Change) -> Result<(), DocError> {
+        let refuse = |reason: &str| DocError::Refused {
+            hash: change.hash(),
+            reason: reason.into(),
+        };
+        if change.deps().is_empty() && change.hash() != self.genesis {
+            return Err(refuse(
+                "it does not build on this run (no dependencies, not the run's genesis)",
+            ));
+        }
+        if change.hash() != self.genesis
+            && change
+                .decode()
+                .operations
+                .iter()
+                .any(|op| op.obj == automerge::legacy::ObjectId::Root)
+        {
+            return Err(refuse("it writes the root of the run document"));
+        }
+        Ok(())
+    }
+
+    fn has(&mut self, hash: &ChangeHash) -> bool {
+        self.doc.get_change_meta_by_hash(hash).is_some()
+    }
+
+    /// Splits `changes` into (new ones in dependency order, new ones whose dependencies are
+    /// missing, count of duplicates).
+    fn order_new_changes(&mut self, changes: Vec<Change>) -> (Vec<Change>, Vec<Change>, usize) {
         let total = changes.len();
         let mut seen = HashSet::new();
-        let mut pending: Vec<Change> = changes
-            .into_iter()
-            .filter(|c| seen.insert(c.hash()) && self.doc.get_change_by_hash(&c.hash()).is_none())
-            .collect();
+        let mut pending: Vec<Change> = Vec::with_capacity(total);
+        for c in changes {
+            if seen.insert(c.hash()) && !self.has(&c.hash()) {
+                pending.push(c);
+            }
+        }
         let duplicates = total - pending.len();
         let mut ready: HashSet<ChangeHash> = HashSet::new();
         let mut ordered = Vec::with_capacity(pending.len());
@@ -339,7 +440,7 @@ impl RunDoc {
                 let deps_met = change
                     .deps()
                     .iter()
-                    .all(|d| ready.contains(d) || self.doc.get_change_by_hash(d).is_some());
+                    .all(|d| ready.contains(d) || self.has(d));
                 if deps_met {
                     ready.insert(change.hash());
                     ordered.push(change);
@@ -348,42 +449,52 @@ impl RunDoc {
                 }
             }
             if rest.len() == before {
-                let mut missing: Vec<ChangeHash> = rest
-                    .iter()
-                    .flat_map(|c| c.deps().to_vec())
-                    .filter(|d| !ready.contains(d) && self.doc.get_change_by_hash(d).is_none())
-                    .filter(|d| !rest.iter().any(|c| c.hash() == *d))
-                    .collect();
-                missing.sort();
-                missing.dedup();
-                return Err(DocError::MissingDependencies(missing));
+                return (ordered, rest, duplicates);
             }
             pending = rest;
         }
-        Ok((ordered, duplicates))
+        (ordered, Vec::new(), duplicates)
+    }
+
+    /// The dependencies of `stuck` that nothing here or in `stuck` provides.
+    fn missing_of(&mut self, stuck: &[Change]) -> Vec<ChangeHash> {
+        let inside: HashSet<ChangeHash> = stuck.iter().map(|c| c.hash()).collect();
+        let mut missing: Vec<ChangeHash> = stuck
+            .iter()
+            .flat_map(|c| c.deps().to_vec())
+            .filter(|d| !inside.contains(d))
+            .collect();
+        missing.retain(|d| !self.has(d));
+        missing.sort();
+        missing.dedup();
+        missing
     }
 
     /// Every change the holder of `heads` lacks. Heads this document does not know are
     /// ignored, so the answer is a superset of what is missing (applying a change twice is a
     /// no-op).
     pub fn changes_since(&mut self, heads: &[ChangeHash]) -> Vec<Change> {
-        let known: Vec<ChangeHash> = heads
-            .iter()
-            .filter(|h| self.doc.get_change_by_hash(h).is_some())
-            .copied()
-            .collect();
+        let known: Vec<ChangeHash> = heads.iter().filter(|h| self.has(h)).copied().collect();
         self.doc.get_changes(&known)
-    }
-
-    pub fn has_change(&mut self, hash: &ChangeHash) -> bool {
-        self.doc.get_change_by_hash(hash).is_some()
     }
 
     /// The whole document in Automerge's compact form.
     pub fn save(&mut self) -> Vec<u8> {
         self.doc.save()
     }
+
+    /// The document as it was at `heads`, in Automerge's compact form.
+    pub fn save_at(&mut self, heads: &[ChangeHash]) -> Result<Vec<u8>, DocError> {
+        if self.doc.get_heads() == heads {
+            return Ok(self.doc.save());
+        }
+        Ok(self.doc.fork_at(heads)?.save())
+    }
 }
+
+/// The largest Lamport timestamp accepted: JavaScript's largest safe integer. A stamp beyond it
+/// is ignored, so one bad peer cannot exhaust the clock.
+pub const MAX_LAMPORT: u64 = (1 << 53) - 1;
 
 /// Lamport timestamps are stored as signed integers: JavaScript clients and BIGINT columns
 /// both read them without surprises.

@@ -277,11 +277,11 @@ fn changes_with_missing_dependencies_are_refused_whole() {
 fn remote_changes_advance_the_clock_and_local_ops_continue_from_it() {
     let run = Uuid::new_v4();
     let mut a = RunDoc::new(run, "r1");
-    for _ in 0..5 {
+    for i in 0..5 {
         a.apply(
             &Mutation::SetFlag {
                 key: "k".into(),
-                value: json!(1),
+                value: json!(i),
             },
             T0,
         )
@@ -483,4 +483,105 @@ proptest! {
 fn merge_from_all(docs: &mut [RunDoc]) -> usize {
     let all = docs[2].changes_since(&[]);
     docs[0].apply_remote(all, None).unwrap().applied.len()
+}
+
+#[test]
+fn setting_a_flag_to_its_current_value_makes_no_change() {
+    let mut a = RunDoc::new(Uuid::new_v4(), "r");
+    let set = Mutation::SetFlag {
+        key: "k".into(),
+        value: json!("v"),
+    };
+    assert!(a.apply(&set, T0).unwrap().change.is_some());
+    let heads = a.heads();
+    let again = a.apply(&set, T0).unwrap();
+    assert!(again.change.is_none());
+    assert_eq!((again.lamport, a.lamport()), (1, 1));
+    assert_eq!(a.heads(), heads);
+}
+
+#[test]
+fn a_retried_graft_with_the_same_id_grafts_once() {
+    let mut a = RunDoc::new(Uuid::new_v4(), "r");
+    let g = graft("A", "S", "u");
+    let first = a.apply(&g, T0).unwrap();
+    let again = a.apply(&g, T0).unwrap();
+    assert!(again.change.is_none());
+    assert_eq!(again.graft, first.graft);
+    assert_eq!(a.state().grafts.len(), 1);
+}
+
+#[test]
+fn foreign_changes_that_could_take_over_the_run_are_refused() {
+    use automerge::transaction::Transactable;
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r");
+    // A change from a document that is not this run: no dependencies.
+    let mut other = automerge::AutoCommit::new();
+    other
+        .put_object(automerge::ROOT, "grafts", automerge::ObjType::Map)
+        .unwrap();
+    other.commit();
+    let foreign = other.get_changes(&[]);
+    let err = a.apply_remote(foreign, None).unwrap_err();
+    assert!(matches!(err, DocError::Refused { .. }), "{err}");
+    // A change that builds on the run but rewrites a root object.
+    let mut b = RunDoc::new(run, "r");
+    let mut raw = automerge::AutoCommit::load(&b.save()).unwrap();
+    raw.put(automerge::ROOT, "grafts", "gone").unwrap();
+    raw.commit();
+    let heads = a.heads();
+    let takeover = raw.get_changes(&heads);
+    let err = a.apply_remote(takeover, None).unwrap_err();
+    assert!(matches!(err, DocError::Refused { .. }), "{err}");
+    assert!(a.state().schema_errors.is_empty());
+    assert_eq!(a.heads(), heads);
+}
+
+#[test]
+fn deeply_nested_values_read_back_bounded() {
+    let mut a = RunDoc::new(Uuid::new_v4(), "r");
+    let mut v = json!(1);
+    for _ in 0..200 {
+        v = json!([v]);
+    }
+    a.apply(
+        &Mutation::SetFlag {
+            key: "deep".into(),
+            value: v,
+        },
+        T0,
+    )
+    .unwrap();
+    // Reading does not overflow the stack; below the bound the value reads as null.
+    let st = a.state();
+    let mut cur = &st.flags["deep"];
+    let mut depth = 0;
+    while let Some(inner) = cur.as_array().and_then(|a| a.first()) {
+        cur = inner;
+        depth += 1;
+    }
+    assert!(depth <= json::MAX_DEPTH + 1, "{depth}");
+    assert!(cur.is_null());
+}
+
+#[test]
+fn replay_applies_what_it_can_and_returns_the_rest() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r");
+    a.apply(&graft("A", "S", "u"), T0).unwrap();
+    let first = a.heads();
+    a.apply(&graft("B", "S", "u"), T0).unwrap();
+    let all = a.changes_since(&[]);
+    let second = a.changes_since(&first);
+    // Lose the first graft's change: the second cannot apply, the rest does.
+    let kept: Vec<Change> = all
+        .into_iter()
+        .filter(|c| !first.contains(&c.hash()))
+        .collect();
+    let mut b = RunDoc::new(run, "r");
+    let rejected = b.replay(kept);
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].hash(), second[0].hash());
+    assert!(b.state().grafts.is_empty());
 }

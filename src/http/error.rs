@@ -77,9 +77,9 @@ impl From<RunError> for ApiError {
         match e {
             RunError::Unavailable(_) | RunError::Stopped => ApiError::Unavailable(e.to_string()),
             RunError::Doc(DocError::InvalidChanges(_)) => ApiError::BadRequest(e.to_string()),
-            RunError::Doc(DocError::MissingDependencies(_)) | RunError::PartiallyApplied { .. } => {
-                ApiError::Unprocessable(e.to_string())
-            }
+            RunError::Doc(DocError::MissingDependencies(_))
+            | RunError::Doc(DocError::Refused { .. })
+            | RunError::PartiallyApplied { .. } => ApiError::Unprocessable(e.to_string()),
             RunError::Doc(DocError::Schema(_)) => ApiError::Unprocessable(e.to_string()),
             RunError::Doc(_) => ApiError::Internal(e.to_string()),
         }

@@ -37,7 +37,10 @@ async fn register_peer(
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path)?;
     let region = validate::region("peerRegion", body.peer_region.as_deref())?;
-    let newly = app.mesh.register(run_id, &region);
+    let newly = app
+        .mesh
+        .register(run_id, &region)
+        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     Ok(HttpResponse::Ok().json(json!({
         "runId": run_id,
         "peerRegion": region,

@@ -136,6 +136,8 @@ async fn mutate(
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct GraftBody {
+    /// Optional client-chosen id: retrying a graft with the same id does not graft twice.
+    id: Option<String>,
     agent: Option<String>,
     after_step: Option<String>,
     user: Option<String>,
@@ -150,8 +152,13 @@ async fn graft(
     let agent = validate::name("agent", body.agent.as_deref())?;
     let after_step = validate::name("afterStep", body.after_step.as_deref())?;
     let user = validate::name("user", body.user.as_deref())?;
+    let id = match body.id.as_deref() {
+        Some(raw) => Uuid::parse_str(raw)
+            .map_err(|e| ApiError::invalid("id", format!("{raw:?} is not a UUID: {e}")))?,
+        None => Uuid::new_v4(),
+    };
     let mutation = Mutation::Graft {
-        id: Uuid::new_v4(),
+        id,
         agent,
         after_step,
         user: user.clone(),
@@ -241,6 +248,7 @@ async fn set_flag(
         .value
         .clone()
         .ok_or_else(|| ApiError::invalid("value", "is required (any JSON value)"))?;
+    validate::json_depth("value", &value)?;
     let user = validate::name("user", body.user.as_deref())?;
     let out = mutate(
         &app,

@@ -5,6 +5,7 @@ use base64::Engine;
 use uuid::Uuid;
 
 use super::error::ApiError;
+use crate::doc::MAX_LAMPORT;
 
 /// Longest accepted name (agent, step, user, flag key).
 pub const MAX_NAME: usize = 200;
@@ -64,9 +65,14 @@ pub fn base64(field: &'static str, value: Option<&str>) -> Result<Vec<u8>, ApiEr
 pub fn lamport(field: &'static str, value: Option<i64>) -> Result<Option<u64>, ApiError> {
     match value {
         None => Ok(None),
-        Some(v) => u64::try_from(v)
-            .map(Some)
-            .map_err(|_| ApiError::invalid(field, "must not be negative")),
+        Some(v) => match u64::try_from(v) {
+            Ok(l) if l <= MAX_LAMPORT => Ok(Some(l)),
+            Ok(_) => Err(ApiError::invalid(
+                field,
+                format!("must be at most {MAX_LAMPORT}"),
+            )),
+            Err(_) => Err(ApiError::invalid(field, "must not be negative")),
+        },
     }
 }
 
@@ -82,6 +88,26 @@ pub fn heads(raw: Option<&str>) -> Result<Vec<ChangeHash>, ApiError> {
             })
         })
         .collect()
+}
+
+/// Deepest nesting accepted in a flag value.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+pub fn json_depth(field: &'static str, value: &serde_json::Value) -> Result<(), ApiError> {
+    fn depth(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            serde_json::Value::Object(fields) => 1 + fields.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    if depth(value) > MAX_JSON_DEPTH {
+        return Err(ApiError::invalid(
+            field,
+            format!("nests deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
+    Ok(())
 }
 
 pub fn encode(bytes: &[u8]) -> String {

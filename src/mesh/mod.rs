@@ -7,6 +7,12 @@ use std::sync::{Arc, RwLock};
 use serde::Serialize;
 use uuid::Uuid;
 
+pub const MAX_REGIONS_PER_RUN: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+#[error("a run takes at most {MAX_REGIONS_PER_RUN} regions")]
+pub struct TooManyRegions;
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerStatus {
@@ -56,12 +62,14 @@ impl MeshState {
     }
 
     /// Records that `region` takes part in `run_id`; true if it was not recorded before.
-    pub fn register(&self, run_id: Uuid, region: &str) -> bool {
+    /// A run holds at most [`MAX_REGIONS_PER_RUN`] regions.
+    pub fn register(&self, run_id: Uuid, region: &str) -> Result<bool, TooManyRegions> {
         let mut dir = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        dir.registrations
-            .entry(run_id)
-            .or_default()
-            .insert(region.to_string())
+        let regions = dir.registrations.entry(run_id).or_default();
+        if regions.len() >= MAX_REGIONS_PER_RUN && !regions.contains(region) {
+            return Err(TooManyRegions);
+        }
+        Ok(regions.insert(region.to_string()))
     }
 
     pub fn is_connected(&self, region: &str) -> bool {

@@ -1,7 +1,9 @@
 //! Loading a run from storage: the newest snapshot, then only the events after it.
 //!
-//! A snapshot that fails to load (torn, corrupt, written for another run) is skipped with a
-//! warning and the run is rebuilt from its whole event log instead; events are never deleted.
+//! A snapshot that does not load (torn, corrupt, written for another run) is skipped with a
+//! warning in favour of the next older one, and with none left the run is rebuilt from its whole
+//! event log; events are never deleted. A stored change that cannot be applied is reported, and
+//! everything that does not depend on it is still applied.
 
 use uuid::Uuid;
 
@@ -16,23 +18,11 @@ pub struct Loaded {
     pub snapshot_seq: i64,
 }
 
+/// How many older snapshots to try before replaying the whole log.
+const SNAPSHOT_ATTEMPTS: usize = 3;
+
 pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loaded, StoreError> {
-    let mut doc = None;
-    let mut snapshot_seq = 0i64;
-    if let Some(snapshot) = store.latest_snapshot(run_id).await? {
-        match RunDoc::load(run_id, region, &snapshot.data) {
-            Ok(mut d) => {
-                d.observe_lamport(u64::try_from(snapshot.lamport).unwrap_or(0));
-                snapshot_seq = i64::from(snapshot.event_count);
-                doc = Some(d);
-            }
-            Err(e) => log::warn!(
-                "run {run_id}: snapshot {} does not load ({e}); replaying the whole event log",
-                snapshot.id
-            ),
-        }
-    }
-    let mut doc = doc.unwrap_or_else(|| RunDoc::new(run_id, region));
+    let (mut doc, snapshot_seq) = from_snapshot(store, run_id, region).await?;
     let events = store.events_after(run_id, snapshot_seq).await?;
     let mut last_seq = snapshot_seq;
     let mut changes = Vec::with_capacity(events.len());
@@ -44,7 +34,7 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         match &event.crdt_changes {
             Some(bytes) => match parse_changes(bytes) {
                 Ok(mut c) => changes.append(&mut c),
-                Err(e) => log::warn!(
+                Err(e) => log::error!(
                     "run {run_id}: event {:?} holds bad change bytes: {e}",
                     event.run_seq
                 ),
@@ -56,13 +46,13 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         }
     }
     if !changes.is_empty() {
-        match doc.apply_remote(changes, None) {
-            Ok(outcome) => {
-                if let Some(e) = outcome.error {
-                    log::error!("run {run_id}: a stored change does not apply: {e}");
-                }
-            }
-            Err(e) => log::error!("run {run_id}: stored changes do not apply: {e}"),
+        let rejected = doc.replay(changes);
+        if !rejected.is_empty() {
+            log::error!(
+                "run {run_id}: {} stored change(s) could not be applied (first: {})",
+                rejected.len(),
+                rejected[0].hash()
+            );
         }
     }
     Ok(Loaded {
@@ -70,4 +60,31 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         last_seq,
         snapshot_seq,
     })
+}
+
+async fn from_snapshot(
+    store: &dyn Store,
+    run_id: Uuid,
+    region: &str,
+) -> Result<(RunDoc, i64), StoreError> {
+    let mut below = None;
+    for _ in 0..SNAPSHOT_ATTEMPTS {
+        let Some(snapshot) = store.latest_snapshot(run_id, below).await? else {
+            break;
+        };
+        match RunDoc::load(run_id, region, &snapshot.data) {
+            Ok(mut doc) => {
+                doc.observe_lamport(u64::try_from(snapshot.lamport).unwrap_or(0));
+                return Ok((doc, i64::from(snapshot.event_count)));
+            }
+            Err(e) => {
+                log::warn!(
+                    "run {run_id}: snapshot {} does not load ({e}); trying an older one",
+                    snapshot.id
+                );
+                below = Some(snapshot.event_count);
+            }
+        }
+    }
+    Ok((RunDoc::new(run_id, region), 0))
 }

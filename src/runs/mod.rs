@@ -167,6 +167,12 @@ impl Runs {
         Err(RunError::Stopped)
     }
 
+    /// Whether an actor for the run is registered.
+    pub fn is_loaded(&self, run_id: Uuid) -> bool {
+        let shard = self.shard(run_id).lock().unwrap_or_else(|p| p.into_inner());
+        shard.contains_key(&run_id)
+    }
+
     /// Number of runs loaded in memory.
     pub fn loaded(&self) -> usize {
         self.inner

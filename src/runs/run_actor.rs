@@ -92,6 +92,9 @@ struct PendingWrite {
     changes: Vec<Change>,
     origin: Origin,
     reply: Reply,
+    /// The document's heads and clock once this write was applied: what is durable when it is.
+    heads_after: Vec<ChangeHash>,
+    lamport_after: u64,
 }
 
 pub struct RunActor {
@@ -103,6 +106,8 @@ pub struct RunActor {
     /// `run_seq` of the last event handed to the log (committed or in flight).
     last_seq: i64,
     committed_seq: i64,
+    committed_heads: Vec<ChangeHash>,
+    committed_lamport: u64,
     snapshot_seq: i64,
     pending: Vec<PendingWrite>,
     in_flight: bool,
@@ -119,6 +124,8 @@ impl RunActor {
             failed: None,
             last_seq: 0,
             committed_seq: 0,
+            committed_heads: Vec::new(),
+            committed_lamport: 0,
             snapshot_seq: 0,
             pending: Vec::new(),
             in_flight: false,
@@ -146,6 +153,8 @@ impl RunActor {
     }
 
     /// Queues `changes` for the log and returns the receiver that resolves once they commit.
+    /// With no changes it is a barrier: it resolves once everything queued before it has
+    /// committed (at once if nothing is), so a reply never reports state that is not durable.
     fn enqueue(
         &mut self,
         changes: Vec<Change>,
@@ -153,17 +162,26 @@ impl RunActor {
         origin: Origin,
         ctx: &mut Context<Self>,
     ) -> oneshot::Receiver<Result<(), RunError>> {
+        let (reply, done) = oneshot::channel();
+        if changes.is_empty() && !self.in_flight && self.pending.is_empty() {
+            let _ = reply.send(Ok(()));
+            return done;
+        }
+        let (heads_after, lamport_after) = match self.doc.as_mut() {
+            Some(d) => (d.heads(), d.lamport()),
+            None => (Vec::new(), 0),
+        };
         let region = match &origin {
             Origin::Local => self.runs.inner.config.region.clone(),
             Origin::Remote { source_region } => source_region.clone(),
         };
         let now = chrono::Utc::now().naive_utc();
+        let lamport = i64::try_from(lamport_after).unwrap_or(i64::MAX);
         let events = changes
             .iter()
             .map(|change| {
                 self.last_seq += 1;
                 let (event_type, payload, user_id) = describe(change);
-                let stamp = crate::doc::Stamp::of(change);
                 NewEvent {
                     run_id: self.run_id,
                     run_seq: self.last_seq,
@@ -173,17 +191,21 @@ impl RunActor {
                     created_at: now,
                     crdt_changes: change.raw_bytes().to_vec(),
                     change_hash: change.hash().as_ref().to_vec(),
-                    source_region: stamp.as_ref().map_or(region.clone(), |s| s.region.clone()),
-                    lamport: stamp.map_or(0, |s| i64::try_from(s.lamport).unwrap_or(i64::MAX)),
+                    source_region: crate::doc::Stamp::of(change)
+                        .map_or(region.clone(), |s| s.region),
+                    // The clock after the write, so a restart resumes it exactly (a sync's
+                    // timestamp hint may be above every change's own stamp).
+                    lamport,
                 }
             })
             .collect();
-        let (reply, done) = oneshot::channel();
         self.pending.push(PendingWrite {
             events,
             changes,
             origin,
             reply,
+            heads_after,
+            lamport_after,
         });
         if !self.in_flight {
             self.flush(ctx);
@@ -223,10 +245,17 @@ impl RunActor {
     }
 
     fn on_committed(&mut self, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
+        if let Some(last) = batch.last() {
+            self.committed_heads = last.heads_after.clone();
+            self.committed_lamport = last.lamport_after;
+        }
         let lamport = self.doc.as_ref().map_or(0, |d| d.lamport());
         self.lamport_gauge(lamport);
         for write in batch {
             let _ = write.reply.send(Ok(()));
+            if write.changes.is_empty() {
+                continue;
+            }
             self.runs.publish(RunChanged {
                 run_id: self.run_id,
                 changes: Arc::new(concat_changes(&write.changes)),
@@ -358,7 +387,17 @@ impl Handler<Mutate> for RunActor {
             heads,
         };
         let Some(change) = applied.change else {
-            return Box::pin(async move { Ok(outcome) });
+            // Nothing new to write, but the state it reports must be durable first.
+            let done = self.enqueue(
+                Vec::new(),
+                |_| (String::new(), None, None),
+                Origin::Local,
+                ctx,
+            );
+            return Box::pin(async move {
+                done.await.map_err(|_| RunError::Stopped)??;
+                Ok(outcome)
+            });
         };
         let event_type = msg.mutation.event_type().to_string();
         let payload = log_payload(&msg.mutation);
@@ -402,9 +441,8 @@ impl Handler<ApplySync> for RunActor {
             total,
             reason: Box::new(reason),
         });
-        if out.applied.is_empty() {
-            return Box::pin(async move { error.map_or(Ok(outcome), Err) });
-        }
+        // With nothing new this is a barrier: duplicates of changes still in flight are
+        // answered only once those are durable.
         let done = self.enqueue(
             out.applied,
             |_| ("CRDT_SYNC".to_string(), None, None),

@@ -72,12 +72,35 @@ async fn run_committer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::UnboundedRecei
             .iter()
             .flat_map(|r| r.events.iter().cloned())
             .collect();
-        let result = store.append(&events).await.map(|_| ()).map_err(Arc::new);
-        if let Err(e) = &result {
-            log::warn!("group commit of {} events failed: {e}", events.len());
-        }
-        for request in batch {
-            let _ = request.reply.send(result.clone());
+        let result = store.append(&events).await;
+        match result {
+            Ok(_) => {
+                for request in batch {
+                    let _ = request.reply.send(Ok(()));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                log::warn!("commit of {} events failed: {e}", events.len());
+                let e = Arc::new(e);
+                for request in batch {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                // One bad append must not fail its neighbours: retry each on its own.
+                log::warn!(
+                    "group commit of {} appends failed ({e}); retrying them one by one",
+                    batch.len()
+                );
+                for request in batch {
+                    let result = store
+                        .append(&request.events)
+                        .await
+                        .map(|_| ())
+                        .map_err(Arc::new);
+                    let _ = request.reply.send(result);
+                }
+            }
         }
     }
 }

@@ -78,8 +78,13 @@ pub trait Store: Send + Sync + 'static {
     /// Appends events in one transaction; events whose change is already stored for the run
     /// are skipped. Returns how many rows were inserted.
     async fn append(&self, events: &[NewEvent]) -> Result<usize, StoreError>;
-    /// The run's newest snapshot, if any.
-    async fn latest_snapshot(&self, run_id: Uuid) -> Result<Option<Snapshot>, StoreError>;
+    /// The run's newest snapshot, or with `below`, the newest covering fewer events than that
+    /// (to fall back from a snapshot that does not load).
+    async fn latest_snapshot(
+        &self,
+        run_id: Uuid,
+        below: Option<i32>,
+    ) -> Result<Option<Snapshot>, StoreError>;
     /// The run's events after position `after_seq` (legacy events, which have no position,
     /// only when `after_seq` is 0), in log order.
     async fn events_after(

@@ -123,10 +123,18 @@ impl Store for SqliteStore {
         Ok(inserted)
     }
 
-    async fn latest_snapshot(&self, run_id: Uuid) -> Result<Option<Snapshot>, StoreError> {
+    async fn latest_snapshot(
+        &self,
+        run_id: Uuid,
+        below: Option<i32>,
+    ) -> Result<Option<Snapshot>, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let row: Option<SnapshotRow> = snap::table
-            .filter(snap::run_id.eq(run_id.as_bytes().to_vec()))
+        let mut query = snap::table.into_boxed();
+        query = query.filter(snap::run_id.eq(run_id.as_bytes().to_vec()));
+        if let Some(below) = below {
+            query = query.filter(snap::event_count.lt(below));
+        }
+        let row: Option<SnapshotRow> = query
             .order((snap::event_count.desc(), snap::created_at.desc()))
             .first(&mut conn)
             .await
