@@ -15,6 +15,7 @@ fn mutation(kind: &str, i: usize) -> Mutation {
     match kind {
         "graft" => Mutation::Graft {
             id: Uuid::new_v4(),
+            retry_safe: false,
             agent: format!("Agent{}", i % 50),
             after_step: format!("Step{}", i % 20),
             user: format!("user{}", i % 10),

@@ -1,1 +1,433 @@
-fn main() {}
+//! Benchmarks of the whole node, printed as Markdown tables (copied into BENCHMARKS.md).
+//!
+//! `cargo bench --bench node` runs every section; name sections to run only those:
+//! `cargo bench --bench node -- throughput load memory`. `--quick` shortens each cell.
+//!
+//! - throughput: durable mutations/s and latency over HTTP at 1, 16 and 64 clients, on 1 run and
+//!   spread over 1,000 runs, on SQLite and PostgreSQL, beside the in-process ceiling for the
+//!   same operation mix measured in the same run.
+//! - load: time to load a run of 10,000 events from snapshot + tail vs. full replay.
+//! - memory: resident memory of the node with 10,000 loaded runs of 10 operations each.
+//!
+//! The load client speaks HTTP/1.1 over raw keep-alive sockets on one thread, so it takes as
+//! little of the machine's CPU from the node as it can.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Backend, Node, TestDb};
+use crdt_node::doc::{Mutation, RunDoc};
+use crdt_node::store::{self, NewEvent, Snapshot};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--bench"))
+        .collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let wanted: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let run = |name: &str| wanted.is_empty() || wanted.contains(&name);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if run("throughput") {
+        rt.block_on(throughput(quick));
+    }
+    if run("load") {
+        rt.block_on(load_time());
+    }
+    if run("memory") {
+        rt.block_on(memory());
+    }
+}
+
+// ---------- the operation mix ----------
+
+/// Half grafts, a quarter flag writes, a quarter prunes: the same mix in-process and over HTTP.
+fn mix(i: usize) -> Mutation {
+    match i % 4 {
+        0 | 1 => Mutation::Graft {
+            id: Uuid::new_v4(),
+            retry_safe: false,
+            agent: format!("Agent{}", i % 50),
+            after_step: format!("Step{}", i % 20),
+            user: format!("user{}", i % 10),
+        },
+        2 => Mutation::SetFlag {
+            key: format!("k{}", i % 16),
+            value: json!(i),
+        },
+        _ => Mutation::Prune {
+            step_id: format!("Step{}", i % 32),
+            user: "u".into(),
+        },
+    }
+}
+
+fn http_request(run: Uuid, i: usize) -> Vec<u8> {
+    let (method, path, body) = match mix(i) {
+        Mutation::Graft {
+            agent,
+            after_step,
+            user,
+            ..
+        } => (
+            "POST",
+            format!("/api/crdt/runs/{run}/grafts"),
+            json!({"agent": agent, "afterStep": after_step, "user": user}),
+        ),
+        Mutation::SetFlag { key, value } => (
+            "PUT",
+            format!("/api/crdt/runs/{run}/flags/{key}"),
+            json!({"value": value, "user": "u"}),
+        ),
+        Mutation::Prune { step_id, user } => (
+            "POST",
+            format!("/api/crdt/runs/{run}/pruned-steps"),
+            json!({"stepId": step_id, "user": user}),
+        ),
+        _ => unreachable!("the mix has three kinds"),
+    };
+    let body = body.to_string();
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Ops/s of the mix in-process on one thread, over `runs` documents (one change per op).
+fn in_process_ceiling(runs: usize, ops: usize) -> f64 {
+    let mut docs: Vec<RunDoc> = (0..runs)
+        .map(|_| RunDoc::new(Uuid::new_v4(), "us-east-1"))
+        .collect();
+    let start = Instant::now();
+    for i in 0..ops {
+        let doc = &mut docs[i % runs];
+        let out = doc.apply(&mix(i), 1_764_000_000_000).expect("apply");
+        std::hint::black_box(out.change.map(|c| c.raw_bytes().len()));
+    }
+    ops as f64 / start.elapsed().as_secs_f64()
+}
+
+// ---------- a minimal HTTP/1.1 client ----------
+
+struct Conn {
+    io: BufStream<TcpStream>,
+    line: String,
+    body: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Conn {
+            io: BufStream::new(stream),
+            line: String::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// Sends one request and reads the whole response; returns the status code.
+    async fn call(&mut self, request: &[u8]) -> std::io::Result<u16> {
+        self.io.write_all(request).await?;
+        self.io.flush().await?;
+        self.line.clear();
+        self.io.read_line(&mut self.line).await?;
+        let status: u16 = self
+            .line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut length = 0usize;
+        loop {
+            self.line.clear();
+            self.io.read_line(&mut self.line).await?;
+            let header = self.line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        self.body.resize(length, 0);
+        self.io.read_exact(&mut self.body).await?;
+        Ok(status)
+    }
+}
+
+struct Cell {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+}
+
+/// `clients` keep-alive connections, each writing as fast as it is answered, to `runs` runs.
+async fn drive(
+    addr: &str,
+    clients: usize,
+    runs: &[Uuid],
+    warmup: Duration,
+    measure: Duration,
+) -> Cell {
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + measure;
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let addr = addr.to_string();
+        let runs = runs.to_vec();
+        tasks.spawn_local(async move {
+            let mut conn = Conn::open(&addr).await;
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            let mut i = c * 7919;
+            loop {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                let run = runs[(i / 4 * 31 + c) % runs.len()];
+                let request = http_request(run, i);
+                let sent = Instant::now();
+                let ok = matches!(conn.call(&request).await, Ok(200 | 201));
+                if sent >= measure_from {
+                    if ok {
+                        latencies.push(sent.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+                i += 1;
+            }
+            (latencies, errors)
+        });
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    while let Some(result) = tasks.join_next().await {
+        let (l, e) = result.expect("client task");
+        all.extend(l);
+        errors += e;
+    }
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    Cell {
+        rate: all.len() as f64 / measure.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors,
+    }
+}
+
+async fn throughput(quick: bool) {
+    let (warmup, measure) = if quick {
+        (Duration::from_millis(500), Duration::from_secs(2))
+    } else {
+        (Duration::from_secs(1), Duration::from_secs(5))
+    };
+    let ceiling_1 = in_process_ceiling(1, 20_000);
+    let ceiling_1000 = in_process_ceiling(1000, 20_000);
+    println!("\n### Durable mutations over HTTP (mix: 50% graft, 25% set flag, 25% prune)\n");
+    println!("In-process ceiling of the same mix, one thread: {ceiling_1:.0} ops/s on 1 run (20,000 ops into one document), {ceiling_1000:.0} ops/s over 1,000 runs.\n");
+    println!("| backend | runs | clients | mutations/s | p50 ms | p99 ms | errors | share of in-process ceiling |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let db = TestDb::new(backend).await;
+        let node = Node::spawn(&db, &[("CRDT_RUN_IDLE_SECS", "3600"), ("RUST_LOG", "warn")]);
+        let addr = node.base.trim_start_matches("http://").to_string();
+        for runs in [1usize, 1000] {
+            for clients in [1usize, 16, 64] {
+                let ids: Vec<Uuid> = (0..runs).map(|_| Uuid::new_v4()).collect();
+                let cell = drive(&addr, clients, &ids, warmup, measure).await;
+                let ceiling = if runs == 1 { ceiling_1 } else { ceiling_1000 };
+                println!(
+                    "| {} | {runs} | {clients} | {:.0} | {:.2} | {:.2} | {} | {:.0}% |",
+                    if backend == Backend::Sqlite {
+                        "SQLite"
+                    } else {
+                        "PostgreSQL"
+                    },
+                    cell.rate,
+                    cell.p50_ms,
+                    cell.p99_ms,
+                    cell.errors,
+                    100.0 * cell.rate / ceiling
+                );
+            }
+        }
+        drop(node);
+    }
+}
+
+// ---------- load time ----------
+
+/// Builds a run of `events` events in the store; with `snapshot_at`, a snapshot of the state
+/// after that many events.
+async fn seed_run(store: &dyn store::Store, events: usize, snapshot_at: Option<usize>) -> Uuid {
+    let run = Uuid::new_v4();
+    let mut doc = RunDoc::new(run, "us-east-1");
+    let mut batch = Vec::new();
+    for i in 0..events {
+        let change = doc
+            .apply(&mix(i), 1_764_000_000_000)
+            .expect("apply")
+            .change
+            .expect("a change");
+        batch.push(NewEvent {
+            run_id: run,
+            run_seq: i as i64 + 1,
+            event_type: "BENCH".into(),
+            payload: None,
+            user_id: None,
+            created_at: chrono::Utc::now().naive_utc(),
+            crdt_changes: change.raw_bytes().to_vec(),
+            change_hash: change.hash().as_ref().to_vec(),
+            source_region: "us-east-1".into(),
+            lamport: doc.lamport() as i64,
+        });
+        if batch.len() == 1000 {
+            store.append(&batch).await.expect("append");
+            batch.clear();
+        }
+        if Some(i + 1) == snapshot_at {
+            let snapshot = Snapshot {
+                id: Uuid::new_v4(),
+                run_id: run,
+                data: doc.save(),
+                lamport: doc.lamport() as i64,
+                region: "us-east-1".into(),
+                created_at: chrono::Utc::now().naive_utc(),
+                event_count: (i + 1) as i32,
+            };
+            store.save_snapshot(&snapshot, 10).await.expect("snapshot");
+        }
+    }
+    store.append(&batch).await.expect("append");
+    run
+}
+
+async fn median_load(store: &dyn store::Store, run: Uuid) -> (Duration, u64) {
+    let mut times = Vec::new();
+    let mut lamport = 0;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let loaded = crdt_node::runs::loader::load(store, run, "us-east-1")
+            .await
+            .expect("load");
+        times.push(start.elapsed());
+        lamport = loaded.doc.lamport();
+    }
+    times.sort();
+    (times[2], lamport)
+}
+
+async fn load_time() {
+    println!("\n### Loading a run of 10,000 events (median of 5)\n");
+    println!("| backend | snapshot at 9,950 + 50 events | full replay of 10,000 events | ratio |");
+    println!("|---|---:|---:|---:|");
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let db = TestDb::new(backend).await;
+        let store = store::open(&db.url, 4).await.expect("store");
+        let with_snapshot = seed_run(store.as_ref(), 10_000, Some(9_950)).await;
+        let without = seed_run(store.as_ref(), 10_000, None).await;
+        let (fast, l1) = median_load(store.as_ref(), with_snapshot).await;
+        let (slow, l2) = median_load(store.as_ref(), without).await;
+        assert_eq!(
+            (l1, l2),
+            (10_000, 10_000),
+            "both loads restore the whole clock"
+        );
+        println!(
+            "| {} | {:.1} ms | {:.1} ms | {:.1}× faster |",
+            if backend == Backend::Sqlite {
+                "SQLite"
+            } else {
+                "PostgreSQL"
+            },
+            fast.as_secs_f64() * 1e3,
+            slow.as_secs_f64() * 1e3,
+            slow.as_secs_f64() / fast.as_secs_f64()
+        );
+    }
+}
+
+// ---------- memory ----------
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn memory() {
+    const RUNS: usize = 10_000;
+    const OPS: usize = 10;
+    let db = TestDb::new(Backend::Postgres).await;
+    let node = Node::spawn(&db, &[("CRDT_RUN_IDLE_SECS", "3600"), ("RUST_LOG", "warn")]);
+    let addr = node.base.trim_start_matches("http://").to_string();
+    let warm = [Uuid::new_v4()];
+    drive(&addr, 4, &warm, Duration::ZERO, Duration::from_millis(500)).await;
+    let before = rss_kib(node.pid());
+    let runs: Vec<Uuid> = (0..RUNS).map(|_| Uuid::new_v4()).collect();
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in runs.chunks(RUNS / 32) {
+        let chunk = chunk.to_vec();
+        let addr = addr.clone();
+        tasks.spawn_local(async move {
+            let mut conn = Conn::open(&addr).await;
+            for run in chunk {
+                for i in 0..OPS {
+                    let status = conn.call(&http_request(run, i)).await.expect("request");
+                    assert!(status == 200 || status == 201, "status {status}");
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = start.elapsed();
+    let text = reqwest::get(node.url("/actuator/prometheus"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let loaded = common::metric(&text, "crdt_runs_loaded").unwrap_or(0.0);
+    let after = rss_kib(node.pid());
+    println!("\n### Memory for {RUNS} loaded runs of {OPS} operations each\n");
+    println!(
+        "Runs loaded: {loaded:.0}. Resident memory {:.1} MiB before, {:.1} MiB after: {:.1} KiB per run. ({} mutations written in {:.1} s.)",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        (after.saturating_sub(before)) as f64 / RUNS as f64,
+        RUNS * OPS,
+        elapsed.as_secs_f64()
+    );
+}

@@ -137,6 +137,7 @@ async fn sync_applies_remote_changes_once(backend: Backend) {
     eu.apply(
         &Mutation::Graft {
             id: Uuid::new_v4(),
+            retry_safe: false,
             agent: "PerformanceAgent".into(),
             after_step: "Step1".into(),
             user: "b".into(),

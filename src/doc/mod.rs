@@ -57,12 +57,15 @@ fn hashes(hs: &[ChangeHash]) -> String {
         .join(", ")
 }
 
-/// A mutation a user asks for. Graft ids are chosen by the caller, so a retried request can
-/// carry the same id.
+/// A mutation a user asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mutation {
     Graft {
         id: Uuid,
+        /// True when the client chose `id` so that it can retry safely: a graft with this id
+        /// already present is then answered instead of grafted again. (Costs a scan of the
+        /// grafts, so fresh server-chosen ids skip it.)
+        retry_safe: bool,
         agent: String,
         after_step: String,
         user: String,
@@ -195,10 +198,14 @@ impl RunDoc {
     /// Applies a local mutation as one change, stamped with the next Lamport timestamp.
     /// On error nothing is left half-done in the document.
     pub fn apply(&mut self, mutation: &Mutation, now_ms: i64) -> Result<Applied, DocError> {
-        if let Mutation::Graft { id, .. } = mutation {
+        if let Mutation::Graft {
+            id,
+            retry_safe: true,
+            ..
+        } = mutation
+        {
             // A retried graft (same id) is answered with the graft already stored.
-            let id = id.to_string();
-            if let Some(existing) = self.state().grafts.into_iter().find(|g| g.id == id) {
+            if let Some(existing) = state::find_graft(&self.doc, &id.to_string()) {
                 return Ok(Applied {
                     change: None,
                     graft: Some(existing),
@@ -261,6 +268,7 @@ impl RunDoc {
                 agent,
                 after_step,
                 user,
+                ..
             } => {
                 let list = self.root(GRAFTS, ObjType::List)?;
                 let at = self.doc.length(&list);

@@ -133,6 +133,19 @@ pub(super) fn root_obj(doc: &AutoCommit, key: &str, kind: ObjType) -> Result<Obj
     }
 }
 
+/// The stored graft with this id, reading only the ids of the others.
+pub(super) fn find_graft(doc: &AutoCommit, graft_id: &str) -> Option<Graft> {
+    let grafts = root_obj(doc, GRAFTS, ObjType::List).ok()?;
+    (0..doc.length(&grafts)).find_map(|i| match doc.get(&grafts, i).ok()?? {
+        (Value::Object(ObjType::Map), obj)
+            if str_field(doc, &obj, "id").as_deref() == Some(graft_id) =>
+        {
+            read_graft(doc, &obj)
+        }
+        _ => None,
+    })
+}
+
 fn read_graft(doc: &AutoCommit, id: &ObjId) -> Option<Graft> {
     Some(Graft {
         id: str_field(doc, id, "id")?,

@@ -9,6 +9,7 @@ const T0: i64 = 1_764_000_000_000;
 fn graft(agent: &str, step: &str, user: &str) -> Mutation {
     Mutation::Graft {
         id: Uuid::new_v4(),
+        retry_safe: true,
         agent: agent.into(),
         after_step: step.into(),
         user: user.into(),

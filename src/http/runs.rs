@@ -152,13 +152,17 @@ async fn graft(
     let agent = validate::name("agent", body.agent.as_deref())?;
     let after_step = validate::name("afterStep", body.after_step.as_deref())?;
     let user = validate::name("user", body.user.as_deref())?;
-    let id = match body.id.as_deref() {
-        Some(raw) => Uuid::parse_str(raw)
-            .map_err(|e| ApiError::invalid("id", format!("{raw:?} is not a UUID: {e}")))?,
-        None => Uuid::new_v4(),
+    let (id, retry_safe) = match body.id.as_deref() {
+        Some(raw) => (
+            Uuid::parse_str(raw)
+                .map_err(|e| ApiError::invalid("id", format!("{raw:?} is not a UUID: {e}")))?,
+            true,
+        ),
+        None => (Uuid::new_v4(), false),
     };
     let mutation = Mutation::Graft {
         id,
+        retry_safe,
         agent,
         after_step,
         user: user.clone(),

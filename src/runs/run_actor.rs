@@ -353,6 +353,7 @@ fn log_payload(mutation: &Mutation) -> String {
             agent,
             after_step,
             user,
+            ..
         } => {
             json!({"id": id, "agent": agent, "afterStep": after_step, "user": user})
         }
