@@ -1,7 +1,8 @@
-//! In-process ceiling of the document model: operations per second for each mutation, for the
+//! In-process ceiling of the document model: operations per second for each mutation, measured
+//! in runs of different sizes (Automerge's cost per change grows with the document), for the
 //! mix the HTTP benchmark sends, for applying remote changes, and for save/load.
 //!
-//! Run: `cargo bench --bench doc_model`. Prints one line per measurement.
+//! Run: `cargo bench --bench doc_model`. Prints Markdown tables.
 
 use std::time::Instant;
 
@@ -9,121 +10,135 @@ use crdt_node::doc::{Mutation, RunDoc};
 use serde_json::json;
 use uuid::Uuid;
 
-const N: usize = 20_000;
+const TIMED: usize = 1_000;
+const SIZES: [usize; 3] = [0, 1_000, 10_000];
+const T: i64 = 1_764_000_000_000;
 
-fn mutation(kind: &str, i: usize) -> Mutation {
-    match kind {
-        "graft" => Mutation::Graft {
-            id: Uuid::new_v4(),
-            retry_safe: false,
-            agent: format!("Agent{}", i % 50),
-            after_step: format!("Step{}", i % 20),
-            user: format!("user{}", i % 10),
-        },
-        "prune" => Mutation::Prune {
-            step_id: format!("Step{}", i % 200),
-            user: "u".into(),
-        },
-        "unprune" => Mutation::Unprune {
-            step_id: format!("Step{}", i % 200),
-        },
-        "set flag (scalar)" => Mutation::SetFlag {
-            key: format!("k{}", i % 64),
-            value: json!(i),
-        },
-        "set flag (object)" => Mutation::SetFlag {
-            key: format!("k{}", i % 64),
-            value: json!({"enabled": true, "threshold": 0.5, "tags": ["a", "b"]}),
-        },
-        "delete flag" => Mutation::DeleteFlag {
-            key: format!("k{}", i % 64),
-        },
-        _ => mix(i),
+fn graft(i: usize) -> Mutation {
+    Mutation::Graft {
+        id: Uuid::new_v4(),
+        retry_safe: false,
+        agent: format!("Agent{}", i % 50),
+        after_step: format!("Step{}", i % 20),
+        user: format!("user{}", i % 10),
     }
 }
 
 /// The HTTP benchmark's mix: half grafts, a quarter flags, a quarter prunes.
-pub fn mix(i: usize) -> Mutation {
+fn mix(i: usize) -> Mutation {
     match i % 4 {
-        0 | 1 => mutation("graft", i),
-        2 => mutation("set flag (scalar)", i),
-        _ => mutation("prune", i),
+        0 | 1 => graft(i),
+        2 => Mutation::SetFlag { key: format!("k{}", i % 16), value: json!(i) },
+        _ => Mutation::Prune { step_id: format!("Step{}", i % 32), user: "u".into() },
     }
 }
 
-fn time<F: FnMut(usize)>(n: usize, mut f: F) -> f64 {
-    let start = Instant::now();
-    for i in 0..n {
-        f(i);
+/// (setup, timed) mutations for the i-th timed operation of a kind; setup is not timed.
+fn op(kind: &str, i: usize) -> (Option<Mutation>, Mutation) {
+    let step = format!("bench-step-{i}");
+    let key = format!("bench-key-{i}");
+    match kind {
+        "graft" => (None, graft(i)),
+        "prune" => (None, Mutation::Prune { step_id: step, user: "u".into() }),
+        "unprune" => (
+            Some(Mutation::Prune { step_id: step.clone(), user: "u".into() }),
+            Mutation::Unprune { step_id: step },
+        ),
+        "set flag (scalar)" => (None, Mutation::SetFlag { key, value: json!(i) }),
+        "set flag (object)" => (
+            None,
+            Mutation::SetFlag { key, value: json!({"enabled": true, "threshold": 0.5, "tags": ["a", "b"]}) },
+        ),
+        "delete flag" => (
+            Some(Mutation::SetFlag { key: key.clone(), value: json!(i) }),
+            Mutation::DeleteFlag { key },
+        ),
+        _ => (None, mix(i)),
     }
-    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A run holding `size` changes of the mix, saved.
+fn prefilled(size: usize) -> (Uuid, Vec<u8>) {
+    let run = Uuid::new_v4();
+    let mut doc = RunDoc::new(run, "us-east-1");
+    for i in 0..size {
+        doc.apply(&mix(i), T).unwrap();
+    }
+    (run, doc.save())
 }
 
 fn main() {
-    println!("document model, one core, {N} operations each, one change per operation");
-    for kind in [
-        "graft",
-        "prune",
-        "unprune",
-        "set flag (scalar)",
-        "set flag (object)",
-        "delete flag",
-        "mix",
-    ] {
-        let mut doc = RunDoc::new(Uuid::new_v4(), "us-east-1");
-        // Removals need something to remove.
-        if kind == "unprune" || kind == "delete flag" {
-            for i in 0..N {
-                let setup = if kind == "unprune" {
-                    mutation("prune", i)
-                } else {
-                    mutation("set flag (scalar)", i)
-                };
-                doc.apply(&setup, 0).unwrap();
+    println!("### Document model, in-process, one thread\n");
+    println!("Each figure: {TIMED} operations, one Automerge change each, into a run already holding N changes.\n");
+    println!("| operation | N = 0 | N = 1,000 | N = 10,000 |");
+    println!("|---|---:|---:|---:|");
+    let base_bytes: Vec<(Uuid, Vec<u8>)> = SIZES.iter().map(|&n| prefilled(n)).collect();
+    for kind in ["graft", "prune", "unprune", "set flag (scalar)", "set flag (object)", "delete flag", "mix"] {
+        let mut row = format!("| {kind} |");
+        for bytes in &base_bytes {
+            let mut doc = load_copy(bytes);
+            let mut elapsed = 0.0;
+            for i in 0..TIMED {
+                let (setup, timed) = op(kind, i);
+                if let Some(setup) = setup {
+                    doc.apply(&setup, T).unwrap();
+                }
+                let start = Instant::now();
+                let out = doc.apply(&timed, T).unwrap();
+                elapsed += start.elapsed().as_secs_f64();
+                assert!(out.change.is_some(), "{kind} must produce a change");
             }
+            row.push_str(&format!(" {:.0} ops/s |", TIMED as f64 / elapsed));
         }
-        let ops = time(N, |i| {
-            doc.apply(&mutation(kind, i), 0).unwrap();
-        });
-        println!("{kind:<20} {ops:>10.0} ops/s");
+        println!("{row}");
     }
 
-    // Remote changes: apply another replica's changes one sync at a time.
-    let run = Uuid::new_v4();
-    let mut source = RunDoc::new(run, "eu-central-1");
-    let mut changes = Vec::new();
-    for i in 0..N {
-        let out = source.apply(&mix(i), 0).unwrap();
-        changes.extend(out.change);
+    println!("\n| remote changes | N = 0 | N = 1,000 | N = 10,000 |");
+    println!("|---|---:|---:|---:|");
+    let mut one_by_one = "| apply, one sync per change |".to_string();
+    let mut batched = format!("| apply, one sync of {TIMED} |");
+    for bytes in &base_bytes {
+        let mut source = load_copy(bytes);
+        let heads = source.heads();
+        for i in 0..TIMED {
+            source.apply(&mix(i + 7), T).unwrap();
+        }
+        let changes = source.changes_since(&heads);
+        let mut target = load_copy(bytes);
+        let start = Instant::now();
+        for c in changes.clone() {
+            target.apply_remote(vec![c], None).unwrap();
+        }
+        one_by_one.push_str(&format!(" {:.0} changes/s |", TIMED as f64 / start.elapsed().as_secs_f64()));
+        let mut target = load_copy(bytes);
+        let start = Instant::now();
+        target.apply_remote(changes, None).unwrap();
+        batched.push_str(&format!(" {:.0} changes/s |", TIMED as f64 / start.elapsed().as_secs_f64()));
     }
-    let mut target = RunDoc::new(run, "us-east-1");
-    let mut it = changes.clone().into_iter();
-    let ops = time(N, |_| {
-        let c = it.next().unwrap();
-        target.apply_remote(vec![c], None).unwrap();
-    });
-    println!("{:<20} {ops:>10.0} changes/s", "apply remote");
-    let mut again = RunDoc::new(run, "us-east-1");
-    let start = Instant::now();
-    again.apply_remote(changes, None).unwrap();
-    println!(
-        "{:<20} {:>10.0} changes/s",
-        "apply remote batch",
-        N as f64 / start.elapsed().as_secs_f64()
-    );
+    println!("{one_by_one}\n{batched}");
 
-    let start = Instant::now();
-    let bytes = source.save();
-    let save = start.elapsed();
-    let start = Instant::now();
-    let loaded = RunDoc::load(run, "us-east-1", &bytes).unwrap();
-    let load = start.elapsed();
-    assert_eq!(loaded.lamport(), source.lamport());
-    println!(
-        "save {N} changes: {:.1} ms, {} bytes ({:.1} B/change); load: {:.1} ms",
-        save.as_secs_f64() * 1e3,
-        bytes.len(),
-        bytes.len() as f64 / N as f64,
-        load.as_secs_f64() * 1e3
-    );
+    println!("\n| save / load | bytes | B/change | save | load |");
+    println!("|---|---:|---:|---:|---:|");
+    for (i, bytes) in base_bytes.iter().enumerate().skip(1) {
+        let mut doc = load_copy(bytes);
+        let start = Instant::now();
+        let saved = doc.save();
+        let save = start.elapsed();
+        let start = Instant::now();
+        load_copy(&(bytes.0, saved.clone()));
+        let load = start.elapsed();
+        println!(
+            "| {} changes | {} | {:.1} | {:.1} ms | {:.1} ms |",
+            SIZES[i],
+            saved.len(),
+            saved.len() as f64 / SIZES[i] as f64,
+            save.as_secs_f64() * 1e3,
+            load.as_secs_f64() * 1e3
+        );
+    }
+}
+
+/// A fresh copy of a saved run (a new actor id, so copies never share sequence numbers).
+fn load_copy((run, bytes): &(Uuid, Vec<u8>)) -> RunDoc {
+    RunDoc::load(*run, "us-east-1", bytes).expect("a saved run loads")
 }
