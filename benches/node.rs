@@ -194,7 +194,7 @@ async fn drive(
     for c in 0..clients {
         let addr = addr.to_string();
         let runs = runs.to_vec();
-        tasks.spawn_local(async move {
+        tasks.spawn(async move {
             let mut conn = Conn::open(&addr).await;
             let mut latencies = Vec::new();
             let mut errors = 0usize;
@@ -254,7 +254,7 @@ async fn throughput(quick: bool) {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let db = TestDb::new(backend).await;
-        let node = Node::spawn(&db, &[("CRDT_RUN_IDLE_SECS", "3600"), ("RUST_LOG", "warn")]);
+        let node = Node::spawn(&db, &[("CRDT_RUN_IDLE_SECS", "3600"), ("RUST_LOG", "warn,crdt_node=info")]);
         let addr = node.base.trim_start_matches("http://").to_string();
         for runs in [1usize, 1000] {
             for clients in [1usize, 16, 64] {
@@ -390,7 +390,7 @@ async fn memory() {
     const RUNS: usize = 10_000;
     const OPS: usize = 10;
     let db = TestDb::new(Backend::Postgres).await;
-    let node = Node::spawn(&db, &[("CRDT_RUN_IDLE_SECS", "3600"), ("RUST_LOG", "warn")]);
+    let node = Node::spawn(&db, &[("CRDT_RUN_IDLE_SECS", "3600"), ("RUST_LOG", "warn,crdt_node=info")]);
     let addr = node.base.trim_start_matches("http://").to_string();
     let warm = [Uuid::new_v4()];
     drive(&addr, 4, &warm, Duration::ZERO, Duration::from_millis(500)).await;
@@ -401,7 +401,7 @@ async fn memory() {
     for chunk in runs.chunks(RUNS / 32) {
         let chunk = chunk.to_vec();
         let addr = addr.clone();
-        tasks.spawn_local(async move {
+        tasks.spawn(async move {
             let mut conn = Conn::open(&addr).await;
             for run in chunk {
                 for i in 0..OPS {
