@@ -4,9 +4,13 @@
 //!
 //! Run: `cargo bench --bench doc_model`. Prints Markdown tables.
 
+#[path = "shared/mix.rs"]
+mod mix;
+
 use std::time::Instant;
 
 use crdt_node::doc::{Mutation, RunDoc};
+use mix::{graft, mix};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -14,43 +18,45 @@ const TIMED: usize = 1_000;
 const SIZES: [usize; 3] = [0, 1_000, 10_000];
 const T: i64 = 1_764_000_000_000;
 
-fn graft(i: usize) -> Mutation {
-    Mutation::Graft {
-        id: Uuid::new_v4(),
-        retry_safe: false,
-        agent: format!("Agent{}", i % 50),
-        after_step: format!("Step{}", i % 20),
-        user: format!("user{}", i % 10),
-    }
-}
-
-/// The HTTP benchmark's mix: half grafts, a quarter flags, a quarter prunes.
-fn mix(i: usize) -> Mutation {
-    match i % 4 {
-        0 | 1 => graft(i),
-        2 => Mutation::SetFlag { key: format!("k{}", i % 16), value: json!(i) },
-        _ => Mutation::Prune { step_id: format!("Step{}", i % 32), user: "u".into() },
-    }
-}
-
 /// (setup, timed) mutations for the i-th timed operation of a kind; setup is not timed.
 fn op(kind: &str, i: usize) -> (Option<Mutation>, Mutation) {
     let step = format!("bench-step-{i}");
     let key = format!("bench-key-{i}");
     match kind {
         "graft" => (None, graft(i)),
-        "prune" => (None, Mutation::Prune { step_id: step, user: "u".into() }),
+        "prune" => (
+            None,
+            Mutation::Prune {
+                step_id: step,
+                user: "u".into(),
+            },
+        ),
         "unprune" => (
-            Some(Mutation::Prune { step_id: step.clone(), user: "u".into() }),
+            Some(Mutation::Prune {
+                step_id: step.clone(),
+                user: "u".into(),
+            }),
             Mutation::Unprune { step_id: step },
         ),
-        "set flag (scalar)" => (None, Mutation::SetFlag { key, value: json!(i) }),
+        "set flag (scalar)" => (
+            None,
+            Mutation::SetFlag {
+                key,
+                value: json!(i),
+            },
+        ),
         "set flag (object)" => (
             None,
-            Mutation::SetFlag { key, value: json!({"enabled": true, "threshold": 0.5, "tags": ["a", "b"]}) },
+            Mutation::SetFlag {
+                key,
+                value: json!({"enabled": true, "threshold": 0.5, "tags": ["a", "b"]}),
+            },
         ),
         "delete flag" => (
-            Some(Mutation::SetFlag { key: key.clone(), value: json!(i) }),
+            Some(Mutation::SetFlag {
+                key: key.clone(),
+                value: json!(i),
+            }),
             Mutation::DeleteFlag { key },
         ),
         _ => (None, mix(i)),
@@ -73,7 +79,15 @@ fn main() {
     println!("| operation | N = 0 | N = 1,000 | N = 10,000 |");
     println!("|---|---:|---:|---:|");
     let base_bytes: Vec<(Uuid, Vec<u8>)> = SIZES.iter().map(|&n| prefilled(n)).collect();
-    for kind in ["graft", "prune", "unprune", "set flag (scalar)", "set flag (object)", "delete flag", "mix"] {
+    for kind in [
+        "graft",
+        "prune",
+        "unprune",
+        "set flag (scalar)",
+        "set flag (object)",
+        "delete flag",
+        "mix",
+    ] {
         let mut row = format!("| {kind} |");
         for bytes in &base_bytes {
             let mut doc = load_copy(bytes);
@@ -109,11 +123,17 @@ fn main() {
         for c in changes.clone() {
             target.apply_remote(vec![c], None).unwrap();
         }
-        one_by_one.push_str(&format!(" {:.0} changes/s |", TIMED as f64 / start.elapsed().as_secs_f64()));
+        one_by_one.push_str(&format!(
+            " {:.0} changes/s |",
+            TIMED as f64 / start.elapsed().as_secs_f64()
+        ));
         let mut target = load_copy(bytes);
         let start = Instant::now();
         target.apply_remote(changes, None).unwrap();
-        batched.push_str(&format!(" {:.0} changes/s |", TIMED as f64 / start.elapsed().as_secs_f64()));
+        batched.push_str(&format!(
+            " {:.0} changes/s |",
+            TIMED as f64 / start.elapsed().as_secs_f64()
+        ));
     }
     println!("{one_by_one}\n{batched}");
 

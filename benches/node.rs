@@ -15,11 +15,15 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+#[path = "shared/mix.rs"]
+mod mix;
+
 use std::time::{Duration, Instant};
 
 use common::{Backend, Node, TestDb};
 use crdt_node::doc::{Mutation, RunDoc};
 use crdt_node::store::{self, NewEvent, Snapshot};
+use mix::mix;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
@@ -53,27 +57,6 @@ fn main() {
 }
 
 // ---------- the operation mix ----------
-
-/// Half grafts, a quarter flag writes, a quarter prunes: the same mix in-process and over HTTP.
-fn mix(i: usize) -> Mutation {
-    match i % 4 {
-        0 | 1 => Mutation::Graft {
-            id: Uuid::new_v4(),
-            retry_safe: false,
-            agent: format!("Agent{}", i % 50),
-            after_step: format!("Step{}", i % 20),
-            user: format!("user{}", i % 10),
-        },
-        2 => Mutation::SetFlag {
-            key: format!("k{}", i % 16),
-            value: json!(i),
-        },
-        _ => Mutation::Prune {
-            step_id: format!("Step{}", i % 32),
-            user: "u".into(),
-        },
-    }
-}
 
 fn http_request(run: Uuid, i: usize) -> Vec<u8> {
     let (method, path, body) = match mix(i) {
@@ -254,7 +237,13 @@ async fn throughput(quick: bool) {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let db = TestDb::new(backend).await;
-        let node = Node::spawn(&db, &[("CRDT_RUN_IDLE_SECS", "3600"), ("RUST_LOG", "warn,crdt_node=info")]);
+        let node = Node::spawn(
+            &db,
+            &[
+                ("CRDT_RUN_IDLE_SECS", "3600"),
+                ("RUST_LOG", "warn,crdt_node=info"),
+            ],
+        );
         let addr = node.base.trim_start_matches("http://").to_string();
         for runs in [1usize, 1000] {
             for clients in [1usize, 16, 64] {
@@ -390,7 +379,13 @@ async fn memory() {
     const RUNS: usize = 10_000;
     const OPS: usize = 10;
     let db = TestDb::new(Backend::Postgres).await;
-    let node = Node::spawn(&db, &[("CRDT_RUN_IDLE_SECS", "3600"), ("RUST_LOG", "warn,crdt_node=info")]);
+    let node = Node::spawn(
+        &db,
+        &[
+            ("CRDT_RUN_IDLE_SECS", "3600"),
+            ("RUST_LOG", "warn,crdt_node=info"),
+        ],
+    );
     let addr = node.base.trim_start_matches("http://").to_string();
     let warm = [Uuid::new_v4()];
     drive(&addr, 4, &warm, Duration::ZERO, Duration::from_millis(500)).await;

@@ -26,6 +26,16 @@ async fn flag(c: &Client, node: &Node, run: Uuid, key: &str, value: Value) -> Va
     body
 }
 
+/// Waits until the run's newest snapshot covers `position` events; returns every position.
+async fn snapshots_reaching(db: &TestDb, run: Uuid, position: i32) -> Vec<i32> {
+    common::eventually(10, || async move {
+        let p = db::snapshot_positions(db, run).await;
+        (p.first() == Some(&position)).then_some(p)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no snapshot at {position} events"))
+}
+
 async fn restart_serves_identical_state_and_continues_the_clock(backend: Backend) {
     let db = TestDb::new(backend).await;
     let c = Client::new();
@@ -73,15 +83,7 @@ async fn snapshot_plus_tail(backend: Backend) {
         flag(&c, &node, run, &format!("k{}", i % 40), json!(i)).await;
     }
     let before = state(&c, &node, run).await;
-    let positions = common::eventually(10, || {
-        let db = &db;
-        async move {
-            let p = db::snapshot_positions(db, run).await;
-            (p.first() == Some(&200)).then_some(p)
-        }
-    })
-    .await
-    .expect("a snapshot at 200 events");
+    let positions = snapshots_reaching(&db, run, 200).await;
     assert_eq!(positions, vec![200, 100]);
     node.kill();
 
@@ -116,15 +118,7 @@ async fn snapshots_keep_the_newest(backend: Backend) {
     for i in 0..40 {
         flag(&c, &node, run, "k", json!(i)).await;
     }
-    let positions = common::eventually(10, || {
-        let db = &db;
-        async move {
-            let p = db::snapshot_positions(db, run).await;
-            (p.first() == Some(&40)).then_some(p)
-        }
-    })
-    .await
-    .expect("a snapshot at 40 events");
+    let positions = snapshots_reaching(&db, run, 40).await;
     assert_eq!(positions.len(), 3, "{positions:?}");
     assert!(positions.windows(2).all(|w| w[0] > w[1]), "{positions:?}");
 }
@@ -262,12 +256,7 @@ async fn refused_writes_are_never_acknowledged_or_resurrected(backend: Backend) 
         .await;
     assert_eq!(s, 503, "{err}");
     let st = state(&c, &node, run).await;
-    let agents: Vec<&str> = st["grafts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["agent"].as_str().unwrap())
-        .collect();
+    let agents = common::agents(&st);
     assert_eq!(
         agents,
         vec!["before-1", "before-2", "before-3"],
@@ -283,12 +272,7 @@ async fn refused_writes_are_never_acknowledged_or_resurrected(backend: Backend) 
     node.kill();
     let node = Node::spawn(&db, &env);
     let st = state(&c, &node, run).await;
-    let agents: Vec<&str> = st["grafts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["agent"].as_str().unwrap())
-        .collect();
+    let agents = common::agents(&st);
     assert_eq!(agents, vec!["before-1", "before-2", "before-3", "after"]);
     assert_eq!(st["flags"], json!({}));
     assert_eq!(db::event_rows(&db, run).await, 4);

@@ -172,12 +172,7 @@ async fn sync_applies_remote_changes_once(backend: Backend) {
     assert_eq!(db::event_rows(&db, run).await, rows);
 
     let (_, state) = c.get(&run_url(&node, run, "/state")).await;
-    let agents: Vec<&str> = state["grafts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["agent"].as_str().unwrap())
-        .collect();
+    let agents = common::agents(&state);
     assert_eq!(
         agents,
         vec!["SecurityAgent", "PerformanceAgent"],

@@ -116,21 +116,39 @@ async fn sync(
     }
 }
 
-fn outcome_json(out: &MutationOutcome) -> serde_json::Map<String, Json> {
-    let mut m = serde_json::Map::new();
-    m.insert("changed".into(), json!(out.changed));
-    m.insert("lamport".into(), json!(out.lamport));
-    m.insert("heads".into(), json!(out.heads));
-    m
-}
-
-async fn mutate(
+/// Sends one mutation to the run and answers with its outcome (`changed`, `lamport`, `heads`)
+/// plus `fields`.
+async fn answer(
     app: &AppState,
     run_id: Uuid,
     mutation: Mutation,
     user: Option<String>,
-) -> Result<MutationOutcome, ApiError> {
-    Ok(app.runs.send(run_id, Mutate { mutation, user }).await??)
+    fields: impl FnOnce(&MutationOutcome) -> Vec<(&'static str, Json)>,
+) -> Result<serde_json::Map<String, Json>, ApiError> {
+    let out = app.runs.send(run_id, Mutate { mutation, user }).await??;
+    let mut body = serde_json::Map::new();
+    body.insert("changed".into(), json!(out.changed));
+    body.insert("lamport".into(), json!(out.lamport));
+    body.insert("heads".into(), json!(out.heads));
+    for (k, v) in fields(&out) {
+        body.insert(k.into(), v);
+    }
+    Ok(body)
+}
+
+#[derive(Deserialize)]
+struct UserQuery {
+    user: Option<String>,
+}
+
+impl UserQuery {
+    /// Removals take the user as an optional query parameter, for the log.
+    fn user(&self) -> Result<Option<String>, ApiError> {
+        self.user
+            .as_deref()
+            .map(|u| validate::name("user", Some(u)))
+            .transpose()
+    }
 }
 
 #[derive(Deserialize)]
@@ -167,9 +185,10 @@ async fn graft(
         after_step,
         user: user.clone(),
     };
-    let out = mutate(&app, run_id, mutation, Some(user)).await?;
-    let mut body = outcome_json(&out);
-    body.insert("graft".into(), json!(out.graft));
+    let body = answer(&app, run_id, mutation, Some(user), |out| {
+        vec![("graft", json!(out.graft))]
+    })
+    .await?;
     Ok(HttpResponse::Created().json(body))
 }
 
@@ -192,15 +211,11 @@ async fn prune(
         step_id: step_id.clone(),
         user: user.clone(),
     };
-    let out = mutate(&app, run_id, mutation, Some(user)).await?;
-    let mut body = outcome_json(&out);
-    body.insert("stepId".into(), json!(step_id));
+    let body = answer(&app, run_id, mutation, Some(user), |_| {
+        vec![("stepId", json!(step_id))]
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(body))
-}
-
-#[derive(Deserialize)]
-struct UserQuery {
-    user: Option<String>,
 }
 
 async fn unprune(
@@ -210,22 +225,13 @@ async fn unprune(
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path.0)?;
     let step_id = validate::name("stepId", Some(&path.1))?;
-    let user = query
-        .user
-        .as_deref()
-        .map(|u| validate::name("user", Some(u)))
-        .transpose()?;
-    let out = mutate(
-        &app,
-        run_id,
-        Mutation::Unprune {
-            step_id: step_id.clone(),
-        },
-        user,
-    )
+    let mutation = Mutation::Unprune {
+        step_id: step_id.clone(),
+    };
+    let body = answer(&app, run_id, mutation, query.user()?, |_| {
+        vec![("stepId", json!(step_id))]
+    })
     .await?;
-    let mut body = outcome_json(&out);
-    body.insert("stepId".into(), json!(step_id));
     Ok(HttpResponse::Ok().json(body))
 }
 
@@ -254,19 +260,14 @@ async fn set_flag(
         .ok_or_else(|| ApiError::invalid("value", "is required (any JSON value)"))?;
     validate::json_depth("value", &value)?;
     let user = validate::name("user", body.user.as_deref())?;
-    let out = mutate(
-        &app,
-        run_id,
-        Mutation::SetFlag {
-            key: key.clone(),
-            value: value.clone(),
-        },
-        Some(user),
-    )
+    let mutation = Mutation::SetFlag {
+        key: key.clone(),
+        value: value.clone(),
+    };
+    let body = answer(&app, run_id, mutation, Some(user), |_| {
+        vec![("key", json!(key)), ("value", value)]
+    })
     .await?;
-    let mut body = outcome_json(&out);
-    body.insert("key".into(), json!(key));
-    body.insert("value".into(), value);
     Ok(HttpResponse::Ok().json(body))
 }
 
@@ -277,19 +278,10 @@ async fn delete_flag(
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path.0)?;
     let key = validate::name("key", Some(&path.1))?;
-    let user = query
-        .user
-        .as_deref()
-        .map(|u| validate::name("user", Some(u)))
-        .transpose()?;
-    let out = mutate(
-        &app,
-        run_id,
-        Mutation::DeleteFlag { key: key.clone() },
-        user,
-    )
+    let mutation = Mutation::DeleteFlag { key: key.clone() };
+    let body = answer(&app, run_id, mutation, query.user()?, |_| {
+        vec![("key", json!(key))]
+    })
     .await?;
-    let mut body = outcome_json(&out);
-    body.insert("key".into(), json!(key));
     Ok(HttpResponse::Ok().json(body))
 }

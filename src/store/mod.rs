@@ -61,6 +61,27 @@ pub struct StoredEvent {
     pub lamport: Option<i64>,
 }
 
+/// The columns `events_after` selects, in order; both backends read them the same way.
+type EventColumns = (
+    Option<i64>,
+    String,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<i64>,
+);
+
+impl From<EventColumns> for StoredEvent {
+    fn from((run_seq, event_type, payload, crdt_changes, lamport): EventColumns) -> Self {
+        StoredEvent {
+            run_seq,
+            event_type,
+            payload,
+            crdt_changes,
+            lamport,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub id: Uuid,

@@ -12,7 +12,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::schema::pg::{collaboration_events as ev, crdt_snapshots as snap};
-use super::{pool_error, NewEvent, Snapshot, Store, StoreError, StoredEvent};
+use super::{pool_error, EventColumns, NewEvent, Snapshot, Store, StoreError, StoredEvent};
 
 pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
@@ -158,25 +158,8 @@ impl Store for PgStore {
         } else {
             query
         };
-        let rows: Vec<(
-            Option<i64>,
-            String,
-            Option<String>,
-            Option<Vec<u8>>,
-            Option<i64>,
-        )> = query.load(&mut conn).await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(run_seq, event_type, payload, crdt_changes, lamport)| StoredEvent {
-                    run_seq,
-                    event_type,
-                    payload,
-                    crdt_changes,
-                    lamport,
-                },
-            )
-            .collect())
+        let rows: Vec<EventColumns> = query.load(&mut conn).await?;
+        Ok(rows.into_iter().map(StoredEvent::from).collect())
     }
 
     async fn save_snapshot(&self, s: &Snapshot, keep: usize) -> Result<(), StoreError> {

@@ -18,7 +18,7 @@ use futures_util::FutureExt;
 use uuid::Uuid;
 
 use super::schema::sqlite::{collaboration_events as ev, crdt_snapshots as snap};
-use super::{pool_error, NewEvent, Snapshot, Store, StoreError, StoredEvent};
+use super::{pool_error, EventColumns, NewEvent, Snapshot, Store, StoreError, StoredEvent};
 
 type Conn = SyncConnectionWrapper<SqliteConnection>;
 
@@ -171,25 +171,8 @@ impl Store for SqliteStore {
         if after_seq > 0 {
             query = query.filter(ev::run_seq.gt(after_seq));
         }
-        let rows: Vec<(
-            Option<i64>,
-            String,
-            Option<String>,
-            Option<Vec<u8>>,
-            Option<i64>,
-        )> = query.load(&mut conn).await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(run_seq, event_type, payload, crdt_changes, lamport)| StoredEvent {
-                    run_seq,
-                    event_type,
-                    payload,
-                    crdt_changes,
-                    lamport,
-                },
-            )
-            .collect())
+        let rows: Vec<EventColumns> = query.load(&mut conn).await?;
+        Ok(rows.into_iter().map(StoredEvent::from).collect())
     }
 
     async fn save_snapshot(&self, s: &Snapshot, keep: usize) -> Result<(), StoreError> {

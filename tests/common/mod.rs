@@ -260,6 +260,18 @@ pub fn run_url(node: &Node, run: uuid::Uuid, rest: &str) -> String {
     node.url(&format!("/api/crdt/runs/{run}{rest}"))
 }
 
+/// The agents of a state's grafts, in the order the state lists them.
+pub fn agents(state: &Value) -> Vec<String> {
+    state["grafts"]
+        .as_array()
+        .map(|gs| {
+            gs.iter()
+                .filter_map(|g| g["agent"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The value of a Prometheus sample line `name{labels} value` (or `name value`).
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
