@@ -16,6 +16,8 @@ pub struct Metrics {
     pub lamport_clock: IntGaugeVec,
     pub runs_loaded: IntGauge,
     pub snapshot_failures: prometheus::IntCounter,
+    /// Appends carried by each event-log transaction (group commit at work).
+    pub commit_batch: Histogram,
 }
 
 impl Metrics {
@@ -50,6 +52,14 @@ impl Metrics {
             "crdt_snapshot_failures_total",
             "Snapshots that failed to be written",
         )?;
+        let commit_batch = Histogram::with_opts(
+            HistogramOpts::new(
+                "crdt_commit_batch_appends",
+                "Appends carried by each event-log transaction",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )?;
+        registry.register(Box::new(commit_batch.clone()))?;
         registry.register(Box::new(sync_messages.clone()))?;
         registry.register(Box::new(sync_failures.clone()))?;
         registry.register(Box::new(snapshot_size.clone()))?;
@@ -70,6 +80,7 @@ impl Metrics {
             lamport_clock,
             runs_loaded,
             snapshot_failures,
+            commit_batch,
         })
     }
 }

@@ -294,7 +294,50 @@ async fn a_retried_graft_is_stored_once(backend: Backend) {
     assert_eq!(db::event_rows(&db, run).await, 1);
 }
 
+/// 64 clients writing at once to 64 runs: every write is acknowledged and stored, and
+/// transactions carry several appends (group commit), as the batch histogram shows.
+async fn concurrent_writes_share_transactions(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let node = Node::spawn(&db, &[]);
+    let runs: Vec<Uuid> = (0..64).map(|_| Uuid::new_v4()).collect();
+    let mut tasks = Vec::new();
+    for run in runs.clone() {
+        let url = run_url(&node, run, "/flags/n");
+        tasks.push(tokio::spawn(async move {
+            let c = Client::new();
+            for i in 0..20 {
+                let (s, body) = c.put(&url, &json!({"value": i, "user": "u"})).await;
+                assert_eq!(s, 200, "{body}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for run in &runs {
+        assert_eq!(db::event_rows(&db, *run).await, 20);
+    }
+    let text = Client::new().text(&node.url("/actuator/prometheus")).await;
+    let single = common::metric(&text, "crdt_commit_batch_appends_bucket{le=\"1\"}").unwrap();
+    let transactions = common::metric(&text, "crdt_commit_batch_appends_count").unwrap();
+    let appends = common::metric(&text, "crdt_commit_batch_appends_sum").unwrap();
+    assert_eq!(
+        appends,
+        64.0 * 20.0,
+        "every append went through the group committer"
+    );
+    assert!(
+        transactions < appends,
+        "{transactions} transactions for {appends} appends"
+    );
+    assert!(
+        single < transactions,
+        "some transaction carried more than one append"
+    );
+}
+
 both_backends!(
+    concurrent_writes_share_transactions,
     refused_writes_are_never_acknowledged_or_resurrected,
     a_retried_graft_is_stored_once,
     restart_serves_identical_state_and_continues_the_clock,

@@ -108,7 +108,8 @@ impl Runs {
         arbiters: usize,
         committers: usize,
     ) -> Self {
-        let committer = GroupCommitter::start(store.clone(), committers);
+        let committer =
+            GroupCommitter::start(store.clone(), committers, metrics.commit_batch.clone());
         let snapshots = {
             let store = store.clone();
             let config = config.clone();

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use prometheus::Histogram;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::{NewEvent, Store, StoreError};
@@ -29,12 +30,17 @@ pub struct GroupCommitter {
 const MAX_BATCH_EVENTS: usize = 4096;
 
 impl GroupCommitter {
-    /// Starts `committers` tasks on the current runtime.
-    pub fn start(store: Arc<dyn Store>, committers: usize) -> Self {
+    /// Starts `committers` tasks on the current runtime; `batch_sizes` observes how many
+    /// appends each transaction carried.
+    pub fn start(store: Arc<dyn Store>, committers: usize, batch_sizes: Histogram) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..committers.max(1) {
-            tokio::spawn(run_committer(store.clone(), rx.clone()));
+            tokio::spawn(run_committer(
+                store.clone(),
+                rx.clone(),
+                batch_sizes.clone(),
+            ));
         }
         GroupCommitter { queue }
     }
@@ -50,7 +56,11 @@ impl GroupCommitter {
     }
 }
 
-async fn run_committer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
+async fn run_committer(
+    store: Arc<dyn Store>,
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>,
+    batch_sizes: Histogram,
+) {
     loop {
         let batch = {
             let mut rx = rx.lock().await;
@@ -72,6 +82,7 @@ async fn run_committer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::UnboundedRecei
             .iter()
             .flat_map(|r| r.events.iter().cloned())
             .collect();
+        batch_sizes.observe(batch.len() as f64);
         let result = store.append(&events).await;
         match result {
             Ok(_) => {

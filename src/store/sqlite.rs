@@ -26,8 +26,9 @@ pub struct SqliteStore {
     pool: Pool<Conn>,
 }
 
-const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                       PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
+// busy_timeout first: the others may need a lock that a neighbouring connection holds.
+const PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
+                       PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;";
 
 #[derive(Insertable)]
 #[diesel(table_name = ev)]
@@ -83,41 +84,43 @@ impl SqliteStore {
     }
 }
 
+fn event_row(e: &NewEvent) -> EventRow<'_> {
+    EventRow {
+        run_id: e.run_id.as_bytes(),
+        event_type: &e.event_type,
+        payload: e.payload.as_deref(),
+        user_id: e.user_id.as_deref(),
+        created_at: e.created_at,
+        crdt_changes: Some(&e.crdt_changes),
+        source_region: Some(&e.source_region),
+        lamport_timestamp: Some(e.lamport),
+        run_seq: Some(e.run_seq),
+        change_hash: Some(&e.change_hash),
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, events: &[NewEvent]) -> Result<usize, StoreError> {
         if events.is_empty() {
             return Ok(0);
         }
-        let run_ids: Vec<[u8; 16]> = events.iter().map(|e| *e.run_id.as_bytes()).collect();
-        let rows: Vec<EventRow<'_>> = events
-            .iter()
-            .zip(&run_ids)
-            .map(|(e, run_id)| EventRow {
-                run_id,
-                event_type: &e.event_type,
-                payload: e.payload.as_deref(),
-                user_id: e.user_id.as_deref(),
-                created_at: e.created_at,
-                crdt_changes: Some(&e.crdt_changes),
-                source_region: Some(&e.source_region),
-                lamport_timestamp: Some(e.lamport),
-                run_seq: Some(e.run_seq),
-                change_hash: Some(&e.change_hash),
-            })
-            .collect();
+        let events = events.to_vec();
         let mut conn = self.pool.get().await.map_err(pool_error)?;
+        // The whole transaction in one blocking task: SQLite is in-process, so a hop to the
+        // blocking pool per statement would cost more than the inserts themselves.
         let inserted = conn
-            .transaction(async |c| {
-                let mut n = 0;
-                for row in &rows {
-                    n += diesel::insert_into(ev::table)
-                        .values(row)
-                        .on_conflict_do_nothing()
-                        .execute(c)
-                        .await?;
-                }
-                Ok::<_, diesel::result::Error>(n)
+            .spawn_blocking(move |c| {
+                diesel::Connection::transaction(c, |c| {
+                    let mut n = 0;
+                    for e in &events {
+                        let insert = diesel::insert_into(ev::table)
+                            .values(event_row(e))
+                            .on_conflict_do_nothing();
+                        n += diesel::RunQueryDsl::execute(insert, c)?;
+                    }
+                    Ok::<_, diesel::result::Error>(n)
+                })
             })
             .await?;
         Ok(inserted)
