@@ -336,7 +336,49 @@ async fn concurrent_writes_share_transactions(backend: Backend) {
     );
 }
 
+/// A run loaded with more events than the snapshot interval since its last snapshot gets one
+/// at once, and that snapshot holds the whole run: loading from it alone gives the same state.
+async fn a_snapshot_taken_right_after_loading_is_complete(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let mut node = Node::spawn(&db, &[("CRDT_SNAPSHOT_EVERY", "1000")]);
+    for i in 0..30 {
+        flag(&c, &node, run, &format!("k{i}"), json!(i)).await;
+    }
+    let before = state(&c, &node, run).await;
+    node.kill();
+    assert!(db::snapshot_positions(&db, run).await.is_empty());
+
+    let mut node = Node::spawn(&db, &[("CRDT_SNAPSHOT_EVERY", "10")]);
+    assert_eq!(state(&c, &node, run).await, before);
+    assert_eq!(snapshots_reaching(&db, run, 30).await, vec![30]);
+    assert_eq!(
+        db::snapshot_lamports(&db, run).await,
+        vec![30],
+        "the snapshot records the clock"
+    );
+    node.kill();
+    // Only the snapshot is left to load from.
+    db::execute(
+        &db,
+        &format!(
+            "DELETE FROM collaboration_events WHERE run_id = {}",
+            db::run_literal(&db, run)
+        ),
+    )
+    .await;
+    let node = Node::spawn(&db, &[]);
+    assert_eq!(state(&c, &node, run).await, before);
+    assert!(
+        !node.log_text().contains("does not load"),
+        "{}",
+        node.log_text()
+    );
+}
+
 both_backends!(
+    a_snapshot_taken_right_after_loading_is_complete,
     concurrent_writes_share_transactions,
     refused_writes_are_never_acknowledged_or_resurrected,
     a_retried_graft_is_stored_once,

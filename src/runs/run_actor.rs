@@ -311,8 +311,12 @@ impl Actor for RunActor {
                         act.last_seq = loaded.last_seq;
                         act.committed_seq = loaded.last_seq;
                         act.snapshot_seq = loaded.snapshot_seq;
-                        act.lamport_gauge(loaded.doc.lamport());
-                        act.doc = Some(loaded.doc);
+                        let mut doc = loaded.doc;
+                        act.lamport_gauge(doc.lamport());
+                        // All that was loaded is durable: it is what a snapshot may hold.
+                        act.committed_heads = doc.heads();
+                        act.committed_lamport = doc.lamport();
+                        act.doc = Some(doc);
                         act.report_event_count(ctx);
                     }
                     Err(e) => {
@@ -339,9 +343,12 @@ impl Actor for RunActor {
         self.runs.forget(self.run_id, self.incarnation);
         let metrics = &self.runs.inner.metrics;
         metrics.runs_loaded.dec();
-        let _ = metrics
-            .lamport_clock
-            .remove_label_values(&[&self.run_id.to_string()]);
+        // A newer incarnation may already be serving the run; its series stays.
+        if !self.runs.is_loaded(self.run_id) {
+            let _ = metrics
+                .lamport_clock
+                .remove_label_values(&[&self.run_id.to_string()]);
+        }
     }
 }
 
@@ -482,12 +489,14 @@ impl Handler<CaptureSnapshot> for RunActor {
     type Result = Result<Capture, RunError>;
 
     fn handle(&mut self, _: CaptureSnapshot, _: &mut Self::Context) -> Self::Result {
-        let event_count = self.committed_seq;
-        let doc = self.doc()?;
+        // Only what is committed: writes in flight may yet be refused, and a snapshot holding
+        // one would bring it back after it was refused.
+        let heads = self.committed_heads.clone();
+        let data = self.doc()?.save_at(&heads)?;
         Ok(Capture {
-            data: doc.save(),
-            lamport: doc.lamport(),
-            event_count,
+            data,
+            lamport: self.committed_lamport,
+            event_count: self.committed_seq,
         })
     }
 }

@@ -337,6 +337,34 @@ pub mod db {
         }
     }
 
+    /// `lamport_timestamp` of each stored snapshot of the run, newest first.
+    pub async fn snapshot_lamports(db: &TestDb, run: Uuid) -> Vec<i64> {
+        match db.backend {
+            Backend::Postgres => {
+                use schema::pg::crdt_snapshots::dsl::*;
+                let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
+                crdt_snapshots
+                    .filter(run_id.eq(run))
+                    .order(event_count.desc())
+                    .select(lamport_timestamp)
+                    .load(&mut c)
+                    .await
+                    .unwrap()
+            }
+            Backend::Sqlite => {
+                use schema::sqlite::crdt_snapshots::dsl::*;
+                diesel::RunQueryDsl::load(
+                    crdt_snapshots
+                        .filter(run_id.eq(run.as_bytes().to_vec()))
+                        .order(event_count.desc())
+                        .select(lamport_timestamp),
+                    &mut sqlite(db),
+                )
+                .unwrap()
+            }
+        }
+    }
+
     /// Number of event rows of the run.
     pub async fn event_rows(db: &TestDb, run: Uuid) -> i64 {
         match db.backend {
