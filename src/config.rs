@@ -98,6 +98,13 @@ pub struct SnapshotSettings {
     pub every_events: u64,
     #[serde(default = "default_keep")]
     pub keep: usize,
+    /// A run is snapshotted at most this often, however fast it is written.
+    #[serde(default = "default_min_interval")]
+    pub min_interval_ms: u64,
+}
+
+fn default_min_interval() -> u64 {
+    1000
 }
 
 fn default_every() -> u64 {
@@ -113,6 +120,7 @@ impl Default for SnapshotSettings {
         SnapshotSettings {
             every_events: default_every(),
             keep: default_keep(),
+            min_interval_ms: default_min_interval(),
         }
     }
 }
@@ -170,6 +178,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_API_TOKEN", "crdt.api.token"),
     ("CRDT_SNAPSHOT_EVERY", "crdt.snapshot.every-events"),
     ("CRDT_SNAPSHOT_KEEP", "crdt.snapshot.keep"),
+    (
+        "CRDT_SNAPSHOT_MIN_INTERVAL_MS",
+        "crdt.snapshot.min-interval-ms",
+    ),
     ("CRDT_RUN_IDLE_SECS", "crdt.runs.idle-timeout-secs"),
     ("DATABASE_URL", "database.url"),
     ("DATABASE_POOL_SIZE", "database.pool-size"),

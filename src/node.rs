@@ -55,6 +55,9 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
             region: settings.crdt.region.clone(),
             snapshot_every: settings.crdt.snapshot.every_events,
             snapshot_keep: settings.crdt.snapshot.keep,
+            snapshot_min_interval: std::time::Duration::from_millis(
+                settings.crdt.snapshot.min_interval_ms,
+            ),
             idle_timeout: settings.idle_timeout(),
         },
         metrics.clone(),

@@ -78,13 +78,20 @@ async fn snapshot_plus_tail(backend: Backend) {
     let db = TestDb::new(backend).await;
     let c = Client::new();
     let run = Uuid::new_v4();
-    let mut node = Node::spawn(&db, &[("CRDT_SNAPSHOT_EVERY", "100")]);
+    let env = [
+        ("CRDT_SNAPSHOT_EVERY", "100"),
+        ("CRDT_SNAPSHOT_MIN_INTERVAL_MS", "0"),
+    ];
+    let mut node = Node::spawn(&db, &env);
+    // Pausing at each hundred lets each snapshot cover exactly the events written so far.
     for i in 0..250 {
         flag(&c, &node, run, &format!("k{}", i % 40), json!(i)).await;
+        if (i + 1) % 100 == 0 {
+            snapshots_reaching(&db, run, i + 1).await;
+        }
     }
     let before = state(&c, &node, run).await;
-    let positions = snapshots_reaching(&db, run, 200).await;
-    assert_eq!(positions, vec![200, 100]);
+    assert_eq!(db::snapshot_positions(&db, run).await, vec![200, 100]);
     node.kill();
 
     // Delete the events the snapshot covers: if loading still gives the whole state, it read
@@ -99,7 +106,7 @@ async fn snapshot_plus_tail(backend: Backend) {
     .await;
     assert_eq!(removed, 200);
     assert_eq!(db::event_rows(&db, run).await, 50);
-    let node = Node::spawn(&db, &[("CRDT_SNAPSHOT_EVERY", "100")]);
+    let node = Node::spawn(&db, &env);
     let after = state(&c, &node, run).await;
     assert_eq!(before, after);
     assert_eq!(after["lamport"], 250);
@@ -111,16 +118,47 @@ async fn snapshots_keep_the_newest(backend: Backend) {
     let db = TestDb::new(backend).await;
     let c = Client::new();
     let run = Uuid::new_v4();
-    let node = Node::spawn(
-        &db,
-        &[("CRDT_SNAPSHOT_EVERY", "5"), ("CRDT_SNAPSHOT_KEEP", "3")],
-    );
+    let env = [
+        ("CRDT_SNAPSHOT_EVERY", "5"),
+        ("CRDT_SNAPSHOT_KEEP", "3"),
+        ("CRDT_SNAPSHOT_MIN_INTERVAL_MS", "0"),
+    ];
+    let node = Node::spawn(&db, &env);
+    for i in 0..40 {
+        flag(&c, &node, run, "k", json!(i)).await;
+        if (i + 1) % 5 == 0 {
+            snapshots_reaching(&db, run, i + 1).await;
+        }
+    }
+    assert_eq!(db::snapshot_positions(&db, run).await, vec![40, 35, 30]);
+}
+
+/// A hot run is snapshotted at most once per minimum interval, and the snapshot it is due comes
+/// when the interval ends, even if no more writes arrive.
+async fn hot_runs_are_snapshotted_at_most_once_per_interval(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let env = [
+        ("CRDT_SNAPSHOT_EVERY", "5"),
+        ("CRDT_SNAPSHOT_MIN_INTERVAL_MS", "1500"),
+    ];
+    let node = Node::spawn(&db, &env);
+    let started = std::time::Instant::now();
     for i in 0..40 {
         flag(&c, &node, run, "k", json!(i)).await;
     }
-    let positions = snapshots_reaching(&db, run, 40).await;
-    assert_eq!(positions.len(), 3, "{positions:?}");
-    assert!(positions.windows(2).all(|w| w[0] > w[1]), "{positions:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "the writes were too slow to test this"
+    );
+    let first = db::snapshot_positions(&db, run).await;
+    assert!(
+        first.len() <= 1,
+        "one snapshot per interval, not one per 5 events: {first:?}"
+    );
+    // The deferred snapshot arrives after the interval and covers everything.
+    assert_eq!(snapshots_reaching(&db, run, 40).await.first(), Some(&40));
 }
 
 /// A torn or corrupt newest snapshot is skipped; the run is rebuilt from its log.
@@ -378,6 +416,7 @@ async fn a_snapshot_taken_right_after_loading_is_complete(backend: Backend) {
 }
 
 both_backends!(
+    hot_runs_are_snapshotted_at_most_once_per_interval,
     a_snapshot_taken_right_after_loading_is_complete,
     concurrent_writes_share_transactions,
     refused_writes_are_never_acknowledged_or_resurrected,

@@ -490,14 +490,6 @@ impl RunDoc {
     pub fn save(&mut self) -> Vec<u8> {
         self.doc.save()
     }
-
-    /// The document as it was at `heads`, in Automerge's compact form.
-    pub fn save_at(&mut self, heads: &[ChangeHash]) -> Result<Vec<u8>, DocError> {
-        if self.doc.get_heads() == heads {
-            return Ok(self.doc.save());
-        }
-        Ok(self.doc.fork_at(heads)?.save())
-    }
 }
 
 /// The largest Lamport timestamp accepted: JavaScript's largest safe integer. A stamp beyond it

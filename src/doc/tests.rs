@@ -586,18 +586,3 @@ fn replay_applies_what_it_can_and_returns_the_rest() {
     assert_eq!(rejected[0].hash(), second[0].hash());
     assert!(b.state().grafts.is_empty());
 }
-
-#[test]
-fn save_at_holds_only_the_changes_up_to_those_heads() {
-    let run = Uuid::new_v4();
-    let mut a = RunDoc::new(run, "r");
-    a.apply(&graft("durable", "S", "u"), T0).unwrap();
-    let committed = a.heads();
-    a.apply(&graft("in-flight", "S", "u"), T0).unwrap();
-    let at = RunDoc::load(run, "r", &a.save_at(&committed).unwrap()).unwrap().state();
-    assert_eq!(at.grafts.len(), 1);
-    assert_eq!(at.grafts[0].agent, "durable");
-    let now = a.heads();
-    let all = RunDoc::load(run, "r", &a.save_at(&now).unwrap()).unwrap().state();
-    assert_eq!(all.grafts.len(), 2);
-}

@@ -23,8 +23,7 @@ use crate::metrics::Metrics;
 use crate::store::{GroupCommitter, Store};
 
 pub use run_actor::{
-    ApplySync, CaptureSnapshot, GetChanges, GetState, Mutate, MutationOutcome, RunActor,
-    SyncOutcome,
+    ApplySync, GetChanges, GetState, Mutate, MutationOutcome, RunActor, SyncOutcome,
 };
 pub use snapshot_actor::SnapshotActor;
 
@@ -34,6 +33,7 @@ pub struct RunsConfig {
     pub region: String,
     pub snapshot_every: u64,
     pub snapshot_keep: usize,
+    pub snapshot_min_interval: Duration,
     pub idle_timeout: Duration,
 }
 
@@ -110,11 +110,16 @@ impl Runs {
     ) -> Self {
         let committer =
             GroupCommitter::start(store.clone(), committers, metrics.commit_batch.clone());
+        // On a thread of its own: building a snapshot is CPU work that must not delay the
+        // group committer or the HTTP accept loop on the system thread.
         let snapshots = {
             let store = store.clone();
             let config = config.clone();
             let metrics = metrics.clone();
-            Supervisor::start(move |_| SnapshotActor::new(store, config, metrics))
+            let thread = Arbiter::new();
+            Supervisor::start_in_arbiter(&thread.handle(), move |_| {
+                SnapshotActor::new(store, config, metrics)
+            })
         };
         let arbiters = (0..arbiters.max(1))
             .map(|_| Arbiter::new().handle())

@@ -65,19 +65,6 @@ pub struct GetChanges {
     pub heads: Vec<ChangeHash>,
 }
 
-/// Asks for the document's bytes for a snapshot (from the snapshot actor).
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<Capture, RunError>")]
-pub struct CaptureSnapshot;
-
-#[derive(Debug)]
-pub struct Capture {
-    pub data: Vec<u8>,
-    pub lamport: u64,
-    /// `run_seq` of the last committed event; the snapshot covers the log up to here.
-    pub event_count: i64,
-}
-
 /// Tells the actor a snapshot covering the log up to `event_count` is stored.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
@@ -92,9 +79,6 @@ struct PendingWrite {
     changes: Vec<Change>,
     origin: Origin,
     reply: Reply,
-    /// The document's heads and clock once this write was applied: what is durable when it is.
-    heads_after: Vec<ChangeHash>,
-    lamport_after: u64,
 }
 
 pub struct RunActor {
@@ -106,9 +90,10 @@ pub struct RunActor {
     /// `run_seq` of the last event handed to the log (committed or in flight).
     last_seq: i64,
     committed_seq: i64,
-    committed_heads: Vec<ChangeHash>,
-    committed_lamport: u64,
     snapshot_seq: i64,
+    /// When the last snapshot was asked for, and whether a delayed ask is scheduled.
+    last_snapshot_at: Option<Instant>,
+    snapshot_timer: bool,
     pending: Vec<PendingWrite>,
     in_flight: bool,
     last_active: Instant,
@@ -124,8 +109,8 @@ impl RunActor {
             failed: None,
             last_seq: 0,
             committed_seq: 0,
-            committed_heads: Vec::new(),
-            committed_lamport: 0,
+            last_snapshot_at: None,
+            snapshot_timer: false,
             snapshot_seq: 0,
             pending: Vec::new(),
             in_flight: false,
@@ -167,10 +152,7 @@ impl RunActor {
             let _ = reply.send(Ok(()));
             return done;
         }
-        let (heads_after, lamport_after) = match self.doc.as_mut() {
-            Some(d) => (d.heads(), d.lamport()),
-            None => (Vec::new(), 0),
-        };
+        let lamport_after = self.doc.as_ref().map_or(0, |d| d.lamport());
         let region = match &origin {
             Origin::Local => self.runs.inner.config.region.clone(),
             Origin::Remote { source_region } => source_region.clone(),
@@ -204,8 +186,6 @@ impl RunActor {
             changes,
             origin,
             reply,
-            heads_after,
-            lamport_after,
         });
         if !self.in_flight {
             self.flush(ctx);
@@ -245,10 +225,6 @@ impl RunActor {
     }
 
     fn on_committed(&mut self, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
-        if let Some(last) = batch.last() {
-            self.committed_heads = last.heads_after.clone();
-            self.committed_lamport = last.lamport_after;
-        }
         let lamport = self.doc.as_ref().map_or(0, |d| d.lamport());
         self.lamport_gauge(lamport);
         for write in batch {
@@ -267,18 +243,34 @@ impl RunActor {
     }
 
     /// Tells the snapshot actor how many events are logged since the last snapshot.
-    fn report_event_count(&self, ctx: &mut Context<Self>) {
+    /// A hot run is snapshotted at most once per `snapshot_min_interval`: a full snapshot costs
+    /// time in proportion to the whole run, and more often than that buys little recovery.
+    fn report_event_count(&mut self, ctx: &mut Context<Self>) {
+        let config = &self.runs.inner.config;
         let since_snapshot = self.committed_seq - self.snapshot_seq;
-        if since_snapshot >= self.runs.inner.config.snapshot_every as i64 {
-            self.runs
-                .inner
-                .snapshots
-                .do_send(super::snapshot_actor::EventCount {
-                    run_id: self.run_id,
-                    since_snapshot,
-                    run: ctx.address(),
-                });
+        if since_snapshot < config.snapshot_every as i64 || self.snapshot_timer {
+            return;
         }
+        let wait = self.last_snapshot_at.map_or(Duration::ZERO, |t| {
+            config.snapshot_min_interval.saturating_sub(t.elapsed())
+        });
+        if !wait.is_zero() {
+            self.snapshot_timer = true;
+            ctx.run_later(wait, |act, ctx| {
+                act.snapshot_timer = false;
+                act.report_event_count(ctx);
+            });
+            return;
+        }
+        self.last_snapshot_at = Some(Instant::now());
+        self.runs
+            .inner
+            .snapshots
+            .do_send(super::snapshot_actor::EventCount {
+                run_id: self.run_id,
+                since_snapshot,
+                run: ctx.address(),
+            });
     }
 
     /// Refuses every uncommitted write and stops; see the module comment.
@@ -311,11 +303,8 @@ impl Actor for RunActor {
                         act.last_seq = loaded.last_seq;
                         act.committed_seq = loaded.last_seq;
                         act.snapshot_seq = loaded.snapshot_seq;
-                        let mut doc = loaded.doc;
+                        let doc = loaded.doc;
                         act.lamport_gauge(doc.lamport());
-                        // All that was loaded is durable: it is what a snapshot may hold.
-                        act.committed_heads = doc.heads();
-                        act.committed_lamport = doc.lamport();
                         act.doc = Some(doc);
                         act.report_event_count(ctx);
                     }
@@ -482,22 +471,6 @@ impl Handler<GetChanges> for RunActor {
         let changes = doc.changes_since(&msg.heads);
         let heads = doc.heads().iter().map(|h| h.to_string()).collect();
         Ok((concat_changes(&changes), changes.len(), heads))
-    }
-}
-
-impl Handler<CaptureSnapshot> for RunActor {
-    type Result = Result<Capture, RunError>;
-
-    fn handle(&mut self, _: CaptureSnapshot, _: &mut Self::Context) -> Self::Result {
-        // Only what is committed: writes in flight may yet be refused, and a snapshot holding
-        // one would bring it back after it was refused.
-        let heads = self.committed_heads.clone();
-        let data = self.doc()?.save_at(&heads)?;
-        Ok(Capture {
-            data,
-            lamport: self.committed_lamport,
-            event_count: self.committed_seq,
-        })
     }
 }
 

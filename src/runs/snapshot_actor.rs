@@ -1,9 +1,12 @@
 //! `SnapshotActor`: listens for event counts and writes full snapshots.
 //!
-//! Each committed append tells this actor how many events the run has logged since its last
-//! snapshot. At `snapshot_every` it asks the run for its document's bytes and writes them with
-//! the Lamport clock and the log position they cover, keeping the newest `snapshot_keep` per
-//! run. It holds no document itself, and one run never has two snapshots in progress.
+//! A run actor reports how many events it has committed since its last snapshot; at
+//! `snapshot_every` (and no sooner than `snapshot_min_interval` after the previous one) this actor
+//! writes a snapshot. It builds it from durable storage, the newest snapshot plus the events
+//! after it, not from the run's in-memory document. So a snapshot holds only committed changes,
+//! never a write still in flight that may yet be refused, and the run actor never pauses to
+//! serialize its document. The work runs on this actor's own thread. One run never has two
+//! snapshots in progress, and the newest `snapshot_keep` per run are kept.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,10 +14,10 @@ use std::sync::Arc;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use super::run_actor::{CaptureSnapshot, RunActor, SnapshotWritten};
-use super::{RunError, RunsConfig};
+use super::run_actor::{RunActor, SnapshotWritten};
+use super::{loader, RunsConfig};
 use crate::metrics::Metrics;
-use crate::store::{Snapshot, Store};
+use crate::store::{Snapshot, Store, StoreError};
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -53,14 +56,30 @@ impl Supervised for SnapshotActor {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum SnapshotError {
-    #[error(transparent)]
-    Run(#[from] RunError),
-    #[error("the run stopped before its snapshot was taken")]
-    RunGone,
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+/// Builds and stores a snapshot of what is durable; returns (events covered, bytes), or None
+/// when nothing new was committed since the newest snapshot.
+async fn snapshot_durable_state(
+    store: &dyn Store,
+    run_id: Uuid,
+    region: String,
+    keep: usize,
+) -> Result<Option<(i64, usize)>, StoreError> {
+    let loaded = loader::load(store, run_id, &region).await?;
+    if loaded.last_seq <= loaded.snapshot_seq {
+        return Ok(None);
+    }
+    let mut doc = loaded.doc;
+    let snapshot = Snapshot {
+        id: Uuid::new_v4(),
+        run_id,
+        lamport: i64::try_from(doc.lamport()).unwrap_or(i64::MAX),
+        region,
+        created_at: chrono::Utc::now().naive_utc(),
+        event_count: i32::try_from(loaded.last_seq).unwrap_or(i32::MAX),
+        data: doc.save(),
+    };
+    store.save_snapshot(&snapshot, keep).await?;
+    Ok(Some((loaded.last_seq, snapshot.data.len())))
 }
 
 impl Handler<EventCount> for SnapshotActor {
@@ -75,35 +94,18 @@ impl Handler<EventCount> for SnapshotActor {
         let store = self.store.clone();
         let region = self.config.region.clone();
         let keep = self.config.snapshot_keep;
-        let run_id = msg.run_id;
-        let run = msg.run;
-        let work = async move {
-            let capture = run
-                .send(CaptureSnapshot)
-                .await
-                .map_err(|_| SnapshotError::RunGone)??;
-            let snapshot = Snapshot {
-                id: Uuid::new_v4(),
-                run_id,
-                lamport: i64::try_from(capture.lamport).unwrap_or(i64::MAX),
-                region,
-                created_at: chrono::Utc::now().naive_utc(),
-                event_count: i32::try_from(capture.event_count).unwrap_or(i32::MAX),
-                data: capture.data,
-            };
-            store.save_snapshot(&snapshot, keep).await?;
-            run.do_send(SnapshotWritten {
-                event_count: capture.event_count,
-            });
-            Ok::<usize, SnapshotError>(snapshot.data.len())
-        };
+        let (run_id, run) = (msg.run_id, msg.run);
+        let work =
+            async move { snapshot_durable_state(store.as_ref(), run_id, region, keep).await };
         ctx.spawn(work.into_actor(self).map(move |result, act, _| {
             act.in_progress.remove(&run_id);
             match result {
-                Ok(size) => {
+                Ok(Some((event_count, size))) => {
                     act.metrics.snapshot_size.observe(size as f64);
-                    log::debug!("run {run_id}: snapshot of {size} bytes written");
+                    run.do_send(SnapshotWritten { event_count });
+                    log::debug!("run {run_id}: snapshot of {size} bytes at event {event_count}");
                 }
+                Ok(None) => {}
                 Err(e) => {
                     act.metrics.snapshot_failures.inc();
                     log::warn!("run {run_id}: snapshot failed: {e}");
