@@ -415,7 +415,120 @@ async fn a_snapshot_taken_right_after_loading_is_complete(backend: Backend) {
     );
 }
 
+/// A corrupt newest snapshot is passed over for the one before it (not for the whole log).
+async fn a_corrupt_newest_snapshot_falls_back_to_the_previous_one(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let env = [
+        ("CRDT_SNAPSHOT_EVERY", "10"),
+        ("CRDT_SNAPSHOT_MIN_INTERVAL_MS", "0"),
+    ];
+    let mut node = Node::spawn(&db, &env);
+    for i in 0..25 {
+        flag(&c, &node, run, &format!("k{i}"), json!(i)).await;
+        if (i + 1) % 10 == 0 {
+            snapshots_reaching(&db, run, i + 1).await;
+        }
+    }
+    let before = state(&c, &node, run).await;
+    node.kill();
+    let torn = match backend {
+        Backend::Postgres => "substring(snapshot_data from 1 for 20)",
+        Backend::Sqlite => "substr(snapshot_data, 1, 20)",
+    };
+    let literal = db::run_literal(&db, run);
+    db::execute(
+        &db,
+        &format!("UPDATE crdt_snapshots SET snapshot_data = {torn} WHERE event_count = 20"),
+    )
+    .await;
+    // Without the events the older snapshot covers, only that snapshot can give the state.
+    db::execute(
+        &db,
+        &format!("DELETE FROM collaboration_events WHERE run_id = {literal} AND run_seq <= 10"),
+    )
+    .await;
+    let node = Node::spawn(&db, &env);
+    assert_eq!(state(&c, &node, run).await, before);
+    assert!(
+        node.log_text().contains("trying an older one"),
+        "{}",
+        node.log_text()
+    );
+}
+
+/// A read that arrives while a write is being committed answers once that write is durable,
+/// and if the write is refused, the read is refused too: no reply ever shows a change that
+/// may yet vanish. (PostgreSQL only: the test slows commits down with a trigger.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_wait_until_what_they_show_is_durable() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let node = Node::spawn(&db, &[]);
+    let graft = |agent: &str| json!({"agent": agent, "afterStep": "S", "user": "u"});
+    let (s, _) = c
+        .post(&run_url(&node, run, "/grafts"), &graft("first"))
+        .await;
+    assert_eq!(s, 201);
+
+    let slow = "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$ LANGUAGE plpgsql";
+    db::execute(&db, slow).await;
+    db::execute(
+        &db,
+        "CREATE TRIGGER slow BEFORE INSERT ON collaboration_events EXECUTE FUNCTION slow()",
+    )
+    .await;
+    let writer = {
+        let (c, url) = (c.clone(), run_url(&node, run, "/grafts"));
+        tokio::spawn(async move { c.post(&url, &graft("slow")).await.0 })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let asked = std::time::Instant::now();
+    let st = state(&c, &node, run).await;
+    assert!(
+        asked.elapsed() >= std::time::Duration::from_millis(400),
+        "answered before the write was durable"
+    );
+    assert_eq!(common::agents(&st), vec!["first", "slow"]);
+    assert_eq!(writer.await.unwrap(), 201);
+    db::execute(&db, "DROP TRIGGER slow ON collaboration_events").await;
+
+    let doomed = "CREATE FUNCTION doomed() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1); RAISE EXCEPTION 'injected'; END $$ LANGUAGE plpgsql";
+    db::execute(&db, doomed).await;
+    db::execute(
+        &db,
+        "CREATE TRIGGER doomed BEFORE INSERT ON collaboration_events EXECUTE FUNCTION doomed()",
+    )
+    .await;
+    let writer = {
+        let (c, url) = (c.clone(), run_url(&node, run, "/grafts"));
+        tokio::spawn(async move { c.post(&url, &graft("doomed")).await.0 })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (state_url, changes_url) = (
+        run_url(&node, run, "/state"),
+        run_url(&node, run, "/changes"),
+    );
+    let ((state_status, _), (changes_status, _)) =
+        tokio::join!(c.get(&state_url), c.get(&changes_url));
+    assert_eq!(writer.await.unwrap(), 503);
+    db::execute(&db, "DROP TRIGGER doomed ON collaboration_events").await;
+    assert_eq!(
+        state_status, 503,
+        "a state that showed the refused write must not be served"
+    );
+    assert_eq!(
+        changes_status, 503,
+        "a refused change must not be handed to another replica"
+    );
+    let st = state(&c, &node, run).await;
+    assert_eq!(common::agents(&st), vec!["first", "slow"]);
+}
+
 both_backends!(
+    a_corrupt_newest_snapshot_falls_back_to_the_previous_one,
     hot_runs_are_snapshotted_at_most_once_per_interval,
     a_snapshot_taken_right_after_loading_is_complete,
     concurrent_writes_share_transactions,

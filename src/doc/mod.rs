@@ -18,7 +18,7 @@ mod genesis;
 mod json;
 mod state;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use automerge::{
     transaction::{CommitOptions, Transactable},
@@ -428,40 +428,54 @@ impl RunDoc {
     }
 
     /// Splits `changes` into (new ones in dependency order, new ones whose dependencies are
-    /// missing, count of duplicates).
+    /// missing, count of duplicates). A topological sort (Kahn's), linear in the batch, so a
+    /// large batch in reverse order costs no more than one in order.
     fn order_new_changes(&mut self, changes: Vec<Change>) -> (Vec<Change>, Vec<Change>, usize) {
         let total = changes.len();
-        let mut seen = HashSet::new();
-        let mut pending: Vec<Change> = Vec::with_capacity(total);
+        let mut index: HashMap<ChangeHash, usize> = HashMap::with_capacity(total);
+        let mut pending: Vec<Option<Change>> = Vec::with_capacity(total);
         for c in changes {
-            if seen.insert(c.hash()) && !self.has(&c.hash()) {
-                pending.push(c);
+            let hash = c.hash();
+            if !index.contains_key(&hash) && !self.has(&hash) {
+                index.insert(hash, pending.len());
+                pending.push(Some(c));
             }
         }
         let duplicates = total - pending.len();
-        let mut ready: HashSet<ChangeHash> = HashSet::new();
-        let mut ordered = Vec::with_capacity(pending.len());
-        while !pending.is_empty() {
-            let before = pending.len();
-            let mut rest = Vec::new();
-            for change in pending {
-                let deps_met = change
-                    .deps()
-                    .iter()
-                    .all(|d| ready.contains(d) || self.has(d));
-                if deps_met {
-                    ready.insert(change.hash());
-                    ordered.push(change);
-                } else {
-                    rest.push(change);
+        // For each change: how many of its dependencies are in the batch and not yet ordered,
+        // and whether one is neither here nor in the batch.
+        let mut unmet = vec![0usize; pending.len()];
+        let mut missing = vec![false; pending.len()];
+        let mut children: Vec<Vec<usize>> = vec![Vec::new(); pending.len()];
+        for (i, change) in pending.iter().enumerate() {
+            for dep in change.as_ref().map_or(&[][..], |c| c.deps()) {
+                match index.get(dep) {
+                    Some(&j) => {
+                        unmet[i] += 1;
+                        children[j].push(i);
+                    }
+                    None if !self.has(dep) => missing[i] = true,
+                    None => {}
                 }
             }
-            if rest.len() == before {
-                return (ordered, rest, duplicates);
-            }
-            pending = rest;
         }
-        (ordered, Vec::new(), duplicates)
+        let mut ready: Vec<usize> = (0..pending.len())
+            .filter(|&i| unmet[i] == 0 && !missing[i])
+            .collect();
+        let mut ordered = Vec::with_capacity(pending.len());
+        while let Some(i) = ready.pop() {
+            if let Some(change) = pending[i].take() {
+                ordered.push(change);
+            }
+            for &child in &children[i] {
+                unmet[child] -= 1;
+                if unmet[child] == 0 && !missing[child] {
+                    ready.push(child);
+                }
+            }
+        }
+        let stuck = pending.into_iter().flatten().collect();
+        (ordered, stuck, duplicates)
     }
 
     /// The dependencies of `stuck` that nothing here or in `stuck` provides.

@@ -586,3 +586,25 @@ fn replay_applies_what_it_can_and_returns_the_rest() {
     assert_eq!(rejected[0].hash(), second[0].hash());
     assert!(b.state().grafts.is_empty());
 }
+
+#[test]
+fn a_batch_in_any_order_applies_whole() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r1");
+    for i in 0..300 {
+        a.apply(
+            &Mutation::SetFlag {
+                key: format!("k{}", i % 7),
+                value: json!(i),
+            },
+            T0,
+        )
+        .unwrap();
+    }
+    let mut changes = a.changes_since(&[]);
+    changes.reverse();
+    let mut b = RunDoc::new(run, "r2");
+    let out = b.apply_remote(changes, None).unwrap();
+    assert_eq!(out.applied.len(), 300);
+    assert_eq!(b.state(), a.state());
+}

@@ -12,6 +12,9 @@ use super::AppState;
 use crate::doc::{parse_changes, Mutation};
 use crate::runs::{ApplySync, GetChanges, GetState, Mutate, MutationOutcome};
 
+/// Most changes one sync request may carry.
+const MAX_CHANGES_PER_SYNC: usize = 10_000;
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/runs/{runId}/state", web::get().to(state))
         .route("/runs/{runId}/changes", web::get().to(changes))
@@ -83,6 +86,15 @@ async fn sync(
         let bytes = validate::base64("changes", body.changes.as_deref())?;
         let changes =
             parse_changes(&bytes).map_err(|e| ApiError::invalid("changes", e.to_string()))?;
+        if changes.len() > MAX_CHANGES_PER_SYNC {
+            return Err(ApiError::invalid(
+                "changes",
+                format!(
+                    "holds {} changes; send at most {MAX_CHANGES_PER_SYNC} per request",
+                    changes.len()
+                ),
+            ));
+        }
         let out = app
             .runs
             .send(
@@ -107,7 +119,9 @@ async fn sync(
         Ok(body) => Ok(HttpResponse::Ok().json(body)),
         Err(e) => {
             let reason = match &e {
-                ApiError::Unavailable(_) | ApiError::Internal(_) => "apply",
+                ApiError::Unavailable(_) | ApiError::Internal(_) | ApiError::Unprocessable(_) => {
+                    "apply"
+                }
                 _ => "decode",
             };
             metrics.sync_failures.with_label_values(&[reason]).inc();

@@ -16,6 +16,8 @@ pub struct Loaded {
     pub last_seq: i64,
     /// `run_seq` covered by the snapshot the run was loaded from (0 if none).
     pub snapshot_seq: i64,
+    /// Stored events or changes that could not be read or applied (reported in the log).
+    pub unreadable: usize,
 }
 
 /// How many older snapshots to try before replaying the whole log.
@@ -26,6 +28,7 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
     let events = store.events_after(run_id, snapshot_seq).await?;
     let mut last_seq = snapshot_seq;
     let mut changes = Vec::with_capacity(events.len());
+    let mut unreadable = 0;
     for event in &events {
         last_seq = last_seq.max(event.run_seq.unwrap_or(0));
         if let Some(l) = event.lamport {
@@ -34,10 +37,13 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         match &event.crdt_changes {
             Some(bytes) => match parse_changes(bytes) {
                 Ok(mut c) => changes.append(&mut c),
-                Err(e) => log::error!(
-                    "run {run_id}: event {:?} holds bad change bytes: {e}",
-                    event.run_seq
-                ),
+                Err(e) => {
+                    unreadable += 1;
+                    log::error!(
+                        "run {run_id}: event {:?} holds bad change bytes: {e}",
+                        event.run_seq
+                    );
+                }
             },
             None => log::warn!(
                 "run {run_id}: legacy {} event is not replayed by this version; skipped",
@@ -47,6 +53,7 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
     }
     if !changes.is_empty() {
         let rejected = doc.replay(changes);
+        unreadable += rejected.len();
         if !rejected.is_empty() {
             log::error!(
                 "run {run_id}: {} stored change(s) could not be applied (first: {})",
@@ -59,6 +66,7 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         doc,
         last_seq,
         snapshot_seq,
+        unreadable,
     })
 }
 

@@ -273,6 +273,29 @@ impl RunActor {
             });
     }
 
+    /// Answers with `answer` once everything it may reflect is durable: at once when nothing is
+    /// in flight, else after the writes queued so far commit, or with their error.
+    fn once_durable<T: Send + 'static>(
+        &mut self,
+        answer: Result<T, RunError>,
+        ctx: &mut Context<Self>,
+    ) -> ResponseFuture<Result<T, RunError>> {
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let done = self.enqueue(
+            Vec::new(),
+            |_| (String::new(), None, None),
+            Origin::Local,
+            ctx,
+        );
+        Box::pin(async move {
+            done.await.map_err(|_| RunError::Stopped)??;
+            Ok(answer)
+        })
+    }
+
     /// Refuses every uncommitted write and stops; see the module comment.
     fn fail(&mut self, reason: String, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
         log::error!("run {}: {reason}; unloading it", self.run_id);
@@ -385,16 +408,7 @@ impl Handler<Mutate> for RunActor {
         };
         let Some(change) = applied.change else {
             // Nothing new to write, but the state it reports must be durable first.
-            let done = self.enqueue(
-                Vec::new(),
-                |_| (String::new(), None, None),
-                Origin::Local,
-                ctx,
-            );
-            return Box::pin(async move {
-                done.await.map_err(|_| RunError::Stopped)??;
-                Ok(outcome)
-            });
+            return self.once_durable(Ok(outcome), ctx);
         };
         let event_type = msg.mutation.event_type().to_string();
         let payload = log_payload(&msg.mutation);
@@ -456,21 +470,25 @@ impl Handler<ApplySync> for RunActor {
 }
 
 impl Handler<GetState> for RunActor {
-    type Result = Result<RunState, RunError>;
+    type Result = ResponseFuture<Result<RunState, RunError>>;
 
-    fn handle(&mut self, _: GetState, _: &mut Self::Context) -> Self::Result {
-        Ok(self.doc()?.state())
+    fn handle(&mut self, _: GetState, ctx: &mut Self::Context) -> Self::Result {
+        let state = self.doc().map(|d| d.state());
+        self.once_durable(state, ctx)
     }
 }
 
 impl Handler<GetChanges> for RunActor {
-    type Result = Result<(Vec<u8>, usize, Vec<String>), RunError>;
+    type Result = ResponseFuture<Result<(Vec<u8>, usize, Vec<String>), RunError>>;
 
-    fn handle(&mut self, msg: GetChanges, _: &mut Self::Context) -> Self::Result {
-        let doc = self.doc()?;
-        let changes = doc.changes_since(&msg.heads);
-        let heads = doc.heads().iter().map(|h| h.to_string()).collect();
-        Ok((concat_changes(&changes), changes.len(), heads))
+    fn handle(&mut self, msg: GetChanges, ctx: &mut Self::Context) -> Self::Result {
+        let answer = self.doc().map(|doc| {
+            let changes = doc.changes_since(&msg.heads);
+            let heads = doc.heads().iter().map(|h| h.to_string()).collect();
+            (concat_changes(&changes), changes.len(), heads)
+        });
+        // Never hand another replica a change that may yet be refused.
+        self.once_durable(answer, ctx)
     }
 }
 

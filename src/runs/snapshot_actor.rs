@@ -8,7 +8,7 @@
 //! serialize its document. The work runs on this actor's own thread. One run never has two
 //! snapshots in progress, and the newest `snapshot_keep` per run are kept.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -27,11 +27,18 @@ pub struct EventCount {
     pub run: Addr<RunActor>,
 }
 
+/// Snapshots built at once; more wait their turn, so a burst of due runs cannot crowd the
+/// connection pool that commits need.
+const CONCURRENT: usize = 2;
+
 pub struct SnapshotActor {
     store: Arc<dyn Store>,
     config: RunsConfig,
     metrics: Metrics,
+    /// Runs with a snapshot running or waiting: each run at most once.
     in_progress: HashSet<Uuid>,
+    waiting: VecDeque<(Uuid, Addr<RunActor>)>,
+    running: usize,
 }
 
 impl SnapshotActor {
@@ -41,6 +48,45 @@ impl SnapshotActor {
             config,
             metrics,
             in_progress: HashSet::new(),
+            waiting: VecDeque::new(),
+            running: 0,
+        }
+    }
+
+    fn start_waiting(&mut self, ctx: &mut Context<Self>) {
+        while self.running < CONCURRENT {
+            let Some((run_id, run)) = self.waiting.pop_front() else {
+                return;
+            };
+            self.running += 1;
+            let store = self.store.clone();
+            let region = self.config.region.clone();
+            let keep = self.config.snapshot_keep;
+            let work =
+                async move { snapshot_durable_state(store.as_ref(), run_id, region, keep).await };
+            ctx.spawn(work.into_actor(self).map(move |result, act, ctx| {
+                act.running -= 1;
+                act.in_progress.remove(&run_id);
+                match result {
+                    Ok(done) => {
+                        if let Some(size) = done.bytes {
+                            act.metrics.snapshot_size.observe(size as f64);
+                            log::debug!(
+                                "run {run_id}: snapshot of {size} bytes at event {}",
+                                done.covers
+                            );
+                        }
+                        run.do_send(SnapshotWritten {
+                            event_count: done.covers,
+                        });
+                    }
+                    Err(e) => {
+                        act.metrics.snapshot_failures.inc();
+                        log::warn!("run {run_id}: snapshot failed: {e}");
+                    }
+                }
+                act.start_waiting(ctx);
+            }));
         }
     }
 }
@@ -53,20 +99,42 @@ impl Supervised for SnapshotActor {
     fn restarting(&mut self, _: &mut Self::Context) {
         log::warn!("snapshot actor restarting");
         self.in_progress.clear();
+        self.waiting.clear();
+        self.running = 0;
     }
 }
 
-/// Builds and stores a snapshot of what is durable; returns (events covered, bytes), or None
-/// when nothing new was committed since the newest snapshot.
+struct Done {
+    /// `run_seq` the newest snapshot now covers.
+    covers: i64,
+    /// Size of the snapshot written, or None when nothing new was committed since the last.
+    bytes: Option<usize>,
+}
+
+/// Builds and stores a snapshot of what is durable.
 async fn snapshot_durable_state(
     store: &dyn Store,
     run_id: Uuid,
     region: String,
     keep: usize,
-) -> Result<Option<(i64, usize)>, StoreError> {
+) -> Result<Done, StoreError> {
     let loaded = loader::load(store, run_id, &region).await?;
+    if loaded.unreadable > 0 {
+        // A snapshot past them would hide them for good; leave them in the log to mend.
+        log::error!(
+            "run {run_id}: not snapshotted: {} stored changes do not apply",
+            loaded.unreadable
+        );
+        return Ok(Done {
+            covers: loaded.snapshot_seq,
+            bytes: None,
+        });
+    }
     if loaded.last_seq <= loaded.snapshot_seq {
-        return Ok(None);
+        return Ok(Done {
+            covers: loaded.snapshot_seq,
+            bytes: None,
+        });
     }
     let mut doc = loaded.doc;
     let snapshot = Snapshot {
@@ -79,7 +147,10 @@ async fn snapshot_durable_state(
         data: doc.save(),
     };
     store.save_snapshot(&snapshot, keep).await?;
-    Ok(Some((loaded.last_seq, snapshot.data.len())))
+    Ok(Done {
+        covers: loaded.last_seq,
+        bytes: Some(snapshot.data.len()),
+    })
 }
 
 impl Handler<EventCount> for SnapshotActor {
@@ -91,26 +162,7 @@ impl Handler<EventCount> for SnapshotActor {
         {
             return;
         }
-        let store = self.store.clone();
-        let region = self.config.region.clone();
-        let keep = self.config.snapshot_keep;
-        let (run_id, run) = (msg.run_id, msg.run);
-        let work =
-            async move { snapshot_durable_state(store.as_ref(), run_id, region, keep).await };
-        ctx.spawn(work.into_actor(self).map(move |result, act, _| {
-            act.in_progress.remove(&run_id);
-            match result {
-                Ok(Some((event_count, size))) => {
-                    act.metrics.snapshot_size.observe(size as f64);
-                    run.do_send(SnapshotWritten { event_count });
-                    log::debug!("run {run_id}: snapshot of {size} bytes at event {event_count}");
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    act.metrics.snapshot_failures.inc();
-                    log::warn!("run {run_id}: snapshot failed: {e}");
-                }
-            }
-        }));
+        self.waiting.push_back((msg.run_id, msg.run));
+        self.start_waiting(ctx);
     }
 }

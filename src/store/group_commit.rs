@@ -90,7 +90,8 @@ async fn run_committer(
                     let _ = request.reply.send(Ok(()));
                 }
             }
-            Err(e) if batch.len() == 1 => {
+            // Out of reach (or a single append): fail fast, every caller gets the error now.
+            Err(e) if batch.len() == 1 || !e.is_refusal() => {
                 log::warn!("commit of {} events failed: {e}", events.len());
                 let e = Arc::new(e);
                 for request in batch {

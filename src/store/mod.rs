@@ -34,6 +34,16 @@ pub enum StoreError {
     CommitterStopped,
 }
 
+impl StoreError {
+    /// Whether the database refused the data rather than being out of reach: only then can
+    /// one bad row be at fault, and retrying the rows apart makes sense.
+    pub fn is_refusal(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as K, Error as E};
+        matches!(self, StoreError::Query(E::DatabaseError(kind, _))
+            if !matches!(kind, K::ClosedConnection | K::UnableToSendCommand))
+    }
+}
+
 /// One CRDT change to append to a run's log.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
