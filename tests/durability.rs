@@ -527,7 +527,50 @@ async fn reads_wait_until_what_they_show_is_durable() {
     assert_eq!(common::agents(&st), vec!["first", "slow"]);
 }
 
+/// Another writer took the next log position of a run: the write that clashes is refused (never
+/// acknowledged and silently skipped), and the run, reloaded, carries on after it.
+async fn a_clash_on_the_log_position_is_refused_not_skipped(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let node = Node::spawn(&db, &[]);
+    flag(&c, &node, run, "a", json!(1)).await;
+    flag(&c, &node, run, "b", json!(2)).await;
+    let literal = db::run_literal(&db, run);
+    let other_hash = match backend {
+        Backend::Postgres => "'\\x00'::bytea",
+        Backend::Sqlite => "X'00'",
+    };
+    db::execute(
+        &db,
+        &format!(
+            "INSERT INTO collaboration_events (run_id, event_type, created_at, crdt_changes, source_region, lamport_timestamp, run_seq, change_hash) \
+             SELECT run_id, 'OTHER_WRITER', created_at, crdt_changes, source_region, lamport_timestamp, 3, {other_hash} \
+             FROM collaboration_events WHERE run_id = {literal} AND run_seq = 1"
+        ),
+    )
+    .await;
+    let (s, err) = c
+        .put(
+            &run_url(&node, run, "/flags/clash"),
+            &json!({"value": 3, "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 503, "{err}");
+    let (s, _) = c
+        .put(
+            &run_url(&node, run, "/flags/after"),
+            &json!({"value": 4, "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let st = state(&c, &node, run).await;
+    assert_eq!(st["flags"], json!({"a": 1, "b": 2, "after": 4}));
+    assert_eq!(db::event_rows(&db, run).await, 4);
+}
+
 both_backends!(
+    a_clash_on_the_log_position_is_refused_not_skipped,
     a_corrupt_newest_snapshot_falls_back_to_the_previous_one,
     hot_runs_are_snapshotted_at_most_once_per_interval,
     a_snapshot_taken_right_after_loading_is_complete,

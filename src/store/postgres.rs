@@ -96,7 +96,9 @@ impl Store for PgStore {
                 for chunk in rows.chunks(2000) {
                     n += diesel::insert_into(ev::table)
                         .values(chunk)
-                        .on_conflict_do_nothing()
+                        // A change already stored is skipped; a clash on run_seq is an error.
+                        .on_conflict((ev::run_id, ev::change_hash))
+                        .do_nothing()
                         .execute(c)
                         .await?;
                 }

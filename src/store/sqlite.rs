@@ -116,7 +116,9 @@ impl Store for SqliteStore {
                     for e in &events {
                         let insert = diesel::insert_into(ev::table)
                             .values(event_row(e))
-                            .on_conflict_do_nothing();
+                            // A change already stored is skipped; a clash on run_seq is an error.
+                            .on_conflict((ev::run_id, ev::change_hash))
+                            .do_nothing();
                         n += diesel::RunQueryDsl::execute(insert, c)?;
                     }
                     Ok::<_, diesel::result::Error>(n)

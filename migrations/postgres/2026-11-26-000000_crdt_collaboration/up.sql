@@ -20,9 +20,11 @@ ALTER TABLE collaboration_events
 -- A change is stored once per run, whichever path brought it.
 CREATE UNIQUE INDEX IF NOT EXISTS collaboration_events_run_change
     ON collaboration_events (run_id, change_hash);
--- Loading a run reads its events in order, after a snapshot's position.
-CREATE INDEX IF NOT EXISTS collaboration_events_run_order
-    ON collaboration_events (run_id, run_seq, id);
+-- Loading a run reads its events in order, after a snapshot's position. Unique, so two writers
+-- of one run can never interleave their logs silently: the second insert fails instead.
+-- (Legacy rows have no run_seq; NULLs never collide.)
+CREATE UNIQUE INDEX IF NOT EXISTS collaboration_events_run_order
+    ON collaboration_events (run_id, run_seq);
 
 CREATE TABLE IF NOT EXISTS crdt_snapshots (
     id UUID PRIMARY KEY,

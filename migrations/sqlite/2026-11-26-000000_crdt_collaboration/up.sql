@@ -16,8 +16,11 @@ CREATE TABLE IF NOT EXISTS collaboration_events (
 
 CREATE UNIQUE INDEX IF NOT EXISTS collaboration_events_run_change
     ON collaboration_events (run_id, change_hash);
-CREATE INDEX IF NOT EXISTS collaboration_events_run_order
-    ON collaboration_events (run_id, run_seq, id);
+-- Loading a run reads its events in order, after a snapshot's position. Unique, so two writers
+-- of one run can never interleave their logs silently: the second insert fails instead.
+-- (Legacy rows have no run_seq; NULLs never collide.)
+CREATE UNIQUE INDEX IF NOT EXISTS collaboration_events_run_order
+    ON collaboration_events (run_id, run_seq);
 
 CREATE TABLE IF NOT EXISTS crdt_snapshots (
     id BLOB PRIMARY KEY NOT NULL,
