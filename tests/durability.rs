@@ -569,7 +569,41 @@ async fn a_clash_on_the_log_position_is_refused_not_skipped(backend: Backend) {
     assert_eq!(db::event_rows(&db, run).await, 4);
 }
 
+/// A sync's timestamp hint above every stamp it carries advances the clock, and the clock is
+/// still there after a restart.
+async fn a_clock_advanced_by_a_sync_hint_survives_restart(backend: Backend) {
+    use base64::Engine;
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let mut node = Node::spawn(&db, &[]);
+    let mut eu = crdt_node::doc::RunDoc::new(run, "eu-central-1");
+    let change = eu
+        .apply(
+            &crdt_node::doc::Mutation::SetFlag {
+                key: "k".into(),
+                value: json!(1),
+            },
+            0,
+        )
+        .unwrap()
+        .change
+        .unwrap();
+    let body = json!({
+        "changes": base64::engine::general_purpose::STANDARD.encode(change.raw_bytes()),
+        "sourceRegion": "eu-central-1",
+        "lamportTimestamp": 500,
+    });
+    let (s, out) = c.post(&run_url(&node, run, "/sync"), &body).await;
+    assert_eq!((s, out["lamport"].as_u64()), (200, Some(500)), "{out}");
+    node.kill();
+    let node = Node::spawn(&db, &[]);
+    assert_eq!(state(&c, &node, run).await["lamport"], 500);
+    assert_eq!(flag(&c, &node, run, "next", json!(2)).await["lamport"], 501);
+}
+
 both_backends!(
+    a_clock_advanced_by_a_sync_hint_survives_restart,
     a_clash_on_the_log_position_is_refused_not_skipped,
     a_corrupt_newest_snapshot_falls_back_to_the_previous_one,
     hot_runs_are_snapshotted_at_most_once_per_interval,
