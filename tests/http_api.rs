@@ -498,7 +498,35 @@ async fn metrics_follow_the_runs(backend: Backend) {
     assert_eq!(state["flags"].as_object().unwrap().len(), 6);
 }
 
+/// Reads of runs nobody wrote do not keep them in memory for the whole idle timeout.
+async fn reads_of_unwritten_runs_are_unloaded_soon(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let node = Node::spawn(&db, &[("CRDT_RUN_IDLE_SECS", "3600")]);
+    let c = Client::new();
+    let written = Uuid::new_v4();
+    let (s, _) = c
+        .put(
+            &run_url(&node, written, "/flags/k"),
+            &json!({"value": 1, "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    for _ in 0..20 {
+        let (s, _) = c.get(&run_url(&node, Uuid::new_v4(), "/state")).await;
+        assert_eq!(s, 200);
+    }
+    let loaded = || {
+        let (c, url) = (c.clone(), node.url("/actuator/prometheus"));
+        async move { metric(&c.text(&url).await, "crdt_runs_loaded") }
+    };
+    assert_eq!(loaded().await, Some(21.0));
+    let settled =
+        common::eventually(15, || async { (loaded().await == Some(1.0)).then_some(()) }).await;
+    assert!(settled.is_some(), "only the written run stays loaded");
+}
+
 both_backends!(
+    reads_of_unwritten_runs_are_unloaded_soon,
     reading_a_new_run_is_empty_and_writes_nothing,
     five_mutations_round_trip,
     sync_applies_remote_changes_once,

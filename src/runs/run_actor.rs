@@ -74,6 +74,9 @@ pub struct SnapshotWritten {
 
 type Reply = oneshot::Sender<Result<(), RunError>>;
 
+/// How long a run that was never written stays loaded after its last read.
+const NEVER_WRITTEN_LINGER: Duration = Duration::from_secs(5);
+
 struct PendingWrite {
     events: Vec<NewEvent>,
     changes: Vec<Change>,
@@ -273,6 +276,23 @@ impl RunActor {
             });
     }
 
+    /// A run nobody has written holds nothing worth keeping: reads of unknown run ids must not
+    /// fill memory for the whole idle timeout, so such a run is unloaded soon after its last use.
+    fn unload_if_never_written(&mut self, ctx: &mut Context<Self>) {
+        let linger = NEVER_WRITTEN_LINGER.min(self.runs.inner.config.idle_timeout);
+        ctx.run_later(linger, move |act, ctx| {
+            if act.last_seq > 0 || act.in_flight || !act.pending.is_empty() {
+                return;
+            }
+            if act.last_active.elapsed() >= linger {
+                act.runs.forget(act.run_id, act.incarnation);
+                ctx.stop();
+            } else {
+                act.unload_if_never_written(ctx);
+            }
+        });
+    }
+
     /// Answers with `answer` once everything it may reflect is durable: at once when nothing is
     /// in flight, else after the writes queued so far commit, or with their error.
     fn once_durable<T: Send + 'static>(
@@ -330,6 +350,7 @@ impl Actor for RunActor {
                         act.lamport_gauge(doc.lamport());
                         act.doc = Some(doc);
                         act.report_event_count(ctx);
+                        act.unload_if_never_written(ctx);
                     }
                     Err(e) => {
                         let reason = format!("loading the run failed: {e}");
