@@ -74,6 +74,14 @@ pub struct SnapshotWritten {
 
 type Reply = oneshot::Sender<Result<(), RunError>>;
 
+/// What the log records beside a change: the kind of event, a JSON description, the user.
+#[derive(Default)]
+struct EventMeta {
+    event_type: &'static str,
+    payload: Option<String>,
+    user_id: Option<String>,
+}
+
 /// How long a run that was never written stays loaded after its last read.
 const NEVER_WRITTEN_LINGER: Duration = Duration::from_secs(5);
 
@@ -146,7 +154,7 @@ impl RunActor {
     fn enqueue(
         &mut self,
         changes: Vec<Change>,
-        describe: impl Fn(&Change) -> (String, Option<String>, Option<String>),
+        meta: EventMeta,
         origin: Origin,
         ctx: &mut Context<Self>,
     ) -> oneshot::Receiver<Result<(), RunError>> {
@@ -155,31 +163,30 @@ impl RunActor {
             let _ = reply.send(Ok(()));
             return done;
         }
-        let lamport_after = self.doc.as_ref().map_or(0, |d| d.lamport());
+        // The clock after the write, so a restart resumes it exactly (a sync's timestamp hint
+        // may be above every change's own stamp).
+        let lamport =
+            i64::try_from(self.doc.as_ref().map_or(0, |d| d.lamport())).unwrap_or(i64::MAX);
         let region = match &origin {
             Origin::Local => self.runs.inner.config.region.clone(),
             Origin::Remote { source_region } => source_region.clone(),
         };
         let now = chrono::Utc::now().naive_utc();
-        let lamport = i64::try_from(lamport_after).unwrap_or(i64::MAX);
         let events = changes
             .iter()
             .map(|change| {
                 self.last_seq += 1;
-                let (event_type, payload, user_id) = describe(change);
                 NewEvent {
                     run_id: self.run_id,
                     run_seq: self.last_seq,
-                    event_type,
-                    payload,
-                    user_id,
+                    event_type: meta.event_type.to_string(),
+                    payload: meta.payload.clone(),
+                    user_id: meta.user_id.clone(),
                     created_at: now,
                     crdt_changes: change.raw_bytes().to_vec(),
                     change_hash: change.hash().as_ref().to_vec(),
                     source_region: crate::doc::Stamp::of(change)
                         .map_or(region.clone(), |s| s.region),
-                    // The clock after the write, so a restart resumes it exactly (a sync's
-                    // timestamp hint may be above every change's own stamp).
                     lamport,
                 }
             })
@@ -304,12 +311,7 @@ impl RunActor {
             Ok(a) => a,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
-        let done = self.enqueue(
-            Vec::new(),
-            |_| (String::new(), None, None),
-            Origin::Local,
-            ctx,
-        );
+        let done = self.enqueue(Vec::new(), EventMeta::default(), Origin::Local, ctx);
         Box::pin(async move {
             done.await.map_err(|_| RunError::Stopped)??;
             Ok(answer)
@@ -431,12 +433,13 @@ impl Handler<Mutate> for RunActor {
             // Nothing new to write, but the state it reports must be durable first.
             return self.once_durable(Ok(outcome), ctx);
         };
-        let event_type = msg.mutation.event_type().to_string();
-        let payload = log_payload(&msg.mutation);
-        let user = msg.user;
         let done = self.enqueue(
             vec![change],
-            |_| (event_type.clone(), Some(payload.clone()), user.clone()),
+            EventMeta {
+                event_type: msg.mutation.event_type(),
+                payload: Some(log_payload(&msg.mutation)),
+                user_id: msg.user,
+            },
             Origin::Local,
             ctx,
         );
@@ -477,7 +480,10 @@ impl Handler<ApplySync> for RunActor {
         // answered only once those are durable.
         let done = self.enqueue(
             out.applied,
-            |_| ("CRDT_SYNC".to_string(), None, None),
+            EventMeta {
+                event_type: "CRDT_SYNC",
+                ..EventMeta::default()
+            },
             Origin::Remote {
                 source_region: msg.source_region,
             },
