@@ -208,10 +208,11 @@ impl RunActor {
             return;
         }
         self.in_flight = true;
-        let batch = std::mem::take(&mut self.pending);
+        let mut batch = std::mem::take(&mut self.pending);
+        // The events move to the committer; the writes keep their changes to publish.
         let events: Vec<NewEvent> = batch
-            .iter()
-            .flat_map(|w| w.events.iter().cloned())
+            .iter_mut()
+            .flat_map(|w| std::mem::take(&mut w.events))
             .collect();
         let last = events.last().map_or(self.committed_seq, |e| e.run_seq);
         let committer = self.runs.inner.committer.clone();
