@@ -643,3 +643,63 @@ fn bad_configuration_stops_start_up_naming_the_key() {
         assert!(err.contains(key), "{var}={value}: {err}");
     }
 }
+
+/// With every commit slowed to half a second, the node holds many applied-but-uncommitted
+/// writes at any moment; SIGKILL it then, and every write it acknowledged is still there.
+/// (PostgreSQL only: the commit is slowed by a trigger.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_inside_slow_commits_loses_no_acknowledged_write() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let run = Uuid::new_v4();
+    let mut node = Node::spawn(&db, &[]);
+    db::execute(
+        &db,
+        "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$ LANGUAGE plpgsql",
+    )
+    .await;
+    db::execute(
+        &db,
+        "CREATE TRIGGER slow BEFORE INSERT ON collaboration_events EXECUTE FUNCTION slow()",
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for client in 0..16 {
+        let url = run_url(&node, run, "/grafts");
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut acked = Vec::new();
+            for i in 0.. {
+                let agent = format!("c{client}-{i}");
+                let body = json!({"agent": agent, "afterStep": "S", "user": "u"});
+                match http.post(&url).json(&body).send().await {
+                    Ok(r) if r.status().as_u16() == 201 => acked.push(agent),
+                    _ => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1800)).await;
+    node.kill();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert!(
+        acked.len() >= 16,
+        "only {} writes were acknowledged",
+        acked.len()
+    );
+    db::execute(&db, "DROP TRIGGER slow ON collaboration_events").await;
+    let node = Node::spawn(&db, &[]);
+    let present: HashSet<String> = common::agents(&state(&Client::new(), &node, run).await)
+        .into_iter()
+        .collect();
+    let lost: Vec<&String> = acked.iter().filter(|a| !present.contains(*a)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged grafts lost, e.g. {:?}",
+        lost.len(),
+        lost.first()
+    );
+}
