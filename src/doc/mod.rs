@@ -272,7 +272,6 @@ impl RunDoc {
             } => {
                 let list = self.root(GRAFTS, ObjType::List)?;
                 let at = self.doc.length(&list);
-                let obj = self.doc.insert_object(&list, at, ObjType::Map)?;
                 let g = Graft {
                     id: id.to_string(),
                     agent: agent.clone(),
@@ -284,28 +283,29 @@ impl RunDoc {
                         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
                         .unwrap_or_default(),
                 };
-                for (k, v) in [
-                    ("id", &g.id),
-                    ("agent", &g.agent),
-                    ("afterStep", &g.after_step),
-                    ("user", &g.user),
-                    ("region", &g.region),
-                ] {
-                    self.doc.put(&obj, k, v.as_str())?;
-                }
-                self.doc.put(&obj, "lamport", lamport_scalar(lamport))?;
-                self.doc
-                    .put(&obj, "createdAt", ScalarValue::Timestamp(now_ms))?;
+                let entry = object([
+                    ("id", g.id.as_str().into()),
+                    ("agent", g.agent.as_str().into()),
+                    ("afterStep", g.after_step.as_str().into()),
+                    ("user", g.user.as_str().into()),
+                    ("region", g.region.as_str().into()),
+                    ("lamport", lamport_scalar(lamport)),
+                    ("createdAt", ScalarValue::Timestamp(now_ms)),
+                ]);
+                // One batch operation for the whole map: Automerge applies it several times
+                // faster than one put per field, and the ops are the same.
+                self.doc.batch_create_object(&list, at, &entry, true)?;
                 (true, Some(g))
             }
             Mutation::Prune { step_id, user } => {
                 let pruned = self.root(PRUNED_STEPS, ObjType::Map)?;
-                let entry = self
-                    .doc
-                    .put_object(&pruned, step_id.as_str(), ObjType::Map)?;
-                self.doc.put(&entry, "user", user.as_str())?;
-                self.doc.put(&entry, "region", region.as_str())?;
-                self.doc.put(&entry, "lamport", lamport_scalar(lamport))?;
+                let entry = object([
+                    ("user", user.as_str().into()),
+                    ("region", region.as_str().into()),
+                    ("lamport", lamport_scalar(lamport)),
+                ]);
+                self.doc
+                    .batch_create_object(&pruned, step_id.as_str(), &entry, false)?;
                 (true, None)
             }
             Mutation::Unprune { step_id } => {
@@ -504,6 +504,15 @@ impl RunDoc {
     pub fn save(&mut self) -> Vec<u8> {
         self.doc.save()
     }
+}
+
+/// An Automerge map of scalar fields, for a batch create.
+fn object<const N: usize>(fields: [(&str, ScalarValue); N]) -> automerge::hydrate::Value {
+    let map: HashMap<&str, automerge::hydrate::Value> = fields
+        .into_iter()
+        .map(|(k, v)| (k, automerge::hydrate::Value::scalar(v)))
+        .collect();
+    automerge::hydrate::Value::from(map)
 }
 
 /// The largest Lamport timestamp accepted: JavaScript's largest safe integer. A stamp beyond it
