@@ -228,6 +228,10 @@ impl Runs {
         }
     }
 
+    fn has_subscribers(&self) -> bool {
+        self.inner.feed.read().is_ok_and(|feed| !feed.is_empty())
+    }
+
     fn publish(&self, event: RunChanged) {
         if let Ok(feed) = self.inner.feed.read() {
             for recipient in feed.iter() {

@@ -108,6 +108,7 @@ pub struct RunActor {
     pending: Vec<PendingWrite>,
     in_flight: bool,
     last_active: Instant,
+    gauge: Option<prometheus::IntGauge>,
 }
 
 impl RunActor {
@@ -126,6 +127,7 @@ impl RunActor {
             pending: Vec::new(),
             in_flight: false,
             last_active: Instant::now(),
+            gauge: None,
         }
     }
 
@@ -139,13 +141,14 @@ impl RunActor {
             .ok_or_else(|| RunError::Unavailable("run not loaded".into()))
     }
 
-    fn lamport_gauge(&self, lamport: u64) {
-        self.runs
-            .inner
-            .metrics
-            .lamport_clock
-            .with_label_values(&[&self.run_id.to_string()])
-            .set(i64::try_from(lamport).unwrap_or(i64::MAX));
+    fn lamport_gauge(&mut self, lamport: u64) {
+        let run_id = self.run_id;
+        let metrics = &self.runs.inner.metrics;
+        // Looked up once per load: a label lookup hashes and allocates on every commit otherwise.
+        let gauge = self
+            .gauge
+            .get_or_insert_with(|| metrics.lamport_clock.with_label_values(&[&run_id.to_string()]));
+        gauge.set(i64::try_from(lamport).unwrap_or(i64::MAX));
     }
 
     /// Queues `changes` for the log and returns the receiver that resolves once they commit.
@@ -238,9 +241,10 @@ impl RunActor {
     fn on_committed(&mut self, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
         let lamport = self.doc.as_ref().map_or(0, |d| d.lamport());
         self.lamport_gauge(lamport);
+        let subscribed = self.runs.has_subscribers();
         for write in batch {
             let _ = write.reply.send(Ok(()));
-            if write.changes.is_empty() {
+            if write.changes.is_empty() || !subscribed {
                 continue;
             }
             self.runs.publish(RunChanged {
