@@ -145,9 +145,11 @@ impl RunActor {
         let run_id = self.run_id;
         let metrics = &self.runs.inner.metrics;
         // Looked up once per load: a label lookup hashes and allocates on every commit otherwise.
-        let gauge = self
-            .gauge
-            .get_or_insert_with(|| metrics.lamport_clock.with_label_values(&[&run_id.to_string()]));
+        let gauge = self.gauge.get_or_insert_with(|| {
+            metrics
+                .lamport_clock
+                .with_label_values(&[&run_id.to_string()])
+        });
         gauge.set(i64::try_from(lamport).unwrap_or(i64::MAX));
     }
 
