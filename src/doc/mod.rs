@@ -123,7 +123,6 @@ pub struct RemoteApplied {
 
 /// One run's Automerge document and Lamport clock.
 pub struct RunDoc {
-    run_id: Uuid,
     region: String,
     doc: AutoCommit,
     lamport: u64,
@@ -138,7 +137,6 @@ impl RunDoc {
         let genesis = doc.get_heads()[0];
         doc.set_actor(ActorId::random());
         RunDoc {
-            run_id,
             region: region.to_string(),
             doc,
             lamport: 0,
@@ -163,16 +161,11 @@ impl RunDoc {
             .unwrap_or(0);
         doc.set_actor(ActorId::random());
         Ok(RunDoc {
-            run_id,
             region: region.to_string(),
             doc,
             lamport,
             genesis,
         })
-    }
-
-    pub fn run_id(&self) -> Uuid {
-        self.run_id
     }
 
     pub fn lamport(&self) -> u64 {

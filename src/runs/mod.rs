@@ -140,10 +140,6 @@ impl Runs {
         }
     }
 
-    pub fn config(&self) -> &RunsConfig {
-        &self.inner.config
-    }
-
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
     }
@@ -177,15 +173,6 @@ impl Runs {
     pub fn is_loaded(&self, run_id: Uuid) -> bool {
         let shard = self.shard(run_id).lock().unwrap_or_else(|p| p.into_inner());
         shard.contains_key(&run_id)
-    }
-
-    /// Number of runs loaded in memory.
-    pub fn loaded(&self) -> usize {
-        self.inner
-            .shards
-            .iter()
-            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
-            .sum()
     }
 
     fn shard(&self, run_id: Uuid) -> &Mutex<HashMap<Uuid, Entry>> {
