@@ -178,10 +178,7 @@ async fn corrupt_snapshot_falls_back_to_the_log(backend: Backend) {
     .await
     .expect("a snapshot");
     node.kill();
-    let torn = match backend {
-        Backend::Postgres => "substring(snapshot_data from 1 for 20)",
-        Backend::Sqlite => "substr(snapshot_data, 1, 20)",
-    };
+    let torn = db::torn_snapshot_data(&db);
     db::execute(
         &db,
         &format!("UPDATE crdt_snapshots SET snapshot_data = {torn}"),
@@ -265,21 +262,15 @@ async fn refused_writes_are_never_acknowledged_or_resurrected(backend: Backend) 
         let (s, _) = c.post(&run_url(&node, run, "/grafts"), &graft(agent)).await;
         assert_eq!(s, 201);
     }
-    let (break_writes, mend_writes): (&[&str], &str) = match backend {
-        Backend::Postgres => (
-            &[
-                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'injected fault'; END $$ LANGUAGE plpgsql",
-                "CREATE TRIGGER refuse BEFORE INSERT ON collaboration_events EXECUTE FUNCTION refuse()",
-            ],
-            "DROP TRIGGER refuse ON collaboration_events",
-        ),
-        Backend::Sqlite => (
-            &["CREATE TRIGGER refuse BEFORE INSERT ON collaboration_events BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
-            "DROP TRIGGER refuse",
-        ),
-    };
-    for statement in break_writes {
-        db::execute(&db, statement).await;
+    match backend {
+        Backend::Postgres => {
+            db::on_insert(&db, "refuse", "RAISE EXCEPTION 'injected fault';").await
+        }
+        Backend::Sqlite => {
+            let refuse = "CREATE TRIGGER refuse BEFORE INSERT ON collaboration_events \
+                          BEGIN SELECT RAISE(ABORT, 'injected fault'); END";
+            db::execute(&db, refuse).await;
+        }
     }
     let (s, err) = c
         .post(&run_url(&node, run, "/grafts"), &graft("refused"))
@@ -302,7 +293,7 @@ async fn refused_writes_are_never_acknowledged_or_resurrected(backend: Backend) 
     );
     assert_eq!(st["flags"], json!({}));
 
-    db::execute(&db, mend_writes).await;
+    db::drop_on_insert(&db, "refuse").await;
     let (s, _) = c
         .post(&run_url(&node, run, "/grafts"), &graft("after"))
         .await;
@@ -433,10 +424,7 @@ async fn a_corrupt_newest_snapshot_falls_back_to_the_previous_one(backend: Backe
     }
     let before = state(&c, &node, run).await;
     node.kill();
-    let torn = match backend {
-        Backend::Postgres => "substring(snapshot_data from 1 for 20)",
-        Backend::Sqlite => "substr(snapshot_data, 1, 20)",
-    };
+    let torn = db::torn_snapshot_data(&db);
     let literal = db::run_literal(&db, run);
     db::execute(
         &db,
@@ -473,13 +461,7 @@ async fn reads_wait_until_what_they_show_is_durable() {
         .await;
     assert_eq!(s, 201);
 
-    let slow = "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$ LANGUAGE plpgsql";
-    db::execute(&db, slow).await;
-    db::execute(
-        &db,
-        "CREATE TRIGGER slow BEFORE INSERT ON collaboration_events EXECUTE FUNCTION slow()",
-    )
-    .await;
+    db::on_insert(&db, "slow", "PERFORM pg_sleep(1); RETURN NULL;").await;
     let writer = {
         let (c, url) = (c.clone(), run_url(&node, run, "/grafts"));
         tokio::spawn(async move { c.post(&url, &graft("slow")).await.0 })
@@ -493,13 +475,12 @@ async fn reads_wait_until_what_they_show_is_durable() {
     );
     assert_eq!(common::agents(&st), vec!["first", "slow"]);
     assert_eq!(writer.await.unwrap(), 201);
-    db::execute(&db, "DROP TRIGGER slow ON collaboration_events").await;
+    db::drop_on_insert(&db, "slow").await;
 
-    let doomed = "CREATE FUNCTION doomed() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1); RAISE EXCEPTION 'injected'; END $$ LANGUAGE plpgsql";
-    db::execute(&db, doomed).await;
-    db::execute(
+    db::on_insert(
         &db,
-        "CREATE TRIGGER doomed BEFORE INSERT ON collaboration_events EXECUTE FUNCTION doomed()",
+        "doomed",
+        "PERFORM pg_sleep(1); RAISE EXCEPTION 'injected';",
     )
     .await;
     let writer = {
@@ -514,7 +495,7 @@ async fn reads_wait_until_what_they_show_is_durable() {
     let ((state_status, _), (changes_status, _)) =
         tokio::join!(c.get(&state_url), c.get(&changes_url));
     assert_eq!(writer.await.unwrap(), 503);
-    db::execute(&db, "DROP TRIGGER doomed ON collaboration_events").await;
+    db::drop_on_insert(&db, "doomed").await;
     assert_eq!(
         state_status, 503,
         "a state that showed the refused write must not be served"
@@ -652,16 +633,7 @@ async fn sigkill_inside_slow_commits_loses_no_acknowledged_write() {
     let db = TestDb::new(Backend::Postgres).await;
     let run = Uuid::new_v4();
     let mut node = Node::spawn(&db, &[]);
-    db::execute(
-        &db,
-        "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$ LANGUAGE plpgsql",
-    )
-    .await;
-    db::execute(
-        &db,
-        "CREATE TRIGGER slow BEFORE INSERT ON collaboration_events EXECUTE FUNCTION slow()",
-    )
-    .await;
+    db::on_insert(&db, "slow", "PERFORM pg_sleep(0.5); RETURN NULL;").await;
     let mut tasks = Vec::new();
     for client in 0..16 {
         let url = run_url(&node, run, "/grafts");
@@ -690,7 +662,7 @@ async fn sigkill_inside_slow_commits_loses_no_acknowledged_write() {
         "only {} writes were acknowledged",
         acked.len()
     );
-    db::execute(&db, "DROP TRIGGER slow ON collaboration_events").await;
+    db::drop_on_insert(&db, "slow").await;
     let node = Node::spawn(&db, &[]);
     let present: HashSet<String> = common::agents(&state(&Client::new(), &node, run).await)
         .into_iter()

@@ -405,6 +405,44 @@ pub mod db {
         }
     }
 
+    /// PostgreSQL only: runs `body` (PL/pgSQL) before every insert into the event log, through
+    /// a trigger named `name` (to slow commits down or make them fail).
+    pub async fn on_insert(db: &TestDb, name: &str, body: &str) {
+        assert_eq!(
+            db.backend,
+            Backend::Postgres,
+            "PL/pgSQL triggers need PostgreSQL"
+        );
+        execute(
+            db,
+            &format!("CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN {body} END $$ LANGUAGE plpgsql"),
+        )
+        .await;
+        execute(
+            db,
+            &format!("CREATE TRIGGER {name} BEFORE INSERT ON collaboration_events EXECUTE FUNCTION {name}()"),
+        )
+        .await;
+    }
+
+    /// Removes the insert trigger `name`.
+    pub async fn drop_on_insert(db: &TestDb, name: &str) {
+        let on = if db.backend == Backend::Postgres {
+            " ON collaboration_events"
+        } else {
+            ""
+        };
+        execute(db, &format!("DROP TRIGGER {name}{on}")).await;
+    }
+
+    /// SQL that cuts a snapshot's bytes to their first 20, as a torn write would.
+    pub fn torn_snapshot_data(db: &TestDb) -> &'static str {
+        match db.backend {
+            Backend::Postgres => "substring(snapshot_data from 1 for 20)",
+            Backend::Sqlite => "substr(snapshot_data, 1, 20)",
+        }
+    }
+
     /// The SQL literal of a run id in this backend.
     pub fn run_literal(db: &TestDb, run: Uuid) -> String {
         match db.backend {
