@@ -453,6 +453,13 @@ pub mod db {
 
     fn sqlite(db: &TestDb) -> diesel::SqliteConnection {
         let path = db.url.strip_prefix("sqlite://").unwrap();
-        diesel::SqliteConnection::establish(path).unwrap()
+        let mut conn = diesel::SqliteConnection::establish(path).unwrap();
+        // The node may be writing (a snapshot, a commit): wait for its lock, as it waits for ours.
+        diesel::connection::SimpleConnection::batch_execute(
+            &mut conn,
+            "PRAGMA busy_timeout = 5000;",
+        )
+        .unwrap();
+        conn
     }
 }
