@@ -46,13 +46,61 @@ pub struct Crdt {
     pub runs: RunSettings,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Mesh {
     #[serde(default)]
     pub peers: Peers,
     #[serde(default)]
     pub secret: Option<String>,
+    /// A ping goes out this often on every link.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// A link silent this long (no frame, no pong) is declared dead and dropped.
+    #[serde(default = "default_peer_timeout")]
+    pub peer_timeout_ms: u64,
+    /// Reconnect back-off: first delay, and the cap it doubles up to (plus up to 100% jitter).
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u64,
+    /// Largest WebSocket frame accepted from a peer (a full sync of a big run is one frame).
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            peers: Peers::default(),
+            secret: None,
+            heartbeat_ms: default_heartbeat(),
+            peer_timeout_ms: default_peer_timeout(),
+            reconnect_min_ms: default_reconnect_min(),
+            reconnect_max_ms: default_reconnect_max(),
+            max_frame_bytes: default_max_frame(),
+        }
+    }
+}
+
+fn default_heartbeat() -> u64 {
+    5_000
+}
+
+fn default_peer_timeout() -> u64 {
+    15_000
+}
+
+fn default_reconnect_min() -> u64 {
+    250
+}
+
+fn default_reconnect_max() -> u64 {
+    10_000
+}
+
+fn default_max_frame() -> usize {
+    64 * 1024 * 1024
 }
 
 /// Peers as the seed writes them (one comma-separated string) or as a YAML list.
@@ -175,6 +223,11 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("NODE_ID", "crdt.node-id"),
     ("CRDT_MESH_PEERS", "crdt.mesh.peers"),
     ("CRDT_MESH_SECRET", "crdt.mesh.secret"),
+    ("CRDT_MESH_HEARTBEAT_MS", "crdt.mesh.heartbeat-ms"),
+    ("CRDT_MESH_PEER_TIMEOUT_MS", "crdt.mesh.peer-timeout-ms"),
+    ("CRDT_MESH_RECONNECT_MIN_MS", "crdt.mesh.reconnect-min-ms"),
+    ("CRDT_MESH_RECONNECT_MAX_MS", "crdt.mesh.reconnect-max-ms"),
+    ("CRDT_MESH_MAX_FRAME_BYTES", "crdt.mesh.max-frame-bytes"),
     ("CRDT_API_TOKEN", "crdt.api.token"),
     ("CRDT_SNAPSHOT_EVERY", "crdt.snapshot.every-events"),
     ("CRDT_SNAPSHOT_KEEP", "crdt.snapshot.keep"),
@@ -260,6 +313,31 @@ impl Settings {
         if self.crdt.mesh.secret.as_deref() == Some("") {
             self.crdt.mesh.secret = None;
         }
+        if !self.crdt.mesh.peers.urls().is_empty() && self.crdt.mesh.secret.is_none() {
+            return Err(invalid(
+                "crdt.mesh.secret",
+                "peers are configured but no mesh secret is: set CRDT_MESH_SECRET on every node",
+            ));
+        }
+        let mesh = &self.crdt.mesh;
+        if mesh.heartbeat_ms == 0 || mesh.peer_timeout_ms <= mesh.heartbeat_ms {
+            return Err(invalid(
+                "crdt.mesh.peer-timeout-ms",
+                "must be above crdt.mesh.heartbeat-ms, which must be at least 1",
+            ));
+        }
+        if mesh.reconnect_min_ms == 0 || mesh.reconnect_max_ms < mesh.reconnect_min_ms {
+            return Err(invalid(
+                "crdt.mesh.reconnect-max-ms",
+                "must be at least crdt.mesh.reconnect-min-ms, which must be at least 1",
+            ));
+        }
+        if mesh.max_frame_bytes < 64 * 1024 {
+            return Err(invalid(
+                "crdt.mesh.max-frame-bytes",
+                "must be at least 65536",
+            ));
+        }
         if self.crdt.api.token.as_deref() == Some("") {
             self.crdt.api.token = None;
         }
@@ -326,7 +404,7 @@ mod tests {
 
     #[test]
     fn seed_layout_and_environment_overrides() {
-        let yaml = "crdt:\n  mesh:\n    peers: wss://us-west.atlasia.ai/ws,wss://eu-central.atlasia.ai/ws\n  region: us-east-1\n";
+        let yaml = "crdt:\n  mesh:\n    peers: wss://us-west.atlasia.ai/ws,wss://eu-central.atlasia.ai/ws\n    secret: s\n  region: us-east-1\n";
         let s = load(yaml, &[]).unwrap();
         assert_eq!(
             s.crdt.mesh.peers.urls(),
@@ -391,6 +469,21 @@ mod tests {
                 "keep",
             ),
             ("crdt:\n  region: r\n  regoin: x\n", &[], "regoin"),
+            (
+                "crdt:\n  region: r\n",
+                &[("CRDT_MESH_PEERS", "ws://x/ws")],
+                "crdt.mesh.secret",
+            ),
+            (
+                "crdt:\n  region: r\n",
+                &[("CRDT_MESH_HEARTBEAT_MS", "20000")],
+                "crdt.mesh.peer-timeout-ms",
+            ),
+            (
+                "crdt:\n  region: r\n",
+                &[("CRDT_MESH_RECONNECT_MAX_MS", "10")],
+                "crdt.mesh.reconnect-max-ms",
+            ),
         ];
         for (yaml, env, key) in cases {
             let err = load(yaml, env).unwrap_err().to_string();

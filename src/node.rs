@@ -8,7 +8,7 @@ use actix_web_prom::PrometheusMetricsBuilder;
 
 use crate::config::Settings;
 use crate::http::{self, ApiToken, AppState};
-use crate::mesh::MeshState;
+use crate::mesh::{Mesh, MeshConfig};
 use crate::metrics::Metrics;
 use crate::runs::{Runs, RunsConfig};
 use crate::store::{self, StoreError};
@@ -64,9 +64,15 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         workers,
         committers,
     );
+    let mesh = Mesh::start(
+        MeshConfig::from_settings(settings),
+        &settings.crdt.mesh.peers.urls(),
+        runs.clone(),
+        metrics.clone(),
+    );
     let state = web::Data::new(AppState {
         runs: runs.clone(),
-        mesh: MeshState::new(&settings.crdt.mesh.peers.urls()),
+        mesh,
         metrics: metrics.clone(),
         region: settings.crdt.region.clone(),
         node_id: settings.node_id().to_string(),

@@ -386,6 +386,7 @@ async fn health_and_mesh_status(backend: Backend) {
         &[
             ("NODE_ID", "use1-a"),
             ("CRDT_MESH_PEERS", "ws://127.0.0.1:1/ws,wss://eu.example/ws"),
+            ("CRDT_MESH_SECRET", "s"),
         ],
     );
     let c = Client::new();

@@ -99,6 +99,23 @@ fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
+/// The changes of a whole saved document (a `CRDT_FULL_SYNC` state, or the document chunk
+/// Automerge's sync protocol sends when most of a document is missing).
+pub fn parse_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    let mut doc = automerge::AutoCommit::load(bytes)
+        .map_err(|e| DocError::InvalidChanges(format!("not an Automerge document: {e}")))?;
+    Ok(doc.get_changes(&[]))
+}
+
+/// Change chunks or a document chunk: whichever `bytes` starts with.
+pub fn parse_changes_or_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    if bytes.len() > 8 && bytes[..4] == MAGIC && bytes[8] == 0 {
+        parse_document(bytes)
+    } else {
+        parse_changes(bytes)
+    }
+}
+
 /// Concatenates changes into the wire format `parse_changes` reads.
 pub fn concat_changes<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Vec<u8> {
     let mut out = Vec::new();

@@ -21,13 +21,16 @@ mod state;
 use std::collections::{HashMap, HashSet};
 
 use automerge::{
+    sync::{self, SyncDoc},
     transaction::{CommitOptions, Transactable},
     ActorId, AutoCommit, AutomergeError, Change, ChangeHash, ObjType, Prop, ReadDoc, ScalarValue,
 };
 use serde_json::Value as Json;
 use uuid::Uuid;
 
-pub use changes::{concat_changes, parse_changes, Stamp};
+pub use changes::{
+    concat_changes, parse_changes, parse_changes_or_document, parse_document, Stamp,
+};
 pub use genesis::genesis_actor;
 pub use state::{Graft, PrunedStep, RunState};
 
@@ -343,6 +346,16 @@ impl RunDoc {
         if !stuck.is_empty() {
             return Err(DocError::MissingDependencies(self.missing_of(&stuck)));
         }
+        self.apply_ordered(ordered, duplicates, remote_lamport)
+    }
+
+    /// Applies new changes already in dependency order, after checking every one.
+    fn apply_ordered(
+        &mut self,
+        ordered: Vec<Change>,
+        duplicates: usize,
+        remote_lamport: Option<u64>,
+    ) -> Result<RemoteApplied, DocError> {
         for change in &ordered {
             self.check_foreign(change)?;
         }
@@ -350,23 +363,60 @@ impl RunDoc {
             duplicates,
             ..Default::default()
         };
-        for change in ordered {
-            let stamp = Stamp::of(&change).map(|s| s.lamport);
-            // One at a time, so a change Automerge rejects leaves the earlier ones applied and
-            // reported, never a half-known state.
-            if let Err(e) = self.doc.apply_changes([change.clone()]) {
-                out.error = Some(DocError::Automerge(e));
-                break;
+        // One batch is far cheaper than one call per change; if Automerge rejects the batch,
+        // go one at a time so the changes before the bad one stay applied and reported.
+        if self.doc.apply_changes_batch(ordered.clone()).is_ok() {
+            out.applied = ordered;
+        } else {
+            for change in ordered {
+                if self.has(&change.hash()) {
+                    out.applied.push(change);
+                    continue;
+                }
+                if let Err(e) = self.doc.apply_changes([change.clone()]) {
+                    out.error = Some(DocError::Automerge(e));
+                    break;
+                }
+                out.applied.push(change);
             }
-            if let Some(l) = stamp {
-                self.observe_lamport(l);
+        }
+        for change in &out.applied {
+            if let Some(s) = Stamp::of(change) {
+                self.observe_lamport(s.lamport);
             }
-            out.applied.push(change);
         }
         if let Some(l) = remote_lamport.filter(|_| !out.applied.is_empty()) {
             self.observe_lamport(l.min(MAX_LAMPORT));
         }
         Ok(out)
+    }
+
+    /// One step of Automerge's sync protocol with one peer: applies the changes `incoming`
+    /// carries, checked like any remote change, then returns the reply to send, if any.
+    /// Changes whose dependencies are missing are left out; the reply then asks for what
+    /// they need, so the protocol heals it.
+    pub fn sync_step(
+        &mut self,
+        state: &mut sync::State,
+        incoming: Option<sync::Message>,
+    ) -> Result<(RemoteApplied, Option<sync::Message>), DocError> {
+        let mut applied = RemoteApplied::default();
+        if let Some(mut message) = incoming {
+            let mut changes = Vec::new();
+            for chunk in message.changes.iter() {
+                changes.extend(parse_changes_or_document(chunk)?);
+            }
+            let (ordered, _stuck, duplicates) = self.order_new_changes(changes);
+            applied = self.apply_ordered(ordered, duplicates, None)?;
+            if let Some(e) = applied.error.take() {
+                return Err(e);
+            }
+            // The changes are in; the rest of the message updates what we know of the peer.
+            message.changes = sync::ChunkList::empty();
+            self.doc.sync().receive_sync_message(state, message)?;
+        }
+        let reply = self.doc.sync().generate_sync_message(state);
+        Ok((applied, reply))
     }
 
     /// Replays stored changes (loading a run): everything whose dependencies are present is

@@ -1,6 +1,6 @@
-//! Mesh routes: status of the mesh and per-run peer registration.
+//! Mesh routes: the peers' WebSocket (`/ws`), status of the mesh and per-run peer registration.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -13,14 +13,31 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/runs/{runId}/register-peer", web::post().to(register_peer));
 }
 
+/// `/ws` sits outside `/api`: peers prove themselves with the mesh secret in the handshake.
+pub fn socket(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ws", web::get().to(peer_socket));
+}
+
+async fn peer_socket(
+    app: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let (response, socket, stream) = actix_ws::handle(&req, body)?;
+    let remote = req.peer_addr().map(|a| a.to_string());
+    app.mesh.accept(socket, stream, remote);
+    Ok(response)
+}
+
 async fn status(app: web::Data<AppState>) -> HttpResponse {
-    let mesh = app.mesh.snapshot();
+    let mesh = app.mesh.state.snapshot();
     HttpResponse::Ok().json(json!({
         "nodeId": app.node_id,
         "region": app.region,
         "connectedPeers": mesh.connected_peers,
         "peers": mesh.peers,
         "registrations": mesh.registrations,
+        "regionConflicts": mesh.region_conflicts,
     }))
 }
 
@@ -39,13 +56,17 @@ async fn register_peer(
     let region = validate::region("peerRegion", body.peer_region.as_deref())?;
     let newly = app
         .mesh
+        .state
         .register(run_id, &region)
         .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    // Connected nodes of that region get the run at once; others on their next connect.
+    let syncing = app.mesh.sync_run_to(run_id, &region);
     Ok(HttpResponse::Ok().json(json!({
         "runId": run_id,
         "peerRegion": region,
         "registered": true,
         "new": newly,
-        "connected": app.mesh.is_connected(&region),
+        "connected": syncing > 0,
+        "syncing": syncing,
     })))
 }

@@ -10,7 +10,7 @@ mod validate;
 
 use actix_web::{middleware, web, HttpResponse};
 
-use crate::mesh::MeshState;
+use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::runs::Runs;
 pub use auth::ApiToken;
@@ -19,7 +19,7 @@ use error::ApiError;
 /// What every route can reach.
 pub struct AppState {
     pub runs: Runs,
-    pub mesh: MeshState,
+    pub mesh: Mesh,
     pub metrics: Metrics,
     pub region: String,
     pub node_id: String,
@@ -42,6 +42,7 @@ pub fn configure(
         .app_data(web::PayloadConfig::default().limit(max_body))
         .app_data(web::QueryConfig::default().error_handler(|e, _| error::query_error(e)))
         .configure(health::routes)
+        .configure(mesh::socket)
         .service(
             web::scope("/api/crdt")
                 .wrap(middleware::from_fn(auth::require_token))

@@ -103,6 +103,7 @@ async fn sync(
                     changes,
                     source_region,
                     lamport,
+                    via: None,
                 },
             )
             .await??;

@@ -1,90 +1,139 @@
-//! The mesh between regions. This version keeps the mesh's directory: the configured peers and
-//! which regions take part in which run (`register-peer`). Peer sessions build on it.
+//! The mesh between regions: WebSocket links to peer nodes, over which every run converges.
+//!
+//! - [`protocol`]: the frames and the handshake;
+//! - [`transport`]: a link's socket as two tasks, for inbound (actix-ws) and outbound (awc);
+//! - [`session`]: `PeerSession`, one actor per link: handshake, heartbeat, sync and catch-up;
+//! - [`connector`]: keeps each configured peer connected, with back-off;
+//! - [`broadcast`]: sends every committed change to the connected peers;
+//! - [`directory`]: links, their health, `register-peer` registrations.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock};
+pub mod broadcast;
+pub mod connector;
+pub mod directory;
+pub mod protocol;
+pub mod session;
+pub mod transport;
 
-use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
 use uuid::Uuid;
 
-pub const MAX_REGIONS_PER_RUN: usize = 32;
+pub use directory::{Direction, MeshState, MAX_REGIONS_PER_RUN};
 
-#[derive(Debug, thiserror::Error)]
-#[error("a run takes at most {MAX_REGIONS_PER_RUN} regions")]
-pub struct TooManyRegions;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::runs::Runs;
+use session::{PeerSession, SessionParts, SyncRun};
 
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PeerStatus {
-    pub url: String,
-    pub region: Option<String>,
-    pub node_id: Option<String>,
-    pub connected: bool,
+/// What links need to know of the configuration.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    pub node_id: String,
+    pub region: String,
+    pub secret: Option<String>,
+    pub heartbeat: Duration,
+    pub peer_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub max_frame: usize,
 }
 
-#[derive(Default)]
-struct Directory {
-    peers: Vec<PeerStatus>,
-    registrations: BTreeMap<Uuid, BTreeSet<String>>,
-}
-
-/// Shared, cheap to clone.
-#[derive(Clone, Default)]
-pub struct MeshState {
-    inner: Arc<RwLock<Directory>>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MeshSnapshot {
-    pub peers: Vec<PeerStatus>,
-    pub connected_peers: usize,
-    pub registrations: BTreeMap<Uuid, BTreeSet<String>>,
-}
-
-impl MeshState {
-    pub fn new(peer_urls: &[String]) -> Self {
-        let peers = peer_urls
-            .iter()
-            .map(|url| PeerStatus {
-                url: url.clone(),
-                region: None,
-                node_id: None,
-                connected: false,
-            })
-            .collect();
-        MeshState {
-            inner: Arc::new(RwLock::new(Directory {
-                peers,
-                registrations: BTreeMap::new(),
-            })),
-        }
-    }
-
-    /// Records that `region` takes part in `run_id`; true if it was not recorded before.
-    /// A run holds at most [`MAX_REGIONS_PER_RUN`] regions.
-    pub fn register(&self, run_id: Uuid, region: &str) -> Result<bool, TooManyRegions> {
-        let mut dir = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        let regions = dir.registrations.entry(run_id).or_default();
-        if regions.len() >= MAX_REGIONS_PER_RUN && !regions.contains(region) {
-            return Err(TooManyRegions);
-        }
-        Ok(regions.insert(region.to_string()))
-    }
-
-    pub fn is_connected(&self, region: &str) -> bool {
-        let dir = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        dir.peers
-            .iter()
-            .any(|p| p.connected && p.region.as_deref() == Some(region))
-    }
-
-    pub fn snapshot(&self) -> MeshSnapshot {
-        let dir = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        MeshSnapshot {
-            connected_peers: dir.peers.iter().filter(|p| p.connected).count(),
-            peers: dir.peers.clone(),
-            registrations: dir.registrations.clone(),
+impl MeshConfig {
+    pub fn from_settings(s: &Settings) -> Self {
+        let m = &s.crdt.mesh;
+        MeshConfig {
+            node_id: s.node_id().to_string(),
+            region: s.crdt.region.clone(),
+            secret: m.secret.clone(),
+            heartbeat: Duration::from_millis(m.heartbeat_ms),
+            peer_timeout: Duration::from_millis(m.peer_timeout_ms),
+            reconnect_min: Duration::from_millis(m.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(m.reconnect_max_ms),
+            max_frame: m.max_frame_bytes,
         }
     }
 }
+
+/// The running mesh: cheap to clone.
+#[derive(Clone)]
+pub struct Mesh {
+    pub state: MeshState,
+    pub config: Arc<MeshConfig>,
+    runs: Runs,
+    metrics: Metrics,
+}
+
+impl Mesh {
+    /// Subscribes the broadcaster to the runtime and starts a connector per configured peer.
+    pub fn start(config: MeshConfig, peers: &[String], runs: Runs, metrics: Metrics) -> Self {
+        let state = MeshState::new(
+            &config.node_id,
+            &config.region,
+            metrics.peers_connected.clone(),
+        );
+        let config = Arc::new(config);
+        let broadcaster = broadcast::Broadcaster {
+            mesh: state.clone(),
+            metrics: metrics.clone(),
+            region: config.region.clone(),
+        }
+        .start();
+        runs.subscribe(broadcaster.recipient());
+        for url in peers {
+            let connector = connector::Connector::new(
+                url.clone(),
+                config.clone(),
+                state.clone(),
+                runs.clone(),
+                metrics.clone(),
+            );
+            // Each connector on its own thread: its links' reading and writing stay off the
+            // HTTP workers.
+            Connector::start_in_arbiter(&Arbiter::new().handle(), move |_| connector);
+        }
+        Mesh {
+            state,
+            config,
+            runs,
+            metrics,
+        }
+    }
+
+    /// Starts the session of an inbound link (the `/ws` route) on the current arbiter.
+    pub fn accept(
+        &self,
+        socket: actix_ws::Session,
+        stream: actix_ws::MessageStream,
+        remote: Option<String>,
+    ) {
+        let (link, stats) = self.state.add_link(Direction::Inbound, None, remote);
+        let (io, out, shutdown) = transport::channels();
+        let session = PeerSession::new(SessionParts {
+            link,
+            direction: Direction::Inbound,
+            config: self.config.clone(),
+            mesh: self.state.clone(),
+            runs: self.runs.clone(),
+            metrics: self.metrics.clone(),
+            out,
+            shutdown,
+            stats,
+            owner: None,
+        })
+        .start();
+        transport::serve(socket, stream, self.config.max_frame, session, io);
+    }
+
+    /// Syncs `run` now to every connected node of `region`; returns how many there are.
+    pub fn sync_run_to(&self, run: Uuid, region: &str) -> usize {
+        let sessions = self.state.sessions_in(region);
+        for s in &sessions {
+            s.addr.do_send(SyncRun(run));
+        }
+        sessions.len()
+    }
+}
+
+use connector::Connector;

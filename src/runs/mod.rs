@@ -23,7 +23,8 @@ use crate::metrics::Metrics;
 use crate::store::{GroupCommitter, Store};
 
 pub use run_actor::{
-    ApplySync, GetChanges, GetState, Mutate, MutationOutcome, RunActor, SyncOutcome,
+    ApplySync, FullState, GetChanges, GetState, Mutate, MutationOutcome, PeerSync, PeerSyncReply,
+    RunActor, SyncOutcome,
 };
 pub use snapshot_actor::SnapshotActor;
 
@@ -57,7 +58,11 @@ pub enum RunError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     Local,
-    Remote { source_region: String },
+    /// `via` names the peer node that delivered it, if it came over the mesh.
+    Remote {
+        source_region: String,
+        via: Option<String>,
+    },
 }
 
 /// Published after changes are committed to the log.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use automerge::{Change, ChangeHash};
+use automerge::{sync, Change, ChangeHash};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -44,7 +44,33 @@ pub struct ApplySync {
     pub changes: Vec<Change>,
     pub source_region: String,
     pub lamport: Option<u64>,
+    /// The peer node that delivered them, when they came over the mesh.
+    pub via: Option<String>,
 }
+
+/// One step of Automerge's sync protocol with a mesh peer. The peer session owns `state`
+/// (one per run per link) and gets it back with the reply to send.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<PeerSyncReply, RunError>")]
+pub struct PeerSync {
+    pub state: Box<sync::State>,
+    pub incoming: Option<sync::Message>,
+    pub source_region: String,
+    pub via: String,
+}
+
+#[derive(Debug)]
+pub struct PeerSyncReply {
+    pub state: Box<sync::State>,
+    pub outgoing: Option<sync::Message>,
+    pub applied: usize,
+    pub lamport: u64,
+}
+
+/// The whole document (`save()`) and the clock, for a peer that lacks the run.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<(Vec<u8>, u64), RunError>")]
+pub struct FullState;
 
 #[derive(Debug, Clone)]
 pub struct SyncOutcome {
@@ -174,7 +200,7 @@ impl RunActor {
             i64::try_from(self.doc.as_ref().map_or(0, |d| d.lamport())).unwrap_or(i64::MAX);
         let region = match &origin {
             Origin::Local => self.runs.inner.config.region.clone(),
-            Origin::Remote { source_region } => source_region.clone(),
+            Origin::Remote { source_region, .. } => source_region.clone(),
         };
         let now = chrono::Utc::now().naive_utc();
         let events = changes
@@ -493,6 +519,7 @@ impl Handler<ApplySync> for RunActor {
             },
             Origin::Remote {
                 source_region: msg.source_region,
+                via: msg.via,
             },
             ctx,
         );
@@ -533,5 +560,55 @@ impl Handler<SnapshotWritten> for RunActor {
         self.snapshot_seq = self.snapshot_seq.max(msg.event_count);
         // Events committed while that snapshot was written may already be due another one.
         self.report_event_count(ctx);
+    }
+}
+
+impl Handler<PeerSync> for RunActor {
+    type Result = ResponseFuture<Result<PeerSyncReply, RunError>>;
+
+    fn handle(&mut self, msg: PeerSync, ctx: &mut Self::Context) -> Self::Result {
+        let mut state = msg.state;
+        let result = self.doc().and_then(|d| {
+            let (applied, outgoing) = d.sync_step(&mut state, msg.incoming)?;
+            Ok((applied, outgoing, d.lamport()))
+        });
+        let (applied, outgoing, lamport) = match result {
+            Ok(r) => r,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        self.lamport_gauge(lamport);
+        let count = applied.applied.len();
+        // The reply may carry changes still in flight to the log: it waits until they are
+        // durable, so a peer never holds a change this node could still lose.
+        let done = self.enqueue(
+            applied.applied,
+            EventMeta {
+                event_type: "CRDT_SYNC",
+                ..EventMeta::default()
+            },
+            Origin::Remote {
+                source_region: msg.source_region,
+                via: Some(msg.via),
+            },
+            ctx,
+        );
+        Box::pin(async move {
+            done.await.map_err(|_| RunError::Stopped)??;
+            Ok(PeerSyncReply {
+                state,
+                outgoing,
+                applied: count,
+                lamport,
+            })
+        })
+    }
+}
+
+impl Handler<FullState> for RunActor {
+    type Result = ResponseFuture<Result<(Vec<u8>, u64), RunError>>;
+
+    fn handle(&mut self, _: FullState, ctx: &mut Self::Context) -> Self::Result {
+        let answer = self.doc().map(|d| (d.save(), d.lamport()));
+        self.once_durable(answer, ctx)
     }
 }

@@ -125,6 +125,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredEvent>, StoreError>;
     /// Writes a snapshot and keeps only the newest `keep` for its run.
     async fn save_snapshot(&self, snapshot: &Snapshot, keep: usize) -> Result<(), StoreError>;
+    /// Up to `limit` ids of runs that have events, in id order, after `after` (a page).
+    async fn list_runs(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>, StoreError>;
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// "postgres" or "sqlite".

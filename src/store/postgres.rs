@@ -204,6 +204,20 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn list_runs(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let mut query = ev::table
+            .select(ev::run_id)
+            .distinct()
+            .order(ev::run_id.asc())
+            .limit(limit)
+            .into_boxed();
+        if let Some(after) = after {
+            query = query.filter(ev::run_id.gt(after));
+        }
+        Ok(query.load(&mut conn).await?)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         diesel::sql_query("SELECT 1").execute(&mut conn).await?;

@@ -217,6 +217,25 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn list_runs(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let mut query = ev::table
+            .select(ev::run_id)
+            .distinct()
+            .order(ev::run_id.asc())
+            .limit(limit)
+            .into_boxed();
+        if let Some(after) = after {
+            query = query.filter(ev::run_id.gt(after.as_bytes().to_vec()));
+        }
+        let ids: Vec<Vec<u8>> = query.load(&mut conn).await?;
+        // Ids written by this node are always 16 bytes; anything else is skipped, not fatal.
+        Ok(ids
+            .into_iter()
+            .filter_map(|b| Uuid::from_slice(&b).ok())
+            .collect())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         diesel::sql_query("SELECT 1").execute(&mut conn).await?;

@@ -463,3 +463,5 @@ pub mod db {
         conn
     }
 }
+pub mod mesh;
+pub mod proxy;

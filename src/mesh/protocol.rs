@@ -1,0 +1,251 @@
+//! The mesh wire protocol: JSON text frames over a WebSocket at `/ws`.
+//!
+//! A link opens with a two-step handshake that both ends run at once:
+//! 1. `HELLO {nodeId, region, protocolVersion, nonce}` — who I am, and a fresh random nonce;
+//! 2. `AUTH {proof}` — HMAC-SHA256, keyed with the mesh secret, over the peer's nonce, my nonce
+//!    and my identity. The secret never crosses the wire, and a recorded proof is worthless on
+//!    another link because the peer's nonce differs.
+//!
+//! After both ends have verified the other's proof, the seed's `CRDT_SYNC` and
+//! `CRDT_FULL_SYNC` flow, plus the frames this node adds: `CRDT_RUNS` (which runs a node holds,
+//! sent on connect), `CRDT_SYNC_MESSAGE` (Automerge's sync protocol, for catch-up) and `ERROR`
+//! (why a frame was rejected).
+
+use base64::Engine;
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// WebSocket close codes this protocol uses (4000–4999 is the application range).
+pub mod close {
+    pub const AUTH_FAILED: u16 = 4001;
+    pub const PROTOCOL_VERSION: u16 = 4002;
+    pub const HANDSHAKE: u16 = 4003;
+    pub const SELF_LINK: u16 = 4004;
+    pub const NO_SECRET: u16 = 4005;
+    pub const TIMEOUT: u16 = 4008;
+    pub const SLOW_PEER: u16 = 4009;
+}
+
+/// One frame of the mesh protocol.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Frame {
+    #[serde(rename_all = "camelCase")]
+    Hello {
+        node_id: String,
+        region: String,
+        protocol_version: u32,
+        nonce: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    Auth { proof: String },
+    /// New changes of one run (the seed's incremental sync).
+    #[serde(rename = "CRDT_SYNC", rename_all = "camelCase")]
+    CrdtSync {
+        run_id: String,
+        source_region: String,
+        /// Base64 of concatenated Automerge change chunks.
+        changes: String,
+        /// The sender's Lamport clock for the run.
+        timestamp: u64,
+    },
+    /// A whole run (the seed's full sync): base64 of `Automerge::save()`.
+    #[serde(rename = "CRDT_FULL_SYNC", rename_all = "camelCase")]
+    CrdtFullSync {
+        run_id: String,
+        source_region: String,
+        state: String,
+        timestamp: u64,
+    },
+    /// One page of the run ids the sender holds; `done` marks the last page.
+    #[serde(rename = "CRDT_RUNS", rename_all = "camelCase")]
+    CrdtRuns { run_ids: Vec<String>, done: bool },
+    /// Base64 of one encoded Automerge sync-protocol message for a run.
+    #[serde(rename = "CRDT_SYNC_MESSAGE", rename_all = "camelCase")]
+    CrdtSyncMessage {
+        run_id: String,
+        source_region: String,
+        message: String,
+        timestamp: u64,
+    },
+    /// Why the peer's frame was rejected; the link stays open.
+    #[serde(rename_all = "camelCase")]
+    Error {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_id: Option<String>,
+    },
+}
+
+impl Frame {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "HELLO",
+            Frame::Auth { .. } => "AUTH",
+            Frame::CrdtSync { .. } => "CRDT_SYNC",
+            Frame::CrdtFullSync { .. } => "CRDT_FULL_SYNC",
+            Frame::CrdtRuns { .. } => "CRDT_RUNS",
+            Frame::CrdtSyncMessage { .. } => "CRDT_SYNC_MESSAGE",
+            Frame::Error { .. } => "ERROR",
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        // Serializing plain strings and numbers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(text: &str) -> Result<Frame, String> {
+        serde_json::from_str(text).map_err(|e| {
+            // Name the type when the JSON is otherwise fine, so the peer learns what we lack.
+            match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(v) => match v.get("type").and_then(|t| t.as_str()) {
+                    Some(t) if !KNOWN.contains(&t) => format!("unknown message type {t:?}"),
+                    _ => format!("malformed frame: {e}"),
+                },
+                Err(_) => format!("frame is not JSON: {e}"),
+            }
+        })
+    }
+}
+
+const KNOWN: [&str; 7] = [
+    "HELLO",
+    "AUTH",
+    "CRDT_SYNC",
+    "CRDT_FULL_SYNC",
+    "CRDT_RUNS",
+    "CRDT_SYNC_MESSAGE",
+    "ERROR",
+];
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn unb64(field: &str, text: &str) -> Result<Vec<u8>, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("{field} is not base64: {e}"))
+}
+
+/// A fresh random nonce (256 bits from two v4 UUIDs, hex).
+pub fn nonce() -> String {
+    let a = uuid::Uuid::new_v4();
+    let b = uuid::Uuid::new_v4();
+    format!("{}{}", a.simple(), b.simple())
+}
+
+fn mac(
+    secret: &str,
+    peer_nonce: &str,
+    own_nonce: &str,
+    node_id: &str,
+    region: &str,
+) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes keys of any length");
+    // Length-prefixed fields: no two different tuples hash the same bytes.
+    for field in ["crdt-mesh/1", peer_nonce, own_nonce, node_id, region] {
+        mac.update(&(field.len() as u64).to_be_bytes());
+        mac.update(field.as_bytes());
+    }
+    mac
+}
+
+/// My proof for a link: over the peer's nonce, mine and my identity.
+pub fn prove(
+    secret: &str,
+    peer_nonce: &str,
+    own_nonce: &str,
+    node_id: &str,
+    region: &str,
+) -> String {
+    hex::encode(
+        mac(secret, peer_nonce, own_nonce, node_id, region)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+/// Checks the peer's proof (in constant time): it must cover my nonce, its nonce and the
+/// identity it claimed in its HELLO.
+pub fn verify(
+    secret: &str,
+    proof: &str,
+    own_nonce: &str,
+    peer_nonce: &str,
+    peer_node_id: &str,
+    peer_region: &str,
+) -> bool {
+    let Ok(bytes) = hex::decode(proof) else {
+        return false;
+    };
+    mac(secret, own_nonce, peer_nonce, peer_node_id, peer_region)
+        .verify_slice(&bytes)
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_frames_keep_their_field_names() {
+        let f = Frame::CrdtSync {
+            run_id: "r".into(),
+            source_region: "us-east-1".into(),
+            changes: "AA==".into(),
+            timestamp: 7,
+        };
+        let v: serde_json::Value = serde_json::from_str(&f.encode()).unwrap();
+        assert_eq!(v["type"], "CRDT_SYNC");
+        assert_eq!(v["runId"], "r");
+        assert_eq!(v["sourceRegion"], "us-east-1");
+        assert_eq!(v["timestamp"], 7);
+        let full = Frame::CrdtFullSync {
+            run_id: "r".into(),
+            source_region: "x".into(),
+            state: "AA==".into(),
+            timestamp: 1,
+        };
+        assert!(full.encode().contains("\"type\":\"CRDT_FULL_SYNC\""));
+        assert!(full.encode().contains("\"state\":\"AA==\""));
+        assert_eq!(Frame::decode(&full.encode()).unwrap(), full);
+    }
+
+    #[test]
+    fn bad_frames_say_why() {
+        assert!(Frame::decode("nonsense").unwrap_err().contains("not JSON"));
+        assert!(Frame::decode(r#"{"type":"NOPE"}"#)
+            .unwrap_err()
+            .contains("unknown message type \"NOPE\""));
+        assert!(Frame::decode(r#"{"type":"CRDT_SYNC","runId":1}"#)
+            .unwrap_err()
+            .contains("malformed"));
+    }
+
+    #[test]
+    fn proofs_bind_secret_nonces_and_identity() {
+        let (a, b) = (nonce(), nonce());
+        assert_ne!(a, b);
+        let p = prove("s3cret", &a, &b, "node-b", "eu-central-1");
+        // A verifies B's proof: its own nonce is `a`.
+        assert!(verify("s3cret", &p, &a, &b, "node-b", "eu-central-1"));
+        assert!(!verify("wrong", &p, &a, &b, "node-b", "eu-central-1"));
+        assert!(!verify(
+            "s3cret",
+            &p,
+            &nonce(),
+            &b,
+            "node-b",
+            "eu-central-1"
+        ));
+        assert!(!verify("s3cret", &p, &a, &b, "node-x", "eu-central-1"));
+        assert!(!verify("s3cret", &p, &a, &b, "node-b", "us-east-1"));
+        assert!(!verify("s3cret", "zz", &a, &b, "node-b", "eu-central-1"));
+    }
+}

@@ -1,0 +1,857 @@
+//! `PeerSession`: one actor per mesh link, inbound or outbound alike.
+//!
+//! It runs the handshake, the heartbeat, and the link's share of syncing: live `CRDT_SYNC`
+//! frames in both directions, and on connect a catch-up of every run the two nodes hold —
+//! Automerge's sync protocol for runs both have (it sends heads and a Bloom filter, so it costs
+//! about what was missed), `CRDT_FULL_SYNC` for runs only this node has. Work for one run is
+//! done in order, one step at a time; different runs proceed side by side.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use automerge::{sync, Change};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::directory::{Direction, LinkStats, MeshState, PeerIdentity, SessionHandle};
+use super::protocol::{self, close, Frame, PROTOCOL_VERSION};
+use super::transport::{Inbound, Out};
+use super::MeshConfig;
+use crate::doc::{parse_changes, parse_document, DocError};
+use crate::metrics::Metrics;
+use crate::runs::{ApplySync, FullState, PeerSync, RunError, Runs};
+
+/// Runs caught up at once per link; the rest wait their turn.
+const CATCHUP_PARALLEL: usize = 8;
+/// Run ids per `CRDT_RUNS` frame.
+const RUNS_PAGE: i64 = 1000;
+/// Work queued per link beyond this means the peer sends faster than we can apply: the link
+/// is dropped, and the reconnect's catch-up brings what was missed.
+const MAX_QUEUED: usize = 100_000;
+/// Run ids accepted from one peer's `CRDT_RUNS`.
+const MAX_PEER_RUNS: usize = 10_000_000;
+
+/// Tells a link's owner (the connector of an outbound link) how the session went.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub enum LinkEvent {
+    Up,
+    Down(Option<String>),
+}
+
+/// Syncs one run to the peer now (`register-peer`).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct SyncRun(pub Uuid);
+
+/// Closes the link (a slow peer, shutdown).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct CloseLink {
+    pub code: u16,
+    pub reason: String,
+}
+
+enum Work {
+    /// A step of the sync protocol; `None` starts one.
+    Step(Option<sync::Message>),
+    Changes {
+        changes: Vec<Change>,
+        lamport: u64,
+        source_region: String,
+    },
+    SendFull,
+}
+
+/// A finished piece of work: the sync state to keep, a frame to send, and whether the run
+/// needs a sync-protocol round (a live change arrived before what it builds on).
+type Done = (Option<Box<sync::State>>, Option<Frame>, bool);
+
+#[derive(Default)]
+struct Slot {
+    state: Option<Box<sync::State>>,
+    queue: VecDeque<(Work, bool)>,
+    busy: bool,
+}
+
+struct Hello {
+    node_id: String,
+    region: String,
+    nonce: String,
+}
+
+enum Phase {
+    Handshake { hello: Option<Hello> },
+    Ready(PeerIdentity),
+}
+
+#[derive(Default)]
+struct Catchup {
+    mine: Option<HashSet<Uuid>>,
+    theirs: HashSet<Uuid>,
+    theirs_done: bool,
+    started: Option<Instant>,
+    todo: VecDeque<(Uuid, Work)>,
+    active: usize,
+    synced: usize,
+    sent_whole: usize,
+    finished: bool,
+}
+
+pub struct PeerSession {
+    link: u64,
+    direction: Direction,
+    config: Arc<MeshConfig>,
+    mesh: MeshState,
+    runs: Runs,
+    metrics: Metrics,
+    out: mpsc::Sender<Out>,
+    shutdown: Option<oneshot::Sender<()>>,
+    stats: Arc<LinkStats>,
+    owner: Option<Recipient<LinkEvent>>,
+    nonce: String,
+    phase: Phase,
+    last_heard: Instant,
+    close_reason: Option<String>,
+    slots: HashMap<Uuid, Slot>,
+    queued: usize,
+    catchup: Catchup,
+}
+
+pub struct SessionParts {
+    pub link: u64,
+    pub direction: Direction,
+    pub config: Arc<MeshConfig>,
+    pub mesh: MeshState,
+    pub runs: Runs,
+    pub metrics: Metrics,
+    pub out: mpsc::Sender<Out>,
+    pub shutdown: oneshot::Sender<()>,
+    pub stats: Arc<LinkStats>,
+    pub owner: Option<Recipient<LinkEvent>>,
+}
+
+impl PeerSession {
+    pub fn new(p: SessionParts) -> Self {
+        PeerSession {
+            link: p.link,
+            direction: p.direction,
+            config: p.config,
+            mesh: p.mesh,
+            runs: p.runs,
+            metrics: p.metrics,
+            out: p.out,
+            shutdown: Some(p.shutdown),
+            stats: p.stats,
+            owner: p.owner,
+            nonce: protocol::nonce(),
+            phase: Phase::Handshake { hello: None },
+            last_heard: Instant::now(),
+            close_reason: None,
+            slots: HashMap::new(),
+            queued: 0,
+            catchup: Catchup::default(),
+        }
+    }
+
+    fn peer(&self) -> Option<&PeerIdentity> {
+        match &self.phase {
+            Phase::Ready(p) => Some(p),
+            Phase::Handshake { .. } => None,
+        }
+    }
+
+    fn peer_label(&self) -> String {
+        match &self.phase {
+            Phase::Ready(p) => format!("{} ({})", p.node_id, p.region),
+            Phase::Handshake { .. } => format!("link {}", self.link),
+        }
+    }
+
+    fn send(&mut self, frame: &Frame, ctx: &mut Context<Self>) {
+        self.send_text(frame.encode().into(), frame.kind(), ctx);
+    }
+
+    /// Queues a frame; a full queue means the peer cannot keep up, so the link is dropped.
+    pub(super) fn send_text(&mut self, text: Arc<str>, kind: &str, ctx: &mut Context<Self>) {
+        match self.out.try_send(Out::Text(text)) {
+            Ok(()) => {
+                self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                if kind.starts_with("CRDT_") {
+                    self.metrics.sync_messages.with_label_values(&["out"]).inc();
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(close::SLOW_PEER, "outgoing queue full".into(), ctx)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
+        }
+    }
+
+    fn close(&mut self, code: u16, reason: String, ctx: &mut Context<Self>) {
+        if self.close_reason.is_none() {
+            log::warn!("mesh: closing {}: {reason}", self.peer_label());
+            let _ = self.out.try_send(Out::Close(code, reason.clone()));
+            self.close_reason = Some(reason);
+        }
+        ctx.stop();
+    }
+
+    /// Rejects one frame: counted, answered with the reason, and the link stays up.
+    fn reject(
+        &mut self,
+        label: &str,
+        reason: String,
+        run_id: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.metrics.sync_failures.with_label_values(&[label]).inc();
+        log::warn!(
+            "mesh: rejected a frame from {}: {reason}",
+            self.peer_label()
+        );
+        self.send(&Frame::Error { reason, run_id }, ctx);
+    }
+
+    fn on_text(&mut self, text: String, ctx: &mut Context<Self>) {
+        let frame = match Frame::decode(&text) {
+            Ok(f) => f,
+            Err(reason) => {
+                if matches!(self.phase, Phase::Handshake { .. }) {
+                    self.metrics
+                        .sync_failures
+                        .with_label_values(&["handshake"])
+                        .inc();
+                    return self.close(close::HANDSHAKE, reason, ctx);
+                }
+                return self.reject("decode", reason, None, ctx);
+            }
+        };
+        if frame.kind().starts_with("CRDT_") {
+            self.metrics.sync_messages.with_label_values(&["in"]).inc();
+        }
+        let (awaiting_hello, awaiting_auth) = match &self.phase {
+            Phase::Handshake { hello } => (hello.is_none(), hello.is_some()),
+            Phase::Ready(_) => (false, false),
+        };
+        match frame {
+            Frame::Hello {
+                node_id,
+                region,
+                protocol_version,
+                nonce,
+            } if awaiting_hello => self.on_hello(
+                Hello {
+                    node_id,
+                    region,
+                    nonce,
+                },
+                protocol_version,
+                ctx,
+            ),
+            Frame::Auth { proof } if awaiting_auth => self.on_auth(&proof, ctx),
+            other if awaiting_hello || awaiting_auth => {
+                self.metrics
+                    .sync_failures
+                    .with_label_values(&["handshake"])
+                    .inc();
+                self.close(
+                    close::HANDSHAKE,
+                    format!("{} before the handshake finished", other.kind()),
+                    ctx,
+                );
+            }
+            frame => self.on_frame(frame, ctx),
+        }
+    }
+
+    fn on_hello(&mut self, hello: Hello, version: u32, ctx: &mut Context<Self>) {
+        if version != PROTOCOL_VERSION {
+            return self.close(
+                close::PROTOCOL_VERSION,
+                format!(
+                    "protocol version {version} is not supported (this node speaks {PROTOCOL_VERSION})"
+                ),
+                ctx,
+            );
+        }
+        if hello.node_id == self.config.node_id {
+            return self.close(
+                close::SELF_LINK,
+                "this link leads back to the same node".into(),
+                ctx,
+            );
+        }
+        if !valid_name(&hello.node_id) || !valid_name(&hello.region) || hello.nonce.len() < 32 {
+            return self.close(close::HANDSHAKE, "malformed HELLO".into(), ctx);
+        }
+        let proof = protocol::prove(
+            self.secret(),
+            &hello.nonce,
+            &self.nonce,
+            &self.config.node_id,
+            &self.config.region,
+        );
+        self.phase = Phase::Handshake { hello: Some(hello) };
+        self.send(&Frame::Auth { proof }, ctx);
+    }
+
+    fn on_auth(&mut self, proof: &str, ctx: &mut Context<Self>) {
+        let Phase::Handshake { hello: Some(h) } = &self.phase else {
+            return;
+        };
+        let peer = PeerIdentity {
+            node_id: h.node_id.clone(),
+            region: h.region.clone(),
+        };
+        if !protocol::verify(
+            self.secret(),
+            proof,
+            &self.nonce,
+            &h.nonce,
+            &h.node_id,
+            &h.region,
+        ) {
+            self.metrics
+                .sync_failures
+                .with_label_values(&["auth"])
+                .inc();
+            return self.close(
+                close::AUTH_FAILED,
+                "authentication failed: the peer does not know the mesh secret".into(),
+                ctx,
+            );
+        }
+        self.ready(peer, ctx);
+    }
+
+    fn secret(&self) -> &str {
+        self.config.secret.as_deref().unwrap_or_default()
+    }
+
+    fn ready(&mut self, peer: PeerIdentity, ctx: &mut Context<Self>) {
+        log::info!(
+            "mesh: {} link {} to {} ({}) is up",
+            match self.direction {
+                Direction::Inbound => "inbound",
+                Direction::Outbound => "outbound",
+            },
+            self.link,
+            peer.node_id,
+            peer.region
+        );
+        let handle = SessionHandle {
+            addr: ctx.address(),
+            out: self.out.clone(),
+            stats: self.stats.clone(),
+        };
+        if let Some(warning) = self.mesh.link_up(self.link, peer.clone(), handle) {
+            log::warn!("mesh: {warning}");
+        }
+        self.phase = Phase::Ready(peer);
+        if let Some(owner) = &self.owner {
+            owner.do_send(LinkEvent::Up);
+        }
+        self.list_runs(ctx);
+    }
+
+    /// Sends the ids of every run this node holds, page by page, and keeps them for catch-up.
+    fn list_runs(&mut self, ctx: &mut Context<Self>) {
+        self.catchup.started = Some(Instant::now());
+        let store = self.runs.store().clone();
+        ctx.spawn(
+            async move {
+                let mut all = Vec::new();
+                let mut after = None;
+                loop {
+                    let page = store.list_runs(after, RUNS_PAGE).await?;
+                    after = page.last().copied();
+                    let done = (page.len() as i64) < RUNS_PAGE;
+                    all.push(page);
+                    if done {
+                        return Ok(all);
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(
+                |result: Result<Vec<Vec<Uuid>>, crate::store::StoreError>, act, ctx| {
+                    let pages = match result {
+                        Ok(p) => p,
+                        Err(e) => {
+                            return act.close(
+                                close::HANDSHAKE,
+                                format!("cannot list runs for catch-up: {e}"),
+                                ctx,
+                            )
+                        }
+                    };
+                    let count = pages.len();
+                    let mut mine = HashSet::new();
+                    for (i, page) in pages.into_iter().enumerate() {
+                        act.send(
+                            &Frame::CrdtRuns {
+                                run_ids: page.iter().map(Uuid::to_string).collect(),
+                                done: i + 1 == count,
+                            },
+                            ctx,
+                        );
+                        mine.extend(page);
+                    }
+                    act.catchup.mine = Some(mine);
+                    act.start_catchup(ctx);
+                },
+            ),
+        );
+    }
+
+    fn start_catchup(&mut self, ctx: &mut Context<Self>) {
+        let c = &mut self.catchup;
+        if !c.theirs_done || c.started.is_none() || !c.todo.is_empty() || c.active > 0 {
+            return;
+        }
+        let Some(mine) = c.mine.take() else { return };
+        let mut mine: Vec<Uuid> = mine.into_iter().collect();
+        mine.sort();
+        for run in mine {
+            if c.theirs.contains(&run) {
+                c.todo.push_back((run, Work::Step(None)));
+            } else {
+                c.todo.push_back((run, Work::SendFull));
+            }
+        }
+        c.theirs = HashSet::new();
+        self.feed_catchup(ctx);
+    }
+
+    fn feed_catchup(&mut self, ctx: &mut Context<Self>) {
+        while self.catchup.active < CATCHUP_PARALLEL {
+            let Some((run, work)) = self.catchup.todo.pop_front() else {
+                break;
+            };
+            match work {
+                Work::SendFull => self.catchup.sent_whole += 1,
+                _ => self.catchup.synced += 1,
+            }
+            self.catchup.active += 1;
+            self.push(run, work, true, ctx);
+        }
+        let label = self.peer_label();
+        let c = &mut self.catchup;
+        if c.todo.is_empty() && c.active == 0 && !c.finished {
+            if let Some(started) = c.started {
+                c.finished = true;
+                log::info!(
+                    "mesh: caught up with {label}: {} shared runs synced, {} sent whole, in {} ms",
+                    c.synced,
+                    c.sent_whole,
+                    started.elapsed().as_millis()
+                );
+            }
+        }
+    }
+
+    fn push(&mut self, run: Uuid, work: Work, catchup: bool, ctx: &mut Context<Self>) {
+        if self.queued >= MAX_QUEUED {
+            return self.close(
+                close::SLOW_PEER,
+                format!("more than {MAX_QUEUED} frames waiting to be applied"),
+                ctx,
+            );
+        }
+        self.queued += 1;
+        self.slots
+            .entry(run)
+            .or_default()
+            .queue
+            .push_back((work, catchup));
+        self.pump(run, ctx);
+    }
+
+    /// Starts the next piece of work for `run` unless one is running.
+    fn pump(&mut self, run: Uuid, ctx: &mut Context<Self>) {
+        let Some(peer) = self.peer().cloned() else {
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(&run) else {
+            return;
+        };
+        if slot.busy {
+            return;
+        }
+        let Some((work, catchup)) = slot.queue.pop_front() else {
+            return;
+        };
+        self.queued -= 1;
+        slot.busy = true;
+        let state = slot.state.take();
+        let runs = self.runs.clone();
+        let region = self.config.region.clone();
+        let saved = match (&work, &state) {
+            (Work::Step(_), None) => self.mesh.saved_sync_state(&peer.node_id, run),
+            _ => None,
+        };
+        let fut = async move {
+            match work {
+                Work::Step(incoming) => {
+                    // A state kept from an earlier link holds what the peer had then, so
+                    // the Bloom filter covers only what changed since.
+                    let state = state.unwrap_or_else(|| {
+                        Box::new(
+                            saved
+                                .and_then(|b| sync::State::decode(&b).ok())
+                                .unwrap_or_default(),
+                        )
+                    });
+                    let reply = runs
+                        .send(
+                            run,
+                            PeerSync {
+                                state,
+                                incoming,
+                                source_region: peer.region.clone(),
+                                via: peer.node_id.clone(),
+                            },
+                        )
+                        .await
+                        .and_then(|r| r)?;
+                    let frame = reply.outgoing.map(|m| Frame::CrdtSyncMessage {
+                        run_id: run.to_string(),
+                        source_region: region,
+                        message: protocol::b64(&m.encode()),
+                        timestamp: reply.lamport,
+                    });
+                    Ok((Some(reply.state), frame, false))
+                }
+                Work::Changes {
+                    changes,
+                    lamport,
+                    source_region,
+                } => {
+                    let result = runs
+                        .send(
+                            run,
+                            ApplySync {
+                                changes,
+                                source_region,
+                                lamport: Some(lamport),
+                                via: Some(peer.node_id.clone()),
+                            },
+                        )
+                        .await
+                        .and_then(|r| r);
+                    match result {
+                        Ok(_) => Ok((state, None, false)),
+                        // Live changes can overtake what they build on (a catch-up still
+                        // running, a frame lost with a link): the sync protocol fetches it.
+                        Err(RunError::Doc(DocError::MissingDependencies(_))) => {
+                            Ok((state, None, true))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Work::SendFull => {
+                    let (bytes, lamport) = runs.send(run, FullState).await.and_then(|r| r)?;
+                    let frame = Frame::CrdtFullSync {
+                        run_id: run.to_string(),
+                        source_region: region,
+                        state: protocol::b64(&bytes),
+                        timestamp: lamport,
+                    };
+                    Ok((state, Some(frame), false))
+                }
+            }
+        };
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(move |result: Result<Done, RunError>, act, ctx| {
+                    let mut resync = false;
+                    match result {
+                        Ok((state, frame, missing)) => {
+                            if let Some(slot) = act.slots.get_mut(&run) {
+                                slot.state = state;
+                            }
+                            if let Some(frame) = frame {
+                                act.send(&frame, ctx);
+                            }
+                            resync = missing;
+                        }
+                        Err(e) => act.reject("apply", e.to_string(), Some(run.to_string()), ctx),
+                    }
+                    if let Some(slot) = act.slots.get_mut(&run) {
+                        slot.busy = false;
+                    }
+                    if resync {
+                        act.push(run, Work::Step(None), false, ctx);
+                    }
+                    if catchup {
+                        act.catchup.active -= 1;
+                        act.feed_catchup(ctx);
+                    }
+                    act.pump(run, ctx);
+                }),
+        );
+    }
+
+    fn on_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        match frame {
+            Frame::CrdtSync {
+                run_id,
+                source_region,
+                changes,
+                timestamp,
+            } => {
+                let Some(run) = self.run_id(&run_id, ctx) else {
+                    return;
+                };
+                match protocol::unb64("changes", &changes)
+                    .and_then(|b| parse_changes(&b).map_err(|e| e.to_string()))
+                {
+                    Ok(changes) => self.push(
+                        run,
+                        Work::Changes {
+                            changes,
+                            lamport: timestamp,
+                            source_region: clip(source_region),
+                        },
+                        false,
+                        ctx,
+                    ),
+                    Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
+                }
+            }
+            Frame::CrdtFullSync {
+                run_id,
+                source_region,
+                state,
+                timestamp,
+            } => {
+                let Some(run) = self.run_id(&run_id, ctx) else {
+                    return;
+                };
+                match protocol::unb64("state", &state)
+                    .and_then(|b| parse_document(&b).map_err(|e| e.to_string()))
+                {
+                    Ok(changes) => self.push(
+                        run,
+                        Work::Changes {
+                            changes,
+                            lamport: timestamp,
+                            source_region: clip(source_region),
+                        },
+                        false,
+                        ctx,
+                    ),
+                    Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
+                }
+            }
+            Frame::CrdtSyncMessage {
+                run_id, message, ..
+            } => {
+                let Some(run) = self.run_id(&run_id, ctx) else {
+                    return;
+                };
+                match protocol::unb64("message", &message).and_then(|b| {
+                    sync::Message::decode(&b).map_err(|e| format!("not a sync message: {e}"))
+                }) {
+                    Ok(m) => self.push(run, Work::Step(Some(m)), false, ctx),
+                    Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
+                }
+            }
+            Frame::CrdtRuns { run_ids, done } => {
+                for id in run_ids {
+                    match Uuid::parse_str(&id) {
+                        Ok(run) if self.catchup.theirs.len() < MAX_PEER_RUNS => {
+                            self.catchup.theirs.insert(run);
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            self.reject("bad_run_id", format!("{id:?} is not a run id"), None, ctx)
+                        }
+                    }
+                }
+                if done {
+                    self.catchup.theirs_done = true;
+                    self.start_catchup(ctx);
+                }
+            }
+            Frame::Error { reason, run_id } => log::warn!(
+                "mesh: {} rejected a frame{}: {reason}",
+                self.peer_label(),
+                run_id.map(|r| format!(" for run {r}")).unwrap_or_default()
+            ),
+            other @ (Frame::Hello { .. } | Frame::Auth { .. }) => self.reject(
+                "handshake",
+                format!("{} after the handshake", other.kind()),
+                None,
+                ctx,
+            ),
+        }
+    }
+
+    fn run_id(&mut self, text: &str, ctx: &mut Context<Self>) -> Option<Uuid> {
+        match Uuid::parse_str(text) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                let shown: String = text.chars().take(64).collect();
+                self.reject(
+                    "bad_run_id",
+                    format!("{shown:?} is not a run id (a UUID)"),
+                    Some(shown),
+                    ctx,
+                );
+                None
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let silent = self.last_heard.elapsed();
+        if silent >= self.config.peer_timeout {
+            return self.close(
+                close::TIMEOUT,
+                format!("nothing heard for {} ms", silent.as_millis()),
+                ctx,
+            );
+        }
+        let now = chrono::Utc::now().timestamp_micros().to_be_bytes();
+        let _ = self.out.try_send(Out::Ping(now.to_vec().into()));
+    }
+}
+
+/// Node ids and regions: short and printable.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 100 && !s.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+fn clip(region: String) -> String {
+    if valid_name(&region) && region.len() <= 50 {
+        region
+    } else {
+        "unknown".into()
+    }
+}
+
+impl Actor for PeerSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if self.config.secret.is_none() {
+            return self.close(
+                close::NO_SECRET,
+                "this node has no mesh secret configured".into(),
+                ctx,
+            );
+        }
+        self.send(
+            &Frame::Hello {
+                node_id: self.config.node_id.clone(),
+                region: self.config.region.clone(),
+                protocol_version: PROTOCOL_VERSION,
+                nonce: self.nonce.clone(),
+            },
+            ctx,
+        );
+        ctx.run_interval(self.config.heartbeat, |act, ctx| act.heartbeat(ctx));
+        let limit = self.config.peer_timeout;
+        ctx.run_later(limit, move |act, ctx| {
+            if act.peer().is_none() {
+                act.metrics
+                    .sync_failures
+                    .with_label_values(&["handshake"])
+                    .inc();
+                act.close(
+                    close::HANDSHAKE,
+                    format!("no handshake within {} ms", limit.as_millis()),
+                    ctx,
+                );
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // Dropping the shutdown sender stops the writer, which closes the socket.
+        self.shutdown.take();
+        if let Phase::Ready(peer) = &self.phase {
+            let states = self
+                .slots
+                .iter()
+                .filter_map(|(run, s)| Some((*run, s.state.as_ref()?.encode())))
+                .collect();
+            self.mesh.save_sync_states(&peer.node_id, states);
+            log::info!(
+                "mesh: link {} to {} is down{}",
+                self.link,
+                peer.node_id,
+                self.close_reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            );
+        }
+        self.mesh.link_down(self.link, self.close_reason.clone());
+        if let Some(owner) = &self.owner {
+            owner.do_send(LinkEvent::Down(self.close_reason.clone()));
+        }
+    }
+}
+
+impl Handler<Inbound> for PeerSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Inbound, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        self.stats.heard();
+        match msg {
+            Inbound::Text(text) => self.on_text(text, ctx),
+            Inbound::Binary(len) => {
+                if self.peer().is_none() {
+                    return self.close(close::HANDSHAKE, "binary frame in handshake".into(), ctx);
+                }
+                self.reject(
+                    "decode",
+                    format!("binary frame of {len} bytes: the mesh protocol is JSON text"),
+                    None,
+                    ctx,
+                )
+            }
+            Inbound::Pong(bytes) => {
+                if let Ok(sent) = <[u8; 8]>::try_from(bytes.as_ref()) {
+                    let rtt = chrono::Utc::now().timestamp_micros() - i64::from_be_bytes(sent);
+                    if rtt >= 0 {
+                        self.stats
+                            .rtt_us
+                            .store(rtt.max(1) as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            Inbound::Closed(reason) => {
+                if self.close_reason.is_none() {
+                    self.close_reason = reason.or(Some("connection closed".into()));
+                }
+                ctx.stop();
+            }
+        }
+    }
+}
+
+impl Handler<SyncRun> for PeerSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: SyncRun, ctx: &mut Self::Context) {
+        if self.peer().is_some() {
+            self.push(msg.0, Work::Step(None), false, ctx);
+        }
+    }
+}
+
+impl Handler<CloseLink> for PeerSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseLink, ctx: &mut Self::Context) {
+        self.close(msg.code, msg.reason, ctx);
+    }
+}

@@ -1,0 +1,494 @@
+//! The multi-region mesh, tested with real node processes on loopback, each with its own
+//! database, linked through fault-injecting proxies.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use common::mesh::{converged, holds, mesh_env, TestMesh, SECRET};
+use common::{eventually, metric, run_url, Backend, Client, Node, TestDb};
+use crdt_node::mesh::protocol;
+
+const REGIONS: [&str; 3] = ["us-east-1", "eu-central-1", "ap-southeast-1"];
+const FULL: [(usize, usize); 3] = [(0, 1), (0, 2), (1, 2)];
+
+fn graft(agent: &str, user: &str) -> Value {
+    json!({"agent": agent, "afterStep": "Step1", "user": user})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_two_regions_graft_at_once() {
+    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS, &FULL).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 2).await;
+    let run = Uuid::new_v4();
+    let (url_a, url_b) = (
+        run_url(mesh.node(0), run, "/grafts"),
+        run_url(mesh.node(1), run, "/grafts"),
+    );
+    let (body_a, body_b) = (
+        graft("SecurityAgent", "alice"),
+        graft("PerformanceAgent", "bob"),
+    );
+    let (a, b) = tokio::join!(c.post(&url_a, &body_a), c.post(&url_b, &body_b));
+    assert_eq!((a.0, b.0), (201, 201), "{a:?} {b:?}");
+    let state = converged(&c, &mesh.nodes(), run, 20).await;
+    let grafts = state["grafts"].as_array().expect("grafts");
+    assert_eq!(grafts.len(), 2, "{state}");
+    let by_agent = |name: &str| {
+        grafts
+            .iter()
+            .find(|g| g["agent"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing: {state}"))
+    };
+    let sec = by_agent("SecurityAgent");
+    let perf = by_agent("PerformanceAgent");
+    assert_eq!(sec["region"], "us-east-1");
+    assert_eq!(perf["region"], "eu-central-1");
+    assert_eq!(sec["afterStep"], "Step1");
+    assert!(sec["lamport"].as_u64().unwrap() >= 1 && perf["lamport"].as_u64().unwrap() >= 1);
+    // The grafts carry the ids and stamps their regions acknowledged.
+    assert_eq!(sec["id"], a.1["graft"]["id"]);
+    assert_eq!(perf["lamport"], b.1["graft"]["lamport"]);
+    // Every region's clock has seen both stamps.
+    let top = sec["lamport"]
+        .as_u64()
+        .max(perf["lamport"].as_u64())
+        .unwrap();
+    for n in mesh.nodes() {
+        let (_, s) = c.get(&run_url(n, run, "/state")).await;
+        assert!(s["lamport"].as_u64().unwrap() >= top, "{s}");
+    }
+    let text = c.text(&mesh.node(2).url("/actuator/prometheus")).await;
+    assert!(metric(&text, "crdt_sync_messages_total{direction=\"in\"}").unwrap() >= 2.0);
+    assert_eq!(metric(&text, "crdt_mesh_peers_connected"), Some(2.0));
+}
+
+/// A small deterministic generator, so a failing mix can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Default)]
+struct Acked {
+    grafts: Vec<String>,
+    heads: Vec<Vec<String>>,
+}
+
+/// One random mutation on `node`; returns the response when the node acknowledged it.
+async fn random_op(c: &Client, node: &Node, run: Uuid, rng: &mut Rng, tag: &str) -> Option<Value> {
+    let step = format!("Step{}", rng.below(4));
+    let key = format!("k{}", rng.below(3));
+    let (status, body) = match rng.below(6) {
+        0 | 1 => {
+            c.post(
+                &run_url(node, run, "/grafts"),
+                &json!({"agent": format!("{tag}-agent-{}", rng.below(1000)), "afterStep": step, "user": tag}),
+            )
+            .await
+        }
+        2 => {
+            c.post(
+                &run_url(node, run, "/pruned-steps"),
+                &json!({"stepId": step, "user": tag}),
+            )
+            .await
+        }
+        3 => {
+            c.delete(&run_url(node, run, &format!("/pruned-steps/{step}?user={tag}")))
+                .await
+        }
+        4 => {
+            c.put(
+                &run_url(node, run, &format!("/flags/{key}")),
+                &json!({"value": {"by": tag, "n": rng.below(100)}, "user": tag}),
+            )
+            .await
+        }
+        _ => c.delete(&run_url(node, run, &format!("/flags/{key}"))).await,
+    };
+    (200..300).contains(&status).then_some(body)
+}
+
+async fn partition_rounds(backend: Backend, rounds: u64, ops: usize) {
+    let mesh = TestMesh::start(backend, &REGIONS, &FULL).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 2).await;
+    let run = Uuid::new_v4();
+    let mut acked = Acked::default();
+    for seed in 1..=rounds {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x1000_0001));
+        // Isolate one region from the other two, or all three from each other.
+        let split = rng.below(4) as usize;
+        if split < 3 {
+            mesh.partition(&[split]);
+        } else {
+            for i in 0..3 {
+                mesh.partition(&[i]);
+            }
+        }
+        let mut seeds: Vec<Rng> = (0..3).map(|i| Rng(rng.next() ^ (i + 1))).collect();
+        let writes = (0..3).map(|i| {
+            let c = c.clone();
+            let node = mesh.node(i);
+            let mut r = Rng(seeds[i].next());
+            async move {
+                let mut out = Vec::new();
+                for _ in 0..ops {
+                    if let Some(body) = random_op(&c, node, run, &mut r, REGIONS[i]).await {
+                        out.push(body);
+                    }
+                }
+                out
+            }
+        });
+        let results = futures_util::future::join_all(writes).await;
+        for body in results.into_iter().flatten() {
+            if let Some(id) = body["graft"]["id"].as_str() {
+                acked.grafts.push(id.to_string());
+            }
+            if body["changed"] == true {
+                let heads = body["heads"].as_array().unwrap();
+                acked.heads.push(
+                    heads
+                        .iter()
+                        .map(|h| h.as_str().unwrap().to_string())
+                        .collect(),
+                );
+            }
+        }
+        mesh.heal_all();
+        let state = converged(&c, &mesh.nodes(), run, 40).await;
+        let present: BTreeSet<&str> = state["grafts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|g| g["id"].as_str())
+            .collect();
+        for id in &acked.grafts {
+            assert!(
+                present.contains(id.as_str()),
+                "seed {seed}: graft {id} lost"
+            );
+        }
+    }
+    // Every acknowledged change, whatever it did, is in every region's document.
+    for heads in &acked.heads {
+        for (i, n) in mesh.nodes().into_iter().enumerate() {
+            assert!(holds(&c, n, run, heads).await, "node {i} lacks {heads:?}");
+        }
+    }
+    assert!(
+        acked.heads.len() as u64 >= rounds * 3,
+        "too few writes landed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_heal_to_identical_state_sqlite() {
+    partition_rounds(Backend::Sqlite, 6, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_heal_to_identical_state_postgres() {
+    partition_rounds(Backend::Postgres, 4, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_keeps_what_it_acknowledged() {
+    let mut mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    let run = Uuid::new_v4();
+    let url = run_url(mesh.node(1), run, "/grafts");
+    let writer = {
+        let http = reqwest::Client::new();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..400 {
+                // A request the kill cuts off was never acknowledged.
+                let Ok(response) = http
+                    .post(&url)
+                    .json(&graft(&format!("agent-{i}"), "crash"))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await
+                else {
+                    break;
+                };
+                if response.status() != 201 {
+                    break;
+                }
+                let Ok(body) = response.json::<Value>().await else {
+                    break;
+                };
+                acked.push(body["graft"]["id"].as_str().unwrap().to_string());
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    mesh.kill(1);
+    let acked = writer.await.unwrap();
+    assert!(!acked.is_empty(), "no write landed before the kill");
+    mesh.restart(1);
+    mesh.wait_connected(&c, 1).await;
+    let state = converged(&c, &mesh.nodes(), run, 30).await;
+    let present: BTreeSet<&str> = state["grafts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["id"].as_str())
+        .collect();
+    for id in &acked {
+        assert!(
+            present.contains(id.as_str()),
+            "acknowledged graft {id} lost"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_converges_without_a_direct_link() {
+    // A dials B, C dials B: A and C never meet.
+    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS, &[(0, 1), (2, 1)]).await;
+    let c = Client::new();
+    let ok = eventually(30, || async {
+        let (_, b) = c.get(&mesh.node(1).url("/api/crdt/mesh/status")).await;
+        (b["connectedPeers"] == 2).then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "{}", mesh.node(1).log_text());
+    let run = Uuid::new_v4();
+    let (s1, _) = c
+        .post(&run_url(mesh.node(0), run, "/grafts"), &graft("FromA", "a"))
+        .await;
+    let (s2, _) = c
+        .post(&run_url(mesh.node(2), run, "/grafts"), &graft("FromC", "c"))
+        .await;
+    assert_eq!((s1, s2), (201, 201));
+    let state = converged(&c, &mesh.nodes(), run, 20).await;
+    assert_eq!(state["grafts"].as_array().unwrap().len(), 2, "{state}");
+    let (_, a) = c.get(&mesh.node(0).url("/api/crdt/mesh/status")).await;
+    assert_eq!(a["connectedPeers"], 1, "{a}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_link_is_dropped_and_reconnected() {
+    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    mesh.links[0].proxy.blackhole();
+    // Silence, not a closed socket: only the heartbeat can notice.
+    mesh.wait_connected(&c, 0).await;
+    let text = c.text(&mesh.node(0).url("/actuator/prometheus")).await;
+    assert_eq!(metric(&text, "crdt_mesh_peers_connected"), Some(0.0));
+    let run = Uuid::new_v4();
+    let (s, _) = c
+        .post(
+            &run_url(mesh.node(0), run, "/grafts"),
+            &graft("WhileDown", "a"),
+        )
+        .await;
+    assert_eq!(s, 201);
+    mesh.heal_all();
+    mesh.wait_connected(&c, 1).await;
+    let state = converged(&c, &mesh.nodes(), run, 20).await;
+    assert_eq!(state["grafts"][0]["agent"], "WhileDown");
+    let (_, status) = c.get(&mesh.node(0).url("/api/crdt/mesh/status")).await;
+    let link = &status["peers"][0];
+    assert_eq!(link["url"], mesh.links[0].proxy.url());
+    assert_eq!(link["connected"], true);
+    assert_eq!(link["nodeId"], mesh.members[1].node_id);
+    assert_eq!(link["region"], "eu-central-1");
+    assert!(link["reconnects"].as_u64().unwrap() >= 1, "{status}");
+    assert!(link["lastSeen"].is_string() && link["messagesIn"].as_u64().unwrap() > 0);
+    let rtt = eventually(10, || async {
+        let (_, s) = c.get(&mesh.node(0).url("/api/crdt/mesh/status")).await;
+        s["peers"][0]["rttMs"].as_f64()
+    })
+    .await;
+    assert!(
+        rtt.is_some_and(|ms| ms > 0.0),
+        "no round-trip time measured"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_peer_syncs_the_run_to_that_region() {
+    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    let run = Uuid::new_v4();
+    c.post(&run_url(mesh.node(0), run, "/grafts"), &graft("G", "a"))
+        .await;
+    let (s, body) = c
+        .post(
+            &run_url(mesh.node(0), run, "/register-peer"),
+            &json!({"peerRegion": "eu-central-1"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["connected"], true);
+    assert_eq!(body["syncing"], 1);
+    let (_, status) = c.get(&mesh.node(0).url("/api/crdt/mesh/status")).await;
+    assert_eq!(
+        status["registrations"][run.to_string()],
+        json!(["eu-central-1"])
+    );
+    converged(&c, &mesh.nodes(), run, 20).await;
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("socket open")
+            .expect("frame");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+            Message::Close(c) => {
+                return json!({"closed": c.map(|c| (u16::from(c.code), c.reason.to_string()))})
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// A raw client that speaks the handshake with `secret`; returns the socket after it.
+async fn handshake(node: &Node, secret: &str) -> (Ws, Value) {
+    let url = node.url("/ws").replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let hello = next_json(&mut ws).await;
+    assert_eq!(hello["type"], "HELLO", "{hello}");
+    let mine = protocol::nonce();
+    ws.send(Message::text(
+        json!({"type": "HELLO", "nodeId": "raw-test", "region": "test-1", "protocolVersion": 1, "nonce": mine})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let proof = protocol::prove(
+        secret,
+        hello["nonce"].as_str().unwrap(),
+        &mine,
+        "raw-test",
+        "test-1",
+    );
+    ws.send(Message::text(
+        json!({"type": "AUTH", "proof": proof}).to_string(),
+    ))
+    .await
+    .unwrap();
+    // The node's own AUTH comes first; then either the catch-up starts or the link closes.
+    let mut reply = next_json(&mut ws).await;
+    while reply["type"] == "AUTH" {
+        reply = next_json(&mut ws).await;
+    }
+    (ws, reply)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_and_bad_frames_are_refused_and_counted() {
+    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    let target = mesh.node(1);
+
+    // A node with the wrong secret is closed with a reason and never counts as a peer.
+    let intruder_db = TestDb::new(Backend::Sqlite).await;
+    let mut env = mesh_env(
+        "ap-southeast-1",
+        "intruder",
+        &[target.url("/ws").replace("http://", "ws://")],
+    );
+    env.retain(|(k, _)| k != "CRDT_MESH_SECRET");
+    env.push(("CRDT_MESH_SECRET".into(), "not-the-secret".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let intruder = Node::spawn(&intruder_db, &env);
+    let refused = eventually(20, || async {
+        let (_, s) = c.get(&intruder.url("/api/crdt/mesh/status")).await;
+        s["peers"][0]["lastError"]
+            .as_str()
+            .filter(|e| e.contains("authentication failed"))
+            .map(String::from)
+    })
+    .await;
+    assert!(refused.is_some(), "{}", intruder.log_text());
+    let (_, s) = c.get(&target.url("/api/crdt/mesh/status")).await;
+    assert_eq!(s["connectedPeers"], 1, "{s}");
+
+    // The raw handshake with a wrong proof: closed with the auth code.
+    let (_, reply) = handshake(target, "wrong").await;
+    assert_eq!(reply["closed"][0], protocol::close::AUTH_FAILED, "{reply}");
+
+    // With the right secret, bad frames are answered with a reason; the link stays up.
+    let (mut ws, _first) = handshake(target, SECRET).await;
+    let mut errors = Vec::new();
+    for bad in [
+        "this is not JSON".to_string(),
+        json!({"type": "CRDT_TELEPORT"}).to_string(),
+        json!({"type": "CRDT_SYNC", "runId": "../../etc/passwd", "sourceRegion": "x", "changes": "AAAA", "timestamp": 1}).to_string(),
+        json!({"type": "CRDT_SYNC", "runId": Uuid::new_v4(), "sourceRegion": "x", "changes": "%%%", "timestamp": 1}).to_string(),
+        json!({"type": "CRDT_SYNC", "runId": Uuid::new_v4(), "sourceRegion": "x", "changes": "aGVsbG8gd29ybGQ=", "timestamp": 1}).to_string(),
+        json!({"type": "CRDT_FULL_SYNC", "runId": Uuid::new_v4(), "sourceRegion": "x", "state": "aGVsbG8=", "timestamp": 1}).to_string(),
+    ] {
+        ws.send(Message::text(bad)).await.unwrap();
+        loop {
+            let f = next_json(&mut ws).await;
+            assert!(f.get("closed").is_none(), "link closed: {f}");
+            if f["type"] == "ERROR" {
+                errors.push(f["reason"].as_str().unwrap().to_string());
+                break;
+            }
+        }
+    }
+    assert!(errors[0].contains("not JSON"), "{errors:?}");
+    assert!(errors[1].contains("unknown message type"), "{errors:?}");
+    assert!(errors[2].contains("not a run id"), "{errors:?}");
+    assert!(errors[3].contains("base64"), "{errors:?}");
+    assert!(errors[4].contains("Automerge"), "{errors:?}");
+    assert!(errors[5].contains("Automerge document"), "{errors:?}");
+    let text = c.text(&target.url("/actuator/prometheus")).await;
+    assert!(metric(&text, "crdt_sync_failures_total{reason=\"decode\"}").unwrap() >= 5.0);
+    assert!(metric(&text, "crdt_sync_failures_total{reason=\"bad_run_id\"}").unwrap() >= 1.0);
+    assert!(metric(&text, "crdt_sync_failures_total{reason=\"auth\"}").unwrap() >= 1.0);
+
+    // The real link still carries changes both ways.
+    let run = Uuid::new_v4();
+    c.post(
+        &run_url(mesh.node(0), run, "/grafts"),
+        &graft("StillWorks", "a"),
+    )
+    .await;
+    c.post(
+        &run_url(mesh.node(1), run, "/grafts"),
+        &graft("BothWays", "b"),
+    )
+    .await;
+    let state = converged(&c, &mesh.nodes(), run, 20).await;
+    assert_eq!(state["grafts"].as_array().unwrap().len(), 2);
+}
