@@ -18,15 +18,16 @@ mod common;
 #[path = "shared/mix.rs"]
 mod mix;
 
+#[path = "shared/http.rs"]
+mod http;
+
 use std::time::{Duration, Instant};
 
 use common::{Backend, Node, TestDb};
-use crdt_node::doc::{Mutation, RunDoc};
+use crdt_node::doc::RunDoc;
 use crdt_node::store::{self, NewEvent, Snapshot};
+use http::{http_request, Conn};
 use mix::mix;
-use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
-use tokio::net::TcpStream;
 use uuid::Uuid;
 
 fn main() {
@@ -58,38 +59,6 @@ fn main() {
 
 // ---------- the operation mix ----------
 
-fn http_request(run: Uuid, i: usize) -> Vec<u8> {
-    let (method, path, body) = match mix(i) {
-        Mutation::Graft {
-            agent,
-            after_step,
-            user,
-            ..
-        } => (
-            "POST",
-            format!("/api/crdt/runs/{run}/grafts"),
-            json!({"agent": agent, "afterStep": after_step, "user": user}),
-        ),
-        Mutation::SetFlag { key, value } => (
-            "PUT",
-            format!("/api/crdt/runs/{run}/flags/{key}"),
-            json!({"value": value, "user": "u"}),
-        ),
-        Mutation::Prune { step_id, user } => (
-            "POST",
-            format!("/api/crdt/runs/{run}/pruned-steps"),
-            json!({"stepId": step_id, "user": user}),
-        ),
-        _ => unreachable!("the mix has three kinds"),
-    };
-    let body = body.to_string();
-    format!(
-        "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
 /// Ops/s of the mix in-process on one thread, over `runs` documents (one change per op).
 fn in_process_ceiling(runs: usize, ops: usize) -> f64 {
     let mut docs: Vec<RunDoc> = (0..runs)
@@ -102,57 +71,6 @@ fn in_process_ceiling(runs: usize, ops: usize) -> f64 {
         std::hint::black_box(out.change.map(|c| c.raw_bytes().len()));
     }
     ops as f64 / start.elapsed().as_secs_f64()
-}
-
-// ---------- a minimal HTTP/1.1 client ----------
-
-struct Conn {
-    io: BufStream<TcpStream>,
-    line: String,
-    body: Vec<u8>,
-}
-
-impl Conn {
-    async fn open(addr: &str) -> Conn {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        Conn {
-            io: BufStream::new(stream),
-            line: String::new(),
-            body: Vec::new(),
-        }
-    }
-
-    /// Sends one request and reads the whole response; returns the status code.
-    async fn call(&mut self, request: &[u8]) -> std::io::Result<u16> {
-        self.io.write_all(request).await?;
-        self.io.flush().await?;
-        self.line.clear();
-        self.io.read_line(&mut self.line).await?;
-        let status: u16 = self
-            .line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let mut length = 0usize;
-        loop {
-            self.line.clear();
-            self.io.read_line(&mut self.line).await?;
-            let header = self.line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        self.body.resize(length, 0);
-        self.io.read_exact(&mut self.body).await?;
-        Ok(status)
-    }
 }
 
 struct Cell {

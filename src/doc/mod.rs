@@ -543,6 +543,12 @@ impl RunDoc {
         self.doc.get_changes(&known)
     }
 
+    /// How many operations and changes the document holds.
+    pub fn size(&self) -> (u64, u64) {
+        let stats = self.doc.stats();
+        (stats.num_ops, stats.num_changes)
+    }
+
     /// The whole document in Automerge's compact form.
     pub fn save(&mut self) -> Vec<u8> {
         self.doc.save()
