@@ -36,6 +36,9 @@ pub struct RunningNode {
 
 /// Starts a node on the current actix system.
 pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
+    // wss:// peers: rustls needs one process-wide crypto provider (ring, as awc is built).
+    // A second node in one process finds it installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let store = store::open(&settings.database.url, settings.database.pool_size).await?;
     log::info!(

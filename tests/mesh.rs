@@ -492,3 +492,57 @@ async fn bad_peers_and_bad_frames_are_refused_and_counted() {
     let state = converged(&c, &mesh.nodes(), run, 20).await;
     assert_eq!(state["grafts"].as_array().unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_peers_connect_through_tls_and_verify_the_certificate() {
+    let c = Client::new();
+    let db_b = TestDb::new(Backend::Sqlite).await;
+    let env_b = mesh_env("eu-central-1", "tls-b", &[]);
+    let env_b: Vec<(&str, &str)> = env_b
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let b = Node::spawn(&db_b, &env_b);
+    let front = common::tls::TlsFront::start(&b.base).await;
+
+    // Trusting the front's certificate: the link comes up over TLS.
+    let db_a = TestDb::new(Backend::Sqlite).await;
+    let mut env_a = mesh_env("us-east-1", "tls-a", &[front.url()]);
+    env_a.push(("SSL_CERT_FILE".into(), front.ca_file.display().to_string()));
+    let env_a: Vec<(&str, &str)> = env_a
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let a = Node::spawn(&db_a, &env_a);
+    let up = eventually(20, || async {
+        let (_, s) = c.get(&a.url("/api/crdt/mesh/status")).await;
+        (s["connectedPeers"] == 1).then_some(s)
+    })
+    .await;
+    assert!(up.is_some(), "{}", a.log_text());
+    let run = Uuid::new_v4();
+    c.post(&run_url(&a, run, "/grafts"), &graft("OverTls", "a"))
+        .await;
+    let state = converged(&c, &[&a, &b], run, 20).await;
+    assert_eq!(state["grafts"][0]["agent"], "OverTls");
+
+    // Not trusting it: the certificate is refused and the link never comes up.
+    let db_x = TestDb::new(Backend::Sqlite).await;
+    let env_x = mesh_env("ap-southeast-1", "tls-x", &[front.url()]);
+    let env_x: Vec<(&str, &str)> = env_x
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let x = Node::spawn(&db_x, &env_x);
+    let refused = eventually(20, || async {
+        let (_, s) = c.get(&x.url("/api/crdt/mesh/status")).await;
+        s["peers"][0]["lastError"].as_str().map(String::from)
+    })
+    .await;
+    let (_, s) = c.get(&x.url("/api/crdt/mesh/status")).await;
+    assert_eq!(s["connectedPeers"], 0, "{s}");
+    assert!(
+        refused.is_some_and(|e| e.to_lowercase().contains("cert")),
+        "{s}"
+    );
+}

@@ -465,3 +465,4 @@ pub mod db {
 }
 pub mod mesh;
 pub mod proxy;
+pub mod tls;
