@@ -404,7 +404,7 @@ async fn converge() {
         .node(0)
         .log_text()
         .lines()
-        .filter(|l| l.contains("caught up"))
+        .filter(|l| l.contains("catch-up with"))
     {
         println!("    {line}");
     }

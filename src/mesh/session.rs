@@ -445,7 +445,7 @@ impl PeerSession {
             if let Some(started) = c.started {
                 c.finished = true;
                 log::info!(
-                    "mesh: caught up with {label}: {} shared runs synced, {} sent whole, in {} ms",
+                    "mesh: catch-up with {label} sent: {} shared runs syncing, {} sent whole, in {} ms",
                     c.synced,
                     c.sent_whole,
                     started.elapsed().as_millis()
