@@ -17,6 +17,8 @@ use crdt_node::mesh::protocol;
 
 const REGIONS: [&str; 3] = ["us-east-1", "eu-central-1", "ap-southeast-1"];
 const FULL: [(usize, usize); 3] = [(0, 1), (0, 2), (1, 2)];
+/// As deployed: every node dials every other, so each pair has two links.
+const BOTH_WAYS: [(usize, usize); 6] = [(0, 1), (1, 0), (0, 2), (2, 0), (1, 2), (2, 1)];
 
 fn graft(agent: &str, user: &str) -> Value {
     json!({"agent": agent, "afterStep": "Step1", "user": user})
@@ -24,7 +26,7 @@ fn graft(agent: &str, user: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_two_regions_graft_at_once() {
-    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS, &FULL).await;
+    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS, &BOTH_WAYS).await;
     let c = Client::new();
     mesh.wait_connected(&c, 2).await;
     let run = Uuid::new_v4();
@@ -288,6 +290,59 @@ async fn chain_converges_without_a_direct_link() {
     assert_eq!(state["grafts"].as_array().unwrap().len(), 2, "{state}");
     let (_, a) = c.get(&mesh.node(0).url("/api/crdt/mesh/status")).await;
     assert_eq!(a["connectedPeers"], 1, "{a}");
+
+    // One more change from A: B forwards it to C once, and nobody sends it back.
+    let out = |i: usize| {
+        let c = c.clone();
+        let url = mesh.node(i).url("/actuator/prometheus");
+        async move {
+            metric(
+                &c.text(&url).await,
+                "crdt_sync_messages_total{direction=\"out\"}",
+            )
+            .unwrap_or(-1.0)
+        }
+    };
+    let before = [out(0).await, out(1).await, out(2).await];
+    let (s, _) = c
+        .post(&run_url(mesh.node(0), run, "/grafts"), &graft("Third", "a"))
+        .await;
+    assert_eq!(s, 201);
+    let state = converged(&c, &mesh.nodes(), run, 20).await;
+    assert_eq!(state["grafts"].as_array().unwrap().len(), 3, "{state}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = [out(0).await, out(1).await, out(2).await];
+    let sent: Vec<f64> = (0..3).map(|i| after[i] - before[i]).collect();
+    assert_eq!(sent, vec![1.0, 1.0, 0.0], "frames sent by A, B, C");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_claimed_by_two_nodes_is_reported() {
+    let mesh = TestMesh::start(Backend::Sqlite, &["us-east-1", "us-east-1"], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    for (i, m) in mesh.members.iter().enumerate() {
+        let (_, s) = c.get(&m.node.url("/api/crdt/mesh/status")).await;
+        let conflicts = &s["regionConflicts"];
+        assert_eq!(conflicts[0]["region"], "us-east-1", "node {i}: {s}");
+        let ids: BTreeSet<&str> = conflicts[0]["nodeIds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(
+            ids,
+            BTreeSet::from([
+                mesh.members[0].node_id.as_str(),
+                mesh.members[1].node_id.as_str()
+            ])
+        );
+        assert!(
+            m.node.log_text().contains("claimed by more than one node"),
+            "node {i} did not warn"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
