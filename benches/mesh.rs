@@ -205,8 +205,8 @@ fn sync_pair(
     sb: &mut sync::State,
 ) -> (usize, usize, usize) {
     let (mut ab, mut ba, mut rounds) = (0, 0, 0);
-    let mut to_b = a.sync_step(sa, None).expect("step").1;
-    let mut to_a = b.sync_step(sb, None).expect("step").1;
+    let mut to_b = a.sync_step(sa, None).reply;
+    let mut to_a = b.sync_step(sb, None).reply;
     while to_a.is_some() || to_b.is_some() {
         rounds += 1;
         let (next_b, next_a);
@@ -217,7 +217,7 @@ fn sync_pair(
                 sync::Message::decode(&bytes).expect("decode")
             });
             next_a = if m.is_some() {
-                b.sync_step(sb, m).expect("step").1
+                b.sync_step(sb, m).reply
             } else {
                 None
             };
@@ -229,7 +229,7 @@ fn sync_pair(
                 sync::Message::decode(&bytes).expect("decode")
             });
             next_b = if m.is_some() {
-                a.sync_step(sa, m).expect("step").1
+                a.sync_step(sa, m).reply
             } else {
                 None
             };

@@ -87,7 +87,7 @@ fn chunk_len(bytes: &[u8]) -> Result<usize, String> {
     Ok(total)
 }
 
-fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
+pub(super) fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
     let mut value: u64 = 0;
     for (i, byte) in bytes.iter().take(10).enumerate() {
         let low = u64::from(byte & 0x7f);

@@ -130,7 +130,22 @@ pub struct RunDoc {
     doc: AutoCommit,
     lamport: u64,
     genesis: ChangeHash,
+    /// Changes a peer's sync message carried before what they build on (a Bloom filter false
+    /// positive hides a change from the sender): kept until their dependencies arrive, and
+    /// asked for meanwhile. Not applied, not logged, not acknowledged.
+    parked: HashMap<ChangeHash, Change>,
 }
+
+/// The result of one sync-protocol step; see [`RunDoc::sync_step`].
+#[derive(Debug, Default)]
+pub struct SyncStep {
+    /// New changes applied (to be logged), and the error that stopped the step, if any.
+    pub applied: RemoteApplied,
+    pub reply: Option<sync::Message>,
+}
+
+/// Parked changes per run; beyond this they are dropped and the protocol fetches them again.
+const MAX_PARKED: usize = 100_000;
 
 impl RunDoc {
     /// A new, empty run: the deterministic genesis, then a fresh random actor id for this
@@ -144,6 +159,7 @@ impl RunDoc {
             doc,
             lamport: 0,
             genesis,
+            parked: HashMap::new(),
         }
     }
 
@@ -168,6 +184,7 @@ impl RunDoc {
             doc,
             lamport,
             genesis,
+            parked: HashMap::new(),
         })
     }
 
@@ -393,30 +410,75 @@ impl RunDoc {
 
     /// One step of Automerge's sync protocol with one peer: applies the changes `incoming`
     /// carries, checked like any remote change, then returns the reply to send, if any.
-    /// Changes whose dependencies are missing are left out; the reply then asks for what
-    /// they need, so the protocol heals it.
+    ///
+    /// Changes whose dependencies are missing are parked and their dependencies added to the
+    /// reply's `need`, so the peer sends what its Bloom filter wrongly thought we had. On an
+    /// error the step stops: the changes applied before it are reported (they must be logged),
+    /// no reply is made, and the caller resets the sync state.
     pub fn sync_step(
         &mut self,
         state: &mut sync::State,
         incoming: Option<sync::Message>,
-    ) -> Result<(RemoteApplied, Option<sync::Message>), DocError> {
-        let mut applied = RemoteApplied::default();
+    ) -> SyncStep {
+        let mut step = SyncStep::default();
+        let mut newly_parked = false;
         if let Some(mut message) = incoming {
+            if let Err(e) = validate_sync_message(&message) {
+                step.applied.error = Some(e);
+                return step;
+            }
             let mut changes = Vec::new();
             for chunk in message.changes.iter() {
-                changes.extend(parse_changes_or_document(chunk)?);
+                match parse_changes_or_document(chunk) {
+                    Ok(c) => changes.extend(c),
+                    Err(e) => {
+                        step.applied.error = Some(e);
+                        return step;
+                    }
+                }
             }
-            let (ordered, _stuck, duplicates) = self.order_new_changes(changes);
-            applied = self.apply_ordered(ordered, duplicates, None)?;
-            if let Some(e) = applied.error.take() {
-                return Err(e);
+            let before = self.parked.len();
+            changes.extend(self.parked.drain().map(|(_, c)| c));
+            let (ordered, stuck, duplicates) = self.order_new_changes(changes);
+            match self.apply_ordered(ordered, duplicates, None) {
+                Ok(applied) => step.applied = applied,
+                Err(e) => {
+                    step.applied.error = Some(e);
+                    return step;
+                }
+            }
+            if step.applied.error.is_some() {
+                return step;
+            }
+            newly_parked = stuck.len() > before;
+            if self.parked.len() + stuck.len() <= MAX_PARKED {
+                self.parked.extend(stuck.into_iter().map(|c| (c.hash(), c)));
             }
             // The changes are in; the rest of the message updates what we know of the peer.
             message.changes = sync::ChunkList::empty();
-            self.doc.sync().receive_sync_message(state, message)?;
+            if let Err(e) = self.doc.sync().receive_sync_message(state, message) {
+                step.applied.error = Some(e.into());
+                return step;
+            }
         }
-        let reply = self.doc.sync().generate_sync_message(state);
-        Ok((applied, reply))
+        step.reply = self.doc.sync().generate_sync_message(state);
+        if !self.parked.is_empty() {
+            if step.reply.is_none() && newly_parked {
+                // The protocol thinks it is done; start a round to ask for what is missing.
+                *state = sync::State::decode(&state.encode()).unwrap_or_default();
+                step.reply = self.doc.sync().generate_sync_message(state);
+            }
+            let parked: Vec<Change> = self.parked.values().cloned().collect();
+            let missing = self.missing_of(&parked);
+            if let Some(reply) = step.reply.as_mut() {
+                for hash in missing {
+                    if !reply.need.contains(&hash) {
+                        reply.need.push(hash);
+                    }
+                }
+            }
+        }
+        step
     }
 
     /// Replays stored changes (loading a run): everything whose dependencies are present is
@@ -572,6 +634,37 @@ pub const MAX_LAMPORT: u64 = (1 << 53) - 1;
 /// both read them without surprises.
 fn lamport_scalar(lamport: u64) -> ScalarValue {
     ScalarValue::Int(i64::try_from(lamport).unwrap_or(i64::MAX))
+}
+
+/// Rejects what Automerge would choke on in a peer's sync message: its Bloom filters are read
+/// without checks, so a zero divisor would panic the run's thread and a huge probe count
+/// would allocate gigabytes.
+pub fn validate_sync_message(message: &sync::Message) -> Result<(), DocError> {
+    for have in &message.have {
+        let bytes = have.bloom.to_bytes();
+        let mut rest = &bytes[..];
+        let mut field = || {
+            let (value, len) = changes::read_uleb128(rest)?;
+            rest = &rest[len..];
+            Some(value)
+        };
+        let header = (field(), field(), field());
+        let ok = match header {
+            _ if bytes.is_empty() => true,
+            (Some(0), _, _) => true,
+            // Automerge writes 10 bits per entry and 7 probes; nothing else is meaningful.
+            (Some(entries), Some(10), Some(7)) => {
+                entries <= 100_000_000 && rest.len() as u64 >= (entries * 10).div_ceil(8)
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(DocError::InvalidChanges(
+                "the sync message's Bloom filter is malformed".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -58,6 +58,9 @@ pub struct CloseLink {
 enum Work {
     /// A step of the sync protocol; `None` starts one.
     Step(Option<sync::Message>),
+    /// A fresh round from what both sides last agreed on, asking the peer to forget what it
+    /// thinks it sent (a change of ours went missing, or the peer rejected our message).
+    Resync,
     Changes {
         changes: Vec<Change>,
         lamport: u64,
@@ -66,15 +69,36 @@ enum Work {
     SendFull,
 }
 
-/// A finished piece of work: the sync state to keep, a frame to send, and whether the run
-/// needs a sync-protocol round (a live change arrived before what it builds on).
-type Done = (Option<Box<sync::State>>, Option<Frame>, bool);
+/// A finished piece of work.
+struct Done {
+    /// The sync state to keep (`None`: start from the saved one next time).
+    state: Option<Box<sync::State>>,
+    frame: Option<Frame>,
+    /// A live change arrived before what it builds on: a sync round fetches the rest.
+    resync: bool,
+    /// Why the peer's message was not taken (the link stays up).
+    rejected: Option<String>,
+}
+
+/// Peer `ERROR`s for one run that restart its sync; beyond this the run waits for the next link.
+const MAX_ERROR_RESYNCS: u8 = 3;
 
 #[derive(Default)]
 struct Slot {
     state: Option<Box<sync::State>>,
     queue: VecDeque<(Work, bool)>,
     busy: bool,
+    error_resyncs: u8,
+}
+
+/// What both sides last agreed on, and a request that the peer resend whatever we lack.
+fn reset_state(state: Option<&sync::State>, saved: Option<Vec<u8>>) -> Box<sync::State> {
+    let bytes = state.map(sync::State::encode).or(saved);
+    let mut fresh = bytes
+        .and_then(|b| sync::State::decode(&b).ok())
+        .unwrap_or_default();
+    fresh.needs_reset = true;
+    Box::new(fresh)
 }
 
 struct Hello {
@@ -491,21 +515,27 @@ impl PeerSession {
         let runs = self.runs.clone();
         let region = self.config.region.clone();
         let saved = match (&work, &state) {
-            (Work::Step(_), None) => self.mesh.saved_sync_state(&peer.node_id, run),
+            (Work::Step(_) | Work::Resync, None) => self.mesh.saved_sync_state(&peer.node_id, run),
             _ => None,
         };
         let fut = async move {
             match work {
-                Work::Step(incoming) => {
-                    // A state kept from an earlier link holds what the peer had then, so
-                    // the Bloom filter covers only what changed since.
-                    let state = state.unwrap_or_else(|| {
-                        Box::new(
-                            saved
-                                .and_then(|b| sync::State::decode(&b).ok())
-                                .unwrap_or_default(),
-                        )
-                    });
+                Work::Step(_) | Work::Resync => {
+                    let (state, incoming) = match work {
+                        Work::Step(incoming) => {
+                            // A state kept from an earlier link holds what the peer had then,
+                            // so the Bloom filter covers only what changed since.
+                            let state = state.unwrap_or_else(|| {
+                                Box::new(
+                                    saved
+                                        .and_then(|b| sync::State::decode(&b).ok())
+                                        .unwrap_or_default(),
+                                )
+                            });
+                            (state, incoming)
+                        }
+                        _ => (reset_state(state.as_deref(), saved), None),
+                    };
                     let reply = runs
                         .send(
                             run,
@@ -518,13 +548,26 @@ impl PeerSession {
                         )
                         .await
                         .and_then(|r| r)?;
+                    if let Some(reason) = reply.error {
+                        return Ok(Done {
+                            state: Some(reset_state(Some(&reply.state), None)),
+                            frame: None,
+                            resync: false,
+                            rejected: Some(reason),
+                        });
+                    }
                     let frame = reply.outgoing.map(|m| Frame::CrdtSyncMessage {
                         run_id: run.to_string(),
                         source_region: region,
                         message: protocol::b64(&m.encode()),
                         timestamp: reply.lamport,
                     });
-                    Ok((Some(reply.state), frame, false))
+                    Ok(Done {
+                        state: Some(reply.state),
+                        frame,
+                        resync: false,
+                        rejected: None,
+                    })
                 }
                 Work::Changes {
                     changes,
@@ -543,15 +586,19 @@ impl PeerSession {
                         )
                         .await
                         .and_then(|r| r);
-                    match result {
-                        Ok(_) => Ok((state, None, false)),
-                        // Live changes can overtake what they build on (a catch-up still
-                        // running, a frame lost with a link): the sync protocol fetches it.
-                        Err(RunError::Doc(DocError::MissingDependencies(_))) => {
-                            Ok((state, None, true))
-                        }
-                        Err(e) => Err(e),
-                    }
+                    // Live changes can overtake what they build on (a catch-up still running,
+                    // a frame lost with a link): a sync round fetches it.
+                    let resync = match result {
+                        Ok(_) => false,
+                        Err(RunError::Doc(DocError::MissingDependencies(_))) => true,
+                        Err(e) => return Err(e),
+                    };
+                    Ok(Done {
+                        state,
+                        frame: None,
+                        resync,
+                        rejected: None,
+                    })
                 }
                 Work::SendFull => {
                     let (bytes, lamport) = runs.send(run, FullState).await.and_then(|r| r)?;
@@ -561,31 +608,40 @@ impl PeerSession {
                         state: protocol::b64(&bytes),
                         timestamp: lamport,
                     };
-                    Ok((state, Some(frame), false))
+                    Ok(Done {
+                        state,
+                        frame: Some(frame),
+                        resync: false,
+                        rejected: None,
+                    })
                 }
             }
         };
         ctx.spawn(
             fut.into_actor(self)
                 .map(move |result: Result<Done, RunError>, act, ctx| {
-                    let mut resync = false;
-                    match result {
-                        Ok((state, frame, missing)) => {
-                            if let Some(slot) = act.slots.get_mut(&run) {
-                                slot.state = state;
-                            }
-                            if let Some(frame) = frame {
-                                act.send(&frame, ctx);
-                            }
-                            resync = missing;
-                        }
-                        Err(e) => act.reject("apply", e.to_string(), Some(run.to_string()), ctx),
-                    }
+                    let (state, frame, resync, rejected) = match result {
+                        Ok(d) => (d.state, d.frame, d.resync, d.rejected),
+                        // The run could not take it (storage down, say): the peer must resend.
+                        Err(e) => (
+                            Some(reset_state(None, None)),
+                            None,
+                            false,
+                            Some(e.to_string()),
+                        ),
+                    };
                     if let Some(slot) = act.slots.get_mut(&run) {
                         slot.busy = false;
+                        slot.state = state;
+                    }
+                    if let Some(frame) = frame {
+                        act.send(&frame, ctx);
+                    }
+                    if let Some(reason) = rejected {
+                        act.reject("apply", reason, Some(run.to_string()), ctx);
                     }
                     if resync {
-                        act.push(run, Work::Step(None), false, ctx);
+                        act.push(run, Work::Resync, false, ctx);
                     }
                     if catchup {
                         act.catchup.active -= 1;
@@ -678,11 +734,26 @@ impl PeerSession {
                     self.start_catchup(ctx);
                 }
             }
-            Frame::Error { reason, run_id } => log::warn!(
-                "mesh: {} rejected a frame{}: {reason}",
-                self.peer_label(),
-                run_id.map(|r| format!(" for run {r}")).unwrap_or_default()
-            ),
+            Frame::Error { reason, run_id } => {
+                log::warn!(
+                    "mesh: {} rejected a frame{}: {reason}",
+                    self.peer_label(),
+                    run_id
+                        .as_deref()
+                        .map(|r| format!(" for run {r}"))
+                        .unwrap_or_default()
+                );
+                // The peer lost something we sent for this run: sync it again, a few times.
+                let run = run_id.and_then(|r| Uuid::parse_str(&r).ok());
+                if let Some(slot) = run.and_then(|r| self.slots.get_mut(&r)) {
+                    if slot.error_resyncs < MAX_ERROR_RESYNCS {
+                        slot.error_resyncs += 1;
+                        if let Some(run) = run {
+                            self.push(run, Work::Resync, false, ctx);
+                        }
+                    }
+                }
+            }
             other @ (Frame::Hello { .. } | Frame::Auth { .. }) => self.reject(
                 "handshake",
                 format!("{} after the handshake", other.kind()),

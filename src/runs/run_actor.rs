@@ -65,6 +65,8 @@ pub struct PeerSyncReply {
     pub outgoing: Option<sync::Message>,
     pub applied: usize,
     pub lamport: u64,
+    /// Why the incoming message was not (wholly) taken; what was applied before it is logged.
+    pub error: Option<String>,
 }
 
 /// The whole document (`save()`) and the clock, for a peer that lacks the run.
@@ -568,20 +570,22 @@ impl Handler<PeerSync> for RunActor {
 
     fn handle(&mut self, msg: PeerSync, ctx: &mut Self::Context) -> Self::Result {
         let mut state = msg.state;
-        let result = self.doc().and_then(|d| {
-            let (applied, outgoing) = d.sync_step(&mut state, msg.incoming)?;
-            Ok((applied, outgoing, d.lamport()))
+        let result = self.doc().map(|d| {
+            let step = d.sync_step(&mut state, msg.incoming);
+            (step, d.lamport())
         });
-        let (applied, outgoing, lamport) = match result {
+        let (mut step, lamport) = match result {
             Ok(r) => r,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         self.lamport_gauge(lamport);
-        let count = applied.applied.len();
+        let error = step.applied.error.take().map(|e| e.to_string());
+        let count = step.applied.applied.len();
         // The reply may carry changes still in flight to the log: it waits until they are
-        // durable, so a peer never holds a change this node could still lose.
+        // durable, so a peer never holds a change this node could still lose. Changes applied
+        // before an error are logged all the same: the document already holds them.
         let done = self.enqueue(
-            applied.applied,
+            step.applied.applied,
             EventMeta {
                 event_type: "CRDT_SYNC",
                 ..EventMeta::default()
@@ -592,6 +596,7 @@ impl Handler<PeerSync> for RunActor {
             },
             ctx,
         );
+        let outgoing = step.reply;
         Box::pin(async move {
             done.await.map_err(|_| RunError::Stopped)??;
             Ok(PeerSyncReply {
@@ -599,6 +604,7 @@ impl Handler<PeerSync> for RunActor {
                 outgoing,
                 applied: count,
                 lamport,
+                error,
             })
         })
     }
