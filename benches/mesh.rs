@@ -79,10 +79,15 @@ async fn listen(base: &str, seen: Arc<Mutex<HashMap<String, Instant>>>) {
     ws.send(send(json!({"type": "HELLO", "nodeId": "bench-probe", "region": "bench-1", "protocolVersion": 1, "nonce": mine})))
         .await
         .expect("send");
+    let theirs = hello["nonce"].as_str().expect("nonce").to_string();
+    let nonces = protocol::Nonces {
+        initiator: &mine,
+        acceptor: &theirs,
+    };
     let proof = protocol::prove(
         SECRET,
-        hello["nonce"].as_str().expect("nonce"),
-        &mine,
+        protocol::Role::Initiator,
+        nonces,
         "bench-probe",
         "bench-1",
     );

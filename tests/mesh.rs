@@ -446,10 +446,15 @@ async fn handshake(node: &Node, secret: &str) -> (Ws, Value) {
     ))
     .await
     .unwrap();
+    let theirs = hello["nonce"].as_str().unwrap().to_string();
+    let nonces = protocol::Nonces {
+        initiator: &mine,
+        acceptor: &theirs,
+    };
     let proof = protocol::prove(
         secret,
-        hello["nonce"].as_str().unwrap(),
-        &mine,
+        protocol::Role::Initiator,
+        nonces,
         "raw-test",
         "test-1",
     );
@@ -495,6 +500,30 @@ async fn bad_peers_and_bad_frames_are_refused_and_counted() {
     assert!(refused.is_some(), "{}", intruder.log_text());
     let (_, s) = c.get(&target.url("/api/crdt/mesh/status")).await;
     assert_eq!(s["connectedPeers"], 1, "{s}");
+
+    // A node that accepted a link proves nothing before the dialler has: no AUTH comes back to
+    // a HELLO alone, so a relay cannot borrow its proof to pose as it elsewhere.
+    {
+        let url = target.url("/ws").replace("http://", "ws://");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
+        let hello = next_json(&mut ws).await;
+        assert_eq!(hello["type"], "HELLO");
+        ws.send(Message::text(
+            json!({"type": "HELLO", "nodeId": "relay", "region": "r-1", "protocolVersion": 1, "nonce": protocol::nonce()})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+            assert!(
+                !matches!(msg, Message::Text(_)),
+                "the node answered a bare HELLO: {msg:?}"
+            );
+        }
+    }
 
     // The raw handshake with a wrong proof: closed with the auth code.
     let (_, reply) = handshake(target, "wrong").await;

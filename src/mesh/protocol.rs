@@ -139,52 +139,79 @@ pub fn nonce() -> String {
     format!("{}{}", a.simple(), b.simple())
 }
 
-fn mac(
-    secret: &str,
-    peer_nonce: &str,
-    own_nonce: &str,
-    node_id: &str,
-    region: &str,
-) -> Hmac<Sha256> {
+/// Which end of a link a node is: the one that dialled, or the one that accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Initiator,
+    Acceptor,
+}
+
+impl Role {
+    pub fn other(self) -> Role {
+        match self {
+            Role::Initiator => Role::Acceptor,
+            Role::Acceptor => Role::Initiator,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Role::Initiator => "initiator",
+            Role::Acceptor => "acceptor",
+        }
+    }
+}
+
+/// The two nonces of a link, by role.
+#[derive(Debug, Clone, Copy)]
+pub struct Nonces<'a> {
+    pub initiator: &'a str,
+    pub acceptor: &'a str,
+}
+
+fn mac(secret: &str, role: Role, nonces: Nonces<'_>, node_id: &str, region: &str) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
         .expect("HMAC takes keys of any length");
-    // Length-prefixed fields: no two different tuples hash the same bytes.
-    for field in ["crdt-mesh/1", peer_nonce, own_nonce, node_id, region] {
+    // Length-prefixed fields: no two different tuples hash the same bytes. The role is in the
+    // MAC so a proof made on one link cannot be replayed by a relay as the other end's.
+    let fields = [
+        "crdt-mesh/1",
+        role.label(),
+        nonces.initiator,
+        nonces.acceptor,
+        node_id,
+        region,
+    ];
+    for field in fields {
         mac.update(&(field.len() as u64).to_be_bytes());
         mac.update(field.as_bytes());
     }
     mac
 }
 
-/// My proof for a link: over the peer's nonce, mine and my identity.
-pub fn prove(
-    secret: &str,
-    peer_nonce: &str,
-    own_nonce: &str,
-    node_id: &str,
-    region: &str,
-) -> String {
+/// The proof a node in `role` gives on a link: over both nonces and its own identity.
+pub fn prove(secret: &str, role: Role, nonces: Nonces<'_>, node_id: &str, region: &str) -> String {
     hex::encode(
-        mac(secret, peer_nonce, own_nonce, node_id, region)
+        mac(secret, role, nonces, node_id, region)
             .finalize()
             .into_bytes(),
     )
 }
 
-/// Checks the peer's proof (in constant time): it must cover my nonce, its nonce and the
-/// identity it claimed in its HELLO.
+/// Checks, in constant time, the proof of the node in `role` that claimed `node_id` and
+/// `region` in its HELLO.
 pub fn verify(
     secret: &str,
     proof: &str,
-    own_nonce: &str,
-    peer_nonce: &str,
-    peer_node_id: &str,
-    peer_region: &str,
+    role: Role,
+    nonces: Nonces<'_>,
+    node_id: &str,
+    region: &str,
 ) -> bool {
     let Ok(bytes) = hex::decode(proof) else {
         return false;
     };
-    mac(secret, own_nonce, peer_nonce, peer_node_id, peer_region)
+    mac(secret, role, nonces, node_id, region)
         .verify_slice(&bytes)
         .is_ok()
 }
@@ -229,23 +256,88 @@ mod tests {
     }
 
     #[test]
-    fn proofs_bind_secret_nonces_and_identity() {
+    fn proofs_bind_secret_nonces_role_and_identity() {
         let (a, b) = (nonce(), nonce());
         assert_ne!(a, b);
-        let p = prove("s3cret", &a, &b, "node-b", "eu-central-1");
-        // A verifies B's proof: its own nonce is `a`.
-        assert!(verify("s3cret", &p, &a, &b, "node-b", "eu-central-1"));
-        assert!(!verify("wrong", &p, &a, &b, "node-b", "eu-central-1"));
-        assert!(!verify(
+        let n = Nonces {
+            initiator: &a,
+            acceptor: &b,
+        };
+        let p = prove("s3cret", Role::Initiator, n, "node-b", "eu-central-1");
+        assert!(verify(
             "s3cret",
             &p,
-            &nonce(),
-            &b,
+            Role::Initiator,
+            n,
             "node-b",
             "eu-central-1"
         ));
-        assert!(!verify("s3cret", &p, &a, &b, "node-x", "eu-central-1"));
-        assert!(!verify("s3cret", &p, &a, &b, "node-b", "us-east-1"));
-        assert!(!verify("s3cret", "zz", &a, &b, "node-b", "eu-central-1"));
+        assert!(!verify(
+            "wrong",
+            &p,
+            Role::Initiator,
+            n,
+            "node-b",
+            "eu-central-1"
+        ));
+        let other = nonce();
+        let swapped = Nonces {
+            initiator: &other,
+            acceptor: &b,
+        };
+        assert!(!verify(
+            "s3cret",
+            &p,
+            Role::Initiator,
+            swapped,
+            "node-b",
+            "eu-central-1"
+        ));
+        assert!(!verify(
+            "s3cret",
+            &p,
+            Role::Initiator,
+            n,
+            "node-x",
+            "eu-central-1"
+        ));
+        assert!(!verify(
+            "s3cret",
+            &p,
+            Role::Initiator,
+            n,
+            "node-b",
+            "us-east-1"
+        ));
+        assert!(!verify(
+            "s3cret",
+            "zz",
+            Role::Initiator,
+            n,
+            "node-b",
+            "eu-central-1"
+        ));
+        // An acceptor's proof relayed as an initiator's (the nonces swapped by the relay).
+        let relayed = prove("s3cret", Role::Acceptor, n, "node-b", "eu-central-1");
+        let mirrored = Nonces {
+            initiator: &b,
+            acceptor: &a,
+        };
+        assert!(!verify(
+            "s3cret",
+            &relayed,
+            Role::Initiator,
+            mirrored,
+            "node-b",
+            "eu-central-1"
+        ));
+        assert!(!verify(
+            "s3cret",
+            &relayed,
+            Role::Initiator,
+            n,
+            "node-b",
+            "eu-central-1"
+        ));
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::directory::{Direction, LinkStats, MeshState, PeerIdentity, SessionHandle};
-use super::protocol::{self, close, Frame, PROTOCOL_VERSION};
+use super::protocol::{self, close, Frame, Nonces, Role, PROTOCOL_VERSION};
 use super::transport::{Inbound, Out};
 use super::MeshConfig;
 use crate::doc::{parse_changes, parse_document, DocError};
@@ -309,35 +309,80 @@ impl PeerSession {
                 ctx,
             );
         }
-        if !valid_name(&hello.node_id) || !valid_name(&hello.region) || hello.nonce.len() < 32 {
+        if !valid_name(&hello.node_id)
+            || !valid_name(&hello.region)
+            || !(32..=128).contains(&hello.nonce.len())
+        {
             return self.close(close::HANDSHAKE, "malformed HELLO".into(), ctx);
         }
+        self.phase = Phase::Handshake { hello: Some(hello) };
+        // The dialling end proves itself first; the accepting end only after it has checked
+        // that proof, so it never signs anything for a stranger.
+        if self.role() == Role::Initiator {
+            self.send_proof(ctx);
+        }
+    }
+
+    fn secret(&self) -> &str {
+        self.config.secret.as_deref().unwrap_or_default()
+    }
+
+    fn role(&self) -> Role {
+        match self.direction {
+            Direction::Outbound => Role::Initiator,
+            Direction::Inbound => Role::Acceptor,
+        }
+    }
+
+    /// The link's nonces, once the peer's HELLO is in.
+    fn nonces(&self) -> Option<(String, String)> {
+        let Phase::Handshake { hello: Some(h) } = &self.phase else {
+            return None;
+        };
+        Some(match self.role() {
+            Role::Initiator => (self.nonce.clone(), h.nonce.clone()),
+            Role::Acceptor => (h.nonce.clone(), self.nonce.clone()),
+        })
+    }
+
+    fn send_proof(&mut self, ctx: &mut Context<Self>) {
+        let Some((initiator, acceptor)) = self.nonces() else {
+            return;
+        };
         let proof = protocol::prove(
             self.secret(),
-            &hello.nonce,
-            &self.nonce,
+            self.role(),
+            Nonces {
+                initiator: &initiator,
+                acceptor: &acceptor,
+            },
             &self.config.node_id,
             &self.config.region,
         );
-        self.phase = Phase::Handshake { hello: Some(hello) };
         self.send(&Frame::Auth { proof }, ctx);
     }
 
     fn on_auth(&mut self, proof: &str, ctx: &mut Context<Self>) {
-        let Phase::Handshake { hello: Some(h) } = &self.phase else {
+        let (Phase::Handshake { hello: Some(h) }, Some((initiator, acceptor))) =
+            (&self.phase, self.nonces())
+        else {
             return;
         };
         let peer = PeerIdentity {
             node_id: h.node_id.clone(),
             region: h.region.clone(),
         };
+        let nonces = Nonces {
+            initiator: &initiator,
+            acceptor: &acceptor,
+        };
         if !protocol::verify(
             self.secret(),
             proof,
-            &self.nonce,
-            &h.nonce,
-            &h.node_id,
-            &h.region,
+            self.role().other(),
+            nonces,
+            &peer.node_id,
+            &peer.region,
         ) {
             self.metrics
                 .sync_failures
@@ -349,11 +394,10 @@ impl PeerSession {
                 ctx,
             );
         }
+        if self.role() == Role::Acceptor {
+            self.send_proof(ctx);
+        }
         self.ready(peer, ctx);
-    }
-
-    fn secret(&self) -> &str {
-        self.config.secret.as_deref().unwrap_or_default()
     }
 
     fn ready(&mut self, peer: PeerIdentity, ctx: &mut Context<Self>) {
