@@ -353,6 +353,12 @@ async fn dead_link_is_dropped_and_reconnected() {
     mesh.links[0].proxy.blackhole();
     // Silence, not a closed socket: only the heartbeat can notice.
     mesh.wait_connected(&c, 0).await;
+    // And the dead link's sockets are closed, not left to TCP's own timeouts.
+    let closed = eventually(10, || async {
+        (mesh.links[0].proxy.open_connections() == 0).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "the dead link's connection stayed open");
     let text = c.text(&mesh.node(0).url("/actuator/prometheus")).await;
     assert_eq!(metric(&text, "crdt_mesh_peers_connected"), Some(0.0));
     let run = Uuid::new_v4();

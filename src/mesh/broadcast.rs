@@ -20,6 +20,7 @@ pub struct Broadcaster {
     pub mesh: MeshState,
     pub metrics: Metrics,
     pub region: String,
+    pub max_frame: usize,
 }
 
 impl Actor for Broadcaster {
@@ -40,6 +41,20 @@ impl Handler<RunChanged> for Broadcaster {
             Origin::Remote { source_region, via } => (source_region.as_str(), via.as_deref()),
         };
         let mut text: Option<Arc<str>> = None;
+        // Base64 grows the changes by a third; a frame over the peers' limit would drop the
+        // link. Such a change reaches them through the sync protocol's catch-up instead.
+        if msg.changes.len() / 3 * 4 + 512 > self.max_frame {
+            self.metrics
+                .sync_failures
+                .with_label_values(&["too_large"])
+                .inc();
+            log::error!(
+                "mesh: run {}: {} bytes of changes exceed crdt.mesh.max-frame-bytes; not broadcast",
+                msg.run_id,
+                msg.changes.len()
+            );
+            return;
+        }
         for (node_id, session) in self.mesh.primaries() {
             if Some(node_id.as_str()) == via {
                 continue;

@@ -17,6 +17,8 @@ use super::transport::Out;
 pub const MAX_REGIONS_PER_RUN: usize = 32;
 /// Saved sync states per peer node; beyond this a reconnect syncs the rest from scratch.
 const MAX_SAVED_STATES: usize = 200_000;
+/// Saved sync states over all peer nodes.
+const MAX_SAVED_TOTAL: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 #[error("a run takes at most {MAX_REGIONS_PER_RUN} regions")]
@@ -309,7 +311,14 @@ impl MeshState {
     }
 
     pub fn save_sync_states(&self, node_id: &str, states: Vec<(Uuid, Vec<u8>)>) {
+        if states.is_empty() {
+            return;
+        }
         let mut dir = self.write();
+        let total: usize = dir.saved_sync.values().map(HashMap::len).sum();
+        if total >= MAX_SAVED_TOTAL && !dir.saved_sync.contains_key(node_id) {
+            return;
+        }
         let saved = dir.saved_sync.entry(node_id.to_string()).or_default();
         for (run, bytes) in states {
             if saved.len() < MAX_SAVED_STATES || saved.contains_key(&run) {

@@ -78,6 +78,7 @@ impl Mesh {
             mesh: state.clone(),
             metrics: metrics.clone(),
             region: config.region.clone(),
+            max_frame: config.max_frame,
         }
         .start();
         runs.subscribe(broadcaster.recipient());

@@ -101,6 +101,9 @@ impl Frame {
     pub fn decode(text: &str) -> Result<Frame, String> {
         serde_json::from_str(text).map_err(|e| {
             // Name the type when the JSON is otherwise fine, so the peer learns what we lack.
+            if text.len() > 64 * 1024 {
+                return format!("malformed frame: {e}");
+            }
             match serde_json::from_str::<serde_json::Value>(text) {
                 Ok(v) => match v.get("type").and_then(|t| t.as_str()) {
                     Some(t) if !KNOWN.contains(&t) => format!("unknown message type {t:?}"),

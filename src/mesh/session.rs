@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use automerge::{sync, Change};
@@ -31,6 +31,12 @@ const RUNS_PAGE: i64 = 1000;
 /// Work queued per link beyond this means the peer sends faster than we can apply: the link
 /// is dropped, and the reconnect's catch-up brings what was missed.
 const MAX_QUEUED: usize = 100_000;
+const MAX_QUEUED_BYTES: usize = 256 * 1024 * 1024;
+/// Frames a peer may send before its handshake is done are small; a larger one is refused
+/// before it is parsed.
+const MAX_HANDSHAKE_FRAME: usize = 4096;
+/// A run's sync state on a link is dropped (saved for the next link) after this long unused.
+const SLOT_IDLE: Duration = Duration::from_secs(120);
 /// Run ids accepted from one peer's `CRDT_RUNS`.
 const MAX_PEER_RUNS: usize = 10_000_000;
 
@@ -69,6 +75,17 @@ enum Work {
     SendFull,
 }
 
+impl Work {
+    /// Bytes of change data it holds, to bound what a peer can queue.
+    fn size(&self) -> usize {
+        match self {
+            Work::Step(Some(m)) => m.changes.iter().map(<[u8]>::len).sum(),
+            Work::Changes { changes, .. } => changes.iter().map(|c| c.raw_bytes().len()).sum(),
+            _ => 0,
+        }
+    }
+}
+
 /// A finished piece of work.
 struct Done {
     /// The sync state to keep (`None`: start from the saved one next time).
@@ -83,12 +100,24 @@ struct Done {
 /// Peer `ERROR`s for one run that restart its sync; beyond this the run waits for the next link.
 const MAX_ERROR_RESYNCS: u8 = 3;
 
-#[derive(Default)]
 struct Slot {
     state: Option<Box<sync::State>>,
     queue: VecDeque<(Work, bool)>,
     busy: bool,
     error_resyncs: u8,
+    last_used: Instant,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            state: None,
+            queue: VecDeque::new(),
+            busy: false,
+            error_resyncs: 0,
+            last_used: Instant::now(),
+        }
+    }
 }
 
 /// What both sides last agreed on, and a request that the peer resend whatever we lack.
@@ -142,6 +171,7 @@ pub struct PeerSession {
     close_reason: Option<String>,
     slots: HashMap<Uuid, Slot>,
     queued: usize,
+    queued_bytes: usize,
     catchup: Catchup,
 }
 
@@ -177,6 +207,7 @@ impl PeerSession {
             close_reason: None,
             slots: HashMap::new(),
             queued: 0,
+            queued_bytes: 0,
             catchup: Catchup::default(),
         }
     }
@@ -201,6 +232,19 @@ impl PeerSession {
 
     /// Queues a frame; a full queue means the peer cannot keep up, so the link is dropped.
     pub(super) fn send_text(&mut self, text: Arc<str>, kind: &str, ctx: &mut Context<Self>) {
+        if text.len() > self.config.max_frame {
+            // The peer would drop the link on it, again at every reconnect.
+            self.metrics
+                .sync_failures
+                .with_label_values(&["too_large"])
+                .inc();
+            log::error!(
+                "mesh: not sending a {kind} frame of {} bytes to {}: over crdt.mesh.max-frame-bytes",
+                text.len(),
+                self.peer_label()
+            );
+            return;
+        }
         match self.out.try_send(Out::Text(text)) {
             Ok(()) => {
                 self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
@@ -523,19 +567,22 @@ impl PeerSession {
     }
 
     fn push(&mut self, run: Uuid, work: Work, catchup: bool, ctx: &mut Context<Self>) {
-        if self.queued >= MAX_QUEUED {
+        let size = work.size();
+        if self.queued >= MAX_QUEUED || self.queued_bytes + size > MAX_QUEUED_BYTES {
             return self.close(
                 close::SLOW_PEER,
-                format!("more than {MAX_QUEUED} frames waiting to be applied"),
+                format!(
+                    "{} frames ({} bytes) waiting to be applied",
+                    self.queued, self.queued_bytes
+                ),
                 ctx,
             );
         }
         self.queued += 1;
-        self.slots
-            .entry(run)
-            .or_default()
-            .queue
-            .push_back((work, catchup));
+        self.queued_bytes += size;
+        let slot = self.slots.entry(run).or_default();
+        slot.last_used = Instant::now();
+        slot.queue.push_back((work, catchup));
         self.pump(run, ctx);
     }
 
@@ -554,6 +601,7 @@ impl PeerSession {
             return;
         };
         self.queued -= 1;
+        self.queued_bytes -= work.size();
         slot.busy = true;
         let state = slot.state.take();
         let runs = self.runs.clone();
@@ -823,6 +871,25 @@ impl PeerSession {
         }
     }
 
+    /// Drops the sync state of runs this link has not touched for a while, saving it for the
+    /// next link: a peer that names many runs must not grow this session without bound.
+    fn evict_idle_slots(&mut self) {
+        let Some(peer) = self.peer().cloned() else {
+            return;
+        };
+        let idle: Vec<Uuid> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| !s.busy && s.queue.is_empty() && s.last_used.elapsed() >= SLOT_IDLE)
+            .map(|(run, _)| *run)
+            .collect();
+        let states = idle
+            .into_iter()
+            .filter_map(|run| Some((run, self.slots.remove(&run)?.state?.encode())))
+            .collect();
+        self.mesh.save_sync_states(&peer.node_id, states);
+    }
+
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
         let silent = self.last_heard.elapsed();
         if silent >= self.config.peer_timeout {
@@ -871,6 +938,7 @@ impl Actor for PeerSession {
             ctx,
         );
         ctx.run_interval(self.config.heartbeat, |act, ctx| act.heartbeat(ctx));
+        ctx.run_interval(SLOT_IDLE / 4, |act, _| act.evict_idle_slots());
         let limit = self.config.peer_timeout;
         ctx.run_later(limit, move |act, ctx| {
             if act.peer().is_none() {
@@ -921,6 +989,17 @@ impl Handler<Inbound> for PeerSession {
         self.last_heard = Instant::now();
         self.stats.heard();
         match msg {
+            Inbound::Text(text) if self.peer().is_none() && text.len() > MAX_HANDSHAKE_FRAME => {
+                self.metrics
+                    .sync_failures
+                    .with_label_values(&["handshake"])
+                    .inc();
+                self.close(
+                    close::HANDSHAKE,
+                    format!("a frame of {} bytes during the handshake", text.len()),
+                    ctx,
+                )
+            }
             Inbound::Text(text) => self.on_text(text, ctx),
             Inbound::Binary(len) => {
                 if self.peer().is_none() {

@@ -7,11 +7,13 @@
 //! `Send`). The writer stops, closing the socket, when the session drops its shutdown sender.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Addr;
 use actix_web::web::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
 
 use super::session::PeerSession;
 
@@ -66,50 +68,91 @@ fn close_reason(code: u16, reason: String) -> awc::ws::CloseReason {
     }
 }
 
+/// How long a closing link may take to send its close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The sending half of a link's socket.
+trait LinkSink {
+    /// Sends one frame; false if the socket is gone.
+    async fn send(&mut self, out: Out) -> bool;
+    async fn close(self, reason: Option<(u16, String)>);
+}
+
+/// Drains the session's queue into the socket until the session stops or the socket fails,
+/// then closes the socket and stops the reader. A stopped session's queue is dropped, save
+/// its close frame: a silent or slow peer must not keep a dead link's socket and tasks alive.
+async fn write_loop<S: LinkSink>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<Out>,
+    mut stop: oneshot::Receiver<()>,
+    reader: AbortHandle,
+) {
+    let close = loop {
+        let item = tokio::select! {
+            biased;
+            _ = &mut stop => break last_close(&mut rx),
+            item = rx.recv() => item,
+        };
+        let out = match item {
+            None => break None,
+            Some(Out::Close(code, reason)) => break Some((code, reason)),
+            Some(out) => out,
+        };
+        let sent = tokio::select! {
+            biased;
+            _ = &mut stop => break last_close(&mut rx),
+            sent = sink.send(out) => sent,
+        };
+        if !sent {
+            reader.abort();
+            return;
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close(close)).await;
+    reader.abort();
+}
+
+/// The close frame a stopping session queued, if any; everything else queued is dropped.
+fn last_close(rx: &mut mpsc::Receiver<Out>) -> Option<(u16, String)> {
+    while let Ok(out) = rx.try_recv() {
+        if let Out::Close(code, reason) = out {
+            return Some((code, reason));
+        }
+    }
+    None
+}
+
+struct ServerSink(actix_ws::Session);
+
+impl LinkSink for ServerSink {
+    async fn send(&mut self, out: Out) -> bool {
+        match out {
+            Out::Text(t) => self.0.text(t.to_string()).await.is_ok(),
+            Out::Ping(b) => self.0.ping(&b).await.is_ok(),
+            Out::Pong(b) => self.0.pong(&b).await.is_ok(),
+            Out::Close(..) => true,
+        }
+    }
+
+    async fn close(self, reason: Option<(u16, String)>) {
+        let _ = self.0.close(reason.map(|(c, r)| close_reason(c, r))).await;
+    }
+}
+
 /// Runs an inbound link over an actix-ws session.
 pub fn serve(
-    mut session: actix_ws::Session,
+    session: actix_ws::Session,
     stream: actix_ws::MessageStream,
     max_frame: usize,
     addr: Addr<PeerSession>,
     io: Channels,
 ) {
-    let Channels {
-        out,
-        mut rx,
-        mut stop,
-    } = io;
-    actix_web::rt::spawn(async move {
-        loop {
-            // Queued frames first: a close frame with its reason must go out before shutdown.
-            let item = tokio::select! {
-                biased;
-                item = rx.recv() => item,
-                _ = &mut stop => None,
-            };
-            let sent = match item {
-                Some(Out::Text(t)) => session.text(t.to_string()).await,
-                Some(Out::Ping(b)) => session.ping(&b).await,
-                Some(Out::Pong(b)) => session.pong(&b).await,
-                Some(Out::Close(code, reason)) => {
-                    let _ = session.close(Some(close_reason(code, reason))).await;
-                    return;
-                }
-                None => {
-                    let _ = session.close(None).await;
-                    return;
-                }
-            };
-            if sent.is_err() {
-                return;
-            }
-        }
-    });
+    let Channels { out, rx, stop } = io;
     let mut stream = stream
         .max_frame_size(max_frame)
         .aggregate_continuations()
         .max_continuation_size(max_frame);
-    actix_web::rt::spawn(async move {
+    let reader = actix_web::rt::spawn(async move {
         use actix_ws::AggregatedMessage as M;
         let reason = loop {
             let inbound = match stream.recv().await {
@@ -130,6 +173,12 @@ pub fn serve(
         };
         addr.do_send(Inbound::Closed(reason));
     });
+    actix_web::rt::spawn(write_loop(
+        ServerSink(session),
+        rx,
+        stop,
+        reader.abort_handle(),
+    ));
 }
 
 fn describe(r: awc::ws::CloseReason) -> String {
@@ -142,46 +191,33 @@ fn describe(r: awc::ws::CloseReason) -> String {
 
 pub type ClientSocket = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
 
+struct ClientSink(futures_util::stream::SplitSink<ClientSocket, awc::ws::Message>);
+
+impl LinkSink for ClientSink {
+    async fn send(&mut self, out: Out) -> bool {
+        use awc::ws::Message;
+        let message = match out {
+            Out::Text(t) => Message::Text(t.to_string().into()),
+            Out::Ping(b) => Message::Ping(b),
+            Out::Pong(b) => Message::Pong(b),
+            Out::Close(..) => return true,
+        };
+        self.0.send(message).await.is_ok()
+    }
+
+    async fn close(mut self, reason: Option<(u16, String)>) {
+        let reason = reason.map(|(c, r)| close_reason(c, r));
+        let _ = self.0.send(awc::ws::Message::Close(reason)).await;
+        let _ = self.0.close().await;
+    }
+}
+
 /// Runs an outbound link over an awc client connection.
 pub fn client(socket: ClientSocket, addr: Addr<PeerSession>, io: Channels) {
-    use awc::ws::{Frame, Message};
-    let Channels {
-        out,
-        mut rx,
-        mut stop,
-    } = io;
-    let (mut sink, mut stream) = socket.split();
-    actix_web::rt::spawn(async move {
-        loop {
-            // Queued frames first: a close frame with its reason must go out before shutdown.
-            let item = tokio::select! {
-                biased;
-                item = rx.recv() => item,
-                _ = &mut stop => None,
-            };
-            let message = match item {
-                Some(Out::Text(t)) => Message::Text(t.to_string().into()),
-                Some(Out::Ping(b)) => Message::Ping(b),
-                Some(Out::Pong(b)) => Message::Pong(b),
-                Some(Out::Close(code, reason)) => {
-                    let _ = sink
-                        .send(Message::Close(Some(close_reason(code, reason))))
-                        .await;
-                    let _ = sink.close().await;
-                    return;
-                }
-                None => {
-                    let _ = sink.send(Message::Close(None)).await;
-                    let _ = sink.close().await;
-                    return;
-                }
-            };
-            if sink.send(message).await.is_err() {
-                return;
-            }
-        }
-    });
-    actix_web::rt::spawn(async move {
+    use awc::ws::Frame;
+    let Channels { out, rx, stop } = io;
+    let (sink, mut stream) = socket.split();
+    let reader = actix_web::rt::spawn(async move {
         let reason = loop {
             let inbound = match stream.next().await {
                 Some(Ok(Frame::Text(t))) => match String::from_utf8(t.to_vec()) {
@@ -207,4 +243,10 @@ pub fn client(socket: ClientSocket, addr: Addr<PeerSession>, io: Channels) {
         };
         addr.do_send(Inbound::Closed(reason));
     });
+    actix_web::rt::spawn(write_loop(
+        ClientSink(sink),
+        rx,
+        stop,
+        reader.abort_handle(),
+    ));
 }

@@ -213,19 +213,21 @@ pub async fn converged(c: &Client, nodes: &[&Node], run: Uuid, secs: u64) -> Val
     }
 }
 
-/// Whether `node` holds the change(s) `heads` name: asking for the changes after heads it
-/// knows returns fewer than asking for everything.
+/// Whether `node` holds every change `heads` names: for each, asking for the changes after it
+/// returns fewer than asking for everything (a head the node lacks is ignored, so the answer
+/// would then be everything).
 pub async fn holds(c: &Client, node: &Node, run: Uuid, heads: &[String]) -> bool {
     let (_, all) = c.get(&run_url(node, run, "/changes")).await;
-    let (_, after) = c
-        .get(&run_url(
-            node,
-            run,
-            &format!("/changes?heads={}", heads.join(",")),
-        ))
-        .await;
-    match (all["count"].as_u64(), after["count"].as_u64()) {
-        (Some(a), Some(b)) => b < a,
-        _ => false,
+    let Some(all) = all["count"].as_u64() else {
+        return false;
+    };
+    for head in heads {
+        let (_, after) = c
+            .get(&run_url(node, run, &format!("/changes?heads={head}")))
+            .await;
+        if after["count"].as_u64().is_none_or(|n| n >= all) {
+            return false;
+        }
     }
+    true
 }
