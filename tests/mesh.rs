@@ -636,3 +636,46 @@ async fn wss_peers_connect_through_tls_and_verify_the_certificate() {
         "{s}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_larger_than_a_frame_is_sent_in_pieces() {
+    let limit = "65536";
+    let mesh = TestMesh::start_with(
+        Backend::Sqlite,
+        &REGIONS[..2],
+        &[(0, 1)],
+        &[("CRDT_MESH_MAX_FRAME_BYTES", limit)],
+    )
+    .await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    mesh.partition(&[0]);
+    mesh.wait_connected(&c, 0).await;
+    // Random agent names compress poorly: the saved run is well over one 64 KiB frame.
+    let run = Uuid::new_v4();
+    for _ in 0..1000 {
+        let agent: String = (0..6)
+            .map(|_| Uuid::new_v4().simple().to_string())
+            .collect();
+        let (s, b) = c
+            .post(
+                &run_url(mesh.node(0), run, "/grafts"),
+                &graft(&agent, "big"),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+    }
+    mesh.heal_all();
+    let state = converged(&c, &mesh.nodes(), run, 30).await;
+    assert_eq!(state["grafts"].as_array().unwrap().len(), 1000);
+    assert!(
+        mesh.node(0).log_text().contains("over one frame"),
+        "the run fit one frame; the test needs a bigger one"
+    );
+    let text = c.text(&mesh.node(0).url("/actuator/prometheus")).await;
+    assert_eq!(
+        metric(&text, "crdt_sync_failures_total{reason=\"too_large\"}"),
+        None,
+        "nothing was dropped for size"
+    );
+}

@@ -10,7 +10,8 @@ use actix::prelude::*;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::directory::MeshState;
-use super::protocol::{self, close, Frame};
+use super::directory::SessionHandle;
+use super::protocol::{self, change_frames, close, encoded_len, Frame};
 use super::session::CloseLink;
 use super::transport::Out;
 use crate::metrics::Metrics;
@@ -40,49 +41,81 @@ impl Handler<RunChanged> for Broadcaster {
             Origin::Local => (self.region.as_str(), None),
             Origin::Remote { source_region, via } => (source_region.as_str(), via.as_deref()),
         };
-        let mut text: Option<Arc<str>> = None;
-        // Base64 grows the changes by a third; a frame over the peers' limit would drop the
-        // link. Such a change reaches them through the sync protocol's catch-up instead.
-        if msg.changes.len() / 3 * 4 + 512 > self.max_frame {
-            self.metrics
-                .sync_failures
-                .with_label_values(&["too_large"])
-                .inc();
-            log::error!(
-                "mesh: run {}: {} bytes of changes exceed crdt.mesh.max-frame-bytes; not broadcast",
-                msg.run_id,
-                msg.changes.len()
-            );
-            return;
-        }
+        // One frame, encoded once for every peer; changes too big for one frame (a large sync
+        // batch) go over several, in order.
+        let mut frames: Option<Vec<Arc<str>>> = None;
         for (node_id, session) in self.mesh.primaries() {
             if Some(node_id.as_str()) == via {
                 continue;
             }
-            let text = text
-                .get_or_insert_with(|| {
-                    Frame::CrdtSync {
-                        run_id: msg.run_id.to_string(),
-                        source_region: source_region.to_string(),
-                        changes: protocol::b64(&msg.changes),
-                        timestamp: msg.lamport,
-                    }
-                    .encode()
-                    .into()
-                })
-                .clone();
-            match session.out.try_send(Out::Text(text)) {
-                Ok(()) => {
-                    session.stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.sync_messages.with_label_values(&["out"]).inc();
+            let frames = frames.get_or_insert_with(|| {
+                self.frames(&msg, source_region)
+                    .iter()
+                    .map(|f| Arc::from(f.encode()))
+                    .collect()
+            });
+            for text in frames.iter() {
+                if !self.send(&session, text.clone()) {
+                    break;
                 }
-                // The peer's catch-up on reconnect brings what it misses now.
-                Err(TrySendError::Full(_)) => session.addr.do_send(CloseLink {
+            }
+        }
+    }
+}
+
+impl Broadcaster {
+    fn frames(&self, msg: &RunChanged, source_region: &str) -> Vec<Frame> {
+        if encoded_len(msg.changes.len()) <= self.max_frame {
+            return vec![Frame::CrdtSync {
+                run_id: msg.run_id.to_string(),
+                source_region: source_region.to_string(),
+                changes: protocol::b64(&msg.changes),
+                timestamp: msg.lamport,
+            }];
+        }
+        match crate::doc::parse_changes(&msg.changes) {
+            Ok(changes) => change_frames(
+                msg.run_id,
+                source_region,
+                msg.lamport,
+                &changes,
+                self.max_frame,
+            ),
+            Err(e) => {
+                log::error!(
+                    "mesh: run {}: cannot split committed changes: {e}",
+                    msg.run_id
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Queues one frame for a peer; false when the peer's queue is full (it is then dropped).
+    fn send(&self, session: &SessionHandle, text: Arc<str>) -> bool {
+        if text.len() > self.max_frame {
+            self.metrics
+                .sync_failures
+                .with_label_values(&["too_large"])
+                .inc();
+            log::error!("mesh: a change of {} bytes exceeds crdt.mesh.max-frame-bytes; peers get it only by catch-up", text.len());
+            return true;
+        }
+        match session.out.try_send(Out::Text(text)) {
+            Ok(()) => {
+                session.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                self.metrics.sync_messages.with_label_values(&["out"]).inc();
+                true
+            }
+            // The peer's catch-up on reconnect brings what it misses now.
+            Err(TrySendError::Full(_)) => {
+                session.addr.do_send(CloseLink {
                     code: close::SLOW_PEER,
                     reason: "outgoing queue full".into(),
-                }),
-                Err(TrySendError::Closed(_)) => {}
+                });
+                false
             }
+            Err(TrySendError::Closed(_)) => false,
         }
     }
 }

@@ -219,6 +219,46 @@ pub fn verify(
         .is_ok()
 }
 
+/// The length of a frame carrying `bytes` of Automerge data in base64, with room for the rest.
+pub fn encoded_len(bytes: usize) -> usize {
+    bytes.div_ceil(3) * 4 + 512
+}
+
+/// `CRDT_SYNC` frames carrying `changes` in order, each under `max_frame`. A single change
+/// over the limit goes alone (and is refused by the sender's size check, with a log line).
+pub fn change_frames(
+    run: uuid::Uuid,
+    region: &str,
+    lamport: u64,
+    changes: &[automerge::Change],
+    max_frame: usize,
+) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut batch: Vec<&automerge::Change> = Vec::new();
+    let mut size = 0;
+    let mut flush = |batch: &mut Vec<&automerge::Change>| {
+        if !batch.is_empty() {
+            frames.push(Frame::CrdtSync {
+                run_id: run.to_string(),
+                source_region: region.to_string(),
+                changes: b64(&crate::doc::concat_changes(batch.drain(..))),
+                timestamp: lamport,
+            });
+        }
+    };
+    for change in changes {
+        let len = change.raw_bytes().len();
+        if !batch.is_empty() && encoded_len(size + len) > max_frame {
+            flush(&mut batch);
+            size = 0;
+        }
+        batch.push(change);
+        size += len;
+    }
+    flush(&mut batch);
+    frames
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,12 +17,14 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::directory::{Direction, LinkStats, MeshState, PeerIdentity, SessionHandle};
-use super::protocol::{self, close, Frame, Nonces, Role, PROTOCOL_VERSION};
+use super::protocol::{
+    self, change_frames, close, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
+};
 use super::transport::{Inbound, Out};
 use super::MeshConfig;
 use crate::doc::{parse_changes, parse_document, DocError};
 use crate::metrics::Metrics;
-use crate::runs::{ApplySync, FullState, PeerSync, RunError, Runs};
+use crate::runs::{ApplySync, FullState, GetChanges, PeerSync, RunError, Runs};
 
 /// Runs caught up at once per link; the rest wait their turn.
 const CATCHUP_PARALLEL: usize = 8;
@@ -90,7 +92,7 @@ impl Work {
 struct Done {
     /// The sync state to keep (`None`: start from the saved one next time).
     state: Option<Box<sync::State>>,
-    frame: Option<Frame>,
+    frames: Vec<Frame>,
     /// A live change arrived before what it builds on: a sync round fetches the rest.
     resync: bool,
     /// Why the peer's message was not taken (the link stays up).
@@ -606,6 +608,7 @@ impl PeerSession {
         let state = slot.state.take();
         let runs = self.runs.clone();
         let region = self.config.region.clone();
+        let max_frame = self.config.max_frame;
         let saved = match (&work, &state) {
             (Work::Step(_) | Work::Resync, None) => self.mesh.saved_sync_state(&peer.node_id, run),
             _ => None,
@@ -643,7 +646,7 @@ impl PeerSession {
                     if let Some(reason) = reply.error {
                         return Ok(Done {
                             state: Some(reset_state(Some(&reply.state), None)),
-                            frame: None,
+                            frames: Vec::new(),
                             resync: false,
                             rejected: Some(reason),
                         });
@@ -656,7 +659,7 @@ impl PeerSession {
                     });
                     Ok(Done {
                         state: Some(reply.state),
-                        frame,
+                        frames: frame.into_iter().collect(),
                         resync: false,
                         rejected: None,
                     })
@@ -687,22 +690,39 @@ impl PeerSession {
                     };
                     Ok(Done {
                         state,
-                        frame: None,
+                        frames: Vec::new(),
                         resync,
                         rejected: None,
                     })
                 }
                 Work::SendFull => {
                     let (bytes, lamport) = runs.send(run, FullState).await.and_then(|r| r)?;
-                    let frame = Frame::CrdtFullSync {
-                        run_id: run.to_string(),
-                        source_region: region,
-                        state: protocol::b64(&bytes),
-                        timestamp: lamport,
+                    let frames = if encoded_len(bytes.len()) <= max_frame {
+                        vec![Frame::CrdtFullSync {
+                            run_id: run.to_string(),
+                            source_region: region,
+                            state: protocol::b64(&bytes),
+                            timestamp: lamport,
+                        }]
+                    } else {
+                        // Too big for one frame: its changes, in order, over several.
+                        let (changes, _, _) = runs
+                            .send(run, GetChanges { heads: Vec::new() })
+                            .await
+                            .and_then(|r| r)?;
+                        let changes = parse_changes(&changes)?;
+                        let frames = change_frames(run, &region, lamport, &changes, max_frame);
+                        log::info!(
+                            "mesh: run {run} saves to {} bytes, over one frame: sending its {} changes in {} frames",
+                            bytes.len(),
+                            changes.len(),
+                            frames.len()
+                        );
+                        frames
                     };
                     Ok(Done {
                         state,
-                        frame: Some(frame),
+                        frames,
                         resync: false,
                         rejected: None,
                     })
@@ -712,12 +732,12 @@ impl PeerSession {
         ctx.spawn(
             fut.into_actor(self)
                 .map(move |result: Result<Done, RunError>, act, ctx| {
-                    let (state, frame, resync, rejected) = match result {
-                        Ok(d) => (d.state, d.frame, d.resync, d.rejected),
+                    let (state, frames, resync, rejected) = match result {
+                        Ok(d) => (d.state, d.frames, d.resync, d.rejected),
                         // The run could not take it (storage down, say): the peer must resend.
                         Err(e) => (
                             Some(reset_state(None, None)),
-                            None,
+                            Vec::new(),
                             false,
                             Some(e.to_string()),
                         ),
@@ -726,8 +746,8 @@ impl PeerSession {
                         slot.busy = false;
                         slot.state = state;
                     }
-                    if let Some(frame) = frame {
-                        act.send(&frame, ctx);
+                    for frame in &frames {
+                        act.send(frame, ctx);
                     }
                     if let Some(reason) = rejected {
                         act.reject("apply", reason, Some(run.to_string()), ctx);

@@ -55,6 +55,16 @@ impl TestMesh {
     /// Nodes in `regions`; node `from` dials node `to` for each edge (a link carries both
     /// directions once up).
     pub async fn start(backend: Backend, regions: &[&str], edges: &[(usize, usize)]) -> TestMesh {
+        Self::start_with(backend, regions, edges, &[]).await
+    }
+
+    /// As `start`, with extra environment for every node.
+    pub async fn start_with(
+        backend: Backend,
+        regions: &[&str],
+        edges: &[(usize, usize)],
+        extra: &[(&str, &str)],
+    ) -> TestMesh {
         let mut links = Vec::new();
         for &(from, to) in edges {
             links.push(Link {
@@ -71,7 +81,8 @@ impl TestMesh {
                 .map(|l| l.proxy.url())
                 .collect();
             let node_id = format!("node-{i}-{region}");
-            let env = mesh_env(region, &node_id, &peers);
+            let mut env = mesh_env(region, &node_id, &peers);
+            env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             let db = TestDb::new(backend).await;
             let node = spawn(&db, &env);
             members.push(Member {
