@@ -679,3 +679,52 @@ async fn a_run_larger_than_a_frame_is_sent_in_pieces() {
         "nothing was dropped for size"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_syncs_only_the_runs_that_changed() {
+    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    let runs: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    for run in &runs {
+        c.post(
+            &run_url(mesh.node(0), *run, "/grafts"),
+            &graft("Before", "a"),
+        )
+        .await;
+    }
+    for run in &runs {
+        converged(&c, &mesh.nodes(), *run, 20).await;
+    }
+    mesh.partition(&[0]);
+    mesh.wait_connected(&c, 0).await;
+    let (s, _) = c
+        .post(
+            &run_url(mesh.node(1), runs[3], "/grafts"),
+            &graft("During", "b"),
+        )
+        .await;
+    assert_eq!(s, 201);
+    mesh.heal_all();
+    mesh.wait_connected(&c, 1).await;
+    let state = converged(&c, &mesh.nodes(), runs[3], 20).await;
+    assert_eq!(state["grafts"].as_array().unwrap().len(), 2);
+    // Both ends compared heads digests: only the run written during the partition was synced.
+    for i in 0..2 {
+        let line = eventually(10, || async {
+            // The second catch-up of the node: the one after the heal.
+            let log = mesh.node(i).log_text();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("catch-up with"))
+                .collect();
+            (lines.len() >= 2).then(|| lines[lines.len() - 1].to_string())
+        })
+        .await
+        .unwrap_or_default();
+        assert!(
+            line.contains("1 shared runs syncing, 0 sent whole, 19 already in sync"),
+            "node {i}: {line}"
+        );
+    }
+}

@@ -605,6 +605,18 @@ impl RunDoc {
         self.doc.get_changes(&known)
     }
 
+    /// A digest of the heads: two replicas with the same digest hold the same changes.
+    pub fn heads_digest(&mut self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut heads = self.doc.get_heads();
+        heads.sort();
+        let mut hasher = Sha256::new();
+        for h in &heads {
+            hasher.update(h.as_ref());
+        }
+        hasher.finalize().into()
+    }
+
     /// How many operations and changes the document holds.
     pub fn size(&self) -> (u64, u64) {
         let stats = self.doc.stats();

@@ -60,9 +60,16 @@ pub enum Frame {
         state: String,
         timestamp: u64,
     },
-    /// One page of the run ids the sender holds; `done` marks the last page.
+    /// One page of the run ids the sender holds; `done` marks the last page. `digests`, when
+    /// present, holds per run a hex digest of its heads (or null when unknown): a run with the
+    /// same digest on both sides is already in sync and is skipped.
     #[serde(rename = "CRDT_RUNS", rename_all = "camelCase")]
-    CrdtRuns { run_ids: Vec<String>, done: bool },
+    CrdtRuns {
+        run_ids: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digests: Option<Vec<Option<String>>>,
+        done: bool,
+    },
     /// Base64 of one encoded Automerge sync-protocol message for a run.
     #[serde(rename = "CRDT_SYNC_MESSAGE", rename_all = "camelCase")]
     CrdtSyncMessage {

@@ -6,7 +6,7 @@
 //! about what was missed), `CRDT_FULL_SYNC` for runs only this node has. Work for one run is
 //! done in order, one step at a time; different runs proceed side by side.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -145,14 +145,16 @@ enum Phase {
 
 #[derive(Default)]
 struct Catchup {
-    mine: Option<HashSet<Uuid>>,
-    theirs: HashSet<Uuid>,
+    mine: Option<HashMap<Uuid, Option<[u8; 32]>>>,
+    /// The peer's runs, with their heads digests where it knows them.
+    theirs: HashMap<Uuid, Option<[u8; 32]>>,
     theirs_done: bool,
     started: Option<Instant>,
     todo: VecDeque<(Uuid, Work)>,
     active: usize,
     synced: usize,
     sent_whole: usize,
+    unchanged: usize,
     finished: bool,
 }
 
@@ -504,16 +506,19 @@ impl PeerSession {
                         }
                     };
                     let count = pages.len();
-                    let mut mine = HashSet::new();
+                    let mut mine = HashMap::new();
                     for (i, page) in pages.into_iter().enumerate() {
+                        let digests: Vec<Option<[u8; 32]>> =
+                            page.iter().map(|r| act.runs.digest(*r)).collect();
                         act.send(
                             &Frame::CrdtRuns {
                                 run_ids: page.iter().map(Uuid::to_string).collect(),
+                                digests: Some(digests.iter().map(|d| d.map(hex::encode)).collect()),
                                 done: i + 1 == count,
                             },
                             ctx,
                         );
-                        mine.extend(page);
+                        mine.extend(page.into_iter().zip(digests));
                     }
                     act.catchup.mine = Some(mine);
                     act.start_catchup(ctx);
@@ -528,16 +533,17 @@ impl PeerSession {
             return;
         }
         let Some(mine) = c.mine.take() else { return };
-        let mut mine: Vec<Uuid> = mine.into_iter().collect();
+        let mut mine: Vec<(Uuid, Option<[u8; 32]>)> = mine.into_iter().collect();
         mine.sort();
-        for run in mine {
-            if c.theirs.contains(&run) {
-                c.todo.push_back((run, Work::Step(None)));
-            } else {
-                c.todo.push_back((run, Work::SendFull));
+        for (run, digest) in mine {
+            match c.theirs.get(&run) {
+                // Same heads on both sides: nothing to do, and nothing to load.
+                Some(theirs) if digest.is_some() && *theirs == digest => c.unchanged += 1,
+                Some(_) => c.todo.push_back((run, Work::Step(None))),
+                None => c.todo.push_back((run, Work::SendFull)),
             }
         }
-        c.theirs = HashSet::new();
+        c.theirs = HashMap::new();
         self.feed_catchup(ctx);
     }
 
@@ -559,9 +565,10 @@ impl PeerSession {
             if let Some(started) = c.started {
                 c.finished = true;
                 log::info!(
-                    "mesh: catch-up with {label} sent: {} shared runs syncing, {} sent whole, in {} ms",
+                    "mesh: catch-up with {label} sent: {} shared runs syncing, {} sent whole, {} already in sync, in {} ms",
                     c.synced,
                     c.sent_whole,
+                    c.unchanged,
                     started.elapsed().as_millis()
                 );
             }
@@ -829,11 +836,20 @@ impl PeerSession {
                     Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
                 }
             }
-            Frame::CrdtRuns { run_ids, done } => {
-                for id in run_ids {
+            Frame::CrdtRuns {
+                run_ids,
+                digests,
+                done,
+            } => {
+                let digests = digests.unwrap_or_default();
+                for (i, id) in run_ids.into_iter().enumerate() {
+                    let digest = digests
+                        .get(i)
+                        .and_then(Option::as_deref)
+                        .and_then(|d| <[u8; 32]>::try_from(hex::decode(d).ok()?).ok());
                     match Uuid::parse_str(&id) {
                         Ok(run) if self.catchup.theirs.len() < MAX_PEER_RUNS => {
-                            self.catchup.theirs.insert(run);
+                            self.catchup.theirs.insert(run, digest);
                         }
                         Ok(_) => {}
                         Err(_) => {

@@ -92,6 +92,9 @@ struct Inner {
     config: RunsConfig,
     metrics: Metrics,
     feed: RwLock<Vec<Recipient<RunChanged>>>,
+    /// Heads digests of runs whose durable state this process knows (loaded at least once
+    /// since start); the mesh compares them to skip runs a peer already holds.
+    digests: Vec<Mutex<HashMap<Uuid, [u8; 32]>>>,
 }
 
 /// The run registry. Cheap to clone; lookups take one short lock on one of many shards, so
@@ -141,6 +144,7 @@ impl Runs {
                 config,
                 metrics,
                 feed: RwLock::new(Vec::new()),
+                digests: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             }),
         }
     }
@@ -174,16 +178,36 @@ impl Runs {
         Err(RunError::Stopped)
     }
 
+    /// The heads digest of the run's durable state, if known.
+    pub fn digest(&self, run_id: Uuid) -> Option<[u8; 32]> {
+        let shard = &self.inner.digests[self.shard_index(run_id)];
+        let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+        shard.get(&run_id).copied()
+    }
+
+    fn set_digest(&self, run_id: Uuid, digest: Option<[u8; 32]>) {
+        let shard = &self.inner.digests[self.shard_index(run_id)];
+        let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+        match digest {
+            Some(d) => shard.insert(run_id, d),
+            None => shard.remove(&run_id),
+        };
+    }
+
     /// Whether an actor for the run is registered.
     pub fn is_loaded(&self, run_id: Uuid) -> bool {
         let shard = self.shard(run_id).lock().unwrap_or_else(|p| p.into_inner());
         shard.contains_key(&run_id)
     }
 
-    fn shard(&self, run_id: Uuid) -> &Mutex<HashMap<Uuid, Entry>> {
+    fn shard_index(&self, run_id: Uuid) -> usize {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         run_id.hash(&mut h);
-        &self.inner.shards[(h.finish() as usize) % SHARDS]
+        (h.finish() as usize) % SHARDS
+    }
+
+    fn shard(&self, run_id: Uuid) -> &Mutex<HashMap<Uuid, Entry>> {
+        &self.inner.shards[self.shard_index(run_id)]
     }
 
     fn actor(&self, run_id: Uuid) -> (Addr<RunActor>, u64) {

@@ -285,6 +285,18 @@ impl RunActor {
             });
         }
         self.report_event_count(ctx);
+        self.record_digest();
+    }
+
+    /// Records the heads digest when the document holds exactly what is durable; while writes
+    /// wait for the log it is unknown.
+    fn record_digest(&mut self) {
+        let settled = self.pending.is_empty() && !self.in_flight && self.failed.is_none();
+        let digest = match (&mut self.doc, settled) {
+            (Some(doc), true) => Some(doc.heads_digest()),
+            _ => None,
+        };
+        self.runs.set_digest(self.run_id, digest);
     }
 
     /// Tells the snapshot actor how many events are logged since the last snapshot.
@@ -361,6 +373,7 @@ impl RunActor {
         }
         self.failed = Some(reason);
         self.doc = None;
+        self.runs.set_digest(self.run_id, None);
         self.runs.forget(self.run_id, self.incarnation);
         ctx.stop();
     }
@@ -386,6 +399,7 @@ impl Actor for RunActor {
                         let doc = loaded.doc;
                         act.lamport_gauge(doc.lamport());
                         act.doc = Some(doc);
+                        act.record_digest();
                         act.report_event_count(ctx);
                         act.unload_if_never_written(ctx);
                     }
