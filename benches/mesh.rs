@@ -179,32 +179,35 @@ async fn propagation() {
     } else {
         vec![(100.0, 4), (5000.0, 64)]
     };
+    let mut notes = Vec::new();
     for (rate, clients) in rates {
         let secs = 5.0;
         let acks = offer(&addr, rate, secs, clients).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let seen_lock = seen.clone();
-        let seen = seen.lock().unwrap();
-        let mut lat: Vec<f64> = acks
-            .iter()
-            .filter_map(|(at, h, _)| {
-                let s = seen.get(h)?;
-                Some(s.saturating_duration_since(*at).as_secs_f64() * 1e3)
-            })
-            .collect();
-        lat.sort_by(f64::total_cmp);
-        let unseen: Vec<(String, Uuid)> = acks
-            .iter()
-            .filter(|(_, h, _)| !seen.contains_key(h))
-            .map(|(_, h, r)| (h.clone(), *r))
-            .collect();
-        drop(seen);
+        let (lat, unseen) = {
+            let seen = seen.lock().unwrap();
+            let mut lat: Vec<f64> = acks
+                .iter()
+                .filter_map(|(at, h, _)| {
+                    let s = seen.get(h)?;
+                    Some(s.saturating_duration_since(*at).as_secs_f64() * 1e3)
+                })
+                .collect();
+            lat.sort_by(f64::total_cmp);
+            let unseen: Vec<(String, Uuid)> = acks
+                .iter()
+                .filter(|(_, h, _)| !seen.contains_key(h))
+                .map(|(_, h, r)| (h.clone(), *r))
+                .collect();
+            (lat, unseen)
+        };
         // Any change the probe did not see forwarded must still be in eu-central-1.
         for (h, r) in &unseen {
             let held = common::mesh::holds(&c, mesh.node(1), *r, std::slice::from_ref(h)).await;
-            println!("(not seen forwarded: {h} of run {r}; eu-central-1 holds it: {held})");
+            notes.push(format!(
+                "Not seen forwarded: {h} of run {r}; eu-central-1 holds it: {held}."
+            ));
         }
-        let seen = seen_lock.lock().unwrap();
         let pct = |p: f64| {
             lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
                 .copied()
@@ -218,6 +221,9 @@ async fn propagation() {
             pct(0.99),
             lat.last().copied().unwrap_or(f64::NAN)
         );
+    }
+    for note in notes {
+        println!("\n{note}");
     }
 }
 
