@@ -100,7 +100,9 @@ fn default_reconnect_max() -> u64 {
 }
 
 fn default_max_frame() -> usize {
-    64 * 1024 * 1024
+    // Bigger runs and batches go over several frames; a small limit bounds what a peer can
+    // make this node buffer, before and after its handshake.
+    4 * 1024 * 1024
 }
 
 /// Peers as the seed writes them (one comma-separated string) or as a YAML list.

@@ -146,6 +146,7 @@ pub struct SyncStep {
 
 /// Parked changes per run; beyond this they are dropped and the protocol fetches them again.
 const MAX_PARKED: usize = 100_000;
+const MAX_PARKED_BYTES: usize = 64 * 1024 * 1024;
 
 impl RunDoc {
     /// A new, empty run: the deterministic genesis, then a fresh random actor id for this
@@ -451,14 +452,23 @@ impl RunDoc {
                 return step;
             }
             newly_parked = stuck.len() > before;
-            if self.parked.len() + stuck.len() <= MAX_PARKED {
+            let stuck_bytes: usize = stuck.iter().map(|c| c.raw_bytes().len()).sum();
+            if stuck.len() <= MAX_PARKED && stuck_bytes <= MAX_PARKED_BYTES {
                 self.parked.extend(stuck.into_iter().map(|c| (c.hash(), c)));
+            } else {
+                // Dropped: the peer counts them as sent, so ask it to forget what it sent.
+                state.needs_reset = true;
             }
             // The changes are in; the rest of the message updates what we know of the peer.
             message.changes = sync::ChunkList::empty();
             if let Err(e) = self.doc.sync().receive_sync_message(state, message) {
                 step.applied.error = Some(e.into());
                 return step;
+            }
+            if !step.applied.applied.is_empty() {
+                // Automerge answers a message that brought changes; with the changes applied
+                // by us it would think nothing came, and the peer would not learn our heads.
+                state.last_sent_heads.clear();
             }
         }
         step.reply = self.doc.sync().generate_sync_message(state);

@@ -23,9 +23,15 @@ async fn peer_socket(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
+    let Some(slot) = app.mesh.handshake_slot() else {
+        return Ok(HttpResponse::ServiceUnavailable().json(json!({
+            "error": "busy",
+            "message": "too many mesh handshakes in progress; try again",
+        })));
+    };
     let (response, socket, stream) = actix_ws::handle(&req, body)?;
     let remote = req.peer_addr().map(|a| a.to_string());
-    app.mesh.accept(socket, stream, remote);
+    app.mesh.accept(socket, stream, remote, slot);
     Ok(response)
 }
 

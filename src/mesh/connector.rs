@@ -108,6 +108,7 @@ impl Connector {
                 shutdown,
                 stats,
                 owner: Some(ctx.address().recipient()),
+                handshake: None,
             })
             .start();
             transport::client(socket, session.clone(), io);

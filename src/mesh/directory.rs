@@ -278,20 +278,24 @@ impl MeshState {
         self.gauge.set(dir.connected_nodes().len() as i64);
     }
 
-    /// One session per connected peer node (the oldest link), for broadcasts: two links to
-    /// one node would otherwise carry every change twice.
+    /// One session per connected peer node, for broadcasts: two links to one node would
+    /// otherwise carry every change twice. The newest link: an older one may be half-open,
+    /// not yet found dead, and what is queued on it would be lost with it.
     pub fn primaries(&self) -> Vec<(String, SessionHandle)> {
         let dir = self.read();
-        let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
+        let mut best: BTreeMap<&str, (chrono::DateTime<chrono::Utc>, &SessionHandle)> =
+            BTreeMap::new();
         for l in dir.links.values() {
-            if let (Some(peer), Some(s)) = (&l.peer, &l.session) {
-                if seen.insert(peer.node_id.clone()) {
-                    out.push((peer.node_id.clone(), s.clone()));
+            if let (Some(peer), Some(s), Some(since)) = (&l.peer, &l.session, l.connected_since) {
+                let entry = best.entry(peer.node_id.as_str()).or_insert((since, s));
+                if since > entry.0 {
+                    *entry = (since, s);
                 }
             }
         }
-        out
+        best.into_iter()
+            .map(|(node, (_, s))| (node.to_string(), s.clone()))
+            .collect()
     }
 
     /// Sessions to nodes of `region`.

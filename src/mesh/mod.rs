@@ -14,6 +14,7 @@ pub mod protocol;
 pub mod session;
 pub mod transport;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +57,19 @@ impl MeshConfig {
     }
 }
 
+/// Inbound links allowed to be in their handshake at once: each may hold a frame's worth of
+/// memory before it has proved anything.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Counts an inbound link in its handshake until dropped.
+pub struct HandshakeSlot(Arc<AtomicUsize>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The running mesh: cheap to clone.
 #[derive(Clone)]
 pub struct Mesh {
@@ -63,6 +77,7 @@ pub struct Mesh {
     pub config: Arc<MeshConfig>,
     runs: Runs,
     metrics: Metrics,
+    handshakes: Arc<AtomicUsize>,
 }
 
 impl Mesh {
@@ -99,7 +114,15 @@ impl Mesh {
             config,
             runs,
             metrics,
+            handshakes: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// A place for one more inbound handshake, if there is room.
+    pub fn handshake_slot(&self) -> Option<HandshakeSlot> {
+        let taken = self.handshakes.fetch_add(1, Ordering::Relaxed);
+        let slot = HandshakeSlot(self.handshakes.clone());
+        (taken < MAX_PENDING_HANDSHAKES).then_some(slot)
     }
 
     /// Starts the session of an inbound link (the `/ws` route) on the current arbiter.
@@ -108,6 +131,7 @@ impl Mesh {
         socket: actix_ws::Session,
         stream: actix_ws::MessageStream,
         remote: Option<String>,
+        handshake: HandshakeSlot,
     ) {
         let (link, stats) = self.state.add_link(Direction::Inbound, None, remote);
         let (io, out, shutdown) = transport::channels();
@@ -122,6 +146,7 @@ impl Mesh {
             shutdown,
             stats,
             owner: None,
+            handshake: Some(handshake),
         })
         .start();
         transport::serve(socket, stream, self.config.max_frame, session, io);

@@ -97,10 +97,17 @@ struct Done {
     resync: bool,
     /// Why the peer's message was not taken (the link stays up).
     rejected: Option<String>,
+    /// Whether changes moved either way (for sync steps; other work counts as moving).
+    moved: bool,
 }
 
 /// Peer `ERROR`s for one run that restart its sync; beyond this the run waits for the next link.
 const MAX_ERROR_RESYNCS: u8 = 3;
+/// Sync steps in a row that carry no changes either way before the run's sync is reset: two
+/// sides whose heads differ but that send each other nothing would otherwise talk forever.
+const MAX_IDLE_ROUNDS: u8 = 6;
+/// Resets for a stalled run per link; after them the run waits for the next link.
+const MAX_STALL_RESETS: u8 = 2;
 
 struct Slot {
     state: Option<Box<sync::State>>,
@@ -108,6 +115,11 @@ struct Slot {
     busy: bool,
     error_resyncs: u8,
     last_used: Instant,
+    /// A `Resync` is queued: more requests for one are the same request.
+    resync_queued: bool,
+    /// Consecutive sync steps that moved nothing either way, and resets made for that.
+    idle_rounds: u8,
+    stall_resets: u8,
 }
 
 impl Default for Slot {
@@ -118,16 +130,32 @@ impl Default for Slot {
             busy: false,
             error_resyncs: 0,
             last_used: Instant::now(),
+            resync_queued: false,
+            idle_rounds: 0,
+            stall_resets: 0,
         }
     }
 }
 
 /// What both sides last agreed on, and a request that the peer resend whatever we lack.
 fn reset_state(state: Option<&sync::State>, saved: Option<Vec<u8>>) -> Box<sync::State> {
-    let bytes = state.map(sync::State::encode).or(saved);
-    let mut fresh = bytes
-        .and_then(|b| sync::State::decode(&b).ok())
-        .unwrap_or_default();
+    let mut fresh = match state {
+        // Kept: the shared heads and what the peer can do (with its capabilities known, the
+        // reset is a flag; without, the peer must assume we lost everything and resend it).
+        Some(s) => {
+            let mut f = s.clone();
+            f.sent_hashes.clear();
+            f.last_sent_heads.clear();
+            f.their_have = None;
+            f.their_need = None;
+            f.in_flight = false;
+            f.have_responded = false;
+            f
+        }
+        None => saved
+            .and_then(|b| sync::State::decode(&b).ok())
+            .unwrap_or_default(),
+    };
     fresh.needs_reset = true;
     Box::new(fresh)
 }
@@ -169,6 +197,7 @@ pub struct PeerSession {
     shutdown: Option<oneshot::Sender<()>>,
     stats: Arc<LinkStats>,
     owner: Option<Recipient<LinkEvent>>,
+    handshake: Option<super::HandshakeSlot>,
     nonce: String,
     phase: Phase,
     last_heard: Instant,
@@ -190,6 +219,8 @@ pub struct SessionParts {
     pub shutdown: oneshot::Sender<()>,
     pub stats: Arc<LinkStats>,
     pub owner: Option<Recipient<LinkEvent>>,
+    /// Held while an inbound link is in its handshake.
+    pub handshake: Option<super::HandshakeSlot>,
 }
 
 impl PeerSession {
@@ -205,6 +236,7 @@ impl PeerSession {
             shutdown: Some(p.shutdown),
             stats: p.stats,
             owner: p.owner,
+            handshake: p.handshake,
             nonce: protocol::nonce(),
             phase: Phase::Handshake { hello: None },
             last_heard: Instant::now(),
@@ -468,6 +500,7 @@ impl PeerSession {
             log::warn!("mesh: {warning}");
         }
         self.phase = Phase::Ready(peer);
+        self.handshake = None;
         if let Some(owner) = &self.owner {
             owner.do_send(LinkEvent::Up);
         }
@@ -587,11 +620,17 @@ impl PeerSession {
                 ctx,
             );
         }
-        self.queued += 1;
-        self.queued_bytes += size;
         let slot = self.slots.entry(run).or_default();
         slot.last_used = Instant::now();
+        if matches!(work, Work::Resync) {
+            if slot.resync_queued {
+                return;
+            }
+            slot.resync_queued = true;
+        }
         slot.queue.push_back((work, catchup));
+        self.queued += 1;
+        self.queued_bytes += size;
         self.pump(run, ctx);
     }
 
@@ -612,6 +651,11 @@ impl PeerSession {
         self.queued -= 1;
         self.queued_bytes -= work.size();
         slot.busy = true;
+        if matches!(work, Work::Resync) {
+            slot.resync_queued = false;
+        }
+        let incoming_step = matches!(work, Work::Step(Some(_)));
+        let peer_node = peer.node_id.clone();
         let state = slot.state.take();
         let runs = self.runs.clone();
         let region = self.config.region.clone();
@@ -656,19 +700,24 @@ impl PeerSession {
                             frames: Vec::new(),
                             resync: false,
                             rejected: Some(reason),
+                            moved: true,
                         });
                     }
-                    let frame = reply.outgoing.map(|m| Frame::CrdtSyncMessage {
-                        run_id: run.to_string(),
-                        source_region: region,
-                        message: protocol::b64(&m.encode()),
-                        timestamp: reply.lamport,
-                    });
+                    let moved = reply.applied > 0
+                        || reply
+                            .outgoing
+                            .as_ref()
+                            .is_some_and(|m| !m.changes.is_empty());
+                    let frames = match reply.outgoing {
+                        Some(m) => sync_frames(run, &region, reply.lamport, m, max_frame)?,
+                        None => Vec::new(),
+                    };
                     Ok(Done {
                         state: Some(reply.state),
-                        frames: frame.into_iter().collect(),
+                        frames,
                         resync: false,
                         rejected: None,
+                        moved,
                     })
                 }
                 Work::Changes {
@@ -689,17 +738,19 @@ impl PeerSession {
                         .await
                         .and_then(|r| r);
                     // Live changes can overtake what they build on (a catch-up still running,
-                    // a frame lost with a link): a sync round fetches it.
-                    let resync = match result {
-                        Ok(_) => false,
-                        Err(RunError::Doc(DocError::MissingDependencies(_))) => true,
-                        Err(e) => return Err(e),
+                    // a frame lost with a link): a sync round fetches it. Another error is the
+                    // peer's to hear about; the run's sync state is kept either way.
+                    let (resync, rejected) = match result {
+                        Ok(_) => (false, None),
+                        Err(RunError::Doc(DocError::MissingDependencies(_))) => (true, None),
+                        Err(e) => (false, Some(e.to_string())),
                     };
                     Ok(Done {
                         state,
                         frames: Vec::new(),
                         resync,
-                        rejected: None,
+                        rejected,
+                        moved: true,
                     })
                 }
                 Work::SendFull => {
@@ -732,6 +783,7 @@ impl PeerSession {
                         frames,
                         resync: false,
                         rejected: None,
+                        moved: true,
                     })
                 }
             }
@@ -739,19 +791,39 @@ impl PeerSession {
         ctx.spawn(
             fut.into_actor(self)
                 .map(move |result: Result<Done, RunError>, act, ctx| {
-                    let (state, frames, resync, rejected) = match result {
-                        Ok(d) => (d.state, d.frames, d.resync, d.rejected),
+                    let (state, mut frames, resync, rejected, moved) = match result {
+                        Ok(d) => (d.state, d.frames, d.resync, d.rejected, d.moved),
                         // The run could not take it (storage down, say): the peer must resend.
                         Err(e) => (
                             Some(reset_state(None, None)),
                             Vec::new(),
                             false,
                             Some(e.to_string()),
+                            true,
                         ),
                     };
+                    let mut stalled = false;
                     if let Some(slot) = act.slots.get_mut(&run) {
                         slot.busy = false;
                         slot.state = state;
+                        if incoming_step {
+                            slot.idle_rounds = if moved { 0 } else { slot.idle_rounds + 1 };
+                            if slot.idle_rounds >= MAX_IDLE_ROUNDS {
+                                slot.idle_rounds = 0;
+                                frames.clear();
+                                stalled = true;
+                                if slot.stall_resets < MAX_STALL_RESETS {
+                                    slot.stall_resets += 1;
+                                } else {
+                                    // Stop answering; the next link starts afresh.
+                                    log::warn!(
+                                        "mesh: run {run}: sync with {} makes no progress; pausing it until the next link",
+                                        peer_node
+                                    );
+                                    stalled = false;
+                                }
+                            }
+                        }
                     }
                     for frame in &frames {
                         act.send(frame, ctx);
@@ -759,7 +831,7 @@ impl PeerSession {
                     if let Some(reason) = rejected {
                         act.reject("apply", reason, Some(run.to_string()), ctx);
                     }
-                    if resync {
+                    if resync || stalled {
                         act.push(run, Work::Resync, false, ctx);
                     }
                     if catchup {
@@ -938,6 +1010,35 @@ impl PeerSession {
         let now = chrono::Utc::now().timestamp_micros().to_be_bytes();
         let _ = self.out.try_send(Out::Ping(now.to_vec().into()));
     }
+}
+
+/// The frames for one sync-protocol message: one `CRDT_SYNC_MESSAGE`, or, when it is too big
+/// for a frame, its changes as `CRDT_SYNC` frames (applied first, in order) and then the
+/// message without them.
+fn sync_frames(
+    run: Uuid,
+    region: &str,
+    lamport: u64,
+    mut message: sync::Message,
+    max_frame: usize,
+) -> Result<Vec<Frame>, RunError> {
+    let size: usize = message.changes.iter().map(<[u8]>::len).sum();
+    let mut frames = Vec::new();
+    if encoded_len(size) > max_frame {
+        let mut changes = Vec::new();
+        for chunk in message.changes.iter() {
+            changes.extend(crate::doc::parse_changes_or_document(chunk)?);
+        }
+        frames = change_frames(run, region, lamport, &changes, max_frame);
+        message.changes = sync::ChunkList::empty();
+    }
+    frames.push(Frame::CrdtSyncMessage {
+        run_id: run.to_string(),
+        source_region: region.to_string(),
+        message: protocol::b64(&message.encode()),
+        timestamp: lamport,
+    });
+    Ok(frames)
 }
 
 /// Node ids and regions: short and printable.

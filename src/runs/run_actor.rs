@@ -196,6 +196,10 @@ impl RunActor {
             let _ = reply.send(Ok(()));
             return done;
         }
+        if !changes.is_empty() {
+            // Until these are durable the run's digest is not known.
+            self.runs.set_digest(self.run_id, None);
+        }
         // The clock after the write, so a restart resumes it exactly (a sync's timestamp hint
         // may be above every change's own stamp).
         let lamport =
@@ -291,7 +295,12 @@ impl RunActor {
     /// Records the heads digest when the document holds exactly what is durable; while writes
     /// wait for the log it is unknown.
     fn record_digest(&mut self) {
-        let settled = self.pending.is_empty() && !self.in_flight && self.failed.is_none();
+        // A run never written has nothing to compare (and reads of unknown ids must not fill
+        // memory with digests).
+        let settled = self.pending.is_empty()
+            && !self.in_flight
+            && self.failed.is_none()
+            && self.last_seq > 0;
         let digest = match (&mut self.doc, settled) {
             (Some(doc), true) => Some(doc.heads_digest()),
             _ => None,
