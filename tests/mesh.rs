@@ -649,28 +649,41 @@ async fn a_run_larger_than_a_frame_is_sent_in_pieces() {
     .await;
     let c = Client::new();
     mesh.wait_connected(&c, 1).await;
+    // `shared` exists on both sides before the split; `alone` only on one side after it.
+    let (shared, alone) = (Uuid::new_v4(), Uuid::new_v4());
+    c.post(
+        &run_url(mesh.node(0), shared, "/grafts"),
+        &graft("Seed", "a"),
+    )
+    .await;
+    converged(&c, &mesh.nodes(), shared, 20).await;
     mesh.partition(&[0]);
     mesh.wait_connected(&c, 0).await;
-    // Random agent names compress poorly: the saved run is well over one 64 KiB frame.
-    let run = Uuid::new_v4();
-    for _ in 0..1000 {
-        let agent: String = (0..6)
-            .map(|_| Uuid::new_v4().simple().to_string())
-            .collect();
-        let (s, b) = c
-            .post(
-                &run_url(mesh.node(0), run, "/grafts"),
-                &graft(&agent, "big"),
-            )
-            .await;
-        assert_eq!(s, 201, "{b}");
+    // Random agent names compress poorly: each run grows well past one 64 KiB frame.
+    for run in [shared, alone] {
+        for _ in 0..500 {
+            let agent: String = (0..6)
+                .map(|_| Uuid::new_v4().simple().to_string())
+                .collect();
+            let (s, b) = c
+                .post(
+                    &run_url(mesh.node(0), run, "/grafts"),
+                    &graft(&agent, "big"),
+                )
+                .await;
+            assert_eq!(s, 201, "{b}");
+        }
     }
     mesh.heal_all();
-    let state = converged(&c, &mesh.nodes(), run, 30).await;
-    assert_eq!(state["grafts"].as_array().unwrap().len(), 1000);
+    for (run, n) in [(shared, 501), (alone, 500)] {
+        let state = converged(&c, &mesh.nodes(), run, 30).await;
+        assert_eq!(state["grafts"].as_array().unwrap().len(), n);
+    }
+    let log = mesh.node(0).log_text();
+    assert!(log.contains("saves to"), "the whole-run path was not taken");
     assert!(
-        mesh.node(0).log_text().contains("over one frame"),
-        "the run fit one frame; the test needs a bigger one"
+        log.contains("a sync message of"),
+        "the sync path was not split"
     );
     let text = c.text(&mesh.node(0).url("/actuator/prometheus")).await;
     assert_eq!(
@@ -727,4 +740,39 @@ async fn a_reconnect_syncs_only_the_runs_that_changed() {
             "node {i}: {line}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_bounded() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let env = mesh_env("us-east-1", "busy", &[]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let node = Node::spawn(&db, &env);
+    let url = node.url("/ws").replace("http://", "ws://");
+    // 64 sockets that never say who they are fill every handshake place…
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("connect");
+        idle.push(ws);
+    }
+    // …so the next is refused at the door, and the HTTP API keeps answering.
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected 503, got {other:?}"),
+    }
+    let c = Client::new();
+    let (s, _) = c.get(&node.url("/actuator/health")).await;
+    assert_eq!(s, 200);
+    // Places free up as those sockets go.
+    drop(idle);
+    let ok = eventually(10, || async {
+        tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    assert!(ok.is_some(), "handshake places were not given back");
 }

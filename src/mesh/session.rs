@@ -1030,6 +1030,11 @@ fn sync_frames(
             changes.extend(crate::doc::parse_changes_or_document(chunk)?);
         }
         frames = change_frames(run, region, lamport, &changes, max_frame);
+        log::info!(
+            "mesh: run {run}: a sync message of {size} bytes is over one frame: its {} changes go in {} frames",
+            changes.len(),
+            frames.len()
+        );
         message.changes = sync::ChunkList::empty();
     }
     frames.push(Frame::CrdtSyncMessage {
