@@ -695,7 +695,7 @@ async fn a_run_larger_than_a_frame_is_sent_in_pieces() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_syncs_only_the_runs_that_changed() {
-    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
+    let mut mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
     let c = Client::new();
     mesh.wait_connected(&c, 1).await;
     let runs: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
@@ -740,6 +740,38 @@ async fn a_reconnect_syncs_only_the_runs_that_changed() {
             "node {i}: {line}"
         );
     }
+
+    // A restarted node knows no digests: its first catch-up visits every run, but the runs it
+    // loads only for that are unloaded again soon after, and their digests stay known.
+    mesh.restart(1);
+    mesh.wait_connected(&c, 1).await;
+    for run in &runs {
+        converged(&c, &mesh.nodes(), *run, 20).await;
+    }
+    let loaded = eventually(20, || async {
+        let text = c.text(&mesh.node(1).url("/actuator/prometheus")).await;
+        (metric(&text, "crdt_runs_loaded") == Some(0.0)).then_some(())
+    })
+    .await;
+    assert!(loaded.is_some(), "runs loaded for catch-up stayed loaded");
+    mesh.partition(&[0]);
+    mesh.wait_connected(&c, 0).await;
+    mesh.heal_all();
+    mesh.wait_connected(&c, 1).await;
+    let line = eventually(10, || async {
+        let log = mesh.node(1).log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("catch-up with"))
+            .collect();
+        (lines.len() >= 2).then(|| lines[lines.len() - 1].to_string())
+    })
+    .await
+    .unwrap_or_default();
+    assert!(
+        line.contains("0 shared runs syncing, 0 sent whole, 20 already in sync"),
+        "after restart: {line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

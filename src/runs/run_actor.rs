@@ -110,8 +110,8 @@ struct EventMeta {
     user_id: Option<String>,
 }
 
-/// How long a run that was never written stays loaded after its last read.
-const NEVER_WRITTEN_LINGER: Duration = Duration::from_secs(5);
+/// How long a run this incarnation has not written stays loaded after its last read.
+const UNWRITTEN_LINGER: Duration = Duration::from_secs(5);
 
 struct PendingWrite {
     events: Vec<NewEvent>,
@@ -135,6 +135,8 @@ pub struct RunActor {
     snapshot_timer: bool,
     pending: Vec<PendingWrite>,
     in_flight: bool,
+    /// Whether this incarnation has written anything (else it unloads soon after use).
+    written: bool,
     last_active: Instant,
     gauge: Option<prometheus::IntGauge>,
 }
@@ -154,6 +156,7 @@ impl RunActor {
             snapshot_seq: 0,
             pending: Vec::new(),
             in_flight: false,
+            written: false,
             last_active: Instant::now(),
             gauge: None,
         }
@@ -199,6 +202,7 @@ impl RunActor {
         if !changes.is_empty() {
             // Until these are durable the run's digest is not known.
             self.runs.set_digest(self.run_id, None);
+            self.written = true;
         }
         // The clock after the write, so a restart resumes it exactly (a sync's timestamp hint
         // may be above every change's own stamp).
@@ -339,19 +343,21 @@ impl RunActor {
             });
     }
 
-    /// A run nobody has written holds nothing worth keeping: reads of unknown run ids must not
-    /// fill memory for the whole idle timeout, so such a run is unloaded soon after its last use.
-    fn unload_if_never_written(&mut self, ctx: &mut Context<Self>) {
-        let linger = NEVER_WRITTEN_LINGER.min(self.runs.inner.config.idle_timeout);
+    /// A run loaded only to be read holds nothing that is not in storage: reads of unknown run
+    /// ids, and a mesh catch-up that visits every run, must not fill memory for the whole idle
+    /// timeout, so such a run is unloaded soon after its last use. A written run stays for
+    /// the idle timeout.
+    fn unload_if_unwritten(&mut self, ctx: &mut Context<Self>) {
+        let linger = UNWRITTEN_LINGER.min(self.runs.inner.config.idle_timeout);
         ctx.run_later(linger, move |act, ctx| {
-            if act.last_seq > 0 || act.in_flight || !act.pending.is_empty() {
+            if act.written || act.in_flight || !act.pending.is_empty() {
                 return;
             }
             if act.last_active.elapsed() >= linger {
                 act.runs.forget(act.run_id, act.incarnation);
                 ctx.stop();
             } else {
-                act.unload_if_never_written(ctx);
+                act.unload_if_unwritten(ctx);
             }
         });
     }
@@ -410,7 +416,7 @@ impl Actor for RunActor {
                         act.doc = Some(doc);
                         act.record_digest();
                         act.report_event_count(ctx);
-                        act.unload_if_never_written(ctx);
+                        act.unload_if_unwritten(ctx);
                     }
                     Err(e) => {
                         let reason = format!("loading the run failed: {e}");
