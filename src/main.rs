@@ -18,6 +18,14 @@ fn main() -> std::process::ExitCode {
         let node = crdt_node::node::start(&settings)
             .await
             .map_err(|e| e.to_string())?;
+        // actix-web stops gracefully on SIGINT/SIGTERM, waiting for open connections; the
+        // mesh's links are closed first so they do not hold it up.
+        let mesh = node.mesh.clone();
+        actix_web::rt::spawn(async move {
+            shutdown_signal().await;
+            log::info!("shutting down: closing mesh links");
+            mesh.close();
+        });
         match node.task.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -32,4 +40,20 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -31,6 +31,7 @@ pub struct RunningNode {
     pub addr: SocketAddr,
     pub server: actix_web::dev::ServerHandle,
     pub runs: Runs,
+    pub mesh: Mesh,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -75,7 +76,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     );
     let state = web::Data::new(AppState {
         runs: runs.clone(),
-        mesh,
+        mesh: mesh.clone(),
         metrics: metrics.clone(),
         region: settings.crdt.region.clone(),
         node_id: settings.node_id().to_string(),
@@ -113,6 +114,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         addr,
         server: handle,
         runs,
+        mesh,
         task,
     })
 }

@@ -808,3 +808,58 @@ async fn handshakes_in_progress_are_bounded() {
     .await;
     assert!(ok.is_some(), "handshake places were not given back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_closes_its_links_and_exits_promptly() {
+    // Linked directly (no proxy), both ways, as deployed.
+    let c = Client::new();
+    let db_b = TestDb::new(Backend::Sqlite).await;
+    let env_b = mesh_env("eu-central-1", "stop-b", &[]);
+    let env_b: Vec<(&str, &str)> = env_b
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut b = Node::spawn(&db_b, &env_b);
+    let db_a = TestDb::new(Backend::Sqlite).await;
+    let env_a = mesh_env(
+        "us-east-1",
+        "stop-a",
+        &[b.url("/ws").replace("http://", "ws://")],
+    );
+    let env_a: Vec<(&str, &str)> = env_a
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let a = Node::spawn(&db_a, &env_a);
+    let up = eventually(20, || async {
+        let (_, s) = c.get(&a.url("/api/crdt/mesh/status")).await;
+        (s["connectedPeers"] == 1).then_some(())
+    })
+    .await;
+    assert!(up.is_some());
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = b.terminate(15);
+        (status, b)
+    })
+    .await
+    .unwrap();
+    let exited = status
+        .0
+        .expect("the node did not exit within 15 s of SIGTERM");
+    assert!(exited.success(), "{exited:?}");
+    // Well inside actix's 30 s wait for open connections: the links were closed first.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The peer heard why (before its redials find nobody there).
+    let heard = eventually(10, || async {
+        a.log_text()
+            .contains("closed by peer (1001: node shutting down)")
+            .then_some(())
+    })
+    .await;
+    assert!(heard.is_some(), "{}", a.log_text());
+}

@@ -59,6 +59,9 @@ impl Connector {
     }
 
     fn retry(&mut self, ctx: &mut Context<Self>) {
+        if self.mesh.is_closing() {
+            return ctx.stop();
+        }
         let delay = self.backoff.next().unwrap_or(self.config.reconnect_max);
         log::debug!(
             "mesh: reconnecting to {} in {} ms",

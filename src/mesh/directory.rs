@@ -3,7 +3,7 @@
 //! sync states kept between connections so a reconnect costs only what was missed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use actix::Addr;
@@ -138,6 +138,7 @@ impl Directory {
 pub struct MeshState {
     inner: Arc<RwLock<Directory>>,
     gauge: prometheus::IntGauge,
+    closing: Arc<AtomicBool>,
 }
 
 impl MeshState {
@@ -156,7 +157,22 @@ impl MeshState {
                 conflicts: BTreeMap::new(),
             })),
             gauge,
+            closing: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The node is shutting down: links are closed and not redialled.
+    pub fn close(&self) -> Vec<SessionHandle> {
+        self.closing.store(true, Ordering::SeqCst);
+        self.read()
+            .links
+            .values()
+            .filter_map(|l| l.session.clone())
+            .collect()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Directory> {

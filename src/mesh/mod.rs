@@ -152,6 +152,17 @@ impl Mesh {
         transport::serve(socket, stream, self.config.max_frame, session, io);
     }
 
+    /// Closes every link ("going away") and stops redialling: a stopping node's links would
+    /// otherwise hold its HTTP workers until the shutdown timeout.
+    pub fn close(&self) {
+        for session in self.state.close() {
+            session.addr.do_send(session::CloseLink {
+                code: 1001,
+                reason: "node shutting down".into(),
+            });
+        }
+    }
+
     /// Syncs `run` now to every connected node of `region`; returns how many there are.
     pub fn sync_run_to(&self, run: Uuid, region: &str) -> usize {
         let sessions = self.state.sessions_in(region);

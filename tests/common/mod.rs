@@ -165,6 +165,21 @@ impl Node {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM and waits up to `secs` for the process to exit; its exit status if it did.
+    pub fn terminate(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
