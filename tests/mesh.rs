@@ -205,12 +205,12 @@ async fn partition_rounds(backend: Backend, rounds: u64, ops: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_heal_to_identical_state_sqlite() {
-    partition_rounds(Backend::Sqlite, 6, 8).await;
+    partition_rounds(Backend::Sqlite, 8, 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_heal_to_identical_state_postgres() {
-    partition_rounds(Backend::Postgres, 4, 8).await;
+    partition_rounds(Backend::Postgres, 5, 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
