@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use common::mesh::{TestMesh, SECRET};
+use common::mesh::{raw_peer, TestMesh, SECRET};
 use common::{Backend, Client};
 use crdt_node::doc::{parse_changes, Mutation, RunDoc};
 use crdt_node::mesh::protocol;
@@ -67,33 +67,9 @@ fn main() {
 // ---------- propagation ----------
 
 /// Joins `base`'s mesh as a peer and records when each change hash arrives.
-async fn listen(base: &str, seen: Arc<Mutex<HashMap<String, Instant>>>) {
-    let url = format!("{}/ws", base.replace("http://", "ws://"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
-    let hello: Value = match ws.next().await {
-        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).expect("hello"),
-        other => panic!("no HELLO: {other:?}"),
-    };
-    let mine = protocol::nonce();
+async fn listen(node: &common::Node, seen: Arc<Mutex<HashMap<String, Instant>>>) {
+    let mut ws = raw_peer(node, SECRET, "bench-probe", "bench-1").await;
     let send = |v: Value| Message::text(v.to_string());
-    ws.send(send(json!({"type": "HELLO", "nodeId": "bench-probe", "region": "bench-1", "protocolVersion": 1, "nonce": mine})))
-        .await
-        .expect("send");
-    let theirs = hello["nonce"].as_str().expect("nonce").to_string();
-    let nonces = protocol::Nonces {
-        initiator: &mine,
-        acceptor: &theirs,
-    };
-    let proof = protocol::prove(
-        SECRET,
-        protocol::Role::Initiator,
-        nonces,
-        "bench-probe",
-        "bench-1",
-    );
-    ws.send(send(json!({"type": "AUTH", "proof": proof})))
-        .await
-        .expect("send");
     ws.send(send(
         json!({"type": "CRDT_RUNS", "runIds": [], "done": true}),
     ))
@@ -166,7 +142,7 @@ async fn propagation() {
     let c = Client::new();
     mesh.wait_connected(&c, 2).await;
     let seen = Arc::new(Mutex::new(HashMap::new()));
-    listen(&mesh.node(1).base, seen.clone()).await;
+    listen(mesh.node(1), seen.clone()).await;
     // Let the probe's own catch-up finish: a change committed before its link came up would
     // reach it whole (CRDT_FULL_SYNC), not as a forwarded CRDT_SYNC.
     tokio::time::sleep(Duration::from_millis(500)).await;

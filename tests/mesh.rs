@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use common::mesh::{converged, holds, mesh_env, TestMesh, SECRET};
+use common::mesh::{converged, holds, mesh_env, raw_peer, TestMesh, Ws, SECRET};
 use common::{eventually, metric, run_url, Backend, Client, Node, TestDb};
 use crdt_node::mesh::protocol;
 
@@ -417,9 +417,6 @@ async fn register_peer_syncs_the_run_to_that_region() {
     converged(&c, &mesh.nodes(), run, 20).await;
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 async fn next_json(ws: &mut Ws) -> Value {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
@@ -439,36 +436,7 @@ async fn next_json(ws: &mut Ws) -> Value {
 
 /// A raw client that speaks the handshake with `secret`; returns the socket after it.
 async fn handshake(node: &Node, secret: &str) -> (Ws, Value) {
-    let url = node.url("/ws").replace("http://", "ws://");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("connect");
-    let hello = next_json(&mut ws).await;
-    assert_eq!(hello["type"], "HELLO", "{hello}");
-    let mine = protocol::nonce();
-    ws.send(Message::text(
-        json!({"type": "HELLO", "nodeId": "raw-test", "region": "test-1", "protocolVersion": 1, "nonce": mine})
-            .to_string(),
-    ))
-    .await
-    .unwrap();
-    let theirs = hello["nonce"].as_str().unwrap().to_string();
-    let nonces = protocol::Nonces {
-        initiator: &mine,
-        acceptor: &theirs,
-    };
-    let proof = protocol::prove(
-        secret,
-        protocol::Role::Initiator,
-        nonces,
-        "raw-test",
-        "test-1",
-    );
-    ws.send(Message::text(
-        json!({"type": "AUTH", "proof": proof}).to_string(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = raw_peer(node, secret, "raw-test", "test-1").await;
     // The node's own AUTH comes first; then either the catch-up starts or the link closes.
     let mut reply = next_json(&mut ws).await;
     while reply["type"] == "AUTH" {
@@ -693,6 +661,20 @@ async fn a_run_larger_than_a_frame_is_sent_in_pieces() {
     );
 }
 
+/// The log line of a node's latest catch-up, once it has had more than one.
+async fn later_catchup(node: &Node) -> String {
+    eventually(10, || async {
+        let log = node.log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("catch-up with"))
+            .collect();
+        (lines.len() >= 2).then(|| lines[lines.len() - 1].to_string())
+    })
+    .await
+    .unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_syncs_only_the_runs_that_changed() {
     let mut mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
@@ -724,17 +706,7 @@ async fn a_reconnect_syncs_only_the_runs_that_changed() {
     assert_eq!(state["grafts"].as_array().unwrap().len(), 2);
     // Both ends compared heads digests: only the run written during the partition was synced.
     for i in 0..2 {
-        let line = eventually(10, || async {
-            // The second catch-up of the node: the one after the heal.
-            let log = mesh.node(i).log_text();
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("catch-up with"))
-                .collect();
-            (lines.len() >= 2).then(|| lines[lines.len() - 1].to_string())
-        })
-        .await
-        .unwrap_or_default();
+        let line = later_catchup(mesh.node(i)).await;
         assert!(
             line.contains("1 shared runs syncing, 0 sent whole, 19 already in sync"),
             "node {i}: {line}"
@@ -758,16 +730,7 @@ async fn a_reconnect_syncs_only_the_runs_that_changed() {
     mesh.wait_connected(&c, 0).await;
     mesh.heal_all();
     mesh.wait_connected(&c, 1).await;
-    let line = eventually(10, || async {
-        let log = mesh.node(1).log_text();
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("catch-up with"))
-            .collect();
-        (lines.len() >= 2).then(|| lines[lines.len() - 1].to_string())
-    })
-    .await
-    .unwrap_or_default();
+    let line = later_catchup(mesh.node(1)).await;
     assert!(
         line.contains("0 shared runs syncing, 0 sent whole, 20 already in sync"),
         "after restart: {line}"

@@ -851,24 +851,9 @@ impl PeerSession {
                 changes,
                 timestamp,
             } => {
-                let Some(run) = self.run_id(&run_id, ctx) else {
-                    return;
-                };
-                match protocol::unb64("changes", &changes)
-                    .and_then(|b| parse_changes(&b).map_err(|e| e.to_string()))
-                {
-                    Ok(changes) => self.push(
-                        run,
-                        Work::Changes {
-                            changes,
-                            lamport: timestamp,
-                            source_region: clip(source_region),
-                        },
-                        false,
-                        ctx,
-                    ),
-                    Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
-                }
+                let decoded = protocol::unb64("changes", &changes)
+                    .and_then(|b| parse_changes(&b).map_err(|e| e.to_string()));
+                self.take_changes(run_id, source_region, timestamp, decoded, ctx);
             }
             Frame::CrdtFullSync {
                 run_id,
@@ -876,24 +861,9 @@ impl PeerSession {
                 state,
                 timestamp,
             } => {
-                let Some(run) = self.run_id(&run_id, ctx) else {
-                    return;
-                };
-                match protocol::unb64("state", &state)
-                    .and_then(|b| parse_document(&b).map_err(|e| e.to_string()))
-                {
-                    Ok(changes) => self.push(
-                        run,
-                        Work::Changes {
-                            changes,
-                            lamport: timestamp,
-                            source_region: clip(source_region),
-                        },
-                        false,
-                        ctx,
-                    ),
-                    Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
-                }
+                let decoded = protocol::unb64("state", &state)
+                    .and_then(|b| parse_document(&b).map_err(|e| e.to_string()));
+                self.take_changes(run_id, source_region, timestamp, decoded, ctx);
             }
             Frame::CrdtSyncMessage {
                 run_id, message, ..
@@ -960,6 +930,33 @@ impl PeerSession {
                 None,
                 ctx,
             ),
+        }
+    }
+
+    /// Queues the changes a `CRDT_SYNC` or `CRDT_FULL_SYNC` frame carried, or rejects it.
+    fn take_changes(
+        &mut self,
+        run_id: String,
+        source_region: String,
+        timestamp: u64,
+        decoded: Result<Vec<Change>, String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(run) = self.run_id(&run_id, ctx) else {
+            return;
+        };
+        match decoded {
+            Ok(changes) => self.push(
+                run,
+                Work::Changes {
+                    changes,
+                    lamport: timestamp,
+                    source_region: clip(source_region),
+                },
+                false,
+                ctx,
+            ),
+            Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
         }
     }
 

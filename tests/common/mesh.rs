@@ -2,8 +2,12 @@
 //! own, so a test can partition any pair of nodes and heal them, and a restarted node (on a
 //! new port) is found again through the same proxy.
 
-use serde_json::Value;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
+
+use crdt_node::mesh::protocol;
 
 use super::proxy::Proxy;
 use super::{eventually, run_url, Backend, Client, Node, TestDb};
@@ -241,4 +245,41 @@ pub async fn holds(c: &Client, node: &Node, run: Uuid, heads: &[String]) -> bool
         }
     }
     true
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Dials `node`'s `/ws` as a raw peer named `node_id` and proves itself with `secret`, as the
+/// dialling end of the handshake does. Returns the socket right after its AUTH.
+pub async fn raw_peer(node: &Node, secret: &str, node_id: &str, region: &str) -> Ws {
+    let url = node.url("/ws").replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let hello: Value = loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str(&t).expect("JSON HELLO"),
+            Some(Ok(_)) => continue,
+            other => panic!("no HELLO: {other:?}"),
+        }
+    };
+    assert_eq!(hello["type"], "HELLO", "{hello}");
+    let mine = protocol::nonce();
+    let hello_back = json!({"type": "HELLO", "nodeId": node_id, "region": region, "protocolVersion": 1, "nonce": mine});
+    ws.send(Message::text(hello_back.to_string()))
+        .await
+        .expect("send");
+    let theirs = hello["nonce"].as_str().expect("nonce").to_string();
+    let nonces = protocol::Nonces {
+        initiator: &mine,
+        acceptor: &theirs,
+    };
+    let proof = protocol::prove(secret, protocol::Role::Initiator, nonces, node_id, region);
+    ws.send(Message::text(
+        json!({"type": "AUTH", "proof": proof}).to_string(),
+    ))
+    .await
+    .expect("send");
+    ws
 }
