@@ -1,0 +1,557 @@
+//! `PeerSession`: one actor per mesh link, inbound or outbound alike.
+//!
+//! It runs the handshake, the heartbeat, and the link's share of syncing: live `CRDT_SYNC`
+//! frames in both directions, and on connect a catch-up of every run the two nodes hold —
+//! Automerge's sync protocol for runs both have (it sends heads and a Bloom filter, so it costs
+//! about what was missed), `CRDT_FULL_SYNC` for runs only this node has. Work for one run is
+//! done in order, one step at a time; different runs proceed side by side.
+//!
+//! - `handshake`: HELLO and AUTH, both ways;
+//! - `catchup`: on connect, which runs to sync, send whole or skip;
+//! - `work`: each run's queue of work on this link, and the sync protocol's steps.
+
+mod catchup;
+mod handshake;
+mod work;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use automerge::{sync, Change};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::directory::{Direction, LinkStats, MeshState, PeerIdentity, SessionHandle};
+use super::protocol::{
+    self, change_frames, close, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
+};
+use super::transport::{Inbound, Out};
+use super::MeshConfig;
+use crate::doc::{parse_changes, parse_document, DocError};
+use crate::metrics::Metrics;
+use crate::runs::{ApplySync, FullState, GetChanges, PeerSync, RunError, Runs};
+
+use catchup::Catchup;
+use work::{Slot, Work, MAX_ERROR_RESYNCS, SLOT_IDLE};
+
+/// Frames a peer may send before its handshake is done are small; a larger one is refused
+/// before it is parsed.
+const MAX_HANDSHAKE_FRAME: usize = 4096;
+/// Run ids accepted from one peer's `CRDT_RUNS`.
+const MAX_PEER_RUNS: usize = 10_000_000;
+
+/// Tells a link's owner (the connector of an outbound link) how the session went.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub enum LinkEvent {
+    Up,
+    Down(Option<String>),
+}
+
+/// Syncs one run to the peer now (`register-peer`).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct SyncRun(pub Uuid);
+
+/// Closes the link (a slow peer, shutdown).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct CloseLink {
+    pub code: u16,
+    pub reason: String,
+}
+
+struct Hello {
+    node_id: String,
+    region: String,
+    nonce: String,
+}
+
+enum Phase {
+    Handshake { hello: Option<Hello> },
+    Ready(PeerIdentity),
+}
+
+pub struct PeerSession {
+    link: u64,
+    direction: Direction,
+    config: Arc<MeshConfig>,
+    mesh: MeshState,
+    runs: Runs,
+    metrics: Metrics,
+    out: mpsc::Sender<Out>,
+    shutdown: Option<oneshot::Sender<()>>,
+    stats: Arc<LinkStats>,
+    owner: Option<Recipient<LinkEvent>>,
+    handshake: Option<super::HandshakeSlot>,
+    nonce: String,
+    phase: Phase,
+    last_heard: Instant,
+    close_reason: Option<String>,
+    slots: HashMap<Uuid, Slot>,
+    queued: usize,
+    queued_bytes: usize,
+    catchup: Catchup,
+}
+
+pub struct SessionParts {
+    pub link: u64,
+    pub direction: Direction,
+    pub config: Arc<MeshConfig>,
+    pub mesh: MeshState,
+    pub runs: Runs,
+    pub metrics: Metrics,
+    pub out: mpsc::Sender<Out>,
+    pub shutdown: oneshot::Sender<()>,
+    pub stats: Arc<LinkStats>,
+    pub owner: Option<Recipient<LinkEvent>>,
+    /// Held while an inbound link is in its handshake.
+    pub handshake: Option<super::HandshakeSlot>,
+}
+
+impl PeerSession {
+    pub fn new(p: SessionParts) -> Self {
+        PeerSession {
+            link: p.link,
+            direction: p.direction,
+            config: p.config,
+            mesh: p.mesh,
+            runs: p.runs,
+            metrics: p.metrics,
+            out: p.out,
+            shutdown: Some(p.shutdown),
+            stats: p.stats,
+            owner: p.owner,
+            handshake: p.handshake,
+            nonce: protocol::nonce(),
+            phase: Phase::Handshake { hello: None },
+            last_heard: Instant::now(),
+            close_reason: None,
+            slots: HashMap::new(),
+            queued: 0,
+            queued_bytes: 0,
+            catchup: Catchup::default(),
+        }
+    }
+
+    fn peer(&self) -> Option<&PeerIdentity> {
+        match &self.phase {
+            Phase::Ready(p) => Some(p),
+            Phase::Handshake { .. } => None,
+        }
+    }
+
+    fn peer_label(&self) -> String {
+        match &self.phase {
+            Phase::Ready(p) => format!("{} ({})", p.node_id, p.region),
+            Phase::Handshake { .. } => format!("link {}", self.link),
+        }
+    }
+
+    fn send(&mut self, frame: &Frame, ctx: &mut Context<Self>) {
+        self.send_text(frame.encode().into(), frame.kind(), ctx);
+    }
+
+    /// Queues a frame; a full queue means the peer cannot keep up, so the link is dropped.
+    pub(super) fn send_text(&mut self, text: Arc<str>, kind: &str, ctx: &mut Context<Self>) {
+        if text.len() > self.config.max_frame {
+            // The peer would drop the link on it, again at every reconnect.
+            self.metrics
+                .sync_failures
+                .with_label_values(&["too_large"])
+                .inc();
+            log::error!(
+                "mesh: not sending a {kind} frame of {} bytes to {}: over crdt.mesh.max-frame-bytes",
+                text.len(),
+                self.peer_label()
+            );
+            return;
+        }
+        match self.out.try_send(Out::Text(text)) {
+            Ok(()) => {
+                self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                if kind.starts_with("CRDT_") {
+                    self.metrics.sync_messages.with_label_values(&["out"]).inc();
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(close::SLOW_PEER, "outgoing queue full".into(), ctx)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
+        }
+    }
+
+    fn close(&mut self, code: u16, reason: String, ctx: &mut Context<Self>) {
+        if self.close_reason.is_none() {
+            log::warn!("mesh: closing {}: {reason}", self.peer_label());
+            let _ = self.out.try_send(Out::Close(code, reason.clone()));
+            self.close_reason = Some(reason);
+        }
+        ctx.stop();
+    }
+
+    /// Rejects one frame: counted, answered with the reason, and the link stays up.
+    fn reject(
+        &mut self,
+        label: &str,
+        reason: String,
+        run_id: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.metrics.sync_failures.with_label_values(&[label]).inc();
+        log::warn!(
+            "mesh: rejected a frame from {}: {reason}",
+            self.peer_label()
+        );
+        self.send(&Frame::Error { reason, run_id }, ctx);
+    }
+
+    fn on_text(&mut self, text: String, ctx: &mut Context<Self>) {
+        let frame = match Frame::decode(&text) {
+            Ok(f) => f,
+            Err(reason) => {
+                if matches!(self.phase, Phase::Handshake { .. }) {
+                    self.metrics
+                        .sync_failures
+                        .with_label_values(&["handshake"])
+                        .inc();
+                    return self.close(close::HANDSHAKE, reason, ctx);
+                }
+                return self.reject("decode", reason, None, ctx);
+            }
+        };
+        if frame.kind().starts_with("CRDT_") {
+            self.metrics.sync_messages.with_label_values(&["in"]).inc();
+        }
+        let (awaiting_hello, awaiting_auth) = match &self.phase {
+            Phase::Handshake { hello } => (hello.is_none(), hello.is_some()),
+            Phase::Ready(_) => (false, false),
+        };
+        match frame {
+            Frame::Hello {
+                node_id,
+                region,
+                protocol_version,
+                nonce,
+            } if awaiting_hello => self.on_hello(
+                Hello {
+                    node_id,
+                    region,
+                    nonce,
+                },
+                protocol_version,
+                ctx,
+            ),
+            Frame::Auth { proof } if awaiting_auth => self.on_auth(&proof, ctx),
+            other if awaiting_hello || awaiting_auth => {
+                self.metrics
+                    .sync_failures
+                    .with_label_values(&["handshake"])
+                    .inc();
+                self.close(
+                    close::HANDSHAKE,
+                    format!("{} before the handshake finished", other.kind()),
+                    ctx,
+                );
+            }
+            frame => self.on_frame(frame, ctx),
+        }
+    }
+}
+
+impl PeerSession {
+    fn on_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        match frame {
+            Frame::CrdtSync {
+                run_id,
+                source_region,
+                changes,
+                timestamp,
+            } => {
+                let decoded = protocol::unb64("changes", &changes)
+                    .and_then(|b| parse_changes(&b).map_err(|e| e.to_string()));
+                self.take_changes(run_id, source_region, timestamp, decoded, ctx);
+            }
+            Frame::CrdtFullSync {
+                run_id,
+                source_region,
+                state,
+                timestamp,
+            } => {
+                let decoded = protocol::unb64("state", &state)
+                    .and_then(|b| parse_document(&b).map_err(|e| e.to_string()));
+                self.take_changes(run_id, source_region, timestamp, decoded, ctx);
+            }
+            Frame::CrdtSyncMessage {
+                run_id, message, ..
+            } => {
+                let Some(run) = self.run_id(&run_id, ctx) else {
+                    return;
+                };
+                match protocol::unb64("message", &message).and_then(|b| {
+                    sync::Message::decode(&b).map_err(|e| format!("not a sync message: {e}"))
+                }) {
+                    Ok(m) => self.push(run, Work::Step(Some(m)), false, ctx),
+                    Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
+                }
+            }
+            Frame::CrdtRuns {
+                run_ids,
+                digests,
+                done,
+            } => {
+                let digests = digests.unwrap_or_default();
+                for (i, id) in run_ids.into_iter().enumerate() {
+                    let digest = digests
+                        .get(i)
+                        .and_then(Option::as_deref)
+                        .and_then(|d| <[u8; 32]>::try_from(hex::decode(d).ok()?).ok());
+                    match Uuid::parse_str(&id) {
+                        Ok(run) if self.catchup.theirs.len() < MAX_PEER_RUNS => {
+                            self.catchup.theirs.insert(run, digest);
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            self.reject("bad_run_id", format!("{id:?} is not a run id"), None, ctx)
+                        }
+                    }
+                }
+                if done {
+                    self.catchup.theirs_done = true;
+                    self.start_catchup(ctx);
+                }
+            }
+            Frame::Error { reason, run_id } => {
+                log::warn!(
+                    "mesh: {} rejected a frame{}: {reason}",
+                    self.peer_label(),
+                    run_id
+                        .as_deref()
+                        .map(|r| format!(" for run {r}"))
+                        .unwrap_or_default()
+                );
+                // The peer lost something we sent for this run: sync it again, a few times.
+                let run = run_id.and_then(|r| Uuid::parse_str(&r).ok());
+                if let Some(slot) = run.and_then(|r| self.slots.get_mut(&r)) {
+                    if slot.error_resyncs < MAX_ERROR_RESYNCS {
+                        slot.error_resyncs += 1;
+                        if let Some(run) = run {
+                            self.push(run, Work::Resync, false, ctx);
+                        }
+                    }
+                }
+            }
+            other @ (Frame::Hello { .. } | Frame::Auth { .. }) => self.reject(
+                "handshake",
+                format!("{} after the handshake", other.kind()),
+                None,
+                ctx,
+            ),
+        }
+    }
+
+    /// Queues the changes a `CRDT_SYNC` or `CRDT_FULL_SYNC` frame carried, or rejects it.
+    fn take_changes(
+        &mut self,
+        run_id: String,
+        source_region: String,
+        timestamp: u64,
+        decoded: Result<Vec<Change>, String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(run) = self.run_id(&run_id, ctx) else {
+            return;
+        };
+        match decoded {
+            Ok(changes) => self.push(
+                run,
+                Work::Changes {
+                    changes,
+                    lamport: timestamp,
+                    source_region: clip(source_region),
+                },
+                false,
+                ctx,
+            ),
+            Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
+        }
+    }
+
+    fn run_id(&mut self, text: &str, ctx: &mut Context<Self>) -> Option<Uuid> {
+        match Uuid::parse_str(text) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                let shown: String = text.chars().take(64).collect();
+                self.reject(
+                    "bad_run_id",
+                    format!("{shown:?} is not a run id (a UUID)"),
+                    Some(shown),
+                    ctx,
+                );
+                None
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let silent = self.last_heard.elapsed();
+        if silent >= self.config.peer_timeout {
+            return self.close(
+                close::TIMEOUT,
+                format!("nothing heard for {} ms", silent.as_millis()),
+                ctx,
+            );
+        }
+        let now = chrono::Utc::now().timestamp_micros().to_be_bytes();
+        let _ = self.out.try_send(Out::Ping(now.to_vec().into()));
+    }
+}
+
+/// Node ids and regions: short and printable.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 100 && !s.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+fn clip(region: String) -> String {
+    if valid_name(&region) && region.len() <= 50 {
+        region
+    } else {
+        "unknown".into()
+    }
+}
+
+impl Actor for PeerSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if self.config.secret.is_none() {
+            return self.close(
+                close::NO_SECRET,
+                "this node has no mesh secret configured".into(),
+                ctx,
+            );
+        }
+        self.send(
+            &Frame::Hello {
+                node_id: self.config.node_id.clone(),
+                region: self.config.region.clone(),
+                protocol_version: PROTOCOL_VERSION,
+                nonce: self.nonce.clone(),
+            },
+            ctx,
+        );
+        ctx.run_interval(self.config.heartbeat, |act, ctx| act.heartbeat(ctx));
+        ctx.run_interval(SLOT_IDLE / 4, |act, _| act.evict_idle_slots());
+        let limit = self.config.peer_timeout;
+        ctx.run_later(limit, move |act, ctx| {
+            if act.peer().is_none() {
+                act.metrics
+                    .sync_failures
+                    .with_label_values(&["handshake"])
+                    .inc();
+                act.close(
+                    close::HANDSHAKE,
+                    format!("no handshake within {} ms", limit.as_millis()),
+                    ctx,
+                );
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // Dropping the shutdown sender stops the writer, which closes the socket.
+        self.shutdown.take();
+        if let Phase::Ready(peer) = &self.phase {
+            let states = self
+                .slots
+                .iter()
+                .filter_map(|(run, s)| Some((*run, s.state.as_ref()?.encode())))
+                .collect();
+            self.mesh.save_sync_states(&peer.node_id, states);
+            log::info!(
+                "mesh: link {} to {} is down{}",
+                self.link,
+                peer.node_id,
+                self.close_reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            );
+        }
+        self.mesh.link_down(self.link, self.close_reason.clone());
+        if let Some(owner) = &self.owner {
+            owner.do_send(LinkEvent::Down(self.close_reason.clone()));
+        }
+    }
+}
+
+impl Handler<Inbound> for PeerSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Inbound, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        self.stats.heard();
+        match msg {
+            Inbound::Text(text) if self.peer().is_none() && text.len() > MAX_HANDSHAKE_FRAME => {
+                self.metrics
+                    .sync_failures
+                    .with_label_values(&["handshake"])
+                    .inc();
+                self.close(
+                    close::HANDSHAKE,
+                    format!("a frame of {} bytes during the handshake", text.len()),
+                    ctx,
+                )
+            }
+            Inbound::Text(text) => self.on_text(text, ctx),
+            Inbound::Binary(len) => {
+                if self.peer().is_none() {
+                    return self.close(close::HANDSHAKE, "binary frame in handshake".into(), ctx);
+                }
+                self.reject(
+                    "decode",
+                    format!("binary frame of {len} bytes: the mesh protocol is JSON text"),
+                    None,
+                    ctx,
+                )
+            }
+            Inbound::Pong(bytes) => {
+                if let Ok(sent) = <[u8; 8]>::try_from(bytes.as_ref()) {
+                    let rtt = chrono::Utc::now().timestamp_micros() - i64::from_be_bytes(sent);
+                    if rtt >= 0 {
+                        self.stats
+                            .rtt_us
+                            .store(rtt.max(1) as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            Inbound::Closed(reason) => {
+                if self.close_reason.is_none() {
+                    self.close_reason = reason.or(Some("connection closed".into()));
+                }
+                ctx.stop();
+            }
+        }
+    }
+}
+
+impl Handler<SyncRun> for PeerSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: SyncRun, ctx: &mut Self::Context) {
+        if self.peer().is_some() {
+            self.push(msg.0, Work::Step(None), false, ctx);
+        }
+    }
+}
+
+impl Handler<CloseLink> for PeerSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseLink, ctx: &mut Self::Context) {
+        self.close(msg.code, msg.reason, ctx);
+    }
+}
