@@ -740,7 +740,9 @@ async fn a_reconnect_syncs_only_the_runs_that_changed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_in_progress_are_bounded() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let env = mesh_env("us-east-1", "busy", &[]);
+    let mut env = mesh_env("us-east-1", "busy", &[]);
+    // Long enough that no idle socket times out while the test fills the places.
+    env.push(("CRDT_MESH_PEER_TIMEOUT_MS".into(), "30000".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let node = Node::spawn(&db, &env);
     let url = node.url("/ws").replace("http://", "ws://");

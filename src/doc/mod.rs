@@ -481,11 +481,10 @@ impl RunDoc {
             let parked: Vec<Change> = self.parked.values().cloned().collect();
             let missing = self.missing_of(&parked);
             if let Some(reply) = step.reply.as_mut() {
-                for hash in missing {
-                    if !reply.need.contains(&hash) {
-                        reply.need.push(hash);
-                    }
-                }
+                // Automerge encodes hash lists sorted (and asserts it in debug builds).
+                reply.need.extend(missing);
+                reply.need.sort();
+                reply.need.dedup();
             }
         }
         step

@@ -786,3 +786,39 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_sync_reply_asking_for_several_changes_lists_them_sorted() {
+    // A change that builds on two concurrent ones, sent without either.
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "us-east-1");
+    a.apply(&graft("Base", "Step1", "alice"), T0).unwrap();
+    let mut b = RunDoc::load(run, "eu-central-1", &a.save()).unwrap();
+    let mut a2 = RunDoc::load(run, "ap-southeast-1", &a.save()).unwrap();
+    a.apply(&graft("X", "Step1", "alice"), T0).unwrap();
+    a2.apply(&graft("Y", "Step1", "carol"), T0).unwrap();
+    merge(&mut a, &mut a2);
+    let top = a.apply(&graft("Z", "Step1", "alice"), T0).unwrap();
+    let z = top.change.unwrap();
+    assert_eq!(z.deps().len(), 2);
+    let message = sync::Message {
+        heads: a.heads(),
+        need: vec![],
+        have: vec![],
+        changes: vec![z.raw_bytes().to_vec()].into(),
+        flags: None,
+        version: sync::MessageVersion::V1,
+    };
+    let step = b.sync_step(&mut sync::State::new(), Some(message));
+    let reply = step.reply.expect("a reply");
+    for dep in z.deps() {
+        assert!(reply.need.contains(dep));
+    }
+    assert!(
+        reply.need.windows(2).all(|w| w[0] < w[1]),
+        "{:?}",
+        reply.need
+    );
+    // Encoding checks the order too (in debug builds it asserts).
+    assert!(sync::Message::decode(&reply.encode()).is_ok());
+}
