@@ -380,6 +380,30 @@ impl RunActor {
         })
     }
 
+    /// Runs `f` on the document, turning a panic inside Automerge on input from elsewhere into
+    /// an error instead of the death of this arbiter's thread and every run on it. The
+    /// document may be half-changed, so the run is unloaded and reloads from its log.
+    fn guarded<T>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        f: impl FnOnce(&mut RunDoc) -> Result<T, RunError>,
+    ) -> Result<T, RunError> {
+        let doc = self.doc()?;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(doc))) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let reason = format!("Automerge failed on changes from elsewhere: {what}");
+                self.fail(reason.clone(), Vec::new(), ctx);
+                Err(RunError::Unavailable(reason))
+            }
+        }
+    }
+
     /// Refuses every uncommitted write and stops; see the module comment.
     fn fail(&mut self, reason: String, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
         log::error!("run {}: {reason}; unloading it", self.run_id);
@@ -519,7 +543,7 @@ impl Handler<ApplySync> for RunActor {
 
     fn handle(&mut self, msg: ApplySync, ctx: &mut Self::Context) -> Self::Result {
         let total = msg.changes.len();
-        let result = self.doc().and_then(|d| {
+        let result = self.guarded(ctx, |d| {
             let out = d.apply_remote(msg.changes, msg.lamport)?;
             let heads = d.heads().iter().map(|h| h.to_string()).collect::<Vec<_>>();
             Ok((out, d.lamport(), heads))
@@ -599,9 +623,9 @@ impl Handler<PeerSync> for RunActor {
 
     fn handle(&mut self, msg: PeerSync, ctx: &mut Self::Context) -> Self::Result {
         let mut state = msg.state;
-        let result = self.doc().map(|d| {
+        let result = self.guarded(ctx, |d| {
             let step = d.sync_step(&mut state, msg.incoming);
-            (step, d.lamport())
+            Ok((step, d.lamport()))
         });
         let (mut step, lamport) = match result {
             Ok(r) => r,
