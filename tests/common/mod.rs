@@ -196,6 +196,15 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+        // A panic inside a node (a dead arbiter thread, say) fails the test that saw it, even
+        // when everything the test asked of the node still worked.
+        if !std::thread::panicking() {
+            let log = self.log_text();
+            if let Some(at) = log.find("panicked at") {
+                let tail: String = log[at..].chars().take(2000).collect();
+                panic!("the node panicked during the test:\n{tail}");
+            }
+        }
     }
 }
 
