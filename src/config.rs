@@ -101,8 +101,9 @@ fn default_reconnect_max() -> u64 {
 
 fn default_max_frame() -> usize {
     // Bigger runs and batches go over several frames; a small limit bounds what a peer can
-    // make this node buffer, before and after its handshake.
-    4 * 1024 * 1024
+    // make this node buffer, before and after its handshake. It must hold the largest single
+    // change a client can make (a request body, in base64).
+    8 * 1024 * 1024
 }
 
 /// Peers as the seed writes them (one comma-separated string) or as a YAML list.
@@ -361,6 +362,16 @@ impl Settings {
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max-body-bytes", "must be at least 1024"));
         }
+        let needed = self.server.max_body_bytes.div_ceil(3) * 4 + 1024;
+        if self.crdt.mesh.max_frame_bytes < needed {
+            return Err(invalid(
+                "crdt.mesh.max-frame-bytes",
+                format!(
+                    "must be at least {needed} (4/3 of server.max-body-bytes, plus 1 KiB), so \
+                     any change a client can make fits one frame"
+                ),
+            ));
+        }
         if self.database.url.trim().is_empty() {
             return Err(invalid("database.url", "must not be empty"));
         }
@@ -485,6 +496,11 @@ mod tests {
                 "crdt:\n  region: r\n",
                 &[("CRDT_MESH_RECONNECT_MAX_MS", "10")],
                 "crdt.mesh.reconnect-max-ms",
+            ),
+            (
+                "crdt:\n  region: r\n",
+                &[("CRDT_MESH_MAX_FRAME_BYTES", "65536")],
+                "crdt.mesh.max-frame-bytes",
             ),
         ];
         for (yaml, env, key) in cases {

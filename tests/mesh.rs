@@ -612,7 +612,10 @@ async fn a_run_larger_than_a_frame_is_sent_in_pieces() {
         Backend::Sqlite,
         &REGIONS[..2],
         &[(0, 1)],
-        &[("CRDT_MESH_MAX_FRAME_BYTES", limit)],
+        &[
+            ("CRDT_MESH_MAX_FRAME_BYTES", limit),
+            ("CRDT_MAX_BODY_BYTES", "32768"),
+        ],
     )
     .await;
     let c = Client::new();

@@ -21,6 +21,16 @@ const MAX_INFLATED_TOTAL: usize = 64 * 1024 * 1024;
 
 /// Parses concatenated change chunks; every byte must belong to a valid change.
 pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    split_changes(bytes, true)
+}
+
+/// As [`parse_changes`], for this node's own changes (to re-frame them): no bounds on size,
+/// which only guard against what others send.
+pub fn parse_own_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    split_changes(bytes, false)
+}
+
+fn split_changes(bytes: &[u8], bounded: bool) -> Result<Vec<Change>, DocError> {
     if bytes.is_empty() {
         return Err(DocError::InvalidChanges("no change bytes".into()));
     }
@@ -36,7 +46,7 @@ pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
             ))
         })?;
         let (chunk, tail) = rest.split_at(len);
-        if chunk[8] == COMPRESSED && len > MAX_COMPRESSED_CHUNK {
+        if bounded && chunk[8] == COMPRESSED && len > MAX_COMPRESSED_CHUNK {
             return Err(DocError::InvalidChanges(format!(
                 "chunk {} is a compressed change of {len} bytes; send changes over \
                  {MAX_COMPRESSED_CHUNK} bytes uncompressed",
@@ -50,7 +60,7 @@ pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
             ))
         })?;
         inflated += change.raw_bytes().len();
-        if inflated > MAX_INFLATED_TOTAL {
+        if bounded && inflated > MAX_INFLATED_TOTAL {
             return Err(DocError::InvalidChanges(format!(
                 "changes inflate to more than {MAX_INFLATED_TOTAL} bytes"
             )));

@@ -29,7 +29,8 @@ use serde_json::Value as Json;
 use uuid::Uuid;
 
 pub use changes::{
-    concat_changes, parse_changes, parse_changes_or_document, parse_document, Stamp,
+    concat_changes, parse_changes, parse_changes_or_document, parse_document, parse_own_changes,
+    Stamp,
 };
 pub use genesis::genesis_actor;
 pub use state::{Graft, PrunedStep, RunState};
@@ -122,6 +123,8 @@ pub struct RemoteApplied {
     pub duplicates: usize,
     /// Set when a change failed to apply; the changes before it stay applied.
     pub error: Option<DocError>,
+    /// Changes held back for missing dependencies (only [`RunDoc::apply_remote_parking`]).
+    pub parked: usize,
 }
 
 /// One run's Automerge document and Lamport clock.
@@ -367,6 +370,32 @@ impl RunDoc {
         self.apply_ordered(ordered, duplicates, remote_lamport)
     }
 
+    /// As [`RunDoc::apply_remote`], for changes from a mesh peer: those whose dependencies are
+    /// missing are parked, not refused, so the next sync round asks for exactly what they need
+    /// (a refusal would make the peer resend the same batch, with the same gap, again).
+    pub fn apply_remote_parking(
+        &mut self,
+        mut changes: Vec<Change>,
+        remote_lamport: Option<u64>,
+    ) -> Result<RemoteApplied, DocError> {
+        changes.extend(self.parked.drain().map(|(_, c)| c));
+        let (ordered, stuck, duplicates) = self.order_new_changes(changes);
+        self.park(stuck);
+        let mut out = self.apply_ordered(ordered, duplicates, remote_lamport)?;
+        out.parked = self.parked.len();
+        Ok(out)
+    }
+
+    /// Holds back changes whose dependencies are missing; false if there were too many to keep.
+    fn park(&mut self, stuck: Vec<Change>) -> bool {
+        let bytes: usize = stuck.iter().map(|c| c.raw_bytes().len()).sum();
+        if stuck.len() > MAX_PARKED || bytes > MAX_PARKED_BYTES {
+            return false;
+        }
+        self.parked.extend(stuck.into_iter().map(|c| (c.hash(), c)));
+        true
+    }
+
     /// Applies new changes already in dependency order, after checking every one.
     fn apply_ordered(
         &mut self,
@@ -452,10 +481,7 @@ impl RunDoc {
                 return step;
             }
             newly_parked = stuck.len() > before;
-            let stuck_bytes: usize = stuck.iter().map(|c| c.raw_bytes().len()).sum();
-            if stuck.len() <= MAX_PARKED && stuck_bytes <= MAX_PARKED_BYTES {
-                self.parked.extend(stuck.into_iter().map(|c| (c.hash(), c)));
-            } else {
+            if !self.park(stuck) {
                 // Dropped: the peer counts them as sent, so ask it to forget what it sent.
                 state.needs_reset = true;
             }
@@ -624,6 +650,11 @@ impl RunDoc {
             hasher.update(h.as_ref());
         }
         hasher.finalize().into()
+    }
+
+    /// Whether changes wait here for their dependencies (see [`RunDoc::sync_step`]).
+    pub fn has_parked(&self) -> bool {
+        !self.parked.is_empty()
     }
 
     /// How many operations and changes the document holds.

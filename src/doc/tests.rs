@@ -822,3 +822,54 @@ fn a_sync_reply_asking_for_several_changes_lists_them_sorted() {
     // Encoding checks the order too (in debug builds it asserts).
     assert!(sync::Message::decode(&reply.encode()).is_ok());
 }
+
+#[test]
+fn a_peers_live_change_ahead_of_its_dependency_is_parked_then_applied() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "us-east-1");
+    a.apply(&graft("Base", "Step1", "alice"), T0).unwrap();
+    let mut b = RunDoc::load(run, "eu-central-1", &a.save()).unwrap();
+    let x = a
+        .apply(&graft("X", "Step1", "alice"), T0)
+        .unwrap()
+        .change
+        .unwrap();
+    let y = a
+        .apply(&graft("Y", "Step1", "alice"), T0)
+        .unwrap()
+        .change
+        .unwrap();
+    // Y arrives first: held back, not refused.
+    let out = b.apply_remote_parking(vec![y.clone()], Some(3)).unwrap();
+    assert!(out.applied.is_empty() && out.parked == 1 && b.has_parked());
+    // A sync round from b asks for X by name.
+    let reply = b
+        .sync_step(&mut sync::State::new(), None)
+        .reply
+        .expect("a message");
+    assert!(reply.need.contains(&x.hash()), "{:?}", reply.need);
+    // X arrives: both apply, in order.
+    let out = b.apply_remote_parking(vec![x.clone()], None).unwrap();
+    assert_eq!(
+        out.applied.iter().map(|c| c.hash()).collect::<Vec<_>>(),
+        vec![x.hash(), y.hash()]
+    );
+    assert!(!b.has_parked());
+    assert_eq!(a.heads(), b.heads());
+    // Over HTTP the same gap is refused whole, naming what is missing.
+    let mut c = RunDoc::load(run, "ap-southeast-1", &b.save()).unwrap();
+    let z = a
+        .apply(&graft("Z", "Step1", "alice"), T0)
+        .unwrap()
+        .change
+        .unwrap();
+    let w = a
+        .apply(&graft("W", "Step1", "alice"), T0)
+        .unwrap()
+        .change
+        .unwrap();
+    assert!(matches!(
+        c.apply_remote(vec![w], None),
+        Err(DocError::MissingDependencies(m)) if m == vec![z.hash()]
+    ));
+}

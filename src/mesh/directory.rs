@@ -298,11 +298,29 @@ impl MeshState {
     /// otherwise carry every change twice. The newest link: an older one may be half-open,
     /// not yet found dead, and what is queued on it would be lost with it.
     pub fn primaries(&self) -> Vec<(String, SessionHandle)> {
+        self.primaries_where(|_| true)
+    }
+
+    /// The primary sessions to nodes of `region`.
+    pub fn sessions_in(&self, region: &str) -> Vec<SessionHandle> {
+        self.primaries_where(|p| p.region == region)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    fn primaries_where(
+        &self,
+        keep: impl Fn(&PeerIdentity) -> bool,
+    ) -> Vec<(String, SessionHandle)> {
         let dir = self.read();
         let mut best: BTreeMap<&str, (chrono::DateTime<chrono::Utc>, &SessionHandle)> =
             BTreeMap::new();
         for l in dir.links.values() {
             if let (Some(peer), Some(s), Some(since)) = (&l.peer, &l.session, l.connected_since) {
+                if !keep(peer) {
+                    continue;
+                }
                 let entry = best.entry(peer.node_id.as_str()).or_insert((since, s));
                 if since > entry.0 {
                     *entry = (since, s);
@@ -311,22 +329,6 @@ impl MeshState {
         }
         best.into_iter()
             .map(|(node, (_, s))| (node.to_string(), s.clone()))
-            .collect()
-    }
-
-    /// Sessions to nodes of `region`.
-    pub fn sessions_in(&self, region: &str) -> Vec<SessionHandle> {
-        self.primaries_where(|p| p.region == region)
-    }
-
-    fn primaries_where(&self, keep: impl Fn(&PeerIdentity) -> bool) -> Vec<SessionHandle> {
-        let dir = self.read();
-        let mut seen = BTreeSet::new();
-        dir.links
-            .values()
-            .filter_map(|l| Some((l.peer.as_ref()?, l.session.as_ref()?)))
-            .filter(|(p, _)| keep(p) && seen.insert(p.node_id.clone()))
-            .map(|(_, s)| s.clone())
             .collect()
     }
 

@@ -44,7 +44,8 @@ pub struct ApplySync {
     pub changes: Vec<Change>,
     pub source_region: String,
     pub lamport: Option<u64>,
-    /// The peer node that delivered them, when they came over the mesh.
+    /// The peer node that delivered them, when they came over the mesh. Changes from a peer
+    /// that arrive ahead of their dependencies are held back rather than refused.
     pub via: Option<String>,
 }
 
@@ -67,6 +68,8 @@ pub struct PeerSyncReply {
     pub lamport: u64,
     /// Why the incoming message was not (wholly) taken; what was applied before it is logged.
     pub error: Option<String>,
+    /// Which incarnation of the run's actor answered: a new one lost what the old held back.
+    pub incarnation: u64,
 }
 
 /// The whole document (`save()`) and the clock, for a peer that lacks the run.
@@ -78,6 +81,8 @@ pub struct FullState;
 pub struct SyncOutcome {
     pub applied: usize,
     pub duplicates: usize,
+    /// Changes held back for missing dependencies (mesh only).
+    pub parked: usize,
     pub lamport: u64,
     pub heads: Vec<String>,
 }
@@ -266,7 +271,11 @@ impl RunActor {
                         Ok(()) => {
                             act.committed_seq = last;
                             act.on_committed(batch, ctx);
-                            act.flush(ctx);
+                            match act.failed.clone() {
+                                // Failed while this append was in flight: stop now.
+                                Some(reason) => act.fail(reason, Vec::new(), ctx),
+                                None => act.flush(ctx),
+                            }
                         }
                         Err(e) => {
                             act.fail(format!("the event log refused a write: {e}"), batch, ctx)
@@ -350,7 +359,9 @@ impl RunActor {
     fn unload_if_unwritten(&mut self, ctx: &mut Context<Self>) {
         let linger = UNWRITTEN_LINGER.min(self.runs.inner.config.idle_timeout);
         ctx.run_later(linger, move |act, ctx| {
-            if act.written || act.in_flight || !act.pending.is_empty() {
+            // Parked changes exist only here; the peers that sent them count them as sent.
+            let parked = act.doc.as_ref().is_some_and(RunDoc::has_parked);
+            if act.written || act.in_flight || !act.pending.is_empty() || parked {
                 return;
             }
             if act.last_active.elapsed() >= linger {
@@ -398,7 +409,16 @@ impl RunActor {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 let reason = format!("Automerge failed on changes from elsewhere: {what}");
-                self.fail(reason.clone(), Vec::new(), ctx);
+                if self.in_flight {
+                    // The append in flight may still commit: let it answer and publish
+                    // first; the actor stops when it completes.
+                    log::error!("run {}: {reason}; unloading it", self.run_id);
+                    self.failed = Some(reason.clone());
+                    self.doc = None;
+                    self.runs.set_digest(self.run_id, None);
+                } else {
+                    self.fail(reason.clone(), Vec::new(), ctx);
+                }
                 Err(RunError::Unavailable(reason))
             }
         }
@@ -544,7 +564,11 @@ impl Handler<ApplySync> for RunActor {
     fn handle(&mut self, msg: ApplySync, ctx: &mut Self::Context) -> Self::Result {
         let total = msg.changes.len();
         let result = self.guarded(ctx, |d| {
-            let out = d.apply_remote(msg.changes, msg.lamport)?;
+            let out = if msg.via.is_some() {
+                d.apply_remote_parking(msg.changes, msg.lamport)?
+            } else {
+                d.apply_remote(msg.changes, msg.lamport)?
+            };
             let heads = d.heads().iter().map(|h| h.to_string()).collect::<Vec<_>>();
             Ok((out, d.lamport(), heads))
         });
@@ -556,6 +580,7 @@ impl Handler<ApplySync> for RunActor {
         let outcome = SyncOutcome {
             applied: out.applied.len(),
             duplicates: out.duplicates,
+            parked: out.parked,
             lamport,
             heads,
         };
@@ -650,6 +675,7 @@ impl Handler<PeerSync> for RunActor {
             ctx,
         );
         let outgoing = step.reply;
+        let incarnation = self.incarnation;
         Box::pin(async move {
             done.await.map_err(|_| RunError::Stopped)??;
             Ok(PeerSyncReply {
@@ -658,6 +684,7 @@ impl Handler<PeerSync> for RunActor {
                 applied: count,
                 lamport,
                 error,
+                incarnation,
             })
         })
     }

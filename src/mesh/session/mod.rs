@@ -335,7 +335,7 @@ impl PeerSession {
                 );
                 // The peer lost something we sent for this run: sync it again, a few times.
                 let run = run_id.and_then(|r| Uuid::parse_str(&r).ok());
-                if let Some(slot) = run.and_then(|r| self.slots.get_mut(&r)) {
+                if let Some(slot) = run.map(|r| self.slots.entry(r).or_default()) {
                     if slot.error_resyncs < MAX_ERROR_RESYNCS {
                         slot.error_resyncs += 1;
                         if let Some(run) = run {
@@ -543,7 +543,8 @@ impl Handler<SyncRun> for PeerSession {
 
     fn handle(&mut self, msg: SyncRun, ctx: &mut Self::Context) {
         if self.peer().is_some() {
-            self.push(msg.0, Work::Step(None), false, ctx);
+            // A fresh round: a plain step on a state that believes it is in sync sends nothing.
+            self.push(msg.0, Work::Resync, false, ctx);
         }
     }
 }

@@ -7,6 +7,8 @@ use super::*;
 /// is dropped, and the reconnect's catch-up brings what was missed.
 const MAX_QUEUED: usize = 100_000;
 const MAX_QUEUED_BYTES: usize = 256 * 1024 * 1024;
+/// How long after failing to take a peer's changes this node asks for them again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// A run's sync state on a link is dropped (saved for the next link) after this long unused.
 pub(super) const SLOT_IDLE: Duration = Duration::from_secs(120);
 
@@ -46,6 +48,8 @@ struct Done {
     rejected: Option<String>,
     /// Whether changes moved either way (for sync steps; other work counts as moving).
     moved: bool,
+    /// The run actor's incarnation that took a sync step.
+    incarnation: Option<u64>,
 }
 
 /// Peer `ERROR`s for one run that restart its sync; beyond this the run waits for the next link.
@@ -67,6 +71,8 @@ pub(super) struct Slot {
     /// Consecutive sync steps that moved nothing either way, and resets made for that.
     pub(super) idle_rounds: u8,
     pub(super) stall_resets: u8,
+    /// The run actor incarnation this link's state was last used with.
+    pub(super) incarnation: Option<u64>,
 }
 
 impl Default for Slot {
@@ -80,6 +86,7 @@ impl Default for Slot {
             resync_queued: false,
             idle_rounds: 0,
             stall_resets: 0,
+            incarnation: None,
         }
     }
 }
@@ -157,6 +164,8 @@ impl PeerSession {
         let incoming_step = matches!(work, Work::Step(Some(_)));
         let peer_node = peer.node_id.clone();
         let state = slot.state.take();
+        // If the run cannot be reached at all, what to keep instead of the state sent away.
+        let fallback = state.as_deref().map(|s| reset_state(Some(s), None));
         let runs = self.runs.clone();
         let region = self.config.region.clone();
         let max_frame = self.config.max_frame;
@@ -201,6 +210,7 @@ impl PeerSession {
                             resync: false,
                             rejected: Some(reason),
                             moved: true,
+                            incarnation: Some(reply.incarnation),
                         });
                     }
                     let moved = reply.applied > 0
@@ -218,6 +228,7 @@ impl PeerSession {
                         resync: false,
                         rejected: None,
                         moved,
+                        incarnation: Some(reply.incarnation),
                     })
                 }
                 Work::Changes {
@@ -238,10 +249,11 @@ impl PeerSession {
                         .await
                         .and_then(|r| r);
                     // Live changes can overtake what they build on (a catch-up still running,
-                    // a frame lost with a link): a sync round fetches it. Another error is the
-                    // peer's to hear about; the run's sync state is kept either way.
+                    // a frame lost with a link, a sync message split over frames): they are
+                    // held back, and a sync round asks for what they need. Another error is
+                    // the peer's to hear about; the run's sync state is kept either way.
                     let (resync, rejected) = match result {
-                        Ok(_) => (false, None),
+                        Ok(outcome) => (outcome.parked > 0, None),
                         Err(RunError::Doc(DocError::MissingDependencies(_))) => (true, None),
                         Err(e) => (false, Some(e.to_string())),
                     };
@@ -251,6 +263,7 @@ impl PeerSession {
                         resync,
                         rejected,
                         moved: true,
+                        incarnation: None,
                     })
                 }
                 Work::SendFull => {
@@ -268,7 +281,7 @@ impl PeerSession {
                             .send(run, GetChanges { heads: Vec::new() })
                             .await
                             .and_then(|r| r)?;
-                        let changes = parse_changes(&changes)?;
+                        let changes = crate::doc::parse_own_changes(&changes)?;
                         let frames = change_frames(run, &region, lamport, &changes, max_frame);
                         log::info!(
                             "mesh: run {run} saves to {} bytes, over one frame: sending its {} changes in {} frames",
@@ -284,6 +297,7 @@ impl PeerSession {
                         resync: false,
                         rejected: None,
                         moved: true,
+                        incarnation: None,
                     })
                 }
             }
@@ -291,23 +305,59 @@ impl PeerSession {
         ctx.spawn(
             fut.into_actor(self)
                 .map(move |result: Result<Done, RunError>, act, ctx| {
-                    let (state, mut frames, resync, rejected, moved) = match result {
-                        Ok(d) => (d.state, d.frames, d.resync, d.rejected, d.moved),
-                        // The run could not take it (storage down, say): the peer must resend.
-                        Err(e) => (
-                            Some(reset_state(None, None)),
-                            Vec::new(),
-                            false,
-                            Some(e.to_string()),
-                            true,
-                        ),
-                    };
+                    let (mut state, mut frames, mut resync, rejected, moved, incarnation) =
+                        match result {
+                            Ok(d) => (
+                                d.state,
+                                d.frames,
+                                d.resync,
+                                d.rejected,
+                                d.moved,
+                                d.incarnation,
+                            ),
+                            // The run could not take it (storage down, say): the peer must
+                            // resend, so the state kept asks it to.
+                            Err(e) => (
+                                fallback.or_else(|| Some(reset_state(None, None))),
+                                Vec::new(),
+                                false,
+                                Some(e.to_string()),
+                                true,
+                                None,
+                            ),
+                        };
                     let mut stalled = false;
+                    let mut retry_later = false;
                     if let Some(slot) = act.slots.get_mut(&run) {
                         slot.busy = false;
+                        // A new incarnation of the run lost whatever the old one held back
+                        // (parked changes): the peer must be asked to resend.
+                        if let (Some(now), Some(before)) = (incarnation, slot.incarnation) {
+                            if now != before {
+                                state = state.map(|s| reset_state(Some(&s), None));
+                                resync = true;
+                            }
+                        }
+                        if incarnation.is_some() {
+                            slot.incarnation = incarnation;
+                        }
                         slot.state = state;
+                        if moved && rejected.is_none() {
+                            slot.error_resyncs = 0;
+                            slot.stall_resets = 0;
+                        }
+                        if rejected.is_some() && slot.error_resyncs < MAX_ERROR_RESYNCS {
+                            // Our side failed to take what the peer sent: ask again, later.
+                            slot.error_resyncs += 1;
+                            retry_later = true;
+                        }
                         if incoming_step {
-                            slot.idle_rounds = if moved { 0 } else { slot.idle_rounds + 1 };
+                            slot.idle_rounds = if moved || frames.is_empty() {
+                                // Progress, or the exchange is over.
+                                0
+                            } else {
+                                slot.idle_rounds + 1
+                            };
                             if slot.idle_rounds >= MAX_IDLE_ROUNDS {
                                 slot.idle_rounds = 0;
                                 frames.clear();
@@ -324,6 +374,11 @@ impl PeerSession {
                                 }
                             }
                         }
+                    }
+                    if retry_later {
+                        ctx.run_later(RETRY_AFTER, move |act, ctx| {
+                            act.push(run, Work::Resync, false, ctx)
+                        });
                     }
                     for frame in &frames {
                         act.send(frame, ctx);
@@ -378,7 +433,13 @@ fn sync_frames(
     if encoded_len(size) > max_frame {
         let mut changes = Vec::new();
         for chunk in message.changes.iter() {
-            changes.extend(crate::doc::parse_changes_or_document(chunk)?);
+            // Our own message: a document chunk, or change chunks, re-framed without the
+            // bounds meant for what peers send.
+            changes.extend(if chunk.len() > 8 && chunk[8] == 0 {
+                crate::doc::parse_document(chunk)?
+            } else {
+                crate::doc::parse_own_changes(chunk)?
+            });
         }
         frames = change_frames(run, region, lamport, &changes, max_frame);
         log::info!(
