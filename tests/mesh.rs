@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use common::mesh::{converged, holds, mesh_env, raw_peer, TestMesh, Ws, SECRET};
-use common::{eventually, metric, run_url, Backend, Client, Node, TestDb};
+use common::mesh::{converged, holds, lone_node, raw_peer, ws_url, TestMesh, Ws, SECRET};
+use common::{eventually, metric, run_url, Backend, Client, Node};
 use crdt_node::mesh::protocol;
 
 const REGIONS: [&str; 3] = ["us-east-1", "eu-central-1", "ap-southeast-1"];
@@ -453,16 +453,13 @@ async fn bad_peers_and_bad_frames_are_refused_and_counted() {
     let target = mesh.node(1);
 
     // A node with the wrong secret is closed with a reason and never counts as a peer.
-    let intruder_db = TestDb::new(Backend::Sqlite).await;
-    let mut env = mesh_env(
+    let (intruder, _intruder_db) = lone_node(
         "ap-southeast-1",
         "intruder",
-        &[target.url("/ws").replace("http://", "ws://")],
-    );
-    env.retain(|(k, _)| k != "CRDT_MESH_SECRET");
-    env.push(("CRDT_MESH_SECRET".into(), "not-the-secret".into()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let intruder = Node::spawn(&intruder_db, &env);
+        &[ws_url(target)],
+        &[("CRDT_MESH_SECRET", "not-the-secret")],
+    )
+    .await;
     let refused = eventually(20, || async {
         let (_, s) = c.get(&intruder.url("/api/crdt/mesh/status")).await;
         s["peers"][0]["lastError"]
@@ -478,7 +475,7 @@ async fn bad_peers_and_bad_frames_are_refused_and_counted() {
     // A node that accepted a link proves nothing before the dialler has: no AUTH comes back to
     // a HELLO alone, so a relay cannot borrow its proof to pose as it elsewhere.
     {
-        let url = target.url("/ws").replace("http://", "ws://");
+        let url = ws_url(target);
         let (mut ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("connect");
@@ -554,24 +551,18 @@ async fn bad_peers_and_bad_frames_are_refused_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_peers_connect_through_tls_and_verify_the_certificate() {
     let c = Client::new();
-    let db_b = TestDb::new(Backend::Sqlite).await;
-    let env_b = mesh_env("eu-central-1", "tls-b", &[]);
-    let env_b: Vec<(&str, &str)> = env_b
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let b = Node::spawn(&db_b, &env_b);
+    let (b, _db_b) = lone_node("eu-central-1", "tls-b", &[], &[]).await;
     let front = common::tls::TlsFront::start(&b.base).await;
 
     // Trusting the front's certificate: the link comes up over TLS.
-    let db_a = TestDb::new(Backend::Sqlite).await;
-    let mut env_a = mesh_env("us-east-1", "tls-a", &[front.url()]);
-    env_a.push(("SSL_CERT_FILE".into(), front.ca_file.display().to_string()));
-    let env_a: Vec<(&str, &str)> = env_a
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let a = Node::spawn(&db_a, &env_a);
+    let ca = front.ca_file.display().to_string();
+    let (a, _db_a) = lone_node(
+        "us-east-1",
+        "tls-a",
+        &[front.url()],
+        &[("SSL_CERT_FILE", &ca)],
+    )
+    .await;
     let up = eventually(20, || async {
         let (_, s) = c.get(&a.url("/api/crdt/mesh/status")).await;
         (s["connectedPeers"] == 1).then_some(s)
@@ -585,13 +576,7 @@ async fn wss_peers_connect_through_tls_and_verify_the_certificate() {
     assert_eq!(state["grafts"][0]["agent"], "OverTls");
 
     // Not trusting it: the certificate is refused and the link never comes up.
-    let db_x = TestDb::new(Backend::Sqlite).await;
-    let env_x = mesh_env("ap-southeast-1", "tls-x", &[front.url()]);
-    let env_x: Vec<(&str, &str)> = env_x
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let x = Node::spawn(&db_x, &env_x);
+    let (x, _db_x) = lone_node("ap-southeast-1", "tls-x", &[front.url()], &[]).await;
     let refused = eventually(20, || async {
         let (_, s) = c.get(&x.url("/api/crdt/mesh/status")).await;
         s["peers"][0]["lastError"].as_str().map(String::from)
@@ -742,13 +727,15 @@ async fn a_reconnect_syncs_only_the_runs_that_changed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_in_progress_are_bounded() {
-    let db = TestDb::new(Backend::Sqlite).await;
-    let mut env = mesh_env("us-east-1", "busy", &[]);
-    // Long enough that no idle socket times out while the test fills the places.
-    env.push(("CRDT_MESH_PEER_TIMEOUT_MS".into(), "30000".into()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let node = Node::spawn(&db, &env);
-    let url = node.url("/ws").replace("http://", "ws://");
+    // A peer timeout long enough that no idle socket times out while the test fills the places.
+    let (node, _db) = lone_node(
+        "us-east-1",
+        "busy",
+        &[],
+        &[("CRDT_MESH_PEER_TIMEOUT_MS", "30000")],
+    )
+    .await;
+    let url = ws_url(&node);
     // 64 sockets that never say who they are fill every handshake place…
     let mut idle = Vec::new();
     for _ in 0..64 {
@@ -781,24 +768,8 @@ async fn handshakes_in_progress_are_bounded() {
 async fn a_stopping_node_closes_its_links_and_exits_promptly() {
     // Linked directly (no proxy), both ways, as deployed.
     let c = Client::new();
-    let db_b = TestDb::new(Backend::Sqlite).await;
-    let env_b = mesh_env("eu-central-1", "stop-b", &[]);
-    let env_b: Vec<(&str, &str)> = env_b
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let mut b = Node::spawn(&db_b, &env_b);
-    let db_a = TestDb::new(Backend::Sqlite).await;
-    let env_a = mesh_env(
-        "us-east-1",
-        "stop-a",
-        &[b.url("/ws").replace("http://", "ws://")],
-    );
-    let env_a: Vec<(&str, &str)> = env_a
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let a = Node::spawn(&db_a, &env_a);
+    let (mut b, _db_b) = lone_node("eu-central-1", "stop-b", &[], &[]).await;
+    let (a, _db_a) = lone_node("us-east-1", "stop-a", &[ws_url(&b)], &[]).await;
     let up = eventually(20, || async {
         let (_, s) = c.get(&a.url("/api/crdt/mesh/status")).await;
         (s["connectedPeers"] == 1).then_some(())

@@ -50,6 +50,27 @@ pub fn mesh_env(region: &str, node_id: &str, peers: &[String]) -> Vec<(String, S
     .collect()
 }
 
+/// A mesh node of its own (SQLite), outside any `TestMesh`; `extra` adds to or overrides the
+/// mesh environment. Keep the database as long as the node.
+pub async fn lone_node(
+    region: &str,
+    node_id: &str,
+    peers: &[String],
+    extra: &[(&str, &str)],
+) -> (Node, TestDb) {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut env = mesh_env(region, node_id, peers);
+    env.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let node = spawn(&db, &env);
+    (node, db)
+}
+
+/// The URL a peer dials to reach `node`.
+pub fn ws_url(node: &Node) -> String {
+    node.url("/ws").replace("http://", "ws://")
+}
+
 fn spawn(db: &TestDb, env: &[(String, String)]) -> Node {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Node::spawn(db, &env)
@@ -253,8 +274,7 @@ pub type Ws =
 /// Dials `node`'s `/ws` as a raw peer named `node_id` and proves itself with `secret`, as the
 /// dialling end of the handshake does. Returns the socket right after its AUTH.
 pub async fn raw_peer(node: &Node, secret: &str, node_id: &str, region: &str) -> Ws {
-    let url = node.url("/ws").replace("http://", "ws://");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(node))
         .await
         .expect("connect");
     let hello: Value = loop {
