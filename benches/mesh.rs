@@ -18,6 +18,9 @@ mod common;
 #[path = "shared/mix.rs"]
 mod mix;
 
+#[path = "shared/args.rs"]
+mod args;
+
 #[path = "shared/http.rs"]
 mod http;
 
@@ -38,16 +41,8 @@ use crdt_node::mesh::protocol;
 use http::{http_request, Conn};
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--bench"))
-        .collect();
-    let wanted: Vec<&str> = args
-        .iter()
-        .map(String::as_str)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let run = |name: &str| wanted.is_empty() || wanted.contains(&name);
+    let args = args::Args::from_env();
+    let run = |name: &str| args.wants(name);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

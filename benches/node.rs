@@ -18,6 +18,9 @@ mod common;
 #[path = "shared/mix.rs"]
 mod mix;
 
+#[path = "shared/args.rs"]
+mod args;
+
 #[path = "shared/http.rs"]
 mod http;
 
@@ -31,17 +34,9 @@ use mix::mix;
 use uuid::Uuid;
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--bench"))
-        .collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let wanted: Vec<&str> = args
-        .iter()
-        .map(String::as_str)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let run = |name: &str| wanted.is_empty() || wanted.contains(&name);
+    let args = args::Args::from_env();
+    let quick = args.flag("--quick");
+    let run = |name: &str| args.wants(name);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

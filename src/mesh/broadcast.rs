@@ -3,17 +3,15 @@
 //! on to the others, so a chain A–B–C converges; a change already present was never published
 //! (the run actor publishes only what was new), so nothing circulates twice.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use tokio::sync::mpsc::error::TrySendError;
 
 use super::directory::MeshState;
 use super::directory::SessionHandle;
 use super::protocol::{self, change_frames, close, encoded_len, Frame};
 use super::session::CloseLink;
-use super::transport::Out;
+use super::transport::{queue_text, NotQueued};
 use crate::metrics::Metrics;
 use crate::runs::{Origin, RunChanged};
 
@@ -93,29 +91,30 @@ impl Broadcaster {
 
     /// Queues one frame for a peer; false when the peer's queue is full (it is then dropped).
     fn send(&self, session: &SessionHandle, text: Arc<str>) -> bool {
-        if text.len() > self.max_frame {
-            self.metrics
-                .sync_failures
-                .with_label_values(&["too_large"])
-                .inc();
-            log::error!("mesh: a change of {} bytes exceeds crdt.mesh.max-frame-bytes; peers get it only by catch-up", text.len());
-            return true;
-        }
-        match session.out.try_send(Out::Text(text)) {
-            Ok(()) => {
-                session.stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                self.metrics.sync_messages.with_label_values(&["out"]).inc();
+        let len = text.len();
+        let queued = queue_text(
+            &session.out,
+            &session.stats,
+            &self.metrics,
+            self.max_frame,
+            text,
+            true,
+        );
+        match queued {
+            Ok(()) => true,
+            Err(NotQueued::TooLarge) => {
+                log::error!("mesh: a change of {len} bytes exceeds crdt.mesh.max-frame-bytes; peers get it only by catch-up");
                 true
             }
             // The peer's catch-up on reconnect brings what it misses now.
-            Err(TrySendError::Full(_)) => {
+            Err(NotQueued::Full) => {
                 session.addr.do_send(CloseLink {
                     code: close::SLOW_PEER,
                     reason: "outgoing queue full".into(),
                 });
                 false
             }
-            Err(TrySendError::Closed(_)) => false,
+            Err(NotQueued::Closed) => false,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! Both tasks run on the arbiter that accepted or opened the socket (awc's socket is not
 //! `Send`). The writer stops, closing the socket, when the session drops its shutdown sender.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
+use super::directory::LinkStats;
 use super::session::PeerSession;
+use crate::metrics::Metrics;
 
 /// Frames queued per link; a peer that lets more pile up is too slow and is dropped.
 pub const QUEUE: usize = 4096;
@@ -26,6 +29,47 @@ pub enum Out {
     Ping(Bytes),
     Pong(Bytes),
     Close(u16, String),
+}
+
+/// Why a frame was not queued on a link.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotQueued {
+    /// Over the peers' frame limit: the peer would drop the link on it, at every reconnect.
+    TooLarge,
+    /// The peer cannot keep up.
+    Full,
+    Closed,
+}
+
+/// Queues one text frame on a link and counts it (`sync` frames in `crdt_sync_messages_total`,
+/// a refused oversized one in `crdt_sync_failures_total`). The caller decides what a refusal
+/// means for the link.
+pub fn queue_text(
+    out: &mpsc::Sender<Out>,
+    stats: &LinkStats,
+    metrics: &Metrics,
+    max_frame: usize,
+    text: Arc<str>,
+    sync: bool,
+) -> Result<(), NotQueued> {
+    if text.len() > max_frame {
+        metrics
+            .sync_failures
+            .with_label_values(&["too_large"])
+            .inc();
+        return Err(NotQueued::TooLarge);
+    }
+    match out.try_send(Out::Text(text)) {
+        Ok(()) => {
+            stats.messages_out.fetch_add(1, Ordering::Relaxed);
+            if sync {
+                metrics.sync_messages.with_label_values(&["out"]).inc();
+            }
+            Ok(())
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => Err(NotQueued::Full),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(NotQueued::Closed),
+    }
 }
 
 /// What the reader hands the session.

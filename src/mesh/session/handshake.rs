@@ -96,11 +96,8 @@ impl PeerSession {
             &peer.node_id,
             &peer.region,
         ) {
-            self.metrics
-                .sync_failures
-                .with_label_values(&["auth"])
-                .inc();
-            return self.close(
+            return self.refuse(
+                "auth",
                 close::AUTH_FAILED,
                 "authentication failed: the peer does not know the mesh secret".into(),
                 ctx,

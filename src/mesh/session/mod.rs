@@ -28,7 +28,7 @@ use super::directory::{Direction, LinkStats, MeshState, PeerIdentity, SessionHan
 use super::protocol::{
     self, change_frames, close, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
 };
-use super::transport::{Inbound, Out};
+use super::transport::{queue_text, Inbound, NotQueued, Out};
 use super::MeshConfig;
 use crate::doc::{parse_changes, parse_document, DocError};
 use crate::metrics::Metrics;
@@ -157,30 +157,23 @@ impl PeerSession {
 
     /// Queues a frame; a full queue means the peer cannot keep up, so the link is dropped.
     pub(super) fn send_text(&mut self, text: Arc<str>, kind: &str, ctx: &mut Context<Self>) {
-        if text.len() > self.config.max_frame {
-            // The peer would drop the link on it, again at every reconnect.
-            self.metrics
-                .sync_failures
-                .with_label_values(&["too_large"])
-                .inc();
-            log::error!(
-                "mesh: not sending a {kind} frame of {} bytes to {}: over crdt.mesh.max-frame-bytes",
-                text.len(),
+        let len = text.len();
+        let queued = queue_text(
+            &self.out,
+            &self.stats,
+            &self.metrics,
+            self.config.max_frame,
+            text,
+            kind.starts_with("CRDT_"),
+        );
+        match queued {
+            Ok(()) => {}
+            Err(NotQueued::TooLarge) => log::error!(
+                "mesh: not sending a {kind} frame of {len} bytes to {}: over crdt.mesh.max-frame-bytes",
                 self.peer_label()
-            );
-            return;
-        }
-        match self.out.try_send(Out::Text(text)) {
-            Ok(()) => {
-                self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                if kind.starts_with("CRDT_") {
-                    self.metrics.sync_messages.with_label_values(&["out"]).inc();
-                }
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(close::SLOW_PEER, "outgoing queue full".into(), ctx)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
+            ),
+            Err(NotQueued::Full) => self.close(close::SLOW_PEER, "outgoing queue full".into(), ctx),
+            Err(NotQueued::Closed) => ctx.stop(),
         }
     }
 
@@ -191,6 +184,12 @@ impl PeerSession {
             self.close_reason = Some(reason);
         }
         ctx.stop();
+    }
+
+    /// Refuses the link: counted under `label` in `crdt_sync_failures_total`, then closed.
+    fn refuse(&mut self, label: &str, code: u16, reason: String, ctx: &mut Context<Self>) {
+        self.metrics.sync_failures.with_label_values(&[label]).inc();
+        self.close(code, reason, ctx);
     }
 
     /// Rejects one frame: counted, answered with the reason, and the link stays up.
@@ -214,11 +213,7 @@ impl PeerSession {
             Ok(f) => f,
             Err(reason) => {
                 if matches!(self.phase, Phase::Handshake { .. }) {
-                    self.metrics
-                        .sync_failures
-                        .with_label_values(&["handshake"])
-                        .inc();
-                    return self.close(close::HANDSHAKE, reason, ctx);
+                    return self.refuse("handshake", close::HANDSHAKE, reason, ctx);
                 }
                 return self.reject("decode", reason, None, ctx);
             }
@@ -246,17 +241,12 @@ impl PeerSession {
                 ctx,
             ),
             Frame::Auth { proof } if awaiting_auth => self.on_auth(&proof, ctx),
-            other if awaiting_hello || awaiting_auth => {
-                self.metrics
-                    .sync_failures
-                    .with_label_values(&["handshake"])
-                    .inc();
-                self.close(
-                    close::HANDSHAKE,
-                    format!("{} before the handshake finished", other.kind()),
-                    ctx,
-                );
-            }
+            other if awaiting_hello || awaiting_auth => self.refuse(
+                "handshake",
+                close::HANDSHAKE,
+                format!("{} before the handshake finished", other.kind()),
+                ctx,
+            ),
             frame => self.on_frame(frame, ctx),
         }
     }
@@ -448,11 +438,8 @@ impl Actor for PeerSession {
         let limit = self.config.peer_timeout;
         ctx.run_later(limit, move |act, ctx| {
             if act.peer().is_none() {
-                act.metrics
-                    .sync_failures
-                    .with_label_values(&["handshake"])
-                    .inc();
-                act.close(
+                act.refuse(
+                    "handshake",
                     close::HANDSHAKE,
                     format!("no handshake within {} ms", limit.as_millis()),
                     ctx,
@@ -496,11 +483,8 @@ impl Handler<Inbound> for PeerSession {
         self.stats.heard();
         match msg {
             Inbound::Text(text) if self.peer().is_none() && text.len() > MAX_HANDSHAKE_FRAME => {
-                self.metrics
-                    .sync_failures
-                    .with_label_values(&["handshake"])
-                    .inc();
-                self.close(
+                self.refuse(
+                    "handshake",
                     close::HANDSHAKE,
                     format!("a frame of {} bytes during the handshake", text.len()),
                     ctx,
