@@ -1,4 +1,9 @@
-//! SQLite store (the embedded default) through diesel-async's wrapper of the sync connection.
+//! SQLite store (the embedded default): plain diesel connections from an r2d2 pool, each
+//! operation a whole blocking task.
+//!
+//! Not diesel-async's wrapper: a query future of that wrapper dropped mid-flight (a request
+//! cancelled, a runtime shutting down) blocks in place, which panics on actix's single-threaded
+//! runtimes. A `spawn_blocking` task dropped unfinished simply runs to its end.
 //!
 //! WAL mode lets loads read while the group committer writes; `synchronous=FULL` makes every
 //! committed transaction survive a power cut, which is what an acknowledgement promises.
@@ -6,29 +11,34 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
 use diesel::SqliteConnection;
-use diesel_async::pooled_connection::deadpool::Pool;
-use diesel_async::pooled_connection::{
-    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
-};
-use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
-use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
-use futures_util::FutureExt;
 use uuid::Uuid;
 
 use super::schema::sqlite::{collaboration_events as ev, crdt_snapshots as snap};
 use super::{pool_error, EventColumns, NewEvent, Snapshot, Store, StoreError, StoredEvent};
 
-type Conn = SyncConnectionWrapper<SqliteConnection>;
+type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
 
 pub struct SqliteStore {
-    pool: Pool<Conn>,
+    pool: Pool<ConnectionManager<SqliteConnection>>,
 }
 
 // busy_timeout first: the others may need a lock that a neighbouring connection holds.
 const PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
                        PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;";
+
+#[derive(Debug)]
+struct Pragmas;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(PRAGMAS)
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
 
 #[derive(Insertable)]
 #[diesel(table_name = ev)]
@@ -59,28 +69,29 @@ struct SnapshotRow {
 
 impl SqliteStore {
     pub fn connect(path: &str, pool_size: usize) -> Result<Self, StoreError> {
-        let mut config = ManagerConfig::default();
-        config.recycling_method = RecyclingMethod::Fast;
-        config.custom_setup = Box::new(|url| {
-            let url = url.to_string();
-            async move {
-                let mut conn = Conn::establish(&url).await?;
-                conn.batch_execute(PRAGMAS)
-                    .await
-                    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-                Ok(conn)
-            }
-            .boxed()
-        });
-        let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(path, config);
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.clamp(2, 8))
-            .wait_timeout(Some(Duration::from_secs(5)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
+        let pool = Pool::builder()
+            .max_size(u32::try_from(pool_size.clamp(2, 8)).unwrap_or(8))
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(5))
+            .connection_customizer(Box::new(Pragmas))
+            .build(ConnectionManager::new(path))
             .map_err(pool_error)?;
         Ok(SqliteStore { pool })
+    }
+
+    /// Runs `work` with a pooled connection on the blocking pool.
+    async fn with_conn<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Conn) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(pool_error)?;
+            work(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("SQLite task failed: {e}")))?
     }
 }
 
@@ -106,26 +117,22 @@ impl Store for SqliteStore {
             return Ok(0);
         }
         let events = events.to_vec();
-        let mut conn = self.pool.get().await.map_err(pool_error)?;
-        // The whole transaction in one blocking task: SQLite is in-process, so a hop to the
-        // blocking pool per statement would cost more than the inserts themselves.
-        let inserted = conn
-            .spawn_blocking(move |c| {
-                diesel::Connection::transaction(c, |c| {
-                    let mut n = 0;
-                    for e in &events {
-                        let insert = diesel::insert_into(ev::table)
-                            .values(event_row(e))
-                            // A change already stored is skipped; a clash on run_seq is an error.
-                            .on_conflict((ev::run_id, ev::change_hash))
-                            .do_nothing();
-                        n += diesel::RunQueryDsl::execute(insert, c)?;
-                    }
-                    Ok::<_, diesel::result::Error>(n)
-                })
-            })
-            .await?;
-        Ok(inserted)
+        self.with_conn(move |c| {
+            let n = c.transaction(|c| {
+                let mut n = 0;
+                for e in &events {
+                    n += diesel::insert_into(ev::table)
+                        .values(event_row(e))
+                        // A change already stored is skipped; a clash on run_seq is an error.
+                        .on_conflict((ev::run_id, ev::change_hash))
+                        .do_nothing()
+                        .execute(c)?;
+                }
+                Ok::<_, diesel::result::Error>(n)
+            })?;
+            Ok(n)
+        })
+        .await
     }
 
     async fn latest_snapshot(
@@ -133,17 +140,19 @@ impl Store for SqliteStore {
         run_id: Uuid,
         below: Option<i32>,
     ) -> Result<Option<Snapshot>, StoreError> {
-        let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let mut query = snap::table.into_boxed();
-        query = query.filter(snap::run_id.eq(run_id.as_bytes().to_vec()));
-        if let Some(below) = below {
-            query = query.filter(snap::event_count.lt(below));
-        }
-        let row: Option<SnapshotRow> = query
-            .order((snap::event_count.desc(), snap::created_at.desc()))
-            .first(&mut conn)
-            .await
-            .optional()?;
+        let row: Option<SnapshotRow> = self
+            .with_conn(move |c| {
+                let mut query = snap::table.into_boxed();
+                query = query.filter(snap::run_id.eq(run_id.as_bytes().to_vec()));
+                if let Some(below) = below {
+                    query = query.filter(snap::event_count.lt(below));
+                }
+                Ok(query
+                    .order((snap::event_count.desc(), snap::created_at.desc()))
+                    .first(c)
+                    .optional()?)
+            })
+            .await?;
         Ok(row.map(|r| Snapshot {
             id: Uuid::from_slice(&r.id).unwrap_or_default(),
             run_id,
@@ -160,23 +169,26 @@ impl Store for SqliteStore {
         run_id: Uuid,
         after_seq: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let mut query = ev::table
-            .filter(ev::run_id.eq(run_id.as_bytes().to_vec()))
-            .select((
-                ev::run_seq,
-                ev::event_type,
-                ev::payload,
-                ev::crdt_changes,
-                ev::lamport_timestamp,
-            ))
-            // SQLite sorts NULLs first in ascending order: legacy rows come first.
-            .order((ev::run_seq.asc(), ev::id.asc()))
-            .into_boxed();
-        if after_seq > 0 {
-            query = query.filter(ev::run_seq.gt(after_seq));
-        }
-        let rows: Vec<EventColumns> = query.load(&mut conn).await?;
+        let rows: Vec<EventColumns> = self
+            .with_conn(move |c| {
+                let mut query = ev::table
+                    .filter(ev::run_id.eq(run_id.as_bytes().to_vec()))
+                    .select((
+                        ev::run_seq,
+                        ev::event_type,
+                        ev::payload,
+                        ev::crdt_changes,
+                        ev::lamport_timestamp,
+                    ))
+                    // SQLite sorts NULLs first in ascending order: legacy rows come first.
+                    .order((ev::run_seq.asc(), ev::id.asc()))
+                    .into_boxed();
+                if after_seq > 0 {
+                    query = query.filter(ev::run_seq.gt(after_seq));
+                }
+                Ok(query.load(c)?)
+            })
+            .await?;
         Ok(rows.into_iter().map(StoredEvent::from).collect())
     }
 
@@ -191,44 +203,43 @@ impl Store for SqliteStore {
             event_count: Some(s.event_count),
         };
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
-        let mut conn = self.pool.get().await.map_err(pool_error)?;
-        conn.transaction(async |c| {
-            diesel::insert_into(snap::table)
-                .values(&row)
-                .execute(c)
-                .await?;
-            let newest: Vec<Vec<u8>> = snap::table
-                .filter(snap::run_id.eq(row.run_id.clone()))
-                .order((snap::event_count.desc(), snap::created_at.desc()))
-                .select(snap::id)
-                .limit(keep)
-                .load(c)
-                .await?;
-            diesel::delete(
-                snap::table
+        self.with_conn(move |c| {
+            c.transaction(|c| {
+                diesel::insert_into(snap::table).values(&row).execute(c)?;
+                let newest: Vec<Vec<u8>> = snap::table
                     .filter(snap::run_id.eq(row.run_id.clone()))
-                    .filter(snap::id.ne_all(newest)),
-            )
-            .execute(c)
-            .await?;
-            Ok::<_, diesel::result::Error>(())
+                    .order((snap::event_count.desc(), snap::created_at.desc()))
+                    .select(snap::id)
+                    .limit(keep)
+                    .load(c)?;
+                diesel::delete(
+                    snap::table
+                        .filter(snap::run_id.eq(row.run_id.clone()))
+                        .filter(snap::id.ne_all(newest)),
+                )
+                .execute(c)?;
+                Ok::<_, diesel::result::Error>(())
+            })?;
+            Ok(())
         })
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn list_runs(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>, StoreError> {
-        let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let mut query = ev::table
-            .select(ev::run_id)
-            .distinct()
-            .order(ev::run_id.asc())
-            .limit(limit)
-            .into_boxed();
-        if let Some(after) = after {
-            query = query.filter(ev::run_id.gt(after.as_bytes().to_vec()));
-        }
-        let ids: Vec<Vec<u8>> = query.load(&mut conn).await?;
+        let ids: Vec<Vec<u8>> = self
+            .with_conn(move |c| {
+                let mut query = ev::table
+                    .select(ev::run_id)
+                    .distinct()
+                    .order(ev::run_id.asc())
+                    .limit(limit)
+                    .into_boxed();
+                if let Some(after) = after {
+                    query = query.filter(ev::run_id.gt(after.as_bytes().to_vec()));
+                }
+                Ok(query.load(c)?)
+            })
+            .await?;
         // Ids written by this node are always 16 bytes; anything else is skipped, not fatal.
         Ok(ids
             .into_iter()
@@ -237,9 +248,11 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.get().await.map_err(pool_error)?;
-        diesel::sql_query("SELECT 1").execute(&mut conn).await?;
-        Ok(())
+        self.with_conn(|c| {
+            diesel::sql_query("SELECT 1").execute(c)?;
+            Ok(())
+        })
+        .await
     }
 
     fn backend(&self) -> &'static str {
