@@ -6,4 +6,5 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod runs;
+pub mod socket;
 pub mod store;

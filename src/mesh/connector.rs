@@ -99,7 +99,7 @@ impl Connector {
                     return act.retry(ctx);
                 }
             };
-            let (io, out, shutdown) = transport::channels();
+            let (io, out, shutdown) = crate::socket::channels(transport::QUEUE);
             let session = PeerSession::new(SessionParts {
                 link: act.link,
                 direction: Direction::Outbound,

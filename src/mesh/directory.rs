@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::session::PeerSession;
-use super::transport::Out;
+use crate::socket::Out;
 
 pub const MAX_REGIONS_PER_RUN: usize = 32;
 /// Saved sync states per peer node; beyond this a reconnect syncs the rest from scratch.

@@ -134,7 +134,7 @@ impl Mesh {
         handshake: HandshakeSlot,
     ) {
         let (link, stats) = self.state.add_link(Direction::Inbound, None, remote);
-        let (io, out, shutdown) = transport::channels();
+        let (io, out, shutdown) = crate::socket::channels(transport::QUEUE);
         let session = PeerSession::new(SessionParts {
             link,
             direction: Direction::Inbound,
@@ -149,7 +149,13 @@ impl Mesh {
             handshake: Some(handshake),
         })
         .start();
-        transport::serve(socket, stream, self.config.max_frame, session, io);
+        crate::socket::serve(
+            socket,
+            stream,
+            self.config.max_frame,
+            session.recipient(),
+            io,
+        );
     }
 
     /// Closes every link ("going away") and stops redialling: a stopping node's links would

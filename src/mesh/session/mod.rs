@@ -28,11 +28,12 @@ use super::directory::{Direction, LinkStats, MeshState, PeerIdentity, SessionHan
 use super::protocol::{
     self, change_frames, close, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
 };
-use super::transport::{queue_text, Inbound, NotQueued, Out};
+use super::transport::{queue_text, NotQueued};
 use super::MeshConfig;
 use crate::doc::{parse_changes, parse_document, DocError};
 use crate::metrics::Metrics;
 use crate::runs::{ApplySync, FullState, GetChanges, PeerSync, RunError, Runs};
+use crate::socket::{Inbound, Out};
 
 use catchup::Catchup;
 use work::{Slot, Work, MAX_ERROR_RESYNCS, SLOT_IDLE};

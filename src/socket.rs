@@ -1,0 +1,184 @@
+//! A WebSocket's two tasks, shared by mesh links and browser sessions: a reader that hands
+//! frames to the session actor and a writer that drains the actor's bounded outgoing queue.
+//! The actor only sees [`Inbound`] messages and pushes [`Out`] frames; it does not know whether
+//! the socket is an actix-ws server session or an awc client connection.
+//!
+//! Both tasks run on the arbiter that accepted or opened the socket (awc's socket is not
+//! `Send`). The writer stops, closing the socket, when the actor drops its shutdown sender.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Recipient;
+use actix_web::web::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+#[derive(Debug, Clone)]
+pub enum Out {
+    Text(Arc<str>),
+    Ping(Bytes),
+    Pong(Bytes),
+    Close(u16, String),
+}
+
+/// What the reader hands the session.
+#[derive(actix::Message, Debug)]
+#[rtype(result = "()")]
+pub enum Inbound {
+    Text(String),
+    /// The protocol is text only; binary frames are rejected by size.
+    Binary(usize),
+    Pong(Bytes),
+    Closed(Option<String>),
+}
+
+/// The tasks' ends of a link's queues; the session holds the matching senders.
+pub struct Channels {
+    pub(crate) out: mpsc::Sender<Out>,
+    pub(crate) rx: mpsc::Receiver<Out>,
+    pub(crate) stop: oneshot::Receiver<()>,
+}
+
+/// A link's queues: the tasks' ends, the outgoing queue and the shutdown sender.
+pub fn channels(capacity: usize) -> (Channels, mpsc::Sender<Out>, oneshot::Sender<()>) {
+    let (out, rx) = mpsc::channel(capacity);
+    let (shutdown, stop) = oneshot::channel();
+    (
+        Channels {
+            out: out.clone(),
+            rx,
+            stop,
+        },
+        out,
+        shutdown,
+    )
+}
+
+pub(crate) fn close_reason(code: u16, reason: String) -> awc::ws::CloseReason {
+    awc::ws::CloseReason {
+        code: awc::ws::CloseCode::from(code),
+        description: Some(reason),
+    }
+}
+
+/// How long a closing link may take to send its close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The sending half of a link's socket.
+pub(crate) trait LinkSink {
+    /// Sends one frame; false if the socket is gone.
+    async fn send(&mut self, out: Out) -> bool;
+    async fn close(self, reason: Option<(u16, String)>);
+}
+
+/// Drains the session's queue into the socket until the session stops or the socket fails,
+/// then closes the socket and stops the reader. A stopped session's queue is dropped, save
+/// its close frame: a silent or slow peer must not keep a dead link's socket and tasks alive.
+pub(crate) async fn write_loop<S: LinkSink>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<Out>,
+    mut stop: oneshot::Receiver<()>,
+    reader: AbortHandle,
+) {
+    let close = loop {
+        let item = tokio::select! {
+            biased;
+            _ = &mut stop => break last_close(&mut rx),
+            item = rx.recv() => item,
+        };
+        let out = match item {
+            None => break None,
+            Some(Out::Close(code, reason)) => break Some((code, reason)),
+            Some(out) => out,
+        };
+        let sent = tokio::select! {
+            biased;
+            _ = &mut stop => break last_close(&mut rx),
+            sent = sink.send(out) => sent,
+        };
+        if !sent {
+            reader.abort();
+            return;
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close(close)).await;
+    reader.abort();
+}
+
+/// The close frame a stopping session queued, if any; everything else queued is dropped.
+fn last_close(rx: &mut mpsc::Receiver<Out>) -> Option<(u16, String)> {
+    while let Ok(out) = rx.try_recv() {
+        if let Out::Close(code, reason) = out {
+            return Some((code, reason));
+        }
+    }
+    None
+}
+
+struct ServerSink(actix_ws::Session);
+
+impl LinkSink for ServerSink {
+    async fn send(&mut self, out: Out) -> bool {
+        match out {
+            Out::Text(t) => self.0.text(t.to_string()).await.is_ok(),
+            Out::Ping(b) => self.0.ping(&b).await.is_ok(),
+            Out::Pong(b) => self.0.pong(&b).await.is_ok(),
+            Out::Close(..) => true,
+        }
+    }
+
+    async fn close(self, reason: Option<(u16, String)>) {
+        let _ = self.0.close(reason.map(|(c, r)| close_reason(c, r))).await;
+    }
+}
+
+/// Runs an accepted socket over an actix-ws session, feeding `actor`.
+pub fn serve(
+    session: actix_ws::Session,
+    stream: actix_ws::MessageStream,
+    max_frame: usize,
+    actor: Recipient<Inbound>,
+    io: Channels,
+) {
+    let Channels { out, rx, stop } = io;
+    let mut stream = stream
+        .max_frame_size(max_frame)
+        .aggregate_continuations()
+        .max_continuation_size(max_frame);
+    let reader = actix_web::rt::spawn(async move {
+        use actix_ws::AggregatedMessage as M;
+        let reason = loop {
+            let inbound = match stream.recv().await {
+                Some(Ok(M::Text(t))) => Inbound::Text(t.to_string()),
+                Some(Ok(M::Binary(b))) => Inbound::Binary(b.len()),
+                Some(Ok(M::Ping(b))) => {
+                    let _ = out.try_send(Out::Pong(b));
+                    continue;
+                }
+                Some(Ok(M::Pong(b))) => Inbound::Pong(b),
+                Some(Ok(M::Close(r))) => break r.map(describe).or(Some("closed by peer".into())),
+                Some(Err(e)) => break Some(format!("protocol error: {e}")),
+                None => break None,
+            };
+            if actor.send(inbound).await.is_err() {
+                return;
+            }
+        };
+        actor.do_send(Inbound::Closed(reason));
+    });
+    actix_web::rt::spawn(write_loop(
+        ServerSink(session),
+        rx,
+        stop,
+        reader.abort_handle(),
+    ));
+}
+
+pub(crate) fn describe(r: awc::ws::CloseReason) -> String {
+    let code: u16 = r.code.into();
+    format!(
+        "closed by peer ({code}{})",
+        r.description.map(|d| format!(": {d}")).unwrap_or_default()
+    )
+}
