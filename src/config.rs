@@ -41,6 +41,8 @@ pub struct Crdt {
     #[serde(default)]
     pub api: Api,
     #[serde(default)]
+    pub browser: Browser,
+    #[serde(default)]
     pub snapshot: SnapshotSettings,
     #[serde(default)]
     pub runs: RunSettings,
@@ -104,6 +106,52 @@ fn default_max_frame() -> usize {
     // make this node buffer, before and after its handshake. It must hold the largest single
     // change a client can make (a request body, in base64).
     8 * 1024 * 1024
+}
+
+/// Browser sessions (`/ws/runs/{runId}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Browser {
+    /// Frames queued for one session; a session that lets more pile up is closed (it
+    /// reconnects and resyncs).
+    #[serde(default = "default_session_queue")]
+    pub queue_frames: usize,
+    /// Open sessions this node accepts; more are refused with 503.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// A ping goes to every session this often; one silent for three times as long is closed.
+    #[serde(default = "default_session_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Largest frame a browser may send.
+    #[serde(default = "default_session_frame")]
+    pub max_frame_bytes: usize,
+}
+
+impl Default for Browser {
+    fn default() -> Self {
+        Browser {
+            queue_frames: default_session_queue(),
+            max_sessions: default_max_sessions(),
+            heartbeat_ms: default_session_heartbeat(),
+            max_frame_bytes: default_session_frame(),
+        }
+    }
+}
+
+fn default_session_queue() -> usize {
+    256
+}
+
+fn default_max_sessions() -> usize {
+    20_000
+}
+
+fn default_session_heartbeat() -> u64 {
+    15_000
+}
+
+fn default_session_frame() -> usize {
+    256 * 1024
 }
 
 /// Peers as the seed writes them (one comma-separated string) or as a YAML list.
@@ -232,6 +280,13 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_MESH_RECONNECT_MAX_MS", "crdt.mesh.reconnect-max-ms"),
     ("CRDT_MESH_MAX_FRAME_BYTES", "crdt.mesh.max-frame-bytes"),
     ("CRDT_API_TOKEN", "crdt.api.token"),
+    ("CRDT_BROWSER_QUEUE_FRAMES", "crdt.browser.queue-frames"),
+    ("CRDT_BROWSER_MAX_SESSIONS", "crdt.browser.max-sessions"),
+    ("CRDT_BROWSER_HEARTBEAT_MS", "crdt.browser.heartbeat-ms"),
+    (
+        "CRDT_BROWSER_MAX_FRAME_BYTES",
+        "crdt.browser.max-frame-bytes",
+    ),
     ("CRDT_SNAPSHOT_EVERY", "crdt.snapshot.every-events"),
     ("CRDT_SNAPSHOT_KEEP", "crdt.snapshot.keep"),
     (
@@ -343,6 +398,22 @@ impl Settings {
         }
         if self.crdt.api.token.as_deref() == Some("") {
             self.crdt.api.token = None;
+        }
+        let browser = &self.crdt.browser;
+        if browser.queue_frames < 4 {
+            return Err(invalid("crdt.browser.queue-frames", "must be at least 4"));
+        }
+        if browser.max_sessions == 0 {
+            return Err(invalid("crdt.browser.max-sessions", "must be at least 1"));
+        }
+        if browser.heartbeat_ms < 100 {
+            return Err(invalid("crdt.browser.heartbeat-ms", "must be at least 100"));
+        }
+        if browser.max_frame_bytes < 4096 {
+            return Err(invalid(
+                "crdt.browser.max-frame-bytes",
+                "must be at least 4096",
+            ));
         }
         if self.crdt.snapshot.every_events == 0 {
             return Err(invalid("crdt.snapshot.every-events", "must be at least 1"));

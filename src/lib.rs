@@ -1,4 +1,5 @@
 //! crdt-node library: see README.md and ../DESIGN for the architecture.
+pub mod browser;
 pub mod config;
 pub mod doc;
 pub mod http;

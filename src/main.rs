@@ -18,13 +18,15 @@ fn main() -> std::process::ExitCode {
         let node = crdt_node::node::start(&settings)
             .await
             .map_err(|e| e.to_string())?;
-        // actix-web stops gracefully on SIGINT/SIGTERM, waiting for open connections; the
-        // mesh's links are closed first so they do not hold it up.
+        // actix-web stops gracefully on SIGINT/SIGTERM, waiting for open connections; mesh
+        // links and browser sessions are closed first ("going away") so they do not hold it up.
         let mesh = node.mesh.clone();
+        let browser = node.browser.clone();
         actix_web::rt::spawn(async move {
             shutdown_signal().await;
-            log::info!("shutting down: closing mesh links");
+            log::info!("shutting down: closing mesh links and browser sessions");
             mesh.close();
+            browser.close();
         });
         match node.task.await {
             Ok(Ok(())) => Ok(()),

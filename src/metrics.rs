@@ -18,6 +18,12 @@ pub struct Metrics {
     pub snapshot_failures: prometheus::IntCounter,
     /// Appends carried by each event-log transaction (group commit at work).
     pub commit_batch: Histogram,
+    /// Open browser sessions.
+    pub browser_sessions: IntGauge,
+    /// Browser session frames, by direction (`in`, `out`).
+    pub browser_frames: IntCounterVec,
+    /// Browser sessions closed by the node, by reason (`too_slow`, `timeout`, `unauthorized`, …).
+    pub browser_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -59,6 +65,24 @@ impl Metrics {
             )
             .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
         )?;
+        let browser_sessions = IntGauge::new("crdt_browser_sessions", "Open browser sessions")?;
+        let browser_frames = IntCounterVec::new(
+            Opts::new(
+                "crdt_browser_frames_total",
+                "Browser session frames sent and received",
+            ),
+            &["direction"],
+        )?;
+        let browser_closed = IntCounterVec::new(
+            Opts::new(
+                "crdt_browser_sessions_closed_total",
+                "Browser sessions the node closed, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(browser_sessions.clone()))?;
+        registry.register(Box::new(browser_frames.clone()))?;
+        registry.register(Box::new(browser_closed.clone()))?;
         registry.register(Box::new(commit_batch.clone()))?;
         registry.register(Box::new(sync_messages.clone()))?;
         registry.register(Box::new(sync_failures.clone()))?;
@@ -70,6 +94,7 @@ impl Metrics {
         // Make the labelled series visible from the start, at zero.
         for d in ["in", "out"] {
             sync_messages.with_label_values(&[d]);
+            browser_frames.with_label_values(&[d]);
         }
         Ok(Metrics {
             registry,
@@ -81,6 +106,9 @@ impl Metrics {
             runs_loaded,
             snapshot_failures,
             commit_batch,
+            browser_sessions,
+            browser_frames,
+            browser_closed,
         })
     }
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use actix_web::{web, App, HttpServer};
 use actix_web_prom::PrometheusMetricsBuilder;
 
+use crate::browser::{Browser, BrowserConfig};
 use crate::config::Settings;
 use crate::http::{self, ApiToken, AppState};
 use crate::mesh::{Mesh, MeshConfig};
@@ -32,6 +33,7 @@ pub struct RunningNode {
     pub server: actix_web::dev::ServerHandle,
     pub runs: Runs,
     pub mesh: Mesh,
+    pub browser: Browser,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -74,9 +76,16 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         runs.clone(),
         metrics.clone(),
     );
+    let browser = Browser::start(
+        BrowserConfig::from_settings(settings),
+        runs.clone(),
+        mesh.clone(),
+        metrics.clone(),
+    );
     let state = web::Data::new(AppState {
         runs: runs.clone(),
         mesh: mesh.clone(),
+        browser: browser.clone(),
         metrics: metrics.clone(),
         region: settings.crdt.region.clone(),
         node_id: settings.node_id().to_string(),
@@ -115,6 +124,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         server: handle,
         runs,
         mesh,
+        browser,
         task,
     })
 }

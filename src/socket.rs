@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use actix::Recipient;
 use actix_web::web::Bytes;
+use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 #[derive(Debug, Clone)]
 pub enum Out {
     Text(Arc<str>),
+    /// A frame shared by many sockets (a browser room's update): queued without a copy.
+    Shared(ByteString),
     Ping(Bytes),
     Pong(Bytes),
     Close(u16, String),
@@ -37,11 +40,15 @@ pub enum Inbound {
 pub struct Channels {
     pub(crate) out: mpsc::Sender<Out>,
     pub(crate) rx: mpsc::Receiver<Out>,
-    pub(crate) stop: oneshot::Receiver<()>,
+    pub(crate) stop: oneshot::Receiver<(u16, String)>,
 }
 
+/// Stops a socket's writer: sent, it closes the socket with that code and reason even when
+/// the queue is full; dropped, with the close frame queued last, if any.
+pub type Shutdown = oneshot::Sender<(u16, String)>;
+
 /// A link's queues: the tasks' ends, the outgoing queue and the shutdown sender.
-pub fn channels(capacity: usize) -> (Channels, mpsc::Sender<Out>, oneshot::Sender<()>) {
+pub fn channels(capacity: usize) -> (Channels, mpsc::Sender<Out>, Shutdown) {
     let (out, rx) = mpsc::channel(capacity);
     let (shutdown, stop) = oneshot::channel();
     (
@@ -78,13 +85,13 @@ pub(crate) trait LinkSink {
 pub(crate) async fn write_loop<S: LinkSink>(
     mut sink: S,
     mut rx: mpsc::Receiver<Out>,
-    mut stop: oneshot::Receiver<()>,
+    mut stop: oneshot::Receiver<(u16, String)>,
     reader: AbortHandle,
 ) {
     let close = loop {
         let item = tokio::select! {
             biased;
-            _ = &mut stop => break last_close(&mut rx),
+            why = &mut stop => break why.ok().or_else(|| last_close(&mut rx)),
             item = rx.recv() => item,
         };
         let out = match item {
@@ -94,7 +101,7 @@ pub(crate) async fn write_loop<S: LinkSink>(
         };
         let sent = tokio::select! {
             biased;
-            _ = &mut stop => break last_close(&mut rx),
+            why = &mut stop => break why.ok().or_else(|| last_close(&mut rx)),
             sent = sink.send(out) => sent,
         };
         if !sent {
@@ -122,6 +129,7 @@ impl LinkSink for ServerSink {
     async fn send(&mut self, out: Out) -> bool {
         match out {
             Out::Text(t) => self.0.text(t.to_string()).await.is_ok(),
+            Out::Shared(t) => self.0.text(t).await.is_ok(),
             Out::Ping(b) => self.0.ping(&b).await.is_ok(),
             Out::Pong(b) => self.0.pong(&b).await.is_ok(),
             Out::Close(..) => true,

@@ -526,7 +526,70 @@ async fn reads_of_unwritten_runs_are_unloaded_soon(backend: Backend) {
     assert!(settled.is_some(), "only the written run stays loaded");
 }
 
+/// `GET /api/crdt/runs`: newest activity first, a page at a time, legacy runs included.
+async fn runs_list_newest_first_in_pages(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let runs: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for run in &runs {
+        let (s, _) = c
+            .put(
+                &run_url(&node, *run, "/flags/k"),
+                &json!({"value": 1, "user": "u"}),
+            )
+            .await;
+        assert_eq!(s, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Writing the first run again makes it the most recent.
+    let (s, _) = c
+        .put(
+            &run_url(&node, runs[0], "/flags/k"),
+            &json!({"value": 2, "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let ids = |page: &Value| -> Vec<String> {
+        page["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["runId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (s, first) = c.get(&node.url("/api/crdt/runs?limit=2")).await;
+    assert_eq!(s, 200, "{first}");
+    assert_eq!(ids(&first), [runs[0].to_string(), runs[2].to_string()]);
+    assert!(first["runs"][0]["lastActivity"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    assert_eq!(first["runs"][0]["viewers"], 0);
+    let cursor = first["nextCursor"]
+        .as_str()
+        .expect("a next page")
+        .to_string();
+    let (s, second) = c
+        .get(&node.url(&format!("/api/crdt/runs?limit=2&cursor={cursor}")))
+        .await;
+    assert_eq!(s, 200, "{second}");
+    assert_eq!(ids(&second), [runs[1].to_string()]);
+    assert!(second["nextCursor"].is_null());
+    for bad in [
+        "limit=0",
+        "limit=201",
+        "cursor=nope",
+        "cursor=12.not-a-uuid",
+    ] {
+        let (s, body) = c.get(&node.url(&format!("/api/crdt/runs?{bad}"))).await;
+        assert_eq!(s, 400, "{bad}: {body}");
+        assert!(body["message"].is_string());
+    }
+}
+
 both_backends!(
+    runs_list_newest_first_in_pages,
     reads_of_unwritten_runs_are_unloaded_soon,
     reading_a_new_run_is_empty_and_writes_nothing,
     five_mutations_round_trip,

@@ -22,16 +22,19 @@ pub async fn require_token(
         .app_data::<web::Data<ApiToken>>()
         .and_then(|t| t.0.clone());
     if let Some(expected) = expected {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let ok = presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(expected.as_bytes())));
-        if !ok {
+        if !bearer_matches(req.headers(), &expected) {
             return Err(ApiError::Unauthorized.into());
         }
     }
     next.call(req).await
+}
+
+/// Whether the request carries `Authorization: Bearer <expected>`.
+pub fn bearer_matches(headers: &header::HeaderMap, expected: &str) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .is_some_and(|p| bool::from(p.as_bytes().ct_eq(expected.as_bytes())))
 }

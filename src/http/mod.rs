@@ -2,14 +2,16 @@
 //! `/actuator/prometheus`. Routes only parse, validate and send a message to the core.
 
 mod auth;
+mod browser;
 pub mod error;
 mod health;
 mod mesh;
 mod runs;
-mod validate;
+pub mod validate;
 
 use actix_web::{middleware, web, HttpResponse};
 
+use crate::browser::Browser;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::runs::Runs;
@@ -20,6 +22,7 @@ use error::ApiError;
 pub struct AppState {
     pub runs: Runs,
     pub mesh: Mesh,
+    pub browser: Browser,
     pub metrics: Metrics,
     pub region: String,
     pub node_id: String,
@@ -43,6 +46,7 @@ pub fn configure(
         .app_data(web::QueryConfig::default().error_handler(|e, _| error::query_error(e)))
         .configure(health::routes)
         .configure(mesh::socket)
+        .configure(browser::routes)
         .service(
             web::scope("/api/crdt")
                 .wrap(middleware::from_fn(auth::require_token))

@@ -16,7 +16,8 @@ use crate::runs::{ApplySync, GetChanges, GetState, Mutate, MutationOutcome};
 const MAX_CHANGES_PER_SYNC: usize = 10_000;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/runs/{runId}/state", web::get().to(state))
+    cfg.route("/runs", web::get().to(list))
+        .route("/runs/{runId}/state", web::get().to(state))
         .route("/runs/{runId}/changes", web::get().to(changes))
         .route("/runs/{runId}/sync", web::post().to(sync))
         .route("/runs/{runId}/grafts", web::post().to(graft))
@@ -27,6 +28,51 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/runs/{runId}/flags/{key}", web::put().to(set_flag))
         .route("/runs/{runId}/flags/{key}", web::delete().to(delete_flag));
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// Longest page of the runs list.
+const MAX_PAGE: i64 = 200;
+
+/// Runs, most recently active first, a page at a time: `nextCursor` continues the list.
+async fn list(
+    app: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("must be 1 to {MAX_PAGE}"),
+        ));
+    }
+    let after = query.cursor.as_deref().map(validate::cursor).transpose()?;
+    let page = app
+        .runs
+        .store()
+        .recent_runs(after.as_ref(), limit)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let next = (page.len() as i64 == limit)
+        .then(|| page.last().map(validate::encode_cursor))
+        .flatten();
+    let runs: Vec<Json> = page
+        .iter()
+        .map(|r| {
+            json!({
+                "runId": r.run_id,
+                "lastActivity": r.last_activity.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "loaded": app.runs.is_loaded(r.run_id),
+                "viewers": app.browser.viewers(r.run_id),
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "runs": runs, "nextCursor": next })))
 }
 
 async fn state(

@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use crate::doc::MAX_LAMPORT;
+use crate::store::RunActivity;
 
 /// Longest accepted name (agent, step, user, flag key).
 pub const MAX_NAME: usize = 200;
@@ -108,6 +109,30 @@ pub fn json_depth(field: &'static str, value: &serde_json::Value) -> Result<(), 
         ));
     }
     Ok(())
+}
+
+/// A runs-list cursor: the last entry of the previous page, as `<micros since epoch>.<uuid>`.
+/// Clients treat it as opaque.
+pub fn cursor(raw: &str) -> Result<RunActivity, ApiError> {
+    let bad = || ApiError::invalid("cursor", "is not a cursor this node gave out");
+    let (micros, id) = raw.split_once('.').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let last_activity = chrono::DateTime::from_timestamp_micros(micros)
+        .ok_or_else(bad)?
+        .naive_utc();
+    let run_id = Uuid::parse_str(id).map_err(|_| bad())?;
+    Ok(RunActivity {
+        run_id,
+        last_activity,
+    })
+}
+
+pub fn encode_cursor(a: &RunActivity) -> String {
+    format!(
+        "{}.{}",
+        a.last_activity.and_utc().timestamp_micros(),
+        a.run_id.simple()
+    )
 }
 
 pub fn encode(bytes: &[u8]) -> String {

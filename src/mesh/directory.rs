@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::presence::{PeerPresence, PresenceRelay};
 use super::session::PeerSession;
 use crate::socket::Out;
 
@@ -139,6 +140,7 @@ pub struct MeshState {
     inner: Arc<RwLock<Directory>>,
     gauge: prometheus::IntGauge,
     closing: Arc<AtomicBool>,
+    presence: Arc<PresenceRelay>,
 }
 
 impl MeshState {
@@ -158,7 +160,12 @@ impl MeshState {
             })),
             gauge,
             closing: Arc::new(AtomicBool::new(false)),
+            presence: PresenceRelay::new(),
         }
+    }
+
+    pub fn presence(&self) -> &PresenceRelay {
+        &self.presence
     }
 
     /// The node is shutting down: links are closed and not redialled.
@@ -235,6 +242,7 @@ impl MeshState {
     /// Records an authenticated session. Returns a warning when the peer's region is already
     /// claimed by another node (this one or a connected peer).
     pub fn link_up(&self, link: u64, peer: PeerIdentity, session: SessionHandle) -> Option<String> {
+        let node_id = peer.node_id.clone();
         let mut dir = self.write();
         let mut claimants: BTreeSet<String> = dir
             .links
@@ -272,14 +280,20 @@ impl MeshState {
             l.session = Some(session);
         }
         self.gauge.set(dir.connected_nodes().len() as i64);
+        drop(dir);
+        self.presence.notify(PeerPresence::NodeUp(node_id));
         warning
     }
 
     /// A link's session ended. Inbound links disappear; configured ones stay, disconnected.
     pub fn link_down(&self, link: u64, error: Option<String>) {
         let mut dir = self.write();
+        let mut peer = None;
         let remove = match dir.links.get_mut(&link) {
             Some(l) => {
+                if l.session.is_some() {
+                    peer = l.peer.as_ref().map(|p| p.node_id.clone());
+                }
                 l.session = None;
                 if error.is_some() {
                     l.last_error = error;
@@ -291,7 +305,13 @@ impl MeshState {
         if remove {
             dir.links.remove(&link);
         }
-        self.gauge.set(dir.connected_nodes().len() as i64);
+        let connected = dir.connected_nodes();
+        self.gauge.set(connected.len() as i64);
+        let gone = peer.filter(|p| !connected.contains(p.as_str()));
+        drop(dir);
+        if let Some(node) = gone {
+            self.presence.notify(PeerPresence::NodeDown(node));
+        }
     }
 
     /// One session per connected peer node, for broadcasts: two links to one node would

@@ -5,11 +5,13 @@
 //! - [`session`]: `PeerSession`, one actor per link: handshake, heartbeat, sync and catch-up;
 //! - [`connector`]: keeps each configured peer connected, with back-off;
 //! - [`broadcast`]: sends every committed change to the connected peers;
-//! - [`directory`]: links, their health, `register-peer` registrations.
+//! - [`directory`]: links, their health, `register-peer` registrations;
+//! - [`presence`]: who views which run, relayed between nodes, never stored.
 
 pub mod broadcast;
 pub mod connector;
 pub mod directory;
+pub mod presence;
 pub mod protocol;
 pub mod session;
 pub mod transport;
@@ -166,6 +168,31 @@ impl Mesh {
                 code: 1001,
                 reason: "node shutting down".into(),
             });
+        }
+    }
+
+    /// Announces this node's viewers of a run to every connected peer node.
+    pub fn announce_presence(&self, run_id: Uuid, users: Vec<presence::PresenceUser>) {
+        let (epoch, seq) = self.state.presence().next_stamp();
+        let frame = protocol::Frame::Presence {
+            run_id: run_id.to_string(),
+            origin: self.config.node_id.clone(),
+            region: self.config.region.clone(),
+            epoch,
+            seq,
+            users,
+        };
+        let text: Arc<str> = frame.encode().into();
+        for (_, session) in self.state.primaries() {
+            // Ephemeral: a peer too slow to take it gets the next refresh instead.
+            let _ = transport::queue_text(
+                &session.out,
+                &session.stats,
+                &self.metrics,
+                self.config.max_frame,
+                text.clone(),
+                false,
+            );
         }
     }
 

@@ -9,7 +9,7 @@
 //! After both ends have verified the other's proof, the seed's `CRDT_SYNC` and
 //! `CRDT_FULL_SYNC` flow, plus the frames this node adds: `CRDT_RUNS` (which runs a node holds,
 //! sent on connect), `CRDT_SYNC_MESSAGE` (Automerge's sync protocol, for catch-up) and `ERROR`
-//! (why a frame was rejected).
+//! (why a frame was rejected) and `PRESENCE` (who views a run; never stored).
 
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
@@ -78,6 +78,16 @@ pub enum Frame {
         message: String,
         timestamp: u64,
     },
+    /// Who views a run on node `origin` (ephemeral; see `presence`).
+    #[serde(rename_all = "camelCase")]
+    Presence {
+        run_id: String,
+        origin: String,
+        region: String,
+        epoch: u64,
+        seq: u64,
+        users: Vec<super::presence::PresenceUser>,
+    },
     /// Why the peer's frame was rejected; the link stays open.
     #[serde(rename_all = "camelCase")]
     Error {
@@ -96,6 +106,7 @@ impl Frame {
             Frame::CrdtFullSync { .. } => "CRDT_FULL_SYNC",
             Frame::CrdtRuns { .. } => "CRDT_RUNS",
             Frame::CrdtSyncMessage { .. } => "CRDT_SYNC_MESSAGE",
+            Frame::Presence { .. } => "PRESENCE",
             Frame::Error { .. } => "ERROR",
         }
     }
@@ -122,7 +133,8 @@ impl Frame {
     }
 }
 
-const KNOWN: [&str; 7] = [
+const KNOWN: [&str; 8] = [
+    "PRESENCE",
     "HELLO",
     "AUTH",
     "CRDT_SYNC",

@@ -104,6 +104,29 @@ pub struct Snapshot {
     pub event_count: i32,
 }
 
+/// A run and when it last had an event appended: an entry of the runs list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunActivity {
+    pub run_id: Uuid,
+    pub last_activity: NaiveDateTime,
+}
+
+/// The latest `created_at` per run among `events`, for the runs list.
+fn activity(events: &[NewEvent]) -> Vec<RunActivity> {
+    let mut latest: std::collections::HashMap<Uuid, NaiveDateTime> = Default::default();
+    for e in events {
+        let t = latest.entry(e.run_id).or_insert(e.created_at);
+        *t = (*t).max(e.created_at);
+    }
+    latest
+        .into_iter()
+        .map(|(run_id, last_activity)| RunActivity {
+            run_id,
+            last_activity,
+        })
+        .collect()
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Appends events in one transaction; events whose change is already stored for the run
@@ -127,6 +150,13 @@ pub trait Store: Send + Sync + 'static {
     async fn save_snapshot(&self, snapshot: &Snapshot, keep: usize) -> Result<(), StoreError>;
     /// Up to `limit` ids of runs that have events, in id order, after `after` (a page).
     async fn list_runs(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>, StoreError>;
+    /// Up to `limit` runs, most recently active first, continuing after `after` (the last
+    /// entry of the previous page).
+    async fn recent_runs(
+        &self,
+        after: Option<&RunActivity>,
+        limit: i64,
+    ) -> Result<Vec<RunActivity>, StoreError>;
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// "postgres" or "sqlite".

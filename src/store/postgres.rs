@@ -11,8 +11,15 @@ use diesel_async::pooled_connection::{
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::schema::pg::{collaboration_events as ev, crdt_snapshots as snap};
-use super::{pool_error, EventColumns, NewEvent, Snapshot, Store, StoreError, StoredEvent};
+use super::schema::pg::{collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap};
+use super::{
+    activity, pool_error, EventColumns, NewEvent, RunActivity, Snapshot, Store, StoreError,
+    StoredEvent,
+};
+
+const TOUCH_RUN: &str = "INSERT INTO crdt_runs (run_id, last_activity) VALUES ($1, $2) \
+    ON CONFLICT (run_id) DO UPDATE \
+    SET last_activity = GREATEST(crdt_runs.last_activity, EXCLUDED.last_activity)";
 
 pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
@@ -88,6 +95,9 @@ impl Store for PgStore {
         }
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let rows: Vec<EventRow<'_>> = events.iter().map(event_row).collect();
+        // In run id order: two committers touching the same runs take their locks alike.
+        let mut touched = activity(events);
+        touched.sort_by_key(|a| a.run_id);
         // One statement per chunk keeps under PostgreSQL's 65,535 bind parameters; all chunks
         // commit together.
         let inserted = conn
@@ -99,6 +109,13 @@ impl Store for PgStore {
                         // A change already stored is skipped; a clash on run_seq is an error.
                         .on_conflict((ev::run_id, ev::change_hash))
                         .do_nothing()
+                        .execute(c)
+                        .await?;
+                }
+                for a in &touched {
+                    diesel::sql_query(TOUCH_RUN)
+                        .bind::<diesel::sql_types::Uuid, _>(a.run_id)
+                        .bind::<diesel::sql_types::Timestamp, _>(a.last_activity)
                         .execute(c)
                         .await?;
                 }
@@ -216,6 +233,36 @@ impl Store for PgStore {
             query = query.filter(ev::run_id.gt(after));
         }
         Ok(query.load(&mut conn).await?)
+    }
+
+    async fn recent_runs(
+        &self,
+        after: Option<&RunActivity>,
+        limit: i64,
+    ) -> Result<Vec<RunActivity>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let mut query = runs::table
+            .select((runs::run_id, runs::last_activity))
+            .order((runs::last_activity.desc(), runs::run_id.desc()))
+            .limit(limit)
+            .into_boxed();
+        if let Some(a) = after {
+            query = query.filter(
+                runs::last_activity
+                    .lt(a.last_activity)
+                    .or(runs::last_activity
+                        .eq(a.last_activity)
+                        .and(runs::run_id.lt(a.run_id))),
+            );
+        }
+        let rows: Vec<(Uuid, chrono::NaiveDateTime)> = query.load(&mut conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(run_id, last_activity)| RunActivity {
+                run_id,
+                last_activity,
+            })
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

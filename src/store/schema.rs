@@ -29,6 +29,13 @@ pub mod pg {
             event_count -> Nullable<Integer>,
         }
     }
+
+    diesel::table! {
+        crdt_runs (run_id) {
+            run_id -> Uuid,
+            last_activity -> Timestamp,
+        }
+    }
 }
 
 pub mod sqlite {
@@ -57,6 +64,13 @@ pub mod sqlite {
             region -> Text,
             created_at -> Timestamp,
             event_count -> Nullable<Integer>,
+        }
+    }
+
+    diesel::table! {
+        crdt_runs (run_id) {
+            run_id -> Binary,
+            last_activity -> Timestamp,
         }
     }
 }

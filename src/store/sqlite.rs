@@ -17,8 +17,13 @@ use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnectio
 use diesel::SqliteConnection;
 use uuid::Uuid;
 
-use super::schema::sqlite::{collaboration_events as ev, crdt_snapshots as snap};
-use super::{pool_error, EventColumns, NewEvent, Snapshot, Store, StoreError, StoredEvent};
+use super::schema::sqlite::{
+    collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap,
+};
+use super::{
+    activity, pool_error, EventColumns, NewEvent, RunActivity, Snapshot, Store, StoreError,
+    StoredEvent,
+};
 
 type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
 
@@ -29,6 +34,10 @@ pub struct SqliteStore {
 // busy_timeout first: the others may need a lock that a neighbouring connection holds.
 const PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
                        PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;";
+
+const TOUCH_RUN: &str = "INSERT INTO crdt_runs (run_id, last_activity) VALUES (?, ?) \
+    ON CONFLICT (run_id) DO UPDATE \
+    SET last_activity = MAX(crdt_runs.last_activity, excluded.last_activity)";
 
 #[derive(Debug)]
 struct Pragmas;
@@ -126,6 +135,12 @@ impl Store for SqliteStore {
                         // A change already stored is skipped; a clash on run_seq is an error.
                         .on_conflict((ev::run_id, ev::change_hash))
                         .do_nothing()
+                        .execute(c)?;
+                }
+                for a in activity(&events) {
+                    diesel::sql_query(TOUCH_RUN)
+                        .bind::<diesel::sql_types::Binary, _>(a.run_id.as_bytes().to_vec())
+                        .bind::<diesel::sql_types::Timestamp, _>(a.last_activity)
                         .execute(c)?;
                 }
                 Ok::<_, diesel::result::Error>(n)
@@ -244,6 +259,43 @@ impl Store for SqliteStore {
         Ok(ids
             .into_iter()
             .filter_map(|b| Uuid::from_slice(&b).ok())
+            .collect())
+    }
+
+    async fn recent_runs(
+        &self,
+        after: Option<&RunActivity>,
+        limit: i64,
+    ) -> Result<Vec<RunActivity>, StoreError> {
+        let after = after.cloned();
+        let rows: Vec<(Vec<u8>, chrono::NaiveDateTime)> = self
+            .with_conn(move |c| {
+                let mut query = runs::table
+                    .select((runs::run_id, runs::last_activity))
+                    .order((runs::last_activity.desc(), runs::run_id.desc()))
+                    .limit(limit)
+                    .into_boxed();
+                if let Some(a) = after {
+                    let id = a.run_id.as_bytes().to_vec();
+                    query = query.filter(
+                        runs::last_activity
+                            .lt(a.last_activity)
+                            .or(runs::last_activity
+                                .eq(a.last_activity)
+                                .and(runs::run_id.lt(id))),
+                    );
+                }
+                Ok(query.load(c)?)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, last_activity)| {
+                Some(RunActivity {
+                    run_id: Uuid::from_slice(&id).ok()?,
+                    last_activity,
+                })
+            })
             .collect())
     }
 

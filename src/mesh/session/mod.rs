@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use automerge::{sync, Change};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::directory::{Direction, LinkStats, MeshState, PeerIdentity, SessionHandle};
+use super::presence::{Announcement, PeerPresence, MAX_USERS};
 use super::protocol::{
     self, change_frames, close, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
 };
@@ -33,7 +34,7 @@ use super::MeshConfig;
 use crate::doc::{parse_changes, parse_document, DocError};
 use crate::metrics::Metrics;
 use crate::runs::{ApplySync, FullState, GetChanges, PeerSync, RunError, Runs};
-use crate::socket::{Inbound, Out};
+use crate::socket::{Inbound, Out, Shutdown};
 
 use catchup::Catchup;
 use work::{Slot, Work, MAX_ERROR_RESYNCS, SLOT_IDLE};
@@ -84,7 +85,7 @@ pub struct PeerSession {
     runs: Runs,
     metrics: Metrics,
     out: mpsc::Sender<Out>,
-    shutdown: Option<oneshot::Sender<()>>,
+    shutdown: Option<Shutdown>,
     stats: Arc<LinkStats>,
     owner: Option<Recipient<LinkEvent>>,
     handshake: Option<super::HandshakeSlot>,
@@ -106,7 +107,7 @@ pub struct SessionParts {
     pub runs: Runs,
     pub metrics: Metrics,
     pub out: mpsc::Sender<Out>,
-    pub shutdown: oneshot::Sender<()>,
+    pub shutdown: Shutdown,
     pub stats: Arc<LinkStats>,
     pub owner: Option<Recipient<LinkEvent>>,
     /// Held while an inbound link is in its handshake.
@@ -315,6 +316,42 @@ impl PeerSession {
                     self.start_catchup(ctx);
                 }
             }
+            Frame::Presence {
+                run_id,
+                origin,
+                region,
+                epoch,
+                seq,
+                users,
+            } => {
+                let Some(run) = self.run_id(&run_id, ctx) else {
+                    return;
+                };
+                let bad = !valid_name(&origin)
+                    || !valid_name(&region)
+                    || users.len() > MAX_USERS
+                    || users.iter().any(|u| !valid_user(&u.user));
+                if bad {
+                    return self.reject(
+                        "presence",
+                        "PRESENCE with a bad origin, region or user".into(),
+                        Some(run_id),
+                        ctx,
+                    );
+                }
+                let from = self.peer().map(|p| p.node_id.clone());
+                self.relay_presence(
+                    Announcement {
+                        run_id: run,
+                        origin,
+                        region,
+                        epoch,
+                        seq,
+                        users,
+                    },
+                    from,
+                );
+            }
             Frame::Error { reason, run_id } => {
                 log::warn!(
                     "mesh: {} rejected a frame{}: {reason}",
@@ -399,6 +436,50 @@ impl PeerSession {
         let now = chrono::Utc::now().timestamp_micros().to_be_bytes();
         let _ = self.out.try_send(Out::Ping(now.to_vec().into()));
     }
+}
+
+impl PeerSession {
+    /// Delivers a new presence announcement to this node's subscriber and passes it on to the
+    /// other peer nodes; one already seen goes nowhere.
+    fn relay_presence(&mut self, a: Announcement, from: Option<String>) {
+        if a.origin == self.config.node_id || !self.mesh.presence().is_new(&a) {
+            return;
+        }
+        let frame = Frame::Presence {
+            run_id: a.run_id.to_string(),
+            origin: a.origin.clone(),
+            region: a.region.clone(),
+            epoch: a.epoch,
+            seq: a.seq,
+            users: a.users.clone(),
+        };
+        let mut text: Option<Arc<str>> = None;
+        for (node, session) in self.mesh.primaries() {
+            if Some(&node) == from.as_ref() || node == a.origin {
+                continue;
+            }
+            let text = text.get_or_insert_with(|| frame.encode().into()).clone();
+            let _ = queue_text(
+                &session.out,
+                &session.stats,
+                &self.metrics,
+                self.config.max_frame,
+                text,
+                false,
+            );
+        }
+        self.mesh.presence().notify(PeerPresence::Update {
+            run_id: a.run_id,
+            origin: a.origin,
+            region: a.region,
+            users: a.users,
+        });
+    }
+}
+
+/// A user name in a presence announcement: what the browser edge accepts.
+fn valid_user(s: &str) -> bool {
+    !s.trim().is_empty() && s.chars().count() <= 200 && !s.chars().any(char::is_control)
 }
 
 /// Node ids and regions: short and printable.

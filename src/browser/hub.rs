@@ -1,0 +1,170 @@
+//! The hub: the one place rooms are started and stopped, so a session joining a run never
+//! meets a room that is stopping. It routes committed changes and the mesh's presence to the
+//! rooms of the runs they concern.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::room::{
+    AddMember, Announce, Changed, CloseRoom, CloseSessions, Member, PresenceChanged, RemoveMember,
+    RunRoom,
+};
+use super::session::BrowserSession;
+use super::Shared;
+use crate::mesh::presence::PeerPresence;
+use crate::runs::RunChanged;
+use crate::socket::Out;
+
+/// How often expired presence announcements are swept.
+const SWEEP: Duration = Duration::from_secs(5);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Join {
+    pub run_id: Uuid,
+    pub id: u64,
+    pub session: Addr<BrowserSession>,
+    pub out: mpsc::Sender<Out>,
+    pub user: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave {
+    pub run_id: Uuid,
+    pub id: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GoingAway;
+
+struct Room {
+    addr: Addr<RunRoom>,
+    members: usize,
+}
+
+pub struct Hub {
+    shared: Arc<Shared>,
+    rooms: HashMap<Uuid, Room>,
+}
+
+impl Hub {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Hub {
+            shared,
+            rooms: HashMap::new(),
+        }
+    }
+
+    fn presence_changed(&self, runs: &[Uuid]) {
+        for run in runs {
+            if let Some(room) = self.rooms.get(run) {
+                room.addr.do_send(PresenceChanged);
+            }
+        }
+    }
+}
+
+impl Actor for Hub {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Every committed change of every run passes through here; all come by `do_send`,
+        // which the mailbox capacity does not limit.
+        ctx.run_interval(SWEEP, |act, _| {
+            let changed = act.shared.book.expire(Instant::now());
+            act.presence_changed(&changed);
+        });
+    }
+}
+
+impl Handler<Join> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Join, _ctx: &mut Self::Context) {
+        let shared = self.shared.clone();
+        let room = self.rooms.entry(msg.run_id).or_insert_with(|| Room {
+            addr: RunRoom::new(msg.run_id, shared).start(),
+            members: 0,
+        });
+        room.members += 1;
+        room.addr.do_send(AddMember(
+            msg.id,
+            Member {
+                session: msg.session,
+                out: msg.out,
+                user: msg.user,
+            },
+        ));
+    }
+}
+
+impl Handler<Leave> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Leave, _ctx: &mut Self::Context) {
+        let Some(room) = self.rooms.get_mut(&msg.run_id) else {
+            return;
+        };
+        room.addr.do_send(RemoveMember(msg.id));
+        room.members = room.members.saturating_sub(1);
+        if room.members == 0 {
+            room.addr.do_send(CloseRoom);
+            self.rooms.remove(&msg.run_id);
+        }
+    }
+}
+
+impl Handler<RunChanged> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunChanged, _ctx: &mut Self::Context) {
+        if let Some(room) = self.rooms.get(&msg.run_id) {
+            room.addr.do_send(Changed);
+        }
+    }
+}
+
+impl Handler<PeerPresence> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: PeerPresence, _ctx: &mut Self::Context) {
+        match msg {
+            PeerPresence::Update {
+                run_id,
+                origin,
+                region,
+                users,
+            } => {
+                if self.shared.book.set_remote(run_id, &origin, &region, users) {
+                    self.presence_changed(&[run_id]);
+                }
+            }
+            PeerPresence::NodeDown(node) => {
+                let changed = self.shared.book.forget_node(&node);
+                self.presence_changed(&changed);
+            }
+            PeerPresence::NodeUp(_) => {
+                for room in self.rooms.values() {
+                    room.addr.do_send(Announce);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<GoingAway> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, _: GoingAway, _ctx: &mut Self::Context) {
+        for room in self.rooms.values() {
+            room.addr.do_send(CloseSessions);
+        }
+    }
+}

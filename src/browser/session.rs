@@ -1,0 +1,302 @@
+//! `BrowserSession`: one actor per browser WebSocket.
+//!
+//! A session must `JOIN` (with the API token when one is configured) within [`JOIN_TIMEOUT`];
+//! then it joins its run's room, which sends it the state and presence, and it may send
+//! mutations. Each mutation is answered with `ACK` once its change is committed to the log, or
+//! with `ERROR` and the reason; a malformed frame gets `ERROR` and the session stays open.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::hub::{Hub, Join, Leave};
+use super::protocol::{self, close, ClientFrame, Op, ServerFrame, MAX_OP_ID};
+use super::{SessionSlot, Shared};
+use crate::http::error::ApiError;
+use crate::http::validate;
+use crate::runs::Mutate;
+use crate::socket::{Inbound, Out, Shutdown};
+
+/// How long a new session may take to send `JOIN`.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing session's queued frames may take to go out before its close.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Mutations one session may have waiting for their commit.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Tells a session to close (from its room: it fell behind; from the hub: shutdown).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Kick {
+    pub code: u16,
+    pub reason: String,
+    pub label: &'static str,
+}
+
+pub struct Parts {
+    pub id: u64,
+    pub run_id: Uuid,
+    pub shared: Arc<Shared>,
+    pub hub: Addr<Hub>,
+    pub out: mpsc::Sender<Out>,
+    /// Held until the session stops: it counts among the node's open sessions.
+    pub _slot: SessionSlot,
+    pub authorized: bool,
+}
+
+pub struct BrowserSession {
+    p: Parts,
+    shutdown: Option<Shutdown>,
+    user: Option<String>,
+    last_heard: Instant,
+    in_flight: usize,
+}
+
+impl BrowserSession {
+    /// `shutdown` closes the socket when sent or dropped (on stop).
+    pub fn new(p: Parts, shutdown: Shutdown) -> Self {
+        BrowserSession {
+            p,
+            shutdown: Some(shutdown),
+            user: None,
+            last_heard: Instant::now(),
+            in_flight: 0,
+        }
+    }
+
+    fn send(&mut self, frame: ServerFrame<'_>, ctx: &mut Context<Self>) {
+        let text: Arc<str> = frame.encode().into();
+        match self.p.out.try_send(Out::Text(text)) {
+            Ok(()) => self
+                .p
+                .shared
+                .metrics
+                .browser_frames
+                .with_label_values(&["out"])
+                .inc(),
+            Err(mpsc::error::TrySendError::Full(_)) => self.close(
+                close::TOO_SLOW,
+                "too far behind: reconnect to resync".into(),
+                "too_slow",
+                ctx,
+            ),
+            Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
+        }
+    }
+
+    fn error(&mut self, op_id: Option<&str>, error: &str, message: &str, ctx: &mut Context<Self>) {
+        self.send(
+            ServerFrame::Error {
+                op_id,
+                error,
+                message,
+            },
+            ctx,
+        );
+    }
+
+    /// Closes the socket with a code and reason. Frames already queued (an `ERROR` saying
+    /// why) go first if the queue has room; past a full queue the close goes at once.
+    fn close(&mut self, code: u16, reason: String, label: &'static str, ctx: &mut Context<Self>) {
+        if let Some(shutdown) = self.shutdown.take() {
+            log::info!(
+                "browser: closing session {} on run {}: {reason}",
+                self.p.id,
+                self.p.run_id
+            );
+            self.p
+                .shared
+                .metrics
+                .browser_closed
+                .with_label_values(&[label])
+                .inc();
+            match self.p.out.try_send(Out::Close(code, reason.clone())) {
+                // The writer sends the queue, then the close; the shutdown sender is kept a
+                // moment so that stopping this actor does not cut the queue short.
+                Ok(()) => {
+                    actix_web::rt::spawn(async move {
+                        tokio::time::sleep(CLOSE_GRACE).await;
+                        drop(shutdown);
+                    });
+                }
+                Err(_) => {
+                    let _ = shutdown.send((code, reason));
+                }
+            }
+        }
+        ctx.stop();
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        let frame = match protocol::decode(text) {
+            Ok(f) => f,
+            Err(reason) => return self.error(None, "bad_frame", &reason, ctx),
+        };
+        match frame {
+            ClientFrame::Join { user, token } => self.join(user, token, ctx),
+            ClientFrame::Mutate { op_id, op } => self.mutate(op_id, op, ctx),
+        }
+    }
+
+    fn join(&mut self, user: Option<String>, token: Option<String>, ctx: &mut Context<Self>) {
+        if self.user.is_some() {
+            return self.error(None, "bad_frame", "already joined", ctx);
+        }
+        if let Some(expected) = &self.p.shared.config.token {
+            let presented = token.as_deref().unwrap_or("").as_bytes();
+            if !self.p.authorized && !bool::from(presented.ct_eq(expected.as_bytes())) {
+                self.error(None, "unauthorized", "missing or wrong API token", ctx);
+                return self.close(
+                    close::UNAUTHORIZED,
+                    "missing or wrong API token".into(),
+                    "unauthorized",
+                    ctx,
+                );
+            }
+        }
+        let user = match validate::name("user", user.as_deref()) {
+            Ok(u) => u,
+            Err(e) => return self.error(None, e.code(), &e.to_string(), ctx),
+        };
+        let config = &self.p.shared.config;
+        let welcome = ServerFrame::Welcome {
+            run_id: self.p.run_id,
+            region: &config.region,
+            node_id: &config.node_id,
+            user: &user,
+            session_id: self.p.id,
+        }
+        .encode();
+        self.send_text(welcome, ctx);
+        self.p.hub.do_send(Join {
+            run_id: self.p.run_id,
+            id: self.p.id,
+            session: ctx.address(),
+            out: self.p.out.clone(),
+            user: user.clone(),
+        });
+        self.user = Some(user);
+    }
+
+    fn send_text(&mut self, text: String, ctx: &mut Context<Self>) {
+        if self.p.out.try_send(Out::Text(text.into())).is_err() {
+            ctx.stop();
+        }
+    }
+
+    fn mutate(&mut self, op_id: Option<String>, op: Op, ctx: &mut Context<Self>) {
+        if op_id.as_ref().is_some_and(|id| id.len() > MAX_OP_ID) {
+            let message = format!("opId is longer than {MAX_OP_ID} bytes");
+            return self.error(None, "invalid_field", &message, ctx);
+        }
+        let Some(user) = self.user.clone() else {
+            return self.error(op_id.as_deref(), "not_joined", "send JOIN first", ctx);
+        };
+        if self.in_flight >= MAX_IN_FLIGHT {
+            let message = format!("more than {MAX_IN_FLIGHT} mutations waiting; wait for acks");
+            return self.error(op_id.as_deref(), "busy", &message, ctx);
+        }
+        let mutation = match op.into_mutation(&user) {
+            Ok(m) => m,
+            Err(e) => return self.error(op_id.as_deref(), e.code(), &e.to_string(), ctx),
+        };
+        self.in_flight += 1;
+        let runs = self.p.shared.runs.clone();
+        let run_id = self.p.run_id;
+        let msg = Mutate {
+            mutation,
+            user: Some(user),
+        };
+        let fut = async move { runs.send(run_id, msg).await };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+            act.in_flight -= 1;
+            match result
+                .map_err(ApiError::from)
+                .and_then(|r| r.map_err(ApiError::from))
+            {
+                Ok(out) => act.send(
+                    ServerFrame::Ack {
+                        op_id: op_id.as_deref(),
+                        changed: out.changed,
+                        lamport: out.lamport,
+                        heads: &out.heads,
+                        graft: out.graft.as_ref(),
+                    },
+                    ctx,
+                ),
+                Err(e) => act.error(op_id.as_deref(), e.code(), &e.to_string(), ctx),
+            }
+        }));
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let limit = self.p.shared.config.heartbeat * 3;
+        if self.last_heard.elapsed() > limit {
+            let reason = format!("nothing heard for {} ms", limit.as_millis());
+            return self.close(close::TIMEOUT, reason, "timeout", ctx);
+        }
+        let _ = self.p.out.try_send(Out::Ping(actix_web::web::Bytes::new()));
+    }
+}
+
+impl Actor for BrowserSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.p.shared.config.heartbeat, |act, ctx| {
+            act.heartbeat(ctx)
+        });
+        ctx.run_later(JOIN_TIMEOUT, |act, ctx| {
+            if act.user.is_none() {
+                let reason = format!("no JOIN within {} s", JOIN_TIMEOUT.as_secs());
+                act.close(close::TIMEOUT, reason, "timeout", ctx);
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // Dropping the shutdown sender stops the writer, which closes the socket.
+        self.shutdown.take();
+        if self.user.is_some() {
+            self.p.hub.do_send(Leave {
+                run_id: self.p.run_id,
+                id: self.p.id,
+            });
+        }
+    }
+}
+
+impl Handler<Inbound> for BrowserSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Inbound, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        if matches!(msg, Inbound::Text(_) | Inbound::Binary(_)) {
+            let frames = &self.p.shared.metrics.browser_frames;
+            frames.with_label_values(&["in"]).inc();
+        }
+        match msg {
+            Inbound::Text(t) => self.on_text(&t, ctx),
+            Inbound::Binary(_) => self.error(
+                None,
+                "bad_frame",
+                "binary frames are not part of this protocol; send JSON text",
+                ctx,
+            ),
+            Inbound::Pong(_) => {}
+            Inbound::Closed(_) => ctx.stop(),
+        }
+    }
+}
+
+impl Handler<Kick> for BrowserSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Kick, ctx: &mut Self::Context) {
+        self.close(msg.code, msg.reason, msg.label, ctx);
+    }
+}

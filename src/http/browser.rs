@@ -1,0 +1,35 @@
+//! The browser's WebSocket, `/ws/runs/{runId}` (outside `/api`: a browser cannot set headers on
+//! a WebSocket, so the token comes in the `JOIN` frame; an `Authorization` header also works).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::error::ApiError;
+use super::{auth, validate, ApiToken, AppState};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ws/runs/{runId}", web::get().to(session));
+}
+
+async fn session(
+    app: web::Data<AppState>,
+    token: web::Data<ApiToken>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let run_id = validate::run_id(&path)?;
+    let Some(slot) = app.browser.session_slot() else {
+        return Err(ApiError::Unavailable(
+            "this node has as many browser sessions as it accepts; try another node or later"
+                .into(),
+        )
+        .into());
+    };
+    let authorized = token
+        .0
+        .as_deref()
+        .is_none_or(|expected| auth::bearer_matches(req.headers(), expected));
+    let (response, socket, stream) = actix_ws::handle(&req, body)?;
+    app.browser.accept(socket, stream, run_id, slot, authorized);
+    Ok(response)
+}
