@@ -393,3 +393,32 @@ async fn presence_and_changes_cross_regions() {
         .expect("the run is listed in the other region");
     assert_eq!(entry["viewers"], 1, "ana, seen from eu-central-1: {entry}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_are_served_from_the_binary() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_API_TOKEN", "sesame")]);
+    let http = reqwest::Client::new();
+    // Pages need no token (they ask for it); the API behind them does.
+    for (path, kind, needle) in [
+        ("/", "text/html", "/assets/list.js"),
+        (
+            &format!("/runs/{}", Uuid::new_v4()),
+            "text/html",
+            "/assets/run.js",
+        ),
+        ("/mesh", "text/html", "/assets/mesh.js"),
+        ("/assets/run.js", "text/javascript", "/ws/runs/"),
+        ("/assets/app.css", "text/css", "--accent"),
+    ] {
+        let res = http.get(node.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let ct = res.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with(kind), "{path}: {ct}");
+        assert!(res.text().await.unwrap().contains(needle), "{path}");
+    }
+    for (path, status) in [("/runs/nope", 400), ("/assets/secret.txt", 404)] {
+        let res = http.get(node.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), status, "{path}");
+    }
+}

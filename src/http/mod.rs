@@ -1,11 +1,13 @@
 //! The HTTP edge: routes under `/api/crdt`, health under `/actuator`, metrics at
-//! `/actuator/prometheus`. Routes only parse, validate and send a message to the core.
+//! `/actuator/prometheus`, the browser's WebSocket at `/ws/runs/{runId}` and the pages (`/`,
+//! `/runs/{runId}`, `/mesh`). Routes only parse, validate and send a message to the core.
 
 mod auth;
 mod browser;
 pub mod error;
 mod health;
 mod mesh;
+mod page;
 mod runs;
 pub mod validate;
 
@@ -47,6 +49,7 @@ pub fn configure(
         .configure(health::routes)
         .configure(mesh::socket)
         .configure(browser::routes)
+        .configure(page::routes)
         .service(
             web::scope("/api/crdt")
                 .wrap(middleware::from_fn(auth::require_token))

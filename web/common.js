@@ -1,0 +1,57 @@
+// Shared helpers of the crdt-node pages: the API token (kept in this browser only), API calls
+// and safe HTML.
+"use strict";
+
+const Crdt = {
+  token() { return localStorage.getItem("crdt-token") || ""; },
+  setToken(t) { t ? localStorage.setItem("crdt-token", t) : localStorage.removeItem("crdt-token"); },
+  user() { return localStorage.getItem("crdt-user") || ""; },
+  setUser(u) { localStorage.setItem("crdt-user", u); },
+
+  async api(path) {
+    const headers = {};
+    if (Crdt.token()) headers.Authorization = "Bearer " + Crdt.token();
+    const res = await fetch(path, { headers });
+    const body = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      const err = new Error(body.message || res.statusText);
+      err.status = res.status;
+      throw err;
+    }
+    return body;
+  },
+
+  esc(s) {
+    return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+  },
+
+  // A random UUID without crypto.randomUUID, which plain-HTTP pages on a LAN do not have.
+  uuid() {
+    const b = crypto.getRandomValues(new Uint8Array(16));
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  },
+
+  ago(iso) {
+    const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+    if (s < 60) return `${Math.round(s)} s ago`;
+    if (s < 3600) return `${Math.round(s / 60)} min ago`;
+    if (s < 86400) return `${Math.round(s / 3600)} h ago`;
+    return new Date(iso).toLocaleString();
+  },
+
+  // The token form shown when the node answers 401.
+  askToken(el, then) {
+    el.innerHTML = `<form id="token-form"><span>This node needs an API token.</span>
+      <input id="token" type="password" placeholder="API token" autocomplete="off">
+      <button>Use token</button></form>`;
+    el.querySelector("form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      Crdt.setToken(el.querySelector("#token").value.trim());
+      el.innerHTML = "";
+      then();
+    });
+  },
+};

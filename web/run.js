@@ -1,0 +1,193 @@
+// The run page: a live session on /ws/runs/{runId}.
+//
+// Mutations go into an outbox (kept in localStorage, so a reload or a lost connection keeps
+// them) and are sent when the session is joined; each leaves the outbox when the node
+// acknowledges it (durable) or refuses it (with the reason shown). On reconnect the whole
+// outbox is sent again: grafts carry a client-chosen id, so a graft whose ack was lost is not
+// grafted twice, and the other mutations set the same state again.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const esc = Crdt.esc;
+  const runId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() || "");
+  const outboxKey = "crdt-outbox-" + runId;
+  let outbox = JSON.parse(localStorage.getItem(outboxKey) || "[]");
+  let ws = null;
+  let joined = false;
+  let retries = 0;
+  let retryTimer = null;
+  let lastState = null;
+
+  $("run-id").textContent = runId;
+  document.title = `Run ${runId.slice(0, 8)} · crdt-node`;
+  if (!Crdt.user()) Crdt.setUser("guest-" + Math.random().toString(36).slice(2, 6));
+  $("user").value = Crdt.user();
+
+  function setConn(state, text) {
+    $("conn").dataset.state = state;
+    $("conn").textContent = text;
+    renderPending();
+  }
+
+  function saveOutbox() {
+    localStorage.setItem(outboxKey, JSON.stringify(outbox));
+    renderPending();
+  }
+
+  function connect() {
+    clearTimeout(retryTimer);
+    joined = false;
+    setConn(retries ? "reconnecting" : "connecting", retries ? "reconnecting…" : "connecting…");
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    ws = new WebSocket(`${scheme}://${location.host}/ws/runs/${encodeURIComponent(runId)}`);
+    ws.onopen = () => {
+      const join = { type: "JOIN", user: Crdt.user() };
+      if (Crdt.token()) join.token = Crdt.token();
+      ws.send(JSON.stringify(join));
+    };
+    ws.onmessage = (ev) => {
+      let msg;
+      try { msg = JSON.parse(ev.data); } catch { return; }
+      handle(msg);
+    };
+    ws.onclose = (ev) => {
+      joined = false;
+      ws = null;
+      if (ev.code === 4001) {
+        setConn("refused", "refused: API token needed");
+        Crdt.askToken($("notice"), () => { retries = 0; connect(); });
+        return;
+      }
+      // Back off: 0.5 s doubling to 10 s, with jitter so a node's returning crowd spreads out.
+      const base = Math.min(10000, 500 * 2 ** Math.min(retries, 5));
+      const delay = base / 2 + Math.random() * base / 2;
+      retries += 1;
+      const why = ev.reason ? ` (${ev.reason})` : "";
+      setConn("reconnecting", `reconnecting in ${(delay / 1000).toFixed(1)} s${why}`);
+      retryTimer = setTimeout(connect, delay);
+    };
+  }
+
+  function handle(msg) {
+    switch (msg.type) {
+      case "WELCOME":
+        joined = true;
+        retries = 0;
+        $("region").textContent = msg.region;
+        setConn("connected", `connected to ${msg.region}`);
+        flush();
+        break;
+      case "STATE":
+        lastState = msg.state;
+        render(msg.state);
+        break;
+      case "PRESENCE":
+        $("present").innerHTML = msg.users.map((u) =>
+          `<span class="pill" title="${esc(u.sessions)} session(s)">${esc(u.user)} · ${esc(u.region)}</span>`).join("");
+        break;
+      case "ACK":
+        outbox = outbox.filter((o) => o.opId !== msg.opId);
+        saveOutbox();
+        break;
+      case "ERROR":
+        if (msg.opId) {
+          outbox = outbox.filter((o) => o.opId !== msg.opId);
+          saveOutbox();
+        }
+        $("notice").textContent = `Refused: ${msg.message}`;
+        break;
+    }
+  }
+
+  function flush() {
+    if (!joined || !ws) return;
+    for (const op of outbox) ws.send(JSON.stringify({ type: "MUTATE", ...op }));
+  }
+
+  function submit(op) {
+    const entry = { opId: Crdt.uuid(), ...op };
+    outbox.push(entry);
+    saveOutbox();
+    if (joined && ws) ws.send(JSON.stringify({ type: "MUTATE", ...entry }));
+  }
+
+  function describe(o) {
+    switch (o.op) {
+      case "GRAFT": return `graft ${o.agent} after ${o.afterStep}`;
+      case "PRUNE": return `prune ${o.stepId}`;
+      case "UNPRUNE": return `unprune ${o.stepId}`;
+      case "SET_FLAG": return `set ${o.key} = ${JSON.stringify(o.value)}`;
+      case "DELETE_FLAG": return `delete flag ${o.key}`;
+      default: return o.op;
+    }
+  }
+
+  function renderPending() {
+    $("pending").innerHTML = outbox.length
+      ? outbox.map((o) => `<li>${esc(describe(o))}${joined ? "" : " (offline: sent on reconnect)"}</li>`).join("")
+      : "<li>nothing</li>";
+  }
+
+  function render(s) {
+    $("graft-count").textContent = `(${s.grafts.length})`;
+    $("grafts").innerHTML = s.grafts.map((g, i) => `<tr data-graft="${esc(g.id)}">
+        <td>${i + 1}</td><td>${esc(g.agent)}</td><td>${esc(g.afterStep)}</td><td>${esc(g.user)}</td>
+        <td>${esc(g.region)}</td><td>${esc(g.lamport)}</td></tr>`).join("")
+      || `<tr><td colspan="6" class="muted">No grafts yet.</td></tr>`;
+    $("pruned").innerHTML = s.prunedSteps.map((p) => `<tr data-step="${esc(p.stepId)}">
+        <td>${esc(p.stepId)}</td><td>${esc(p.user)} · ${esc(p.region)}</td>
+        <td><button class="small plain" data-unprune="${esc(p.stepId)}">unprune</button></td></tr>`).join("")
+      || `<tr><td colspan="3" class="muted">None.</td></tr>`;
+    const conflicts = s.flagConflicts || {};
+    $("flags").innerHTML = Object.entries(s.flags).map(([k, v]) => {
+      const c = conflicts[k];
+      const note = c ? `<div class="conflict" data-conflict="${esc(k)}">set concurrently to
+          ${c.map((x) => `<code>${esc(JSON.stringify(x))}</code>`).join(", ")}; kept
+          <code>${esc(JSON.stringify(v))}</code></div>` : "";
+      return `<tr data-flag="${esc(k)}"><td>${esc(k)}</td><td><code>${esc(JSON.stringify(v))}</code>${note}</td>
+        <td><button class="small plain" data-delete-flag="${esc(k)}">delete</button></td></tr>`;
+    }).join("") || `<tr><td colspan="3" class="muted">None.</td></tr>`;
+    $("lamport").textContent = s.lamport;
+    $("heads").textContent = s.heads.map((h) => h.slice(0, 8)).join(" ");
+    if (s.schemaErrors && s.schemaErrors.length) {
+      $("notice").textContent = "Parts of this run do not fit the run schema: " + s.schemaErrors.join("; ");
+    }
+  }
+
+  $("graft-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    submit({ op: "GRAFT", id: Crdt.uuid(), agent: $("agent").value.trim(), afterStep: $("after-step").value.trim() });
+    $("agent").value = "";
+  });
+  $("prune-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    submit({ op: "PRUNE", stepId: $("step-id").value.trim() });
+    $("step-id").value = "";
+  });
+  $("flag-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const raw = $("flag-value").value.trim();
+    let value;
+    try { value = JSON.parse(raw); } catch { value = raw; }
+    submit({ op: "SET_FLAG", key: $("flag-key").value.trim(), value });
+    $("flag-value").value = "";
+  });
+  document.body.addEventListener("click", (e) => {
+    const t = e.target;
+    if (t.dataset.unprune) submit({ op: "UNPRUNE", stepId: t.dataset.unprune });
+    if (t.dataset.deleteFlag) submit({ op: "DELETE_FLAG", key: t.dataset.deleteFlag });
+  });
+  $("who").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const name = $("user").value.trim();
+    if (!name || name === Crdt.user()) return;
+    Crdt.setUser(name);
+    // Presence follows the session's user: rejoin under the new name.
+    if (ws) ws.close(1000, "renamed");
+  });
+  window.addEventListener("online", () => { if (!ws) { retries = 0; connect(); } });
+
+  renderPending();
+  connect();
+})();
