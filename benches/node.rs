@@ -21,6 +21,9 @@ mod mix;
 #[path = "shared/args.rs"]
 mod args;
 
+#[path = "shared/procfs.rs"]
+mod procfs;
+
 #[path = "shared/http.rs"]
 mod http;
 
@@ -276,18 +279,6 @@ async fn load_time() {
 
 // ---------- memory ----------
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .map(str::to_string)
-        })
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
 async fn memory() {
     const RUNS: usize = 10_000;
     const OPS: usize = 10;
@@ -302,7 +293,7 @@ async fn memory() {
     let addr = node.base.trim_start_matches("http://").to_string();
     let warm = [Uuid::new_v4()];
     drive(&addr, 4, &warm, Duration::ZERO, Duration::from_millis(500)).await;
-    let before = rss_kib(node.pid());
+    let before = procfs::rss_kib(node.pid());
     let runs: Vec<Uuid> = (0..RUNS).map(|_| Uuid::new_v4()).collect();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -328,7 +319,7 @@ async fn memory() {
         .await
         .expect("text");
     let loaded = common::metric(&text, "crdt_runs_loaded").unwrap_or(0.0);
-    let after = rss_kib(node.pid());
+    let after = procfs::rss_kib(node.pid());
     println!("\n### Memory for {RUNS} loaded runs of {OPS} operations each\n");
     println!(
         "Runs loaded: {loaded:.0}. Resident memory {:.1} MiB before, {:.1} MiB after: {:.1} KiB per run. ({} mutations written in {:.1} s.)",
