@@ -47,6 +47,7 @@ fn main() {
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
         let secs = if quick { 3.0 } else { 10.0 };
         fanout(1, 20.0, secs).await;
+        fanout(1, 100.0, secs).await;
         fanout(100, 200.0, secs).await;
     });
 }
