@@ -116,6 +116,10 @@ pub struct Browser {
     /// reconnects and resyncs).
     #[serde(default = "default_session_queue")]
     pub queue_frames: usize,
+    /// Bytes queued for one session before it counts as too far behind (one frame is always
+    /// let through, however big).
+    #[serde(default = "default_session_bytes")]
+    pub queue_bytes: usize,
     /// Open sessions this node accepts; more are refused with 503.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
@@ -131,6 +135,7 @@ impl Default for Browser {
     fn default() -> Self {
         Browser {
             queue_frames: default_session_queue(),
+            queue_bytes: default_session_bytes(),
             max_sessions: default_max_sessions(),
             heartbeat_ms: default_session_heartbeat(),
             max_frame_bytes: default_session_frame(),
@@ -140,6 +145,10 @@ impl Default for Browser {
 
 fn default_session_queue() -> usize {
     256
+}
+
+fn default_session_bytes() -> usize {
+    16 * 1024 * 1024
 }
 
 fn default_max_sessions() -> usize {
@@ -281,6 +290,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_MESH_MAX_FRAME_BYTES", "crdt.mesh.max-frame-bytes"),
     ("CRDT_API_TOKEN", "crdt.api.token"),
     ("CRDT_BROWSER_QUEUE_FRAMES", "crdt.browser.queue-frames"),
+    ("CRDT_BROWSER_QUEUE_BYTES", "crdt.browser.queue-bytes"),
     ("CRDT_BROWSER_MAX_SESSIONS", "crdt.browser.max-sessions"),
     ("CRDT_BROWSER_HEARTBEAT_MS", "crdt.browser.heartbeat-ms"),
     (
@@ -402,6 +412,12 @@ impl Settings {
         let browser = &self.crdt.browser;
         if browser.queue_frames < 4 {
             return Err(invalid("crdt.browser.queue-frames", "must be at least 4"));
+        }
+        if browser.queue_bytes < 64 * 1024 {
+            return Err(invalid(
+                "crdt.browser.queue-bytes",
+                "must be at least 65536",
+            ));
         }
         if browser.max_sessions == 0 {
             return Err(invalid("crdt.browser.max-sessions", "must be at least 1"));

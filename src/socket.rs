@@ -6,6 +6,7 @@
 //! Both tasks run on the arbiter that accepted or opened the socket (awc's socket is not
 //! `Send`). The writer stops, closing the socket, when the actor drops its shutdown sender.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +19,9 @@ use tokio::task::AbortHandle;
 #[derive(Debug, Clone)]
 pub enum Out {
     Text(Arc<str>),
-    /// A frame shared by many sockets (a browser room's update): queued without a copy.
-    Shared(ByteString),
+    /// A frame shared by many sockets (a browser room's update): queued without a copy. The
+    /// counter, if any, holds the bytes queued and not yet written; the writer takes these off.
+    Shared(ByteString, Option<Arc<AtomicUsize>>),
     Ping(Bytes),
     Pong(Bytes),
     Close(u16, String),
@@ -99,11 +101,18 @@ pub(crate) async fn write_loop<S: LinkSink>(
             Some(Out::Close(code, reason)) => break Some((code, reason)),
             Some(out) => out,
         };
+        let counted = match &out {
+            Out::Shared(text, Some(pending)) => Some((text.len(), pending.clone())),
+            _ => None,
+        };
         let sent = tokio::select! {
             biased;
             why = &mut stop => break why.ok().or_else(|| last_close(&mut rx)),
             sent = sink.send(out) => sent,
         };
+        if let Some((len, pending)) = counted {
+            pending.fetch_sub(len, Ordering::Relaxed);
+        }
         if !sent {
             reader.abort();
             return;
@@ -129,7 +138,7 @@ impl LinkSink for ServerSink {
     async fn send(&mut self, out: Out) -> bool {
         match out {
             Out::Text(t) => self.0.text(t.to_string()).await.is_ok(),
-            Out::Shared(t) => self.0.text(t).await.is_ok(),
+            Out::Shared(t, _) => self.0.text(t).await.is_ok(),
             Out::Ping(b) => self.0.ping(&b).await.is_ok(),
             Out::Pong(b) => self.0.pong(&b).await.is_ok(),
             Out::Close(..) => true,

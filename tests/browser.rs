@@ -188,6 +188,40 @@ async fn state_on_join_live_updates_and_acks() {
     bo.state_where(pruned).await;
 }
 
+/// A client that re-sends an operation it never saw acknowledged (its connection dropped) gets
+/// the first answer, and what others did since is not undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_operation_is_answered_not_applied_again() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let prune = json!({"type": "MUTATE", "opId": "p-1", "op": "PRUNE", "stepId": "Step2"});
+    let mut first = Session::join(&node, run, "ana").await;
+    first.send(prune.clone()).await;
+    let ack = first.expect("ACK").await;
+    assert_eq!(ack["changed"], true);
+    drop(first);
+    // Someone else unprunes the step.
+    let (s, _) = c.delete(&run_url(&node, run, "/pruned-steps/Step2")).await;
+    assert_eq!(s, 200);
+    let mut again = Session::join(&node, run, "ana").await;
+    again.send(prune).await;
+    let repeat = again.expect("ACK").await;
+    assert_eq!(repeat["opId"], "p-1");
+    assert_eq!(
+        repeat["lamport"], ack["lamport"],
+        "the first outcome: {repeat}"
+    );
+    let (_, state) = c.get(&run_url(&node, run, "/state")).await;
+    assert_eq!(state["prunedSteps"], json!([]), "the unprune stands");
+    // The same op id from another user is that user's own operation.
+    let mut bo = Session::join(&node, run, "bo").await;
+    bo.send(json!({"type": "MUTATE", "opId": "p-1", "op": "PRUNE", "stepId": "Step2"}))
+        .await;
+    assert_eq!(bo.expect("ACK").await["changed"], true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_reasons_and_the_session_stays_open() {
     let db = TestDb::new(Backend::Sqlite).await;
@@ -293,7 +327,8 @@ async fn stuck_session(node: &Node, run: Uuid) -> Session {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_session_is_closed_and_the_others_keep_up() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let node = Node::spawn(&db, &[("CRDT_BROWSER_QUEUE_FRAMES", "8")]);
+    // Each STATE is about 1 MB: a session with 3 MiB queued is too far behind.
+    let node = Node::spawn(&db, &[("CRDT_BROWSER_QUEUE_BYTES", "3145728")]);
     let c = Client::new();
     let run = Uuid::new_v4();
     // One big flag makes every STATE big; small changes then make many of them.
@@ -421,4 +456,30 @@ async fn the_pages_are_served_from_the_binary() {
         let res = http.get(node.url(path)).send().await.unwrap();
         assert_eq!(res.status(), status, "{path}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_says_going_away_to_every_session() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut node = Node::spawn(&db, &[]);
+    let run = Uuid::new_v4();
+    let mut joined = Session::join(&node, run, "ana").await;
+    joined.expect("STATE").await;
+    let mut unjoined = Session::open(&node, run).await;
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = node.terminate(20);
+        (node, status)
+    });
+    for s in [&mut joined, &mut unjoined] {
+        let (code, reason) = s.closed().await;
+        assert_eq!(code, 1001, "{reason}");
+    }
+    let (_node, status) = status.await.unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "open sessions held the shutdown up: {:?}",
+        started.elapsed()
+    );
 }

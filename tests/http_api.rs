@@ -576,6 +576,10 @@ async fn runs_list_newest_first_in_pages(backend: Backend) {
     assert_eq!(s, 200, "{second}");
     assert_eq!(ids(&second), [runs[1].to_string()]);
     assert!(second["nextCursor"].is_null());
+    // A page that ends exactly at the last run says there is no more.
+    let (_, all) = c.get(&node.url("/api/crdt/runs?limit=3")).await;
+    assert_eq!(ids(&all).len(), 3);
+    assert!(all["nextCursor"].is_null(), "{all}");
     for bad in [
         "limit=0",
         "limit=201",

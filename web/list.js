@@ -9,6 +9,8 @@
   let first = true;
 
   async function load() {
+    if (more.disabled) return;
+    more.disabled = true;
     const q = cursor ? `?limit=25&cursor=${encodeURIComponent(cursor)}` : "?limit=25";
     try {
       const page = await Crdt.api("/api/crdt/runs" + q);
@@ -27,8 +29,10 @@
       cursor = page.nextCursor;
       more.hidden = !cursor;
     } catch (e) {
-      if (e.status === 401) return Crdt.askToken(notice, load);
-      notice.textContent = "Could not load the runs: " + e.message;
+      if (e.status === 401) Crdt.askToken(notice, load);
+      else notice.textContent = "Could not load the runs: " + e.message;
+    } finally {
+      more.disabled = false;
     }
   }
 

@@ -1,10 +1,11 @@
 // The run page: a live session on /ws/runs/{runId}.
 //
-// Mutations go into an outbox (kept in localStorage, so a reload or a lost connection keeps
-// them) and are sent when the session is joined; each leaves the outbox when the node
-// acknowledges it (durable) or refuses it (with the reason shown). On reconnect the whole
-// outbox is sent again: grafts carry a client-chosen id, so a graft whose ack was lost is not
-// grafted twice, and the other mutations set the same state again.
+// Mutations go into an outbox (kept in this tab's sessionStorage, so a reload or a lost
+// connection keeps them) and are sent when the session is joined, a window at a time; each
+// leaves the outbox when the node acknowledges it (durable) or refuses it for good (with the
+// reason shown). A temporary refusal (busy, unavailable) keeps it for a later try. On
+// reconnect what was never acknowledged is sent again with the same op id: the node answers a
+// repeat it already applied with the first outcome instead of applying it again.
 "use strict";
 
 (() => {
@@ -12,7 +13,19 @@
   const esc = Crdt.esc;
   const runId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() || "");
   const outboxKey = "crdt-outbox-" + runId;
-  let outbox = JSON.parse(localStorage.getItem(outboxKey) || "[]");
+  let outbox = [];
+  try {
+    outbox = JSON.parse(sessionStorage.getItem(outboxKey) || "[]");
+    if (!Array.isArray(outbox)) outbox = [];
+  } catch {
+    outbox = [];
+  }
+  // Ops sent on this connection and not yet answered; at most WINDOW at once.
+  const WINDOW = 32;
+  const TEMPORARY = new Set(["busy", "unavailable", "internal"]);
+  let sent = new Set();
+  // Acknowledged ops stay listed until a STATE shows them (lamport ≥ the ack's).
+  let saved = [];
   let ws = null;
   let joined = false;
   let retries = 0;
@@ -31,13 +44,18 @@
   }
 
   function saveOutbox() {
-    localStorage.setItem(outboxKey, JSON.stringify(outbox));
+    try {
+      sessionStorage.setItem(outboxKey, JSON.stringify(outbox));
+    } catch {
+      // Storage full or disabled: the outbox still lives in this page.
+    }
     renderPending();
   }
 
   function connect() {
     clearTimeout(retryTimer);
     joined = false;
+    sent = new Set();
     setConn(retries ? "reconnecting" : "connecting", retries ? "reconnecting…" : "connecting…");
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     ws = new WebSocket(`${scheme}://${location.host}/ws/runs/${encodeURIComponent(runId)}`);
@@ -80,36 +98,56 @@
         break;
       case "STATE":
         lastState = msg.state;
+        saved = saved.filter((s) => s.lamport > msg.state.lamport);
         render(msg.state);
+        renderPending();
         break;
       case "PRESENCE":
         $("present").innerHTML = msg.users.map((u) =>
           `<span class="pill" title="${esc(u.sessions)} session(s)">${esc(u.user)} · ${esc(u.region)}</span>`).join("");
         break;
-      case "ACK":
+      case "ACK": {
+        const op = outbox.find((o) => o.opId === msg.opId);
+        if (op && msg.changed && !(lastState && lastState.lamport >= msg.lamport)) {
+          saved.push({ ...op, lamport: msg.lamport });
+        }
         outbox = outbox.filter((o) => o.opId !== msg.opId);
+        sent.delete(msg.opId);
         saveOutbox();
+        flush();
         break;
+      }
       case "ERROR":
-        if (msg.opId) {
+        if (msg.opId && TEMPORARY.has(msg.error)) {
+          // Kept: tried again shortly.
+          sent.delete(msg.opId);
+          setTimeout(flush, 1000);
+        } else if (msg.opId) {
           outbox = outbox.filter((o) => o.opId !== msg.opId);
+          sent.delete(msg.opId);
           saveOutbox();
+          flush();
         }
         $("notice").textContent = `Refused: ${msg.message}`;
         break;
     }
   }
 
+  // Sends outbox entries not yet sent on this connection, keeping at most WINDOW unanswered.
   function flush() {
     if (!joined || !ws) return;
-    for (const op of outbox) ws.send(JSON.stringify({ type: "MUTATE", ...op }));
+    for (const op of outbox) {
+      if (sent.size >= WINDOW) break;
+      if (sent.has(op.opId)) continue;
+      sent.add(op.opId);
+      ws.send(JSON.stringify({ type: "MUTATE", ...op }));
+    }
   }
 
   function submit(op) {
-    const entry = { opId: Crdt.uuid(), ...op };
-    outbox.push(entry);
+    outbox.push({ opId: Crdt.uuid(), ...op });
     saveOutbox();
-    if (joined && ws) ws.send(JSON.stringify({ type: "MUTATE", ...entry }));
+    flush();
   }
 
   function describe(o) {
@@ -124,9 +162,9 @@
   }
 
   function renderPending() {
-    $("pending").innerHTML = outbox.length
-      ? outbox.map((o) => `<li>${esc(describe(o))}${joined ? "" : " (offline: sent on reconnect)"}</li>`).join("")
-      : "<li>nothing</li>";
+    const items = outbox.map((o) => `<li>${esc(describe(o))}${joined ? "" : " (offline: sent on reconnect)"}</li>`)
+      .concat(saved.map((o) => `<li class="saved">${esc(describe(o))} (saved)</li>`));
+    $("pending").innerHTML = items.length ? items.join("") : "<li>nothing</li>";
   }
 
   function render(s) {

@@ -43,7 +43,8 @@ async function setFlag(page, key, value) {
 }
 
 const pendingCount = (page) =>
-  page.$$eval("#pending li", (lis) => lis.filter((li) => li.textContent !== "nothing").length);
+  page.$$eval("#pending li", (lis) =>
+    lis.filter((li) => li.textContent !== "nothing" && !li.classList.contains("saved")).length);
 
 before(async () => {
   mkdirSync(artifacts, { recursive: true });

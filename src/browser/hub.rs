@@ -3,6 +3,7 @@
 //! rooms of the runs they concern.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +12,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::room::{
-    AddMember, Announce, Changed, CloseRoom, CloseSessions, Member, PresenceChanged, RemoveMember,
-    RunRoom,
+    AddMember, Announce, Changed, CloseRoom, Member, PresenceChanged, RemoveMember, RunRoom,
 };
 use super::session::BrowserSession;
 use super::Shared;
@@ -30,6 +30,7 @@ pub struct Join {
     pub id: u64,
     pub session: Addr<BrowserSession>,
     pub out: mpsc::Sender<Out>,
+    pub pending: Arc<AtomicUsize>,
     pub user: String,
 }
 
@@ -40,10 +41,6 @@ pub struct Leave {
     pub id: u64,
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct GoingAway;
-
 struct Room {
     addr: Addr<RunRoom>,
     members: usize,
@@ -52,13 +49,19 @@ struct Room {
 pub struct Hub {
     shared: Arc<Shared>,
     rooms: HashMap<Uuid, Room>,
+    /// Rooms are spread over these threads: a big run's state encoding must not hold up the
+    /// fan-out of every other run.
+    arbiters: Vec<ArbiterHandle>,
+    next_room: u64,
 }
 
 impl Hub {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>) -> Self {
         Hub {
             shared,
             rooms: HashMap::new(),
+            arbiters,
+            next_room: 0,
         }
     }
 
@@ -88,17 +91,28 @@ impl Handler<Join> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Join, _ctx: &mut Self::Context) {
-        let shared = self.shared.clone();
-        let room = self.rooms.entry(msg.run_id).or_insert_with(|| Room {
-            addr: RunRoom::new(msg.run_id, shared).start(),
-            members: 0,
-        });
+        let room = match self.rooms.entry(msg.run_id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                // Each room a new generation: one closing never overwrites its successor's
+                // presence.
+                self.next_room += 1;
+                let (run, generation) = (msg.run_id, self.next_room);
+                let shared = self.shared.clone();
+                let arbiter = &self.arbiters[(generation as usize) % self.arbiters.len()];
+                let addr = RunRoom::start_in_arbiter(arbiter, move |_| {
+                    RunRoom::new(run, generation, shared)
+                });
+                e.insert(Room { addr, members: 0 })
+            }
+        };
         room.members += 1;
         room.addr.do_send(AddMember(
             msg.id,
             Member {
                 session: msg.session,
                 out: msg.out,
+                pending: msg.pending,
                 user: msg.user,
             },
         ));
@@ -140,9 +154,14 @@ impl Handler<PeerPresence> for Hub {
                 run_id,
                 origin,
                 region,
+                stamp,
                 users,
             } => {
-                if self.shared.book.set_remote(run_id, &origin, &region, users) {
+                if self
+                    .shared
+                    .book
+                    .set_remote(run_id, &origin, &region, stamp, users)
+                {
                     self.presence_changed(&[run_id]);
                 }
             }
@@ -155,16 +174,6 @@ impl Handler<PeerPresence> for Hub {
                     room.addr.do_send(Announce);
                 }
             }
-        }
-    }
-}
-
-impl Handler<GoingAway> for Hub {
-    type Result = ();
-
-    fn handle(&mut self, _: GoingAway, _ctx: &mut Self::Context) {
-        for room in self.rooms.values() {
-            room.addr.do_send(CloseSessions);
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct BrowserConfig {
     pub max_sessions: usize,
     pub heartbeat: Duration,
     pub max_frame: usize,
+    /// Bytes one session may have queued before it counts as too far behind.
+    pub queue_bytes: usize,
 }
 
 impl BrowserConfig {
@@ -53,6 +55,7 @@ impl BrowserConfig {
             max_sessions: b.max_sessions,
             heartbeat: Duration::from_millis(b.heartbeat_ms),
             max_frame: b.max_frame_bytes,
+            queue_bytes: b.queue_bytes,
         }
     }
 }
@@ -66,6 +69,8 @@ struct Shared {
     book: PresenceBook,
     open: AtomicUsize,
     next_id: AtomicU64,
+    /// Set when the node stops: every session closes ("going away"), new ones are refused.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// The browser edge: cheap to clone.
@@ -97,18 +102,24 @@ impl Browser {
             book: PresenceBook::default(),
             open: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            closing: tokio::sync::watch::Sender::new(false),
         });
         let hub = {
             let shared = shared.clone();
-            Hub::start_in_arbiter(&Arbiter::new().handle(), move |_| Hub::new(shared))
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let rooms = (0..threads).map(|_| Arbiter::new().handle()).collect();
+            Hub::start_in_arbiter(&Arbiter::new().handle(), move |_| Hub::new(shared, rooms))
         };
         runs.subscribe(hub.clone().recipient());
         mesh.state.presence().subscribe(hub.clone().recipient());
         Browser { shared, hub }
     }
 
-    /// A place for one more session, if the node has room.
+    /// A place for one more session, if the node has room and is not stopping.
     pub fn session_slot(&self) -> Option<SessionSlot> {
+        if *self.shared.closing.borrow() {
+            return None;
+        }
         let taken = self.shared.open.fetch_add(1, Ordering::Relaxed);
         self.shared.metrics.browser_sessions.inc();
         let slot = SessionSlot(self.shared.clone());
@@ -149,8 +160,8 @@ impl Browser {
         self.shared.book.count(run_id)
     }
 
-    /// Closes every session ("going away"): the node is stopping.
+    /// Closes every session ("going away") and refuses new ones: the node is stopping.
     pub fn close(&self) {
-        self.hub.do_send(hub::GoingAway);
+        self.shared.closing.send_replace(true);
     }
 }

@@ -14,13 +14,16 @@ use crate::mesh::presence::{PresenceUser, PRESENCE_TTL};
 struct Remote {
     region: String,
     users: Vec<PresenceUser>,
+    /// The announcement's `(epoch, seq)`: an older one arriving late is ignored.
+    stamp: (u64, u64),
     expires: Instant,
 }
 
 #[derive(Default)]
 struct RunPresence {
-    /// user → open sessions on this node.
+    /// user → open sessions on this node, as the room of generation `room` last set it.
     local: BTreeMap<String, u32>,
+    room: u64,
     /// origin node → its announcement.
     remote: HashMap<String, Remote>,
 }
@@ -41,22 +44,47 @@ impl PresenceBook {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces this node's viewers of a run.
-    pub fn set_local(&self, run: Uuid, users: BTreeMap<String, u32>) {
+    /// Replaces this node's viewers of a run, as room generation `room` sees them. A room
+    /// older than the one that last wrote (one closing while its successor opens) is ignored.
+    pub fn set_local(&self, run: Uuid, room: u64, users: BTreeMap<String, u32>) {
         let mut runs = self.lock();
         let entry = runs.entry(run).or_default();
-        entry.local = users;
+        if room >= entry.room {
+            entry.room = room;
+            entry.local = users;
+        }
         if entry.is_empty() {
             runs.remove(&run);
         }
     }
 
-    /// Records a node's announcement; false if it changed nothing.
+    /// This node's viewers of a run, at most `limit` of them (the most sessions first).
+    pub fn local_users(&self, run: Uuid, limit: usize) -> Vec<PresenceUser> {
+        let runs = self.lock();
+        let mut users: Vec<PresenceUser> = runs.get(&run).map_or_else(Vec::new, |p| {
+            p.local
+                .iter()
+                .map(|(user, &sessions)| PresenceUser {
+                    user: user.clone(),
+                    sessions,
+                })
+                .collect()
+        });
+        if users.len() > limit {
+            users.sort_by(|a, b| b.sessions.cmp(&a.sessions).then(a.user.cmp(&b.user)));
+            users.truncate(limit);
+        }
+        users
+    }
+
+    /// Records a node's announcement stamped `(epoch, seq)`; false if it changed nothing (or
+    /// is older than the one held).
     pub fn set_remote(
         &self,
         run: Uuid,
         origin: &str,
         region: &str,
+        stamp: (u64, u64),
         mut users: Vec<PresenceUser>,
     ) -> bool {
         users.sort_by(|a, b| a.user.cmp(&b.user));
@@ -64,7 +92,9 @@ impl PresenceBook {
         let entry = runs.entry(run).or_default();
         let expires = Instant::now() + PRESENCE_TTL;
         let changed = match entry.remote.get_mut(origin) {
+            Some(r) if r.stamp >= stamp => false,
             Some(r) if r.users == users && r.region == region => {
+                r.stamp = stamp;
                 r.expires = expires;
                 false
             }
@@ -75,6 +105,7 @@ impl PresenceBook {
                     Remote {
                         region: region.to_string(),
                         users,
+                        stamp,
                         expires,
                     },
                 );
@@ -166,12 +197,12 @@ mod tests {
     fn local_and_remote_viewers_merge_and_expire() {
         let book = PresenceBook::default();
         let run = Uuid::new_v4();
-        book.set_local(run, BTreeMap::from([("ana".to_string(), 2)]));
-        assert!(book.set_remote(run, "n2", "eu-central-1", vec![user("bo", 1)]));
-        assert!(
-            !book.set_remote(run, "n2", "eu-central-1", vec![user("bo", 1)]),
-            "a refresh"
-        );
+        book.set_local(run, 1, BTreeMap::from([("ana".to_string(), 2)]));
+        assert!(book.set_remote(run, "n2", "eu-central-1", (1, 1), vec![user("bo", 1)]));
+        let again = book.set_remote(run, "n2", "eu-central-1", (1, 2), vec![user("bo", 1)]);
+        assert!(!again, "a refresh");
+        let late = book.set_remote(run, "n2", "eu-central-1", (1, 1), vec![]);
+        assert!(!late, "a late, older one");
         let v = book.viewers(run, "us-east-1");
         assert_eq!(v.len(), 2);
         assert_eq!(
@@ -186,9 +217,13 @@ mod tests {
         assert_eq!(book.expire(Instant::now()), Vec::<Uuid>::new());
         assert_eq!(book.expire(Instant::now() + PRESENCE_TTL * 2), vec![run]);
         assert_eq!(book.count(run), 2);
-        assert!(book.set_remote(run, "n3", "ap-southeast-1", vec![user("cy", 1)]));
+        assert!(book.set_remote(run, "n3", "ap-southeast-1", (1, 1), vec![user("cy", 1)]));
         assert_eq!(book.forget_node("n3"), vec![run]);
-        book.set_local(run, BTreeMap::new());
+        // A closing room (generation 1) does not erase what its successor (2) set.
+        book.set_local(run, 2, BTreeMap::from([("dee".to_string(), 1)]));
+        book.set_local(run, 1, BTreeMap::new());
+        assert_eq!(book.local_users(run, 10).len(), 1);
+        book.set_local(run, 2, BTreeMap::new());
         assert!(book.viewers(run, "x").is_empty());
     }
 }

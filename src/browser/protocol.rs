@@ -16,12 +16,11 @@ use crate::doc::{Graft, Mutation, RunState};
 use crate::http::error::ApiError;
 use crate::http::validate;
 
-/// Close codes (the application range, as the mesh uses them).
+/// Close codes: the mesh's, where the meaning is the same.
 pub mod close {
-    pub const UNAUTHORIZED: u16 = 4001;
-    pub const PROTOCOL: u16 = 4003;
-    pub const TIMEOUT: u16 = 4008;
-    pub const TOO_SLOW: u16 = 4009;
+    pub use crate::mesh::protocol::close::{
+        AUTH_FAILED as UNAUTHORIZED, SLOW_PEER as TOO_SLOW, TIMEOUT,
+    };
     pub const GOING_AWAY: u16 = 1001;
 }
 

@@ -3,10 +3,14 @@
 //! After each committed change the room asks the run's actor for the state once, encodes the
 //! `STATE` frame once, and queues the same bytes on every session. Changes that arrive while
 //! a fetch is out are coalesced into the next fetch, so a busy run costs one state read per
-//! round trip, not one per change per session. A session whose queue is full is told to close:
-//! it reconnects and resyncs, and the others never wait for it.
+//! round trip, not one per change per session. Presence is coalesced too: joins and leaves
+//! within [`PRESENCE_DELAY`] make one `PRESENCE` frame and one mesh announcement.
+//!
+//! Each session's queue is bounded in frames and in bytes: a session that lets either fill is
+//! told to close (4009). It reconnects and resyncs, and the others never wait for it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,21 +19,25 @@ use bytestring::ByteString;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::protocol::{close, ServerFrame};
+use super::protocol::ServerFrame;
 use super::session::{BrowserSession, Kick};
 use super::Shared;
 use crate::doc::RunState;
 use crate::http::error::ApiError;
-use crate::mesh::presence::{PresenceUser, REFRESH};
+use crate::mesh::presence::{MAX_USERS, REFRESH};
 use crate::runs::{GetState, RunError};
 use crate::socket::Out;
 
 /// A failed state read is retried after this long.
 const RETRY: Duration = Duration::from_secs(1);
+/// Joins and leaves this close together make one presence update.
+const PRESENCE_DELAY: Duration = Duration::from_millis(200);
 
 pub struct Member {
     pub session: Addr<BrowserSession>,
     pub out: mpsc::Sender<Out>,
+    /// Bytes queued on the session and not yet written to its socket.
+    pub pending: Arc<AtomicUsize>,
     pub user: String,
 }
 
@@ -69,13 +77,10 @@ pub struct Announce;
 #[rtype(result = "()")]
 pub struct CloseRoom;
 
-/// Close every session: the node is stopping.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct CloseSessions;
-
 pub struct RunRoom {
     run_id: Uuid,
+    /// Which room of this run this is (see `PresenceBook::set_local`).
+    generation: u64,
     shared: Arc<Shared>,
     seats: HashMap<u64, Seat>,
     /// The last `STATE` frame queued, and the heads it showed.
@@ -84,18 +89,24 @@ pub struct RunRoom {
     /// Changes committed since the fetch in flight began.
     dirty: bool,
     retry: Option<SpawnHandle>,
+    /// A presence update is scheduled; `local_moved` when this node's viewers changed.
+    presence_due: Option<SpawnHandle>,
+    local_moved: bool,
 }
 
 impl RunRoom {
-    pub fn new(run_id: Uuid, shared: Arc<Shared>) -> Self {
+    pub fn new(run_id: Uuid, generation: u64, shared: Arc<Shared>) -> Self {
         RunRoom {
             run_id,
+            generation,
             shared,
             seats: HashMap::new(),
             last: None,
             fetching: false,
             dirty: true,
             retry: None,
+            presence_due: None,
+            local_moved: false,
         }
     }
 
@@ -138,18 +149,9 @@ impl RunRoom {
                 seat.current = false;
             }
         }
-        self.push_state();
-    }
-
-    /// Queues the latest state on every seat that lacks it.
-    fn push_state(&mut self) {
-        let Some((text, _)) = &self.last else { return };
-        let mut sent = 0;
-        for seat in self.seats.values_mut().filter(|s| !s.current) {
-            seat.current = true;
-            sent += u64::from(queue(seat, Out::Shared(text.clone())));
+        if let Some((text, _)) = self.last.clone() {
+            self.broadcast(&text, true);
         }
-        self.count_out(sent);
     }
 
     fn failed(&mut self, e: RunError, ctx: &mut Context<Self>) {
@@ -161,12 +163,11 @@ impl RunRoom {
             message: &format!("the run's state is not available: {e}; retrying"),
         }
         .encode();
-        let text = ByteString::from(text);
-        let mut sent = 0;
-        for seat in self.seats.values_mut().filter(|s| !s.current) {
-            sent += u64::from(queue(seat, Out::Shared(text.clone())));
+        self.broadcast(&ByteString::from(text), true);
+        // Still without the state: they get it when the retry succeeds.
+        for seat in self.seats.values_mut() {
+            seat.current = false;
         }
-        self.count_out(sent);
         if self.retry.is_none() {
             self.retry = Some(ctx.run_later(RETRY, |act, ctx| {
                 act.retry = None;
@@ -176,43 +177,46 @@ impl RunRoom {
         }
     }
 
-    fn count_out(&self, n: u64) {
-        if n > 0 {
+    /// Queues `text` on every seat (only those without the latest state, with `stale_only`,
+    /// which then have it).
+    fn broadcast(&mut self, text: &ByteString, stale_only: bool) {
+        let budget = self.shared.config.queue_bytes;
+        let mut sent = 0;
+        for seat in self.seats.values_mut() {
+            if stale_only && seat.current {
+                continue;
+            }
+            seat.current = true;
+            sent += u64::from(queue(seat, text, budget));
+        }
+        if sent > 0 {
+            let frames = &self.shared.metrics.browser_frames;
+            frames.with_label_values(&["out"]).inc_by(sent);
+        }
+    }
+
+    /// Schedules one presence update for whatever moves in the next moment.
+    fn presence_soon(&mut self, local_moved: bool, ctx: &mut Context<Self>) {
+        self.local_moved |= local_moved;
+        if self.presence_due.is_none() {
+            self.presence_due = Some(ctx.run_later(PRESENCE_DELAY, |act, _| {
+                act.presence_due = None;
+                act.update_presence();
+            }));
+        }
+    }
+
+    fn update_presence(&mut self) {
+        if std::mem::take(&mut self.local_moved) {
+            let mut users = BTreeMap::new();
+            for seat in self.seats.values() {
+                *users.entry(seat.member.user.clone()).or_insert(0) += 1;
+            }
             self.shared
-                .metrics
-                .browser_frames
-                .with_label_values(&["out"])
-                .inc_by(n);
+                .book
+                .set_local(self.run_id, self.generation, users);
+            self.announce();
         }
-    }
-
-    /// This node's viewers, by user.
-    fn local_users(&self) -> BTreeMap<String, u32> {
-        let mut users = BTreeMap::new();
-        for seat in self.seats.values() {
-            *users.entry(seat.member.user.clone()).or_insert(0) += 1;
-        }
-        users
-    }
-
-    /// Records this node's viewers, tells the mesh and pushes the presence to every session.
-    fn local_presence_changed(&mut self) {
-        let users = self.local_users();
-        self.shared.book.set_local(self.run_id, users);
-        self.announce();
-        self.push_presence();
-    }
-
-    fn announce(&self) {
-        let users = self
-            .local_users()
-            .into_iter()
-            .map(|(user, sessions)| PresenceUser { user, sessions })
-            .collect();
-        self.shared.mesh.announce_presence(self.run_id, users);
-    }
-
-    fn push_presence(&mut self) {
         let viewers = self
             .shared
             .book
@@ -222,33 +226,43 @@ impl RunRoom {
             users: &viewers,
         }
         .encode();
-        let text = ByteString::from(text);
-        let mut sent = 0;
-        for seat in self.seats.values_mut() {
-            sent += u64::from(queue(seat, Out::Shared(text.clone())));
-        }
-        self.count_out(sent);
+        self.broadcast(&ByteString::from(text), false);
+    }
+
+    /// Tells the mesh who views the run here, as the book has it (so a closing room and its
+    /// successor both announce the truth).
+    fn announce(&self) {
+        let users = self.shared.book.local_users(self.run_id, MAX_USERS);
+        self.shared.mesh.announce_presence(self.run_id, users);
     }
 }
 
-/// Queues a frame on a seat; a full queue has its session closed. True if queued.
-fn queue(seat: &mut Seat, out: Out) -> bool {
+/// Queues a frame on a seat; a session past its frame or byte budget is told to close. True
+/// if queued. One frame is always allowed, however big: a run's state must reach its viewers.
+fn queue(seat: &mut Seat, text: &ByteString, budget: usize) -> bool {
     if seat.kicked {
         return false;
     }
-    match seat.member.out.try_send(out) {
+    let pending = &seat.member.pending;
+    let queued = pending.load(Ordering::Relaxed);
+    let over_bytes = queued > 0 && queued + text.len() > budget;
+    let out = Out::Shared(text.clone(), Some(pending.clone()));
+    let result = if over_bytes {
+        Err(mpsc::error::TrySendError::Full(out))
+    } else {
+        pending.fetch_add(text.len(), Ordering::Relaxed);
+        seat.member.out.try_send(out)
+    };
+    match result {
         Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(e) => {
+            if !over_bytes {
+                pending.fetch_sub(text.len(), Ordering::Relaxed);
+            }
             seat.kicked = true;
-            seat.member.session.do_send(Kick {
-                code: close::TOO_SLOW,
-                reason: "too far behind: reconnect to resync".into(),
-                label: "too_slow",
-            });
-            false
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => {
-            seat.kicked = true;
+            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                seat.member.session.do_send(Kick::too_slow());
+            }
             false
         }
     }
@@ -274,11 +288,11 @@ impl Handler<AddMember> for RunRoom {
                 kicked: false,
             },
         );
-        self.local_presence_changed();
+        self.presence_soon(true, ctx);
         if self.fetching || self.dirty {
             self.fetch(ctx);
-        } else {
-            self.push_state();
+        } else if let Some((text, _)) = self.last.clone() {
+            self.broadcast(&text, true);
         }
     }
 }
@@ -286,9 +300,9 @@ impl Handler<AddMember> for RunRoom {
 impl Handler<RemoveMember> for RunRoom {
     type Result = ();
 
-    fn handle(&mut self, RemoveMember(id): RemoveMember, _ctx: &mut Self::Context) {
+    fn handle(&mut self, RemoveMember(id): RemoveMember, ctx: &mut Self::Context) {
         if self.seats.remove(&id).is_some() {
-            self.local_presence_changed();
+            self.presence_soon(true, ctx);
         }
     }
 }
@@ -305,8 +319,8 @@ impl Handler<Changed> for RunRoom {
 impl Handler<PresenceChanged> for RunRoom {
     type Result = ();
 
-    fn handle(&mut self, _: PresenceChanged, _ctx: &mut Self::Context) {
-        self.push_presence();
+    fn handle(&mut self, _: PresenceChanged, ctx: &mut Self::Context) {
+        self.presence_soon(false, ctx);
     }
 }
 
@@ -322,23 +336,10 @@ impl Handler<CloseRoom> for RunRoom {
     type Result = ();
 
     fn handle(&mut self, _: CloseRoom, ctx: &mut Self::Context) {
-        self.seats.clear();
-        self.shared.book.set_local(self.run_id, BTreeMap::new());
+        self.shared
+            .book
+            .set_local(self.run_id, self.generation, BTreeMap::new());
         self.announce();
         ctx.stop();
-    }
-}
-
-impl Handler<CloseSessions> for RunRoom {
-    type Result = ();
-
-    fn handle(&mut self, _: CloseSessions, _ctx: &mut Self::Context) {
-        for seat in self.seats.values() {
-            seat.member.session.do_send(Kick {
-                code: close::GOING_AWAY,
-                reason: "node shutting down".into(),
-                label: "shutdown",
-            });
-        }
     }
 }

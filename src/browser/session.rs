@@ -5,6 +5,7 @@
 //! mutations. Each mutation is answered with `ACK` once its change is committed to the log, or
 //! with `ERROR` and the reason; a malformed frame gets `ERROR` and the session stays open.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,16 @@ pub struct Kick {
     pub label: &'static str,
 }
 
+impl Kick {
+    pub fn too_slow() -> Kick {
+        Kick {
+            code: close::TOO_SLOW,
+            reason: "too far behind: reconnect to resync".into(),
+            label: "too_slow",
+        }
+    }
+}
+
 pub struct Parts {
     pub id: u64,
     pub run_id: Uuid,
@@ -51,6 +62,8 @@ pub struct Parts {
 pub struct BrowserSession {
     p: Parts,
     shutdown: Option<Shutdown>,
+    /// Bytes the room queued on this session and its socket has not yet taken.
+    pending: Arc<AtomicUsize>,
     user: Option<String>,
     last_heard: Instant,
     in_flight: usize,
@@ -62,12 +75,14 @@ impl BrowserSession {
         BrowserSession {
             p,
             shutdown: Some(shutdown),
+            pending: Arc::new(AtomicUsize::new(0)),
             user: None,
             last_heard: Instant::now(),
             in_flight: 0,
         }
     }
 
+    /// Queues a frame; a full queue means the browser is too far behind, so it is closed.
     fn send(&mut self, frame: ServerFrame<'_>, ctx: &mut Context<Self>) {
         let text: Arc<str> = frame.encode().into();
         match self.p.out.try_send(Out::Text(text)) {
@@ -78,12 +93,14 @@ impl BrowserSession {
                 .browser_frames
                 .with_label_values(&["out"])
                 .inc(),
-            Err(mpsc::error::TrySendError::Full(_)) => self.close(
-                close::TOO_SLOW,
-                "too far behind: reconnect to resync".into(),
-                "too_slow",
-                ctx,
-            ),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let Kick {
+                    code,
+                    reason,
+                    label,
+                } = Kick::too_slow();
+                self.close(code, reason, label, ctx)
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
         }
     }
@@ -134,7 +151,14 @@ impl BrowserSession {
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         let frame = match protocol::decode(text) {
             Ok(f) => f,
-            Err(reason) => return self.error(None, "bad_frame", &reason, ctx),
+            Err(reason) => {
+                // Name the operation when the frame has one, so the client can drop it.
+                let op_id = serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|v| v.get("opId")?.as_str().map(str::to_string))
+                    .filter(|id| id.len() <= MAX_OP_ID);
+                return self.error(op_id.as_deref(), "bad_frame", &reason, ctx);
+            }
         };
         match frame {
             ClientFrame::Join { user, token } => self.join(user, token, ctx),
@@ -162,30 +186,26 @@ impl BrowserSession {
             Ok(u) => u,
             Err(e) => return self.error(None, e.code(), &e.to_string(), ctx),
         };
-        let config = &self.p.shared.config;
-        let welcome = ServerFrame::Welcome {
-            run_id: self.p.run_id,
-            region: &config.region,
-            node_id: &config.node_id,
-            user: &user,
-            session_id: self.p.id,
-        }
-        .encode();
-        self.send_text(welcome, ctx);
+        let shared = self.p.shared.clone();
+        self.send(
+            ServerFrame::Welcome {
+                run_id: self.p.run_id,
+                region: &shared.config.region,
+                node_id: &shared.config.node_id,
+                user: &user,
+                session_id: self.p.id,
+            },
+            ctx,
+        );
         self.p.hub.do_send(Join {
             run_id: self.p.run_id,
             id: self.p.id,
             session: ctx.address(),
             out: self.p.out.clone(),
+            pending: self.pending.clone(),
             user: user.clone(),
         });
         self.user = Some(user);
-    }
-
-    fn send_text(&mut self, text: String, ctx: &mut Context<Self>) {
-        if self.p.out.try_send(Out::Text(text.into())).is_err() {
-            ctx.stop();
-        }
     }
 
     fn mutate(&mut self, op_id: Option<String>, op: Op, ctx: &mut Context<Self>) {
@@ -210,6 +230,7 @@ impl BrowserSession {
         let msg = Mutate {
             mutation,
             user: Some(user),
+            op_id: op_id.clone(),
         };
         let fut = async move { runs.send(run_id, msg).await };
         ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
@@ -256,6 +277,15 @@ impl Actor for BrowserSession {
                 act.close(close::TIMEOUT, reason, "timeout", ctx);
             }
         });
+        // The node stopping closes every session, joined or not.
+        let mut closing = self.p.shared.closing.subscribe();
+        let stopping = async move {
+            let _ = closing.wait_for(|c| *c).await;
+        };
+        ctx.spawn(stopping.into_actor(self).map(|_, act, ctx| {
+            let reason = "node shutting down".to_string();
+            act.close(close::GOING_AWAY, reason, "shutdown", ctx);
+        }));
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {

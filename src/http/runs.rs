@@ -52,13 +52,16 @@ async fn list(
         ));
     }
     let after = query.cursor.as_deref().map(validate::cursor).transpose()?;
-    let page = app
+    // One more than asked says whether there is a next page.
+    let mut page = app
         .runs
         .store()
-        .recent_runs(after.as_ref(), limit)
+        .recent_runs(after.as_ref(), limit + 1)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    let next = (page.len() as i64 == limit)
+    let more = page.len() as i64 > limit;
+    page.truncate(limit as usize);
+    let next = more
         .then(|| page.last().map(validate::encode_cursor))
         .flatten();
     let runs: Vec<Json> = page
@@ -186,7 +189,12 @@ async fn answer(
     user: Option<String>,
     fields: impl FnOnce(&MutationOutcome) -> Vec<(&'static str, Json)>,
 ) -> Result<serde_json::Map<String, Json>, ApiError> {
-    let out = app.runs.send(run_id, Mutate { mutation, user }).await??;
+    let msg = Mutate {
+        mutation,
+        user,
+        op_id: None,
+    };
+    let out = app.runs.send(run_id, msg).await??;
     let mut body = serde_json::Map::new();
     body.insert("changed".into(), json!(out.changed));
     body.insert("lamport".into(), json!(out.lamport));

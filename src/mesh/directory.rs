@@ -310,6 +310,7 @@ impl MeshState {
         let gone = peer.filter(|p| !connected.contains(p.as_str()));
         drop(dir);
         if let Some(node) = gone {
+            self.presence.forget_origin(&node);
             self.presence.notify(PeerPresence::NodeDown(node));
         }
     }

@@ -174,26 +174,15 @@ impl Mesh {
     /// Announces this node's viewers of a run to every connected peer node.
     pub fn announce_presence(&self, run_id: Uuid, users: Vec<presence::PresenceUser>) {
         let (epoch, seq) = self.state.presence().next_stamp();
-        let frame = protocol::Frame::Presence {
-            run_id: run_id.to_string(),
+        let announcement = presence::Announcement {
+            run_id,
             origin: self.config.node_id.clone(),
             region: self.config.region.clone(),
             epoch,
             seq,
             users,
         };
-        let text: Arc<str> = frame.encode().into();
-        for (_, session) in self.state.primaries() {
-            // Ephemeral: a peer too slow to take it gets the next refresh instead.
-            let _ = transport::queue_text(
-                &session.out,
-                &session.stats,
-                &self.metrics,
-                self.config.max_frame,
-                text.clone(),
-                false,
-            );
-        }
+        announcement.send(&self.state, &self.metrics, self.config.max_frame, &[]);
     }
 
     /// Syncs `run` now to every connected node of `region`; returns how many there are.

@@ -16,6 +16,11 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::directory::MeshState;
+use super::protocol::Frame;
+use super::transport::queue_text;
+use crate::metrics::Metrics;
+
 /// How often a node re-announces the viewers it has.
 pub const REFRESH: Duration = Duration::from_secs(10);
 /// How long an announcement holds without a refresh.
@@ -41,6 +46,9 @@ pub enum PeerPresence {
         run_id: Uuid,
         origin: String,
         region: String,
+        /// `(epoch, seq)`: announcements reach the subscriber over several links, so one may
+        /// arrive after a newer one.
+        stamp: (u64, u64),
         users: Vec<PresenceUser>,
     },
     /// A peer node is no longer connected: forget what it announced.
@@ -58,6 +66,39 @@ pub struct Announcement {
     pub epoch: u64,
     pub seq: u64,
     pub users: Vec<PresenceUser>,
+}
+
+impl Announcement {
+    fn frame(&self) -> Frame {
+        Frame::Presence {
+            run_id: self.run_id.to_string(),
+            origin: self.origin.clone(),
+            region: self.region.clone(),
+            epoch: self.epoch,
+            seq: self.seq,
+            users: self.users.clone(),
+        }
+    }
+
+    /// Queues the announcement on every connected peer node but those in `except`. Ephemeral:
+    /// a peer too slow to take it gets the next refresh instead.
+    pub fn send(&self, mesh: &MeshState, metrics: &Metrics, max_frame: usize, except: &[&str]) {
+        let mut text: Option<Arc<str>> = None;
+        for (node, session) in mesh.primaries() {
+            if except.contains(&node.as_str()) {
+                continue;
+            }
+            let text = text.get_or_insert_with(|| self.frame().encode().into());
+            let _ = queue_text(
+                &session.out,
+                &session.stats,
+                metrics,
+                max_frame,
+                text.clone(),
+                false,
+            );
+        }
+    }
 }
 
 /// The mesh's presence state: the subscriber, this node's sequence and what was seen.
@@ -98,6 +139,13 @@ impl PresenceRelay {
     /// The next `(epoch, seq)` for this node's own announcement.
     pub fn next_stamp(&self) -> (u64, u64) {
         (self.epoch, self.seq.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Forgets what was seen from `origin` (its link went down: it may come back restarted,
+    /// with a clock that went backwards).
+    pub fn forget_origin(&self, origin: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|(_, o), _| o != origin);
     }
 
     /// Records an announcement; true if it is newer than any seen from its origin for its run

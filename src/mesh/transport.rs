@@ -66,7 +66,7 @@ impl LinkSink for ClientSink {
         use awc::ws::Message;
         let message = match out {
             Out::Text(t) => Message::Text(t.to_string().into()),
-            Out::Shared(t) => Message::Text(t),
+            Out::Shared(t, _) => Message::Text(t),
             Out::Ping(b) => Message::Ping(b),
             Out::Pong(b) => Message::Pong(b),
             Out::Close(..) => return true,

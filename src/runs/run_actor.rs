@@ -8,6 +8,7 @@
 //! yet committed is refused and the actor stops: the next request reloads the run from the
 //! durable log with a fresh actor id, so no unacknowledged change lingers in memory.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,14 @@ use crate::store::NewEvent;
 pub struct Mutate {
     pub mutation: Mutation,
     pub user: Option<String>,
+    /// A client's id for this operation: a repeat of an id this run recently applied (a client
+    /// re-sending what it never saw acknowledged) is answered with the first outcome instead
+    /// of being applied again over what others did since.
+    pub op_id: Option<String>,
 }
+
+/// Client operation ids a run remembers, newest last.
+const RECENT_OPS: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct MutationOutcome {
@@ -144,6 +152,9 @@ pub struct RunActor {
     written: bool,
     last_active: Instant,
     gauge: Option<prometheus::IntGauge>,
+    /// Outcomes of recent client operations, by (user, op id); `recent_order` ages them out.
+    recent_ops: HashMap<(Option<String>, String), MutationOutcome>,
+    recent_order: VecDeque<(Option<String>, String)>,
 }
 
 impl RunActor {
@@ -164,7 +175,19 @@ impl RunActor {
             written: false,
             last_active: Instant::now(),
             gauge: None,
+            recent_ops: HashMap::new(),
+            recent_order: VecDeque::new(),
         }
+    }
+
+    fn remember_op(&mut self, key: (Option<String>, String), outcome: &MutationOutcome) {
+        if self.recent_order.len() >= RECENT_OPS {
+            if let Some(old) = self.recent_order.pop_front() {
+                self.recent_ops.remove(&old);
+            }
+        }
+        self.recent_order.push_back(key.clone());
+        self.recent_ops.insert(key, outcome.clone());
     }
 
     fn doc(&mut self) -> Result<&mut RunDoc, RunError> {
@@ -217,7 +240,8 @@ impl RunActor {
             Origin::Local => self.runs.inner.config.region.clone(),
             Origin::Remote { source_region, .. } => source_region.clone(),
         };
-        let now = chrono::Utc::now().naive_utc();
+        // Microseconds, as PostgreSQL keeps them, so the runs list's cursor is exact on SQLite.
+        let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now().naive_utc(), 6);
         let events = changes
             .iter()
             .map(|change| {
@@ -519,6 +543,15 @@ impl Handler<Mutate> for RunActor {
     type Result = ResponseFuture<Result<MutationOutcome, RunError>>;
 
     fn handle(&mut self, msg: Mutate, ctx: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.doc() {
+            return Box::pin(async move { Err(e) });
+        }
+        let op_key = msg.op_id.clone().map(|id| (msg.user.clone(), id));
+        if let Some(seen) = op_key.as_ref().and_then(|k| self.recent_ops.get(k)) {
+            // Already applied (its write may still be in flight): the same answer, once durable.
+            let seen = seen.clone();
+            return self.once_durable(Ok(seen), ctx);
+        }
         let now_ms = chrono::Utc::now().timestamp_millis();
         let applied = match self
             .doc()
@@ -537,6 +570,9 @@ impl Handler<Mutate> for RunActor {
             lamport: applied.lamport,
             heads,
         };
+        if let Some(key) = op_key {
+            self.remember_op(key, &outcome);
+        }
         let Some(change) = applied.change else {
             // Nothing new to write, but the state it reports must be durable first.
             return self.once_durable(Ok(outcome), ctx);

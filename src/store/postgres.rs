@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use diesel::prelude::*;
+use diesel::sql_types::{self, Array};
 use diesel_async::pooled_connection::deadpool::Pool;
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
@@ -17,7 +18,9 @@ use super::{
     StoredEvent,
 };
 
-const TOUCH_RUN: &str = "INSERT INTO crdt_runs (run_id, last_activity) VALUES ($1, $2) \
+/// Every run a batch touched, in one statement.
+const TOUCH_RUNS: &str = "INSERT INTO crdt_runs (run_id, last_activity) \
+    SELECT * FROM unnest($1::uuid[], $2::timestamp[]) \
     ON CONFLICT (run_id) DO UPDATE \
     SET last_activity = GREATEST(crdt_runs.last_activity, EXCLUDED.last_activity)";
 
@@ -98,6 +101,8 @@ impl Store for PgStore {
         // In run id order: two committers touching the same runs take their locks alike.
         let mut touched = activity(events);
         touched.sort_by_key(|a| a.run_id);
+        let run_ids: Vec<Uuid> = touched.iter().map(|a| a.run_id).collect();
+        let times: Vec<chrono::NaiveDateTime> = touched.iter().map(|a| a.last_activity).collect();
         // One statement per chunk keeps under PostgreSQL's 65,535 bind parameters; all chunks
         // commit together.
         let inserted = conn
@@ -112,13 +117,11 @@ impl Store for PgStore {
                         .execute(c)
                         .await?;
                 }
-                for a in &touched {
-                    diesel::sql_query(TOUCH_RUN)
-                        .bind::<diesel::sql_types::Uuid, _>(a.run_id)
-                        .bind::<diesel::sql_types::Timestamp, _>(a.last_activity)
-                        .execute(c)
-                        .await?;
-                }
+                diesel::sql_query(TOUCH_RUNS)
+                    .bind::<Array<sql_types::Uuid>, _>(&run_ids)
+                    .bind::<Array<sql_types::Timestamp>, _>(&times)
+                    .execute(c)
+                    .await?;
                 Ok::<_, diesel::result::Error>(n)
             })
             .await?;
@@ -247,12 +250,13 @@ impl Store for PgStore {
             .limit(limit)
             .into_boxed();
         if let Some(a) = after {
+            // The `<=` bound lets the index range start at the cursor.
             query = query.filter(
-                runs::last_activity
-                    .lt(a.last_activity)
-                    .or(runs::last_activity
-                        .eq(a.last_activity)
-                        .and(runs::run_id.lt(a.run_id))),
+                runs::last_activity.le(a.last_activity).and(
+                    runs::last_activity
+                        .lt(a.last_activity)
+                        .or(runs::run_id.lt(a.run_id)),
+                ),
             );
         }
         let rows: Vec<(Uuid, chrono::NaiveDateTime)> = query.load(&mut conn).await?;

@@ -272,17 +272,22 @@ impl Store for SqliteStore {
             .with_conn(move |c| {
                 let mut query = runs::table
                     .select((runs::run_id, runs::last_activity))
+                    // Ids this node writes are 16 bytes; others would end a page early.
+                    .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
+                        "length(run_id) = 16",
+                    ))
                     .order((runs::last_activity.desc(), runs::run_id.desc()))
                     .limit(limit)
                     .into_boxed();
                 if let Some(a) = after {
+                    // The `<=` bound lets the index range start at the cursor.
                     let id = a.run_id.as_bytes().to_vec();
                     query = query.filter(
-                        runs::last_activity
-                            .lt(a.last_activity)
-                            .or(runs::last_activity
-                                .eq(a.last_activity)
-                                .and(runs::run_id.lt(id))),
+                        runs::last_activity.le(a.last_activity).and(
+                            runs::last_activity
+                                .lt(a.last_activity)
+                                .or(runs::run_id.lt(id)),
+                        ),
                     );
                 }
                 Ok(query.load(c)?)

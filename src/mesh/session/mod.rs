@@ -445,33 +445,13 @@ impl PeerSession {
         if a.origin == self.config.node_id || !self.mesh.presence().is_new(&a) {
             return;
         }
-        let frame = Frame::Presence {
-            run_id: a.run_id.to_string(),
-            origin: a.origin.clone(),
-            region: a.region.clone(),
-            epoch: a.epoch,
-            seq: a.seq,
-            users: a.users.clone(),
-        };
-        let mut text: Option<Arc<str>> = None;
-        for (node, session) in self.mesh.primaries() {
-            if Some(&node) == from.as_ref() || node == a.origin {
-                continue;
-            }
-            let text = text.get_or_insert_with(|| frame.encode().into()).clone();
-            let _ = queue_text(
-                &session.out,
-                &session.stats,
-                &self.metrics,
-                self.config.max_frame,
-                text,
-                false,
-            );
-        }
+        let except = [from.as_deref().unwrap_or(""), a.origin.as_str()];
+        a.send(&self.mesh, &self.metrics, self.config.max_frame, &except);
         self.mesh.presence().notify(PeerPresence::Update {
             run_id: a.run_id,
             origin: a.origin,
             region: a.region,
+            stamp: (a.epoch, a.seq),
             users: a.users,
         });
     }
