@@ -122,13 +122,9 @@ async fn fanout(runs: usize, rate: f64, secs: f64) {
     }
     // Every session joined and holds the initial state.
     let deadline = Instant::now() + Duration::from_secs(60);
+    let client = common::Client::new();
     loop {
-        let text = reqwest::get(node.url("/actuator/prometheus"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let text = client.text(&node.url("/actuator/prometheus")).await;
         if common::metric(&text, "crdt_browser_sessions") == Some(SESSIONS as f64) {
             break;
         }
