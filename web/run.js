@@ -170,7 +170,7 @@
   function render(s) {
     $("graft-count").textContent = `(${s.grafts.length})`;
     $("grafts").innerHTML = s.grafts.map((g, i) => `<tr data-graft="${esc(g.id)}">
-        <td>${i + 1}</td><td>${esc(g.agent)}</td><td>${esc(g.afterStep)}</td><td>${esc(g.user)}</td>
+        <td class="hide-narrow">${i + 1}</td><td>${esc(g.agent)}</td><td>${esc(g.afterStep)}</td><td>${esc(g.user)}</td>
         <td>${esc(g.region)}</td><td>${esc(g.lamport)}</td></tr>`).join("")
       || `<tr><td colspan="6" class="muted">No grafts yet.</td></tr>`;
     $("pruned").innerHTML = s.prunedSteps.map((p) => `<tr data-step="${esc(p.stepId)}">

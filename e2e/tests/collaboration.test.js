@@ -167,4 +167,12 @@ test("the runs list and the mesh page work", async () => {
   await until("mesh page shows the peer", async () => (await page.textContent("#peers")).includes("eu-central-1"));
   await shot(page, "07-mesh-status");
   await page.close();
+  // And the run page at a phone's size: everything reachable in one column.
+  const phone = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  await phone.goto(`${west.url}/runs/${run}`);
+  await until("phone page connected", async () => (await connState(phone)) === "connected");
+  await shot(phone, "08-run-on-a-phone");
+  const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `the page scrolls sideways by ${overflow}px on a phone`);
+  await phone.close();
 });
