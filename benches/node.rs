@@ -253,7 +253,7 @@ async fn load_time() {
     println!("|---|---:|---:|---:|");
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let db = TestDb::new(backend).await;
-        let store = store::open(&db.url, 4).await.expect("store");
+        let store = store::open(&db.url, 4, false).await.expect("store");
         let with_snapshot = seed_run(store.as_ref(), 10_000, Some(9_950)).await;
         let without = seed_run(store.as_ref(), 10_000, None).await;
         let (fast, l1) = median_load(store.as_ref(), with_snapshot).await;

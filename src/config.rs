@@ -259,6 +259,13 @@ pub struct Server {
     pub port: u16,
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// On SIGTERM, how long open connections get to finish before the node exits.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_grace() -> u64 {
+    25
 }
 
 fn default_max_body() -> usize {
@@ -271,6 +278,10 @@ pub struct Database {
     pub url: String,
     #[serde(default = "default_pool")]
     pub pool_size: usize,
+    /// PostgreSQL: create the URL's database when it does not exist (one per pod on a shared
+    /// server; the user needs CREATEDB).
+    #[serde(default)]
+    pub create_if_missing: bool,
 }
 
 fn default_pool() -> usize {
@@ -309,6 +320,8 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("BIND", "server.bind"),
     ("PORT", "server.port"),
     ("CRDT_MAX_BODY_BYTES", "server.max-body-bytes"),
+    ("CRDT_SHUTDOWN_GRACE_SECS", "server.shutdown-grace-secs"),
+    ("DATABASE_CREATE_IF_MISSING", "database.create-if-missing"),
 ];
 
 impl Settings {
@@ -462,10 +475,36 @@ impl Settings {
         if self.database.url.trim().is_empty() {
             return Err(invalid("database.url", "must not be empty"));
         }
+        if self.server.shutdown_grace_secs == 0 {
+            return Err(invalid("server.shutdown-grace-secs", "must be at least 1"));
+        }
         if self.database.pool_size == 0 {
             return Err(invalid("database.pool-size", "must be at least 1"));
         }
         Ok(self)
+    }
+
+    /// The configured peers, less any that name this node itself (`ws://NODE_ID…` or
+    /// `ws://NODE_ID.…`), so that every pod of a StatefulSet can share one peer list.
+    pub fn peer_urls(&self) -> Vec<String> {
+        let me = self.node_id();
+        self.crdt
+            .mesh
+            .peers
+            .urls()
+            .into_iter()
+            .filter(|peer| {
+                let host = url::Url::parse(peer)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_string))
+                    .unwrap_or_default();
+                let own = host == me || host.starts_with(&format!("{me}."));
+                if own {
+                    log::info!("mesh: skipping peer {peer}: it is this node");
+                }
+                !own
+            })
+            .collect()
     }
 
     pub fn node_id(&self) -> &str {
@@ -500,6 +539,28 @@ mod tests {
         assert_eq!(s.crdt.snapshot.every_events, 100);
         assert_eq!(s.crdt.snapshot.keep, 10);
         assert_eq!((s.server.bind.as_str(), s.server.port), ("127.0.0.1", 8080));
+    }
+
+    #[test]
+    fn a_pod_skips_itself_in_a_shared_peer_list() {
+        let peers = "ws://crdt-node-0.crdt-node-headless:8080/ws,ws://crdt-node-1.crdt-node-headless:8080/ws,wss://crdt-eu.example.com/ws";
+        let env = [
+            ("NODE_ID", "crdt-node-1"),
+            ("CRDT_MESH_PEERS", peers),
+            ("CRDT_MESH_SECRET", "s"),
+            ("CRDT_SHUTDOWN_GRACE_SECS", "40"),
+            ("DATABASE_CREATE_IF_MISSING", "true"),
+        ];
+        let s = load("crdt:\n  region: us-east-1\n", &env).unwrap();
+        assert_eq!(
+            s.peer_urls(),
+            vec![
+                "ws://crdt-node-0.crdt-node-headless:8080/ws",
+                "wss://crdt-eu.example.com/ws"
+            ]
+        );
+        assert_eq!(s.server.shutdown_grace_secs, 40);
+        assert!(s.database.create_if_missing);
     }
 
     #[test]

@@ -43,7 +43,8 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     // A second node in one process finds it installed already, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let store = store::open(&settings.database.url, settings.database.pool_size).await?;
+    let db = &settings.database;
+    let store = store::open(&db.url, db.pool_size, db.create_if_missing).await?;
     log::info!(
         "storage: {} ({})",
         store.backend(),
@@ -72,7 +73,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     );
     let mesh = Mesh::start(
         MeshConfig::from_settings(settings),
-        &settings.crdt.mesh.peers.urls(),
+        &settings.peer_urls(),
         runs.clone(),
         metrics.clone(),
     );
@@ -105,6 +106,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
             .configure(|cfg| http::configure(cfg, state.clone(), token.clone(), max_body))
     })
     .workers(workers)
+    .shutdown_timeout(settings.server.shutdown_grace_secs)
     .bind(bind)
     .map_err(|source| NodeError::Bind {
         addr: format!("{}:{}", bind.0, bind.1),

@@ -604,3 +604,37 @@ both_backends!(
     health_and_mesh_status,
     metrics_follow_the_runs,
 );
+
+/// One database per pod on a shared server: with `DATABASE_CREATE_IF_MISSING`, a node creates
+/// the database its URL names, then migrates it; without, it refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_postgres_database_is_created_when_asked() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    let placeholder = TestDb::new(Backend::Sqlite).await;
+    let admin = common::pg_admin_url();
+    let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap();
+    let name = format!("crdt_pod_{}", Uuid::new_v4().simple());
+    let url = format!("{base}/{name}");
+    let node = Node::spawn(
+        &placeholder,
+        &[
+            ("DATABASE_URL", &url),
+            ("DATABASE_CREATE_IF_MISSING", "true"),
+        ],
+    );
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let (s, _) = c
+        .put(
+            &run_url(&node, run, "/flags/k"),
+            &json!({"value": 1, "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    drop(node);
+    let mut conn = AsyncPgConnection::establish(&admin).await.unwrap();
+    diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}

@@ -134,6 +134,17 @@ impl Directory {
     }
 }
 
+/// Whether two node ids are pods of one StatefulSet (`name-0`, `name-1`, …): the replicas of
+/// one region's deployment, which share the region legitimately.
+pub fn same_set(a: &str, b: &str) -> bool {
+    fn set(id: &str) -> Option<&str> {
+        let (name, ordinal) = id.rsplit_once('-')?;
+        (!name.is_empty() && !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit()))
+            .then_some(name)
+    }
+    a == b || matches!((set(a), set(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// Shared, cheap to clone.
 #[derive(Clone)]
 pub struct MeshState {
@@ -249,10 +260,10 @@ impl MeshState {
             .iter()
             .filter(|(id, l)| **id != link && l.session.is_some())
             .filter_map(|(_, l)| l.peer.as_ref())
-            .filter(|p| p.region == peer.region && p.node_id != peer.node_id)
+            .filter(|p| p.region == peer.region && !same_set(&p.node_id, &peer.node_id))
             .map(|p| p.node_id.clone())
             .collect();
-        if dir.me.region == peer.region {
+        if dir.me.region == peer.region && !same_set(&dir.me.node_id, &peer.node_id) {
             claimants.insert(dir.me.node_id.clone());
         }
         let warning = if claimants.is_empty() {
@@ -430,5 +441,19 @@ impl MeshState {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_set;
+
+    #[test]
+    fn pods_of_one_statefulset_share_a_region() {
+        assert!(same_set("crdt-node-0", "crdt-node-1"));
+        assert!(same_set("a", "a"));
+        assert!(!same_set("crdt-node-0", "other-node-1"));
+        assert!(!same_set("node-0-us-east-1", "node-1-us-east-1"));
+        assert!(!same_set("crdt-node", "crdt-node-1"));
     }
 }

@@ -165,8 +165,15 @@ pub trait Store: Send + Sync + 'static {
 
 /// Opens the store a database URL names, running embedded migrations first.
 /// `postgres://` / `postgresql://` → PostgreSQL; `sqlite://PATH` or a plain path → SQLite.
-pub async fn open(url: &str, pool_size: usize) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(
+    url: &str,
+    pool_size: usize,
+    create_if_missing: bool,
+) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if create_if_missing {
+            postgres::create_database(url).await?;
+        }
         migrate::run(migrate::Target::Postgres(url.to_string())).await?;
         Ok(Arc::new(postgres::PgStore::connect(url, pool_size)?))
     } else {

@@ -55,6 +55,53 @@ struct SnapshotRow {
     event_count: Option<i32>,
 }
 
+/// Creates the database `url` names unless it exists, connecting to the server's `postgres`
+/// database to do it.
+pub async fn create_database(url: &str) -> Result<(), StoreError> {
+    let bad = |reason: String| StoreError::BadUrl {
+        url: url.to_string(),
+        reason,
+    };
+    let mut admin = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    let name = admin.path().trim_start_matches('/').to_string();
+    if name.is_empty() || name.contains('"') || name.contains('/') {
+        return Err(bad(format!(
+            "{name:?} is not a database name this node creates"
+        )));
+    }
+    admin.set_path("/postgres");
+    let mut conn = AsyncPgConnection::establish(admin.as_str())
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("connecting to create {name}: {e}")))?;
+    #[derive(QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = sql_types::Bool)]
+        exists: bool,
+    }
+    let found: Exists =
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
+            .bind::<sql_types::Text, _>(&name)
+            .get_result(&mut conn)
+            .await?;
+    if !found.exists {
+        log::info!("storage: creating database {name}");
+        match diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+        {
+            Ok(_) => {}
+            // Another pod created it at the same moment.
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            )) => {}
+            Err(e) if e.to_string().contains("already exists") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 impl PgStore {
     pub fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
         let mut config = ManagerConfig::default();
