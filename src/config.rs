@@ -541,6 +541,34 @@ mod tests {
         assert_eq!((s.server.bind.as_str(), s.server.port), ("127.0.0.1", 8080));
     }
 
+    /// The file the Kubernetes pods mount, with the environment their StatefulSet sets.
+    #[test]
+    fn the_kubernetes_config_loads() {
+        let env = [
+            ("REGION", "eu-central-1"),
+            ("NODE_ID", "crdt-node-1"),
+            (
+                "CRDT_MESH_PEERS",
+                "ws://crdt-node-0.h:8080/ws,wss://crdt.us-east-1.example.com/ws",
+            ),
+            ("CRDT_MESH_SECRET", "s"),
+            ("CRDT_API_TOKEN", "t"),
+            ("DATABASE_URL", "postgres://crdt:pw@pg:5432/crdt_1"),
+            ("CRDT_SHUTDOWN_GRACE_SECS", "25"),
+        ];
+        let s = Settings::load_from("k8s/base/application.yml", true, |k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        assert_eq!(s.crdt.region, "eu-central-1");
+        assert_eq!(s.server.bind, "0.0.0.0");
+        assert!(s.database.create_if_missing);
+        assert_eq!(s.peer_urls().len(), 2);
+        assert_eq!(s.server.shutdown_grace_secs, 25);
+    }
+
     #[test]
     fn a_pod_skips_itself_in_a_shared_peer_list() {
         let peers = "ws://crdt-node-0.crdt-node-headless:8080/ws,ws://crdt-node-1.crdt-node-headless:8080/ws,wss://crdt-eu.example.com/ws";
