@@ -55,6 +55,10 @@ pub struct Mesh {
     pub peers: Peers,
     #[serde(default)]
     pub secret: Option<String>,
+    /// A second secret whose proofs this node also accepts (it proves with `secret` only), so
+    /// the mesh secret can be rotated with no link refused.
+    #[serde(default)]
+    pub accept_secret: Option<String>,
     /// A ping goes out this often on every link.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
@@ -76,6 +80,7 @@ impl Default for Mesh {
         Mesh {
             peers: Peers::default(),
             secret: None,
+            accept_secret: None,
             heartbeat_ms: default_heartbeat(),
             peer_timeout_ms: default_peer_timeout(),
             reconnect_min_ms: default_reconnect_min(),
@@ -294,6 +299,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("NODE_ID", "crdt.node-id"),
     ("CRDT_MESH_PEERS", "crdt.mesh.peers"),
     ("CRDT_MESH_SECRET", "crdt.mesh.secret"),
+    ("CRDT_MESH_ACCEPT_SECRET", "crdt.mesh.accept-secret"),
     ("CRDT_MESH_HEARTBEAT_MS", "crdt.mesh.heartbeat-ms"),
     ("CRDT_MESH_PEER_TIMEOUT_MS", "crdt.mesh.peer-timeout-ms"),
     ("CRDT_MESH_RECONNECT_MIN_MS", "crdt.mesh.reconnect-min-ms"),
@@ -393,6 +399,9 @@ impl Settings {
         }
         if self.crdt.mesh.secret.as_deref() == Some("") {
             self.crdt.mesh.secret = None;
+        }
+        if self.crdt.mesh.accept_secret.as_deref() == Some("") {
+            self.crdt.mesh.accept_secret = None;
         }
         if !self.crdt.mesh.peers.urls().is_empty() && self.crdt.mesh.secret.is_none() {
             return Err(invalid(

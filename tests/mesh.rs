@@ -802,3 +802,60 @@ async fn a_stopping_node_closes_its_links_and_exits_promptly() {
     .await;
     assert!(heard.is_some(), "{}", a.log_text());
 }
+
+/// Rotating the mesh secret: a node that proves with the new secret and still accepts the old
+/// one links with a node that proves with the old one and already accepts the new one; a node
+/// that knows only the new secret is refused by one that knows only the old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_secret_rotates_without_refusing_links() {
+    let c = Client::new();
+    let (old_side, _old_db) = lone_node(
+        "us-east-1",
+        "old-side",
+        &[],
+        &[
+            ("CRDT_MESH_SECRET", "old"),
+            ("CRDT_MESH_ACCEPT_SECRET", "new"),
+        ],
+    )
+    .await;
+    let (new_side, _new_db) = lone_node(
+        "eu-central-1",
+        "new-side",
+        &[ws_url(&old_side)],
+        &[
+            ("CRDT_MESH_SECRET", "new"),
+            ("CRDT_MESH_ACCEPT_SECRET", "old"),
+        ],
+    )
+    .await;
+    let linked = eventually(20, || async {
+        let (_, s) = c.get(&new_side.url("/api/crdt/mesh/status")).await;
+        (s["connectedPeers"] == 1).then_some(())
+    })
+    .await;
+    assert!(linked.is_some(), "{}", new_side.log_text());
+    let (only_old, _only_old_db) = lone_node(
+        "ap-southeast-1",
+        "only-old",
+        &[],
+        &[("CRDT_MESH_SECRET", "old")],
+    )
+    .await;
+    let (only_new, _only_new_db) = lone_node(
+        "sa-east-1",
+        "only-new",
+        &[ws_url(&only_old)],
+        &[("CRDT_MESH_SECRET", "new")],
+    )
+    .await;
+    let refused = eventually(20, || async {
+        let (_, s) = c.get(&only_new.url("/api/crdt/mesh/status")).await;
+        s["peers"][0]["lastError"]
+            .as_str()
+            .filter(|e| e.contains("authentication failed"))
+            .map(String::from)
+    })
+    .await;
+    assert!(refused.is_some(), "{}", only_new.log_text());
+}

@@ -36,6 +36,8 @@ pub struct MeshConfig {
     pub node_id: String,
     pub region: String,
     pub secret: Option<String>,
+    /// Also accepted in a peer's proof (during a rotation).
+    pub accept_secret: Option<String>,
     pub heartbeat: Duration,
     pub peer_timeout: Duration,
     pub reconnect_min: Duration,
@@ -50,6 +52,7 @@ impl MeshConfig {
             node_id: s.node_id().to_string(),
             region: s.crdt.region.clone(),
             secret: m.secret.clone(),
+            accept_secret: m.accept_secret.clone(),
             heartbeat: Duration::from_millis(m.heartbeat_ms),
             peer_timeout: Duration::from_millis(m.peer_timeout_ms),
             reconnect_min: Duration::from_millis(m.reconnect_min_ms),

@@ -88,14 +88,18 @@ impl PeerSession {
             initiator: &initiator,
             acceptor: &acceptor,
         };
-        if !protocol::verify(
-            self.secret(),
-            proof,
-            self.role().other(),
-            nonces,
-            &peer.node_id,
-            &peer.region,
-        ) {
+        let verifies = |secret: &str| {
+            protocol::verify(
+                secret,
+                proof,
+                self.role().other(),
+                nonces,
+                &peer.node_id,
+                &peer.region,
+            )
+        };
+        if !(verifies(self.secret()) || self.config.accept_secret.as_deref().is_some_and(verifies))
+        {
             return self.refuse(
                 "auth",
                 close::AUTH_FAILED,
