@@ -675,3 +675,68 @@ async fn sigkill_inside_slow_commits_loses_no_acknowledged_write() {
         lost.first()
     );
 }
+
+/// PostgreSQL out of reach (the node's connections to it cut by a proxy): mutations get 503
+/// with a reason and are never acknowledged; reads of a loaded run keep serving its durable
+/// state; readiness says not ready; when the database returns, everything resumes by itself,
+/// and only acknowledged mutations exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_refuses_writes_keeps_reads_and_recovers() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = common::proxy::Proxy::start().await;
+    let pg = url::Url::parse(&db.url).unwrap();
+    proxy.target(&format!(
+        "{}:{}",
+        pg.host_str().unwrap(),
+        pg.port().unwrap_or(5432)
+    ));
+    let mut through = pg.clone();
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.addr.port())).unwrap();
+    let node = Node::spawn(&db, &[("DATABASE_URL", through.as_str())]);
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    flag(&c, &node, run, "before", json!(1)).await;
+    let ready = node.url("/actuator/health/readiness");
+    assert_eq!(c.get(&ready).await.0, 200);
+
+    proxy.cut();
+    let url = run_url(&node, run, "/flags/during");
+    let (s, body) = c.put(&url, &json!({"value": 2, "user": "u"})).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("database"),
+        "{body}"
+    );
+    // Refused at once now, without waiting on the database.
+    let started = std::time::Instant::now();
+    let (s, _) = c.put(&url, &json!({"value": 3, "user": "u"})).await;
+    assert_eq!(s, 503);
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    // The loaded run still reads, showing only what is durable.
+    let st = state(&c, &node, run).await;
+    assert_eq!(st["flags"], json!({"before": 1}), "{st}");
+    let (s, body) = c.get(&ready).await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["components"]["db"]["status"], "DOWN");
+
+    proxy.heal();
+    let back = common::eventually(30, || async {
+        let (s, _) = c.put(&url, &json!({"value": 4, "user": "u"})).await;
+        (s == 200).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "writes did not resume:\n{}",
+        node.log_text()
+    );
+    assert_eq!(c.get(&ready).await.0, 200);
+    let st = state(&c, &node, run).await;
+    assert_eq!(st["flags"], json!({"before": 1, "during": 4}), "{st}");
+    drop(node);
+    // After a restart straight on the database, the same: refused writes never resurface.
+    let node = Node::spawn(&db, &[]);
+    let st = state(&c, &node, run).await;
+    assert_eq!(st["flags"], json!({"before": 1, "during": 4}), "{st}");
+}

@@ -192,6 +192,20 @@ impl RunDoc {
         })
     }
 
+    /// The document as it was at `heads` (what the log holds), under a fresh actor id: the
+    /// changes after it were never made durable, and their actor's sequence must not be reused.
+    pub fn rolled_back(&mut self, heads: &[ChangeHash], lamport: u64) -> Result<RunDoc, DocError> {
+        let mut doc = self.doc.fork_at(heads)?;
+        doc.set_actor(ActorId::random());
+        Ok(RunDoc {
+            region: self.region.clone(),
+            doc,
+            lamport,
+            genesis: self.genesis,
+            parked: HashMap::new(),
+        })
+    }
+
     pub fn lamport(&self) -> u64 {
         self.lamport
     }

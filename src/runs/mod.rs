@@ -11,7 +11,7 @@ mod snapshot_actor;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -95,6 +95,9 @@ struct Inner {
     /// Heads digests of runs whose durable state this process knows (loaded at least once
     /// since start); the mesh compares them to skip runs a peer already holds.
     digests: Vec<Mutex<HashMap<Uuid, [u8; 32]>>>,
+    /// Set when a write found the database out of reach; cleared by the probe that then
+    /// pings it until it answers. Meanwhile writes are refused at once.
+    store_down: AtomicBool,
 }
 
 /// The run registry. Cheap to clone; lookups take one short lock on one of many shards, so
@@ -105,6 +108,8 @@ pub struct Runs {
 }
 
 const SHARDS: usize = 64;
+/// How often an unreachable database is probed.
+const STORE_PROBE: Duration = Duration::from_millis(500);
 
 impl Runs {
     /// Starts the runtime on the current actix system: `arbiters` worker threads for run
@@ -145,6 +150,7 @@ impl Runs {
                 metrics,
                 feed: RwLock::new(Vec::new()),
                 digests: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                store_down: AtomicBool::new(false),
             }),
         }
     }
@@ -176,6 +182,36 @@ impl Runs {
             }
         }
         Err(RunError::Stopped)
+    }
+
+    /// Refuses a write at once while the database is known to be out of reach.
+    pub fn check_store(&self) -> Result<(), RunError> {
+        if self.inner.store_down.load(Ordering::Relaxed) {
+            return Err(RunError::Unavailable(
+                "database unavailable: nothing was written; retry once it is back".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A write found the database out of reach: refuse writes until a probe reaches it again.
+    fn store_unavailable(&self, e: &crate::store::StoreError) {
+        if self.inner.store_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        log::warn!("storage: database unavailable ({e}); refusing writes until it answers");
+        let runs = self.clone();
+        actix::spawn(async move {
+            loop {
+                tokio::time::sleep(STORE_PROBE).await;
+                let ping = tokio::time::timeout(Duration::from_secs(2), runs.inner.store.ping());
+                if let Ok(Ok(())) = ping.await {
+                    runs.inner.store_down.store(false, Ordering::SeqCst);
+                    log::info!("storage: the database answers again; writes resume");
+                    return;
+                }
+            }
+        });
     }
 
     /// The heads digest of the run's durable state, if known.

@@ -131,6 +131,9 @@ struct PendingWrite {
     changes: Vec<Change>,
     origin: Origin,
     reply: Reply,
+    /// The document's heads and clock with this write applied: durable once it commits.
+    heads_after: Vec<ChangeHash>,
+    lamport_after: u64,
 }
 
 pub struct RunActor {
@@ -155,6 +158,9 @@ pub struct RunActor {
     /// Outcomes of recent client operations, by (user, op id); `recent_order` ages them out.
     recent_ops: HashMap<(Option<String>, String), MutationOutcome>,
     recent_order: VecDeque<(Option<String>, String)>,
+    /// Heads and clock of what the log holds: where the document returns if a write fails
+    /// because the database is out of reach.
+    durable: (Vec<ChangeHash>, u64),
 }
 
 impl RunActor {
@@ -177,6 +183,7 @@ impl RunActor {
             gauge: None,
             recent_ops: HashMap::new(),
             recent_order: VecDeque::new(),
+            durable: (Vec::new(), 0),
         }
     }
 
@@ -261,11 +268,17 @@ impl RunActor {
                 }
             })
             .collect();
+        let (heads_after, lamport_after) = match self.doc.as_mut() {
+            Some(d) => (d.heads(), d.lamport()),
+            None => (self.durable.0.clone(), self.durable.1),
+        };
         self.pending.push(PendingWrite {
             events,
             changes,
             origin,
             reply,
+            heads_after,
+            lamport_after,
         });
         if !self.in_flight {
             self.flush(ctx);
@@ -301,6 +314,11 @@ impl RunActor {
                                 None => act.flush(ctx),
                             }
                         }
+                        // Out of reach: refuse what was not stored, keep serving what was.
+                        Err(e) if !e.is_refusal() && act.failed.is_none() => {
+                            act.runs.store_unavailable(&e);
+                            act.roll_back(format!("database unavailable: {e}"), batch, ctx)
+                        }
                         Err(e) => {
                             act.fail(format!("the event log refused a write: {e}"), batch, ctx)
                         }
@@ -310,6 +328,9 @@ impl RunActor {
     }
 
     fn on_committed(&mut self, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
+        if let Some(last) = batch.last() {
+            self.durable = (last.heads_after.clone(), last.lamport_after);
+        }
         let lamport = self.doc.as_ref().map_or(0, |d| d.lamport());
         self.lamport_gauge(lamport);
         let subscribed = self.runs.has_subscribers();
@@ -448,6 +469,31 @@ impl RunActor {
         }
     }
 
+    /// The database is out of reach: refuses every uncommitted write (nothing of them was
+    /// acknowledged) and returns the document to what the log holds, under a fresh actor id, so
+    /// reads go on serving durable state. Writes resume when the database answers again.
+    fn roll_back(&mut self, reason: String, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
+        let (heads, lamport) = self.durable.clone();
+        let rolled = self.doc.as_mut().map(|d| d.rolled_back(&heads, lamport));
+        match rolled {
+            Some(Ok(doc)) => {
+                log::warn!(
+                    "run {}: {reason}; writes refused until it returns",
+                    self.run_id
+                );
+                for write in batch.into_iter().chain(std::mem::take(&mut self.pending)) {
+                    let _ = write.reply.send(Err(RunError::Unavailable(reason.clone())));
+                }
+                self.doc = Some(doc);
+                self.last_seq = self.committed_seq;
+                self.recent_ops.clear();
+                self.recent_order.clear();
+                self.record_digest();
+            }
+            _ => self.fail(reason, batch, ctx),
+        }
+    }
+
     /// Refuses every uncommitted write and stops; see the module comment.
     fn fail(&mut self, reason: String, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
         log::error!("run {}: {reason}; unloading it", self.run_id);
@@ -479,7 +525,8 @@ impl Actor for RunActor {
                         act.last_seq = loaded.last_seq;
                         act.committed_seq = loaded.last_seq;
                         act.snapshot_seq = loaded.snapshot_seq;
-                        let doc = loaded.doc;
+                        let mut doc = loaded.doc;
+                        act.durable = (doc.heads(), doc.lamport());
                         act.lamport_gauge(doc.lamport());
                         act.doc = Some(doc);
                         act.record_digest();
@@ -543,7 +590,8 @@ impl Handler<Mutate> for RunActor {
     type Result = ResponseFuture<Result<MutationOutcome, RunError>>;
 
     fn handle(&mut self, msg: Mutate, ctx: &mut Self::Context) -> Self::Result {
-        if let Err(e) = self.doc() {
+        let usable = self.doc().map(|_| ());
+        if let Err(e) = usable.and_then(|()| self.runs.check_store()) {
             return Box::pin(async move { Err(e) });
         }
         let op_key = msg.op_id.clone().map(|id| (msg.user.clone(), id));
@@ -598,6 +646,9 @@ impl Handler<ApplySync> for RunActor {
     type Result = ResponseFuture<Result<SyncOutcome, RunError>>;
 
     fn handle(&mut self, msg: ApplySync, ctx: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.runs.check_store() {
+            return Box::pin(async move { Err(e) });
+        }
         let total = msg.changes.len();
         let result = self.guarded(ctx, |d| {
             let out = if msg.via.is_some() {
