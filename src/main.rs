@@ -18,21 +18,42 @@ fn main() -> std::process::ExitCode {
         let node = crdt_node::node::start(&settings)
             .await
             .map_err(|e| e.to_string())?;
-        // actix-web stops gracefully on SIGINT/SIGTERM, waiting for open connections; mesh
-        // links and browser sessions are closed first ("going away") so they do not hold it up.
+        // On SIGINT/SIGTERM: mesh links and browser sessions are closed first ("going away") so
+        // they do not hold the server up, the server stops gracefully, then the runs are
+        // drained and snapshotted, all within the shutdown grace.
         let mesh = node.mesh.clone();
         let browser = node.browser.clone();
+        let server = node.server.clone();
+        let grace = std::time::Duration::from_secs(settings.server.shutdown_grace_secs);
+        let (stopping_tx, stopping) = tokio::sync::oneshot::channel();
         actix_web::rt::spawn(async move {
             shutdown_signal().await;
+            let _ = stopping_tx.send(std::time::Instant::now());
             log::info!("shutting down: closing mesh links and browser sessions");
             mesh.close();
             browser.close();
+            // Stop accepting; requests in flight finish (their writes commit) within the grace.
+            server.stop(true).await;
         });
-        match node.task.await {
+        let served = match node.task.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(e.to_string()),
-        }
+        };
+        // The server has finished its requests; what the runs still hold goes to storage.
+        let since = stopping
+            .await
+            .map_or(std::time::Duration::ZERO, |t| t.elapsed());
+        let left = grace
+            .saturating_sub(since)
+            .max(std::time::Duration::from_secs(1));
+        let started = std::time::Instant::now();
+        let n = node.runs.shutdown(left).await;
+        log::info!(
+            "stopped: {n} run(s) snapshotted in {} ms",
+            started.elapsed().as_millis()
+        );
+        served
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

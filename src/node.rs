@@ -106,6 +106,9 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
             .configure(|cfg| http::configure(cfg, state.clone(), token.clone(), max_body))
     })
     .workers(workers)
+    // `main` handles SIGTERM/SIGINT itself: actix's own handler would stop the whole actix
+    // system, run actors included, before their final snapshots.
+    .disable_signals()
     .shutdown_timeout(settings.server.shutdown_grace_secs)
     .bind(bind)
     .map_err(|source| NodeError::Bind {

@@ -23,8 +23,8 @@ use crate::metrics::Metrics;
 use crate::store::{GroupCommitter, Store};
 
 pub use run_actor::{
-    ApplySync, FullState, GetChanges, GetState, Mutate, MutationOutcome, PeerSync, PeerSyncReply,
-    RunActor, SyncOutcome,
+    ApplySync, FinalSnapshot, FullState, GetChanges, GetState, Mutate, MutationOutcome, PeerSync,
+    PeerSyncReply, RunActor, SyncOutcome,
 };
 pub use snapshot_actor::SnapshotActor;
 
@@ -182,6 +182,51 @@ impl Runs {
             }
         }
         Err(RunError::Stopped)
+    }
+
+    /// The node is stopping (its server no longer accepts requests): waits for every run's
+    /// queued writes to commit, then snapshots each run with events no snapshot covers, so
+    /// the next start loads fast. Bounded by `deadline`; returns how many runs were snapshotted.
+    pub async fn shutdown(&self, deadline: Duration) -> usize {
+        use futures_util::StreamExt;
+        let actors: Vec<Addr<RunActor>> = self
+            .inner
+            .shards
+            .iter()
+            .flat_map(|s| {
+                let shard = s.lock().unwrap_or_else(|p| p.into_inner());
+                shard.values().map(|e| e.addr.clone()).collect::<Vec<_>>()
+            })
+            .collect();
+        let store = self.inner.store.clone();
+        let keep = self.inner.config.snapshot_keep;
+        let work = futures_util::stream::iter(actors)
+            .map(|addr| {
+                let store = store.clone();
+                async move {
+                    let snapshot = addr.send(FinalSnapshot).await.ok().flatten()?;
+                    match store.save_snapshot(&snapshot, keep).await {
+                        Ok(()) => Some(()),
+                        Err(e) => {
+                            log::warn!("run {}: final snapshot failed: {e}", snapshot.run_id);
+                            None
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(4)
+            .filter_map(|done| async move { done })
+            .fold(0usize, |n, ()| async move { n + 1 });
+        match tokio::time::timeout(deadline, work).await {
+            Ok(n) => n,
+            Err(_) => {
+                log::warn!(
+                    "final snapshots cut short after {} ms",
+                    deadline.as_millis()
+                );
+                0
+            }
+        }
     }
 
     /// Refuses a write at once while the database is known to be out of reach.

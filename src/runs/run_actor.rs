@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::{loader, Origin, RunChanged, RunError, Runs};
 use crate::doc::{concat_changes, Graft, Mutation, RunDoc, RunState};
-use crate::store::NewEvent;
+use crate::store::{NewEvent, Snapshot};
 
 /// A local mutation, with the user to record in the log.
 #[derive(Message, Debug, Clone)]
@@ -105,6 +105,12 @@ pub struct GetState;
 pub struct GetChanges {
     pub heads: Vec<ChangeHash>,
 }
+
+/// The node is stopping: once every write queued so far has committed, answer with a snapshot
+/// of the run if the log holds events the newest snapshot does not cover.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Option<Snapshot>")]
+pub struct FinalSnapshot;
 
 /// Tells the actor a snapshot covering the log up to `event_count` is stored.
 #[derive(Message, Debug, Clone)]
@@ -717,6 +723,34 @@ impl Handler<GetChanges> for RunActor {
         });
         // Never hand another replica a change that may yet be refused.
         self.once_durable(answer, ctx)
+    }
+}
+
+impl Handler<FinalSnapshot> for RunActor {
+    type Result = ResponseActFuture<Self, Option<Snapshot>>;
+
+    fn handle(&mut self, _: FinalSnapshot, ctx: &mut Self::Context) -> Self::Result {
+        let drained = self.enqueue(Vec::new(), EventMeta::default(), Origin::Local, ctx);
+        Box::pin(drained.into_actor(self).map(|drained, act, _| {
+            // Only what is durable: nothing queued, nothing failed.
+            let settled = matches!(drained, Ok(Ok(())))
+                && act.pending.is_empty()
+                && !act.in_flight
+                && act.failed.is_none();
+            if !settled || act.committed_seq <= act.snapshot_seq {
+                return None;
+            }
+            let doc = act.doc.as_mut()?;
+            Some(Snapshot {
+                id: Uuid::new_v4(),
+                run_id: act.run_id,
+                lamport: i64::try_from(doc.lamport()).unwrap_or(i64::MAX),
+                region: act.runs.inner.config.region.clone(),
+                created_at: chrono::Utc::now().naive_utc(),
+                event_count: i32::try_from(act.committed_seq).unwrap_or(i32::MAX),
+                data: doc.save(),
+            })
+        }))
     }
 }
 
