@@ -1,7 +1,7 @@
 # crdt-node container image: a release build, then a small runtime with no shell.
 #   docker build -t crdt-node:0.1.0 .
 # Runtime needs, all explicit below: glibc (distroless/cc), CA certificates for wss:// peers
-# and TLS to PostgreSQL (in the base image), the config file (CRDT_CONFIG), and a writable data
+# (in the base image), the config file (CRDT_CONFIG), and a writable data
 # directory for the embedded SQLite default (/var/lib/crdt-node; unused with PostgreSQL).
 # The pages are compiled into the binary.
 

@@ -47,12 +47,13 @@ def render(region):
 
 
 def validate_schemas(region, text):
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(text)
-    result = subprocess.run(
-        ["kubernetes-validate", "--strict", "-k", K8S_VERSION, f.name],
-        capture_output=True, text=True,
-    )
+        f.flush()
+        result = subprocess.run(
+            ["kubernetes-validate", "--strict", "-k", K8S_VERSION, f.name],
+            capture_output=True, text=True,
+        )
     report = result.stdout + result.stderr
     check(result.returncode == 0, f"{region}: schema validation failed:\n{report}")
     for line in report.splitlines():
@@ -93,6 +94,12 @@ def check_region(region, docs, hosts):
     env = env_of(c)
 
     check(env["REGION"].get("value") == region, f"{region}: REGION is {env['REGION']}")
+    # A `$(VAR)` is expanded only from variables listed before it (patches may reorder).
+    seen = set()
+    for e in c["env"]:
+        for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", e.get("value", "")):
+            check(ref in seen, f"{region}: {e['name']} refers to $({ref}) before it is defined")
+        seen.add(e["name"])
     check(env["NODE_ID"].get("value") == "$(POD_NAME)", f"{region}: NODE_ID is not the pod name")
     check(env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name",
           f"{region}: POD_NAME is not the pod's name")
@@ -107,14 +114,21 @@ def check_region(region, docs, hosts):
     check(len(peers) == len(set(peers)), f"{region}: a peer is listed twice: {peers}")
     check(set(peers) == siblings | others,
           f"{region}: peers {sorted(peers)} are not exactly {sorted(siblings | others)}")
-    check(f"wss://{hosts[region]}/ws" not in peers, f"{region}: dials its own public endpoint")
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
+    check(port == 8080, f"{region}: the sibling URLs use 8080 but the container listens on {port}")
+    services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
+    check(services.get(headless, {}).get("spec", {}).get("clusterIP") == "None",
+          f"{region}: serviceName {headless} is not a headless Service here")
 
     # Secrets are referenced, not inlined.
-    for name in ["CRDT_MESH_SECRET", "CRDT_API_TOKEN", "DATABASE_BASE_URL"]:
+    for name in ["CRDT_MESH_SECRET", "CRDT_API_TOKEN"]:
         check("secretKeyRef" in env[name].get("valueFrom", {}),
               f"{region}: {name} does not come from a Secret")
-    check(env["DATABASE_URL"]["value"].startswith("$(DATABASE_BASE_URL)"),
-          f"{region}: DATABASE_URL is not built from the secret")
+    for name in ["DATABASE_URL"]:
+        check("secretKeyRef" in env[name].get("valueFrom", {}),
+              f"{region}: {name} does not come from a Secret")
+    check(env["DATABASE_PER_NODE"].get("value") == "true",
+          f"{region}: pods would share one database")
 
     # Probes on the node's health endpoints; metrics where the node serves them.
     for probe, path in [("livenessProbe", "/actuator/health/liveness"),
@@ -148,8 +162,13 @@ def check_region(region, docs, hosts):
     mounted = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
     check(cm["metadata"]["name"] in mounted, f"{region}: the config map is not mounted")
 
-    # Ingress: TLS for the host the other regions dial.
+    # Ingress: TLS for the host the other regions dial; health and metrics not public.
     (ing,) = by_kind["Ingress"]
+    paths = [p["path"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+    check("/ws" in paths and "/api" in paths, f"{region}: the Ingress does not route /ws and /api")
+    check(not any(p == "/" and q["pathType"] == "Prefix" or p.startswith("/actuator")
+                  for r in ing["spec"]["rules"] for q in r["http"]["paths"] for p in [q["path"]]),
+          f"{region}: the Ingress exposes /actuator")
     check(ing["spec"]["tls"][0]["hosts"] == [hosts[region]], f"{region}: Ingress TLS host")
     check(ing["spec"]["tls"][0].get("secretName"), f"{region}: Ingress without a TLS secret")
 
@@ -160,7 +179,6 @@ def check_region(region, docs, hosts):
 
     # Prometheus Operator objects, checked by hand.
     (sm,) = by_kind["ServiceMonitor"]
-    services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
     selected = [s for s in services.values()
                 if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"].get("labels", {}).items()]
     check([s["metadata"]["name"] for s in selected] == [headless],
@@ -178,7 +196,7 @@ def check_region(region, docs, hosts):
     names = {r["alert"] for r in alerts}
     for needed in ["CrdtRegionDisconnected", "CrdtSyncFailuresRising", "CrdtSnapshotsFailing"]:
         check(needed in names, f"{region}: no {needed} alert")
-    (dash_cm,) = [m for m in by_kind["ConfigMap"] if m["metadata"]["name"] == "crdt-node-dashboard"]
+    (dash_cm,) = [m for m in by_kind["ConfigMap"] if m["metadata"]["name"].startswith("crdt-node-dashboard")]
     dash = json.loads(dash_cm["data"]["grafana-dashboard.json"])
     queried = set()
     for p in dash["panels"]:
@@ -198,6 +216,10 @@ def main():
         (ing,) = [d for d in docs if d["kind"] == "Ingress"]
         hosts[r] = ing["spec"]["rules"][0]["host"]
     check(len(set(hosts.values())) == len(REGIONS), f"regions share a public host: {hosts}")
+    # Pod names are node ids: no two regions may share a StatefulSet name.
+    sets = [d["metadata"]["name"] for _, docs in rendered.values() for d in docs
+            if d["kind"] == "StatefulSet"]
+    check(len(set(sets)) == len(REGIONS), f"regions share node ids: StatefulSets {sets}")
     for r, (text, docs) in rendered.items():
         validate_schemas(r, text)
         try:

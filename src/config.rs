@@ -287,10 +287,48 @@ pub struct Database {
     /// server; the user needs CREATEDB).
     #[serde(default)]
     pub create_if_missing: bool,
+    /// PostgreSQL: give each node a database of its own on the URL's server, named
+    /// `<database>_<node id>` (pods of a StatefulSet sharing one secret URL).
+    #[serde(default)]
+    pub per_node: bool,
 }
 
 fn default_pool() -> usize {
     8
+}
+
+/// `postgres://…/db?params` → `postgres://…/db_<node id>?params`, the node id reduced to
+/// lowercase letters, digits and `_`.
+fn per_node_url(url: &str, node_id: &str) -> Result<String, ConfigError> {
+    let key = "database.per-node";
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(invalid(key, "applies to postgres:// URLs only"));
+    }
+    let mut parsed =
+        url::Url::parse(url).map_err(|e| invalid("database.url", format!("not a URL: {e}")))?;
+    let db = parsed.path().trim_start_matches('/').to_string();
+    if db.is_empty() || db.contains('/') {
+        return Err(invalid(key, "the URL must name a database (…/NAME)"));
+    }
+    let suffix: String = node_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name = format!("{db}_{suffix}");
+    if name.len() > 63 {
+        return Err(invalid(
+            key,
+            format!("{name:?} is longer than PostgreSQL's 63-byte names"),
+        ));
+    }
+    parsed.set_path(&format!("/{name}"));
+    Ok(parsed.to_string())
 }
 
 /// Plain environment variable names (the seed's and the operators') and the keys they set.
@@ -328,6 +366,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_MAX_BODY_BYTES", "server.max-body-bytes"),
     ("CRDT_SHUTDOWN_GRACE_SECS", "server.shutdown-grace-secs"),
     ("DATABASE_CREATE_IF_MISSING", "database.create-if-missing"),
+    ("DATABASE_PER_NODE", "database.per-node"),
 ];
 
 impl Settings {
@@ -487,6 +526,9 @@ impl Settings {
         if self.server.shutdown_grace_secs == 0 {
             return Err(invalid("server.shutdown-grace-secs", "must be at least 1"));
         }
+        if self.database.per_node {
+            self.database.url = per_node_url(&self.database.url, self.node_id())?;
+        }
         if self.database.pool_size == 0 {
             return Err(invalid("database.pool-size", "must be at least 1"));
         }
@@ -598,6 +640,25 @@ mod tests {
         );
         assert_eq!(s.server.shutdown_grace_secs, 40);
         assert!(s.database.create_if_missing);
+    }
+
+    #[test]
+    fn a_node_gets_a_database_of_its_own() {
+        let env = |url: &'static str| {
+            [
+                ("NODE_ID", "crdt-node-us-east-1-0"),
+                ("DATABASE_URL", url),
+                ("DATABASE_PER_NODE", "true"),
+            ]
+        };
+        let yaml = "crdt:\n  region: us-east-1\n";
+        let s = load(yaml, &env("postgres://u:p@db:5432/crdt?sslmode=require")).unwrap();
+        assert_eq!(
+            s.database.url,
+            "postgres://u:p@db:5432/crdt_crdt_node_us_east_1_0?sslmode=require"
+        );
+        assert!(load(yaml, &env("postgres://u@db:5432")).is_err(), "no database named");
+        assert!(load(yaml, &env("sqlite://x.db")).is_err());
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         .registry(metrics.registry.clone())
         .endpoint("/actuator/prometheus")
         .mask_unmatched_patterns("UNKNOWN")
+        // A WebSocket's "request" lasts the whole session: it would swamp the latency figures.
+        .exclude("/ws")
+        .exclude_regex("^/ws/")
         .build()
         .map_err(|e| NodeError::Metrics(e.to_string()))?;
     let token = ApiToken(settings.crdt.api.token.clone());

@@ -63,8 +63,12 @@ pub async fn create_database(url: &str) -> Result<(), StoreError> {
         reason,
     };
     let mut admin = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-    let name = admin.path().trim_start_matches('/').to_string();
-    if name.is_empty() || name.contains('"') || name.contains('/') {
+    // The name as the server sees it: decoded, as tokio-postgres decodes it to connect.
+    let name = percent_encoding::percent_decode_str(admin.path().trim_start_matches('/'))
+        .decode_utf8()
+        .map_err(|e| bad(e.to_string()))?
+        .to_string();
+    if name.is_empty() || name.contains('/') || name.contains('\0') {
         return Err(bad(format!(
             "{name:?} is not a database name this node creates"
         )));
@@ -85,7 +89,8 @@ pub async fn create_database(url: &str) -> Result<(), StoreError> {
             .await?;
     if !found.exists {
         log::info!("storage: creating database {name}");
-        match diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+        let quoted = name.replace('"', "\"\"");
+        match diesel::sql_query(format!("CREATE DATABASE \"{quoted}\""))
             .execute(&mut conn)
             .await
         {
