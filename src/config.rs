@@ -657,7 +657,10 @@ mod tests {
             s.database.url,
             "postgres://u:p@db:5432/crdt_crdt_node_us_east_1_0?sslmode=require"
         );
-        assert!(load(yaml, &env("postgres://u@db:5432")).is_err(), "no database named");
+        assert!(
+            load(yaml, &env("postgres://u@db:5432")).is_err(),
+            "no database named"
+        );
         assert!(load(yaml, &env("sqlite://x.db")).is_err());
     }
 

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub snapshot_failures: prometheus::IntCounter,
     /// Appends carried by each event-log transaction (group commit at work).
     pub commit_batch: Histogram,
+    /// Legacy (OT) rows skipped as malformed when replaying a run's log.
+    pub legacy_skipped: prometheus::IntCounter,
     /// Open browser sessions.
     pub browser_sessions: IntGauge,
     /// Browser session frames, by direction (`in`, `out`).
@@ -65,6 +67,11 @@ impl Metrics {
             )
             .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
         )?;
+        let legacy_skipped = prometheus::IntCounter::new(
+            "crdt_legacy_events_skipped_total",
+            "Legacy operational-transform events skipped as malformed during replay",
+        )?;
+        registry.register(Box::new(legacy_skipped.clone()))?;
         let browser_sessions = IntGauge::new("crdt_browser_sessions", "Open browser sessions")?;
         let browser_frames = IntCounterVec::new(
             Opts::new(
@@ -106,6 +113,7 @@ impl Metrics {
             runs_loaded,
             snapshot_failures,
             commit_batch,
+            legacy_skipped,
             browser_sessions,
             browser_frames,
             browser_closed,

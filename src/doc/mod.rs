@@ -16,6 +16,7 @@
 mod changes;
 mod genesis;
 mod json;
+mod legacy;
 mod state;
 
 use std::collections::{HashMap, HashSet};
@@ -33,6 +34,7 @@ pub use changes::{
     Stamp,
 };
 pub use genesis::genesis_actor;
+pub use legacy::{legacy_actor, LegacyEvent};
 pub use state::{Graft, PrunedStep, RunState};
 
 use genesis::{FLAGS, GRAFTS, PRUNED_STEPS};

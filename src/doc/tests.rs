@@ -873,3 +873,86 @@ fn a_peers_live_change_ahead_of_its_dependency_is_parked_then_applied() {
         Err(DocError::MissingDependencies(m)) if m == vec![z.hash()]
     ));
 }
+
+fn legacy_log() -> Vec<(&'static str, &'static str)> {
+    vec![
+        (
+            "GRAFT",
+            r#"{"agent":"SecurityAgent","afterStep":"Step1","user":"alice","region":"us-east-1"}"#,
+        ),
+        (
+            "PRUNE",
+            r#"{"stepId":"Step3","user":"bob","region":"eu-central-1"}"#,
+        ),
+        (
+            "SET_FLAG",
+            r#"{"key":"review","value":{"required":true},"user":"alice"}"#,
+        ),
+        ("GRAFT", r#"{"agent":""}"#),
+        ("EXPLODE", r#"{}"#),
+        ("SET_FLAG", r#"{"key":"noValue"}"#),
+        ("UNPRUNE", r#"{"stepId":"Step3"}"#),
+        ("DELETE_FLAG", r#"{"key":"review"}"#),
+        ("GRAFT", "not json"),
+        (
+            "GRAFT",
+            r#"{"agent":"PerformanceAgent","afterStep":"Step1"}"#,
+        ),
+    ]
+}
+
+fn replay(run: Uuid, region: &str) -> (RunDoc, Vec<(usize, String)>) {
+    let at = chrono::DateTime::from_timestamp(1_700_000_000, 0)
+        .unwrap()
+        .naive_utc();
+    let log = legacy_log();
+    let events: Vec<LegacyEvent> = log
+        .iter()
+        .map(|(t, p)| LegacyEvent {
+            event_type: t,
+            payload: Some(p),
+            user_id: Some("row-user"),
+            created_at: at,
+        })
+        .collect();
+    let mut doc = RunDoc::new(run, region);
+    let skipped = doc.replay_legacy(run, &events);
+    (doc, skipped)
+}
+
+#[test]
+fn legacy_replay_is_byte_identical_on_every_node_and_skips_malformed_rows() {
+    let run = Uuid::new_v4();
+    let (mut a, skipped) = replay(run, "us-east-1");
+    let (mut b, _) = replay(run, "eu-central-1");
+    assert_eq!(
+        skipped.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![3, 4, 5, 8],
+        "{skipped:?}"
+    );
+    assert!(skipped[1].1.contains("EXPLODE"));
+    // The same changes, byte for byte: merging them adds nothing.
+    assert_eq!(a.heads(), b.heads());
+    assert_eq!(a.changes_since(&[]), b.changes_since(&[]));
+    let merged = merge(&mut a, &mut b);
+    assert!(merged.applied.is_empty(), "nothing new to merge");
+    let s = a.state();
+    assert_eq!(
+        s.grafts
+            .iter()
+            .map(|g| g.agent.as_str())
+            .collect::<Vec<_>>(),
+        ["SecurityAgent", "PerformanceAgent"]
+    );
+    assert_eq!(s.grafts[0].region, "us-east-1");
+    assert_eq!(s.grafts[1].user, "row-user");
+    assert_eq!(s.grafts[1].region, "legacy");
+    assert!(s.pruned_steps.is_empty());
+    assert!(s.flags.is_empty());
+    // New local work goes on under the node's own actor, after the legacy stamps.
+    let before = s.lamport;
+    let applied = a.apply(&graft("New", "Step1", "u"), 0).unwrap();
+    assert!(applied.lamport > before);
+    let change = applied.change.unwrap();
+    assert_ne!(change.actor_id(), &legacy_actor(run));
+}

@@ -3,11 +3,13 @@
 //! A snapshot that does not load (torn, corrupt, written for another run) is skipped with a
 //! warning in favour of the next older one, and with none left the run is rebuilt from its whole
 //! event log; events are never deleted. A stored change that cannot be applied is reported, and
-//! everything that does not depend on it is still applied.
+//! everything that does not depend on it is still applied. Legacy operational-transform rows
+//! (no `crdt_changes`) are replayed first, deterministically (see `doc::legacy`); a malformed
+//! one is skipped with a warning.
 
 use uuid::Uuid;
 
-use crate::doc::{parse_changes, RunDoc};
+use crate::doc::{parse_changes, LegacyEvent, RunDoc};
 use crate::store::{Store, StoreError};
 
 pub struct Loaded {
@@ -18,6 +20,9 @@ pub struct Loaded {
     pub snapshot_seq: i64,
     /// Stored events or changes that could not be read or applied (reported in the log).
     pub unreadable: usize,
+    /// Legacy (OT) rows replayed, and those skipped as malformed.
+    pub legacy_replayed: usize,
+    pub legacy_skipped: usize,
 }
 
 /// How many older snapshots to try before replaying the whole log.
@@ -26,6 +31,22 @@ const SNAPSHOT_ATTEMPTS: usize = 3;
 pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loaded, StoreError> {
     let (mut doc, snapshot_seq) = from_snapshot(store, run_id, region).await?;
     let events = store.events_after(run_id, snapshot_seq).await?;
+    // Legacy rows come only with the whole log (no snapshot), first, onto the bare genesis:
+    // replayed before anything else touches the document, they come out identical everywhere.
+    let legacy: Vec<LegacyEvent> = events
+        .iter()
+        .filter(|e| e.crdt_changes.is_none())
+        .map(|e| LegacyEvent {
+            event_type: &e.event_type,
+            payload: e.payload.as_deref(),
+            user_id: e.user_id.as_deref(),
+            created_at: e.created_at,
+        })
+        .collect();
+    let skipped = doc.replay_legacy(run_id, &legacy);
+    for (position, reason) in &skipped {
+        log::warn!("run {run_id}: legacy event #{position} skipped: {reason}");
+    }
     let mut last_seq = snapshot_seq;
     let mut changes = Vec::with_capacity(events.len());
     let mut unreadable = 0;
@@ -45,10 +66,7 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
                     );
                 }
             },
-            None => log::warn!(
-                "run {run_id}: legacy {} event is not replayed by this version; skipped",
-                event.event_type
-            ),
+            None => {}
         }
     }
     if !changes.is_empty() {
@@ -67,6 +85,8 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         last_seq,
         snapshot_seq,
         unreadable,
+        legacy_replayed: legacy.len() - skipped.len(),
+        legacy_skipped: skipped.len(),
     })
 }
 

@@ -528,6 +528,8 @@ impl Actor for RunActor {
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
                     Ok(loaded) => {
+                        let skipped = loaded.legacy_skipped as u64;
+                        act.runs.inner.metrics.legacy_skipped.inc_by(skipped);
                         act.last_seq = loaded.last_seq;
                         act.committed_seq = loaded.last_seq;
                         act.snapshot_seq = loaded.snapshot_seq;

@@ -69,6 +69,8 @@ pub struct StoredEvent {
     pub payload: Option<String>,
     pub crdt_changes: Option<Vec<u8>>,
     pub lamport: Option<i64>,
+    pub user_id: Option<String>,
+    pub created_at: NaiveDateTime,
 }
 
 /// The columns `events_after` selects, in order; both backends read them the same way.
@@ -78,16 +80,22 @@ type EventColumns = (
     Option<String>,
     Option<Vec<u8>>,
     Option<i64>,
+    Option<String>,
+    NaiveDateTime,
 );
 
 impl From<EventColumns> for StoredEvent {
-    fn from((run_seq, event_type, payload, crdt_changes, lamport): EventColumns) -> Self {
+    fn from(
+        (run_seq, event_type, payload, crdt_changes, lamport, user_id, created_at): EventColumns,
+    ) -> Self {
         StoredEvent {
             run_seq,
             event_type,
             payload,
             crdt_changes,
             lamport,
+            user_id,
+            created_at,
         }
     }
 }

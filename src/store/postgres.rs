@@ -224,6 +224,8 @@ impl Store for PgStore {
                 ev::payload,
                 ev::crdt_changes,
                 ev::lamport_timestamp,
+                ev::user_id,
+                ev::created_at,
             ))
             .order((ev::run_seq.asc().nulls_first(), ev::id.asc()))
             .into_boxed();

@@ -194,6 +194,8 @@ impl Store for SqliteStore {
                         ev::payload,
                         ev::crdt_changes,
                         ev::lamport_timestamp,
+                        ev::user_id,
+                        ev::created_at,
                     ))
                     // SQLite sorts NULLs first in ascending order: legacy rows come first.
                     .order((ev::run_seq.asc(), ev::id.asc()))

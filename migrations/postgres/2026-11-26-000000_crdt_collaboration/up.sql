@@ -1,6 +1,12 @@
 -- The event log. Deployments migrating from the operational-transform system already have this
 -- table (id, run_id, event_type, payload, user_id, created_at); the CRDT columns are added to it,
--- as the specification's ALTER TABLE says. A row with crdt_changes NULL is a legacy OT event.
+-- as the specification's ALTER TABLE says. A row with crdt_changes NULL is a legacy OT event:
+--   event_type  GRAFT | PRUNE | UNPRUNE | SET_FLAG | DELETE_FLAG
+--   payload     JSON: {"agent", "afterStep"} (GRAFT), {"stepId"} (PRUNE, UNPRUNE),
+--               {"key", "value"} (SET_FLAG), {"key"} (DELETE_FLAG), each with "user" and "region"
+--   user_id, created_at as the old system wrote them.
+-- Such rows are replayed into the run's CRDT document, in stored order, deterministically (see
+-- README, "Migrating from the OT log"); they are never rewritten.
 CREATE TABLE IF NOT EXISTS collaboration_events (
     id BIGSERIAL PRIMARY KEY,
     run_id UUID NOT NULL,

@@ -1,5 +1,6 @@
 -- The embedded (SQLite) form of the same schema: UUIDs as 16-byte BLOBs, timestamps as TEXT.
--- A row with crdt_changes NULL is a legacy operational-transform event.
+-- A row with crdt_changes NULL is a legacy operational-transform event (its format: see the
+-- PostgreSQL migration and README, "Migrating from the OT log").
 CREATE TABLE IF NOT EXISTS collaboration_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id BLOB NOT NULL,
