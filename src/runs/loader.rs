@@ -55,8 +55,9 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         if let Some(l) = event.lamport {
             doc.observe_lamport(u64::try_from(l).unwrap_or(0));
         }
-        match &event.crdt_changes {
-            Some(bytes) => match parse_changes(bytes) {
+        // Legacy rows (no changes) were replayed above.
+        if let Some(bytes) = &event.crdt_changes {
+            match parse_changes(bytes) {
                 Ok(mut c) => changes.append(&mut c),
                 Err(e) => {
                     unreadable += 1;
@@ -65,8 +66,7 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
                         event.run_seq
                     );
                 }
-            },
-            None => {}
+            }
         }
     }
     if !changes.is_empty() {
