@@ -53,12 +53,24 @@ fn split_changes(bytes: &[u8], bounded: bool) -> Result<Vec<Change>, DocError> {
                 out.len()
             )));
         }
-        let change = Change::try_from(chunk).map_err(|e| {
-            DocError::InvalidChanges(format!(
-                "chunk {} is not an Automerge change: {e}",
-                out.len()
-            ))
-        })?;
+        // Automerge 0.12 panics on some malformed chunks (found by the `sync_changes` fuzz
+        // target): bytes from outside must be an error, never a dead thread.
+        let parsed = std::panic::catch_unwind(|| Change::try_from(chunk));
+        let change = match parsed {
+            Ok(Ok(change)) => change,
+            Ok(Err(e)) => {
+                return Err(DocError::InvalidChanges(format!(
+                    "chunk {} is not an Automerge change: {e}",
+                    out.len()
+                )))
+            }
+            Err(_) => {
+                return Err(DocError::InvalidChanges(format!(
+                    "chunk {} is a malformed Automerge change",
+                    out.len()
+                )))
+            }
+        };
         inflated += change.raw_bytes().len();
         if bounded && inflated > MAX_INFLATED_TOTAL {
             return Err(DocError::InvalidChanges(format!(
@@ -112,9 +124,21 @@ pub(super) fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
 /// The changes of a whole saved document (a `CRDT_FULL_SYNC` state, or the document chunk
 /// Automerge's sync protocol sends when most of a document is missing).
 pub fn parse_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
-    let mut doc = automerge::AutoCommit::load(bytes)
+    let mut doc = load_document(bytes)
         .map_err(|e| DocError::InvalidChanges(format!("not an Automerge document: {e}")))?;
     Ok(doc.get_changes(&[]))
+}
+
+/// Loads a saved document. Automerge 0.12 panics on some malformed documents (found by the
+/// `snapshot_load` fuzz target); bytes from outside must never take a thread down with them.
+pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, String> {
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        automerge::AutoCommit::load(bytes)
+    }));
+    match loaded {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err("malformed document (Automerge failed to read it)".into()),
+    }
 }
 
 /// Change chunks or a document chunk: whichever `bytes` starts with.

@@ -172,7 +172,7 @@ impl RunDoc {
     /// A run from a saved document (a snapshot). The clock starts at the highest stamp found.
     pub fn load(run_id: Uuid, region: &str, bytes: &[u8]) -> Result<Self, DocError> {
         let not_this_run = |reason: String| DocError::NotThisRun { run_id, reason };
-        let mut doc = AutoCommit::load(bytes).map_err(|e| not_this_run(e.to_string()))?;
+        let mut doc = changes::load_document(bytes).map_err(not_this_run)?;
         let genesis = genesis::genesis_doc(run_id).get_heads()[0];
         if doc.get_change_meta_by_hash(&genesis).is_none() {
             return Err(not_this_run("it lacks the run's genesis change".into()));

@@ -956,3 +956,28 @@ fn legacy_replay_is_byte_identical_on_every_node_and_skips_malformed_rows() {
     let change = applied.change.unwrap();
     assert_ne!(change.actor_id(), &legacy_actor(run));
 }
+
+/// Found by the `snapshot_load` fuzz target: Automerge 0.12 panics reading this document. A
+/// torn or hostile snapshot (or CRDT_FULL_SYNC state) must be an error, not a dead thread.
+#[test]
+fn a_document_that_makes_automerge_panic_is_refused() {
+    let bytes = include_bytes!("../../fuzz/corpus/snapshot_load/regression-automerge-load-panic");
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let loaded = RunDoc::load(Uuid::from_u128(7), "r", bytes);
+    let parsed = parse_document(bytes);
+    std::panic::set_hook(default_hook);
+    assert!(loaded.is_err());
+    assert!(parsed.is_err());
+}
+
+/// Found by the `sync_changes` fuzz target: Automerge 0.12 panics verifying this change chunk.
+#[test]
+fn a_change_that_makes_automerge_panic_is_refused() {
+    let bytes = include_bytes!("../../fuzz/corpus/sync_changes/regression-automerge-parse-panic");
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let parsed = parse_changes(bytes);
+    std::panic::set_hook(default_hook);
+    assert!(parsed.is_err());
+}
