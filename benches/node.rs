@@ -53,6 +53,12 @@ fn main() {
     if run("memory") {
         rt.block_on(memory());
     }
+    if run("legacy") {
+        rt.block_on(legacy_load());
+    }
+    if run("stall") {
+        rt.block_on(snapshot_stall(quick));
+    }
 }
 
 // ---------- the operation mix ----------
@@ -329,4 +335,135 @@ async fn memory() {
         RUNS * OPS,
         elapsed.as_secs_f64()
     );
+}
+
+// ---------- legacy replay ----------
+
+/// Writes `n` legacy (OT) rows for `run`, as the old system left them.
+async fn seed_legacy(db: &TestDb, run: Uuid, n: usize) {
+    let id = common::db::run_literal(db, run);
+    for start in (0..n).step_by(500) {
+        let rows: Vec<String> = (start..(start + 500).min(n))
+            .map(|i| {
+                let (kind, payload) = match i % 4 {
+                    0 | 1 => ("GRAFT", format!(r#"{{"agent":"Agent{i}","afterStep":"Step{}","user":"u{}","region":"us-east-1"}}"#, i % 50, i % 7)),
+                    2 => ("SET_FLAG", format!(r#"{{"key":"flag{}","value":{i},"user":"u"}}"#, i % 40)),
+                    _ => ("PRUNE", format!(r#"{{"stepId":"Step{}","user":"u"}}"#, i % 60)),
+                };
+                format!("({id}, '{kind}', '{payload}', 'legacy', '2025-06-01 10:00:00')")
+            })
+            .collect();
+        common::db::execute(
+            db,
+            &format!(
+                "INSERT INTO collaboration_events (run_id, event_type, payload, user_id, created_at) VALUES {}",
+                rows.join(", ")
+            ),
+        )
+        .await;
+    }
+}
+
+async fn legacy_load() {
+    const EVENTS: usize = 10_000;
+    println!("\n### Loading a run of {EVENTS} legacy (OT) events (median of 5)\n");
+    println!("| backend | replaying the legacy log | from a snapshot of the same run | ratio |");
+    println!("|---|---:|---:|---:|");
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let db = TestDb::new(backend).await;
+        let store = store::open(&db.url, 4, false).await.expect("store");
+        let run = Uuid::new_v4();
+        seed_legacy(&db, run, EVENTS).await;
+        let (replay, l1) = median_load(store.as_ref(), run).await;
+        // The same run, snapshotted: later loads start from the snapshot.
+        let mut loaded = crdt_node::runs::loader::load(store.as_ref(), run, "us-east-1")
+            .await
+            .expect("load");
+        let snapshot = Snapshot {
+            id: Uuid::new_v4(),
+            run_id: run,
+            data: loaded.doc.save(),
+            lamport: loaded.doc.lamport() as i64,
+            region: "us-east-1".into(),
+            created_at: chrono::Utc::now().naive_utc(),
+            event_count: 0,
+        };
+        store.save_snapshot(&snapshot, 10).await.expect("snapshot");
+        let (fast, l2) = median_load(store.as_ref(), run).await;
+        assert_eq!(l1, l2, "both loads restore the same clock");
+        println!(
+            "| {} | {:.1} ms | {:.1} ms | {:.1}× faster |",
+            if backend == Backend::Sqlite {
+                "SQLite"
+            } else {
+                "PostgreSQL"
+            },
+            replay.as_secs_f64() * 1e3,
+            fast.as_secs_f64() * 1e3,
+            replay.as_secs_f64() / fast.as_secs_f64()
+        );
+    }
+}
+
+// ---------- writes while a big run is snapshotted ----------
+
+/// Writes to one 100,000-op run, one at a time, for `secs`; returns per-write latencies.
+async fn write_for(addr: &str, run: Uuid, secs: f64) -> Vec<Duration> {
+    let mut conn = Conn::open(addr).await;
+    let mut latencies = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut i = 0;
+    while Instant::now() < end {
+        let start = Instant::now();
+        let status = conn.call(&http_request(run, i)).await.expect("request");
+        assert!(status == 200 || status == 201, "status {status}");
+        latencies.push(start.elapsed());
+        i += 1;
+    }
+    latencies
+}
+
+async fn snapshot_stall(quick: bool) {
+    const OPS: usize = 100_000;
+    let secs = if quick { 5.0 } else { 15.0 };
+    println!("\n### Writes to a {OPS}-op run while it is snapshotted (SQLite, one writer)\n");
+    println!("| snapshots | writes/s | p50 | p99 | worst stall | snapshots written |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (label, every) in [
+        ("off", "100000000"),
+        ("every 100 events (≥ 1 s apart)", "100"),
+    ] {
+        let db = TestDb::new(Backend::Sqlite).await;
+        let run = {
+            let store = store::open(&db.url, 4, false).await.expect("store");
+            seed_run(store.as_ref(), OPS, None).await
+        };
+        let node = Node::spawn(
+            &db,
+            &[
+                ("CRDT_SNAPSHOT_EVERY", every),
+                ("RUST_LOG", "warn,crdt_node=info"),
+            ],
+        );
+        let addr = node.base.trim_start_matches("http://").to_string();
+        // Load the run first: the first write would otherwise pay for it.
+        let _ = write_for(&addr, run, 0.5).await;
+        let mut lat = write_for(&addr, run, secs).await;
+        let text = reqwest::get(node.url("/actuator/prometheus"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let snapshots = common::metric(&text, "crdt_snapshot_size_bytes_count").unwrap_or(0.0);
+        lat.sort();
+        let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e3;
+        println!(
+            "| {label} | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {snapshots:.0} |",
+            lat.len() as f64 / secs,
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+        );
+    }
 }

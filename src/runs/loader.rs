@@ -29,13 +29,14 @@ pub struct Loaded {
 const SNAPSHOT_ATTEMPTS: usize = 3;
 
 pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loaded, StoreError> {
-    let (mut doc, snapshot_seq) = from_snapshot(store, run_id, region).await?;
+    let (mut doc, snapshot_seq, from_snapshot) = from_snapshot(store, run_id, region).await?;
     let events = store.events_after(run_id, snapshot_seq).await?;
     // Legacy rows come only with the whole log (no snapshot), first, onto the bare genesis:
     // replayed before anything else touches the document, they come out identical everywhere.
+    // A snapshot already holds the replay.
     let legacy: Vec<LegacyEvent> = events
         .iter()
-        .filter(|e| e.crdt_changes.is_none())
+        .filter(|e| e.crdt_changes.is_none() && !from_snapshot)
         .map(|e| LegacyEvent {
             event_type: &e.event_type,
             payload: e.payload.as_deref(),
@@ -94,7 +95,7 @@ async fn from_snapshot(
     store: &dyn Store,
     run_id: Uuid,
     region: &str,
-) -> Result<(RunDoc, i64), StoreError> {
+) -> Result<(RunDoc, i64, bool), StoreError> {
     let mut below = None;
     for _ in 0..SNAPSHOT_ATTEMPTS {
         let Some(snapshot) = store.latest_snapshot(run_id, below).await? else {
@@ -103,7 +104,7 @@ async fn from_snapshot(
         match RunDoc::load(run_id, region, &snapshot.data) {
             Ok(mut doc) => {
                 doc.observe_lamport(u64::try_from(snapshot.lamport).unwrap_or(0));
-                return Ok((doc, i64::from(snapshot.event_count)));
+                return Ok((doc, i64::from(snapshot.event_count), true));
             }
             Err(e) => {
                 log::warn!(
@@ -114,5 +115,5 @@ async fn from_snapshot(
             }
         }
     }
-    Ok((RunDoc::new(run_id, region), 0))
+    Ok((RunDoc::new(run_id, region), 0, false))
 }
