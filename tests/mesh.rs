@@ -460,15 +460,7 @@ async fn bad_peers_and_bad_frames_are_refused_and_counted() {
         &[("CRDT_MESH_SECRET", "not-the-secret")],
     )
     .await;
-    let refused = eventually(20, || async {
-        let (_, s) = c.get(&intruder.url("/api/crdt/mesh/status")).await;
-        s["peers"][0]["lastError"]
-            .as_str()
-            .filter(|e| e.contains("authentication failed"))
-            .map(String::from)
-    })
-    .await;
-    assert!(refused.is_some(), "{}", intruder.log_text());
+    assert_refused_for_the_secret(&c, &intruder).await;
     let (_, s) = c.get(&target.url("/api/crdt/mesh/status")).await;
     assert_eq!(s["connectedPeers"], 1, "{s}");
 
@@ -849,13 +841,18 @@ async fn the_mesh_secret_rotates_without_refusing_links() {
         &[("CRDT_MESH_SECRET", "new")],
     )
     .await;
+    assert_refused_for_the_secret(&c, &only_new).await;
+}
+
+/// Waits until `node`'s first configured peer has refused it for not knowing the secret.
+async fn assert_refused_for_the_secret(c: &Client, node: &Node) {
     let refused = eventually(20, || async {
-        let (_, s) = c.get(&only_new.url("/api/crdt/mesh/status")).await;
+        let (_, s) = c.get(&node.url("/api/crdt/mesh/status")).await;
         s["peers"][0]["lastError"]
             .as_str()
             .filter(|e| e.contains("authentication failed"))
             .map(String::from)
     })
     .await;
-    assert!(refused.is_some(), "{}", only_new.log_text());
+    assert!(refused.is_some(), "{}", node.log_text());
 }
