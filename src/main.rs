@@ -41,8 +41,10 @@ fn main() -> std::process::ExitCode {
             Err(e) => Err(e.to_string()),
         };
         // The server has finished its requests; what the runs still hold goes to storage.
+        // Without a signal (the server ended by itself) there is nothing to wait for.
+        let mut stopping = stopping;
         let since = stopping
-            .await
+            .try_recv()
             .map_or(std::time::Duration::ZERO, |t| t.elapsed());
         let left = grace
             .saturating_sub(since)

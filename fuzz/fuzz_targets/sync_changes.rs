@@ -23,8 +23,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut doc = RunDoc::new(Uuid::from_u128(7), "fuzz");
     let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = doc.apply_remote(changes, Some(u64::MAX));
-        let _ = doc.state();
+        doc.apply_remote(changes, Some(u64::MAX)).is_ok()
     }));
-    drop(applied);
+    // Reading the state is not guarded in the node: a panic here is a crash.
+    if matches!(applied, Ok(true)) {
+        let _ = doc.state();
+    }
 });

@@ -84,7 +84,15 @@ fn mutation(run_id: Uuid, position: usize, e: &LegacyEvent) -> Result<(Mutation,
         .map_err(|err| format!("payload is not the legacy JSON: {err}"))?;
     let user = name("user", p.user.or(e.user_id.map(str::to_string)))
         .unwrap_or_else(|_| "legacy".to_string());
-    let region = name("region", p.region).unwrap_or_else(|_| "legacy".to_string());
+    // As change stamps carry regions (else peers would not read the stamp).
+    let region = p
+        .region
+        .filter(|r| {
+            (1..=50).contains(&r.len())
+                && r.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+        .unwrap_or_else(|| "legacy".to_string());
     let m = match e.event_type {
         "GRAFT" => Mutation::Graft {
             id: graft_id(run_id, position),

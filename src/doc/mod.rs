@@ -204,7 +204,8 @@ impl RunDoc {
             doc,
             lamport,
             genesis: self.genesis,
-            parked: HashMap::new(),
+            // Held-back peer changes are not in the document: they stay held back.
+            parked: std::mem::take(&mut self.parked),
         })
     }
 

@@ -200,33 +200,31 @@ impl Runs {
             .collect();
         let store = self.inner.store.clone();
         let keep = self.inner.config.snapshot_keep;
+        let written = AtomicUsize::new(0);
         let work = futures_util::stream::iter(actors)
             .map(|addr| {
-                let store = store.clone();
+                let (store, written) = (store.clone(), &written);
                 async move {
-                    let snapshot = addr.send(FinalSnapshot).await.ok().flatten()?;
+                    let Some(snapshot) = addr.send(FinalSnapshot).await.ok().flatten() else {
+                        return;
+                    };
                     match store.save_snapshot(&snapshot, keep).await {
-                        Ok(()) => Some(()),
-                        Err(e) => {
-                            log::warn!("run {}: final snapshot failed: {e}", snapshot.run_id);
-                            None
+                        Ok(()) => {
+                            written.fetch_add(1, Ordering::Relaxed);
                         }
+                        Err(e) => log::warn!("run {}: final snapshot failed: {e}", snapshot.run_id),
                     }
                 }
             })
             .buffer_unordered(4)
-            .filter_map(|done| async move { done })
-            .fold(0usize, |n, ()| async move { n + 1 });
-        match tokio::time::timeout(deadline, work).await {
-            Ok(n) => n,
-            Err(_) => {
-                log::warn!(
-                    "final snapshots cut short after {} ms",
-                    deadline.as_millis()
-                );
-                0
-            }
+            .collect::<()>();
+        if tokio::time::timeout(deadline, work).await.is_err() {
+            log::warn!(
+                "final snapshots cut short after {} ms",
+                deadline.as_millis()
+            );
         }
+        written.load(Ordering::Relaxed)
     }
 
     /// Refuses a write at once while the database is known to be out of reach.

@@ -167,6 +167,8 @@ pub struct RunActor {
     /// Heads and clock of what the log holds: where the document returns if a write fails
     /// because the database is out of reach.
     durable: (Vec<ChangeHash>, u64),
+    /// Stored changes that did not apply at load: no snapshot may cover (and so hide) them.
+    unreadable: usize,
 }
 
 impl RunActor {
@@ -190,6 +192,7 @@ impl RunActor {
             recent_ops: HashMap::new(),
             recent_order: VecDeque::new(),
             durable: (Vec::new(), 0),
+            unreadable: 0,
         }
     }
 
@@ -492,8 +495,11 @@ impl RunActor {
                 }
                 self.doc = Some(doc);
                 self.last_seq = self.committed_seq;
-                self.recent_ops.clear();
-                self.recent_order.clear();
+                // Acknowledged operations stay remembered; the refused ones were never done.
+                self.recent_ops
+                    .retain(|_, outcome| outcome.lamport <= lamport);
+                let ops = &self.recent_ops;
+                self.recent_order.retain(|k| ops.contains_key(k));
                 self.record_digest();
             }
             _ => self.fail(reason, batch, ctx),
@@ -528,6 +534,7 @@ impl Actor for RunActor {
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
                     Ok(loaded) => {
+                        act.unreadable = loaded.unreadable;
                         let skipped = loaded.legacy_skipped as u64;
                         act.runs.inner.metrics.legacy_skipped.inc_by(skipped);
                         act.last_seq = loaded.last_seq;
@@ -738,7 +745,8 @@ impl Handler<FinalSnapshot> for RunActor {
             let settled = matches!(drained, Ok(Ok(())))
                 && act.pending.is_empty()
                 && !act.in_flight
-                && act.failed.is_none();
+                && act.failed.is_none()
+                && act.unreadable == 0;
             if !settled || act.committed_seq <= act.snapshot_seq {
                 return None;
             }
@@ -770,6 +778,14 @@ impl Handler<PeerSync> for RunActor {
     type Result = ResponseFuture<Result<PeerSyncReply, RunError>>;
 
     fn handle(&mut self, msg: PeerSync, ctx: &mut Self::Context) -> Self::Result {
+        // Changes cannot be stored now: refuse them at once (the peer retries); a step that
+        // carries none may still answer.
+        let carries_changes = msg.incoming.as_ref().is_some_and(|m| !m.changes.is_empty());
+        if carries_changes {
+            if let Err(e) = self.runs.check_store() {
+                return Box::pin(async move { Err(e) });
+            }
+        }
         let mut state = msg.state;
         let result = self.guarded(ctx, |d| {
             let step = d.sync_step(&mut state, msg.incoming);
