@@ -444,12 +444,9 @@ async fn snapshot_stall(quick: bool) {
         // Load the run first: the first write would otherwise pay for it.
         let _ = write_for(&addr, run, 0.5).await;
         let mut lat = write_for(&addr, run, secs).await;
-        let text = reqwest::get(node.url("/actuator/prometheus"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let text = common::Client::new()
+            .text(&node.url("/actuator/prometheus"))
+            .await;
         let snapshots = common::metric(&text, "crdt_snapshot_size_bytes_count").unwrap_or(0.0);
         lat.sort();
         let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e3;
