@@ -291,6 +291,13 @@ pub struct Database {
     /// `<database>_<node id>` (pods of a StatefulSet sharing one secret URL).
     #[serde(default)]
     pub per_node: bool,
+    /// A write transaction not done in this time counts as the database out of reach (503).
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
+}
+
+fn default_write_timeout() -> u64 {
+    10_000
 }
 
 fn default_pool() -> usize {
@@ -367,6 +374,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_SHUTDOWN_GRACE_SECS", "server.shutdown-grace-secs"),
     ("DATABASE_CREATE_IF_MISSING", "database.create-if-missing"),
     ("DATABASE_PER_NODE", "database.per-node"),
+    ("DATABASE_WRITE_TIMEOUT_MS", "database.write-timeout-ms"),
 ];
 
 impl Settings {
@@ -522,6 +530,9 @@ impl Settings {
         }
         if self.database.url.trim().is_empty() {
             return Err(invalid("database.url", "must not be empty"));
+        }
+        if self.database.write_timeout_ms < 100 {
+            return Err(invalid("database.write-timeout-ms", "must be at least 100"));
         }
         if self.server.shutdown_grace_secs == 0 {
             return Err(invalid("server.shutdown-grace-secs", "must be at least 1"));

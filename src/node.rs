@@ -66,6 +66,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
                 settings.crdt.snapshot.min_interval_ms,
             ),
             idle_timeout: settings.idle_timeout(),
+            write_timeout: std::time::Duration::from_millis(settings.database.write_timeout_ms),
         },
         metrics.clone(),
         workers,

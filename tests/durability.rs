@@ -780,3 +780,56 @@ async fn sigterm_snapshots_dirty_runs_and_exits_cleanly(backend: Backend) {
     let st = state(&c, &node, runs[2]).await;
     assert_eq!(st["flags"], json!({"k0": 0, "k1": 1, "k2": 2}));
 }
+
+/// A database that stops answering without closing anything (a black-holed network): writes
+/// are refused with 503 after the write timeout instead of hanging, reads of the loaded run go
+/// on, and everything resumes once the network heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_database_times_out_writes_instead_of_hanging() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = common::proxy::Proxy::start().await;
+    let pg = url::Url::parse(&db.url).unwrap();
+    proxy.target(&format!(
+        "{}:{}",
+        pg.host_str().unwrap(),
+        pg.port().unwrap_or(5432)
+    ));
+    let mut through = pg.clone();
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.addr.port())).unwrap();
+    let env = [
+        ("DATABASE_URL", through.as_str()),
+        ("DATABASE_WRITE_TIMEOUT_MS", "1000"),
+    ];
+    let node = Node::spawn(&db, &env);
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    flag(&c, &node, run, "before", json!(1)).await;
+
+    proxy.blackhole();
+    let url = run_url(&node, run, "/flags/during");
+    let started = std::time::Instant::now();
+    let (s, body) = c.put(&url, &json!({"value": 2, "user": "u"})).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "the write hung for {:?}",
+        started.elapsed()
+    );
+    let st = state(&c, &node, run).await;
+    assert_eq!(st["flags"], json!({"before": 1}), "{st}");
+
+    proxy.heal();
+    let back = common::eventually(30, || async {
+        let (s, _) = c.put(&url, &json!({"value": 3, "user": "u"})).await;
+        (s == 200).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "writes did not resume:\n{}",
+        node.log_text()
+    );
+    let st = state(&c, &node, run).await;
+    assert_eq!(st["flags"], json!({"before": 1, "during": 3}), "{st}");
+}

@@ -36,6 +36,8 @@ pub struct RunsConfig {
     pub snapshot_keep: usize,
     pub snapshot_min_interval: Duration,
     pub idle_timeout: Duration,
+    /// Longest an event-log transaction may take before it counts as the database out of reach.
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +123,12 @@ impl Runs {
         arbiters: usize,
         committers: usize,
     ) -> Self {
-        let committer =
-            GroupCommitter::start(store.clone(), committers, metrics.commit_batch.clone());
+        let committer = GroupCommitter::start(
+            store.clone(),
+            committers,
+            metrics.commit_batch.clone(),
+            config.write_timeout,
+        );
         // On a thread of its own: building a snapshot is CPU work that must not delay the
         // group committer or the HTTP accept loop on the system thread.
         let snapshots = {

@@ -8,6 +8,7 @@
 //! collection; SQLite has a single writer, so it gets one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::Histogram;
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -32,7 +33,14 @@ const MAX_BATCH_EVENTS: usize = 4096;
 impl GroupCommitter {
     /// Starts `committers` tasks on the current runtime; `batch_sizes` observes how many
     /// appends each transaction carried.
-    pub fn start(store: Arc<dyn Store>, committers: usize, batch_sizes: Histogram) -> Self {
+    /// A transaction not done within `timeout` fails as "database unavailable": a database
+    /// that stops answering without closing its connections must not hold writes forever.
+    pub fn start(
+        store: Arc<dyn Store>,
+        committers: usize,
+        batch_sizes: Histogram,
+        timeout: Duration,
+    ) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..committers.max(1) {
@@ -40,6 +48,7 @@ impl GroupCommitter {
                 store.clone(),
                 rx.clone(),
                 batch_sizes.clone(),
+                timeout,
             ));
         }
         GroupCommitter { queue }
@@ -56,10 +65,26 @@ impl GroupCommitter {
     }
 }
 
+/// Appends within `timeout`; past it the outcome is unknown, and it counts as out of reach.
+async fn append(
+    store: &dyn Store,
+    events: &[NewEvent],
+    timeout: Duration,
+) -> Result<usize, StoreError> {
+    match tokio::time::timeout(timeout, store.append(events)).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "the database did not answer within {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
+
 async fn run_committer(
     store: Arc<dyn Store>,
     rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>,
     batch_sizes: Histogram,
+    timeout: Duration,
 ) {
     loop {
         let batch = {
@@ -83,7 +108,7 @@ async fn run_committer(
             .flat_map(|r| r.events.iter().cloned())
             .collect();
         batch_sizes.observe(batch.len() as f64);
-        let result = store.append(&events).await;
+        let result = append(store.as_ref(), &events, timeout).await;
         match result {
             Ok(_) => {
                 for request in batch {
@@ -105,8 +130,7 @@ async fn run_committer(
                     batch.len()
                 );
                 for request in batch {
-                    let result = store
-                        .append(&request.events)
+                    let result = append(store.as_ref(), &request.events, timeout)
                         .await
                         .map(|_| ())
                         .map_err(Arc::new);
