@@ -677,13 +677,8 @@ async fn sigkill_inside_slow_commits_loses_no_acknowledged_write() {
     );
 }
 
-/// PostgreSQL out of reach (the node's connections to it cut by a proxy): mutations get 503
-/// with a reason and are never acknowledged; reads of a loaded run keep serving its durable
-/// state; readiness says not ready; when the database returns, everything resumes by itself,
-/// and only acknowledged mutations exist.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_outage_refuses_writes_keeps_reads_and_recovers() {
-    let db = TestDb::new(Backend::Postgres).await;
+/// A node whose connections to PostgreSQL pass through a proxy the test can cut or black-hole.
+async fn node_through_proxy(db: &TestDb, env: &[(&str, &str)]) -> (Node, common::proxy::Proxy) {
     let proxy = common::proxy::Proxy::start().await;
     let pg = url::Url::parse(&db.url).unwrap();
     proxy.target(&format!(
@@ -694,7 +689,19 @@ async fn a_database_outage_refuses_writes_keeps_reads_and_recovers() {
     let mut through = pg.clone();
     through.set_host(Some("127.0.0.1")).unwrap();
     through.set_port(Some(proxy.addr.port())).unwrap();
-    let node = Node::spawn(&db, &[("DATABASE_URL", through.as_str())]);
+    let mut all = vec![("DATABASE_URL", through.as_str())];
+    all.extend_from_slice(env);
+    (Node::spawn(db, &all), proxy)
+}
+
+/// PostgreSQL out of reach (the node's connections to it cut by a proxy): mutations get 503
+/// with a reason and are never acknowledged; reads of a loaded run keep serving its durable
+/// state; readiness says not ready; when the database returns, everything resumes by itself,
+/// and only acknowledged mutations exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_refuses_writes_keeps_reads_and_recovers() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (node, proxy) = node_through_proxy(&db, &[]).await;
     let c = Client::new();
     let run = Uuid::new_v4();
     flag(&c, &node, run, "before", json!(1)).await;
@@ -787,21 +794,7 @@ async fn sigterm_snapshots_dirty_runs_and_exits_cleanly(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_database_times_out_writes_instead_of_hanging() {
     let db = TestDb::new(Backend::Postgres).await;
-    let proxy = common::proxy::Proxy::start().await;
-    let pg = url::Url::parse(&db.url).unwrap();
-    proxy.target(&format!(
-        "{}:{}",
-        pg.host_str().unwrap(),
-        pg.port().unwrap_or(5432)
-    ));
-    let mut through = pg.clone();
-    through.set_host(Some("127.0.0.1")).unwrap();
-    through.set_port(Some(proxy.addr.port())).unwrap();
-    let env = [
-        ("DATABASE_URL", through.as_str()),
-        ("DATABASE_WRITE_TIMEOUT_MS", "1000"),
-    ];
-    let node = Node::spawn(&db, &env);
+    let (node, proxy) = node_through_proxy(&db, &[("DATABASE_WRITE_TIMEOUT_MS", "1000")]).await;
     let c = Client::new();
     let run = Uuid::new_v4();
     flag(&c, &node, run, "before", json!(1)).await;
