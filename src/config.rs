@@ -43,6 +43,8 @@ pub struct Crdt {
     #[serde(default)]
     pub browser: Browser,
     #[serde(default)]
+    pub automerge: AutomergeRepo,
+    #[serde(default)]
     pub snapshot: SnapshotSettings,
     #[serde(default)]
     pub runs: RunSettings,
@@ -146,6 +148,52 @@ impl Default for Browser {
             max_frame_bytes: default_session_frame(),
         }
     }
+}
+
+/// automerge-repo connections (`/ws/automerge`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AutomergeRepo {
+    /// Messages queued for one connection; one that lets more pile up is closed (the client
+    /// reconnects and its sync resumes from what both sides hold).
+    #[serde(default = "default_repo_queue")]
+    pub queue_frames: usize,
+    /// Open connections this node accepts; more are refused with 503.
+    #[serde(default = "default_max_sessions")]
+    pub max_connections: usize,
+    /// A ping goes to every connection this often; one silent for three times as long is closed.
+    #[serde(default = "default_session_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Largest message a client may send (a first sync of a big run is one message).
+    #[serde(default = "default_repo_frame")]
+    pub max_frame_bytes: usize,
+    /// Documents one connection may open.
+    #[serde(default = "default_repo_docs")]
+    pub max_documents: usize,
+}
+
+impl Default for AutomergeRepo {
+    fn default() -> Self {
+        AutomergeRepo {
+            queue_frames: default_repo_queue(),
+            max_connections: default_max_sessions(),
+            heartbeat_ms: default_session_heartbeat(),
+            max_frame_bytes: default_repo_frame(),
+            max_documents: default_repo_docs(),
+        }
+    }
+}
+
+fn default_repo_queue() -> usize {
+    1024
+}
+
+fn default_repo_frame() -> usize {
+    16 * 1024 * 1024
+}
+
+fn default_repo_docs() -> usize {
+    10_000
 }
 
 fn default_session_queue() -> usize {
@@ -359,6 +407,17 @@ const ENV_KEYS: &[(&str, &str)] = &[
         "CRDT_BROWSER_MAX_FRAME_BYTES",
         "crdt.browser.max-frame-bytes",
     ),
+    ("CRDT_AUTOMERGE_QUEUE_FRAMES", "crdt.automerge.queue-frames"),
+    (
+        "CRDT_AUTOMERGE_MAX_CONNECTIONS",
+        "crdt.automerge.max-connections",
+    ),
+    ("CRDT_AUTOMERGE_HEARTBEAT_MS", "crdt.automerge.heartbeat-ms"),
+    (
+        "CRDT_AUTOMERGE_MAX_FRAME_BYTES",
+        "crdt.automerge.max-frame-bytes",
+    ),
+    ("CRDT_AUTOMERGE_MAX_DOCUMENTS", "crdt.automerge.max-documents"),
     ("CRDT_SNAPSHOT_EVERY", "crdt.snapshot.every-events"),
     ("CRDT_SNAPSHOT_KEEP", "crdt.snapshot.keep"),
     (
@@ -477,6 +536,22 @@ impl Settings {
         }
         if self.crdt.api.token.as_deref() == Some("") {
             self.crdt.api.token = None;
+        }
+        let repo = &self.crdt.automerge;
+        if repo.queue_frames < 4 {
+            return Err(invalid("crdt.automerge.queue-frames", "must be at least 4"));
+        }
+        if repo.max_connections == 0 {
+            return Err(invalid("crdt.automerge.max-connections", "must be at least 1"));
+        }
+        if repo.heartbeat_ms < 100 {
+            return Err(invalid("crdt.automerge.heartbeat-ms", "must be at least 100"));
+        }
+        if repo.max_frame_bytes < 4096 {
+            return Err(invalid("crdt.automerge.max-frame-bytes", "must be at least 4096"));
+        }
+        if repo.max_documents == 0 {
+            return Err(invalid("crdt.automerge.max-documents", "must be at least 1"));
         }
         let browser = &self.crdt.browser;
         if browser.queue_frames < 4 {

@@ -1,7 +1,7 @@
 //! The node's Prometheus metrics: the specification's names, registered beside actix-web-prom's
 //! HTTP metrics and served at `/actuator/prometheus`.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -20,6 +20,14 @@ pub struct Metrics {
     pub commit_batch: Histogram,
     /// Legacy (OT) rows skipped as malformed when replaying a run's log.
     pub legacy_skipped: prometheus::IntCounter,
+    /// Schema breaches found in changes from foreign Automerge clients (kept, reported).
+    pub schema_violations: IntCounter,
+    /// Open automerge-repo connections.
+    pub repo_sessions: IntGauge,
+    /// automerge-repo messages received and sent, by type and direction.
+    pub repo_messages: IntCounterVec,
+    /// automerge-repo connections the node closed, by reason.
+    pub repo_closed: IntCounterVec,
     /// Open browser sessions.
     pub browser_sessions: IntGauge,
     /// Browser session frames, by direction (`in`, `out`).
@@ -87,6 +95,32 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let schema_violations = IntCounter::new(
+            "crdt_schema_violations_total",
+            "Run-schema breaches found in changes from foreign Automerge clients (the changes are kept)",
+        )?;
+        let repo_sessions = IntGauge::new(
+            "crdt_automerge_repo_connections",
+            "Open automerge-repo WebSocket connections",
+        )?;
+        let repo_messages = IntCounterVec::new(
+            Opts::new(
+                "crdt_automerge_repo_messages_total",
+                "automerge-repo messages received and sent, by type",
+            ),
+            &["type", "direction"],
+        )?;
+        let repo_closed = IntCounterVec::new(
+            Opts::new(
+                "crdt_automerge_repo_connections_closed_total",
+                "automerge-repo connections the node closed, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(schema_violations.clone()))?;
+        registry.register(Box::new(repo_sessions.clone()))?;
+        registry.register(Box::new(repo_messages.clone()))?;
+        registry.register(Box::new(repo_closed.clone()))?;
         registry.register(Box::new(browser_sessions.clone()))?;
         registry.register(Box::new(browser_frames.clone()))?;
         registry.register(Box::new(browser_closed.clone()))?;
@@ -114,6 +148,10 @@ impl Metrics {
             snapshot_failures,
             commit_batch,
             legacy_skipped,
+            schema_violations,
+            repo_sessions,
+            repo_messages,
+            repo_closed,
             browser_sessions,
             browser_frames,
             browser_closed,

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use actix_web::{web, App, HttpServer};
 use actix_web_prom::PrometheusMetricsBuilder;
 
+use crate::automerge_repo::{AutomergeRepo, RepoConfig};
 use crate::browser::{Browser, BrowserConfig};
 use crate::config::Settings;
 use crate::http::{self, ApiToken, AppState};
@@ -34,6 +35,7 @@ pub struct RunningNode {
     pub runs: Runs,
     pub mesh: Mesh,
     pub browser: Browser,
+    pub automerge: AutomergeRepo,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -84,10 +86,16 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         mesh.clone(),
         metrics.clone(),
     );
+    let automerge = AutomergeRepo::start(
+        RepoConfig::from_settings(settings),
+        runs.clone(),
+        metrics.clone(),
+    );
     let state = web::Data::new(AppState {
         runs: runs.clone(),
         mesh: mesh.clone(),
         browser: browser.clone(),
+        automerge: automerge.clone(),
         metrics: metrics.clone(),
         region: settings.crdt.region.clone(),
         node_id: settings.node_id().to_string(),
@@ -134,6 +142,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         runs,
         mesh,
         browser,
+        automerge,
         task,
     })
 }

@@ -22,6 +22,8 @@ pub enum Out {
     /// A frame shared by many sockets (a browser room's update): queued without a copy. The
     /// counter, if any, holds the bytes queued and not yet written; the writer takes these off.
     Shared(ByteString, Option<Arc<AtomicUsize>>),
+    /// A binary frame (automerge-repo's CBOR messages).
+    Binary(Bytes),
     Ping(Bytes),
     Pong(Bytes),
     Close(u16, String),
@@ -32,8 +34,8 @@ pub enum Out {
 #[rtype(result = "()")]
 pub enum Inbound {
     Text(String),
-    /// The protocol is text only; binary frames are rejected by size.
-    Binary(usize),
+    /// A binary frame (the automerge-repo protocol's; the JSON protocols reject them).
+    Binary(Bytes),
     Pong(Bytes),
     Closed(Option<String>),
 }
@@ -139,6 +141,7 @@ impl LinkSink for ServerSink {
         match out {
             Out::Text(t) => self.0.text(t.to_string()).await.is_ok(),
             Out::Shared(t, _) => self.0.text(t).await.is_ok(),
+            Out::Binary(b) => self.0.binary(b).await.is_ok(),
             Out::Ping(b) => self.0.ping(&b).await.is_ok(),
             Out::Pong(b) => self.0.pong(&b).await.is_ok(),
             Out::Close(..) => true,
@@ -168,7 +171,7 @@ pub fn serve(
         let reason = loop {
             let inbound = match stream.recv().await {
                 Some(Ok(M::Text(t))) => Inbound::Text(t.to_string()),
-                Some(Ok(M::Binary(b))) => Inbound::Binary(b.len()),
+                Some(Ok(M::Binary(b))) => Inbound::Binary(b),
                 Some(Ok(M::Ping(b))) => {
                     let _ = out.try_send(Out::Pong(b));
                     continue;

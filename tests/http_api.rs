@@ -319,7 +319,6 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
             ("negative lamport", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": -1}).to_string())),
             ("lamport beyond 2^53", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": 1i64 << 60}).to_string())),
             ("a change of another document", 422, json_post(&sync_url, &json!({"changes": foreign, "sourceRegion": "eu"}).to_string())),
-            ("a change that rewrites the root", 422, json_post(&sync_url, &json!({"changes": takeover, "sourceRegion": "eu"}).to_string())),
             ("a document instead of changes", 400, json_post(&sync_url, &json!({"changes": whole_doc, "sourceRegion": "eu"}).to_string())),
             ("flag nested too deep", 400, h.put(run_url(&node, run, "/flags/deep")).header("content-type", "application/json").body(json!({"value": deep, "user": "u"}).to_string())),
             ("graft id that is not a UUID", 400, json_post(&graft_url, r#"{"id":"x","agent":"A","afterStep":"S","user":"u"}"#)),
@@ -341,6 +340,18 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
     assert_eq!(status, 200, "the node keeps serving");
     assert_eq!(before, after, "no bad request changed the run");
     assert_eq!(db::event_rows(&db, run).await, 1);
+    assert_eq!(after["valid"], true, "{after}");
+    // A change that breaks the run's shape is still a change of this run: stored (every
+    // replica must hold the same changes), and the state says the run is invalid, and why.
+    let (status, body) = c
+        .post(&sync_url, &json!({"changes": takeover, "sourceRegion": "eu"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["applied"], 1, "{body}");
+    let (_, broken) = c.get(&run_url(&node, run, "/state")).await;
+    assert_eq!(broken["valid"], false, "{broken}");
+    assert_eq!(broken["schemaErrors"], json!(["flags is not a Map"]), "{broken}");
+    assert_eq!(db::event_rows(&db, run).await, 2);
 }
 
 async fn api_token_guards_api_but_not_health_or_metrics(backend: Backend) {

@@ -12,12 +12,16 @@ export const repo = path.resolve(here, "../..");
 const bin = process.env.CRDT_NODE_BIN || path.join(repo, "target/debug/crdt-node");
 export const SECRET = "e2e-mesh-secret";
 
-/** A node process; `start()` again after `stop()` brings it back on the same port and data. */
+/**
+ * A node process; `start()` again after `stop()` brings it back on the same port and data.
+ * `options.bin` picks another binary (the benchmarks run the release build).
+ */
 export class Node {
-  constructor(name, region, env = {}) {
+  constructor(name, region, env = {}, options = {}) {
     this.name = name;
     this.region = region;
     this.env = env;
+    this.bin = options.bin || bin;
     this.dir = mkdtempSync(path.join(os.tmpdir(), `crdt-e2e-${name}-`));
     this.port = 0;
     this.log = [];
@@ -43,7 +47,7 @@ export class Node {
       CRDT_MESH_RECONNECT_MAX_MS: "500",
       ...this.env,
     };
-    this.child = spawn(bin, [], { env, stdio: ["ignore", "ignore", "pipe"] });
+    this.child = spawn(this.bin, [], { env, stdio: ["ignore", "ignore", "pipe"] });
     this.exited = new Promise((resolve) => this.child.once("exit", resolve));
     const listening = new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`${this.name} did not start:\n${this.log.join("\n")}`)), 60000);

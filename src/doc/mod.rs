@@ -17,6 +17,7 @@ mod changes;
 mod genesis;
 mod json;
 mod legacy;
+mod schema;
 mod state;
 
 use std::collections::{HashMap, HashSet};
@@ -131,6 +132,7 @@ pub struct RemoteApplied {
 
 /// One run's Automerge document and Lamport clock.
 pub struct RunDoc {
+    run_id: Uuid,
     region: String,
     doc: AutoCommit,
     lamport: u64,
@@ -161,6 +163,7 @@ impl RunDoc {
         let genesis = doc.get_heads()[0];
         doc.set_actor(ActorId::random());
         RunDoc {
+            run_id,
             region: region.to_string(),
             doc,
             lamport: 0,
@@ -186,6 +189,7 @@ impl RunDoc {
             .unwrap_or(0);
         doc.set_actor(ActorId::random());
         Ok(RunDoc {
+            run_id,
             region: region.to_string(),
             doc,
             lamport,
@@ -200,6 +204,7 @@ impl RunDoc {
         let mut doc = self.doc.fork_at(heads)?;
         doc.set_actor(ActorId::random());
         Ok(RunDoc {
+            run_id: self.run_id,
             region: self.region.clone(),
             doc,
             lamport,
@@ -445,9 +450,7 @@ impl RunDoc {
             }
         }
         for change in &out.applied {
-            if let Some(s) = Stamp::of(change) {
-                self.observe_lamport(s.lamport);
-            }
+            self.observe_stamp(change);
         }
         if let Some(l) = remote_lamport.filter(|_| !out.applied.is_empty()) {
             self.observe_lamport(l.min(MAX_LAMPORT));
@@ -538,9 +541,7 @@ impl RunDoc {
     pub fn replay(&mut self, changes: Vec<Change>) -> Vec<Change> {
         let (ordered, stuck, _) = self.order_new_changes(changes);
         for change in &ordered {
-            if let Some(s) = Stamp::of(change) {
-                self.observe_lamport(s.lamport);
-            }
+            self.observe_stamp(change);
         }
         let mut rejected = stuck;
         if self.doc.apply_changes_batch(ordered.clone()).is_err() {
@@ -556,8 +557,8 @@ impl RunDoc {
     }
 
     /// A change from outside must build on this run (only the run's own genesis has no
-    /// dependencies) and must not write the root map: the root objects come from genesis,
-    /// and a second `grafts` list written concurrently could hide every graft.
+    /// dependencies). One that breaks the run's shape is taken all the same (see
+    /// [`schema`]): every replica must hold the same changes.
     fn check_foreign(&self, change: &Change) -> Result<(), DocError> {
         let refuse = |reason: &str| DocError::Refused {
             hash: change.hash(),
@@ -568,16 +569,26 @@ impl RunDoc {
                 "it does not build on this run (no dependencies, not the run's genesis)",
             ));
         }
-        if change.hash() != self.genesis
-            && change
-                .decode()
-                .operations
-                .iter()
-                .any(|op| op.obj == automerge::legacy::ObjectId::Root)
-        {
-            return Err(refuse("it writes the root of the run document"));
-        }
         Ok(())
+    }
+
+    /// Advances the clock past a change's stamp: a node's is in its commit message; a
+    /// foreign client's (automerge-repo) in the `lamport` fields it wrote.
+    fn observe_stamp(&mut self, change: &Change) {
+        let seen = match Stamp::of(change) {
+            Some(s) => Some(s.lamport),
+            None if change.hash() != self.genesis => schema::written_lamport(change),
+            None => None,
+        };
+        if let Some(l) = seen {
+            self.observe_lamport(l);
+        }
+    }
+
+    /// What `changes`, already applied, broke of the run schema (empty if nothing). Checked
+    /// for changes from foreign clients, whose writes the node did not shape itself.
+    pub fn schema_violations(&self, changes: &[Change]) -> Vec<String> {
+        schema::check_changes(&self.doc, self.run_id, changes)
     }
 
     fn has(&mut self, hash: &ChangeHash) -> bool {

@@ -54,11 +54,26 @@ pub struct RunState {
     /// Entries that do not fit the run schema (written by a foreign client); they are skipped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schema_errors: Vec<String>,
+    /// False when the run breaks its schema (see `schema_errors`): a foreign Automerge client
+    /// wrote something the run's shape does not allow. The change is kept (it is a valid CRDT
+    /// change, and every replica holds it); readers see the rest of the run.
+    #[serde(default = "valid_default")]
+    pub valid: bool,
     pub lamport: u64,
     pub heads: Vec<String>,
 }
 
+fn valid_default() -> bool {
+    true
+}
+
 pub(super) fn read_state(doc: &AutoCommit, lamport: u64, heads: Vec<String>) -> RunState {
+    let mut state = read_parts(doc, lamport, heads);
+    state.valid = state.schema_errors.is_empty();
+    state
+}
+
+fn read_parts(doc: &AutoCommit, lamport: u64, heads: Vec<String>) -> RunState {
     let mut state = RunState {
         lamport,
         heads,
@@ -146,6 +161,11 @@ pub(super) fn find_graft(doc: &AutoCommit, graft_id: &str) -> Option<Graft> {
     })
 }
 
+/// The graft stored in map `id`, if it has every field with the right type.
+pub(super) fn read_graft_at(doc: &AutoCommit, id: &ObjId) -> Option<Graft> {
+    read_graft(doc, id)
+}
+
 fn read_graft(doc: &AutoCommit, id: &ObjId) -> Option<Graft> {
     Some(Graft {
         id: str_field(doc, id, "id")?,
@@ -187,6 +207,11 @@ fn time_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
         ScalarValue::Timestamp(ms) => chrono::DateTime::from_timestamp_millis(ms)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         ScalarValue::Str(s) => Some(s.to_string()),
+        // JavaScript clients write `Date.now()`: milliseconds as a number.
+        ScalarValue::Int(ms) => chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        ScalarValue::F64(ms) if ms.is_finite() => chrono::DateTime::from_timestamp_millis(ms as i64)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         _ => None,
     }
 }

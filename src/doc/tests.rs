@@ -513,7 +513,7 @@ fn a_retried_graft_with_the_same_id_grafts_once() {
 }
 
 #[test]
-fn foreign_changes_that_could_take_over_the_run_are_refused() {
+fn foreign_documents_are_refused_and_schema_breaches_are_kept_but_reported() {
     use automerge::transaction::Transactable;
     let run = Uuid::new_v4();
     let mut a = RunDoc::new(run, "r");
@@ -533,10 +533,69 @@ fn foreign_changes_that_could_take_over_the_run_are_refused() {
     raw.commit();
     let heads = a.heads();
     let takeover = raw.get_changes(&heads);
-    let err = a.apply_remote(takeover, None).unwrap_err();
-    assert!(matches!(err, DocError::Refused { .. }), "{err}");
-    assert!(a.state().schema_errors.is_empty());
-    assert_eq!(a.heads(), heads);
+    // It is a valid change of this run: kept (every replica must hold the same changes)...
+    let out = a.apply_remote(takeover.clone(), None).unwrap();
+    assert_eq!(out.applied.len(), 1);
+    assert_ne!(a.heads(), heads);
+    // ...and reported: by the check of what it touched, and in the state.
+    let problems = a.schema_violations(&takeover);
+    assert_eq!(problems, vec!["grafts is not a List".to_string()]);
+    let st = a.state();
+    assert!(!st.valid);
+    assert_eq!(st.schema_errors, vec!["grafts is not a List".to_string()]);
+    // A graft now has nowhere to go: refused with the reason, nothing half-done.
+    let err = a.apply(&graft("A", "S", "u"), T0).unwrap_err();
+    assert!(err.to_string().contains("grafts"), "{err}");
+}
+
+#[test]
+fn foreign_client_writes_are_checked_where_they_land() {
+    use automerge::transaction::Transactable;
+    use automerge::{ObjType, ScalarValue, ROOT};
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r");
+    a.apply(&graft("A", "S", "u"), T0).unwrap();
+    assert!(a.state().valid);
+    let mut client = automerge::AutoCommit::load(&a.save()).unwrap();
+    let base = a.heads();
+    let grafts = match client.get(ROOT, "grafts").unwrap() {
+        Some((_, id)) => id,
+        None => panic!("no grafts"),
+    };
+    // A well-formed graft, stamped by the client (numbers as JavaScript writes them).
+    let g = client.insert_object(&grafts, 1, ObjType::Map).unwrap();
+    for (k, v) in [("id", "g-1"), ("agent", "B"), ("afterStep", "S"), ("user", "js"), ("region", "web")] {
+        client.put(&g, k, v).unwrap();
+    }
+    client.put(&g, "lamport", ScalarValue::F64(41.0)).unwrap();
+    client.put(&g, "createdAt", 1_700_000_000_000i64).unwrap();
+    client.commit();
+    let good = client.get_changes(&base);
+    a.apply_remote(good.clone(), None).unwrap();
+    assert!(a.schema_violations(&good).is_empty());
+    let st = a.state();
+    assert!(st.valid, "{:?}", st.schema_errors);
+    assert_eq!(st.grafts.len(), 2);
+    assert_eq!(st.grafts[1].created_at, "2023-11-14T22:13:20.000Z");
+    // The client's stamp moves the node's clock: its next graft orders after the client's.
+    assert_eq!(a.lamport(), 41);
+    assert_eq!(a.apply(&graft("C", "S", "u"), T0).unwrap().lamport, 42);
+    // A graft without its fields, a scalar in the list and a scalar prune entry are named.
+    let base = a.heads();
+    let mut client = automerge::AutoCommit::load(&a.save()).unwrap();
+    client.insert_object(&grafts, 0, ObjType::Map).unwrap();
+    client.insert(&grafts, 0, "oops").unwrap();
+    let pruned = client.get(ROOT, "prunedSteps").unwrap().unwrap().1;
+    client.put(&pruned, "s9", true).unwrap();
+    client.commit();
+    let bad = client.get_changes(&base);
+    a.apply_remote(bad.clone(), None).unwrap();
+    let problems = a.schema_violations(&bad);
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("lacks a field")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("an element of grafts holds a scalar")));
+    assert!(problems.iter().any(|p| p.contains("prunedSteps.s9 holds a scalar")));
+    assert!(!a.state().valid);
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The HTTP edge: routes under `/api/crdt`, health under `/actuator`, metrics at
-//! `/actuator/prometheus`, the browser's WebSocket at `/ws/runs/{runId}` and the pages (`/`,
+//! `/actuator/prometheus`, the browser's WebSocket at `/ws/runs/{runId}`, automerge-repo's at
+//! `/ws/automerge` and the pages (`/`,
 //! `/runs/{runId}`, `/mesh`). Routes only parse, validate and send a message to the core.
 
 mod auth;
+mod automerge;
 mod browser;
 pub mod error;
 mod health;
@@ -13,6 +15,7 @@ pub mod validate;
 
 use actix_web::{middleware, web, HttpResponse};
 
+use crate::automerge_repo::AutomergeRepo;
 use crate::browser::Browser;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
@@ -25,6 +28,7 @@ pub struct AppState {
     pub runs: Runs,
     pub mesh: Mesh,
     pub browser: Browser,
+    pub automerge: AutomergeRepo,
     pub metrics: Metrics,
     pub region: String,
     pub node_id: String,
@@ -49,11 +53,13 @@ pub fn configure(
         .configure(health::routes)
         .configure(mesh::socket)
         .configure(browser::routes)
+        .configure(automerge::socket)
         .configure(page::routes)
         .service(
             web::scope("/api/crdt")
                 .wrap(middleware::from_fn(auth::require_token))
                 .configure(runs::routes)
+                .configure(automerge::routes)
                 .configure(mesh::routes),
         )
         .default_service(web::to(not_found));

@@ -88,6 +88,10 @@ async fn state(
     if let Some(obj) = body.as_object_mut() {
         obj.insert("runId".into(), json!(run_id));
         obj.insert("region".into(), json!(app.region));
+        obj.insert(
+            "automergeUrl".into(),
+            json!(crate::automerge_repo::doc_id::url(run_id)),
+        );
     }
     Ok(HttpResponse::Ok().json(body))
 }

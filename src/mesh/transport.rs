@@ -67,6 +67,7 @@ impl LinkSink for ClientSink {
         let message = match out {
             Out::Text(t) => Message::Text(t.to_string().into()),
             Out::Shared(t, _) => Message::Text(t),
+            Out::Binary(b) => Message::Binary(b),
             Out::Ping(b) => Message::Ping(b),
             Out::Pong(b) => Message::Pong(b),
             Out::Close(..) => return true,
@@ -91,10 +92,10 @@ pub fn client(socket: ClientSocket, addr: Addr<PeerSession>, io: Channels) {
             let inbound = match stream.next().await {
                 Some(Ok(Frame::Text(t))) => match String::from_utf8(t.to_vec()) {
                     Ok(s) => Inbound::Text(s),
-                    Err(_) => Inbound::Binary(t.len()),
+                    Err(_) => Inbound::Binary(t),
                 },
-                Some(Ok(Frame::Binary(b))) => Inbound::Binary(b.len()),
-                Some(Ok(Frame::Continuation(_))) => Inbound::Binary(0),
+                Some(Ok(Frame::Binary(b))) => Inbound::Binary(b),
+                Some(Ok(Frame::Continuation(_))) => Inbound::Binary(actix_web::web::Bytes::new()),
                 Some(Ok(Frame::Ping(b))) => {
                     let _ = out.try_send(Out::Pong(b));
                     continue;

@@ -66,6 +66,9 @@ pub struct PeerSync {
     pub incoming: Option<sync::Message>,
     pub source_region: String,
     pub via: String,
+    /// Set when the peer is a foreign Automerge client (automerge-repo) rather than a node:
+    /// its peer id, recorded as the events' user.
+    pub client: Option<String>,
 }
 
 #[derive(Debug)]
@@ -78,6 +81,8 @@ pub struct PeerSyncReply {
     pub error: Option<String>,
     /// Which incarnation of the run's actor answered: a new one lost what the old held back.
     pub incarnation: u64,
+    /// Whether the run has anything stored (else it exists only as its genesis, here).
+    pub stored: bool,
 }
 
 /// The whole document (`save()`) and the clock, for a peer that lacks the run.
@@ -214,6 +219,33 @@ impl RunActor {
         self.doc
             .as_mut()
             .ok_or_else(|| RunError::Unavailable("run not loaded".into()))
+    }
+
+    /// Logs and counts what changes from elsewhere broke of the run schema. Nodes shape their
+    /// own (stamped) changes; only unstamped ones, from foreign clients, are checked.
+    fn report_schema(&mut self, applied: &[Change], from: &str) {
+        let foreign: Vec<Change> = applied
+            .iter()
+            .filter(|c| crate::doc::Stamp::of(c).is_none())
+            .cloned()
+            .collect();
+        if foreign.is_empty() {
+            return;
+        }
+        let Some(doc) = self.doc.as_ref() else { return };
+        let problems = doc.schema_violations(&foreign);
+        if !problems.is_empty() {
+            self.runs
+                .inner
+                .metrics
+                .schema_violations
+                .inc_by(problems.len() as u64);
+            log::warn!(
+                "run {}: changes from {from} break the run schema (kept; the run reads as invalid): {}",
+                self.run_id,
+                problems.join("; ")
+            );
+        }
     }
 
     fn lamport_gauge(&mut self, lamport: u64) {
@@ -679,6 +711,7 @@ impl Handler<ApplySync> for RunActor {
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         self.lamport_gauge(lamport);
+        self.report_schema(&out.applied, &msg.source_region);
         let outcome = SyncOutcome {
             applied: out.applied.len(),
             duplicates: out.duplicates,
@@ -796,6 +829,7 @@ impl Handler<PeerSync> for RunActor {
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         self.lamport_gauge(lamport);
+        self.report_schema(&step.applied.applied, msg.client.as_deref().unwrap_or(&msg.via));
         let error = step.applied.error.take().map(|e| e.to_string());
         let count = step.applied.applied.len();
         // The reply may carry changes still in flight to the log: it waits until they are
@@ -805,6 +839,7 @@ impl Handler<PeerSync> for RunActor {
             step.applied.applied,
             EventMeta {
                 event_type: "CRDT_SYNC",
+                user_id: msg.client,
                 ..EventMeta::default()
             },
             Origin::Remote {
@@ -815,6 +850,7 @@ impl Handler<PeerSync> for RunActor {
         );
         let outgoing = step.reply;
         let incarnation = self.incarnation;
+        let stored = self.last_seq > 0;
         Box::pin(async move {
             done.await.map_err(|_| RunError::Stopped)??;
             Ok(PeerSyncReply {
@@ -824,6 +860,7 @@ impl Handler<PeerSync> for RunActor {
                 lamport,
                 error,
                 incarnation,
+                stored,
             })
         })
     }

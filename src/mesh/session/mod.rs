@@ -553,7 +553,8 @@ impl Handler<Inbound> for PeerSession {
                 )
             }
             Inbound::Text(text) => self.on_text(text, ctx),
-            Inbound::Binary(len) => {
+            Inbound::Binary(bytes) => {
+                let len = bytes.len();
                 if self.peer().is_none() {
                     return self.close(close::HANDSHAKE, "binary frame in handshake".into(), ctx);
                 }

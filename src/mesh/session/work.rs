@@ -199,6 +199,7 @@ impl PeerSession {
                                 incoming,
                                 source_region: peer.region.clone(),
                                 via: peer.node_id.clone(),
+                                client: None,
                             },
                         )
                         .await

@@ -1,0 +1,141 @@
+//! The hub: which connection speaks for each peer id (the newest `join` wins), and the one
+//! place rooms are started and stopped, so a connection opening a document never meets a room
+//! that is stopping. Committed changes are routed to the room of their run.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use uuid::Uuid;
+
+use super::room::{AddMember, CloseRoom, DocRoom, Member, RemoveMember, RunCommitted};
+use super::session::{Kick, RepoSession};
+use super::{close, Shared};
+use crate::runs::RunChanged;
+
+/// A connection joined as `peer_id`; an older connection of the same peer is closed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub peer_id: String,
+    pub conn: u64,
+    pub session: Addr<RepoSession>,
+}
+
+/// A connection is gone: it leaves its peer id (if still its own) and its rooms.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub peer_id: String,
+    pub conn: u64,
+    pub runs: Vec<Uuid>,
+}
+
+/// A connection opens a document: it joins (or starts) the run's room.
+#[derive(Message)]
+#[rtype(result = "Addr<DocRoom>")]
+pub struct Open {
+    pub run_id: Uuid,
+    pub conn: u64,
+    pub member: Member,
+}
+
+struct Room {
+    addr: Addr<DocRoom>,
+    members: usize,
+}
+
+pub struct Hub {
+    shared: Arc<Shared>,
+    peers: HashMap<String, (u64, Addr<RepoSession>)>,
+    rooms: HashMap<Uuid, Room>,
+    /// Rooms are spread over these threads: one busy document does not hold up the others.
+    arbiters: Vec<ArbiterHandle>,
+    next_room: usize,
+}
+
+impl Hub {
+    pub(super) fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>) -> Self {
+        Hub {
+            shared,
+            peers: HashMap::new(),
+            rooms: HashMap::new(),
+            arbiters,
+            next_room: 0,
+        }
+    }
+}
+
+impl Actor for Hub {
+    type Context = Context<Self>;
+}
+
+impl Handler<Register> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Register, _ctx: &mut Self::Context) {
+        if let Some((old, session)) = self.peers.insert(msg.peer_id, (msg.conn, msg.session)) {
+            if old != msg.conn {
+                session.do_send(Kick {
+                    code: close::REPLACED,
+                    reason: "replaced by a newer connection of the same peer".into(),
+                    label: "replaced",
+                });
+            }
+        }
+    }
+}
+
+impl Handler<Unregister> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unregister, _ctx: &mut Self::Context) {
+        if self
+            .peers
+            .get(&msg.peer_id)
+            .is_some_and(|(conn, _)| *conn == msg.conn)
+        {
+            self.peers.remove(&msg.peer_id);
+        }
+        for run_id in msg.runs {
+            let Entry::Occupied(mut room) = self.rooms.entry(run_id) else {
+                continue;
+            };
+            room.get().addr.do_send(RemoveMember(msg.conn));
+            room.get_mut().members = room.get().members.saturating_sub(1);
+            if room.get().members == 0 {
+                room.remove().addr.do_send(CloseRoom);
+            }
+        }
+    }
+}
+
+impl Handler<Open> for Hub {
+    type Result = MessageResult<Open>;
+
+    fn handle(&mut self, msg: Open, _ctx: &mut Self::Context) -> Self::Result {
+        let room = self.rooms.entry(msg.run_id).or_insert_with(|| {
+            self.next_room += 1;
+            let arbiter = &self.arbiters[self.next_room % self.arbiters.len()];
+            let (run_id, shared) = (msg.run_id, self.shared.clone());
+            Room {
+                addr: DocRoom::start_in_arbiter(arbiter, move |_| DocRoom::new(run_id, shared)),
+                members: 0,
+            }
+        });
+        room.members += 1;
+        room.addr.do_send(AddMember(msg.conn, msg.member));
+        MessageResult(room.addr.clone())
+    }
+}
+
+impl Handler<RunChanged> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunChanged, _ctx: &mut Self::Context) {
+        if let Some(room) = self.rooms.get(&msg.run_id) {
+            room.addr.do_send(RunCommitted);
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! `DocRoom`: one actor per run with automerge-repo clients on this node.
+//!
+//! Each connection has its own Automerge sync state here, created when it opens the document
+//! (so a reconnect always starts afresh). A connection takes one sync step at a time through
+//! the run's actor, which applies what the client sent, logs it, and answers once what the
+//! reply shows is durable; messages that arrive meanwhile wait in order. After every commit
+//! to the run (from any door) each connection takes one more step, which sends it what it
+//! lacks, if anything. A client asking for a run that has nothing stored is told
+//! `doc-unavailable`, and still gets the run if it is created later.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use automerge::sync;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::session::{Kick, RepoSession};
+use super::wire::{Ephemeral, SyncKind, ToClient};
+use super::{close, doc_id, Shared};
+use crate::runs::{PeerSync, PeerSyncReply, RunError};
+use crate::socket::Out;
+
+pub struct Member {
+    pub peer_id: String,
+    pub out: mpsc::Sender<Out>,
+    pub session: Addr<RepoSession>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddMember(pub u64, pub Member);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoveMember(pub u64);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseRoom;
+
+/// Something was committed to the run.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RunCommitted;
+
+/// A `sync` or `request` from a connection.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Incoming {
+    pub conn: u64,
+    pub kind: SyncKind,
+    pub message: sync::Message,
+}
+
+/// An `ephemeral` message for the document's other connections.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Relay {
+    pub conn: u64,
+    pub message: Ephemeral,
+}
+
+struct Peer {
+    member: Member,
+    /// `None` while a step is with the run's actor.
+    state: Option<Box<sync::State>>,
+    inbox: VecDeque<(SyncKind, sync::Message)>,
+    /// The run changed since this peer's last step began.
+    dirty: bool,
+    /// `doc-unavailable` was sent and nothing since: not repeated.
+    told_unavailable: bool,
+}
+
+pub struct DocRoom {
+    run_id: Uuid,
+    document_id: String,
+    shared: Arc<Shared>,
+    peers: HashMap<u64, Peer>,
+}
+
+impl DocRoom {
+    pub(super) fn new(run_id: Uuid, shared: Arc<Shared>) -> Self {
+        DocRoom {
+            run_id,
+            document_id: doc_id::encode(run_id),
+            shared,
+            peers: HashMap::new(),
+        }
+    }
+
+    /// Queues a message for one connection; a full queue means the client is too far
+    /// behind: it is closed, and resyncs from what both sides hold when it reconnects.
+    fn send(shared: &Shared, peer: &Peer, message: ToClient<'_>) {
+        let kind = message.kind();
+        match peer.member.out.try_send(Out::Binary(message.encode().into())) {
+            Ok(()) => shared.count(kind, "out"),
+            Err(mpsc::error::TrySendError::Full(_)) => peer.member.session.do_send(Kick {
+                code: close::TOO_SLOW,
+                reason: "too far behind: reconnect to resync".into(),
+                label: "too_slow",
+            }),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Starts the peer's next sync step, if it has one due and none in flight.
+    fn pump(&mut self, conn: u64, ctx: &mut Context<Self>) {
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
+        if peer.state.is_none() || (peer.inbox.is_empty() && !peer.dirty) {
+            return;
+        }
+        let Some(state) = peer.state.take() else {
+            return;
+        };
+        // Any step replies with all the run holds by then: it covers the pending push.
+        peer.dirty = false;
+        let incoming = peer.inbox.pop_front();
+        let asked = incoming.as_ref().map(|(kind, m)| (*kind, !m.heads.is_empty()));
+        let msg = PeerSync {
+            state,
+            incoming: incoming.map(|(_, m)| m),
+            source_region: self.shared.config.region.clone(),
+            via: format!("automerge-repo:{}", peer.member.peer_id),
+            client: Some(peer.member.peer_id.clone()),
+        };
+        let (runs, run_id) = (self.shared.runs.clone(), self.run_id);
+        let step = async move { runs.send(run_id, msg).await };
+        ctx.spawn(step.into_actor(self).map(move |result, act, ctx| {
+            act.stepped(conn, asked, result, ctx);
+            act.pump(conn, ctx);
+        }));
+    }
+
+    fn stepped(
+        &mut self,
+        conn: u64,
+        asked: Option<(SyncKind, bool)>,
+        result: Result<Result<PeerSyncReply, RunError>, RunError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let _ = ctx;
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
+        let shared = &self.shared;
+        let fresh = || Box::new(sync::State::new());
+        let reply = match result.and_then(|r| r) {
+            Ok(reply) => reply,
+            Err(e) => {
+                peer.state = Some(fresh());
+                let (code, label) = match e {
+                    RunError::Unavailable(_) => (close::TRY_AGAIN_LATER, "unavailable"),
+                    _ => (close::TRY_AGAIN_LATER, "run_error"),
+                };
+                log::warn!(
+                    "automerge-repo: run {}: sync with {} failed: {e}",
+                    self.run_id,
+                    peer.member.peer_id
+                );
+                peer.member.session.do_send(Kick {
+                    code,
+                    reason: format!("{e}; reconnect to resume"),
+                    label,
+                });
+                return;
+            }
+        };
+        if let Some(error) = reply.error {
+            // What the client sent was refused (what came before it is logged): its sync
+            // state no longer matches ours, and the client is broken. Say why and close.
+            peer.state = Some(fresh());
+            let reason = format!("sync message for {} refused: {error}", self.document_id);
+            log::warn!(
+                "automerge-repo: {}: {reason}",
+                peer.member.peer_id
+            );
+            Self::send(
+                shared,
+                peer,
+                ToClient::Error {
+                    sender_id: &shared.config.peer_id,
+                    target_id: &peer.member.peer_id,
+                    message: &reason,
+                },
+            );
+            peer.member.session.do_send(Kick {
+                code: close::PROTOCOL,
+                reason,
+                label: "refused",
+            });
+            return;
+        }
+        let client_has_doc = matches!(asked, Some((_, true)));
+        if !reply.stored && !client_has_doc {
+            // Nothing to sync: the run exists nowhere this node knows of. Forget the step
+            // (our reply would have offered the bare genesis) and say so once.
+            peer.state = Some(fresh());
+            if asked.is_some() && !peer.told_unavailable {
+                peer.told_unavailable = true;
+                Self::send(
+                    shared,
+                    peer,
+                    ToClient::DocUnavailable {
+                        sender_id: &shared.config.peer_id,
+                        target_id: &peer.member.peer_id,
+                        document_id: &self.document_id,
+                    },
+                );
+            }
+            return;
+        }
+        peer.told_unavailable = false;
+        peer.state = Some(reply.state);
+        if let Some(out) = reply.outgoing {
+            Self::send(
+                shared,
+                peer,
+                ToClient::Sync {
+                    sender_id: &shared.config.peer_id,
+                    target_id: &peer.member.peer_id,
+                    document_id: &self.document_id,
+                    data: out.encode(),
+                },
+            );
+        }
+    }
+}
+
+impl Actor for DocRoom {
+    type Context = Context<Self>;
+}
+
+impl Handler<AddMember> for DocRoom {
+    type Result = ();
+
+    fn handle(&mut self, AddMember(conn, member): AddMember, _ctx: &mut Self::Context) {
+        self.peers.insert(
+            conn,
+            Peer {
+                member,
+                state: Some(Box::new(sync::State::new())),
+                inbox: VecDeque::new(),
+                dirty: false,
+                told_unavailable: false,
+            },
+        );
+    }
+}
+
+impl Handler<RemoveMember> for DocRoom {
+    type Result = ();
+
+    fn handle(&mut self, RemoveMember(conn): RemoveMember, _ctx: &mut Self::Context) {
+        self.peers.remove(&conn);
+    }
+}
+
+impl Handler<CloseRoom> for DocRoom {
+    type Result = ();
+
+    fn handle(&mut self, _: CloseRoom, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Incoming> for DocRoom {
+    type Result = ();
+
+    fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) {
+        if let Some(peer) = self.peers.get_mut(&msg.conn) {
+            peer.inbox.push_back((msg.kind, msg.message));
+            self.pump(msg.conn, ctx);
+        }
+    }
+}
+
+impl Handler<RunCommitted> for DocRoom {
+    type Result = ();
+
+    fn handle(&mut self, _: RunCommitted, ctx: &mut Self::Context) {
+        let conns: Vec<u64> = self.peers.keys().copied().collect();
+        for conn in conns {
+            if let Some(peer) = self.peers.get_mut(&conn) {
+                peer.dirty = true;
+            }
+            self.pump(conn, ctx);
+        }
+    }
+}
+
+impl Handler<Relay> for DocRoom {
+    type Result = ();
+
+    fn handle(&mut self, msg: Relay, _ctx: &mut Self::Context) {
+        for (conn, peer) in &self.peers {
+            if *conn != msg.conn {
+                Self::send(
+                    &self.shared,
+                    peer,
+                    ToClient::Ephemeral {
+                        message: &msg.message,
+                        target_id: &peer.member.peer_id,
+                    },
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! `RepoSession`: one actor per automerge-repo WebSocket.
+//!
+//! The client's first message must be `join` with protocol "1" among its versions (and, when
+//! the node has an API token, a connection that presented it); the node answers `peer`.
+//! Then every document message is routed to its run's room, opened on first use. A malformed
+//! message, an unknown document id or a message in another peer's name gets an `error` with
+//! the reason, and the connection closes: the JS client reconnects and resyncs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use automerge::sync;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::hub::{Hub, Open, Register, Unregister};
+use super::room::{DocRoom, Incoming, Member, Relay};
+use super::wire::{self, FromClient, ToClient, PROTOCOL_V1};
+use super::{close, doc_id, ConnectionSlot, Shared};
+use crate::socket::{Inbound, Out, Shutdown};
+
+/// How long a new connection may take to send `join`.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection's queued messages may take to go out before its close.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Tells a connection to close (its room: it fell behind or was refused; the hub: replaced).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Kick {
+    pub code: u16,
+    pub reason: String,
+    pub label: &'static str,
+}
+
+pub struct Parts {
+    pub id: u64,
+    pub shared: Arc<Shared>,
+    pub hub: Addr<Hub>,
+    pub out: mpsc::Sender<Out>,
+    /// Held until the session stops: it counts among the node's open connections.
+    pub _slot: ConnectionSlot,
+    pub authorized: bool,
+}
+
+pub struct RepoSession {
+    p: Parts,
+    shutdown: Option<Shutdown>,
+    /// The client's peer id, once it joined.
+    peer_id: Option<String>,
+    docs: HashMap<Uuid, Addr<DocRoom>>,
+    last_heard: Instant,
+}
+
+impl RepoSession {
+    pub fn new(p: Parts, shutdown: Shutdown) -> Self {
+        RepoSession {
+            p,
+            shutdown: Some(shutdown),
+            peer_id: None,
+            docs: HashMap::new(),
+            last_heard: Instant::now(),
+        }
+    }
+
+    fn send(&mut self, message: ToClient<'_>, ctx: &mut Context<Self>) {
+        let kind = message.kind();
+        match self.p.out.try_send(Out::Binary(message.encode().into())) {
+            Ok(()) => self.p.shared.count(kind, "out"),
+            Err(mpsc::error::TrySendError::Full(_)) => self.close(
+                close::TOO_SLOW,
+                "too far behind: reconnect to resync".into(),
+                "too_slow",
+                ctx,
+            ),
+            Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
+        }
+    }
+
+    /// Sends `error` with the reason, then closes with `code`.
+    fn refuse(&mut self, code: u16, reason: String, label: &'static str, ctx: &mut Context<Self>) {
+        let target = self.peer_id.clone().unwrap_or_default();
+        let server = self.p.shared.config.peer_id.clone();
+        self.send(
+            ToClient::Error {
+                sender_id: &server,
+                target_id: &target,
+                message: &reason,
+            },
+            ctx,
+        );
+        self.close(code, reason, label, ctx);
+    }
+
+    fn close(&mut self, code: u16, reason: String, label: &'static str, ctx: &mut Context<Self>) {
+        if let Some(shutdown) = self.shutdown.take() {
+            log::info!(
+                "automerge-repo: closing connection {} ({}): {reason}",
+                self.p.id,
+                self.peer_id.as_deref().unwrap_or("not joined")
+            );
+            self.p
+                .shared
+                .metrics
+                .repo_closed
+                .with_label_values(&[label])
+                .inc();
+            match self.p.out.try_send(Out::Close(code, reason.clone())) {
+                // The writer sends what is queued (the `error`), then the close.
+                Ok(()) => {
+                    actix_web::rt::spawn(async move {
+                        tokio::time::sleep(CLOSE_GRACE).await;
+                        drop(shutdown);
+                    });
+                }
+                Err(_) => {
+                    let _ = shutdown.send((code, reason));
+                }
+            }
+        }
+        ctx.stop();
+    }
+
+    fn on_binary(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
+        let message = match wire::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => return self.refuse(close::PROTOCOL, e.to_string(), "bad_message", ctx),
+        };
+        self.p.shared.count(message.kind(), "in");
+        let Some(peer_id) = self.peer_id.clone() else {
+            return match message {
+                FromClient::Join {
+                    sender_id,
+                    versions,
+                    ..
+                } => self.join(sender_id, versions, ctx),
+                other => {
+                    let reason = format!("a {} message before join", other.kind());
+                    self.refuse(close::PROTOCOL, reason, "bad_message", ctx)
+                }
+            };
+        };
+        if message.sender_id() != peer_id {
+            let reason = format!(
+                "senderId {:?} is not the peer that joined on this connection ({peer_id:?})",
+                message.sender_id()
+            );
+            return self.refuse(close::PROTOCOL, reason, "bad_message", ctx);
+        }
+        match message {
+            FromClient::Join { .. } => {
+                self.refuse(close::PROTOCOL, "joined twice".into(), "bad_message", ctx)
+            }
+            FromClient::Leave { .. } => self.close(1000, "peer left".into(), "left", ctx),
+            FromClient::Sync {
+                kind,
+                document_id,
+                data,
+                ..
+            } => {
+                let decoded = std::panic::catch_unwind(|| sync::Message::decode(&data));
+                let message = match decoded {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        let reason = format!("data is not an Automerge sync message: {e}");
+                        return self.refuse(close::PROTOCOL, reason, "bad_message", ctx);
+                    }
+                    Err(_) => {
+                        let reason = "data is not an Automerge sync message".to_string();
+                        return self.refuse(close::PROTOCOL, reason, "bad_message", ctx);
+                    }
+                };
+                self.with_room(&document_id, ctx, move |conn, room| {
+                    room.do_send(Incoming {
+                        conn,
+                        kind,
+                        message,
+                    })
+                });
+            }
+            FromClient::Ephemeral(message) => {
+                let document_id = message.document_id.clone();
+                self.with_room(&document_id, ctx, move |conn, room| {
+                    room.do_send(Relay { conn, message })
+                });
+            }
+            // The client lacks a document too: nothing to do (this node only ever answers).
+            FromClient::DocUnavailable { .. } => {}
+            FromClient::Other { kind, .. } => {
+                log::debug!("automerge-repo: {peer_id}: ignoring a {kind} message");
+            }
+        }
+    }
+
+    fn join(&mut self, sender_id: String, versions: Option<Vec<String>>, ctx: &mut Context<Self>) {
+        self.peer_id = Some(sender_id.clone());
+        if !self.p.authorized {
+            return self.refuse(
+                close::UNAUTHORIZED,
+                "missing or wrong API token: add ?token=<token> to the URL".into(),
+                "unauthorized",
+                ctx,
+            );
+        }
+        // A client that sends no list is an old one that speaks "1" (as the JS server assumes).
+        if let Some(v) = versions.filter(|v| !v.iter().any(|v| v == PROTOCOL_V1)) {
+            let reason = format!("unsupported protocol version(s) {v:?}: this node speaks \"1\"");
+            return self.refuse(close::PROTOCOL, reason, "unsupported_version", ctx);
+        }
+        self.p.hub.do_send(Register {
+            peer_id: sender_id.clone(),
+            conn: self.p.id,
+            session: ctx.address(),
+        });
+        let server = self.p.shared.config.peer_id.clone();
+        self.send(
+            ToClient::Peer {
+                sender_id: &server,
+                target_id: &sender_id,
+            },
+            ctx,
+        );
+    }
+
+    /// Runs `f` with the room of a document, opening it first (other messages wait meanwhile,
+    /// so they stay in order).
+    fn with_room(
+        &mut self,
+        document_id: &str,
+        ctx: &mut Context<Self>,
+        f: impl FnOnce(u64, &Addr<DocRoom>) + 'static,
+    ) {
+        let run_id = match doc_id::decode(document_id) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(close::PROTOCOL, e.to_string(), "bad_document", ctx),
+        };
+        let conn = self.p.id;
+        if let Some(room) = self.docs.get(&run_id) {
+            return f(conn, room);
+        }
+        let limit = self.p.shared.config.max_documents;
+        if self.docs.len() >= limit {
+            let reason = format!("more than {limit} documents on one connection");
+            return self.refuse(close::PROTOCOL, reason, "too_many_documents", ctx);
+        }
+        let open = Open {
+            run_id,
+            conn,
+            member: Member {
+                peer_id: self.peer_id.clone().unwrap_or_default(),
+                out: self.p.out.clone(),
+                session: ctx.address(),
+            },
+        };
+        let hub = self.p.hub.clone();
+        ctx.wait(async move { hub.send(open).await }.into_actor(self).map(
+            move |room, act, ctx| match room {
+                Ok(room) => {
+                    f(conn, &room);
+                    act.docs.insert(run_id, room);
+                }
+                Err(_) => act.close(1011, "node stopping".into(), "shutdown", ctx),
+            },
+        ));
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let limit = self.p.shared.config.heartbeat * 3;
+        if self.last_heard.elapsed() > limit {
+            let reason = format!("nothing heard for {} ms", limit.as_millis());
+            return self.close(close::TIMEOUT, reason, "timeout", ctx);
+        }
+        let _ = self.p.out.try_send(Out::Ping(actix_web::web::Bytes::new()));
+    }
+}
+
+impl Actor for RepoSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.p.shared.config.heartbeat, |act, ctx| {
+            act.heartbeat(ctx)
+        });
+        ctx.run_later(JOIN_TIMEOUT, |act, ctx| {
+            if act.peer_id.is_none() {
+                let reason = format!("no join within {} s", JOIN_TIMEOUT.as_secs());
+                act.close(close::TIMEOUT, reason, "timeout", ctx);
+            }
+        });
+        let mut closing = self.p.shared.closing.subscribe();
+        let stopping = async move {
+            let _ = closing.wait_for(|c| *c).await;
+        };
+        ctx.spawn(stopping.into_actor(self).map(|_, act, ctx| {
+            act.close(close::GOING_AWAY, "node shutting down".into(), "shutdown", ctx);
+        }));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.shutdown.take();
+        if let Some(peer_id) = self.peer_id.take() {
+            self.p.hub.do_send(Unregister {
+                peer_id,
+                conn: self.p.id,
+                runs: self.docs.keys().copied().collect(),
+            });
+        }
+    }
+}
+
+impl Handler<Inbound> for RepoSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Inbound, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        match msg {
+            Inbound::Binary(bytes) => self.on_binary(&bytes, ctx),
+            Inbound::Text(_) => self.refuse(
+                close::PROTOCOL,
+                "text frames are not part of this protocol: send CBOR in binary frames".into(),
+                "bad_message",
+                ctx,
+            ),
+            Inbound::Pong(_) => {}
+            Inbound::Closed(_) => ctx.stop(),
+        }
+    }
+}
+
+impl Handler<Kick> for RepoSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Kick, ctx: &mut Self::Context) {
+        self.close(msg.code, msg.reason, msg.label, ctx);
+    }
+}

@@ -1,0 +1,64 @@
+//! automerge-repo's WebSocket, `/ws/automerge` (outside `/api`: the JS client cannot set
+//! headers, so the API token comes as `?token=`; an `Authorization` header also works), and
+//! the mapping between runs and document ids, `GET /api/crdt/documents/{documentId}`.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::{auth, ApiToken, AppState};
+use crate::automerge_repo::doc_id;
+
+pub fn socket(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ws/automerge", web::get().to(connect));
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/documents/{documentId}", web::get().to(document));
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+async fn connect(
+    app: web::Data<AppState>,
+    token: web::Data<ApiToken>,
+    req: HttpRequest,
+    query: web::Query<TokenQuery>,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let Some(slot) = app.automerge.slot() else {
+        return Err(ApiError::Unavailable(
+            "this node has as many automerge-repo connections as it accepts; try another node or later"
+                .into(),
+        )
+        .into());
+    };
+    // A refused client is still upgraded and told why in the protocol (`error`, then close
+    // 4001): the JS client throws on a failed upgrade instead of retrying.
+    let authorized = token.0.as_deref().is_none_or(|expected| {
+        auth::bearer_matches(req.headers(), expected)
+            || query
+                .token
+                .as_deref()
+                .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected.as_bytes())))
+    });
+    let (response, socket, stream) = actix_ws::handle(&req, body)?;
+    app.automerge.accept(socket, stream, slot, authorized);
+    Ok(response)
+}
+
+/// Which run a document id (or `automerge:` URL) names.
+async fn document(path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let run_id =
+        doc_id::decode(&path).map_err(|e| ApiError::invalid("documentId", e.to_string()))?;
+    Ok(HttpResponse::Ok().json(json!({
+        "runId": run_id,
+        "documentId": doc_id::encode(run_id),
+        "url": doc_id::url(run_id),
+    })))
+}
