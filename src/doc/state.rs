@@ -186,8 +186,13 @@ fn scalar(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<ScalarValue> {
 }
 
 fn str_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
-    match scalar(doc, obj, key)? {
-        ScalarValue::Str(s) => Some(s.to_string()),
+    match doc.get(obj, key).ok()?? {
+        (Value::Scalar(s), _) => match s.as_ref() {
+            ScalarValue::Str(s) => Some(s.to_string()),
+            _ => None,
+        },
+        // Automerge's JavaScript library writes plain strings as text objects.
+        (Value::Object(ObjType::Text), id) => doc.text(&id).ok(),
         _ => None,
     }
 }
@@ -203,15 +208,15 @@ fn u64_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<u64> {
 }
 
 fn time_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
-    match scalar(doc, obj, key)? {
-        ScalarValue::Timestamp(ms) => chrono::DateTime::from_timestamp_millis(ms)
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        ScalarValue::Str(s) => Some(s.to_string()),
+    let millis = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    };
+    match scalar(doc, obj, key) {
+        Some(ScalarValue::Timestamp(ms)) => millis(ms),
         // JavaScript clients write `Date.now()`: milliseconds as a number.
-        ScalarValue::Int(ms) => chrono::DateTime::from_timestamp_millis(ms)
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        ScalarValue::F64(ms) if ms.is_finite() => chrono::DateTime::from_timestamp_millis(ms as i64)
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        _ => None,
+        Some(ScalarValue::Int(ms)) => millis(ms),
+        Some(ScalarValue::F64(ms)) if ms.is_finite() => millis(ms as i64),
+        _ => str_field(doc, obj, key),
     }
 }

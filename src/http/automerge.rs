@@ -9,7 +9,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::{auth, ApiToken, AppState};
-use crate::automerge_repo::doc_id;
+use crate::automerge_repo::{close, doc_id};
 
 pub fn socket(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws/automerge", web::get().to(connect));
@@ -31,15 +31,19 @@ async fn connect(
     query: web::Query<TokenQuery>,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
+    // A refused client is still upgraded and told why with a close code: the JS client
+    // throws on a failed upgrade (an uncaught exception) instead of retrying.
     let Some(slot) = app.automerge.slot() else {
-        return Err(ApiError::Unavailable(
-            "this node has as many automerge-repo connections as it accepts; try another node or later"
-                .into(),
-        )
-        .into());
+        let (response, socket, _stream) = actix_ws::handle(&req, body)?;
+        actix_web::rt::spawn(socket.close(Some(actix_ws::CloseReason {
+            code: actix_ws::CloseCode::from(close::TRY_AGAIN_LATER),
+            description: Some(
+                "this node has as many automerge-repo connections as it accepts; try later".into(),
+            ),
+        })));
+        return Ok(response);
     };
-    // A refused client is still upgraded and told why in the protocol (`error`, then close
-    // 4001): the JS client throws on a failed upgrade instead of retrying.
+    // Without the token the client is told so in the protocol (`error`, then close 4001).
     let authorized = token.0.as_deref().is_none_or(|expected| {
         auth::bearer_matches(req.headers(), expected)
             || query
