@@ -417,7 +417,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
         "CRDT_AUTOMERGE_MAX_FRAME_BYTES",
         "crdt.automerge.max-frame-bytes",
     ),
-    ("CRDT_AUTOMERGE_MAX_DOCUMENTS", "crdt.automerge.max-documents"),
+    (
+        "CRDT_AUTOMERGE_MAX_DOCUMENTS",
+        "crdt.automerge.max-documents",
+    ),
     ("CRDT_SNAPSHOT_EVERY", "crdt.snapshot.every-events"),
     ("CRDT_SNAPSHOT_KEEP", "crdt.snapshot.keep"),
     (
@@ -542,16 +545,28 @@ impl Settings {
             return Err(invalid("crdt.automerge.queue-frames", "must be at least 4"));
         }
         if repo.max_connections == 0 {
-            return Err(invalid("crdt.automerge.max-connections", "must be at least 1"));
+            return Err(invalid(
+                "crdt.automerge.max-connections",
+                "must be at least 1",
+            ));
         }
         if repo.heartbeat_ms < 100 {
-            return Err(invalid("crdt.automerge.heartbeat-ms", "must be at least 100"));
+            return Err(invalid(
+                "crdt.automerge.heartbeat-ms",
+                "must be at least 100",
+            ));
         }
         if repo.max_frame_bytes < 4096 {
-            return Err(invalid("crdt.automerge.max-frame-bytes", "must be at least 4096"));
+            return Err(invalid(
+                "crdt.automerge.max-frame-bytes",
+                "must be at least 4096",
+            ));
         }
         if repo.max_documents == 0 {
-            return Err(invalid("crdt.automerge.max-documents", "must be at least 1"));
+            return Err(invalid(
+                "crdt.automerge.max-documents",
+                "must be at least 1",
+            ));
         }
         let browser = &self.crdt.browser;
         if browser.queue_frames < 4 {

@@ -1,7 +1,9 @@
 //! The node's Prometheus metrics: the specification's names, registered beside actix-web-prom's
 //! HTTP metrics and served at `/actuator/prometheus`.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {

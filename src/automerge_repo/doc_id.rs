@@ -48,10 +48,13 @@ pub fn decode(id: &str) -> Result<Uuid, DocIdError> {
             id: bare.to_string(),
             reason: e.to_string(),
         })?;
-    let raw: [u8; 16] = bytes.as_slice().try_into().map_err(|_| DocIdError::WrongLength {
-        id: bare.to_string(),
-        len: bytes.len(),
-    })?;
+    let raw: [u8; 16] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| DocIdError::WrongLength {
+            id: bare.to_string(),
+            len: bytes.len(),
+        })?;
     Ok(Uuid::from_bytes(raw))
 }
 
@@ -93,7 +96,10 @@ mod tests {
             ("", "empty"),
             ("0OIl", "not bs58check"),
             (flipped.as_str(), "not bs58check"),
-            (&bs58::encode(b"short").with_check().into_string(), "5 bytes"),
+            (
+                &bs58::encode(b"short").with_check().into_string(),
+                "5 bytes",
+            ),
             (&"z".repeat(500), "too long"),
         ] {
             let err = decode(id).unwrap_err().to_string();

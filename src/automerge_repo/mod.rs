@@ -36,8 +36,7 @@ use session::RepoSession;
 /// same).
 pub mod close {
     pub use crate::mesh::protocol::close::{
-        AUTH_FAILED as UNAUTHORIZED, PROTOCOL_VERSION as PROTOCOL, SLOW_PEER as TOO_SLOW,
-        TIMEOUT,
+        AUTH_FAILED as UNAUTHORIZED, PROTOCOL_VERSION as PROTOCOL, SLOW_PEER as TOO_SLOW, TIMEOUT,
     };
     pub const GOING_AWAY: u16 = 1001;
     /// A peer with the same id joined on another connection.

@@ -94,7 +94,11 @@ impl DocRoom {
     /// behind: it is closed, and resyncs from what both sides hold when it reconnects.
     fn send(shared: &Shared, peer: &Peer, message: ToClient<'_>) {
         let kind = message.kind();
-        match peer.member.out.try_send(Out::Binary(message.encode().into())) {
+        match peer
+            .member
+            .out
+            .try_send(Out::Binary(message.encode().into()))
+        {
             Ok(()) => shared.count(kind, "out"),
             Err(mpsc::error::TrySendError::Full(_)) => peer.member.session.do_send(Kick {
                 code: close::TOO_SLOW,
@@ -119,7 +123,9 @@ impl DocRoom {
         // Any step replies with all the run holds by then: it covers the pending push.
         peer.dirty = false;
         let incoming = peer.inbox.pop_front();
-        let asked = incoming.as_ref().map(|(kind, m)| (*kind, !m.heads.is_empty()));
+        let asked = incoming
+            .as_ref()
+            .map(|(kind, m)| (*kind, !m.heads.is_empty()));
         let msg = PeerSync {
             state,
             incoming: incoming.map(|(_, m)| m),
@@ -130,7 +136,7 @@ impl DocRoom {
         let (runs, run_id) = (self.shared.runs.clone(), self.run_id);
         let step = async move { runs.send(run_id, msg).await };
         ctx.spawn(step.into_actor(self).map(move |result, act, ctx| {
-            act.stepped(conn, asked, result, ctx);
+            act.stepped(conn, asked, result);
             act.pump(conn, ctx);
         }));
     }
@@ -140,9 +146,7 @@ impl DocRoom {
         conn: u64,
         asked: Option<(SyncKind, bool)>,
         result: Result<Result<PeerSyncReply, RunError>, RunError>,
-        ctx: &mut Context<Self>,
     ) {
-        let _ = ctx;
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
@@ -152,9 +156,11 @@ impl DocRoom {
             Ok(reply) => reply,
             Err(e) => {
                 peer.state = Some(fresh());
-                let (code, label) = match e {
-                    RunError::Unavailable(_) => (close::TRY_AGAIN_LATER, "unavailable"),
-                    _ => (close::TRY_AGAIN_LATER, "run_error"),
+                // The database out of reach, or the run's actor restarting: nothing the
+                // client sent is lost (it still holds it), and a reconnect resyncs.
+                let label = match e {
+                    RunError::Unavailable(_) => "unavailable",
+                    _ => "run_error",
                 };
                 log::warn!(
                     "automerge-repo: run {}: sync with {} failed: {e}",
@@ -162,7 +168,7 @@ impl DocRoom {
                     peer.member.peer_id
                 );
                 peer.member.session.do_send(Kick {
-                    code,
+                    code: close::TRY_AGAIN_LATER,
                     reason: format!("{e}; reconnect to resume"),
                     label,
                 });
@@ -174,10 +180,7 @@ impl DocRoom {
             // state no longer matches ours, and the client is broken. Say why and close.
             peer.state = Some(fresh());
             let reason = format!("sync message for {} refused: {error}", self.document_id);
-            log::warn!(
-                "automerge-repo: {}: {reason}",
-                peer.member.peer_id
-            );
+            log::warn!("automerge-repo: {}: {reason}", peer.member.peer_id);
             Self::send(
                 shared,
                 peer,

@@ -294,7 +294,12 @@ impl Actor for RepoSession {
             let _ = closing.wait_for(|c| *c).await;
         };
         ctx.spawn(stopping.into_actor(self).map(|_, act, ctx| {
-            act.close(close::GOING_AWAY, "node shutting down".into(), "shutdown", ctx);
+            act.close(
+                close::GOING_AWAY,
+                "node shutting down".into(),
+                "shutdown",
+                ctx,
+            );
         }));
     }
 

@@ -363,8 +363,14 @@ mod tests {
         let join = cbor(map(vec![
             ("type", Value::Text("join".into())),
             ("senderId", Value::Text("peer-abc".into())),
-            ("peerMetadata", map(vec![("isEphemeral", Value::Bool(true))])),
-            ("supportedProtocolVersions", Value::Array(vec![Value::Text("1".into())])),
+            (
+                "peerMetadata",
+                map(vec![("isEphemeral", Value::Bool(true))]),
+            ),
+            (
+                "supportedProtocolVersions",
+                Value::Array(vec![Value::Text("1".into())]),
+            ),
             ("somethingNew", Value::Integer(3.into())),
         ]));
         assert_eq!(
@@ -464,7 +470,12 @@ mod tests {
         .encode();
         let v: Value = ciborium::from_reader(bytes.as_slice()).unwrap();
         let fields = v.as_map().unwrap();
-        let get = |k: &str| fields.iter().find(|(key, _)| key.as_text() == Some(k)).map(|(_, v)| v);
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(key, _)| key.as_text() == Some(k))
+                .map(|(_, v)| v)
+        };
         assert_eq!(get("data"), Some(&Value::Bytes(vec![1, 2, 3])));
         assert_eq!(get("type"), Some(&Value::Text("sync".into())));
         assert_eq!(get("count"), None);
@@ -479,6 +490,9 @@ mod tests {
         )
         .unwrap();
         let text = format!("{peer:?}");
-        assert!(text.contains("selectedProtocolVersion") && text.contains("isEphemeral"), "{text}");
+        assert!(
+            text.contains("selectedProtocolVersion") && text.contains("isEphemeral"),
+            "{text}"
+        );
     }
 }

@@ -564,7 +564,13 @@ fn foreign_client_writes_are_checked_where_they_land() {
     };
     // A well-formed graft, stamped by the client (numbers as JavaScript writes them).
     let g = client.insert_object(&grafts, 1, ObjType::Map).unwrap();
-    for (k, v) in [("id", "g-1"), ("agent", "B"), ("afterStep", "S"), ("user", "js"), ("region", "web")] {
+    for (k, v) in [
+        ("id", "g-1"),
+        ("agent", "B"),
+        ("afterStep", "S"),
+        ("user", "js"),
+        ("region", "web"),
+    ] {
         client.put(&g, k, v).unwrap();
     }
     client.put(&g, "lamport", ScalarValue::F64(41.0)).unwrap();
@@ -592,9 +598,16 @@ fn foreign_client_writes_are_checked_where_they_land() {
     a.apply_remote(bad.clone(), None).unwrap();
     let problems = a.schema_violations(&bad);
     assert_eq!(problems.len(), 3, "{problems:?}");
-    assert!(problems.iter().any(|p| p.contains("lacks a field")), "{problems:?}");
-    assert!(problems.iter().any(|p| p.contains("an element of grafts holds a scalar")));
-    assert!(problems.iter().any(|p| p.contains("prunedSteps.s9 holds a scalar")));
+    assert!(
+        problems.iter().any(|p| p.contains("lacks a field")),
+        "{problems:?}"
+    );
+    assert!(problems
+        .iter()
+        .any(|p| p.contains("an element of grafts holds a scalar")));
+    assert!(problems
+        .iter()
+        .any(|p| p.contains("prunedSteps.s9 holds a scalar")));
     assert!(!a.state().valid);
 }
 

@@ -829,7 +829,10 @@ impl Handler<PeerSync> for RunActor {
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         self.lamport_gauge(lamport);
-        self.report_schema(&step.applied.applied, msg.client.as_deref().unwrap_or(&msg.via));
+        self.report_schema(
+            &step.applied.applied,
+            msg.client.as_deref().unwrap_or(&msg.via),
+        );
         let error = step.applied.error.take().map(|e| e.to_string());
         let count = step.applied.applied.len();
         // The reply may carry changes still in flight to the log: it waits until they are

@@ -1,0 +1,382 @@
+//! automerge-repo's protocol at `/ws/automerge`, driven byte by byte against a real node: the
+//! handshake and its refusals, every malformed message, a second join with the same peer id,
+//! doc-unavailable (and the push once the run exists), and an answered sync that survives
+//! SIGKILL. The end-to-end behaviour with the real JS clients is in e2e/tests/.
+
+mod common;
+
+use std::time::Duration;
+
+use automerge::sync::{self, SyncDoc};
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ReadDoc, ROOT};
+use ciborium::Value as Cbor;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use common::mesh::Ws;
+use common::{run_url, Backend, Client, Node, TestDb};
+
+fn doc_id(run: Uuid) -> String {
+    bs58::encode(run.as_bytes()).with_check().into_string()
+}
+
+fn cbor(fields: Vec<(&str, Cbor)>) -> Vec<u8> {
+    let map = Cbor::Map(
+        fields
+            .into_iter()
+            .map(|(k, v)| (Cbor::Text(k.into()), v))
+            .collect(),
+    );
+    let mut out = Vec::new();
+    ciborium::into_writer(&map, &mut out).unwrap();
+    out
+}
+
+fn text(s: &str) -> Cbor {
+    Cbor::Text(s.into())
+}
+
+/// A raw automerge-repo client.
+struct Peer {
+    ws: Ws,
+    id: String,
+}
+
+impl Peer {
+    async fn connect(node: &Node, query: &str, id: &str) -> Peer {
+        let url = node
+            .url(&format!("/ws/automerge{query}"))
+            .replace("http://", "ws://");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
+        Peer { ws, id: id.into() }
+    }
+
+    /// Connects and joins; returns after the node's `peer`.
+    async fn joined(node: &Node, id: &str) -> Peer {
+        let mut p = Self::connect(node, "", id).await;
+        p.join(&["1"]).await;
+        let peer = p.next().await;
+        assert_eq!(field(&peer, "type"), Some(text("peer")));
+        assert_eq!(field(&peer, "selectedProtocolVersion"), Some(text("1")));
+        assert_eq!(field(&peer, "targetId"), Some(text(id)));
+        p
+    }
+
+    async fn join(&mut self, versions: &[&str]) {
+        let versions = Cbor::Array(versions.iter().map(|v| text(v)).collect());
+        let id = self.id.clone();
+        self.send(cbor(vec![
+            ("type", text("join")),
+            ("senderId", text(&id)),
+            ("peerMetadata", Cbor::Map(vec![])),
+            ("supportedProtocolVersions", versions),
+        ]))
+        .await;
+    }
+
+    async fn send(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::binary(bytes)).await.unwrap();
+    }
+
+    async fn sync(&mut self, kind: &str, doc: &str, message: sync::Message) {
+        let id = self.id.clone();
+        self.send(cbor(vec![
+            ("type", text(kind)),
+            ("senderId", text(&id)),
+            ("targetId", text("server")),
+            ("documentId", text(doc)),
+            ("data", Cbor::Bytes(message.encode())),
+        ]))
+        .await;
+    }
+
+    /// The next message (pings skipped).
+    async fn next(&mut self) -> Cbor {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    return ciborium::from_reader(b.as_ref()).expect("CBOR from the node")
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                other => panic!("expected a message, got {other:?}"),
+            }
+        }
+    }
+
+    /// The `error` message, then the close code.
+    async fn refused(&mut self) -> (String, u16) {
+        let error = self.next().await;
+        assert_eq!(field(&error, "type"), Some(text("error")), "{error:?}");
+        let message = match field(&error, "message") {
+            Some(Cbor::Text(m)) => m,
+            other => panic!("error without a message: {other:?}"),
+        };
+        (message, self.closed().await)
+    }
+
+    async fn closed(&mut self) -> u16 {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(Some(f))))) => return u16::from(f.code),
+                Ok(Some(Ok(Message::Close(None)))) | Ok(None) => return 1005,
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+    }
+
+    /// Syncs `doc` with the node until the node has nothing more to say.
+    async fn sync_until_quiet(&mut self, doc_id: &str, doc: &mut AutoCommit) {
+        let mut state = sync::State::new();
+        if let Some(m) = doc.sync().generate_sync_message(&mut state) {
+            self.sync("sync", doc_id, m).await;
+        }
+        loop {
+            let next = tokio::time::timeout(Duration::from_millis(1500), self.next()).await;
+            let Ok(message) = next else { return };
+            assert_eq!(field(&message, "type"), Some(text("sync")), "{message:?}");
+            let Some(Cbor::Bytes(data)) = field(&message, "data") else {
+                panic!("sync without data: {message:?}")
+            };
+            let m = sync::Message::decode(&data).unwrap();
+            doc.sync().receive_sync_message(&mut state, m).unwrap();
+            if let Some(reply) = doc.sync().generate_sync_message(&mut state) {
+                self.sync("sync", doc_id, reply).await;
+            }
+        }
+    }
+}
+
+fn field(message: &Cbor, name: &str) -> Option<Cbor> {
+    message
+        .as_map()?
+        .iter()
+        .find(|(k, _)| k.as_text() == Some(name))
+        .map(|(_, v)| v.clone())
+}
+
+async fn make_run(c: &Client, node: &Node, agent: &str) -> Uuid {
+    let run = Uuid::new_v4();
+    let (s, body) = c
+        .post(
+            &run_url(node, run, "/grafts"),
+            &json!({"agent": agent, "afterStep": "S", "user": "api"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_refusals_and_malformed_messages_say_why_and_close() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = make_run(&c, &node, "A").await;
+    let ask = AutoCommit::new()
+        .sync()
+        .generate_sync_message(&mut sync::State::new())
+        .unwrap();
+
+    let mut p = Peer::connect(&node, "", "p").await;
+    p.join(&["2", "3"]).await;
+    let (message, code) = p.refused().await;
+    assert!(
+        message.contains("unsupported protocol version"),
+        "{message}"
+    );
+    assert_eq!(code, 4002);
+
+    let mut p = Peer::connect(&node, "", "p").await;
+    p.sync("sync", &doc_id(run), ask.clone()).await;
+    let (message, code) = p.refused().await;
+    assert!(message.contains("before join"), "{message}");
+    assert_eq!(code, 4002);
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "not CBOR",
+            b"\xff\xfe garbage".to_vec(),
+            "not a CBOR message",
+        ),
+        (
+            "no documentId",
+            cbor(vec![
+                ("type", text("sync")),
+                ("senderId", text("p")),
+                ("data", Cbor::Bytes(vec![1])),
+            ]),
+            "lacks documentId",
+        ),
+        (
+            "another sender",
+            cbor(vec![
+                ("type", text("sync")),
+                ("senderId", text("q")),
+                ("documentId", text(&doc_id(run))),
+                ("data", Cbor::Bytes(vec![1])),
+            ]),
+            "is not the peer that joined",
+        ),
+        (
+            "malformed document id",
+            cbor(vec![
+                ("type", text("request")),
+                ("senderId", text("p")),
+                ("documentId", text("notbs58check")),
+                ("data", Cbor::Bytes(ask.encode())),
+            ]),
+            "not bs58check",
+        ),
+        (
+            "data that is not a sync message",
+            cbor(vec![
+                ("type", text("sync")),
+                ("senderId", text("p")),
+                ("documentId", text(&doc_id(run))),
+                ("data", Cbor::Bytes(vec![0x99, 1, 2])),
+            ]),
+            "not an Automerge sync message",
+        ),
+        (
+            "a second join",
+            cbor(vec![("type", text("join")), ("senderId", text("p"))]),
+            "joined twice",
+        ),
+    ];
+    for (what, bytes, expect) in cases {
+        let mut p = Peer::joined(&node, "p").await;
+        p.send(bytes).await;
+        let (message, code) = p.refused().await;
+        assert!(message.contains(expect), "{what}: {message}");
+        assert_eq!(code, 4002, "{what}");
+    }
+    let mut p = Peer::joined(&node, "p").await;
+    p.ws.send(Message::text("{}")).await.unwrap();
+    let (message, _) = p.refused().await;
+    assert!(message.contains("binary frames"), "{message}");
+
+    // The node kept serving, and the run is untouched.
+    let (s, st) = c.get(&run_url(&node, run, "/state")).await;
+    assert_eq!((s, st["grafts"].as_array().map(Vec::len)), (200, Some(1)));
+    let (s, mapped) = c
+        .get(&node.url(&format!("/api/crdt/documents/automerge:{}", doc_id(run))))
+        .await;
+    assert_eq!(
+        (s, mapped["runId"].as_str()),
+        (200, Some(run.to_string().as_str()))
+    );
+    let (s, bad) = c.get(&node.url("/api/crdt/documents/xyz")).await;
+    assert_eq!(s, 400, "{bad}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_is_asked_for_in_the_url() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_API_TOKEN", "t0ken")]);
+    let mut p = Peer::connect(&node, "?token=wrong", "p").await;
+    p.join(&["1"]).await;
+    let (message, code) = p.refused().await;
+    assert!(message.contains("API token"), "{message}");
+    assert_eq!(code, 4001);
+    let mut p = Peer::connect(&node, "?token=t0ken", "p").await;
+    p.join(&["1"]).await;
+    assert_eq!(field(&p.next().await, "type"), Some(text("peer")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_join_with_the_same_peer_id_replaces_the_first_connection() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = make_run(&c, &node, "A").await;
+    let mut first = Peer::joined(&node, "same-peer").await;
+    let mut second = Peer::joined(&node, "same-peer").await;
+    assert_eq!(first.closed().await, 4010);
+    // The new connection syncs from scratch (a sync state of its own).
+    let mut doc = AutoCommit::new();
+    second.sync_until_quiet(&doc_id(run), &mut doc).await;
+    let grafts = doc.get(ROOT, "grafts").unwrap().unwrap().1;
+    assert_eq!(doc.length(&grafts), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_run_is_unavailable_until_it_is_created_then_pushed() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let mut p = Peer::joined(&node, "p").await;
+    let mut empty = AutoCommit::new();
+    let ask = empty
+        .sync()
+        .generate_sync_message(&mut sync::State::new())
+        .unwrap();
+    p.sync("request", &doc_id(run), ask).await;
+    let reply = p.next().await;
+    assert_eq!(
+        field(&reply, "type"),
+        Some(text("doc-unavailable")),
+        "{reply:?}"
+    );
+    assert_eq!(field(&reply, "documentId"), Some(text(&doc_id(run))));
+    // Created over HTTP: the waiting client is offered it.
+    let (s, _) = c
+        .post(
+            &run_url(&node, run, "/grafts"),
+            &json!({"agent": "Late", "afterStep": "S", "user": "api"}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let offer = p.next().await;
+    assert_eq!(field(&offer, "type"), Some(text("sync")), "{offer:?}");
+}
+
+/// A sync the node answered is durable: the node is killed right after and still has it.
+async fn an_answered_client_change_survives_sigkill(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = make_run(&c, &node, "A").await;
+    let mut p = Peer::joined(&node, "writer").await;
+    let mut doc = AutoCommit::new();
+    p.sync_until_quiet(&doc_id(run), &mut doc).await;
+    let flags = doc.get(ROOT, "flags").unwrap().unwrap().1;
+    doc.put(&flags, "fromClient", "yes").unwrap();
+    doc.commit();
+    // One round: our change goes out; the node's answer comes only once it is committed.
+    let mut state = sync::State::new();
+    let hello = doc.sync().generate_sync_message(&mut state).unwrap();
+    p.sync("sync", &doc_id(run), hello).await;
+    let mut answered = false;
+    while !answered {
+        let m = p.next().await;
+        let Some(Cbor::Bytes(data)) = field(&m, "data") else {
+            panic!("{m:?}")
+        };
+        doc.sync()
+            .receive_sync_message(&mut state, sync::Message::decode(&data).unwrap())
+            .unwrap();
+        // The node's heads include ours once it has taken the change.
+        answered = state
+            .their_heads
+            .as_ref()
+            .is_some_and(|h| *h == doc.get_heads());
+        if let Some(reply) = doc.sync().generate_sync_message(&mut state) {
+            p.sync("sync", &doc_id(run), reply).await;
+        }
+    }
+    node.kill();
+    let node = Node::spawn(&db, &[]);
+    let (_, st) = c.get(&run_url(&node, run, "/state")).await;
+    assert_eq!(st["flags"]["fromClient"], "yes", "{st}");
+    let rows: i64 = common::db::event_rows(&db, run).await;
+    assert_eq!(rows, 2);
+}
+
+both_backends!(an_answered_client_change_survives_sigkill);
