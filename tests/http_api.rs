@@ -344,13 +344,20 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
     // A change that breaks the run's shape is still a change of this run: stored (every
     // replica must hold the same changes), and the state says the run is invalid, and why.
     let (status, body) = c
-        .post(&sync_url, &json!({"changes": takeover, "sourceRegion": "eu"}))
+        .post(
+            &sync_url,
+            &json!({"changes": takeover, "sourceRegion": "eu"}),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["applied"], 1, "{body}");
     let (_, broken) = c.get(&run_url(&node, run, "/state")).await;
     assert_eq!(broken["valid"], false, "{broken}");
-    assert_eq!(broken["schemaErrors"], json!(["flags is not a Map"]), "{broken}");
+    assert_eq!(
+        broken["schemaErrors"],
+        json!(["flags is not a Map"]),
+        "{broken}"
+    );
     assert_eq!(db::event_rows(&db, run).await, 2);
 }
 
