@@ -193,7 +193,7 @@ fn default_repo_frame() -> usize {
 }
 
 fn default_repo_docs() -> usize {
-    10_000
+    1_000
 }
 
 fn default_session_queue() -> usize {

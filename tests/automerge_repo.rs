@@ -380,3 +380,49 @@ async fn an_answered_client_change_survives_sigkill(backend: Backend) {
 }
 
 both_backends!(an_answered_client_change_survives_sigkill);
+
+/// A client's own document under a run's id (`repo.create()`) is not the run: the node asks
+/// for it, refuses it, says `doc-unavailable` without offering the run's genesis, and the
+/// connection goes on serving the client's other documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_document_is_refused_alone() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = make_run(&c, &node, "A").await;
+    let mut p = Peer::joined(&node, "p").await;
+    let mut own = AutoCommit::new();
+    own.put(ROOT, "title", "mine").unwrap();
+    own.commit();
+    let stranger = Uuid::new_v4();
+    let mut state = sync::State::new();
+    let hello = own.sync().generate_sync_message(&mut state).unwrap();
+    p.sync("sync", &doc_id(stranger), hello).await;
+    let mut unavailable = false;
+    while !unavailable {
+        let m = p.next().await;
+        match field(&m, "type") {
+            Some(Cbor::Text(t)) if t == "doc-unavailable" => unavailable = true,
+            Some(Cbor::Text(t)) if t == "sync" => {
+                let Some(Cbor::Bytes(data)) = field(&m, "data") else {
+                    panic!("{m:?}")
+                };
+                let msg = sync::Message::decode(&data).unwrap();
+                assert!(msg.changes.is_empty(), "the run's genesis was offered");
+                own.sync().receive_sync_message(&mut state, msg).unwrap();
+                if let Some(reply) = own.sync().generate_sync_message(&mut state) {
+                    p.sync("sync", &doc_id(stranger), reply).await;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(own.get(ROOT, "grafts").unwrap(), None);
+    // The same connection still syncs a real run.
+    let mut doc = AutoCommit::new();
+    p.sync_until_quiet(&doc_id(run), &mut doc).await;
+    let grafts = doc.get(ROOT, "grafts").unwrap().unwrap().1;
+    assert_eq!(doc.length(&grafts), 1);
+    let (_, st) = c.get(&run_url(&node, stranger, "/state")).await;
+    assert_eq!(st["grafts"], json!([]));
+}

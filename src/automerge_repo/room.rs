@@ -71,7 +71,17 @@ struct Peer {
     dirty: bool,
     /// `doc-unavailable` was sent and nothing since: not repeated.
     told_unavailable: bool,
+    /// The run refused what this peer sent for it (its document is not this run): its
+    /// messages for the run are dropped until it reconnects; its other documents go on.
+    refused: bool,
+    /// The run actor's incarnation that answered the last step: a new one has lost what the
+    /// old held back, so the sync state starts afresh.
+    incarnation: Option<u64>,
 }
+
+/// Sync messages one connection may have waiting for its run: a client sending faster than
+/// its changes commit is closed (it resyncs when it reconnects) rather than buffered forever.
+const MAX_INBOX: usize = 256;
 
 pub struct DocRoom {
     run_id: Uuid,
@@ -92,8 +102,16 @@ impl DocRoom {
 
     /// Queues a message for one connection; a full queue means the client is too far
     /// behind: it is closed, and resyncs from what both sides hold when it reconnects.
+    /// Ephemeral messages are dropped instead once the queue is three-quarters full: a
+    /// chatty peer's cursors must not close a slower one.
     fn send(shared: &Shared, peer: &Peer, message: ToClient<'_>) {
         let kind = message.kind();
+        if matches!(message, ToClient::Ephemeral { .. })
+            && peer.member.out.capacity() < peer.member.out.max_capacity() / 4
+        {
+            shared.count("ephemeral_dropped", "out");
+            return;
+        }
         match peer
             .member
             .out
@@ -114,7 +132,7 @@ impl DocRoom {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
-        if peer.state.is_none() || (peer.inbox.is_empty() && !peer.dirty) {
+        if peer.refused || peer.state.is_none() || (peer.inbox.is_empty() && !peer.dirty) {
             return;
         }
         let Some(state) = peer.state.take() else {
@@ -176,27 +194,37 @@ impl DocRoom {
             }
         };
         if let Some(error) = reply.error {
-            // What the client sent was refused (what came before it is logged): its sync
-            // state no longer matches ours, and the client is broken. Say why and close.
+            // What the client sent was refused (what came before it is logged): most likely
+            // a document of its own under this id (`repo.create()`), which does not build on
+            // the run. Only this document stops; the client's others go on.
             peer.state = Some(fresh());
-            let reason = format!("sync message for {} refused: {error}", self.document_id);
-            log::warn!("automerge-repo: {}: {reason}", peer.member.peer_id);
+            peer.refused = true;
+            peer.inbox.clear();
+            log::warn!(
+                "automerge-repo: {}: sync for {} refused ({error}); its messages for it are ignored until it reconnects",
+                peer.member.peer_id,
+                self.document_id
+            );
+            shared.count("refused", "in");
             Self::send(
                 shared,
                 peer,
-                ToClient::Error {
+                ToClient::DocUnavailable {
                     sender_id: &shared.config.peer_id,
                     target_id: &peer.member.peer_id,
-                    message: &reason,
+                    document_id: &self.document_id,
                 },
             );
-            peer.member.session.do_send(Kick {
-                code: close::PROTOCOL,
-                reason,
-                label: "refused",
-            });
             return;
         }
+        if peer.incarnation.is_some_and(|i| i != reply.incarnation) {
+            // The run was reloaded between steps: start this peer's sync afresh.
+            peer.incarnation = Some(reply.incarnation);
+            peer.state = Some(fresh());
+            peer.dirty = true;
+            return;
+        }
+        peer.incarnation = Some(reply.incarnation);
         let client_has_doc = matches!(asked, Some((_, true)));
         if !reply.stored && !client_has_doc {
             // Nothing to sync: the run exists nowhere this node knows of. Forget the step
@@ -218,7 +246,13 @@ impl DocRoom {
         }
         peer.told_unavailable = false;
         peer.state = Some(reply.state);
-        if let Some(out) = reply.outgoing {
+        if let Some(mut out) = reply.outgoing {
+            if !reply.stored {
+                // The client holds a document under this id that this node has not stored
+                // yet: ask for it, but offer nothing, so a document that is not this run
+                // (its own `repo.create()`) never takes in the run's genesis.
+                out.changes = sync::ChunkList::from(Vec::<Vec<u8>>::new());
+            }
             Self::send(
                 shared,
                 peer,
@@ -249,6 +283,8 @@ impl Handler<AddMember> for DocRoom {
                 inbox: VecDeque::new(),
                 dirty: false,
                 told_unavailable: false,
+                refused: false,
+                incarnation: None,
             },
         );
     }
@@ -274,10 +310,23 @@ impl Handler<Incoming> for DocRoom {
     type Result = ();
 
     fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) {
-        if let Some(peer) = self.peers.get_mut(&msg.conn) {
-            peer.inbox.push_back((msg.kind, msg.message));
-            self.pump(msg.conn, ctx);
+        let Some(peer) = self.peers.get_mut(&msg.conn) else {
+            return;
+        };
+        if peer.refused {
+            return;
         }
+        if peer.inbox.len() >= MAX_INBOX {
+            peer.inbox.clear();
+            peer.member.session.do_send(Kick {
+                code: close::TOO_SLOW,
+                reason: format!("more than {MAX_INBOX} sync messages waiting for the run"),
+                label: "too_fast",
+            });
+            return;
+        }
+        peer.inbox.push_back((msg.kind, msg.message));
+        self.pump(msg.conn, ctx);
     }
 }
 

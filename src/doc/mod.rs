@@ -400,6 +400,10 @@ impl RunDoc {
         mut changes: Vec<Change>,
         remote_lamport: Option<u64>,
     ) -> Result<RemoteApplied, DocError> {
+        // Refused before the held-back changes join them: a refusal must not drop those.
+        for change in &changes {
+            self.check_foreign(change)?;
+        }
         changes.extend(self.parked.drain().map(|(_, c)| c));
         let (ordered, stuck, duplicates) = self.order_new_changes(changes);
         self.park(stuck);
@@ -486,6 +490,11 @@ impl RunDoc {
                         return step;
                     }
                 }
+            }
+            // Refused before the held-back changes join them: a refusal must not drop those.
+            if let Some(e) = changes.iter().find_map(|c| self.check_foreign(c).err()) {
+                step.applied.error = Some(e);
+                return step;
             }
             let before = self.parked.len();
             changes.extend(self.parked.drain().map(|(_, c)| c));
@@ -577,7 +586,10 @@ impl RunDoc {
     fn observe_stamp(&mut self, change: &Change) {
         let seen = match Stamp::of(change) {
             Some(s) => Some(s.lamport),
-            None if change.hash() != self.genesis => schema::written_lamport(change),
+            // A client's own stamps may move the clock only so far: one absurd value must
+            // not pin every later stamp at the maximum.
+            None if change.hash() != self.genesis => schema::written_lamport(change)
+                .filter(|l| *l <= self.lamport.saturating_add(MAX_FOREIGN_JUMP)),
             None => None,
         };
         if let Some(l) = seen {
@@ -588,7 +600,12 @@ impl RunDoc {
     /// What `changes`, already applied, broke of the run schema (empty if nothing). Checked
     /// for changes from foreign clients, whose writes the node did not shape itself.
     pub fn schema_violations(&self, changes: &[Change]) -> Vec<String> {
-        schema::check_changes(&self.doc, self.run_id, changes)
+        // Automerge walks the document's parents here with asserts of its own: on a shape
+        // it did not expect, report instead of taking the run's thread down.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            schema::check_changes(&self.doc, self.run_id, changes)
+        }))
+        .unwrap_or_else(|_| vec!["the schema check failed on these changes".into()])
     }
 
     fn has(&mut self, hash: &ChangeHash) -> bool {
@@ -705,6 +722,9 @@ fn object<const N: usize>(fields: [(&str, ScalarValue); N]) -> automerge::hydrat
         .collect();
     automerge::hydrate::Value::from(map)
 }
+
+/// How far past the run's clock a foreign client's own `lamport` field may move it.
+const MAX_FOREIGN_JUMP: u64 = 1 << 20;
 
 /// The largest Lamport timestamp accepted: JavaScript's largest safe integer. A stamp beyond it
 /// is ignored, so one bad peer cannot exhaust the clock.

@@ -1053,3 +1053,18 @@ fn a_change_that_makes_automerge_panic_is_refused() {
     std::panic::set_hook(default_hook);
     assert!(parsed.is_err());
 }
+
+#[test]
+fn a_clients_absurd_stamp_does_not_pin_the_clock() {
+    use automerge::transaction::Transactable;
+    let mut a = RunDoc::new(Uuid::new_v4(), "r");
+    a.apply(&graft("A", "S", "u"), T0).unwrap();
+    let base = a.heads();
+    let mut client = automerge::AutoCommit::load(&a.save()).unwrap();
+    let flags = client.get(automerge::ROOT, "flags").unwrap().unwrap().1;
+    client.put(&flags, "lamport", 1i64 << 52).unwrap();
+    client.commit();
+    a.apply_remote(client.get_changes(&base), None).unwrap();
+    assert_eq!(a.lamport(), 1);
+    assert_eq!(a.apply(&graft("B", "S", "u"), T0).unwrap().lamport, 2);
+}
