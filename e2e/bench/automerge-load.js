@@ -5,10 +5,12 @@
 // 1000-client cell is not bound to one event loop; the parent (`LoadClient`) only schedules
 // windows and reads /proc.
 //
-// Propagation time is sampled by one designated observer per (document, load worker): the
-// lowest-index client of that document in that worker, or the next one for the observer's own
-// changes. Sender and observer thus share a process and `performance.now()`. Every change has
-// exactly one observer, so "seen" below means seen by that other client of the same document.
+// Propagation time is sampled by up to `observers` designated observers per (document, load
+// worker): clients of that document in that worker at evenly spaced positions of its list (so
+// not only the first ones a server might serve first), the sender itself excluded. Sender and
+// observers thus share a process and `performance.now()`. A change counts as seen when one of
+// its observers (another client of the same document) has it; each (change, observer) arrival
+// is one latency sample.
 //
 // Run on its own it drives an already running server:
 //   node bench/automerge-load.js --ws ws://127.0.0.1:3030 --doc automerge:... [--doc ...]
@@ -159,12 +161,14 @@ export async function automergeUrlOfUuid(uuid) {
  * documents, `window()` offers load for one warm-up + measure period, `close()` disconnects.
  */
 export class LoadClient {
-  constructor({ wsUrl, docUrls, clients, maxWorkers = 2, serverPid, retryMs = 2000, setupTimeoutMs = 180000, batch = 50 }) {
-    this.opts = { wsUrl, docUrls, retryMs, setupTimeoutMs, batch };
+  constructor({ wsUrl, docUrls, clients, maxWorkers = 2, observers = 4, serverPid, retryMs = 2000, setupTimeoutMs = 120000, batch = 50 }) {
+    this.opts = { wsUrl, docUrls, retryMs, setupTimeoutMs, batch, observers };
     this.serverPid = serverPid;
     this.layout = plan(clients, docUrls.length, maxWorkers);
     this.clients = clients;
     this.workers = [];
+    this.logLines = 0; // error lines the client library printed
+    this.logSamples = [];
   }
 
   get workerCount() {
@@ -174,8 +178,21 @@ export class LoadClient {
   async setup() {
     const t0 = performance.now();
     this.workers = this.layout.groups.map((group) => {
-      const child = fork(self, ["--worker"], { stdio: ["ignore", "inherit", "inherit", "ipc"] });
-      const w = { child, group, waiters: [] };
+      // automerge-repo logs its own errors (e.g. sending on a closing socket) with console.log:
+      // count those lines and keep a few rather than flood the terminal.
+      const child = fork(self, ["--worker"], { stdio: ["ignore", "pipe", "pipe", "ipc"] });
+      const w = { child, group, waiters: [], tail: [] };
+      const onLog = (chunk) => {
+        for (const raw of String(chunk).split("\n")) {
+          const line = raw.trim();
+          if (line) w.tail = [...w.tail.slice(-4), line.slice(0, 200)];
+          if (/^error\b/i.test(line)) this.logLines++; // one per logged error
+          const sample = /^err: |^[A-Za-z]*Error\b/.test(line) && line.replace(/^err: /, "").slice(0, 160);
+          if (sample && this.logSamples.length < 5 && !this.logSamples.includes(sample)) this.logSamples.push(sample);
+        }
+      };
+      child.stdout.on("data", onLog);
+      child.stderr.on("data", onLog);
       child.on("message", (m) => {
         const waiter = w.waiters.find((x) => x.type === m.type || m.type === "fatal");
         if (waiter) {
@@ -185,7 +202,7 @@ export class LoadClient {
         }
       });
       child.on("exit", (code) => {
-        for (const x of w.waiters.splice(0)) x.reject(new Error(`load worker exited (${code})`));
+        for (const x of w.waiters.splice(0)) x.reject(new Error(`load worker exited (${code}): ${w.tail.join(" / ")}`));
       });
       return w;
     });
@@ -253,6 +270,7 @@ export class LoadClient {
       offeredPerSec: rate,
       sentPerSec: sum("sentInWindow") / secs,
       seenPerSec: sum("seen") / secs,
+      samples: latencies.length,
       sentInWindow: sum("sentInWindow"),
       seen: sum("seen"),
       unseen: sum("sentInWindow") - sum("seen"),
@@ -263,9 +281,13 @@ export class LoadClient {
       serverCpuPct: ((after.server - before.server) / elapsed) * 100,
       clientCpuPct: ((after.client - before.client) / elapsed) * 100,
       // Everything else on the machine (a compiler, say): a reader can discount a noisy cell.
-      otherCpuPct: ((after.machine - before.machine - (after.server - before.server) - (after.client - before.client)) / elapsed) * 100,
+      otherCpuPct: Math.max(0, ((after.machine - before.machine - (after.server - before.server) - (after.client - before.client)) / elapsed) * 100),
       disconnects: sum("disconnects"),
+      clientMsgsInPerSec: sum("msgsIn") / secs,
+      clientMsgsOutPerSec: sum("msgsOut") / secs,
       clientErrors: results.flatMap((r) => r.errors).slice(0, 5),
+      clientLogErrors: this.logLines,
+      clientLogSamples: this.logSamples.slice(),
     };
   }
 
@@ -308,6 +330,7 @@ async function worker() {
   const clients = []; // {index, name, repo, slots: [{doc, handle, maxLamport}], next}
   const errors = [];
   let disconnects = 0;
+  const msgs = { in: 0, out: 0 }; // messages the clients received and sent (server chattiness)
   // The WebSocket adapter rethrows socket errors other than ECONNREFUSED from an event handler;
   // count them rather than lose the worker (the adapter reconnects by itself).
   process.on("uncaughtException", (e) => {
@@ -317,7 +340,7 @@ async function worker() {
     if (errors.length < 20) errors.push(String(e?.message || e));
   });
 
-  // Sent changes awaiting their observer: graft id → {t, observer, measured}.
+  // Sent changes awaiting their observers: graft id → {t, observers (client indexes), measured, seen}.
   const pending = new Map();
   let win = null; // the current window's counters
 
@@ -329,34 +352,49 @@ async function worker() {
       } else if (p.path[2] === "id" && slot.observes) {
         const id = typeof p.value === "string" ? p.value : p.value?.val;
         const sent = pending.get(id);
-        if (sent && sent.observer === client.index) {
-          pending.delete(id);
+        const i = sent ? sent.observers.indexOf(client.index) : -1;
+        if (i >= 0) {
           if (sent.measured && win) {
-            win.seen++;
+            if (!sent.seen) win.seen++;
             win.latencies.push(performance.now() - sent.t);
           }
+          sent.seen = true;
+          sent.observers = sent.observers.filter((_, j) => j !== i);
+          if (sent.observers.length === 0) pending.delete(id);
         }
       }
     }
   }
 
-  async function setup({ wsUrl, docUrls, clients: specs, retryMs, batch }) {
+  async function setup({ wsUrl, docUrls, clients: specs, retryMs, batch, observers }) {
     const t0 = performance.now();
     for (let i = 0; i < specs.length; i += batch) {
       await Promise.all(specs.slice(i, i + batch).map((spec) => connect(spec)));
     }
-    // Designated observers: per document, the first two clients of this worker holding it.
+    // Designated observers: per document, up to `observers` of this worker's clients holding
+    // it, evenly spaced over them; a sender among them is left out (or, if it was the only
+    // one, replaced by the next holder).
     const holders = new Map();
     for (const c of clients) for (const s of c.slots) {
       if (!holders.has(s.doc)) holders.set(s.doc, []);
       holders.get(s.doc).push([c, s]);
     }
-    for (const list of holders.values()) {
-      for (const [, s] of list.slice(0, 2)) s.observes = true;
+    const picked = new Map();
+    for (const [doc, list] of holders) {
+      const k = Math.min(Math.max(1, observers), list.length);
+      const at = [...new Set(Array.from({ length: k }, (_, j) => Math.floor((j * list.length) / k)))];
+      picked.set(doc, at.map((p) => list[p]));
+      for (const [, s] of picked.get(doc)) s.observes = true;
     }
-    for (const c of clients) for (const s of c.slots) {
-      const [first, second] = holders.get(s.doc);
-      s.observer = first[0] === c ? second[0].index : first[0].index;
+    for (const [doc, list] of holders) {
+      list.forEach(([c, s], pos) => {
+        s.observers = picked.get(doc).filter(([o]) => o !== c).map(([o]) => o.index);
+        if (s.observers.length === 0) {
+          const [next, nextSlot] = list[(pos + 1) % list.length];
+          nextSlot.observes = true;
+          s.observers = [next.index];
+        }
+      });
     }
     return performance.now() - t0;
 
@@ -364,6 +402,12 @@ async function worker() {
       const adapter = new WebSocketClientAdapter(wsUrl, retryMs);
       const connected = new Promise((resolve) => adapter.once("peer-candidate", resolve));
       adapter.on("peer-disconnected", () => disconnects++);
+      adapter.on("message", () => msgs.in++);
+      const send = adapter.send.bind(adapter);
+      adapter.send = (m) => {
+        msgs.out++;
+        return send(m);
+      };
       const repo = new Repo({ network: [adapter], peerId: spec.name });
       const client = { index: spec.index, name: spec.name, repo, slots: [], next: 0 };
       clients.push(client);
@@ -375,7 +419,7 @@ async function worker() {
         const grafts = handle.doc().grafts || [];
         let maxLamport = 0;
         for (const g of grafts) if (typeof g.lamport === "number" && g.lamport > maxLamport) maxLamport = g.lamport;
-        const slot = { doc, handle, maxLamport, observes: false, observer: -1 };
+        const slot = { doc, handle, maxLamport, observes: false, observers: [] };
         handle.on("change", ({ patches }) => onPatches(client, slot, patches));
         client.slots.push(slot);
       }
@@ -385,7 +429,7 @@ async function worker() {
   function change(client, t, measured) {
     const slot = client.slots[client.next++ % client.slots.length];
     const id = randomUUID();
-    pending.set(id, { t, observer: slot.observer, measured });
+    pending.set(id, { t, observers: slot.observers, measured, seen: false });
     slot.handle.change((d) => {
       d.grafts.push({
         id: S(id),
@@ -405,21 +449,27 @@ async function worker() {
     const tStart = performance.now() + (startAt - Date.now());
     const tMeasure = tStart + warmupMs;
     const tEnd = tMeasure + measureMs;
-    win = { seen: 0, latencies: [], sentInWindow: 0, skipped: 0 };
+    win = { seen: 0, latencies: [], sentInWindow: 0, skipped: 0, disconnects0: disconnects };
+    let msgs0; // counts over the measure window
     let n = 0;
     await new Promise((resolve) => {
       const timer = setInterval(() => {
         const now = performance.now();
+        if (now >= tMeasure && !msgs0) msgs0 = { ...msgs };
         if (now >= tEnd) {
+          win.msgsIn = msgs.in - (msgs0?.in ?? 0);
+          win.msgsOut = msgs.out - (msgs0?.out ?? 0);
           clearInterval(timer);
           return resolve();
         }
         if (now < tStart) return;
         const due = Math.floor(((now - tStart) * rate) / 1000);
-        // More than a second behind: this process is saturated; drop the backlog, count it.
-        if (due - n > Math.max(rate, 1)) {
-          win.skipped += due - n;
-          n = due;
+        // Behind by more than half a second of changes: this process is saturated (its event
+        // loop was blocked); catch up on half a second's worth at most, count the rest as skipped.
+        const burst = Math.ceil(rate / 2);
+        if (due - n > burst) {
+          win.skipped += due - n - burst;
+          n = due - burst;
         }
         while (n < due) {
           const t = performance.now();
@@ -437,7 +487,9 @@ async function worker() {
       sentInWindow: win.sentInWindow,
       skipped: win.skipped,
       latencies: win.latencies,
-      disconnects,
+      disconnects: disconnects - win.disconnects0,
+      msgsIn: win.msgsIn,
+      msgsOut: win.msgsOut,
       errors: errors.splice(0),
     };
     pending.clear();
@@ -445,6 +497,7 @@ async function worker() {
     return result;
   }
 
+  process.on("disconnect", () => process.exit(0)); // the parent is gone
   process.on("message", async (m) => {
     try {
       if (m.type === "setup") process.send({ type: "ready", setupMs: await setup(m) });
@@ -474,7 +527,7 @@ async function standalone(argv) {
   const docUrls = argv.flatMap((a, i) => (a === "--doc" ? [argv[i + 1]] : []));
   const wsUrl = option(argv, "--ws");
   if (!wsUrl || docUrls.length === 0) {
-    console.error("usage: node bench/automerge-load.js --ws URL --doc AUTOMERGE_URL [--doc ...] [--clients N] [--rate R] [--pid SERVER_PID] [--warmup S] [--measure S] [--drain S] [--workers N]");
+    console.error("usage: node bench/automerge-load.js --ws URL --doc AUTOMERGE_URL [--doc ...] [--clients N] [--rate R] [--pid SERVER_PID] [--warmup S] [--measure S] [--drain S] [--workers N] [--observers K]");
     process.exit(2);
   }
   const load = new LoadClient({
@@ -482,6 +535,7 @@ async function standalone(argv) {
     docUrls,
     clients: Number(option(argv, "--clients", 10)),
     maxWorkers: Number(option(argv, "--workers", 2)),
+    observers: Number(option(argv, "--observers", 4)),
     serverPid: option(argv, "--pid") ? Number(option(argv, "--pid")) : undefined,
   });
   try {
