@@ -170,6 +170,9 @@ pub struct AutomergeRepo {
     /// Documents one connection may open.
     #[serde(default = "default_repo_docs")]
     pub max_documents: usize,
+    /// Commits to a run within this long of the last push to its clients go out together.
+    #[serde(default = "default_repo_push_delay")]
+    pub push_delay_ms: u64,
 }
 
 impl Default for AutomergeRepo {
@@ -180,6 +183,7 @@ impl Default for AutomergeRepo {
             heartbeat_ms: default_session_heartbeat(),
             max_frame_bytes: default_repo_frame(),
             max_documents: default_repo_docs(),
+            push_delay_ms: default_repo_push_delay(),
         }
     }
 }
@@ -190,6 +194,10 @@ fn default_repo_queue() -> usize {
 
 fn default_repo_frame() -> usize {
     16 * 1024 * 1024
+}
+
+fn default_repo_push_delay() -> u64 {
+    25
 }
 
 fn default_repo_docs() -> usize {
@@ -421,6 +429,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
         "CRDT_AUTOMERGE_MAX_DOCUMENTS",
         "crdt.automerge.max-documents",
     ),
+    (
+        "CRDT_AUTOMERGE_PUSH_DELAY_MS",
+        "crdt.automerge.push-delay-ms",
+    ),
     ("CRDT_SNAPSHOT_EVERY", "crdt.snapshot.every-events"),
     ("CRDT_SNAPSHOT_KEEP", "crdt.snapshot.keep"),
     (
@@ -560,6 +572,12 @@ impl Settings {
             return Err(invalid(
                 "crdt.automerge.max-frame-bytes",
                 "must be at least 4096",
+            ));
+        }
+        if repo.push_delay_ms > 10_000 {
+            return Err(invalid(
+                "crdt.automerge.push-delay-ms",
+                "must be at most 10000",
             ));
         }
         if repo.max_documents == 0 {

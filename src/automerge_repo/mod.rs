@@ -56,6 +56,8 @@ pub struct RepoConfig {
     pub heartbeat: Duration,
     pub max_frame: usize,
     pub max_documents: usize,
+    /// Commits to a run within this long of the last push reach its clients in one message.
+    pub push_delay: Duration,
 }
 
 impl RepoConfig {
@@ -70,6 +72,7 @@ impl RepoConfig {
             heartbeat: Duration::from_millis(a.heartbeat_ms),
             max_frame: a.max_frame_bytes,
             max_documents: a.max_documents,
+            push_delay: Duration::from_millis(a.push_delay_ms),
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use automerge::sync;
@@ -88,6 +89,9 @@ pub struct DocRoom {
     document_id: String,
     shared: Arc<Shared>,
     peers: HashMap<u64, Peer>,
+    /// When peers were last stepped for commits, and whether a step is scheduled.
+    last_push: Option<Instant>,
+    push_scheduled: bool,
 }
 
 impl DocRoom {
@@ -97,6 +101,16 @@ impl DocRoom {
             document_id: doc_id::encode(run_id),
             shared,
             peers: HashMap::new(),
+            last_push: None,
+            push_scheduled: false,
+        }
+    }
+
+    fn push_all(&mut self, ctx: &mut Context<Self>) {
+        self.last_push = Some(Instant::now());
+        let conns: Vec<u64> = self.peers.keys().copied().collect();
+        for conn in conns {
+            self.pump(conn, ctx);
         }
     }
 
@@ -333,13 +347,29 @@ impl Handler<Incoming> for DocRoom {
 impl Handler<RunCommitted> for DocRoom {
     type Result = ();
 
+    /// Every peer is due a step. The first commit after a quiet spell goes out at once; the
+    /// ones that follow within `push-delay` go together in the next step: one message per
+    /// peer carries them all, which spares the clients (each message costs a JS client a
+    /// sync round) and the run.
     fn handle(&mut self, _: RunCommitted, ctx: &mut Self::Context) {
-        let conns: Vec<u64> = self.peers.keys().copied().collect();
-        for conn in conns {
-            if let Some(peer) = self.peers.get_mut(&conn) {
-                peer.dirty = true;
-            }
-            self.pump(conn, ctx);
+        for peer in self.peers.values_mut() {
+            peer.dirty = true;
+        }
+        if self.push_scheduled {
+            return;
+        }
+        let delay = self.shared.config.push_delay;
+        let wait = self
+            .last_push
+            .map_or(Duration::ZERO, |t| delay.saturating_sub(t.elapsed()));
+        if wait.is_zero() {
+            self.push_all(ctx);
+        } else {
+            self.push_scheduled = true;
+            ctx.run_later(wait, |act, ctx| {
+                act.push_scheduled = false;
+                act.push_all(ctx);
+            });
         }
     }
 }
