@@ -197,7 +197,7 @@ fn default_repo_frame() -> usize {
 }
 
 fn default_repo_push_delay() -> u64 {
-    25
+    50
 }
 
 fn default_repo_docs() -> usize {

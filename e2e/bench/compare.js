@@ -206,6 +206,8 @@ class CrdtServer {
     };
     for (const name of list(opt["idle-env"])) env[name] = opt["idle-secs"];
     if (opt.token) env.CRDT_API_TOKEN = opt.token;
+    // Settings to compare (say, CRDT_AUTOMERGE_PUSH_DELAY_MS) pass through from the caller.
+    for (const [k, v] of Object.entries(process.env)) if (k.startsWith("CRDT_AUTOMERGE_")) env[k] = v;
     this.node = new Node("bench-node", "bench", env, { bin });
     if (opt.db === "postgres") {
       this.db = `crdt_bench_${process.pid}_${Date.now()}`;
