@@ -124,6 +124,28 @@ pub(crate) async fn write_loop<S: LinkSink>(
     reader.abort();
 }
 
+/// How long a closing session's queued frames may take to go out before its close.
+const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Closes a session's socket with a code and reason. Frames already queued (an error saying
+/// why) go first if the queue has room, within a short grace; past a full queue the close
+/// goes at once.
+pub fn close_session(out: &mpsc::Sender<Out>, shutdown: Shutdown, code: u16, reason: String) {
+    match out.try_send(Out::Close(code, reason.clone())) {
+        // The writer sends the queue, then the close; the shutdown sender is kept a moment
+        // so that the session actor stopping does not cut the queue short.
+        Ok(()) => {
+            actix_web::rt::spawn(async move {
+                tokio::time::sleep(SESSION_CLOSE_GRACE).await;
+                drop(shutdown);
+            });
+        }
+        Err(_) => {
+            let _ = shutdown.send((code, reason));
+        }
+    }
+}
+
 /// The close frame a stopping session queued, if any; everything else queued is dropped.
 fn last_close(rx: &mut mpsc::Receiver<Out>) -> Option<(u16, String)> {
     while let Ok(out) = rx.try_recv() {

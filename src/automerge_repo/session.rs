@@ -23,8 +23,6 @@ use crate::socket::{Inbound, Out, Shutdown};
 
 /// How long a new connection may take to send `join`.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a closing connection's queued messages may take to go out before its close.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Tells a connection to close (its room: it fell behind or was refused; the hub: replaced).
 #[derive(Message, Debug, Clone)]
@@ -107,18 +105,8 @@ impl RepoSession {
                 .repo_closed
                 .with_label_values(&[label])
                 .inc();
-            match self.p.out.try_send(Out::Close(code, reason.clone())) {
-                // The writer sends what is queued (the `error`), then the close.
-                Ok(()) => {
-                    actix_web::rt::spawn(async move {
-                        tokio::time::sleep(CLOSE_GRACE).await;
-                        drop(shutdown);
-                    });
-                }
-                Err(_) => {
-                    let _ = shutdown.send((code, reason));
-                }
-            }
+            // The `error` saying why goes first.
+            crate::socket::close_session(&self.p.out, shutdown, code, reason);
         }
         ctx.stop();
     }

@@ -24,8 +24,6 @@ use crate::socket::{Inbound, Out, Shutdown};
 
 /// How long a new session may take to send `JOIN`.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a closing session's queued frames may take to go out before its close.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Mutations one session may have waiting for their commit.
 pub const MAX_IN_FLIGHT: usize = 64;
 
@@ -131,19 +129,7 @@ impl BrowserSession {
                 .browser_closed
                 .with_label_values(&[label])
                 .inc();
-            match self.p.out.try_send(Out::Close(code, reason.clone())) {
-                // The writer sends the queue, then the close; the shutdown sender is kept a
-                // moment so that stopping this actor does not cut the queue short.
-                Ok(()) => {
-                    actix_web::rt::spawn(async move {
-                        tokio::time::sleep(CLOSE_GRACE).await;
-                        drop(shutdown);
-                    });
-                }
-                Err(_) => {
-                    let _ = shutdown.send((code, reason));
-                }
-            }
+            crate::socket::close_session(&self.p.out, shutdown, code, reason);
         }
         ctx.stop();
     }
