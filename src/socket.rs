@@ -1,5 +1,6 @@
-//! A WebSocket's two tasks, shared by mesh links and browser sessions: a reader that hands
-//! frames to the session actor and a writer that drains the actor's bounded outgoing queue.
+//! A WebSocket's two tasks, shared by mesh links, browser sessions and automerge-repo
+//! connections: a reader that hands frames to the session actor and a writer that drains the
+//! actor's bounded outgoing queue.
 //! The actor only sees [`Inbound`] messages and pushes [`Out`] frames; it does not know whether
 //! the socket is an actix-ws server session or an awc client connection.
 //!
