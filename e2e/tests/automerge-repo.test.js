@@ -79,6 +79,10 @@ after(async () => {
     await n?.stop();
     n?.cleanup();
   }
+  // The WebSocket adapter may still hold a reconnect timer after `shutdown()` (one scheduled by
+  // a close before it), which would keep this file's process alive for ever: once everything
+  // above is closed, end it (the exit code stays what the test runner set).
+  setTimeout(() => process.exit(), 1000).unref();
 });
 
 test("a client finds a run by its URL; its grafts and flags show in the HTTP state", async () => {
