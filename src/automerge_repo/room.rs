@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::session::{Kick, RepoSession};
-use super::wire::{Ephemeral, SyncKind, ToClient};
+use super::wire::{Ephemeral, ToClient};
 use super::{close, doc_id, Shared};
 use crate::runs::{PeerSync, PeerSyncReply, RunError};
 use crate::socket::Out;
@@ -46,12 +46,12 @@ pub struct CloseRoom;
 #[rtype(result = "()")]
 pub struct RunCommitted;
 
-/// A `sync` or `request` from a connection.
+/// A `sync` or `request` from a connection (the run answers both alike: whether the client
+/// has the document shows in the message's heads).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Incoming {
     pub conn: u64,
-    pub kind: SyncKind,
     pub message: sync::Message,
 }
 
@@ -67,7 +67,7 @@ struct Peer {
     member: Member,
     /// `None` while a step is with the run's actor.
     state: Option<Box<sync::State>>,
-    inbox: VecDeque<(SyncKind, sync::Message)>,
+    inbox: VecDeque<sync::Message>,
     /// The run changed since this peer's last step began.
     dirty: bool,
     /// `doc-unavailable` was sent and nothing since: not repeated.
@@ -141,6 +141,15 @@ impl DocRoom {
         }
     }
 
+    fn unavailable(shared: &Shared, peer: &Peer, document_id: &str) {
+        let message = ToClient::DocUnavailable {
+            sender_id: &shared.config.peer_id,
+            target_id: &peer.member.peer_id,
+            document_id,
+        };
+        Self::send(shared, peer, message);
+    }
+
     /// Starts the peer's next sync step, if it has one due and none in flight.
     fn pump(&mut self, conn: u64, ctx: &mut Context<Self>) {
         let Some(peer) = self.peers.get_mut(&conn) else {
@@ -155,12 +164,11 @@ impl DocRoom {
         // Any step replies with all the run holds by then: it covers the pending push.
         peer.dirty = false;
         let incoming = peer.inbox.pop_front();
-        let asked = incoming
-            .as_ref()
-            .map(|(kind, m)| (*kind, !m.heads.is_empty()));
+        // Whether a message came, and whether the client holds the document.
+        let asked = incoming.as_ref().map(|m| !m.heads.is_empty());
         let msg = PeerSync {
             state,
-            incoming: incoming.map(|(_, m)| m),
+            incoming,
             source_region: self.shared.config.region.clone(),
             via: format!("automerge-repo:{}", peer.member.peer_id),
             client: Some(peer.member.peer_id.clone()),
@@ -176,7 +184,7 @@ impl DocRoom {
     fn stepped(
         &mut self,
         conn: u64,
-        asked: Option<(SyncKind, bool)>,
+        asked: Option<bool>,
         result: Result<Result<PeerSyncReply, RunError>, RunError>,
     ) {
         let Some(peer) = self.peers.get_mut(&conn) else {
@@ -220,15 +228,7 @@ impl DocRoom {
                 self.document_id
             );
             shared.count("refused", "in");
-            Self::send(
-                shared,
-                peer,
-                ToClient::DocUnavailable {
-                    sender_id: &shared.config.peer_id,
-                    target_id: &peer.member.peer_id,
-                    document_id: &self.document_id,
-                },
-            );
+            Self::unavailable(shared, peer, &self.document_id);
             return;
         }
         if peer.incarnation.is_some_and(|i| i != reply.incarnation) {
@@ -239,22 +239,14 @@ impl DocRoom {
             return;
         }
         peer.incarnation = Some(reply.incarnation);
-        let client_has_doc = matches!(asked, Some((_, true)));
+        let client_has_doc = asked == Some(true);
         if !reply.stored && !client_has_doc {
             // Nothing to sync: the run exists nowhere this node knows of. Forget the step
             // (our reply would have offered the bare genesis) and say so once.
             peer.state = Some(fresh());
             if asked.is_some() && !peer.told_unavailable {
                 peer.told_unavailable = true;
-                Self::send(
-                    shared,
-                    peer,
-                    ToClient::DocUnavailable {
-                        sender_id: &shared.config.peer_id,
-                        target_id: &peer.member.peer_id,
-                        document_id: &self.document_id,
-                    },
-                );
+                Self::unavailable(shared, peer, &self.document_id);
             }
             return;
         }
@@ -339,7 +331,7 @@ impl Handler<Incoming> for DocRoom {
             });
             return;
         }
-        peer.inbox.push_back((msg.kind, msg.message));
+        peer.inbox.push_back(msg.message);
         self.pump(msg.conn, ctx);
     }
 }

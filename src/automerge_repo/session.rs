@@ -143,10 +143,7 @@ impl RepoSession {
             }
             FromClient::Leave { .. } => self.close(1000, "peer left".into(), "left", ctx),
             FromClient::Sync {
-                kind,
-                document_id,
-                data,
-                ..
+                document_id, data, ..
             } => {
                 let decoded = std::panic::catch_unwind(|| sync::Message::decode(&data));
                 let message = match decoded {
@@ -161,11 +158,7 @@ impl RepoSession {
                     }
                 };
                 self.with_room(&document_id, ctx, move |conn, room| {
-                    room.do_send(Incoming {
-                        conn,
-                        kind,
-                        message,
-                    })
+                    room.do_send(Incoming { conn, message })
                 });
             }
             FromClient::Ephemeral(message) => {

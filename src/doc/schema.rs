@@ -13,11 +13,11 @@ use std::collections::HashSet;
 
 use automerge::{
     legacy::{Key, ObjectId, OpType},
-    AutoCommit, Change, ObjId, ObjType, Prop, ReadDoc, ScalarValue, ROOT,
+    AutoCommit, Change, ObjId, ObjType, Prop, ReadDoc, ROOT,
 };
 
 use super::genesis::{genesis_actor, FLAGS, GRAFTS, PRUNED_STEPS};
-use super::state::{read_graft_at, root_obj};
+use super::state::{as_u64, read_graft, root_obj};
 use uuid::Uuid;
 
 /// The field of a graft or prune entry that holds its Lamport timestamp.
@@ -32,9 +32,7 @@ pub(super) fn written_lamport(change: &Change) -> Option<u64> {
         .iter()
         .filter(|op| matches!(&op.key, Key::Map(k) if k == LAMPORT_FIELD))
         .filter_map(|op| match &op.action {
-            OpType::Put(ScalarValue::Int(i)) => u64::try_from(*i).ok(),
-            OpType::Put(ScalarValue::Uint(u)) => Some(*u),
-            OpType::Put(ScalarValue::F64(f)) if *f >= 0.0 && f.fract() == 0.0 => Some(*f as u64),
+            OpType::Put(value) => as_u64(value),
             _ => None,
         })
         .max()
@@ -145,7 +143,7 @@ fn check_graft(
     seen: &mut HashSet<String>,
     problems: &mut Vec<String>,
 ) {
-    if seen.insert(graft.to_string()) && read_graft_at(doc, &graft).is_none() {
+    if seen.insert(graft.to_string()) && read_graft(doc, &graft).is_none() {
         problems.push(format!(
             "grafts[{index}] lacks a field or has one of the wrong type"
         ));

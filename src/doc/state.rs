@@ -162,11 +162,7 @@ pub(super) fn find_graft(doc: &AutoCommit, graft_id: &str) -> Option<Graft> {
 }
 
 /// The graft stored in map `id`, if it has every field with the right type.
-pub(super) fn read_graft_at(doc: &AutoCommit, id: &ObjId) -> Option<Graft> {
-    read_graft(doc, id)
-}
-
-fn read_graft(doc: &AutoCommit, id: &ObjId) -> Option<Graft> {
+pub(super) fn read_graft(doc: &AutoCommit, id: &ObjId) -> Option<Graft> {
     Some(Graft {
         id: str_field(doc, id, "id")?,
         agent: str_field(doc, id, "agent")?,
@@ -198,7 +194,12 @@ fn str_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
 }
 
 fn u64_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<u64> {
-    match scalar(doc, obj, key)? {
+    as_u64(&scalar(doc, obj, key)?)
+}
+
+/// A non-negative whole number, however it was written.
+pub(super) fn as_u64(value: &ScalarValue) -> Option<u64> {
+    match *value {
         ScalarValue::Int(i) => u64::try_from(i).ok(),
         ScalarValue::Uint(u) => Some(u),
         // JavaScript clients write numbers as floats.
