@@ -120,10 +120,17 @@ impl Peer {
     }
 
     async fn closed(&mut self) -> u16 {
+        self.closed_with_reason().await.0
+    }
+
+    /// The close code and reason (pings and other messages skipped).
+    async fn closed_with_reason(&mut self) -> (u16, String) {
         loop {
             match tokio::time::timeout(Duration::from_secs(10), self.ws.next()).await {
-                Ok(Some(Ok(Message::Close(Some(f))))) => return u16::from(f.code),
-                Ok(Some(Ok(Message::Close(None)))) | Ok(None) => return 1005,
+                Ok(Some(Ok(Message::Close(Some(f))))) => {
+                    return (u16::from(f.code), f.reason.to_string())
+                }
+                Ok(Some(Ok(Message::Close(None)))) | Ok(None) => return (1005, String::new()),
                 Ok(Some(Ok(_))) => continue,
                 other => panic!("expected a close, got {other:?}"),
             }
@@ -425,4 +432,54 @@ async fn a_foreign_document_is_refused_alone() {
     assert_eq!(doc.length(&grafts), 1);
     let (_, st) = c.get(&run_url(&node, stranger, "/state")).await;
     assert_eq!(st["grafts"], json!([]));
+}
+
+/// Issue 12: outside bytes never reach Automerge's loader unchecked. A 372-byte message (a
+/// valid document, then a chunk the loader allocates gigabytes for) and an op bomb (one
+/// compressed change of a few KB inserting 150,000 characters) are each refused with the
+/// reason and a close; the node stays small and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loader_and_op_bombs_are_refused_before_automerge_reads_them() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = make_run(&c, &node, "A").await;
+    let (_, before) = c.get(&run_url(&node, run, "/state")).await;
+    let cases = [
+        (
+            "loader bomb",
+            common::loader_bomb(),
+            close::PROTOCOL,
+            "not accepted",
+        ),
+        (
+            "op bomb",
+            common::op_bomb(run, 150_000),
+            close::TOO_BIG,
+            "operations",
+        ),
+    ];
+    for (what, bytes, code, reason) in cases {
+        let mut p = Peer::joined(&node, &format!("attacker-{code}")).await;
+        let mut scratch = AutoCommit::new();
+        let mut message = scratch
+            .sync()
+            .generate_sync_message(&mut sync::State::new())
+            .expect("a first message");
+        message.changes = sync::ChunkList::from(vec![bytes]);
+        p.sync("sync", &doc_id(run), message).await;
+        let (got_code, got_reason) = p.closed_with_reason().await;
+        assert_eq!(got_code, code, "{what}: {got_reason}");
+        assert!(got_reason.contains(reason), "{what}: {got_reason}");
+    }
+    let (status, after) = c.get(&run_url(&node, run, "/state")).await;
+    assert_eq!(status, 200, "the node keeps serving");
+    assert_eq!(before["heads"], after["heads"], "nothing was applied");
+    let peak = common::peak_rss_mib(node.pid());
+    assert!(peak < 400, "peak RSS {peak} MiB");
+}
+
+mod close {
+    pub const PROTOCOL: u16 = 4002;
+    pub const TOO_BIG: u16 = 1009;
 }

@@ -323,6 +323,7 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
             ("flag nested too deep", 400, h.put(run_url(&node, run, "/flags/deep")).header("content-type", "application/json").body(json!({"value": deep, "user": "u"}).to_string())),
             ("graft id that is not a UUID", 400, json_post(&graft_url, r#"{"id":"x","agent":"A","afterStep":"S","user":"u"}"#)),
             ("bad heads", 400, h.get(run_url(&node, run, "/changes?heads=zz"))),
+            ("an op bomb: a few KB inserting 150,000 characters", 413, json_post(&sync_url, &json!({"changes": b64(&common::op_bomb(run, 150_000)), "sourceRegion": "eu"}).to_string())),
             ("oversized body", 413, json_post(&graft_url, &json!({"agent": "A", "afterStep": "S", "user": "u", "pad": "x".repeat(70_000)}).to_string())),
             ("bad peer region", 400, json_post(&run_url(&node, run, "/register-peer"), r#"{"peerRegion":""}"#)),
             ("unknown route", 404, h.get(node.url("/api/crdt/nothing-here"))),

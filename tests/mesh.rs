@@ -856,3 +856,50 @@ async fn assert_refused_for_the_secret(c: &Client, node: &Node) {
     .await;
     assert!(refused.is_some(), "{}", node.log_text());
 }
+
+/// Issue 12: an authenticated peer's bytes are bounded too. A whole-document sync holding a
+/// chunk Automerge's loader allocates gigabytes for, and a change of a few KB inserting
+/// 150,000 characters, are refused with an ERROR naming why; the node stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_loader_and_op_bombs_are_refused_with_the_reason() {
+    let (node, _db) = lone_node("eu-central-1", "bombed", &[], &[]).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let (s, _) = c
+        .post(
+            &run_url(&node, run, "/grafts"),
+            &json!({"agent": "A", "afterStep": "S", "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (_, before) = c.get(&run_url(&node, run, "/state")).await;
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
+    let frames = [
+        (
+            json!({"type": "CRDT_FULL_SYNC", "runId": run, "sourceRegion": "test-1", "state": b64(&common::loader_bomb()), "timestamp": 1}),
+            "not accepted",
+        ),
+        (
+            json!({"type": "CRDT_SYNC", "runId": run, "sourceRegion": "test-1", "changes": b64(&common::op_bomb(run, 150_000)), "timestamp": 1}),
+            "operations",
+        ),
+    ];
+    // Built before the link opens: a silent link is closed within 1.5 s.
+    let (mut ws, _) = handshake(&node, SECRET).await;
+    for (frame, reason) in frames {
+        ws.send(Message::text(frame.to_string())).await.unwrap();
+        let error = loop {
+            let f = next_json(&mut ws).await;
+            if f["type"] == "ERROR" {
+                break f;
+            }
+        };
+        let got = error["reason"].as_str().unwrap_or_default();
+        assert!(got.contains(reason), "{frame}: {error}");
+    }
+    let (status, after) = c.get(&run_url(&node, run, "/state")).await;
+    assert_eq!(status, 200, "the node keeps serving");
+    assert_eq!(before["heads"], after["heads"], "nothing was applied");
+    let peak = common::peak_rss_mib(node.pid());
+    assert!(peak < 400, "peak RSS {peak} MiB");
+}

@@ -43,6 +43,8 @@ pub mod close {
     pub const REPLACED: u16 = 4010;
     /// The database is out of reach: nothing from the client could be stored.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// What the client sent would cost more than one message may (operations, inflated size).
+    pub const TOO_BIG: u16 = 1009;
 }
 
 #[derive(Debug, Clone)]

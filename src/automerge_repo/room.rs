@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::session::{Kick, RepoSession};
 use super::wire::{Ephemeral, ToClient};
 use super::{close, doc_id, Shared};
-use crate::runs::{PeerSync, PeerSyncReply, RunError};
+use crate::runs::{BadInput, PeerSync, PeerSyncReply, RunError};
 use crate::socket::Out;
 
 pub struct Member {
@@ -215,6 +215,29 @@ impl DocRoom {
                 return;
             }
         };
+        if let (Some(bad), Some(error)) = (reply.bad_input, reply.error.as_ref()) {
+            // Bytes that are malformed or would cost more than a message may: the client is
+            // told why and closed, as a WebSocket refuses an oversized or broken message.
+            peer.state = Some(fresh());
+            peer.refused = true;
+            peer.inbox.clear();
+            log::warn!(
+                "automerge-repo: {}: sync for {} refused: {error}",
+                peer.member.peer_id,
+                self.document_id
+            );
+            shared.count("refused", "in");
+            let (code, label) = match bad {
+                BadInput::TooLarge => (close::TOO_BIG, "too_large"),
+                BadInput::Malformed => (close::PROTOCOL, "bad_message"),
+            };
+            peer.member.session.do_send(Kick {
+                code,
+                reason: error.clone(),
+                label,
+            });
+            return;
+        }
         if let Some(error) = reply.error {
             // What the client sent was refused (what came before it is logged): most likely
             // a document of its own under this id (`repo.create()`), which does not build on

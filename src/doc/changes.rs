@@ -10,32 +10,34 @@ use serde::{Deserialize, Serialize};
 
 use super::DocError;
 
+use super::bounds::{self, Budget};
+
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 /// Chunk types that hold one change (plain or compressed); a document chunk is type 0.
 const CHANGE_CHUNK_TYPES: [u8; 2] = [1, 2];
 const COMPRESSED: u8 = 2;
-/// Bounds on what compressed chunks may inflate to: deflate can expand ~1000×, so a small body
-/// could otherwise claim gigabytes.
+const DOCUMENT: u8 = 0;
+/// Compressed changes larger than this are refused: each is inflated whole before its
+/// operations can be counted.
 const MAX_COMPRESSED_CHUNK: usize = 64 * 1024;
-const MAX_INFLATED_TOTAL: usize = 64 * 1024 * 1024;
 
-/// Parses concatenated change chunks; every byte must belong to a valid change.
+/// Parses concatenated change chunks from outside; every byte must belong to a valid change,
+/// and together they must fit one request's [`Budget`].
 pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
-    split_changes(bytes, true)
+    split_changes(bytes, Some(&mut Budget::default()))
 }
 
 /// As [`parse_changes`], for this node's own changes (to re-frame them): no bounds on size,
 /// which only guard against what others send.
 pub fn parse_own_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
-    split_changes(bytes, false)
+    split_changes(bytes, None)
 }
 
-fn split_changes(bytes: &[u8], bounded: bool) -> Result<Vec<Change>, DocError> {
+fn split_changes(bytes: &[u8], mut budget: Option<&mut Budget>) -> Result<Vec<Change>, DocError> {
     if bytes.is_empty() {
         return Err(DocError::InvalidChanges("no change bytes".into()));
     }
     let mut out = Vec::new();
-    let mut inflated = 0usize;
     let mut rest = bytes;
     while !rest.is_empty() {
         let len = chunk_len(rest).map_err(|why| {
@@ -46,12 +48,16 @@ fn split_changes(bytes: &[u8], bounded: bool) -> Result<Vec<Change>, DocError> {
             ))
         })?;
         let (chunk, tail) = rest.split_at(len);
-        if bounded && chunk[8] == COMPRESSED && len > MAX_COMPRESSED_CHUNK {
-            return Err(DocError::InvalidChanges(format!(
-                "chunk {} is a compressed change of {len} bytes; send changes over \
-                 {MAX_COMPRESSED_CHUNK} bytes uncompressed",
-                out.len()
-            )));
+        if let Some(budget) = budget.as_deref_mut() {
+            if chunk[8] == COMPRESSED && len > MAX_COMPRESSED_CHUNK {
+                return Err(DocError::TooLarge(format!(
+                    "chunk {} is a compressed change of {len} bytes; send changes over \
+                     {MAX_COMPRESSED_CHUNK} bytes uncompressed",
+                    out.len()
+                )));
+            }
+            // Counted before Automerge reads it: a few bytes can encode millions of ops.
+            budget.admit(chunk)?;
         }
         // Automerge 0.12 panics on some malformed chunks (found by the `sync_changes` fuzz
         // target): bytes from outside must be an error, never a dead thread.
@@ -71,12 +77,6 @@ fn split_changes(bytes: &[u8], bounded: bool) -> Result<Vec<Change>, DocError> {
                 )))
             }
         };
-        inflated += change.raw_bytes().len();
-        if bounded && inflated > MAX_INFLATED_TOTAL {
-            return Err(DocError::InvalidChanges(format!(
-                "changes inflate to more than {MAX_INFLATED_TOTAL} bytes"
-            )));
-        }
         out.push(change);
         rest = tail;
     }
@@ -85,26 +85,10 @@ fn split_changes(bytes: &[u8], bounded: bool) -> Result<Vec<Change>, DocError> {
 
 /// The total length (header included) of the change chunk at the start of `bytes`.
 fn chunk_len(bytes: &[u8]) -> Result<usize, String> {
-    if bytes.len() < 10 {
-        return Err("truncated chunk header".into());
-    }
-    if bytes[..4] != MAGIC {
-        return Err("missing Automerge magic bytes".into());
-    }
+    let total = bounds::chunk_len(bytes)?;
     let chunk_type = bytes[8];
     if !CHANGE_CHUNK_TYPES.contains(&chunk_type) {
         return Err(format!("chunk type {chunk_type} is not a change"));
-    }
-    let (data_len, leb_len) = read_uleb128(&bytes[9..]).ok_or("bad chunk length")?;
-    let total = 9usize
-        .checked_add(leb_len)
-        .and_then(|n| n.checked_add(usize::try_from(data_len).ok()?))
-        .ok_or("chunk length overflows")?;
-    if total > bytes.len() {
-        return Err(format!(
-            "chunk claims {total} bytes, only {} remain",
-            bytes.len()
-        ));
     }
     Ok(total)
 }
@@ -121,9 +105,28 @@ pub(super) fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
-/// The changes of a whole saved document (a `CRDT_FULL_SYNC` state, or the document chunk
-/// Automerge's sync protocol sends when most of a document is missing).
+/// The changes of a whole saved document from outside (a `CRDT_FULL_SYNC` state, or the
+/// document chunk Automerge's sync protocol sends when most of a document is missing).
 pub fn parse_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    parse_document_within(bytes, &mut Budget::default())
+}
+
+/// As [`parse_document`], for a document this node saved itself: no bounds.
+pub fn parse_own_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    let mut doc = load_document(bytes)
+        .map_err(|e| DocError::InvalidChanges(format!("not an Automerge document: {e}")))?;
+    Ok(doc.get_changes(&[]))
+}
+
+fn parse_document_within(bytes: &[u8], budget: &mut Budget) -> Result<Vec<Change>, DocError> {
+    // Every chunk is checked before Automerge's loader sees any: it trusts the counts inside,
+    // and some few hundred bytes make it allocate gigabytes (`fuzz/known/`).
+    let sizes = budget.admit_all(bytes)?;
+    if !sizes.first().is_some_and(|s| s.is_document) {
+        return Err(DocError::InvalidChanges(
+            "not an Automerge document: it does not start with a document chunk".into(),
+        ));
+    }
     let mut doc = load_document(bytes)
         .map_err(|e| DocError::InvalidChanges(format!("not an Automerge document: {e}")))?;
     Ok(doc.get_changes(&[]))
@@ -141,12 +144,17 @@ pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, String> {
     }
 }
 
-/// Change chunks or a document chunk: whichever `bytes` starts with.
+/// Change chunks or a document chunk from outside: whichever `bytes` starts with.
 pub fn parse_changes_or_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
-    if bytes.len() > 8 && bytes[..4] == MAGIC && bytes[8] == 0 {
-        parse_document(bytes)
+    parse_within(bytes, &mut Budget::default())
+}
+
+/// As [`parse_changes_or_document`], charging a budget shared with other parts of a request.
+pub(super) fn parse_within(bytes: &[u8], budget: &mut Budget) -> Result<Vec<Change>, DocError> {
+    if bytes.len() > 8 && bytes[..4] == MAGIC && bytes[8] == DOCUMENT {
+        parse_document_within(bytes, budget)
     } else {
-        parse_changes(bytes)
+        split_changes(bytes, Some(budget))
     }
 }
 

@@ -13,6 +13,7 @@
 //! applying a remote change advances the clock to at least the change's stamp. This module owns
 //! the document's rules; it does not know about actors, storage or the network.
 
+mod bounds;
 mod changes;
 mod genesis;
 mod json;
@@ -30,9 +31,10 @@ use automerge::{
 use serde_json::Value as Json;
 use uuid::Uuid;
 
+pub use bounds::{Budget, MAX_OPS_PER_CHANGE, MAX_OPS_PER_REQUEST};
 pub use changes::{
     concat_changes, parse_changes, parse_changes_or_document, parse_document, parse_own_changes,
-    Stamp,
+    parse_own_document, Stamp,
 };
 pub use genesis::genesis_actor;
 pub use legacy::{legacy_actor, LegacyEvent};
@@ -45,6 +47,9 @@ use state::root_obj;
 pub enum DocError {
     #[error("invalid change bytes: {0}")]
     InvalidChanges(String),
+    /// Bytes that would cost more than a request may (operations, inflated size).
+    #[error("too large: {0}")]
+    TooLarge(String),
     #[error("changes depend on {} change(s) this run does not have: {}", .0.len(), hashes(.0))]
     MissingDependencies(Vec<ChangeHash>),
     #[error("the document does not follow the run schema: {0}")]
@@ -482,8 +487,10 @@ impl RunDoc {
                 return step;
             }
             let mut changes = Vec::new();
+            // One budget for the whole message: its chunks together are one request.
+            let mut budget = Budget::default();
             for chunk in message.changes.iter() {
-                match parse_changes_or_document(chunk) {
+                match changes::parse_within(chunk, &mut budget) {
                     Ok(c) => changes.extend(c),
                     Err(e) => {
                         step.applied.error = Some(e);

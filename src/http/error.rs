@@ -16,6 +16,9 @@ pub enum ApiError {
     Invalid { field: &'static str, reason: String },
     #[error("request body is larger than the {limit}-byte limit")]
     TooLarge { limit: usize },
+    /// A body within the byte limit whose content costs too much (operations, inflated size).
+    #[error("{0}")]
+    TooLargeContent(String),
     #[error("missing or wrong bearer token")]
     Unauthorized,
     #[error("{0}")]
@@ -40,7 +43,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Invalid { .. } => "invalid_field",
-            ApiError::TooLarge { .. } => "payload_too_large",
+            ApiError::TooLarge { .. } | ApiError::TooLargeContent(_) => "payload_too_large",
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unprocessable(_) => "unprocessable",
@@ -54,7 +57,9 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) | ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge { .. } | ApiError::TooLargeContent(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -77,6 +82,7 @@ impl From<RunError> for ApiError {
         match e {
             RunError::Unavailable(_) | RunError::Stopped => ApiError::Unavailable(e.to_string()),
             RunError::Doc(DocError::InvalidChanges(_)) => ApiError::BadRequest(e.to_string()),
+            RunError::Doc(DocError::TooLarge(ref why)) => ApiError::TooLargeContent(why.clone()),
             RunError::Doc(DocError::MissingDependencies(_))
             | RunError::Doc(DocError::Refused { .. })
             | RunError::PartiallyApplied { .. } => ApiError::Unprocessable(e.to_string()),

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::validate;
 use super::AppState;
-use crate::doc::{parse_changes, Mutation};
+use crate::doc::{parse_changes, DocError, Mutation};
 use crate::runs::{ApplySync, GetChanges, GetState, Mutate, MutationOutcome};
 
 /// Most changes one sync request may carry.
@@ -137,8 +137,10 @@ async fn sync(
         let source_region = validate::region("sourceRegion", body.source_region.as_deref())?;
         let lamport = validate::lamport("lamportTimestamp", body.lamport_timestamp)?;
         let bytes = validate::base64("changes", body.changes.as_deref())?;
-        let changes =
-            parse_changes(&bytes).map_err(|e| ApiError::invalid("changes", e.to_string()))?;
+        let changes = parse_changes(&bytes).map_err(|e| match e {
+            DocError::TooLarge(why) => ApiError::TooLargeContent(format!("changes: {why}")),
+            other => ApiError::invalid("changes", other.to_string()),
+        })?;
         if changes.len() > MAX_CHANGES_PER_SYNC {
             return Err(ApiError::invalid(
                 "changes",

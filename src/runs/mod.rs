@@ -23,8 +23,8 @@ use crate::metrics::Metrics;
 use crate::store::{GroupCommitter, Store};
 
 pub use run_actor::{
-    ApplySync, FinalSnapshot, FullState, GetChanges, GetState, Mutate, MutationOutcome, PeerSync,
-    PeerSyncReply, RunActor, SyncOutcome,
+    ApplySync, BadInput, FinalSnapshot, FullState, GetChanges, GetState, Mutate, MutationOutcome,
+    PeerSync, PeerSyncReply, RunActor, SyncOutcome,
 };
 pub use snapshot_actor::SnapshotActor;
 

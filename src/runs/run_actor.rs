@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{loader, Origin, RunChanged, RunError, Runs};
-use crate::doc::{concat_changes, Graft, Mutation, RunDoc, RunState};
+use crate::doc::{concat_changes, DocError, Graft, Mutation, RunDoc, RunState};
 use crate::store::{NewEvent, Snapshot};
 
 /// A local mutation, with the user to record in the log.
@@ -79,10 +79,22 @@ pub struct PeerSyncReply {
     pub lamport: u64,
     /// Why the incoming message was not (wholly) taken; what was applied before it is logged.
     pub error: Option<String>,
+    /// Set when the incoming message was refused as bad bytes rather than as a change the run
+    /// cannot take.
+    pub bad_input: Option<BadInput>,
     /// Which incarnation of the run's actor answered: a new one lost what the old held back.
     pub incarnation: u64,
     /// Whether the run has anything stored (else it exists only as its genesis, here).
     pub stored: bool,
+}
+
+/// Why a peer's sync message was refused as input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadInput {
+    /// It would cost more than one message may (see `doc::Budget`).
+    TooLarge,
+    /// Its bytes are not what they claim (not Automerge, truncated, an unaccepted chunk).
+    Malformed,
 }
 
 /// The whole document (`save()`) and the clock, for a peer that lacks the run.
@@ -833,6 +845,11 @@ impl Handler<PeerSync> for RunActor {
             &step.applied.applied,
             msg.client.as_deref().unwrap_or(&msg.via),
         );
+        let bad_input = match step.applied.error {
+            Some(DocError::TooLarge(_)) => Some(BadInput::TooLarge),
+            Some(DocError::InvalidChanges(_)) => Some(BadInput::Malformed),
+            _ => None,
+        };
         let error = step.applied.error.take().map(|e| e.to_string());
         let count = step.applied.applied.len();
         // The reply may carry changes still in flight to the log: it waits until they are
@@ -862,6 +879,7 @@ impl Handler<PeerSync> for RunActor {
                 applied: count,
                 lamport,
                 error,
+                bad_input,
                 incarnation,
                 stored,
             })

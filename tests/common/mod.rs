@@ -490,3 +490,45 @@ pub mod db {
 pub mod mesh;
 pub mod proxy;
 pub mod tls;
+
+/// The peak resident memory of process `pid` so far, in MiB (Linux `VmHWM`).
+pub fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// A change of `run` (built on its genesis) that inserts `chars` characters in one text: a
+/// few KB once Automerge deflates it, `chars` operations once applied.
+pub fn op_bomb(run: uuid::Uuid, chars: usize) -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    let genesis = crdt_node::doc::RunDoc::new(run, "eu").save();
+    let mut doc = automerge::AutoCommit::load(&genesis).expect("genesis loads");
+    let base = doc.get_heads();
+    let text = doc
+        .put_object(automerge::ROOT, "bomb", automerge::ObjType::Text)
+        .expect("put");
+    doc.splice_text(&text, 0, 0, &"a".repeat(chars))
+        .expect("splice");
+    doc.commit();
+    let mut change = doc.get_changes(&base).pop().expect("one change");
+    change.bytes().into_owned()
+}
+
+/// A valid Automerge document followed by a chunk Automerge's loader allocates gigabytes for
+/// (`fuzz/known/`): 372 bytes.
+pub fn loader_bomb() -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(automerge::ROOT, "a", 1).expect("put");
+    let mut bytes = doc.save();
+    let known = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/known/snapshot_load-oom-automerge-load"
+    );
+    bytes.extend(std::fs::read(known).expect("fuzz/known input"));
+    bytes
+}

@@ -437,7 +437,7 @@ fn sync_frames(
             // Our own message: a document chunk, or change chunks, re-framed without the
             // bounds meant for what peers send.
             changes.extend(if chunk.len() > 8 && chunk[8] == 0 {
-                crate::doc::parse_document(chunk)?
+                crate::doc::parse_own_document(chunk)?
             } else {
                 crate::doc::parse_own_changes(chunk)?
             });
