@@ -291,6 +291,24 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
         b64(&concat_changes(&raw.get_changes(&base)))
     };
     let whole_doc = b64(&replica.save());
+    let pinned = {
+        // A change stamped 2^53-1, as a node's commit message would carry it.
+        let mut raw = automerge::AutoCommit::load(&RunDoc::new(run, "eu").save()).unwrap();
+        let base = raw.get_heads();
+        let flags = automerge::ReadDoc::get(&raw, automerge::ROOT, "flags")
+            .unwrap()
+            .unwrap()
+            .1;
+        automerge::transaction::Transactable::put(&mut raw, &flags, "pin", 1).unwrap();
+        let stamp = crdt_node::doc::Stamp {
+            lamport: crdt_node::doc::MAX_LAMPORT,
+            region: "eu".into(),
+        };
+        raw.commit_with(
+            automerge::transaction::CommitOptions::default().with_message(stamp.to_message()),
+        );
+        b64(&concat_changes(&raw.get_changes(&base)))
+    };
     let mut deep = json!(1);
     for _ in 0..40 {
         deep = json!([deep]);
@@ -318,6 +336,8 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
             ("bad source region", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu central"}).to_string())),
             ("negative lamport", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": -1}).to_string())),
             ("lamport beyond 2^53", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": 1i64 << 60}).to_string())),
+            ("lamportTimestamp far past the run's clock", 422, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": (1i64 << 53) - 1}).to_string())),
+            ("a change stamped far past the run's clock", 422, json_post(&sync_url, &json!({"changes": pinned, "sourceRegion": "eu"}).to_string())),
             ("a change of another document", 422, json_post(&sync_url, &json!({"changes": foreign, "sourceRegion": "eu"}).to_string())),
             ("a document instead of changes", 400, json_post(&sync_url, &json!({"changes": whole_doc, "sourceRegion": "eu"}).to_string())),
             ("flag nested too deep", 400, h.put(run_url(&node, run, "/flags/deep")).header("content-type", "application/json").body(json!({"value": deep, "user": "u"}).to_string())),

@@ -56,6 +56,10 @@ pub enum DocError {
     Schema(String),
     #[error("change {hash} is refused: {reason}")]
     Refused { hash: ChangeHash, reason: String },
+    /// A Lamport timestamp too far past the run's clock: accepting it would pin the clock (and
+    /// so the order of every later graft) in every region.
+    #[error("{0}")]
+    ClockJump(String),
     #[error("not a saved document of run {run_id}: {reason}")]
     NotThisRun { run_id: Uuid, reason: String },
     #[error("automerge rejected the operation: {0}")]
@@ -394,6 +398,13 @@ impl RunDoc {
         if !stuck.is_empty() {
             return Err(DocError::MissingDependencies(self.missing_of(&stuck)));
         }
+        let clock = self.check_stamps(&ordered)?;
+        if let Some(l) = remote_lamport.filter(|l| *l > clock.saturating_add(MAX_LAMPORT_STEP)) {
+            return Err(DocError::ClockJump(format!(
+                "lamportTimestamp {l} is more than {MAX_LAMPORT_STEP} past the run's clock \
+                 ({clock} with these changes)"
+            )));
+        }
         self.apply_ordered(ordered, duplicates, remote_lamport)
     }
 
@@ -409,8 +420,13 @@ impl RunDoc {
         for change in &changes {
             self.check_foreign(change)?;
         }
+        let held: Vec<Change> = self.parked.values().cloned().collect();
         changes.extend(self.parked.drain().map(|(_, c)| c));
         let (ordered, stuck, duplicates) = self.order_new_changes(changes);
+        if let Err(e) = self.check_stamps(&ordered) {
+            self.park(held);
+            return Err(e);
+        }
         self.park(stuck);
         let mut out = self.apply_ordered(ordered, duplicates, remote_lamport)?;
         out.parked = self.parked.len();
@@ -461,8 +477,11 @@ impl RunDoc {
         for change in &out.applied {
             self.observe_stamp(change);
         }
-        if let Some(l) = remote_lamport.filter(|_| !out.applied.is_empty()) {
-            self.observe_lamport(l.min(MAX_LAMPORT));
+        // A peer's clock for the run may be ahead of the changes it sent so far (it pages a
+        // long history); one beyond the step is ignored, never taken.
+        let within = self.lamport.saturating_add(MAX_LAMPORT_STEP);
+        if let Some(l) = remote_lamport.filter(|l| !out.applied.is_empty() && *l <= within) {
+            self.observe_lamport(l);
         }
         Ok(out)
     }
@@ -504,8 +523,14 @@ impl RunDoc {
                 return step;
             }
             let before = self.parked.len();
+            let held: Vec<Change> = self.parked.values().cloned().collect();
             changes.extend(self.parked.drain().map(|(_, c)| c));
             let (ordered, stuck, duplicates) = self.order_new_changes(changes);
+            if let Err(e) = self.check_stamps(&ordered) {
+                self.park(held);
+                step.applied.error = Some(e);
+                return step;
+            }
             match self.apply_ordered(ordered, duplicates, None) {
                 Ok(applied) => step.applied = applied,
                 Err(e) => {
@@ -586,6 +611,29 @@ impl RunDoc {
             ));
         }
         Ok(())
+    }
+
+    /// Refuses changes (in the order they would apply) whose stamp is more than
+    /// [`MAX_LAMPORT_STEP`] past the clock as it would be when each applies: a node stamps its
+    /// change one past everything the change builds on, so an honest stamp never is. Returns
+    /// the clock after them.
+    fn check_stamps(&self, ordered: &[Change]) -> Result<u64, DocError> {
+        let mut clock = self.lamport;
+        for change in ordered {
+            let Some(stamp) = Stamp::of(change) else {
+                continue;
+            };
+            if stamp.lamport > clock.saturating_add(MAX_LAMPORT_STEP) {
+                return Err(DocError::ClockJump(format!(
+                    "change {} is stamped {}, more than {MAX_LAMPORT_STEP} past the run's \
+                     clock ({clock})",
+                    change.hash(),
+                    stamp.lamport
+                )));
+            }
+            clock = clock.max(stamp.lamport);
+        }
+        Ok(clock)
     }
 
     /// Advances the clock past a change's stamp: a node's is in its commit message; a
@@ -732,6 +780,10 @@ fn object<const N: usize>(fields: [(&str, ScalarValue); N]) -> automerge::hydrat
 
 /// How far past the run's clock a foreign client's own `lamport` field may move it.
 const MAX_FOREIGN_JUMP: u64 = 1 << 20;
+
+/// How far past the run's clock a node's stamp (or a request's `lamportTimestamp`) may be.
+/// Twice the client jump: a node's stamp may follow a client's largest allowed jump.
+pub const MAX_LAMPORT_STEP: u64 = 2 * MAX_FOREIGN_JUMP;
 
 /// The largest Lamport timestamp accepted: JavaScript's largest safe integer. A stamp beyond it
 /// is ignored, so one bad peer cannot exhaust the clock.

@@ -1068,3 +1068,98 @@ fn a_clients_absurd_stamp_does_not_pin_the_clock() {
     assert_eq!(a.lamport(), 1);
     assert_eq!(a.apply(&graft("B", "S", "u"), T0).unwrap().lamport, 2);
 }
+
+/// A change of `run` stamped `lamport` in its commit message, as a node's would be.
+fn stamped_change(run: Uuid, lamport: u64) -> Change {
+    let mut raw = AutoCommit::load(&RunDoc::new(run, "r").save()).unwrap();
+    raw.set_actor(ActorId::random());
+    let flags = raw.get(automerge::ROOT, FLAGS).unwrap().unwrap().1;
+    raw.put(&flags, "forged", 1).unwrap();
+    let stamp = Stamp {
+        lamport,
+        region: "evil".into(),
+    };
+    raw.commit_with(CommitOptions::default().with_message(stamp.to_message()));
+    raw.get_last_local_change().unwrap()
+}
+
+#[test]
+fn a_stamp_far_past_the_clock_is_refused_on_every_path() {
+    let run = Uuid::new_v4();
+    let pin = MAX_LAMPORT;
+    let mut a = RunDoc::new(run, "r");
+    let err = a
+        .apply_remote(vec![stamped_change(run, pin)], None)
+        .unwrap_err();
+    assert!(matches!(err, DocError::ClockJump(_)), "{err}");
+    let err = a
+        .apply_remote_parking(vec![stamped_change(run, pin)], None)
+        .unwrap_err();
+    assert!(matches!(err, DocError::ClockJump(_)), "{err}");
+    // Over the sync protocol too.
+    let mut sender = AutoCommit::load(&RunDoc::new(run, "r").save()).unwrap();
+    sender
+        .apply_changes([stamped_change(run, pin)])
+        .expect("a raw document takes anything");
+    let message = sender
+        .sync()
+        .generate_sync_message(&mut sync::State::new())
+        .unwrap();
+    let mut state = sync::State::new();
+    let first = a.sync_step(&mut state, Some(message));
+    let mut reply = first.reply.expect("a reply to the opening message");
+    let mut sender_state = sync::State::new();
+    let _ = sender.sync().generate_sync_message(&mut sender_state);
+    sender
+        .sync()
+        .receive_sync_message(&mut sender_state, reply.clone())
+        .unwrap();
+    let mut refused = false;
+    for _ in 0..4 {
+        let Some(m) = sender.sync().generate_sync_message(&mut sender_state) else {
+            break;
+        };
+        let step = a.sync_step(&mut state, Some(m));
+        if let Some(e) = step.applied.error {
+            assert!(matches!(e, DocError::ClockJump(_)), "{e}");
+            refused = true;
+            break;
+        }
+        reply = step.reply.expect("the protocol goes on");
+        sender
+            .sync()
+            .receive_sync_message(&mut sender_state, reply.clone())
+            .unwrap();
+    }
+    assert!(refused, "the forged change reached the sync step and was refused");
+    // The clock is untouched: the next local graft is stamped 1.
+    assert_eq!(a.lamport(), 0);
+    let g = a.apply(&graft("A", "S", "u"), T0).unwrap();
+    assert_eq!(g.lamport, 1);
+    // A stamp within the step is taken.
+    let near = MAX_LAMPORT_STEP;
+    a.apply_remote(vec![stamped_change(run, near)], None)
+        .expect("within the step");
+    assert_eq!(a.lamport(), near);
+}
+
+#[test]
+fn a_peer_clock_ahead_of_its_changes_is_ignored_not_taken() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r");
+    let mut b = RunDoc::new(run, "r2");
+    let g = a.apply(&graft("A", "S", "u"), T0).unwrap();
+    // A peer pages a long history: its clock is far ahead of this first page.
+    let out = b
+        .apply_remote_parking(vec![g.change.clone().unwrap()], Some(MAX_LAMPORT))
+        .unwrap();
+    assert_eq!(out.applied.len(), 1);
+    assert_eq!(b.lamport(), 1, "the page's own stamp, not the far clock");
+    // Over HTTP, a lamportTimestamp past the step is refused with the reason.
+    let mut c = RunDoc::new(run, "r3");
+    let err = c
+        .apply_remote(vec![g.change.unwrap()], Some(MAX_LAMPORT))
+        .unwrap_err();
+    assert!(err.to_string().contains("lamportTimestamp"), "{err}");
+    assert_eq!(c.lamport(), 0);
+}

@@ -86,7 +86,9 @@ impl From<RunError> for ApiError {
             RunError::Doc(DocError::MissingDependencies(_))
             | RunError::Doc(DocError::Refused { .. })
             | RunError::PartiallyApplied { .. } => ApiError::Unprocessable(e.to_string()),
-            RunError::Doc(DocError::Schema(_)) => ApiError::Unprocessable(e.to_string()),
+            RunError::Doc(DocError::Schema(_)) | RunError::Doc(DocError::ClockJump(_)) => {
+                ApiError::Unprocessable(e.to_string())
+            }
             RunError::Doc(_) => ApiError::Internal(e.to_string()),
         }
     }

@@ -847,7 +847,7 @@ impl Handler<PeerSync> for RunActor {
         );
         let bad_input = match step.applied.error {
             Some(DocError::TooLarge(_)) => Some(BadInput::TooLarge),
-            Some(DocError::InvalidChanges(_)) => Some(BadInput::Malformed),
+            Some(DocError::InvalidChanges(_) | DocError::ClockJump(_)) => Some(BadInput::Malformed),
             _ => None,
         };
         let error = step.applied.error.take().map(|e| e.to_string());
