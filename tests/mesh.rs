@@ -903,3 +903,44 @@ async fn a_peers_loader_and_op_bombs_are_refused_with_the_reason() {
     let peak = common::peak_rss_mib(node.pid());
     assert!(peak < 400, "peak RSS {peak} MiB");
 }
+
+/// Issue 12: a client whose graft timed out during a partition retries it, with the same id, in
+/// the other region. After the heal both regions show one graft with that id (the same one),
+/// and a further retry anywhere is answered with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graft_retried_across_a_partition_is_shown_once_in_every_region() {
+    let mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    let run = Uuid::new_v4();
+    c.post(&run_url(mesh.node(0), run, "/grafts"), &graft("Before", "a"))
+        .await;
+    converged(&c, &mesh.nodes(), run, 20).await;
+    mesh.partition(&[0]);
+    mesh.wait_connected(&c, 0).await;
+    let id = Uuid::new_v4();
+    let body = json!({"id": id, "agent": "Retried", "afterStep": "Step1", "user": "client"});
+    for i in 0..2 {
+        let (s, g) = c.post(&run_url(mesh.node(i), run, "/grafts"), &body).await;
+        assert_eq!(s, 201, "{g}");
+    }
+    mesh.heal_all();
+    mesh.wait_connected(&c, 1).await;
+    let state = converged(&c, &mesh.nodes(), run, 20).await;
+    let with_id: Vec<&Value> = state["grafts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["id"] == json!(id))
+        .collect();
+    assert_eq!(with_id.len(), 1, "{state}");
+    let shown = with_id[0].clone();
+    for i in 0..2 {
+        let (s, g) = c.post(&run_url(mesh.node(i), run, "/grafts"), &body).await;
+        assert!(s == 200 || s == 201, "{s} {g}");
+        assert_eq!(g["graft"], shown, "node {i}: {g}");
+        assert_eq!(g["changed"], false, "node {i}: {g}");
+    }
+    let (_, after) = c.get(&run_url(mesh.node(1), run, "/state")).await;
+    assert_eq!(after["grafts"].as_array().unwrap().len(), 2, "{after}");
+}

@@ -16,6 +16,7 @@
 mod bounds;
 mod changes;
 mod genesis;
+mod graft_index;
 mod json;
 mod legacy;
 mod schema;
@@ -79,8 +80,8 @@ pub enum Mutation {
     Graft {
         id: Uuid,
         /// True when the client chose `id` so that it can retry safely: a graft with this id
-        /// already present is then answered instead of grafted again. (Costs a scan of the
-        /// grafts, so fresh server-chosen ids skip it.)
+        /// already present is then answered instead of grafted again (a look-up in the graft
+        /// index). Fresh server-chosen ids skip it.
         retry_safe: bool,
         agent: String,
         after_step: String,
@@ -150,6 +151,7 @@ pub struct RunDoc {
     /// positive hides a change from the sender): kept until their dependencies arrive, and
     /// asked for meanwhile. Not applied, not logged, not acknowledged.
     parked: HashMap<ChangeHash, Change>,
+    grafts: graft_index::GraftIndex,
 }
 
 /// The result of one sync-protocol step; see [`RunDoc::sync_step`].
@@ -178,6 +180,7 @@ impl RunDoc {
             lamport: 0,
             genesis,
             parked: HashMap::new(),
+            grafts: Default::default(),
         }
     }
 
@@ -204,6 +207,7 @@ impl RunDoc {
             lamport,
             genesis,
             parked: HashMap::new(),
+            grafts: Default::default(),
         })
     }
 
@@ -220,6 +224,7 @@ impl RunDoc {
             genesis: self.genesis,
             // Held-back peer changes are not in the document: they stay held back.
             parked: std::mem::take(&mut self.parked),
+            grafts: Default::default(),
         })
     }
 
@@ -240,7 +245,8 @@ impl RunDoc {
 
     pub fn state(&mut self) -> RunState {
         let heads = self.doc.get_heads().iter().map(|h| h.to_string()).collect();
-        state::read_state(&self.doc, self.lamport, heads)
+        let grafts = self.grafts.grafts(&mut self.doc);
+        state::read_state(&self.doc, self.lamport, heads, grafts)
     }
 
     /// Applies a local mutation as one change, stamped with the next Lamport timestamp.
@@ -253,7 +259,7 @@ impl RunDoc {
         } = mutation
         {
             // A retried graft (same id) is answered with the graft already stored.
-            if let Some(existing) = state::find_graft(&self.doc, &id.to_string()) {
+            if let Some(existing) = self.grafts.find(&mut self.doc, &id.to_string()) {
                 return Ok(Applied {
                     change: None,
                     graft: Some(existing),
@@ -294,6 +300,7 @@ impl RunDoc {
             });
         }
         self.lamport = lamport;
+        self.grafts.note_changes(&mut self.doc, 1);
         let change = self.doc.get_last_local_change();
         Ok(Applied {
             change,
@@ -477,6 +484,7 @@ impl RunDoc {
         for change in &out.applied {
             self.observe_stamp(change);
         }
+        self.grafts.note_changes(&mut self.doc, out.applied.len());
         // A peer's clock for the run may be ahead of the changes it sent so far (it pages a
         // long history); one beyond the step is ignored, never taken.
         let within = self.lamport.saturating_add(MAX_LAMPORT_STEP);
@@ -585,6 +593,7 @@ impl RunDoc {
             self.observe_stamp(change);
         }
         let mut rejected = stuck;
+        self.grafts.note_changes(&mut self.doc, ordered.len());
         if self.doc.apply_changes_batch(ordered.clone()).is_err() {
             // Find the culprits one at a time; the others still apply.
             for change in ordered {

@@ -10,7 +10,7 @@ use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
-use super::genesis::{FLAGS, GRAFTS, PRUNED_STEPS};
+use super::genesis::{FLAGS, PRUNED_STEPS};
 use super::json::read_json;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,7 +26,7 @@ pub struct Graft {
 }
 
 impl Graft {
-    fn order_key(&self) -> (u64, &str, &str, &str) {
+    pub(super) fn order_key(&self) -> (u64, &str, &str, &str) {
         (self.lamport, &self.region, &self.user, &self.id)
     }
 }
@@ -67,39 +67,32 @@ fn valid_default() -> bool {
     true
 }
 
-pub(super) fn read_state(doc: &AutoCommit, lamport: u64, heads: Vec<String>) -> RunState {
-    let mut state = read_parts(doc, lamport, heads);
+/// The state, with the grafts (once per id, in display order) and their schema errors read
+/// from the graft index.
+pub(super) fn read_state(
+    doc: &AutoCommit,
+    lamport: u64,
+    heads: Vec<String>,
+    grafts: (Vec<Graft>, Vec<String>),
+) -> RunState {
+    let mut state = read_parts(doc, lamport, heads, grafts);
     state.valid = state.schema_errors.is_empty();
     state
 }
 
-fn read_parts(doc: &AutoCommit, lamport: u64, heads: Vec<String>) -> RunState {
+fn read_parts(
+    doc: &AutoCommit,
+    lamport: u64,
+    heads: Vec<String>,
+    (grafts, schema_errors): (Vec<Graft>, Vec<String>),
+) -> RunState {
     let mut state = RunState {
         lamport,
         heads,
+        grafts,
+        schema_errors,
         ..RunState::default()
     };
-    match root_obj(doc, GRAFTS, ObjType::List) {
-        Ok(grafts) => {
-            for i in 0..doc.length(&grafts) {
-                match doc.get(&grafts, i) {
-                    Ok(Some((Value::Object(ObjType::Map), id))) => match read_graft(doc, &id) {
-                        Some(g) => state.grafts.push(g),
-                        None => state
-                            .schema_errors
-                            .push(format!("grafts[{i}] lacks a field")),
-                    },
-                    _ => state
-                        .schema_errors
-                        .push(format!("grafts[{i}] is not a map")),
-                }
-            }
-            state
-                .grafts
-                .sort_by(|a, b| a.order_key().cmp(&b.order_key()));
-        }
-        Err(e) => state.schema_errors.push(e),
-    }
     match root_obj(doc, PRUNED_STEPS, ObjType::Map) {
         Ok(pruned) => {
             for step_id in doc.keys(&pruned) {
@@ -146,19 +139,6 @@ pub(super) fn root_obj(doc: &AutoCommit, key: &str, kind: ObjType) -> Result<Obj
         Ok(Some(_)) => Err(format!("{key} is not a {kind:?}")),
         _ => Err(format!("{key} is missing")),
     }
-}
-
-/// The stored graft with this id, reading only the ids of the others.
-pub(super) fn find_graft(doc: &AutoCommit, graft_id: &str) -> Option<Graft> {
-    let grafts = root_obj(doc, GRAFTS, ObjType::List).ok()?;
-    (0..doc.length(&grafts)).find_map(|i| match doc.get(&grafts, i).ok()?? {
-        (Value::Object(ObjType::Map), obj)
-            if str_field(doc, &obj, "id").as_deref() == Some(graft_id) =>
-        {
-            read_graft(doc, &obj)
-        }
-        _ => None,
-    })
 }
 
 /// The graft stored in map `id`, if it has every field with the right type.

@@ -352,6 +352,8 @@ fn changes_since_unknown_heads_returns_everything() {
 #[derive(Debug, Clone)]
 enum Op {
     Graft(u8, u8),
+    /// A graft with one of a few fixed ids: a client's retry, maybe on another replica.
+    GraftId(u8, u8),
     Prune(u8),
     Unprune(u8),
     SetFlag(u8, i64),
@@ -361,6 +363,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0u8..4, 0u8..4).prop_map(|(a, s)| Op::Graft(a, s)),
+        (0u8..3, 0u8..4).prop_map(|(id, a)| Op::GraftId(id, a)),
         (0u8..4).prop_map(Op::Prune),
         (0u8..4).prop_map(Op::Unprune),
         (0u8..3, -5i64..5).prop_map(|(k, v)| Op::SetFlag(k, v)),
@@ -371,6 +374,13 @@ fn op() -> impl Strategy<Value = Op> {
 fn to_mutation(op: &Op, user: &str) -> Mutation {
     match op {
         Op::Graft(a, s) => graft(&format!("agent{a}"), &format!("step{s}"), user),
+        Op::GraftId(id, a) => Mutation::Graft {
+            id: Uuid::from_u128(u128::from(*id) + 1),
+            retry_safe: true,
+            agent: format!("agent{a}"),
+            after_step: "retried".into(),
+            user: user.into(),
+        },
         Op::Prune(s) => Mutation::Prune {
             step_id: format!("step{s}"),
             user: user.into(),
@@ -440,6 +450,8 @@ proptest! {
                 Step::Local(i, o) => { docs[*i].apply(&to_mutation(o, &format!("user{i}")), T0).unwrap(); }
                 Step::Pull(i, j) => pull(&mut docs, *i, *j),
             }
+            // Reads between steps keep the graft index incremental.
+            let _ = docs[0].state();
         }
         // Full exchange in a random order: a ring twice reaches everyone.
         for _ in 0..2 {
@@ -451,6 +463,17 @@ proptest! {
         for d in docs.iter_mut().skip(1) {
             prop_assert_eq!(&d.state(), &s0);
         }
+        // Graft ids are unique in the state, and the index kept up to date step by step reads
+        // what a rebuild from the saved document reads.
+        let mut ids: Vec<&str> = s0.grafts.iter().map(|g| g.id.as_str()).collect();
+        ids.sort();
+        let before = ids.len();
+        ids.dedup();
+        prop_assert_eq!(before, ids.len());
+        let mut rebuilt = RunDoc::load(run, "us-east-1", &docs[0].save()).unwrap();
+        let mut fresh = rebuilt.state();
+        fresh.lamport = s0.lamport;
+        prop_assert_eq!(&fresh, &s0);
         let h0 = docs[0].heads();
         for d in docs.iter_mut() {
             prop_assert_eq!(d.heads(), h0.clone());
@@ -1131,7 +1154,10 @@ fn a_stamp_far_past_the_clock_is_refused_on_every_path() {
             .receive_sync_message(&mut sender_state, reply.clone())
             .unwrap();
     }
-    assert!(refused, "the forged change reached the sync step and was refused");
+    assert!(
+        refused,
+        "the forged change reached the sync step and was refused"
+    );
     // The clock is untouched: the next local graft is stamped 1.
     assert_eq!(a.lamport(), 0);
     let g = a.apply(&graft("A", "S", "u"), T0).unwrap();
@@ -1162,4 +1188,63 @@ fn a_peer_clock_ahead_of_its_changes_is_ignored_not_taken() {
         .unwrap_err();
     assert!(err.to_string().contains("lamportTimestamp"), "{err}");
     assert_eq!(c.lamport(), 0);
+}
+
+#[test]
+fn a_graft_retried_in_another_region_shows_once_everywhere() {
+    let run = Uuid::new_v4();
+    let mut us = RunDoc::new(run, "us-east-1");
+    let mut eu = RunDoc::new(run, "eu-central-1");
+    let id = Uuid::new_v4();
+    let retry = |user: &str| Mutation::Graft {
+        id,
+        retry_safe: true,
+        agent: "Planner".into(),
+        after_step: "s1".into(),
+        user: user.into(),
+    };
+    // The first attempt timed out during a partition; the client retried on the other side.
+    let first = us.apply(&retry("alice"), T0).unwrap();
+    let second = eu.apply(&retry("alice"), T0 + 5).unwrap();
+    assert!(first.change.is_some() && second.change.is_some());
+    let _ = us.state();
+    let _ = eu.state();
+    merge(&mut us, &mut eu);
+    merge(&mut eu, &mut us);
+    let (a, b) = (us.state(), eu.state());
+    assert_eq!(a, b, "every region shows the same");
+    let same_id: Vec<_> = a.grafts.iter().filter(|g| g.id == id.to_string()).collect();
+    assert_eq!(same_id.len(), 1, "{:?}", a.grafts);
+    // The one shown is the first by (lamport, region, user): both were stamped 1, so the
+    // region decides.
+    assert_eq!(same_id[0].region, "eu-central-1");
+    // A third retry anywhere is answered with that graft, and changes nothing.
+    let again = us.apply(&retry("alice"), T0 + 9).unwrap();
+    assert!(again.change.is_none());
+    assert_eq!(again.graft.unwrap().region, "eu-central-1");
+}
+
+#[test]
+fn the_graft_index_follows_remote_grafts_and_foreign_rewrites() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "r1");
+    let mut b = RunDoc::new(run, "r2");
+    for i in 0..5 {
+        a.apply(&graft(&format!("A{i}"), "s", "u"), T0).unwrap();
+    }
+    assert_eq!(b.state().grafts.len(), 0);
+    merge(&mut b, &mut a);
+    assert_eq!(b.state().grafts.len(), 5, "remote grafts reach the index");
+    // A foreign client deletes a graft from the list: the index rebuilds.
+    let mut raw = AutoCommit::load(&b.save()).unwrap();
+    let base = raw.get_heads();
+    let list = raw.get(automerge::ROOT, GRAFTS).unwrap().unwrap().1;
+    raw.delete(&list, 0).unwrap();
+    raw.commit();
+    let changes = raw.get_changes(&base);
+    b.apply_remote(changes, None).unwrap();
+    let state = b.state();
+    assert_eq!(state.grafts.len(), 4);
+    let mut rebuilt = RunDoc::load(run, "r2", &b.save()).unwrap();
+    assert_eq!(rebuilt.state().grafts, state.grafts);
 }

@@ -1,0 +1,207 @@
+//! The run's grafts, kept read: by object and by graft id, brought up to date from Automerge's
+//! incremental diff so that a read or a retried graft costs what changed, not the whole list
+//! (reading 50,000 grafts from the document takes seconds).
+//!
+//! Graft ids are unique in what readers see: a client that retries a graft with the same id in
+//! another region during a partition leaves two list entries after the heal. Every node keeps
+//! the same one — the first by (lamport, region, user, id, object id), all of which are the
+//! same on every replica — so every region shows one graft per id.
+
+use std::collections::HashMap;
+
+use automerge::{AutoCommit, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, Value};
+
+use super::genesis::GRAFTS;
+use super::state::{read_graft, root_obj, Graft};
+
+/// Changes the patch log may gather between reads before it is dropped (and the next read
+/// rebuilds): a run written and never read must not grow it without end.
+const MAX_UNREAD_CHANGES: usize = 20_000;
+
+#[derive(Default)]
+pub(super) struct GraftIndex {
+    /// The heads the index reflects; empty when it must be rebuilt.
+    heads: Vec<ChangeHash>,
+    /// The grafts list object the index was built from.
+    list: Option<ObjId>,
+    by_obj: HashMap<ObjId, Graft>,
+    /// Per graft id, the object whose graft readers see.
+    by_id: HashMap<String, ObjId>,
+    /// Entries that break the schema, from the last rebuild; while any is left, every refresh
+    /// rebuilds (rare: only a foreign client writes such entries).
+    errors: Vec<String>,
+    /// The deduplicated grafts in display order, until the index changes.
+    view: Option<Vec<Graft>>,
+    unread: usize,
+}
+
+impl GraftIndex {
+    /// Notes that `n` changes were applied; past a bound the incremental log is dropped.
+    pub fn note_changes(&mut self, doc: &mut AutoCommit, n: usize) {
+        self.unread += n;
+        if self.unread > MAX_UNREAD_CHANGES && !self.heads.is_empty() {
+            doc.reset_diff_cursor();
+            self.heads.clear();
+        }
+    }
+
+    /// The graft readers see under `id`, if any.
+    pub fn find(&mut self, doc: &mut AutoCommit, id: &str) -> Option<Graft> {
+        self.refresh(doc);
+        let obj = self.by_id.get(id)?;
+        self.by_obj.get(obj).cloned()
+    }
+
+    /// Every graft once per id, in display order, and the schema errors of the list.
+    pub fn grafts(&mut self, doc: &mut AutoCommit) -> (Vec<Graft>, Vec<String>) {
+        self.refresh(doc);
+        let view = self.view.get_or_insert_with(|| {
+            let mut grafts: Vec<Graft> = self
+                .by_id
+                .values()
+                .filter_map(|obj| self.by_obj.get(obj).cloned())
+                .collect();
+            grafts.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+            grafts
+        });
+        (view.clone(), self.errors.clone())
+    }
+
+    fn refresh(&mut self, doc: &mut AutoCommit) {
+        let heads = doc.get_heads();
+        if !self.heads.is_empty() && heads == self.heads {
+            return;
+        }
+        self.unread = 0;
+        self.view = None;
+        let list = root_obj(doc, GRAFTS, ObjType::List).ok();
+        let incremental = !self.heads.is_empty()
+            && self.errors.is_empty()
+            && list.is_some()
+            && list == self.list
+            && doc.diff_cursor() == self.heads;
+        if !(incremental && self.apply_patches(doc, &heads)) {
+            self.rebuild(doc, list);
+        }
+        doc.update_diff_cursor();
+        self.heads = heads;
+    }
+
+    /// Brings the index up to date from the diff since its heads; false if only a rebuild can.
+    fn apply_patches(&mut self, doc: &mut AutoCommit, heads: &[ChangeHash]) -> bool {
+        let Some(list) = self.list.clone() else {
+            return false;
+        };
+        let patches = doc.diff(&self.heads, heads);
+        let mut touched = Vec::new();
+        for patch in &patches {
+            match touched_graft(patch, &list) {
+                Touch::Nothing => {}
+                Touch::Graft(obj) => touched.push(obj),
+                Touch::Grafts(objs) => touched.extend(objs),
+                Touch::Rebuild => return false,
+            }
+        }
+        for obj in touched {
+            let Some(graft) = read_graft(doc, &obj) else {
+                return false;
+            };
+            if let Some(old) = self.by_obj.get(&obj) {
+                if old.id != graft.id || old.order_key() != graft.order_key() {
+                    return false;
+                }
+            }
+            self.insert(obj, graft);
+        }
+        true
+    }
+
+    fn rebuild(&mut self, doc: &AutoCommit, list: Option<ObjId>) {
+        self.by_obj.clear();
+        self.by_id.clear();
+        self.errors.clear();
+        self.list = list.clone();
+        let Some(list) = list else {
+            self.errors
+                .push(match root_obj(doc, GRAFTS, ObjType::List) {
+                    Err(e) => e,
+                    Ok(_) => format!("{GRAFTS} is missing"),
+                });
+            return;
+        };
+        for i in 0..doc.length(&list) {
+            match doc.get(&list, i) {
+                Ok(Some((Value::Object(ObjType::Map), obj))) => match read_graft(doc, &obj) {
+                    Some(g) => self.insert(obj, g),
+                    None => self.errors.push(format!("grafts[{i}] lacks a field")),
+                },
+                _ => self.errors.push(format!("grafts[{i}] is not a map")),
+            }
+        }
+    }
+
+    fn insert(&mut self, obj: ObjId, graft: Graft) {
+        let wins = match self
+            .by_id
+            .get(&graft.id)
+            .and_then(|o| Some((o, self.by_obj.get(o)?)))
+        {
+            None => true,
+            Some((held_obj, held)) => {
+                (graft.order_key(), obj.to_string()) < (held.order_key(), held_obj.to_string())
+            }
+        };
+        if wins {
+            self.by_id.insert(graft.id.clone(), obj.clone());
+        }
+        self.by_obj.insert(obj, graft);
+    }
+}
+
+enum Touch {
+    Nothing,
+    Graft(ObjId),
+    Grafts(Vec<ObjId>),
+    Rebuild,
+}
+
+/// Which graft a patch changed, if any.
+fn touched_graft(patch: &Patch, list: &ObjId) -> Touch {
+    if patch.obj == automerge::ROOT {
+        let key = match &patch.action {
+            PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => Some(key.as_str()),
+            PatchAction::Conflict {
+                prop: Prop::Map(key),
+            } => Some(key.as_str()),
+            _ => None,
+        };
+        return if key == Some(GRAFTS) {
+            Touch::Rebuild
+        } else {
+            Touch::Nothing
+        };
+    }
+    if patch.obj == *list {
+        return match &patch.action {
+            PatchAction::Insert { values, .. } => {
+                let objs: Option<Vec<ObjId>> = values
+                    .iter()
+                    .map(|(value, obj, _)| {
+                        matches!(value, Value::Object(ObjType::Map)).then(|| obj.clone())
+                    })
+                    .collect();
+                objs.map_or(Touch::Rebuild, Touch::Grafts)
+            }
+            // Replaced or deleted entries: rare, foreign writes.
+            _ => Touch::Rebuild,
+        };
+    }
+    // Inside a graft: the path runs root → grafts list → the graft → deeper.
+    match patch.path.get(1) {
+        Some((parent, _)) if parent == list => match patch.path.get(2) {
+            Some((graft, _)) => Touch::Graft(graft.clone()),
+            None => Touch::Graft(patch.obj.clone()),
+        },
+        _ => Touch::Nothing,
+    }
+}
