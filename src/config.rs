@@ -48,6 +48,53 @@ pub struct Crdt {
     pub snapshot: SnapshotSettings,
     #[serde(default)]
     pub runs: RunSettings,
+    #[serde(default)]
+    pub admission: Admission,
+}
+
+/// What the WebSocket doors (`/ws`, `/ws/runs`, `/ws/automerge`) let in before a connection
+/// has proved itself, and from where.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Admission {
+    /// Unproven connections (before AUTH, JOIN or `join`) one address may hold at each door.
+    #[serde(default = "default_pre_auth_per_address")]
+    pub pre_auth_per_address: usize,
+    /// Unproven connections each browser and automerge-repo door holds in all (the mesh
+    /// door holds at most 64).
+    #[serde(default = "default_pre_auth_total")]
+    pub pre_auth_total: usize,
+    /// How long a connection has to prove itself.
+    #[serde(default = "default_pre_auth_timeout")]
+    pub pre_auth_timeout_ms: u64,
+    /// Origins whose pages may open `/ws/runs` and `/ws/automerge` (`*` for any). Empty:
+    /// only pages served by this node (the Origin's host is the request's Host). Clients
+    /// that send no Origin (services, not browsers) are not affected.
+    #[serde(default)]
+    pub allowed_origins: Peers,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            pre_auth_per_address: default_pre_auth_per_address(),
+            pre_auth_total: default_pre_auth_total(),
+            pre_auth_timeout_ms: default_pre_auth_timeout(),
+            allowed_origins: Peers::default(),
+        }
+    }
+}
+
+fn default_pre_auth_per_address() -> usize {
+    16
+}
+
+fn default_pre_auth_total() -> usize {
+    256
+}
+
+fn default_pre_auth_timeout() -> u64 {
+    5_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -440,6 +487,16 @@ const ENV_KEYS: &[(&str, &str)] = &[
         "crdt.snapshot.min-interval-ms",
     ),
     ("CRDT_RUN_IDLE_SECS", "crdt.runs.idle-timeout-secs"),
+    (
+        "CRDT_PRE_AUTH_PER_ADDRESS",
+        "crdt.admission.pre-auth-per-address",
+    ),
+    ("CRDT_PRE_AUTH_TOTAL", "crdt.admission.pre-auth-total"),
+    (
+        "CRDT_PRE_AUTH_TIMEOUT_MS",
+        "crdt.admission.pre-auth-timeout-ms",
+    ),
+    ("CRDT_ALLOWED_ORIGINS", "crdt.admission.allowed-origins"),
     ("DATABASE_URL", "database.url"),
     ("DATABASE_POOL_SIZE", "database.pool-size"),
     ("BIND", "server.bind"),
@@ -625,6 +682,19 @@ impl Settings {
         })?;
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max-body-bytes", "must be at least 1024"));
+        }
+        let admission = &self.crdt.admission;
+        if admission.pre_auth_per_address == 0 || admission.pre_auth_total == 0 {
+            return Err(invalid(
+                "crdt.admission",
+                "pre-auth-per-address and pre-auth-total must be at least 1",
+            ));
+        }
+        if !(100..=600_000).contains(&admission.pre_auth_timeout_ms) {
+            return Err(invalid(
+                "crdt.admission.pre-auth-timeout-ms",
+                "must be between 100 and 600000",
+            ));
         }
         let needed = self.server.max_body_bytes.div_ceil(3) * 4 + 1024;
         if self.crdt.mesh.max_frame_bytes < needed {

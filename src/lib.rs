@@ -1,4 +1,5 @@
 //! crdt-node library: see README.md and ../DESIGN for the architecture.
+pub mod admission;
 pub mod automerge_repo;
 pub mod browser;
 pub mod config;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use actix_web::{web, App, HttpServer};
 use actix_web_prom::PrometheusMetricsBuilder;
 
+use crate::admission::PreAuth;
 use crate::automerge_repo::{AutomergeRepo, RepoConfig};
 use crate::browser::{Browser, BrowserConfig};
 use crate::config::Settings;
@@ -80,14 +81,17 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         runs.clone(),
         metrics.clone(),
     );
+    let admission = &settings.crdt.admission;
     let browser = Browser::start(
         BrowserConfig::from_settings(settings),
+        PreAuth::from_settings(admission, admission.pre_auth_total),
         runs.clone(),
         mesh.clone(),
         metrics.clone(),
     );
     let automerge = AutomergeRepo::start(
         RepoConfig::from_settings(settings),
+        PreAuth::from_settings(admission, admission.pre_auth_total),
         runs.clone(),
         metrics.clone(),
     );

@@ -913,8 +913,11 @@ async fn a_graft_retried_across_a_partition_is_shown_once_in_every_region() {
     let c = Client::new();
     mesh.wait_connected(&c, 1).await;
     let run = Uuid::new_v4();
-    c.post(&run_url(mesh.node(0), run, "/grafts"), &graft("Before", "a"))
-        .await;
+    c.post(
+        &run_url(mesh.node(0), run, "/grafts"),
+        &graft("Before", "a"),
+    )
+    .await;
     converged(&c, &mesh.nodes(), run, 20).await;
     mesh.partition(&[0]);
     mesh.wait_connected(&c, 0).await;
@@ -943,4 +946,139 @@ async fn a_graft_retried_across_a_partition_is_shown_once_in_every_region() {
     }
     let (_, after) = c.get(&run_url(mesh.node(1), run, "/state")).await;
     assert_eq!(after["grafts"].as_array().unwrap().len(), 2, "{after}");
+}
+
+/// Issue 12: a host that opens unproven sockets on every door (a mesh link before AUTH, a
+/// browser session before JOIN, an automerge-repo connection before `join`) gets only its
+/// share of each (8 here), and they are closed after the pre-auth timeout; meanwhile a real
+/// peer node, a browser client and an automerge-repo client from another address get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unproven_sockets_keeps_no_real_peer_or_client_out() {
+    let limits = [
+        ("CRDT_PRE_AUTH_PER_ADDRESS", "8"),
+        ("CRDT_PRE_AUTH_TIMEOUT_MS", "2000"),
+    ];
+    let (target, _db) = lone_node("eu-central-1", "flooded", &[], &limits).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let ws = |path: &str| target.url(path).replace("http://", "ws://");
+    let doors = [
+        ws("/ws"),
+        ws(&format!("/ws/runs/{run}")),
+        ws("/ws/automerge"),
+    ];
+    // 64 sockets per door from 127.0.0.2, as the attack did.
+    let mut held = Vec::new();
+    for door in &doors[..2] {
+        let (open, refused) = common::flood("127.0.0.2", door, 64).await;
+        assert_eq!(open.len(), 8, "{door}: the address's share");
+        assert_eq!(refused, 56, "{door}");
+        held.push(open);
+    }
+    // automerge-repo's door upgrades a refused client and closes it with 1013 and the reason
+    // (its JS client throws on a failed upgrade).
+    let (upgraded, _) = common::flood("127.0.0.2", &doors[2], 64).await;
+    let firsts = futures_util::future::join_all(upgraded.into_iter().map(|mut s| async move {
+        let first = tokio::time::timeout(Duration::from_millis(500), s.next()).await;
+        (s, first)
+    }))
+    .await;
+    let mut open = Vec::new();
+    for (s, first) in firsts {
+        match first {
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                assert_eq!(u16::from(f.code), 1013, "{f:?}");
+                assert!(f.reason.contains("address"), "{f:?}");
+            }
+            Err(_) => open.push(s),
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+    assert_eq!(open.len(), 8, "automerge-repo: the address's share");
+    held.push(open);
+
+    // A real peer, dialling from 127.0.0.1, links up while the flood holds its places.
+    let (_peer, _peer_db) = lone_node("us-east-1", "real-peer", &[ws("/ws")], &[]).await;
+    let up = eventually(10, || async {
+        let (_, s) = c.get(&target.url("/api/crdt/mesh/status")).await;
+        (s["connectedPeers"] == 1).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "the real peer got in");
+
+    // A real browser client joins.
+    let (mut browser, _) = tokio_tungstenite::connect_async(&doors[1]).await.unwrap();
+    browser
+        .send(Message::text(
+            json!({"type": "JOIN", "user": "ana"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let welcome = loop {
+        let f = next_json(&mut browser).await;
+        if f["type"] == "WELCOME" || f.get("closed").is_some() {
+            break f;
+        }
+    };
+    assert_eq!(welcome["type"], "WELCOME", "{welcome}");
+
+    // A real automerge-repo client joins.
+    let (mut repo, _) = tokio_tungstenite::connect_async(&doors[2]).await.unwrap();
+    let join = ciborium::Value::Map(vec![
+        (
+            ciborium::Value::Text("type".into()),
+            ciborium::Value::Text("join".into()),
+        ),
+        (
+            ciborium::Value::Text("senderId".into()),
+            ciborium::Value::Text("real".into()),
+        ),
+        (
+            ciborium::Value::Text("peerMetadata".into()),
+            ciborium::Value::Map(vec![]),
+        ),
+        (
+            ciborium::Value::Text("supportedProtocolVersions".into()),
+            ciborium::Value::Array(vec![ciborium::Value::Text("1".into())]),
+        ),
+    ]);
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&join, &mut bytes).unwrap();
+    repo.send(Message::binary(bytes)).await.unwrap();
+    let reply = loop {
+        match tokio::time::timeout(Duration::from_secs(10), repo.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                break ciborium::from_reader::<ciborium::Value, _>(b.as_ref()).unwrap()
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("no reply to join: {other:?}"),
+        }
+    };
+    let kind = reply
+        .as_map()
+        .and_then(|m| m.iter().find(|(k, _)| k.as_text() == Some("type")))
+        .and_then(|(_, v)| v.as_text().map(str::to_string));
+    assert_eq!(kind.as_deref(), Some("peer"), "{reply:?}");
+
+    // The flood's sockets are closed once their time to prove themselves is up.
+    for (door, sockets) in doors.iter().zip(held.iter_mut()) {
+        for s in sockets.iter_mut() {
+            let closed = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match s.next().await {
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                        Some(Ok(_)) => continue,
+                    }
+                }
+            })
+            .await;
+            assert!(
+                closed.is_ok(),
+                "{door}: an unproven socket outlived its timeout"
+            );
+        }
+    }
+    // And their places are free again.
+    let (open, _) = common::flood("127.0.0.2", &doors[1], 8).await;
+    assert_eq!(open.len(), 8);
 }

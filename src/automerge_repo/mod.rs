@@ -20,12 +20,14 @@ mod room;
 mod session;
 pub mod wire;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::admission::{PreAuth, PreAuthSlot, Refused};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::runs::Runs;
@@ -60,6 +62,8 @@ pub struct RepoConfig {
     pub max_documents: usize,
     /// Commits to a run within this long of the last push reach its clients in one message.
     pub push_delay: Duration,
+    /// How long a connection has to `join`.
+    pub join_timeout: Duration,
 }
 
 impl RepoConfig {
@@ -75,6 +79,7 @@ impl RepoConfig {
             max_frame: a.max_frame_bytes,
             max_documents: a.max_documents,
             push_delay: Duration::from_millis(a.push_delay_ms),
+            join_timeout: Duration::from_millis(s.crdt.admission.pre_auth_timeout_ms),
         }
     }
 }
@@ -85,6 +90,8 @@ struct Shared {
     runs: Runs,
     metrics: Metrics,
     open: AtomicUsize,
+    /// Connections that have not joined yet (see `admission`).
+    pre_auth: PreAuth,
     next_id: AtomicU64,
     /// Set when the node stops: every connection closes ("going away").
     closing: tokio::sync::watch::Sender<bool>,
@@ -119,12 +126,13 @@ impl Drop for ConnectionSlot {
 impl AutomergeRepo {
     /// Starts the hub on a thread of its own, rooms on one thread per core, and subscribes
     /// the hub to committed changes.
-    pub fn start(config: RepoConfig, runs: Runs, metrics: Metrics) -> Self {
+    pub fn start(config: RepoConfig, pre_auth: PreAuth, runs: Runs, metrics: Metrics) -> Self {
         let shared = Arc::new(Shared {
             config,
             runs: runs.clone(),
             metrics,
             open: AtomicUsize::new(0),
+            pre_auth,
             next_id: AtomicU64::new(1),
             closing: tokio::sync::watch::Sender::new(false),
         });
@@ -136,6 +144,11 @@ impl AutomergeRepo {
         };
         runs.subscribe(hub.clone().recipient());
         AutomergeRepo { shared, hub }
+    }
+
+    /// A place among the connections that have not joined yet, for one from `address`.
+    pub fn pre_auth(&self, address: Option<IpAddr>) -> Result<PreAuthSlot, Refused> {
+        self.shared.pre_auth.admit(address)
     }
 
     /// A place for one more connection, if the node has room and is not stopping.
@@ -156,6 +169,7 @@ impl AutomergeRepo {
         socket: actix_ws::Session,
         stream: actix_ws::MessageStream,
         slot: ConnectionSlot,
+        pre_auth: PreAuthSlot,
         authorized: bool,
     ) {
         let config = &self.shared.config;
@@ -168,6 +182,7 @@ impl AutomergeRepo {
                 hub: self.hub.clone(),
                 out,
                 _slot: slot,
+                pre_auth: Some(pre_auth),
                 authorized,
             },
             shutdown,

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix::prelude::*;
 use automerge::sync;
@@ -20,9 +20,6 @@ use super::room::{DocRoom, Incoming, Member, Relay};
 use super::wire::{self, FromClient, ToClient, PROTOCOL_V1};
 use super::{close, doc_id, ConnectionSlot, Shared};
 use crate::socket::{Inbound, Out, Shutdown};
-
-/// How long a new connection may take to send `join`.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Tells a connection to close (its room: it fell behind or was refused; the hub: replaced).
 #[derive(Message, Debug, Clone)]
@@ -40,6 +37,8 @@ pub struct Parts {
     pub out: mpsc::Sender<Out>,
     /// Held until the session stops: it counts among the node's open connections.
     pub _slot: ConnectionSlot,
+    /// Held until the connection joins: it counts among the unproven connections.
+    pub pre_auth: Option<crate::admission::PreAuthSlot>,
     pub authorized: bool,
 }
 
@@ -190,6 +189,7 @@ impl RepoSession {
             let reason = format!("unsupported protocol version(s) {v:?}: this node speaks \"1\"");
             return self.refuse(close::PROTOCOL, reason, "unsupported_version", ctx);
         }
+        self.p.pre_auth = None;
         self.p.hub.do_send(Register {
             peer_id: sender_id.clone(),
             conn: self.p.id,
@@ -264,9 +264,10 @@ impl Actor for RepoSession {
         ctx.run_interval(self.p.shared.config.heartbeat, |act, ctx| {
             act.heartbeat(ctx)
         });
-        ctx.run_later(JOIN_TIMEOUT, |act, ctx| {
+        let limit = self.p.shared.config.join_timeout;
+        ctx.run_later(limit, move |act, ctx| {
             if act.peer_id.is_none() {
-                let reason = format!("no join within {} s", JOIN_TIMEOUT.as_secs());
+                let reason = format!("no join within {} ms", limit.as_millis());
                 act.close(close::TIMEOUT, reason, "timeout", ctx);
             }
         });

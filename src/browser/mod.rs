@@ -16,6 +16,7 @@ pub mod protocol;
 mod room;
 mod session;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use uuid::Uuid;
 
+use crate::admission::{PreAuth, PreAuthSlot, Refused};
 use crate::config::Settings;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
@@ -42,6 +44,8 @@ pub struct BrowserConfig {
     pub max_frame: usize,
     /// Bytes one session may have queued before it counts as too far behind.
     pub queue_bytes: usize,
+    /// How long a session has to JOIN.
+    pub join_timeout: Duration,
 }
 
 impl BrowserConfig {
@@ -56,6 +60,7 @@ impl BrowserConfig {
             heartbeat: Duration::from_millis(b.heartbeat_ms),
             max_frame: b.max_frame_bytes,
             queue_bytes: b.queue_bytes,
+            join_timeout: Duration::from_millis(s.crdt.admission.pre_auth_timeout_ms),
         }
     }
 }
@@ -68,6 +73,8 @@ struct Shared {
     metrics: Metrics,
     book: PresenceBook,
     open: AtomicUsize,
+    /// Connections that have not joined yet (see `admission`).
+    pre_auth: PreAuth,
     next_id: AtomicU64,
     /// Set when the node stops: every session closes ("going away"), new ones are refused.
     closing: tokio::sync::watch::Sender<bool>,
@@ -93,7 +100,13 @@ impl Drop for SessionSlot {
 impl Browser {
     /// Starts the hub on a thread of its own and subscribes it to committed changes and to
     /// the mesh's presence.
-    pub fn start(config: BrowserConfig, runs: Runs, mesh: Mesh, metrics: Metrics) -> Self {
+    pub fn start(
+        config: BrowserConfig,
+        pre_auth: PreAuth,
+        runs: Runs,
+        mesh: Mesh,
+        metrics: Metrics,
+    ) -> Self {
         let shared = Arc::new(Shared {
             config,
             runs: runs.clone(),
@@ -101,6 +114,7 @@ impl Browser {
             metrics,
             book: PresenceBook::default(),
             open: AtomicUsize::new(0),
+            pre_auth,
             next_id: AtomicU64::new(1),
             closing: tokio::sync::watch::Sender::new(false),
         });
@@ -113,6 +127,11 @@ impl Browser {
         runs.subscribe(hub.clone().recipient());
         mesh.state.presence().subscribe(hub.clone().recipient());
         Browser { shared, hub }
+    }
+
+    /// A place among the sessions that have not joined yet, for one from `address`.
+    pub fn pre_auth(&self, address: Option<IpAddr>) -> Result<PreAuthSlot, Refused> {
+        self.shared.pre_auth.admit(address)
     }
 
     /// A place for one more session, if the node has room and is not stopping.
@@ -134,6 +153,7 @@ impl Browser {
         stream: actix_ws::MessageStream,
         run_id: Uuid,
         slot: SessionSlot,
+        pre_auth: PreAuthSlot,
         authorized: bool,
     ) {
         let config = &self.shared.config;
@@ -147,6 +167,7 @@ impl Browser {
                 hub: self.hub.clone(),
                 out,
                 _slot: slot,
+                pre_auth: Some(pre_auth),
                 authorized,
             },
             shutdown,

@@ -1,13 +1,13 @@
 //! `BrowserSession`: one actor per browser WebSocket.
 //!
-//! A session must `JOIN` (with the API token when one is configured) within [`JOIN_TIMEOUT`];
+//! A session must `JOIN` (with the API token when one is configured) within `admission.pre-auth-timeout-ms`;
 //! then it joins its run's room, which sends it the state and presence, and it may send
 //! mutations. Each mutation is answered with `ACK` once its change is committed to the log, or
 //! with `ERROR` and the reason; a malformed frame gets `ERROR` and the session stays open.
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix::prelude::*;
 use subtle::ConstantTimeEq;
@@ -22,8 +22,6 @@ use crate::http::validate;
 use crate::runs::Mutate;
 use crate::socket::{Inbound, Out, Shutdown};
 
-/// How long a new session may take to send `JOIN`.
-pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Mutations one session may have waiting for their commit.
 pub const MAX_IN_FLIGHT: usize = 64;
 
@@ -54,6 +52,8 @@ pub struct Parts {
     pub out: mpsc::Sender<Out>,
     /// Held until the session stops: it counts among the node's open sessions.
     pub _slot: SessionSlot,
+    /// Held until the session joins: it counts among the unproven connections.
+    pub pre_auth: Option<crate::admission::PreAuthSlot>,
     pub authorized: bool,
 }
 
@@ -192,6 +192,7 @@ impl BrowserSession {
             user: user.clone(),
         });
         self.user = Some(user);
+        self.p.pre_auth = None;
     }
 
     fn mutate(&mut self, op_id: Option<String>, op: Op, ctx: &mut Context<Self>) {
@@ -257,9 +258,10 @@ impl Actor for BrowserSession {
         ctx.run_interval(self.p.shared.config.heartbeat, |act, ctx| {
             act.heartbeat(ctx)
         });
-        ctx.run_later(JOIN_TIMEOUT, |act, ctx| {
+        let limit = self.p.shared.config.join_timeout;
+        ctx.run_later(limit, move |act, ctx| {
             if act.user.is_none() {
-                let reason = format!("no JOIN within {} s", JOIN_TIMEOUT.as_secs());
+                let reason = format!("no JOIN within {} ms", limit.as_millis());
                 act.close(close::TIMEOUT, reason, "timeout", ctx);
             }
         });

@@ -33,15 +33,23 @@ async fn connect(
 ) -> Result<HttpResponse, actix_web::Error> {
     // A refused client is still upgraded and told why with a close code: the JS client
     // throws on a failed upgrade (an uncaught exception) instead of retrying.
-    let Some(slot) = app.automerge.slot() else {
-        let (response, socket, _stream) = actix_ws::handle(&req, body)?;
-        actix_web::rt::spawn(socket.close(Some(actix_ws::CloseReason {
-            code: actix_ws::CloseCode::from(close::TRY_AGAIN_LATER),
-            description: Some(
-                "this node has as many automerge-repo connections as it accepts; try later".into(),
-            ),
-        })));
-        return Ok(response);
+    let pre_auth = app
+        .automerge
+        .pre_auth(req.peer_addr().map(|a| a.ip()))
+        .map_err(|refused| refused.to_string());
+    let slot = app.automerge.slot().ok_or_else(|| {
+        "this node has as many automerge-repo connections as it accepts; try later".to_string()
+    });
+    let (slot, pre_auth) = match (slot, pre_auth) {
+        (Ok(slot), Ok(pre_auth)) => (slot, pre_auth),
+        (Err(reason), _) | (_, Err(reason)) => {
+            let (response, socket, _stream) = actix_ws::handle(&req, body)?;
+            actix_web::rt::spawn(socket.close(Some(actix_ws::CloseReason {
+                code: actix_ws::CloseCode::from(close::TRY_AGAIN_LATER),
+                description: Some(reason),
+            })));
+            return Ok(response);
+        }
     };
     // Without the token the client is told so in the protocol (`error`, then close 4001).
     let authorized = token.0.as_deref().is_none_or(|expected| {
@@ -52,7 +60,8 @@ async fn connect(
                 .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected.as_bytes())))
     });
     let (response, socket, stream) = actix_ws::handle(&req, body)?;
-    app.automerge.accept(socket, stream, slot, authorized);
+    app.automerge
+        .accept(socket, stream, slot, pre_auth, authorized);
     Ok(response)
 }
 

@@ -18,6 +18,10 @@ async fn session(
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
     let run_id = validate::run_id(&path)?;
+    let pre_auth = match app.browser.pre_auth(req.peer_addr().map(|a| a.ip())) {
+        Ok(p) => p,
+        Err(refused) => return Ok(super::error::busy(refused)),
+    };
     let Some(slot) = app.browser.session_slot() else {
         return Err(ApiError::Unavailable(
             "this node has as many browser sessions as it accepts; try another node or later"
@@ -30,6 +34,7 @@ async fn session(
         .as_deref()
         .is_none_or(|expected| auth::bearer_matches(req.headers(), expected));
     let (response, socket, stream) = actix_ws::handle(&req, body)?;
-    app.browser.accept(socket, stream, run_id, slot, authorized);
+    app.browser
+        .accept(socket, stream, run_id, slot, pre_auth, authorized);
     Ok(response)
 }

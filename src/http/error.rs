@@ -110,3 +110,15 @@ pub fn json_error(err: actix_web::error::JsonPayloadError, limit: usize) -> acti
 pub fn query_error(err: actix_web::error::QueryPayloadError) -> actix_web::Error {
     ApiError::BadRequest(format!("malformed query string: {err}")).into()
 }
+
+/// The answer to a WebSocket upgrade the door has no room for (see `admission`): 503 for a
+/// full pool, 429 for an address holding its share.
+pub fn busy(refused: crate::admission::Refused) -> HttpResponse {
+    let status = match refused {
+        crate::admission::Refused::Address => StatusCode::TOO_MANY_REQUESTS,
+        crate::admission::Refused::Full => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    HttpResponse::build(status)
+        .insert_header((header::RETRY_AFTER, "1"))
+        .json(json!({"error": "busy", "message": refused.to_string()}))
+}

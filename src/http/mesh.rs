@@ -23,11 +23,10 @@ async fn peer_socket(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let Some(slot) = app.mesh.handshake_slot() else {
-        return Ok(HttpResponse::ServiceUnavailable().json(json!({
-            "error": "busy",
-            "message": "too many mesh handshakes in progress; try again",
-        })));
+    let address = req.peer_addr().map(|a| a.ip());
+    let slot = match app.mesh.handshake_slot(address) {
+        Ok(slot) => slot,
+        Err(refused) => return Ok(super::error::busy(refused)),
     };
     let (response, socket, stream) = actix_ws::handle(&req, body)?;
     let remote = req.peer_addr().map(|a| a.to_string());

@@ -16,7 +16,7 @@ pub mod protocol;
 pub mod session;
 pub mod transport;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 pub use directory::{Direction, MeshState, MAX_REGIONS_PER_RUN};
 
+use crate::admission::{PreAuth, PreAuthSlot, Refused};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::runs::Runs;
@@ -43,6 +44,10 @@ pub struct MeshConfig {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub max_frame: usize,
+    /// Unproven inbound links one address may hold.
+    pub pre_auth_per_address: usize,
+    /// How long an inbound link has to finish its handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl MeshConfig {
@@ -58,6 +63,8 @@ impl MeshConfig {
             reconnect_min: Duration::from_millis(m.reconnect_min_ms),
             reconnect_max: Duration::from_millis(m.reconnect_max_ms),
             max_frame: m.max_frame_bytes,
+            pre_auth_per_address: s.crdt.admission.pre_auth_per_address,
+            handshake_timeout: Duration::from_millis(s.crdt.admission.pre_auth_timeout_ms),
         }
     }
 }
@@ -66,15 +73,6 @@ impl MeshConfig {
 /// memory before it has proved anything.
 const MAX_PENDING_HANDSHAKES: usize = 64;
 
-/// Counts an inbound link in its handshake until dropped.
-pub struct HandshakeSlot(Arc<AtomicUsize>);
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// The running mesh: cheap to clone.
 #[derive(Clone)]
 pub struct Mesh {
@@ -82,7 +80,7 @@ pub struct Mesh {
     pub config: Arc<MeshConfig>,
     runs: Runs,
     metrics: Metrics,
-    handshakes: Arc<AtomicUsize>,
+    handshakes: PreAuth,
 }
 
 impl Mesh {
@@ -93,6 +91,7 @@ impl Mesh {
             &config.region,
             metrics.peers_connected.clone(),
         );
+        let handshakes = PreAuth::new(MAX_PENDING_HANDSHAKES, config.pre_auth_per_address);
         let config = Arc::new(config);
         let broadcaster = broadcast::Broadcaster {
             mesh: state.clone(),
@@ -119,15 +118,13 @@ impl Mesh {
             config,
             runs,
             metrics,
-            handshakes: Arc::new(AtomicUsize::new(0)),
+            handshakes,
         }
     }
 
-    /// A place for one more inbound handshake, if there is room.
-    pub fn handshake_slot(&self) -> Option<HandshakeSlot> {
-        let taken = self.handshakes.fetch_add(1, Ordering::Relaxed);
-        let slot = HandshakeSlot(self.handshakes.clone());
-        (taken < MAX_PENDING_HANDSHAKES).then_some(slot)
+    /// A place for one more inbound handshake from `address`, if there is room.
+    pub fn handshake_slot(&self, address: Option<IpAddr>) -> Result<PreAuthSlot, Refused> {
+        self.handshakes.admit(address)
     }
 
     /// Starts the session of an inbound link (the `/ws` route) on the current arbiter.
@@ -136,7 +133,7 @@ impl Mesh {
         socket: actix_ws::Session,
         stream: actix_ws::MessageStream,
         remote: Option<String>,
-        handshake: HandshakeSlot,
+        handshake: PreAuthSlot,
     ) {
         let (link, stats) = self.state.add_link(Direction::Inbound, None, remote);
         let (io, out, shutdown) = crate::socket::channels(transport::QUEUE);

@@ -532,3 +532,49 @@ pub fn loader_bomb() -> Vec<u8> {
     bytes.extend(std::fs::read(known).expect("fuzz/known input"));
     bytes
 }
+
+/// A WebSocket to `url` (ws://127.0.0.1:PORT/...) opened from the loopback address `source`
+/// (127.0.0.2, …): another host, as far as the node can tell.
+pub async fn ws_from(
+    source: &str,
+    url: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let parsed = url::Url::parse(url).expect("a ws:// URL");
+    let target = format!(
+        "{}:{}",
+        parsed.host_str().expect("host"),
+        parsed.port().expect("port")
+    );
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().expect("a source address"))?;
+    let stream = socket
+        .connect(target.parse().expect("a target address"))
+        .await?;
+    tokio_tungstenite::client_async(url, stream)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Opens `n` WebSockets to `url` from `source` that never prove themselves; returns those the
+/// node upgraded (held open by the caller) and how many it refused.
+pub async fn flood(
+    source: &str,
+    url: &str,
+    n: usize,
+) -> (
+    Vec<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>>,
+    usize,
+) {
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..n {
+        match ws_from(source, url).await {
+            Ok(ws) => open.push(ws),
+            Err(_) => refused += 1,
+        }
+    }
+    (open, refused)
+}

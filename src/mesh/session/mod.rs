@@ -88,7 +88,7 @@ pub struct PeerSession {
     shutdown: Option<Shutdown>,
     stats: Arc<LinkStats>,
     owner: Option<Recipient<LinkEvent>>,
-    handshake: Option<super::HandshakeSlot>,
+    handshake: Option<crate::admission::PreAuthSlot>,
     nonce: String,
     phase: Phase,
     last_heard: Instant,
@@ -111,7 +111,7 @@ pub struct SessionParts {
     pub stats: Arc<LinkStats>,
     pub owner: Option<Recipient<LinkEvent>>,
     /// Held while an inbound link is in its handshake.
-    pub handshake: Option<super::HandshakeSlot>,
+    pub handshake: Option<crate::admission::PreAuthSlot>,
 }
 
 impl PeerSession {
@@ -497,7 +497,12 @@ impl Actor for PeerSession {
         );
         ctx.run_interval(self.config.heartbeat, |act, ctx| act.heartbeat(ctx));
         ctx.run_interval(SLOT_IDLE / 4, |act, _| act.evict_idle_slots());
-        let limit = self.config.peer_timeout;
+        // An inbound link has a short while to prove itself; a dialled one as long as a
+        // silent peer (the acceptor's HELLO may be slow to come over a long link).
+        let limit = match self.handshake {
+            Some(_) => self.config.handshake_timeout.min(self.config.peer_timeout),
+            None => self.config.peer_timeout,
+        };
         ctx.run_later(limit, move |act, ctx| {
             if act.peer().is_none() {
                 act.refuse(

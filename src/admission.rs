@@ -1,0 +1,151 @@
+//! Admission of WebSocket connections that have not proved themselves yet (a mesh link before
+//! its AUTH, a browser session before its JOIN, an automerge-repo connection before its
+//! `join`). Each door keeps its own pool: at most so many unproven connections in all, and at
+//! most so many from one address, so one host reopening sockets as they close cannot keep
+//! real peers and clients out; and each connection has a short time to prove itself.
+//!
+//! Addresses are the TCP peer's: behind a proxy every client shares the proxy's address, so
+//! raise `pre-auth-per-address` there (forwarded headers can be forged, so they are not read).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use crate::config::Admission as Settings;
+
+/// One door's pool of unproven connections: cheap to clone.
+#[derive(Clone)]
+pub struct PreAuth {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    max_total: usize,
+    max_per_address: usize,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("too many connections from this address are still to prove themselves; try again")]
+    Address,
+    #[error("too many connections are still to prove themselves; try again")]
+    Full,
+}
+
+/// Holds one place in the pool until dropped (when the connection proved itself or ended).
+pub struct PreAuthSlot {
+    inner: Arc<Inner>,
+    address: Option<IpAddr>,
+}
+
+impl PreAuth {
+    pub fn new(max_total: usize, max_per_address: usize) -> Self {
+        PreAuth {
+            inner: Arc::new(Inner {
+                max_total,
+                max_per_address,
+                counts: Mutex::new(Counts::default()),
+            }),
+        }
+    }
+
+    /// A pool with the configured per-address bound and `max_total` places.
+    pub fn from_settings(s: &Settings, max_total: usize) -> Self {
+        Self::new(max_total, s.pre_auth_per_address)
+    }
+
+    /// A place for one more unproven connection from `address`, if there is room.
+    pub fn admit(&self, address: Option<IpAddr>) -> Result<PreAuthSlot, Refused> {
+        let mut counts = self.inner.lock();
+        if counts.total >= self.inner.max_total {
+            return Err(Refused::Full);
+        }
+        if let Some(ip) = address {
+            let n = counts.by_address.entry(ip).or_default();
+            if *n >= self.inner.max_per_address {
+                return Err(Refused::Address);
+            }
+            *n += 1;
+        }
+        counts.total += 1;
+        Ok(PreAuthSlot {
+            inner: self.inner.clone(),
+            address,
+        })
+    }
+
+    /// Unproven connections held now.
+    pub fn held(&self) -> usize {
+        self.inner.lock().total
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        // The counts stay consistent whatever panicked while holding them.
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for PreAuthSlot {
+    fn drop(&mut self) {
+        let mut counts = self.inner.lock();
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(ip) = self.address {
+            if let Some(n) = counts.by_address.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.by_address.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        s.parse().ok()
+    }
+
+    #[test]
+    fn one_address_cannot_take_the_whole_pool() {
+        let pool = PreAuth::new(10, 3);
+        let flood: Vec<_> = (0..3)
+            .map(|_| pool.admit(ip("10.0.0.9")).unwrap())
+            .collect();
+        assert_eq!(pool.admit(ip("10.0.0.9")).err(), Some(Refused::Address));
+        let real = pool
+            .admit(ip("10.0.0.1"))
+            .expect("another address still gets in");
+        assert_eq!(pool.held(), 4);
+        drop(flood);
+        drop(real);
+        assert_eq!(pool.held(), 0);
+        assert!(
+            pool.admit(ip("10.0.0.9")).is_ok(),
+            "places come back when dropped"
+        );
+    }
+
+    #[test]
+    fn the_pool_is_bounded_in_all() {
+        let pool = PreAuth::new(4, 2);
+        let held: Vec<_> = (0..4)
+            .map(|i| pool.admit(ip(&format!("10.0.0.{i}"))).unwrap())
+            .collect();
+        assert_eq!(pool.admit(ip("10.0.0.200")).err(), Some(Refused::Full));
+        drop(held);
+        assert_eq!(pool.held(), 0);
+    }
+}
