@@ -205,6 +205,10 @@ pub struct AutomergeRepo {
     /// reconnects and its sync resumes from what both sides hold).
     #[serde(default = "default_repo_queue")]
     pub queue_frames: usize,
+    /// Bytes queued for one connection: past three quarters, ephemeral messages to it are
+    /// dropped; a sync message past the whole closes it as too slow.
+    #[serde(default = "default_session_bytes")]
+    pub queue_bytes: usize,
     /// Open connections this node accepts; more are refused with 503.
     #[serde(default = "default_max_sessions")]
     pub max_connections: usize,
@@ -226,6 +230,7 @@ impl Default for AutomergeRepo {
     fn default() -> Self {
         AutomergeRepo {
             queue_frames: default_repo_queue(),
+            queue_bytes: default_session_bytes(),
             max_connections: default_max_sessions(),
             heartbeat_ms: default_session_heartbeat(),
             max_frame_bytes: default_repo_frame(),
@@ -463,6 +468,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
         "crdt.browser.max-frame-bytes",
     ),
     ("CRDT_AUTOMERGE_QUEUE_FRAMES", "crdt.automerge.queue-frames"),
+    ("CRDT_AUTOMERGE_QUEUE_BYTES", "crdt.automerge.queue-bytes"),
     (
         "CRDT_AUTOMERGE_MAX_CONNECTIONS",
         "crdt.automerge.max-connections",

@@ -23,8 +23,9 @@ pub enum Out {
     /// A frame shared by many sockets (a browser room's update): queued without a copy. The
     /// counter, if any, holds the bytes queued and not yet written; the writer takes these off.
     Shared(ByteString, Option<Arc<AtomicUsize>>),
-    /// A binary frame (automerge-repo's CBOR messages).
-    Binary(Bytes),
+    /// A binary frame (automerge-repo's CBOR messages), with the counter of bytes queued, as
+    /// for `Shared`.
+    Binary(Bytes, Option<Arc<AtomicUsize>>),
     Ping(Bytes),
     Pong(Bytes),
     Close(u16, String),
@@ -106,6 +107,7 @@ pub(crate) async fn write_loop<S: LinkSink>(
         };
         let counted = match &out {
             Out::Shared(text, Some(pending)) => Some((text.len(), pending.clone())),
+            Out::Binary(bytes, Some(pending)) => Some((bytes.len(), pending.clone())),
             _ => None,
         };
         let sent = tokio::select! {
@@ -164,7 +166,7 @@ impl LinkSink for ServerSink {
         match out {
             Out::Text(t) => self.0.text(t.to_string()).await.is_ok(),
             Out::Shared(t, _) => self.0.text(t).await.is_ok(),
-            Out::Binary(b) => self.0.binary(b).await.is_ok(),
+            Out::Binary(b, _) => self.0.binary(b).await.is_ok(),
             Out::Ping(b) => self.0.ping(&b).await.is_ok(),
             Out::Pong(b) => self.0.pong(&b).await.is_ok(),
             Out::Close(..) => true,

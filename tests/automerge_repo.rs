@@ -483,3 +483,71 @@ mod close {
     pub const PROTOCOL: u16 = 4002;
     pub const TOO_BIG: u16 = 1009;
 }
+
+impl Peer {
+    async fn ephemeral(&mut self, doc: &str, count: u64, data: Vec<u8>) {
+        let id = self.id.clone();
+        self.send(cbor(vec![
+            ("type", text("ephemeral")),
+            ("senderId", text(&id)),
+            ("targetId", text("server")),
+            ("documentId", text(doc)),
+            ("sessionId", text(&format!("{id}-session"))),
+            ("count", Cbor::Integer(count.into())),
+            ("data", Cbor::Bytes(data)),
+        ]))
+        .await;
+    }
+}
+
+/// Issue 12: ephemeral messages relayed to clients that do not read are bounded: a payload over
+/// 64 KiB is not relayed at all (60 messages of 4 MiB to 4 non-reading receivers once grew the
+/// node by ~1 GB), and past three quarters of `queue-bytes` queued for a connection, ephemerals
+/// to it are dropped (here 6 MiB of 8: 1,000 messages of 60 KiB would queue 60 MB each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemerals_to_clients_that_do_not_read_are_bounded_in_bytes() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_AUTOMERGE_QUEUE_BYTES", "8388608")]);
+    let c = Client::new();
+    let run = make_run(&c, &node, "A").await;
+    let doc = doc_id(run);
+    let mut receivers = Vec::new();
+    for i in 0..4 {
+        let mut r = Peer::joined(&node, &format!("sleeper-{i}")).await;
+        // Opens the document (a small ephemeral), then never reads again.
+        r.ephemeral(&doc, 1, vec![0]).await;
+        receivers.push(r);
+    }
+    let mut sender = Peer::joined(&node, "chatty").await;
+    let huge = vec![7u8; 4 << 20];
+    for n in 0..60 {
+        sender.ephemeral(&doc, n + 2, huge.clone()).await;
+    }
+    let large = vec![8u8; 60 << 10];
+    for n in 0..1000 {
+        sender.ephemeral(&doc, n + 100, large.clone()).await;
+    }
+    let counted = |text: &str, series: &str| common::metric(text, series).unwrap_or(0.0);
+    let settled = common::eventually(30, || async {
+        let text = c.text(&node.url("/actuator/prometheus")).await;
+        let too_large = counted(
+            &text,
+            "crdt_automerge_repo_messages_total{direction=\"in\",type=\"ephemeral_too_large\"}",
+        );
+        let dropped = counted(
+            &text,
+            "crdt_automerge_repo_messages_total{direction=\"out\",type=\"ephemeral_dropped\"}",
+        );
+        (too_large >= 60.0 && dropped >= 1000.0).then_some((too_large, dropped))
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "oversized ephemerals and those to sleepers were dropped"
+    );
+    let (status, _) = c.get(&run_url(&node, run, "/state")).await;
+    assert_eq!(status, 200);
+    let peak = common::peak_rss_mib(node.pid());
+    assert!(peak < 300, "peak RSS {peak} MiB");
+    drop(receivers);
+}

@@ -724,20 +724,23 @@ async fn handshakes_in_progress_are_bounded() {
         "us-east-1",
         "busy",
         &[],
-        &[("CRDT_MESH_PEER_TIMEOUT_MS", "30000")],
+        &[
+            ("CRDT_MESH_PEER_TIMEOUT_MS", "30000"),
+            ("CRDT_PRE_AUTH_TIMEOUT_MS", "30000"),
+        ],
     )
     .await;
     let url = ws_url(&node);
-    // 64 sockets that never say who they are fill every handshake place…
+    // 64 sockets that never say who they are, from 8 addresses (each within its share),
+    // fill every handshake place…
     let mut idle = Vec::new();
-    for _ in 0..64 {
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .expect("connect");
-        idle.push(ws);
+    for host in 10..18 {
+        let (open, refused) = common::flood(&format!("127.0.0.{host}"), &url, 8).await;
+        assert_eq!(refused, 0);
+        idle.extend(open);
     }
     // …so the next is refused at the door, and the HTTP API keeps answering.
-    match tokio_tungstenite::connect_async(url.as_str()).await {
+    match common::ws_from("127.0.0.30", &url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
         other => panic!("expected 503, got {other:?}"),
     }

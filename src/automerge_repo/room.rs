@@ -14,18 +14,16 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use automerge::sync;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::session::{Kick, RepoSession};
 use super::wire::{Ephemeral, ToClient};
-use super::{close, doc_id, Shared};
+use super::{close, doc_id, Outbox, Queued, Shared};
 use crate::runs::{BadInput, PeerSync, PeerSyncReply, RunError};
-use crate::socket::Out;
 
 pub struct Member {
     pub peer_id: String,
-    pub out: mpsc::Sender<Out>,
+    pub outbox: Outbox,
     pub session: Addr<RepoSession>,
 }
 
@@ -114,30 +112,32 @@ impl DocRoom {
         }
     }
 
-    /// Queues a message for one connection; a full queue means the client is too far
-    /// behind: it is closed, and resyncs from what both sides hold when it reconnects.
-    /// Ephemeral messages are dropped instead once the queue is three-quarters full: a
-    /// chatty peer's cursors must not close a slower one.
+    /// Queues a message for one connection; a full queue (in messages or bytes) means the
+    /// client is too far behind: it is closed, and resyncs from what both sides hold when it
+    /// reconnects. Ephemeral messages are dropped instead once the queue is three-quarters
+    /// full: a chatty peer's cursors must not close a slower one, nor fill its memory.
     fn send(shared: &Shared, peer: &Peer, message: ToClient<'_>) {
         let kind = message.kind();
-        if matches!(message, ToClient::Ephemeral { .. })
-            && peer.member.out.capacity() < peer.member.out.max_capacity() / 4
-        {
-            shared.count("ephemeral_dropped", "out");
-            return;
-        }
-        match peer
-            .member
-            .out
-            .try_send(Out::Binary(message.encode().into()))
-        {
-            Ok(()) => shared.count(kind, "out"),
-            Err(mpsc::error::TrySendError::Full(_)) => peer.member.session.do_send(Kick {
+        let droppable = match &message {
+            ToClient::Ephemeral { message, .. } => {
+                // Checked before encoding: a dropped message costs no copy.
+                if peer.member.outbox.behind(message.data.len()) {
+                    shared.count("ephemeral_dropped", "out");
+                    return;
+                }
+                true
+            }
+            _ => false,
+        };
+        match peer.member.outbox.queue(message.encode(), droppable) {
+            Queued::Sent => shared.count(kind, "out"),
+            Queued::Dropped => shared.count("ephemeral_dropped", "out"),
+            Queued::TooSlow => peer.member.session.do_send(Kick {
                 code: close::TOO_SLOW,
                 reason: "too far behind: reconnect to resync".into(),
                 label: "too_slow",
             }),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Queued::Closed => {}
         }
     }
 

@@ -18,8 +18,11 @@ use uuid::Uuid;
 use super::hub::{Hub, Open, Register, Unregister};
 use super::room::{DocRoom, Incoming, Member, Relay};
 use super::wire::{self, FromClient, ToClient, PROTOCOL_V1};
-use super::{close, doc_id, ConnectionSlot, Shared};
+use super::{close, doc_id, ConnectionSlot, Outbox, Queued, Shared};
 use crate::socket::{Inbound, Out, Shutdown};
+
+/// The largest ephemeral payload relayed to a document's other clients.
+pub const MAX_EPHEMERAL_BYTES: usize = 64 * 1024;
 
 /// Tells a connection to close (its room: it fell behind or was refused; the hub: replaced).
 #[derive(Message, Debug, Clone)]
@@ -49,11 +52,15 @@ pub struct RepoSession {
     peer_id: Option<String>,
     docs: HashMap<Uuid, Addr<DocRoom>>,
     last_heard: Instant,
+    /// The outgoing queue as rooms see it: bounded in bytes too.
+    outbox: Outbox,
 }
 
 impl RepoSession {
     pub fn new(p: Parts, shutdown: Shutdown) -> Self {
+        let outbox = Outbox::new(p.out.clone(), p.shared.config.queue_bytes);
         RepoSession {
+            outbox,
             p,
             shutdown: Some(shutdown),
             peer_id: None,
@@ -64,15 +71,15 @@ impl RepoSession {
 
     fn send(&mut self, message: ToClient<'_>, ctx: &mut Context<Self>) {
         let kind = message.kind();
-        match self.p.out.try_send(Out::Binary(message.encode().into())) {
-            Ok(()) => self.p.shared.count(kind, "out"),
-            Err(mpsc::error::TrySendError::Full(_)) => self.close(
+        match self.outbox.queue(message.encode(), false) {
+            Queued::Sent | Queued::Dropped => self.p.shared.count(kind, "out"),
+            Queued::TooSlow => self.close(
                 close::TOO_SLOW,
                 "too far behind: reconnect to resync".into(),
                 "too_slow",
                 ctx,
             ),
-            Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
+            Queued::Closed => ctx.stop(),
         }
     }
 
@@ -160,6 +167,15 @@ impl RepoSession {
                     room.do_send(Incoming { conn, message })
                 });
             }
+            FromClient::Ephemeral(message) if message.data.len() > MAX_EPHEMERAL_BYTES => {
+                // Presence and cursors are small; a large one would be copied to every
+                // other client of the document. Dropped, not refused: the client's sync goes on.
+                self.p.shared.count("ephemeral_too_large", "in");
+                log::debug!(
+                    "automerge-repo: {peer_id}: dropped an ephemeral message of {} bytes",
+                    message.data.len()
+                );
+            }
             FromClient::Ephemeral(message) => {
                 let document_id = message.document_id.clone();
                 self.with_room(&document_id, ctx, move |conn, room| {
@@ -231,7 +247,7 @@ impl RepoSession {
             conn,
             member: Member {
                 peer_id: self.peer_id.clone().unwrap_or_default(),
-                out: self.p.out.clone(),
+                outbox: self.outbox.clone(),
                 session: ctx.address(),
             },
         };

@@ -121,7 +121,12 @@ pub fn parse_own_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
 fn parse_document_within(bytes: &[u8], budget: &mut Budget) -> Result<Vec<Change>, DocError> {
     // Every chunk is checked before Automerge's loader sees any: it trusts the counts inside,
     // and some few hundred bytes make it allocate gigabytes (`fuzz/known/`).
-    let sizes = budget.admit_all(bytes)?;
+    let sizes = budget.admit_all(bytes).map_err(|e| match e {
+        DocError::InvalidChanges(why) => {
+            DocError::InvalidChanges(format!("not an Automerge document: {why}"))
+        }
+        other => other,
+    })?;
     if !sizes.first().is_some_and(|s| s.is_document) {
         return Err(DocError::InvalidChanges(
             "not an Automerge document: it does not start with a document chunk".into(),

@@ -67,7 +67,7 @@ impl LinkSink for ClientSink {
         let message = match out {
             Out::Text(t) => Message::Text(t.to_string().into()),
             Out::Shared(t, _) => Message::Text(t),
-            Out::Binary(b) => Message::Binary(b),
+            Out::Binary(b, _) => Message::Binary(b),
             Out::Ping(b) => Message::Ping(b),
             Out::Pong(b) => Message::Pong(b),
             Out::Close(..) => return true,
