@@ -1,6 +1,9 @@
 //! The node's Prometheus metrics: the specification's names, registered beside actix-web-prom's
 //! HTTP metrics and served at `/actuator/prometheus`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -14,8 +17,10 @@ pub struct Metrics {
     pub sync_failures: IntCounterVec,
     pub snapshot_size: Histogram,
     pub peers_connected: IntGauge,
-    /// Lamport clock per loaded run; a run's series is removed when it is unloaded.
+    /// Lamport clock per loaded run; a run's series is removed when it is unloaded. At most
+    /// [`MAX_RUN_SERIES`] runs have one at a time (see [`Metrics::run_clock`]).
     pub lamport_clock: IntGaugeVec,
+    run_series: Arc<AtomicUsize>,
     pub runs_loaded: IntGauge,
     pub snapshot_failures: prometheus::IntCounter,
     /// Appends carried by each event-log transaction (group commit at work).
@@ -146,6 +151,7 @@ impl Metrics {
             snapshot_size,
             peers_connected,
             lamport_clock,
+            run_series: Arc::new(AtomicUsize::new(0)),
             runs_loaded,
             snapshot_failures,
             commit_batch,
@@ -158,5 +164,59 @@ impl Metrics {
             browser_frames,
             browser_closed,
         })
+    }
+}
+
+/// Runs that may have a `crdt_lamport_clock` series at once: a series per run id is a label
+/// per run, and a node holding many runs (or a client touching many ids) must not grow the
+/// scrape without bound. The first runs loaded have one; the others do not until some unload.
+pub const MAX_RUN_SERIES: usize = 1_000;
+
+/// A run's place among the `crdt_lamport_clock` series, given back when dropped.
+pub struct RunClock {
+    pub gauge: IntGauge,
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for RunClock {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// The clock series of run `run_id`, unless [`MAX_RUN_SERIES`] runs already have one.
+    pub fn run_clock(&self, run_id: &str) -> Option<RunClock> {
+        let taken = self.run_series.fetch_add(1, Ordering::Relaxed);
+        if taken >= MAX_RUN_SERIES {
+            self.run_series.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(RunClock {
+            gauge: self.lamport_clock.with_label_values(&[run_id]),
+            count: self.run_series.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_max_run_series_runs_have_a_clock_series() {
+        let metrics = Metrics::new().unwrap();
+        let held: Vec<RunClock> = (0..MAX_RUN_SERIES)
+            .map(|i| metrics.run_clock(&format!("run-{i}")).expect("a place"))
+            .collect();
+        assert!(metrics.run_clock("one-too-many").is_none());
+        let families = metrics.registry.gather();
+        let series = families
+            .iter()
+            .find(|f| f.name() == "crdt_lamport_clock")
+            .map_or(0, |f| f.get_metric().len());
+        assert_eq!(series, MAX_RUN_SERIES);
+        drop(held);
+        assert!(metrics.run_clock("now-there-is-room").is_some());
     }
 }

@@ -103,6 +103,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         metrics: metrics.clone(),
         region: settings.crdt.region.clone(),
         node_id: settings.node_id().to_string(),
+        origins: http::origin::AllowedOrigins::new(settings.crdt.admission.allowed_origins.urls()),
     });
     let prometheus = PrometheusMetricsBuilder::new("crdt_node")
         .registry(metrics.registry.clone())
@@ -118,6 +119,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     let bind = (settings.server.bind.as_str(), settings.server.port);
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(actix_web::middleware::from_fn(http::utf8_only))
             .wrap(prometheus.clone())
             .configure(|cfg| http::configure(cfg, state.clone(), token.clone(), max_body))
     })

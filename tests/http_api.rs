@@ -347,6 +347,10 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
             ("oversized body", 413, json_post(&graft_url, &json!({"agent": "A", "afterStep": "S", "user": "u", "pad": "x".repeat(70_000)}).to_string())),
             ("bad peer region", 400, json_post(&run_url(&node, run, "/register-peer"), r#"{"peerRegion":""}"#)),
             ("unknown route", 404, h.get(node.url("/api/crdt/nothing-here"))),
+            ("percent-encoded bytes that are not UTF-8", 400, h.put(run_url(&node, run, "/flags/%ff")).header("content-type", "application/json").body(r#"{"value":1,"user":"u"}"#)),
+            ("a user that is not UTF-8", 400, h.delete(run_url(&node, run, "/flags/k?user=%fe"))),
+            ("a browser session from another site's page", 403, h.get(node.url(&format!("/ws/runs/{run}"))).header("origin", "http://evil.example")),
+            ("an automerge-repo socket from another site's page", 403, h.get(node.url("/ws/automerge")).header("origin", "http://evil.example")),
         ]
     };
     for (what, expected, rb) in cases {

@@ -33,6 +33,7 @@ async fn connect(
 ) -> Result<HttpResponse, actix_web::Error> {
     // A refused client is still upgraded and told why with a close code: the JS client
     // throws on a failed upgrade (an uncaught exception) instead of retrying.
+    app.origins.check(&req)?;
     let pre_auth = app
         .automerge
         .pre_auth(req.peer_addr().map(|a| a.ip()))

@@ -18,6 +18,7 @@ async fn session(
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
     let run_id = validate::run_id(&path)?;
+    app.origins.check(&req)?;
     let pre_auth = match app.browser.pre_auth(req.peer_addr().map(|a| a.ip())) {
         Ok(p) => p,
         Err(refused) => return Ok(super::error::busy(refused)),

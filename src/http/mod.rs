@@ -9,6 +9,7 @@ mod browser;
 pub mod error;
 mod health;
 mod mesh;
+pub mod origin;
 mod page;
 mod runs;
 pub mod validate;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub region: String,
     pub node_id: String,
+    /// Pages that may open the browser and automerge-repo WebSockets.
+    pub origins: origin::AllowedOrigins,
 }
 
 /// Registers everything on an App; `max_body` bounds every request body.
@@ -63,6 +66,26 @@ pub fn configure(
                 .configure(mesh::routes),
         )
         .default_service(web::to(not_found));
+}
+
+/// Refuses a URL whose percent-encoded bytes are not UTF-8: decoded lossily, `%ff` and `%fe`
+/// would both become U+FFFD and name the same flag key, user or run.
+pub async fn utf8_only(
+    req: actix_web::dev::ServiceRequest,
+    next: middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let decodes = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .is_ok()
+    };
+    if !decodes(req.path()) || !decodes(req.query_string()) {
+        return Err(ApiError::BadRequest(
+            "the URL's percent-encoded bytes are not valid UTF-8".into(),
+        )
+        .into());
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
 }
 
 async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {

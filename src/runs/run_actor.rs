@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::{loader, Origin, RunChanged, RunError, Runs};
 use crate::doc::{concat_changes, DocError, Graft, Mutation, RunDoc, RunState};
+use crate::metrics::RunClock;
 use crate::store::{NewEvent, Snapshot};
 
 /// A local mutation, with the user to record in the log.
@@ -177,7 +178,8 @@ pub struct RunActor {
     /// Whether this incarnation has written anything (else it unloads soon after use).
     written: bool,
     last_active: Instant,
-    gauge: Option<prometheus::IntGauge>,
+    /// This run's clock series, once asked for: `None` inside when the node shows its most.
+    gauge: Option<Option<RunClock>>,
     /// Outcomes of recent client operations, by (user, op id); `recent_order` ages them out.
     recent_ops: HashMap<(Option<String>, String), MutationOutcome>,
     recent_order: VecDeque<(Option<String>, String)>,
@@ -264,12 +266,12 @@ impl RunActor {
         let run_id = self.run_id;
         let metrics = &self.runs.inner.metrics;
         // Looked up once per load: a label lookup hashes and allocates on every commit otherwise.
-        let gauge = self.gauge.get_or_insert_with(|| {
-            metrics
-                .lamport_clock
-                .with_label_values(&[&run_id.to_string()])
-        });
-        gauge.set(i64::try_from(lamport).unwrap_or(i64::MAX));
+        let series = self
+            .gauge
+            .get_or_insert_with(|| metrics.run_clock(&run_id.to_string()));
+        if let Some(series) = series {
+            series.gauge.set(i64::try_from(lamport).unwrap_or(i64::MAX));
+        }
     }
 
     /// Queues `changes` for the log and returns the receiver that resolves once they commit.
@@ -617,7 +619,8 @@ impl Actor for RunActor {
         let metrics = &self.runs.inner.metrics;
         metrics.runs_loaded.dec();
         // A newer incarnation may already be serving the run; its series stays.
-        if !self.runs.is_loaded(self.run_id) {
+        let had_series = matches!(self.gauge.take(), Some(Some(_)));
+        if had_series && !self.runs.is_loaded(self.run_id) {
             let _ = metrics
                 .lamport_clock
                 .remove_label_values(&[&self.run_id.to_string()]);
