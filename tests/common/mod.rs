@@ -115,13 +115,21 @@ pub struct Node {
 impl Node {
     /// Starts the node binary on an ephemeral port against `db`, with extra environment.
     pub fn spawn(db: &TestDb, env: &[(&str, &str)]) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crdt-node"));
+        Self::spawn_binary(
+            env!("CARGO_BIN_EXE_crdt-node"),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
+            db,
+            env,
+        )
+    }
+
+    /// As [`Node::spawn`], with another build of the node and its configuration file (a
+    /// benchmark compares this build with an earlier one).
+    pub fn spawn_binary(binary: &str, config: &str, db: &TestDb, env: &[(&str, &str)]) -> Node {
+        let mut cmd = Command::new(binary);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env(
-                "CRDT_CONFIG",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
-            )
+            .env("CRDT_CONFIG", config)
             .env("DATABASE_URL", &db.url)
             .env("PORT", "0")
             .env("RUST_LOG", "info,automerge=warn")

@@ -1,0 +1,532 @@
+//! Hostile input against a real node (issue 12), printed as Markdown tables for BENCHMARKS.md.
+//!
+//! `cargo bench --bench hostile` runs every section against this build; name sections to run
+//! only those (`attacks`, `grafts`). To compare with an earlier build, point
+//! `CRDT_BENCH_BEFORE` at its binary and `CRDT_BENCH_BEFORE_CONFIG` at its configuration file:
+//! each attack then runs against both, one after the other, on a fresh node each.
+//!
+//! - attacks: for each attack, the answer the attacker gets, how long it took, the node's peak
+//!   resident memory, and whether the node still answers. A node past 4 GiB, or with no answer
+//!   within 20 s, is stopped (its row says so).
+//! - grafts: a run of 50,000 grafts, in-process: reading the state and answering a retried
+//!   graft, with the graft index up to date (after one more graft) and from scratch (what every
+//!   read cost before the index).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+#[path = "shared/args.rs"]
+mod args;
+
+#[path = "shared/procfs.rs"]
+mod procfs;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use automerge::sync::{self, SyncDoc};
+use base64::Engine;
+use ciborium::Value as Cbor;
+use common::{Backend, Client, Node, TestDb};
+use crdt_node::doc::{Mutation, RunDoc};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+const LIMIT: Duration = Duration::from_secs(20);
+const MEMORY_CAP_KIB: u64 = 4 << 20;
+
+fn main() {
+    let args = args::Args::from_env();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if args.wants("attacks") {
+        rt.block_on(attacks());
+    }
+    if args.wants("grafts") {
+        grafts();
+    }
+}
+
+/// A build of the node to attack.
+struct Build {
+    name: &'static str,
+    binary: String,
+    config: String,
+}
+
+fn builds() -> Vec<Build> {
+    let mut out = Vec::new();
+    if let (Ok(binary), Ok(config)) = (
+        std::env::var("CRDT_BENCH_BEFORE"),
+        std::env::var("CRDT_BENCH_BEFORE_CONFIG"),
+    ) {
+        out.push(Build {
+            name: "before",
+            binary,
+            config,
+        });
+    }
+    out.push(Build {
+        name: "after",
+        binary: env!("CARGO_BIN_EXE_crdt-node").into(),
+        config: concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml").into(),
+    });
+    out
+}
+
+struct Outcome {
+    answer: String,
+    secs: f64,
+    peak_mib: u64,
+    alive: bool,
+}
+
+/// Runs `attack` against `node`, watching its memory; stops waiting past [`LIMIT`] or 4 GiB.
+async fn watch(node: &Node, attack: impl Future<Output = String>) -> Outcome {
+    let pid = node.pid();
+    let start = Instant::now();
+    let sampler = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if procfs::rss_kib(pid) > MEMORY_CAP_KIB {
+                return "none: over 4 GiB, stopped".to_string();
+            }
+        }
+    };
+    let answer = tokio::select! {
+        a = attack => a,
+        s = sampler => s,
+        _ = tokio::time::sleep(LIMIT) => format!("none within {} s", LIMIT.as_secs()),
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let peak_mib = common::peak_rss_mib(pid);
+    let alive = tokio::time::timeout(Duration::from_secs(3), async {
+        Client::new().get(&node.url("/actuator/health")).await.0 == 200
+    })
+    .await
+    .unwrap_or(false);
+    Outcome {
+        answer,
+        secs,
+        peak_mib,
+        alive,
+    }
+}
+
+fn mesh_env() -> Vec<(String, String)> {
+    common::mesh::mesh_env("eu-central-1", "attacked", &[])
+}
+
+#[derive(Clone, Copy)]
+enum Attack {
+    LoaderBombRepo,
+    LoaderBombMesh,
+    OpBombHttp,
+    OpBombRepo,
+    Ephemerals,
+    PreAuthFlood,
+    StampPin,
+}
+
+impl Attack {
+    const ALL: [Attack; 7] = [
+        Attack::LoaderBombRepo,
+        Attack::LoaderBombMesh,
+        Attack::OpBombHttp,
+        Attack::OpBombRepo,
+        Attack::Ephemerals,
+        Attack::PreAuthFlood,
+        Attack::StampPin,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Attack::LoaderBombRepo => "372-byte loader bomb, automerge-repo sync",
+            Attack::LoaderBombMesh => "372-byte loader bomb, mesh CRDT_FULL_SYNC",
+            Attack::OpBombHttp => "op bomb (1 M characters), HTTP sync",
+            Attack::OpBombRepo => "op bomb (1 M characters), automerge-repo sync",
+            Attack::Ephemerals => "60 × 4 MiB ephemerals to 4 clients that do not read",
+            Attack::PreAuthFlood => "64 unproven `/ws` sockets, reopened; a real peer dials",
+            Attack::StampPin => "`lamportTimestamp` 2^53-1, then a graft",
+        }
+    }
+
+    /// What the attacker sees.
+    async fn run(self, node: &Node, run: Uuid, op_bomb: &[u8]) -> String {
+        match self {
+            Attack::LoaderBombRepo => repo_sync(node, run, common::loader_bomb()).await,
+            Attack::LoaderBombMesh => mesh_full_sync(node, run, common::loader_bomb()).await,
+            Attack::OpBombHttp => http_sync(node, run, op_bomb).await,
+            Attack::OpBombRepo => repo_sync(node, run, op_bomb.to_vec()).await,
+            Attack::Ephemerals => ephemerals(node, run).await,
+            Attack::PreAuthFlood => preauth_flood(node).await,
+            Attack::StampPin => stamp_pin(node, run).await,
+        }
+    }
+}
+
+async fn attacks() {
+    println!("### Hostile input, one fresh node per attack (SQLite)\n");
+    // Each bomb is built on the run's genesis, which depends on the run id: one run for all.
+    let run = Uuid::from_u128(0x1234_5678);
+    let op_bomb = common::op_bomb(run, 1_000_000);
+    println!(
+        "The op bomb: one compressed change of {} bytes inserting 1,000,000 characters.\n",
+        op_bomb.len()
+    );
+    println!("| attack | build | the attacker's answer | time | peak RSS | node answers after |");
+    println!("|---|---|---|---:|---:|---|");
+    for attack in Attack::ALL {
+        for build in builds() {
+            let db = TestDb::new(Backend::Sqlite).await;
+            let env = common::mesh::mesh_env("eu-central-1", "attacked", &[]);
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut node = Node::spawn_binary(&build.binary, &build.config, &db, &env);
+            let (s, _) = Client::new()
+                .post(
+                    &common::run_url(&node, run, "/grafts"),
+                    &json!({"agent": "A", "afterStep": "S", "user": "u"}),
+                )
+                .await;
+            assert_eq!(s, 201);
+            let outcome = watch(&node, attack.run(&node, run, &op_bomb)).await;
+            row(attack.name(), build.name, &outcome);
+            node.kill();
+        }
+    }
+}
+
+fn row(attack: &str, build: &str, o: &Outcome) {
+    println!(
+        "| {attack} | {build} | {} | {:.2} s | {} MiB | {} |",
+        o.answer.replace('|', "/"),
+        o.secs,
+        o.peak_mib,
+        if o.alive { "yes" } else { "no" }
+    );
+}
+
+// ---------- the attacks: each returns what the attacker saw ----------
+
+type Ws = tokio_tungstenite::WebSocketStream<
+    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+>;
+
+fn cbor(fields: Vec<(&str, Cbor)>) -> Vec<u8> {
+    let map = Cbor::Map(
+        fields
+            .into_iter()
+            .map(|(k, v)| (Cbor::Text(k.into()), v))
+            .collect(),
+    );
+    let mut out = Vec::new();
+    ciborium::into_writer(&map, &mut out).expect("CBOR");
+    out
+}
+
+fn text(s: &str) -> Cbor {
+    Cbor::Text(s.into())
+}
+
+async fn repo_client(node: &Node, id: &str) -> Ws {
+    let url = node.url("/ws/automerge").replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+    let join = cbor(vec![
+        ("type", text("join")),
+        ("senderId", text(id)),
+        ("peerMetadata", Cbor::Map(vec![])),
+        ("supportedProtocolVersions", Cbor::Array(vec![text("1")])),
+    ]);
+    ws.send(Message::binary(join)).await.expect("send");
+    let _peer = next_binary(&mut ws).await;
+    ws
+}
+
+async fn next_binary(ws: &mut Ws) -> Option<Vec<u8>> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Binary(b)) => return Some(b.to_vec()),
+            Ok(Message::Close(f)) => {
+                let _ = f;
+                return None;
+            }
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// What ends a socket: its close code and reason, or the first thing it says.
+async fn outcome(ws: &mut Ws) -> String {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(Some(f)))) => {
+                return format!("close {}: {}", u16::from(f.code), f.reason)
+            }
+            Some(Ok(Message::Close(None))) | None => return "closed".into(),
+            Some(Ok(Message::Text(t))) if t.contains("ERROR") => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                return format!("ERROR: {}", v["reason"].as_str().unwrap_or(""));
+            }
+            Some(Ok(Message::Binary(b))) => {
+                let v: Cbor = ciborium::from_reader(b.as_ref()).unwrap_or(Cbor::Null);
+                let kind = v
+                    .as_map()
+                    .and_then(|m| m.iter().find(|(k, _)| k.as_text() == Some("type")))
+                    .and_then(|(_, v)| v.as_text().map(str::to_string))
+                    .unwrap_or_default();
+                if kind != "sync" {
+                    return format!("`{kind}`");
+                }
+            }
+            Some(Err(e)) => return format!("socket error: {e}"),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn repo_sync(node: &Node, run: Uuid, chunk: Vec<u8>) -> String {
+    let mut ws = repo_client(node, "attacker").await;
+    let mut scratch = automerge::AutoCommit::new();
+    let mut message = scratch
+        .sync()
+        .generate_sync_message(&mut sync::State::new())
+        .expect("a message");
+    message.changes = sync::ChunkList::from(vec![chunk]);
+    let doc = bs58::encode(run.as_bytes()).with_check().into_string();
+    let frame = cbor(vec![
+        ("type", text("sync")),
+        ("senderId", text("attacker")),
+        ("targetId", text("server")),
+        ("documentId", text(&doc)),
+        ("data", Cbor::Bytes(message.encode())),
+    ]);
+    ws.send(Message::binary(frame)).await.expect("send");
+    outcome(&mut ws).await
+}
+
+async fn mesh_full_sync(node: &Node, run: Uuid, state: Vec<u8>) -> String {
+    let mut ws =
+        common::mesh::raw_peer(node, common::mesh::SECRET, "attacker", "attack-1").await;
+    let frame = json!({
+        "type": "CRDT_FULL_SYNC", "runId": run, "sourceRegion": "attack-1",
+        "state": base64::engine::general_purpose::STANDARD.encode(state), "timestamp": 1,
+    });
+    ws.send(Message::text(frame.to_string())).await.expect("send");
+    outcome(&mut ws).await
+}
+
+async fn http_sync(node: &Node, run: Uuid, changes: &[u8]) -> String {
+    let body = json!({
+        "changes": base64::engine::general_purpose::STANDARD.encode(changes),
+        "sourceRegion": "attack-1",
+    });
+    let (status, reply) = Client::new()
+        .post(&common::run_url(node, run, "/sync"), &body)
+        .await;
+    let message = reply["message"].as_str().unwrap_or("");
+    format!("{status} {}", message.chars().take(90).collect::<String>())
+}
+
+async fn ephemerals(node: &Node, run: Uuid) -> String {
+    let doc = bs58::encode(run.as_bytes()).with_check().into_string();
+    let ephemeral = |sender: &str, count: u64, data: Vec<u8>| {
+        cbor(vec![
+            ("type", text("ephemeral")),
+            ("senderId", text(sender)),
+            ("targetId", text("server")),
+            ("documentId", text(&doc)),
+            ("sessionId", text(&format!("{sender}-s"))),
+            ("count", Cbor::Integer(count.into())),
+            ("data", Cbor::Bytes(data)),
+        ])
+    };
+    let mut sleepers = Vec::new();
+    for i in 0..4 {
+        let id = format!("sleeper-{i}");
+        let mut ws = repo_client(node, &id).await;
+        ws.send(Message::binary(ephemeral(&id, 1, vec![0])))
+            .await
+            .expect("send");
+        sleepers.push(ws);
+    }
+    let mut chatty = repo_client(node, "chatty").await;
+    let big = vec![7u8; 4 << 20];
+    for n in 0..60 {
+        if chatty
+            .send(Message::binary(ephemeral("chatty", n + 2, big.clone())))
+            .await
+            .is_err()
+        {
+            return format!("sender cut off after {n}");
+        }
+    }
+    // Let the node relay (or drop) all of it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(sleepers);
+    "all 60 sent".into()
+}
+
+async fn preauth_flood(node: &Node) -> String {
+    let url = node.url("/ws").replace("http://", "ws://");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 64 sockets from another address, each reopened as soon as it is closed or refused.
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (url, stop) = (url.clone(), stop.clone());
+        flood.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match common::ws_from("127.0.0.2", &url).await {
+                    Ok(mut ws) => while let Some(Ok(_)) = ws.next().await {},
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let env = common::mesh::mesh_env("us-east-1", "real-peer", &[url.clone()]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut peer = Node::spawn(&db, &env);
+    let c = Client::new();
+    let mut answer = format!("the real peer kept out for {} s", LIMIT.as_secs());
+    while start.elapsed() < LIMIT - Duration::from_secs(1) {
+        let (_, s) = c.get(&node.url("/api/crdt/mesh/status")).await;
+        if s["connectedPeers"] == 1 {
+            answer = format!("the real peer linked in {:.2} s", start.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.abort_all();
+    peer.kill();
+    answer
+}
+
+async fn stamp_pin(node: &Node, run: Uuid) -> String {
+    let mut replica = RunDoc::new(run, "attack-1");
+    let change = replica
+        .apply(
+            &Mutation::SetFlag {
+                key: "x".into(),
+                value: json!(1),
+            },
+            0,
+        )
+        .expect("apply")
+        .change
+        .expect("a change");
+    let body = json!({
+        "changes": base64::engine::general_purpose::STANDARD.encode(change.raw_bytes()),
+        "sourceRegion": "attack-1",
+        "lamportTimestamp": (1u64 << 53) - 1,
+    });
+    let c = Client::new();
+    let (status, _) = c.post(&common::run_url(node, run, "/sync"), &body).await;
+    let (_, graft) = c
+        .post(
+            &common::run_url(node, run, "/grafts"),
+            &json!({"agent": "B", "afterStep": "S", "user": "u"}),
+        )
+        .await;
+    format!("{status}; the next graft is stamped {}", graft["lamport"])
+}
+
+// ---------- grafts ----------
+
+fn grafts() {
+    const GRAFTS: usize = 50_000;
+    println!("\n### A run of {GRAFTS} grafts, in-process (median of 5)\n");
+    let run = Uuid::new_v4();
+    let mut doc = RunDoc::new(run, "us-east-1");
+    for i in 0..GRAFTS {
+        doc.apply(&graft(Uuid::from_u128(i as u128 + 1)), 1_764_000_000_000)
+            .expect("graft");
+    }
+    let saved = doc.save();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // From scratch: a freshly loaded run reads every graft (what every read cost before).
+    let cold_state = median(
+        (0..5)
+            .map(|_| {
+                let mut d = RunDoc::load(run, "us-east-1", &saved).expect("load");
+                let t = Instant::now();
+                std::hint::black_box(d.state());
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    let mut warm = RunDoc::load(run, "us-east-1", &saved).expect("load");
+    let _ = warm.state();
+    let mut n = GRAFTS as u128;
+    let warm_state = median(
+        (0..5)
+            .map(|_| {
+                n += 1;
+                warm.apply(&graft(Uuid::from_u128(n)), 1_764_000_000_000)
+                    .expect("graft");
+                let t = Instant::now();
+                std::hint::black_box(warm.state());
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    let retried = Uuid::from_u128(GRAFTS as u128 / 2);
+    let cold_retry = median(
+        (0..5)
+            .map(|_| {
+                let mut d = RunDoc::load(run, "us-east-1", &saved).expect("load");
+                let t = Instant::now();
+                let out = d.apply(&graft(retried), 1_764_000_000_000).expect("retry");
+                assert!(out.change.is_none(), "a retry changes nothing");
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    let warm_retry = median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let out = warm
+                    .apply(&graft(retried), 1_764_000_000_000)
+                    .expect("retry");
+                assert!(out.change.is_none(), "a retry changes nothing");
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    println!("| operation | index up to date | from scratch (before: every time) | ratio |");
+    println!("|---|---:|---:|---:|");
+    for (what, warm, cold) in [
+        ("read the state (one graft since the last read)", warm_state, cold_state),
+        ("answer a retried graft by id", warm_retry, cold_retry),
+    ] {
+        println!(
+            "| {what} | {:.2} ms | {:.0} ms | {:.0}× |",
+            warm * 1e3,
+            cold * 1e3,
+            cold / warm
+        );
+    }
+}
+
+fn graft(id: Uuid) -> Mutation {
+    Mutation::Graft {
+        id,
+        retry_safe: true,
+        agent: "Planner".into(),
+        after_step: "step-1".into(),
+        user: "bench".into(),
+    }
+}
