@@ -118,10 +118,6 @@ async fn watch(node: &Node, attack: impl Future<Output = String>) -> Outcome {
     }
 }
 
-fn mesh_env() -> Vec<(String, String)> {
-    common::mesh::mesh_env("eu-central-1", "attacked", &[])
-}
-
 #[derive(Clone, Copy)]
 enum Attack {
     LoaderBombRepo,
@@ -214,9 +210,8 @@ fn row(attack: &str, build: &str, o: &Outcome) {
 
 // ---------- the attacks: each returns what the attacker saw ----------
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn cbor(fields: Vec<(&str, Cbor)>) -> Vec<u8> {
     let map = Cbor::Map(
@@ -236,7 +231,9 @@ fn text(s: &str) -> Cbor {
 
 async fn repo_client(node: &Node, id: &str) -> Ws {
     let url = node.url("/ws/automerge").replace("http://", "ws://");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
     let join = cbor(vec![
         ("type", text("join")),
         ("senderId", text(id)),
@@ -312,13 +309,14 @@ async fn repo_sync(node: &Node, run: Uuid, chunk: Vec<u8>) -> String {
 }
 
 async fn mesh_full_sync(node: &Node, run: Uuid, state: Vec<u8>) -> String {
-    let mut ws =
-        common::mesh::raw_peer(node, common::mesh::SECRET, "attacker", "attack-1").await;
+    let mut ws = common::mesh::raw_peer(node, common::mesh::SECRET, "attacker", "attack-1").await;
     let frame = json!({
         "type": "CRDT_FULL_SYNC", "runId": run, "sourceRegion": "attack-1",
         "state": base64::engine::general_purpose::STANDARD.encode(state), "timestamp": 1,
     });
-    ws.send(Message::text(frame.to_string())).await.expect("send");
+    ws.send(Message::text(frame.to_string()))
+        .await
+        .expect("send");
     outcome(&mut ws).await
 }
 
@@ -400,7 +398,10 @@ async fn preauth_flood(node: &Node) -> String {
     while start.elapsed() < LIMIT - Duration::from_secs(1) {
         let (_, s) = c.get(&node.url("/api/crdt/mesh/status")).await;
         if s["connectedPeers"] == 1 {
-            answer = format!("the real peer linked in {:.2} s", start.elapsed().as_secs_f64());
+            answer = format!(
+                "the real peer linked in {:.2} s",
+                start.elapsed().as_secs_f64()
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -482,6 +483,24 @@ fn grafts() {
             })
             .collect(),
     );
+    // The same, for a graft from another region (the index follows Automerge's diff).
+    let mut other = RunDoc::load(run, "eu-central-1", &saved).expect("load");
+    let remote_state = median(
+        (0..5)
+            .map(|_| {
+                n += 1;
+                let change = other
+                    .apply(&graft(Uuid::from_u128(n)), 1_764_000_000_000)
+                    .expect("graft")
+                    .change
+                    .expect("a change");
+                warm.apply_remote(vec![change], None).expect("apply");
+                let t = Instant::now();
+                std::hint::black_box(warm.state());
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
     let retried = Uuid::from_u128(GRAFTS as u128 / 2);
     let cold_retry = median(
         (0..5)
@@ -509,11 +528,20 @@ fn grafts() {
     println!("| operation | index up to date | from scratch (before: every time) | ratio |");
     println!("|---|---:|---:|---:|");
     for (what, warm, cold) in [
-        ("read the state (one graft since the last read)", warm_state, cold_state),
+        (
+            "read the state (one graft made here since the last read)",
+            warm_state,
+            cold_state,
+        ),
+        (
+            "read the state (one graft from another region since)",
+            remote_state,
+            cold_state,
+        ),
         ("answer a retried graft by id", warm_retry, cold_retry),
     ] {
         println!(
-            "| {what} | {:.2} ms | {:.0} ms | {:.0}× |",
+            "| {what} | {:.3} ms | {:.0} ms | {:.0}× |",
             warm * 1e3,
             cold * 1e3,
             cold / warm

@@ -215,9 +215,9 @@ impl DocRoom {
                 return;
             }
         };
-        if let (Some(bad), Some(error)) = (reply.bad_input, reply.error.as_ref()) {
-            // Bytes that are malformed or would cost more than a message may: the client is
-            // told why and closed, as a WebSocket refuses an oversized or broken message.
+        if let Some(error) = reply.error {
+            // What the client sent was refused (what came before it is logged); its messages
+            // for this document are ignored until it reconnects.
             peer.state = Some(fresh());
             peer.refused = true;
             peer.inbox.clear();
@@ -227,31 +227,25 @@ impl DocRoom {
                 self.document_id
             );
             shared.count("refused", "in");
-            let (code, label) = match bad {
-                BadInput::TooLarge => (close::TOO_BIG, "too_large"),
-                BadInput::Malformed => (close::PROTOCOL, "bad_message"),
-            };
-            peer.member.session.do_send(Kick {
-                code,
-                reason: error.clone(),
-                label,
-            });
-            return;
-        }
-        if let Some(error) = reply.error {
-            // What the client sent was refused (what came before it is logged): most likely
-            // a document of its own under this id (`repo.create()`), which does not build on
-            // the run. Only this document stops; the client's others go on.
-            peer.state = Some(fresh());
-            peer.refused = true;
-            peer.inbox.clear();
-            log::warn!(
-                "automerge-repo: {}: sync for {} refused ({error}); its messages for it are ignored until it reconnects",
-                peer.member.peer_id,
-                self.document_id
-            );
-            shared.count("refused", "in");
-            Self::unavailable(shared, peer, &self.document_id);
+            match reply.bad_input {
+                // Bytes that are malformed or would cost more than a message may: the client
+                // is told why and closed, as a WebSocket refuses an oversized or broken message.
+                Some(bad) => {
+                    let (code, label) = match bad {
+                        BadInput::TooLarge => (close::TOO_BIG, "too_large"),
+                        BadInput::Malformed => (close::PROTOCOL, "bad_message"),
+                    };
+                    peer.member.session.do_send(Kick {
+                        code,
+                        reason: error,
+                        label,
+                    });
+                }
+                // Most likely a document of the client's own under this id (`repo.create()`),
+                // which does not build on the run: only this document stops, the client's
+                // others go on.
+                None => Self::unavailable(shared, peer, &self.document_id),
+            }
             return;
         }
         if peer.incarnation.is_some_and(|i| i != reply.incarnation) {

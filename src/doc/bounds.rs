@@ -32,6 +32,9 @@ pub const MAX_OPS_PER_REQUEST: u64 = 1_000_000;
 /// up to ~1000×).
 pub const MAX_INFLATED_PER_REQUEST: usize = 64 * 1024 * 1024;
 
+/// Bytes a snapshot's deflated columns may inflate to.
+pub const MAX_SNAPSHOT_INFLATED: usize = 4 << 30;
+
 /// What one request may still spend: operations and inflated bytes, summed over its chunks.
 #[derive(Debug, Clone)]
 pub struct Budget {

@@ -7,7 +7,7 @@
 //! the same one — the first by (lamport, region, user, id, object id), all of which are the
 //! same on every replica — so every region shows one graft per id.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use automerge::{AutoCommit, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, Value};
 
@@ -27,12 +27,26 @@ pub(super) struct GraftIndex {
     by_obj: HashMap<ObjId, Graft>,
     /// Per graft id, the object whose graft readers see.
     by_id: HashMap<String, ObjId>,
+    /// The grafts readers see, in display order.
+    shown: BTreeMap<OrderKey, ObjId>,
     /// Entries that break the schema, from the last rebuild; while any is left, every refresh
     /// rebuilds (rare: only a foreign client writes such entries).
     errors: Vec<String>,
-    /// The deduplicated grafts in display order, until the index changes.
-    view: Option<Vec<Graft>>,
     unread: usize,
+}
+
+/// Display order: (lamport, region, user, id), then the object id, which tells apart two
+/// grafts with the same id and is the same on every replica.
+type OrderKey = (u64, String, String, String, String);
+
+fn order_key(graft: &Graft, obj: &ObjId) -> OrderKey {
+    (
+        graft.lamport,
+        graft.region.clone(),
+        graft.user.clone(),
+        graft.id.clone(),
+        obj.to_string(),
+    )
 }
 
 impl GraftIndex {
@@ -55,16 +69,31 @@ impl GraftIndex {
     /// Every graft once per id, in display order, and the schema errors of the list.
     pub fn grafts(&mut self, doc: &mut AutoCommit) -> (Vec<Graft>, Vec<String>) {
         self.refresh(doc);
-        let view = self.view.get_or_insert_with(|| {
-            let mut grafts: Vec<Graft> = self
-                .by_id
-                .values()
-                .filter_map(|obj| self.by_obj.get(obj).cloned())
-                .collect();
-            grafts.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
-            grafts
-        });
-        (view.clone(), self.errors.clone())
+        let grafts = self
+            .shown
+            .values()
+            .filter_map(|obj| self.by_obj.get(obj).cloned())
+            .collect();
+        (grafts, self.errors.clone())
+    }
+
+    /// Takes in a graft this node just made as object `obj`, without a diff, when the index
+    /// was up to date with the heads the change built on.
+    pub fn add_local(
+        &mut self,
+        doc: &mut AutoCommit,
+        built_on: &[ChangeHash],
+        obj: ObjId,
+        graft: Graft,
+    ) {
+        if self.heads.is_empty() || self.heads != built_on || !self.errors.is_empty() {
+            self.note_changes(doc, 1);
+            return;
+        }
+        self.insert(obj, graft);
+        doc.update_diff_cursor();
+        self.heads = doc.get_heads();
+        self.unread = 0;
     }
 
     fn refresh(&mut self, doc: &mut AutoCommit) {
@@ -73,7 +102,6 @@ impl GraftIndex {
             return;
         }
         self.unread = 0;
-        self.view = None;
         let list = root_obj(doc, GRAFTS, ObjType::List).ok();
         let incremental = !self.heads.is_empty()
             && self.errors.is_empty()
@@ -119,6 +147,7 @@ impl GraftIndex {
     fn rebuild(&mut self, doc: &AutoCommit, list: Option<ObjId>) {
         self.by_obj.clear();
         self.by_id.clear();
+        self.shown.clear();
         self.errors.clear();
         self.list = list.clone();
         let Some(list) = list else {
@@ -141,18 +170,20 @@ impl GraftIndex {
     }
 
     fn insert(&mut self, obj: ObjId, graft: Graft) {
-        let wins = match self
+        let key = order_key(&graft, &obj);
+        let held = self
             .by_id
             .get(&graft.id)
-            .and_then(|o| Some((o, self.by_obj.get(o)?)))
-        {
-            None => true,
-            Some((held_obj, held)) => {
-                (graft.order_key(), obj.to_string()) < (held.order_key(), held_obj.to_string())
+            .and_then(|o| Some(order_key(self.by_obj.get(o)?, o)));
+        match held {
+            Some(held) if held <= key => {}
+            held => {
+                if let Some(held) = held {
+                    self.shown.remove(&held);
+                }
+                self.by_id.insert(graft.id.clone(), obj.clone());
+                self.shown.insert(key, obj.clone());
             }
-        };
-        if wins {
-            self.by_id.insert(graft.id.clone(), obj.clone());
         }
         self.by_obj.insert(obj, graft);
     }

@@ -162,6 +162,10 @@ pub struct SyncStep {
     pub reply: Option<sync::Message>,
 }
 
+/// Operations a snapshot may hold: far beyond any run this node serves, short of what would
+/// exhaust its memory.
+const MAX_SNAPSHOT_OPS: u64 = 100_000_000;
+
 /// Parked changes per run; beyond this they are dropped and the protocol fetches them again.
 const MAX_PARKED: usize = 100_000;
 const MAX_PARKED_BYTES: usize = 64 * 1024 * 1024;
@@ -187,6 +191,11 @@ impl RunDoc {
     /// A run from a saved document (a snapshot). The clock starts at the highest stamp found.
     pub fn load(run_id: Uuid, region: &str, bytes: &[u8]) -> Result<Self, DocError> {
         let not_this_run = |reason: String| DocError::NotThisRun { run_id, reason };
+        // A snapshot is the node's own, so no request bound applies; the walk still refuses
+        // what Automerge's loader would allocate gigabytes for (a torn or tampered row).
+        Budget::with_limits(MAX_SNAPSHOT_OPS, bounds::MAX_SNAPSHOT_INFLATED)
+            .admit_all(bytes)
+            .map_err(|e| not_this_run(e.to_string()))?;
         let mut doc = changes::load_document(bytes).map_err(not_this_run)?;
         let genesis = genesis::genesis_doc(run_id).get_heads()[0];
         if doc.get_change_meta_by_hash(&genesis).is_none() {
@@ -268,6 +277,7 @@ impl RunDoc {
             }
         }
         let lamport = self.lamport.saturating_add(1).min(MAX_LAMPORT);
+        let built_on = self.doc.get_heads();
         let (changed, graft) = match self.write(mutation, lamport, now_ms) {
             Ok(r) => r,
             Err(e) => {
@@ -300,7 +310,14 @@ impl RunDoc {
             });
         }
         self.lamport = lamport;
-        self.grafts.note_changes(&mut self.doc, 1);
+        match &graft {
+            Some((obj, g)) => {
+                self.grafts
+                    .add_local(&mut self.doc, &built_on, obj.clone(), g.clone())
+            }
+            None => self.grafts.note_changes(&mut self.doc, 1),
+        }
+        let graft = graft.map(|(_, g)| g);
         let change = self.doc.get_last_local_change();
         Ok(Applied {
             change,
@@ -315,7 +332,7 @@ impl RunDoc {
         mutation: &Mutation,
         lamport: u64,
         now_ms: i64,
-    ) -> Result<(bool, Option<Graft>), DocError> {
+    ) -> Result<(bool, Option<(automerge::ObjId, Graft)>), DocError> {
         let region = self.region.clone();
         Ok(match mutation {
             Mutation::Graft {
@@ -349,8 +366,8 @@ impl RunDoc {
                 ]);
                 // One batch operation for the whole map: Automerge applies it several times
                 // faster than one put per field, and the ops are the same.
-                self.doc.batch_create_object(&list, at, &entry, true)?;
-                (true, Some(g))
+                let obj = self.doc.batch_create_object(&list, at, &entry, true)?;
+                (true, Some((obj, g)))
             }
             Mutation::Prune { step_id, user } => {
                 let pruned = self.root(PRUNED_STEPS, ObjType::Map)?;
