@@ -77,6 +77,11 @@ impl GraftIndex {
         (grafts, self.errors.clone())
     }
 
+    /// Whether the index has been built (it is kept up to date from then on).
+    pub fn in_use(&self) -> bool {
+        !self.heads.is_empty()
+    }
+
     /// Takes in a graft this node just made as object `obj`, without a diff, when the index
     /// was up to date with the heads the change built on.
     pub fn add_local(

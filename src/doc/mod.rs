@@ -277,7 +277,12 @@ impl RunDoc {
             }
         }
         let lamport = self.lamport.saturating_add(1).min(MAX_LAMPORT);
-        let built_on = self.doc.get_heads();
+        // Only an index in use takes a graft in directly (else the next read rebuilds it).
+        let built_on = if self.grafts.in_use() {
+            self.doc.get_heads()
+        } else {
+            Vec::new()
+        };
         let (changed, graft) = match self.write(mutation, lamport, now_ms) {
             Ok(r) => r,
             Err(e) => {
