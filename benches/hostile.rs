@@ -393,7 +393,7 @@ async fn preauth_flood(node: &Node) -> String {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now();
     let db = TestDb::new(Backend::Sqlite).await;
-    let env = common::mesh::mesh_env("us-east-1", "real-peer", &[url.clone()]);
+    let env = common::mesh::mesh_env("us-east-1", "real-peer", std::slice::from_ref(&url));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut peer = Node::spawn(&db, &env);
     let c = Client::new();
