@@ -82,20 +82,22 @@ impl GraftIndex {
         !self.heads.is_empty()
     }
 
-    /// Takes in a graft this node just made as object `obj`, without a diff, when the index
-    /// was up to date with the heads the change built on.
-    pub fn add_local(
+    /// Follows a change this node just made on `built_on`, without a diff, when the index was
+    /// up to date with those heads: the change grafted `graft` (as object `obj`), or touched
+    /// no graft at all (a prune or a flag).
+    pub fn local_change(
         &mut self,
         doc: &mut AutoCommit,
         built_on: &[ChangeHash],
-        obj: ObjId,
-        graft: Graft,
+        graft: Option<(ObjId, Graft)>,
     ) {
         if self.heads.is_empty() || self.heads != built_on || !self.errors.is_empty() {
             self.note_changes(doc, 1);
             return;
         }
-        self.insert(obj, graft);
+        if let Some((obj, graft)) = graft {
+            self.insert(obj, graft);
+        }
         doc.update_diff_cursor();
         self.heads = doc.get_heads();
         self.unread = 0;

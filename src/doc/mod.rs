@@ -277,7 +277,7 @@ impl RunDoc {
             }
         }
         let lamport = self.lamport.saturating_add(1).min(MAX_LAMPORT);
-        // Only an index in use takes a graft in directly (else the next read rebuilds it).
+        // Only an index in use follows local changes directly (else the next read rebuilds it).
         let built_on = if self.grafts.in_use() {
             self.doc.get_heads()
         } else {
@@ -315,14 +315,9 @@ impl RunDoc {
             });
         }
         self.lamport = lamport;
-        match &graft {
-            Some((obj, g)) => {
-                self.grafts
-                    .add_local(&mut self.doc, &built_on, obj.clone(), g.clone())
-            }
-            None => self.grafts.note_changes(&mut self.doc, 1),
-        }
-        let graft = graft.map(|(_, g)| g);
+        let shown = graft.as_ref().map(|(_, g)| g.clone());
+        self.grafts.local_change(&mut self.doc, &built_on, graft);
+        let graft = shown;
         let change = self.doc.get_last_local_change();
         Ok(Applied {
             change,
