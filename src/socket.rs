@@ -159,6 +159,85 @@ fn last_close(rx: &mut mpsc::Receiver<Out>) -> Option<(u16, String)> {
     None
 }
 
+/// What became of a message queued for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Sent,
+    /// An ephemeral message dropped: the connection is behind, and cursors can wait.
+    Dropped,
+    /// The connection is too far behind: it must be closed (it resyncs when it reconnects).
+    TooSlow,
+    Closed,
+}
+
+/// A session's outgoing queue as the rooms that feed it see it, bounded in frames and in
+/// bytes: a client that does not read holds at most `max_bytes` of this node's memory, whatever
+/// others send it. Shared by browser sessions and automerge-repo connections.
+#[derive(Clone)]
+pub struct Outbox {
+    out: mpsc::Sender<Out>,
+    pending: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    pub fn new(out: mpsc::Sender<Out>, max_bytes: usize) -> Self {
+        Outbox {
+            out,
+            pending: Arc::new(AtomicUsize::new(0)),
+            max_bytes,
+        }
+    }
+
+    /// Whether a droppable message of about `len` bytes would be dropped now.
+    pub fn behind(&self, len: usize) -> bool {
+        let behind = self.pending.load(Ordering::Relaxed).saturating_add(len);
+        behind > self.max_bytes / 4 * 3 || self.out.capacity() < self.out.max_capacity() / 4
+    }
+
+    /// Queues a binary frame (automerge-repo); `droppable` frames give way first.
+    pub fn binary(&self, bytes: Vec<u8>, droppable: bool) -> Queued {
+        self.queue(bytes.len(), droppable, |pending| {
+            Out::Binary(bytes.into(), Some(pending))
+        })
+    }
+
+    /// Queues a text frame shared with other sessions (a browser room's update).
+    pub fn shared(&self, text: &ByteString) -> Queued {
+        self.queue(text.len(), false, |pending| {
+            Out::Shared(text.clone(), Some(pending))
+        })
+    }
+
+    fn queue(
+        &self,
+        len: usize,
+        droppable: bool,
+        frame: impl FnOnce(Arc<AtomicUsize>) -> Out,
+    ) -> Queued {
+        if droppable && self.behind(len) {
+            return Queued::Dropped;
+        }
+        let queued = self.pending.load(Ordering::Relaxed);
+        // One frame larger than the budget still goes to a session that is keeping up (a
+        // first sync of a large run, a run's whole state).
+        if queued > 0 && queued.saturating_add(len) > self.max_bytes {
+            return Queued::TooSlow;
+        }
+        self.pending.fetch_add(len, Ordering::Relaxed);
+        match self.out.try_send(frame(self.pending.clone())) {
+            Ok(()) => Queued::Sent,
+            Err(e) => {
+                self.pending.fetch_sub(len, Ordering::Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => Queued::TooSlow,
+                    mpsc::error::TrySendError::Closed(_) => Queued::Closed,
+                }
+            }
+        }
+    }
+}
+
 struct ServerSink(actix_ws::Session);
 
 impl LinkSink for ServerSink {

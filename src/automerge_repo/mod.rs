@@ -27,13 +27,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use tokio::sync::mpsc;
-
 use crate::admission::{PreAuth, PreAuthSlot, Refused};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::runs::Runs;
-use crate::socket::Out;
 use hub::Hub;
 use session::RepoSession;
 
@@ -200,69 +197,5 @@ impl AutomergeRepo {
     /// Closes every connection ("going away") and refuses new ones: the node is stopping.
     pub fn close(&self) {
         self.shared.closing.send_replace(true);
-    }
-}
-
-/// What became of a message queued for a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Queued {
-    Sent,
-    /// An ephemeral message dropped: the connection is behind, and cursors can wait.
-    Dropped,
-    /// The connection is too far behind: it must be closed (it resyncs when it reconnects).
-    TooSlow,
-    Closed,
-}
-
-/// One connection's outgoing queue, bounded in messages and in bytes: a client that does not
-/// read holds at most `max_bytes` of this node's memory, whatever others send it.
-#[derive(Clone)]
-struct Outbox {
-    out: mpsc::Sender<Out>,
-    pending: Arc<AtomicUsize>,
-    max_bytes: usize,
-}
-
-impl Outbox {
-    fn new(out: mpsc::Sender<Out>, max_bytes: usize) -> Self {
-        Outbox {
-            out,
-            pending: Arc::new(AtomicUsize::new(0)),
-            max_bytes,
-        }
-    }
-
-    /// Whether a droppable message of about `len` bytes would be dropped now.
-    fn behind(&self, len: usize) -> bool {
-        let behind = self.pending.load(Ordering::Relaxed).saturating_add(len);
-        behind > self.max_bytes / 4 * 3 || self.out.capacity() < self.out.max_capacity() / 4
-    }
-
-    fn queue(&self, bytes: Vec<u8>, droppable: bool) -> Queued {
-        let len = bytes.len();
-        if droppable && self.behind(len) {
-            return Queued::Dropped;
-        }
-        let queued = self.pending.load(Ordering::Relaxed);
-        let behind = queued.saturating_add(len);
-        // One message larger than the budget still goes to a connection that is keeping up
-        // (a first sync of a large run).
-        if queued > 0 && behind > self.max_bytes {
-            return Queued::TooSlow;
-        }
-        self.pending.fetch_add(len, Ordering::Relaxed);
-        match self
-            .out
-            .try_send(Out::Binary(bytes.into(), Some(self.pending.clone())))
-        {
-            Ok(()) => Queued::Sent,
-            Err(e) => {
-                self.pending.fetch_sub(len, Ordering::Relaxed);
-                match e {
-                    mpsc::error::TrySendError::Full(_) => Queued::TooSlow,
-                    mpsc::error::TrySendError::Closed(_) => Queued::Closed,
-                }
-            }
-        }
     }
 }

@@ -18,8 +18,9 @@ use uuid::Uuid;
 
 use super::session::{Kick, RepoSession};
 use super::wire::{Ephemeral, ToClient};
-use super::{close, doc_id, Outbox, Queued, Shared};
+use super::{close, doc_id, Shared};
 use crate::runs::{BadInput, PeerSync, PeerSyncReply, RunError};
+use crate::socket::{Outbox, Queued};
 
 pub struct Member {
     pub peer_id: String,
@@ -129,7 +130,7 @@ impl DocRoom {
             }
             _ => false,
         };
-        match peer.member.outbox.queue(message.encode(), droppable) {
+        match peer.member.outbox.binary(message.encode(), droppable) {
             Queued::Sent => shared.count(kind, "out"),
             Queued::Dropped => shared.count("ephemeral_dropped", "out"),
             Queued::TooSlow => peer.member.session.do_send(Kick {

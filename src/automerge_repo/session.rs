@@ -18,8 +18,8 @@ use uuid::Uuid;
 use super::hub::{Hub, Open, Register, Unregister};
 use super::room::{DocRoom, Incoming, Member, Relay};
 use super::wire::{self, FromClient, ToClient, PROTOCOL_V1};
-use super::{close, doc_id, ConnectionSlot, Outbox, Queued, Shared};
-use crate::socket::{Inbound, Out, Shutdown};
+use super::{close, doc_id, ConnectionSlot, Shared};
+use crate::socket::{Inbound, Out, Outbox, Queued, Shutdown};
 
 /// The largest ephemeral payload relayed to a document's other clients.
 pub const MAX_EPHEMERAL_BYTES: usize = 64 * 1024;
@@ -71,7 +71,7 @@ impl RepoSession {
 
     fn send(&mut self, message: ToClient<'_>, ctx: &mut Context<Self>) {
         let kind = message.kind();
-        match self.outbox.queue(message.encode(), false) {
+        match self.outbox.binary(message.encode(), false) {
             Queued::Sent | Queued::Dropped => self.p.shared.count(kind, "out"),
             Queued::TooSlow => self.close(
                 close::TOO_SLOW,

@@ -3,12 +3,10 @@
 //! rooms of the runs they concern.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::room::{
@@ -18,7 +16,7 @@ use super::session::BrowserSession;
 use super::Shared;
 use crate::mesh::presence::PeerPresence;
 use crate::runs::RunChanged;
-use crate::socket::Out;
+use crate::socket::Outbox;
 
 /// How often expired presence announcements are swept.
 const SWEEP: Duration = Duration::from_secs(5);
@@ -29,8 +27,7 @@ pub struct Join {
     pub run_id: Uuid,
     pub id: u64,
     pub session: Addr<BrowserSession>,
-    pub out: mpsc::Sender<Out>,
-    pub pending: Arc<AtomicUsize>,
+    pub outbox: Outbox,
     pub user: String,
 }
 
@@ -111,8 +108,7 @@ impl Handler<Join> for Hub {
             msg.id,
             Member {
                 session: msg.session,
-                out: msg.out,
-                pending: msg.pending,
+                outbox: msg.outbox,
                 user: msg.user,
             },
         ));

@@ -10,13 +10,11 @@
 //! told to close (4009). It reconnects and resyncs, and the others never wait for it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::protocol::ServerFrame;
@@ -26,7 +24,7 @@ use crate::doc::RunState;
 use crate::http::error::ApiError;
 use crate::mesh::presence::{MAX_USERS, REFRESH};
 use crate::runs::{GetState, RunError};
-use crate::socket::Out;
+use crate::socket::{Outbox, Queued};
 
 /// A failed state read is retried after this long.
 const RETRY: Duration = Duration::from_secs(1);
@@ -35,9 +33,8 @@ const PRESENCE_DELAY: Duration = Duration::from_millis(200);
 
 pub struct Member {
     pub session: Addr<BrowserSession>,
-    pub out: mpsc::Sender<Out>,
-    /// Bytes queued on the session and not yet written to its socket.
-    pub pending: Arc<AtomicUsize>,
+    /// The session's queue, bounded in frames and bytes.
+    pub outbox: Outbox,
     pub user: String,
 }
 
@@ -180,14 +177,13 @@ impl RunRoom {
     /// Queues `text` on every seat (only those without the latest state, with `stale_only`,
     /// which then have it).
     fn broadcast(&mut self, text: &ByteString, stale_only: bool) {
-        let budget = self.shared.config.queue_bytes;
         let mut sent = 0;
         for seat in self.seats.values_mut() {
             if stale_only && seat.current {
                 continue;
             }
             seat.current = true;
-            sent += u64::from(queue(seat, text, budget));
+            sent += u64::from(queue(seat, text));
         }
         if sent > 0 {
             let frames = &self.shared.metrics.browser_frames;
@@ -239,28 +235,15 @@ impl RunRoom {
 
 /// Queues a frame on a seat; a session past its frame or byte budget is told to close. True
 /// if queued. One frame is always allowed, however big: a run's state must reach its viewers.
-fn queue(seat: &mut Seat, text: &ByteString, budget: usize) -> bool {
+fn queue(seat: &mut Seat, text: &ByteString) -> bool {
     if seat.kicked {
         return false;
     }
-    let pending = &seat.member.pending;
-    let queued = pending.load(Ordering::Relaxed);
-    let over_bytes = queued > 0 && queued + text.len() > budget;
-    let out = Out::Shared(text.clone(), Some(pending.clone()));
-    let result = if over_bytes {
-        Err(mpsc::error::TrySendError::Full(out))
-    } else {
-        pending.fetch_add(text.len(), Ordering::Relaxed);
-        seat.member.out.try_send(out)
-    };
-    match result {
-        Ok(()) => true,
-        Err(e) => {
-            if !over_bytes {
-                pending.fetch_sub(text.len(), Ordering::Relaxed);
-            }
+    match seat.member.outbox.shared(text) {
+        Queued::Sent => true,
+        outcome => {
             seat.kicked = true;
-            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+            if outcome == Queued::TooSlow {
                 seat.member.session.do_send(Kick::too_slow());
             }
             false

@@ -5,7 +5,6 @@
 //! mutations. Each mutation is answered with `ACK` once its change is committed to the log, or
 //! with `ERROR` and the reason; a malformed frame gets `ERROR` and the session stays open.
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +19,7 @@ use super::{SessionSlot, Shared};
 use crate::http::error::ApiError;
 use crate::http::validate;
 use crate::runs::Mutate;
-use crate::socket::{Inbound, Out, Shutdown};
+use crate::socket::{Inbound, Out, Outbox, Shutdown};
 
 /// Mutations one session may have waiting for their commit.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -60,8 +59,8 @@ pub struct Parts {
 pub struct BrowserSession {
     p: Parts,
     shutdown: Option<Shutdown>,
-    /// Bytes the room queued on this session and its socket has not yet taken.
-    pending: Arc<AtomicUsize>,
+    /// The outgoing queue as its room sees it: bounded in bytes too.
+    outbox: Outbox,
     user: Option<String>,
     last_heard: Instant,
     in_flight: usize,
@@ -70,10 +69,11 @@ pub struct BrowserSession {
 impl BrowserSession {
     /// `shutdown` closes the socket when sent or dropped (on stop).
     pub fn new(p: Parts, shutdown: Shutdown) -> Self {
+        let outbox = Outbox::new(p.out.clone(), p.shared.config.queue_bytes);
         BrowserSession {
+            outbox,
             p,
             shutdown: Some(shutdown),
-            pending: Arc::new(AtomicUsize::new(0)),
             user: None,
             last_heard: Instant::now(),
             in_flight: 0,
@@ -187,8 +187,7 @@ impl BrowserSession {
             run_id: self.p.run_id,
             id: self.p.id,
             session: ctx.address(),
-            out: self.p.out.clone(),
-            pending: self.pending.clone(),
+            outbox: self.outbox.clone(),
             user: user.clone(),
         });
         self.user = Some(user);
