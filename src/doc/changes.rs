@@ -132,9 +132,8 @@ fn parse_document_within(bytes: &[u8], budget: &mut Budget) -> Result<Vec<Change
             "not an Automerge document: it does not start with a document chunk".into(),
         ));
     }
-    let mut doc = load_document(bytes)
-        .map_err(|e| DocError::InvalidChanges(format!("not an Automerge document: {e}")))?;
-    Ok(doc.get_changes(&[]))
+    // Walked and within bounds: now Automerge may read it.
+    parse_own_document(bytes)
 }
 
 /// Loads a saved document. Automerge 0.12 panics on some malformed documents (found by the
