@@ -10,14 +10,18 @@ WORKDIR /src
 # Dependencies first, so code changes do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
 COPY benches benches
+COPY crates/run-doc/Cargo.toml crates/run-doc/
+COPY crates/run-store/Cargo.toml crates/run-store/
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+ && for c in crates/*/; do mkdir -p "$c/src" && touch "$c/src/lib.rs"; done \
  && CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --locked --bin crdt-node \
- && rm -rf src
+ && rm -rf src crates/*/src
+COPY crates crates
 COPY src src
 COPY migrations migrations
 COPY web web
 COPY config config
-RUN touch src/main.rs src/lib.rs \
+RUN touch src/main.rs src/lib.rs crates/*/src/lib.rs \
  && CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --locked --bin crdt-node \
  && mkdir -p /out/data
 

@@ -9,8 +9,8 @@ mod mix;
 
 use std::time::Instant;
 
-use crdt_node::doc::{Mutation, RunDoc};
 use mix::{graft, mix};
+use run_doc::{Mutation, RunDoc};
 use serde_json::json;
 use uuid::Uuid;
 

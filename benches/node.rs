@@ -30,10 +30,10 @@ mod http;
 use std::time::{Duration, Instant};
 
 use common::{Backend, Node, TestDb};
-use crdt_node::doc::RunDoc;
-use crdt_node::store::{self, NewEvent, Snapshot};
 use http::{http_request, Conn};
 use mix::mix;
+use run_doc::RunDoc;
+use run_store::{self, NewEvent, Snapshot};
 use uuid::Uuid;
 
 fn main() {
@@ -195,7 +195,7 @@ async fn throughput(quick: bool) {
 
 /// Builds a run of `events` events in the store; with `snapshot_at`, a snapshot of the state
 /// after that many events.
-async fn seed_run(store: &dyn store::Store, events: usize, snapshot_at: Option<usize>) -> Uuid {
+async fn seed_run(store: &dyn run_store::Store, events: usize, snapshot_at: Option<usize>) -> Uuid {
     let run = Uuid::new_v4();
     let mut doc = RunDoc::new(run, "us-east-1");
     let mut batch = Vec::new();
@@ -253,7 +253,7 @@ fn load_row(backend: Backend, fast: Duration, slow: Duration) {
     );
 }
 
-async fn median_load(store: &dyn store::Store, run: Uuid) -> (Duration, u64) {
+async fn median_load(store: &dyn run_store::Store, run: Uuid) -> (Duration, u64) {
     let mut times = Vec::new();
     let mut lamport = 0;
     for _ in 0..5 {
@@ -274,7 +274,7 @@ async fn load_time() {
     println!("|---|---:|---:|---:|");
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let db = TestDb::new(backend).await;
-        let store = store::open(&db.url, 4, false).await.expect("store");
+        let store = run_store::open(&db.url, 4, false).await.expect("store");
         let with_snapshot = seed_run(store.as_ref(), 10_000, Some(9_950)).await;
         let without = seed_run(store.as_ref(), 10_000, None).await;
         let (fast, l1) = median_load(store.as_ref(), with_snapshot).await;
@@ -376,7 +376,7 @@ async fn legacy_load() {
     println!("|---|---:|---:|---:|");
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let db = TestDb::new(backend).await;
-        let store = store::open(&db.url, 4, false).await.expect("store");
+        let store = run_store::open(&db.url, 4, false).await.expect("store");
         let run = Uuid::new_v4();
         seed_legacy(&db, run, EVENTS).await;
         let (replay, l1) = median_load(store.as_ref(), run).await;
@@ -430,7 +430,7 @@ async fn snapshot_stall(quick: bool) {
     ] {
         let db = TestDb::new(Backend::Sqlite).await;
         let run = {
-            let store = store::open(&db.url, 4, false).await.expect("store");
+            let store = run_store::open(&db.url, 4, false).await.expect("store");
             seed_run(store.as_ref(), OPS, None).await
         };
         let node = Node::spawn(

@@ -14,7 +14,7 @@ use crate::http::{self, ApiToken, AppState};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::metrics::Metrics;
 use crate::runs::{Runs, RunsConfig};
-use crate::store::{self, StoreError};
+use run_store::{self, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -47,7 +47,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let db = &settings.database;
-    let store = store::open(&db.url, db.pool_size, db.create_if_missing).await?;
+    let store = run_store::open(&db.url, db.pool_size, db.create_if_missing).await?;
     log::info!(
         "storage: {} ({})",
         store.backend(),

@@ -558,10 +558,10 @@ async fn a_clock_advanced_by_a_sync_hint_survives_restart(backend: Backend) {
     let c = Client::new();
     let run = Uuid::new_v4();
     let mut node = Node::spawn(&db, &[]);
-    let mut eu = crdt_node::doc::RunDoc::new(run, "eu-central-1");
+    let mut eu = run_doc::RunDoc::new(run, "eu-central-1");
     let change = eu
         .apply(
-            &crdt_node::doc::Mutation::SetFlag {
+            &run_doc::Mutation::SetFlag {
                 key: "k".into(),
                 value: json!(1),
             },

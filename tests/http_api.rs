@@ -5,7 +5,7 @@ mod common;
 use automerge::ChangeHash;
 use base64::Engine;
 use common::{db, metric, run_url, Backend, Client, Node, TestDb};
-use crdt_node::doc::{concat_changes, parse_changes, Mutation, RunDoc};
+use run_doc::{concat_changes, parse_changes, Mutation, RunDoc};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -300,8 +300,8 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
             .unwrap()
             .1;
         automerge::transaction::Transactable::put(&mut raw, &flags, "pin", 1).unwrap();
-        let stamp = crdt_node::doc::Stamp {
-            lamport: crdt_node::doc::MAX_LAMPORT,
+        let stamp = run_doc::Stamp {
+            lamport: run_doc::MAX_LAMPORT,
             region: "eu".into(),
         };
         raw.commit_with(

@@ -7,7 +7,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
-use crdt_node::doc::Mutation;
+use run_doc::Mutation;
 
 use super::mix::mix;
 

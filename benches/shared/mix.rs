@@ -1,7 +1,7 @@
 //! The operation mix both benchmarks use, so the in-process ceiling and the HTTP figures
 //! measure the same work: half grafts, a quarter flag writes, a quarter prunes.
 
-use crdt_node::doc::Mutation;
+use run_doc::Mutation;
 use serde_json::json;
 use uuid::Uuid;
 

@@ -2,7 +2,7 @@
 #![no_main]
 
 use crdt_node::browser::protocol::{decode, ClientFrame};
-use crdt_node::doc::RunDoc;
+use run_doc::RunDoc;
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 

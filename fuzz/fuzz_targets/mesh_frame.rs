@@ -3,7 +3,7 @@
 #![no_main]
 
 use automerge::sync;
-use crdt_node::doc::{parse_changes, parse_document, validate_sync_message};
+use run_doc::{parse_changes, parse_document, validate_sync_message};
 use crdt_node::mesh::protocol::{unb64, Frame};
 use libfuzzer_sys::fuzz_target;
 

@@ -5,7 +5,7 @@
 
 use automerge::sync;
 use crdt_node::automerge_repo::{doc_id, wire};
-use crdt_node::doc::RunDoc;
+use run_doc::RunDoc;
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 

@@ -1,7 +1,7 @@
 //! A stored snapshot (`crdt_snapshots.snapshot_data`): loaded as the loader does, then read.
 #![no_main]
 
-use crdt_node::doc::RunDoc;
+use run_doc::RunDoc;
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 

@@ -2,7 +2,7 @@
 //! as the node does (Automerge's own panics are caught by the run actor, as here).
 #![no_main]
 
-use crdt_node::doc::{parse_changes, RunDoc};
+use run_doc::{parse_changes, RunDoc};
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use uuid::Uuid;
 
-use crate::doc::{Graft, Mutation, RunState};
 use crate::http::error::ApiError;
 use crate::http::validate;
+use run_doc::{Graft, Mutation, RunState};
 
 /// Close codes: the mesh's, where the meaning is the same.
 pub mod close {

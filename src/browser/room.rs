@@ -20,11 +20,11 @@ use uuid::Uuid;
 use super::protocol::ServerFrame;
 use super::session::{BrowserSession, Kick};
 use super::Shared;
-use crate::doc::RunState;
 use crate::http::error::ApiError;
 use crate::mesh::presence::{MAX_USERS, REFRESH};
 use crate::runs::{GetState, RunError};
 use crate::socket::{Outbox, Queued};
+use run_doc::RunState;
 
 /// A failed state read is retried after this long.
 const RETRY: Duration = Duration::from_secs(1);

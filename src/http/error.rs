@@ -5,8 +5,8 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
-use crate::doc::DocError;
 use crate::runs::RunError;
+use run_doc::DocError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -9,8 +9,8 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::validate;
 use super::AppState;
-use crate::doc::{parse_changes, DocError, Mutation};
 use crate::runs::{ApplySync, GetChanges, GetState, Mutate, MutationOutcome};
+use run_doc::{parse_changes, DocError, Mutation};
 
 /// Most changes one sync request may carry.
 const MAX_CHANGES_PER_SYNC: usize = 10_000;

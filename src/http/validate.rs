@@ -5,8 +5,8 @@ use base64::Engine;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use crate::doc::MAX_LAMPORT;
-use crate::store::RunActivity;
+use run_doc::MAX_LAMPORT;
+use run_store::RunActivity;
 
 /// Longest accepted name (agent, step, user, flag key).
 pub const MAX_NAME: usize = 200;

@@ -71,7 +71,7 @@ impl Broadcaster {
                 timestamp: msg.lamport,
             }];
         }
-        match crate::doc::parse_own_changes(&msg.changes) {
+        match run_doc::parse_own_changes(&msg.changes) {
             Ok(changes) => change_frames(
                 msg.run_id,
                 source_region,

@@ -260,7 +260,7 @@ pub fn change_frames(
             frames.push(Frame::CrdtSync {
                 run_id: run.to_string(),
                 source_region: region.to_string(),
-                changes: b64(&crate::doc::concat_changes(batch.drain(..))),
+                changes: b64(&run_doc::concat_changes(batch.drain(..))),
                 timestamp: lamport,
             });
         }

@@ -9,8 +9,8 @@
 
 use uuid::Uuid;
 
-use crate::doc::{parse_changes, LegacyEvent, RunDoc};
-use crate::store::{Store, StoreError};
+use run_doc::{parse_changes, LegacyEvent, RunDoc};
+use run_store::{Store, StoreError};
 
 pub struct Loaded {
     pub doc: RunDoc,

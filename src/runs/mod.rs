@@ -18,9 +18,9 @@ use std::time::Duration;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::doc::DocError;
 use crate::metrics::Metrics;
-use crate::store::{GroupCommitter, Store};
+use run_doc::DocError;
+use run_store::{GroupCommitter, Store};
 
 pub use run_actor::{
     ApplySync, BadInput, FinalSnapshot, FullState, GetChanges, GetState, Mutate, MutationOutcome,
@@ -244,7 +244,7 @@ impl Runs {
     }
 
     /// A write found the database out of reach: refuse writes until a probe reaches it again.
-    fn store_unavailable(&self, e: &crate::store::StoreError) {
+    fn store_unavailable(&self, e: &run_store::StoreError) {
         if self.inner.store_down.swap(true, Ordering::SeqCst) {
             return;
         }

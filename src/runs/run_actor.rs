@@ -18,9 +18,9 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{loader, Origin, RunChanged, RunError, Runs};
-use crate::doc::{concat_changes, DocError, Graft, Mutation, RunDoc, RunState};
 use crate::metrics::RunClock;
-use crate::store::{NewEvent, Snapshot};
+use run_doc::{concat_changes, DocError, Graft, Mutation, RunDoc, RunState};
+use run_store::{NewEvent, Snapshot};
 
 /// A local mutation, with the user to record in the log.
 #[derive(Message, Debug, Clone)]
@@ -240,7 +240,7 @@ impl RunActor {
     fn report_schema(&mut self, applied: &[Change], from: &str) {
         let foreign: Vec<Change> = applied
             .iter()
-            .filter(|c| crate::doc::Stamp::of(c).is_none())
+            .filter(|c| run_doc::Stamp::of(c).is_none())
             .cloned()
             .collect();
         if foreign.is_empty() {
@@ -317,8 +317,7 @@ impl RunActor {
                     created_at: now,
                     crdt_changes: change.raw_bytes().to_vec(),
                     change_hash: change.hash().as_ref().to_vec(),
-                    source_region: crate::doc::Stamp::of(change)
-                        .map_or(region.clone(), |s| s.region),
+                    source_region: run_doc::Stamp::of(change).map_or(region.clone(), |s| s.region),
                     lamport,
                 }
             })

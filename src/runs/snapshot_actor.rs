@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::run_actor::{RunActor, SnapshotWritten};
 use super::{loader, RunsConfig};
 use crate::metrics::Metrics;
-use crate::store::{Snapshot, Store, StoreError};
+use run_store::{Snapshot, Store, StoreError};
 
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -333,9 +333,9 @@ where
 /// Direct reads of the tables, to check what the node stored.
 pub mod db {
     use super::{Backend, TestDb};
-    use crdt_node::store::schema;
     use diesel::prelude::*;
     use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    use run_store::schema;
     use uuid::Uuid;
 
     /// `event_count` of each stored snapshot of the run, newest first.
@@ -513,7 +513,7 @@ pub fn peak_rss_mib(pid: u32) -> u64 {
 /// few KB once Automerge deflates it, `chars` operations once applied.
 pub fn op_bomb(run: uuid::Uuid, chars: usize) -> Vec<u8> {
     use automerge::transaction::Transactable;
-    let genesis = crdt_node::doc::RunDoc::new(run, "eu").save();
+    let genesis = run_doc::RunDoc::new(run, "eu").save();
     let mut doc = automerge::AutoCommit::load(&genesis).expect("genesis loads");
     let base = doc.get_heads();
     let text = doc

@@ -44,7 +44,7 @@ impl PeerSession {
             }
             .into_actor(self)
             .map(
-                |result: Result<Vec<Vec<Uuid>>, crate::store::StoreError>, act, ctx| {
+                |result: Result<Vec<Vec<Uuid>>, run_store::StoreError>, act, ctx| {
                     let pages = match result {
                         Ok(p) => p,
                         Err(e) => {

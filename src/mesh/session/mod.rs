@@ -31,10 +31,10 @@ use super::protocol::{
 };
 use super::transport::{queue_text, NotQueued};
 use super::MeshConfig;
-use crate::doc::{parse_changes, parse_document, DocError};
 use crate::metrics::Metrics;
 use crate::runs::{ApplySync, FullState, GetChanges, PeerSync, RunError, Runs};
 use crate::socket::{Inbound, Out, Shutdown};
+use run_doc::{parse_changes, parse_document, DocError};
 
 use catchup::Catchup;
 use work::{Slot, Work, MAX_ERROR_RESYNCS, SLOT_IDLE};

@@ -282,7 +282,7 @@ impl PeerSession {
                             .send(run, GetChanges { heads: Vec::new() })
                             .await
                             .and_then(|r| r)?;
-                        let changes = crate::doc::parse_own_changes(&changes)?;
+                        let changes = run_doc::parse_own_changes(&changes)?;
                         let frames = change_frames(run, &region, lamport, &changes, max_frame);
                         log::info!(
                             "mesh: run {run} saves to {} bytes, over one frame: sending its {} changes in {} frames",
@@ -437,9 +437,9 @@ fn sync_frames(
             // Our own message: a document chunk, or change chunks, re-framed without the
             // bounds meant for what peers send.
             changes.extend(if chunk.len() > 8 && chunk[8] == 0 {
-                crate::doc::parse_own_document(chunk)?
+                run_doc::parse_own_document(chunk)?
             } else {
-                crate::doc::parse_own_changes(chunk)?
+                run_doc::parse_own_changes(chunk)?
             });
         }
         frames = change_frames(run, region, lamport, &changes, max_frame);

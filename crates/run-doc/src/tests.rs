@@ -1056,7 +1056,8 @@ fn legacy_replay_is_byte_identical_on_every_node_and_skips_malformed_rows() {
 /// torn or hostile snapshot (or CRDT_FULL_SYNC state) must be an error, not a dead thread.
 #[test]
 fn a_document_that_makes_automerge_panic_is_refused() {
-    let bytes = include_bytes!("../../fuzz/corpus/snapshot_load/regression-automerge-load-panic");
+    let bytes =
+        include_bytes!("../../../fuzz/corpus/snapshot_load/regression-automerge-load-panic");
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let loaded = RunDoc::load(Uuid::from_u128(7), "r", bytes);
@@ -1069,7 +1070,8 @@ fn a_document_that_makes_automerge_panic_is_refused() {
 /// Found by the `sync_changes` fuzz target: Automerge 0.12 panics verifying this change chunk.
 #[test]
 fn a_change_that_makes_automerge_panic_is_refused() {
-    let bytes = include_bytes!("../../fuzz/corpus/sync_changes/regression-automerge-parse-panic");
+    let bytes =
+        include_bytes!("../../../fuzz/corpus/sync_changes/regression-automerge-parse-panic");
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let parsed = parse_changes(bytes);

@@ -486,7 +486,7 @@ mod tests {
             "snapshot_load-oom-automerge-load",
             "snapshot_load-oom-automerge-load-2",
         ] {
-            let path = format!("{}/fuzz/known/{name}", env!("CARGO_MANIFEST_DIR"));
+            let path = format!("{}/../../fuzz/known/{name}", env!("CARGO_MANIFEST_DIR"));
             let bytes = std::fs::read(&path).unwrap();
             let err = Budget::default().admit_all(&bytes).unwrap_err();
             assert!(err.to_string().contains("not accepted"), "{name}: {err}");
