@@ -36,9 +36,9 @@ use uuid::Uuid;
 
 use common::mesh::{raw_peer, TestMesh, SECRET};
 use common::{Backend, Client};
-use crdt_node::mesh::protocol;
 use http::{http_request, Conn};
 use run_doc::{parse_changes, Mutation, RunDoc};
+use run_wire::mesh as protocol;
 
 fn main() {
     let args = args::Args::from_env();

@@ -1,5 +1,6 @@
 //! crdt-node library: see README.md and ../DESIGN for the architecture.
 pub mod admission;
+pub mod api_error;
 pub mod automerge_repo;
 pub mod browser;
 pub mod config;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use common::mesh::{converged, holds, lone_node, raw_peer, ws_url, TestMesh, Ws, SECRET};
 use common::{eventually, metric, run_url, Backend, Client, Node};
-use crdt_node::mesh::protocol;
+use run_wire::mesh as protocol;
 
 const REGIONS: [&str; 3] = ["us-east-1", "eu-central-1", "ap-southeast-1"];
 const FULL: [(usize, usize); 3] = [(0, 1), (0, 2), (1, 2)];
@@ -490,7 +490,7 @@ async fn bad_peers_and_bad_frames_are_refused_and_counted() {
 
     // The raw handshake with a wrong proof: closed with the auth code.
     let (_, reply) = handshake(target, "wrong").await;
-    assert_eq!(reply["closed"][0], protocol::close::AUTH_FAILED, "{reply}");
+    assert_eq!(reply["closed"][0], run_wire::close::UNAUTHORIZED, "{reply}");
 
     // With the right secret, bad frames are answered with a reason; the link stays up.
     let (mut ws, _first) = handshake(target, SECRET).await;

@@ -1,7 +1,7 @@
 //! A browser session's text frame: decoded, validated and, for a mutation, applied to a run.
 #![no_main]
 
-use crdt_node::browser::protocol::{decode, ClientFrame};
+use run_wire::browser::{decode, ClientFrame};
 use run_doc::RunDoc;
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;

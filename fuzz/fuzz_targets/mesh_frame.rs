@@ -4,7 +4,7 @@
 
 use automerge::sync;
 use run_doc::{parse_changes, parse_document, validate_sync_message};
-use crdt_node::mesh::protocol::{unb64, Frame};
+use run_wire::mesh::{unb64, Frame};
 use libfuzzer_sys::fuzz_target;
 
 static QUIET: std::sync::Once = std::sync::Once::new();

@@ -4,7 +4,7 @@
 #![no_main]
 
 use automerge::sync;
-use crdt_node::automerge_repo::{doc_id, wire};
+use run_wire::automerge_repo::{doc_id, wire};
 use run_doc::RunDoc;
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;

@@ -11,8 +11,9 @@ use uuid::Uuid;
 
 use super::room::{AddMember, CloseRoom, DocRoom, Member, RemoveMember, RunCommitted};
 use super::session::{Kick, RepoSession};
-use super::{close, Shared};
+use super::Shared;
 use crate::runs::RunChanged;
+use run_wire::close;
 
 /// A connection joined as `peer_id`; an older connection of the same peer is closed.
 #[derive(Message)]

@@ -14,11 +14,9 @@
 //! clients like any other. Close codes: 4001 refused token, 4002 protocol error, 4008 silent,
 //! 4009 too far behind, 1001 node stopping, 1013 database unavailable (retry later).
 
-pub mod doc_id;
 mod hub;
 mod room;
 mod session;
-pub mod wire;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,21 +31,6 @@ use crate::metrics::Metrics;
 use crate::runs::Runs;
 use hub::Hub;
 use session::RepoSession;
-
-/// Close codes of this protocol (shared with the other WebSocket edges where they mean the
-/// same).
-pub mod close {
-    pub use crate::mesh::protocol::close::{
-        AUTH_FAILED as UNAUTHORIZED, PROTOCOL_VERSION as PROTOCOL, SLOW_PEER as TOO_SLOW, TIMEOUT,
-    };
-    pub const GOING_AWAY: u16 = 1001;
-    /// A peer with the same id joined on another connection.
-    pub const REPLACED: u16 = 4010;
-    /// The database is out of reach: nothing from the client could be stored.
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// What the client sent would cost more than one message may (operations, inflated size).
-    pub const TOO_BIG: u16 = 1009;
-}
 
 #[derive(Debug, Clone)]
 pub struct RepoConfig {

@@ -17,10 +17,12 @@ use automerge::sync;
 use uuid::Uuid;
 
 use super::session::{Kick, RepoSession};
-use super::wire::{Ephemeral, ToClient};
-use super::{close, doc_id, Shared};
+use super::Shared;
 use crate::runs::{BadInput, PeerSync, PeerSyncReply, RunError};
 use crate::socket::{Outbox, Queued};
+use run_wire::automerge_repo::doc_id;
+use run_wire::automerge_repo::wire::{Ephemeral, ToClient};
+use run_wire::close;
 
 pub struct Member {
     pub peer_id: String,

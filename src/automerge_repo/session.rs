@@ -17,9 +17,11 @@ use uuid::Uuid;
 
 use super::hub::{Hub, Open, Register, Unregister};
 use super::room::{DocRoom, Incoming, Member, Relay};
-use super::wire::{self, FromClient, ToClient, PROTOCOL_V1};
-use super::{close, doc_id, ConnectionSlot, Shared};
+use super::{ConnectionSlot, Shared};
 use crate::socket::{Inbound, Out, Outbox, Queued, Shutdown};
+use run_wire::automerge_repo::doc_id;
+use run_wire::automerge_repo::wire::{self, FromClient, ToClient, PROTOCOL_V1};
+use run_wire::close;
 
 /// The largest ephemeral payload relayed to a document's other clients.
 pub const MAX_EPHEMERAL_BYTES: usize = 64 * 1024;

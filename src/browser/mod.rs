@@ -12,7 +12,6 @@
 
 mod hub;
 pub mod presence;
-pub mod protocol;
 mod room;
 mod session;
 

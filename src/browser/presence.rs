@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use super::protocol::Viewer;
 use crate::mesh::presence::{PresenceUser, PRESENCE_TTL};
+use run_wire::browser::Viewer;
 
 struct Remote {
     region: String,

@@ -17,14 +17,14 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use uuid::Uuid;
 
-use super::protocol::ServerFrame;
 use super::session::{BrowserSession, Kick};
 use super::Shared;
-use crate::http::error::ApiError;
+use crate::api_error::ApiError;
 use crate::mesh::presence::{MAX_USERS, REFRESH};
 use crate::runs::{GetState, RunError};
 use crate::socket::{Outbox, Queued};
 use run_doc::RunState;
+use run_wire::browser::ServerFrame;
 
 /// A failed state read is retried after this long.
 const RETRY: Duration = Duration::from_secs(1);

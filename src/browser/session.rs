@@ -14,12 +14,12 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::hub::{Hub, Join, Leave};
-use super::protocol::{self, close, ClientFrame, Op, ServerFrame, MAX_OP_ID};
 use super::{SessionSlot, Shared};
-use crate::http::error::ApiError;
-use crate::http::validate;
+use crate::api_error::ApiError;
 use crate::runs::Mutate;
 use crate::socket::{Inbound, Out, Outbox, Shutdown};
+use run_wire::browser::{self as protocol, ClientFrame, Op, ServerFrame, MAX_OP_ID};
+use run_wire::close;
 
 /// Mutations one session may have waiting for their commit.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -168,7 +168,7 @@ impl BrowserSession {
                 );
             }
         }
-        let user = match validate::name("user", user.as_deref()) {
+        let user = match run_doc::rules::name("user", user.as_deref()).map_err(ApiError::from) {
             Ok(u) => u,
             Err(e) => return self.error(None, e.code(), &e.to_string(), ctx),
         };
@@ -206,7 +206,7 @@ impl BrowserSession {
             let message = format!("more than {MAX_IN_FLIGHT} mutations waiting; wait for acks");
             return self.error(op_id.as_deref(), "busy", &message, ctx);
         }
-        let mutation = match op.into_mutation(&user) {
+        let mutation = match op.into_mutation(&user).map_err(ApiError::from) {
             Ok(m) => m,
             Err(e) => return self.error(op_id.as_deref(), e.code(), &e.to_string(), ctx),
         };

@@ -9,7 +9,8 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::{auth, ApiToken, AppState};
-use crate::automerge_repo::{close, doc_id};
+use run_wire::automerge_repo::doc_id;
+use run_wire::close;
 
 pub fn socket(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws/automerge", web::get().to(connect));

@@ -90,7 +90,7 @@ async fn state(
         obj.insert("region".into(), json!(app.region));
         obj.insert(
             "automergeUrl".into(),
-            json!(crate::automerge_repo::doc_id::url(run_id)),
+            json!(run_wire::automerge_repo::doc_id::url(run_id)),
         );
     }
     Ok(HttpResponse::Ok().json(body))

@@ -5,55 +5,22 @@ use base64::Engine;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use run_doc::MAX_LAMPORT;
+use run_doc::rules;
 use run_store::RunActivity;
-
-/// Longest accepted name (agent, step, user, flag key).
-pub const MAX_NAME: usize = 200;
 
 pub fn run_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw)
         .map_err(|e| ApiError::invalid("runId", format!("{raw:?} is not a UUID: {e}")))
 }
 
-/// A required, trimmed, printable name.
+/// A required, trimmed, printable name (the domain's rule, answered as a 400).
 pub fn name(field: &'static str, value: Option<&str>) -> Result<String, ApiError> {
-    let value = value.map(str::trim).unwrap_or("");
-    if value.is_empty() {
-        return Err(ApiError::invalid(
-            field,
-            "is required and must not be empty",
-        ));
-    }
-    if value.chars().count() > MAX_NAME {
-        return Err(ApiError::invalid(
-            field,
-            format!("is longer than {MAX_NAME} characters"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    Ok(value.to_string())
+    Ok(rules::name(field, value)?)
 }
 
-/// A region name as the event log stores it (VARCHAR(50)).
+/// A region name as the event log stores it.
 pub fn region(field: &'static str, value: Option<&str>) -> Result<String, ApiError> {
-    let value = name(field, value)?;
-    if value.len() > 50
-        || !value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(ApiError::invalid(
-            field,
-            "must be 1-50 letters, digits, '-' or '_'",
-        ));
-    }
-    Ok(value)
+    Ok(rules::region(field, value)?)
 }
 
 pub fn base64(field: &'static str, value: Option<&str>) -> Result<Vec<u8>, ApiError> {
@@ -64,17 +31,7 @@ pub fn base64(field: &'static str, value: Option<&str>) -> Result<Vec<u8>, ApiEr
 }
 
 pub fn lamport(field: &'static str, value: Option<i64>) -> Result<Option<u64>, ApiError> {
-    match value {
-        None => Ok(None),
-        Some(v) => match u64::try_from(v) {
-            Ok(l) if l <= MAX_LAMPORT => Ok(Some(l)),
-            Ok(_) => Err(ApiError::invalid(
-                field,
-                format!("must be at most {MAX_LAMPORT}"),
-            )),
-            Err(_) => Err(ApiError::invalid(field, "must not be negative")),
-        },
-    }
+    Ok(rules::lamport(field, value)?)
 }
 
 /// Comma-separated hex change hashes.
@@ -91,24 +48,8 @@ pub fn heads(raw: Option<&str>) -> Result<Vec<ChangeHash>, ApiError> {
         .collect()
 }
 
-/// Deepest nesting accepted in a flag value.
-pub const MAX_JSON_DEPTH: usize = 32;
-
 pub fn json_depth(field: &'static str, value: &serde_json::Value) -> Result<(), ApiError> {
-    fn depth(v: &serde_json::Value) -> usize {
-        match v {
-            serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
-            serde_json::Value::Object(fields) => 1 + fields.values().map(depth).max().unwrap_or(0),
-            _ => 0,
-        }
-    }
-    if depth(value) > MAX_JSON_DEPTH {
-        return Err(ApiError::invalid(
-            field,
-            format!("nests deeper than {MAX_JSON_DEPTH} levels"),
-        ));
-    }
-    Ok(())
+    Ok(rules::json_depth(field, value)?)
 }
 
 /// A runs-list cursor: the last entry of the previous page, as `<micros since epoch>.<uuid>`.

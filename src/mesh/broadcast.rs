@@ -9,11 +9,12 @@ use actix::prelude::*;
 
 use super::directory::MeshState;
 use super::directory::SessionHandle;
-use super::protocol::{self, change_frames, close, encoded_len, Frame};
 use super::session::CloseLink;
 use super::transport::{queue_text, NotQueued};
 use crate::metrics::Metrics;
 use crate::runs::{Origin, RunChanged};
+use run_wire::close;
+use run_wire::mesh::{self as protocol, change_frames, encoded_len, Frame};
 
 pub struct Broadcaster {
     pub mesh: MeshState,
@@ -109,7 +110,7 @@ impl Broadcaster {
             // The peer's catch-up on reconnect brings what it misses now.
             Err(NotQueued::Full) => {
                 session.addr.do_send(CloseLink {
-                    code: close::SLOW_PEER,
+                    code: close::TOO_SLOW,
                     reason: "outgoing queue full".into(),
                 });
                 false

@@ -12,7 +12,6 @@ pub mod broadcast;
 pub mod connector;
 pub mod directory;
 pub mod presence;
-pub mod protocol;
 pub mod session;
 pub mod transport;
 

@@ -10,32 +10,19 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use actix::prelude::*;
-use serde::{Deserialize, Serialize};
+
 use uuid::Uuid;
 
 use super::directory::MeshState;
-use super::protocol::Frame;
 use super::transport::queue_text;
 use crate::metrics::Metrics;
+use run_wire::mesh::Frame;
 
-/// How often a node re-announces the viewers it has.
-pub const REFRESH: Duration = Duration::from_secs(10);
-/// How long an announcement holds without a refresh.
-pub const PRESENCE_TTL: Duration = Duration::from_secs(30);
-/// Most distinct users one announcement may list.
-pub const MAX_USERS: usize = 1000;
+pub use run_wire::presence::{PresenceUser, MAX_USERS, PRESENCE_TTL, REFRESH};
 /// Announcements remembered for deduplication before the memory is cleared.
 const MAX_SEEN: usize = 100_000;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PresenceUser {
-    pub user: String,
-    /// Open sessions of this user on the run, on the announcing node.
-    pub sessions: u32,
-}
 
 /// What the mesh tells its presence subscriber (the browser edge).
 #[derive(Message, Debug, Clone)]

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use crdt_node::mesh::protocol;
+use run_wire::mesh as protocol;
 
 use super::proxy::Proxy;
 use super::{eventually, run_url, Backend, Client, Node, TestDb};

@@ -195,13 +195,8 @@ impl Stamp {
     /// timestamp within [`super::MAX_LAMPORT`].
     pub fn parse(message: &str) -> Option<Stamp> {
         let stamp: Stamp = serde_json::from_str(message).ok()?;
-        let region_ok = !stamp.region.is_empty()
-            && stamp.region.len() <= 50
-            && stamp
-                .region
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        (region_ok && stamp.lamport <= super::MAX_LAMPORT).then_some(stamp)
+        let ok = super::rules::is_region(&stamp.region) && stamp.lamport <= super::MAX_LAMPORT;
+        ok.then_some(stamp)
     }
 }
 

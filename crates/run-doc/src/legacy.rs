@@ -22,8 +22,6 @@ use super::{Mutation, RunDoc};
 
 /// Prefix of legacy actor ids: never the genesis actor, never a random incarnation's.
 const LEGACY_ACTOR_PREFIX: &[u8] = b"crdt-node:legacy:";
-/// Longest name a legacy row may carry (as the API accepts).
-const MAX_NAME: usize = 200;
 
 /// One legacy row, as stored.
 #[derive(Debug, Clone, Copy)]
@@ -70,12 +68,9 @@ fn graft_id(run_id: Uuid, position: usize) -> Uuid {
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
-fn name(field: &str, value: Option<String>) -> Result<String, String> {
-    let value = value.map(|v| v.trim().to_string()).unwrap_or_default();
-    if value.is_empty() || value.chars().count() > MAX_NAME || value.chars().any(char::is_control) {
-        return Err(format!("`{field}` is missing or not a valid name"));
-    }
-    Ok(value)
+fn name(field: &'static str, value: Option<String>) -> Result<String, String> {
+    super::rules::name(field, value.as_deref())
+        .map_err(|_| format!("`{field}` is missing or not a valid name"))
 }
 
 /// The mutation a legacy row describes, and the region it was made in.
@@ -87,11 +82,7 @@ fn mutation(run_id: Uuid, position: usize, e: &LegacyEvent) -> Result<(Mutation,
     // As change stamps carry regions (else peers would not read the stamp).
     let region = p
         .region
-        .filter(|r| {
-            (1..=50).contains(&r.len())
-                && r.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
+        .filter(|r| super::rules::is_region(r))
         .unwrap_or_else(|| "legacy".to_string());
     let m = match e.event_type {
         "GRAFT" => Mutation::Graft {

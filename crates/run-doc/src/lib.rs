@@ -19,6 +19,7 @@ mod genesis;
 mod graft_index;
 mod json;
 mod legacy;
+pub mod rules;
 mod schema;
 mod state;
 
@@ -39,6 +40,8 @@ pub use changes::{
 };
 pub use genesis::genesis_actor;
 pub use legacy::{legacy_actor, LegacyEvent};
+use rules::MAX_FOREIGN_JUMP;
+pub use rules::{MAX_LAMPORT, MAX_LAMPORT_STEP};
 pub use state::{Graft, PrunedStep, RunState};
 
 use genesis::{FLAGS, GRAFTS, PRUNED_STEPS};
@@ -803,17 +806,6 @@ fn object<const N: usize>(fields: [(&str, ScalarValue); N]) -> automerge::hydrat
         .collect();
     automerge::hydrate::Value::from(map)
 }
-
-/// How far past the run's clock a foreign client's own `lamport` field may move it.
-const MAX_FOREIGN_JUMP: u64 = 1 << 20;
-
-/// How far past the run's clock a node's stamp (or a request's `lamportTimestamp`) may be.
-/// Twice the client jump: a node's stamp may follow a client's largest allowed jump.
-pub const MAX_LAMPORT_STEP: u64 = 2 * MAX_FOREIGN_JUMP;
-
-/// The largest Lamport timestamp accepted: JavaScript's largest safe integer. A stamp beyond it
-/// is ignored, so one bad peer cannot exhaust the clock.
-pub const MAX_LAMPORT: u64 = (1 << 53) - 1;
 
 /// Lamport timestamps are stored as signed integers: JavaScript clients and BIGINT columns
 /// both read them without surprises.

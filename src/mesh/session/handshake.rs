@@ -7,7 +7,7 @@ impl PeerSession {
     pub(super) fn on_hello(&mut self, hello: Hello, version: u32, ctx: &mut Context<Self>) {
         if version != PROTOCOL_VERSION {
             return self.close(
-                close::PROTOCOL_VERSION,
+                close::PROTOCOL,
                 format!(
                     "protocol version {version} is not supported (this node speaks {PROTOCOL_VERSION})"
                 ),
@@ -102,7 +102,7 @@ impl PeerSession {
         {
             return self.refuse(
                 "auth",
-                close::AUTH_FAILED,
+                close::UNAUTHORIZED,
                 "authentication failed: the peer does not know the mesh secret".into(),
                 ctx,
             );

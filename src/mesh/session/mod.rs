@@ -26,15 +26,16 @@ use uuid::Uuid;
 
 use super::directory::{Direction, LinkStats, MeshState, PeerIdentity, SessionHandle};
 use super::presence::{Announcement, PeerPresence, MAX_USERS};
-use super::protocol::{
-    self, change_frames, close, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
-};
 use super::transport::{queue_text, NotQueued};
 use super::MeshConfig;
 use crate::metrics::Metrics;
 use crate::runs::{ApplySync, FullState, GetChanges, PeerSync, RunError, Runs};
 use crate::socket::{Inbound, Out, Shutdown};
 use run_doc::{parse_changes, parse_document, DocError};
+use run_wire::close;
+use run_wire::mesh::{
+    self as protocol, change_frames, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
+};
 
 use catchup::Catchup;
 use work::{Slot, Work, MAX_ERROR_RESYNCS, SLOT_IDLE};
@@ -174,7 +175,7 @@ impl PeerSession {
                 "mesh: not sending a {kind} frame of {len} bytes to {}: over crdt.mesh.max-frame-bytes",
                 self.peer_label()
             ),
-            Err(NotQueued::Full) => self.close(close::SLOW_PEER, "outgoing queue full".into(), ctx),
+            Err(NotQueued::Full) => self.close(close::TOO_SLOW, "outgoing queue full".into(), ctx),
             Err(NotQueued::Closed) => ctx.stop(),
         }
     }

@@ -119,7 +119,7 @@ impl PeerSession {
         let size = work.size();
         if self.queued >= MAX_QUEUED || self.queued_bytes + size > MAX_QUEUED_BYTES {
             return self.close(
-                close::SLOW_PEER,
+                close::TOO_SLOW,
                 format!(
                     "{} frames ({} bytes) waiting to be applied",
                     self.queued, self.queued_bytes

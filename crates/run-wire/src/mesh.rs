@@ -18,17 +18,6 @@ use sha2::Sha256;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// WebSocket close codes this protocol uses (4000–4999 is the application range).
-pub mod close {
-    pub const AUTH_FAILED: u16 = 4001;
-    pub const PROTOCOL_VERSION: u16 = 4002;
-    pub const HANDSHAKE: u16 = 4003;
-    pub const SELF_LINK: u16 = 4004;
-    pub const NO_SECRET: u16 = 4005;
-    pub const TIMEOUT: u16 = 4008;
-    pub const SLOW_PEER: u16 = 4009;
-}
-
 /// One frame of the mesh protocol.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
@@ -86,7 +75,7 @@ pub enum Frame {
         region: String,
         epoch: u64,
         seq: u64,
-        users: Vec<super::presence::PresenceUser>,
+        users: Vec<crate::presence::PresenceUser>,
     },
     /// Why the peer's frame was rejected; the link stays open.
     #[serde(rename_all = "camelCase")]

@@ -12,17 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use uuid::Uuid;
 
-use crate::http::error::ApiError;
-use crate::http::validate;
+use run_doc::rules::{self, Invalid};
 use run_doc::{Graft, Mutation, RunState};
-
-/// Close codes: the mesh's, where the meaning is the same.
-pub mod close {
-    pub use crate::mesh::protocol::close::{
-        AUTH_FAILED as UNAUTHORIZED, SLOW_PEER as TOO_SLOW, TIMEOUT,
-    };
-    pub const GOING_AWAY: u16 = 1001;
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
@@ -76,20 +67,20 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Json>, D::Er
 pub const MAX_OP_ID: usize = 100;
 
 impl Op {
-    /// Validates the operation as the HTTP routes do and turns it into a mutation by `user`.
-    pub fn into_mutation(self, user: &str) -> Result<Mutation, ApiError> {
+    /// Validates the operation by the domain's rules (as the HTTP routes do) and turns it into a mutation by `user`.
+    pub fn into_mutation(self, user: &str) -> Result<Mutation, Invalid> {
         Ok(match self {
             Op::Graft {
                 id,
                 agent,
                 after_step,
             } => {
-                let agent = validate::name("agent", agent.as_deref())?;
-                let after_step = validate::name("afterStep", after_step.as_deref())?;
+                let agent = rules::name("agent", agent.as_deref())?;
+                let after_step = rules::name("afterStep", after_step.as_deref())?;
                 let (id, retry_safe) = match id.as_deref() {
                     Some(raw) => (
                         Uuid::parse_str(raw).map_err(|e| {
-                            ApiError::invalid("id", format!("{raw:?} is not a UUID: {e}"))
+                            Invalid::new("id", format!("{raw:?} is not a UUID: {e}"))
                         })?,
                         true,
                     ),
@@ -104,21 +95,21 @@ impl Op {
                 }
             }
             Op::Prune { step_id } => Mutation::Prune {
-                step_id: validate::name("stepId", step_id.as_deref())?,
+                step_id: rules::name("stepId", step_id.as_deref())?,
                 user: user.to_string(),
             },
             Op::Unprune { step_id } => Mutation::Unprune {
-                step_id: validate::name("stepId", step_id.as_deref())?,
+                step_id: rules::name("stepId", step_id.as_deref())?,
             },
             Op::SetFlag { key, value } => {
-                let key = validate::name("key", key.as_deref())?;
-                let value = value
-                    .ok_or_else(|| ApiError::invalid("value", "is required (any JSON value)"))?;
-                validate::json_depth("value", &value)?;
+                let key = rules::name("key", key.as_deref())?;
+                let value =
+                    value.ok_or_else(|| Invalid::new("value", "is required (any JSON value)"))?;
+                rules::json_depth("value", &value)?;
                 Mutation::SetFlag { key, value }
             }
             Op::DeleteFlag { key } => Mutation::DeleteFlag {
-                key: validate::name("key", key.as_deref())?,
+                key: rules::name("key", key.as_deref())?,
             },
         })
     }

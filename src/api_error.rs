@@ -1,0 +1,82 @@
+//! The errors the node answers requests with, one vocabulary for every edge that answers a
+//! person or a service: the HTTP API (a status code and `{"error", "message"}`) and browser
+//! sessions (an `ERROR` frame with the same code and message).
+
+use run_doc::rules::Invalid;
+use run_doc::DocError;
+
+use crate::runs::RunError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("request body is larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    /// A body within the byte limit whose content costs too much (operations, inflated size).
+    #[error("{0}")]
+    TooLargeContent(String),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Invalid { .. } => "invalid_field",
+            ApiError::TooLarge { .. } | ApiError::TooLargeContent(_) => "payload_too_large",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Unprocessable(_) => "unprocessable",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<RunError> for ApiError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Unavailable(_) | RunError::Stopped => ApiError::Unavailable(e.to_string()),
+            RunError::Doc(DocError::InvalidChanges(_)) => ApiError::BadRequest(e.to_string()),
+            RunError::Doc(DocError::TooLarge(ref why)) => ApiError::TooLargeContent(why.clone()),
+            RunError::Doc(DocError::MissingDependencies(_))
+            | RunError::Doc(DocError::Refused { .. })
+            | RunError::PartiallyApplied { .. } => ApiError::Unprocessable(e.to_string()),
+            RunError::Doc(DocError::Schema(_)) | RunError::Doc(DocError::ClockJump(_)) => {
+                ApiError::Unprocessable(e.to_string())
+            }
+            RunError::Doc(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::Invalid {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
