@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::session::{Kick, RepoSession};
 use super::Shared;
-use crate::runs::{BadInput, PeerSync, PeerSyncReply, RunError};
+use crate::runs::{BadInput, RunError, SyncStep, SyncStepReply};
 use crate::socket::{Outbox, Queued};
 use run_wire::automerge_repo::doc_id;
 use run_wire::automerge_repo::wire::{Ephemeral, ToClient};
@@ -169,7 +169,7 @@ impl DocRoom {
         let incoming = peer.inbox.pop_front();
         // Whether a message came, and whether the client holds the document.
         let asked = incoming.as_ref().map(|m| !m.heads.is_empty());
-        let msg = PeerSync {
+        let msg = SyncStep {
             state,
             incoming,
             source_region: self.shared.config.region.clone(),
@@ -177,25 +177,20 @@ impl DocRoom {
             client: Some(peer.member.peer_id.clone()),
         };
         let (runs, run_id) = (self.shared.runs.clone(), self.run_id);
-        let step = async move { runs.send(run_id, msg).await };
+        let step = async move { runs.sync_step(run_id, msg).await };
         ctx.spawn(step.into_actor(self).map(move |result, act, ctx| {
             act.stepped(conn, asked, result);
             act.pump(conn, ctx);
         }));
     }
 
-    fn stepped(
-        &mut self,
-        conn: u64,
-        asked: Option<bool>,
-        result: Result<Result<PeerSyncReply, RunError>, RunError>,
-    ) {
+    fn stepped(&mut self, conn: u64, asked: Option<bool>, result: Result<SyncStepReply, RunError>) {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
         let shared = &self.shared;
         let fresh = || Box::new(sync::State::new());
-        let reply = match result.and_then(|r| r) {
+        let reply = match result {
             Ok(reply) => reply,
             Err(e) => {
                 peer.state = Some(fresh());

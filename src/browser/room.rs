@@ -21,7 +21,7 @@ use super::session::{BrowserSession, Kick};
 use super::Shared;
 use crate::api_error::ApiError;
 use crate::mesh::presence::{MAX_USERS, REFRESH};
-use crate::runs::{GetState, RunError};
+use crate::runs::RunError;
 use crate::socket::{Outbox, Queued};
 use run_doc::RunState;
 use run_wire::browser::ServerFrame;
@@ -115,10 +115,10 @@ impl RunRoom {
         self.dirty = false;
         let runs = self.shared.runs.clone();
         let run_id = self.run_id;
-        let fut = async move { runs.send(run_id, GetState).await };
+        let fut = async move { runs.state(run_id).await };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
             act.fetching = false;
-            match result.and_then(|r| r) {
+            match result {
                 Ok(state) => act.fetched(&state),
                 Err(e) => act.failed(e, ctx),
             }

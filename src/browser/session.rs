@@ -218,13 +218,10 @@ impl BrowserSession {
             user: Some(user),
             op_id: op_id.clone(),
         };
-        let fut = async move { runs.send(run_id, msg).await };
+        let fut = async move { runs.mutate(run_id, msg).await };
         ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
             act.in_flight -= 1;
-            match result
-                .map_err(ApiError::from)
-                .and_then(|r| r.map_err(ApiError::from))
-            {
+            match result.map_err(ApiError::from) {
                 Ok(out) => act.send(
                     ServerFrame::Ack {
                         op_id: op_id.as_deref(),

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::validate;
 use super::AppState;
-use crate::runs::{ApplySync, GetChanges, GetState, Mutate, MutationOutcome};
+use crate::runs::{Mutate, MutationOutcome, RemoteChanges};
 use run_doc::{parse_changes, DocError, Mutation};
 
 /// Most changes one sync request may carry.
@@ -52,19 +52,10 @@ async fn list(
         ));
     }
     let after = query.cursor.as_deref().map(validate::cursor).transpose()?;
-    // One more than asked says whether there is a next page.
-    let mut page = app
-        .runs
-        .store()
-        .recent_runs(after.as_ref(), limit + 1)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    let more = page.len() as i64 > limit;
-    page.truncate(limit as usize);
-    let next = more
-        .then(|| page.last().map(validate::encode_cursor))
-        .flatten();
+    let page = app.runs.recent_runs(after.as_ref(), limit).await?;
+    let next = page.next.as_ref().map(validate::encode_cursor);
     let runs: Vec<Json> = page
+        .runs
         .iter()
         .map(|r| {
             json!({
@@ -83,7 +74,7 @@ async fn state(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path)?;
-    let state = app.runs.send(run_id, GetState).await??;
+    let state = app.runs.state(run_id).await?;
     let mut body = serde_json::to_value(&state).map_err(|e| ApiError::Internal(e.to_string()))?;
     if let Some(obj) = body.as_object_mut() {
         obj.insert("runId".into(), json!(run_id));
@@ -108,12 +99,12 @@ async fn changes(
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path)?;
     let heads = validate::heads(query.heads.as_deref())?;
-    let (bytes, count, heads) = app.runs.send(run_id, GetChanges { heads }).await??;
+    let since = app.runs.changes_since(run_id, heads).await?;
     Ok(HttpResponse::Ok().json(json!({
         "runId": run_id,
-        "changes": validate::encode(&bytes),
-        "count": count,
-        "heads": heads,
+        "changes": validate::encode(&since.changes),
+        "count": since.count,
+        "heads": since.heads,
     })))
 }
 
@@ -152,16 +143,16 @@ async fn sync(
         }
         let out = app
             .runs
-            .send(
+            .apply_changes(
                 run_id,
-                ApplySync {
+                RemoteChanges {
                     changes,
                     source_region,
                     lamport,
                     via: None,
                 },
             )
-            .await??;
+            .await?;
         Ok::<_, ApiError>(json!({
             "runId": run_id,
             "applied": out.applied,
@@ -200,7 +191,7 @@ async fn answer(
         user,
         op_id: None,
     };
-    let out = app.runs.send(run_id, msg).await??;
+    let out = app.runs.mutate(run_id, msg).await?;
     let mut body = serde_json::Map::new();
     body.insert("changed".into(), json!(out.changed));
     body.insert("lamport".into(), json!(out.lamport));

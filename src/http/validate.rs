@@ -5,8 +5,8 @@ use base64::Engine;
 use uuid::Uuid;
 
 use super::error::ApiError;
+use crate::runs::RunActivity;
 use run_doc::rules;
-use run_store::RunActivity;
 
 pub fn run_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw)

@@ -5,6 +5,7 @@
 //! changes are published to subscribers given as `Recipient<RunChanged>`, so the core never
 //! imports the edges (HTTP, mesh, browser sessions) that consume them.
 
+mod api;
 pub mod loader;
 mod run_actor;
 mod snapshot_actor;
@@ -22,11 +23,13 @@ use crate::metrics::Metrics;
 use run_doc::DocError;
 use run_store::{GroupCommitter, Store};
 
-pub use run_actor::{
-    ApplySync, BadInput, FinalSnapshot, FullState, GetChanges, GetState, Mutate, MutationOutcome,
-    PeerSync, PeerSyncReply, RunActor, SyncOutcome,
+pub use api::{
+    BadInput, ChangesSince, FullDocument, Health, Mutate, MutationOutcome, RemoteChanges, RunsPage,
+    SyncOutcome, SyncStep, SyncStepReply,
 };
-pub use snapshot_actor::SnapshotActor;
+use run_actor::{FinalSnapshot, RunActor};
+pub use run_store::RunActivity;
+use snapshot_actor::SnapshotActor;
 
 /// What the runtime needs to know of the configuration.
 #[derive(Debug, Clone)]
@@ -161,10 +164,6 @@ impl Runs {
         }
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
-    }
-
     /// Adds a subscriber to every committed change of every run.
     pub fn subscribe(&self, recipient: Recipient<RunChanged>) {
         if let Ok(mut feed) = self.inner.feed.write() {
@@ -173,7 +172,7 @@ impl Runs {
     }
 
     /// Sends `msg` to the run's actor, starting (and loading) it first if needed.
-    pub async fn send<M>(&self, run_id: Uuid, msg: M) -> Result<M::Result, RunError>
+    async fn send<M>(&self, run_id: Uuid, msg: M) -> Result<M::Result, RunError>
     where
         M: Message + Send + Clone + 'static,
         M::Result: Send,

@@ -27,13 +27,13 @@ impl PeerSession {
     /// Sends the ids of every run this node holds, page by page, and keeps them for catch-up.
     pub(super) fn list_runs(&mut self, ctx: &mut Context<Self>) {
         self.catchup.started = Some(Instant::now());
-        let store = self.runs.store().clone();
+        let runs = self.runs.clone();
         ctx.spawn(
             async move {
                 let mut all = Vec::new();
                 let mut after = None;
                 loop {
-                    let page = store.list_runs(after, RUNS_PAGE).await?;
+                    let page = runs.stored_runs(after, RUNS_PAGE).await?;
                     after = page.last().copied();
                     let done = (page.len() as i64) < RUNS_PAGE;
                     all.push(page);
@@ -43,37 +43,35 @@ impl PeerSession {
                 }
             }
             .into_actor(self)
-            .map(
-                |result: Result<Vec<Vec<Uuid>>, run_store::StoreError>, act, ctx| {
-                    let pages = match result {
-                        Ok(p) => p,
-                        Err(e) => {
-                            return act.close(
-                                close::HANDSHAKE,
-                                format!("cannot list runs for catch-up: {e}"),
-                                ctx,
-                            )
-                        }
-                    };
-                    let count = pages.len();
-                    let mut mine = HashMap::new();
-                    for (i, page) in pages.into_iter().enumerate() {
-                        let digests: Vec<Option<[u8; 32]>> =
-                            page.iter().map(|r| act.runs.digest(*r)).collect();
-                        act.send(
-                            &Frame::CrdtRuns {
-                                run_ids: page.iter().map(Uuid::to_string).collect(),
-                                digests: Some(digests.iter().map(|d| d.map(hex::encode)).collect()),
-                                done: i + 1 == count,
-                            },
+            .map(|result: Result<Vec<Vec<Uuid>>, RunError>, act, ctx| {
+                let pages = match result {
+                    Ok(p) => p,
+                    Err(e) => {
+                        return act.close(
+                            close::HANDSHAKE,
+                            format!("cannot list runs for catch-up: {e}"),
                             ctx,
-                        );
-                        mine.extend(page.into_iter().zip(digests));
+                        )
                     }
-                    act.catchup.mine = Some(mine);
-                    act.start_catchup(ctx);
-                },
-            ),
+                };
+                let count = pages.len();
+                let mut mine = HashMap::new();
+                for (i, page) in pages.into_iter().enumerate() {
+                    let digests: Vec<Option<[u8; 32]>> =
+                        page.iter().map(|r| act.runs.digest(*r)).collect();
+                    act.send(
+                        &Frame::CrdtRuns {
+                            run_ids: page.iter().map(Uuid::to_string).collect(),
+                            digests: Some(digests.iter().map(|d| d.map(hex::encode)).collect()),
+                            done: i + 1 == count,
+                        },
+                        ctx,
+                    );
+                    mine.extend(page.into_iter().zip(digests));
+                }
+                act.catchup.mine = Some(mine);
+                act.start_catchup(ctx);
+            }),
         );
     }
 

@@ -29,7 +29,7 @@ use super::presence::{Announcement, PeerPresence, MAX_USERS};
 use super::transport::{queue_text, NotQueued};
 use super::MeshConfig;
 use crate::metrics::Metrics;
-use crate::runs::{ApplySync, FullState, GetChanges, PeerSync, RunError, Runs};
+use crate::runs::{FullDocument, RemoteChanges, RunError, Runs, SyncStep};
 use crate::socket::{Inbound, Out, Shutdown};
 use run_doc::{parse_changes, parse_document, DocError};
 use run_wire::close;

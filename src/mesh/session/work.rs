@@ -191,19 +191,14 @@ impl PeerSession {
                         }
                         _ => (reset_state(state.as_deref(), saved), None),
                     };
-                    let reply = runs
-                        .send(
-                            run,
-                            PeerSync {
-                                state,
-                                incoming,
-                                source_region: peer.region.clone(),
-                                via: peer.node_id.clone(),
-                                client: None,
-                            },
-                        )
-                        .await
-                        .and_then(|r| r)?;
+                    let step = SyncStep {
+                        state,
+                        incoming,
+                        source_region: peer.region.clone(),
+                        via: peer.node_id.clone(),
+                        client: None,
+                    };
+                    let reply = runs.sync_step(run, step).await?;
                     if let Some(reason) = reply.error {
                         return Ok(Done {
                             state: Some(reset_state(Some(&reply.state), None)),
@@ -237,18 +232,13 @@ impl PeerSession {
                     lamport,
                     source_region,
                 } => {
-                    let result = runs
-                        .send(
-                            run,
-                            ApplySync {
-                                changes,
-                                source_region,
-                                lamport: Some(lamport),
-                                via: Some(peer.node_id.clone()),
-                            },
-                        )
-                        .await
-                        .and_then(|r| r);
+                    let remote = RemoteChanges {
+                        changes,
+                        source_region,
+                        lamport: Some(lamport),
+                        via: Some(peer.node_id.clone()),
+                    };
+                    let result = runs.apply_changes(run, remote).await;
                     // Live changes can overtake what they build on (a catch-up still running,
                     // a frame lost with a link, a sync message split over frames): they are
                     // held back, and a sync round asks for what they need. Another error is
@@ -268,7 +258,7 @@ impl PeerSession {
                     })
                 }
                 Work::SendFull => {
-                    let (bytes, lamport) = runs.send(run, FullState).await.and_then(|r| r)?;
+                    let FullDocument { bytes, lamport } = runs.full_document(run).await?;
                     let frames = if encoded_len(bytes.len()) <= max_frame {
                         vec![Frame::CrdtFullSync {
                             run_id: run.to_string(),
@@ -278,11 +268,8 @@ impl PeerSession {
                         }]
                     } else {
                         // Too big for one frame: its changes, in order, over several.
-                        let (changes, _, _) = runs
-                            .send(run, GetChanges { heads: Vec::new() })
-                            .await
-                            .and_then(|r| r)?;
-                        let changes = run_doc::parse_own_changes(&changes)?;
+                        let all = runs.changes_since(run, Vec::new()).await?;
+                        let changes = run_doc::parse_own_changes(&all.changes)?;
                         let frames = change_frames(run, &region, lamport, &changes, max_frame);
                         log::info!(
                             "mesh: run {run} saves to {} bytes, over one frame: sending its {} changes in {} frames",

@@ -1,0 +1,286 @@
+//! The messages a run actor answers: the runtime's API (`runs::api`) wrapped in [`Call`], and
+//! the snapshot actor's.
+
+use actix::prelude::*;
+use run_doc::{concat_changes, DocError, RunState};
+use run_store::Snapshot;
+use uuid::Uuid;
+
+use super::events::EventMeta;
+use super::RunActor;
+use crate::runs::api::{
+    BadInput, ChangesSince, FullDocument, Mutate, MutationOutcome, ReadChanges, ReadDocument,
+    ReadState, RemoteChanges, SyncOutcome, SyncStep, SyncStepReply,
+};
+use crate::runs::{Origin, RunError};
+
+/// A request of the runtime's API on its way to a run's actor.
+#[derive(Debug, Clone)]
+pub(crate) struct Call<T>(pub T);
+
+macro_rules! answers {
+    ($($request:ty => $result:ty),* $(,)?) => {
+        $(impl Message for Call<$request> {
+            type Result = Result<$result, RunError>;
+        })*
+    };
+}
+
+answers! {
+    Mutate => MutationOutcome,
+    RemoteChanges => SyncOutcome,
+    SyncStep => SyncStepReply,
+    ReadState => RunState,
+    ReadChanges => ChangesSince,
+    ReadDocument => FullDocument,
+}
+
+/// The node is stopping: once every write queued so far has committed, answer with a snapshot
+/// of the run if the log holds events the newest snapshot does not cover.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Option<Snapshot>")]
+pub(crate) struct FinalSnapshot;
+
+/// Tells the actor a snapshot covering the log up to `event_count` is stored.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub(crate) struct SnapshotWritten {
+    pub event_count: i64,
+}
+
+type Answer<T> = ResponseFuture<Result<T, RunError>>;
+
+fn refuse<T: 'static>(e: RunError) -> Answer<T> {
+    Box::pin(async move { Err(e) })
+}
+
+impl Handler<Call<Mutate>> for RunActor {
+    type Result = Answer<MutationOutcome>;
+
+    fn handle(&mut self, Call(msg): Call<Mutate>, ctx: &mut Self::Context) -> Self::Result {
+        let usable = self.doc().map(|_| ());
+        if let Err(e) = usable.and_then(|()| self.runs.check_store()) {
+            return refuse(e);
+        }
+        let op_key = msg.op_id.clone().map(|id| (msg.user.clone(), id));
+        if let Some(seen) = op_key.as_ref().and_then(|k| self.recent_ops.get(k)) {
+            // Already applied (its write may still be in flight): the same answer, once durable.
+            let seen = seen.clone();
+            return self.once_durable(Ok(seen), ctx);
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let applied = match self
+            .doc()
+            .and_then(|d| d.apply(&msg.mutation, now_ms).map_err(RunError::from))
+        {
+            Ok(a) => a,
+            Err(e) => return refuse(e),
+        };
+        let heads: Vec<String> = self
+            .doc()
+            .map(|d| d.heads().iter().map(|h| h.to_string()).collect())
+            .unwrap_or_default();
+        let outcome = MutationOutcome {
+            changed: applied.change.is_some(),
+            graft: applied.graft,
+            lamport: applied.lamport,
+            heads,
+        };
+        if let Some(key) = op_key {
+            self.remember_op(key, &outcome);
+        }
+        let Some(change) = applied.change else {
+            // Nothing new to write, but the state it reports must be durable first.
+            return self.once_durable(Ok(outcome), ctx);
+        };
+        let meta = EventMeta::local(&msg.mutation, msg.user);
+        let done = self.enqueue(vec![change], meta, Origin::Local, ctx);
+        Box::pin(async move {
+            done.await.map_err(|_| RunError::Stopped)??;
+            Ok(outcome)
+        })
+    }
+}
+
+impl Handler<Call<RemoteChanges>> for RunActor {
+    type Result = Answer<SyncOutcome>;
+
+    fn handle(&mut self, Call(msg): Call<RemoteChanges>, ctx: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.runs.check_store() {
+            return refuse(e);
+        }
+        let total = msg.changes.len();
+        let result = self.guarded(ctx, |d| {
+            let out = if msg.via.is_some() {
+                d.apply_remote_parking(msg.changes, msg.lamport)?
+            } else {
+                d.apply_remote(msg.changes, msg.lamport)?
+            };
+            let heads = d.heads().iter().map(|h| h.to_string()).collect::<Vec<_>>();
+            Ok((out, d.lamport(), heads))
+        });
+        let (out, lamport, heads) = match result {
+            Ok(r) => r,
+            Err(e) => return refuse(e),
+        };
+        self.lamport_gauge(lamport);
+        self.report_schema(&out.applied, &msg.source_region);
+        let outcome = SyncOutcome {
+            applied: out.applied.len(),
+            duplicates: out.duplicates,
+            parked: out.parked,
+            lamport,
+            heads,
+        };
+        let error = out.error.map(|reason| RunError::PartiallyApplied {
+            applied: out.applied.len(),
+            total,
+            reason: Box::new(reason),
+        });
+        // With nothing new this is a barrier: duplicates of changes still in flight are
+        // answered only once those are durable.
+        let origin = Origin::Remote {
+            source_region: msg.source_region,
+            via: msg.via,
+        };
+        let done = self.enqueue(out.applied, EventMeta::synced(None), origin, ctx);
+        Box::pin(async move {
+            done.await.map_err(|_| RunError::Stopped)??;
+            error.map_or(Ok(outcome), Err)
+        })
+    }
+}
+
+impl Handler<Call<SyncStep>> for RunActor {
+    type Result = Answer<SyncStepReply>;
+
+    fn handle(&mut self, Call(msg): Call<SyncStep>, ctx: &mut Self::Context) -> Self::Result {
+        // Changes cannot be stored now: refuse them at once (the peer retries); a step that
+        // carries none may still answer.
+        let carries_changes = msg.incoming.as_ref().is_some_and(|m| !m.changes.is_empty());
+        if carries_changes {
+            if let Err(e) = self.runs.check_store() {
+                return refuse(e);
+            }
+        }
+        let mut state = msg.state;
+        let result = self.guarded(ctx, |d| {
+            let step = d.sync_step(&mut state, msg.incoming);
+            Ok((step, d.lamport()))
+        });
+        let (mut step, lamport) = match result {
+            Ok(r) => r,
+            Err(e) => return refuse(e),
+        };
+        self.lamport_gauge(lamport);
+        let from = msg.client.as_deref().unwrap_or(&msg.via).to_string();
+        self.report_schema(&step.applied.applied, &from);
+        let bad_input = match step.applied.error {
+            Some(DocError::TooLarge(_)) => Some(BadInput::TooLarge),
+            Some(DocError::InvalidChanges(_) | DocError::ClockJump(_)) => Some(BadInput::Malformed),
+            _ => None,
+        };
+        let error = step.applied.error.take().map(|e| e.to_string());
+        let applied = step.applied.applied.len();
+        // The reply may carry changes still in flight to the log: it waits until they are
+        // durable, so a peer never holds a change this node could still lose. Changes applied
+        // before an error are logged all the same: the document already holds them.
+        let origin = Origin::Remote {
+            source_region: msg.source_region,
+            via: Some(msg.via),
+        };
+        let meta = EventMeta::synced(msg.client);
+        let done = self.enqueue(step.applied.applied, meta, origin, ctx);
+        let reply = SyncStepReply {
+            state,
+            outgoing: step.reply,
+            applied,
+            lamport,
+            error,
+            bad_input,
+            incarnation: self.incarnation,
+            stored: self.writes.last_seq() > 0,
+        };
+        Box::pin(async move {
+            done.await.map_err(|_| RunError::Stopped)??;
+            Ok(reply)
+        })
+    }
+}
+
+impl Handler<Call<ReadState>> for RunActor {
+    type Result = Answer<RunState>;
+
+    fn handle(&mut self, _: Call<ReadState>, ctx: &mut Self::Context) -> Self::Result {
+        let state = self.doc().map(|d| d.state());
+        self.once_durable(state, ctx)
+    }
+}
+
+impl Handler<Call<ReadChanges>> for RunActor {
+    type Result = Answer<ChangesSince>;
+
+    fn handle(&mut self, Call(heads): Call<ReadChanges>, ctx: &mut Self::Context) -> Self::Result {
+        let answer = self.doc().map(|doc| {
+            let changes = doc.changes_since(&heads.0);
+            ChangesSince {
+                changes: concat_changes(&changes),
+                count: changes.len(),
+                heads: doc.heads().iter().map(|h| h.to_string()).collect(),
+            }
+        });
+        // Never hand another replica a change that may yet be refused.
+        self.once_durable(answer, ctx)
+    }
+}
+
+impl Handler<Call<ReadDocument>> for RunActor {
+    type Result = Answer<FullDocument>;
+
+    fn handle(&mut self, _: Call<ReadDocument>, ctx: &mut Self::Context) -> Self::Result {
+        let answer = self.doc().map(|d| FullDocument {
+            bytes: d.save(),
+            lamport: d.lamport(),
+        });
+        self.once_durable(answer, ctx)
+    }
+}
+
+impl Handler<FinalSnapshot> for RunActor {
+    type Result = ResponseActFuture<Self, Option<Snapshot>>;
+
+    fn handle(&mut self, _: FinalSnapshot, ctx: &mut Self::Context) -> Self::Result {
+        let drained = self.enqueue(Vec::new(), EventMeta::default(), Origin::Local, ctx);
+        Box::pin(drained.into_actor(self).map(|drained, act, _| {
+            // Only what is durable: nothing queued, nothing failed.
+            let settled = matches!(drained, Ok(Ok(())))
+                && act.writes.is_idle()
+                && act.failed.is_none()
+                && act.unreadable == 0;
+            let committed = act.writes.committed_seq();
+            if !settled || committed <= act.snapshots.covered() {
+                return None;
+            }
+            let doc = act.doc.as_mut()?;
+            Some(Snapshot {
+                id: Uuid::new_v4(),
+                run_id: act.run_id,
+                lamport: i64::try_from(doc.lamport()).unwrap_or(i64::MAX),
+                region: act.runs.inner.config.region.clone(),
+                created_at: chrono::Utc::now().naive_utc(),
+                event_count: i32::try_from(committed).unwrap_or(i32::MAX),
+                data: doc.save(),
+            })
+        }))
+    }
+}
+
+impl Handler<SnapshotWritten> for RunActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SnapshotWritten, ctx: &mut Self::Context) {
+        self.snapshots.written(msg.event_count);
+        // Events committed while that snapshot was written may already be due another one.
+        self.report_event_count(ctx);
+    }
+}

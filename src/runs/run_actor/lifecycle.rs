@@ -1,0 +1,188 @@
+//! A run actor's life: loading the run, unloading it when idle, surviving a panic inside
+//! Automerge, rolling back when the database is out of reach, failing.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use run_doc::RunDoc;
+
+use super::write_queue::Batch;
+use super::{Reply, RunActor};
+use crate::runs::loader::{self, Loaded};
+use crate::runs::RunError;
+
+/// How long a run this incarnation has not written stays loaded after its last read.
+const UNWRITTEN_LINGER: Duration = Duration::from_secs(5);
+
+impl RunActor {
+    /// A run loaded only to be read holds nothing that is not in storage: reads of unknown run
+    /// ids, and a mesh catch-up that visits every run, must not fill memory for the whole idle
+    /// timeout, so such a run is unloaded soon after its last use. A written run stays for
+    /// the idle timeout.
+    fn unload_if_unwritten(&mut self, ctx: &mut Context<Self>) {
+        let linger = UNWRITTEN_LINGER.min(self.runs.inner.config.idle_timeout);
+        ctx.run_later(linger, move |act, ctx| {
+            // Parked changes exist only here; the peers that sent them count them as sent.
+            let parked = act.doc.as_ref().is_some_and(RunDoc::has_parked);
+            if act.written || !act.writes.is_idle() || parked {
+                return;
+            }
+            if act.last_active.elapsed() >= linger {
+                act.runs.forget(act.run_id, act.incarnation);
+                ctx.stop();
+            } else {
+                act.unload_if_unwritten(ctx);
+            }
+        });
+    }
+
+    /// Runs `f` on the document, turning a panic inside Automerge on input from elsewhere into
+    /// an error instead of the death of this arbiter's thread and every run on it. The
+    /// document may be half-changed, so the run is unloaded and reloads from its log.
+    pub(super) fn guarded<T>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        f: impl FnOnce(&mut RunDoc) -> Result<T, RunError>,
+    ) -> Result<T, RunError> {
+        let doc = self.doc()?;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(doc))) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let reason = format!("Automerge failed on changes from elsewhere: {what}");
+                if self.writes.is_idle() {
+                    self.fail(reason.clone(), None, ctx);
+                } else {
+                    // The append in flight may still commit: let it answer and publish
+                    // first; the actor stops when it completes.
+                    log::error!("run {}: {reason}; unloading it", self.run_id);
+                    self.failed = Some(reason.clone());
+                    self.doc = None;
+                    self.runs.set_digest(self.run_id, None);
+                }
+                Err(RunError::Unavailable(reason))
+            }
+        }
+    }
+
+    /// The database is out of reach: refuses every uncommitted write (nothing of them was
+    /// acknowledged) and returns the document to what the log holds, under a fresh actor id, so
+    /// reads go on serving durable state. Writes resume when the database answers again.
+    pub(super) fn roll_back(
+        &mut self,
+        reason: String,
+        batch: Batch<Reply>,
+        ctx: &mut Context<Self>,
+    ) {
+        let (heads, lamport) = self.writes.durable().clone();
+        let rolled = self.doc.as_mut().map(|d| d.rolled_back(&heads, lamport));
+        let Some(Ok(doc)) = rolled else {
+            return self.fail(reason, Some(batch), ctx);
+        };
+        log::warn!(
+            "run {}: {reason}; writes refused until it returns",
+            self.run_id
+        );
+        for write in self.writes.refuse_all(Some(batch)) {
+            let _ = write.reply.send(Err(RunError::Unavailable(reason.clone())));
+        }
+        self.doc = Some(doc);
+        // Acknowledged operations stay remembered; the refused ones were never done.
+        self.recent_ops
+            .retain(|_, outcome| outcome.lamport <= lamport);
+        let ops = &self.recent_ops;
+        self.recent_order.retain(|k| ops.contains_key(k));
+        self.record_digest();
+    }
+
+    /// Refuses every uncommitted write and stops; see the module comment of `run_actor`.
+    pub(super) fn fail(
+        &mut self,
+        reason: String,
+        batch: Option<Batch<Reply>>,
+        ctx: &mut Context<Self>,
+    ) {
+        log::error!("run {}: {reason}; unloading it", self.run_id);
+        for write in self.writes.refuse_all(batch) {
+            let _ = write.reply.send(Err(RunError::Unavailable(reason.clone())));
+        }
+        self.failed = Some(reason);
+        self.doc = None;
+        self.runs.set_digest(self.run_id, None);
+        self.runs.forget(self.run_id, self.incarnation);
+        ctx.stop();
+    }
+
+    /// The run is loaded: serve it.
+    fn loaded(&mut self, loaded: Loaded, ctx: &mut Context<Self>) {
+        self.unreadable = loaded.unreadable;
+        let skipped = loaded.legacy_skipped as u64;
+        self.runs.inner.metrics.legacy_skipped.inc_by(skipped);
+        let mut doc = loaded.doc;
+        let durable = (doc.heads(), doc.lamport());
+        self.writes = super::WriteQueue::new(loaded.last_seq, durable);
+        let config = &self.runs.inner.config;
+        self.snapshots = super::SnapshotSchedule::new(
+            config.snapshot_every,
+            config.snapshot_min_interval,
+            loaded.snapshot_seq,
+        );
+        self.lamport_gauge(doc.lamport());
+        self.doc = Some(doc);
+        self.record_digest();
+        self.report_event_count(ctx);
+        self.unload_if_unwritten(ctx);
+    }
+}
+
+impl Actor for RunActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.runs.inner.metrics.runs_loaded.inc();
+        let store = self.runs.inner.store.clone();
+        let region = self.runs.inner.config.region.clone();
+        let run_id = self.run_id;
+        // `wait` holds every message until the run is loaded.
+        ctx.wait(
+            async move { loader::load(store.as_ref(), run_id, &region).await }
+                .into_actor(self)
+                .map(|result, act, ctx| match result {
+                    Ok(loaded) => act.loaded(loaded, ctx),
+                    Err(e) => {
+                        let reason = format!("loading the run failed: {e}");
+                        log::warn!("run {}: {reason}", act.run_id);
+                        act.failed = Some(reason);
+                        // Queued messages are answered with the error; new requests start afresh.
+                        act.runs.forget(act.run_id, act.incarnation);
+                        ctx.run_later(Duration::from_millis(100), |_, ctx| ctx.stop());
+                    }
+                }),
+        );
+        let idle = self.runs.inner.config.idle_timeout;
+        let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        ctx.run_interval(tick, move |act, ctx| {
+            if act.last_active.elapsed() >= idle && act.writes.is_idle() {
+                act.runs.forget(act.run_id, act.incarnation);
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.runs.forget(self.run_id, self.incarnation);
+        let metrics = &self.runs.inner.metrics;
+        metrics.runs_loaded.dec();
+        // A newer incarnation may already be serving the run; its series stays.
+        let had_series = matches!(self.gauge.take(), Some(Some(_)));
+        if had_series && !self.runs.is_loaded(self.run_id) {
+            let _ = metrics
+                .lamport_clock
+                .remove_label_values(&[&self.run_id.to_string()]);
+        }
+    }
+}

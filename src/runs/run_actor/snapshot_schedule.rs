@@ -1,0 +1,96 @@
+//! When a run asks for a snapshot: every `every` committed events, but a hot run at most once
+//! per `min_interval` (a full snapshot costs time in proportion to the whole run, and more
+//! often than that buys little recovery).
+
+use std::time::{Duration, Instant};
+
+pub(crate) struct SnapshotSchedule {
+    every: u64,
+    min_interval: Duration,
+    /// The log position the newest stored snapshot covers.
+    covered: i64,
+    last_asked: Option<Instant>,
+    /// A delayed ask is scheduled.
+    waiting: bool,
+}
+
+/// What the run should do about snapshots now.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Due {
+    Nothing,
+    /// Ask again after this long (the run schedules it and calls [`SnapshotSchedule::woke`]).
+    Later(Duration),
+    /// Ask the snapshot actor now, with this many events since the last snapshot.
+    Now(i64),
+}
+
+impl SnapshotSchedule {
+    pub fn new(every: u64, min_interval: Duration, covered: i64) -> Self {
+        SnapshotSchedule {
+            every,
+            min_interval,
+            covered,
+            last_asked: None,
+            waiting: false,
+        }
+    }
+
+    pub fn covered(&self) -> i64 {
+        self.covered
+    }
+
+    /// A snapshot covering the log up to `seq` is stored.
+    pub fn written(&mut self, seq: i64) {
+        self.covered = self.covered.max(seq);
+    }
+
+    /// The delayed ask fired.
+    pub fn woke(&mut self) {
+        self.waiting = false;
+    }
+
+    /// Whether the log, committed up to `committed`, is due a snapshot at `now`.
+    pub fn check(&mut self, committed: i64, now: Instant) -> Due {
+        let since = committed - self.covered;
+        if since < self.every as i64 || self.waiting {
+            return Due::Nothing;
+        }
+        let wait = self.last_asked.map_or(Duration::ZERO, |t| {
+            self.min_interval
+                .saturating_sub(now.saturating_duration_since(t))
+        });
+        if !wait.is_zero() {
+            self.waiting = true;
+            return Due::Later(wait);
+        }
+        self.last_asked = Some(now);
+        Due::Now(since)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_n_events_but_not_more_often_than_the_interval() {
+        let t0 = Instant::now();
+        let mut s = SnapshotSchedule::new(100, Duration::from_secs(5), 0);
+        assert_eq!(s.check(99, t0), Due::Nothing);
+        assert_eq!(s.check(100, t0), Due::Now(100));
+        s.written(100);
+        assert_eq!(
+            s.check(250, t0 + Duration::from_secs(2)),
+            Due::Later(Duration::from_secs(3))
+        );
+        assert_eq!(
+            s.check(260, t0 + Duration::from_secs(3)),
+            Due::Nothing,
+            "one delayed ask"
+        );
+        s.woke();
+        assert_eq!(s.check(260, t0 + Duration::from_secs(5)), Due::Now(160));
+        s.written(90);
+        assert_eq!(s.covered(), 100, "an older snapshot covers nothing new");
+    }
+}

@@ -1,0 +1,214 @@
+//! The durability pipeline of one run, as plain data: writes wait here for the event log, at
+//! most one append is in flight (so the run's log stays in order), and writes arriving
+//! meanwhile go together in the next append. The actor does the IO; this decides what goes
+//! when, and what each outcome means for the writes.
+
+use automerge::{Change, ChangeHash};
+use run_store::NewEvent;
+
+use crate::runs::Origin;
+
+/// One write waiting for the log, with what to do once it commits.
+pub(crate) struct PendingWrite<R> {
+    pub events: Vec<NewEvent>,
+    pub changes: Vec<Change>,
+    pub origin: Origin,
+    /// Whoever waits for the write (the actor uses a oneshot sender).
+    pub reply: R,
+    /// The document's heads and clock with this write applied: durable once it commits.
+    pub heads_after: Vec<ChangeHash>,
+    pub lamport_after: u64,
+}
+
+/// An append handed to the log: its events go to the committer, its writes wait for the result.
+pub(crate) struct Batch<R> {
+    pub events: Vec<NewEvent>,
+    pub writes: Vec<PendingWrite<R>>,
+    /// `run_seq` of the batch's last event.
+    last_seq: i64,
+}
+
+pub(crate) struct WriteQueue<R> {
+    pending: Vec<PendingWrite<R>>,
+    in_flight: bool,
+    /// `run_seq` of the last event handed to the log (committed or in flight).
+    last_seq: i64,
+    committed_seq: i64,
+    /// Heads and clock of what the log holds.
+    durable: (Vec<ChangeHash>, u64),
+}
+
+impl<R> WriteQueue<R> {
+    /// A queue for a run whose log ends at `last_seq`, holding `durable`.
+    pub fn new(last_seq: i64, durable: (Vec<ChangeHash>, u64)) -> Self {
+        WriteQueue {
+            pending: Vec::new(),
+            in_flight: false,
+            last_seq,
+            committed_seq: last_seq,
+            durable,
+        }
+    }
+
+    /// The next event's position in the run's log.
+    pub fn next_seq(&mut self) -> i64 {
+        self.last_seq += 1;
+        self.last_seq
+    }
+
+    pub fn last_seq(&self) -> i64 {
+        self.last_seq
+    }
+
+    pub fn committed_seq(&self) -> i64 {
+        self.committed_seq
+    }
+
+    /// Heads and clock of what the log holds.
+    pub fn durable(&self) -> &(Vec<ChangeHash>, u64) {
+        &self.durable
+    }
+
+    /// Nothing waits and nothing is in flight: the log holds all that was written.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty() && !self.in_flight
+    }
+
+    /// Queues a write; true when the caller should start an append now.
+    pub fn push(&mut self, write: PendingWrite<R>) -> bool {
+        self.pending.push(write);
+        !self.in_flight
+    }
+
+    /// Takes every waiting write as the next append, unless one is in flight or none waits.
+    pub fn take_batch(&mut self) -> Option<Batch<R>> {
+        if self.in_flight || self.pending.is_empty() {
+            return None;
+        }
+        self.in_flight = true;
+        let mut writes = std::mem::take(&mut self.pending);
+        let events: Vec<NewEvent> = writes
+            .iter_mut()
+            .flat_map(|w| std::mem::take(&mut w.events))
+            .collect();
+        let last_seq = events.last().map_or(self.committed_seq, |e| e.run_seq);
+        Some(Batch {
+            events,
+            writes,
+            last_seq,
+        })
+    }
+
+    /// The append of `batch` committed: its writes are durable and may be answered.
+    pub fn committed(&mut self, batch: Batch<R>) -> Vec<PendingWrite<R>> {
+        self.in_flight = false;
+        self.committed_seq = batch.last_seq;
+        if let Some(last) = batch.writes.last() {
+            self.durable = (last.heads_after.clone(), last.lamport_after);
+        }
+        batch.writes
+    }
+
+    /// The append of `batch` failed: every write not committed (it and those waiting) is to be
+    /// refused, and the log continues from what it holds.
+    pub fn refuse_all(&mut self, batch: Option<Batch<R>>) -> Vec<PendingWrite<R>> {
+        self.in_flight = false;
+        self.last_seq = self.committed_seq;
+        let failed = batch.map(|b| b.writes).unwrap_or_default();
+        failed
+            .into_iter()
+            .chain(std::mem::take(&mut self.pending))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn write(
+        q: &mut WriteQueue<u32>,
+        reply: u32,
+        events: usize,
+        lamport: u64,
+    ) -> PendingWrite<u32> {
+        let events = (0..events)
+            .map(|_| NewEvent {
+                run_id: Uuid::nil(),
+                run_seq: q.next_seq(),
+                event_type: "SET_FLAG".into(),
+                payload: None,
+                user_id: None,
+                created_at: chrono::DateTime::UNIX_EPOCH.naive_utc(),
+                crdt_changes: Vec::new(),
+                change_hash: Vec::new(),
+                source_region: "r".into(),
+                lamport: lamport as i64,
+            })
+            .collect();
+        PendingWrite {
+            events,
+            changes: Vec::new(),
+            origin: Origin::Local,
+            reply,
+            heads_after: Vec::new(),
+            lamport_after: lamport,
+        }
+    }
+
+    #[test]
+    fn one_append_in_flight_and_the_rest_batched_behind_it() {
+        let mut q = WriteQueue::new(10, (Vec::new(), 3));
+        let w = write(&mut q, 1, 1, 4);
+        assert!(q.push(w), "an idle queue appends at once");
+        let first = q.take_batch().expect("a batch");
+        assert_eq!(first.events[0].run_seq, 11);
+        assert!(q.take_batch().is_none(), "one append in flight at a time");
+        for reply in 2..=4 {
+            let w = write(&mut q, reply, 2, 4 + u64::from(reply));
+            assert!(!q.push(w), "waits behind the append in flight");
+        }
+        let done = q.committed(first);
+        assert_eq!(done.iter().map(|w| w.reply).collect::<Vec<_>>(), vec![1]);
+        assert_eq!((q.committed_seq(), q.durable().1), (11, 4));
+        let second = q.take_batch().expect("the waiting writes go together");
+        assert_eq!(second.writes.len(), 3);
+        let seqs: Vec<i64> = second.events.iter().map(|e| e.run_seq).collect();
+        assert_eq!(seqs, (12..=17).collect::<Vec<_>>(), "in log order");
+        q.committed(second);
+        assert_eq!((q.committed_seq(), q.durable().1), (17, 8));
+        assert!(q.is_idle());
+    }
+
+    #[test]
+    fn a_failed_append_refuses_it_and_everything_waiting() {
+        let mut q = WriteQueue::new(0, (Vec::new(), 0));
+        let w = write(&mut q, 1, 1, 1);
+        q.push(w);
+        let batch = q.take_batch();
+        let w = write(&mut q, 2, 1, 2);
+        q.push(w);
+        let refused = q.refuse_all(batch);
+        assert_eq!(
+            refused.iter().map(|w| w.reply).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(
+            (q.last_seq(), q.committed_seq()),
+            (0, 0),
+            "the log goes on from 0"
+        );
+        assert_eq!(q.durable().1, 0, "nothing refused became durable");
+        assert!(q.is_idle());
+        assert_eq!(q.next_seq(), 1);
+    }
+
+    #[test]
+    fn an_empty_queue_has_nothing_to_append() {
+        let mut q: WriteQueue<u32> = WriteQueue::new(5, (Vec::new(), 9));
+        assert!(q.take_batch().is_none());
+        assert!(q.is_idle());
+        assert_eq!(q.committed_seq(), 5);
+    }
+}
