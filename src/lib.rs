@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod node;
 pub mod runs;
 pub mod socket;
+pub mod sync_driver;

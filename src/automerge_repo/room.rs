@@ -20,6 +20,7 @@ use super::session::{Kick, RepoSession};
 use super::Shared;
 use crate::runs::{BadInput, RunError, SyncStep, SyncStepReply};
 use crate::socket::{Outbox, Queued};
+use crate::sync_driver::{Action, PeerKind, SyncDriver};
 use run_wire::automerge_repo::doc_id;
 use run_wire::automerge_repo::wire::{Ephemeral, ToClient};
 use run_wire::close;
@@ -66,19 +67,14 @@ pub struct Relay {
 
 struct Peer {
     member: Member,
-    /// `None` while a step is with the run's actor.
-    state: Option<Box<sync::State>>,
+    /// This client's sync of the run (its state is with the run's actor during a step).
+    sync: SyncDriver,
     inbox: VecDeque<sync::Message>,
     /// The run changed since this peer's last step began.
     dirty: bool,
-    /// `doc-unavailable` was sent and nothing since: not repeated.
-    told_unavailable: bool,
     /// The run refused what this peer sent for it (its document is not this run): its
     /// messages for the run are dropped until it reconnects; its other documents go on.
     refused: bool,
-    /// The run actor's incarnation that answered the last step: a new one has lost what the
-    /// old held back, so the sync state starts afresh.
-    incarnation: Option<u64>,
 }
 
 /// Sync messages one connection may have waiting for its run: a client sending faster than
@@ -158,20 +154,21 @@ impl DocRoom {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
-        if peer.refused || peer.state.is_none() || (peer.inbox.is_empty() && !peer.dirty) {
+        if peer.refused || peer.sync.stepping() || (peer.inbox.is_empty() && !peer.dirty) {
             return;
         }
-        let Some(state) = peer.state.take() else {
-            return;
-        };
         // Any step replies with all the run holds by then: it covers the pending push.
         peer.dirty = false;
         let incoming = peer.inbox.pop_front();
-        // Whether a message came, and whether the client holds the document.
-        let asked = incoming.as_ref().map(|m| !m.heads.is_empty());
+        // Whether a message came, and whether it says the client holds the document.
+        let answered = incoming.is_some();
+        let holds = incoming.as_ref().is_some_and(|m| !m.heads.is_empty());
+        let Some(request) = peer.sync.step(incoming) else {
+            return;
+        };
         let msg = SyncStep {
-            state,
-            incoming,
+            state: request.state,
+            incoming: request.incoming,
             source_region: self.shared.config.region.clone(),
             via: format!("automerge-repo:{}", peer.member.peer_id),
             client: Some(peer.member.peer_id.clone()),
@@ -179,111 +176,98 @@ impl DocRoom {
         let (runs, run_id) = (self.shared.runs.clone(), self.run_id);
         let step = async move { runs.sync_step(run_id, msg).await };
         ctx.spawn(step.into_actor(self).map(move |result, act, ctx| {
-            act.stepped(conn, asked, result);
+            act.stepped(conn, answered, holds, result);
             act.pump(conn, ctx);
         }));
     }
 
-    fn stepped(&mut self, conn: u64, asked: Option<bool>, result: Result<SyncStepReply, RunError>) {
+    /// Hands a finished step to the peer's sync driver and does what it says.
+    fn stepped(
+        &mut self,
+        conn: u64,
+        answered: bool,
+        holds: bool,
+        result: Result<SyncStepReply, RunError>,
+    ) {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
-        let shared = &self.shared;
-        let fresh = || Box::new(sync::State::new());
-        let reply = match result {
-            Ok(reply) => reply,
-            Err(e) => {
-                peer.state = Some(fresh());
-                // The database out of reach, or the run's actor restarting: nothing the
-                // client sent is lost (it still holds it), and a reconnect resyncs.
-                let label = match e {
-                    RunError::Unavailable(_) => "unavailable",
-                    _ => "run_error",
-                };
-                log::warn!(
-                    "automerge-repo: run {}: sync with {} failed: {e}",
-                    self.run_id,
-                    peer.member.peer_id
-                );
-                peer.member.session.do_send(Kick {
-                    code: close::TRY_AGAIN_LATER,
-                    reason: format!("{e}; reconnect to resume"),
-                    label,
-                });
-                return;
-            }
+        // The database out of reach, or the run's actor restarting: nothing the client sent
+        // is lost (it still holds it), and a reconnect resyncs.
+        let label = match &result {
+            Err(RunError::Unavailable(_)) => "unavailable",
+            _ => "run_error",
         };
-        if let Some(error) = reply.error {
-            // What the client sent was refused (what came before it is logged); its messages
-            // for this document are ignored until it reconnects.
-            peer.state = Some(fresh());
-            peer.refused = true;
-            peer.inbox.clear();
-            log::warn!(
-                "automerge-repo: {}: sync for {} refused: {error}",
-                peer.member.peer_id,
-                self.document_id
-            );
-            shared.count("refused", "in");
-            match reply.bad_input {
-                // Bytes that are malformed or would cost more than a message may: the client
-                // is told why and closed, as a WebSocket refuses an oversized or broken message.
-                Some(bad) => {
-                    let (code, label) = match bad {
-                        BadInput::TooLarge => (close::TOO_BIG, "too_large"),
-                        BadInput::Malformed => (close::PROTOCOL, "bad_message"),
-                    };
+        for action in peer.sync.stepped(None, result, answered, holds) {
+            match action {
+                Action::Send(out) => Self::send(
+                    &self.shared,
+                    peer,
+                    ToClient::Sync {
+                        sender_id: &self.shared.config.peer_id,
+                        target_id: &peer.member.peer_id,
+                        document_id: &self.document_id,
+                        data: out.encode(),
+                    },
+                ),
+                // The run was reloaded between steps: this peer's sync starts afresh.
+                Action::Resync => peer.dirty = true,
+                Action::Unreachable(e) => {
+                    log::warn!(
+                        "automerge-repo: run {}: sync with {} failed: {e}",
+                        self.run_id,
+                        peer.member.peer_id
+                    );
                     peer.member.session.do_send(Kick {
-                        code,
-                        reason: error,
+                        code: close::TRY_AGAIN_LATER,
+                        reason: format!("{e}; reconnect to resume"),
                         label,
                     });
                 }
-                // Most likely a document of the client's own under this id (`repo.create()`),
-                // which does not build on the run: only this document stops, the client's
-                // others go on.
-                None => Self::unavailable(shared, peer, &self.document_id),
+                Action::Refused { reason, bad_input } => {
+                    Self::refused(&self.shared, peer, &self.document_id, reason, bad_input)
+                }
+                Action::Unavailable => Self::unavailable(&self.shared, peer, &self.document_id),
+                // A client's failures close it or stop the document; it resyncs on reconnect.
+                Action::RetryLater | Action::Paused => {}
             }
-            return;
         }
-        if peer.incarnation.is_some_and(|i| i != reply.incarnation) {
-            // The run was reloaded between steps: start this peer's sync afresh.
-            peer.incarnation = Some(reply.incarnation);
-            peer.state = Some(fresh());
-            peer.dirty = true;
-            return;
-        }
-        peer.incarnation = Some(reply.incarnation);
-        let client_has_doc = asked == Some(true);
-        if !reply.stored && !client_has_doc {
-            // Nothing to sync: the run exists nowhere this node knows of. Forget the step
-            // (our reply would have offered the bare genesis) and say so once.
-            peer.state = Some(fresh());
-            if asked.is_some() && !peer.told_unavailable {
-                peer.told_unavailable = true;
-                Self::unavailable(shared, peer, &self.document_id);
+    }
+
+    /// What the client sent was refused (what came before it is logged); its messages for
+    /// this document are ignored until it reconnects.
+    fn refused(
+        shared: &Shared,
+        peer: &mut Peer,
+        document_id: &str,
+        error: String,
+        bad_input: Option<BadInput>,
+    ) {
+        peer.refused = true;
+        peer.inbox.clear();
+        log::warn!(
+            "automerge-repo: {}: sync for {document_id} refused: {error}",
+            peer.member.peer_id,
+        );
+        shared.count("refused", "in");
+        match bad_input {
+            // Bytes that are malformed or would cost more than a message may: the client is
+            // told why and closed, as a WebSocket refuses an oversized or broken message.
+            Some(bad) => {
+                let (code, label) = match bad {
+                    BadInput::TooLarge => (close::TOO_BIG, "too_large"),
+                    BadInput::Malformed => (close::PROTOCOL, "bad_message"),
+                };
+                peer.member.session.do_send(Kick {
+                    code,
+                    reason: error,
+                    label,
+                });
             }
-            return;
-        }
-        peer.told_unavailable = false;
-        peer.state = Some(reply.state);
-        if let Some(mut out) = reply.outgoing {
-            if !reply.stored {
-                // The client holds a document under this id that this node has not stored
-                // yet: ask for it, but offer nothing, so a document that is not this run
-                // (its own `repo.create()`) never takes in the run's genesis.
-                out.changes = sync::ChunkList::from(Vec::<Vec<u8>>::new());
-            }
-            Self::send(
-                shared,
-                peer,
-                ToClient::Sync {
-                    sender_id: &shared.config.peer_id,
-                    target_id: &peer.member.peer_id,
-                    document_id: &self.document_id,
-                    data: out.encode(),
-                },
-            );
+            // Most likely a document of the client's own under this id (`repo.create()`),
+            // which does not build on the run: only this document stops, the client's others
+            // go on.
+            None => Self::unavailable(shared, peer, document_id),
         }
     }
 }
@@ -300,12 +284,10 @@ impl Handler<AddMember> for DocRoom {
             conn,
             Peer {
                 member,
-                state: Some(Box::new(sync::State::new())),
+                sync: SyncDriver::new(PeerKind::Client, None),
                 inbox: VecDeque::new(),
                 dirty: false,
-                told_unavailable: false,
                 refused: false,
-                incarnation: None,
             },
         );
     }

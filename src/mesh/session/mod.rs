@@ -29,16 +29,18 @@ use super::presence::{Announcement, PeerPresence, MAX_USERS};
 use super::transport::{queue_text, NotQueued};
 use super::MeshConfig;
 use crate::metrics::Metrics;
-use crate::runs::{FullDocument, RemoteChanges, RunError, Runs, SyncStep};
+use crate::runs::{
+    FullDocument, RemoteChanges, RunError, Runs, SyncOutcome, SyncStep, SyncStepReply,
+};
 use crate::socket::{Inbound, Out, Shutdown};
-use run_doc::{parse_changes, parse_document, DocError};
+use run_doc::{parse_changes, parse_document};
 use run_wire::close;
 use run_wire::mesh::{
     self as protocol, change_frames, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
 };
 
 use catchup::Catchup;
-use work::{Slot, Work, MAX_ERROR_RESYNCS, SLOT_IDLE};
+use work::{Slot, Work, SLOT_IDLE};
 
 /// Frames a peer may send before its handshake is done are small; a larger one is refused
 /// before it is parsed.
@@ -364,12 +366,9 @@ impl PeerSession {
                 );
                 // The peer lost something we sent for this run: sync it again, a few times.
                 let run = run_id.and_then(|r| Uuid::parse_str(&r).ok());
-                if let Some(slot) = run.map(|r| self.slots.entry(r).or_default()) {
-                    if slot.error_resyncs < MAX_ERROR_RESYNCS {
-                        slot.error_resyncs += 1;
-                        if let Some(run) = run {
-                            self.push(run, Work::Resync, false, ctx);
-                        }
+                if let Some(run) = run {
+                    if self.slot(run).sync.peer_error().is_some() {
+                        self.push(run, Work::Resync, false, ctx);
                     }
                 }
             }
@@ -523,7 +522,7 @@ impl Actor for PeerSession {
             let states = self
                 .slots
                 .iter()
-                .filter_map(|(run, s)| Some((*run, s.state.as_ref()?.encode())))
+                .filter_map(|(run, s)| Some((*run, s.sync.state()?.encode())))
                 .collect();
             self.mesh.save_sync_states(&peer.node_id, states);
             log::info!(

@@ -1,7 +1,9 @@
 //! Each run's work on a link, done in order one piece at a time: live changes to apply,
-//! sync-protocol steps, whole runs to send. Different runs proceed side by side.
+//! sync-protocol steps, whole runs to send. Different runs proceed side by side. What a sync
+//! step's outcome means is the [`SyncDriver`]'s to decide; this does the IO.
 
 use super::*;
+use crate::sync_driver::{Action, PeerKind, StepRequest, SyncDriver};
 
 /// Work queued per link beyond this means the peer sends faster than we can apply: the link
 /// is dropped, and the reconnect's catch-up brings what was missed.
@@ -38,83 +40,55 @@ impl Work {
 }
 
 /// A finished piece of work.
-struct Done {
-    /// The sync state to keep (`None`: start from the saved one next time).
-    state: Option<Box<sync::State>>,
-    frames: Vec<Frame>,
-    /// A live change arrived before what it builds on: a sync round fetches the rest.
-    resync: bool,
-    /// Why the peer's message was not taken (the link stays up).
-    rejected: Option<String>,
-    /// Whether changes moved either way (for sync steps; other work counts as moving).
-    moved: bool,
-    /// The run actor's incarnation that took a sync step.
-    incarnation: Option<u64>,
+enum Finished {
+    Step {
+        sent: Option<Box<sync::State>>,
+        result: Result<SyncStepReply, RunError>,
+        answered: bool,
+    },
+    Changes(Result<SyncOutcome, RunError>),
+    Full(Result<Vec<Frame>, RunError>),
+    /// A step was due while another was out (cannot happen while `busy` guards the slot).
+    Nothing,
 }
 
-/// Peer `ERROR`s for one run that restart its sync; beyond this the run waits for the next link.
-pub(super) const MAX_ERROR_RESYNCS: u8 = 3;
-/// Sync steps in a row that carry no changes either way before the run's sync is reset: two
-/// sides whose heads differ but that send each other nothing would otherwise talk forever.
-const MAX_IDLE_ROUNDS: u8 = 6;
-/// Resets for a stalled run per link; after them the run waits for the next link.
-const MAX_STALL_RESETS: u8 = 2;
-
+/// One run on this link: its sync with the peer and the work waiting for it.
 pub(super) struct Slot {
-    pub(super) state: Option<Box<sync::State>>,
+    pub(super) sync: SyncDriver,
     pub(super) queue: VecDeque<(Work, bool)>,
     pub(super) busy: bool,
-    pub(super) error_resyncs: u8,
     pub(super) last_used: Instant,
     /// A `Resync` is queued: more requests for one are the same request.
     pub(super) resync_queued: bool,
-    /// Consecutive sync steps that moved nothing either way, and resets made for that.
-    pub(super) idle_rounds: u8,
-    pub(super) stall_resets: u8,
-    /// The run actor incarnation this link's state was last used with.
-    pub(super) incarnation: Option<u64>,
 }
 
-impl Default for Slot {
-    fn default() -> Self {
+impl Slot {
+    /// A run's slot, its sync resuming from `saved` (kept from an earlier link to this peer)
+    /// so the first round covers only what changed since.
+    fn new(saved: Option<Vec<u8>>) -> Self {
+        let saved = saved
+            .and_then(|b| sync::State::decode(&b).ok())
+            .map(Box::new);
         Slot {
-            state: None,
+            sync: SyncDriver::new(PeerKind::Node, saved),
             queue: VecDeque::new(),
             busy: false,
-            error_resyncs: 0,
             last_used: Instant::now(),
             resync_queued: false,
-            idle_rounds: 0,
-            stall_resets: 0,
-            incarnation: None,
         }
     }
 }
 
-/// What both sides last agreed on, and a request that the peer resend whatever we lack.
-fn reset_state(state: Option<&sync::State>, saved: Option<Vec<u8>>) -> Box<sync::State> {
-    let mut fresh = match state {
-        // Kept: the shared heads and what the peer can do (with its capabilities known, the
-        // reset is a flag; without, the peer must assume we lost everything and resend it).
-        Some(s) => {
-            let mut f = s.clone();
-            f.sent_hashes.clear();
-            f.last_sent_heads.clear();
-            f.their_have = None;
-            f.their_need = None;
-            f.in_flight = false;
-            f.have_responded = false;
-            f
-        }
-        None => saved
-            .and_then(|b| sync::State::decode(&b).ok())
-            .unwrap_or_default(),
-    };
-    fresh.needs_reset = true;
-    Box::new(fresh)
-}
-
 impl PeerSession {
+    /// The run's slot on this link, made on first use.
+    pub(super) fn slot(&mut self, run: Uuid) -> &mut Slot {
+        let saved = match (self.slots.contains_key(&run), self.peer()) {
+            (false, Some(peer)) => self.mesh.saved_sync_state(&peer.node_id, run),
+            _ => None,
+        };
+        self.slots.entry(run).or_insert_with(|| Slot::new(saved))
+    }
+
     pub(super) fn push(&mut self, run: Uuid, work: Work, catchup: bool, ctx: &mut Context<Self>) {
         let size = work.size();
         if self.queued >= MAX_QUEUED || self.queued_bytes + size > MAX_QUEUED_BYTES {
@@ -127,7 +101,7 @@ impl PeerSession {
                 ctx,
             );
         }
-        let slot = self.slots.entry(run).or_default();
+        let slot = self.slot(run);
         slot.last_used = Instant::now();
         if matches!(work, Work::Resync) {
             if slot.resync_queued {
@@ -149,7 +123,7 @@ impl PeerSession {
         let Some(slot) = self.slots.get_mut(&run) else {
             return;
         };
-        if slot.busy {
+        if slot.busy || slot.sync.stepping() {
             return;
         }
         let Some((work, catchup)) = slot.queue.pop_front() else {
@@ -158,232 +132,118 @@ impl PeerSession {
         self.queued -= 1;
         self.queued_bytes -= work.size();
         slot.busy = true;
-        if matches!(work, Work::Resync) {
-            slot.resync_queued = false;
-        }
-        let incoming_step = matches!(work, Work::Step(Some(_)));
-        let peer_node = peer.node_id.clone();
-        let state = slot.state.take();
-        // If the run cannot be reached at all, what to keep instead of the state sent away.
-        let fallback = state.as_deref().map(|s| reset_state(Some(s), None));
         let runs = self.runs.clone();
-        let region = self.config.region.clone();
-        let max_frame = self.config.max_frame;
-        let saved = match (&work, &state) {
-            (Work::Step(_) | Work::Resync, None) => self.mesh.saved_sync_state(&peer.node_id, run),
-            _ => None,
-        };
-        let fut = async move {
-            match work {
-                Work::Step(_) | Work::Resync => {
-                    let (state, incoming) = match work {
-                        Work::Step(incoming) => {
-                            // A state kept from an earlier link holds what the peer had then,
-                            // so the Bloom filter covers only what changed since.
-                            let state = state.unwrap_or_else(|| {
-                                Box::new(
-                                    saved
-                                        .and_then(|b| sync::State::decode(&b).ok())
-                                        .unwrap_or_default(),
-                                )
-                            });
-                            (state, incoming)
-                        }
-                        _ => (reset_state(state.as_deref(), saved), None),
-                    };
-                    let step = SyncStep {
-                        state,
-                        incoming,
-                        source_region: peer.region.clone(),
-                        via: peer.node_id.clone(),
-                        client: None,
-                    };
-                    let reply = runs.sync_step(run, step).await?;
-                    if let Some(reason) = reply.error {
-                        return Ok(Done {
-                            state: Some(reset_state(Some(&reply.state), None)),
-                            frames: Vec::new(),
-                            resync: false,
-                            rejected: Some(reason),
-                            moved: true,
-                            incarnation: Some(reply.incarnation),
-                        });
-                    }
-                    let moved = reply.applied > 0
-                        || reply
-                            .outgoing
-                            .as_ref()
-                            .is_some_and(|m| !m.changes.is_empty());
-                    let frames = match reply.outgoing {
-                        Some(m) => sync_frames(run, &region, reply.lamport, m, max_frame)?,
-                        None => Vec::new(),
-                    };
-                    Ok(Done {
-                        state: Some(reply.state),
-                        frames,
-                        resync: false,
-                        rejected: None,
-                        moved,
-                        incarnation: Some(reply.incarnation),
-                    })
-                }
-                Work::Changes {
+        let fut: BoxFuture<Finished> = match work {
+            Work::Step(incoming) => {
+                let answered = incoming.is_some();
+                let request = slot.sync.step(incoming);
+                step(runs, run, &peer, request, answered)
+            }
+            Work::Resync => {
+                slot.resync_queued = false;
+                let request = slot.sync.resync();
+                step(runs, run, &peer, request, false)
+            }
+            Work::Changes {
+                changes,
+                lamport,
+                source_region,
+            } => {
+                let remote = RemoteChanges {
                     changes,
-                    lamport,
                     source_region,
-                } => {
-                    let remote = RemoteChanges {
-                        changes,
-                        source_region,
-                        lamport: Some(lamport),
-                        via: Some(peer.node_id.clone()),
-                    };
-                    let result = runs.apply_changes(run, remote).await;
-                    // Live changes can overtake what they build on (a catch-up still running,
-                    // a frame lost with a link, a sync message split over frames): they are
-                    // held back, and a sync round asks for what they need. Another error is
-                    // the peer's to hear about; the run's sync state is kept either way.
-                    let (resync, rejected) = match result {
-                        Ok(outcome) => (outcome.parked > 0, None),
-                        Err(RunError::Doc(DocError::MissingDependencies(_))) => (true, None),
-                        Err(e) => (false, Some(e.to_string())),
-                    };
-                    Ok(Done {
-                        state,
-                        frames: Vec::new(),
-                        resync,
-                        rejected,
-                        moved: true,
-                        incarnation: None,
-                    })
-                }
-                Work::SendFull => {
-                    let FullDocument { bytes, lamport } = runs.full_document(run).await?;
-                    let frames = if encoded_len(bytes.len()) <= max_frame {
-                        vec![Frame::CrdtFullSync {
-                            run_id: run.to_string(),
-                            source_region: region,
-                            state: protocol::b64(&bytes),
-                            timestamp: lamport,
-                        }]
-                    } else {
-                        // Too big for one frame: its changes, in order, over several.
-                        let all = runs.changes_since(run, Vec::new()).await?;
-                        let changes = run_doc::parse_own_changes(&all.changes)?;
-                        let frames = change_frames(run, &region, lamport, &changes, max_frame);
-                        log::info!(
-                            "mesh: run {run} saves to {} bytes, over one frame: sending its {} changes in {} frames",
-                            bytes.len(),
-                            changes.len(),
-                            frames.len()
-                        );
-                        frames
-                    };
-                    Ok(Done {
-                        state,
-                        frames,
-                        resync: false,
-                        rejected: None,
-                        moved: true,
-                        incarnation: None,
-                    })
-                }
+                    lamport: Some(lamport),
+                    via: Some(peer.node_id.clone()),
+                };
+                Box::pin(async move { Finished::Changes(runs.apply_changes(run, remote).await) })
+            }
+            Work::SendFull => {
+                let (region, max_frame) = (self.config.region.clone(), self.config.max_frame);
+                Box::pin(
+                    async move { Finished::Full(whole_run(&runs, run, &region, max_frame).await) },
+                )
             }
         };
-        ctx.spawn(
-            fut.into_actor(self)
-                .map(move |result: Result<Done, RunError>, act, ctx| {
-                    let (mut state, mut frames, mut resync, rejected, moved, incarnation) =
-                        match result {
-                            Ok(d) => (
-                                d.state,
-                                d.frames,
-                                d.resync,
-                                d.rejected,
-                                d.moved,
-                                d.incarnation,
-                            ),
-                            // The run could not take it (storage down, say): the peer must
-                            // resend, so the state kept asks it to.
-                            Err(e) => (
-                                fallback.or_else(|| Some(reset_state(None, None))),
-                                Vec::new(),
-                                false,
-                                Some(e.to_string()),
-                                true,
-                                None,
-                            ),
-                        };
-                    let mut stalled = false;
-                    let mut retry_later = false;
-                    if let Some(slot) = act.slots.get_mut(&run) {
-                        slot.busy = false;
-                        // A new incarnation of the run lost whatever the old one held back
-                        // (parked changes): the peer must be asked to resend.
-                        if let (Some(now), Some(before)) = (incarnation, slot.incarnation) {
-                            if now != before {
-                                state = state.map(|s| reset_state(Some(&s), None));
-                                resync = true;
-                            }
-                        }
-                        if incarnation.is_some() {
-                            slot.incarnation = incarnation;
-                        }
-                        slot.state = state;
-                        if moved && rejected.is_none() {
-                            slot.error_resyncs = 0;
-                            slot.stall_resets = 0;
-                        }
-                        if rejected.is_some() && slot.error_resyncs < MAX_ERROR_RESYNCS {
-                            // Our side failed to take what the peer sent: ask again, later.
-                            slot.error_resyncs += 1;
-                            retry_later = true;
-                        }
-                        if incoming_step {
-                            slot.idle_rounds = if moved || frames.is_empty() {
-                                // Progress, or the exchange is over.
-                                0
-                            } else {
-                                slot.idle_rounds + 1
-                            };
-                            if slot.idle_rounds >= MAX_IDLE_ROUNDS {
-                                slot.idle_rounds = 0;
-                                frames.clear();
-                                stalled = true;
-                                if slot.stall_resets < MAX_STALL_RESETS {
-                                    slot.stall_resets += 1;
-                                } else {
-                                    // Stop answering; the next link starts afresh.
-                                    log::warn!(
-                                        "mesh: run {run}: sync with {} makes no progress; pausing it until the next link",
-                                        peer_node
-                                    );
-                                    stalled = false;
-                                }
-                            }
+        ctx.spawn(fut.into_actor(self).map(move |finished, act, ctx| {
+            act.finished(run, finished, ctx);
+            if catchup {
+                act.catchup.active -= 1;
+                act.feed_catchup(ctx);
+            }
+            act.pump(run, ctx);
+        }));
+    }
+
+    /// Hands a finished piece of work to the run's sync driver and does what it says.
+    fn finished(&mut self, run: Uuid, finished: Finished, ctx: &mut Context<Self>) {
+        let Some(slot) = self.slots.get_mut(&run) else {
+            return;
+        };
+        slot.busy = false;
+        let (actions, lamport) = match finished {
+            Finished::Step {
+                sent,
+                result,
+                answered,
+            } => {
+                let lamport = result.as_ref().map_or(0, |r| r.lamport);
+                let holds = answered;
+                (
+                    slot.sync.stepped(sent.as_deref(), result, answered, holds),
+                    lamport,
+                )
+            }
+            // Live changes can overtake what they build on (a catch-up still running, a frame
+            // lost with a link, a sync message split over frames): they are held back, and a
+            // sync round asks for what they need.
+            Finished::Changes(result) => (slot.sync.changes_applied(result), 0),
+            Finished::Full(Ok(frames)) => {
+                slot.sync.progressed();
+                for frame in &frames {
+                    self.send(frame, ctx);
+                }
+                return;
+            }
+            Finished::Full(Err(e)) => {
+                return self.reject("apply", e.to_string(), Some(run.to_string()), ctx);
+            }
+            Finished::Nothing => return,
+        };
+        for action in actions {
+            self.act(run, action, lamport, ctx);
+        }
+    }
+
+    fn act(&mut self, run: Uuid, action: Action, lamport: u64, ctx: &mut Context<Self>) {
+        match action {
+            Action::Send(message) => {
+                let (region, max_frame) = (&self.config.region, self.config.max_frame);
+                match sync_frames(run, region, lamport, message, max_frame) {
+                    Ok(frames) => {
+                        for frame in &frames {
+                            self.send(frame, ctx);
                         }
                     }
-                    if retry_later {
-                        ctx.run_later(RETRY_AFTER, move |act, ctx| {
-                            act.push(run, Work::Resync, false, ctx)
-                        });
-                    }
-                    for frame in &frames {
-                        act.send(frame, ctx);
-                    }
-                    if let Some(reason) = rejected {
-                        act.reject("apply", reason, Some(run.to_string()), ctx);
-                    }
-                    if resync || stalled {
-                        act.push(run, Work::Resync, false, ctx);
-                    }
-                    if catchup {
-                        act.catchup.active -= 1;
-                        act.feed_catchup(ctx);
-                    }
-                    act.pump(run, ctx);
-                }),
-        );
+                    Err(e) => log::warn!("mesh: run {run}: cannot frame a sync message: {e}"),
+                }
+            }
+            Action::Resync => self.push(run, Work::Resync, false, ctx),
+            Action::RetryLater => {
+                ctx.run_later(RETRY_AFTER, move |act, ctx| {
+                    act.push(run, Work::Resync, false, ctx)
+                });
+            }
+            Action::Refused { reason, .. } | Action::Unreachable(reason) => {
+                self.reject("apply", reason, Some(run.to_string()), ctx)
+            }
+            // Stop answering; the next link starts afresh.
+            Action::Paused => log::warn!(
+                "mesh: run {run}: sync with {} makes no progress; pausing it until the next link",
+                self.peer_label()
+            ),
+            // Only clients hear that a run is unknown; a node is sent the run whole instead.
+            Action::Unavailable => {}
+        }
     }
 
     /// Drops the sync state of runs this link has not touched for a while, saving it for the
@@ -400,10 +260,73 @@ impl PeerSession {
             .collect();
         let states = idle
             .into_iter()
-            .filter_map(|run| Some((run, self.slots.remove(&run)?.state?.encode())))
+            .filter_map(|run| Some((run, self.slots.remove(&run)?.sync.state()?.encode())))
             .collect();
         self.mesh.save_sync_states(&peer.node_id, states);
     }
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T>>>;
+
+/// A sync step with the run; a request the driver did not give (a step is out) finishes as
+/// nothing to do.
+fn step(
+    runs: Runs,
+    run: Uuid,
+    peer: &PeerIdentity,
+    request: Option<StepRequest>,
+    answered: bool,
+) -> BoxFuture<Finished> {
+    let (source_region, via) = (peer.region.clone(), peer.node_id.clone());
+    Box::pin(async move {
+        let Some(StepRequest { state, incoming }) = request else {
+            return Finished::Nothing;
+        };
+        // If the run cannot be reached, the driver keeps a reset of the state sent away.
+        let sent = Some(state.clone());
+        let step = SyncStep {
+            state,
+            incoming,
+            source_region,
+            via,
+            client: None,
+        };
+        let result = runs.sync_step(run, step).await;
+        Finished::Step {
+            sent,
+            result,
+            answered,
+        }
+    })
+}
+
+/// The frames that carry a whole run to a peer that lacks it: one `CRDT_FULL_SYNC`, or, when
+/// the document is too big for a frame, its changes in order over several `CRDT_SYNC` frames.
+async fn whole_run(
+    runs: &Runs,
+    run: Uuid,
+    region: &str,
+    max_frame: usize,
+) -> Result<Vec<Frame>, RunError> {
+    let FullDocument { bytes, lamport } = runs.full_document(run).await?;
+    if encoded_len(bytes.len()) <= max_frame {
+        return Ok(vec![Frame::CrdtFullSync {
+            run_id: run.to_string(),
+            source_region: region.to_string(),
+            state: protocol::b64(&bytes),
+            timestamp: lamport,
+        }]);
+    }
+    let all = runs.changes_since(run, Vec::new()).await?;
+    let changes = run_doc::parse_own_changes(&all.changes)?;
+    let frames = change_frames(run, region, lamport, &changes, max_frame);
+    log::info!(
+        "mesh: run {run} saves to {} bytes, over one frame: sending its {} changes in {} frames",
+        bytes.len(),
+        changes.len(),
+        frames.len()
+    );
+    Ok(frames)
 }
 
 /// The frames for one sync-protocol message: one `CRDT_SYNC_MESSAGE`, or, when it is too big
