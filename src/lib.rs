@@ -8,6 +8,7 @@ pub mod http;
 pub mod mesh;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod runs;
 pub mod socket;
 pub mod sync_driver;

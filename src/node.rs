@@ -2,6 +2,7 @@
 //! `main` and the integration tests both start nodes through [`start`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use actix_web::{web, App, HttpServer};
 use actix_web_prom::PrometheusMetricsBuilder;
@@ -86,9 +87,10 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         BrowserConfig::from_settings(settings),
         PreAuth::from_settings(admission, admission.pre_auth_total),
         runs.clone(),
-        mesh.clone(),
+        Arc::new(mesh.clone()),
         metrics.clone(),
     );
+    mesh.state.presence().subscribe(browser.peer_presence());
     let automerge = AutomergeRepo::start(
         RepoConfig::from_settings(settings),
         PreAuth::from_settings(admission, admission.pre_auth_total),

@@ -14,7 +14,7 @@ use super::room::{
 };
 use super::session::BrowserSession;
 use super::Shared;
-use crate::mesh::presence::PeerPresence;
+use crate::presence::PeerPresence;
 use crate::runs::RunChanged;
 use crate::socket::Outbox;
 

@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use crate::admission::{PreAuth, PreAuthSlot, Refused};
 use crate::config::Settings;
-use crate::mesh::Mesh;
 use crate::metrics::Metrics;
+use crate::presence::{Announce, PeerPresence};
 use crate::runs::Runs;
 use hub::Hub;
 use presence::PresenceBook;
@@ -68,7 +68,8 @@ impl BrowserConfig {
 struct Shared {
     config: BrowserConfig,
     runs: Runs,
-    mesh: Mesh,
+    /// Where this node's viewers are announced (the mesh).
+    announcer: Arc<dyn Announce>,
     metrics: Metrics,
     book: PresenceBook,
     open: AtomicUsize,
@@ -97,19 +98,20 @@ impl Drop for SessionSlot {
 }
 
 impl Browser {
-    /// Starts the hub on a thread of its own and subscribes it to committed changes and to
-    /// the mesh's presence.
+    /// Starts the hub on a thread of its own and subscribes it to committed changes; this
+    /// node's viewers are announced to `announcer`, and [`Browser::peer_presence`] takes what
+    /// other nodes announce.
     pub fn start(
         config: BrowserConfig,
         pre_auth: PreAuth,
         runs: Runs,
-        mesh: Mesh,
+        announcer: Arc<dyn Announce>,
         metrics: Metrics,
     ) -> Self {
         let shared = Arc::new(Shared {
             config,
             runs: runs.clone(),
-            mesh: mesh.clone(),
+            announcer,
             metrics,
             book: PresenceBook::default(),
             open: AtomicUsize::new(0),
@@ -124,8 +126,12 @@ impl Browser {
             Hub::start_in_arbiter(&Arbiter::new().handle(), move |_| Hub::new(shared, rooms))
         };
         runs.subscribe(hub.clone().recipient());
-        mesh.state.presence().subscribe(hub.clone().recipient());
         Browser { shared, hub }
+    }
+
+    /// Where other nodes' presence is to be delivered.
+    pub fn peer_presence(&self) -> Recipient<PeerPresence> {
+        self.hub.clone().recipient()
     }
 
     /// A place among the sessions that have not joined yet, for one from `address`.

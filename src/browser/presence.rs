@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use crate::mesh::presence::{PresenceUser, PRESENCE_TTL};
+use crate::presence::{PresenceUser, PRESENCE_TTL};
 use run_wire::browser::Viewer;
 
 struct Remote {

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::session::{BrowserSession, Kick};
 use super::Shared;
 use crate::api_error::ApiError;
-use crate::mesh::presence::{MAX_USERS, REFRESH};
+use crate::presence::{MAX_USERS, REFRESH};
 use crate::runs::RunError;
 use crate::socket::{Outbox, Queued};
 use run_doc::RunState;
@@ -229,7 +229,7 @@ impl RunRoom {
     /// successor both announce the truth).
     fn announce(&self) {
         let users = self.shared.book.local_users(self.run_id, MAX_USERS);
-        self.shared.mesh.announce_presence(self.run_id, users);
+        self.shared.announcer.announce(self.run_id, users);
     }
 }
 

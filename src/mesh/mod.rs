@@ -171,7 +171,7 @@ impl Mesh {
     }
 
     /// Announces this node's viewers of a run to every connected peer node.
-    pub fn announce_presence(&self, run_id: Uuid, users: Vec<presence::PresenceUser>) {
+    fn announce_presence(&self, run_id: Uuid, users: Vec<presence::PresenceUser>) {
         let (epoch, seq) = self.state.presence().next_stamp();
         let announcement = presence::Announcement {
             run_id,
@@ -195,3 +195,9 @@ impl Mesh {
 }
 
 use connector::Connector;
+
+impl crate::presence::Announce for Mesh {
+    fn announce(&self, run_id: Uuid, users: Vec<crate::presence::PresenceUser>) {
+        self.announce_presence(run_id, users);
+    }
+}

@@ -20,29 +20,10 @@ use super::transport::queue_text;
 use crate::metrics::Metrics;
 use run_wire::mesh::Frame;
 
+pub use crate::presence::PeerPresence;
 pub use run_wire::presence::{PresenceUser, MAX_USERS, PRESENCE_TTL, REFRESH};
 /// Announcements remembered for deduplication before the memory is cleared.
 const MAX_SEEN: usize = 100_000;
-
-/// What the mesh tells its presence subscriber (the browser edge).
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub enum PeerPresence {
-    /// A node's current viewers of a run (empty: none left).
-    Update {
-        run_id: Uuid,
-        origin: String,
-        region: String,
-        /// `(epoch, seq)`: announcements reach the subscriber over several links, so one may
-        /// arrive after a newer one.
-        stamp: (u64, u64),
-        users: Vec<PresenceUser>,
-    },
-    /// A peer node is no longer connected: forget what it announced.
-    NodeDown(String),
-    /// A peer node connected: announce this node's viewers to it now.
-    NodeUp(String),
-}
 
 /// One announcement as the wire carries it (the `PRESENCE` frame's fields).
 #[derive(Debug, Clone)]
