@@ -545,13 +545,23 @@ impl Settings {
     }
 
     fn validate(mut self) -> Result<Self, ConfigError> {
+        self.validate_identity()?;
+        self.validate_mesh()?;
+        if self.crdt.api.token.as_deref() == Some("") {
+            self.crdt.api.token = None;
+        }
+        self.validate_automerge()?;
+        self.validate_browser()?;
+        self.validate_runtime()?;
+        self.validate_server()?;
+        self.validate_database()?;
+        Ok(self)
+    }
+
+    /// The region (as the event log stores it) and the node id (defaulting to the host name).
+    fn validate_identity(&mut self) -> Result<(), ConfigError> {
         let region = &self.crdt.region;
-        if region.is_empty()
-            || region.len() > 50
-            || !region
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !run_doc::rules::is_region(region) {
             return Err(invalid(
                 "crdt.region",
                 format!("{region:?} must be 1-50 characters of letters, digits, '-' or '_'"),
@@ -571,6 +581,11 @@ impl Settings {
             ));
         }
         self.crdt.node_id = Some(node_id);
+        Ok(())
+    }
+
+    /// Peers, secrets, timings and frame size of the mesh.
+    fn validate_mesh(&mut self) -> Result<(), ConfigError> {
         for peer in self.crdt.mesh.peers.urls() {
             let parsed = url::Url::parse(&peer)
                 .map_err(|e| invalid("crdt.mesh.peers", format!("{peer:?} is not a URL: {e}")))?;
@@ -612,9 +627,11 @@ impl Settings {
                 "must be at least 65536",
             ));
         }
-        if self.crdt.api.token.as_deref() == Some("") {
-            self.crdt.api.token = None;
-        }
+        Ok(())
+    }
+
+    /// Limits of the automerge-repo door.
+    fn validate_automerge(&mut self) -> Result<(), ConfigError> {
         let repo = &self.crdt.automerge;
         if repo.queue_frames < 4 {
             return Err(invalid("crdt.automerge.queue-frames", "must be at least 4"));
@@ -649,6 +666,11 @@ impl Settings {
                 "must be at least 1",
             ));
         }
+        Ok(())
+    }
+
+    /// Limits of browser sessions.
+    fn validate_browser(&mut self) -> Result<(), ConfigError> {
         let browser = &self.crdt.browser;
         if browser.queue_frames < 4 {
             return Err(invalid("crdt.browser.queue-frames", "must be at least 4"));
@@ -671,6 +693,11 @@ impl Settings {
                 "must be at least 4096",
             ));
         }
+        Ok(())
+    }
+
+    /// Snapshots and run lifetimes.
+    fn validate_runtime(&mut self) -> Result<(), ConfigError> {
         if self.crdt.snapshot.every_events == 0 {
             return Err(invalid("crdt.snapshot.every-events", "must be at least 1"));
         }
@@ -680,6 +707,11 @@ impl Settings {
         if self.crdt.runs.idle_timeout_secs == 0 {
             return Err(invalid("crdt.runs.idle-timeout-secs", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// The HTTP server, admission of unproven WebSockets, and a frame for any body.
+    fn validate_server(&mut self) -> Result<(), ConfigError> {
         self.server.bind.parse::<IpAddr>().map_err(|e| {
             invalid(
                 "server.bind",
@@ -712,6 +744,11 @@ impl Settings {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The database URL (per node when asked), pool and write timeout.
+    fn validate_database(&mut self) -> Result<(), ConfigError> {
         if self.database.url.trim().is_empty() {
             return Err(invalid("database.url", "must not be empty"));
         }
@@ -727,7 +764,7 @@ impl Settings {
         if self.database.pool_size == 0 {
             return Err(invalid("database.pool-size", "must be at least 1"));
         }
-        Ok(self)
+        Ok(())
     }
 
     /// The configured peers, less any that name this node itself (`ws://NODE_ID…` or

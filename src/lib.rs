@@ -4,6 +4,7 @@ pub mod api_error;
 pub mod automerge_repo;
 pub mod browser;
 pub mod config;
+pub mod edge_kit;
 pub mod http;
 pub mod mesh;
 pub mod metrics;

@@ -45,126 +45,111 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let sync_messages = IntCounterVec::new(
-            Opts::new(
-                "crdt_sync_messages_total",
-                "Total sync messages sent and received",
-            ),
+        let r = Registry::new();
+        let sync_messages = counters(
+            &r,
+            "crdt_sync_messages_total",
+            "Total sync messages sent and received",
             &["direction"],
         )?;
-        let sync_failures = IntCounterVec::new(
-            Opts::new("crdt_sync_failures_total", "Failed sync attempts"),
-            &["reason"],
-        )?;
-        let snapshot_size = Histogram::with_opts(
-            HistogramOpts::new("crdt_snapshot_size_bytes", "Size of CRDT snapshots")
-                .buckets(prometheus::exponential_buckets(256.0, 4.0, 10)?),
-        )?;
-        let peers_connected =
-            IntGauge::new("crdt_mesh_peers_connected", "Number of connected peers")?;
-        let lamport_clock = IntGaugeVec::new(
-            Opts::new(
-                "crdt_lamport_clock",
-                "Current Lamport timestamp per loaded run",
-            ),
-            &["run_id"],
-        )?;
-        let runs_loaded = IntGauge::new("crdt_runs_loaded", "Runs loaded in memory")?;
-        let snapshot_failures = prometheus::IntCounter::new(
-            "crdt_snapshot_failures_total",
-            "Snapshots that failed to be written",
-        )?;
-        let commit_batch = Histogram::with_opts(
-            HistogramOpts::new(
-                "crdt_commit_batch_appends",
-                "Appends carried by each event-log transaction",
-            )
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
-        )?;
-        let legacy_skipped = prometheus::IntCounter::new(
-            "crdt_legacy_events_skipped_total",
-            "Legacy operational-transform events skipped as malformed during replay",
-        )?;
-        registry.register(Box::new(legacy_skipped.clone()))?;
-        let browser_sessions = IntGauge::new("crdt_browser_sessions", "Open browser sessions")?;
-        let browser_frames = IntCounterVec::new(
-            Opts::new(
-                "crdt_browser_frames_total",
-                "Browser session frames sent and received",
-            ),
+        let browser_frames = counters(
+            &r,
+            "crdt_browser_frames_total",
+            "Browser session frames sent and received",
             &["direction"],
         )?;
-        let browser_closed = IntCounterVec::new(
-            Opts::new(
-                "crdt_browser_sessions_closed_total",
-                "Browser sessions the node closed, by reason",
-            ),
-            &["reason"],
-        )?;
-        let schema_violations = IntCounter::new(
-            "crdt_schema_violations_total",
-            "Run-schema breaches found in changes from foreign Automerge clients (the changes are kept)",
-        )?;
-        let repo_sessions = IntGauge::new(
-            "crdt_automerge_repo_connections",
-            "Open automerge-repo WebSocket connections",
-        )?;
-        let repo_messages = IntCounterVec::new(
-            Opts::new(
-                "crdt_automerge_repo_messages_total",
-                "automerge-repo messages received and sent, by type",
-            ),
-            &["type", "direction"],
-        )?;
-        let repo_closed = IntCounterVec::new(
-            Opts::new(
-                "crdt_automerge_repo_connections_closed_total",
-                "automerge-repo connections the node closed, by reason",
-            ),
-            &["reason"],
-        )?;
-        registry.register(Box::new(schema_violations.clone()))?;
-        registry.register(Box::new(repo_sessions.clone()))?;
-        registry.register(Box::new(repo_messages.clone()))?;
-        registry.register(Box::new(repo_closed.clone()))?;
-        registry.register(Box::new(browser_sessions.clone()))?;
-        registry.register(Box::new(browser_frames.clone()))?;
-        registry.register(Box::new(browser_closed.clone()))?;
-        registry.register(Box::new(commit_batch.clone()))?;
-        registry.register(Box::new(sync_messages.clone()))?;
-        registry.register(Box::new(sync_failures.clone()))?;
-        registry.register(Box::new(snapshot_size.clone()))?;
-        registry.register(Box::new(peers_connected.clone()))?;
-        registry.register(Box::new(lamport_clock.clone()))?;
-        registry.register(Box::new(runs_loaded.clone()))?;
-        registry.register(Box::new(snapshot_failures.clone()))?;
         // Make the labelled series visible from the start, at zero.
         for d in ["in", "out"] {
             sync_messages.with_label_values(&[d]);
             browser_frames.with_label_values(&[d]);
         }
+        let snapshot_sizes = prometheus::exponential_buckets(256.0, 4.0, 10)?;
+        let batch_sizes = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
         Ok(Metrics {
-            registry,
             sync_messages,
-            sync_failures,
-            snapshot_size,
-            peers_connected,
-            lamport_clock,
+            sync_failures: counters(&r, "crdt_sync_failures_total", "Failed sync attempts", &["reason"])?,
+            snapshot_size: histogram(&r, "crdt_snapshot_size_bytes", "Size of CRDT snapshots", snapshot_sizes)?,
+            peers_connected: gauge(&r, "crdt_mesh_peers_connected", "Number of connected peers")?,
+            lamport_clock: register(&r, IntGaugeVec::new(
+                Opts::new("crdt_lamport_clock", "Current Lamport timestamp per loaded run"),
+                &["run_id"],
+            )?)?,
             run_series: Arc::new(AtomicUsize::new(0)),
-            runs_loaded,
-            snapshot_failures,
-            commit_batch,
-            legacy_skipped,
-            schema_violations,
-            repo_sessions,
-            repo_messages,
-            repo_closed,
-            browser_sessions,
+            runs_loaded: gauge(&r, "crdt_runs_loaded", "Runs loaded in memory")?,
+            snapshot_failures: counter(&r, "crdt_snapshot_failures_total", "Snapshots that failed to be written")?,
+            commit_batch: histogram(&r, "crdt_commit_batch_appends", "Appends carried by each event-log transaction", batch_sizes)?,
+            legacy_skipped: counter(
+                &r,
+                "crdt_legacy_events_skipped_total",
+                "Legacy operational-transform events skipped as malformed during replay",
+            )?,
+            schema_violations: counter(
+                &r,
+                "crdt_schema_violations_total",
+                "Run-schema breaches found in changes from foreign Automerge clients (the changes are kept)",
+            )?,
+            repo_sessions: gauge(&r, "crdt_automerge_repo_connections", "Open automerge-repo WebSocket connections")?,
+            repo_messages: counters(
+                &r,
+                "crdt_automerge_repo_messages_total",
+                "automerge-repo messages received and sent, by type",
+                &["type", "direction"],
+            )?,
+            repo_closed: counters(
+                &r,
+                "crdt_automerge_repo_connections_closed_total",
+                "automerge-repo connections the node closed, by reason",
+                &["reason"],
+            )?,
+            browser_sessions: gauge(&r, "crdt_browser_sessions", "Open browser sessions")?,
             browser_frames,
-            browser_closed,
+            browser_closed: counters(
+                &r,
+                "crdt_browser_sessions_closed_total",
+                "Browser sessions the node closed, by reason",
+                &["reason"],
+            )?,
+            registry: r,
         })
     }
+}
+
+/// Registers `metric` and hands it back.
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> Result<M, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+fn counters(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+    register(registry, IntCounter::new(name, help)?)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    register(registry, IntGauge::new(name, help)?)
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> Result<Histogram, prometheus::Error> {
+    register(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?,
+    )
 }
 
 /// Runs that may have a `crdt_lamport_clock` series at once: a series per run id is a label

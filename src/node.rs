@@ -47,35 +47,8 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     // A second node in one process finds it installed already, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let db = &settings.database;
-    let store = run_store::open(&db.url, db.pool_size, db.create_if_missing).await?;
-    log::info!(
-        "storage: {} ({})",
-        store.backend(),
-        redact(&settings.database.url)
-    );
     let metrics = Metrics::new().map_err(|e| NodeError::Metrics(e.to_string()))?;
-    let committers = if store.backend() == "sqlite" {
-        1
-    } else {
-        settings.database.pool_size.clamp(1, 4)
-    };
-    let runs = Runs::start(
-        store,
-        RunsConfig {
-            region: settings.crdt.region.clone(),
-            snapshot_every: settings.crdt.snapshot.every_events,
-            snapshot_keep: settings.crdt.snapshot.keep,
-            snapshot_min_interval: std::time::Duration::from_millis(
-                settings.crdt.snapshot.min_interval_ms,
-            ),
-            idle_timeout: settings.idle_timeout(),
-            write_timeout: std::time::Duration::from_millis(settings.database.write_timeout_ms),
-        },
-        metrics.clone(),
-        workers,
-        committers,
-    );
+    let runs = start_runtime(settings, &metrics, workers).await?;
     let mesh = Mesh::start(
         MeshConfig::from_settings(settings),
         &settings.peer_urls(),
@@ -107,6 +80,72 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         node_id: settings.node_id().to_string(),
         origins: http::origin::AllowedOrigins::new(settings.crdt.admission.allowed_origins.urls()),
     });
+    let (addr, server, task) = serve(settings, state, &metrics, workers)?;
+    log::info!(
+        "crdt-node {} (region {}) listening on http://{addr}",
+        settings.node_id(),
+        settings.crdt.region
+    );
+    Ok(RunningNode {
+        addr,
+        server,
+        runs,
+        mesh,
+        browser,
+        automerge,
+        task,
+    })
+}
+
+/// Opens the store and starts the runtime on it.
+async fn start_runtime(
+    settings: &Settings,
+    metrics: &Metrics,
+    workers: usize,
+) -> Result<Runs, NodeError> {
+    let db = &settings.database;
+    let store = run_store::open(&db.url, db.pool_size, db.create_if_missing).await?;
+    log::info!(
+        "storage: {} ({})",
+        store.backend(),
+        redact(&settings.database.url)
+    );
+    let committers = if store.backend() == "sqlite" {
+        1
+    } else {
+        settings.database.pool_size.clamp(1, 4)
+    };
+    Ok(Runs::start(
+        store,
+        RunsConfig {
+            region: settings.crdt.region.clone(),
+            snapshot_every: settings.crdt.snapshot.every_events,
+            snapshot_keep: settings.crdt.snapshot.keep,
+            snapshot_min_interval: std::time::Duration::from_millis(
+                settings.crdt.snapshot.min_interval_ms,
+            ),
+            idle_timeout: settings.idle_timeout(),
+            write_timeout: std::time::Duration::from_millis(settings.database.write_timeout_ms),
+        },
+        metrics.clone(),
+        workers,
+        committers,
+    ))
+}
+
+type Served = (
+    SocketAddr,
+    actix_web::dev::ServerHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+);
+
+/// Binds the HTTP server (the API, the pages, every WebSocket door, the metrics) and runs it.
+fn serve(
+    settings: &Settings,
+    state: web::Data<AppState>,
+    metrics: &Metrics,
+    workers: usize,
+) -> Result<Served, NodeError> {
     let prometheus = PrometheusMetricsBuilder::new("crdt_node")
         .registry(metrics.registry.clone())
         .endpoint("/actuator/prometheus")
@@ -138,21 +177,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     let addr = server.addrs()[0];
     let server = server.run();
     let handle = server.handle();
-    let task = tokio::spawn(server);
-    log::info!(
-        "crdt-node {} (region {}) listening on http://{addr}",
-        settings.node_id(),
-        settings.crdt.region
-    );
-    Ok(RunningNode {
-        addr,
-        server: handle,
-        runs,
-        mesh,
-        browser,
-        automerge,
-        task,
-    })
+    Ok((addr, handle, tokio::spawn(server)))
 }
 
 /// A database URL without its password, for logs.

@@ -2,7 +2,6 @@
 //! place rooms are started and stopped, so a connection opening a document never meets a room
 //! that is stopping. Committed changes are routed to the room of their run.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -10,8 +9,9 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use super::room::{AddMember, CloseRoom, DocRoom, Member, RemoveMember, RunCommitted};
-use super::session::{Kick, RepoSession};
+use super::session::RepoSession;
 use super::Shared;
+use crate::edge_kit::{Kick, Rooms};
 use crate::runs::RunChanged;
 use run_wire::close;
 
@@ -42,18 +42,12 @@ pub struct Open {
     pub member: Member,
 }
 
-struct Room {
-    addr: Addr<DocRoom>,
-    members: usize,
-}
-
 pub struct Hub {
     shared: Arc<Shared>,
     peers: HashMap<String, (u64, Addr<RepoSession>)>,
-    rooms: HashMap<Uuid, Room>,
+    rooms: Rooms<Addr<DocRoom>>,
     /// Rooms are spread over these threads: one busy document does not hold up the others.
     arbiters: Vec<ArbiterHandle>,
-    next_room: usize,
 }
 
 impl Hub {
@@ -61,9 +55,8 @@ impl Hub {
         Hub {
             shared,
             peers: HashMap::new(),
-            rooms: HashMap::new(),
+            rooms: Rooms::default(),
             arbiters,
-            next_room: 0,
         }
     }
 }
@@ -100,13 +93,12 @@ impl Handler<Unregister> for Hub {
             self.peers.remove(&msg.peer_id);
         }
         for run_id in msg.runs {
-            let Entry::Occupied(mut room) = self.rooms.entry(run_id) else {
+            let Some((room, last)) = self.rooms.leave(run_id) else {
                 continue;
             };
-            room.get().addr.do_send(RemoveMember(msg.conn));
-            room.get_mut().members = room.get().members.saturating_sub(1);
-            if room.get().members == 0 {
-                room.remove().addr.do_send(CloseRoom);
+            room.do_send(RemoveMember(msg.conn));
+            if last {
+                room.do_send(CloseRoom);
             }
         }
     }
@@ -116,18 +108,14 @@ impl Handler<Open> for Hub {
     type Result = MessageResult<Open>;
 
     fn handle(&mut self, msg: Open, _ctx: &mut Self::Context) -> Self::Result {
-        let room = self.rooms.entry(msg.run_id).or_insert_with(|| {
-            self.next_room += 1;
-            let arbiter = &self.arbiters[self.next_room % self.arbiters.len()];
-            let (run_id, shared) = (msg.run_id, self.shared.clone());
-            Room {
-                addr: DocRoom::start_in_arbiter(arbiter, move |_| DocRoom::new(run_id, shared)),
-                members: 0,
-            }
+        let (shared, arbiters) = (&self.shared, &self.arbiters);
+        let room = self.rooms.join(msg.run_id, |generation| {
+            let arbiter = &arbiters[(generation as usize) % arbiters.len()];
+            let (run_id, shared) = (msg.run_id, shared.clone());
+            DocRoom::start_in_arbiter(arbiter, move |_| DocRoom::new(run_id, shared))
         });
-        room.members += 1;
-        room.addr.do_send(AddMember(msg.conn, msg.member));
-        MessageResult(room.addr.clone())
+        room.do_send(AddMember(msg.conn, msg.member));
+        MessageResult(room.clone())
     }
 }
 
@@ -135,8 +123,8 @@ impl Handler<RunChanged> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: RunChanged, _ctx: &mut Self::Context) {
-        if let Some(room) = self.rooms.get(&msg.run_id) {
-            room.addr.do_send(RunCommitted);
+        if let Some(room) = self.rooms.get(msg.run_id) {
+            room.do_send(RunCommitted);
         }
     }
 }

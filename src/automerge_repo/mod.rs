@@ -19,14 +19,14 @@ mod room;
 mod session;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::admission::{PreAuth, PreAuthSlot, Refused};
+use crate::admission::{PreAuth, PreAuthSlot};
 use crate::config::Settings;
+use crate::edge_kit::{Door, NotAdmitted, Seat, Timing};
 use crate::metrics::Metrics;
 use crate::runs::Runs;
 use hub::Hub;
@@ -40,15 +40,14 @@ pub struct RepoConfig {
     pub token: Option<String>,
     pub queue: usize,
     pub max_connections: usize,
-    pub heartbeat: Duration,
     pub max_frame: usize,
     pub max_documents: usize,
     /// Commits to a run within this long of the last push reach its clients in one message.
     pub push_delay: Duration,
     /// Bytes one connection may have queued (see `queue`).
     pub queue_bytes: usize,
-    /// How long a connection has to `join`.
-    pub join_timeout: Duration,
+    /// The heartbeat, and how long a client has to prove itself.
+    pub timing: Timing,
 }
 
 impl RepoConfig {
@@ -60,12 +59,14 @@ impl RepoConfig {
             token: s.crdt.api.token.clone(),
             queue: a.queue_frames,
             max_connections: a.max_connections,
-            heartbeat: Duration::from_millis(a.heartbeat_ms),
             max_frame: a.max_frame_bytes,
             max_documents: a.max_documents,
             push_delay: Duration::from_millis(a.push_delay_ms),
             queue_bytes: a.queue_bytes,
-            join_timeout: Duration::from_millis(s.crdt.admission.pre_auth_timeout_ms),
+            timing: Timing {
+                heartbeat: Duration::from_millis(a.heartbeat_ms),
+                join_timeout: Duration::from_millis(s.crdt.admission.pre_auth_timeout_ms),
+            },
         }
     }
 }
@@ -75,12 +76,8 @@ struct Shared {
     config: RepoConfig,
     runs: Runs,
     metrics: Metrics,
-    open: AtomicUsize,
-    /// Connections that have not joined yet (see `admission`).
-    pre_auth: PreAuth,
-    next_id: AtomicU64,
-    /// Set when the node stops: every connection closes ("going away").
-    closing: tokio::sync::watch::Sender<bool>,
+    /// Admission, open connections, closing them all when the node stops.
+    door: Door,
 }
 
 impl Shared {
@@ -99,28 +96,21 @@ pub struct AutomergeRepo {
     hub: Addr<Hub>,
 }
 
-/// Holds one place among the node's open connections until dropped.
-pub struct ConnectionSlot(Arc<Shared>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.repo_sessions.dec();
-    }
-}
-
 impl AutomergeRepo {
     /// Starts the hub on a thread of its own, rooms on one thread per core, and subscribes
     /// the hub to committed changes.
     pub fn start(config: RepoConfig, pre_auth: PreAuth, runs: Runs, metrics: Metrics) -> Self {
+        let door = Door::new(
+            config.max_connections,
+            metrics.repo_sessions.clone(),
+            metrics.repo_closed.clone(),
+            pre_auth,
+        );
         let shared = Arc::new(Shared {
             config,
             runs: runs.clone(),
             metrics,
-            open: AtomicUsize::new(0),
-            pre_auth,
-            next_id: AtomicU64::new(1),
-            closing: tokio::sync::watch::Sender::new(false),
+            door,
         });
         let hub = {
             let shared = shared.clone();
@@ -132,53 +122,33 @@ impl AutomergeRepo {
         AutomergeRepo { shared, hub }
     }
 
-    /// A place among the connections that have not joined yet, for one from `address`.
-    pub fn pre_auth(&self, address: Option<IpAddr>) -> Result<PreAuthSlot, Refused> {
-        self.shared.pre_auth.admit(address)
+    /// Admits a socket from `address` (see `edge_kit::Door`).
+    pub fn admit(&self, address: Option<IpAddr>) -> Result<(PreAuthSlot, Seat), NotAdmitted> {
+        self.shared.door.admit(address)
     }
 
-    /// A place for one more connection, if the node has room and is not stopping.
-    pub fn slot(&self) -> Option<ConnectionSlot> {
-        if *self.shared.closing.borrow() {
-            return None;
-        }
-        let taken = self.shared.open.fetch_add(1, Ordering::Relaxed);
-        self.shared.metrics.repo_sessions.inc();
-        let slot = ConnectionSlot(self.shared.clone());
-        (taken < self.shared.config.max_connections).then_some(slot)
-    }
-
-    /// Starts the session of an accepted socket. `authorized` when the upgrade carried the
+    /// Starts the session of an admitted socket. `authorized` when the upgrade carried the
     /// API token (or none is configured); otherwise the client's `join` is refused.
     pub fn accept(
         &self,
-        socket: actix_ws::Session,
-        stream: actix_ws::MessageStream,
-        slot: ConnectionSlot,
-        pre_auth: PreAuthSlot,
+        (socket, stream): (actix_ws::Session, actix_ws::MessageStream),
+        admitted: (PreAuthSlot, Seat),
         authorized: bool,
     ) {
-        let config = &self.shared.config;
-        let (io, out, shutdown) = crate::socket::channels(config.queue);
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let session = RepoSession::new(
-            session::Parts {
-                id,
-                shared: self.shared.clone(),
-                hub: self.hub.clone(),
-                out,
-                _slot: slot,
-                pre_auth: Some(pre_auth),
-                authorized,
-            },
-            shutdown,
-        )
-        .start();
+        let shared = &self.shared;
+        let config = &shared.config;
+        let (edge, io) = shared.door.socket(config.queue, admitted, config.timing);
+        let parts = session::Parts {
+            shared: shared.clone(),
+            hub: self.hub.clone(),
+            authorized,
+        };
+        let session = RepoSession::new(parts, edge).start();
         crate::socket::serve(socket, stream, config.max_frame, session.recipient(), io);
     }
 
     /// Closes every connection ("going away") and refuses new ones: the node is stopping.
     pub fn close(&self) {
-        self.shared.closing.send_replace(true);
+        self.shared.door.close();
     }
 }

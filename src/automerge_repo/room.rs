@@ -16,8 +16,9 @@ use actix::prelude::*;
 use automerge::sync;
 use uuid::Uuid;
 
-use super::session::{Kick, RepoSession};
+use super::session::RepoSession;
 use super::Shared;
+use crate::edge_kit::Kick;
 use crate::runs::{BadInput, RunError, SyncStep, SyncStepReply};
 use crate::socket::{Outbox, Queued};
 use crate::sync_driver::{Action, PeerKind, SyncDriver};

@@ -8,17 +8,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use actix::prelude::*;
 use automerge::sync;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::hub::{Hub, Open, Register, Unregister};
 use super::room::{DocRoom, Incoming, Member, Relay};
-use super::{ConnectionSlot, Shared};
-use crate::socket::{Inbound, Out, Outbox, Queued, Shutdown};
+use super::Shared;
+use crate::edge_kit::{EdgeSession, EdgeSocket, Kick};
+use crate::socket::{Inbound, Outbox, Queued};
 use run_wire::automerge_repo::doc_id;
 use run_wire::automerge_repo::wire::{self, FromClient, ToClient, PROTOCOL_V1};
 use run_wire::close;
@@ -26,48 +25,31 @@ use run_wire::close;
 /// The largest ephemeral payload relayed to a document's other clients.
 pub const MAX_EPHEMERAL_BYTES: usize = 64 * 1024;
 
-/// Tells a connection to close (its room: it fell behind or was refused; the hub: replaced).
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub struct Kick {
-    pub code: u16,
-    pub reason: String,
-    pub label: &'static str,
-}
-
 pub struct Parts {
-    pub id: u64,
     pub shared: Arc<Shared>,
     pub hub: Addr<Hub>,
-    pub out: mpsc::Sender<Out>,
-    /// Held until the session stops: it counts among the node's open connections.
-    pub _slot: ConnectionSlot,
-    /// Held until the connection joins: it counts among the unproven connections.
-    pub pre_auth: Option<crate::admission::PreAuthSlot>,
     pub authorized: bool,
 }
 
 pub struct RepoSession {
     p: Parts,
-    shutdown: Option<Shutdown>,
+    socket: EdgeSocket,
     /// The client's peer id, once it joined.
     peer_id: Option<String>,
     docs: HashMap<Uuid, Addr<DocRoom>>,
-    last_heard: Instant,
     /// The outgoing queue as rooms see it: bounded in bytes too.
     outbox: Outbox,
 }
 
 impl RepoSession {
-    pub fn new(p: Parts, shutdown: Shutdown) -> Self {
-        let outbox = Outbox::new(p.out.clone(), p.shared.config.queue_bytes);
+    pub fn new(p: Parts, socket: EdgeSocket) -> Self {
+        let outbox = Outbox::new(socket.out().clone(), p.shared.config.queue_bytes);
         RepoSession {
             outbox,
             p,
-            shutdown: Some(shutdown),
+            socket,
             peer_id: None,
             docs: HashMap::new(),
-            last_heard: Instant::now(),
         }
     }
 
@@ -98,25 +80,6 @@ impl RepoSession {
             ctx,
         );
         self.close(code, reason, label, ctx);
-    }
-
-    fn close(&mut self, code: u16, reason: String, label: &'static str, ctx: &mut Context<Self>) {
-        if let Some(shutdown) = self.shutdown.take() {
-            log::info!(
-                "automerge-repo: closing connection {} ({}): {reason}",
-                self.p.id,
-                self.peer_id.as_deref().unwrap_or("not joined")
-            );
-            self.p
-                .shared
-                .metrics
-                .repo_closed
-                .with_label_values(&[label])
-                .inc();
-            // The `error` saying why goes first.
-            crate::socket::close_session(&self.p.out, shutdown, code, reason);
-        }
-        ctx.stop();
     }
 
     fn on_binary(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
@@ -207,10 +170,10 @@ impl RepoSession {
             let reason = format!("unsupported protocol version(s) {v:?}: this node speaks \"1\"");
             return self.refuse(close::PROTOCOL, reason, "unsupported_version", ctx);
         }
-        self.p.pre_auth = None;
+        self.socket.proved();
         self.p.hub.do_send(Register {
             peer_id: sender_id.clone(),
-            conn: self.p.id,
+            conn: self.socket.id,
             session: ctx.address(),
         });
         let server = self.p.shared.config.peer_id.clone();
@@ -235,7 +198,7 @@ impl RepoSession {
             Ok(r) => r,
             Err(e) => return self.refuse(close::PROTOCOL, e.to_string(), "bad_document", ctx),
         };
-        let conn = self.p.id;
+        let conn = self.socket.id;
         if let Some(room) = self.docs.get(&run_id) {
             return f(conn, room);
         }
@@ -264,14 +227,28 @@ impl RepoSession {
             },
         ));
     }
+}
 
-    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
-        let limit = self.p.shared.config.heartbeat * 3;
-        if self.last_heard.elapsed() > limit {
-            let reason = format!("nothing heard for {} ms", limit.as_millis());
-            return self.close(close::TIMEOUT, reason, "timeout", ctx);
-        }
-        let _ = self.p.out.try_send(Out::Ping(actix_web::web::Bytes::new()));
+impl EdgeSession for RepoSession {
+    const JOIN: &'static str = "join";
+
+    fn socket(&mut self) -> &mut EdgeSocket {
+        &mut self.socket
+    }
+
+    fn joined(&self) -> bool {
+        self.peer_id.is_some()
+    }
+
+    fn close(&mut self, code: u16, reason: String, label: &'static str, ctx: &mut Context<Self>) {
+        let who = format!(
+            "automerge-repo: connection {} ({})",
+            self.socket.id,
+            self.peer_id.as_deref().unwrap_or("not joined")
+        );
+        // The `error` saying why, if any, goes first.
+        self.socket.close(code, reason, label, &who);
+        ctx.stop();
     }
 }
 
@@ -279,36 +256,15 @@ impl Actor for RepoSession {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.p.shared.config.heartbeat, |act, ctx| {
-            act.heartbeat(ctx)
-        });
-        let limit = self.p.shared.config.join_timeout;
-        ctx.run_later(limit, move |act, ctx| {
-            if act.peer_id.is_none() {
-                let reason = format!("no join within {} ms", limit.as_millis());
-                act.close(close::TIMEOUT, reason, "timeout", ctx);
-            }
-        });
-        let mut closing = self.p.shared.closing.subscribe();
-        let stopping = async move {
-            let _ = closing.wait_for(|c| *c).await;
-        };
-        ctx.spawn(stopping.into_actor(self).map(|_, act, ctx| {
-            act.close(
-                close::GOING_AWAY,
-                "node shutting down".into(),
-                "shutdown",
-                ctx,
-            );
-        }));
+        self.start_edge(ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.shutdown.take();
+        self.socket.stopped();
         if let Some(peer_id) = self.peer_id.take() {
             self.p.hub.do_send(Unregister {
                 peer_id,
-                conn: self.p.id,
+                conn: self.socket.id,
                 runs: self.docs.keys().copied().collect(),
             });
         }
@@ -319,7 +275,7 @@ impl Handler<Inbound> for RepoSession {
     type Result = ();
 
     fn handle(&mut self, msg: Inbound, ctx: &mut Self::Context) {
-        self.last_heard = Instant::now();
+        self.socket.heard();
         match msg {
             Inbound::Binary(bytes) => self.on_binary(&bytes, ctx),
             Inbound::Text(_) => self.refuse(

@@ -2,7 +2,6 @@
 //! meets a room that is stopping. It routes committed changes and the mesh's presence to the
 //! rooms of the runs they concern.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use super::room::{
 };
 use super::session::BrowserSession;
 use super::Shared;
+use crate::edge_kit::Rooms;
 use crate::presence::PeerPresence;
 use crate::runs::RunChanged;
 use crate::socket::Outbox;
@@ -38,34 +38,27 @@ pub struct Leave {
     pub id: u64,
 }
 
-struct Room {
-    addr: Addr<RunRoom>,
-    members: usize,
-}
-
 pub struct Hub {
     shared: Arc<Shared>,
-    rooms: HashMap<Uuid, Room>,
+    rooms: Rooms<Addr<RunRoom>>,
     /// Rooms are spread over these threads: a big run's state encoding must not hold up the
     /// fan-out of every other run.
     arbiters: Vec<ArbiterHandle>,
-    next_room: u64,
 }
 
 impl Hub {
     pub fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>) -> Self {
         Hub {
             shared,
-            rooms: HashMap::new(),
+            rooms: Rooms::default(),
             arbiters,
-            next_room: 0,
         }
     }
 
     fn presence_changed(&self, runs: &[Uuid]) {
         for run in runs {
-            if let Some(room) = self.rooms.get(run) {
-                room.addr.do_send(PresenceChanged);
+            if let Some(room) = self.rooms.get(*run) {
+                room.do_send(PresenceChanged);
             }
         }
     }
@@ -88,23 +81,14 @@ impl Handler<Join> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Join, _ctx: &mut Self::Context) {
-        let room = match self.rooms.entry(msg.run_id) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                // Each room a new generation: one closing never overwrites its successor's
-                // presence.
-                self.next_room += 1;
-                let (run, generation) = (msg.run_id, self.next_room);
-                let shared = self.shared.clone();
-                let arbiter = &self.arbiters[(generation as usize) % self.arbiters.len()];
-                let addr = RunRoom::start_in_arbiter(arbiter, move |_| {
-                    RunRoom::new(run, generation, shared)
-                });
-                e.insert(Room { addr, members: 0 })
-            }
-        };
-        room.members += 1;
-        room.addr.do_send(AddMember(
+        let (shared, arbiters) = (&self.shared, &self.arbiters);
+        let room = self.rooms.join(msg.run_id, |generation| {
+            // The generation keeps one closing room from overwriting its successor's presence.
+            let (run, shared) = (msg.run_id, shared.clone());
+            let arbiter = &arbiters[(generation as usize) % arbiters.len()];
+            RunRoom::start_in_arbiter(arbiter, move |_| RunRoom::new(run, generation, shared))
+        });
+        room.do_send(AddMember(
             msg.id,
             Member {
                 session: msg.session,
@@ -119,14 +103,12 @@ impl Handler<Leave> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, _ctx: &mut Self::Context) {
-        let Some(room) = self.rooms.get_mut(&msg.run_id) else {
+        let Some((room, last)) = self.rooms.leave(msg.run_id) else {
             return;
         };
-        room.addr.do_send(RemoveMember(msg.id));
-        room.members = room.members.saturating_sub(1);
-        if room.members == 0 {
-            room.addr.do_send(CloseRoom);
-            self.rooms.remove(&msg.run_id);
+        room.do_send(RemoveMember(msg.id));
+        if last {
+            room.do_send(CloseRoom);
         }
     }
 }
@@ -135,8 +117,8 @@ impl Handler<RunChanged> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: RunChanged, _ctx: &mut Self::Context) {
-        if let Some(room) = self.rooms.get(&msg.run_id) {
-            room.addr.do_send(Changed);
+        if let Some(room) = self.rooms.get(msg.run_id) {
+            room.do_send(Changed);
         }
     }
 }
@@ -166,8 +148,8 @@ impl Handler<PeerPresence> for Hub {
                 self.presence_changed(&changed);
             }
             PeerPresence::NodeUp(_) => {
-                for room in self.rooms.values() {
-                    room.addr.do_send(Announce);
+                for room in self.rooms.all() {
+                    room.do_send(Announce);
                 }
             }
         }

@@ -16,15 +16,15 @@ mod room;
 mod session;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::admission::{PreAuth, PreAuthSlot, Refused};
+use crate::admission::{PreAuth, PreAuthSlot};
 use crate::config::Settings;
+use crate::edge_kit::{Door, NotAdmitted, Seat, Timing};
 use crate::metrics::Metrics;
 use crate::presence::{Announce, PeerPresence};
 use crate::runs::Runs;
@@ -39,12 +39,11 @@ pub struct BrowserConfig {
     pub token: Option<String>,
     pub queue: usize,
     pub max_sessions: usize,
-    pub heartbeat: Duration,
     pub max_frame: usize,
     /// Bytes one session may have queued before it counts as too far behind.
     pub queue_bytes: usize,
-    /// How long a session has to JOIN.
-    pub join_timeout: Duration,
+    /// The heartbeat, and how long a client has to prove itself.
+    pub timing: Timing,
 }
 
 impl BrowserConfig {
@@ -56,10 +55,12 @@ impl BrowserConfig {
             token: s.crdt.api.token.clone(),
             queue: b.queue_frames,
             max_sessions: b.max_sessions,
-            heartbeat: Duration::from_millis(b.heartbeat_ms),
             max_frame: b.max_frame_bytes,
             queue_bytes: b.queue_bytes,
-            join_timeout: Duration::from_millis(s.crdt.admission.pre_auth_timeout_ms),
+            timing: Timing {
+                heartbeat: Duration::from_millis(b.heartbeat_ms),
+                join_timeout: Duration::from_millis(s.crdt.admission.pre_auth_timeout_ms),
+            },
         }
     }
 }
@@ -72,12 +73,8 @@ struct Shared {
     announcer: Arc<dyn Announce>,
     metrics: Metrics,
     book: PresenceBook,
-    open: AtomicUsize,
-    /// Connections that have not joined yet (see `admission`).
-    pre_auth: PreAuth,
-    next_id: AtomicU64,
-    /// Set when the node stops: every session closes ("going away"), new ones are refused.
-    closing: tokio::sync::watch::Sender<bool>,
+    /// Admission, open sessions, closing them all when the node stops.
+    door: Door,
 }
 
 /// The browser edge: cheap to clone.
@@ -85,16 +82,6 @@ struct Shared {
 pub struct Browser {
     shared: Arc<Shared>,
     hub: Addr<Hub>,
-}
-
-/// Holds one place among the node's open sessions until dropped.
-pub struct SessionSlot(Arc<Shared>);
-
-impl Drop for SessionSlot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.browser_sessions.dec();
-    }
 }
 
 impl Browser {
@@ -108,16 +95,19 @@ impl Browser {
         announcer: Arc<dyn Announce>,
         metrics: Metrics,
     ) -> Self {
+        let door = Door::new(
+            config.max_sessions,
+            metrics.browser_sessions.clone(),
+            metrics.browser_closed.clone(),
+            pre_auth,
+        );
         let shared = Arc::new(Shared {
             config,
             runs: runs.clone(),
             announcer,
             metrics,
             book: PresenceBook::default(),
-            open: AtomicUsize::new(0),
-            pre_auth,
-            next_id: AtomicU64::new(1),
-            closing: tokio::sync::watch::Sender::new(false),
+            door,
         });
         let hub = {
             let shared = shared.clone();
@@ -134,50 +124,30 @@ impl Browser {
         self.hub.clone().recipient()
     }
 
-    /// A place among the sessions that have not joined yet, for one from `address`.
-    pub fn pre_auth(&self, address: Option<IpAddr>) -> Result<PreAuthSlot, Refused> {
-        self.shared.pre_auth.admit(address)
+    /// Admits a socket from `address` (see `edge_kit::Door`).
+    pub fn admit(&self, address: Option<IpAddr>) -> Result<(PreAuthSlot, Seat), NotAdmitted> {
+        self.shared.door.admit(address)
     }
 
-    /// A place for one more session, if the node has room and is not stopping.
-    pub fn session_slot(&self) -> Option<SessionSlot> {
-        if *self.shared.closing.borrow() {
-            return None;
-        }
-        let taken = self.shared.open.fetch_add(1, Ordering::Relaxed);
-        self.shared.metrics.browser_sessions.inc();
-        let slot = SessionSlot(self.shared.clone());
-        (taken < self.shared.config.max_sessions).then_some(slot)
-    }
-
-    /// Starts the session of an accepted socket on the current arbiter. `authorized` when the
+    /// Starts the session of an admitted socket on the current arbiter. `authorized` when the
     /// upgrade request already carried the API token (non-browser clients).
     pub fn accept(
         &self,
-        socket: actix_ws::Session,
-        stream: actix_ws::MessageStream,
+        (socket, stream): (actix_ws::Session, actix_ws::MessageStream),
         run_id: Uuid,
-        slot: SessionSlot,
-        pre_auth: PreAuthSlot,
+        admitted: (PreAuthSlot, Seat),
         authorized: bool,
     ) {
-        let config = &self.shared.config;
-        let (io, out, shutdown) = crate::socket::channels(config.queue);
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let session = BrowserSession::new(
-            session::Parts {
-                id,
-                run_id,
-                shared: self.shared.clone(),
-                hub: self.hub.clone(),
-                out,
-                _slot: slot,
-                pre_auth: Some(pre_auth),
-                authorized,
-            },
-            shutdown,
-        )
-        .start();
+        let shared = &self.shared;
+        let config = &shared.config;
+        let (edge, io) = shared.door.socket(config.queue, admitted, config.timing);
+        let parts = session::Parts {
+            run_id,
+            shared: shared.clone(),
+            hub: self.hub.clone(),
+            authorized,
+        };
+        let session = BrowserSession::new(parts, edge).start();
         crate::socket::serve(socket, stream, config.max_frame, session.recipient(), io);
     }
 
@@ -188,6 +158,6 @@ impl Browser {
 
     /// Closes every session ("going away") and refuses new ones: the node is stopping.
     pub fn close(&self) {
-        self.shared.closing.send_replace(true);
+        self.shared.door.close();
     }
 }

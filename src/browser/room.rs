@@ -17,9 +17,10 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use uuid::Uuid;
 
-use super::session::{BrowserSession, Kick};
+use super::session::BrowserSession;
 use super::Shared;
 use crate::api_error::ApiError;
+use crate::edge_kit::Kick;
 use crate::presence::{MAX_USERS, REFRESH};
 use crate::runs::RunError;
 use crate::socket::{Outbox, Queued};

@@ -6,7 +6,6 @@
 //! with `ERROR` and the reason; a malformed frame gets `ERROR` and the session stays open.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use actix::prelude::*;
 use subtle::ConstantTimeEq;
@@ -14,68 +13,41 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::hub::{Hub, Join, Leave};
-use super::{SessionSlot, Shared};
+use super::Shared;
 use crate::api_error::ApiError;
+use crate::edge_kit::{EdgeSession, EdgeSocket, Kick};
 use crate::runs::Mutate;
-use crate::socket::{Inbound, Out, Outbox, Shutdown};
+use crate::socket::{Inbound, Out, Outbox};
 use run_wire::browser::{self as protocol, ClientFrame, Op, ServerFrame, MAX_OP_ID};
 use run_wire::close;
 
 /// Mutations one session may have waiting for their commit.
 pub const MAX_IN_FLIGHT: usize = 64;
 
-/// Tells a session to close (from its room: it fell behind; from the hub: shutdown).
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub struct Kick {
-    pub code: u16,
-    pub reason: String,
-    pub label: &'static str,
-}
-
-impl Kick {
-    pub fn too_slow() -> Kick {
-        Kick {
-            code: close::TOO_SLOW,
-            reason: "too far behind: reconnect to resync".into(),
-            label: "too_slow",
-        }
-    }
-}
-
 pub struct Parts {
-    pub id: u64,
     pub run_id: Uuid,
     pub shared: Arc<Shared>,
     pub hub: Addr<Hub>,
-    pub out: mpsc::Sender<Out>,
-    /// Held until the session stops: it counts among the node's open sessions.
-    pub _slot: SessionSlot,
-    /// Held until the session joins: it counts among the unproven connections.
-    pub pre_auth: Option<crate::admission::PreAuthSlot>,
     pub authorized: bool,
 }
 
 pub struct BrowserSession {
     p: Parts,
-    shutdown: Option<Shutdown>,
+    socket: EdgeSocket,
     /// The outgoing queue as its room sees it: bounded in bytes too.
     outbox: Outbox,
     user: Option<String>,
-    last_heard: Instant,
     in_flight: usize,
 }
 
 impl BrowserSession {
-    /// `shutdown` closes the socket when sent or dropped (on stop).
-    pub fn new(p: Parts, shutdown: Shutdown) -> Self {
-        let outbox = Outbox::new(p.out.clone(), p.shared.config.queue_bytes);
+    pub fn new(p: Parts, socket: EdgeSocket) -> Self {
+        let outbox = Outbox::new(socket.out().clone(), p.shared.config.queue_bytes);
         BrowserSession {
             outbox,
             p,
-            shutdown: Some(shutdown),
+            socket,
             user: None,
-            last_heard: Instant::now(),
             in_flight: 0,
         }
     }
@@ -83,7 +55,7 @@ impl BrowserSession {
     /// Queues a frame; a full queue means the browser is too far behind, so it is closed.
     fn send(&mut self, frame: ServerFrame<'_>, ctx: &mut Context<Self>) {
         let text: Arc<str> = frame.encode().into();
-        match self.p.out.try_send(Out::Text(text)) {
+        match self.socket.out().try_send(Out::Text(text)) {
             Ok(()) => self
                 .p
                 .shared
@@ -112,26 +84,6 @@ impl BrowserSession {
             },
             ctx,
         );
-    }
-
-    /// Closes the socket with a code and reason. Frames already queued (an `ERROR` saying
-    /// why) go first if the queue has room; past a full queue the close goes at once.
-    fn close(&mut self, code: u16, reason: String, label: &'static str, ctx: &mut Context<Self>) {
-        if let Some(shutdown) = self.shutdown.take() {
-            log::info!(
-                "browser: closing session {} on run {}: {reason}",
-                self.p.id,
-                self.p.run_id
-            );
-            self.p
-                .shared
-                .metrics
-                .browser_closed
-                .with_label_values(&[label])
-                .inc();
-            crate::socket::close_session(&self.p.out, shutdown, code, reason);
-        }
-        ctx.stop();
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
@@ -179,19 +131,19 @@ impl BrowserSession {
                 region: &shared.config.region,
                 node_id: &shared.config.node_id,
                 user: &user,
-                session_id: self.p.id,
+                session_id: self.socket.id,
             },
             ctx,
         );
         self.p.hub.do_send(Join {
             run_id: self.p.run_id,
-            id: self.p.id,
+            id: self.socket.id,
             session: ctx.address(),
             outbox: self.outbox.clone(),
             user: user.clone(),
         });
         self.user = Some(user);
-        self.p.pre_auth = None;
+        self.socket.proved();
     }
 
     fn mutate(&mut self, op_id: Option<String>, op: Op, ctx: &mut Context<Self>) {
@@ -236,14 +188,26 @@ impl BrowserSession {
             }
         }));
     }
+}
 
-    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
-        let limit = self.p.shared.config.heartbeat * 3;
-        if self.last_heard.elapsed() > limit {
-            let reason = format!("nothing heard for {} ms", limit.as_millis());
-            return self.close(close::TIMEOUT, reason, "timeout", ctx);
-        }
-        let _ = self.p.out.try_send(Out::Ping(actix_web::web::Bytes::new()));
+impl EdgeSession for BrowserSession {
+    const JOIN: &'static str = "JOIN";
+
+    fn socket(&mut self) -> &mut EdgeSocket {
+        &mut self.socket
+    }
+
+    fn joined(&self) -> bool {
+        self.user.is_some()
+    }
+
+    fn close(&mut self, code: u16, reason: String, label: &'static str, ctx: &mut Context<Self>) {
+        let who = format!(
+            "browser: session {} on run {}",
+            self.socket.id, self.p.run_id
+        );
+        self.socket.close(code, reason, label, &who);
+        ctx.stop();
     }
 }
 
@@ -251,34 +215,15 @@ impl Actor for BrowserSession {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.p.shared.config.heartbeat, |act, ctx| {
-            act.heartbeat(ctx)
-        });
-        let limit = self.p.shared.config.join_timeout;
-        ctx.run_later(limit, move |act, ctx| {
-            if act.user.is_none() {
-                let reason = format!("no JOIN within {} ms", limit.as_millis());
-                act.close(close::TIMEOUT, reason, "timeout", ctx);
-            }
-        });
-        // The node stopping closes every session, joined or not.
-        let mut closing = self.p.shared.closing.subscribe();
-        let stopping = async move {
-            let _ = closing.wait_for(|c| *c).await;
-        };
-        ctx.spawn(stopping.into_actor(self).map(|_, act, ctx| {
-            let reason = "node shutting down".to_string();
-            act.close(close::GOING_AWAY, reason, "shutdown", ctx);
-        }));
+        self.start_edge(ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        // Dropping the shutdown sender stops the writer, which closes the socket.
-        self.shutdown.take();
+        self.socket.stopped();
         if self.user.is_some() {
             self.p.hub.do_send(Leave {
                 run_id: self.p.run_id,
-                id: self.p.id,
+                id: self.socket.id,
             });
         }
     }
@@ -288,7 +233,7 @@ impl Handler<Inbound> for BrowserSession {
     type Result = ();
 
     fn handle(&mut self, msg: Inbound, ctx: &mut Self::Context) {
-        self.last_heard = Instant::now();
+        self.socket.heard();
         if matches!(msg, Inbound::Text(_) | Inbound::Binary(_)) {
             let frames = &self.p.shared.metrics.browser_frames;
             frames.with_label_values(&["in"]).inc();

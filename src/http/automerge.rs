@@ -35,16 +35,10 @@ async fn connect(
     // A refused client is still upgraded and told why with a close code: the JS client
     // throws on a failed upgrade (an uncaught exception) instead of retrying.
     app.origins.check(&req)?;
-    let pre_auth = app
-        .automerge
-        .pre_auth(req.peer_addr().map(|a| a.ip()))
-        .map_err(|refused| refused.to_string());
-    let slot = app.automerge.slot().ok_or_else(|| {
-        "this node has as many automerge-repo connections as it accepts; try later".to_string()
-    });
-    let (slot, pre_auth) = match (slot, pre_auth) {
-        (Ok(slot), Ok(pre_auth)) => (slot, pre_auth),
-        (Err(reason), _) | (_, Err(reason)) => {
+    let admitted = match app.automerge.admit(req.peer_addr().map(|a| a.ip())) {
+        Ok(admitted) => admitted,
+        Err(not_admitted) => {
+            let reason = not_admitted.to_string();
             let (response, socket, _stream) = actix_ws::handle(&req, body)?;
             actix_web::rt::spawn(socket.close(Some(actix_ws::CloseReason {
                 code: actix_ws::CloseCode::from(close::TRY_AGAIN_LATER),
@@ -62,8 +56,7 @@ async fn connect(
                 .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected.as_bytes())))
     });
     let (response, socket, stream) = actix_ws::handle(&req, body)?;
-    app.automerge
-        .accept(socket, stream, slot, pre_auth, authorized);
+    app.automerge.accept((socket, stream), admitted, authorized);
     Ok(response)
 }
 

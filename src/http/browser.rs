@@ -5,6 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::error::ApiError;
 use super::{auth, validate, ApiToken, AppState};
+use crate::edge_kit::NotAdmitted;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws/runs/{runId}", web::get().to(session));
@@ -19,16 +20,10 @@ async fn session(
 ) -> Result<HttpResponse, actix_web::Error> {
     let run_id = validate::run_id(&path)?;
     app.origins.check(&req)?;
-    let pre_auth = match app.browser.pre_auth(req.peer_addr().map(|a| a.ip())) {
-        Ok(p) => p,
-        Err(refused) => return Ok(super::error::busy(refused)),
-    };
-    let Some(slot) = app.browser.session_slot() else {
-        return Err(ApiError::Unavailable(
-            "this node has as many browser sessions as it accepts; try another node or later"
-                .into(),
-        )
-        .into());
+    let admitted = match app.browser.admit(req.peer_addr().map(|a| a.ip())) {
+        Ok(admitted) => admitted,
+        Err(NotAdmitted::Busy(refused)) => return Ok(super::error::busy(refused)),
+        Err(full @ NotAdmitted::Full) => return Err(ApiError::Unavailable(full.to_string()).into()),
     };
     let authorized = token
         .0
@@ -36,6 +31,6 @@ async fn session(
         .is_none_or(|expected| auth::bearer_matches(req.headers(), expected));
     let (response, socket, stream) = actix_ws::handle(&req, body)?;
     app.browser
-        .accept(socket, stream, run_id, slot, pre_auth, authorized);
+        .accept((socket, stream), run_id, admitted, authorized);
     Ok(response)
 }

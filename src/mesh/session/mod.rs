@@ -282,43 +282,12 @@ impl PeerSession {
             }
             Frame::CrdtSyncMessage {
                 run_id, message, ..
-            } => {
-                let Some(run) = self.run_id(&run_id, ctx) else {
-                    return;
-                };
-                match protocol::unb64("message", &message).and_then(|b| {
-                    sync::Message::decode(&b).map_err(|e| format!("not a sync message: {e}"))
-                }) {
-                    Ok(m) => self.push(run, Work::Step(Some(m)), false, ctx),
-                    Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
-                }
-            }
+            } => self.on_sync_message(run_id, &message, ctx),
             Frame::CrdtRuns {
                 run_ids,
                 digests,
                 done,
-            } => {
-                let digests = digests.unwrap_or_default();
-                for (i, id) in run_ids.into_iter().enumerate() {
-                    let digest = digests
-                        .get(i)
-                        .and_then(Option::as_deref)
-                        .and_then(|d| <[u8; 32]>::try_from(hex::decode(d).ok()?).ok());
-                    match Uuid::parse_str(&id) {
-                        Ok(run) if self.catchup.theirs.len() < MAX_PEER_RUNS => {
-                            self.catchup.theirs.insert(run, digest);
-                        }
-                        Ok(_) => {}
-                        Err(_) => {
-                            self.reject("bad_run_id", format!("{id:?} is not a run id"), None, ctx)
-                        }
-                    }
-                }
-                if done {
-                    self.catchup.theirs_done = true;
-                    self.start_catchup(ctx);
-                }
-            }
+            } => self.on_runs(run_ids, digests.unwrap_or_default(), done, ctx),
             Frame::Presence {
                 run_id,
                 origin,
@@ -330,54 +299,100 @@ impl PeerSession {
                 let Some(run) = self.run_id(&run_id, ctx) else {
                     return;
                 };
-                let bad = !valid_name(&origin)
-                    || !valid_name(&region)
-                    || users.len() > MAX_USERS
-                    || users.iter().any(|u| !valid_user(&u.user));
-                if bad {
-                    return self.reject(
-                        "presence",
-                        "PRESENCE with a bad origin, region or user".into(),
-                        Some(run_id),
-                        ctx,
-                    );
-                }
-                let from = self.peer().map(|p| p.node_id.clone());
-                self.relay_presence(
-                    Announcement {
-                        run_id: run,
-                        origin,
-                        region,
-                        epoch,
-                        seq,
-                        users,
-                    },
-                    from,
-                );
+                let announcement = Announcement {
+                    run_id: run,
+                    origin,
+                    region,
+                    epoch,
+                    seq,
+                    users,
+                };
+                self.on_presence(announcement, run_id, ctx);
             }
-            Frame::Error { reason, run_id } => {
-                log::warn!(
-                    "mesh: {} rejected a frame{}: {reason}",
-                    self.peer_label(),
-                    run_id
-                        .as_deref()
-                        .map(|r| format!(" for run {r}"))
-                        .unwrap_or_default()
-                );
-                // The peer lost something we sent for this run: sync it again, a few times.
-                let run = run_id.and_then(|r| Uuid::parse_str(&r).ok());
-                if let Some(run) = run {
-                    if self.slot(run).sync.peer_error().is_some() {
-                        self.push(run, Work::Resync, false, ctx);
-                    }
-                }
-            }
+            Frame::Error { reason, run_id } => self.on_peer_error(&reason, run_id, ctx),
             other @ (Frame::Hello { .. } | Frame::Auth { .. }) => self.reject(
                 "handshake",
                 format!("{} after the handshake", other.kind()),
                 None,
                 ctx,
             ),
+        }
+    }
+
+    /// A step of the sync protocol for one run.
+    fn on_sync_message(&mut self, run_id: String, message: &str, ctx: &mut Context<Self>) {
+        let Some(run) = self.run_id(&run_id, ctx) else {
+            return;
+        };
+        match protocol::unb64("message", message)
+            .and_then(|b| sync::Message::decode(&b).map_err(|e| format!("not a sync message: {e}")))
+        {
+            Ok(m) => self.push(run, Work::Step(Some(m)), false, ctx),
+            Err(reason) => self.reject("decode", reason, Some(run_id), ctx),
+        }
+    }
+
+    /// A page of the peer's runs, for catch-up.
+    fn on_runs(
+        &mut self,
+        run_ids: Vec<String>,
+        digests: Vec<Option<String>>,
+        done: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        for (i, id) in run_ids.into_iter().enumerate() {
+            let digest = digests
+                .get(i)
+                .and_then(Option::as_deref)
+                .and_then(|d| <[u8; 32]>::try_from(hex::decode(d).ok()?).ok());
+            match Uuid::parse_str(&id) {
+                Ok(run) if self.catchup.theirs.len() < MAX_PEER_RUNS => {
+                    self.catchup.theirs.insert(run, digest);
+                }
+                Ok(_) => {}
+                Err(_) => self.reject("bad_run_id", format!("{id:?} is not a run id"), None, ctx),
+            }
+        }
+        if done {
+            self.catchup.theirs_done = true;
+            self.start_catchup(ctx);
+        }
+    }
+
+    /// Another node's viewers of a run: checked, then relayed.
+    fn on_presence(&mut self, a: Announcement, run_id: String, ctx: &mut Context<Self>) {
+        let bad = !valid_name(&a.origin)
+            || !valid_name(&a.region)
+            || a.users.len() > MAX_USERS
+            || a.users.iter().any(|u| !valid_user(&u.user));
+        if bad {
+            return self.reject(
+                "presence",
+                "PRESENCE with a bad origin, region or user".into(),
+                Some(run_id),
+                ctx,
+            );
+        }
+        let from = self.peer().map(|p| p.node_id.clone());
+        self.relay_presence(a, from);
+    }
+
+    /// The peer refused a frame of ours.
+    fn on_peer_error(&mut self, reason: &str, run_id: Option<String>, ctx: &mut Context<Self>) {
+        log::warn!(
+            "mesh: {} rejected a frame{}: {reason}",
+            self.peer_label(),
+            run_id
+                .as_deref()
+                .map(|r| format!(" for run {r}"))
+                .unwrap_or_default()
+        );
+        // The peer lost something we sent for this run: sync it again, a few times.
+        let run = run_id.and_then(|r| Uuid::parse_str(&r).ok());
+        if let Some(run) = run {
+            if self.slot(run).sync.peer_error().is_some() {
+                self.push(run, Work::Resync, false, ctx);
+            }
         }
     }
 
@@ -459,7 +474,7 @@ impl PeerSession {
 
 /// A user name in a presence announcement: what the browser edge accepts.
 fn valid_user(s: &str) -> bool {
-    !s.trim().is_empty() && s.chars().count() <= 200 && !s.chars().any(char::is_control)
+    run_doc::rules::name("user", Some(s)).is_ok()
 }
 
 /// Node ids and regions: short and printable.

@@ -1,0 +1,180 @@
+//! The Store conformance suite: one set of checks of what the runtime relies on, run
+//! in-process against both backends. SQLite runs in a temporary directory; PostgreSQL in a
+//! fresh database on the server `TEST_DATABASE_URL` names (default the local one); without a
+//! server they fail, never skip.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDateTime};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use run_store::{NewEvent, RunActivity, Snapshot, Store};
+use uuid::Uuid;
+
+fn at(micros: i64) -> NaiveDateTime {
+    DateTime::from_timestamp_micros(1_780_000_000_000_000 + micros)
+        .expect("a time")
+        .naive_utc()
+}
+
+fn event(run_id: Uuid, seq: i64, micros: i64) -> NewEvent {
+    NewEvent {
+        run_id,
+        run_seq: seq,
+        event_type: "SET_FLAG".into(),
+        payload: Some(format!("{{\"seq\":{seq}}}")),
+        user_id: Some("ann".into()),
+        created_at: at(micros),
+        crdt_changes: vec![seq as u8; 3],
+        change_hash: format!("{run_id}-{seq}").into_bytes(),
+        source_region: "eu-west".into(),
+        lamport: seq * 10,
+    }
+}
+
+fn snapshot(run_id: Uuid, covers: i32) -> Snapshot {
+    Snapshot {
+        id: Uuid::new_v4(),
+        run_id,
+        data: vec![covers as u8; 8],
+        lamport: i64::from(covers) * 10,
+        region: "eu-west".into(),
+        created_at: at(i64::from(covers)),
+        event_count: covers,
+    }
+}
+
+async fn the_log_keeps_order_fields_and_drops_duplicates(store: &dyn Store) {
+    let run = Uuid::new_v4();
+    let first: Vec<NewEvent> = (1..=3).map(|s| event(run, s, s)).collect();
+    assert_eq!(store.append(&first).await.unwrap(), 3);
+    // A change already stored for the run is skipped, the new one kept.
+    let again = vec![event(run, 3, 3), event(run, 4, 4)];
+    assert_eq!(
+        store.append(&again).await.unwrap(),
+        1,
+        "one duplicate skipped"
+    );
+    let all = store.events_after(run, 0).await.unwrap();
+    let seqs: Vec<Option<i64>> = all.iter().map(|e| e.run_seq).collect();
+    assert_eq!(seqs, vec![Some(1), Some(2), Some(3), Some(4)]);
+    let e = &all[1];
+    assert_eq!(e.event_type, "SET_FLAG");
+    assert_eq!(e.payload.as_deref(), Some("{\"seq\":2}"));
+    assert_eq!(e.crdt_changes.as_deref(), Some(&[2u8, 2, 2][..]));
+    assert_eq!((e.lamport, e.user_id.as_deref()), (Some(20), Some("ann")));
+    assert_eq!(e.created_at, at(2), "microseconds kept");
+    let tail = store.events_after(run, 2).await.unwrap();
+    assert_eq!(tail.len(), 2);
+    assert!(store
+        .events_after(Uuid::new_v4(), 0)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn snapshots_keep_the_newest_and_fall_back(store: &dyn Store) {
+    let run = Uuid::new_v4();
+    assert!(store.latest_snapshot(run, None).await.unwrap().is_none());
+    for covers in [10, 20, 30] {
+        store
+            .save_snapshot(&snapshot(run, covers), 2)
+            .await
+            .unwrap();
+    }
+    let newest = store
+        .latest_snapshot(run, None)
+        .await
+        .unwrap()
+        .expect("one");
+    assert_eq!((newest.event_count, newest.lamport), (30, 300));
+    assert_eq!(newest.data, vec![30u8; 8]);
+    let older = store
+        .latest_snapshot(run, Some(30))
+        .await
+        .unwrap()
+        .expect("one");
+    assert_eq!(older.event_count, 20);
+    assert!(
+        store
+            .latest_snapshot(run, Some(20))
+            .await
+            .unwrap()
+            .is_none(),
+        "only the newest two are kept"
+    );
+}
+
+async fn runs_are_listed_by_id_and_by_activity(store: &dyn Store) {
+    let mut runs: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    for (i, run) in runs.iter().enumerate() {
+        // The last run in this list is the most recently active.
+        let events = [event(*run, 1, 1000 + i as i64)];
+        store.append(&events).await.unwrap();
+    }
+    // Stored apart from the other checks' runs: compare among these five only.
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_runs(after, 2).await.unwrap();
+        after = page.last().copied();
+        listed.extend(page.iter().copied().filter(|r| runs.contains(r)));
+        if page.len() < 2 {
+            break;
+        }
+    }
+    let mut by_id = runs.clone();
+    by_id.sort();
+    assert_eq!(listed, by_id, "every run once, in id order, over pages");
+
+    let mut recent: Vec<RunActivity> = Vec::new();
+    let mut cursor: Option<RunActivity> = None;
+    loop {
+        let page = store.recent_runs(cursor.as_ref(), 2).await.unwrap();
+        cursor = page.last().cloned();
+        recent.extend(page.iter().filter(|a| runs.contains(&a.run_id)).cloned());
+        if page.len() < 2 {
+            break;
+        }
+    }
+    runs.reverse();
+    let order: Vec<Uuid> = recent.iter().map(|a| a.run_id).collect();
+    assert_eq!(order, runs, "most recently active first, over pages");
+    assert_eq!(recent[0].last_activity, at(1004));
+}
+
+async fn suite(store: Arc<dyn Store>, backend: &str) {
+    assert_eq!(store.backend(), backend);
+    store.ping().await.expect("the database answers");
+    the_log_keeps_order_fields_and_drops_duplicates(store.as_ref()).await;
+    snapshots_keep_the_newest_and_fall_back(store.as_ref()).await;
+    runs_are_listed_by_id_and_by_activity(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn sqlite_conforms() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("crdt.db").display());
+    let store = run_store::open(&url, 2, true).await.expect("opens");
+    suite(store, "sqlite").await;
+}
+
+#[tokio::test]
+async fn postgres_conforms() {
+    // As the node's other PostgreSQL tests: the local server unless told otherwise.
+    let admin = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let name = format!("crdt_conformance_{}", Uuid::new_v4().simple());
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    let url = format!("{base}/{name}");
+    let store = run_store::open(&url, 2, true)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {base} is required for this test: {e}"));
+    suite(store.clone(), "postgres").await;
+    drop(store);
+    let mut conn = AsyncPgConnection::establish(&admin).await.expect("admin");
+    let drop_db = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    diesel::sql_query(drop_db)
+        .execute(&mut conn)
+        .await
+        .expect("dropped");
+}

@@ -1,0 +1,36 @@
+//! What the client-facing WebSocket edges (browser sessions, automerge-repo connections) share:
+//! the door (admission of unproven sockets, a bounded count of open ones, closing them all when
+//! the node stops), each session's socket (heartbeat, join timeout, close with a code, a reason
+//! and a counted label), the [`Kick`] a room or hub sends a session, and the registry of rooms
+//! (one per run, spread over threads, closed when their last member leaves).
+//!
+//! An edge keeps only its protocol: what a frame means, what joining proves, what a room does.
+
+mod door;
+mod rooms;
+mod session;
+
+pub use door::{Door, NotAdmitted, Seat};
+pub use rooms::Rooms;
+pub use session::{EdgeSession, EdgeSocket, Timing};
+
+/// Tells a session to close (its room: it fell behind or was refused; its hub: replaced).
+#[derive(actix::Message, Debug, Clone, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub struct Kick {
+    pub code: u16,
+    pub reason: String,
+    /// The reason's label in the edge's closed-sessions counter.
+    pub label: &'static str,
+}
+
+impl Kick {
+    /// The session's queue is full: it is too far behind, and resyncs when it reconnects.
+    pub fn too_slow() -> Kick {
+        Kick {
+            code: run_wire::close::TOO_SLOW,
+            reason: "too far behind: reconnect to resync".into(),
+            label: "too_slow",
+        }
+    }
+}
