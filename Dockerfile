@@ -12,6 +12,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY benches benches
 COPY crates/run-doc/Cargo.toml crates/run-doc/
 COPY crates/run-store/Cargo.toml crates/run-store/
+COPY crates/run-wire/Cargo.toml crates/run-wire/
+COPY crates/test-support/Cargo.toml crates/test-support/
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
  && for c in crates/*/; do mkdir -p "$c/src" && touch "$c/src/lib.rs"; done \
  && CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --locked --bin crdt-node \

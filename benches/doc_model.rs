@@ -4,8 +4,7 @@
 //!
 //! Run: `cargo bench --bench doc_model`. Prints Markdown tables.
 
-#[path = "shared/mix.rs"]
-mod mix;
+use test_support::bench::mix;
 
 use std::time::Instant;
 

@@ -6,20 +6,13 @@
 //! (the HTTP response) to the moment the last session on its run holds a `STATE` that includes
 //! it. And the node's resident memory per open session.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use test_support as common;
 
-#[path = "shared/args.rs"]
-mod args;
+use test_support::bench::args;
 
-#[path = "shared/mix.rs"]
-mod mix;
+use test_support::bench::http;
 
-#[path = "shared/http.rs"]
-mod http;
-
-#[path = "shared/procfs.rs"]
-mod procfs;
+use test_support::bench::procfs;
 
 use std::time::{Duration, Instant};
 

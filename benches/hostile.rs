@@ -12,14 +12,11 @@
 //!   graft, with the graft index up to date (after one more graft) and from scratch (what every
 //!   read cost before the index).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use test_support as common;
 
-#[path = "shared/args.rs"]
-mod args;
+use test_support::bench::args;
 
-#[path = "shared/procfs.rs"]
-mod procfs;
+use test_support::bench::procfs;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -27,6 +24,8 @@ use std::time::{Duration, Instant};
 use automerge::sync::{self, SyncDoc};
 use base64::Engine;
 use ciborium::Value as Cbor;
+use common::mesh::Ws;
+use common::repo::{cbor, doc_id, text, Peer};
 use common::{Backend, Client, Node, TestDb};
 use futures_util::{SinkExt, StreamExt};
 use run_doc::{Mutation, RunDoc};
@@ -213,55 +212,6 @@ fn row(attack: &str, build: &str, o: &Outcome) {
 
 // ---------- the attacks: each returns what the attacker saw ----------
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn cbor(fields: Vec<(&str, Cbor)>) -> Vec<u8> {
-    let map = Cbor::Map(
-        fields
-            .into_iter()
-            .map(|(k, v)| (Cbor::Text(k.into()), v))
-            .collect(),
-    );
-    let mut out = Vec::new();
-    ciborium::into_writer(&map, &mut out).expect("CBOR");
-    out
-}
-
-fn text(s: &str) -> Cbor {
-    Cbor::Text(s.into())
-}
-
-async fn repo_client(node: &Node, id: &str) -> Ws {
-    let url = node.url("/ws/automerge").replace("http://", "ws://");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("connect");
-    let join = cbor(vec![
-        ("type", text("join")),
-        ("senderId", text(id)),
-        ("peerMetadata", Cbor::Map(vec![])),
-        ("supportedProtocolVersions", Cbor::Array(vec![text("1")])),
-    ]);
-    ws.send(Message::binary(join)).await.expect("send");
-    let _peer = next_binary(&mut ws).await;
-    ws
-}
-
-async fn next_binary(ws: &mut Ws) -> Option<Vec<u8>> {
-    loop {
-        match ws.next().await? {
-            Ok(Message::Binary(b)) => return Some(b.to_vec()),
-            Ok(Message::Close(f)) => {
-                let _ = f;
-                return None;
-            }
-            Ok(_) => continue,
-            Err(_) => return None,
-        }
-    }
-}
-
 /// What ends a socket: its close code and reason, or the first thing it says.
 async fn outcome(ws: &mut Ws) -> String {
     loop {
@@ -292,23 +242,15 @@ async fn outcome(ws: &mut Ws) -> String {
 }
 
 async fn repo_sync(node: &Node, run: Uuid, chunk: Vec<u8>) -> String {
-    let mut ws = repo_client(node, "attacker").await;
+    let mut peer = Peer::joined(node, "attacker").await;
     let mut scratch = automerge::AutoCommit::new();
     let mut message = scratch
         .sync()
         .generate_sync_message(&mut sync::State::new())
         .expect("a message");
     message.changes = sync::ChunkList::from(vec![chunk]);
-    let doc = bs58::encode(run.as_bytes()).with_check().into_string();
-    let frame = cbor(vec![
-        ("type", text("sync")),
-        ("senderId", text("attacker")),
-        ("targetId", text("server")),
-        ("documentId", text(&doc)),
-        ("data", Cbor::Bytes(message.encode())),
-    ]);
-    ws.send(Message::binary(frame)).await.expect("send");
-    outcome(&mut ws).await
+    peer.sync("sync", &doc_id(run), message).await;
+    outcome(&mut peer.ws).await
 }
 
 async fn mesh_full_sync(node: &Node, run: Uuid, state: Vec<u8>) -> String {
@@ -336,7 +278,7 @@ async fn http_sync(node: &Node, run: Uuid, changes: &[u8]) -> String {
 }
 
 async fn ephemerals(node: &Node, run: Uuid) -> String {
-    let doc = bs58::encode(run.as_bytes()).with_check().into_string();
+    let doc = doc_id(run);
     let ephemeral = |sender: &str, count: u64, data: Vec<u8>| {
         cbor(vec![
             ("type", text("ephemeral")),
@@ -351,13 +293,11 @@ async fn ephemerals(node: &Node, run: Uuid) -> String {
     let mut sleepers = Vec::new();
     for i in 0..4 {
         let id = format!("sleeper-{i}");
-        let mut ws = repo_client(node, &id).await;
-        ws.send(Message::binary(ephemeral(&id, 1, vec![0])))
-            .await
-            .expect("send");
-        sleepers.push(ws);
+        let mut sleeper = Peer::joined(node, &id).await;
+        sleeper.ephemeral(&doc, 1, vec![0]).await;
+        sleepers.push(sleeper);
     }
-    let mut chatty = repo_client(node, "chatty").await;
+    let mut chatty = Peer::joined(node, "chatty").await.ws;
     let big = vec![7u8; 4 << 20];
     for n in 0..60 {
         if chatty

@@ -12,17 +12,13 @@
 //! - converge: two nodes partitioned, 10,000 operations written on each side of one run, then
 //!   healed: time until both hold the same heads.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use test_support as common;
 
-#[path = "shared/mix.rs"]
-mod mix;
+use test_support::bench::mix;
 
-#[path = "shared/args.rs"]
-mod args;
+use test_support::bench::args;
 
-#[path = "shared/http.rs"]
-mod http;
+use test_support::bench::http;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

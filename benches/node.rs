@@ -12,20 +12,15 @@
 //! The load client speaks HTTP/1.1 over raw keep-alive sockets on one thread, so it takes as
 //! little of the machine's CPU from the node as it can.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use test_support as common;
 
-#[path = "shared/mix.rs"]
-mod mix;
+use test_support::bench::mix;
 
-#[path = "shared/args.rs"]
-mod args;
+use test_support::bench::args;
 
-#[path = "shared/procfs.rs"]
-mod procfs;
+use test_support::bench::procfs;
 
-#[path = "shared/http.rs"]
-mod http;
+use test_support::bench::http;
 
 use std::time::{Duration, Instant};
 

@@ -3,169 +3,20 @@
 //! doc-unavailable (and the push once the run exists), and an answered sync that survives
 //! SIGKILL. The end-to-end behaviour with the real JS clients is in e2e/tests/.
 
-mod common;
-
-use std::time::Duration;
+use test_support as common;
+use test_support::both_backends;
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ReadDoc, ROOT};
 use ciborium::Value as Cbor;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use common::mesh::Ws;
+use common::repo::{cbor, doc_id, field, text, Peer};
 use common::{run_url, Backend, Client, Node, TestDb};
-
-fn doc_id(run: Uuid) -> String {
-    bs58::encode(run.as_bytes()).with_check().into_string()
-}
-
-fn cbor(fields: Vec<(&str, Cbor)>) -> Vec<u8> {
-    let map = Cbor::Map(
-        fields
-            .into_iter()
-            .map(|(k, v)| (Cbor::Text(k.into()), v))
-            .collect(),
-    );
-    let mut out = Vec::new();
-    ciborium::into_writer(&map, &mut out).unwrap();
-    out
-}
-
-fn text(s: &str) -> Cbor {
-    Cbor::Text(s.into())
-}
-
-/// A raw automerge-repo client.
-struct Peer {
-    ws: Ws,
-    id: String,
-}
-
-impl Peer {
-    async fn connect(node: &Node, query: &str, id: &str) -> Peer {
-        let url = node
-            .url(&format!("/ws/automerge{query}"))
-            .replace("http://", "ws://");
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("connect");
-        Peer { ws, id: id.into() }
-    }
-
-    /// Connects and joins; returns after the node's `peer`.
-    async fn joined(node: &Node, id: &str) -> Peer {
-        let mut p = Self::connect(node, "", id).await;
-        p.join(&["1"]).await;
-        let peer = p.next().await;
-        assert_eq!(field(&peer, "type"), Some(text("peer")));
-        assert_eq!(field(&peer, "selectedProtocolVersion"), Some(text("1")));
-        assert_eq!(field(&peer, "targetId"), Some(text(id)));
-        p
-    }
-
-    async fn join(&mut self, versions: &[&str]) {
-        let versions = Cbor::Array(versions.iter().map(|v| text(v)).collect());
-        let id = self.id.clone();
-        self.send(cbor(vec![
-            ("type", text("join")),
-            ("senderId", text(&id)),
-            ("peerMetadata", Cbor::Map(vec![])),
-            ("supportedProtocolVersions", versions),
-        ]))
-        .await;
-    }
-
-    async fn send(&mut self, bytes: Vec<u8>) {
-        self.ws.send(Message::binary(bytes)).await.unwrap();
-    }
-
-    async fn sync(&mut self, kind: &str, doc: &str, message: sync::Message) {
-        let id = self.id.clone();
-        self.send(cbor(vec![
-            ("type", text(kind)),
-            ("senderId", text(&id)),
-            ("targetId", text("server")),
-            ("documentId", text(doc)),
-            ("data", Cbor::Bytes(message.encode())),
-        ]))
-        .await;
-    }
-
-    /// The next message (pings skipped).
-    async fn next(&mut self) -> Cbor {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), self.ws.next()).await {
-                Ok(Some(Ok(Message::Binary(b)))) => {
-                    return ciborium::from_reader(b.as_ref()).expect("CBOR from the node")
-                }
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                other => panic!("expected a message, got {other:?}"),
-            }
-        }
-    }
-
-    /// The `error` message, then the close code.
-    async fn refused(&mut self) -> (String, u16) {
-        let error = self.next().await;
-        assert_eq!(field(&error, "type"), Some(text("error")), "{error:?}");
-        let message = match field(&error, "message") {
-            Some(Cbor::Text(m)) => m,
-            other => panic!("error without a message: {other:?}"),
-        };
-        (message, self.closed().await)
-    }
-
-    async fn closed(&mut self) -> u16 {
-        self.closed_with_reason().await.0
-    }
-
-    /// The close code and reason (pings and other messages skipped).
-    async fn closed_with_reason(&mut self) -> (u16, String) {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), self.ws.next()).await {
-                Ok(Some(Ok(Message::Close(Some(f))))) => {
-                    return (u16::from(f.code), f.reason.to_string())
-                }
-                Ok(Some(Ok(Message::Close(None)))) | Ok(None) => return (1005, String::new()),
-                Ok(Some(Ok(_))) => continue,
-                other => panic!("expected a close, got {other:?}"),
-            }
-        }
-    }
-
-    /// Syncs `doc` with the node until the node has nothing more to say.
-    async fn sync_until_quiet(&mut self, doc_id: &str, doc: &mut AutoCommit) {
-        let mut state = sync::State::new();
-        if let Some(m) = doc.sync().generate_sync_message(&mut state) {
-            self.sync("sync", doc_id, m).await;
-        }
-        loop {
-            let next = tokio::time::timeout(Duration::from_millis(1500), self.next()).await;
-            let Ok(message) = next else { return };
-            assert_eq!(field(&message, "type"), Some(text("sync")), "{message:?}");
-            let Some(Cbor::Bytes(data)) = field(&message, "data") else {
-                panic!("sync without data: {message:?}")
-            };
-            let m = sync::Message::decode(&data).unwrap();
-            doc.sync().receive_sync_message(&mut state, m).unwrap();
-            if let Some(reply) = doc.sync().generate_sync_message(&mut state) {
-                self.sync("sync", doc_id, reply).await;
-            }
-        }
-    }
-}
-
-fn field(message: &Cbor, name: &str) -> Option<Cbor> {
-    message
-        .as_map()?
-        .iter()
-        .find(|(k, _)| k.as_text() == Some(name))
-        .map(|(_, v)| v.clone())
-}
 
 async fn make_run(c: &Client, node: &Node, agent: &str) -> Uuid {
     let run = Uuid::new_v4();
@@ -482,22 +333,6 @@ async fn loader_and_op_bombs_are_refused_before_automerge_reads_them() {
 mod close {
     pub const PROTOCOL: u16 = 4002;
     pub const TOO_BIG: u16 = 1009;
-}
-
-impl Peer {
-    async fn ephemeral(&mut self, doc: &str, count: u64, data: Vec<u8>) {
-        let id = self.id.clone();
-        self.send(cbor(vec![
-            ("type", text("ephemeral")),
-            ("senderId", text(&id)),
-            ("targetId", text("server")),
-            ("documentId", text(doc)),
-            ("sessionId", text(&format!("{id}-session"))),
-            ("count", Cbor::Integer(count.into())),
-            ("data", Cbor::Bytes(data)),
-        ]))
-        .await;
-    }
 }
 
 /// Issue 12: ephemeral messages relayed to clients that do not read are bounded: a payload over

@@ -2,7 +2,7 @@
 //! client: state on join, live updates from every door, acks, errors, the token, presence
 //! across regions and slow clients.
 
-mod common;
+use test_support as common;
 
 use std::time::Duration;
 

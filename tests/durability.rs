@@ -1,7 +1,8 @@
 //! Durability and recovery against real node processes: restarts, SIGKILL under concurrent
 //! writes, snapshots plus tail, snapshot retention, torn snapshots.
 
-mod common;
+use test_support as common;
+use test_support::both_backends;
 
 use std::collections::HashSet;
 

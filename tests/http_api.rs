@@ -1,6 +1,7 @@
 //! The HTTP API against a real node process, on SQLite and on PostgreSQL.
 
-mod common;
+use test_support as common;
+use test_support::both_backends;
 
 use automerge::ChangeHash;
 use base64::Engine;

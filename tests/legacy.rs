@@ -1,7 +1,8 @@
 //! Runs kept by the old operational-transform system: legacy rows in `collaboration_events`
 //! replayed into the CRDT identically by independent nodes, hybrid logs, malformed rows.
 
-mod common;
+use test_support as common;
+use test_support::both_backends;
 
 use serde_json::{json, Value};
 use uuid::Uuid;

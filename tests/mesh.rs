@@ -1,7 +1,7 @@
 //! The multi-region mesh, tested with real node processes on loopback, each with its own
 //! database, linked through fault-injecting proxies.
 
-mod common;
+use test_support as common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

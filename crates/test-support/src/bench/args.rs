@@ -1,5 +1,4 @@
 //! The benchmarks' command line: section names to run (all when none) and `--` flags.
-#![allow(dead_code)]
 
 pub struct Args(Vec<String>);
 

@@ -1,6 +1,7 @@
-//! Test harness: real node processes on ephemeral ports, each with a database of its own
-//! (a temporary SQLite file, or a fresh PostgreSQL database dropped afterwards).
-#![allow(dead_code)]
+//! What crdt-node's integration tests and benchmarks share: real node processes on ephemeral
+//! ports, each with a database of its own (a temporary SQLite file, or a fresh PostgreSQL
+//! database dropped afterwards); raw clients of each protocol ([`mesh`], [`repo`]);
+//! fault-injecting proxies ([`proxy`]), TLS ([`tls`]); the benchmarks' helpers ([`bench`]).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -23,9 +24,9 @@ macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() { super::$name($crate::common::Backend::Sqlite).await }
+            async fn sqlite() { super::$name($crate::Backend::Sqlite).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() { super::$name($crate::common::Backend::Postgres).await }
+            async fn postgres() { super::$name($crate::Backend::Postgres).await }
         }
     )*};
 }
@@ -116,8 +117,8 @@ impl Node {
     /// Starts the node binary on an ephemeral port against `db`, with extra environment.
     pub fn spawn(db: &TestDb, env: &[(&str, &str)]) -> Node {
         Self::spawn_binary(
-            env!("CARGO_BIN_EXE_crdt-node"),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
+            &node_binary(),
+            &repo_path("config/application.yml"),
             db,
             env,
         )
@@ -217,7 +218,7 @@ impl Drop for Node {
 }
 
 /// A thin JSON client: every call returns (status, body as JSON).
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Client {
     http: reqwest::Client,
     token: Option<String>,
@@ -225,10 +226,7 @@ pub struct Client {
 
 impl Client {
     pub fn new() -> Client {
-        Client {
-            http: reqwest::Client::new(),
-            token: None,
-        }
+        Client::default()
     }
 
     pub fn with_token(token: &str) -> Client {
@@ -495,9 +493,31 @@ pub mod db {
         conn
     }
 }
+pub mod bench;
 pub mod mesh;
 pub mod proxy;
+pub mod repo;
 pub mod tls;
+
+/// A path in the repository (the workspace root).
+pub fn repo_path(relative: &str) -> String {
+    format!("{}/../../{relative}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The node binary the running test or benchmark was built with: `CRDT_NODE_BIN`, else the
+/// `crdt-node` beside the test's own executable (cargo builds it into `target/<profile>/` for
+/// the integration tests and benchmarks of its package; the test runs from `deps/` below).
+pub fn node_binary() -> String {
+    if let Ok(bin) = std::env::var("CRDT_NODE_BIN") {
+        return bin;
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    profile_dir.join("crdt-node").display().to_string()
+}
 
 /// The peak resident memory of process `pid` so far, in MiB (Linux `VmHWM`).
 pub fn peak_rss_mib(pid: u32) -> u64 {
@@ -533,10 +553,7 @@ pub fn loader_bomb() -> Vec<u8> {
     let mut doc = automerge::AutoCommit::new();
     doc.put(automerge::ROOT, "a", 1).expect("put");
     let mut bytes = doc.save();
-    let known = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fuzz/known/snapshot_load-oom-automerge-load"
-    );
+    let known = repo_path("fuzz/known/snapshot_load-oom-automerge-load");
     bytes.extend(std::fs::read(known).expect("fuzz/known input"));
     bytes
 }

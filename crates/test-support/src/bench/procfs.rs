@@ -1,5 +1,4 @@
 //! What /proc tells about a node process.
-#![allow(dead_code)]
 
 /// Resident memory of a process, in KiB (0 if unreadable).
 pub fn rss_kib(pid: u32) -> u64 {

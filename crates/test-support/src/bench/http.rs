@@ -1,6 +1,5 @@
 //! A minimal HTTP/1.1 client over raw keep-alive sockets: it takes as little of the machine's
 //! CPU from the node as it can. And the requests of the benchmarks' operation mix.
-#![allow(dead_code)]
 
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};

@@ -1,0 +1,7 @@
+//! What the benchmarks share: command-line sections, the operation mix, a raw HTTP client,
+//! memory figures from /proc.
+
+pub mod args;
+pub mod http;
+pub mod mix;
+pub mod procfs;
