@@ -82,6 +82,43 @@ async fn session(url: String, stop: tokio::sync::watch::Receiver<bool>) -> Vec<(
     seen
 }
 
+/// Every acknowledged mutation's delay (ms) until the last session of its run saw it, and how
+/// many (mutation, session) pairs never saw it.
+fn delivery_delays(
+    acks: &[(Uuid, u64, Instant)],
+    by_run: &std::collections::HashMap<Uuid, Vec<Vec<(u64, Instant)>>>,
+) -> (Vec<f64>, usize) {
+    let mut delays: Vec<f64> = Vec::new();
+    let mut missing = 0;
+    for (run, lamport, acked) in acks {
+        let mut last: Option<Instant> = None;
+        for seen in &by_run[run] {
+            match seen.iter().find(|(l, _)| l >= lamport) {
+                Some((_, at)) => last = Some(last.map_or(*at, |t: Instant| t.max(*at))),
+                None => missing += 1,
+            }
+        }
+        if let Some(t) = last {
+            delays.push(t.saturating_duration_since(*acked).as_secs_f64() * 1000.0);
+        }
+    }
+    (delays, missing)
+}
+
+/// Waits (at most 60 s) until the node counts every session as open.
+async fn all_joined(node: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = common::Client::new();
+    loop {
+        let text = client.text(&node.url("/actuator/prometheus")).await;
+        if common::metric(&text, "crdt_browser_sessions") == Some(SESSIONS as f64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sessions did not all join");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn fanout(runs: usize, rate: f64, secs: f64) {
     let db = TestDb::new(Backend::Sqlite).await;
     let node = Node::spawn(&db, &[("RUST_LOG", "warn,crdt_node=info")]);
@@ -114,16 +151,7 @@ async fn fanout(runs: usize, rate: f64, secs: f64) {
         }
     }
     // Every session joined and holds the initial state.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let client = common::Client::new();
-    loop {
-        let text = client.text(&node.url("/actuator/prometheus")).await;
-        if common::metric(&text, "crdt_browser_sessions") == Some(SESSIONS as f64) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "sessions did not all join");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    all_joined(&node).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let during = procfs::rss_kib(node.pid());
 
@@ -150,20 +178,7 @@ async fn fanout(runs: usize, rate: f64, secs: f64) {
             .or_default()
             .push(task.await.expect("session"));
     }
-    let mut delays: Vec<f64> = Vec::new();
-    let mut missing = 0;
-    for (run, lamport, acked) in &acks {
-        let mut last: Option<Instant> = None;
-        for seen in &by_run[run] {
-            match seen.iter().find(|(l, _)| l >= lamport) {
-                Some((_, at)) => last = Some(last.map_or(*at, |t: Instant| t.max(*at))),
-                None => missing += 1,
-            }
-        }
-        if let Some(t) = last {
-            delays.push(t.saturating_duration_since(*acked).as_secs_f64() * 1000.0);
-        }
-    }
+    let (mut delays, missing) = delivery_delays(&acks, &by_run);
     assert_eq!(missing, 0, "some sessions never saw some mutations");
     delays.sort_by(f64::total_cmp);
     let pct = |p: f64| delays[((delays.len() as f64 - 1.0) * p).round() as usize];

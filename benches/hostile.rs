@@ -396,81 +396,55 @@ fn grafts() {
             .expect("graft");
     }
     let saved = doc.save();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     // From scratch: a freshly loaded run reads every graft (what every read cost before).
-    let cold_state = median(
-        (0..5)
-            .map(|_| {
-                let mut d = RunDoc::load(run, "us-east-1", &saved).expect("load");
-                let t = Instant::now();
-                std::hint::black_box(d.state());
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    );
+    let cold_state = median_of_5(|| {
+        let mut d = RunDoc::load(run, "us-east-1", &saved).expect("load");
+        let t = Instant::now();
+        std::hint::black_box(d.state());
+        t.elapsed().as_secs_f64()
+    });
     let mut warm = RunDoc::load(run, "us-east-1", &saved).expect("load");
     let _ = warm.state();
     let mut n = GRAFTS as u128;
-    let warm_state = median(
-        (0..5)
-            .map(|_| {
-                n += 1;
-                warm.apply(&graft(Uuid::from_u128(n)), 1_764_000_000_000)
-                    .expect("graft");
-                let t = Instant::now();
-                std::hint::black_box(warm.state());
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    );
+    let warm_state = median_of_5(|| {
+        n += 1;
+        warm.apply(&graft(Uuid::from_u128(n)), 1_764_000_000_000)
+            .expect("graft");
+        let t = Instant::now();
+        std::hint::black_box(warm.state());
+        t.elapsed().as_secs_f64()
+    });
     // The same, for a graft from another region (the index follows Automerge's diff).
     let mut other = RunDoc::load(run, "eu-central-1", &saved).expect("load");
-    let remote_state = median(
-        (0..5)
-            .map(|_| {
-                n += 1;
-                let change = other
-                    .apply(&graft(Uuid::from_u128(n)), 1_764_000_000_000)
-                    .expect("graft")
-                    .change
-                    .expect("a change");
-                warm.apply_remote(vec![change], None).expect("apply");
-                let t = Instant::now();
-                std::hint::black_box(warm.state());
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    );
+    let remote_state = median_of_5(|| {
+        n += 1;
+        let change = other
+            .apply(&graft(Uuid::from_u128(n)), 1_764_000_000_000)
+            .expect("graft")
+            .change
+            .expect("a change");
+        warm.apply_remote(vec![change], None).expect("apply");
+        let t = Instant::now();
+        std::hint::black_box(warm.state());
+        t.elapsed().as_secs_f64()
+    });
     let retried = Uuid::from_u128(GRAFTS as u128 / 2);
-    let cold_retry = median(
-        (0..5)
-            .map(|_| {
-                let mut d = RunDoc::load(run, "us-east-1", &saved).expect("load");
-                let t = Instant::now();
-                let out = d.apply(&graft(retried), 1_764_000_000_000).expect("retry");
-                assert!(out.change.is_none(), "a retry changes nothing");
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    );
-    let warm_retry = median(
-        (0..5)
-            .map(|_| {
-                let t = Instant::now();
-                let out = warm
-                    .apply(&graft(retried), 1_764_000_000_000)
-                    .expect("retry");
-                assert!(out.change.is_none(), "a retry changes nothing");
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    );
-    println!("| operation | index up to date | from scratch (before: every time) | ratio |");
-    println!("|---|---:|---:|---:|");
-    for (what, warm, cold) in [
+    let cold_retry = median_of_5(|| {
+        let mut d = RunDoc::load(run, "us-east-1", &saved).expect("load");
+        let t = Instant::now();
+        let out = d.apply(&graft(retried), 1_764_000_000_000).expect("retry");
+        assert!(out.change.is_none(), "a retry changes nothing");
+        t.elapsed().as_secs_f64()
+    });
+    let warm_retry = median_of_5(|| {
+        let t = Instant::now();
+        let out = warm
+            .apply(&graft(retried), 1_764_000_000_000)
+            .expect("retry");
+        assert!(out.change.is_none(), "a retry changes nothing");
+        t.elapsed().as_secs_f64()
+    });
+    print_graft_table(&[
         (
             "read the state (one graft made here since the last read)",
             warm_state,
@@ -482,7 +456,21 @@ fn grafts() {
             cold_state,
         ),
         ("answer a retried graft by id", warm_retry, cold_retry),
-    ] {
+    ]);
+}
+
+/// The median of five timings of `f` (seconds).
+fn median_of_5(mut f: impl FnMut() -> f64) -> f64 {
+    let mut v: Vec<f64> = (0..5).map(|_| f()).collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Rows of (operation, with the index up to date, from scratch), in seconds.
+fn print_graft_table(rows: &[(&str, f64, f64)]) {
+    println!("| operation | index up to date | from scratch (before: every time) | ratio |");
+    println!("|---|---:|---:|---:|");
+    for (what, warm, cold) in rows {
         println!(
             "| {what} | {:.3} ms | {:.0} ms | {:.0}× |",
             warm * 1e3,

@@ -321,79 +321,57 @@ fn catchup() {
 
 // ---------- convergence after a partition ----------
 
-async fn converge() {
-    let mesh = TestMesh::start(Backend::Sqlite, &["us-east-1", "eu-central-1"], &[(0, 1)]).await;
-    let c = Client::new();
-    mesh.wait_connected(&c, 1).await;
-    // 1,000 other runs that both sides hold and nobody touches during the split: the
-    // reconnect's catch-up should skip them by their heads digests.
-    let idle: Vec<Uuid> = (0..1000).map(|_| Uuid::new_v4()).collect();
-    {
-        let addr = mesh.node(0).base.trim_start_matches("http://").to_string();
-        let mut conn = Conn::open(&addr).await;
-        for (i, run) in idle.iter().enumerate() {
-            conn.call(&http_request(*run, i)).await.expect("write");
-        }
-        let last = *idle.last().expect("runs");
-        while c
-            .get(&common::run_url(mesh.node(1), last, "/state"))
+/// Writes `count` runs on node 0 and waits until node 1 holds the last of them.
+async fn write_idle_runs(mesh: &TestMesh, c: &Client, count: usize) {
+    let idle: Vec<Uuid> = (0..count).map(|_| Uuid::new_v4()).collect();
+    let addr = mesh.node(0).base.trim_start_matches("http://").to_string();
+    let mut conn = Conn::open(&addr).await;
+    for (i, run) in idle.iter().enumerate() {
+        conn.call(&http_request(*run, i)).await.expect("write");
+    }
+    let last = *idle.last().expect("runs");
+    while c
+        .get(&common::run_url(mesh.node(1), last, "/state"))
+        .await
+        .1["heads"]
+        != c.get(&common::run_url(mesh.node(0), last, "/state"))
             .await
             .1["heads"]
-            != c.get(&common::run_url(mesh.node(0), last, "/state"))
-                .await
-                .1["heads"]
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let run = Uuid::new_v4();
-    // The run exists on both sides before the split.
-    c.put(
-        &common::run_url(mesh.node(0), run, "/flags/start"),
-        &json!({"value": 1}),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    mesh.partition(&[0]);
-    mesh.wait_connected(&c, 0).await;
-    let per_side = 10_000;
-    let write = |i: usize| {
-        let addr = mesh.node(i).base.trim_start_matches("http://").to_string();
-        async move {
-            let mut conns = Vec::new();
-            for _ in 0..8 {
-                conns.push(Conn::open(&addr).await);
-            }
-            let mut tasks = tokio::task::JoinSet::new();
-            for (k, mut conn) in conns.into_iter().enumerate() {
-                tasks.spawn(async move {
-                    let mut ok = 0;
-                    for j in (k..per_side).step_by(8) {
-                        if let Ok(200 | 201) = conn.call(&http_request(run, j * 2 + i)).await {
-                            ok += 1;
-                        }
-                    }
-                    ok
-                });
-            }
+}
+
+/// Writes `per_side` operations to `run` on node `i` over 8 connections; how many succeeded.
+async fn write_side(mesh: &TestMesh, i: usize, run: Uuid, per_side: usize) -> usize {
+    let addr = mesh.node(i).base.trim_start_matches("http://").to_string();
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        conns.push(Conn::open(&addr).await);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, mut conn) in conns.into_iter().enumerate() {
+        tasks.spawn(async move {
             let mut ok = 0;
-            while let Some(r) = tasks.join_next().await {
-                ok += r.expect("writer");
+            for j in (k..per_side).step_by(8) {
+                if let Ok(200 | 201) = conn.call(&http_request(run, j * 2 + i)).await {
+                    ok += 1;
+                }
             }
             ok
-        }
-    };
-    let started = Instant::now();
-    let (a, b) = tokio::join!(write(0), write(1));
-    println!(
-        "\n### Convergence after a partition (2 nodes, SQLite, one run written, 1,000 idle)\n"
-    );
-    println!(
-        "Written while partitioned: {a} + {b} operations in {:.1} s.",
-        started.elapsed().as_secs_f64()
-    );
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = tasks.join_next().await {
+        ok += r.expect("writer");
+    }
+    ok
+}
+
+/// Polls both nodes after the heal until their run is identical; prints when the link came
+/// up and when the states matched.
+async fn report_healing(mesh: &TestMesh, c: &Client, run: Uuid) {
     let heal = Instant::now();
-    mesh.heal_all();
     let mut reconnected = None;
     loop {
         let (_, s0) = c.get(&common::run_url(mesh.node(0), run, "/state")).await;
@@ -422,6 +400,39 @@ async fn converge() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn converge() {
+    let mesh = TestMesh::start(Backend::Sqlite, &["us-east-1", "eu-central-1"], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    // 1,000 other runs that both sides hold and nobody touches during the split: the
+    // reconnect's catch-up should skip them by their heads digests.
+    write_idle_runs(&mesh, &c, 1000).await;
+    let run = Uuid::new_v4();
+    // The run exists on both sides before the split.
+    c.put(
+        &common::run_url(mesh.node(0), run, "/flags/start"),
+        &json!({"value": 1}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mesh.partition(&[0]);
+    mesh.wait_connected(&c, 0).await;
+    let started = Instant::now();
+    let (a, b) = tokio::join!(
+        write_side(&mesh, 0, run, 10_000),
+        write_side(&mesh, 1, run, 10_000)
+    );
+    println!(
+        "\n### Convergence after a partition (2 nodes, SQLite, one run written, 1,000 idle)\n"
+    );
+    println!(
+        "Written while partitioned: {a} + {b} operations in {:.1} s.",
+        started.elapsed().as_secs_f64()
+    );
+    mesh.heal_all();
+    report_healing(&mesh, &c, run).await;
     for line in mesh
         .node(0)
         .log_text()

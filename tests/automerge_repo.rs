@@ -30,33 +30,12 @@ async fn make_run(c: &Client, node: &Node, agent: &str) -> Uuid {
     run
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handshake_refusals_and_malformed_messages_say_why_and_close() {
-    let db = TestDb::new(Backend::Sqlite).await;
-    let node = Node::spawn(&db, &[]);
-    let c = Client::new();
-    let run = make_run(&c, &node, "A").await;
-    let ask = AutoCommit::new()
-        .sync()
-        .generate_sync_message(&mut sync::State::new())
-        .unwrap();
-
-    let mut p = Peer::connect(&node, "", "p").await;
-    p.join(&["2", "3"]).await;
-    let (message, code) = p.refused().await;
-    assert!(
-        message.contains("unsupported protocol version"),
-        "{message}"
-    );
-    assert_eq!(code, 4002);
-
-    let mut p = Peer::connect(&node, "", "p").await;
-    p.sync("sync", &doc_id(run), ask.clone()).await;
-    let (message, code) = p.refused().await;
-    assert!(message.contains("before join"), "{message}");
-    assert_eq!(code, 4002);
-
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+/// Messages a joined client may not send, and what the refusal must say.
+fn malformed_messages(
+    run: Uuid,
+    ask: &sync::Message,
+) -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    vec![
         (
             "not CBOR",
             b"\xff\xfe garbage".to_vec(),
@@ -87,7 +66,7 @@ async fn handshake_refusals_and_malformed_messages_say_why_and_close() {
                 ("type", text("request")),
                 ("senderId", text("p")),
                 ("documentId", text("notbs58check")),
-                ("data", Cbor::Bytes(ask.encode())),
+                ("data", Cbor::Bytes(ask.clone().encode())),
             ]),
             "not bs58check",
         ),
@@ -106,7 +85,36 @@ async fn handshake_refusals_and_malformed_messages_say_why_and_close() {
             cbor(vec![("type", text("join")), ("senderId", text("p"))]),
             "joined twice",
         ),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_refusals_and_malformed_messages_say_why_and_close() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = make_run(&c, &node, "A").await;
+    let ask = AutoCommit::new()
+        .sync()
+        .generate_sync_message(&mut sync::State::new())
+        .unwrap();
+
+    let mut p = Peer::connect(&node, "", "p").await;
+    p.join(&["2", "3"]).await;
+    let (message, code) = p.refused().await;
+    assert!(
+        message.contains("unsupported protocol version"),
+        "{message}"
+    );
+    assert_eq!(code, 4002);
+
+    let mut p = Peer::connect(&node, "", "p").await;
+    p.sync("sync", &doc_id(run), ask.clone()).await;
+    let (message, code) = p.refused().await;
+    assert!(message.contains("before join"), "{message}");
+    assert_eq!(code, 4002);
+
+    let cases = malformed_messages(run, &ask);
     for (what, bytes, expect) in cases {
         let mut p = Peer::joined(&node, "p").await;
         p.send(bytes).await;

@@ -121,18 +121,8 @@ async fn five_mutations_round_trip(backend: Backend) {
     assert_eq!(state["flags"], json!({"review": flag}));
 }
 
-async fn sync_applies_remote_changes_once(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let node = Node::spawn(&db, &[]);
-    let c = Client::new();
-    let run = Uuid::new_v4();
-    c.post(
-        &run_url(&node, run, "/grafts"),
-        &json!({"agent": "SecurityAgent", "afterStep": "Step1", "user": "a"}),
-    )
-    .await;
-
-    // Another region's replica, made with the library, grafts concurrently at a higher clock.
+/// Another region's replica of `run`: a graft at clock 42 and a flag.
+fn eu_replica(run: Uuid) -> RunDoc {
     let mut eu = RunDoc::new(run, "eu-central-1");
     eu.observe_lamport(41);
     eu.apply(
@@ -154,6 +144,22 @@ async fn sync_applies_remote_changes_once(backend: Backend) {
         1_764_000_000_000,
     )
     .unwrap();
+    eu
+}
+
+async fn sync_applies_remote_changes_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    c.post(
+        &run_url(&node, run, "/grafts"),
+        &json!({"agent": "SecurityAgent", "afterStep": "Step1", "user": "a"}),
+    )
+    .await;
+
+    // Another region's replica, made with the library, grafts concurrently at a higher clock.
+    let mut eu = eu_replica(run);
     let changes = eu.changes_since(&[]);
     let body = json!({"changes": b64(&concat_changes(&changes)), "sourceRegion": "eu-central-1", "lamportTimestamp": 43});
     let (s, out) = c.post(&run_url(&node, run, "/sync"), &body).await;
@@ -249,6 +255,141 @@ async fn sync_with_missing_dependencies_is_refused(backend: Backend) {
     assert_eq!(db::event_rows(&db, run).await, 0);
 }
 
+/// Change bytes for the sync checks: well-formed, so the checks after decoding refuse them.
+struct SyncFixtures {
+    /// A change of this run.
+    valid: String,
+    /// A change of another document.
+    foreign: String,
+    /// A change of this run that breaks its shape (flags no longer a map).
+    takeover: String,
+    /// A whole document instead of changes.
+    whole_doc: String,
+    /// A change stamped 2^53-1, as a node's commit message would carry it.
+    pinned: String,
+}
+
+impl SyncFixtures {
+    fn new(run: Uuid) -> Self {
+        let mut replica = RunDoc::new(run, "eu");
+        let out = replica
+            .apply(
+                &Mutation::SetFlag {
+                    key: "x".into(),
+                    value: json!(1),
+                },
+                0,
+            )
+            .unwrap();
+        let valid = b64(out.change.unwrap().raw_bytes());
+        let foreign = {
+            let mut other = automerge::AutoCommit::new();
+            automerge::transaction::Transactable::put(
+                &mut other,
+                automerge::ROOT,
+                "grafts",
+                "mine",
+            )
+            .unwrap();
+            other.commit();
+            b64(&concat_changes(&other.get_changes(&[])))
+        };
+        let takeover = {
+            let mut raw = automerge::AutoCommit::load(&RunDoc::new(run, "eu").save()).unwrap();
+            let base = raw.get_heads();
+            automerge::transaction::Transactable::put(&mut raw, automerge::ROOT, "flags", "gone")
+                .unwrap();
+            raw.commit();
+            b64(&concat_changes(&raw.get_changes(&base)))
+        };
+        let whole_doc = b64(&replica.save());
+        let pinned = {
+            // A change stamped 2^53-1, as a node's commit message would carry it.
+            let mut raw = automerge::AutoCommit::load(&RunDoc::new(run, "eu").save()).unwrap();
+            let base = raw.get_heads();
+            let flags = automerge::ReadDoc::get(&raw, automerge::ROOT, "flags")
+                .unwrap()
+                .unwrap()
+                .1;
+            automerge::transaction::Transactable::put(&mut raw, &flags, "pin", 1).unwrap();
+            let stamp = run_doc::Stamp {
+                lamport: run_doc::MAX_LAMPORT,
+                region: "eu".into(),
+            };
+            raw.commit_with(
+                automerge::transaction::CommitOptions::default().with_message(stamp.to_message()),
+            );
+            b64(&concat_changes(&raw.get_changes(&base)))
+        };
+        SyncFixtures {
+            valid,
+            foreign,
+            takeover,
+            whole_doc,
+            pinned,
+        }
+    }
+}
+
+/// Every kind of bad request, with the status it must get.
+fn bad_requests(
+    node: &Node,
+    run: Uuid,
+    bytes: &SyncFixtures,
+) -> Vec<(&'static str, u16, reqwest::RequestBuilder)> {
+    let graft_url = run_url(node, run, "/grafts");
+    let sync_url = run_url(node, run, "/sync");
+    let SyncFixtures {
+        valid,
+        foreign,
+        whole_doc,
+        pinned,
+        ..
+    } = bytes;
+    let mut deep = json!(1);
+    for _ in 0..40 {
+        deep = json!([deep]);
+    }
+    let h = reqwest::Client::new();
+    let json_post = |url: &str, body: &str| {
+        h.post(url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    };
+    vec![
+        ("malformed run id", 400, h.get(node.url("/api/crdt/runs/not-a-uuid/state"))),
+        ("malformed run id on write", 400, json_post(&node.url("/api/crdt/runs/123/grafts"), r#"{"agent":"A","afterStep":"S","user":"u"}"#)),
+        ("malformed JSON", 400, json_post(&graft_url, r#"{"agent": "A", "#)),
+        ("wrong content type", 400, h.post(&graft_url).header("content-type", "text/plain").body("agent=A")),
+        ("missing field", 400, json_post(&graft_url, r#"{"agent":"A","user":"u"}"#)),
+        ("empty field", 400, json_post(&graft_url, r#"{"agent":"  ","afterStep":"S","user":"u"}"#)),
+        ("wrong field type", 400, json_post(&graft_url, r#"{"agent":5,"afterStep":"S","user":"u"}"#)),
+        ("overlong name", 400, json_post(&graft_url, &json!({"agent": "x".repeat(500), "afterStep": "S", "user": "u"}).to_string())),
+        ("flag without value", 400, h.put(run_url(node, run, "/flags/k")).header("content-type", "application/json").body(r#"{"user":"u"}"#)),
+        ("bad base64", 400, json_post(&sync_url, r#"{"changes":"***","sourceRegion":"eu-central-1"}"#)),
+        ("bytes that are not automerge", 400, json_post(&sync_url, &json!({"changes": b64(b"definitely not an automerge change"), "sourceRegion": "eu-central-1"}).to_string())),
+        ("missing changes", 400, json_post(&sync_url, r#"{"sourceRegion":"eu-central-1"}"#)),
+        ("bad source region", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu central"}).to_string())),
+        ("negative lamport", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": -1}).to_string())),
+        ("lamport beyond 2^53", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": 1i64 << 60}).to_string())),
+        ("lamportTimestamp far past the run's clock", 422, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": (1i64 << 53) - 1}).to_string())),
+        ("a change stamped far past the run's clock", 422, json_post(&sync_url, &json!({"changes": pinned, "sourceRegion": "eu"}).to_string())),
+        ("a change of another document", 422, json_post(&sync_url, &json!({"changes": foreign, "sourceRegion": "eu"}).to_string())),
+        ("a document instead of changes", 400, json_post(&sync_url, &json!({"changes": whole_doc, "sourceRegion": "eu"}).to_string())),
+        ("flag nested too deep", 400, h.put(run_url(node, run, "/flags/deep")).header("content-type", "application/json").body(json!({"value": deep, "user": "u"}).to_string())),
+        ("graft id that is not a UUID", 400, json_post(&graft_url, r#"{"id":"x","agent":"A","afterStep":"S","user":"u"}"#)),
+        ("bad heads", 400, h.get(run_url(node, run, "/changes?heads=zz"))),
+        ("an op bomb: a few KB inserting 150,000 characters", 413, json_post(&sync_url, &json!({"changes": b64(&common::op_bomb(run, 150_000)), "sourceRegion": "eu"}).to_string())),
+        ("oversized body", 413, json_post(&graft_url, &json!({"agent": "A", "afterStep": "S", "user": "u", "pad": "x".repeat(70_000)}).to_string())),
+        ("bad peer region", 400, json_post(&run_url(node, run, "/register-peer"), r#"{"peerRegion":""}"#)),
+        ("unknown route", 404, h.get(node.url("/api/crdt/nothing-here"))),
+        ("percent-encoded bytes that are not UTF-8", 400, h.put(run_url(node, run, "/flags/%ff")).header("content-type", "application/json").body(r#"{"value":1,"user":"u"}"#)),
+        ("a user that is not UTF-8", 400, h.delete(run_url(node, run, "/flags/k?user=%fe"))),
+        ("a browser session from another site's page", 403, h.get(node.url(&format!("/ws/runs/{run}"))).header("origin", "http://evil.example")),
+        ("an automerge-repo socket from another site's page", 403, h.get(node.url("/ws/automerge")).header("origin", "http://evil.example")),
+    ]
+}
+
 /// Every kind of bad input gets a 4xx with a JSON error body, and changes nothing.
 async fn bad_input_is_refused_clearly(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -262,98 +403,9 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
     .await;
     let (_, before) = c.get(&run_url(&node, run, "/state")).await;
 
-    let graft_url = run_url(&node, run, "/grafts");
     let sync_url = run_url(&node, run, "/sync");
-    // Well-formed change bytes, so the checks after decoding are what refuses them.
-    let mut replica = RunDoc::new(run, "eu");
-    let out = replica
-        .apply(
-            &Mutation::SetFlag {
-                key: "x".into(),
-                value: json!(1),
-            },
-            0,
-        )
-        .unwrap();
-    let valid = b64(out.change.unwrap().raw_bytes());
-    let foreign = {
-        let mut other = automerge::AutoCommit::new();
-        automerge::transaction::Transactable::put(&mut other, automerge::ROOT, "grafts", "mine")
-            .unwrap();
-        other.commit();
-        b64(&concat_changes(&other.get_changes(&[])))
-    };
-    let takeover = {
-        let mut raw = automerge::AutoCommit::load(&RunDoc::new(run, "eu").save()).unwrap();
-        let base = raw.get_heads();
-        automerge::transaction::Transactable::put(&mut raw, automerge::ROOT, "flags", "gone")
-            .unwrap();
-        raw.commit();
-        b64(&concat_changes(&raw.get_changes(&base)))
-    };
-    let whole_doc = b64(&replica.save());
-    let pinned = {
-        // A change stamped 2^53-1, as a node's commit message would carry it.
-        let mut raw = automerge::AutoCommit::load(&RunDoc::new(run, "eu").save()).unwrap();
-        let base = raw.get_heads();
-        let flags = automerge::ReadDoc::get(&raw, automerge::ROOT, "flags")
-            .unwrap()
-            .unwrap()
-            .1;
-        automerge::transaction::Transactable::put(&mut raw, &flags, "pin", 1).unwrap();
-        let stamp = run_doc::Stamp {
-            lamport: run_doc::MAX_LAMPORT,
-            region: "eu".into(),
-        };
-        raw.commit_with(
-            automerge::transaction::CommitOptions::default().with_message(stamp.to_message()),
-        );
-        b64(&concat_changes(&raw.get_changes(&base)))
-    };
-    let mut deep = json!(1);
-    for _ in 0..40 {
-        deep = json!([deep]);
-    }
-    let cases: Vec<(&str, u16, reqwest::RequestBuilder)> = {
-        let h = reqwest::Client::new();
-        let json_post = |url: &str, body: &str| {
-            h.post(url)
-                .header("content-type", "application/json")
-                .body(body.to_string())
-        };
-        vec![
-            ("malformed run id", 400, h.get(node.url("/api/crdt/runs/not-a-uuid/state"))),
-            ("malformed run id on write", 400, json_post(&node.url("/api/crdt/runs/123/grafts"), r#"{"agent":"A","afterStep":"S","user":"u"}"#)),
-            ("malformed JSON", 400, json_post(&graft_url, r#"{"agent": "A", "#)),
-            ("wrong content type", 400, h.post(&graft_url).header("content-type", "text/plain").body("agent=A")),
-            ("missing field", 400, json_post(&graft_url, r#"{"agent":"A","user":"u"}"#)),
-            ("empty field", 400, json_post(&graft_url, r#"{"agent":"  ","afterStep":"S","user":"u"}"#)),
-            ("wrong field type", 400, json_post(&graft_url, r#"{"agent":5,"afterStep":"S","user":"u"}"#)),
-            ("overlong name", 400, json_post(&graft_url, &json!({"agent": "x".repeat(500), "afterStep": "S", "user": "u"}).to_string())),
-            ("flag without value", 400, h.put(run_url(&node, run, "/flags/k")).header("content-type", "application/json").body(r#"{"user":"u"}"#)),
-            ("bad base64", 400, json_post(&sync_url, r#"{"changes":"***","sourceRegion":"eu-central-1"}"#)),
-            ("bytes that are not automerge", 400, json_post(&sync_url, &json!({"changes": b64(b"definitely not an automerge change"), "sourceRegion": "eu-central-1"}).to_string())),
-            ("missing changes", 400, json_post(&sync_url, r#"{"sourceRegion":"eu-central-1"}"#)),
-            ("bad source region", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu central"}).to_string())),
-            ("negative lamport", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": -1}).to_string())),
-            ("lamport beyond 2^53", 400, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": 1i64 << 60}).to_string())),
-            ("lamportTimestamp far past the run's clock", 422, json_post(&sync_url, &json!({"changes": valid, "sourceRegion": "eu", "lamportTimestamp": (1i64 << 53) - 1}).to_string())),
-            ("a change stamped far past the run's clock", 422, json_post(&sync_url, &json!({"changes": pinned, "sourceRegion": "eu"}).to_string())),
-            ("a change of another document", 422, json_post(&sync_url, &json!({"changes": foreign, "sourceRegion": "eu"}).to_string())),
-            ("a document instead of changes", 400, json_post(&sync_url, &json!({"changes": whole_doc, "sourceRegion": "eu"}).to_string())),
-            ("flag nested too deep", 400, h.put(run_url(&node, run, "/flags/deep")).header("content-type", "application/json").body(json!({"value": deep, "user": "u"}).to_string())),
-            ("graft id that is not a UUID", 400, json_post(&graft_url, r#"{"id":"x","agent":"A","afterStep":"S","user":"u"}"#)),
-            ("bad heads", 400, h.get(run_url(&node, run, "/changes?heads=zz"))),
-            ("an op bomb: a few KB inserting 150,000 characters", 413, json_post(&sync_url, &json!({"changes": b64(&common::op_bomb(run, 150_000)), "sourceRegion": "eu"}).to_string())),
-            ("oversized body", 413, json_post(&graft_url, &json!({"agent": "A", "afterStep": "S", "user": "u", "pad": "x".repeat(70_000)}).to_string())),
-            ("bad peer region", 400, json_post(&run_url(&node, run, "/register-peer"), r#"{"peerRegion":""}"#)),
-            ("unknown route", 404, h.get(node.url("/api/crdt/nothing-here"))),
-            ("percent-encoded bytes that are not UTF-8", 400, h.put(run_url(&node, run, "/flags/%ff")).header("content-type", "application/json").body(r#"{"value":1,"user":"u"}"#)),
-            ("a user that is not UTF-8", 400, h.delete(run_url(&node, run, "/flags/k?user=%fe"))),
-            ("a browser session from another site's page", 403, h.get(node.url(&format!("/ws/runs/{run}"))).header("origin", "http://evil.example")),
-            ("an automerge-repo socket from another site's page", 403, h.get(node.url("/ws/automerge")).header("origin", "http://evil.example")),
-        ]
-    };
+    let bytes = SyncFixtures::new(run);
+    let cases = bad_requests(&node, run, &bytes);
     for (what, expected, rb) in cases {
         let (status, body) = c.send(rb).await;
         assert_eq!(status, expected, "{what}: {body}");
@@ -372,7 +424,7 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
     let (status, body) = c
         .post(
             &sync_url,
-            &json!({"changes": takeover, "sourceRegion": "eu"}),
+            &json!({"changes": bytes.takeover, "sourceRegion": "eu"}),
         )
         .await;
     assert_eq!(status, 200, "{body}");

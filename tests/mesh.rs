@@ -445,6 +445,54 @@ async fn handshake(node: &Node, secret: &str) -> (Ws, Value) {
     (ws, reply)
 }
 
+/// Opens a link to `node` and says HELLO only: the node must answer nothing that proves it.
+async fn assert_no_proof_to_a_bare_hello(node: &Node) {
+    let url = ws_url(node);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let hello = next_json(&mut ws).await;
+    assert_eq!(hello["type"], "HELLO");
+    ws.send(Message::text(
+        json!({"type": "HELLO", "nodeId": "relay", "region": "r-1", "protocolVersion": 1, "nonce": protocol::nonce()})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        assert!(
+            !matches!(msg, Message::Text(_)),
+            "the node answered a bare HELLO: {msg:?}"
+        );
+    }
+}
+
+/// Sends one bad frame after another over an authenticated link; the reasons of the `ERROR`s.
+async fn errors_for_bad_frames(node: &Node) -> Vec<String> {
+    let (mut ws, _first) = handshake(node, SECRET).await;
+    let mut errors = Vec::new();
+    for bad in [
+        "this is not JSON".to_string(),
+        json!({"type": "CRDT_TELEPORT"}).to_string(),
+        json!({"type": "CRDT_SYNC", "runId": "../../etc/passwd", "sourceRegion": "x", "changes": "AAAA", "timestamp": 1}).to_string(),
+        json!({"type": "CRDT_SYNC", "runId": Uuid::new_v4(), "sourceRegion": "x", "changes": "%%%", "timestamp": 1}).to_string(),
+        json!({"type": "CRDT_SYNC", "runId": Uuid::new_v4(), "sourceRegion": "x", "changes": "aGVsbG8gd29ybGQ=", "timestamp": 1}).to_string(),
+        json!({"type": "CRDT_FULL_SYNC", "runId": Uuid::new_v4(), "sourceRegion": "x", "state": "aGVsbG8=", "timestamp": 1}).to_string(),
+    ] {
+        ws.send(Message::text(bad)).await.unwrap();
+        loop {
+            let f = next_json(&mut ws).await;
+            assert!(f.get("closed").is_none(), "link closed: {f}");
+            if f["type"] == "ERROR" {
+                errors.push(f["reason"].as_str().unwrap().to_string());
+                break;
+            }
+        }
+    }
+    errors
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peers_and_bad_frames_are_refused_and_counted() {
     let mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
@@ -466,53 +514,14 @@ async fn bad_peers_and_bad_frames_are_refused_and_counted() {
 
     // A node that accepted a link proves nothing before the dialler has: no AUTH comes back to
     // a HELLO alone, so a relay cannot borrow its proof to pose as it elsewhere.
-    {
-        let url = ws_url(target);
-        let (mut ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("connect");
-        let hello = next_json(&mut ws).await;
-        assert_eq!(hello["type"], "HELLO");
-        ws.send(Message::text(
-            json!({"type": "HELLO", "nodeId": "relay", "region": "r-1", "protocolVersion": 1, "nonce": protocol::nonce()})
-                .to_string(),
-        ))
-        .await
-        .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
-        while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
-            assert!(
-                !matches!(msg, Message::Text(_)),
-                "the node answered a bare HELLO: {msg:?}"
-            );
-        }
-    }
+    assert_no_proof_to_a_bare_hello(target).await;
 
     // The raw handshake with a wrong proof: closed with the auth code.
     let (_, reply) = handshake(target, "wrong").await;
     assert_eq!(reply["closed"][0], run_wire::close::UNAUTHORIZED, "{reply}");
 
     // With the right secret, bad frames are answered with a reason; the link stays up.
-    let (mut ws, _first) = handshake(target, SECRET).await;
-    let mut errors = Vec::new();
-    for bad in [
-        "this is not JSON".to_string(),
-        json!({"type": "CRDT_TELEPORT"}).to_string(),
-        json!({"type": "CRDT_SYNC", "runId": "../../etc/passwd", "sourceRegion": "x", "changes": "AAAA", "timestamp": 1}).to_string(),
-        json!({"type": "CRDT_SYNC", "runId": Uuid::new_v4(), "sourceRegion": "x", "changes": "%%%", "timestamp": 1}).to_string(),
-        json!({"type": "CRDT_SYNC", "runId": Uuid::new_v4(), "sourceRegion": "x", "changes": "aGVsbG8gd29ybGQ=", "timestamp": 1}).to_string(),
-        json!({"type": "CRDT_FULL_SYNC", "runId": Uuid::new_v4(), "sourceRegion": "x", "state": "aGVsbG8=", "timestamp": 1}).to_string(),
-    ] {
-        ws.send(Message::text(bad)).await.unwrap();
-        loop {
-            let f = next_json(&mut ws).await;
-            assert!(f.get("closed").is_none(), "link closed: {f}");
-            if f["type"] == "ERROR" {
-                errors.push(f["reason"].as_str().unwrap().to_string());
-                break;
-            }
-        }
-    }
+    let errors = errors_for_bad_frames(target).await;
     assert!(errors[0].contains("not JSON"), "{errors:?}");
     assert!(errors[1].contains("unknown message type"), "{errors:?}");
     assert!(errors[2].contains("not a run id"), "{errors:?}");
@@ -951,6 +960,44 @@ async fn a_graft_retried_across_a_partition_is_shown_once_in_every_region() {
     assert_eq!(after["grafts"].as_array().unwrap().len(), 2, "{after}");
 }
 
+/// A socket opened from another loopback address (`common::flood`).
+type Flooder = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// 64 sockets from 127.0.0.2 to automerge-repo's door: it upgrades a refused client and
+/// closes it with 1013 and the reason (its JS client throws on a failed upgrade); the address's
+/// share stays open, and is returned.
+async fn flood_automerge_door(door: &str) -> Vec<Flooder> {
+    let (upgraded, _) = common::flood("127.0.0.2", door, 64).await;
+    let firsts = futures_util::future::join_all(upgraded.into_iter().map(|mut s| async move {
+        let first = tokio::time::timeout(Duration::from_millis(500), s.next()).await;
+        (s, first)
+    }))
+    .await;
+    let mut open = Vec::new();
+    for (s, first) in firsts {
+        match first {
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                assert_eq!(u16::from(f.code), 1013, "{f:?}");
+                assert!(f.reason.contains("address"), "{f:?}");
+            }
+            Err(_) => open.push(s),
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+    assert_eq!(open.len(), 8, "automerge-repo: the address's share");
+    open
+}
+
+/// Resolves once the socket is closed (whatever it says before).
+async fn closing(s: &mut Flooder) {
+    loop {
+        match s.next().await {
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
 /// Issue 12: a host that opens unproven sockets on every door (a mesh link before AUTH, a
 /// browser session before JOIN, an automerge-repo connection before `join`) gets only its
 /// share of each (8 here), and they are closed after the pre-auth timeout; meanwhile a real
@@ -978,27 +1025,7 @@ async fn a_flood_of_unproven_sockets_keeps_no_real_peer_or_client_out() {
         assert_eq!(refused, 56, "{door}");
         held.push(open);
     }
-    // automerge-repo's door upgrades a refused client and closes it with 1013 and the reason
-    // (its JS client throws on a failed upgrade).
-    let (upgraded, _) = common::flood("127.0.0.2", &doors[2], 64).await;
-    let firsts = futures_util::future::join_all(upgraded.into_iter().map(|mut s| async move {
-        let first = tokio::time::timeout(Duration::from_millis(500), s.next()).await;
-        (s, first)
-    }))
-    .await;
-    let mut open = Vec::new();
-    for (s, first) in firsts {
-        match first {
-            Ok(Some(Ok(Message::Close(Some(f))))) => {
-                assert_eq!(u16::from(f.code), 1013, "{f:?}");
-                assert!(f.reason.contains("address"), "{f:?}");
-            }
-            Err(_) => open.push(s),
-            other => panic!("unexpected: {other:?}"),
-        }
-    }
-    assert_eq!(open.len(), 8, "automerge-repo: the address's share");
-    held.push(open);
+    held.push(flood_automerge_door(&doors[2]).await);
 
     // A real peer, dialling from 127.0.0.1, links up while the flood holds its places.
     let (_peer, _peer_db) = lone_node("us-east-1", "real-peer", &[ws("/ws")], &[]).await;
@@ -1025,56 +1052,13 @@ async fn a_flood_of_unproven_sockets_keeps_no_real_peer_or_client_out() {
     };
     assert_eq!(welcome["type"], "WELCOME", "{welcome}");
 
-    // A real automerge-repo client joins.
-    let (mut repo, _) = tokio_tungstenite::connect_async(&doors[2]).await.unwrap();
-    let join = ciborium::Value::Map(vec![
-        (
-            ciborium::Value::Text("type".into()),
-            ciborium::Value::Text("join".into()),
-        ),
-        (
-            ciborium::Value::Text("senderId".into()),
-            ciborium::Value::Text("real".into()),
-        ),
-        (
-            ciborium::Value::Text("peerMetadata".into()),
-            ciborium::Value::Map(vec![]),
-        ),
-        (
-            ciborium::Value::Text("supportedProtocolVersions".into()),
-            ciborium::Value::Array(vec![ciborium::Value::Text("1".into())]),
-        ),
-    ]);
-    let mut bytes = Vec::new();
-    ciborium::into_writer(&join, &mut bytes).unwrap();
-    repo.send(Message::binary(bytes)).await.unwrap();
-    let reply = loop {
-        match tokio::time::timeout(Duration::from_secs(10), repo.next()).await {
-            Ok(Some(Ok(Message::Binary(b)))) => {
-                break ciborium::from_reader::<ciborium::Value, _>(b.as_ref()).unwrap()
-            }
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            other => panic!("no reply to join: {other:?}"),
-        }
-    };
-    let kind = reply
-        .as_map()
-        .and_then(|m| m.iter().find(|(k, _)| k.as_text() == Some("type")))
-        .and_then(|(_, v)| v.as_text().map(str::to_string));
-    assert_eq!(kind.as_deref(), Some("peer"), "{reply:?}");
+    // A real automerge-repo client joins (answered with `peer`).
+    let _repo = common::repo::Peer::joined(&target, "real").await;
 
     // The flood's sockets are closed once their time to prove themselves is up.
     for (door, sockets) in doors.iter().zip(held.iter_mut()) {
         for s in sockets.iter_mut() {
-            let closed = tokio::time::timeout(Duration::from_secs(10), async {
-                loop {
-                    match s.next().await {
-                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                        Some(Ok(_)) => continue,
-                    }
-                }
-            })
-            .await;
+            let closed = tokio::time::timeout(Duration::from_secs(10), closing(s)).await;
             assert!(
                 closed.is_ok(),
                 "{door}: an unproven socket outlived its timeout"

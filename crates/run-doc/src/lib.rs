@@ -528,81 +528,91 @@ impl RunDoc {
     ) -> SyncStep {
         let mut step = SyncStep::default();
         let mut newly_parked = false;
-        if let Some(mut message) = incoming {
-            if let Err(e) = validate_sync_message(&message) {
-                step.applied.error = Some(e);
-                return step;
-            }
-            let mut changes = Vec::new();
-            // One budget for the whole message: its chunks together are one request.
-            let mut budget = Budget::default();
-            for chunk in message.changes.iter() {
-                match changes::parse_within(chunk, &mut budget) {
-                    Ok(c) => changes.extend(c),
-                    Err(e) => {
-                        step.applied.error = Some(e);
-                        return step;
-                    }
-                }
-            }
-            // Refused before the held-back changes join them: a refusal must not drop those.
-            if let Some(e) = changes.iter().find_map(|c| self.check_foreign(c).err()) {
-                step.applied.error = Some(e);
-                return step;
-            }
-            let before = self.parked.len();
-            let held: Vec<Change> = self.parked.values().cloned().collect();
-            changes.extend(self.parked.drain().map(|(_, c)| c));
-            let (ordered, stuck, duplicates) = self.order_new_changes(changes);
-            if let Err(e) = self.check_stamps(&ordered) {
-                self.park(held);
-                step.applied.error = Some(e);
-                return step;
-            }
-            match self.apply_ordered(ordered, duplicates, None) {
-                Ok(applied) => step.applied = applied,
-                Err(e) => {
-                    step.applied.error = Some(e);
-                    return step;
-                }
+        if let Some(message) = incoming {
+            match self.receive(state, message, &mut step.applied) {
+                Ok(parked) => newly_parked = parked,
+                Err(e) => step.applied.error = Some(e),
             }
             if step.applied.error.is_some() {
                 return step;
             }
-            newly_parked = stuck.len() > before;
-            if !self.park(stuck) {
-                // Dropped: the peer counts them as sent, so ask it to forget what it sent.
-                state.needs_reset = true;
-            }
-            // The changes are in; the rest of the message updates what we know of the peer.
-            message.changes = sync::ChunkList::empty();
-            if let Err(e) = self.doc.sync().receive_sync_message(state, message) {
-                step.applied.error = Some(e.into());
-                return step;
-            }
-            if !step.applied.applied.is_empty() {
-                // Automerge answers a message that brought changes; with the changes applied
-                // by us it would think nothing came, and the peer would not learn our heads.
-                state.last_sent_heads.clear();
-            }
         }
         step.reply = self.doc.sync().generate_sync_message(state);
-        if !self.parked.is_empty() {
-            if step.reply.is_none() && newly_parked {
-                // The protocol thinks it is done; start a round to ask for what is missing.
-                *state = sync::State::decode(&state.encode()).unwrap_or_default();
-                step.reply = self.doc.sync().generate_sync_message(state);
-            }
-            let parked: Vec<Change> = self.parked.values().cloned().collect();
-            let missing = self.missing_of(&parked);
-            if let Some(reply) = step.reply.as_mut() {
-                // Automerge encodes hash lists sorted (and asserts it in debug builds).
-                reply.need.extend(missing);
-                reply.need.sort();
-                reply.need.dedup();
-            }
-        }
+        self.ask_for_parked(state, &mut step.reply, newly_parked);
         step
+    }
+
+    /// Takes a peer's sync message: its changes (bounded, checked, held back while their
+    /// dependencies are missing) into `applied`, the rest into `state`. True when it left more
+    /// changes held back than before.
+    fn receive(
+        &mut self,
+        state: &mut sync::State,
+        mut message: sync::Message,
+        applied: &mut RemoteApplied,
+    ) -> Result<bool, DocError> {
+        validate_sync_message(&message)?;
+        let mut changes = Vec::new();
+        // One budget for the whole message: its chunks together are one request.
+        let mut budget = Budget::default();
+        for chunk in message.changes.iter() {
+            changes.extend(changes::parse_within(chunk, &mut budget)?);
+        }
+        // Refused before the held-back changes join them: a refusal must not drop those.
+        if let Some(e) = changes.iter().find_map(|c| self.check_foreign(c).err()) {
+            return Err(e);
+        }
+        let before = self.parked.len();
+        let held: Vec<Change> = self.parked.values().cloned().collect();
+        changes.extend(self.parked.drain().map(|(_, c)| c));
+        let (ordered, stuck, duplicates) = self.order_new_changes(changes);
+        if let Err(e) = self.check_stamps(&ordered) {
+            self.park(held);
+            return Err(e);
+        }
+        *applied = self.apply_ordered(ordered, duplicates, None)?;
+        if applied.error.is_some() {
+            return Ok(false);
+        }
+        let newly_parked = stuck.len() > before;
+        if !self.park(stuck) {
+            // Dropped: the peer counts them as sent, so ask it to forget what it sent.
+            state.needs_reset = true;
+        }
+        // The changes are in; the rest of the message updates what we know of the peer.
+        message.changes = sync::ChunkList::empty();
+        self.doc.sync().receive_sync_message(state, message)?;
+        if !applied.applied.is_empty() {
+            // Automerge answers a message that brought changes; with the changes applied by us
+            // it would think nothing came, and the peer would not learn our heads.
+            state.last_sent_heads.clear();
+        }
+        Ok(newly_parked)
+    }
+
+    /// While changes are held back, the reply asks for what they need (starting a round when
+    /// the protocol thinks it is done).
+    fn ask_for_parked(
+        &mut self,
+        state: &mut sync::State,
+        reply: &mut Option<sync::Message>,
+        newly_parked: bool,
+    ) {
+        if self.parked.is_empty() {
+            return;
+        }
+        if reply.is_none() && newly_parked {
+            *state = sync::State::decode(&state.encode()).unwrap_or_default();
+            *reply = self.doc.sync().generate_sync_message(state);
+        }
+        let parked: Vec<Change> = self.parked.values().cloned().collect();
+        let missing = self.missing_of(&parked);
+        if let Some(reply) = reply.as_mut() {
+            // Automerge encodes hash lists sorted (and asserts it in debug builds).
+            reply.need.extend(missing);
+            reply.need.sort();
+            reply.need.dedup();
+        }
     }
 
     /// Replays stored changes (loading a run): everything whose dependencies are present is
