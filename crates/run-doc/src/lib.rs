@@ -440,20 +440,10 @@ impl RunDoc {
     /// (a refusal would make the peer resend the same batch, with the same gap, again).
     pub fn apply_remote_parking(
         &mut self,
-        mut changes: Vec<Change>,
+        changes: Vec<Change>,
         remote_lamport: Option<u64>,
     ) -> Result<RemoteApplied, DocError> {
-        // Refused before the held-back changes join them: a refusal must not drop those.
-        for change in &changes {
-            self.check_foreign(change)?;
-        }
-        let held: Vec<Change> = self.parked.values().cloned().collect();
-        changes.extend(self.parked.drain().map(|(_, c)| c));
-        let (ordered, stuck, duplicates) = self.order_new_changes(changes);
-        if let Err(e) = self.check_stamps(&ordered) {
-            self.park(held);
-            return Err(e);
-        }
+        let (ordered, stuck, duplicates) = self.with_parked(changes)?;
         self.park(stuck);
         let mut out = self.apply_ordered(ordered, duplicates, remote_lamport)?;
         out.parked = self.parked.len();
@@ -558,18 +548,8 @@ impl RunDoc {
         for chunk in message.changes.iter() {
             changes.extend(changes::parse_within(chunk, &mut budget)?);
         }
-        // Refused before the held-back changes join them: a refusal must not drop those.
-        if let Some(e) = changes.iter().find_map(|c| self.check_foreign(c).err()) {
-            return Err(e);
-        }
         let before = self.parked.len();
-        let held: Vec<Change> = self.parked.values().cloned().collect();
-        changes.extend(self.parked.drain().map(|(_, c)| c));
-        let (ordered, stuck, duplicates) = self.order_new_changes(changes);
-        if let Err(e) = self.check_stamps(&ordered) {
-            self.park(held);
-            return Err(e);
-        }
+        let (ordered, stuck, duplicates) = self.with_parked(changes)?;
         *applied = self.apply_ordered(ordered, duplicates, None)?;
         if applied.error.is_some() {
             return Ok(false);
@@ -588,6 +568,27 @@ impl RunDoc {
             state.last_sent_heads.clear();
         }
         Ok(newly_parked)
+    }
+
+    /// Checks `changes` from elsewhere, joins the held-back ones to them and orders the lot:
+    /// (applicable in order, still missing dependencies, duplicates). A refusal leaves the
+    /// held-back changes held.
+    fn with_parked(
+        &mut self,
+        mut changes: Vec<Change>,
+    ) -> Result<(Vec<Change>, Vec<Change>, usize), DocError> {
+        // Refused before the held-back changes join them: a refusal must not drop those.
+        for change in &changes {
+            self.check_foreign(change)?;
+        }
+        let held: Vec<Change> = self.parked.values().cloned().collect();
+        changes.extend(self.parked.drain().map(|(_, c)| c));
+        let (ordered, stuck, duplicates) = self.order_new_changes(changes);
+        if let Err(e) = self.check_stamps(&ordered) {
+            self.park(held);
+            return Err(e);
+        }
+        Ok((ordered, stuck, duplicates))
     }
 
     /// While changes are held back, the reply asks for what they need (starting a round when
