@@ -18,8 +18,8 @@ pub enum ApiError {
     /// A body within the byte limit whose content costs too much (operations, inflated size).
     #[error("{0}")]
     TooLargeContent(String),
-    #[error("missing or wrong bearer token")]
-    Unauthorized,
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -45,7 +45,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Invalid { .. } => "invalid_field",
             ApiError::TooLarge { .. } | ApiError::TooLargeContent(_) => "payload_too_large",
-            ApiError::Unauthorized => "unauthorized",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unprocessable(_) => "unprocessable",

@@ -308,8 +308,52 @@ impl Peers {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Api {
+    /// The static service credential: full access to every run.
     #[serde(default)]
     pub token: Option<String>,
+    /// Signed user tokens (JWT), when any key is configured.
+    #[serde(default)]
+    pub jwt: JwtSettings,
+}
+
+/// Where the keys that sign user tokens come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct JwtSettings {
+    /// A shared secret for HS256 tokens.
+    #[serde(default)]
+    pub hs256_secret: Option<String>,
+    /// A JWKS file (RS256, EdDSA, ES256 public keys).
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    /// A JWKS URL, fetched at start and every `jwks-refresh-secs`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
+    /// Clock skew allowed when checking `exp`.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway_secs: u64,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        JwtSettings {
+            hs256_secret: None,
+            jwks_file: None,
+            jwks_url: None,
+            jwks_refresh_secs: default_jwks_refresh(),
+            leeway_secs: default_jwt_leeway(),
+        }
+    }
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
+}
+
+fn default_jwt_leeway() -> u64 {
+    30
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -459,6 +503,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_MESH_RECONNECT_MAX_MS", "crdt.mesh.reconnect-max-ms"),
     ("CRDT_MESH_MAX_FRAME_BYTES", "crdt.mesh.max-frame-bytes"),
     ("CRDT_API_TOKEN", "crdt.api.token"),
+    ("CRDT_JWT_HS256_SECRET", "crdt.api.jwt.hs256-secret"),
+    ("CRDT_JWKS_FILE", "crdt.api.jwt.jwks-file"),
+    ("CRDT_JWKS_URL", "crdt.api.jwt.jwks-url"),
+    ("CRDT_JWKS_REFRESH_SECS", "crdt.api.jwt.jwks-refresh-secs"),
     ("CRDT_BROWSER_QUEUE_FRAMES", "crdt.browser.queue-frames"),
     ("CRDT_BROWSER_QUEUE_BYTES", "crdt.browser.queue-bytes"),
     ("CRDT_BROWSER_MAX_SESSIONS", "crdt.browser.max-sessions"),
@@ -547,9 +595,7 @@ impl Settings {
     fn validate(mut self) -> Result<Self, ConfigError> {
         self.validate_identity()?;
         self.validate_mesh()?;
-        if self.crdt.api.token.as_deref() == Some("") {
-            self.crdt.api.token = None;
-        }
+        self.validate_api()?;
         self.validate_automerge()?;
         self.validate_browser()?;
         self.validate_runtime()?;
@@ -625,6 +671,35 @@ impl Settings {
             return Err(invalid(
                 "crdt.mesh.max-frame-bytes",
                 "must be at least 65536",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Empty credentials count as none; a JWKS URL must be http(s).
+    fn validate_api(&mut self) -> Result<(), ConfigError> {
+        let api = &mut self.crdt.api;
+        for value in [
+            &mut api.token,
+            &mut api.jwt.hs256_secret,
+            &mut api.jwt.jwks_file,
+            &mut api.jwt.jwks_url,
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                *value = None;
+            }
+        }
+        if let Some(url) = &api.jwt.jwks_url {
+            let parsed = url::Url::parse(url)
+                .map_err(|e| invalid("crdt.api.jwt.jwks-url", format!("{url:?}: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(invalid("crdt.api.jwt.jwks-url", "must be an http(s) URL"));
+            }
+        }
+        if api.jwt.jwks_refresh_secs < 10 {
+            return Err(invalid(
+                "crdt.api.jwt.jwks-refresh-secs",
+                "must be at least 10",
             ));
         }
         Ok(())

@@ -6,6 +6,7 @@ pub mod browser;
 pub mod config;
 pub mod edge_kit;
 pub mod http;
+pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod node;

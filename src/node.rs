@@ -11,7 +11,8 @@ use crate::admission::PreAuth;
 use crate::automerge_repo::{AutomergeRepo, RepoConfig};
 use crate::browser::{Browser, BrowserConfig};
 use crate::config::Settings;
-use crate::http::{self, ApiToken, AppState};
+use crate::http::{self, AppState};
+use crate::identity::{Auth, Verifier};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::metrics::Metrics;
 use crate::runs::{Runs, RunsConfig};
@@ -23,6 +24,8 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("user-token keys: {0}")]
+    Keys(#[from] crate::identity::verifier::KeyError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -55,12 +58,14 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         runs.clone(),
         metrics.clone(),
     );
+    let auth = start_auth(settings)?;
     let admission = &settings.crdt.admission;
     let browser = Browser::start(
         BrowserConfig::from_settings(settings),
         PreAuth::from_settings(admission, admission.pre_auth_total),
         runs.clone(),
         Arc::new(mesh.clone()),
+        auth.clone(),
         metrics.clone(),
     );
     mesh.state.presence().subscribe(browser.peer_presence());
@@ -79,6 +84,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         region: settings.crdt.region.clone(),
         node_id: settings.node_id().to_string(),
         origins: http::origin::AllowedOrigins::new(settings.crdt.admission.allowed_origins.urls()),
+        auth,
     });
     let (addr, server, task) = serve(settings, state, &metrics, workers)?;
     log::info!(
@@ -95,6 +101,18 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         automerge,
         task,
     })
+}
+
+/// The credentials every door takes: the API token, and user tokens when keys are configured
+/// (a JWKS URL is fetched now and then refreshed in the background).
+fn start_auth(settings: &Settings) -> Result<Arc<Auth>, NodeError> {
+    let jwt = &settings.crdt.api.jwt;
+    let users = Verifier::from_settings(jwt)?;
+    if let (Some(users), Some(url)) = (&users, &jwt.jwks_url) {
+        let every = std::time::Duration::from_secs(jwt.jwks_refresh_secs);
+        users.refresh_from(url.clone(), every);
+    }
+    Ok(Arc::new(Auth::new(settings.crdt.api.token.clone(), users)))
 }
 
 /// Opens the store and starts the runtime on it.
@@ -155,14 +173,13 @@ fn serve(
         .exclude_regex("^/ws/")
         .build()
         .map_err(|e| NodeError::Metrics(e.to_string()))?;
-    let token = ApiToken(settings.crdt.api.token.clone());
     let max_body = settings.server.max_body_bytes;
     let bind = (settings.server.bind.as_str(), settings.server.port);
     let server = HttpServer::new(move || {
         App::new()
             .wrap(actix_web::middleware::from_fn(http::utf8_only))
             .wrap(prometheus.clone())
-            .configure(|cfg| http::configure(cfg, state.clone(), token.clone(), max_body))
+            .configure(|cfg| http::configure(cfg, state.clone(), max_body))
     })
     .workers(workers)
     // `main` handles SIGTERM/SIGINT itself: actix's own handler would stop the whole actix

@@ -1,10 +1,19 @@
-// Shared helpers of the crdt-node pages: the API token (kept in this browser only), API calls
-// and safe HTML.
+// Shared helpers of the crdt-node pages: the token (kept in this tab only), API calls and safe
+// HTML.
 "use strict";
 
+// A token handed to the page once, as `#token=…` in its URL (a link from whoever issues user
+// tokens), is kept in this tab's sessionStorage and taken out of the address bar and history.
+(() => {
+  const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+  if (!m) return;
+  sessionStorage.setItem("crdt-token", decodeURIComponent(m[1]));
+  history.replaceState(null, "", location.pathname + location.search);
+})();
+
 const Crdt = {
-  token() { return localStorage.getItem("crdt-token") || ""; },
-  setToken(t) { t ? localStorage.setItem("crdt-token", t) : localStorage.removeItem("crdt-token"); },
+  token() { return sessionStorage.getItem("crdt-token") || ""; },
+  setToken(t) { t ? sessionStorage.setItem("crdt-token", t) : sessionStorage.removeItem("crdt-token"); },
   user() { return localStorage.getItem("crdt-user") || ""; },
   setUser(u) { localStorage.setItem("crdt-user", u); },
 
@@ -44,8 +53,8 @@ const Crdt = {
 
   // The token form shown when the node answers 401.
   askToken(el, then) {
-    el.innerHTML = `<form id="token-form"><span>This node needs an API token.</span>
-      <input id="token" type="password" placeholder="API token" autocomplete="off">
+    el.innerHTML = `<form id="token-form"><span>This node needs a token (yours, or the API token).</span>
+      <input id="token" type="password" placeholder="token" autocomplete="off">
       <button>Use token</button></form>`;
     el.querySelector("form").addEventListener("submit", (e) => {
       e.preventDefault();

@@ -73,7 +73,7 @@
       joined = false;
       ws = null;
       if (ev.code === 4001) {
-        setConn("refused", "refused: API token needed");
+        setConn("refused", `refused: ${ev.reason || "a token is needed"}`);
         Crdt.askToken($("notice"), () => { retries = 0; connect(); });
         return;
       }
@@ -93,6 +93,8 @@
         joined = true;
         retries = 0;
         $("region").textContent = msg.region;
+        // A user token names the user: the page says who it acts as.
+        if (msg.user !== Crdt.user()) { Crdt.setUser(msg.user); $("user").value = msg.user; }
         setConn("connected", `connected to ${msg.region}`);
         flush();
         break;

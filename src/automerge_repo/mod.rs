@@ -27,6 +27,7 @@ use actix::prelude::*;
 use crate::admission::{PreAuth, PreAuthSlot};
 use crate::config::Settings;
 use crate::edge_kit::{Door, NotAdmitted, Seat, Timing};
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::runs::Runs;
 use hub::Hub;
@@ -37,7 +38,6 @@ pub struct RepoConfig {
     pub region: String,
     /// This node's automerge-repo peer id.
     pub peer_id: String,
-    pub token: Option<String>,
     pub queue: usize,
     pub max_connections: usize,
     pub max_frame: usize,
@@ -56,7 +56,6 @@ impl RepoConfig {
         RepoConfig {
             region: s.crdt.region.clone(),
             peer_id: format!("crdt-node:{}", s.node_id()),
-            token: s.crdt.api.token.clone(),
             queue: a.queue_frames,
             max_connections: a.max_connections,
             max_frame: a.max_frame_bytes,
@@ -127,13 +126,13 @@ impl AutomergeRepo {
         self.shared.door.admit(address)
     }
 
-    /// Starts the session of an admitted socket. `authorized` when the upgrade carried the
-    /// API token (or none is configured); otherwise the client's `join` is refused.
+    /// Starts the session of an admitted socket. `identity` is who the upgrade's token proved,
+    /// or why it proved no one (then the client's `join` is refused with the reason).
     pub fn accept(
         &self,
         (socket, stream): (actix_ws::Session, actix_ws::MessageStream),
         admitted: (PreAuthSlot, Seat),
-        authorized: bool,
+        identity: Result<Identity, String>,
     ) {
         let shared = &self.shared;
         let config = &shared.config;
@@ -141,7 +140,7 @@ impl AutomergeRepo {
         let parts = session::Parts {
             shared: shared.clone(),
             hub: self.hub.clone(),
-            authorized,
+            identity,
         };
         let session = RepoSession::new(parts, edge).start();
         crate::socket::serve(socket, stream, config.max_frame, session.recipient(), io);

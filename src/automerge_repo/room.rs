@@ -28,6 +28,8 @@ use run_wire::close;
 
 pub struct Member {
     pub peer_id: String,
+    /// The user its changes record: a user token's `sub`, else the peer id.
+    pub user: String,
     pub outbox: Outbox,
     pub session: Addr<RepoSession>,
 }
@@ -172,7 +174,7 @@ impl DocRoom {
             incoming: request.incoming,
             source_region: self.shared.config.region.clone(),
             via: format!("automerge-repo:{}", peer.member.peer_id),
-            client: Some(peer.member.peer_id.clone()),
+            client: Some(peer.member.user.clone()),
         };
         let (runs, run_id) = (self.shared.runs.clone(), self.run_id);
         let step = async move { runs.sync_step(run_id, msg).await };

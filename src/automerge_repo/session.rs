@@ -17,6 +17,7 @@ use super::hub::{Hub, Open, Register, Unregister};
 use super::room::{DocRoom, Incoming, Member, Relay};
 use super::Shared;
 use crate::edge_kit::{EdgeSession, EdgeSocket, Kick};
+use crate::identity::{Access, Denied, Identity};
 use crate::socket::{Inbound, Outbox, Queued};
 use run_wire::automerge_repo::doc_id;
 use run_wire::automerge_repo::wire::{self, FromClient, ToClient, PROTOCOL_V1};
@@ -28,7 +29,8 @@ pub const MAX_EPHEMERAL_BYTES: usize = 64 * 1024;
 pub struct Parts {
     pub shared: Arc<Shared>,
     pub hub: Addr<Hub>,
-    pub authorized: bool,
+    /// Who the upgrade's token proved, or why it proved no one.
+    pub identity: Result<Identity, String>,
 }
 
 pub struct RepoSession {
@@ -128,7 +130,13 @@ impl RepoSession {
                         return self.refuse(close::PROTOCOL, reason, "bad_message", ctx);
                     }
                 };
-                self.with_room(&document_id, ctx, move |conn, room| {
+                // A message that carries changes writes; one that only asks reads.
+                let access = if message.changes.is_empty() {
+                    Access::Read
+                } else {
+                    Access::Write
+                };
+                self.with_room(&document_id, access, ctx, move |conn, room| {
                     room.do_send(Incoming { conn, message })
                 });
             }
@@ -143,7 +151,7 @@ impl RepoSession {
             }
             FromClient::Ephemeral(message) => {
                 let document_id = message.document_id.clone();
-                self.with_room(&document_id, ctx, move |conn, room| {
+                self.with_room(&document_id, Access::Read, ctx, move |conn, room| {
                     room.do_send(Relay { conn, message })
                 });
             }
@@ -157,20 +165,25 @@ impl RepoSession {
 
     fn join(&mut self, sender_id: String, versions: Option<Vec<String>>, ctx: &mut Context<Self>) {
         self.peer_id = Some(sender_id.clone());
-        if !self.p.authorized {
-            return self.refuse(
-                close::UNAUTHORIZED,
-                "missing or wrong API token: add ?token=<token> to the URL".into(),
-                "unauthorized",
-                ctx,
-            );
-        }
+        let identity = match &self.p.identity {
+            Ok(identity) => identity.clone(),
+            Err(reason) => {
+                let reason = format!("{reason}: add ?token=<token> to the URL");
+                return self.refuse(close::UNAUTHORIZED, reason, "unauthorized", ctx);
+            }
+        };
         // A client that sends no list is an old one that speaks "1" (as the JS server assumes).
         if let Some(v) = versions.filter(|v| !v.iter().any(|v| v == PROTOCOL_V1)) {
             let reason = format!("unsupported protocol version(s) {v:?}: this node speaks \"1\"");
             return self.refuse(close::PROTOCOL, reason, "unsupported_version", ctx);
         }
         self.socket.proved();
+        if let Some(left) = identity.expires_in() {
+            ctx.run_later(left, |act, ctx| {
+                let reason = "the token expired: reconnect with a fresh one".to_string();
+                act.refuse(close::UNAUTHORIZED, reason, "token_expired", ctx);
+            });
+        }
         self.p.hub.do_send(Register {
             peer_id: sender_id.clone(),
             conn: self.socket.id,
@@ -191,6 +204,7 @@ impl RepoSession {
     fn with_room(
         &mut self,
         document_id: &str,
+        access: Access,
         ctx: &mut Context<Self>,
         f: impl FnOnce(u64, &Addr<DocRoom>) + 'static,
     ) {
@@ -198,6 +212,14 @@ impl RepoSession {
             Ok(r) => r,
             Err(e) => return self.refuse(close::PROTOCOL, e.to_string(), "bad_document", ctx),
         };
+        let allowed = self.p.identity.as_ref().map(|i| i.allows(run_id, access));
+        if let Ok(Err(denied)) = allowed {
+            let code = match denied {
+                Denied::OtherRun(_) => close::UNAUTHORIZED,
+                Denied::ReadOnly(_) => close::FORBIDDEN,
+            };
+            return self.refuse(code, denied.to_string(), "forbidden", ctx);
+        }
         let conn = self.socket.id;
         if let Some(room) = self.docs.get(&run_id) {
             return f(conn, room);
@@ -212,6 +234,13 @@ impl RepoSession {
             conn,
             member: Member {
                 peer_id: self.peer_id.clone().unwrap_or_default(),
+                user: self
+                    .p
+                    .identity
+                    .as_ref()
+                    .ok()
+                    .and_then(|i| i.user(self.peer_id.clone()))
+                    .unwrap_or_default(),
                 outbox: self.outbox.clone(),
                 session: ctx.address(),
             },

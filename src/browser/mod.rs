@@ -25,6 +25,7 @@ use uuid::Uuid;
 use crate::admission::{PreAuth, PreAuthSlot};
 use crate::config::Settings;
 use crate::edge_kit::{Door, NotAdmitted, Seat, Timing};
+use crate::identity::{Auth, Identity};
 use crate::metrics::Metrics;
 use crate::presence::{Announce, PeerPresence};
 use crate::runs::Runs;
@@ -36,7 +37,6 @@ use session::BrowserSession;
 pub struct BrowserConfig {
     pub region: String,
     pub node_id: String,
-    pub token: Option<String>,
     pub queue: usize,
     pub max_sessions: usize,
     pub max_frame: usize,
@@ -52,7 +52,6 @@ impl BrowserConfig {
         BrowserConfig {
             region: s.crdt.region.clone(),
             node_id: s.node_id().to_string(),
-            token: s.crdt.api.token.clone(),
             queue: b.queue_frames,
             max_sessions: b.max_sessions,
             max_frame: b.max_frame_bytes,
@@ -75,6 +74,8 @@ struct Shared {
     book: PresenceBook,
     /// Admission, open sessions, closing them all when the node stops.
     door: Door,
+    /// The credentials a session may join with.
+    auth: Arc<Auth>,
 }
 
 /// The browser edge: cheap to clone.
@@ -93,6 +94,7 @@ impl Browser {
         pre_auth: PreAuth,
         runs: Runs,
         announcer: Arc<dyn Announce>,
+        auth: Arc<Auth>,
         metrics: Metrics,
     ) -> Self {
         let door = Door::new(
@@ -108,6 +110,7 @@ impl Browser {
             metrics,
             book: PresenceBook::default(),
             door,
+            auth,
         });
         let hub = {
             let shared = shared.clone();
@@ -129,14 +132,15 @@ impl Browser {
         self.shared.door.admit(address)
     }
 
-    /// Starts the session of an admitted socket on the current arbiter. `authorized` when the
-    /// upgrade request already carried the API token (non-browser clients).
+    /// Starts the session of an admitted socket on the current arbiter. `upgraded` is who the
+    /// upgrade request's bearer token proved (non-browser clients); a browser joins with a
+    /// token in `JOIN`.
     pub fn accept(
         &self,
         (socket, stream): (actix_ws::Session, actix_ws::MessageStream),
         run_id: Uuid,
         admitted: (PreAuthSlot, Seat),
-        authorized: bool,
+        upgraded: Option<Identity>,
     ) {
         let shared = &self.shared;
         let config = &shared.config;
@@ -145,7 +149,7 @@ impl Browser {
             run_id,
             shared: shared.clone(),
             hub: self.hub.clone(),
-            authorized,
+            upgraded,
         };
         let session = BrowserSession::new(parts, edge).start();
         crate::socket::serve(socket, stream, config.max_frame, session.recipient(), io);

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -16,6 +15,7 @@ use super::hub::{Hub, Join, Leave};
 use super::Shared;
 use crate::api_error::ApiError;
 use crate::edge_kit::{EdgeSession, EdgeSocket, Kick};
+use crate::identity::{Access, Identity};
 use crate::runs::Mutate;
 use crate::socket::{Inbound, Out, Outbox};
 use run_wire::browser::{self as protocol, ClientFrame, Op, ServerFrame, MAX_OP_ID};
@@ -28,7 +28,8 @@ pub struct Parts {
     pub run_id: Uuid,
     pub shared: Arc<Shared>,
     pub hub: Addr<Hub>,
-    pub authorized: bool,
+    /// Who the upgrade request's bearer token proved, if it carried one.
+    pub upgraded: Option<Identity>,
 }
 
 pub struct BrowserSession {
@@ -37,6 +38,10 @@ pub struct BrowserSession {
     /// The outgoing queue as its room sees it: bounded in bytes too.
     outbox: Outbox,
     user: Option<String>,
+    /// Who joined, once joined.
+    identity: Option<Identity>,
+    /// Closes the session when the user token expires; replaced when it is renewed.
+    expiry: Option<SpawnHandle>,
     in_flight: usize,
 }
 
@@ -48,6 +53,8 @@ impl BrowserSession {
             p,
             socket,
             user: None,
+            identity: None,
+            expiry: None,
             in_flight: 0,
         }
     }
@@ -101,6 +108,7 @@ impl BrowserSession {
         match frame {
             ClientFrame::Join { user, token } => self.join(user, token, ctx),
             ClientFrame::Mutate { op_id, op } => self.mutate(op_id, op, ctx),
+            ClientFrame::Token { token } => self.renew(token, ctx),
         }
     }
 
@@ -108,22 +116,26 @@ impl BrowserSession {
         if self.user.is_some() {
             return self.error(None, "bad_frame", "already joined", ctx);
         }
-        if let Some(expected) = &self.p.shared.config.token {
-            let presented = token.as_deref().unwrap_or("").as_bytes();
-            if !self.p.authorized && !bool::from(presented.ct_eq(expected.as_bytes())) {
-                self.error(None, "unauthorized", "missing or wrong API token", ctx);
-                return self.close(
-                    close::UNAUTHORIZED,
-                    "missing or wrong API token".into(),
-                    "unauthorized",
-                    ctx,
-                );
-            }
+        // A token in JOIN counts; else the one the upgrade request carried.
+        let identity = match (token, self.p.upgraded.clone()) {
+            (None, Some(upgraded)) => Ok(upgraded),
+            (token, _) => self.p.shared.auth.identify(token.as_deref()),
+        };
+        let identity = match identity {
+            Ok(identity) => identity,
+            Err(e) => return self.refuse(&e.to_string(), ctx),
+        };
+        if let Err(denied) = identity.allows(self.p.run_id, Access::Read) {
+            return self.refuse(&denied.to_string(), ctx);
         }
-        let user = match run_doc::rules::name("user", user.as_deref()).map_err(ApiError::from) {
+        // A user token names the user; a service names it in JOIN.
+        let named = identity.user(None).or(user);
+        let user = match run_doc::rules::name("user", named.as_deref()).map_err(ApiError::from) {
             Ok(u) => u,
             Err(e) => return self.error(None, e.code(), &e.to_string(), ctx),
         };
+        self.expire_at(&identity, ctx);
+        self.identity = Some(identity);
         let shared = self.p.shared.clone();
         self.send(
             ServerFrame::Welcome {
@@ -146,6 +158,58 @@ impl BrowserSession {
         self.socket.proved();
     }
 
+    /// Says why the session may not join, and closes it (4001).
+    fn refuse(&mut self, reason: &str, ctx: &mut Context<Self>) {
+        self.error(None, "unauthorized", reason, ctx);
+        self.close(close::UNAUTHORIZED, reason.into(), "unauthorized", ctx);
+    }
+
+    /// Closes the session (4001) when the identity's token expires, unless renewed first.
+    fn expire_at(&mut self, identity: &Identity, ctx: &mut Context<Self>) {
+        if let Some(old) = self.expiry.take() {
+            ctx.cancel_future(old);
+        }
+        if let Some(left) = identity.expires_in() {
+            let handle = ctx.run_later(left, |act, ctx| {
+                let reason = "the token expired: send TOKEN with a fresh one before it does";
+                act.error(None, "unauthorized", reason, ctx);
+                act.close(close::UNAUTHORIZED, reason.into(), "token_expired", ctx);
+            });
+            self.expiry = Some(handle);
+        }
+    }
+
+    /// `TOKEN`: a fresh token for the same user and run replaces the one the session joined
+    /// with; anything else is refused and the session keeps its token.
+    fn renew(&mut self, token: Option<String>, ctx: &mut Context<Self>) {
+        let Some(Identity::User(current)) = self.identity.clone() else {
+            return self.error(
+                None,
+                "bad_frame",
+                "TOKEN renews the user token of a joined session",
+                ctx,
+            );
+        };
+        let renewed = match self.p.shared.auth.identify(token.as_deref()) {
+            Ok(Identity::User(grant)) if grant.sub == current.sub => Identity::User(grant),
+            Ok(_) => {
+                let reason = format!("a renewed token must name the same user ({})", current.sub);
+                return self.error(None, "unauthorized", &reason, ctx);
+            }
+            Err(e) => return self.error(None, "unauthorized", &e.to_string(), ctx),
+        };
+        if let Err(denied) = renewed.allows(self.p.run_id, Access::Read) {
+            return self.error(None, "forbidden", &denied.to_string(), ctx);
+        }
+        let Identity::User(grant) = &renewed else {
+            return;
+        };
+        let expires = grant.expires;
+        self.expire_at(&renewed, ctx);
+        self.identity = Some(renewed);
+        self.send(ServerFrame::TokenAccepted { expires }, ctx);
+    }
+
     fn mutate(&mut self, op_id: Option<String>, op: Op, ctx: &mut Context<Self>) {
         if op_id.as_ref().is_some_and(|id| id.len() > MAX_OP_ID) {
             let message = format!("opId is longer than {MAX_OP_ID} bytes");
@@ -154,6 +218,13 @@ impl BrowserSession {
         let Some(user) = self.user.clone() else {
             return self.error(op_id.as_deref(), "not_joined", "send JOIN first", ctx);
         };
+        let allowed = self
+            .identity
+            .as_ref()
+            .map(|i| i.allows(self.p.run_id, Access::Write));
+        if let Some(Err(denied)) = allowed {
+            return self.error(op_id.as_deref(), "forbidden", &denied.to_string(), ctx);
+        }
         if self.in_flight >= MAX_IN_FLIGHT {
             let message = format!("more than {MAX_IN_FLIGHT} mutations waiting; wait for acks");
             return self.error(op_id.as_deref(), "busy", &message, ctx);

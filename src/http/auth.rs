@@ -1,40 +1,58 @@
-//! Bearer-token access to `/api`: when a token is configured, every request must carry
-//! `Authorization: Bearer <token>`. Compared in constant time.
+//! Who is calling `/api`: the bearer token (the static API token, or a signed user token) is
+//! checked once here, and the [`Identity`] it proves rides on the request for the routes.
+
+use std::future::{ready, Ready};
+use std::sync::Arc;
 
 use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::Next;
-use actix_web::{web, Error};
-use subtle::ConstantTimeEq;
+use actix_web::{web, Error, FromRequest, HttpMessage, HttpRequest};
+use uuid::Uuid;
 
 use super::error::ApiError;
+use crate::identity::{Access, Auth, Identity};
 
-/// The configured token, shared with the middleware as app data.
-#[derive(Clone)]
-pub struct ApiToken(pub Option<String>);
-
-pub async fn require_token(
-    req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, Error> {
-    let expected = req
-        .app_data::<web::Data<ApiToken>>()
-        .and_then(|t| t.0.clone());
-    if let Some(expected) = expected {
-        if !bearer_matches(req.headers(), &expected) {
-            return Err(ApiError::Unauthorized.into());
-        }
-    }
-    next.call(req).await
-}
-
-/// Whether the request carries `Authorization: Bearer <expected>`.
-pub fn bearer_matches(headers: &header::HeaderMap, expected: &str) -> bool {
+/// The token after `Authorization: Bearer `, if any.
+pub fn bearer(headers: &header::HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .is_some_and(|p| bool::from(p.as_bytes().ct_eq(expected.as_bytes())))
+}
+
+/// Refuses a request whose bearer token proves no identity (401, with the reason); otherwise
+/// hands the identity to the route.
+pub async fn authenticate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let auth = req
+        .app_data::<web::Data<Arc<Auth>>>()
+        .map(|a| a.get_ref().clone())
+        .ok_or_else(|| ApiError::Internal("no credentials configured".into()))?;
+    let identity = auth
+        .identify(bearer(req.headers()))
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+    req.extensions_mut().insert(identity);
+    next.call(req).await
+}
+
+impl FromRequest for Identity {
+    type Error = ApiError;
+    type Future = Ready<Result<Identity, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let found = req.extensions().get::<Identity>().cloned();
+        ready(found.ok_or_else(|| ApiError::Unauthorized("no identity on this route".into())))
+    }
+}
+
+/// Whether `identity` may `access` the run (403 with the reason if not).
+pub fn allow(identity: &Identity, run: Uuid, access: Access) -> Result<(), ApiError> {
+    identity
+        .allows(run, access)
+        .map_err(|e| ApiError::Forbidden(e.to_string()))
 }

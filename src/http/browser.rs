@@ -4,7 +4,7 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::error::ApiError;
-use super::{auth, validate, ApiToken, AppState};
+use super::{auth, validate, AppState};
 use crate::edge_kit::NotAdmitted;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -13,7 +13,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 async fn session(
     app: web::Data<AppState>,
-    token: web::Data<ApiToken>,
     req: HttpRequest,
     path: web::Path<String>,
     body: web::Payload,
@@ -25,12 +24,10 @@ async fn session(
         Err(NotAdmitted::Busy(refused)) => return Ok(super::error::busy(refused)),
         Err(full @ NotAdmitted::Full) => return Err(ApiError::Unavailable(full.to_string()).into()),
     };
-    let authorized = token
-        .0
-        .as_deref()
-        .is_none_or(|expected| auth::bearer_matches(req.headers(), expected));
+    // A bearer token on the upgrade (non-browser clients) stands for JOIN's.
+    let upgraded = auth::bearer(req.headers()).and_then(|t| app.auth.identify(Some(t)).ok());
     let (response, socket, stream) = actix_ws::handle(&req, body)?;
     app.browser
-        .accept((socket, stream), run_id, admitted, authorized);
+        .accept((socket, stream), run_id, admitted, upgraded);
     Ok(response)
 }

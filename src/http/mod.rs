@@ -14,14 +14,16 @@ mod page;
 mod runs;
 pub mod validate;
 
+use std::sync::Arc;
+
 use actix_web::{middleware, web, HttpResponse};
 
 use crate::automerge_repo::AutomergeRepo;
 use crate::browser::Browser;
+use crate::identity::Auth;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::runs::Runs;
-pub use auth::ApiToken;
 use error::ApiError;
 
 /// What every route can reach.
@@ -35,17 +37,15 @@ pub struct AppState {
     pub node_id: String,
     /// Pages that may open the browser and automerge-repo WebSockets.
     pub origins: origin::AllowedOrigins,
+    /// The credentials every door takes.
+    pub auth: Arc<Auth>,
 }
 
 /// Registers everything on an App; `max_body` bounds every request body.
-pub fn configure(
-    cfg: &mut web::ServiceConfig,
-    state: web::Data<AppState>,
-    token: ApiToken,
-    max_body: usize,
-) {
+pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, max_body: usize) {
+    let auth = web::Data::new(state.auth.clone());
     cfg.app_data(state)
-        .app_data(web::Data::new(token))
+        .app_data(auth)
         .app_data(
             web::JsonConfig::default()
                 .limit(max_body)
@@ -60,7 +60,7 @@ pub fn configure(
         .configure(page::routes)
         .service(
             web::scope("/api/crdt")
-                .wrap(middleware::from_fn(auth::require_token))
+                .wrap(middleware::from_fn(auth::authenticate))
                 .configure(runs::routes)
                 .configure(automerge::routes)
                 .configure(mesh::routes),

@@ -6,9 +6,12 @@ use serde::Deserialize;
 use serde_json::{json, Value as Json};
 use uuid::Uuid;
 
+use super::auth::allow;
 use super::error::ApiError;
 use super::validate;
 use super::AppState;
+use crate::identity::{Access, Identity, RunSet};
+use crate::runs::RunActivity;
 use crate::runs::{Mutate, MutationOutcome, RemoteChanges};
 use run_doc::{parse_changes, DocError, Mutation};
 
@@ -42,6 +45,7 @@ const MAX_PAGE: i64 = 200;
 /// Runs, most recently active first, a page at a time: `nextCursor` continues the list.
 async fn list(
     app: web::Data<AppState>,
+    caller: Identity,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = query.limit.unwrap_or(50);
@@ -52,10 +56,9 @@ async fn list(
         ));
     }
     let after = query.cursor.as_deref().map(validate::cursor).transpose()?;
-    let page = app.runs.recent_runs(after.as_ref(), limit).await?;
-    let next = page.next.as_ref().map(validate::encode_cursor);
+    let (page, next) = visible_runs(&app, &caller, after, limit).await?;
+    let next = next.as_ref().map(validate::encode_cursor);
     let runs: Vec<Json> = page
-        .runs
         .iter()
         .map(|r| {
             json!({
@@ -69,11 +72,50 @@ async fn list(
     Ok(HttpResponse::Ok().json(json!({ "runs": runs, "nextCursor": next })))
 }
 
+/// A page of the runs `caller` may see, and where the next page starts. A token naming its
+/// runs sees only those: pages of the list are read until `limit` of them are found.
+async fn visible_runs(
+    app: &AppState,
+    caller: &Identity,
+    after: Option<RunActivity>,
+    limit: i64,
+) -> Result<(Vec<RunActivity>, Option<RunActivity>), ApiError> {
+    let all_runs = match caller {
+        Identity::Service => true,
+        Identity::User(grant) => grant.runs == RunSet::All,
+    };
+    if all_runs {
+        let page = app.runs.recent_runs(after.as_ref(), limit).await?;
+        return Ok((page.runs, page.next));
+    }
+    let wanted = usize::try_from(limit).unwrap_or(0);
+    let (mut kept, mut cursor) = (Vec::new(), after);
+    loop {
+        let page = app.runs.recent_runs(cursor.as_ref(), MAX_PAGE).await?;
+        for run in page.runs {
+            if !caller.sees(run.run_id) {
+                continue;
+            }
+            if kept.len() == wanted {
+                let next = kept.last().cloned();
+                return Ok((kept, next));
+            }
+            kept.push(run);
+        }
+        if page.next.is_none() {
+            return Ok((kept, None));
+        }
+        cursor = page.next;
+    }
+}
+
 async fn state(
     app: web::Data<AppState>,
+    caller: Identity,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path)?;
+    allow(&caller, run_id, Access::Read)?;
     let state = app.runs.state(run_id).await?;
     let mut body = serde_json::to_value(&state).map_err(|e| ApiError::Internal(e.to_string()))?;
     if let Some(obj) = body.as_object_mut() {
@@ -94,10 +136,12 @@ struct ChangesQuery {
 
 async fn changes(
     app: web::Data<AppState>,
+    caller: Identity,
     path: web::Path<String>,
     query: web::Query<ChangesQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path)?;
+    allow(&caller, run_id, Access::Read)?;
     let heads = validate::heads(query.heads.as_deref())?;
     let since = app.runs.changes_since(run_id, heads).await?;
     Ok(HttpResponse::Ok().json(json!({
@@ -118,6 +162,7 @@ struct SyncBody {
 
 async fn sync(
     app: web::Data<AppState>,
+    caller: Identity,
     path: web::Path<String>,
     body: web::Json<SyncBody>,
 ) -> Result<HttpResponse, ApiError> {
@@ -125,6 +170,7 @@ async fn sync(
     metrics.sync_messages.with_label_values(&["in"]).inc();
     let result = async {
         let run_id = validate::run_id(&path)?;
+        allow(&caller, run_id, Access::Write)?;
         let source_region = validate::region("sourceRegion", body.source_region.as_deref())?;
         let lamport = validate::lamport("lamportTimestamp", body.lamport_timestamp)?;
         let bytes = validate::base64("changes", body.changes.as_deref())?;
@@ -202,6 +248,15 @@ async fn answer(
     Ok(body)
 }
 
+/// The user a mutation records: a user token's `sub`; for a service, the (required) `user`
+/// the body names.
+fn recorded_user(id: &Identity, named: Option<&str>) -> Result<String, ApiError> {
+    match id.user(None) {
+        Some(sub) => Ok(sub),
+        None => validate::name("user", named),
+    }
+}
+
 #[derive(Deserialize)]
 struct UserQuery {
     user: Option<String>,
@@ -229,13 +284,15 @@ struct GraftBody {
 
 async fn graft(
     app: web::Data<AppState>,
+    caller: Identity,
     path: web::Path<String>,
     body: web::Json<GraftBody>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path)?;
+    allow(&caller, run_id, Access::Write)?;
     let agent = validate::name("agent", body.agent.as_deref())?;
     let after_step = validate::name("afterStep", body.after_step.as_deref())?;
-    let user = validate::name("user", body.user.as_deref())?;
+    let user = recorded_user(&caller, body.user.as_deref())?;
     let (id, retry_safe) = match body.id.as_deref() {
         Some(raw) => (
             Uuid::parse_str(raw)
@@ -267,12 +324,14 @@ struct PruneBody {
 
 async fn prune(
     app: web::Data<AppState>,
+    caller: Identity,
     path: web::Path<String>,
     body: web::Json<PruneBody>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path)?;
+    allow(&caller, run_id, Access::Write)?;
     let step_id = validate::name("stepId", body.step_id.as_deref())?;
-    let user = validate::name("user", body.user.as_deref())?;
+    let user = recorded_user(&caller, body.user.as_deref())?;
     let mutation = Mutation::Prune {
         step_id: step_id.clone(),
         user: user.clone(),
@@ -286,15 +345,17 @@ async fn prune(
 
 async fn unprune(
     app: web::Data<AppState>,
+    caller: Identity,
     path: web::Path<(String, String)>,
     query: web::Query<UserQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path.0)?;
+    allow(&caller, run_id, Access::Write)?;
     let step_id = validate::name("stepId", Some(&path.1))?;
     let mutation = Mutation::Unprune {
         step_id: step_id.clone(),
     };
-    let body = answer(&app, run_id, mutation, query.user()?, |_| {
+    let body = answer(&app, run_id, mutation, caller.user(query.user()?), |_| {
         vec![("stepId", json!(step_id))]
     })
     .await?;
@@ -315,17 +376,19 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Json>, D::Er
 
 async fn set_flag(
     app: web::Data<AppState>,
+    caller: Identity,
     path: web::Path<(String, String)>,
     body: web::Json<FlagBody>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path.0)?;
+    allow(&caller, run_id, Access::Write)?;
     let key = validate::name("key", Some(&path.1))?;
     let value = body
         .value
         .clone()
         .ok_or_else(|| ApiError::invalid("value", "is required (any JSON value)"))?;
     validate::json_depth("value", &value)?;
-    let user = validate::name("user", body.user.as_deref())?;
+    let user = recorded_user(&caller, body.user.as_deref())?;
     let mutation = Mutation::SetFlag {
         key: key.clone(),
         value: value.clone(),
@@ -339,13 +402,15 @@ async fn set_flag(
 
 async fn delete_flag(
     app: web::Data<AppState>,
+    caller: Identity,
     path: web::Path<(String, String)>,
     query: web::Query<UserQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path.0)?;
+    allow(&caller, run_id, Access::Write)?;
     let key = validate::name("key", Some(&path.1))?;
     let mutation = Mutation::DeleteFlag { key: key.clone() };
-    let body = answer(&app, run_id, mutation, query.user()?, |_| {
+    let body = answer(&app, run_id, mutation, caller.user(query.user()?), |_| {
         vec![("key", json!(key))]
     })
     .await?;

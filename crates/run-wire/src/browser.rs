@@ -2,11 +2,12 @@
 //!
 //! Client → node: `JOIN {user, token?}` first, then `MUTATE {opId, op, …}` with `op` one of
 //! `GRAFT {agent, afterStep, id?}`, `PRUNE {stepId}`, `UNPRUNE {stepId}`,
-//! `SET_FLAG {key, value}`, `DELETE_FLAG {key}`.
+//! `SET_FLAG {key, value}`, `DELETE_FLAG {key}`; `TOKEN {token}` renews a user token in-band.
 //!
 //! Node → client: `WELCOME` (the session is joined), `STATE` (the whole run, on join and after
 //! every change, coalesced), `PRESENCE` (who views the run, in every region), `ACK {opId, …}`
-//! once a mutation is durable, `ERROR {opId?, error, message}` for what was refused.
+//! once a mutation is durable, `TOKEN_ACCEPTED {expires}` for a renewed token,
+//! `ERROR {opId?, error, message}` for what was refused.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -29,6 +30,8 @@ pub enum ClientFrame {
         #[serde(flatten)]
         op: Op,
     },
+    /// A fresh user token for this session, before the one it joined with expires.
+    Token { token: Option<String> },
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +146,9 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         graft: Option<&'a Graft>,
     },
+    /// A renewed token was taken; the session now lasts until `expires` (seconds since the
+    /// epoch).
+    TokenAccepted { expires: u64 },
     #[serde(rename_all = "camelCase")]
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -173,7 +179,7 @@ pub fn decode(text: &str) -> Result<ClientFrame, String> {
         Err(_) => format!("frame is not JSON: {e}"),
         Ok(v) => match v.get("type").and_then(Json::as_str) {
             None => "frame has no \"type\"".into(),
-            Some(t @ ("JOIN" | "MUTATE")) => format!("malformed {t}: {e}"),
+            Some(t @ ("JOIN" | "MUTATE" | "TOKEN")) => format!("malformed {t}: {e}"),
             Some(t) => format!("unknown message type {t:?}"),
         },
     })

@@ -22,5 +22,7 @@ pub const NO_SECRET: u16 = 4005;
 pub const TIMEOUT: u16 = 4008;
 /// The other end reads too slowly: its queue is full.
 pub const TOO_SLOW: u16 = 4009;
+/// The credential does not allow this (a read-only token sending changes).
+pub const FORBIDDEN: u16 = 4403;
 /// A peer with the same id joined on another connection.
 pub const REPLACED: u16 = 4010;

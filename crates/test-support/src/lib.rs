@@ -422,6 +422,34 @@ pub mod db {
         }
     }
 
+    /// `user_id` of the run's events, in log order.
+    pub async fn event_users(db: &TestDb, run: Uuid) -> Vec<Option<String>> {
+        match db.backend {
+            Backend::Postgres => {
+                use schema::pg::collaboration_events::dsl::*;
+                let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
+                collaboration_events
+                    .filter(run_id.eq(run))
+                    .order(run_seq.asc())
+                    .select(user_id)
+                    .load(&mut c)
+                    .await
+                    .unwrap()
+            }
+            Backend::Sqlite => {
+                use schema::sqlite::collaboration_events::dsl::*;
+                diesel::RunQueryDsl::load(
+                    collaboration_events
+                        .filter(run_id.eq(run.as_bytes().to_vec()))
+                        .order(run_seq.asc())
+                        .select(user_id),
+                    &mut sqlite(db),
+                )
+                .unwrap()
+            }
+        }
+    }
+
     /// Runs one SQL statement (used to damage or trim data on purpose).
     pub async fn execute(db: &TestDb, sql: &str) -> usize {
         match db.backend {

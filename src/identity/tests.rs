@@ -1,0 +1,137 @@
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+use super::*;
+use crate::config::JwtSettings;
+
+const SECRET: &str = "test-secret";
+const RSA: &str = include_str!("../../tests/fixtures/jwt/rsa.pem");
+const ED25519: &str = include_str!("../../tests/fixtures/jwt/ed25519.pem");
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn auth() -> Auth {
+    let settings = JwtSettings {
+        hs256_secret: Some(SECRET.into()),
+        jwks_file: Some(format!(
+            "{}/tests/fixtures/jwt/jwks.json",
+            env!("CARGO_MANIFEST_DIR")
+        )),
+        leeway_secs: 0,
+        ..JwtSettings::default()
+    };
+    let users = Verifier::from_settings(&settings).unwrap();
+    Auth::new(Some("service-token".into()), users)
+}
+
+fn hs256(claims: Value, secret: &str) -> String {
+    let key = EncodingKey::from_secret(secret.as_bytes());
+    encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+}
+
+fn signed(alg: Algorithm, kid: &str, claims: Value) -> String {
+    let key = match alg {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(RSA.as_bytes()).unwrap(),
+        _ => EncodingKey::from_ed_pem(ED25519.as_bytes()).unwrap(),
+    };
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.into());
+    encode(&header, &claims, &key).unwrap()
+}
+
+fn claims(runs: Value, role: &str) -> Value {
+    json!({"sub": "ana", "runs": runs, "role": role, "exp": now() + 600})
+}
+
+#[test]
+fn a_user_token_names_the_user_runs_and_role() {
+    let run = Uuid::new_v4();
+    let token = hs256(claims(json!([run.to_string()]), "write"), SECRET);
+    let id = auth().identify(Some(&token)).unwrap();
+    assert_eq!(id.user(Some("mallory".into())).as_deref(), Some("ana"));
+    assert_eq!(id.allows(run, Access::Write), Ok(()));
+    let other = Uuid::new_v4();
+    assert_eq!(id.allows(other, Access::Read), Err(Denied::OtherRun(other)));
+    assert!(!id.sees(other));
+    assert!(id.expires_in().is_some_and(|d| d.as_secs() > 500));
+}
+
+#[test]
+fn a_read_only_token_reads_but_never_writes() {
+    let run = Uuid::new_v4();
+    let id = auth()
+        .identify(Some(&hs256(claims(json!("*"), "read"), SECRET)))
+        .unwrap();
+    assert_eq!(id.allows(run, Access::Read), Ok(()));
+    assert_eq!(id.allows(run, Access::Write), Err(Denied::ReadOnly(run)));
+}
+
+#[test]
+fn expired_forged_and_incomplete_tokens_are_refused_with_the_reason() {
+    let a = auth();
+    let mut expired = claims(json!("*"), "write");
+    expired["exp"] = json!(now() - 60);
+    let refused = |t: &str| match a.identify(Some(t)) {
+        Err(AuthError::Token(e)) => e,
+        other => panic!("not refused as a token: {other:?}"),
+    };
+    assert_eq!(refused(&hs256(expired, SECRET)), TokenError::Expired);
+    let forged = hs256(claims(json!("*"), "write"), "another-secret");
+    assert_eq!(refused(&forged), TokenError::BadSignature);
+    let no_role = json!({"sub": "ana", "runs": "*", "exp": now() + 60});
+    assert!(matches!(
+        refused(&hs256(no_role, SECRET)),
+        TokenError::Claims(_)
+    ));
+    let bad_role = claims(json!("*"), "admin");
+    assert!(matches!(
+        refused(&hs256(bad_role, SECRET)),
+        TokenError::Claims(_)
+    ));
+    let no_exp = json!({"sub": "ana", "runs": "*", "role": "read"});
+    assert!(matches!(
+        refused(&hs256(no_exp, SECRET)),
+        TokenError::Claims(_)
+    ));
+    let bad_runs = claims(json!(["not-a-uuid"]), "read");
+    assert!(matches!(
+        refused(&hs256(bad_runs, SECRET)),
+        TokenError::Claims(_)
+    ));
+}
+
+#[test]
+fn jwks_keys_verify_rs256_and_eddsa_tokens() {
+    let a = auth();
+    for (alg, kid) in [(Algorithm::RS256, "rsa-1"), (Algorithm::EdDSA, "ed-1")] {
+        let token = signed(alg, kid, claims(json!("*"), "write"));
+        let id = a.identify(Some(&token)).unwrap();
+        assert_eq!(id.user(None).as_deref(), Some("ana"), "{alg:?}");
+        let unknown = signed(alg, "rotated-away", claims(json!("*"), "write"));
+        assert!(matches!(
+            a.identify(Some(&unknown)),
+            Err(AuthError::Token(TokenError::UnknownKey { .. }))
+        ));
+    }
+}
+
+#[test]
+fn the_api_token_is_a_service_and_anything_else_is_refused() {
+    let a = auth();
+    assert_eq!(a.identify(Some("service-token")), Ok(Identity::Service));
+    assert_eq!(
+        Identity::Service.user(Some("bot".into())).as_deref(),
+        Some("bot")
+    );
+    assert_eq!(a.identify(None), Err(AuthError::Missing));
+    assert_eq!(a.identify(Some("  ")), Err(AuthError::Missing));
+    assert_eq!(a.identify(Some("guess")), Err(AuthError::Wrong));
+    let open = Auth::new(None, None);
+    assert_eq!(open.identify(None), Ok(Identity::Service));
+}
