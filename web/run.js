@@ -95,6 +95,10 @@
         $("region").textContent = msg.region;
         // A user token names the user: the page says who it acts as.
         if (msg.user !== Crdt.user()) { Crdt.setUser(msg.user); $("user").value = msg.user; }
+        if (Crdt.token().split(".").length === 3) {
+          $("user").readOnly = true;
+          $("user").title = "your sign-in token names you";
+        }
         setConn("connected", `connected to ${msg.region}`);
         flush();
         break;

@@ -1,0 +1,88 @@
+// Issue 14 in a real browser: a user token handed to the page once (`#token=…`) is kept in
+// the tab's sessionStorage and out of the address bar; the page acts as the token's user, and
+// a read-only token's edits are refused with the reason on the page.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import path from "node:path";
+import { createHmac, randomUUID } from "node:crypto";
+import { chromium } from "playwright-core";
+import { Node, until, repo } from "../lib/cluster.js";
+
+const SECRET = "e2e-user-token-secret";
+const SERVICE = "e2e-service-token";
+let node, browser;
+
+const b64url = (v) => Buffer.from(typeof v === "string" ? v : JSON.stringify(v)).toString("base64url");
+
+/** An HS256 user token, as an identity provider would issue it. */
+function token(sub, runs, role) {
+  const head = b64url({ alg: "HS256", typ: "JWT" });
+  const body = b64url({ sub, runs, role, exp: Math.floor(Date.now() / 1000) + 600 });
+  const sig = createHmac("sha256", SECRET).update(`${head}.${body}`).digest("base64url");
+  return `${head}.${body}.${sig}`;
+}
+
+async function openWithToken(run, jwt) {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
+  // A name typed earlier in this browser must not become the user: the token names it.
+  await context.addInitScript(() => localStorage.setItem("crdt-user", "typed-name"));
+  const page = await context.newPage();
+  page.on("pageerror", (e) => console.error("page error:", e));
+  await page.goto(`${node.url}/runs/${run}#token=${jwt}`);
+  await until("the page joined", async () => (await page.getAttribute("#conn", "data-state")) === "connected");
+  return page;
+}
+
+before(async () => {
+  node = new Node("e2e-identity", "us-east-1", {
+    CRDT_API_TOKEN: SERVICE,
+    CRDT_JWT_HS256_SECRET: SECRET,
+  });
+  await node.start();
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  await node?.stop();
+  node?.cleanup();
+});
+
+test("a token handed to the page names its user and stays in this tab only", async () => {
+  const run = randomUUID();
+  const page = await openWithToken(run, token("ana", [run], "write"));
+  assert.equal(new URL(page.url()).hash, "", "the token leaves the address bar");
+  assert.ok(await page.evaluate(() => sessionStorage.getItem("crdt-token")), "kept for this tab");
+  assert.equal(await page.evaluate(() => localStorage.getItem("crdt-token")), null, "not for every tab");
+  assert.equal(await page.inputValue("#user"), "ana", "the page says who it acts as");
+  await page.fill("#agent", "TokenAgent");
+  await page.fill("#after-step", "Step1");
+  await page.click("#graft-form button");
+  await until("the graft stored", async () => {
+    const { body } = await node.api(`/api/crdt/runs/${run}/state`, { headers: { Authorization: `Bearer ${SERVICE}` } });
+    return body.grafts?.some((g) => g.agent === "TokenAgent" && g.user === "ana");
+  });
+  await page.screenshot({ path: path.join(repo, "e2e/artifacts/identity-writer.png"), fullPage: true });
+});
+
+test("a read-only token's page shows the run and refuses edits with the reason", async () => {
+  const run = randomUUID();
+  const seeded = await node.api(`/api/crdt/runs/${run}/grafts`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${SERVICE}` },
+    body: JSON.stringify({ agent: "Seed", afterStep: "S", user: "svc" }),
+  });
+  assert.equal(seeded.status, 201);
+  const page = await openWithToken(run, token("vic", [run], "read"));
+  await until("the state shown", async () => (await page.$$("#grafts tr[data-graft]")).length === 1);
+  await page.fill("#flag-key", "mode");
+  await page.fill("#flag-value", '"fast"');
+  await page.click("#flag-form button");
+  await until("the refusal shown", async () => (await page.textContent("#notice")).includes("read-only"));
+  const { body } = await node.api(`/api/crdt/runs/${run}/state`, { headers: { Authorization: `Bearer ${SERVICE}` } });
+  assert.deepEqual(body.flags, {}, "nothing written");
+  await page.screenshot({ path: path.join(repo, "e2e/artifacts/identity-reader.png"), fullPage: true });
+});
