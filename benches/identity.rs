@@ -113,7 +113,7 @@ async fn http(tokens: &[(&str, String)]) {
             ("CRDT_API_TOKEN", SERVICE),
             ("CRDT_JWT_HS256_SECRET", SECRET),
             ("CRDT_JWKS_FILE", &jwks),
-            ("RUST_LOG", "warn"),
+            ("RUST_LOG", "warn,crdt_node=info"),
         ],
     );
     let run = Uuid::new_v4();

@@ -1,4 +1,5 @@
-//! crdt-node library: see README.md and ../DESIGN for the architecture.
+//! crdt-node: the runtime (`runs`), the edges (`http`, `mesh`, `browser`, `automerge_repo`) and
+//! what they share. ARCHITECTURE.md (beside Cargo.toml) is the map; README.md the guide.
 pub mod admission;
 pub mod api_error;
 pub mod automerge_repo;

@@ -141,6 +141,10 @@ async fn the_http_api_takes_user_tokens_and_records_their_sub() {
         listed(&node, Client::with_token(&t.writer)).await,
         vec![run.to_string()]
     );
+    // The mesh is the service credential's.
+    let status = node.url("/api/crdt/mesh/status");
+    assert_eq!(Client::with_token(&t.writer).get(&status).await.0, 403);
+    assert_eq!(Client::with_token(SERVICE).get(&status).await.0, 200);
     let all = listed(&node, Client::with_token(SERVICE)).await;
     assert!(all.contains(&run.to_string()) && all.contains(&other.to_string()));
 }
@@ -405,4 +409,51 @@ async fn jwks_keys_sign_tokens_the_api_takes() {
             .await;
         assert_eq!(s, 200, "{alg:?}: {reply}");
     }
+}
+
+/// Serves `body` as JSON to every HTTP request on a free port; the URL.
+async fn serve_json(body: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/jwks.json")
+}
+
+/// Keys from a JWKS URL (as an identity provider publishes them) verify tokens once fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_from_a_jwks_url_verify_tokens() {
+    let jwks = std::fs::read_to_string(common::repo_path("tests/fixtures/jwt/jwks.json")).unwrap();
+    let url = serve_json(jwks).await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_API_TOKEN", SERVICE), ("CRDT_JWKS_URL", &url)]);
+    let run = service_run(&node).await;
+    let pem = std::fs::read(common::repo_path("tests/fixtures/jwt/ed25519.pem")).unwrap();
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some("ed-1".into());
+    let claims =
+        json!({"sub": "idp-user", "runs": [run.to_string()], "role": "read", "exp": now() + 600});
+    let tok = encode(&header, &claims, &EncodingKey::from_ed_pem(&pem).unwrap()).unwrap();
+    let reader = Client::with_token(&tok);
+    let state = run_url(&node, run, "/state");
+    let read = common::eventually(10, || async {
+        (reader.get(&state).await.0 == 200).then_some(())
+    });
+    assert!(
+        read.await.is_some(),
+        "the URL's keys were fetched and verify the token"
+    );
 }

@@ -7,6 +7,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::validate;
 use super::AppState;
+use crate::identity::Identity;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/mesh/status", web::get().to(status))
@@ -34,16 +35,27 @@ async fn peer_socket(
     Ok(response)
 }
 
-async fn status(app: web::Data<AppState>) -> HttpResponse {
+/// The mesh is operated with the service credential: user tokens do not see or change it.
+fn service_only(caller: &Identity) -> Result<(), ApiError> {
+    match caller {
+        Identity::Service => Ok(()),
+        Identity::User(_) => Err(ApiError::Forbidden(
+            "the mesh is operated with the API token, not a user token".into(),
+        )),
+    }
+}
+
+async fn status(app: web::Data<AppState>, caller: Identity) -> Result<HttpResponse, ApiError> {
+    service_only(&caller)?;
     let mesh = app.mesh.state.snapshot();
-    HttpResponse::Ok().json(json!({
+    Ok(HttpResponse::Ok().json(json!({
         "nodeId": app.node_id,
         "region": app.region,
         "connectedPeers": mesh.connected_peers,
         "peers": mesh.peers,
         "registrations": mesh.registrations,
         "regionConflicts": mesh.region_conflicts,
-    }))
+    })))
 }
 
 #[derive(Deserialize)]
@@ -54,9 +66,11 @@ struct RegisterBody {
 
 async fn register_peer(
     app: web::Data<AppState>,
+    caller: Identity,
     path: web::Path<String>,
     body: web::Json<RegisterBody>,
 ) -> Result<HttpResponse, ApiError> {
+    service_only(&caller)?;
     let run_id = validate::run_id(&path)?;
     let region = validate::region("peerRegion", body.peer_region.as_deref())?;
     let newly = app
