@@ -334,6 +334,12 @@ pub struct JwtSettings {
     /// Clock skew allowed when checking `exp`.
     #[serde(default = "default_jwt_leeway")]
     pub leeway_secs: u64,
+    /// When set, a token's `iss` must be this.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// When set, a token's `aud` must name this.
+    #[serde(default)]
+    pub audience: Option<String>,
 }
 
 impl Default for JwtSettings {
@@ -344,6 +350,8 @@ impl Default for JwtSettings {
             jwks_url: None,
             jwks_refresh_secs: default_jwks_refresh(),
             leeway_secs: default_jwt_leeway(),
+            issuer: None,
+            audience: None,
         }
     }
 }
@@ -507,6 +515,8 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_JWKS_FILE", "crdt.api.jwt.jwks-file"),
     ("CRDT_JWKS_URL", "crdt.api.jwt.jwks-url"),
     ("CRDT_JWKS_REFRESH_SECS", "crdt.api.jwt.jwks-refresh-secs"),
+    ("CRDT_JWT_ISSUER", "crdt.api.jwt.issuer"),
+    ("CRDT_JWT_AUDIENCE", "crdt.api.jwt.audience"),
     ("CRDT_BROWSER_QUEUE_FRAMES", "crdt.browser.queue-frames"),
     ("CRDT_BROWSER_QUEUE_BYTES", "crdt.browser.queue-bytes"),
     ("CRDT_BROWSER_MAX_SESSIONS", "crdt.browser.max-sessions"),
@@ -684,6 +694,8 @@ impl Settings {
             &mut api.jwt.hs256_secret,
             &mut api.jwt.jwks_file,
             &mut api.jwt.jwks_url,
+            &mut api.jwt.issuer,
+            &mut api.jwt.audience,
         ] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 *value = None;

@@ -107,6 +107,36 @@ fn expired_forged_and_incomplete_tokens_are_refused_with_the_reason() {
 }
 
 #[test]
+fn issuer_and_audience_are_checked_when_configured() {
+    let settings = JwtSettings {
+        hs256_secret: Some(SECRET.into()),
+        issuer: Some("https://idp.example".into()),
+        audience: Some("crdt-node".into()),
+        ..JwtSettings::default()
+    };
+    let a = Auth::new(None, Verifier::from_settings(&settings).unwrap());
+    let mut c = claims(json!("*"), "read");
+    c["iss"] = json!("https://idp.example");
+    c["aud"] = json!("crdt-node");
+    assert!(a.identify(Some(&hs256(c.clone(), SECRET))).is_ok());
+    for (field, value) in [("iss", "https://elsewhere"), ("aud", "another-service")] {
+        let mut wrong = c.clone();
+        wrong[field] = json!(value);
+        let refused = a.identify(Some(&hs256(wrong, SECRET)));
+        assert!(
+            matches!(refused, Err(AuthError::Token(TokenError::Claims(_)))),
+            "{field}"
+        );
+    }
+    let mut missing = c.clone();
+    missing.as_object_mut().unwrap().remove("aud");
+    assert!(
+        a.identify(Some(&hs256(missing, SECRET))).is_err(),
+        "aud required"
+    );
+}
+
+#[test]
 fn jwks_keys_verify_rs256_and_eddsa_tokens() {
     let a = auth();
     for (alg, kid) in [(Algorithm::RS256, "rsa-1"), (Algorithm::EdDSA, "ed-1")] {

@@ -35,6 +35,8 @@ impl From<jsonwebtoken::errors::Error> for TokenError {
             K::InvalidSignature => TokenError::BadSignature,
             K::MissingRequiredClaim(c) => TokenError::Claims(format!("{c} is required")),
             K::Json(j) => TokenError::Claims(j.to_string()),
+            K::InvalidIssuer => TokenError::Claims("iss is not the issuer this node trusts".into()),
+            K::InvalidAudience => TokenError::Claims("aud does not name this node".into()),
             _ => TokenError::Malformed(e.to_string()),
         }
     }
@@ -68,6 +70,8 @@ struct Keys {
 pub struct Verifier {
     keys: Arc<RwLock<Keys>>,
     leeway: u64,
+    issuer: Option<String>,
+    audience: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +113,8 @@ impl Verifier {
         Ok(Some(Verifier {
             keys: Arc::new(RwLock::new(keys)),
             leeway: s.leeway_secs,
+            issuer: s.issuer.clone(),
+            audience: s.audience.clone(),
         }))
     }
 
@@ -144,6 +150,18 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        match &self.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
+            // Without a configured audience, a token's `aud` is not checked.
+            None => validation.validate_aud = false,
+        }
         let mut last = TokenError::BadSignature;
         for key in candidates {
             match decode::<Claims>(token, key, &validation) {
