@@ -136,6 +136,13 @@ async fn the_http_api_takes_user_tokens_and_records_their_sub() {
     let users = db::event_users(&db, run).await;
     assert_eq!(users, vec![Some("svc".into()), Some("ana".into())]);
 
+    // Raw changes under a region's name are the service's: a user writes through mutations.
+    let sync = json!({"changes": "", "sourceRegion": "eu-central-1"});
+    let (s, reply) = Client::with_token(&t.writer)
+        .post(&run_url(&node, run, "/sync"), &sync)
+        .await;
+    assert_eq!(s, 403, "{reply}");
+
     // The runs list shows the token's runs only; the service sees all.
     assert_eq!(
         listed(&node, Client::with_token(&t.writer)).await,

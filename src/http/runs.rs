@@ -73,7 +73,9 @@ async fn list(
 }
 
 /// A page of the runs `caller` may see, and where the next page starts. A token naming its
-/// runs sees only those: pages of the list are read until `limit` of them are found.
+/// runs sees only those: pages of the list are read until `limit` of them are found, or
+/// [`MAX_SCANNED_PAGES`] were read (then the page may be short, and `nextCursor` continues the
+/// scan where it stopped), so one request never reads the whole list.
 async fn visible_runs(
     app: &AppState,
     caller: &Identity,
@@ -90,7 +92,7 @@ async fn visible_runs(
     }
     let wanted = usize::try_from(limit).unwrap_or(0);
     let (mut kept, mut cursor) = (Vec::new(), after);
-    loop {
+    for _ in 0..MAX_SCANNED_PAGES {
         let page = app.runs.recent_runs(cursor.as_ref(), MAX_PAGE).await?;
         for run in page.runs {
             if !caller.sees(run.run_id) {
@@ -107,7 +109,11 @@ async fn visible_runs(
         }
         cursor = page.next;
     }
+    Ok((kept, cursor))
 }
+
+/// Pages of the runs list one request reads for a token that names its runs.
+const MAX_SCANNED_PAGES: usize = 10;
 
 async fn state(
     app: web::Data<AppState>,
@@ -170,7 +176,15 @@ async fn sync(
     metrics.sync_messages.with_label_values(&["in"]).inc();
     let result = async {
         let run_id = validate::run_id(&path)?;
-        allow(&caller, run_id, Access::Write)?;
+        // Another region's raw changes, under the region it names: the service credential's
+        // (a user writes through the mutation routes, which record who).
+        if let Identity::User(_) = caller {
+            return Err(ApiError::Forbidden(
+                "sync takes another region's changes with the API token; a user token writes \
+                 through the mutation routes"
+                    .into(),
+            ));
+        }
         let source_region = validate::region("sourceRegion", body.source_region.as_deref())?;
         let lamport = validate::lamport("lamportTimestamp", body.lamport_timestamp)?;
         let bytes = validate::base64("changes", body.changes.as_deref())?;
