@@ -464,3 +464,44 @@ async fn keys_from_a_jwks_url_verify_tokens() {
         "the URL's keys were fetched and verify the token"
     );
 }
+
+/// A token naming one old run, behind more than the 2,000 entries one request reads: the first
+/// page comes back short with a cursor, and following it finds the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrow_token_pages_through_a_long_runs_list() {
+    let (node, _db) = node().await;
+    let old = service_run(&node).await;
+    let c = Client::with_token(SERVICE);
+    let writes = (0..2100).map(|_| {
+        let (c, url) = (c.clone(), run_url(&node, Uuid::new_v4(), "/flags/k"));
+        async move { c.put(&url, &json!({"value": 1, "user": "svc"})).await.0 }
+    });
+    let statuses = futures_util::future::join_all(writes).await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    let reader = Client::with_token(&token("ana", json!([old.to_string()]), "read", 600, SECRET));
+    let (mut found, mut cursor, mut requests) = (Vec::new(), None::<String>, 0);
+    loop {
+        let query = cursor
+            .as_deref()
+            .map(|c| format!("&cursor={c}"))
+            .unwrap_or_default();
+        let (s, reply) = reader
+            .get(&node.url(&format!("/api/crdt/runs?limit=10{query}")))
+            .await;
+        assert_eq!(s, 200, "{reply}");
+        requests += 1;
+        found.extend(
+            reply["runs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["runId"].clone()),
+        );
+        cursor = reply["nextCursor"].as_str().map(str::to_string);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(found, vec![json!(old.to_string())]);
+    assert!(requests >= 2, "the first request stopped at its scan limit");
+}
