@@ -134,11 +134,7 @@ impl DocRoom {
         match peer.member.outbox.binary(message.encode(), droppable) {
             Queued::Sent => shared.count(kind, "out"),
             Queued::Dropped => shared.count("ephemeral_dropped", "out"),
-            Queued::TooSlow => peer.member.session.do_send(Kick {
-                code: close::TOO_SLOW,
-                reason: "too far behind: reconnect to resync".into(),
-                label: "too_slow",
-            }),
+            Queued::TooSlow => peer.member.session.do_send(Kick::too_slow()),
             Queued::Closed => {}
         }
     }

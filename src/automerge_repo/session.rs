@@ -59,12 +59,7 @@ impl RepoSession {
         let kind = message.kind();
         match self.outbox.binary(message.encode(), false) {
             Queued::Sent | Queued::Dropped => self.p.shared.count(kind, "out"),
-            Queued::TooSlow => self.close(
-                close::TOO_SLOW,
-                "too far behind: reconnect to resync".into(),
-                "too_slow",
-                ctx,
-            ),
+            Queued::TooSlow => self.kick(Kick::too_slow(), ctx),
             Queued::Closed => ctx.stop(),
         }
     }
@@ -323,6 +318,6 @@ impl Handler<Kick> for RepoSession {
     type Result = ();
 
     fn handle(&mut self, msg: Kick, ctx: &mut Self::Context) {
-        self.close(msg.code, msg.reason, msg.label, ctx);
+        self.kick(msg, ctx);
     }
 }

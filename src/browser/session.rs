@@ -70,14 +70,7 @@ impl BrowserSession {
                 .browser_frames
                 .with_label_values(&["out"])
                 .inc(),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let Kick {
-                    code,
-                    reason,
-                    label,
-                } = Kick::too_slow();
-                self.close(code, reason, label, ctx)
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => self.kick(Kick::too_slow(), ctx),
             Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
         }
     }
@@ -327,6 +320,6 @@ impl Handler<Kick> for BrowserSession {
     type Result = ();
 
     fn handle(&mut self, msg: Kick, ctx: &mut Self::Context) {
-        self.close(msg.code, msg.reason, msg.label, ctx);
+        self.kick(msg, ctx);
     }
 }

@@ -94,6 +94,11 @@ pub trait EdgeSession: Actor<Context = Context<Self>> {
     /// Closes the session (logging who it is) and stops it.
     fn close(&mut self, code: u16, reason: String, label: &'static str, ctx: &mut Context<Self>);
 
+    /// Closes the session as `kick` says (a room's or hub's `Kick`, or the session's own).
+    fn kick(&mut self, kick: super::Kick, ctx: &mut Context<Self>) {
+        self.close(kick.code, kick.reason, kick.label, ctx);
+    }
+
     /// Starts the timers every session runs: the heartbeat, the join timeout, and closing when
     /// the node stops. Call from `Actor::started`.
     fn start_edge(&mut self, ctx: &mut Context<Self>)

@@ -50,6 +50,16 @@ impl FromRequest for Identity {
     }
 }
 
+/// Refuses a user token where only the service credential may act (403 naming `what`).
+pub fn service_only(caller: &Identity, what: &str) -> Result<(), ApiError> {
+    match caller {
+        Identity::Service => Ok(()),
+        Identity::User(_) => Err(ApiError::Forbidden(format!(
+            "{what} with the API token, not a user token"
+        ))),
+    }
+}
+
 /// Whether `identity` may `access` the run (403 with the reason if not).
 pub fn allow(identity: &Identity, run: Uuid, access: Access) -> Result<(), ApiError> {
     identity

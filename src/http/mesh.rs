@@ -4,6 +4,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::auth::service_only;
 use super::error::ApiError;
 use super::validate;
 use super::AppState;
@@ -35,18 +36,8 @@ async fn peer_socket(
     Ok(response)
 }
 
-/// The mesh is operated with the service credential: user tokens do not see or change it.
-fn service_only(caller: &Identity) -> Result<(), ApiError> {
-    match caller {
-        Identity::Service => Ok(()),
-        Identity::User(_) => Err(ApiError::Forbidden(
-            "the mesh is operated with the API token, not a user token".into(),
-        )),
-    }
-}
-
 async fn status(app: web::Data<AppState>, caller: Identity) -> Result<HttpResponse, ApiError> {
-    service_only(&caller)?;
+    service_only(&caller, "the mesh is operated")?;
     let mesh = app.mesh.state.snapshot();
     Ok(HttpResponse::Ok().json(json!({
         "nodeId": app.node_id,
@@ -70,7 +61,7 @@ async fn register_peer(
     path: web::Path<String>,
     body: web::Json<RegisterBody>,
 ) -> Result<HttpResponse, ApiError> {
-    service_only(&caller)?;
+    service_only(&caller, "the mesh is operated")?;
     let run_id = validate::run_id(&path)?;
     let region = validate::region("peerRegion", body.peer_region.as_deref())?;
     let newly = app

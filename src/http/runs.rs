@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value as Json};
 use uuid::Uuid;
 
-use super::auth::allow;
+use super::auth::{allow, service_only};
 use super::error::ApiError;
 use super::validate;
 use super::AppState;
@@ -178,13 +178,7 @@ async fn sync(
         let run_id = validate::run_id(&path)?;
         // Another region's raw changes, under the region it names: the service credential's
         // (a user writes through the mutation routes, which record who).
-        if let Identity::User(_) = caller {
-            return Err(ApiError::Forbidden(
-                "sync takes another region's changes with the API token; a user token writes \
-                 through the mutation routes"
-                    .into(),
-            ));
-        }
+        service_only(&caller, "sync takes another region's raw changes")?;
         let source_region = validate::region("sourceRegion", body.source_region.as_deref())?;
         let lamport = validate::lamport("lamportTimestamp", body.lamport_timestamp)?;
         let bytes = validate::base64("changes", body.changes.as_deref())?;

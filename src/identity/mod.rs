@@ -141,11 +141,6 @@ impl Auth {
         self.api_token.is_none() && self.users.is_none()
     }
 
-    /// The user-token verifier, if user tokens are configured.
-    pub fn users(&self) -> Option<&Verifier> {
-        self.users.as_ref()
-    }
-
     /// Who presents `token` (none presented: `None`).
     pub fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
         if self.is_open() {
