@@ -33,7 +33,7 @@ use uuid::Uuid;
 use common::mesh::{raw_peer, TestMesh, SECRET};
 use common::{Backend, Client};
 use http::{http_request, Conn};
-use run_doc::{parse_changes, Mutation, RunDoc};
+use run_doc::{parse_changes, Budget, Mutation, RunDoc};
 use run_wire::mesh as protocol;
 
 fn main() {
@@ -204,8 +204,8 @@ fn sync_pair(
     sb: &mut sync::State,
 ) -> (usize, usize, usize) {
     let (mut ab, mut ba, mut rounds) = (0, 0, 0);
-    let mut to_b = a.sync_step(sa, None).reply;
-    let mut to_a = b.sync_step(sb, None).reply;
+    let mut to_b = a.sync_step(sa, None, Budget::default()).reply;
+    let mut to_a = b.sync_step(sb, None, Budget::default()).reply;
     while to_a.is_some() || to_b.is_some() {
         rounds += 1;
         let (next_b, next_a);
@@ -216,7 +216,7 @@ fn sync_pair(
                 sync::Message::decode(&bytes).expect("decode")
             });
             next_a = if m.is_some() {
-                b.sync_step(sb, m).reply
+                b.sync_step(sb, m, Budget::default()).reply
             } else {
                 None
             };
@@ -228,7 +228,7 @@ fn sync_pair(
                 sync::Message::decode(&bytes).expect("decode")
             });
             next_b = if m.is_some() {
-                a.sync_step(sa, m).reply
+                a.sync_step(sa, m, Budget::default()).reply
             } else {
                 None
             };

@@ -74,6 +74,9 @@ impl From<RunError> for ApiError {
 
 impl From<Invalid> for ApiError {
     fn from(e: Invalid) -> Self {
+        if e.too_large {
+            return ApiError::TooLargeContent(e.to_string());
+        }
         ApiError::Invalid {
             field: e.field,
             reason: e.reason,

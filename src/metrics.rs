@@ -22,6 +22,8 @@ pub struct Metrics {
     pub lamport_clock: IntGaugeVec,
     run_series: Arc<AtomicUsize>,
     pub runs_loaded: IntGauge,
+    /// Stored changes of loaded runs that did not load again (kept in the log, reported).
+    pub unloadable_changes: IntGauge,
     pub snapshot_failures: prometheus::IntCounter,
     /// Appends carried by each event-log transaction (group commit at work).
     pub commit_batch: Histogram,
@@ -76,6 +78,11 @@ impl Metrics {
             )?)?,
             run_series: Arc::new(AtomicUsize::new(0)),
             runs_loaded: gauge(&r, "crdt_runs_loaded", "Runs loaded in memory")?,
+            unloadable_changes: gauge(
+                &r,
+                "crdt_stored_changes_unloadable",
+                "Stored changes of runs loaded since start that could not be loaded again (kept in the log)",
+            )?,
             snapshot_failures: counter(&r, "crdt_snapshot_failures_total", "Snapshots that failed to be written")?,
             commit_batch: histogram(&r, "crdt_commit_batch_appends", "Appends carried by each event-log transaction", batch_sizes)?,
             legacy_skipped: counter(

@@ -5,7 +5,7 @@
 
 use automerge::sync;
 use run_wire::automerge_repo::{doc_id, wire};
-use run_doc::RunDoc;
+use run_doc::{Budget, RunDoc};
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 
@@ -22,12 +22,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = doc_id::decode(&document_id);
     // The session catches Automerge's panics on malformed sync messages the same way.
-    let Ok(Ok(message)) = std::panic::catch_unwind(|| sync::Message::decode(&data)) else {
+    let Ok(message) = run_doc::decode_sync_message(&data) else {
         return;
     };
     let mut doc = RunDoc::new(Uuid::from_u128(7), "fuzz");
     let mut state = sync::State::new();
-    let step = doc.sync_step(&mut state, Some(message));
+    let step = doc.sync_step(&mut state, Some(message), Budget::default());
     let _ = doc.schema_violations(&step.applied.applied);
     let _ = doc.state();
 });

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use automerge::sync;
+use run_doc::DocError;
 use uuid::Uuid;
 
 use super::hub::{Hub, Open, Register, Unregister};
@@ -113,15 +113,13 @@ impl RepoSession {
             FromClient::Sync {
                 document_id, data, ..
             } => {
-                let decoded = std::panic::catch_unwind(|| sync::Message::decode(&data));
-                let message = match decoded {
-                    Ok(Ok(m)) => m,
-                    Ok(Err(e)) => {
-                        let reason = format!("data is not an Automerge sync message: {e}");
-                        return self.refuse(close::PROTOCOL, reason, "bad_message", ctx);
+                let message = match run_doc::decode_sync_message(&data) {
+                    Ok(m) => m,
+                    Err(e @ DocError::TooLarge(_)) => {
+                        return self.refuse(close::TOO_BIG, e.to_string(), "too_large", ctx);
                     }
-                    Err(_) => {
-                        let reason = "data is not an Automerge sync message".to_string();
+                    Err(e) => {
+                        let reason = format!("data is not an Automerge sync message: {e}");
                         return self.refuse(close::PROTOCOL, reason, "bad_message", ctx);
                     }
                 };

@@ -36,6 +36,20 @@ async fn readiness(app: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// Runs whose stored changes did not all load again: the node serves them without those
+/// (and what depends on them), keeps them in the log, and says so here.
+fn log_json(health: &Health) -> serde_json::Value {
+    if health.damaged.is_empty() {
+        return json!({"status": "UP"});
+    }
+    let runs: Vec<_> = health
+        .damaged
+        .iter()
+        .map(|(run, n)| json!({"runId": run, "unloadableChanges": n}))
+        .collect();
+    json!({"status": "DEGRADED", "runs": runs})
+}
+
 async fn health(app: web::Data<AppState>) -> HttpResponse {
     let db = app.runs.health().await;
     let ready = db.database.is_ok();
@@ -44,6 +58,7 @@ async fn health(app: web::Data<AppState>) -> HttpResponse {
         "components": {
             "liveness": {"status": "UP"},
             "readiness": {"status": if ready { "UP" } else { "DOWN" }, "components": {"db": db_json(&db)}},
+            "eventLog": log_json(&db),
         },
     });
     if ready {

@@ -48,8 +48,8 @@ pub fn heads(raw: Option<&str>) -> Result<Vec<ChangeHash>, ApiError> {
         .collect()
 }
 
-pub fn json_depth(field: &'static str, value: &serde_json::Value) -> Result<(), ApiError> {
-    Ok(rules::json_depth(field, value)?)
+pub fn flag_value(field: &'static str, value: &serde_json::Value) -> Result<(), ApiError> {
+    Ok(rules::flag_value(field, value)?)
 }
 
 /// A runs-list cursor: the last entry of the previous page, as `<micros since epoch>.<uuid>`.

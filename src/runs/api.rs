@@ -122,6 +122,9 @@ pub struct Health {
     pub backend: &'static str,
     /// `Err` says why the database did not answer.
     pub database: Result<(), String>,
+    /// Runs whose stored changes did not all load again, with how many did not (a few of
+    /// them; see [`Runs::damaged`]).
+    pub damaged: Vec<(Uuid, usize)>,
 }
 
 /// Queries the actors answer; private to the runtime.
@@ -131,6 +134,9 @@ pub(crate) struct ReadState;
 pub(crate) struct ReadChanges(pub Vec<ChangeHash>);
 #[derive(Debug, Clone)]
 pub(crate) struct ReadDocument;
+
+/// Damaged runs the health endpoint names.
+const MAX_DAMAGED_SHOWN: usize = 20;
 
 /// How long the readiness probe waits for the database.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -215,6 +221,7 @@ impl Runs {
         Health {
             backend: self.inner.store.backend(),
             database,
+            damaged: self.damaged(MAX_DAMAGED_SHOWN),
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use uuid::Uuid;
 
-use run_doc::{parse_changes, LegacyEvent, RunDoc};
+use run_doc::{parse_own_changes, LegacyEvent, RunDoc};
 use run_store::{Store, StoreError};
 
 pub struct Loaded {
@@ -56,9 +56,11 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         if let Some(l) = event.lamport {
             doc.observe_lamport(u64::try_from(l).unwrap_or(0));
         }
-        // Legacy rows (no changes) were replayed above.
+        // Legacy rows (no changes) were replayed above. The log holds only what this node
+        // accepted: it is read back with no bound (a stricter rule here would drop
+        // acknowledged writes and everything after them).
         if let Some(bytes) = &event.crdt_changes {
-            match parse_changes(bytes) {
+            match parse_own_changes(bytes) {
                 Ok(mut c) => changes.append(&mut c),
                 Err(e) => {
                     unreadable += 1;

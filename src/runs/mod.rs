@@ -103,6 +103,10 @@ struct Inner {
     /// Set when a write found the database out of reach; cleared by the probe that then
     /// pings it until it answers. Meanwhile writes are refused at once.
     store_down: AtomicBool,
+    /// Runs loaded since start whose stored changes did not all load again, with how many
+    /// did not. Never expected: every door admits only what the loader takes back; reported
+    /// loudly (health, metric, log) if it happens all the same.
+    damaged: Mutex<HashMap<Uuid, usize>>,
 }
 
 /// The run registry. Cheap to clone; lookups take one short lock on one of many shards, so
@@ -160,6 +164,7 @@ impl Runs {
                 feed: RwLock::new(Vec::new()),
                 digests: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 store_down: AtomicBool::new(false),
+                damaged: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -276,6 +281,31 @@ impl Runs {
             Some(d) => shard.insert(run_id, d),
             None => shard.remove(&run_id),
         };
+    }
+
+    /// Records how many of the run's stored changes did not load (0: all did).
+    fn report_unloadable(&self, run_id: Uuid, count: usize) {
+        let mut damaged = self.inner.damaged.lock().unwrap_or_else(|p| p.into_inner());
+        if count == 0 {
+            damaged.remove(&run_id);
+        } else {
+            log::error!(
+                "run {run_id}: {count} stored change(s) did not load; they stay in the log and \
+                 the run is served without them and what depends on them"
+            );
+            damaged.insert(run_id, count);
+        }
+        let total: usize = damaged.values().sum();
+        self.inner.metrics.unloadable_changes.set(total as i64);
+    }
+
+    /// Up to `at_most` damaged runs (see [`Inner::damaged`]), and how many changes each.
+    pub fn damaged(&self, at_most: usize) -> Vec<(Uuid, usize)> {
+        let damaged = self.inner.damaged.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(Uuid, usize)> = damaged.iter().map(|(r, n)| (*r, *n)).collect();
+        out.sort();
+        out.truncate(at_most);
+        out
     }
 
     /// Whether an actor for the run is registered.

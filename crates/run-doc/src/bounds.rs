@@ -40,6 +40,8 @@ pub const MAX_SNAPSHOT_INFLATED: usize = 4 << 30;
 pub struct Budget {
     ops_left: u64,
     inflated_left: usize,
+    /// Operations one change may hold.
+    per_change: u64,
 }
 
 impl Default for Budget {
@@ -47,6 +49,7 @@ impl Default for Budget {
         Budget {
             ops_left: MAX_OPS_PER_REQUEST,
             inflated_left: MAX_INFLATED_PER_REQUEST,
+            per_change: MAX_OPS_PER_CHANGE,
         }
     }
 }
@@ -65,6 +68,27 @@ impl Budget {
         Budget {
             ops_left: ops,
             inflated_left: inflated,
+            ..Budget::default()
+        }
+    }
+
+    /// The walk for the node's own stored bytes (snapshots): structure checked, no bound on
+    /// counts, inflated size bounded by what a snapshot may hold.
+    pub fn own() -> Self {
+        Budget {
+            per_change: u64::MAX,
+            ..Budget::with_limits(u64::MAX, MAX_SNAPSHOT_INFLATED)
+        }
+    }
+
+    /// For changes another node sends (mesh links, `POST /sync`): that node committed them,
+    /// so no change is refused for its size alone (a refusal would split the run between
+    /// regions for good: changes written before every door bounded mutations may be larger
+    /// than [`MAX_OPS_PER_CHANGE`]); the request as a whole keeps its bounds.
+    pub fn peer() -> Self {
+        Budget {
+            per_change: u64::MAX,
+            ..Budget::default()
         }
     }
 
@@ -157,7 +181,7 @@ impl Budget {
             }
             rows.add(spec, data)?;
         }
-        if rows.max > MAX_OPS_PER_CHANGE {
+        if rows.max > self.per_change {
             return Err(DocError::TooLarge(format!(
                 "a change holds {} operations; at most {MAX_OPS_PER_CHANGE} are accepted",
                 rows.max

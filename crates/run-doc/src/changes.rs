@@ -27,6 +27,11 @@ pub fn parse_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
     split_changes(bytes, Some(&mut Budget::default()))
 }
 
+/// As [`parse_changes`], for changes another node committed (see [`Budget::peer`]).
+pub fn parse_peer_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    split_changes(bytes, Some(&mut Budget::peer()))
+}
+
 /// As [`parse_changes`], for this node's own changes (to re-frame them): no bounds on size,
 /// which only guard against what others send.
 pub fn parse_own_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {

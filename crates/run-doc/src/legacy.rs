@@ -69,8 +69,7 @@ fn graft_id(run_id: Uuid, position: usize) -> Uuid {
 }
 
 fn name(field: &'static str, value: Option<String>) -> Result<String, String> {
-    super::rules::name(field, value.as_deref())
-        .map_err(|_| format!("`{field}` is missing or not a valid name"))
+    super::rules::stored_name(field, value.as_deref()).map_err(|e| e.to_string())
 }
 
 /// The mutation a legacy row describes, and the region it was made in.

@@ -22,6 +22,7 @@ mod legacy;
 pub mod rules;
 mod schema;
 mod state;
+mod sync_message;
 
 use std::collections::{HashMap, HashSet};
 
@@ -36,8 +37,9 @@ use uuid::Uuid;
 pub use bounds::{Budget, MAX_OPS_PER_CHANGE, MAX_OPS_PER_REQUEST};
 pub use changes::{
     concat_changes, parse_changes, parse_changes_or_document, parse_document, parse_own_changes,
-    parse_own_document, Stamp,
+    parse_own_document, parse_peer_changes, Stamp,
 };
+pub use sync_message::decode_sync_message;
 pub use genesis::genesis_actor;
 pub use legacy::{legacy_actor, LegacyEvent};
 use rules::MAX_FOREIGN_JUMP;
@@ -165,10 +167,6 @@ pub struct SyncStep {
     pub reply: Option<sync::Message>,
 }
 
-/// Operations a snapshot may hold: far beyond any run this node serves, short of what would
-/// exhaust its memory.
-const MAX_SNAPSHOT_OPS: u64 = 100_000_000;
-
 /// Parked changes per run; beyond this they are dropped and the protocol fetches them again.
 const MAX_PARKED: usize = 100_000;
 const MAX_PARKED_BYTES: usize = 64 * 1024 * 1024;
@@ -194,9 +192,11 @@ impl RunDoc {
     /// A run from a saved document (a snapshot). The clock starts at the highest stamp found.
     pub fn load(run_id: Uuid, region: &str, bytes: &[u8]) -> Result<Self, DocError> {
         let not_this_run = |reason: String| DocError::NotThisRun { run_id, reason };
-        // A snapshot is the node's own, so no request bound applies; the walk still refuses
-        // what Automerge's loader would allocate gigabytes for (a torn or tampered row).
-        Budget::with_limits(MAX_SNAPSHOT_OPS, bounds::MAX_SNAPSHOT_INFLATED)
+        // A snapshot is the node's own: what it committed it must load again, so no count
+        // bound applies (a bound here would lose acknowledged writes). The walk still refuses
+        // what is not a well-formed document (a torn row, chunk types Automerge's loader
+        // would allocate gigabytes for).
+        Budget::own()
             .admit_all(bytes)
             .map_err(|e| not_this_run(e.to_string()))?;
         let mut doc = changes::load_document(bytes).map_err(not_this_run)?;
@@ -293,6 +293,17 @@ impl RunDoc {
                 return Err(e);
             }
         };
+        // The one definition of a valid change holds for this node's own too: a change every
+        // replica accepts from a peer and loads again. The doors bound mutations well inside
+        // this (names, flag values); this is the backstop.
+        let ops = self.doc.pending_ops() as u64;
+        if ops > MAX_OPS_PER_CHANGE {
+            self.doc.rollback();
+            return Err(DocError::TooLarge(format!(
+                "the mutation would make a change of {ops} operations; at most \
+                 {MAX_OPS_PER_CHANGE} are accepted"
+            )));
+        }
         if !changed {
             self.doc.rollback();
             return Ok(Applied {
@@ -515,11 +526,12 @@ impl RunDoc {
         &mut self,
         state: &mut sync::State,
         incoming: Option<sync::Message>,
+        budget: Budget,
     ) -> SyncStep {
         let mut step = SyncStep::default();
         let mut newly_parked = false;
         if let Some(message) = incoming {
-            match self.receive(state, message, &mut step.applied) {
+            match self.receive(state, message, budget, &mut step.applied) {
                 Ok(parked) => newly_parked = parked,
                 Err(e) => step.applied.error = Some(e),
             }
@@ -539,12 +551,12 @@ impl RunDoc {
         &mut self,
         state: &mut sync::State,
         mut message: sync::Message,
+        mut budget: Budget,
         applied: &mut RemoteApplied,
     ) -> Result<bool, DocError> {
         validate_sync_message(&message)?;
         let mut changes = Vec::new();
         // One budget for the whole message: its chunks together are one request.
-        let mut budget = Budget::default();
         for chunk in message.changes.iter() {
             changes.extend(changes::parse_within(chunk, &mut budget)?);
         }

@@ -10,6 +10,12 @@ pub const MAX_NAME: usize = 200;
 pub const MAX_REGION: usize = 50;
 /// Deepest nesting accepted in a flag value.
 pub const MAX_JSON_DEPTH: usize = 32;
+/// Values (scalars, arrays, objects) one flag value may hold: each is one Automerge
+/// operation, and a flag's change must stay far inside what every replica's loader accepts
+/// of one change ([`crate::MAX_OPS_PER_CHANGE`]).
+pub const MAX_FLAG_VALUES: usize = 10_000;
+/// Bytes of text (strings and object keys) one flag value may hold.
+pub const MAX_FLAG_TEXT_BYTES: usize = 256 * 1024;
 
 /// How far past the run's clock a foreign client's own `lamport` field may move it.
 pub(crate) const MAX_FOREIGN_JUMP: u64 = 1 << 20;
@@ -28,6 +34,8 @@ pub const MAX_LAMPORT: u64 = (1 << 53) - 1;
 pub struct Invalid {
     pub field: &'static str,
     pub reason: String,
+    /// The value is well-formed but larger than accepted (an HTTP 413, not a 400).
+    pub too_large: bool,
 }
 
 impl Invalid {
@@ -35,15 +43,46 @@ impl Invalid {
         Invalid {
             field,
             reason: reason.into(),
+            too_large: false,
+        }
+    }
+
+    pub fn too_large(field: &'static str, reason: impl Into<String>) -> Self {
+        Invalid {
+            too_large: true,
+            ..Invalid::new(field, reason)
         }
     }
 }
 
-/// A required, trimmed, printable name of at most [`MAX_NAME`] characters.
+/// Characters that change how text around them is shown without showing themselves: bidi
+/// controls (U+202E turns `ana` into what reads as another name) and zero-width characters.
+/// A name holding one could pass for another.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// A required, printable name of at most [`MAX_NAME`] characters, taken as it is: one with
+/// spaces around it, control, bidi or zero-width characters is refused, never altered (` ana `
+/// trimmed would become another user, `ana` with U+202E would read as one).
 pub fn name(field: &'static str, value: Option<&str>) -> Result<String, Invalid> {
-    let value = value.map(str::trim).unwrap_or("");
-    if value.is_empty() {
+    let value = value.unwrap_or("");
+    if value.trim().is_empty() {
         return Err(Invalid::new(field, "is required and must not be empty"));
+    }
+    if value.trim() != value {
+        return Err(Invalid::new(
+            field,
+            "must not start or end with white space",
+        ));
+    }
+    if value.chars().any(is_invisible) {
+        return Err(Invalid::new(
+            field,
+            "must not contain bidi controls or zero-width characters",
+        ));
     }
     if value.chars().count() > MAX_NAME {
         return Err(Invalid::new(
@@ -53,6 +92,18 @@ pub fn name(field: &'static str, value: Option<&str>) -> Result<String, Invalid>
     }
     if value.chars().any(char::is_control) {
         return Err(Invalid::new(field, "must not contain control characters"));
+    }
+    Ok(value.to_string())
+}
+
+/// A name in a row stored before the rules above were strict (legacy OT events): trimmed as
+/// it was then. What the log already holds is never judged more strictly than when it was
+/// written.
+pub fn stored_name(field: &'static str, value: Option<&str>) -> Result<String, Invalid> {
+    let value = value.map(str::trim).unwrap_or("");
+    if value.is_empty() || value.chars().count() > MAX_NAME || value.chars().any(char::is_control)
+    {
+        return Err(Invalid::new(field, "is missing or not a valid name"));
     }
     Ok(value.to_string())
 }
@@ -92,8 +143,16 @@ pub fn lamport(field: &'static str, value: Option<i64>) -> Result<Option<u64>, I
     }
 }
 
-/// A flag value nests at most [`MAX_JSON_DEPTH`] levels.
-pub fn json_depth(field: &'static str, value: &Json) -> Result<(), Invalid> {
+/// A flag value: nested at most [`MAX_JSON_DEPTH`] levels, at most [`MAX_FLAG_VALUES`]
+/// values and [`MAX_FLAG_TEXT_BYTES`] bytes of text. The last two keep every flag's change
+/// one that every replica accepts and loads again.
+pub fn flag_value(field: &'static str, value: &Json) -> Result<(), Invalid> {
+    #[derive(Default)]
+    struct Size {
+        values: usize,
+        text: usize,
+    }
+    // Depth first, bounded: the walk below recurses.
     fn depth(v: &Json) -> usize {
         match v {
             Json::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
@@ -101,10 +160,42 @@ pub fn json_depth(field: &'static str, value: &Json) -> Result<(), Invalid> {
             _ => 0,
         }
     }
+    fn walk(v: &Json, size: &mut Size) {
+        size.values += 1;
+        match v {
+            Json::Array(items) => items.iter().for_each(|i| walk(i, size)),
+            Json::Object(fields) => fields.iter().for_each(|(k, i)| {
+                size.text += k.len();
+                walk(i, size)
+            }),
+            Json::String(s) => size.text += s.len(),
+            _ => {}
+        }
+    }
     if depth(value) > MAX_JSON_DEPTH {
         return Err(Invalid::new(
             field,
             format!("nests deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
+    let mut size = Size::default();
+    walk(value, &mut size);
+    if size.values > MAX_FLAG_VALUES {
+        return Err(Invalid::too_large(
+            field,
+            format!(
+                "holds {} values; at most {MAX_FLAG_VALUES} are accepted",
+                size.values
+            ),
+        ));
+    }
+    if size.text > MAX_FLAG_TEXT_BYTES {
+        return Err(Invalid::too_large(
+            field,
+            format!(
+                "holds {} bytes of text; at most {MAX_FLAG_TEXT_BYTES} are accepted",
+                size.text
+            ),
         ));
     }
     Ok(())
@@ -115,8 +206,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_are_trimmed_bounded_and_printable() {
-        assert_eq!(name("agent", Some("  a b ")).unwrap(), "a b");
+    fn names_are_bounded_printable_and_never_altered() {
+        assert_eq!(name("agent", Some("a b")).unwrap(), "a b");
+        assert!(name("agent", Some("  a b ")).is_err(), "refused, not trimmed");
+        assert!(name("sub", Some(" ana ")).is_err());
+        assert_eq!(stored_name("user", Some(" ana ")).unwrap(), "ana");
+        for sneaky in ["an\u{202E}a", "a\u{200B}na", "\u{FEFF}ana", "ana\u{2066}"] {
+            let e = name("sub", Some(sneaky)).unwrap_err();
+            assert!(e.to_string().contains("bidi"), "{sneaky:?}: {e}");
+        }
         assert!(name("agent", None).is_err());
         assert!(name("agent", Some("   ")).is_err());
         assert!(name("agent", Some(&"x".repeat(MAX_NAME + 1))).is_err());
@@ -149,7 +247,22 @@ mod tests {
         for _ in 0..MAX_JSON_DEPTH {
             v = Json::Array(vec![v]);
         }
-        assert!(json_depth("value", &v).is_ok());
-        assert!(json_depth("value", &Json::Array(vec![v])).is_err());
+        assert!(flag_value("value", &v).is_ok());
+        assert!(!flag_value("value", &Json::Array(vec![v])).unwrap_err().too_large);
+    }
+
+    #[test]
+    fn flag_values_are_bounded_in_values_and_text() {
+        let at_limit = Json::Array(vec![Json::from(0); MAX_FLAG_VALUES - 1]);
+        assert!(flag_value("value", &at_limit).is_ok());
+        let over = Json::Array(vec![Json::from(0); MAX_FLAG_VALUES]);
+        let e = flag_value("value", &over).unwrap_err();
+        assert!(e.too_large && e.reason.contains("values"), "{e}");
+        let text = Json::from("x".repeat(MAX_FLAG_TEXT_BYTES + 1));
+        assert!(flag_value("value", &text).unwrap_err().too_large);
+        let keys: serde_json::Map<String, Json> = (0..300)
+            .map(|i| (format!("{i:01000}"), Json::Null))
+            .collect();
+        assert!(flag_value("value", &Json::Object(keys)).unwrap_err().too_large);
     }
 }

@@ -706,19 +706,19 @@ fn a_batch_in_any_order_applies_whole() {
 
 /// Runs the sync protocol between two documents until both are quiet.
 fn sync_until_quiet(a: &mut RunDoc, sa: &mut sync::State, b: &mut RunDoc, sb: &mut sync::State) {
-    let mut to_b = a.sync_step(sa, None).reply;
-    let mut to_a = b.sync_step(sb, None).reply;
+    let mut to_b = a.sync_step(sa, None, Budget::default()).reply;
+    let mut to_a = b.sync_step(sb, None, Budget::default()).reply;
     for _ in 0..20 {
         if to_a.is_none() && to_b.is_none() {
             return;
         }
         let next_a = to_b.take().and_then(|m| {
-            let step = b.sync_step(sb, Some(m));
+            let step = b.sync_step(sb, Some(m), Budget::default());
             assert!(step.applied.error.is_none(), "{:?}", step.applied.error);
             step.reply
         });
         let next_b = to_a.take().and_then(|m| {
-            let step = a.sync_step(sa, Some(m));
+            let step = a.sync_step(sa, Some(m), Budget::default());
             assert!(step.applied.error.is_none(), "{:?}", step.applied.error);
             step.reply
         });
@@ -774,7 +774,7 @@ fn sync_changes_ahead_of_their_dependencies_are_parked_and_the_gap_is_asked_for(
         version: sync::MessageVersion::V1,
     };
     let mut sb = sync::State::new();
-    let step = b.sync_step(&mut sb, Some(message));
+    let step = b.sync_step(&mut sb, Some(message), Budget::default());
     assert!(step.applied.error.is_none());
     assert!(step.applied.applied.is_empty(), "nothing applies without X");
     let reply = step.reply.expect("a reply asking for X");
@@ -782,8 +782,8 @@ fn sync_changes_ahead_of_their_dependencies_are_parked_and_the_gap_is_asked_for(
 
     // A answers the need with X alone; the parked changes then apply behind it.
     let mut sa = sync::State::new();
-    let answer = a.sync_step(&mut sa, Some(reply)).reply.expect("an answer");
-    let step = b.sync_step(&mut sb, Some(answer));
+    let answer = a.sync_step(&mut sa, Some(reply), Budget::default()).reply.expect("an answer");
+    let step = b.sync_step(&mut sb, Some(answer), Budget::default());
     assert!(step.applied.error.is_none());
     assert_eq!(step.applied.applied.len(), 3);
     assert_eq!(a.heads(), b.heads());
@@ -798,7 +798,7 @@ fn sync_messages_with_malformed_bloom_filters_are_refused_not_panicked_on() {
     let mut a = RunDoc::new(run, "us-east-1");
     a.apply(&graft("G", "Step1", "alice"), T0).unwrap();
     let mut sa = sync::State::new();
-    let good = a.sync_step(&mut sa, None).reply.expect("message");
+    let good = a.sync_step(&mut sa, None, Budget::default()).reply.expect("message");
     let mut bytes = good.clone().encode();
     let bloom = good.have[0].bloom.to_bytes();
     assert!(!bloom.is_empty());
@@ -811,7 +811,7 @@ fn sync_messages_with_malformed_bloom_filters_are_refused_not_panicked_on() {
     bytes[at + entries_len] = 0;
     let bad = sync::Message::decode(&bytes).expect("still decodes");
     let mut sb = sync::State::new();
-    let step = b.sync_step(&mut sb, Some(bad));
+    let step = b.sync_step(&mut sb, Some(bad), Budget::default());
     assert!(matches!(
         step.applied.error,
         Some(DocError::InvalidChanges(_))
@@ -904,7 +904,7 @@ fn a_sync_reply_asking_for_several_changes_lists_them_sorted() {
         flags: None,
         version: sync::MessageVersion::V1,
     };
-    let step = b.sync_step(&mut sync::State::new(), Some(message));
+    let step = b.sync_step(&mut sync::State::new(), Some(message), Budget::default());
     let reply = step.reply.expect("a reply");
     for dep in z.deps() {
         assert!(reply.need.contains(dep));
@@ -939,7 +939,7 @@ fn a_peers_live_change_ahead_of_its_dependency_is_parked_then_applied() {
     assert!(out.applied.is_empty() && out.parked == 1 && b.has_parked());
     // A sync round from b asks for X by name.
     let reply = b
-        .sync_step(&mut sync::State::new(), None)
+        .sync_step(&mut sync::State::new(), None, Budget::default())
         .reply
         .expect("a message");
     assert!(reply.need.contains(&x.hash()), "{:?}", reply.need);
@@ -1131,7 +1131,7 @@ fn a_stamp_far_past_the_clock_is_refused_on_every_path() {
         .generate_sync_message(&mut sync::State::new())
         .unwrap();
     let mut state = sync::State::new();
-    let first = a.sync_step(&mut state, Some(message));
+    let first = a.sync_step(&mut state, Some(message), Budget::default());
     let mut reply = first.reply.expect("a reply to the opening message");
     let mut sender_state = sync::State::new();
     let _ = sender.sync().generate_sync_message(&mut sender_state);
@@ -1144,7 +1144,7 @@ fn a_stamp_far_past_the_clock_is_refused_on_every_path() {
         let Some(m) = sender.sync().generate_sync_message(&mut sender_state) else {
             break;
         };
-        let step = a.sync_step(&mut state, Some(m));
+        let step = a.sync_step(&mut state, Some(m), Budget::default());
         if let Some(e) = step.applied.error {
             assert!(matches!(e, DocError::ClockJump(_)), "{e}");
             refused = true;
@@ -1249,4 +1249,125 @@ fn the_graft_index_follows_remote_grafts_and_foreign_rewrites() {
     assert_eq!(state.grafts.len(), 4);
     let mut rebuilt = RunDoc::load(run, "r2", &b.save()).unwrap();
     assert_eq!(rebuilt.state().grafts, state.grafts);
+}
+
+/// A size near one of the doors' limits: just under, at, just over, or anywhere up to twice.
+fn near(limit: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![
+        (limit.saturating_sub(3)..=limit + 3),
+        (0..=limit * 2),
+    ]
+}
+
+/// A mutation sized around the limits the doors check (flag values and text, names).
+fn sized_mutation() -> impl Strategy<Value = Mutation> {
+    let array = near(rules::MAX_FLAG_VALUES).prop_map(|n| json!(vec![0; n]));
+    let text = near(rules::MAX_FLAG_TEXT_BYTES).prop_map(|n| json!("x".repeat(n)));
+    let object = near(rules::MAX_FLAG_VALUES / 2).prop_map(|n| {
+        json!((0..n)
+            .map(|i| (format!("k{i}"), json!([i, "v"])))
+            .collect::<serde_json::Map<_, _>>())
+    });
+    let flag = prop_oneof![array, text, object].prop_map(|value| Mutation::SetFlag {
+        key: "big".into(),
+        value,
+    });
+    let graft = (near(rules::MAX_NAME), near(rules::MAX_NAME)).prop_map(|(a, u)| Mutation::Graft {
+        id: Uuid::new_v4(),
+        retry_safe: false,
+        agent: "a".repeat(a),
+        after_step: "S1".into(),
+        user: "u".repeat(u),
+    });
+    prop_oneof![flag, graft]
+}
+
+/// What a door checks of a mutation before it reaches the document.
+fn door_admits(m: &Mutation) -> bool {
+    match m {
+        Mutation::SetFlag { key, value } => {
+            rules::name("key", Some(key)).is_ok() && rules::flag_value("value", value).is_ok()
+        }
+        Mutation::Graft { agent, user, .. } => {
+            rules::name("agent", Some(agent)).is_ok() && rules::name("user", Some(user)).is_ok()
+        }
+        _ => true,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// What the node acknowledges it can always load again, and every other replica takes:
+    /// a mutation the doors admit makes a change that a client door accepts (the strictest
+    /// judge), that the log loader reads back, and that a snapshot holds.
+    #[test]
+    fn every_admitted_mutation_makes_a_change_every_replica_loads(
+        mutations in proptest::collection::vec(sized_mutation(), 1..4)
+    ) {
+        let run = Uuid::new_v4();
+        let mut doc = RunDoc::new(run, "us-east-1");
+        let mut log = Vec::new();
+        for m in mutations.iter().filter(|m| door_admits(m)) {
+            let applied = doc.apply(m, T0).expect("an admitted mutation applies");
+            let change = applied.change.expect("a change");
+            let bytes = change.raw_bytes().to_vec();
+            prop_assert!(parse_changes(&bytes).is_ok(), "a client door refuses it");
+            log.push(bytes);
+        }
+        // The loader's path: the log's rows, then a fresh document.
+        let mut reloaded = RunDoc::new(run, "us-east-1");
+        let changes: Vec<Change> = log
+            .iter()
+            .flat_map(|b| parse_own_changes(b).expect("the loader reads its own log"))
+            .collect();
+        prop_assert!(reloaded.replay(changes).is_empty());
+        prop_assert_eq!(reloaded.state(), doc.state());
+        let snapshot = doc.save();
+        let mut from_snapshot = RunDoc::load(run, "us-east-1", &snapshot).expect("snapshot loads");
+        prop_assert_eq!(from_snapshot.state(), doc.state());
+    }
+}
+
+#[test]
+fn a_mutation_past_the_change_bound_is_refused_whole_by_the_document() {
+    // The doors refuse this first (413); the document refuses it too, leaving nothing.
+    let run = Uuid::new_v4();
+    let mut doc = RunDoc::new(run, "us-east-1");
+    let before = doc.heads();
+    let big = Mutation::SetFlag {
+        key: "big".into(),
+        value: json!(vec![0; MAX_OPS_PER_CHANGE as usize + 1]),
+    };
+    let e = doc.apply(&big, T0).unwrap_err();
+    assert!(matches!(e, DocError::TooLarge(_)), "{e}");
+    assert_eq!(doc.heads(), before);
+    assert_eq!(doc.lamport(), 0);
+    assert!(doc.state().flags.get("big").is_none());
+}
+
+#[test]
+fn the_loader_reads_back_own_changes_past_the_client_bound() {
+    // Written before every door bounded flags: the log may hold such a change, and loading
+    // must never drop it (nor what follows it).
+    use automerge::{transaction::Transactable, ObjType, ReadDoc, ROOT};
+    let run = Uuid::new_v4();
+    let mut doc = RunDoc::new(run, "r1");
+    let mut old = AutoCommit::load(&doc.save()).unwrap();
+    old.set_actor(ActorId::random());
+    let flags = old.get(ROOT, "flags").unwrap().unwrap().1;
+    let list = old.put_object(&flags, "big", ObjType::List).unwrap();
+    let zeros = vec![automerge::ScalarValue::Int(0); MAX_OPS_PER_CHANGE as usize + 10];
+    old.splice(&list, 0, 0, zeros).unwrap();
+    old.commit();
+    let big = old.get_last_local_change().unwrap().raw_bytes().to_vec();
+    assert!(parse_changes(&big).is_err(), "a client door refuses it");
+    assert!(parse_peer_changes(&big).is_ok(), "another node's is taken");
+    let own = parse_own_changes(&big).unwrap();
+    assert!(doc.replay(own).is_empty());
+    doc.apply(&graft("After", "S1", "u"), T0).unwrap();
+    let saved = doc.save();
+    let mut loaded = RunDoc::load(run, "r1", &saved).expect("the snapshot loads");
+    assert_eq!(loaded.state().grafts.len(), 1);
+    assert!(loaded.state().flags.contains_key("big"));
 }

@@ -108,7 +108,7 @@ impl Op {
                 let key = rules::name("key", key.as_deref())?;
                 let value =
                     value.ok_or_else(|| Invalid::new("value", "is required (any JSON value)"))?;
-                rules::json_depth("value", &value)?;
+                rules::flag_value("value", &value)?;
                 Mutation::SetFlag { key, value }
             }
             Op::DeleteFlag { key } => Mutation::DeleteFlag {

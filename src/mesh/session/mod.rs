@@ -33,7 +33,7 @@ use crate::runs::{
     FullDocument, RemoteChanges, RunError, Runs, SyncOutcome, SyncStep, SyncStepReply,
 };
 use crate::socket::{Inbound, Out, Shutdown};
-use run_doc::{parse_changes, parse_document};
+use run_doc::{decode_sync_message, parse_document, parse_peer_changes};
 use run_wire::close;
 use run_wire::mesh::{
     self as protocol, change_frames, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
@@ -267,7 +267,7 @@ impl PeerSession {
                 timestamp,
             } => {
                 let decoded = protocol::unb64("changes", &changes)
-                    .and_then(|b| parse_changes(&b).map_err(|e| e.to_string()));
+                    .and_then(|b| parse_peer_changes(&b).map_err(|e| e.to_string()));
                 self.take_changes(run_id, source_region, timestamp, decoded, ctx);
             }
             Frame::CrdtFullSync {
@@ -325,7 +325,7 @@ impl PeerSession {
             return;
         };
         match protocol::unb64("message", message)
-            .and_then(|b| sync::Message::decode(&b).map_err(|e| format!("not a sync message: {e}")))
+            .and_then(|b| decode_sync_message(&b).map_err(|e| format!("not a sync message: {e}")))
         {
             Ok(m) => self.push(run, Work::Step(Some(m)), false, ctx),
             Err(reason) => self.reject("decode", reason, Some(run_id), ctx),

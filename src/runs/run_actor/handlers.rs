@@ -2,7 +2,7 @@
 //! the snapshot actor's.
 
 use actix::prelude::*;
-use run_doc::{concat_changes, DocError, RunState};
+use run_doc::{concat_changes, Budget, DocError, RunState};
 use run_store::Snapshot;
 use uuid::Uuid;
 
@@ -165,7 +165,12 @@ impl Handler<Call<SyncStep>> for RunActor {
         }
         let mut state = msg.state;
         let result = self.guarded(ctx, |d| {
-            let step = d.sync_step(&mut state, msg.incoming);
+            // A node sends what it committed; a client is held to the per-change bound.
+            let budget = match msg.client {
+                Some(_) => Budget::default(),
+                None => Budget::peer(),
+            };
+            let step = d.sync_step(&mut state, msg.incoming, budget);
             Ok((step, d.lamport()))
         });
         let (mut step, lamport) = match result {

@@ -120,6 +120,7 @@ impl RunActor {
     /// The run is loaded: serve it.
     fn loaded(&mut self, loaded: Loaded, ctx: &mut Context<Self>) {
         self.unreadable = loaded.unreadable;
+        self.runs.report_unloadable(self.run_id, loaded.unreadable);
         let skipped = loaded.legacy_skipped as u64;
         self.runs.inner.metrics.legacy_skipped.inc_by(skipped);
         let mut doc = loaded.doc;
