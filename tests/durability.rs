@@ -599,7 +599,121 @@ both_backends!(
     snapshots_keep_the_newest,
     corrupt_snapshot_falls_back_to_the_log,
     acknowledged_writes_survive_sigkill,
+    oversized_mutations_are_refused_and_everything_acknowledged_loads_after_sigkill,
+    a_stored_change_that_does_not_load_is_reported_and_the_log_kept,
 );
+
+/// The issue-18 loss: a flag of 150,000 values was acknowledged, then refused by the node's own
+/// loader after a restart, taking later writes with it. Now the door refuses it (413) before
+/// anything is applied, values at the limit are acknowledged, and after SIGKILL every
+/// acknowledged write is back.
+async fn oversized_mutations_are_refused_and_everything_acknowledged_loads_after_sigkill(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let mut node = Node::spawn(&db, &[]);
+    let put = |key: &str, value: Value| {
+        let url = run_url(&node, run, &format!("/flags/{key}"));
+        let c = &c;
+        async move { c.put(&url, &json!({"value": value, "user": "u"})).await }
+    };
+    let (s, body) = put("big", json!(vec![0; 150_000])).await;
+    assert_eq!(s, 413, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("values"),
+        "{body}"
+    );
+    let (s, body) = put("text", json!("x".repeat(300 * 1024))).await;
+    assert_eq!(s, 413, "{body}");
+    assert_eq!(db::event_rows(&db, run).await, 0, "nothing of them stored");
+    let (s, body) = put(
+        "at-limit",
+        json!(vec![7; run_doc::rules::MAX_FLAG_VALUES - 1]),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    for i in 0..6 {
+        let (s, _) = c
+            .post(
+                &run_url(&node, run, "/grafts"),
+                &json!({"agent": format!("A{i}"), "afterStep": "S1", "user": "u"}),
+            )
+            .await;
+        assert_eq!(s, 201);
+    }
+    let (s, body) = put("after", json!({"ok": true})).await;
+    assert_eq!(s, 200, "{body}");
+    let before = state(&c, &node, run).await;
+    node.kill();
+
+    let node = Node::spawn(&db, &[]);
+    let after = state(&c, &node, run).await;
+    assert_eq!(before, after, "every acknowledged write is back");
+    assert_eq!(common::agents(&after).len(), 6);
+    assert_eq!(
+        after["flags"]["at-limit"].as_array().map(Vec::len),
+        Some(run_doc::rules::MAX_FLAG_VALUES - 1)
+    );
+    let (_, health) = c.get(&node.url("/actuator/health")).await;
+    assert_eq!(health["components"]["eventLog"]["status"], "UP", "{health}");
+}
+
+/// A stored change that does not load (here: bytes cut short behind the node's back) is
+/// reported loudly — health, metric, log — and nothing is removed from the log: the run is
+/// served with what does load, and new writes append after the damaged rows.
+async fn a_stored_change_that_does_not_load_is_reported_and_the_log_kept(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let mut node = Node::spawn(&db, &[]);
+    for i in 0..3 {
+        flag(&c, &node, run, &format!("k{i}"), json!(i)).await;
+    }
+    node.kill();
+    let cut = match backend {
+        Backend::Postgres => "substring(crdt_changes from 1 for 20)",
+        Backend::Sqlite => "substr(crdt_changes, 1, 20)",
+    };
+    let damaged = db::execute(
+        &db,
+        &format!(
+            "UPDATE collaboration_events SET crdt_changes = {cut} WHERE run_id = {} AND run_seq = 2",
+            db::run_literal(&db, run)
+        ),
+    )
+    .await;
+    assert_eq!(damaged, 1);
+
+    let node = Node::spawn(&db, &[]);
+    let s = state(&c, &node, run).await;
+    assert_eq!(
+        s["flags"]["k0"], 0,
+        "what does not depend on the damage is served"
+    );
+    let (status, health) = c.get(&node.url("/actuator/health")).await;
+    assert_eq!(status, 200, "the node keeps serving: {health}");
+    let log = &health["components"]["eventLog"];
+    assert_eq!(log["status"], "DEGRADED", "{health}");
+    assert_eq!(log["runs"][0]["runId"], run.to_string(), "{health}");
+    assert_eq!(
+        log["runs"][0]["unloadableChanges"], 2,
+        "the cut one and the one after it"
+    );
+    let metrics = c.text(&node.url("/actuator/prometheus")).await;
+    assert_eq!(
+        common::metric(&metrics, "crdt_stored_changes_unloadable"),
+        Some(2.0)
+    );
+    assert!(node.log_text().contains("did not load"), "logged");
+    flag(&c, &node, run, "k9", json!(9)).await;
+    assert_eq!(
+        db::event_rows(&db, run).await,
+        4,
+        "no row removed; the new one appended"
+    );
+}
 
 #[test]
 fn bad_configuration_stops_start_up_naming_the_key() {

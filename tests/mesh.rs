@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use common::mesh::{converged, holds, lone_node, raw_peer, ws_url, TestMesh, Ws, SECRET};
+use common::mesh::{
+    converged, holds, lone_node, raw_peer, replicated, ws_url, TestMesh, Ws, SECRET,
+};
 use common::{eventually, metric, run_url, Backend, Client, Node};
 use run_wire::mesh as protocol;
 
@@ -265,6 +267,51 @@ async fn killed_node_keeps_what_it_acknowledged() {
             "acknowledged graft {id} lost"
         );
     }
+}
+
+/// Mutations sized around the doors' limits: what one region acknowledges, the other takes
+/// over the mesh and loads again after SIGKILL; what is refused (413) reaches no region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_at_the_limits_replicate_and_load_in_every_region() {
+    let mut mesh = TestMesh::start(Backend::Sqlite, &REGIONS[..2], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    let run = Uuid::new_v4();
+    let limit = run_doc::rules::MAX_FLAG_VALUES;
+    let text = run_doc::rules::MAX_FLAG_TEXT_BYTES;
+    let cases = [
+        ("values-under", json!(vec![1; limit - 1]), 200),
+        ("values-over", json!(vec![1; limit + 1]), 413),
+        ("text-at", json!("t".repeat(text)), 200),
+        ("text-over", json!("t".repeat(text + 1)), 413),
+        ("far-over", json!(vec![0; 150_000]), 413),
+    ];
+    for (key, value, expected) in cases {
+        let url = run_url(mesh.node(0), run, &format!("/flags/{key}"));
+        let (s, body) = c.put(&url, &json!({"value": value, "user": "u"})).await;
+        assert_eq!(s, expected, "{key}: {body}");
+    }
+    let (s, _) = c
+        .post(&run_url(mesh.node(0), run, "/grafts"), &graft("After", "u"))
+        .await;
+    assert_eq!(s, 201);
+    let before = converged(&c, &mesh.nodes(), run, 30).await;
+    let keys: BTreeSet<&str> = before["flags"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["text-at", "values-under"]));
+    mesh.kill(1);
+    mesh.restart(1);
+    let (s, after) = c.get(&run_url(mesh.node(1), run, "/state")).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        replicated(&after),
+        replicated(&before),
+        "region 2 loads what it took"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,12 +39,12 @@ pub use changes::{
     concat_changes, parse_changes, parse_changes_or_document, parse_document, parse_own_changes,
     parse_own_document, parse_peer_changes, Stamp,
 };
-pub use sync_message::decode_sync_message;
 pub use genesis::genesis_actor;
 pub use legacy::{legacy_actor, LegacyEvent};
 use rules::MAX_FOREIGN_JUMP;
 pub use rules::{MAX_LAMPORT, MAX_LAMPORT_STEP};
 pub use state::{Graft, PrunedStep, RunState};
+pub use sync_message::decode_sync_message;
 
 use genesis::{FLAGS, GRAFTS, PRUNED_STEPS};
 use state::root_obj;

@@ -101,8 +101,7 @@ pub fn name(field: &'static str, value: Option<&str>) -> Result<String, Invalid>
 /// written.
 pub fn stored_name(field: &'static str, value: Option<&str>) -> Result<String, Invalid> {
     let value = value.map(str::trim).unwrap_or("");
-    if value.is_empty() || value.chars().count() > MAX_NAME || value.chars().any(char::is_control)
-    {
+    if value.is_empty() || value.chars().count() > MAX_NAME || value.chars().any(char::is_control) {
         return Err(Invalid::new(field, "is missing or not a valid name"));
     }
     Ok(value.to_string())
@@ -208,7 +207,10 @@ mod tests {
     #[test]
     fn names_are_bounded_printable_and_never_altered() {
         assert_eq!(name("agent", Some("a b")).unwrap(), "a b");
-        assert!(name("agent", Some("  a b ")).is_err(), "refused, not trimmed");
+        assert!(
+            name("agent", Some("  a b ")).is_err(),
+            "refused, not trimmed"
+        );
         assert!(name("sub", Some(" ana ")).is_err());
         assert_eq!(stored_name("user", Some(" ana ")).unwrap(), "ana");
         for sneaky in ["an\u{202E}a", "a\u{200B}na", "\u{FEFF}ana", "ana\u{2066}"] {
@@ -248,7 +250,11 @@ mod tests {
             v = Json::Array(vec![v]);
         }
         assert!(flag_value("value", &v).is_ok());
-        assert!(!flag_value("value", &Json::Array(vec![v])).unwrap_err().too_large);
+        assert!(
+            !flag_value("value", &Json::Array(vec![v]))
+                .unwrap_err()
+                .too_large
+        );
     }
 
     #[test]
@@ -263,6 +269,10 @@ mod tests {
         let keys: serde_json::Map<String, Json> = (0..300)
             .map(|i| (format!("{i:01000}"), Json::Null))
             .collect();
-        assert!(flag_value("value", &Json::Object(keys)).unwrap_err().too_large);
+        assert!(
+            flag_value("value", &Json::Object(keys))
+                .unwrap_err()
+                .too_large
+        );
     }
 }

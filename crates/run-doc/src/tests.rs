@@ -782,7 +782,10 @@ fn sync_changes_ahead_of_their_dependencies_are_parked_and_the_gap_is_asked_for(
 
     // A answers the need with X alone; the parked changes then apply behind it.
     let mut sa = sync::State::new();
-    let answer = a.sync_step(&mut sa, Some(reply), Budget::default()).reply.expect("an answer");
+    let answer = a
+        .sync_step(&mut sa, Some(reply), Budget::default())
+        .reply
+        .expect("an answer");
     let step = b.sync_step(&mut sb, Some(answer), Budget::default());
     assert!(step.applied.error.is_none());
     assert_eq!(step.applied.applied.len(), 3);
@@ -798,7 +801,10 @@ fn sync_messages_with_malformed_bloom_filters_are_refused_not_panicked_on() {
     let mut a = RunDoc::new(run, "us-east-1");
     a.apply(&graft("G", "Step1", "alice"), T0).unwrap();
     let mut sa = sync::State::new();
-    let good = a.sync_step(&mut sa, None, Budget::default()).reply.expect("message");
+    let good = a
+        .sync_step(&mut sa, None, Budget::default())
+        .reply
+        .expect("message");
     let mut bytes = good.clone().encode();
     let bloom = good.have[0].bloom.to_bytes();
     assert!(!bloom.is_empty());
@@ -1253,10 +1259,7 @@ fn the_graft_index_follows_remote_grafts_and_foreign_rewrites() {
 
 /// A size near one of the doors' limits: just under, at, just over, or anywhere up to twice.
 fn near(limit: usize) -> impl Strategy<Value = usize> {
-    prop_oneof![
-        (limit.saturating_sub(3)..=limit + 3),
-        (0..=limit * 2),
-    ]
+    prop_oneof![(limit.saturating_sub(3)..=limit + 3), (0..=limit * 2),]
 }
 
 /// A mutation sized around the limits the doors check (flag values and text, names).
