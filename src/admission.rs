@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::config::Admission as Settings;
+use crate::socket::FrameLimit;
 
 /// One door's pool of unproven connections: cheap to clone.
 #[derive(Clone)]
@@ -44,6 +45,17 @@ pub enum Refused {
 pub struct PreAuthSlot {
     inner: Arc<Inner>,
     address: Option<IpAddr>,
+    /// The socket's frame limit, raised when the slot is given up: a proven connection may
+    /// send what the edge takes, an unproven one only a few KiB.
+    on_proof: Option<FrameLimit>,
+}
+
+impl PreAuthSlot {
+    /// Raises `limit` when this slot is given up (the connection proved itself).
+    pub fn raising(mut self, limit: &FrameLimit) -> Self {
+        self.on_proof = Some(limit.clone());
+        self
+    }
 }
 
 impl PreAuth {
@@ -79,6 +91,7 @@ impl PreAuth {
         Ok(PreAuthSlot {
             inner: self.inner.clone(),
             address,
+            on_proof: None,
         })
     }
 
@@ -97,6 +110,9 @@ impl Inner {
 
 impl Drop for PreAuthSlot {
     fn drop(&mut self) {
+        if let Some(limit) = &self.on_proof {
+            limit.raise();
+        }
         let mut counts = self.inner.lock();
         counts.total = counts.total.saturating_sub(1);
         if let Some(ip) = self.address {

@@ -50,6 +50,47 @@ pub struct Crdt {
     pub runs: RunSettings,
     #[serde(default)]
     pub admission: Admission,
+    #[serde(default)]
+    pub memory: Memory,
+}
+
+/// The node's memory budget for what others send it, sized by default for a 512 MiB pod.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Memory {
+    /// Bytes of incoming WebSocket messages and request bodies the node holds in all while
+    /// they arrive; past it new ones are refused (1013, 503) and what is held is served.
+    #[serde(default = "default_incoming_bytes")]
+    pub incoming_bytes: usize,
+    /// How long one WebSocket message or request body may take to arrive once begun.
+    #[serde(default = "default_message_deadline")]
+    pub message_deadline_ms: u64,
+    /// Runs held in memory at most; past it the least recently used idle ones are unloaded
+    /// (and load again on demand).
+    #[serde(default = "default_max_loaded_runs")]
+    pub max_loaded_runs: usize,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            incoming_bytes: default_incoming_bytes(),
+            message_deadline_ms: default_message_deadline(),
+            max_loaded_runs: default_max_loaded_runs(),
+        }
+    }
+}
+
+fn default_incoming_bytes() -> usize {
+    128 << 20
+}
+
+fn default_message_deadline() -> u64 {
+    30_000
+}
+
+fn default_max_loaded_runs() -> usize {
+    5_000
 }
 
 /// What the WebSocket doors (`/ws`, `/ws/runs`, `/ws/automerge`) let in before a connection
@@ -551,6 +592,12 @@ const ENV_KEYS: &[(&str, &str)] = &[
         "crdt.snapshot.min-interval-ms",
     ),
     ("CRDT_RUN_IDLE_SECS", "crdt.runs.idle-timeout-secs"),
+    ("CRDT_MEMORY_INCOMING_BYTES", "crdt.memory.incoming-bytes"),
+    (
+        "CRDT_MESSAGE_DEADLINE_MS",
+        "crdt.memory.message-deadline-ms",
+    ),
+    ("CRDT_MAX_LOADED_RUNS", "crdt.memory.max-loaded-runs"),
     (
         "CRDT_PRE_AUTH_PER_ADDRESS",
         "crdt.admission.pre-auth-per-address",
@@ -793,6 +840,22 @@ impl Settings {
         }
         if self.crdt.runs.idle_timeout_secs == 0 {
             return Err(invalid("crdt.runs.idle-timeout-secs", "must be at least 1"));
+        }
+        let memory = &self.crdt.memory;
+        if memory.incoming_bytes < self.server.max_body_bytes {
+            return Err(invalid(
+                "crdt.memory.incoming-bytes",
+                "must be at least server.max-body-bytes (one largest request)",
+            ));
+        }
+        if memory.message_deadline_ms < 1_000 {
+            return Err(invalid(
+                "crdt.memory.message-deadline-ms",
+                "must be at least 1000",
+            ));
+        }
+        if memory.max_loaded_runs == 0 {
+            return Err(invalid("crdt.memory.max-loaded-runs", "must be at least 1"));
         }
         Ok(())
     }

@@ -85,6 +85,10 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         node_id: settings.node_id().to_string(),
         origins: http::origin::AllowedOrigins::new(settings.crdt.admission.allowed_origins.urls()),
         auth,
+        incoming: http::Incoming {
+            budget: crate::socket::MemoryBudget::new(settings.crdt.memory.incoming_bytes),
+            deadline: std::time::Duration::from_millis(settings.crdt.memory.message_deadline_ms),
+        },
     });
     let (addr, server, task) = serve(settings, state, &metrics, workers)?;
     log::info!(

@@ -331,15 +331,18 @@ async fn a_stuck_session_is_closed_and_the_others_keep_up() {
     let node = Node::spawn(&db, &[("CRDT_BROWSER_QUEUE_BYTES", "3145728")]);
     let c = Client::new();
     let run = Uuid::new_v4();
-    // One big flag makes every STATE big; small changes then make many of them.
-    let blob = "x".repeat(1_000_000);
-    let (s, _) = c
-        .put(
-            &run_url(&node, run, "/flags/blob"),
-            &json!({"value": blob, "user": "u"}),
-        )
-        .await;
-    assert_eq!(s, 200);
+    // Four big flags (each within a flag's bound) make every STATE big; small changes then
+    // make many of them.
+    for i in 0..4 {
+        let blob = "x".repeat(250_000);
+        let (s, _) = c
+            .put(
+                &run_url(&node, run, &format!("/flags/blob{i}")),
+                &json!({"value": blob, "user": "u"}),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
     let mut stuck = stuck_session(&node, run).await;
     let mut live = Session::join(&node, run, "live").await;
     let url = run_url(&node, run, "/flags/tick");

@@ -18,6 +18,7 @@ mod hub;
 mod room;
 mod session;
 
+use crate::socket::ReadLimits;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,7 +131,7 @@ impl AutomergeRepo {
     /// or why it proved no one (then the client's `join` is refused with the reason).
     pub fn accept(
         &self,
-        (socket, stream): (actix_ws::Session, actix_ws::MessageStream),
+        (socket, payload, limits): (actix_ws::Session, actix_web::web::Payload, ReadLimits),
         admitted: (PreAuthSlot, Seat),
         identity: Result<Identity, String>,
     ) {
@@ -143,7 +144,12 @@ impl AutomergeRepo {
             identity,
         };
         let session = RepoSession::new(parts, edge).start();
-        crate::socket::serve(socket, stream, config.max_frame, session.recipient(), io);
+        crate::socket::serve(socket, payload, limits, session.recipient(), io);
+    }
+
+    /// The largest message a joined connection may send.
+    pub fn max_frame(&self) -> usize {
+        self.shared.config.max_frame
     }
 
     /// Closes every connection ("going away") and refuses new ones: the node is stopping.

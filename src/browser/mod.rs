@@ -29,6 +29,7 @@ use crate::identity::{Auth, Identity};
 use crate::metrics::Metrics;
 use crate::presence::{Announce, PeerPresence};
 use crate::runs::Runs;
+use crate::socket::ReadLimits;
 use hub::Hub;
 use presence::PresenceBook;
 use session::BrowserSession;
@@ -137,7 +138,7 @@ impl Browser {
     /// token in `JOIN`.
     pub fn accept(
         &self,
-        (socket, stream): (actix_ws::Session, actix_ws::MessageStream),
+        (socket, payload, limits): (actix_ws::Session, actix_web::web::Payload, ReadLimits),
         run_id: Uuid,
         admitted: (PreAuthSlot, Seat),
         upgraded: Option<Identity>,
@@ -152,7 +153,12 @@ impl Browser {
             upgraded,
         };
         let session = BrowserSession::new(parts, edge).start();
-        crate::socket::serve(socket, stream, config.max_frame, session.recipient(), io);
+        crate::socket::serve(socket, payload, limits, session.recipient(), io);
+    }
+
+    /// The largest message a joined session may send.
+    pub fn max_frame(&self) -> usize {
+        self.shared.config.max_frame
     }
 
     /// Open sessions on the run, in every region.

@@ -11,6 +11,9 @@ use super::{auth, AppState};
 use run_wire::automerge_repo::doc_id;
 use run_wire::close;
 
+/// Largest message before a connection has joined: a `join`.
+const MAX_UNPROVEN_FRAME: usize = 16 * 1024;
+
 pub fn socket(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws/automerge", web::get().to(connect));
 }
@@ -37,7 +40,7 @@ async fn connect(
         Ok(admitted) => admitted,
         Err(not_admitted) => {
             let reason = not_admitted.to_string();
-            let (response, socket, _stream) = actix_ws::handle(&req, body)?;
+            let (response, socket, _payload) = crate::socket::upgrade(&req, body).await?;
             actix_web::rt::spawn(socket.close(Some(actix_ws::CloseReason {
                 code: actix_ws::CloseCode::from(close::TRY_AGAIN_LATER),
                 description: Some(reason),
@@ -49,8 +52,14 @@ async fn connect(
     // protocol (`error`, then close 4001).
     let presented = query.token.as_deref().or(auth::bearer(req.headers()));
     let identity = app.auth.identify(presented).map_err(|e| e.to_string());
-    let (response, socket, stream) = actix_ws::handle(&req, body)?;
-    app.automerge.accept((socket, stream), admitted, identity);
+    let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
+    // Before `join` a message is a join at most.
+    let limits = app
+        .incoming
+        .limits(MAX_UNPROVEN_FRAME, app.automerge.max_frame());
+    let admitted = (admitted.0.raising(&limits.frame), admitted.1);
+    app.automerge
+        .accept((socket, payload, limits), admitted, identity);
     Ok(response)
 }
 

@@ -7,6 +7,9 @@ use super::error::ApiError;
 use super::{auth, validate, AppState};
 use crate::edge_kit::NotAdmitted;
 
+/// Largest frame before a session has joined: a JOIN with a token.
+const MAX_UNPROVEN_FRAME: usize = 16 * 1024;
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws/runs/{runId}", web::get().to(session));
 }
@@ -20,14 +23,19 @@ async fn session(
     let run_id = validate::run_id(&path)?;
     app.origins.check(&req)?;
     let admitted = match app.browser.admit(req.peer_addr().map(|a| a.ip())) {
-        Ok(admitted) => admitted,
+        Ok((slot, seat)) => (slot, seat),
         Err(NotAdmitted::Busy(refused)) => return Ok(super::error::busy(refused)),
         Err(full @ NotAdmitted::Full) => return Err(ApiError::Unavailable(full.to_string()).into()),
     };
     // A bearer token on the upgrade (non-browser clients) stands for JOIN's.
     let upgraded = auth::bearer(req.headers()).and_then(|t| app.auth.identify(Some(t)).ok());
-    let (response, socket, stream) = actix_ws::handle(&req, body)?;
+    let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
+    // Before JOIN a frame holds a token at most.
+    let limits = app
+        .incoming
+        .limits(MAX_UNPROVEN_FRAME, app.browser.max_frame());
+    let admitted = (admitted.0.raising(&limits.frame), admitted.1);
     app.browser
-        .accept((socket, stream), run_id, admitted, upgraded);
+        .accept((socket, payload, limits), run_id, admitted, upgraded);
     Ok(response)
 }

@@ -30,9 +30,14 @@ async fn peer_socket(
         Ok(slot) => slot,
         Err(refused) => return Ok(super::error::busy(refused)),
     };
-    let (response, socket, stream) = actix_ws::handle(&req, body)?;
+    let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     let remote = req.peer_addr().map(|a| a.to_string());
-    app.mesh.accept(socket, stream, remote, slot);
+    // Handshake frames are small; the link's own limit once it proved itself.
+    let limits = app
+        .incoming
+        .limits(crate::mesh::MAX_HANDSHAKE_FRAME, app.mesh.max_frame());
+    let slot = slot.raising(&limits.frame);
+    app.mesh.accept(socket, (payload, limits), remote, slot);
     Ok(response)
 }
 

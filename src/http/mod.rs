@@ -39,6 +39,27 @@ pub struct AppState {
     pub origins: origin::AllowedOrigins,
     /// The credentials every door takes.
     pub auth: Arc<Auth>,
+    /// The budget of incoming WebSocket messages, and how long one may take.
+    pub incoming: Incoming,
+}
+
+/// What every WebSocket door reads within (see `socket::reader`).
+#[derive(Clone)]
+pub struct Incoming {
+    pub budget: crate::socket::MemoryBudget,
+    pub deadline: std::time::Duration,
+}
+
+impl Incoming {
+    /// Read limits for one socket: `unproven` bytes a message until it proves itself, then
+    /// `proven`.
+    pub fn limits(&self, unproven: usize, proven: usize) -> crate::socket::ReadLimits {
+        crate::socket::ReadLimits {
+            frame: crate::socket::FrameLimit::new(unproven, proven),
+            message_deadline: self.deadline,
+            budget: self.budget.clone(),
+        }
+    }
 }
 
 /// Registers everything on an App; `max_body` bounds every request body.

@@ -13,7 +13,7 @@ use super::AppState;
 use crate::identity::{Access, Identity, RunSet};
 use crate::runs::RunActivity;
 use crate::runs::{Mutate, MutationOutcome, RemoteChanges};
-use run_doc::{parse_peer_changes, DocError, Mutation};
+use run_doc::{parse_changes, DocError, Mutation};
 
 /// Most changes one sync request may carry.
 const MAX_CHANGES_PER_SYNC: usize = 10_000;
@@ -182,8 +182,7 @@ async fn sync(
         let source_region = validate::region("sourceRegion", body.source_region.as_deref())?;
         let lamport = validate::lamport("lamportTimestamp", body.lamport_timestamp)?;
         let bytes = validate::base64("changes", body.changes.as_deref())?;
-        // Another region's: that node committed them (see `Budget::peer`).
-        let changes = parse_peer_changes(&bytes).map_err(|e| match e {
+        let changes = parse_changes(&bytes).map_err(|e| match e {
             DocError::TooLarge(why) => ApiError::TooLargeContent(format!("changes: {why}")),
             other => ApiError::invalid("changes", other.to_string()),
         })?;

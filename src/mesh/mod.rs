@@ -23,6 +23,7 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 pub use directory::{Direction, MeshState, MAX_REGIONS_PER_RUN};
+pub(crate) use session::MAX_HANDSHAKE_FRAME;
 
 use crate::admission::{PreAuth, PreAuthSlot, Refused};
 use crate::config::Settings;
@@ -130,7 +131,7 @@ impl Mesh {
     pub fn accept(
         &self,
         socket: actix_ws::Session,
-        stream: actix_ws::MessageStream,
+        (payload, limits): (actix_web::web::Payload, crate::socket::ReadLimits),
         remote: Option<String>,
         handshake: PreAuthSlot,
     ) {
@@ -150,13 +151,12 @@ impl Mesh {
             handshake: Some(handshake),
         })
         .start();
-        crate::socket::serve(
-            socket,
-            stream,
-            self.config.max_frame,
-            session.recipient(),
-            io,
-        );
+        crate::socket::serve(socket, payload, limits, session.recipient(), io);
+    }
+
+    /// The largest frame a proven peer may send.
+    pub fn max_frame(&self) -> usize {
+        self.config.max_frame
     }
 
     /// Closes every link ("going away") and stops redialling: a stopping node's links would

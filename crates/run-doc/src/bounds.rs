@@ -42,6 +42,9 @@ pub struct Budget {
     inflated_left: usize,
     /// Operations one change may hold.
     per_change: u64,
+    /// Whether a change stamped by a node (its commit message) may hold more than
+    /// `per_change` (see [`Budget::peer`]).
+    stamped_past_per_change: bool,
 }
 
 impl Default for Budget {
@@ -50,6 +53,7 @@ impl Default for Budget {
             ops_left: MAX_OPS_PER_REQUEST,
             inflated_left: MAX_INFLATED_PER_REQUEST,
             per_change: MAX_OPS_PER_CHANGE,
+            stamped_past_per_change: false,
         }
     }
 }
@@ -81,13 +85,14 @@ impl Budget {
         }
     }
 
-    /// For changes another node sends (mesh links, `POST /sync`): that node committed them,
-    /// so no change is refused for its size alone (a refusal would split the run between
-    /// regions for good: changes written before every door bounded mutations may be larger
-    /// than [`MAX_OPS_PER_CHANGE`]); the request as a whole keeps its bounds.
+    /// For changes a mesh peer sends. A change a node made and stamped before every door
+    /// bounded mutations may hold more than [`MAX_OPS_PER_CHANGE`] operations, and everything
+    /// its region wrote after it depends on it: refusing it would keep the run split between
+    /// regions for good. Such a stamped change is taken within the request's bounds; any
+    /// other (an unstamped op bomb) is held to the per-change bound as everywhere.
     pub fn peer() -> Self {
         Budget {
-            per_change: u64::MAX,
+            stamped_past_per_change: true,
             ..Budget::default()
         }
     }
@@ -168,7 +173,7 @@ impl Budget {
         r.uleb()?; // seq
         r.uleb()?; // start op
         r.sleb()?; // time
-        r.length_prefixed()?; // message
+        let message = r.length_prefixed()?;
         let others = r.uleb()?;
         for _ in 0..others {
             r.length_prefixed()?;
@@ -181,7 +186,9 @@ impl Budget {
             }
             rows.add(spec, data)?;
         }
-        if rows.max > self.per_change {
+        let grandfathered = self.stamped_past_per_change
+            && std::str::from_utf8(message).is_ok_and(|m| super::Stamp::parse(m).is_some());
+        if rows.max > self.per_change && !grandfathered {
             return Err(DocError::TooLarge(format!(
                 "a change holds {} operations; at most {MAX_OPS_PER_CHANGE} are accepted",
                 rows.max

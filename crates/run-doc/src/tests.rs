@@ -1356,16 +1356,33 @@ fn the_loader_reads_back_own_changes_past_the_client_bound() {
     use automerge::{transaction::Transactable, ObjType, ReadDoc, ROOT};
     let run = Uuid::new_v4();
     let mut doc = RunDoc::new(run, "r1");
-    let mut old = AutoCommit::load(&doc.save()).unwrap();
-    old.set_actor(ActorId::random());
-    let flags = old.get(ROOT, "flags").unwrap().unwrap().1;
-    let list = old.put_object(&flags, "big", ObjType::List).unwrap();
-    let zeros = vec![automerge::ScalarValue::Int(0); MAX_OPS_PER_CHANGE as usize + 10];
-    old.splice(&list, 0, 0, zeros).unwrap();
-    old.commit();
-    let big = old.get_last_local_change().unwrap().raw_bytes().to_vec();
+    let genesis = doc.save();
+    let big_change = |message: Option<String>| {
+        let mut old = AutoCommit::load(&genesis).unwrap();
+        old.set_actor(ActorId::random());
+        let flags = old.get(ROOT, "flags").unwrap().unwrap().1;
+        let list = old.put_object(&flags, "big", ObjType::List).unwrap();
+        let zeros = vec![automerge::ScalarValue::Int(0); MAX_OPS_PER_CHANGE as usize + 10];
+        old.splice(&list, 0, 0, zeros).unwrap();
+        let options = CommitOptions::default();
+        old.commit_with(match message {
+            Some(m) => options.with_message(m),
+            None => options,
+        });
+        old.get_last_local_change().unwrap().raw_bytes().to_vec()
+    };
+    // Unstamped, a peer's change past the bound is an op bomb like any other.
+    assert!(parse_peer_changes(&big_change(None)).is_err());
+    let stamp = Stamp {
+        lamport: 1,
+        region: "r1".into(),
+    };
+    let big = big_change(Some(stamp.to_message()));
     assert!(parse_changes(&big).is_err(), "a client door refuses it");
-    assert!(parse_peer_changes(&big).is_ok(), "another node's is taken");
+    assert!(
+        parse_peer_changes(&big).is_ok(),
+        "a node's stamped change is taken from a peer"
+    );
     let own = parse_own_changes(&big).unwrap();
     assert!(doc.replay(own).is_empty());
     doc.apply(&graft("After", "S1", "u"), T0).unwrap();

@@ -4,7 +4,11 @@
 
 /// The node is shutting down.
 pub const GOING_AWAY: u16 = 1001;
-/// What the client sent would cost more than one message may (operations, inflated size).
+/// A text frame that is not UTF-8.
+pub const INVALID_DATA: u16 = 1007;
+/// A message that did not arrive within its deadline once begun (a trickle holding memory).
+pub const POLICY: u16 = 1008;
+/// A frame or message past the size limit, or what the client sent would cost more than one message may (operations, inflated size).
 pub const TOO_BIG: u16 = 1009;
 /// The database is out of reach, or the door has no room: nothing from the client was taken.
 pub const TRY_AGAIN_LATER: u16 = 1013;

@@ -44,7 +44,7 @@ use work::{Slot, Work, SLOT_IDLE};
 
 /// Frames a peer may send before its handshake is done are small; a larger one is refused
 /// before it is parsed.
-const MAX_HANDSHAKE_FRAME: usize = 4096;
+pub(crate) const MAX_HANDSHAKE_FRAME: usize = 4096;
 /// Run ids accepted from one peer's `CRDT_RUNS`.
 const MAX_PEER_RUNS: usize = 10_000_000;
 

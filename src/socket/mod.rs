@@ -17,6 +17,11 @@ use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
+mod reader;
+
+use reader::FrameReader;
+pub use reader::{FrameLimit, MemoryBudget, Read, ReadLimits, Reservation};
+
 #[derive(Debug, Clone)]
 pub enum Out {
     Text(Arc<str>),
@@ -257,33 +262,54 @@ impl LinkSink for ServerSink {
     }
 }
 
-/// Runs an accepted socket over an actix-ws session, feeding `actor`.
+/// Upgrades a request to a WebSocket: the response, the session that writes frames, and the
+/// request's payload, which [`serve`] reads itself (see `reader`: actix-ws's own reader
+/// buffers whatever arrives before looking at a frame's length).
+pub async fn upgrade(
+    req: &actix_web::HttpRequest,
+    body: actix_web::web::Payload,
+) -> Result<
+    (
+        actix_web::HttpResponse,
+        actix_ws::Session,
+        actix_web::web::Payload,
+    ),
+    actix_web::Error,
+> {
+    use actix_web::FromRequest;
+    let unused =
+        actix_web::web::Payload::from_request(req, &mut actix_web::dev::Payload::None).await?;
+    let (response, session, _unused_stream) = actix_ws::handle(req, unused)?;
+    Ok((response, session, body))
+}
+
+/// Runs an accepted socket over an actix-ws session, feeding `actor` what `payload` brings,
+/// read within `limits`.
 pub fn serve(
     session: actix_ws::Session,
-    stream: actix_ws::MessageStream,
-    max_frame: usize,
+    payload: actix_web::web::Payload,
+    limits: ReadLimits,
     actor: Recipient<Inbound>,
     io: Channels,
 ) {
     let Channels { out, rx, stop } = io;
-    let mut stream = stream
-        .max_frame_size(max_frame)
-        .aggregate_continuations()
-        .max_continuation_size(max_frame);
+    let mut frames = FrameReader::new(payload, limits);
     let reader = actix_web::rt::spawn(async move {
-        use actix_ws::AggregatedMessage as M;
         let reason = loop {
-            let inbound = match stream.recv().await {
-                Some(Ok(M::Text(t))) => Inbound::Text(t.to_string()),
-                Some(Ok(M::Binary(b))) => Inbound::Binary(b),
-                Some(Ok(M::Ping(b))) => {
+            let inbound = match frames.next().await {
+                Read::Text(t) => Inbound::Text(t),
+                Read::Binary(b) => Inbound::Binary(b),
+                Read::Ping(b) => {
                     let _ = out.try_send(Out::Pong(b));
                     continue;
                 }
-                Some(Ok(M::Pong(b))) => Inbound::Pong(b),
-                Some(Ok(M::Close(r))) => break r.map(describe).or(Some("closed by peer".into())),
-                Some(Err(e)) => break Some(format!("protocol error: {e}")),
-                None => break None,
+                Read::Pong(b) => Inbound::Pong(b),
+                Read::Closed(reason) => break reason,
+                Read::Refused(code, reason) => {
+                    // Queued last: the writer sends it when the session stops.
+                    let _ = out.try_send(Out::Close(code, reason.clone()));
+                    break Some(format!("refused ({code}): {reason}"));
+                }
             };
             if actor.send(inbound).await.is_err() {
                 return;
