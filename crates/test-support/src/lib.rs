@@ -524,6 +524,7 @@ pub mod db {
 pub mod bench;
 pub mod mesh;
 pub mod proxy;
+pub mod raw_ws;
 pub mod repo;
 pub mod tls;
 

@@ -1,0 +1,195 @@
+//! Issue 18: the node's memory budget at every WebSocket door, against a real node process:
+//! frames refused by their declared length before they are buffered, messages that must
+//! arrive in time, sync messages bounded before decoding.
+
+use test_support as common;
+
+use std::time::Duration;
+
+use ciborium::Value as Cbor;
+use common::mesh::lone_node;
+use common::raw_ws::{Ending, RawWs};
+use common::repo;
+use common::{Backend, Client, Node, TestDb};
+use run_wire::close;
+use serde_json::json;
+use uuid::Uuid;
+
+fn addr(node: &Node) -> String {
+    node.base.trim_start_matches("http://").to_string()
+}
+
+/// The three doors, each as a socket that has not proved itself.
+fn doors(run: Uuid) -> [(&'static str, String); 3] {
+    [
+        ("mesh", "/ws".to_string()),
+        ("browser", format!("/ws/runs/{run}")),
+        ("automerge-repo", "/ws/automerge".to_string()),
+    ]
+}
+
+/// Issue 18: a frame whose header claims 600 MiB was buffered whole (peak 600-612 MiB) at
+/// every door. Now it is refused (1009) as soon as its header is in, whatever follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_declaring_more_than_the_limit_is_refused_before_it_is_buffered() {
+    let (node, _db) = lone_node("us-east-1", "bounded", &[], &[]).await;
+    let before = common::peak_rss_mib(node.pid());
+    for (door, path) in doors(Uuid::new_v4()) {
+        let mut ws = RawWs::connect(&addr(&node), &path, &[]).await.expect(door);
+        ws.header(0x2, 600 << 20).await.unwrap();
+        // Whatever the node still reads of 128 MiB of payload, it does not keep.
+        let sent = ws.stream_zeros(128 << 20).await;
+        match ws.ending(Duration::from_secs(10)).await {
+            Ending::Closed(code, reason) => {
+                assert_eq!(code, close::TOO_BIG, "{door}: {reason}");
+                assert!(reason.contains("limit"), "{door}: {reason}");
+            }
+            Ending::Dropped => {}
+            Ending::Silent => panic!("{door}: the node kept reading ({sent} bytes sent)"),
+        }
+    }
+    let peak = common::peak_rss_mib(node.pid());
+    assert!(
+        peak < before + 48,
+        "peak RSS went from {before} to {peak} MiB"
+    );
+    let c = Client::new();
+    let (s, _) = c.get(&node.url("/actuator/health")).await;
+    assert_eq!(s, 200, "the node keeps serving");
+}
+
+/// Before it proves itself a socket may send a few KiB a frame, whatever the door's limit
+/// for proven sessions (issue 18: 64 unproven mesh sockets × 8 MB held 431 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unproven_sockets_may_send_only_small_frames() {
+    let (node, _db) = lone_node("us-east-1", "small", &[], &[]).await;
+    for (door, path) in doors(Uuid::new_v4()) {
+        let mut ws = RawWs::connect(&addr(&node), &path, &[]).await.expect(door);
+        // 64 KiB: far under every door's proven limit, over its unproven one.
+        ws.frame(0x1, &vec![b' '; 64 * 1024]).await.unwrap();
+        match ws.ending(Duration::from_secs(10)).await {
+            Ending::Closed(code, reason) => assert_eq!(code, close::TOO_BIG, "{door}: {reason}"),
+            other => panic!("{door}: {other:?}"),
+        }
+    }
+}
+
+/// A message begun must arrive within the deadline: a client trickling it holds its buffer
+/// (and its socket) no longer (1008).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_does_not_arrive_in_time_is_cut_off() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_MESSAGE_DEADLINE_MS", "1000")]);
+    let run = Uuid::new_v4();
+    let mut ws = RawWs::connect(&addr(&node), &format!("/ws/runs/{run}"), &[])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    ws.header(0x1, 1000).await.unwrap();
+    ws.stream_zeros(10).await;
+    match ws.ending(Duration::from_secs(10)).await {
+        Ending::Closed(code, reason) => {
+            assert_eq!(code, close::POLICY, "{reason}");
+            assert!(reason.contains("longer than"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+/// The node-wide budget of incoming bytes: past it new messages are refused with 1013 and
+/// the reason; a small message from a session already in still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_wide_incoming_budget_refuses_new_work_and_keeps_serving() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    // Room for one 4 MiB request at a time.
+    let node = Node::spawn(
+        &db,
+        &[
+            ("CRDT_MEMORY_INCOMING_BYTES", "6291456"),
+            ("CRDT_MESSAGE_DEADLINE_MS", "20000"),
+        ],
+    );
+    let mut hogs = Vec::new();
+    for i in 0..2 {
+        let join = repo::cbor(vec![
+            ("type", repo::text("join")),
+            ("senderId", repo::text(&format!("hog-{i}"))),
+            ("peerMetadata", Cbor::Map(vec![])),
+            (
+                "supportedProtocolVersions",
+                Cbor::Array(vec![repo::text("1")]),
+            ),
+        ]);
+        let mut ws = RawWs::connect(&addr(&node), "/ws/automerge", &[])
+            .await
+            .unwrap();
+        ws.frame(0x2, &join).await.unwrap();
+        hogs.push(ws);
+    }
+    // Joined: the node answered `peer` (read by `ending` below, skipped as a frame).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each joined connection begins a 16 MiB message and sends 4 MiB of it, then waits.
+    let mut refused = Vec::new();
+    for ws in hogs.iter_mut() {
+        ws.header(0x2, 16 << 20).await.unwrap();
+        ws.stream_zeros(4 << 20).await;
+    }
+    for ws in hogs.iter_mut() {
+        if let Ending::Closed(code, reason) = ws.ending(Duration::from_secs(3)).await {
+            refused.push((code, reason));
+        }
+    }
+    assert!(
+        refused
+            .iter()
+            .any(|(code, reason)| *code == close::TRY_AGAIN_LATER && reason.contains("budget")),
+        "{refused:?}"
+    );
+    let c = Client::new();
+    let (s, _) = c.get(&node.url("/actuator/health")).await;
+    assert_eq!(s, 200);
+}
+
+/// A sync message of millions of empty `have` entries (a few MB that decode to gigabytes) is
+/// refused before Automerge decodes it, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_message_of_empty_haves_is_refused_before_decoding() {
+    let (node, _db) = lone_node("us-east-1", "haves", &[], &[]).await;
+    let run = Uuid::new_v4();
+    let c = Client::new();
+    let (s, _) = c
+        .post(
+            &common::run_url(&node, run, "/grafts"),
+            &json!({"agent": "A", "afterStep": "S", "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let mut data = vec![0x42, 0, 0];
+    let count: u64 = 4_000_000;
+    let mut v = count;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            data.push(byte);
+            break;
+        }
+        data.push(byte | 0x80);
+    }
+    data.extend(std::iter::repeat_n(0u8, (count * 2) as usize));
+    let mut peer = repo::Peer::joined(&node, "haves-peer").await;
+    peer.send(repo::cbor(vec![
+        ("type", repo::text("request")),
+        ("senderId", repo::text("haves-peer")),
+        ("targetId", repo::text("server")),
+        ("documentId", repo::text(&repo::doc_id(run))),
+        ("data", Cbor::Bytes(data)),
+    ]))
+    .await;
+    let (code, reason) = peer.closed_with_reason().await;
+    assert_eq!(code, close::TOO_BIG, "{reason}");
+    assert!(reason.contains("`have`"), "{reason}");
+    let peak = common::peak_rss_mib(node.pid());
+    assert!(peak < 200, "peak RSS {peak} MiB");
+}
