@@ -193,3 +193,35 @@ async fn a_sync_message_of_empty_haves_is_refused_before_decoding() {
     let peak = common::peak_rss_mib(node.pid());
     assert!(peak < 200, "peak RSS {peak} MiB");
 }
+
+/// Issue 18: one client created 880 runs/s and every one stayed loaded until the idle
+/// timeout. Loaded runs are capped: the least recently used idle ones unload, and load again
+/// whole on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loaded_runs_are_capped_and_unloaded_runs_load_again_on_demand() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_MAX_LOADED_RUNS", "40")]);
+    let c = Client::new();
+    let runs: Vec<Uuid> = (0..200).map(|_| Uuid::new_v4()).collect();
+    let mut most = 0.0f64;
+    for (i, run) in runs.iter().enumerate() {
+        let (s, body) = c
+            .post(
+                &common::run_url(&node, *run, "/grafts"),
+                &json!({"agent": format!("A{i}"), "afterStep": "S", "user": "u"}),
+            )
+            .await;
+        assert_eq!(s, 201, "{body}");
+        if i % 20 == 19 {
+            let metrics = c.text(&node.url("/actuator/prometheus")).await;
+            most = most.max(common::metric(&metrics, "crdt_runs_loaded").unwrap_or(0.0));
+        }
+    }
+    // The cap, plus the runs whose unloading is still under way.
+    assert!(most <= 48.0, "{most} runs loaded at once");
+    for (i, run) in runs.iter().enumerate().step_by(37) {
+        let (s, state) = c.get(&common::run_url(&node, *run, "/state")).await;
+        assert_eq!(s, 200);
+        assert_eq!(common::agents(&state), vec![format!("A{i}")], "run {i} loads again");
+    }
+}

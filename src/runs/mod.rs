@@ -41,6 +41,8 @@ pub struct RunsConfig {
     pub idle_timeout: Duration,
     /// Longest an event-log transaction may take before it counts as the database out of reach.
     pub write_timeout: Duration,
+    /// Runs loaded at most; past it the least recently used idle ones are unloaded.
+    pub max_loaded: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,8 @@ pub struct RunChanged {
 struct Entry {
     addr: Addr<RunActor>,
     incarnation: u64,
+    /// When the run was last asked for, in ms since the registry started.
+    last_used: AtomicU64,
 }
 
 struct Inner {
@@ -107,6 +111,9 @@ struct Inner {
     /// did not. Never expected: every door admits only what the loader takes back; reported
     /// loudly (health, metric, log) if it happens all the same.
     damaged: Mutex<HashMap<Uuid, usize>>,
+    /// Registry entries (runs loaded or loading), bounded by `config.max_loaded`.
+    loaded: AtomicUsize,
+    started: std::time::Instant,
 }
 
 /// The run registry. Cheap to clone; lookups take one short lock on one of many shards, so
@@ -165,6 +172,8 @@ impl Runs {
                 digests: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 store_down: AtomicBool::new(false),
                 damaged: Mutex::new(HashMap::new()),
+                loaded: AtomicUsize::new(0),
+                started: std::time::Instant::now(),
             }),
         }
     }
@@ -185,7 +194,7 @@ impl Runs {
     {
         // An actor may stop (idle, failed) between lookup and delivery: then start a fresh one.
         for _ in 0..3 {
-            let (addr, incarnation) = self.actor(run_id);
+            let (addr, incarnation) = self.actor(run_id)?;
             match addr.send(msg.clone()).await {
                 Ok(result) => return Ok(result),
                 Err(_) => self.forget(run_id, incarnation),
@@ -324,11 +333,34 @@ impl Runs {
         &self.inner.shards[self.shard_index(run_id)]
     }
 
-    fn actor(&self, run_id: Uuid) -> (Addr<RunActor>, u64) {
+    fn actor(&self, run_id: Uuid) -> Result<(Addr<RunActor>, u64), RunError> {
+        let now = self.inner.started.elapsed().as_millis() as u64;
+        {
+            let shard = self.shard(run_id).lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = shard.get(&run_id) {
+                if e.addr.connected() {
+                    e.last_used.store(now, Ordering::Relaxed);
+                    return Ok((e.addr.clone(), e.incarnation));
+                }
+            }
+        }
+        let max = self.inner.config.max_loaded;
+        let loaded = self.inner.loaded.load(Ordering::Relaxed);
+        if loaded >= max {
+            // Make room: the least recently used idle runs unload (they are durable and load
+            // again on demand); 1% at a time, so the scan is rare.
+            self.evict(loaded + 1 - max + max / 100);
+            // Past a tenth more than the cap (every run busy), new runs wait.
+            if loaded >= max + max / 10 {
+                return Err(RunError::Unavailable(format!(
+                    "this node holds as many runs as it may ({max}); try again shortly"
+                )));
+            }
+        }
         let mut shard = self.shard(run_id).lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = shard.get(&run_id) {
             if e.addr.connected() {
-                return (e.addr.clone(), e.incarnation);
+                return Ok((e.addr.clone(), e.incarnation));
             }
         }
         let incarnation = self.inner.incarnations.fetch_add(1, Ordering::Relaxed);
@@ -337,14 +369,44 @@ impl Runs {
         let addr = RunActor::start_in_arbiter(&self.inner.arbiters[i], move |_| {
             RunActor::new(run_id, incarnation, runs)
         });
-        shard.insert(
+        let replaced = shard.insert(
             run_id,
             Entry {
                 addr: addr.clone(),
                 incarnation,
+                last_used: AtomicU64::new(now),
             },
         );
-        (addr, incarnation)
+        if replaced.is_none() {
+            self.inner.loaded.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((addr, incarnation))
+    }
+
+    /// Asks the `count` least recently used runs to unload if they are idle.
+    fn evict(&self, count: usize) {
+        let mut candidates: Vec<(u64, Addr<RunActor>)> = Vec::new();
+        for shard in &self.inner.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            candidates.extend(
+                shard
+                    .values()
+                    .map(|e| (e.last_used.load(Ordering::Relaxed), e.addr.clone())),
+            );
+        }
+        let count = count.min(candidates.len());
+        if count == 0 {
+            return;
+        }
+        candidates.select_nth_unstable_by_key(count - 1, |(used, _)| *used);
+        for (_, addr) in candidates.into_iter().take(count) {
+            addr.do_send(run_actor::Evict);
+        }
+    }
+
+    /// Runs loaded or loading now.
+    pub fn loaded(&self) -> usize {
+        self.inner.loaded.load(Ordering::Relaxed)
     }
 
     /// Removes the registry entry of one incarnation of a run's actor (not a newer one).
@@ -355,6 +417,7 @@ impl Runs {
             .is_some_and(|e| e.incarnation == incarnation)
         {
             shard.remove(&run_id);
+            self.inner.loaded.fetch_sub(1, Ordering::Relaxed);
         }
     }
 

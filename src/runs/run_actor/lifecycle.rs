@@ -140,6 +140,25 @@ impl RunActor {
     }
 }
 
+/// Unload if idle: the registry is past its cap and this run is among the least recently used.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Evict;
+
+impl Handler<Evict> for RunActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Evict, ctx: &mut Context<Self>) {
+        // Held-back changes exist only here, and a write in flight must answer first.
+        let parked = self.doc.as_ref().is_some_and(RunDoc::has_parked);
+        if self.writes.is_idle() && !parked {
+            log::debug!("run {}: unloaded to stay within the loaded-runs cap", self.run_id);
+            self.runs.forget(self.run_id, self.incarnation);
+            ctx.stop();
+        }
+    }
+}
+
 impl Actor for RunActor {
     type Context = Context<Self>;
 

@@ -37,6 +37,7 @@ use snapshot_schedule::{Due, SnapshotSchedule};
 use write_queue::{Batch, PendingWrite, WriteQueue};
 
 pub(crate) use handlers::{Call, FinalSnapshot, SnapshotWritten};
+pub(crate) use lifecycle::Evict;
 
 /// Client operation ids a run remembers, newest last.
 const RECENT_OPS: usize = 4096;
