@@ -28,6 +28,9 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A request body that did not arrive within the deadline.
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Timeout(_) => "request_timeout",
             ApiError::Internal(_) => "internal",
         }
     }

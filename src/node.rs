@@ -182,6 +182,7 @@ fn serve(
     let bind = (settings.server.bind.as_str(), settings.server.port);
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(actix_web::middleware::from_fn(http::body_budget::budgeted))
             .wrap(actix_web::middleware::from_fn(http::utf8_only))
             .wrap(prometheus.clone())
             .configure(|cfg| http::configure(cfg, state.clone(), max_body))

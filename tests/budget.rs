@@ -222,6 +222,83 @@ async fn loaded_runs_are_capped_and_unloaded_runs_load_again_on_demand() {
     for (i, run) in runs.iter().enumerate().step_by(37) {
         let (s, state) = c.get(&common::run_url(&node, *run, "/state")).await;
         assert_eq!(s, 200);
-        assert_eq!(common::agents(&state), vec![format!("A{i}")], "run {i} loads again");
+        assert_eq!(
+            common::agents(&state),
+            vec![format!("A{i}")],
+            "run {i} loads again"
+        );
     }
+}
+
+/// Sends a POST's head declaring `length` body bytes, then `sent` of them; returns the socket.
+async fn partial_post(
+    node: &Node,
+    path: &str,
+    length: usize,
+    sent: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr(node)).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n",
+        addr(node)
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b' '; sent]).await.unwrap();
+    s
+}
+
+/// The status line of the answer on `s`, if one comes within `secs`.
+async fn status_line(s: &mut tokio::net::TcpStream, secs: u64) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(secs), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    Some(text.lines().next().unwrap_or_default().to_string() + "\n" + &text)
+}
+
+/// Issue 18: a request body sent a byte every few seconds was never timed out. Now it must
+/// arrive within the deadline (408 with the reason), and bodies in progress are charged to
+/// the incoming budget (503 when it has no room).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_must_arrive_in_time_and_within_the_budget() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(
+        &db,
+        &[
+            ("CRDT_MESSAGE_DEADLINE_MS", "1500"),
+            ("CRDT_MAX_BODY_BYTES", "1048576"),
+            ("CRDT_MEMORY_INCOMING_BYTES", "1048576"),
+        ],
+    );
+    let run = Uuid::new_v4();
+    let path = format!("/api/crdt/runs/{run}/grafts");
+    let started = std::time::Instant::now();
+    let mut slow = partial_post(&node, &path, 100, 10).await;
+    let answer = status_line(&mut slow, 10).await.expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("in time"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+
+    // One body holding most of the budget while it arrives; another that does not fit.
+    let mut hog = partial_post(&node, &path, 1_000_000, 900_000).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = partial_post(&node, &path, 500_000, 500_000).await;
+    let answer = status_line(&mut second, 10).await.expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("budget"), "{answer}");
+    let answer = status_line(&mut hog, 10).await.expect("the hog times out");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // Budget given back: an ordinary request goes through.
+    let c = Client::new();
+    let (s, _) = c
+        .post(
+            &common::run_url(&node, run, "/grafts"),
+            &json!({"agent": "A", "afterStep": "S", "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 201);
 }

@@ -19,6 +19,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -39,6 +40,14 @@ pub fn json_error(err: actix_web::error::JsonPayloadError, limit: usize) -> acti
         J::Overflow { .. } | J::OverflowKnownLength { .. } => ApiError::TooLarge { limit },
         J::ContentType => ApiError::BadRequest("expected Content-Type: application/json".into()),
         J::Deserialize(e) => ApiError::BadRequest(format!("malformed JSON body: {e}")),
+        J::Payload(actix_web::error::PayloadError::Io(e)) if super::body_budget::is_timeout(e) => {
+            ApiError::Timeout(e.to_string())
+        }
+        J::Payload(actix_web::error::PayloadError::Io(e))
+            if super::body_budget::is_over_budget(e) =>
+        {
+            ApiError::Unavailable(e.to_string())
+        }
         other => ApiError::BadRequest(format!("unreadable JSON body: {other}")),
     };
     api.into()

@@ -5,6 +5,7 @@
 
 mod auth;
 mod automerge;
+pub mod body_budget;
 mod browser;
 pub mod error;
 mod health;

@@ -152,7 +152,10 @@ impl Handler<Evict> for RunActor {
         // Held-back changes exist only here, and a write in flight must answer first.
         let parked = self.doc.as_ref().is_some_and(RunDoc::has_parked);
         if self.writes.is_idle() && !parked {
-            log::debug!("run {}: unloaded to stay within the loaded-runs cap", self.run_id);
+            log::debug!(
+                "run {}: unloaded to stay within the loaded-runs cap",
+                self.run_id
+            );
             self.runs.forget(self.run_id, self.incarnation);
             ctx.stop();
         }
