@@ -62,6 +62,10 @@ pub struct Memory {
     /// they arrive; past it new ones are refused (1013, 503) and what is held is served.
     #[serde(default = "default_incoming_bytes")]
     pub incoming_bytes: usize,
+    /// Bytes queued for browser sessions and automerge-repo connections in all; past half of
+    /// it ephemeral messages are dropped, past all of it a session already behind is closed.
+    #[serde(default = "default_outgoing_bytes")]
+    pub outgoing_bytes: usize,
     /// How long one WebSocket message or request body may take to arrive once begun.
     #[serde(default = "default_message_deadline")]
     pub message_deadline_ms: u64,
@@ -75,6 +79,7 @@ impl Default for Memory {
     fn default() -> Self {
         Memory {
             incoming_bytes: default_incoming_bytes(),
+            outgoing_bytes: default_outgoing_bytes(),
             message_deadline_ms: default_message_deadline(),
             max_loaded_runs: default_max_loaded_runs(),
         }
@@ -82,6 +87,10 @@ impl Default for Memory {
 }
 
 fn default_incoming_bytes() -> usize {
+    128 << 20
+}
+
+fn default_outgoing_bytes() -> usize {
     128 << 20
 }
 
@@ -593,6 +602,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ),
     ("CRDT_RUN_IDLE_SECS", "crdt.runs.idle-timeout-secs"),
     ("CRDT_MEMORY_INCOMING_BYTES", "crdt.memory.incoming-bytes"),
+    ("CRDT_MEMORY_OUTGOING_BYTES", "crdt.memory.outgoing-bytes"),
     (
         "CRDT_MESSAGE_DEADLINE_MS",
         "crdt.memory.message-deadline-ms",
@@ -846,6 +856,12 @@ impl Settings {
             return Err(invalid(
                 "crdt.memory.incoming-bytes",
                 "must be at least server.max-body-bytes (one largest request)",
+            ));
+        }
+        if memory.outgoing_bytes < 1 << 20 {
+            return Err(invalid(
+                "crdt.memory.outgoing-bytes",
+                "must be at least 1 MiB",
             ));
         }
         if memory.message_deadline_ms < 1_000 {

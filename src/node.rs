@@ -60,8 +60,9 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     );
     let auth = start_auth(settings)?;
     let admission = &settings.crdt.admission;
+    let outgoing = crate::socket::OutgoingBudget::new(settings.crdt.memory.outgoing_bytes);
     let browser = Browser::start(
-        BrowserConfig::from_settings(settings),
+        BrowserConfig::from_settings(settings, &outgoing),
         PreAuth::from_settings(admission, admission.pre_auth_total),
         runs.clone(),
         Arc::new(mesh.clone()),
@@ -70,7 +71,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
     );
     mesh.state.presence().subscribe(browser.peer_presence());
     let automerge = AutomergeRepo::start(
-        RepoConfig::from_settings(settings),
+        RepoConfig::from_settings(settings, &outgoing),
         PreAuth::from_settings(admission, admission.pre_auth_total),
         runs.clone(),
         metrics.clone(),

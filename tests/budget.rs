@@ -302,3 +302,37 @@ async fn request_bodies_must_arrive_in_time_and_within_the_budget() {
         .await;
     assert_eq!(s, 201);
 }
+
+/// Issue 18: ephemeral relay was bounded per receiver only (400 × 65,000 B to 100 receivers
+/// peaked at 1.6 GiB). The node counts what it has queued for all sessions together: past
+/// half its outgoing budget, ephemeral messages are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_fan_out_is_counted_across_receivers() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_MEMORY_OUTGOING_BYTES", "8388608")]);
+    let run = Uuid::new_v4();
+    let doc = repo::doc_id(run);
+    let before = common::peak_rss_mib(node.pid());
+    // 30 receivers that never read, each announced in the document.
+    let mut sleepers = Vec::new();
+    for i in 0..30 {
+        let mut sleeper = repo::Peer::joined(&node, &format!("sleeper-{i}")).await;
+        sleeper.ephemeral(&doc, 1, vec![0]).await;
+        sleepers.push(sleeper);
+    }
+    let mut chatty = repo::Peer::joined(&node, "chatty").await;
+    for n in 0..300 {
+        chatty.ephemeral(&doc, n + 2, vec![7u8; 65_000]).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // 300 × 65 KB to 30 receivers is 585 MB unbounded; the node held at most its budget.
+    let peak = common::peak_rss_mib(node.pid());
+    assert!(
+        peak < before + 96,
+        "peak RSS went from {before} to {peak} MiB"
+    );
+    let c = Client::new();
+    let (s, _) = c.get(&node.url("/actuator/health")).await;
+    assert_eq!(s, 200);
+    drop(sleepers);
+}

@@ -18,7 +18,7 @@ mod hub;
 mod room;
 mod session;
 
-use crate::socket::ReadLimits;
+use crate::socket::{OutgoingBudget, ReadLimits};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,12 +49,15 @@ pub struct RepoConfig {
     pub queue_bytes: usize,
     /// The heartbeat, and how long a client has to prove itself.
     pub timing: Timing,
+    /// Bytes queued for every session of the node, in all.
+    pub outgoing: OutgoingBudget,
 }
 
 impl RepoConfig {
-    pub fn from_settings(s: &Settings) -> Self {
+    pub fn from_settings(s: &Settings, outgoing: &OutgoingBudget) -> Self {
         let a = &s.crdt.automerge;
         RepoConfig {
+            outgoing: outgoing.clone(),
             region: s.crdt.region.clone(),
             peer_id: format!("crdt-node:{}", s.node_id()),
             queue: a.queue_frames,

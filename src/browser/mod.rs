@@ -29,7 +29,7 @@ use crate::identity::{Auth, Identity};
 use crate::metrics::Metrics;
 use crate::presence::{Announce, PeerPresence};
 use crate::runs::Runs;
-use crate::socket::ReadLimits;
+use crate::socket::{OutgoingBudget, ReadLimits};
 use hub::Hub;
 use presence::PresenceBook;
 use session::BrowserSession;
@@ -45,12 +45,15 @@ pub struct BrowserConfig {
     pub queue_bytes: usize,
     /// The heartbeat, and how long a client has to prove itself.
     pub timing: Timing,
+    /// Bytes queued for every session of the node, in all.
+    pub outgoing: OutgoingBudget,
 }
 
 impl BrowserConfig {
-    pub fn from_settings(s: &Settings) -> Self {
+    pub fn from_settings(s: &Settings, outgoing: &OutgoingBudget) -> Self {
         let b = &s.crdt.browser;
         BrowserConfig {
+            outgoing: outgoing.clone(),
             region: s.crdt.region.clone(),
             node_id: s.node_id().to_string(),
             queue: b.queue_frames,

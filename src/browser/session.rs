@@ -47,7 +47,8 @@ pub struct BrowserSession {
 
 impl BrowserSession {
     pub fn new(p: Parts, socket: EdgeSocket) -> Self {
-        let outbox = Outbox::new(socket.out().clone(), p.shared.config.queue_bytes);
+        let config = &p.shared.config;
+        let outbox = Outbox::new(socket.out().clone(), config.queue_bytes, &config.outgoing);
         BrowserSession {
             outbox,
             p,

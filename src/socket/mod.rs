@@ -22,15 +22,15 @@ mod reader;
 use reader::FrameReader;
 pub use reader::{FrameLimit, MemoryBudget, Read, ReadLimits, Reservation};
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Out {
     Text(Arc<str>),
     /// A frame shared by many sockets (a browser room's update): queued without a copy. The
     /// counter, if any, holds the bytes queued and not yet written; the writer takes these off.
-    Shared(ByteString, Option<Arc<AtomicUsize>>),
+    Shared(ByteString, Option<Charge>),
     /// A binary frame (automerge-repo's CBOR messages), with the counter of bytes queued, as
     /// for `Shared`.
-    Binary(Bytes, Option<Arc<AtomicUsize>>),
+    Binary(Bytes, Option<Charge>),
     Ping(Bytes),
     Pong(Bytes),
     Close(u16, String),
@@ -110,19 +110,11 @@ pub(crate) async fn write_loop<S: LinkSink>(
             Some(Out::Close(code, reason)) => break Some((code, reason)),
             Some(out) => out,
         };
-        let counted = match &out {
-            Out::Shared(text, Some(pending)) => Some((text.len(), pending.clone())),
-            Out::Binary(bytes, Some(pending)) => Some((bytes.len(), pending.clone())),
-            _ => None,
-        };
         let sent = tokio::select! {
             biased;
             why = &mut stop => break why.ok().or_else(|| last_close(&mut rx)),
             sent = sink.send(out) => sent,
         };
-        if let Some((len, pending)) = counted {
-            pending.fetch_sub(len, Ordering::Relaxed);
-        }
         if !sent {
             reader.abort();
             return;
@@ -175,29 +167,99 @@ pub enum Queued {
     Closed,
 }
 
+/// Bytes queued for sockets and not yet written, in all: fan-out (a room's update, an
+/// ephemeral message relayed to every member) is counted across receivers, not per receiver
+/// only. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct OutgoingBudget {
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl OutgoingBudget {
+    pub fn new(limit: usize) -> Self {
+        OutgoingBudget {
+            queued: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    /// Bytes queued now, in all.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+/// One session's queued bytes, and the node's.
+#[derive(Debug)]
+pub struct QueuedBytes {
+    session: AtomicUsize,
+    node: Arc<AtomicUsize>,
+}
+
+impl QueuedBytes {
+    fn add(&self, len: usize) {
+        self.session.fetch_add(len, Ordering::Relaxed);
+        self.node.fetch_add(len, Ordering::Relaxed);
+    }
+
+    fn sub(&self, len: usize) {
+        self.session.fetch_sub(len, Ordering::Relaxed);
+        self.node.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    fn session(&self) -> usize {
+        self.session.load(Ordering::Relaxed)
+    }
+}
+
+/// Bytes of one queued frame, counted against its session and the node until the frame is
+/// written or dropped (a stopped session's queue is dropped unwritten).
+#[derive(Debug)]
+pub struct Charge {
+    len: usize,
+    to: Arc<QueuedBytes>,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.to.sub(self.len);
+    }
+}
+
 /// A session's outgoing queue as the rooms that feed it see it, bounded in frames and in
 /// bytes: a client that does not read holds at most `max_bytes` of this node's memory, whatever
-/// others send it. Shared by browser sessions and automerge-repo connections.
+/// others send it; and all sessions together hold at most the node's [`OutgoingBudget`]:
+/// past half of it droppable messages (ephemeral) are dropped, past all of it a session
+/// already behind is too slow. Shared by browser sessions and automerge-repo connections.
 #[derive(Clone)]
 pub struct Outbox {
     out: mpsc::Sender<Out>,
-    pending: Arc<AtomicUsize>,
+    pending: Arc<QueuedBytes>,
     max_bytes: usize,
+    node: OutgoingBudget,
 }
 
 impl Outbox {
-    pub fn new(out: mpsc::Sender<Out>, max_bytes: usize) -> Self {
+    pub fn new(out: mpsc::Sender<Out>, max_bytes: usize, node: &OutgoingBudget) -> Self {
         Outbox {
             out,
-            pending: Arc::new(AtomicUsize::new(0)),
+            pending: Arc::new(QueuedBytes {
+                session: AtomicUsize::new(0),
+                node: node.queued.clone(),
+            }),
             max_bytes,
+            node: node.clone(),
         }
     }
 
     /// Whether a droppable message of about `len` bytes would be dropped now.
     pub fn behind(&self, len: usize) -> bool {
-        let behind = self.pending.load(Ordering::Relaxed).saturating_add(len);
-        behind > self.max_bytes / 4 * 3 || self.out.capacity() < self.out.max_capacity() / 4
+        let behind = self.pending.session().saturating_add(len);
+        let node = self.node.queued().saturating_add(len);
+        behind > self.max_bytes / 4 * 3
+            || node > self.node.limit / 2
+            || self.out.capacity() < self.out.max_capacity() / 4
     }
 
     /// Queues a binary frame (automerge-repo); `droppable` frames give way first.
@@ -214,31 +276,28 @@ impl Outbox {
         })
     }
 
-    fn queue(
-        &self,
-        len: usize,
-        droppable: bool,
-        frame: impl FnOnce(Arc<AtomicUsize>) -> Out,
-    ) -> Queued {
+    fn queue(&self, len: usize, droppable: bool, frame: impl FnOnce(Charge) -> Out) -> Queued {
         if droppable && self.behind(len) {
             return Queued::Dropped;
         }
-        let queued = self.pending.load(Ordering::Relaxed);
+        let queued = self.pending.session();
         // One frame larger than the budget still goes to a session that is keeping up (a
         // first sync of a large run, a run's whole state).
-        if queued > 0 && queued.saturating_add(len) > self.max_bytes {
+        let over_session = queued.saturating_add(len) > self.max_bytes;
+        let over_node = self.node.queued().saturating_add(len) > self.node.limit;
+        if queued > 0 && (over_session || over_node) {
             return Queued::TooSlow;
         }
-        self.pending.fetch_add(len, Ordering::Relaxed);
-        match self.out.try_send(frame(self.pending.clone())) {
+        self.pending.add(len);
+        let charge = Charge {
+            len,
+            to: self.pending.clone(),
+        };
+        // A frame not queued is dropped here, and its charge with it.
+        match self.out.try_send(frame(charge)) {
             Ok(()) => Queued::Sent,
-            Err(e) => {
-                self.pending.fetch_sub(len, Ordering::Relaxed);
-                match e {
-                    mpsc::error::TrySendError::Full(_) => Queued::TooSlow,
-                    mpsc::error::TrySendError::Closed(_) => Queued::Closed,
-                }
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => Queued::TooSlow,
+            Err(mpsc::error::TrySendError::Closed(_)) => Queued::Closed,
         }
     }
 }
