@@ -1,8 +1,14 @@
 //! Admission of WebSocket connections that have not proved themselves yet (a mesh link before
 //! its AUTH, a browser session before its JOIN, an automerge-repo connection before its
-//! `join`). Each door keeps its own pool: at most so many unproven connections in all, and at
-//! most so many from one address, so one host reopening sockets as they close cannot keep
-//! real peers and clients out; and each connection has a short time to prove itself.
+//! `join`). Each door keeps its own pool: at most so many unproven connections from one
+//! address, and so many in all; each connection has a short time to prove itself, and frees
+//! its place the moment it does.
+//!
+//! A flood from many addresses cannot keep a real peer or client out: when the pool is full,
+//! the oldest unproven connection is evicted (closed 1013) to make room for the newcomer, so
+//! a flooder's sockets push out each other while a real client proves itself within a round
+//! trip. A connection that brings its proof on the upgrade request (a verified token, a mesh
+//! peer's signed header) never enters the pool at all.
 //!
 //! Addresses are the TCP peer's: behind a proxy every client shares the proxy's address, so
 //! raise `pre-auth-per-address` there (forwarded headers can be forged, so they are not read).
@@ -30,6 +36,9 @@ struct Inner {
 struct Counts {
     total: usize,
     by_address: HashMap<IpAddr, usize>,
+    /// Unproven connections that can be evicted, oldest first (by admission number).
+    waiting: std::collections::BTreeMap<u64, FrameLimit>,
+    next: u64,
 }
 
 /// Why a connection was not admitted.
@@ -45,14 +54,18 @@ pub enum Refused {
 pub struct PreAuthSlot {
     inner: Arc<Inner>,
     address: Option<IpAddr>,
+    /// Its admission number: the order evictions follow.
+    number: u64,
     /// The socket's frame limit, raised when the slot is given up: a proven connection may
     /// send what the edge takes, an unproven one only a few KiB.
     on_proof: Option<FrameLimit>,
 }
 
 impl PreAuthSlot {
-    /// Raises `limit` when this slot is given up (the connection proved itself).
+    /// Raises `limit` when this slot is given up (the connection proved itself); until then
+    /// the connection may be evicted through it.
     pub fn raising(mut self, limit: &FrameLimit) -> Self {
+        self.inner.lock().waiting.insert(self.number, limit.clone());
         self.on_proof = Some(limit.clone());
         self
     }
@@ -77,20 +90,31 @@ impl PreAuth {
     /// A place for one more unproven connection from `address`, if there is room.
     pub fn admit(&self, address: Option<IpAddr>) -> Result<PreAuthSlot, Refused> {
         let mut counts = self.inner.lock();
-        if counts.total >= self.inner.max_total {
-            return Err(Refused::Full);
-        }
         if let Some(ip) = address {
-            let n = counts.by_address.entry(ip).or_default();
-            if *n >= self.inner.max_per_address {
+            if counts.by_address.get(&ip).copied().unwrap_or(0) >= self.inner.max_per_address {
                 return Err(Refused::Address);
             }
-            *n += 1;
+        }
+        if counts.total >= self.inner.max_total {
+            // Evicted connections close within moments; until they have, at most twice the
+            // pool is held.
+            if counts.total >= self.inner.max_total * 2 {
+                return Err(Refused::Full);
+            }
+            let Some((_, oldest)) = counts.waiting.pop_first() else {
+                return Err(Refused::Full);
+            };
+            oldest.evict();
+        }
+        if let Some(ip) = address {
+            *counts.by_address.entry(ip).or_default() += 1;
         }
         counts.total += 1;
+        counts.next += 1;
         Ok(PreAuthSlot {
             inner: self.inner.clone(),
             address,
+            number: counts.next,
             on_proof: None,
         })
     }
@@ -114,6 +138,7 @@ impl Drop for PreAuthSlot {
             limit.raise();
         }
         let mut counts = self.inner.lock();
+        counts.waiting.remove(&self.number);
         counts.total = counts.total.saturating_sub(1);
         if let Some(ip) = self.address {
             if let Some(n) = counts.by_address.get_mut(&ip) {
@@ -155,11 +180,29 @@ mod tests {
     }
 
     #[test]
+    fn a_full_pool_evicts_its_oldest_unproven_connection_for_a_newcomer() {
+        let pool = PreAuth::new(3, 2);
+        let limits: Vec<FrameLimit> = (0..3).map(|_| FrameLimit::new(16, 1024)).collect();
+        let flood: Vec<_> = limits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| pool.admit(ip(&format!("10.0.1.{i}"))).unwrap().raising(l))
+            .collect();
+        let real = pool.admit(ip("10.0.0.1")).expect("a newcomer gets in");
+        assert!(limits[0].is_evicted(), "the oldest is evicted");
+        assert!(!limits[1].is_evicted() && !limits[2].is_evicted());
+        drop(flood);
+        drop(real);
+        assert_eq!(pool.held(), 0);
+    }
+
+    #[test]
     fn the_pool_is_bounded_in_all() {
         let pool = PreAuth::new(4, 2);
         let held: Vec<_> = (0..4)
             .map(|i| pool.admit(ip(&format!("10.0.0.{i}"))).unwrap())
             .collect();
+        // None of these can be evicted (no socket attached).
         assert_eq!(pool.admit(ip("10.0.0.200")).err(), Some(Refused::Full));
         drop(held);
         assert_eq!(pool.held(), 0);

@@ -135,12 +135,14 @@ impl Default for Admission {
     }
 }
 
+/// Sized for NAT: one office or one service's many clients share an address, and a burst of
+/// them must get in at once (a flood is answered by eviction and the total, not by this).
 fn default_pre_auth_per_address() -> usize {
-    16
+    256
 }
 
 fn default_pre_auth_total() -> usize {
-    256
+    1024
 }
 
 fn default_pre_auth_timeout() -> u64 {

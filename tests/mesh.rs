@@ -795,11 +795,17 @@ async fn handshakes_in_progress_are_bounded() {
         assert_eq!(refused, 0);
         idle.extend(open);
     }
-    // …so the next is refused at the door, and the HTTP API keeps answering.
-    match common::ws_from("127.0.0.30", &url).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
-        other => panic!("expected 503, got {other:?}"),
-    }
+    // …so the next one takes the place of the oldest, which is closed (1013), and the HTTP
+    // API keeps answering.
+    let _newcomer = common::ws_from("127.0.0.30", &url)
+        .await
+        .expect("a newcomer is let in");
+    let evicted = tokio::time::timeout(Duration::from_secs(5), closing(&mut idle[0])).await;
+    assert_eq!(
+        evicted.ok().flatten(),
+        Some(run_wire::close::TRY_AGAIN_LATER),
+        "the oldest is evicted"
+    );
     let c = Client::new();
     let (s, _) = c.get(&node.url("/actuator/health")).await;
     assert_eq!(s, 200);
@@ -1036,10 +1042,12 @@ async fn flood_automerge_door(door: &str) -> Vec<Flooder> {
 }
 
 /// Resolves once the socket is closed (whatever it says before).
-async fn closing(s: &mut Flooder) {
+/// Waits for the node to close `s`; the close code, if it sent one.
+async fn closing(s: &mut Flooder) -> Option<u16> {
     loop {
         match s.next().await {
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            None | Some(Err(_)) => return None,
             Some(Ok(_)) => continue,
         }
     }
@@ -1115,4 +1123,126 @@ async fn a_flood_of_unproven_sockets_keeps_no_real_peer_or_client_out() {
     // And their places are free again.
     let (open, _) = common::flood("127.0.0.2", &doors[1], 8).await;
     assert_eq!(open.len(), 8);
+}
+
+/// Keeps `per_address` unproven sockets open to `url` from each of `addresses`, each reopened
+/// as soon as the node closes it, until `stop` is set.
+fn reopening_flood(
+    url: String,
+    addresses: std::ops::Range<u8>,
+    per_address: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    let mut tasks = Vec::new();
+    for host in addresses {
+        for _ in 0..per_address {
+            let (url, stop) = (url.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut opened = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match common::ws_from(&format!("127.0.0.{host}"), &url).await {
+                        Ok(mut ws) => {
+                            opened += 1;
+                            let _ = tokio::time::timeout(Duration::from_secs(1), closing(&mut ws))
+                                .await;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+                opened
+            }));
+        }
+    }
+    tasks
+}
+
+/// Issue 18: 59 addresses × 16 reopening sockets kept a real peer out of the mesh for 90 s
+/// and a browser client out for 30 s. Now a peer proves itself on the upgrade (it never
+/// waits among the unproven), a client with a token on the upgrade likewise, and a full pool
+/// evicts its oldest socket for a newcomer. A burst of 201 sockets from one address (one
+/// service's clients behind one NAT) gets in at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_many_addresses_keeps_no_peer_or_client_out_and_a_burst_gets_in() {
+    let token = "flood-test-token";
+    let (target, _db) =
+        lone_node("eu-central-1", "flooded", &[], &[("CRDT_API_TOKEN", token)]).await;
+    let run = Uuid::new_v4();
+    let ws = |path: &str| target.url(path).replace("http://", "ws://");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = reopening_flood(ws("/ws"), 10..40, 4, stop.clone());
+    flood.extend(reopening_flood(
+        ws(&format!("/ws/runs/{run}")),
+        40..70,
+        4,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A real peer links up at once.
+    let started = std::time::Instant::now();
+    let (_peer, _peer_db) = lone_node("us-east-1", "real-peer", &[ws("/ws")], &[]).await;
+    let c = Client::with_token(token);
+    let up = eventually(15, || async {
+        let (_, s) = c.get(&target.url("/api/crdt/mesh/status")).await;
+        (s["connectedPeers"] == 1).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "the real peer got in");
+    let peer_took = started.elapsed();
+
+    // A client with its token on the upgrade joins the flooded browser door.
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(ws(
+            &format!("/ws/runs/{run}"),
+        ))
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut browser, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    browser
+        .send(Message::text(
+            json!({"type": "JOIN", "user": "ana"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let welcome = loop {
+        let f = next_json(&mut browser).await;
+        if f["type"] == "WELCOME" || f.get("closed").is_some() {
+            break f;
+        }
+    };
+    assert_eq!(welcome["type"], "WELCOME", "{welcome}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut flood_sockets = 0;
+    for task in flood {
+        flood_sockets += task.await.unwrap_or(0);
+    }
+    assert!(
+        peer_took < Duration::from_secs(10),
+        "the peer took {peer_took:?}"
+    );
+
+    // A burst: 201 automerge-repo sockets from one address, each joining at once.
+    let started = std::time::Instant::now();
+    let joins = (0..201).map(|i| {
+        let target = &target;
+        async move {
+            // All from 127.0.0.1: one address.
+            let query = format!("?token={token}");
+            let mut peer = common::repo::Peer::connect(target, &query, &format!("burst-{i}")).await;
+            peer.join(&["1"]).await;
+            let answer = peer.next().await;
+            (common::repo::field(&answer, "type") == Some(common::repo::text("peer")))
+                .then_some(peer)
+        }
+    });
+    let joined: Vec<_> = futures_util::future::join_all(joins).await;
+    let ok = joined.iter().filter(|p| p.is_some()).count();
+    assert_eq!(ok, 201, "every socket of the burst got in at once");
+    println!(
+        "flood: {flood_sockets} sockets opened; the peer linked in {peer_took:?}; \
+         a 201-socket burst joined in {:?}",
+        started.elapsed()
+    );
 }

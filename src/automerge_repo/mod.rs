@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::admission::{PreAuth, PreAuthSlot};
+use crate::admission::PreAuth;
 use crate::config::Settings;
-use crate::edge_kit::{Door, NotAdmitted, Seat, Timing};
+use crate::edge_kit::{Admitted, Door, NotAdmitted, Timing};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::runs::Runs;
@@ -126,8 +126,8 @@ impl AutomergeRepo {
     }
 
     /// Admits a socket from `address` (see `edge_kit::Door`).
-    pub fn admit(&self, address: Option<IpAddr>) -> Result<(PreAuthSlot, Seat), NotAdmitted> {
-        self.shared.door.admit(address)
+    pub fn admit(&self, address: Option<IpAddr>, proven: bool) -> Result<Admitted, NotAdmitted> {
+        self.shared.door.admit(address, proven)
     }
 
     /// Starts the session of an admitted socket. `identity` is who the upgrade's token proved,
@@ -135,7 +135,7 @@ impl AutomergeRepo {
     pub fn accept(
         &self,
         (socket, payload, limits): (actix_ws::Session, actix_web::web::Payload, ReadLimits),
-        admitted: (PreAuthSlot, Seat),
+        admitted: Admitted,
         identity: Result<Identity, String>,
     ) {
         let shared = &self.shared;

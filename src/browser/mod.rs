@@ -22,9 +22,9 @@ use std::time::Duration;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::admission::{PreAuth, PreAuthSlot};
+use crate::admission::PreAuth;
 use crate::config::Settings;
-use crate::edge_kit::{Door, NotAdmitted, Seat, Timing};
+use crate::edge_kit::{Admitted, Door, NotAdmitted, Timing};
 use crate::identity::{Auth, Identity};
 use crate::metrics::Metrics;
 use crate::presence::{Announce, PeerPresence};
@@ -132,8 +132,8 @@ impl Browser {
     }
 
     /// Admits a socket from `address` (see `edge_kit::Door`).
-    pub fn admit(&self, address: Option<IpAddr>) -> Result<(PreAuthSlot, Seat), NotAdmitted> {
-        self.shared.door.admit(address)
+    pub fn admit(&self, address: Option<IpAddr>, proven: bool) -> Result<Admitted, NotAdmitted> {
+        self.shared.door.admit(address, proven)
     }
 
     /// Starts the session of an admitted socket on the current arbiter. `upgraded` is who the
@@ -143,7 +143,7 @@ impl Browser {
         &self,
         (socket, payload, limits): (actix_ws::Session, actix_web::web::Payload, ReadLimits),
         run_id: Uuid,
-        admitted: (PreAuthSlot, Seat),
+        admitted: Admitted,
         upgraded: Option<Identity>,
     ) {
         let shared = &self.shared;

@@ -44,6 +44,9 @@ struct Inner {
     closing: watch::Sender<bool>,
 }
 
+/// An admitted socket's place among the unproven ones (if it has to prove itself) and seat.
+pub type Admitted = (Option<PreAuthSlot>, Seat);
+
 /// One place among the door's open sessions, held until dropped.
 pub struct Seat(Arc<Inner>);
 
@@ -86,9 +89,13 @@ impl Door {
         (taken < self.inner.max_open).then_some(seat)
     }
 
-    /// Admits a socket from `address`: a place among the unproven ones and a seat.
-    pub fn admit(&self, address: Option<IpAddr>) -> Result<(PreAuthSlot, Seat), NotAdmitted> {
-        let pre_auth = self.pre_auth(address).map_err(NotAdmitted::Busy)?;
+    /// Admits a socket from `address`: a place among the unproven ones (none when the
+    /// upgrade request already proved who it is) and a seat.
+    pub fn admit(&self, address: Option<IpAddr>, proven: bool) -> Result<Admitted, NotAdmitted> {
+        let pre_auth = match proven {
+            true => None,
+            false => Some(self.pre_auth(address).map_err(NotAdmitted::Busy)?),
+        };
         let seat = self.seat().ok_or(NotAdmitted::Full)?;
         Ok((pre_auth, seat))
     }
@@ -98,7 +105,7 @@ impl Door {
     pub fn socket(
         &self,
         queue: usize,
-        (pre_auth, seat): (PreAuthSlot, Seat),
+        (pre_auth, seat): Admitted,
         timing: Timing,
     ) -> (EdgeSocket, Channels) {
         let (io, out, shutdown) = crate::socket::channels(queue);
@@ -108,7 +115,7 @@ impl Door {
             out,
             shutdown: Some(shutdown),
             last_heard: Instant::now(),
-            pre_auth: Some(pre_auth),
+            pre_auth,
             _seat: seat,
             closed: self.inner.closed.clone(),
             timing,
@@ -148,7 +155,7 @@ mod tests {
         assert!(door.seat().is_none(), "a stopping node takes no one");
         assert!(door.is_closing());
         drop((b, c));
-        assert_eq!(door.admit(None).err(), Some(NotAdmitted::Full));
+        assert_eq!(door.admit(None, false).err(), Some(NotAdmitted::Full));
         assert_eq!(gauge.get(), 0);
     }
 }

@@ -10,7 +10,7 @@ mod door;
 mod rooms;
 mod session;
 
-pub use door::{Door, NotAdmitted, Seat};
+pub use door::{Admitted, Door, NotAdmitted, Seat};
 pub use rooms::Rooms;
 pub use session::{EdgeSession, EdgeSocket, Timing};
 

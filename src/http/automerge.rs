@@ -36,7 +36,13 @@ async fn connect(
     // A refused client is still upgraded and told why with a close code: the JS client
     // throws on a failed upgrade (an uncaught exception) instead of retrying.
     app.origins.check(&req)?;
-    let admitted = match app.automerge.admit(req.peer_addr().map(|a| a.ip())) {
+    // Who the token proves; without one (or with a bad one) the client is told so in the
+    // protocol (`error`, then close 4001). A verified token proves the socket before it
+    // would take a place among the unproven ones.
+    let presented = query.token.as_deref().or(auth::bearer(req.headers()));
+    let identity = app.auth.identify(presented).map_err(|e| e.to_string());
+    let proven = presented.is_some() && identity.is_ok();
+    let (slot, seat) = match app.automerge.admit(req.peer_addr().map(|a| a.ip()), proven) {
         Ok(admitted) => admitted,
         Err(not_admitted) => {
             let reason = not_admitted.to_string();
@@ -48,18 +54,20 @@ async fn connect(
             return Ok(response);
         }
     };
-    // Who the token proves; without one (or with a bad one) the client is told so in the
-    // protocol (`error`, then close 4001).
-    let presented = query.token.as_deref().or(auth::bearer(req.headers()));
-    let identity = app.auth.identify(presented).map_err(|e| e.to_string());
     let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     // Before `join` a message is a join at most.
     let limits = app
         .incoming
         .limits(MAX_UNPROVEN_FRAME, app.automerge.max_frame());
-    let admitted = (admitted.0.raising(&limits.frame), admitted.1);
+    let slot = match slot {
+        Some(slot) => Some(slot.raising(&limits.frame)),
+        None => {
+            limits.frame.raise();
+            None
+        }
+    };
     app.automerge
-        .accept((socket, payload, limits), admitted, identity);
+        .accept((socket, payload, limits), (slot, seat), identity);
     Ok(response)
 }
 

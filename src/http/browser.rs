@@ -22,20 +22,28 @@ async fn session(
 ) -> Result<HttpResponse, actix_web::Error> {
     let run_id = validate::run_id(&path)?;
     app.origins.check(&req)?;
-    let admitted = match app.browser.admit(req.peer_addr().map(|a| a.ip())) {
-        Ok((slot, seat)) => (slot, seat),
+    // A bearer token on the upgrade (non-browser clients) stands for JOIN's, and proves the
+    // socket before it would take a place among the unproven ones.
+    let upgraded = auth::bearer(req.headers()).and_then(|t| app.auth.identify(Some(t)).ok());
+    let address = req.peer_addr().map(|a| a.ip());
+    let (slot, seat) = match app.browser.admit(address, upgraded.is_some()) {
+        Ok(admitted) => admitted,
         Err(NotAdmitted::Busy(refused)) => return Ok(super::error::busy(refused)),
         Err(full @ NotAdmitted::Full) => return Err(ApiError::Unavailable(full.to_string()).into()),
     };
-    // A bearer token on the upgrade (non-browser clients) stands for JOIN's.
-    let upgraded = auth::bearer(req.headers()).and_then(|t| app.auth.identify(Some(t)).ok());
     let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     // Before JOIN a frame holds a token at most.
     let limits = app
         .incoming
         .limits(MAX_UNPROVEN_FRAME, app.browser.max_frame());
-    let admitted = (admitted.0.raising(&limits.frame), admitted.1);
+    let slot = match slot {
+        Some(slot) => Some(slot.raising(&limits.frame)),
+        None => {
+            limits.frame.raise();
+            None
+        }
+    };
     app.browser
-        .accept((socket, payload, limits), run_id, admitted, upgraded);
+        .accept((socket, payload, limits), run_id, (slot, seat), upgraded);
     Ok(response)
 }

@@ -26,9 +26,17 @@ async fn peer_socket(
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
     let address = req.peer_addr().map(|a| a.ip());
-    let slot = match app.mesh.handshake_slot(address) {
-        Ok(slot) => slot,
-        Err(refused) => return Ok(super::error::busy(refused)),
+    let proof = req
+        .headers()
+        .get(run_wire::mesh::UPGRADE_PROOF_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let slot = if app.mesh.proven_upgrade(proof) {
+        None
+    } else {
+        match app.mesh.handshake_slot(address) {
+            Ok(slot) => Some(slot),
+            Err(refused) => return Ok(super::error::busy(refused)),
+        }
     };
     let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     let remote = req.peer_addr().map(|a| a.to_string());
@@ -36,7 +44,13 @@ async fn peer_socket(
     let limits = app
         .incoming
         .limits(crate::mesh::MAX_HANDSHAKE_FRAME, app.mesh.max_frame());
-    let slot = slot.raising(&limits.frame);
+    let slot = match slot {
+        Some(slot) => Some(slot.raising(&limits.frame)),
+        None => {
+            limits.frame.raise();
+            None
+        }
+    };
     app.mesh.accept(socket, (payload, limits), remote, slot);
     Ok(response)
 }

@@ -14,6 +14,7 @@ use super::transport;
 use super::MeshConfig;
 use crate::metrics::Metrics;
 use crate::runs::Runs;
+use run_wire::mesh as protocol;
 
 pub struct Connector {
     url: String,
@@ -75,15 +76,23 @@ impl Connector {
         let url = self.url.clone();
         let timeout = self.config.peer_timeout;
         let max_frame = self.config.max_frame;
+        // Proven on the upgrade: the socket skips the peer's pool of unproven ones.
+        let proof = self
+            .config
+            .secret
+            .as_deref()
+            .map(|s| protocol::prove_upgrade(s, unix_ms()));
         let connecting = async move {
             let client = awc::Client::builder()
                 .timeout(timeout)
                 .max_http_version(awc::http::Version::HTTP_11)
                 .finish();
             // awc's error is not `Send`; only its text leaves this future.
-            client
-                .ws(url.as_str())
-                .max_frame_size(max_frame)
+            let mut request = client.ws(url.as_str()).max_frame_size(max_frame);
+            if let Some(proof) = proof {
+                request = request.set_header(protocol::UPGRADE_PROOF_HEADER, proof);
+            }
+            request
                 .connect()
                 .await
                 .map(|(_, socket)| socket)
@@ -140,4 +149,11 @@ impl Handler<LinkEvent> for Connector {
             }
         }
     }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -122,6 +122,17 @@ impl Mesh {
         }
     }
 
+    /// Whether an inbound upgrade request carries a valid proof of the mesh secret (see
+    /// `run_wire::mesh::UPGRADE_PROOF_HEADER`): such a socket skips the handshake pool.
+    pub fn proven_upgrade(&self, header: Option<&str>) -> bool {
+        let Some(header) = header else { return false };
+        let now = connector::unix_ms();
+        [&self.config.secret, &self.config.accept_secret]
+            .into_iter()
+            .flatten()
+            .any(|secret| run_wire::mesh::verify_upgrade(secret, header, now))
+    }
+
     /// A place for one more inbound handshake from `address`, if there is room.
     pub fn handshake_slot(&self, address: Option<IpAddr>) -> Result<PreAuthSlot, Refused> {
         self.handshakes.admit(address)
@@ -133,7 +144,7 @@ impl Mesh {
         socket: actix_ws::Session,
         (payload, limits): (actix_web::web::Payload, crate::socket::ReadLimits),
         remote: Option<String>,
-        handshake: PreAuthSlot,
+        handshake: Option<PreAuthSlot>,
     ) {
         let (link, stats) = self.state.add_link(Direction::Inbound, None, remote);
         let (io, out, shutdown) = crate::socket::channels(transport::QUEUE);
@@ -148,7 +159,7 @@ impl Mesh {
             shutdown,
             stats,
             owner: None,
-            handshake: Some(handshake),
+            handshake,
         })
         .start();
         crate::socket::serve(socket, payload, limits, session.recipient(), io);

@@ -27,6 +27,8 @@ use run_wire::close;
 pub struct FrameLimit {
     current: Arc<AtomicUsize>,
     proven: usize,
+    /// Set by admission when the socket, still unproven, is evicted to make room.
+    evicted: Arc<tokio::sync::Notify>,
 }
 
 impl FrameLimit {
@@ -34,7 +36,13 @@ impl FrameLimit {
         FrameLimit {
             current: Arc::new(AtomicUsize::new(unproven.min(proven))),
             proven,
+            evicted: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Closes the socket (1013): it has not proved itself and its place is wanted.
+    pub fn evict(&self) {
+        self.evicted.notify_one();
     }
 
     /// The same limit before and after proof (a link this node opened).
@@ -45,6 +53,13 @@ impl FrameLimit {
     /// The session proved itself: its messages may now be as large as the edge takes.
     pub fn raise(&self) {
         self.current.store(self.proven, Ordering::Relaxed);
+    }
+
+    /// Whether admission evicted the socket (its close is pending or done).
+    #[cfg(test)]
+    pub fn is_evicted(&self) -> bool {
+        use futures_util::FutureExt;
+        self.evicted.notified().now_or_never().is_some()
     }
 
     pub fn get(&self) -> usize {
@@ -194,23 +209,38 @@ where
             } else {
                 self.started.get_or_insert_with(Instant::now);
             }
-            let next = match self.started {
-                None => self.payload.next().await,
-                Some(t) => {
-                    let deadline = t + self.limits.message_deadline;
-                    match tokio::time::timeout_at(deadline.into(), self.payload.next()).await {
-                        Ok(next) => next,
-                        Err(_) => {
-                            return Read::Refused(
-                                close::POLICY,
-                                format!(
-                                    "a message took longer than {} s to arrive",
-                                    self.limits.message_deadline.as_secs()
-                                ),
-                            )
-                        }
-                    }
+            let deadline = self
+                .started
+                .map(|t| (t + self.limits.message_deadline).into());
+            let evicted = self.limits.frame.evicted.clone();
+            let read = async {
+                match deadline {
+                    None => Ok(self.payload.next().await),
+                    Some(at) => tokio::time::timeout_at(at, self.payload.next()).await,
                 }
+            };
+            let next = tokio::select! {
+                biased;
+                _ = evicted.notified() => {
+                    return Read::Refused(
+                        close::TRY_AGAIN_LATER,
+                        "evicted: too many connections are still to prove themselves; \
+                         prove this one sooner after connecting"
+                            .into(),
+                    )
+                }
+                next = read => match next {
+                    Ok(next) => next,
+                    Err(_) => {
+                        return Read::Refused(
+                            close::POLICY,
+                            format!(
+                                "a message took longer than {} s to arrive",
+                                self.limits.message_deadline.as_secs()
+                            ),
+                        )
+                    }
+                },
             };
             match next {
                 Some(Ok(bytes)) => {

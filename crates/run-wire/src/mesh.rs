@@ -227,6 +227,39 @@ pub fn verify(
         .is_ok()
 }
 
+/// The header a dialling node proves itself with on the upgrade request: `<unix ms>.<hex
+/// HMAC>`. It lets the socket skip the pool of unproven ones (a flood cannot keep a real peer
+/// out); the handshake still authenticates the link, so a replayed header gains no more.
+pub const UPGRADE_PROOF_HEADER: &str = "x-crdt-mesh-proof";
+/// How far a proof's time may be from the receiver's clock.
+pub const UPGRADE_PROOF_WINDOW_MS: u64 = 60_000;
+
+fn upgrade_mac(secret: &str, at_ms: u64) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(b"crdt-mesh-upgrade/1");
+    mac.update(&at_ms.to_be_bytes());
+    mac
+}
+
+/// The upgrade proof at `at_ms` (ms since the Unix epoch).
+pub fn prove_upgrade(secret: &str, at_ms: u64) -> String {
+    let tag = upgrade_mac(secret, at_ms).finalize().into_bytes();
+    format!("{at_ms}.{}", hex::encode(tag))
+}
+
+/// Whether `header` is an upgrade proof made with `secret` within the window of `now_ms`.
+pub fn verify_upgrade(secret: &str, header: &str, now_ms: u64) -> bool {
+    let Some((at, tag)) = header.split_once('.') else {
+        return false;
+    };
+    let (Ok(at_ms), Ok(tag)) = (at.parse::<u64>(), hex::decode(tag)) else {
+        return false;
+    };
+    at_ms.abs_diff(now_ms) <= UPGRADE_PROOF_WINDOW_MS
+        && upgrade_mac(secret, at_ms).verify_slice(&tag).is_ok()
+}
+
 /// The length of a frame carrying `bytes` of Automerge data in base64, with room for the rest.
 pub fn encoded_len(bytes: usize) -> usize {
     bytes.div_ceil(3) * 4 + 512
@@ -304,6 +337,22 @@ mod tests {
         assert!(Frame::decode(r#"{"type":"CRDT_SYNC","runId":1}"#)
             .unwrap_err()
             .contains("malformed"));
+    }
+
+    #[test]
+    fn upgrade_proofs_bind_the_secret_and_a_time_window() {
+        let now = 1_800_000_000_000;
+        let proof = prove_upgrade("s3cret", now);
+        assert!(verify_upgrade("s3cret", &proof, now + 1_000));
+        assert!(!verify_upgrade("other", &proof, now));
+        assert!(!verify_upgrade(
+            "s3cret",
+            &proof,
+            now + UPGRADE_PROOF_WINDOW_MS + 1
+        ));
+        assert!(!verify_upgrade("s3cret", "garbage", now));
+        let forged = format!("{}.{}", now + 1, proof.split_once('.').unwrap().1);
+        assert!(!verify_upgrade("s3cret", &forged, now));
     }
 
     #[test]
