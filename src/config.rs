@@ -689,7 +689,7 @@ impl Settings {
             .filter(|s| !s.is_empty())
             .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
             .unwrap_or_else(|| format!("{region}-node"));
-        if node_id.len() > 100 || node_id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if !run_doc::rules::is_node_id(&node_id) {
             return Err(invalid(
                 "crdt.node-id",
                 format!("{node_id:?} must be 1-100 printable characters without spaces"),

@@ -502,8 +502,9 @@ impl RunDoc {
                 out.applied.push(change);
             }
         }
+        let ceiling = self.batch_ceiling(out.applied.len());
         for change in &out.applied {
-            self.observe_stamp(change);
+            self.observe_stamp(change, ceiling);
         }
         self.grafts.note_changes(&mut self.doc, out.applied.len());
         // A peer's clock for the run may be ahead of the changes it sent so far (it pages a
@@ -632,8 +633,9 @@ impl RunDoc {
     /// applied; changes that cannot be are returned, so the caller can report them.
     pub fn replay(&mut self, changes: Vec<Change>) -> Vec<Change> {
         let (ordered, stuck, _) = self.order_new_changes(changes);
+        // The node's own log: never judged more strictly than when it was written.
         for change in &ordered {
-            self.observe_stamp(change);
+            self.observe_stamp(change, u64::MAX);
         }
         let mut rejected = stuck;
         self.grafts.note_changes(&mut self.doc, ordered.len());
@@ -685,18 +687,37 @@ impl RunDoc {
             }
             clock = clock.max(stamp.lamport);
         }
+        // Each stamp may be a step past the clock, but not a step past the one before it, over
+        // and over: 5,000 chained changes moved the clock by 10^10 in one request.
+        let allowed = self.batch_ceiling(ordered.len());
+        if clock > allowed {
+            return Err(DocError::ClockJump(format!(
+                "these {} changes would move the run's clock from {} to {clock}; one request \
+                 may move it at most {MAX_LAMPORT_STEP} plus one per change",
+                ordered.len(),
+                self.lamport
+            )));
+        }
         Ok(clock)
     }
 
+    /// The highest clock a batch of `changes` from elsewhere may bring the run to.
+    fn batch_ceiling(&self, changes: usize) -> u64 {
+        self.lamport
+            .saturating_add(MAX_LAMPORT_STEP)
+            .saturating_add(changes as u64)
+    }
+
     /// Advances the clock past a change's stamp: a node's is in its commit message; a
-    /// foreign client's (automerge-repo) in the `lamport` fields it wrote.
-    fn observe_stamp(&mut self, change: &Change) {
+    /// foreign client's (automerge-repo) in the `lamport` fields it wrote, up to `ceiling`
+    /// for the batch it came in.
+    fn observe_stamp(&mut self, change: &Change, ceiling: u64) {
         let seen = match Stamp::of(change) {
             Some(s) => Some(s.lamport),
             // A client's own stamps may move the clock only so far: one absurd value must
             // not pin every later stamp at the maximum.
             None if change.hash() != self.genesis => schema::written_lamport(change)
-                .filter(|l| *l <= self.lamport.saturating_add(MAX_FOREIGN_JUMP)),
+                .filter(|l| *l <= self.lamport.saturating_add(MAX_FOREIGN_JUMP) && *l <= ceiling),
             None => None,
         };
         if let Some(l) = seen {

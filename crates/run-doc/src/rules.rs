@@ -115,6 +115,18 @@ pub fn is_region(value: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Longest node id, in bytes.
+pub const MAX_NODE_ID: usize = 100;
+
+/// Whether `value` is a node id: 1-100 printable characters, no white space, no bidi or
+/// zero-width characters (configuration, mesh handshakes and presence check it here).
+pub fn is_node_id(value: &str) -> bool {
+    (1..=MAX_NODE_ID).contains(&value.len())
+        && !value
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || is_invisible(c))
+}
+
 /// A required region name: 1-50 letters, digits, '-' or '_'.
 pub fn region(field: &'static str, value: Option<&str>) -> Result<String, Invalid> {
     let value = name(field, value)?;
@@ -224,6 +236,15 @@ mod tests {
         let e = name("stepId", Some("a\u{7}")).unwrap_err();
         assert_eq!(e.field, "stepId");
         assert!(e.to_string().contains("control characters"), "{e}");
+    }
+
+    #[test]
+    fn node_ids_are_printable_and_bounded() {
+        assert!(is_node_id("crdt-node-0.eu"));
+        assert!(!is_node_id(""));
+        assert!(!is_node_id("a b"));
+        assert!(!is_node_id("node\u{202E}0"));
+        assert!(!is_node_id(&"n".repeat(MAX_NODE_ID + 1)));
     }
 
     #[test]

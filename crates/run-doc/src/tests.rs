@@ -1391,3 +1391,26 @@ fn the_loader_reads_back_own_changes_past_the_client_bound() {
     assert_eq!(loaded.state().grafts.len(), 1);
     assert!(loaded.state().flags.contains_key("big"));
 }
+
+#[test]
+fn stamps_chained_in_one_request_cannot_carry_the_clock_away() {
+    let run = Uuid::new_v4();
+    let mut honest = RunDoc::new(run, "r1");
+    let mut chain = RunDoc::new(run, "r2");
+    let mut changes = Vec::new();
+    for i in 0..5 {
+        // Each stamp just within a step of the one before it.
+        chain.observe_lamport(chain.lamport() + MAX_LAMPORT_STEP - 1);
+        let out = chain
+            .apply(&graft(&format!("A{i}"), "S1", "m"), T0)
+            .unwrap();
+        changes.push(out.change.unwrap());
+    }
+    let e = honest.apply_remote(changes.clone(), None).unwrap_err();
+    assert!(matches!(e, DocError::ClockJump(_)), "{e}");
+    assert!(e.to_string().contains("one request"), "{e}");
+    assert_eq!(honest.lamport(), 0, "nothing moved");
+    // One of them alone is within the bound.
+    honest.apply_remote(changes[..1].to_vec(), None).unwrap();
+    assert_eq!(honest.lamport(), MAX_LAMPORT_STEP);
+}

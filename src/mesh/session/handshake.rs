@@ -21,8 +21,10 @@ impl PeerSession {
                 ctx,
             );
         }
-        if !valid_name(&hello.node_id)
-            || !valid_name(&hello.region)
+        // The rules every door applies: a region as the event log stores it (a peer holding
+        // the secret cannot make this run's appends fail with a longer one).
+        if !run_doc::rules::is_node_id(&hello.node_id)
+            || !run_doc::rules::is_region(&hello.region)
             || !(32..=128).contains(&hello.nonce.len())
         {
             return self.close(close::HANDSHAKE, "malformed HELLO".into(), ctx);

@@ -361,8 +361,8 @@ impl PeerSession {
 
     /// Another node's viewers of a run: checked, then relayed.
     fn on_presence(&mut self, a: Announcement, run_id: String, ctx: &mut Context<Self>) {
-        let bad = !valid_name(&a.origin)
-            || !valid_name(&a.region)
+        let bad = !run_doc::rules::is_node_id(&a.origin)
+            || !run_doc::rules::is_region(&a.region)
             || a.users.len() > MAX_USERS
             || a.users.iter().any(|u| !valid_user(&u.user));
         if bad {
@@ -477,13 +477,8 @@ fn valid_user(s: &str) -> bool {
     run_doc::rules::name("user", Some(s)).is_ok()
 }
 
-/// Node ids and regions: short and printable.
-fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 100 && !s.chars().any(|c| c.is_control() || c.is_whitespace())
-}
-
 fn clip(region: String) -> String {
-    if valid_name(&region) && region.len() <= 50 {
+    if run_doc::rules::is_region(&region) {
         region
     } else {
         "unknown".into()
