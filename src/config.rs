@@ -73,6 +73,10 @@ pub struct Memory {
     /// (and load again on demand).
     #[serde(default = "default_max_loaded_runs")]
     pub max_loaded_runs: usize,
+    /// Automerge operations held by loaded runs in all (~185 bytes each); past it the least
+    /// recently used idle runs unload and clients' changes wait (1013).
+    #[serde(default = "default_max_loaded_ops")]
+    pub max_loaded_ops: u64,
 }
 
 impl Default for Memory {
@@ -82,6 +86,7 @@ impl Default for Memory {
             outgoing_bytes: default_outgoing_bytes(),
             message_deadline_ms: default_message_deadline(),
             max_loaded_runs: default_max_loaded_runs(),
+            max_loaded_ops: default_max_loaded_ops(),
         }
     }
 }
@@ -96,6 +101,10 @@ fn default_outgoing_bytes() -> usize {
 
 fn default_message_deadline() -> u64 {
     30_000
+}
+
+fn default_max_loaded_ops() -> u64 {
+    1_500_000
 }
 
 fn default_max_loaded_runs() -> usize {
@@ -610,6 +619,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
         "crdt.memory.message-deadline-ms",
     ),
     ("CRDT_MAX_LOADED_RUNS", "crdt.memory.max-loaded-runs"),
+    ("CRDT_MAX_LOADED_OPS", "crdt.memory.max-loaded-ops"),
     (
         "CRDT_PRE_AUTH_PER_ADDRESS",
         "crdt.admission.pre-auth-per-address",
@@ -870,6 +880,12 @@ impl Settings {
             return Err(invalid(
                 "crdt.memory.message-deadline-ms",
                 "must be at least 1000",
+            ));
+        }
+        if memory.max_loaded_ops < 100_000 {
+            return Err(invalid(
+                "crdt.memory.max-loaded-ops",
+                "must be at least 100000",
             ));
         }
         if memory.max_loaded_runs == 0 {

@@ -150,6 +150,7 @@ async fn start_runtime(
             idle_timeout: settings.idle_timeout(),
             write_timeout: std::time::Duration::from_millis(settings.database.write_timeout_ms),
             max_loaded: settings.crdt.memory.max_loaded_runs,
+            max_loaded_ops: settings.crdt.memory.max_loaded_ops,
         },
         metrics.clone(),
         workers,

@@ -336,3 +336,61 @@ async fn ephemeral_fan_out_is_counted_across_receivers() {
     assert_eq!(s, 200);
     drop(sleepers);
 }
+
+/// Sends `change` to the run in a sync message from a fresh automerge-repo peer; the close
+/// code and reason if the node closes the connection within a few seconds.
+async fn push_change(node: &Node, run: Uuid, who: &str, change: Vec<u8>) -> Option<(u16, String)> {
+    use automerge::sync::{self, SyncDoc};
+    let mut p = repo::Peer::joined(node, who).await;
+    let mut scratch = automerge::AutoCommit::new();
+    let mut message = scratch
+        .sync()
+        .generate_sync_message(&mut sync::State::new())
+        .expect("a first message");
+    message.changes = sync::ChunkList::from(vec![change]);
+    p.sync("sync", &repo::doc_id(run), message).await;
+    let closed = tokio::time::timeout(Duration::from_secs(3), p.closed_with_reason()).await;
+    closed.ok()
+}
+
+/// Issue 18: ten changes of 99,999 operations in one 2.8 KB request were kept (+185 MiB), and
+/// five such requests held 1 GiB. The operations loaded runs hold are a node-wide budget: past
+/// it a client's changes wait (1013 with the reason) while the least recently used idle runs
+/// unload, and then go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_held_by_loaded_runs_are_a_budget() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_MAX_LOADED_OPS", "200000")]);
+    let c = Client::new();
+    let runs: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for run in &runs {
+        let (s, _) = c
+            .post(
+                &common::run_url(&node, *run, "/grafts"),
+                &json!({"agent": "A", "afterStep": "S", "user": "u"}),
+            )
+            .await;
+        assert_eq!(s, 201);
+    }
+    for (i, run) in runs[..2].iter().enumerate() {
+        let refused =
+            push_change(&node, *run, &format!("p{i}"), common::op_bomb(*run, 90_000)).await;
+        assert!(refused.is_none(), "run {i}: {refused:?}");
+    }
+    let (_, before) = c.get(&common::run_url(&node, runs[2], "/state")).await;
+    let refused = push_change(&node, runs[2], "p2", common::op_bomb(runs[2], 90_000)).await;
+    let (code, reason) = refused.expect("the third waits");
+    assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
+    assert!(reason.contains("memory budget"), "{reason}");
+    let (_, after) = c.get(&common::run_url(&node, runs[2], "/state")).await;
+    assert_eq!(before["heads"], after["heads"], "nothing of it was taken");
+    // The idle runs were asked to unload; the client's retry goes through.
+    let taken = common::eventually(10, || async {
+        let retry = push_change(&node, runs[2], "p3", common::op_bomb(runs[2], 90_000)).await;
+        retry.is_none().then_some(())
+    })
+    .await;
+    assert!(taken.is_some(), "the retry went through once room was made");
+    let (_, last) = c.get(&common::run_url(&node, runs[2], "/state")).await;
+    assert_ne!(before["heads"], last["heads"]);
+}

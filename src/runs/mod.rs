@@ -43,6 +43,8 @@ pub struct RunsConfig {
     pub write_timeout: Duration,
     /// Runs loaded at most; past it the least recently used idle ones are unloaded.
     pub max_loaded: usize,
+    /// Operations held by loaded runs' documents, in all, before clients' changes wait.
+    pub max_loaded_ops: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,8 @@ struct Inner {
     damaged: Mutex<HashMap<Uuid, usize>>,
     /// Registry entries (runs loaded or loading), bounded by `config.max_loaded`.
     loaded: AtomicUsize,
+    /// Operations the loaded runs' documents hold, in all (each actor adds what it holds).
+    ops_loaded: AtomicU64,
     started: std::time::Instant,
 }
 
@@ -173,6 +177,7 @@ impl Runs {
                 store_down: AtomicBool::new(false),
                 damaged: Mutex::new(HashMap::new()),
                 loaded: AtomicUsize::new(0),
+                ops_loaded: AtomicU64::new(0),
                 started: std::time::Instant::now(),
             }),
         }
@@ -401,6 +406,37 @@ impl Runs {
         candidates.select_nth_unstable_by_key(count - 1, |(used, _)| *used);
         for (_, addr) in candidates.into_iter().take(count) {
             addr.do_send(run_actor::Evict);
+        }
+    }
+
+    /// Whether the loaded runs have room for `incoming` more operations from a client. If
+    /// not, the least recently used idle runs are asked to unload and the client waits: an
+    /// Automerge operation costs about 185 bytes in memory, and a few KB of changes can carry
+    /// a million of them. Changes from peers are never refused for this (the regions must
+    /// converge); they are bounded per request.
+    pub(crate) fn ops_room(&self, incoming: u64) -> Result<(), RunError> {
+        let max = self.inner.config.max_loaded_ops;
+        let held = self.inner.ops_loaded.load(Ordering::Relaxed);
+        if held.saturating_add(incoming) <= max {
+            return Ok(());
+        }
+        self.evict((self.loaded() / 20).max(1));
+        Err(RunError::Unavailable(format!(
+            "this node holds as many operations as its memory budget allows ({held} of {max}); \
+             try again shortly"
+        )))
+    }
+
+    /// An actor's documents now hold `now` operations instead of `before`.
+    pub(crate) fn count_ops(&self, before: u64, now: u64) {
+        if now >= before {
+            self.inner
+                .ops_loaded
+                .fetch_add(now - before, Ordering::Relaxed);
+        } else {
+            self.inner
+                .ops_loaded
+                .fetch_sub(before - now, Ordering::Relaxed);
         }
     }
 

@@ -163,6 +163,19 @@ impl Handler<Call<SyncStep>> for RunActor {
                 return refuse(e);
             }
         }
+        // A client's changes wait while the loaded runs hold the node's budget of operations.
+        if let (Some(_), Some(incoming)) = (&msg.client, &msg.incoming) {
+            let ops: u64 = incoming
+                .changes
+                .iter()
+                .filter_map(|chunk| Budget::own().admit_all(chunk).ok())
+                .flatten()
+                .map(|size| size.ops)
+                .sum();
+            if let Err(e) = self.runs.ops_room(ops) {
+                return refuse(e);
+            }
+        }
         let mut state = msg.state;
         let result = self.guarded(ctx, |d| {
             // A node sends what it committed; a client is held to the per-change bound.

@@ -134,6 +134,7 @@ impl RunActor {
         );
         self.lamport_gauge(doc.lamport());
         self.doc = Some(doc);
+        self.count_ops();
         self.record_digest();
         self.report_event_count(ctx);
         self.unload_if_unwritten(ctx);
@@ -198,6 +199,8 @@ impl Actor for RunActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.runs.forget(self.run_id, self.incarnation);
+        self.doc = None;
+        self.count_ops();
         let metrics = &self.runs.inner.metrics;
         metrics.runs_loaded.dec();
         // A newer incarnation may already be serving the run; its series stays.

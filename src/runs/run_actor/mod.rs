@@ -62,6 +62,8 @@ pub struct RunActor {
     recent_order: VecDeque<(Option<String>, String)>,
     /// Stored changes that did not apply at load: no snapshot may cover (and so hide) them.
     unreadable: usize,
+    /// Operations of this run counted in the registry's memory budget.
+    ops_counted: u64,
 }
 
 impl RunActor {
@@ -82,8 +84,16 @@ impl RunActor {
             recent_ops: HashMap::new(),
             recent_order: VecDeque::new(),
             unreadable: 0,
+            ops_counted: 0,
             runs,
         }
+    }
+
+    /// Brings the registry's count of loaded operations up to date with this run's.
+    fn count_ops(&mut self) {
+        let now = self.doc.as_ref().map_or(0, |d| d.size().0);
+        self.runs.count_ops(self.ops_counted, now);
+        self.ops_counted = now;
     }
 
     fn remember_op(&mut self, key: (Option<String>, String), outcome: &MutationOutcome) {
@@ -164,6 +174,7 @@ impl RunActor {
             // Until these are durable the run's digest is not known.
             self.runs.set_digest(self.run_id, None);
             self.written = true;
+            self.count_ops();
         }
         let region = match &origin {
             Origin::Local => self.runs.inner.config.region.clone(),
