@@ -14,6 +14,7 @@
 use test_support as common;
 
 use test_support::bench::args;
+use test_support::bench::builds::{self, Build};
 use test_support::bench::procfs;
 
 use std::future::Future;
@@ -50,30 +51,11 @@ fn main() {
     }
 }
 
-struct Build {
-    name: &'static str,
-    binary: String,
-    config: String,
-}
-
 fn builds() -> Vec<Build> {
-    let mut out = Vec::new();
-    if let (Ok(binary), Ok(config)) = (
-        std::env::var("CRDT_BENCH_BEFORE"),
-        std::env::var("CRDT_BENCH_BEFORE_CONFIG"),
-    ) {
-        out.push(Build {
-            name: "before",
-            binary,
-            config,
-        });
-    }
-    out.push(Build {
-        name: "after",
-        binary: env!("CARGO_BIN_EXE_crdt-node").into(),
-        config: concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml").into(),
-    });
-    out
+    builds::builds(
+        env!("CARGO_BIN_EXE_crdt-node"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
+    )
 }
 
 fn spawn(build: &Build, db: &TestDb) -> Node {
@@ -475,18 +457,7 @@ async fn split_op_bomb(node: &Node, run: Uuid) -> String {
 }
 
 async fn empty_haves(node: &Node, run: Uuid) -> String {
-    let mut data = vec![0x42, 0, 0];
-    let mut v: u64 = 8_000_000;
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            data.push(byte);
-            break;
-        }
-        data.push(byte | 0x80);
-    }
-    data.extend(std::iter::repeat_n(0u8, 16_000_000));
+    let data = common::empty_haves_message(8_000_000);
     let tasks = (0..3).map(|i| {
         let data = data.clone();
         async move {

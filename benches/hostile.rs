@@ -15,6 +15,7 @@
 use test_support as common;
 
 use test_support::bench::args;
+use test_support::bench::builds::{self, Build};
 
 use test_support::bench::procfs;
 
@@ -51,31 +52,11 @@ fn main() {
     }
 }
 
-/// A build of the node to attack.
-struct Build {
-    name: &'static str,
-    binary: String,
-    config: String,
-}
-
 fn builds() -> Vec<Build> {
-    let mut out = Vec::new();
-    if let (Ok(binary), Ok(config)) = (
-        std::env::var("CRDT_BENCH_BEFORE"),
-        std::env::var("CRDT_BENCH_BEFORE_CONFIG"),
-    ) {
-        out.push(Build {
-            name: "before",
-            binary,
-            config,
-        });
-    }
-    out.push(Build {
-        name: "after",
-        binary: env!("CARGO_BIN_EXE_crdt-node").into(),
-        config: concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml").into(),
-    });
-    out
+    builds::builds(
+        env!("CARGO_BIN_EXE_crdt-node"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
+    )
 }
 
 struct Outcome {

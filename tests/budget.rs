@@ -165,19 +165,7 @@ async fn a_sync_message_of_empty_haves_is_refused_before_decoding() {
         )
         .await;
     assert_eq!(s, 201);
-    let mut data = vec![0x42, 0, 0];
-    let count: u64 = 4_000_000;
-    let mut v = count;
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            data.push(byte);
-            break;
-        }
-        data.push(byte | 0x80);
-    }
-    data.extend(std::iter::repeat_n(0u8, (count * 2) as usize));
+    let data = common::empty_haves_message(4_000_000);
     let mut peer = repo::Peer::joined(&node, "haves-peer").await;
     peer.send(repo::cbor(vec![
         ("type", repo::text("request")),

@@ -56,16 +56,9 @@ async fn connect(
     };
     let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     // Before `join` a message is a join at most.
-    let limits = app
+    let (limits, slot) = app
         .incoming
-        .limits(MAX_UNPROVEN_FRAME, app.automerge.max_frame());
-    let slot = match slot {
-        Some(slot) => Some(slot.raising(&limits.frame)),
-        None => {
-            limits.frame.raise();
-            None
-        }
-    };
+        .admitted(slot, MAX_UNPROVEN_FRAME, app.automerge.max_frame());
     app.automerge
         .accept((socket, payload, limits), (slot, seat), identity);
     Ok(response)

@@ -33,16 +33,9 @@ async fn session(
     };
     let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     // Before JOIN a frame holds a token at most.
-    let limits = app
+    let (limits, slot) = app
         .incoming
-        .limits(MAX_UNPROVEN_FRAME, app.browser.max_frame());
-    let slot = match slot {
-        Some(slot) => Some(slot.raising(&limits.frame)),
-        None => {
-            limits.frame.raise();
-            None
-        }
-    };
+        .admitted(slot, MAX_UNPROVEN_FRAME, app.browser.max_frame());
     app.browser
         .accept((socket, payload, limits), run_id, (slot, seat), upgraded);
     Ok(response)

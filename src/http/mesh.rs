@@ -41,16 +41,9 @@ async fn peer_socket(
     let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     let remote = req.peer_addr().map(|a| a.to_string());
     // Handshake frames are small; the link's own limit once it proved itself.
-    let limits = app
-        .incoming
-        .limits(crate::mesh::MAX_HANDSHAKE_FRAME, app.mesh.max_frame());
-    let slot = match slot {
-        Some(slot) => Some(slot.raising(&limits.frame)),
-        None => {
-            limits.frame.raise();
-            None
-        }
-    };
+    let (limits, slot) =
+        app.incoming
+            .admitted(slot, crate::mesh::MAX_HANDSHAKE_FRAME, app.mesh.max_frame());
     app.mesh.accept(socket, (payload, limits), remote, slot);
     Ok(response)
 }

@@ -61,6 +61,28 @@ impl Incoming {
             budget: self.budget.clone(),
         }
     }
+
+    /// The limits of a socket admitted with `slot` (a place among the unproven ones, which
+    /// raises them when given up), or with none (proved on the upgrade: raised at once).
+    pub fn admitted(
+        &self,
+        slot: Option<crate::admission::PreAuthSlot>,
+        unproven: usize,
+        proven: usize,
+    ) -> (
+        crate::socket::ReadLimits,
+        Option<crate::admission::PreAuthSlot>,
+    ) {
+        let limits = self.limits(unproven, proven);
+        let slot = match slot {
+            Some(slot) => Some(slot.raising(&limits.frame)),
+            None => {
+                limits.frame.raise();
+                None
+            }
+        };
+        (limits, slot)
+    }
 }
 
 /// Registers everything on an App; `max_body` bounds every request body.

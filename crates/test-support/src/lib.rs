@@ -632,3 +632,26 @@ pub async fn flood(
     }
     (open, refused)
 }
+
+/// `value` as an unsigned LEB128, appended to `out` (Automerge's and the sync protocol's
+/// integers).
+pub fn uleb128(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// A sync message of `count` empty `have` entries: a few bytes each on the wire, far more
+/// once decoded (issue 18).
+pub fn empty_haves_message(count: u64) -> Vec<u8> {
+    let mut data = vec![0x42, 0, 0];
+    uleb128(&mut data, count);
+    data.extend(std::iter::repeat_n(0u8, (count * 2) as usize));
+    data
+}

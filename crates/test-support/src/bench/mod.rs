@@ -2,6 +2,7 @@
 //! memory figures from /proc.
 
 pub mod args;
+pub mod builds;
 pub mod http;
 pub mod mix;
 pub mod procfs;

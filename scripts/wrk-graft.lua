@@ -1,0 +1,13 @@
+-- A graft to one of 1,000 runs per request.
+math.randomseed(os.time())
+local runs = {}
+for i = 1, 1000 do
+  runs[i] = string.format("%08x-0000-4000-8000-%012x", i, i)
+end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"agent":"Agent","afterStep":"Step1","user":"bench"}'
+request = function()
+  local run = runs[math.random(1, 1000)]
+  return wrk.format(nil, "/api/crdt/runs/" .. run .. "/grafts")
+end
