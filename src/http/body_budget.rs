@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
@@ -33,14 +34,28 @@ pub async fn budgeted(
         .headers()
         .get(header::UPGRADE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    if let (false, Some(app)) = (upgrade, req.app_data::<web::Data<AppState>>().cloned()) {
-        let inner = req.take_payload();
+    let bodiless = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() == b"0")
+        || (req.headers().get(header::CONTENT_LENGTH).is_none()
+            && req.headers().get(header::TRANSFER_ENCODING).is_none());
+    if upgrade || bodiless {
+        return next.call(req).await;
+    }
+    let incoming = req
+        .app_data::<web::Data<AppState>>()
+        .map(|app| (app.incoming.budget.reservation(), app.incoming.deadline));
+    if let Some((held, within)) = incoming {
+        let limit = held.limit();
         let body = Budgeted {
-            inner,
-            held: app.incoming.budget.reservation(),
+            inner: req.take_payload(),
+            held,
             bytes: 0,
-            deadline: Box::pin(tokio::time::sleep(app.incoming.deadline)),
-            limit: app.incoming.budget.limit(),
+            started: Instant::now(),
+            deadline: None,
+            within,
+            limit,
         };
         req.set_payload(Payload::Stream {
             payload: Box::pin(body),
@@ -53,7 +68,11 @@ struct Budgeted {
     inner: Payload,
     held: Reservation,
     bytes: usize,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    started: Instant,
+    /// Armed the first time the body is not all there: most bodies arrive in one read, and
+    /// they need no timer.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    within: std::time::Duration,
     limit: usize,
 }
 
@@ -88,7 +107,11 @@ impl Stream for Budgeted {
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
+                let at = this.started + this.within;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
+                if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(PayloadError::Io(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "the request body did not arrive in time",

@@ -109,6 +109,11 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// The limit of the budget it is taken from.
+    pub fn limit(&self) -> usize {
+        self.budget.limit
+    }
+
     /// Holds `bytes` in all (more or fewer than now); false, holding what it held, if the
     /// budget has no room for the growth.
     pub fn grow_to(&mut self, bytes: usize) -> bool {
