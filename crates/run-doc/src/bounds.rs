@@ -24,10 +24,14 @@ const HASH_LEN: usize = 32;
 /// Operations one change may hold. A mutation made through this node is under 20 ops; a
 /// client's `change()` inserting a long text is the largest legitimate change.
 pub const MAX_OPS_PER_CHANGE: u64 = 100_000;
-/// Operations one request (an HTTP body, a mesh frame, a sync message) may carry in all. A
-/// whole-document sync of a large run is the largest legitimate request: 1 M ops is ~270 MB
-/// inside Automerge, a few seconds to load.
-pub const MAX_OPS_PER_REQUEST: u64 = 1_000_000;
+/// Operations one request from a client or service (an HTTP body, a sync message) may carry
+/// in all. Applying a batch costs about twice its ~185 bytes per op at its peak: 250,000 ops
+/// stay under 100 MiB, inside a 512 MiB pod's budget (one request of 1,000,000 peaked at
+/// 493 MiB), and hold a run of 30,000 grafts whole.
+pub const MAX_OPS_PER_REQUEST: u64 = 250_000;
+/// Operations one mesh frame or sync message from a peer node may carry: a run too large for
+/// a client's request still replicates whole between regions.
+pub const MAX_PEER_OPS_PER_REQUEST: u64 = 1_000_000;
 /// Bytes compressed chunks and columns of one request may inflate to in all (deflate expands
 /// up to ~1000×).
 pub const MAX_INFLATED_PER_REQUEST: usize = 64 * 1024 * 1024;
@@ -45,6 +49,8 @@ pub struct Budget {
     /// Whether a change stamped by a node (its commit message) may hold more than
     /// `per_change` (see [`Budget::peer`]).
     stamped_past_per_change: bool,
+    /// The request's operations in all, for the refusal's reason.
+    ops_limit: u64,
 }
 
 impl Default for Budget {
@@ -54,6 +60,7 @@ impl Default for Budget {
             inflated_left: MAX_INFLATED_PER_REQUEST,
             per_change: MAX_OPS_PER_CHANGE,
             stamped_past_per_change: false,
+            ops_limit: MAX_OPS_PER_REQUEST,
         }
     }
 }
@@ -72,6 +79,7 @@ impl Budget {
         Budget {
             ops_left: ops,
             inflated_left: inflated,
+            ops_limit: ops,
             ..Budget::default()
         }
     }
@@ -93,7 +101,7 @@ impl Budget {
     pub fn peer() -> Self {
         Budget {
             stamped_past_per_change: true,
-            ..Budget::default()
+            ..Budget::with_limits(MAX_PEER_OPS_PER_REQUEST, MAX_INFLATED_PER_REQUEST)
         }
     }
 
@@ -141,7 +149,8 @@ impl Budget {
     fn charge_ops(&mut self, ops: u64) -> Result<(), DocError> {
         if ops > self.ops_left {
             return Err(DocError::TooLarge(format!(
-                "the request carries more operations than the {MAX_OPS_PER_REQUEST} accepted"
+                "the request carries more operations than the {} accepted",
+                self.ops_limit
             )));
         }
         self.ops_left -= ops;
@@ -509,6 +518,28 @@ mod tests {
         let outcome: Result<Vec<_>, _> = chunks.iter().map(|c| budget.admit(c)).collect();
         let err = outcome.unwrap_err();
         assert!(err.to_string().contains("request"), "{err}");
+    }
+
+    #[test]
+    fn a_client_request_is_held_to_less_than_a_peer_frame() {
+        // Three changes of 90,000 ops: past a client's request, within a peer's frame.
+        let mut doc = AutoCommit::new();
+        let text = doc.put_object(ROOT, "t", ObjType::Text).unwrap();
+        let mut chunks = Vec::new();
+        for _ in 0..3 {
+            doc.splice_text(&text, 0, 0, &"c".repeat(90_000)).unwrap();
+            doc.commit();
+            chunks.push(doc.get_last_local_change().unwrap().bytes().into_owned());
+        }
+        let mut client = Budget::default();
+        let refused: Result<Vec<_>, _> = chunks.iter().map(|c| client.admit(c)).collect();
+        let e = refused.unwrap_err();
+        assert!(
+            e.to_string().contains(&MAX_OPS_PER_REQUEST.to_string()),
+            "{e}"
+        );
+        let mut peer = Budget::peer();
+        assert!(chunks.iter().all(|c| peer.admit(c).is_ok()));
     }
 
     #[test]

@@ -116,6 +116,11 @@ pub fn parse_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
     parse_document_within(bytes, &mut Budget::default())
 }
 
+/// As [`parse_document`], for a document a peer node sends (see [`Budget::peer`]).
+pub fn parse_peer_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    parse_document_within(bytes, &mut Budget::peer())
+}
+
 /// As [`parse_document`], for a document this node saved itself: no bounds.
 pub fn parse_own_document(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
     let mut doc = load_document(bytes)

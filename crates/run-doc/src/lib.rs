@@ -34,10 +34,10 @@ use automerge::{
 use serde_json::Value as Json;
 use uuid::Uuid;
 
-pub use bounds::{Budget, MAX_OPS_PER_CHANGE, MAX_OPS_PER_REQUEST};
+pub use bounds::{Budget, MAX_OPS_PER_CHANGE, MAX_OPS_PER_REQUEST, MAX_PEER_OPS_PER_REQUEST};
 pub use changes::{
     concat_changes, parse_changes, parse_changes_or_document, parse_document, parse_own_changes,
-    parse_own_document, parse_peer_changes, Stamp,
+    parse_own_document, parse_peer_changes, parse_peer_document, Stamp,
 };
 pub use genesis::genesis_actor;
 pub use legacy::{legacy_actor, LegacyEvent};

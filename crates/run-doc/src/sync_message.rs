@@ -14,7 +14,7 @@ use super::DocError;
 /// `have` entries one message may carry. Automerge sends one; a few more are harmless.
 pub const MAX_HAVES: u64 = 64;
 /// Changes one message may carry (each is one op at least: the request bound).
-pub const MAX_CHANGES: u64 = super::bounds::MAX_OPS_PER_REQUEST;
+pub const MAX_CHANGES: u64 = super::bounds::MAX_PEER_OPS_PER_REQUEST;
 /// The shortest change chunk (magic, checksum, type, length): shorter entries are refused
 /// before they cost a vector each.
 const MIN_CHUNK: usize = 10;

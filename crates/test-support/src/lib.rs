@@ -653,5 +653,6 @@ pub fn empty_haves_message(count: u64) -> Vec<u8> {
     let mut data = vec![0x42, 0, 0];
     uleb128(&mut data, count);
     data.extend(std::iter::repeat_n(0u8, (count * 2) as usize));
+    data.push(0); // no changes
     data
 }

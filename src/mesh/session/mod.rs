@@ -33,7 +33,7 @@ use crate::runs::{
     FullDocument, RemoteChanges, RunError, Runs, SyncOutcome, SyncStep, SyncStepReply,
 };
 use crate::socket::{Inbound, Out, Shutdown};
-use run_doc::{decode_sync_message, parse_document, parse_peer_changes};
+use run_doc::{decode_sync_message, parse_peer_changes, parse_peer_document};
 use run_wire::close;
 use run_wire::mesh::{
     self as protocol, change_frames, encoded_len, Frame, Nonces, Role, PROTOCOL_VERSION,
@@ -277,7 +277,7 @@ impl PeerSession {
                 timestamp,
             } => {
                 let decoded = protocol::unb64("state", &state)
-                    .and_then(|b| parse_document(&b).map_err(|e| e.to_string()));
+                    .and_then(|b| parse_peer_document(&b).map_err(|e| e.to_string()));
                 self.take_changes(run_id, source_region, timestamp, decoded, ctx);
             }
             Frame::CrdtSyncMessage {

@@ -109,6 +109,14 @@ impl Handler<Call<RemoteChanges>> for RunActor {
         if let Err(e) = self.runs.check_store() {
             return refuse(e);
         }
+        // A service's changes (HTTP sync) wait while loaded runs hold the node's budget of
+        // operations; a mesh peer's never do (the regions must converge).
+        if msg.via.is_none() {
+            let ops = msg.changes.iter().map(|c| c.len() as u64).sum();
+            if let Err(e) = self.runs.ops_room(ops) {
+                return refuse(e);
+            }
+        }
         let total = msg.changes.len();
         let result = self.guarded(ctx, |d| {
             let out = if msg.via.is_some() {
