@@ -470,8 +470,22 @@ async fn empty_haves(node: &Node, run: Uuid) -> String {
                 ("data", Cbor::Bytes(data)),
             ]))
             .await;
-            let (code, reason) = peer.closed_with_reason().await;
-            format!("close {code}: {}", clip(&reason))
+            // The earlier build may answer nothing at all: wait a while, never panic.
+            use futures_util::StreamExt;
+            use tokio_tungstenite::tungstenite::Message;
+            let closed = tokio::time::timeout(Duration::from_secs(15), async {
+                loop {
+                    match peer.ws.next().await {
+                        Some(Ok(Message::Close(Some(f)))) => {
+                            return format!("close {}: {}", u16::from(f.code), clip(&f.reason))
+                        }
+                        Some(Ok(Message::Close(None))) | None => return "closed".to_string(),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return format!("socket error: {e}"),
+                    }
+                }
+            });
+            closed.await.unwrap_or_else(|_| "no answer within 15 s".into())
         }
     });
     let answers = futures_util::future::join_all(tasks).await;
