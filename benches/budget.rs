@@ -485,7 +485,9 @@ async fn empty_haves(node: &Node, run: Uuid) -> String {
                     }
                 }
             });
-            closed.await.unwrap_or_else(|_| "no answer within 15 s".into())
+            closed
+                .await
+                .unwrap_or_else(|_| "no answer within 15 s".into())
         }
     });
     let answers = futures_util::future::join_all(tasks).await;

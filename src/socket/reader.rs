@@ -62,6 +62,11 @@ impl FrameLimit {
         self.evicted.notified().now_or_never().is_some()
     }
 
+    /// Whether the socket proved itself (or never had to): eviction no longer applies.
+    fn is_raised(&self) -> bool {
+        self.get() == self.proven
+    }
+
     pub fn get(&self) -> usize {
         self.current.load(Ordering::Relaxed)
     }
@@ -218,6 +223,8 @@ where
                 .started
                 .map(|t| (t + self.limits.message_deadline).into());
             let evicted = self.limits.frame.evicted.clone();
+            // A socket that proved itself as it was being evicted stays.
+            let evictable = !self.limits.frame.is_raised();
             let read = async {
                 match deadline {
                     None => Ok(self.payload.next().await),
@@ -226,7 +233,7 @@ where
             };
             let next = tokio::select! {
                 biased;
-                _ = evicted.notified() => {
+                _ = evicted.notified(), if evictable => {
                     return Read::Refused(
                         close::TRY_AGAIN_LATER,
                         "evicted: too many connections are still to prove themselves; \
@@ -480,6 +487,25 @@ mod tests {
         l.frame.raise();
         let mut after = reader(vec![frames(vec![big()])], l);
         assert!(matches!(after.next().await, Read::Binary(b) if b.len() == 10_000));
+    }
+
+    #[actix_web::test]
+    async fn eviction_closes_an_unproven_socket_and_spares_a_proven_one() {
+        let l = limits(1024, 4096, 1 << 20);
+        l.frame.evict();
+        let bytes = frames(vec![Message::Binary(Bytes::from(vec![1u8; 100]))]);
+        let stalled = futures_util::stream::iter(vec![Ok(Bytes::from(bytes.clone()))])
+            .chain(futures_util::stream::pending());
+        let mut r = FrameReader::over(Box::pin(stalled), l);
+        // Evicted before anything more is read.
+        assert!(matches!(r.next().await, Read::Refused(1013, _)));
+        // Proved as it was being evicted: it stays.
+        let proven = limits(1024, 4096, 1 << 20);
+        proven.frame.raise();
+        proven.frame.evict();
+        let mut r = reader(vec![bytes], proven);
+        assert!(matches!(r.next().await, Read::Binary(_)));
+        assert_eq!(r.next().await, Read::Closed(None));
     }
 
     #[actix_web::test]
