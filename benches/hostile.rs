@@ -8,6 +8,8 @@
 //! - attacks: for each attack, the answer the attacker gets, how long it took, the node's peak
 //!   resident memory, and whether the node still answers. A node past 4 GiB, or with no answer
 //!   within 20 s, is stopped (its row says so).
+//! - cold: a run of 50,000 grafts on a node (SQLite): its first read after a restart, and a
+//!   retried graft once the run has unloaded after that read.
 //! - grafts: a run of 50,000 grafts, in-process: reading the state and answering a retried
 //!   graft, with the graft index up to date (after one more graft) and from scratch (what every
 //!   read cost before the index).
@@ -49,6 +51,9 @@ fn main() {
     }
     if args.wants("grafts") {
         grafts();
+    }
+    if args.wants("cold") {
+        rt.block_on(cold());
     }
 }
 
@@ -363,6 +368,64 @@ async fn stamp_pin(node: &Node, run: Uuid) -> String {
         )
         .await;
     format!("{status}; the next graft is stamped {}", graft["lamport"])
+}
+
+// ---------- cold ----------
+
+async fn cold() {
+    const GRAFTS: usize = 50_000;
+    for build in builds() {
+        let db = TestDb::new(Backend::Sqlite).await;
+        let mut node = Node::spawn_binary(&build.binary, &build.config, &db, &[]);
+        let run = Uuid::new_v4();
+        let first = Uuid::new_v4();
+        let url = common::run_url(&node, run, "/grafts");
+        let c = Client::new();
+        let writers = (0..16).map(|w| {
+            let (c, url) = (c.clone(), url.clone());
+            async move {
+                for i in (w..GRAFTS).step_by(16) {
+                    let id = if i == 0 { first } else { Uuid::new_v4() };
+                    let body =
+                        json!({"agent": format!("A{i}"), "afterStep": "S", "user": "u", "id": id});
+                    c.post(&url, &body).await;
+                }
+            }
+        });
+        futures_util::future::join_all(writers).await;
+        // SIGTERM: the final snapshot is written, as on a rolling update.
+        node.terminate(60);
+        let node = Node::spawn_binary(&build.binary, &build.config, &db, &[]);
+        let start = Instant::now();
+        let (s, state) = c.get(&common::run_url(&node, run, "/state")).await;
+        let read_ms = start.elapsed().as_secs_f64() * 1000.0;
+        assert_eq!(s, 200);
+        let shown = state["grafts"].as_array().map_or(0, Vec::len);
+        // Read only: the run unloads after its linger (5 s); then a client retries a graft.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        let start = Instant::now();
+        let (s, _) = c
+            .post(
+                &url.replace(&node_port_of(&url), &node_port_of(&node.base)),
+                &json!({"agent": "A0", "afterStep": "S", "user": "u", "id": first}),
+            )
+            .await;
+        let retry_ms = start.elapsed().as_secs_f64() * 1000.0;
+        println!(
+            "| {} | {shown} grafts | first read after a restart {read_ms:.0} ms | \
+             retried graft after the linger {retry_ms:.0} ms ({s}) |",
+            build.name
+        );
+    }
+}
+
+/// The `host:port` part of a URL.
+fn node_port_of(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 // ---------- grafts ----------
