@@ -440,6 +440,16 @@ fn grafts() {
             .expect("graft");
     }
     let saved = doc.save();
+    let load = median_of_5(|| {
+        let t = Instant::now();
+        std::hint::black_box(RunDoc::load(run, "us-east-1", &saved).expect("load"));
+        t.elapsed().as_secs_f64()
+    });
+    println!(
+        "Loading the run from its snapshot ({} KB): {:.0} ms.\n",
+        saved.len() / 1000,
+        load * 1000.0
+    );
     // From scratch: a freshly loaded run reads every graft (what every read cost before).
     let cold_state = median_of_5(|| {
         let mut d = RunDoc::load(run, "us-east-1", &saved).expect("load");
