@@ -15,7 +15,7 @@ use test_support as common;
 
 use test_support::bench::args;
 use test_support::bench::builds::{self, Build};
-use test_support::bench::procfs;
+use test_support::bench::watchdog;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -125,21 +125,7 @@ async fn watch(node: &Node, attack: impl Future<Output = String>) -> Outcome {
         stop.clone(),
         stats.clone(),
     ));
-    let start = Instant::now();
-    let sampler = async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if procfs::rss_kib(pid) > MEMORY_CAP_KIB {
-                return "none: over 3 GiB, stopped".to_string();
-            }
-        }
-    };
-    let answer = tokio::select! {
-        a = attack => a,
-        s = sampler => s,
-        _ = tokio::time::sleep(LIMIT) => format!("none within {} s", LIMIT.as_secs()),
-    };
-    let secs = start.elapsed().as_secs_f64();
+    let (answer, secs) = watchdog::watched(pid, LIMIT, MEMORY_CAP_KIB, attack).await;
     stop.store(true, Ordering::Relaxed);
     let _ = prober.await;
     let peak_mib = common::peak_rss_mib(pid);

@@ -19,7 +19,7 @@ use test_support as common;
 use test_support::bench::args;
 use test_support::bench::builds::{self, Build};
 
-use test_support::bench::procfs;
+use test_support::bench::watchdog;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -74,21 +74,7 @@ struct Outcome {
 /// Runs `attack` against `node`, watching its memory; stops waiting past [`LIMIT`] or 4 GiB.
 async fn watch(node: &Node, attack: impl Future<Output = String>) -> Outcome {
     let pid = node.pid();
-    let start = Instant::now();
-    let sampler = async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if procfs::rss_kib(pid) > MEMORY_CAP_KIB {
-                return "none: over 4 GiB, stopped".to_string();
-            }
-        }
-    };
-    let answer = tokio::select! {
-        a = attack => a,
-        s = sampler => s,
-        _ = tokio::time::sleep(LIMIT) => format!("none within {} s", LIMIT.as_secs()),
-    };
-    let secs = start.elapsed().as_secs_f64();
+    let (answer, secs) = watchdog::watched(pid, LIMIT, MEMORY_CAP_KIB, attack).await;
     let peak_mib = common::peak_rss_mib(pid);
     let alive = tokio::time::timeout(Duration::from_secs(3), async {
         Client::new().get(&node.url("/actuator/health")).await.0 == 200

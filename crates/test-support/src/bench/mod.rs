@@ -6,3 +6,4 @@ pub mod builds;
 pub mod http;
 pub mod mix;
 pub mod procfs;
+pub mod watchdog;
