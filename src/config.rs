@@ -876,10 +876,10 @@ impl Settings {
                 "must be at least 1 MiB",
             ));
         }
-        if memory.message_deadline_ms < 1_000 {
+        if !(1_000..=3_600_000).contains(&memory.message_deadline_ms) {
             return Err(invalid(
                 "crdt.memory.message-deadline-ms",
-                "must be at least 1000",
+                "must be from 1000 to 3600000 (an hour)",
             ));
         }
         if memory.max_loaded_ops < 100_000 {

@@ -92,11 +92,12 @@ impl Door {
     /// Admits a socket from `address`: a place among the unproven ones (none when the
     /// upgrade request already proved who it is) and a seat.
     pub fn admit(&self, address: Option<IpAddr>, proven: bool) -> Result<Admitted, NotAdmitted> {
+        // The seat first: a socket that gets none must not evict an unproven one.
+        let seat = self.seat().ok_or(NotAdmitted::Full)?;
         let pre_auth = match proven {
             true => None,
             false => Some(self.pre_auth(address).map_err(NotAdmitted::Busy)?),
         };
-        let seat = self.seat().ok_or(NotAdmitted::Full)?;
         Ok((pre_auth, seat))
     }
 

@@ -42,11 +42,12 @@ async fn connect(
     let presented = query.token.as_deref().or(auth::bearer(req.headers()));
     let identity = app.auth.identify(presented).map_err(|e| e.to_string());
     let proven = presented.is_some() && identity.is_ok();
+    // Upgraded before admission: a request that is no WebSocket must not evict anyone.
+    let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     let (slot, seat) = match app.automerge.admit(req.peer_addr().map(|a| a.ip()), proven) {
         Ok(admitted) => admitted,
         Err(not_admitted) => {
             let reason = not_admitted.to_string();
-            let (response, socket, _payload) = crate::socket::upgrade(&req, body).await?;
             actix_web::rt::spawn(socket.close(Some(actix_ws::CloseReason {
                 code: actix_ws::CloseCode::from(close::TRY_AGAIN_LATER),
                 description: Some(reason),
@@ -54,7 +55,6 @@ async fn connect(
             return Ok(response);
         }
     };
-    let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     // Before `join` a message is a join at most.
     let (limits, slot) = app
         .incoming

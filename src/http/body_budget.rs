@@ -30,14 +30,18 @@ pub async fn budgeted(
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    let bodiless = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .is_some_and(|v| v.as_bytes() == b"0")
+    // Only a GET upgrades (actix reads any other request carrying the header to the end of
+    // the connection: that body is budgeted like any other).
+    let upgrade = req.method() == actix_web::http::Method::GET
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let bodiless = !upgrade
+        && req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0")
         || (req.headers().get(header::CONTENT_LENGTH).is_none()
             && req.headers().get(header::TRANSFER_ENCODING).is_none());
     if upgrade || bodiless {

@@ -26,12 +26,13 @@ async fn session(
     // socket before it would take a place among the unproven ones.
     let upgraded = auth::bearer(req.headers()).and_then(|t| app.auth.identify(Some(t)).ok());
     let address = req.peer_addr().map(|a| a.ip());
+    // Upgraded before admission: a request that is no WebSocket must not evict anyone.
+    let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     let (slot, seat) = match app.browser.admit(address, upgraded.is_some()) {
         Ok(admitted) => admitted,
         Err(NotAdmitted::Busy(refused)) => return Ok(super::error::busy(refused)),
         Err(full @ NotAdmitted::Full) => return Err(ApiError::Unavailable(full.to_string()).into()),
     };
-    let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     // Before JOIN a frame holds a token at most.
     let (limits, slot) = app
         .incoming

@@ -30,7 +30,10 @@ async fn peer_socket(
         .headers()
         .get(run_wire::mesh::UPGRADE_PROOF_HEADER)
         .and_then(|v| v.to_str().ok());
-    let slot = if app.mesh.proven_upgrade(proof) {
+    let proven = app.mesh.proven_upgrade(proof);
+    // Upgraded before admission: a request that is no WebSocket must not evict anyone.
+    let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
+    let slot = if proven {
         None
     } else {
         match app.mesh.handshake_slot(address) {
@@ -38,7 +41,6 @@ async fn peer_socket(
             Err(refused) => return Ok(super::error::busy(refused)),
         }
     };
-    let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
     let remote = req.peer_addr().map(|a| a.to_string());
     // Handshake frames are small; the link's own limit once it proved itself.
     let (limits, slot) =

@@ -414,10 +414,14 @@ impl Runs {
     /// Automerge operation costs about 185 bytes in memory, and a few KB of changes can carry
     /// a million of them. Changes from peers are never refused for this (the regions must
     /// converge); they are bounded per request.
-    pub(crate) fn ops_room(&self, incoming: u64) -> Result<(), RunError> {
+    /// `own` is what the run being written holds already: a run is never refused for its own
+    /// size (only other runs' memory can be given back by unloading them), or a run past the
+    /// budget could never be written again.
+    pub(crate) fn ops_room(&self, incoming: u64, own: u64) -> Result<(), RunError> {
         let max = self.inner.config.max_loaded_ops;
         let held = self.inner.ops_loaded.load(Ordering::Relaxed);
-        if held.saturating_add(incoming) <= max {
+        let others = held.saturating_sub(own);
+        if others.saturating_add(incoming) <= max {
             return Ok(());
         }
         self.evict((self.loaded() / 20).max(1));

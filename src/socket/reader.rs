@@ -27,6 +27,8 @@ use run_wire::close;
 pub struct FrameLimit {
     current: Arc<AtomicUsize>,
     proven: usize,
+    /// Set when the socket proved itself (whatever the two limits are).
+    raised: Arc<std::sync::atomic::AtomicBool>,
     /// Set by admission when the socket, still unproven, is evicted to make room.
     evicted: Arc<tokio::sync::Notify>,
 }
@@ -36,6 +38,7 @@ impl FrameLimit {
         FrameLimit {
             current: Arc::new(AtomicUsize::new(unproven.min(proven))),
             proven,
+            raised: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             evicted: Arc::new(tokio::sync::Notify::new()),
         }
     }
@@ -53,6 +56,7 @@ impl FrameLimit {
     /// The session proved itself: its messages may now be as large as the edge takes.
     pub fn raise(&self) {
         self.current.store(self.proven, Ordering::Relaxed);
+        self.raised.store(true, Ordering::Relaxed);
     }
 
     /// Whether admission evicted the socket (its close is pending or done).
@@ -62,9 +66,9 @@ impl FrameLimit {
         self.evicted.notified().now_or_never().is_some()
     }
 
-    /// Whether the socket proved itself (or never had to): eviction no longer applies.
+    /// Whether the socket proved itself: eviction no longer applies.
     fn is_raised(&self) -> bool {
-        self.get() == self.proven
+        self.raised.load(Ordering::Relaxed)
     }
 
     pub fn get(&self) -> usize {
@@ -208,7 +212,11 @@ where
     pub async fn next(&mut self) -> Read {
         loop {
             match self.decode() {
-                Ok(Step::Message(read)) => return read,
+                Ok(Step::Message(read)) => {
+                    // The next message's deadline starts at its first byte.
+                    self.started = None;
+                    return read;
+                }
                 // A continuation frame taken in: there may be more frames buffered.
                 Ok(Step::Taken) => continue,
                 Ok(Step::NeedMore) => {}
@@ -289,6 +297,9 @@ where
     fn decode(&mut self) -> Result<Step, Read> {
         let limit = self.limits.frame.get();
         let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len());
+        // Control frames (ping, pong, close) between fragments are not part of the message.
+        let control = self.buf.first().is_some_and(|b| b & 0x08 != 0);
+        let so_far = if control { 0 } else { so_far };
         if let Some(declared) = declared_length(&self.buf) {
             if declared.saturating_add(so_far as u64) > limit as u64 {
                 return Err(too_big(limit));
@@ -487,6 +498,53 @@ mod tests {
         l.frame.raise();
         let mut after = reader(vec![frames(vec![big()])], l);
         assert!(matches!(after.next().await, Read::Binary(b) if b.len() == 10_000));
+    }
+
+    #[actix_web::test]
+    async fn the_deadline_is_per_message_under_steady_traffic() {
+        // Six quick messages whose reads always end inside the next frame, 60 ms apart: 360
+        // ms in all, against a deadline of 200 ms for one message.
+        let one = frames(vec![Message::Binary(Bytes::from(vec![5u8; 40]))]);
+        let all: Vec<u8> = one.iter().cycle().take(one.len() * 6).copied().collect();
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        let mut at = 0;
+        while at < all.len() {
+            let end = (at + one.len()).min(all.len());
+            let end = if at == 0 { one.len() / 2 } else { end };
+            chunks.push(all[at..end].to_vec());
+            at = end;
+        }
+        let paced = futures_util::stream::iter(chunks).then(|c| async move {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            Ok::<_, actix_web::error::PayloadError>(Bytes::from(c))
+        });
+        let mut r = FrameReader::over(
+            Box::pin(paced),
+            ReadLimits {
+                message_deadline: Duration::from_millis(200),
+                ..limits(1024, 1024, 1 << 20)
+            },
+        );
+        for i in 0..6 {
+            let got = r.next().await;
+            assert!(
+                matches!(got, Read::Binary(ref b) if b.len() == 40),
+                "message {i}: {got:?}"
+            );
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_control_frame_between_fragments_is_not_counted_in_the_message() {
+        let part = Message::Continuation;
+        let ok = frames(vec![
+            part(Item::FirstBinary(Bytes::from(vec![1u8; 1000]))),
+            Message::Ping(Bytes::from(vec![9u8; 100])),
+            part(Item::Last(Bytes::from(vec![1u8; 1000]))),
+        ]);
+        let mut r = reader(vec![ok], limits(2048, 2048, 1 << 20));
+        assert!(matches!(r.next().await, Read::Ping(_)));
+        assert!(matches!(r.next().await, Read::Binary(b) if b.len() == 2000));
     }
 
     #[actix_web::test]

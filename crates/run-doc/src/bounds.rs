@@ -105,6 +105,11 @@ impl Budget {
         }
     }
 
+    /// Whether this is a peer node's budget ([`Budget::peer`]).
+    pub fn is_peer(&self) -> bool {
+        self.stamped_past_per_change
+    }
+
     /// Checks the one chunk `chunk` holds (header included, nothing after it) and charges it.
     pub fn admit(&mut self, chunk: &[u8]) -> Result<ChunkSize, DocError> {
         let (kind, body) = split_header(chunk).map_err(invalid)?;

@@ -436,14 +436,14 @@ impl RunDoc {
         if !stuck.is_empty() {
             return Err(DocError::MissingDependencies(self.missing_of(&stuck)));
         }
-        let clock = self.check_stamps(&ordered)?;
+        let clock = self.check_stamps(&ordered, true)?;
         if let Some(l) = remote_lamport.filter(|l| *l > clock.saturating_add(MAX_LAMPORT_STEP)) {
             return Err(DocError::ClockJump(format!(
                 "lamportTimestamp {l} is more than {MAX_LAMPORT_STEP} past the run's clock \
                  ({clock} with these changes)"
             )));
         }
-        self.apply_ordered(ordered, duplicates, remote_lamport)
+        self.apply_ordered(ordered, duplicates, remote_lamport, true)
     }
 
     /// As [`RunDoc::apply_remote`], for changes from a mesh peer: those whose dependencies are
@@ -454,9 +454,10 @@ impl RunDoc {
         changes: Vec<Change>,
         remote_lamport: Option<u64>,
     ) -> Result<RemoteApplied, DocError> {
-        let (ordered, stuck, duplicates) = self.with_parked(changes)?;
+        // A peer's: each stamp is checked, not the batch as a whole (see `check_stamps`).
+        let (ordered, stuck, duplicates) = self.with_parked(changes, false)?;
         self.park(stuck);
-        let mut out = self.apply_ordered(ordered, duplicates, remote_lamport)?;
+        let mut out = self.apply_ordered(ordered, duplicates, remote_lamport, false)?;
         out.parked = self.parked.len();
         Ok(out)
     }
@@ -477,6 +478,7 @@ impl RunDoc {
         ordered: Vec<Change>,
         duplicates: usize,
         remote_lamport: Option<u64>,
+        batch_bound: bool,
     ) -> Result<RemoteApplied, DocError> {
         for change in &ordered {
             self.check_foreign(change)?;
@@ -502,7 +504,10 @@ impl RunDoc {
                 out.applied.push(change);
             }
         }
-        let ceiling = self.batch_ceiling(out.applied.len());
+        let ceiling = match batch_bound {
+            true => self.batch_ceiling(out.applied.len()),
+            false => u64::MAX,
+        };
         for change in &out.applied {
             self.observe_stamp(change, ceiling);
         }
@@ -562,8 +567,9 @@ impl RunDoc {
             changes.extend(changes::parse_within(chunk, &mut budget)?);
         }
         let before = self.parked.len();
-        let (ordered, stuck, duplicates) = self.with_parked(changes)?;
-        *applied = self.apply_ordered(ordered, duplicates, None)?;
+        let bound = !budget.is_peer();
+        let (ordered, stuck, duplicates) = self.with_parked(changes, bound)?;
+        *applied = self.apply_ordered(ordered, duplicates, None, bound)?;
         if applied.error.is_some() {
             return Ok(false);
         }
@@ -589,6 +595,7 @@ impl RunDoc {
     fn with_parked(
         &mut self,
         mut changes: Vec<Change>,
+        batch_bound: bool,
     ) -> Result<(Vec<Change>, Vec<Change>, usize), DocError> {
         // Refused before the held-back changes join them: a refusal must not drop those.
         for change in &changes {
@@ -597,7 +604,7 @@ impl RunDoc {
         let held: Vec<Change> = self.parked.values().cloned().collect();
         changes.extend(self.parked.drain().map(|(_, c)| c));
         let (ordered, stuck, duplicates) = self.order_new_changes(changes);
-        if let Err(e) = self.check_stamps(&ordered) {
+        if let Err(e) = self.check_stamps(&ordered, batch_bound) {
             self.park(held);
             return Err(e);
         }
@@ -671,7 +678,12 @@ impl RunDoc {
     /// [`MAX_LAMPORT_STEP`] past the clock as it would be when each applies: a node stamps its
     /// change one past everything the change builds on, so an honest stamp never is. Returns
     /// the clock after them.
-    fn check_stamps(&self, ordered: &[Change]) -> Result<u64, DocError> {
+    ///
+    /// With `batch_bound` (a client's or service's request), the batch as a whole may move the
+    /// clock at most a step plus one per change. Not for a peer node's: its history may hold
+    /// stamps that followed its own clients' jumps (unstamped changes, not counted here), and
+    /// refusing that history would keep the run split between regions.
+    fn check_stamps(&self, ordered: &[Change], batch_bound: bool) -> Result<u64, DocError> {
         let mut clock = self.lamport;
         for change in ordered {
             let Some(stamp) = Stamp::of(change) else {
@@ -690,7 +702,7 @@ impl RunDoc {
         // Each stamp may be a step past the clock, but not a step past the one before it, over
         // and over: 5,000 chained changes moved the clock by 10^10 in one request.
         let allowed = self.batch_ceiling(ordered.len());
-        if clock > allowed {
+        if batch_bound && clock > allowed {
             return Err(DocError::ClockJump(format!(
                 "these {} changes would move the run's clock from {} to {clock}; one request \
                  may move it at most {MAX_LAMPORT_STEP} plus one per change",

@@ -1414,4 +1414,9 @@ fn stamps_chained_in_one_request_cannot_carry_the_clock_away() {
     // One of them alone is within the bound.
     honest.apply_remote(changes[..1].to_vec(), None).unwrap();
     assert_eq!(honest.lamport(), MAX_LAMPORT_STEP);
+    // A peer node's history is checked stamp by stamp only: another region must never be
+    // refused what its own region holds.
+    let mut region = RunDoc::new(run, "r3");
+    let taken = region.apply_remote_parking(changes.clone(), None).unwrap();
+    assert_eq!(taken.applied.len(), 5);
 }

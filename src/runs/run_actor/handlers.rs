@@ -113,7 +113,7 @@ impl Handler<Call<RemoteChanges>> for RunActor {
         // operations; a mesh peer's never do (the regions must converge).
         if msg.via.is_none() {
             let ops = msg.changes.iter().map(|c| c.len() as u64).sum();
-            if let Err(e) = self.runs.ops_room(ops) {
+            if let Err(e) = self.runs.ops_room(ops, self.ops_counted) {
                 return refuse(e);
             }
         }
@@ -180,7 +180,7 @@ impl Handler<Call<SyncStep>> for RunActor {
                 .flatten()
                 .map(|size| size.ops)
                 .sum();
-            if let Err(e) = self.runs.ops_room(ops) {
+            if let Err(e) = self.runs.ops_room(ops, self.ops_counted) {
                 return refuse(e);
             }
         }
