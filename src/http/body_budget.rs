@@ -37,13 +37,11 @@ pub async fn budgeted(
             .headers()
             .get(header::UPGRADE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    let bodiless = !upgrade
-        && req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() == b"0")
-        || (req.headers().get(header::CONTENT_LENGTH).is_none()
-            && req.headers().get(header::TRANSFER_ENCODING).is_none());
+    let headers = req.headers();
+    let bodiless = match headers.get(header::CONTENT_LENGTH) {
+        Some(length) => length.as_bytes() == b"0",
+        None => headers.get(header::TRANSFER_ENCODING).is_none(),
+    };
     if upgrade || bodiless {
         return next.call(req).await;
     }
@@ -51,7 +49,6 @@ pub async fn budgeted(
         .app_data::<web::Data<AppState>>()
         .map(|app| (app.incoming.budget.reservation(), app.incoming.deadline));
     if let Some((held, within)) = incoming {
-        let limit = held.limit();
         let body = Budgeted {
             inner: req.take_payload(),
             held,
@@ -59,7 +56,6 @@ pub async fn budgeted(
             started: Instant::now(),
             deadline: None,
             within,
-            limit,
         };
         req.set_payload(Payload::Stream {
             payload: Box::pin(body),
@@ -77,7 +73,6 @@ struct Budgeted {
     /// they need no timer.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     within: std::time::Duration,
-    limit: usize,
 }
 
 /// What a refused body reads as; `error::json_error` answers 408 and 503 from these.
@@ -98,14 +93,9 @@ impl Stream for Budgeted {
             Poll::Ready(Some(Ok(chunk))) => {
                 this.bytes += chunk.len();
                 if !this.held.grow_to(this.bytes) {
-                    let why = format!(
-                        "the node holds as much incoming data as its memory budget ({} bytes) \
-                         allows; try again later",
-                        this.limit
-                    );
                     return Poll::Ready(Some(Err(PayloadError::Io(io::Error::new(
                         io::ErrorKind::OutOfMemory,
-                        why,
+                        this.held.refusal(),
                     )))));
                 }
                 Poll::Ready(Some(Ok(chunk)))

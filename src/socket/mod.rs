@@ -25,11 +25,10 @@ pub use reader::{FrameLimit, MemoryBudget, Read, ReadLimits, Reservation};
 #[derive(Debug)]
 pub enum Out {
     Text(Arc<str>),
-    /// A frame shared by many sockets (a browser room's update): queued without a copy. The
-    /// counter, if any, holds the bytes queued and not yet written; the writer takes these off.
+    /// A frame shared by many sockets (a browser room's update): queued without a copy. Its
+    /// charge, if any, counts its bytes as queued until the frame is written or dropped.
     Shared(ByteString, Option<Charge>),
-    /// A binary frame (automerge-repo's CBOR messages), with the counter of bytes queued, as
-    /// for `Shared`.
+    /// A binary frame (automerge-repo's CBOR messages), with its charge, as for `Shared`.
     Binary(Bytes, Option<Charge>),
     Ping(Bytes),
     Pong(Bytes),
@@ -183,11 +182,6 @@ impl OutgoingBudget {
             limit,
         }
     }
-
-    /// Bytes queued now, in all.
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
-    }
 }
 
 /// One session's queued bytes, and the node's.
@@ -210,6 +204,10 @@ impl QueuedBytes {
 
     fn session(&self) -> usize {
         self.session.load(Ordering::Relaxed)
+    }
+
+    fn node(&self) -> usize {
+        self.node.load(Ordering::Relaxed)
     }
 }
 
@@ -237,7 +235,8 @@ pub struct Outbox {
     out: mpsc::Sender<Out>,
     pending: Arc<QueuedBytes>,
     max_bytes: usize,
-    node: OutgoingBudget,
+    /// The node's [`OutgoingBudget`] (its count is `pending.node`).
+    node_limit: usize,
 }
 
 impl Outbox {
@@ -249,16 +248,16 @@ impl Outbox {
                 node: node.queued.clone(),
             }),
             max_bytes,
-            node: node.clone(),
+            node_limit: node.limit,
         }
     }
 
     /// Whether a droppable message of about `len` bytes would be dropped now.
     pub fn behind(&self, len: usize) -> bool {
         let behind = self.pending.session().saturating_add(len);
-        let node = self.node.queued().saturating_add(len);
+        let node = self.pending.node().saturating_add(len);
         behind > self.max_bytes / 4 * 3
-            || node > self.node.limit / 2
+            || node > self.node_limit / 2
             || self.out.capacity() < self.out.max_capacity() / 4
     }
 
@@ -284,7 +283,7 @@ impl Outbox {
         // One frame larger than the budget still goes to a session that is keeping up (a
         // first sync of a large run, a run's whole state).
         let over_session = queued.saturating_add(len) > self.max_bytes;
-        let over_node = self.node.queued().saturating_add(len) > self.node.limit;
+        let over_node = self.pending.node().saturating_add(len) > self.node_limit;
         if queued > 0 && (over_session || over_node) {
             return Queued::TooSlow;
         }

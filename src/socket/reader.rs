@@ -97,10 +97,6 @@ impl MemoryBudget {
         self.held.load(Ordering::Relaxed)
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// An empty reservation, grown with [`Reservation::grow_to`].
     pub fn reservation(&self) -> Reservation {
         Reservation {
@@ -118,9 +114,13 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// The limit of the budget it is taken from.
-    pub fn limit(&self) -> usize {
-        self.budget.limit
+    /// Why what it was asked to grow by was refused, for the client.
+    pub fn refusal(&self) -> String {
+        format!(
+            "the node holds as much incoming data as its memory budget ({} bytes) allows; \
+             try again later",
+            self.budget.limit
+        )
     }
 
     /// Holds `bytes` in all (more or fewer than now); false, holding what it held, if the
@@ -276,17 +276,9 @@ where
 
     /// Appends what the connection delivered, charged to the budget first.
     fn take_in(&mut self, bytes: &Bytes) -> Result<(), Read> {
-        let partial = self.partial.as_ref().map_or(0, |(_, p)| p.len());
-        let need = self.buf.len() + bytes.len() + partial;
+        let need = self.buf.len() + bytes.len() + self.partial_len();
         if !self.held.grow_to(need) {
-            return Err(Read::Refused(
-                close::TRY_AGAIN_LATER,
-                format!(
-                    "the node holds as much incoming data as its memory budget ({} bytes) \
-                     allows; try again later",
-                    self.limits.budget.limit()
-                ),
-            ));
+            return Err(Read::Refused(close::TRY_AGAIN_LATER, self.held.refusal()));
         }
         self.buf.extend_from_slice(bytes);
         Ok(())
@@ -296,10 +288,9 @@ where
     /// frame in progress against the limit.
     fn decode(&mut self) -> Result<Step, Read> {
         let limit = self.limits.frame.get();
-        let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len());
         // Control frames (ping, pong, close) between fragments are not part of the message.
         let control = self.buf.first().is_some_and(|b| b & 0x08 != 0);
-        let so_far = if control { 0 } else { so_far };
+        let so_far = if control { 0 } else { self.partial_len() };
         if let Some(declared) = declared_length(&self.buf) {
             if declared.saturating_add(so_far as u64) > limit as u64 {
                 return Err(too_big(limit));
@@ -324,22 +315,19 @@ where
             Frame::Binary(b) => Some(Read::Binary(b)),
             Frame::Ping(b) => Some(Read::Ping(b)),
             Frame::Pong(b) => Some(Read::Pong(b)),
-            Frame::Close(reason) => Some(Read::Closed(Some(match reason {
-                Some(r) => {
-                    let code: u16 = r.code.into();
-                    match r.description {
-                        Some(d) => format!("closed by peer ({code}: {d})"),
-                        None => format!("closed by peer ({code})"),
-                    }
-                }
-                None => "closed by peer".into(),
-            }))),
+            Frame::Close(reason) => Some(Read::Closed(Some(
+                reason.map_or_else(|| "closed by peer".into(), super::describe),
+            ))),
             Frame::Continuation(item) => self.continued(item, limit)?,
         };
         // What was handed on is no longer held here.
-        let partial = self.partial.as_ref().map_or(0, |(_, p)| p.len());
-        self.held.grow_to(self.buf.len() + partial);
+        self.held.grow_to(self.buf.len() + self.partial_len());
         Ok(read.map_or(Step::Taken, Step::Message))
+    }
+
+    /// Bytes of the message being put together from continuation frames.
+    fn partial_len(&self) -> usize {
+        self.partial.as_ref().map_or(0, |(_, p)| p.len())
     }
 
     fn continued(&mut self, item: Item, limit: usize) -> Result<Option<Read>, Read> {

@@ -160,37 +160,38 @@ pub fn lamport(field: &'static str, value: Option<i64>) -> Result<Option<u64>, I
 pub fn flag_value(field: &'static str, value: &Json) -> Result<(), Invalid> {
     #[derive(Default)]
     struct Size {
+        depth: usize,
         values: usize,
         text: usize,
     }
-    // Depth first, bounded: the walk below recurses.
-    fn depth(v: &Json) -> usize {
-        match v {
-            Json::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
-            Json::Object(fields) => 1 + fields.values().map(depth).max().unwrap_or(0),
-            _ => 0,
-        }
-    }
-    fn walk(v: &Json, size: &mut Size) {
+    // One pass: nesting, values and text together (serde_json bounds the recursion: it
+    // parses at most 128 levels).
+    fn walk(v: &Json, level: usize, size: &mut Size) {
         size.values += 1;
         match v {
-            Json::Array(items) => items.iter().for_each(|i| walk(i, size)),
-            Json::Object(fields) => fields.iter().for_each(|(k, i)| {
-                size.text += k.len();
-                walk(i, size)
-            }),
+            Json::Array(items) => {
+                size.depth = size.depth.max(level + 1);
+                items.iter().for_each(|i| walk(i, level + 1, size));
+            }
+            Json::Object(fields) => {
+                size.depth = size.depth.max(level + 1);
+                fields.iter().for_each(|(k, i)| {
+                    size.text += k.len();
+                    walk(i, level + 1, size)
+                });
+            }
             Json::String(s) => size.text += s.len(),
             _ => {}
         }
     }
-    if depth(value) > MAX_JSON_DEPTH {
+    let mut size = Size::default();
+    walk(value, 0, &mut size);
+    if size.depth > MAX_JSON_DEPTH {
         return Err(Invalid::new(
             field,
             format!("nests deeper than {MAX_JSON_DEPTH} levels"),
         ));
     }
-    let mut size = Size::default();
-    walk(value, &mut size);
     if size.values > MAX_FLAG_VALUES {
         return Err(Invalid::too_large(
             field,

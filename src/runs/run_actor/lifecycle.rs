@@ -22,9 +22,7 @@ impl RunActor {
     fn unload_if_unwritten(&mut self, ctx: &mut Context<Self>) {
         let linger = UNWRITTEN_LINGER.min(self.runs.inner.config.idle_timeout);
         ctx.run_later(linger, move |act, ctx| {
-            // Parked changes exist only here; the peers that sent them count them as sent.
-            let parked = act.doc.as_ref().is_some_and(RunDoc::has_parked);
-            if act.written || !act.writes.is_idle() || parked {
+            if act.written || !act.unloadable() {
                 return;
             }
             if act.last_active.elapsed() >= linger {
@@ -34,6 +32,12 @@ impl RunActor {
                 act.unload_if_unwritten(ctx);
             }
         });
+    }
+
+    /// Whether unloading loses nothing: no write in flight (it must answer first), and no
+    /// held-back changes (they exist only here; the peers that sent them count them as sent).
+    fn unloadable(&self) -> bool {
+        self.writes.is_idle() && !self.doc.as_ref().is_some_and(RunDoc::has_parked)
     }
 
     /// Runs `f` on the document, turning a panic inside Automerge on input from elsewhere into
@@ -150,9 +154,7 @@ impl Handler<Evict> for RunActor {
     type Result = ();
 
     fn handle(&mut self, _: Evict, ctx: &mut Context<Self>) {
-        // Held-back changes exist only here, and a write in flight must answer first.
-        let parked = self.doc.as_ref().is_some_and(RunDoc::has_parked);
-        if self.writes.is_idle() && !parked {
+        if self.unloadable() {
             log::debug!(
                 "run {}: unloaded to stay within the loaded-runs cap",
                 self.run_id
