@@ -159,6 +159,7 @@ async fn watch(node: &Node, attack: impl Future<Output = String>) -> Outcome {
 #[derive(Clone, Copy)]
 enum Attack {
     AckLoss,
+    BigFlag,
     BigFrame,
     HandshakeFrames,
     UnjoinedRepo,
@@ -173,8 +174,9 @@ enum Attack {
 }
 
 impl Attack {
-    const ALL: [Attack; 12] = [
+    const ALL: [Attack; 13] = [
         Attack::AckLoss,
+        Attack::BigFlag,
         Attack::BigFrame,
         Attack::HandshakeFrames,
         Attack::UnjoinedRepo,
@@ -191,6 +193,7 @@ impl Attack {
     fn name(self) -> &'static str {
         match self {
             Attack::AckLoss => "flag of 150,000 values, 6 grafts, SIGKILL, restart",
+            Attack::BigFlag => "`PUT` of a 2 M-value flag (a 4 MB body)",
             Attack::BigFrame => "`/ws/runs` frame declaring 600 MiB (256 MiB sent), no JOIN",
             Attack::HandshakeFrames => "64 unproven `/ws` sockets × 8 MB frame",
             Attack::UnjoinedRepo => "128 unjoined `/ws/automerge` sockets × 16.7 MB",
@@ -209,6 +212,7 @@ impl Attack {
         match self {
             // Run with a restart in between: see `ack_loss`.
             Attack::AckLoss => String::new(),
+            Attack::BigFlag => big_flag(node, run).await,
             Attack::BigFrame => big_frame(node, run).await,
             Attack::HandshakeFrames => many_frames(node, "/ws", 64, 8_000_000).await,
             Attack::UnjoinedRepo => many_frames(node, "/ws/automerge", 128, 16_700_000).await,
@@ -349,6 +353,27 @@ async fn ack_loss(build: &Build, db: &TestDb, node: &mut Node, run: Uuid) -> Out
         peak_mib,
         during: "-".into(),
         after: c.get(&node.url("/actuator/health")).await.0 == 200,
+    }
+}
+
+async fn big_flag(node: &Node, run: Uuid) -> String {
+    // "[0,0,…]": 2 M values in 4 MB, under the default body limit of 4 MiB.
+    let mut body = String::from(r#"{"user":"u","value":["#);
+    body.push_str(&"0,".repeat(1_999_999));
+    body.push_str("0]}");
+    let response = reqwest::Client::new()
+        .put(common::run_url(node, run, "/flags/big"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    match response {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            format!("{status} {}", clip(&text))
+        }
+        Err(e) => format!("no answer: {e}"),
     }
 }
 
