@@ -225,6 +225,7 @@ async fn seed_run(store: &dyn run_store::Store, events: usize, snapshot_at: Opti
                 region: "us-east-1".into(),
                 created_at: chrono::Utc::now().naive_utc(),
                 event_count: (i + 1) as i32,
+                projection: None,
             };
             store.save_snapshot(&snapshot, 10).await.expect("snapshot");
         }
@@ -387,6 +388,7 @@ async fn legacy_load() {
             region: "us-east-1".into(),
             created_at: chrono::Utc::now().naive_utc(),
             event_count: 0,
+            projection: None,
         };
         store.save_snapshot(&snapshot, 10).await.expect("snapshot");
         let (fast, l2) = median_load(store.as_ref(), run).await;

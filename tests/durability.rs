@@ -585,6 +585,7 @@ async fn a_clock_advanced_by_a_sync_hint_survives_restart(backend: Backend) {
 }
 
 both_backends!(
+    a_cold_run_answers_from_its_projection_while_it_loads,
     sigterm_snapshots_dirty_runs_and_exits_cleanly,
     a_clock_advanced_by_a_sync_hint_survives_restart,
     a_clash_on_the_log_position_is_refused_not_skipped,
@@ -940,4 +941,82 @@ async fn a_silent_database_times_out_writes_instead_of_hanging() {
     );
     let st = state(&c, &node, run).await;
     assert_eq!(st["flags"], json!({"before": 1, "during": 3}), "{st}");
+}
+
+/// A run whose snapshot holds everything stored answers its first read and a retried graft
+/// from the projection kept with the snapshot, while the document loads; other requests wait
+/// for the document, and from then on the document answers. (The stored projection is marked
+/// with a flag the run does not hold, to tell which one answered.)
+async fn a_cold_run_answers_from_its_projection_while_it_loads(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let mut node = Node::spawn(&db, &[]);
+    let first = Uuid::new_v4();
+    for i in 0..40 {
+        let id = if i == 0 { first } else { Uuid::new_v4() };
+        let (s, body) = c
+            .post(
+                &run_url(&node, run, "/grafts"),
+                &json!({"agent": format!("A{i}"), "afterStep": "S1", "user": "u", "id": id}),
+            )
+            .await;
+        assert_eq!(s, 201, "{body}");
+    }
+    c.post(
+        &run_url(&node, run, "/pruned-steps"),
+        &json!({"stepId": "S2", "user": "u"}),
+    )
+    .await;
+    flag(&c, &node, run, "k", json!({"x": [1, 2]})).await;
+    let before = state(&c, &node, run).await;
+    // SIGTERM writes the final snapshot, with its projection.
+    assert!(node.terminate(20).is_some_and(|s| s.success()));
+    let stored = db::snapshot_projection(&db, run)
+        .await
+        .expect("the final snapshot carries a projection");
+    let mut projection = run_doc::Projection::decode(&stored).expect("it decodes");
+    let shown: Value = serde_json::to_value(&projection.state).unwrap();
+    for (key, value) in shown.as_object().unwrap() {
+        assert!(
+            before[key] == *value,
+            "the projection's {key} is what the node showed"
+        );
+    }
+    projection
+        .state
+        .flags
+        .insert("marker".into(), json!("from the projection"));
+    db::set_snapshot_projection(&db, run, projection.encode()).await;
+
+    let node = Node::spawn(&db, &[]);
+    let cold = state(&c, &node, run).await;
+    assert_eq!(cold["flags"]["marker"], "from the projection");
+    assert_eq!(cold["grafts"], before["grafts"]);
+    assert_eq!(cold["heads"], before["heads"]);
+    let (s, retried) = c
+        .post(
+            &run_url(&node, run, "/grafts"),
+            &json!({"agent": "A0", "afterStep": "S1", "user": "u", "id": first}),
+        )
+        .await;
+    assert_eq!(s, 201, "{retried}");
+    assert_eq!(retried["changed"], false);
+    assert_eq!(retried["graft"], before["grafts"][0]);
+    // A write waits for the document; then the document answers, its graft index built from
+    // the projection.
+    let (s, body) = c
+        .post(
+            &run_url(&node, run, "/grafts"),
+            &json!({"agent": "New", "afterStep": "S1", "user": "u"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let after = state(&c, &node, run).await;
+    assert!(after["flags"].get("marker").is_none(), "{after}");
+    let grafts = after["grafts"].as_array().unwrap();
+    assert_eq!(grafts.len(), 41);
+    assert_eq!(grafts[..40], before["grafts"].as_array().unwrap()[..]);
+    assert_eq!(after["prunedSteps"], before["prunedSteps"]);
+    assert_eq!(after["lamport"], before["lamport"].as_u64().unwrap() + 1);
 }

@@ -6,11 +6,19 @@
 //! everything that does not depend on it is still applied. Legacy operational-transform rows
 //! (no `crdt_changes`) are replayed first, deterministically (see `doc::legacy`); a malformed
 //! one is skipped with a warning.
+//!
+//! Reading storage is async ([`fetch`]); building the document is CPU work (a 50,000-graft run
+//! takes most of a second) and runs on a blocking thread, never on the arbiter thread that
+//! serves the other runs. The projection kept with the snapshot builds the graft index without
+//! reading every graft (`RunDoc::seed_index`), and lets a run actor answer reads while the
+//! document loads (see `run_actor::lifecycle`).
+
+use std::sync::Arc;
 
 use uuid::Uuid;
 
-use run_doc::{parse_own_changes, LegacyEvent, RunDoc};
-use run_store::{Store, StoreError};
+use run_doc::{parse_own_changes, LegacyEvent, Projection, RunDoc};
+use run_store::{Snapshot, Store, StoreError, StoredEvent};
 
 pub struct Loaded {
     pub doc: RunDoc,
@@ -25,12 +33,126 @@ pub struct Loaded {
     pub legacy_skipped: usize,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("building the run's document failed: {0}")]
+    Build(String),
+}
+
+/// What storage holds of a run: a snapshot (if any) and the events after it.
+pub struct Stored {
+    snapshot: Option<Snapshot>,
+    events: Vec<StoredEvent>,
+}
+
+impl Stored {
+    /// The snapshot's projection, when it describes all that is stored (no event follows the
+    /// snapshot) and reads.
+    pub fn projection(&self) -> Option<Projection> {
+        let bytes = self.snapshot.as_ref()?.projection.as_deref()?;
+        if !self.events.is_empty() {
+            return None;
+        }
+        Projection::decode(bytes)
+            .inspect_err(|e| log::warn!("a snapshot's projection is not used: {e}"))
+            .ok()
+    }
+}
+
 /// How many older snapshots to try before replaying the whole log.
 const SNAPSHOT_ATTEMPTS: usize = 3;
 
-pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loaded, StoreError> {
-    let (mut doc, snapshot_seq, from_snapshot) = from_snapshot(store, run_id, region).await?;
-    let events = store.events_after(run_id, snapshot_seq).await?;
+/// The newest snapshot (below `below` events, to fall back from one that does not load) and
+/// the events after it.
+pub async fn fetch(
+    store: &dyn Store,
+    run_id: Uuid,
+    below: Option<i32>,
+) -> Result<Stored, StoreError> {
+    let snapshot = store.latest_snapshot(run_id, below).await?;
+    let after = snapshot.as_ref().map_or(0, |s| i64::from(s.event_count));
+    let events = store.events_after(run_id, after).await?;
+    Ok(Stored { snapshot, events })
+}
+
+pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loaded, LoadError> {
+    let stored = fetch(store, run_id, None).await?;
+    load_from(store, run_id, region, stored, None).await
+}
+
+/// Builds the run from what [`fetch`] read, falling back to older snapshots and at last to the
+/// whole log. `projection`: the snapshot's, already decoded by the caller.
+pub async fn load_from(
+    store: &dyn Store,
+    run_id: Uuid,
+    region: &str,
+    mut stored: Stored,
+    mut projection: Option<Arc<Projection>>,
+) -> Result<Loaded, LoadError> {
+    let mut attempts = 0;
+    loop {
+        let region = region.to_string();
+        let seed = projection.take();
+        let built = tokio::task::spawn_blocking(move || build(run_id, &region, stored, seed))
+            .await
+            .map_err(|e| LoadError::Build(e.to_string()))?;
+        let below = match built {
+            Ok(loaded) => return Ok(loaded),
+            Err(below) => below,
+        };
+        attempts += 1;
+        stored = if attempts < SNAPSHOT_ATTEMPTS {
+            fetch(store, run_id, Some(below)).await?
+        } else {
+            // Never fails: with no snapshot there is nothing to fall back from.
+            Stored {
+                snapshot: None,
+                events: store.events_after(run_id, 0).await?,
+            }
+        };
+    }
+}
+
+/// The run from a snapshot and the events after it; `Err(event_count)` of a snapshot that
+/// does not load, to try an older one.
+fn build(
+    run_id: Uuid,
+    region: &str,
+    stored: Stored,
+    projection: Option<Arc<Projection>>,
+) -> Result<Loaded, i32> {
+    let Stored { snapshot, events } = stored;
+    let from_snapshot = snapshot.is_some();
+    let (mut doc, snapshot_seq) = match snapshot {
+        None => (RunDoc::new(run_id, region), 0),
+        Some(snapshot) => match RunDoc::load(run_id, region, &snapshot.data) {
+            Ok(mut doc) => {
+                doc.observe_lamport(u64::try_from(snapshot.lamport).unwrap_or(0));
+                let projection = projection.or_else(|| {
+                    let bytes = snapshot.projection.as_deref()?;
+                    Projection::decode(bytes).ok().map(Arc::new)
+                });
+                if let Some(p) = projection {
+                    if !doc.seed_index(&p) {
+                        log::warn!(
+                            "run {run_id}: snapshot {}'s projection does not match it",
+                            snapshot.id
+                        );
+                    }
+                }
+                (doc, i64::from(snapshot.event_count))
+            }
+            Err(e) => {
+                log::warn!(
+                    "run {run_id}: snapshot {} does not load ({e}); trying an older one",
+                    snapshot.id
+                );
+                return Err(snapshot.event_count);
+            }
+        },
+    };
     // Legacy rows come only with the whole log (no snapshot), first, onto the bare genesis:
     // replayed before anything else touches the document, they come out identical everywhere.
     // A snapshot already holds the replay.
@@ -91,31 +213,4 @@ pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loade
         legacy_replayed: legacy.len() - skipped.len(),
         legacy_skipped: skipped.len(),
     })
-}
-
-async fn from_snapshot(
-    store: &dyn Store,
-    run_id: Uuid,
-    region: &str,
-) -> Result<(RunDoc, i64, bool), StoreError> {
-    let mut below = None;
-    for _ in 0..SNAPSHOT_ATTEMPTS {
-        let Some(snapshot) = store.latest_snapshot(run_id, below).await? else {
-            break;
-        };
-        match RunDoc::load(run_id, region, &snapshot.data) {
-            Ok(mut doc) => {
-                doc.observe_lamport(u64::try_from(snapshot.lamport).unwrap_or(0));
-                return Ok((doc, i64::from(snapshot.event_count), true));
-            }
-            Err(e) => {
-                log::warn!(
-                    "run {run_id}: snapshot {} does not load ({e}); trying an older one",
-                    snapshot.id
-                );
-                below = Some(snapshot.event_count);
-            }
-        }
-    }
-    Ok((RunDoc::new(run_id, region), 0, false))
 }

@@ -2,7 +2,8 @@
 //!
 //! A run actor reports how many events it has committed since its last snapshot; at
 //! `snapshot_every` (and no sooner than `snapshot_min_interval` after the previous one) this actor
-//! writes a snapshot. It builds it from durable storage, the newest snapshot plus the events
+//! writes a snapshot, with the run's projection (its read model at the snapshot's heads, which
+//! serves a cold run's first reads while it loads). It builds it from durable storage, the newest snapshot plus the events
 //! after it, not from the run's in-memory document. So a snapshot holds only committed changes,
 //! never a write still in flight that may yet be refused, and the run actor never pauses to
 //! serialize its document. The work runs on this actor's own thread. One run never has two
@@ -14,10 +15,11 @@ use std::sync::Arc;
 use actix::prelude::*;
 use uuid::Uuid;
 
+use super::loader::{self, LoadError};
 use super::run_actor::{RunActor, SnapshotWritten};
-use super::{loader, RunsConfig};
+use super::RunsConfig;
 use crate::metrics::Metrics;
-use run_store::{Snapshot, Store, StoreError};
+use run_store::{Snapshot, Store};
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -117,7 +119,7 @@ async fn snapshot_durable_state(
     run_id: Uuid,
     region: String,
     keep: usize,
-) -> Result<Done, StoreError> {
+) -> Result<Done, LoadError> {
     let loaded = loader::load(store, run_id, &region).await?;
     if loaded.unreadable > 0 {
         // A snapshot past them would hide them for good; leave them in the log to mend.
@@ -145,6 +147,7 @@ async fn snapshot_durable_state(
         created_at: chrono::Utc::now().naive_utc(),
         event_count: i32::try_from(loaded.last_seq).unwrap_or(i32::MAX),
         data: doc.save(),
+        projection: Some(doc.projection().encode()),
     };
     store.save_snapshot(&snapshot, keep).await?;
     Ok(Done {

@@ -14,6 +14,7 @@ use automerge::{
 };
 
 use super::genesis::GRAFTS;
+use super::projection::{ListEntry, Projection};
 use super::state::{read_graft, root_obj, Graft};
 
 /// Changes the patch log may gather between reads before it is dropped (and the next read
@@ -103,6 +104,45 @@ impl GraftIndex {
         doc.update_diff_cursor();
         self.heads = doc.get_heads();
         self.unread = 0;
+    }
+
+    /// The list in document order for a projection: each entry's position among the grafts
+    /// shown, or the graft hidden behind another with its id. None while the list breaks the
+    /// schema (a rebuild reports it). Call after a read, with the index up to date.
+    pub fn export(&mut self, doc: &mut AutoCommit) -> Option<Vec<ListEntry>> {
+        self.refresh(doc);
+        let list = self.list.as_ref().filter(|_| self.errors.is_empty())?;
+        let shown: HashMap<&ObjId, u32> = self.shown.values().zip(0..).collect();
+        doc.list_range(list, ..)
+            .map(|item| {
+                let obj = item.id();
+                match shown.get(&obj) {
+                    Some(i) => Some(ListEntry::Shown(*i)),
+                    None => self.by_obj.get(&obj).cloned().map(ListEntry::Hidden),
+                }
+            })
+            .collect()
+    }
+
+    /// Builds the index from a projection of the document at its current heads, without
+    /// reading a graft: one walk of the list. False (and the index left to rebuild) when the
+    /// projection does not match the document.
+    pub fn seed(&mut self, doc: &mut AutoCommit, projection: &Projection) -> bool {
+        let Some((list, objects)) = projection.graft_objects(doc) else {
+            return false;
+        };
+        self.by_obj.clear();
+        self.by_id.clear();
+        self.shown.clear();
+        self.errors.clear();
+        self.list = Some(list);
+        for (obj, graft) in objects {
+            self.insert(obj, graft);
+        }
+        doc.update_diff_cursor();
+        self.heads = doc.get_heads();
+        self.unread = 0;
+        true
     }
 
     fn refresh(&mut self, doc: &mut AutoCommit) {

@@ -19,6 +19,7 @@ mod genesis;
 mod graft_index;
 mod json;
 mod legacy;
+mod projection;
 pub mod rules;
 mod schema;
 mod state;
@@ -41,6 +42,7 @@ pub use changes::{
 };
 pub use genesis::genesis_actor;
 pub use legacy::{legacy_actor, LegacyEvent};
+pub use projection::Projection;
 use rules::MAX_FOREIGN_JUMP;
 pub use rules::{MAX_LAMPORT, MAX_LAMPORT_STEP};
 pub use state::{Graft, PrunedStep, RunState};
@@ -259,6 +261,26 @@ impl RunDoc {
         let heads = self.doc.get_heads().iter().map(|h| h.to_string()).collect();
         let grafts = self.grafts.grafts(&mut self.doc);
         state::read_state(&self.doc, self.lamport, heads, grafts)
+    }
+
+    /// The state and where each graft sits, to be kept with a snapshot of this document.
+    pub fn projection(&mut self) -> Projection {
+        let state = self.state();
+        let list = self.grafts.export(&mut self.doc);
+        Projection::new(state, list)
+    }
+
+    /// Builds the graft index from the projection kept with the snapshot this document was
+    /// loaded from, before anything else is applied. False when it is not of these heads or
+    /// does not match (the first read then rebuilds the index).
+    pub fn seed_index(&mut self, projection: &Projection) -> bool {
+        let heads = self.doc.get_heads();
+        let same = heads.len() == projection.state.heads.len()
+            && heads
+                .iter()
+                .zip(&projection.state.heads)
+                .all(|(h, p)| h.to_string() == *p);
+        same && self.grafts.seed(&mut self.doc, projection)
     }
 
     /// Applies a local mutation as one change, stamped with the next Lamport timestamp.

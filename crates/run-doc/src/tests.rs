@@ -1420,3 +1420,100 @@ fn stamps_chained_in_one_request_cannot_carry_the_clock_away() {
     let taken = region.apply_remote_parking(changes.clone(), None).unwrap();
     assert_eq!(taken.applied.len(), 5);
 }
+
+/// A graft with a chosen id, for retries and duplicates.
+fn graft_with_id(id: Uuid, agent: &str) -> Mutation {
+    Mutation::Graft {
+        id,
+        retry_safe: true,
+        agent: agent.into(),
+        after_step: "s".into(),
+        user: "u".into(),
+    }
+}
+
+#[test]
+fn a_projection_seeds_the_graft_index_of_the_loaded_document() {
+    let run = Uuid::new_v4();
+    let mut us = RunDoc::new(run, "us-east-1");
+    let mut eu = RunDoc::new(run, "eu-central-1");
+    let twice = Uuid::new_v4();
+    for i in 0..20 {
+        us.apply(&graft(&format!("A{i}"), "s", "ana"), T0).unwrap();
+    }
+    // The same id grafted in two regions during a partition: one shown, one hidden.
+    us.apply(&graft_with_id(twice, "Us"), T0).unwrap();
+    eu.apply(&graft_with_id(twice, "Eu"), T0).unwrap();
+    merge(&mut us, &mut eu);
+    us.apply(
+        &Mutation::SetFlag {
+            key: "k".into(),
+            value: json!({"a": [1, 2]}),
+        },
+        T0,
+    )
+    .unwrap();
+    us.apply(
+        &Mutation::Prune {
+            step_id: "s".into(),
+            user: "bo".into(),
+        },
+        T0,
+    )
+    .unwrap();
+    let projection = Projection::decode(&us.projection().encode()).unwrap();
+    assert_eq!(projection.state, us.state());
+    assert!(projection.graft(&twice.to_string()).is_some());
+
+    let saved = us.save();
+    let mut seeded = RunDoc::load(run, "us-east-1", &saved).unwrap();
+    assert!(
+        seeded.seed_index(&projection),
+        "the projection matches its document"
+    );
+    let mut rebuilt = RunDoc::load(run, "us-east-1", &saved).unwrap();
+    assert_eq!(seeded.state(), rebuilt.state());
+    // The seeded index then follows local and remote changes as a built one does.
+    seeded.apply(&graft("Local", "s", "ana"), T0).unwrap();
+    merge(&mut rebuilt, &mut seeded);
+    eu.apply(&graft("Remote", "s", "bo"), T0).unwrap();
+    merge(&mut seeded, &mut eu);
+    merge(&mut rebuilt, &mut eu);
+    assert_eq!(seeded.state().grafts, rebuilt.state().grafts);
+    assert_eq!(seeded.state().grafts.len(), 23);
+}
+
+#[test]
+fn a_projection_of_other_heads_or_bytes_is_not_used() {
+    let run = Uuid::new_v4();
+    let mut doc = RunDoc::new(run, "r1");
+    doc.apply(&graft("A", "s", "u"), T0).unwrap();
+    let old = doc.projection();
+    doc.apply(&graft("B", "s", "u"), T0).unwrap();
+    let mut loaded = RunDoc::load(run, "r1", &doc.save()).unwrap();
+    assert!(!loaded.seed_index(&old), "a projection of older heads");
+    assert_eq!(loaded.state().grafts.len(), 2, "the index is built instead");
+
+    assert!(Projection::decode(b"not deflate").is_err());
+    assert!(Projection::decode(&projection::deflate(b"{\"version\": 1}")).is_err());
+    let mut other = serde_json::to_value(doc.projection()).unwrap();
+    other["version"] = json!(99);
+    let bytes = projection::deflate(other.to_string().as_bytes());
+    let err = Projection::decode(&bytes).unwrap_err().to_string();
+    assert!(err.contains("version 99"), "{err}");
+}
+
+#[test]
+fn a_projection_whose_list_does_not_match_is_not_used() {
+    let run = Uuid::new_v4();
+    let mut doc = RunDoc::new(run, "r1");
+    for i in 0..3 {
+        doc.apply(&graft(&format!("A{i}"), "s", "u"), T0).unwrap();
+    }
+    let mut json = serde_json::to_value(doc.projection()).unwrap();
+    json["list"].as_array_mut().unwrap().pop();
+    let short: Projection = serde_json::from_value(json).unwrap();
+    let mut loaded = RunDoc::load(run, "r1", &doc.save()).unwrap();
+    assert!(!loaded.seed_index(&short));
+    assert_eq!(loaded.state().grafts.len(), 3);
+}

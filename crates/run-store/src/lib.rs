@@ -110,6 +110,9 @@ pub struct Snapshot {
     pub created_at: NaiveDateTime,
     /// The `run_seq` of the last event the snapshot covers.
     pub event_count: i32,
+    /// The run's read model at the snapshot's heads (`run_doc::Projection`, encoded), if
+    /// written with it.
+    pub projection: Option<Vec<u8>>,
 }
 
 /// A run and when it last had an event appended: an entry of the runs list.

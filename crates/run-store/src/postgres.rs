@@ -53,6 +53,7 @@ struct SnapshotRow {
     region: String,
     created_at: chrono::NaiveDateTime,
     event_count: Option<i32>,
+    projection: Option<Vec<u8>>,
 }
 
 /// Creates the database `url` names unless it exists, connecting to the server's `postgres`
@@ -207,6 +208,7 @@ impl Store for PgStore {
             region: r.region,
             created_at: r.created_at,
             event_count: r.event_count.unwrap_or(0),
+            projection: r.projection,
         }))
     }
 
@@ -248,6 +250,7 @@ impl Store for PgStore {
             region: s.region.clone(),
             created_at: s.created_at,
             event_count: Some(s.event_count),
+            projection: s.projection.clone(),
         };
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
         conn.transaction(async |c| {

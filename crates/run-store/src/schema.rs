@@ -27,6 +27,7 @@ pub mod pg {
             region -> Varchar,
             created_at -> Timestamp,
             event_count -> Nullable<Integer>,
+            projection -> Nullable<Bytea>,
         }
     }
 
@@ -64,6 +65,7 @@ pub mod sqlite {
             region -> Text,
             created_at -> Timestamp,
             event_count -> Nullable<Integer>,
+            projection -> Nullable<Binary>,
         }
     }
 

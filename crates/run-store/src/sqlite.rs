@@ -74,6 +74,7 @@ struct SnapshotRow {
     region: String,
     created_at: chrono::NaiveDateTime,
     event_count: Option<i32>,
+    projection: Option<Vec<u8>>,
 }
 
 impl SqliteStore {
@@ -176,6 +177,7 @@ impl Store for SqliteStore {
             region: r.region,
             created_at: r.created_at,
             event_count: r.event_count.unwrap_or(0),
+            projection: r.projection,
         }))
     }
 
@@ -218,6 +220,7 @@ impl Store for SqliteStore {
             region: s.region.clone(),
             created_at: s.created_at,
             event_count: Some(s.event_count),
+            projection: s.projection.clone(),
         };
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
         self.with_conn(move |c| {

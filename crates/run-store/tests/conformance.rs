@@ -40,6 +40,8 @@ fn snapshot(run_id: Uuid, covers: i32) -> Snapshot {
         region: "eu-west".into(),
         created_at: at(i64::from(covers)),
         event_count: covers,
+        // Every other snapshot carries a projection; older ones have none.
+        projection: (covers % 20 == 0).then(|| vec![covers as u8; 3]),
     }
 }
 
@@ -88,12 +90,18 @@ async fn snapshots_keep_the_newest_and_fall_back(store: &dyn Store) {
         .expect("one");
     assert_eq!((newest.event_count, newest.lamport), (30, 300));
     assert_eq!(newest.data, vec![30u8; 8]);
+    assert_eq!(newest.projection, None, "a snapshot written without one");
     let older = store
         .latest_snapshot(run, Some(30))
         .await
         .unwrap()
         .expect("one");
     assert_eq!(older.event_count, 20);
+    assert_eq!(
+        older.projection,
+        Some(vec![20u8; 3]),
+        "the projection comes back"
+    );
     assert!(
         store
             .latest_snapshot(run, Some(20))

@@ -395,6 +395,58 @@ pub mod db {
         }
     }
 
+    /// The projection kept with the run's newest snapshot, if any.
+    pub async fn snapshot_projection(db: &TestDb, run: Uuid) -> Option<Vec<u8>> {
+        match db.backend {
+            Backend::Postgres => {
+                use schema::pg::crdt_snapshots::dsl::*;
+                let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
+                crdt_snapshots
+                    .filter(run_id.eq(run))
+                    .order(event_count.desc())
+                    .select(projection)
+                    .first(&mut c)
+                    .await
+                    .unwrap()
+            }
+            Backend::Sqlite => {
+                use schema::sqlite::crdt_snapshots::dsl::*;
+                diesel::RunQueryDsl::first(
+                    crdt_snapshots
+                        .filter(run_id.eq(run.as_bytes().to_vec()))
+                        .order(event_count.desc())
+                        .select(projection),
+                    &mut sqlite(db),
+                )
+                .unwrap()
+            }
+        }
+    }
+
+    /// Replaces the projection of every snapshot of the run (to tell what answered a read).
+    pub async fn set_snapshot_projection(db: &TestDb, run: Uuid, bytes: Vec<u8>) {
+        match db.backend {
+            Backend::Postgres => {
+                use schema::pg::crdt_snapshots::dsl::*;
+                let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
+                diesel::update(crdt_snapshots.filter(run_id.eq(run)))
+                    .set(projection.eq(Some(bytes)))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+            Backend::Sqlite => {
+                use schema::sqlite::crdt_snapshots::dsl::*;
+                diesel::RunQueryDsl::execute(
+                    diesel::update(crdt_snapshots.filter(run_id.eq(run.as_bytes().to_vec())))
+                        .set(projection.eq(Some(bytes))),
+                    &mut sqlite(db),
+                )
+                .unwrap();
+            }
+        }
+    }
+
     /// Number of event rows of the run.
     pub async fn event_rows(db: &TestDb, run: Uuid) -> i64 {
         match db.backend {

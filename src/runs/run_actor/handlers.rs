@@ -48,7 +48,7 @@ pub(crate) struct SnapshotWritten {
     pub event_count: i64,
 }
 
-type Answer<T> = ResponseFuture<Result<T, RunError>>;
+pub(super) type Answer<T> = ResponseFuture<Result<T, RunError>>;
 
 fn refuse<T: 'static>(e: RunError) -> Answer<T> {
     Box::pin(async move { Err(e) })
@@ -58,6 +58,18 @@ impl Handler<Call<Mutate>> for RunActor {
     type Result = Answer<MutationOutcome>;
 
     fn handle(&mut self, Call(msg): Call<Mutate>, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(warming) = &self.warming {
+            // A retried graft the run holds is answered now; anything else waits for the
+            // document.
+            let Some(outcome) = warming.retried_graft(&msg.mutation) else {
+                return self.defer(Call(msg), ctx);
+            };
+            self.last_active = std::time::Instant::now();
+            if let Err(e) = self.runs.check_store() {
+                return refuse(e);
+            }
+            return Box::pin(async move { Ok(outcome) });
+        }
         let usable = self.doc().map(|_| ());
         if let Err(e) = usable.and_then(|()| self.runs.check_store()) {
             return refuse(e);
@@ -106,6 +118,9 @@ impl Handler<Call<RemoteChanges>> for RunActor {
     type Result = Answer<SyncOutcome>;
 
     fn handle(&mut self, Call(msg): Call<RemoteChanges>, ctx: &mut Self::Context) -> Self::Result {
+        if self.warming.is_some() {
+            return self.defer(Call(msg), ctx);
+        }
         if let Err(e) = self.runs.check_store() {
             return refuse(e);
         }
@@ -163,6 +178,9 @@ impl Handler<Call<SyncStep>> for RunActor {
     type Result = Answer<SyncStepReply>;
 
     fn handle(&mut self, Call(msg): Call<SyncStep>, ctx: &mut Self::Context) -> Self::Result {
+        if self.warming.is_some() {
+            return self.defer(Call(msg), ctx);
+        }
         // Changes cannot be stored now: refuse them at once (the peer retries); a step that
         // carries none may still answer.
         let carries_changes = msg.incoming.as_ref().is_some_and(|m| !m.changes.is_empty());
@@ -238,6 +256,12 @@ impl Handler<Call<ReadState>> for RunActor {
     type Result = Answer<RunState>;
 
     fn handle(&mut self, _: Call<ReadState>, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(warming) = &self.warming {
+            // Nothing is written while the document loads: the projection is the state.
+            let state = warming.state();
+            self.last_active = std::time::Instant::now();
+            return Box::pin(async move { Ok(state) });
+        }
         let state = self.doc().map(|d| d.state());
         self.once_durable(state, ctx)
     }
@@ -247,6 +271,9 @@ impl Handler<Call<ReadChanges>> for RunActor {
     type Result = Answer<ChangesSince>;
 
     fn handle(&mut self, Call(heads): Call<ReadChanges>, ctx: &mut Self::Context) -> Self::Result {
+        if self.warming.is_some() {
+            return self.defer(Call(heads), ctx);
+        }
         let answer = self.doc().map(|doc| {
             let changes = doc.changes_since(&heads.0);
             ChangesSince {
@@ -263,7 +290,10 @@ impl Handler<Call<ReadChanges>> for RunActor {
 impl Handler<Call<ReadDocument>> for RunActor {
     type Result = Answer<FullDocument>;
 
-    fn handle(&mut self, _: Call<ReadDocument>, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Call<ReadDocument>, ctx: &mut Self::Context) -> Self::Result {
+        if self.warming.is_some() {
+            return self.defer(msg, ctx);
+        }
         let answer = self.doc().map(|d| FullDocument {
             bytes: d.save(),
             lamport: d.lamport(),
@@ -296,6 +326,7 @@ impl Handler<FinalSnapshot> for RunActor {
                 created_at: chrono::Utc::now().naive_utc(),
                 event_count: i32::try_from(committed).unwrap_or(i32::MAX),
                 data: doc.save(),
+                projection: Some(doc.projection().encode()),
             })
         }))
     }

@@ -1,14 +1,16 @@
 //! A run actor's life: loading the run, unloading it when idle, surviving a panic inside
 //! Automerge, rolling back when the database is out of reach, failing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use run_doc::RunDoc;
 
+use super::warming::Warming;
 use super::write_queue::Batch;
 use super::{Reply, RunActor};
-use crate::runs::loader::{self, Loaded};
+use crate::runs::loader::{self, LoadError, Loaded, Stored};
 use crate::runs::RunError;
 
 /// How long a run this incarnation has not written stays loaded after its last read.
@@ -37,7 +39,10 @@ impl RunActor {
     /// Whether unloading loses nothing: no write in flight (it must answer first), and no
     /// held-back changes (they exist only here; the peers that sent them count them as sent).
     fn unloadable(&self) -> bool {
-        self.writes.is_idle() && !self.doc.as_ref().is_some_and(RunDoc::has_parked)
+        // A loading run has requests waiting for it.
+        self.warming.is_none()
+            && self.writes.is_idle()
+            && !self.doc.as_ref().is_some_and(RunDoc::has_parked)
     }
 
     /// Runs `f` on the document, turning a panic inside Automerge on input from elsewhere into
@@ -121,6 +126,45 @@ impl RunActor {
         ctx.stop();
     }
 
+    /// Builds the document off this thread. With a projection that covers all that is stored,
+    /// reads are answered from it meanwhile and other requests wait in `warming`; without
+    /// one, every message waits.
+    fn build(&mut self, stored: Stored, ctx: &mut Context<Self>) {
+        let projection = stored.projection().map(Arc::new);
+        let store = self.runs.inner.store.clone();
+        let region = self.runs.inner.config.region.clone();
+        let run_id = self.run_id;
+        let seed = projection.clone();
+        let work =
+            async move { loader::load_from(store.as_ref(), run_id, &region, stored, seed).await }
+                .into_actor(self)
+                .map(|result, act, ctx| {
+                    match result {
+                        Ok(loaded) => act.loaded(loaded, ctx),
+                        Err(e) => act.load_failed(&e, ctx),
+                    }
+                    act.warmed(ctx);
+                });
+        match projection {
+            Some(projection) => {
+                self.warming = Some(Warming::new(projection));
+                ctx.spawn(work);
+            }
+            None => {
+                ctx.wait(work);
+            }
+        }
+    }
+
+    fn load_failed(&mut self, e: &LoadError, ctx: &mut Context<Self>) {
+        let reason = format!("loading the run failed: {e}");
+        log::warn!("run {}: {reason}", self.run_id);
+        self.failed = Some(reason);
+        // Waiting requests are answered with the error; new requests start afresh.
+        self.runs.forget(self.run_id, self.incarnation);
+        ctx.run_later(Duration::from_millis(100), |_, ctx| ctx.stop());
+    }
+
     /// The run is loaded: serve it.
     fn loaded(&mut self, loaded: Loaded, ctx: &mut Context<Self>) {
         self.unreadable = loaded.unreadable;
@@ -171,28 +215,20 @@ impl Actor for RunActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.runs.inner.metrics.runs_loaded.inc();
         let store = self.runs.inner.store.clone();
-        let region = self.runs.inner.config.region.clone();
         let run_id = self.run_id;
-        // `wait` holds every message until the run is loaded.
+        // `wait` holds every message until storage is read.
         ctx.wait(
-            async move { loader::load(store.as_ref(), run_id, &region).await }
+            async move { loader::fetch(store.as_ref(), run_id, None).await }
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
-                    Ok(loaded) => act.loaded(loaded, ctx),
-                    Err(e) => {
-                        let reason = format!("loading the run failed: {e}");
-                        log::warn!("run {}: {reason}", act.run_id);
-                        act.failed = Some(reason);
-                        // Queued messages are answered with the error; new requests start afresh.
-                        act.runs.forget(act.run_id, act.incarnation);
-                        ctx.run_later(Duration::from_millis(100), |_, ctx| ctx.stop());
-                    }
+                    Ok(stored) => act.build(stored, ctx),
+                    Err(e) => act.load_failed(&e.into(), ctx),
                 }),
         );
         let idle = self.runs.inner.config.idle_timeout;
         let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         ctx.run_interval(tick, move |act, ctx| {
-            if act.last_active.elapsed() >= idle && act.writes.is_idle() {
+            if act.last_active.elapsed() >= idle && act.writes.is_idle() && act.warming.is_none() {
                 act.runs.forget(act.run_id, act.incarnation);
                 ctx.stop();
             }

@@ -10,13 +10,15 @@
 //! change lingers in memory.
 //!
 //! - `handlers`: the messages (the runtime's API, see `runs::api`);
-//! - `lifecycle`: loading, idling out, failing;
+//! - `lifecycle`: loading, idling out, failing; `warming`: answering from the snapshot's
+//!   projection while the document loads;
 //! - `write_queue`, `events`, `snapshot_schedule`: the durability pipeline as plain data.
 
 mod events;
 mod handlers;
 mod lifecycle;
 mod snapshot_schedule;
+mod warming;
 mod write_queue;
 
 use std::collections::{HashMap, VecDeque};
@@ -64,6 +66,8 @@ pub struct RunActor {
     unreadable: usize,
     /// Operations of this run counted in the registry's memory budget.
     ops_counted: u64,
+    /// Set while the document loads and the snapshot's projection answers reads.
+    warming: Option<warming::Warming>,
 }
 
 impl RunActor {
@@ -85,6 +89,7 @@ impl RunActor {
             recent_order: VecDeque::new(),
             unreadable: 0,
             ops_counted: 0,
+            warming: None,
             runs,
         }
     }

@@ -1,0 +1,1 @@
+ALTER TABLE crdt_snapshots DROP COLUMN IF EXISTS projection;
