@@ -394,3 +394,99 @@ async fn ephemerals_to_clients_that_do_not_read_are_bounded_in_bytes() {
     assert!(peak < 300, "peak RSS {peak} MiB");
     drop(receivers);
 }
+
+/// Issue 19: a user's changes are held to the run's authorship rules. With ana's write token,
+/// a graft under another name is refused whole (close 4403 with the reason): the state, the
+/// heads and the event log are as before. A graft under her own name is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_forged_graft_is_refused_whole_and_nothing_is_stored() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    const SECRET: &str = "authorship-secret";
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(
+        &db,
+        &[("CRDT_JWT_HS256_SECRET", SECRET), ("CRDT_API_TOKEN", "svc")],
+    );
+    let c = Client::with_token("svc");
+    let run = make_run(&c, &node, "Seed").await;
+    let exp = chrono::Utc::now().timestamp() + 600;
+    let claims = json!({"sub": "ana", "runs": [run], "role": "write", "exp": exp});
+    let jwt = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (_, before) = c.get(&run_url(&node, run, "/state")).await;
+    let rows = common::db::event_rows(&db, run).await;
+
+    // Each edit on a fresh connection: the client's document as the run holds it, one change.
+    let attempt = |user: &'static str| {
+        let (node, jwt) = (&node, jwt.clone());
+        async move {
+            let mut p = Peer::connect(node, &format!("?token={jwt}"), "ana-peer").await;
+            p.join(&["1"]).await;
+            p.next().await;
+            let mut doc = AutoCommit::new();
+            p.sync_until_quiet(&doc_id(run), &mut doc).await;
+            let base = doc.get_heads();
+            let list = doc.get(ROOT, "grafts").unwrap().unwrap().1;
+            let g = doc
+                .insert_object(&list, doc.length(&list), automerge::ObjType::Map)
+                .unwrap();
+            for (k, v) in [
+                ("id", "g1"),
+                ("agent", "X"),
+                ("afterStep", "S"),
+                ("user", user),
+            ] {
+                doc.put(&g, k, v).unwrap();
+            }
+            doc.put(&g, "region", "client").unwrap();
+            doc.put(&g, "lamport", 50).unwrap();
+            doc.put(&g, "createdAt", "2026-12-06T00:00:00Z").unwrap();
+            doc.commit();
+            let change = doc.get_changes(&base)[0].raw_bytes().to_vec();
+            let message = sync::Message {
+                heads: doc.get_heads(),
+                need: vec![],
+                have: vec![],
+                changes: vec![change].into(),
+                flags: None,
+                version: sync::MessageVersion::V1,
+            };
+            p.sync("sync", &doc_id(run), message).await;
+            p
+        }
+    };
+    let mut forged = attempt("mallory").await;
+    let (code, reason) = forged.closed_with_reason().await;
+    assert_eq!(code, 4403, "{reason}");
+    assert!(
+        reason.contains("may only graft under its own name"),
+        "{reason}"
+    );
+    let (_, after) = c.get(&run_url(&node, run, "/state")).await;
+    assert_eq!(after["grafts"], before["grafts"]);
+    assert_eq!(after["heads"], before["heads"]);
+    assert_eq!(
+        common::db::event_rows(&db, run).await,
+        rows,
+        "nothing logged"
+    );
+
+    let mut own = attempt("ana").await;
+    let shown = common::eventually(10, || {
+        let c = c.clone();
+        let url = run_url(&node, run, "/state");
+        async move {
+            let (_, st) = c.get(&url).await;
+            (st["grafts"].as_array()?.len() == 2).then_some(st)
+        }
+    })
+    .await
+    .expect("ana's graft is kept");
+    assert_eq!(shown["grafts"][1]["user"], "ana");
+    assert_eq!(common::db::event_rows(&db, run).await, rows + 1);
+    own.ws.close(None).await.ok();
+}

@@ -30,6 +30,9 @@ pub struct Member {
     pub peer_id: String,
     /// The user its changes record: a user token's `sub`, else the peer id.
     pub user: String,
+    /// A user token's `sub`: its changes must keep the run's authorship rules for it. None for
+    /// the service credential.
+    pub author: Option<String>,
     pub outbox: Outbox,
     pub session: Addr<RepoSession>,
 }
@@ -171,6 +174,7 @@ impl DocRoom {
             source_region: self.shared.config.region.clone(),
             via: format!("automerge-repo:{}", peer.member.peer_id),
             client: Some(peer.member.user.clone()),
+            author: peer.member.author.clone(),
         };
         let (runs, run_id) = (self.shared.runs.clone(), self.run_id);
         let step = async move { runs.sync_step(run_id, msg).await };
@@ -256,6 +260,7 @@ impl DocRoom {
                 let (code, label) = match bad {
                     BadInput::TooLarge => (close::TOO_BIG, "too_large"),
                     BadInput::Malformed => (close::PROTOCOL, "bad_message"),
+                    BadInput::Forbidden => (close::FORBIDDEN, "forbidden"),
                 };
                 peer.member.session.do_send(Kick {
                     code,

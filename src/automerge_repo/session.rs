@@ -235,6 +235,7 @@ impl RepoSession {
                     .ok()
                     .and_then(|i| i.user(self.peer_id.clone()))
                     .unwrap_or_default(),
+                author: self.p.identity.as_ref().ok().and_then(|i| i.author()),
                 outbox: self.outbox.clone(),
                 session: ctx.address(),
             },

@@ -97,6 +97,15 @@ impl Identity {
         }
     }
 
+    /// The user whose own changes these are, held to the run's authorship rules (a user
+    /// token's `sub`); None for a service, which writes on others' behalf and may name them.
+    pub fn author(&self) -> Option<String> {
+        match self {
+            Identity::Service => None,
+            Identity::User(grant) => Some(grant.sub.clone()),
+        }
+    }
+
     /// How long until the identity's token expires (none for a service).
     pub fn expires_in(&self) -> Option<Duration> {
         let Identity::User(grant) = self else {

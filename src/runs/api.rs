@@ -64,6 +64,9 @@ pub struct SyncStep {
     /// Set when the peer is a foreign Automerge client (automerge-repo) rather than a node:
     /// its peer id, recorded as the events' user.
     pub client: Option<String>,
+    /// The user whose own changes the message carries (a user token's `sub`): refused whole
+    /// unless they keep the run's authorship rules for that user (`run_doc` `authorship`).
+    pub author: Option<String>,
 }
 
 #[derive(Debug)]
@@ -90,6 +93,8 @@ pub enum BadInput {
     TooLarge,
     /// Its bytes are not what they claim (not Automerge, truncated, an unaccepted chunk).
     Malformed,
+    /// Its changes do what the writer may not (another user's name, an entry not theirs).
+    Forbidden,
 }
 
 /// Every change the holder of some heads lacks.

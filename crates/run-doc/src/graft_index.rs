@@ -13,6 +13,7 @@ use automerge::{
     AutoCommit, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, Value, ValueRef,
 };
 
+use super::authorship::entry_of;
 use super::genesis::GRAFTS;
 use super::projection::{ListEntry, Projection};
 use super::state::{read_graft, root_obj, Graft};
@@ -287,11 +288,8 @@ fn touched_graft(patch: &Patch, list: &ObjId) -> Touch {
         };
     }
     // Inside a graft: the path runs root → grafts list → the graft → deeper.
-    match patch.path.get(1) {
-        Some((parent, _)) if parent == list => match patch.path.get(2) {
-            Some((graft, _)) => Touch::Graft(graft.clone()),
-            None => Touch::Graft(patch.obj.clone()),
-        },
-        _ => Touch::Nothing,
+    match entry_of(patch, list) {
+        Some(graft) => Touch::Graft(graft),
+        None => Touch::Nothing,
     }
 }

@@ -13,6 +13,7 @@
 //! applying a remote change advances the clock to at least the change's stamp. This module owns
 //! the document's rules; it does not know about actors, storage or the network.
 
+mod authorship;
 mod bounds;
 mod changes;
 mod genesis;
@@ -62,6 +63,9 @@ pub enum DocError {
     MissingDependencies(Vec<ChangeHash>),
     #[error("the document does not follow the run schema: {0}")]
     Schema(String),
+    /// A user's changes did what the user may not (see `authorship`): refused whole.
+    #[error("refused: {0}")]
+    NotPermitted(String),
     #[error("change {hash} is refused: {reason}")]
     Refused { hash: ChangeHash, reason: String },
     /// A Lamport timestamp too far past the run's clock: accepting it would pin the clock (and
@@ -556,10 +560,23 @@ impl RunDoc {
         incoming: Option<sync::Message>,
         budget: Budget,
     ) -> SyncStep {
+        self.sync_step_by(state, incoming, budget, None)
+    }
+
+    /// As [`RunDoc::sync_step`], for a user's own changes: with `author`, the changes must keep
+    /// the run's authorship rules for that user (see `authorship`), or the whole message is
+    /// refused with [`DocError::NotPermitted`] and nothing of it stays in the document.
+    pub fn sync_step_by(
+        &mut self,
+        state: &mut sync::State,
+        incoming: Option<sync::Message>,
+        budget: Budget,
+        author: Option<&str>,
+    ) -> SyncStep {
         let mut step = SyncStep::default();
         let mut newly_parked = false;
         if let Some(message) = incoming {
-            match self.receive(state, message, budget, &mut step.applied) {
+            match self.receive(state, message, budget, author, &mut step.applied) {
                 Ok(parked) => newly_parked = parked,
                 Err(e) => step.applied.error = Some(e),
             }
@@ -572,6 +589,24 @@ impl RunDoc {
         step
     }
 
+    /// Returns the document to `heads` (changes just applied are refused): the document as it
+    /// was, under the same actor, with its clock and held-back changes as they were.
+    fn undo(&mut self, heads: &[ChangeHash], lamport: u64, parked: HashMap<ChangeHash, Change>) {
+        let actor = self.doc.get_actor().clone();
+        // Forking at heads the document holds cannot fail; if it ever did, the refused changes
+        // would stay in memory, so it panics and the run's guard unloads the run, which reloads
+        // from the log (where they never went).
+        let mut doc = self
+            .doc
+            .fork_at(heads)
+            .expect("forking at the document's own earlier heads");
+        doc.set_actor(actor);
+        self.doc = doc;
+        self.lamport = lamport;
+        self.parked = parked;
+        self.grafts = Default::default();
+    }
+
     /// Takes a peer's sync message: its changes (bounded, checked, held back while their
     /// dependencies are missing) into `applied`, the rest into `state`. True when it left more
     /// changes held back than before.
@@ -580,6 +615,7 @@ impl RunDoc {
         state: &mut sync::State,
         mut message: sync::Message,
         mut budget: Budget,
+        author: Option<&str>,
         applied: &mut RemoteApplied,
     ) -> Result<bool, DocError> {
         validate_sync_message(&message)?;
@@ -590,8 +626,18 @@ impl RunDoc {
         }
         let before = self.parked.len();
         let bound = !budget.is_peer();
+        let undo = author.map(|_| (self.doc.get_heads(), self.lamport, self.parked.clone()));
         let (ordered, stuck, duplicates) = self.with_parked(changes, bound)?;
         *applied = self.apply_ordered(ordered, duplicates, None, bound)?;
+        if let (Some(author), Some((heads, lamport, parked))) = (author, undo) {
+            if !applied.applied.is_empty() {
+                if let Err(reason) = authorship::check(&mut self.doc, &heads, author) {
+                    self.undo(&heads, lamport, parked);
+                    *applied = RemoteApplied::default();
+                    return Err(DocError::NotPermitted(reason));
+                }
+            }
+        }
         if applied.error.is_some() {
             return Ok(false);
         }

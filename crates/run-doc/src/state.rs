@@ -223,7 +223,7 @@ fn scalar(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<ScalarValue> {
     }
 }
 
-fn str_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
+pub(super) fn str_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
     match doc.get(obj, key).ok()?? {
         (Value::Scalar(s), _) => match s.as_ref() {
             ScalarValue::Str(s) => Some(s.to_string()),

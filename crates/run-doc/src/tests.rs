@@ -1517,3 +1517,171 @@ fn a_projection_whose_list_does_not_match_is_not_used() {
     assert!(!loaded.seed_index(&short));
     assert_eq!(loaded.state().grafts.len(), 3);
 }
+
+/// A client's own edit of the run: `edit` on a raw copy of `doc`, sent as one sync message
+/// written by `author`. Returns the step's error, if refused.
+fn client_edit(
+    doc: &mut RunDoc,
+    author: Option<&str>,
+    edit: impl FnOnce(&mut AutoCommit),
+) -> Option<DocError> {
+    let mut raw = AutoCommit::load(&doc.save()).unwrap();
+    let base = raw.get_heads();
+    edit(&mut raw);
+    raw.commit();
+    let changes: Vec<Vec<u8>> = raw
+        .get_changes(&base)
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    assert!(!changes.is_empty(), "the edit made a change");
+    let message = sync::Message {
+        heads: raw.get_heads(),
+        need: vec![],
+        have: vec![],
+        changes: changes.into(),
+        flags: None,
+        version: sync::MessageVersion::V1,
+    };
+    doc.sync_step_by(
+        &mut sync::State::new(),
+        Some(message),
+        Budget::default(),
+        author,
+    )
+    .applied
+    .error
+}
+
+/// A graft map as a JS client writes it (strings as text, the lamport as an int).
+fn push_graft(raw: &mut AutoCommit, id: &str, user: &str) {
+    let list = raw.get(automerge::ROOT, GRAFTS).unwrap().unwrap().1;
+    let len = raw.length(&list);
+    let g = raw.insert_object(&list, len, ObjType::Map).unwrap();
+    for (key, value) in [
+        ("id", id),
+        ("agent", "Agent"),
+        ("afterStep", "S1"),
+        ("user", user),
+        ("region", "browser"),
+        ("createdAt", "2026-12-06T00:00:00.000Z"),
+    ] {
+        let text = raw.put_object(&g, key, ObjType::Text).unwrap();
+        raw.splice_text(&text, 0, 0, value).unwrap();
+    }
+    raw.put(&g, "lamport", 7).unwrap();
+}
+
+fn put_prune(raw: &mut AutoCommit, step: &str, user: &str) {
+    let pruned = raw.get(automerge::ROOT, PRUNED_STEPS).unwrap().unwrap().1;
+    let entry = raw.put_object(&pruned, step, ObjType::Map).unwrap();
+    raw.put(&entry, "user", user).unwrap();
+    raw.put(&entry, "region", "browser").unwrap();
+    raw.put(&entry, "lamport", 3).unwrap();
+}
+
+#[test]
+fn a_users_changes_may_graft_and_prune_only_under_their_own_name() {
+    let run = Uuid::new_v4();
+    let mut doc = RunDoc::new(run, "r1");
+    doc.apply(&graft("Theirs", "S1", "bob"), T0).unwrap();
+    doc.apply(
+        &Mutation::Prune {
+            step_id: "S9".into(),
+            user: "bob".into(),
+        },
+        T0,
+    )
+    .unwrap();
+    let ana = Some("ana");
+
+    let own = client_edit(&mut doc, ana, |raw| push_graft(raw, "g-ana", "ana"));
+    assert!(own.is_none(), "{own:?}");
+    let own = client_edit(&mut doc, ana, |raw| put_prune(raw, "S2", "ana"));
+    assert!(own.is_none(), "{own:?}");
+    // An unprune and a flag carry no author.
+    let unprune = client_edit(&mut doc, ana, |raw| {
+        let pruned = raw.get(automerge::ROOT, PRUNED_STEPS).unwrap().unwrap().1;
+        raw.delete(&pruned, "S9").unwrap();
+    });
+    assert!(unprune.is_none(), "{unprune:?}");
+    let flag = client_edit(&mut doc, ana, |raw| {
+        let flags = raw.get(automerge::ROOT, FLAGS).unwrap().unwrap().1;
+        raw.put(&flags, "k", "v").unwrap();
+    });
+    assert!(flag.is_none(), "{flag:?}");
+    let accepted = doc.state();
+    assert_eq!(accepted.grafts.len(), 2);
+    assert_eq!(accepted.grafts[1].user, "ana");
+    assert_eq!(accepted.pruned_steps.len(), 1);
+
+    type Edit = Box<dyn FnOnce(&mut AutoCommit)>;
+    let refused: Vec<(&str, Edit)> = vec![
+        (
+            "another's name",
+            Box::new(|raw| push_graft(raw, "g-m", "mallory")),
+        ),
+        (
+            "an existing graft's user",
+            Box::new(|raw| {
+                let list = raw.get(automerge::ROOT, GRAFTS).unwrap().unwrap().1;
+                let first = raw.get(&list, 0).unwrap().unwrap().1;
+                raw.put(&first, "user", "mallory").unwrap();
+            }),
+        ),
+        (
+            "an existing graft's lamport",
+            Box::new(|raw| {
+                let list = raw.get(automerge::ROOT, GRAFTS).unwrap().unwrap().1;
+                let first = raw.get(&list, 1).unwrap().unwrap().1;
+                raw.put(&first, "lamport", 0).unwrap();
+            }),
+        ),
+        (
+            "a removed graft",
+            Box::new(|raw| {
+                let list = raw.get(automerge::ROOT, GRAFTS).unwrap().unwrap().1;
+                raw.delete(&list, 0).unwrap();
+            }),
+        ),
+        (
+            "a prune under another name",
+            Box::new(|raw| put_prune(raw, "S3", "bob")),
+        ),
+        (
+            "an existing prune's region",
+            Box::new(|raw| {
+                let pruned = raw.get(automerge::ROOT, PRUNED_STEPS).unwrap().unwrap().1;
+                let entry = raw.get(&pruned, "S2").unwrap().unwrap().1;
+                raw.put(&entry, "region", "elsewhere").unwrap();
+            }),
+        ),
+        (
+            "own graft plus another's, in one message",
+            Box::new(|raw| {
+                push_graft(raw, "g-ok", "ana");
+                raw.commit();
+                push_graft(raw, "g-bad", "bob");
+            }),
+        ),
+    ];
+    for (what, edit) in refused {
+        let heads = doc.heads();
+        let lamport = doc.lamport();
+        let err = client_edit(&mut doc, ana, edit);
+        assert!(
+            matches!(err, Some(DocError::NotPermitted(_))),
+            "{what}: {err:?}"
+        );
+        assert_eq!(doc.heads(), heads, "{what}: nothing of it stays");
+        assert_eq!(doc.lamport(), lamport);
+        assert_eq!(doc.state(), accepted, "{what}: the state is unchanged");
+    }
+    // Local writes go on from where the document was.
+    doc.apply(&graft("After", "S1", "ana"), T0).unwrap();
+    assert_eq!(doc.state().grafts.len(), 3);
+    // A service (no author) may name users.
+    let service = client_edit(&mut doc, None, |raw| push_graft(raw, "g-svc", "carol"));
+    assert!(service.is_none(), "{service:?}");
+    assert_eq!(doc.state().grafts.len(), 4);
+}

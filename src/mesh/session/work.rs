@@ -290,6 +290,7 @@ fn step(
             source_region,
             via,
             client: None,
+            author: None,
         };
         let result = runs.sync_step(run, step).await;
         Finished::Step {

@@ -209,7 +209,7 @@ impl Handler<Call<SyncStep>> for RunActor {
                 Some(_) => Budget::default(),
                 None => Budget::peer(),
             };
-            let step = d.sync_step(&mut state, msg.incoming, budget);
+            let step = d.sync_step_by(&mut state, msg.incoming, budget, msg.author.as_deref());
             Ok((step, d.lamport()))
         });
         let (mut step, lamport) = match result {
@@ -222,6 +222,7 @@ impl Handler<Call<SyncStep>> for RunActor {
         let bad_input = match step.applied.error {
             Some(DocError::TooLarge(_)) => Some(BadInput::TooLarge),
             Some(DocError::InvalidChanges(_) | DocError::ClockJump(_)) => Some(BadInput::Malformed),
+            Some(DocError::NotPermitted(_)) => Some(BadInput::Forbidden),
             _ => None,
         };
         let error = step.applied.error.take().map(|e| e.to_string());
