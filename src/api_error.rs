@@ -71,6 +71,7 @@ impl From<RunError> for ApiError {
             RunError::Doc(DocError::Schema(_)) | RunError::Doc(DocError::ClockJump(_)) => {
                 ApiError::Unprocessable(e.to_string())
             }
+            RunError::Doc(DocError::NotPermitted(_)) => ApiError::Forbidden(e.to_string()),
             RunError::Doc(_) => ApiError::Internal(e.to_string()),
         }
     }

@@ -375,6 +375,10 @@ pub struct Api {
     /// Signed user tokens (JWT), when any key is configured.
     #[serde(default)]
     pub jwt: JwtSettings,
+    /// The credential a metrics scraper presents; with it the scrape and the health report
+    /// name runs (see `http::scrape`).
+    #[serde(default)]
+    pub metrics_token: Option<String>,
 }
 
 /// Where the keys that sign user tokens come from.
@@ -572,6 +576,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_MESH_RECONNECT_MAX_MS", "crdt.mesh.reconnect-max-ms"),
     ("CRDT_MESH_MAX_FRAME_BYTES", "crdt.mesh.max-frame-bytes"),
     ("CRDT_API_TOKEN", "crdt.api.token"),
+    ("CRDT_METRICS_TOKEN", "crdt.api.metrics-token"),
     ("CRDT_JWT_HS256_SECRET", "crdt.api.jwt.hs256-secret"),
     ("CRDT_JWKS_FILE", "crdt.api.jwt.jwks-file"),
     ("CRDT_JWKS_URL", "crdt.api.jwt.jwks-url"),
@@ -760,6 +765,7 @@ impl Settings {
         let api = &mut self.crdt.api;
         for value in [
             &mut api.token,
+            &mut api.metrics_token,
             &mut api.jwt.hs256_secret,
             &mut api.jwt.jwks_file,
             &mut api.jwt.jwks_url,

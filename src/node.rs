@@ -86,6 +86,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         node_id: settings.node_id().to_string(),
         origins: http::origin::AllowedOrigins::new(settings.crdt.admission.allowed_origins.urls()),
         auth,
+        metrics_token: settings.crdt.api.metrics_token.clone(),
         incoming: http::Incoming {
             budget: crate::socket::MemoryBudget::new(settings.crdt.memory.incoming_bytes),
             deadline: std::time::Duration::from_millis(settings.crdt.memory.message_deadline_ms),
@@ -173,7 +174,6 @@ fn serve(
 ) -> Result<Served, NodeError> {
     let prometheus = PrometheusMetricsBuilder::new("crdt_node")
         .registry(metrics.registry.clone())
-        .endpoint("/actuator/prometheus")
         .mask_unmatched_patterns("UNKNOWN")
         // A WebSocket's "request" lasts the whole session: it would swamp the latency figures.
         .exclude("/ws")

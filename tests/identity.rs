@@ -505,3 +505,49 @@ async fn a_narrow_token_pages_through_a_long_runs_list() {
     assert_eq!(found, vec![json!(old.to_string())]);
     assert!(requests >= 2, "the first request stopped at its scan limit");
 }
+
+/// Issue 19: the scrape names no run to whoever lacks the metrics credential. A node that asks
+/// for tokens serves `/actuator/prometheus` without the per-run series when no metrics
+/// credential is set; with one, the scrape requires it (401 otherwise) and shows every series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_name_runs_only_to_the_metrics_credential() {
+    let (node, _db) = node().await;
+    let run = service_run(&node).await;
+    let open = Client::new().text(&node.url("/actuator/prometheus")).await;
+    assert!(
+        open.contains("crdt_runs_loaded"),
+        "the scrape still serves: {open}"
+    );
+    assert!(
+        !open.contains(&run.to_string()),
+        "no run id without the credential"
+    );
+    // An API or user token is no metrics credential either.
+    let svc = Client::with_token(SERVICE)
+        .text(&node.url("/actuator/prometheus"))
+        .await;
+    assert!(!svc.contains(&run.to_string()));
+
+    let db = TestDb::new(Backend::Sqlite).await;
+    let guarded = Node::spawn(
+        &db,
+        &[
+            ("CRDT_API_TOKEN", SERVICE),
+            ("CRDT_METRICS_TOKEN", "scraper"),
+        ],
+    );
+    let run = service_run(&guarded).await;
+    let url = guarded.url("/actuator/prometheus");
+    let (s, body) = Client::new().get(&url).await;
+    assert_eq!(s, 401, "{body}");
+    assert!(body.to_string().contains("metrics credential"), "{body}");
+    let (s, _) = Client::with_token(SERVICE).get(&url).await;
+    assert_eq!(s, 401, "the API token is not the metrics credential");
+    let full = Client::with_token("scraper").text(&url).await;
+    let series = format!("crdt_lamport_clock{{run_id=\"{run}\"}}");
+    assert!(full.contains(&series), "{full}");
+    assert!(
+        full.contains("crdt_node_http_requests_total"),
+        "HTTP metrics still recorded"
+    );
+}

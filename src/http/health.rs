@@ -1,9 +1,10 @@
 //! Health endpoints for probes: liveness (the process serves), readiness (the database
 //! answers), and both together.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
+use super::scrape::{self, View};
 use super::AppState;
 use crate::runs::Health;
 
@@ -37,10 +38,14 @@ async fn readiness(app: web::Data<AppState>) -> HttpResponse {
 }
 
 /// Runs whose stored changes did not all load again: the node serves them without those
-/// (and what depends on them), keeps them in the log, and says so here.
-fn log_json(health: &Health) -> serde_json::Value {
+/// (and what depends on them), keeps them in the log, and says so here — naming them only to
+/// those who may see run ids (`scrape::view`), to the others with their number.
+fn log_json(health: &Health, view: View) -> serde_json::Value {
     if health.damaged.is_empty() {
         return json!({"status": "UP"});
+    }
+    if view != View::Full {
+        return json!({"status": "DEGRADED", "damagedRuns": health.damaged.len()});
     }
     let runs: Vec<_> = health
         .damaged
@@ -50,7 +55,9 @@ fn log_json(health: &Health) -> serde_json::Value {
     json!({"status": "DEGRADED", "runs": runs})
 }
 
-async fn health(app: web::Data<AppState>) -> HttpResponse {
+async fn health(req: HttpRequest, app: web::Data<AppState>) -> HttpResponse {
+    // Probes carry no credential: they get the status, without run ids.
+    let view = scrape::view(&req, &app).unwrap_or(View::WithoutRuns);
     let db = app.runs.health().await;
     let ready = db.database.is_ok();
     let body = json!({
@@ -58,7 +65,7 @@ async fn health(app: web::Data<AppState>) -> HttpResponse {
         "components": {
             "liveness": {"status": "UP"},
             "readiness": {"status": if ready { "UP" } else { "DOWN" }, "components": {"db": db_json(&db)}},
-            "eventLog": log_json(&db),
+            "eventLog": log_json(&db, view),
         },
     });
     if ready {

@@ -13,6 +13,7 @@ mod mesh;
 pub mod origin;
 mod page;
 mod runs;
+mod scrape;
 pub mod validate;
 
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub origins: origin::AllowedOrigins,
     /// The credentials every door takes.
     pub auth: Arc<Auth>,
+    /// The metrics scraper's credential (`http::scrape`).
+    pub metrics_token: Option<String>,
     /// The budget of incoming WebSocket messages, and how long one may take.
     pub incoming: Incoming,
 }
@@ -98,6 +101,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, max_b
         .app_data(web::PayloadConfig::default().limit(max_body))
         .app_data(web::QueryConfig::default().error_handler(|e, _| error::query_error(e)))
         .configure(health::routes)
+        .configure(scrape::routes)
         .configure(mesh::socket)
         .configure(browser::routes)
         .configure(automerge::socket)
