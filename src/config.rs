@@ -396,9 +396,13 @@ pub struct JwtSettings {
     pub jwks_url: Option<String>,
     #[serde(default = "default_jwks_refresh")]
     pub jwks_refresh_secs: u64,
-    /// Clock skew allowed when checking `exp`.
+    /// Clock skew allowed when checking `exp`, `nbf` and `iat`.
     #[serde(default = "default_jwt_leeway")]
     pub leeway_secs: u64,
+    /// The longest a token may still be valid for: a later `exp` is refused (a token that
+    /// never expires cannot be taken back).
+    #[serde(default = "default_jwt_max_lifetime")]
+    pub max_lifetime_secs: u64,
     /// When set, a token's `iss` must be this.
     #[serde(default)]
     pub issuer: Option<String>,
@@ -415,6 +419,7 @@ impl Default for JwtSettings {
             jwks_url: None,
             jwks_refresh_secs: default_jwks_refresh(),
             leeway_secs: default_jwt_leeway(),
+            max_lifetime_secs: default_jwt_max_lifetime(),
             issuer: None,
             audience: None,
         }
@@ -427,6 +432,11 @@ fn default_jwks_refresh() -> u64 {
 
 fn default_jwt_leeway() -> u64 {
     30
+}
+
+/// Seven days.
+fn default_jwt_max_lifetime() -> u64 {
+    7 * 24 * 3600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -583,6 +593,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_JWKS_REFRESH_SECS", "crdt.api.jwt.jwks-refresh-secs"),
     ("CRDT_JWT_ISSUER", "crdt.api.jwt.issuer"),
     ("CRDT_JWT_AUDIENCE", "crdt.api.jwt.audience"),
+    (
+        "CRDT_JWT_MAX_LIFETIME_SECS",
+        "crdt.api.jwt.max-lifetime-secs",
+    ),
     ("CRDT_BROWSER_QUEUE_FRAMES", "crdt.browser.queue-frames"),
     ("CRDT_BROWSER_QUEUE_BYTES", "crdt.browser.queue-bytes"),
     ("CRDT_BROWSER_MAX_SESSIONS", "crdt.browser.max-sessions"),
@@ -782,6 +796,12 @@ impl Settings {
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(invalid("crdt.api.jwt.jwks-url", "must be an http(s) URL"));
             }
+        }
+        if api.jwt.max_lifetime_secs < 60 {
+            return Err(invalid(
+                "crdt.api.jwt.max-lifetime-secs",
+                "must be at least 60",
+            ));
         }
         if api.jwt.jwks_refresh_secs < 10 {
             return Err(invalid(

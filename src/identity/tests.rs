@@ -165,3 +165,67 @@ fn the_api_token_is_a_service_and_anything_else_is_refused() {
     let open = Auth::new(None, None);
     assert_eq!(open.identify(None), Ok(Identity::Service));
 }
+
+/// The claim rules of issue 19, each refused with its reason.
+#[test]
+fn claims_that_would_widen_a_token_are_refused() {
+    let a = auth();
+    let run = Uuid::new_v4().to_string();
+    let reason = |claims: Value| match a.identify(Some(&hs256(claims, SECRET))) {
+        Err(e) => e.to_string(),
+        Ok(id) => panic!("taken: {id:?}"),
+    };
+    let with = |key: &str, value: Value| {
+        let mut c = claims(json!([run]), "write");
+        c[key] = value;
+        c
+    };
+    // Not valid yet: refused until `nbf` (no leeway in these tests).
+    let r = reason(with("nbf", json!(now() + 3600)));
+    assert!(r.contains("not yet valid") || r.contains("Immature"), "{r}");
+    assert!(a
+        .identify(Some(&hs256(with("nbf", json!(now() - 10)), SECRET)))
+        .is_ok());
+    // Issued in the future.
+    let r = reason(with("iat", json!(now() + 3600)));
+    assert!(r.contains("iat is in the future"), "{r}");
+    // Valid for too long, up to never expiring.
+    let r = reason(with("exp", json!(now() + 30 * 24 * 3600)));
+    assert!(r.contains("exp is more than"), "{r}");
+    let r = reason(with("exp", json!(u64::MAX)));
+    assert!(r.contains("exp"), "{r}");
+    // "*" only alone; every other entry a run id.
+    let r = reason(claims(json!(["*", "junk"]), "write"));
+    assert!(r.contains("must stand alone"), "{r}");
+    let r = reason(claims(json!([run, "junk"]), "write"));
+    assert!(r.contains("\"junk\" is not a run id"), "{r}");
+    assert!(a
+        .identify(Some(&hs256(claims(json!(["*"]), "read"), SECRET)))
+        .is_ok());
+}
+
+#[test]
+fn a_header_with_critical_extensions_is_refused() {
+    use base64::Engine;
+    use hmac::{Hmac, KeyInit, Mac};
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    };
+    let sign = |header: Value| {
+        let body = b64(&claims(json!("*"), "write"));
+        let input = format!("{}.{body}", b64(&header));
+        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(input.as_bytes());
+        let sig =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{input}.{sig}")
+    };
+    let plain = sign(json!({"alg": "HS256", "typ": "JWT"}));
+    assert!(
+        auth().identify(Some(&plain)).is_ok(),
+        "the same token without crit"
+    );
+    let critical = sign(json!({"alg": "HS256", "typ": "JWT", "crit": ["exp"]}));
+    let err = auth().identify(Some(&critical)).unwrap_err().to_string();
+    assert!(err.contains("critical extensions"), "{err}");
+}

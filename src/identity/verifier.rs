@@ -70,6 +70,7 @@ struct Keys {
 pub struct Verifier {
     keys: Arc<RwLock<Keys>>,
     leeway: u64,
+    max_lifetime: u64,
     issuer: Option<String>,
     audience: Option<String>,
 }
@@ -80,6 +81,8 @@ struct Claims {
     runs: Option<RunsClaim>,
     role: Option<String>,
     exp: u64,
+    #[serde(default)]
+    iat: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +116,7 @@ impl Verifier {
         Ok(Some(Verifier {
             keys: Arc::new(RwLock::new(keys)),
             leeway: s.leeway_secs,
+            max_lifetime: s.max_lifetime_secs,
             issuer: s.issuer.clone(),
             audience: s.audience.clone(),
         }))
@@ -129,6 +133,7 @@ impl Verifier {
     /// The token's grant, if a configured key signed it and its claims are whole and current.
     pub fn verify(&self, token: &str) -> Result<Grant, TokenError> {
         let header = decode_header(token)?;
+        refuse_critical(token)?;
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         let candidates: Vec<&DecodingKey> = if header.alg == Algorithm::HS256 {
             keys.hs256.iter().collect()
@@ -149,6 +154,7 @@ impl Verifier {
         }
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
@@ -165,7 +171,10 @@ impl Verifier {
         let mut last = TokenError::BadSignature;
         for key in candidates {
             match decode::<Claims>(token, key, &validation) {
-                Ok(data) => return grant(data.claims),
+                Ok(data) => {
+                    self.check_times(&data.claims)?;
+                    return grant(data.claims);
+                }
                 // Another key of the same algorithm may be the one (rotation without kids).
                 Err(e) => last = e.into(),
             }
@@ -174,6 +183,27 @@ impl Verifier {
             }
         }
         Err(last)
+    }
+
+    /// `iat` not in the future and `exp` not too far ahead (each beyond the leeway); `exp` in
+    /// the past and `nbf` ahead are checked by `jsonwebtoken`.
+    fn check_times(&self, c: &Claims) -> Result<(), TokenError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if c.iat
+            .is_some_and(|iat| iat > now.saturating_add(self.leeway))
+        {
+            return Err(TokenError::Claims("iat is in the future".into()));
+        }
+        let latest = now
+            .saturating_add(self.max_lifetime)
+            .saturating_add(self.leeway);
+        if c.exp > latest {
+            return Err(TokenError::Claims(format!(
+                "exp is more than {} seconds away (the longest a token may live here)",
+                self.max_lifetime
+            )));
+        }
+        Ok(())
     }
 
     /// Fetches the JWKS URL now and every `every`, keeping the last keys that loaded.
@@ -250,18 +280,45 @@ fn jwk_key(jwk: &Jwk) -> Option<JwkKey> {
     })
 }
 
+/// Refuses a token whose header names critical extensions (`crit`, RFC 7515 §4.1.11): this
+/// node understands none, and a token that says it must be understood must not be taken as
+/// if it were. (`jsonwebtoken`'s header type does not carry `crit`, so the header is read here.)
+fn refuse_critical(token: &str) -> Result<(), TokenError> {
+    use base64::Engine;
+    let head = token.split('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .map_err(|e| TokenError::Malformed(format!("header: {e}")))?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| TokenError::Malformed(format!("header: {e}")))?;
+    match header.get("crit") {
+        None => Ok(()),
+        Some(crit) => Err(TokenError::Malformed(format!(
+            "the header names critical extensions this node does not understand: {crit}"
+        ))),
+    }
+}
+
 /// The grant the claims describe.
 fn grant(c: Claims) -> Result<Grant, TokenError> {
     let sub =
         run_doc::rules::name("sub", Some(&c.sub)).map_err(|e| TokenError::Claims(e.to_string()))?;
     let runs = match c.runs {
         Some(RunsClaim::One(s)) if s == "*" => RunSet::All,
-        Some(RunsClaim::Many(ids)) if ids.iter().any(|s| s == "*") => RunSet::All,
+        Some(RunsClaim::Many(ids)) if ids == ["*"] => RunSet::All,
+        Some(RunsClaim::Many(ids)) if ids.iter().any(|s| s == "*") => {
+            return Err(TokenError::Claims(
+                "runs: \"*\" grants every run and must stand alone".into(),
+            ))
+        }
         Some(RunsClaim::Many(ids)) => RunSet::Only(
             ids.iter()
-                .map(|s| Uuid::parse_str(s))
-                .collect::<Result<_, _>>()
-                .map_err(|e| TokenError::Claims(format!("runs: {e}")))?,
+                .map(|s| {
+                    Uuid::parse_str(s).map_err(|e| {
+                        TokenError::Claims(format!("runs: {s:?} is not a run id: {e}"))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         ),
         Some(RunsClaim::One(other)) => {
             return Err(TokenError::Claims(format!(
