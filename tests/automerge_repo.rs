@@ -150,6 +150,18 @@ async fn the_token_is_asked_for_in_the_url() {
     let (message, code) = p.refused().await;
     assert!(message.contains("API token"), "{message}");
     assert_eq!(code, 4001);
+    // A malformed token query upgrades and is refused in the protocol, as every refusal is
+    // (a 400 at the upgrade crashes the JS client).
+    for (query, why) in [
+        ("?token=t0ken&token=t0ken", "more than once"),
+        ("?token=", "empty"),
+    ] {
+        let mut p = Peer::connect(&node, query, "p").await;
+        p.join(&["1"]).await;
+        let (message, code) = p.refused().await;
+        assert!(message.contains(why), "{query}: {message}");
+        assert_eq!(code, 4001, "{query}");
+    }
     let mut p = Peer::connect(&node, "?token=t0ken", "p").await;
     p.join(&["1"]).await;
     assert_eq!(field(&p.next().await, "type"), Some(text("peer")));

@@ -3,7 +3,6 @@
 //! the mapping between runs and document ids, `GET /api/crdt/documents/{documentId}`.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
@@ -22,15 +21,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/documents/{documentId}", web::get().to(document));
 }
 
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
+/// The `?token=` of the upgrade request: none, or one that is not empty. Read by hand, not
+/// with a query extractor: a duplicate would be a 400 at the upgrade, which the JS client
+/// throws on, where every other refusal is an `error` and close 4001 it can report.
+fn query_token(query: &str) -> Result<Option<String>, String> {
+    let mut tokens = url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned());
+    let token = tokens.next();
+    if tokens.next().is_some() {
+        return Err("the token is given more than once (?token=)".into());
+    }
+    match token {
+        Some(t) if t.trim().is_empty() => Err("the token is empty (?token=)".into()),
+        other => Ok(other),
+    }
 }
 
 async fn connect(
     app: web::Data<AppState>,
     req: HttpRequest,
-    query: web::Query<TokenQuery>,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
     // A refused client is still upgraded and told why with a close code: the JS client
@@ -39,8 +49,14 @@ async fn connect(
     // Who the token proves; without one (or with a bad one) the client is told so in the
     // protocol (`error`, then close 4001). A verified token proves the socket before it
     // would take a place among the unproven ones.
-    let presented = query.token.as_deref().or(auth::bearer(req.headers()));
-    let identity = app.auth.identify(presented).map_err(|e| e.to_string());
+    let (presented, identity) = match query_token(req.query_string()) {
+        Ok(token) => {
+            let presented = token.or_else(|| auth::bearer(req.headers()).map(String::from));
+            let identity = app.auth.identify(presented.as_deref());
+            (presented, identity.map_err(|e| e.to_string()))
+        }
+        Err(reason) => (None, Err(reason)),
+    };
     let proven = presented.is_some() && identity.is_ok();
     // Upgraded before admission: a request that is no WebSocket must not evict anyone.
     let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
@@ -73,4 +89,20 @@ async fn document(path: web::Path<String>) -> Result<HttpResponse, ApiError> {
         "documentId": doc_id::encode(run_id),
         "url": doc_id::url(run_id),
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_token;
+
+    #[test]
+    fn the_token_query_is_one_token_or_none() {
+        assert_eq!(query_token(""), Ok(None));
+        assert_eq!(query_token("other=1"), Ok(None));
+        assert_eq!(query_token("token=a%2Bb"), Ok(Some("a+b".into())));
+        assert!(query_token("token=a&token=b")
+            .unwrap_err()
+            .contains("more than once"));
+        assert!(query_token("token=").unwrap_err().contains("empty"));
+    }
 }
