@@ -77,6 +77,29 @@ pub async fn fetch(
     Ok(Stored { snapshot, events })
 }
 
+/// [`fetch`], with the snapshot's projection when it covers all that is stored, decoded on a
+/// blocking thread (a large run's takes tens of milliseconds to inflate and parse).
+pub async fn fetch_projected(
+    store: &dyn Store,
+    run_id: Uuid,
+) -> Result<(Stored, Option<Arc<Projection>>), LoadError> {
+    let stored = fetch(store, run_id, None).await?;
+    let covers_all = stored.events.is_empty()
+        && stored
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.projection.is_some());
+    if !covers_all {
+        return Ok((stored, None));
+    }
+    tokio::task::spawn_blocking(move || {
+        let projection = stored.projection().map(Arc::new);
+        (stored, projection)
+    })
+    .await
+    .map_err(|e| LoadError::Build(e.to_string()))
+}
+
 pub async fn load(store: &dyn Store, run_id: Uuid, region: &str) -> Result<Loaded, LoadError> {
     let stored = fetch(store, run_id, None).await?;
     load_from(store, run_id, region, stored, None).await

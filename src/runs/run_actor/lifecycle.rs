@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use run_doc::RunDoc;
+use run_doc::{Projection, RunDoc};
 
 use super::warming::Warming;
 use super::write_queue::Batch;
@@ -129,8 +129,12 @@ impl RunActor {
     /// Builds the document off this thread. With a projection that covers all that is stored,
     /// reads are answered from it meanwhile and other requests wait in `warming`; without
     /// one, every message waits.
-    fn build(&mut self, stored: Stored, ctx: &mut Context<Self>) {
-        let projection = stored.projection().map(Arc::new);
+    fn build(
+        &mut self,
+        stored: Stored,
+        projection: Option<Arc<Projection>>,
+        ctx: &mut Context<Self>,
+    ) {
         let store = self.runs.inner.store.clone();
         let region = self.runs.inner.config.region.clone();
         let run_id = self.run_id;
@@ -218,11 +222,11 @@ impl Actor for RunActor {
         let run_id = self.run_id;
         // `wait` holds every message until storage is read.
         ctx.wait(
-            async move { loader::fetch(store.as_ref(), run_id, None).await }
+            async move { loader::fetch_projected(store.as_ref(), run_id).await }
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
-                    Ok(stored) => act.build(stored, ctx),
-                    Err(e) => act.load_failed(&e.into(), ctx),
+                    Ok((stored, projection)) => act.build(stored, projection, ctx),
+                    Err(e) => act.load_failed(&e, ctx),
                 }),
         );
         let idle = self.runs.inner.config.idle_timeout;
