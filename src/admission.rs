@@ -10,11 +10,16 @@
 //! trip. A connection that brings its proof on the upgrade request (a verified token, a mesh
 //! peer's signed header) never enters the pool at all.
 //!
+//! A flood seldom comes from one address but usually from one provider's network: at most
+//! `pre-auth-per-range` unproven connections come from one /24 (IPv4) or /64 (IPv6), half the
+//! pool by default, so such a flood is refused once it holds its share instead of evicting the
+//! clients of every other network.
+//!
 //! Addresses are the TCP peer's: behind a proxy every client shares the proxy's address, so
 //! raise `pre-auth-per-address` there (forwarded headers can be forged, so they are not read).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 use crate::config::Admission as Settings;
@@ -29,6 +34,7 @@ pub struct PreAuth {
 struct Inner {
     max_total: usize,
     max_per_address: usize,
+    max_per_range: usize,
     counts: Mutex<Counts>,
 }
 
@@ -36,6 +42,8 @@ struct Inner {
 struct Counts {
     total: usize,
     by_address: HashMap<IpAddr, usize>,
+    /// By network: the address's /24 (IPv4) or /64 (IPv6).
+    by_range: HashMap<IpAddr, usize>,
     /// Unproven connections that can be evicted, oldest first (by admission number).
     waiting: std::collections::BTreeMap<u64, FrameLimit>,
     next: u64,
@@ -46,6 +54,10 @@ struct Counts {
 pub enum Refused {
     #[error("too many connections from this address are still to prove themselves; try again")]
     Address,
+    #[error(
+        "too many connections from this network (/24 or /64) are still to prove themselves; try again"
+    )]
+    Range,
     #[error("too many connections are still to prove themselves; try again")]
     Full,
 }
@@ -72,19 +84,22 @@ impl PreAuthSlot {
 }
 
 impl PreAuth {
-    pub fn new(max_total: usize, max_per_address: usize) -> Self {
+    pub fn new(max_total: usize, max_per_address: usize, max_per_range: usize) -> Self {
         PreAuth {
             inner: Arc::new(Inner {
                 max_total,
                 max_per_address,
+                max_per_range,
                 counts: Mutex::new(Counts::default()),
             }),
         }
     }
 
-    /// A pool with the configured per-address bound and `max_total` places.
+    /// A pool with the configured per-address and per-network bounds and `max_total` places
+    /// (one network never holds more than half of a smaller pool).
     pub fn from_settings(s: &Settings, max_total: usize) -> Self {
-        Self::new(max_total, s.pre_auth_per_address)
+        let per_range = s.pre_auth_per_range.min((max_total / 2).max(1));
+        Self::new(max_total, s.pre_auth_per_address, per_range)
     }
 
     /// A place for one more unproven connection from `address`, if there is room.
@@ -93,6 +108,10 @@ impl PreAuth {
         if let Some(ip) = address {
             if counts.by_address.get(&ip).copied().unwrap_or(0) >= self.inner.max_per_address {
                 return Err(Refused::Address);
+            }
+            if counts.by_range.get(&range_of(ip)).copied().unwrap_or(0) >= self.inner.max_per_range
+            {
+                return Err(Refused::Range);
             }
         }
         if counts.total >= self.inner.max_total {
@@ -108,6 +127,7 @@ impl PreAuth {
         }
         if let Some(ip) = address {
             *counts.by_address.entry(ip).or_default() += 1;
+            *counts.by_range.entry(range_of(ip)).or_default() += 1;
         }
         counts.total += 1;
         counts.next += 1;
@@ -122,6 +142,35 @@ impl PreAuth {
     /// Unproven connections held now.
     pub fn held(&self) -> usize {
         self.inner.lock().total
+    }
+}
+
+/// Gives one place of `key` back, forgetting keys that hold none.
+fn release(counts: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
+}
+
+/// The network an address belongs to: its /24 for IPv4 (IPv4-mapped IPv6 too), its /64 for
+/// IPv6 (what one subscriber or one host is given).
+fn range_of(ip: IpAddr) -> IpAddr {
+    let v4 = |a: Ipv4Addr| {
+        let [x, y, z, _] = a.octets();
+        IpAddr::V4(Ipv4Addr::new(x, y, z, 0))
+    };
+    match ip {
+        IpAddr::V4(a) => v4(a),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(mapped) => v4(mapped),
+            None => {
+                let s = a.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -141,12 +190,8 @@ impl Drop for PreAuthSlot {
         counts.waiting.remove(&self.number);
         counts.total = counts.total.saturating_sub(1);
         if let Some(ip) = self.address {
-            if let Some(n) = counts.by_address.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.by_address.remove(&ip);
-                }
-            }
+            release(&mut counts.by_address, ip);
+            release(&mut counts.by_range, range_of(ip));
         }
     }
 }
@@ -161,7 +206,7 @@ mod tests {
 
     #[test]
     fn one_address_cannot_take_the_whole_pool() {
-        let pool = PreAuth::new(10, 3);
+        let pool = PreAuth::new(10, 3, 100);
         let flood: Vec<_> = (0..3)
             .map(|_| pool.admit(ip("10.0.0.9")).unwrap())
             .collect();
@@ -181,7 +226,7 @@ mod tests {
 
     #[test]
     fn a_full_pool_evicts_its_oldest_unproven_connection_for_a_newcomer() {
-        let pool = PreAuth::new(3, 2);
+        let pool = PreAuth::new(3, 2, 100);
         let limits: Vec<FrameLimit> = (0..3).map(|_| FrameLimit::new(16, 1024)).collect();
         let flood: Vec<_> = limits
             .iter()
@@ -198,7 +243,7 @@ mod tests {
 
     #[test]
     fn the_pool_is_bounded_in_all() {
-        let pool = PreAuth::new(4, 2);
+        let pool = PreAuth::new(4, 2, 100);
         let held: Vec<_> = (0..4)
             .map(|i| pool.admit(ip(&format!("10.0.0.{i}"))).unwrap())
             .collect();
@@ -206,5 +251,34 @@ mod tests {
         assert_eq!(pool.admit(ip("10.0.0.200")).err(), Some(Refused::Full));
         drop(held);
         assert_eq!(pool.held(), 0);
+    }
+
+    #[test]
+    fn one_network_holds_at_most_its_share() {
+        let pool = PreAuth::new(10, 2, 4);
+        let flood: Vec<_> = (0..4)
+            .map(|i| pool.admit(ip(&format!("203.0.113.{i}"))).unwrap())
+            .collect();
+        // A fifth address of the same /24 is refused, not given someone else's place.
+        assert_eq!(pool.admit(ip("203.0.113.77")).err(), Some(Refused::Range));
+        assert!(
+            pool.admit(ip("203.0.114.1")).is_ok(),
+            "the next /24 is another network"
+        );
+        // IPv6: a /64 is one network; IPv4-mapped addresses count as their IPv4 network.
+        let v6: Vec<_> = (1..=4)
+            .map(|i| pool.admit(ip(&format!("2001:db8:1:2::{i}"))).unwrap())
+            .collect();
+        assert_eq!(
+            pool.admit(ip("2001:db8:1:2:ffff::9")).err(),
+            Some(Refused::Range)
+        );
+        assert_eq!(
+            pool.admit(ip("::ffff:203.0.113.200")).err(),
+            Some(Refused::Range)
+        );
+        drop(flood);
+        assert!(pool.admit(ip("203.0.113.77")).is_ok(), "places come back");
+        drop(v6);
     }
 }

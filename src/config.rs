@@ -119,6 +119,9 @@ pub struct Admission {
     /// Unproven connections (before AUTH, JOIN or `join`) one address may hold at each door.
     #[serde(default = "default_pre_auth_per_address")]
     pub pre_auth_per_address: usize,
+    /// ...and one network (/24, /64) at each door; at most half of a door's pool.
+    #[serde(default = "default_pre_auth_per_range")]
+    pub pre_auth_per_range: usize,
     /// Unproven connections each browser and automerge-repo door holds in all (the mesh
     /// door holds at most 64).
     #[serde(default = "default_pre_auth_total")]
@@ -137,6 +140,7 @@ impl Default for Admission {
     fn default() -> Self {
         Admission {
             pre_auth_per_address: default_pre_auth_per_address(),
+            pre_auth_per_range: default_pre_auth_per_range(),
             pre_auth_total: default_pre_auth_total(),
             pre_auth_timeout_ms: default_pre_auth_timeout(),
             allowed_origins: Peers::default(),
@@ -148,6 +152,11 @@ impl Default for Admission {
 /// them must get in at once (a flood is answered by eviction and the total, not by this).
 fn default_pre_auth_per_address() -> usize {
     256
+}
+
+/// Half the default pool: a flood from one provider's network is refused once it holds that.
+fn default_pre_auth_per_range() -> usize {
+    512
 }
 
 fn default_pre_auth_total() -> usize {
@@ -645,6 +654,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ),
     ("CRDT_PRE_AUTH_TOTAL", "crdt.admission.pre-auth-total"),
     (
+        "CRDT_PRE_AUTH_PER_RANGE",
+        "crdt.admission.pre-auth-per-range",
+    ),
+    (
         "CRDT_PRE_AUTH_TIMEOUT_MS",
         "crdt.admission.pre-auth-timeout-ms",
     ),
@@ -936,6 +949,12 @@ impl Settings {
             return Err(invalid(
                 "crdt.admission",
                 "pre-auth-per-address and pre-auth-total must be at least 1",
+            ));
+        }
+        if admission.pre_auth_per_range < admission.pre_auth_per_address {
+            return Err(invalid(
+                "crdt.admission.pre-auth-per-range",
+                "must be at least pre-auth-per-address (a network holds that address)",
             ));
         }
         if !(100..=600_000).contains(&admission.pre_auth_timeout_ms) {

@@ -145,7 +145,7 @@ mod tests {
     fn seats_are_bounded_counted_and_returned() {
         let gauge = IntGauge::new("g", "g").unwrap();
         let closed = IntCounterVec::new(prometheus::Opts::new("c", "c"), &["reason"]).unwrap();
-        let door = Door::new(2, gauge.clone(), closed, PreAuth::new(4, 2));
+        let door = Door::new(2, gauge.clone(), closed, PreAuth::new(4, 2, 4));
         let a = door.seat().expect("room");
         let b = door.seat().expect("room");
         assert!(door.seat().is_none(), "full");

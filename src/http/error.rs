@@ -59,10 +59,12 @@ pub fn query_error(err: actix_web::error::QueryPayloadError) -> actix_web::Error
 }
 
 /// The answer to a WebSocket upgrade the door has no room for (see `admission`): 503 for a
-/// full pool, 429 for an address holding its share.
+/// full pool, 429 for an address or a network holding its share.
 pub fn busy(refused: crate::admission::Refused) -> HttpResponse {
     let status = match refused {
-        crate::admission::Refused::Address => StatusCode::TOO_MANY_REQUESTS,
+        crate::admission::Refused::Address | crate::admission::Refused::Range => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         crate::admission::Refused::Full => StatusCode::SERVICE_UNAVAILABLE,
     };
     HttpResponse::build(status)

@@ -91,7 +91,11 @@ impl Mesh {
             &config.region,
             metrics.peers_connected.clone(),
         );
-        let handshakes = PreAuth::new(MAX_PENDING_HANDSHAKES, config.pre_auth_per_address);
+        let handshakes = PreAuth::new(
+            MAX_PENDING_HANDSHAKES,
+            config.pre_auth_per_address,
+            MAX_PENDING_HANDSHAKES / 2,
+        );
         let config = Arc::new(config);
         let broadcaster = broadcast::Broadcaster {
             mesh: state.clone(),
