@@ -17,9 +17,10 @@ pub enum PeerKind {
     /// Another node: a reset keeps the heads both sides agreed on and sets Automerge's reset
     /// flag, so catch-up costs what was missed.
     Node,
-    /// A foreign Automerge client (automerge-repo): a reset starts from nothing, and a run this
-    /// node has not stored is never offered (a client's own document under the run's id must
-    /// not take in the run's genesis).
+    /// A foreign Automerge client (automerge-repo): a reset starts from nothing. A run nobody
+    /// has written is offered as its genesis to a client that holds nothing of it (so an app
+    /// can mint a run id, find it and write); to a client that holds a document of its own
+    /// under the run's id, nothing is offered (that document must not take in the genesis).
     Client,
 }
 
@@ -54,8 +55,6 @@ pub enum Action {
     },
     /// The run could not be reached (storage down, actor restarting): nothing was taken.
     Unreachable(String),
-    /// The client asked for a run this node does not hold (said once until something changes).
-    Unavailable,
     /// The sync makes no progress and has been reset too often: it waits for the next link.
     Paused,
 }
@@ -71,7 +70,6 @@ pub struct SyncDriver {
     error_resyncs: u8,
     idle_rounds: u8,
     stall_resets: u8,
-    told_unavailable: bool,
 }
 
 impl SyncDriver {
@@ -84,7 +82,6 @@ impl SyncDriver {
             error_resyncs: 0,
             idle_rounds: 0,
             stall_resets: 0,
-            told_unavailable: false,
         }
     }
 
@@ -185,18 +182,6 @@ impl SyncDriver {
             self.state = Some(self.reset(Some(&reply.state)));
             return vec![Action::Resync];
         }
-        if self.kind == PeerKind::Client && !reply.stored && !holds {
-            // Nothing to sync: the run exists nowhere this node knows of. Forget the step (its
-            // reply would offer the bare genesis) and say so once.
-            self.state = Some(self.reset(None));
-            let tell = answered && !std::mem::replace(&mut self.told_unavailable, true);
-            return if tell {
-                vec![Action::Unavailable]
-            } else {
-                Vec::new()
-            };
-        }
-        self.told_unavailable = false;
         self.state = Some(reply.state);
         let moved = reply.applied > 0
             || reply
@@ -208,7 +193,7 @@ impl SyncDriver {
         }
         let mut actions = Vec::new();
         if let Some(mut out) = reply.outgoing {
-            if self.kind == PeerKind::Client && !reply.stored {
+            if self.kind == PeerKind::Client && !reply.stored && holds {
                 // Ask for the client's document, offer nothing of a run not stored here.
                 out.changes = sync::ChunkList::empty();
             }

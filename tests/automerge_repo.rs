@@ -183,36 +183,46 @@ async fn a_second_join_with_the_same_peer_id_replaces_the_first_connection() {
     assert_eq!(doc.length(&grafts), 1);
 }
 
+/// Issue 19: an app can start a run on its own. A client that asks for a run nobody has
+/// written is offered the run's genesis (nothing is stored for that), and its first change on
+/// top of it creates the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_run_is_unavailable_until_it_is_created_then_pushed() {
+async fn an_unwritten_run_is_offered_its_genesis_and_created_by_a_clients_write() {
     let db = TestDb::new(Backend::Sqlite).await;
     let node = Node::spawn(&db, &[]);
     let c = Client::new();
     let run = Uuid::new_v4();
     let mut p = Peer::joined(&node, "p").await;
-    let mut empty = AutoCommit::new();
-    let ask = empty
-        .sync()
-        .generate_sync_message(&mut sync::State::new())
-        .unwrap();
-    p.sync("request", &doc_id(run), ask).await;
-    let reply = p.next().await;
+    let mut doc = AutoCommit::new();
+    p.sync_until_quiet(&doc_id(run), &mut doc).await;
+    let grafts = doc.get(ROOT, "grafts").unwrap().expect("the genesis").1;
+    assert_eq!(doc.length(&grafts), 0);
     assert_eq!(
-        field(&reply, "type"),
-        Some(text("doc-unavailable")),
-        "{reply:?}"
+        common::db::event_rows(&db, run).await,
+        0,
+        "reading stores nothing"
     );
-    assert_eq!(field(&reply, "documentId"), Some(text(&doc_id(run))));
-    // Created over HTTP: the waiting client is offered it.
-    let (s, _) = c
-        .post(
-            &run_url(&node, run, "/grafts"),
-            &json!({"agent": "Late", "afterStep": "S", "user": "api"}),
-        )
-        .await;
-    assert_eq!(s, 201);
-    let offer = p.next().await;
-    assert_eq!(field(&offer, "type"), Some(text("sync")), "{offer:?}");
+    // The client's first change creates the run.
+    let g = doc
+        .insert_object(&grafts, 0, automerge::ObjType::Map)
+        .unwrap();
+    for (k, v) in [
+        ("id", "g1"),
+        ("agent", "FromApp"),
+        ("afterStep", "S"),
+        ("user", "app"),
+    ] {
+        doc.put(&g, k, v).unwrap();
+    }
+    doc.put(&g, "region", "client").unwrap();
+    doc.put(&g, "lamport", 1).unwrap();
+    doc.put(&g, "createdAt", "2026-12-06T00:00:00Z").unwrap();
+    doc.commit();
+    p.sync_until_quiet(&doc_id(run), &mut doc).await;
+    let (s, st) = c.get(&run_url(&node, run, "/state")).await;
+    assert_eq!(s, 200);
+    assert_eq!(st["grafts"][0]["agent"], "FromApp", "{st}");
+    assert_eq!(common::db::event_rows(&db, run).await, 1);
 }
 
 /// A sync the node answered is durable: the node is killed right after and still has it.

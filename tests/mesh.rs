@@ -787,17 +787,17 @@ async fn handshakes_in_progress_are_bounded() {
     )
     .await;
     let url = ws_url(&node);
-    // 64 sockets that never say who they are, from 8 addresses (each within its share),
+    // 64 sockets that never say who they are, from 8 networks (each within its share),
     // fill every handshake place…
     let mut idle = Vec::new();
-    for host in 10..18 {
-        let (open, refused) = common::flood(&format!("127.0.0.{host}"), &url, 8).await;
+    for net in 10..18 {
+        let (open, refused) = common::flood(&format!("127.0.{net}.1"), &url, 8).await;
         assert_eq!(refused, 0);
         idle.extend(open);
     }
     // …so the next one takes the place of the oldest, which is closed (1013), and the HTTP
     // API keeps answering.
-    let _newcomer = common::ws_from("127.0.0.30", &url)
+    let _newcomer = common::ws_from("127.0.30.1", &url)
         .await
         .expect("a newcomer is let in");
     let evicted = tokio::time::timeout(Duration::from_secs(5), closing(&mut idle[0])).await;

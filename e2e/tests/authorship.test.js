@@ -2,10 +2,11 @@
 // prune only under the user's name (the token's `sub`) and may not alter an existing entry; a
 // change that does is refused whole (the connection closed 4403 with the reason), and nothing
 // of it reaches the state, the log or the other region. The service credential may name users.
+// And an app starts a run on its own: it mints a run id, finds its URL and writes.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac, randomUUID } from "node:crypto";
-import { Repo } from "@automerge/automerge-repo";
+import { Repo, stringifyAutomergeUrl } from "@automerge/automerge-repo";
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket";
 import { Node, Proxy, until } from "../lib/cluster.js";
 
@@ -131,4 +132,20 @@ test("the service credential's client may graft naming a user", async () => {
   handle.change((d) => { d.grafts.push(graftBy("carol", "ForCarol")); });
   await until("carol's graft stored", async () =>
     (await state(west, run)).grafts.some((g) => g.agent === "ForCarol" && g.user === "carol"));
+});
+
+test("an app mints a run id, finds its automerge: URL and writes: the run is created in both regions", async () => {
+  const run = randomUUID();
+  // The run's URL from its id alone: the UUID's 16 bytes are the document id.
+  const url = stringifyAutomergeUrl({ documentId: new Uint8Array(Buffer.from(run.replace(/-/g, ""), "hex")) });
+  const handle = await client(west, token("ana", run)).find(url);
+  const doc = handle.doc();
+  assert.deepEqual([...doc.grafts], [], "the run's genesis: nothing grafted yet");
+  assert.equal((await state(east, run)).grafts.length, 0, "finding it wrote nothing");
+  handle.change((d) => { d.grafts.push(graftBy("ana", "Started")); });
+  for (const n of [west, east]) {
+    await until(`${n.name} holds the new run`, async () =>
+      (await state(n, run)).grafts.some((g) => g.agent === "Started" && g.user === "ana"));
+  }
+  assert.equal((await state(east, run)).automergeUrl, url, "the URL the app computed is the run's");
 });

@@ -5,8 +5,8 @@
 //! the run's actor, which applies what the client sent, logs it, and answers once what the
 //! reply shows is durable; messages that arrive meanwhile wait in order. After every commit
 //! to the run (from any door) each connection takes one more step, which sends it what it
-//! lacks, if anything. A client asking for a run that has nothing stored is told
-//! `doc-unavailable`, and still gets the run if it is created later.
+//! lacks, if anything. A client asking for a run that has nothing stored is offered the run's
+//! genesis (nothing is stored for that), so its first write creates the run.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -230,7 +230,6 @@ impl DocRoom {
                 Action::Refused { reason, bad_input } => {
                     Self::refused(&self.shared, peer, &self.document_id, reason, bad_input)
                 }
-                Action::Unavailable => Self::unavailable(&self.shared, peer, &self.document_id),
                 // A client's failures close it or stop the document; it resyncs on reconnect.
                 Action::RetryLater | Action::Paused => {}
             }

@@ -145,19 +145,29 @@ fn rounds_that_move_nothing_are_reset_then_paused() {
 }
 
 #[test]
-fn a_client_asking_for_an_unknown_run_hears_so_once() {
+fn a_client_asking_for_an_unwritten_run_is_offered_its_genesis() {
     let mut d = SyncDriver::new(PeerKind::Client, None);
-    let unknown = |s| {
+    let unwritten = |s| {
         let mut r = reply(s, 0, 1);
         r.stored = false;
+        // What the run's actor replies: the genesis.
+        let mut genesis = AutoCommit::new();
+        genesis.put(automerge::ROOT, "grafts", "stand-in").unwrap();
+        genesis.commit();
+        let change = genesis.get_changes(&[])[0].raw_bytes().to_vec();
+        if let Some(out) = r.outgoing.as_mut() {
+            out.changes = vec![change].into();
+        }
         Ok(r)
     };
-    let first = step_with(&mut d, Some(have_message()), unknown, false);
-    assert_eq!(first, vec![Action::Unavailable]);
-    let again = step_with(&mut d, Some(have_message()), unknown, false);
-    assert!(again.is_empty(), "said once");
-    // A client that holds the document is asked for it, offered nothing.
-    let holds = step_with(&mut d, Some(have_message()), unknown, true);
+    // A client that holds nothing of the run is offered what the run is: its genesis.
+    let fresh = step_with(&mut d, Some(have_message()), unwritten, false);
+    match fresh.as_slice() {
+        [Action::Send(m)] => assert!(!m.changes.is_empty(), "the genesis is offered"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A client that holds a document of its own under the id is asked for it, offered nothing.
+    let holds = step_with(&mut d, Some(have_message()), unwritten, true);
     match holds.as_slice() {
         [Action::Send(m)] => assert!(m.changes.is_empty()),
         other => panic!("unexpected {other:?}"),

@@ -241,8 +241,6 @@ impl PeerSession {
                 "mesh: run {run}: sync with {} makes no progress; pausing it until the next link",
                 self.peer_label()
             ),
-            // Only clients hear that a run is unknown; a node is sent the run whole instead.
-            Action::Unavailable => {}
         }
     }
 
