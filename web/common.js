@@ -1,21 +1,54 @@
-// Shared helpers of the crdt-node pages: the token (kept in this tab only), API calls and safe
-// HTML.
+// Shared helpers of the crdt-node pages: the token and the user's name (kept in this tab
+// only), API calls and safe HTML.
 "use strict";
+
+// This tab's storage; in memory where the browser denies it (a page framed by another site
+// with third-party storage blocked), so the page still works, for as long as it is open.
+const tabStore = (() => {
+  try {
+    const s = window.sessionStorage;
+    s.getItem("crdt-probe");
+    return s;
+  } catch {
+    const m = new Map();
+    return {
+      getItem: (k) => (m.has(k) ? m.get(k) : null),
+      setItem: (k, v) => m.set(k, String(v)),
+      removeItem: (k) => m.delete(k),
+    };
+  }
+})();
 
 // A token handed to the page once, as `#token=…` in its URL (a link from whoever issues user
 // tokens), is kept in this tab's sessionStorage and taken out of the address bar and history.
 (() => {
   const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
   if (!m) return;
-  sessionStorage.setItem("crdt-token", decodeURIComponent(m[1]));
+  tabStore.setItem("crdt-token", decodeURIComponent(m[1]));
   history.replaceState(null, "", location.pathname + location.search);
 })();
 
 const Crdt = {
-  token() { return sessionStorage.getItem("crdt-token") || ""; },
-  setToken(t) { t ? sessionStorage.setItem("crdt-token", t) : sessionStorage.removeItem("crdt-token"); },
-  user() { return localStorage.getItem("crdt-user") || ""; },
-  setUser(u) { localStorage.setItem("crdt-user", u); },
+  token() { return tabStore.getItem("crdt-token") || ""; },
+  setToken(t) { t ? tabStore.setItem("crdt-token", t) : tabStore.removeItem("crdt-token"); },
+  // The name typed (or the token's user) is kept for this tab only, like the token.
+  user() { return tabStore.getItem("crdt-user") || ""; },
+  setUser(u) { tabStore.setItem("crdt-user", u); },
+
+  // The claims of a user token (unverified: the node verifies; the page only reads them).
+  claims(t) {
+    try {
+      return JSON.parse(atob(t.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
+    } catch {
+      return null;
+    }
+  },
+
+  // The window that embeds or opened this page: where fresh tokens come from.
+  embedder() {
+    if (window.parent && window.parent !== window) return window.parent;
+    return window.opener || null;
+  },
 
   async api(path) {
     const headers = {};

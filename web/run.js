@@ -15,7 +15,7 @@
   const outboxKey = "crdt-outbox-" + runId;
   let outbox = [];
   try {
-    outbox = JSON.parse(sessionStorage.getItem(outboxKey) || "[]");
+    outbox = JSON.parse(tabStore.getItem(outboxKey) || "[]");
     if (!Array.isArray(outbox)) outbox = [];
   } catch {
     outbox = [];
@@ -45,7 +45,7 @@
 
   function saveOutbox() {
     try {
-      sessionStorage.setItem(outboxKey, JSON.stringify(outbox));
+      tabStore.setItem(outboxKey, JSON.stringify(outbox));
     } catch {
       // Storage full or disabled: the outbox still lives in this page.
     }
@@ -91,6 +91,7 @@
     switch (msg.type) {
       case "WELCOME":
         joined = true;
+        askForTokenBefore(Crdt.claims(Crdt.token())?.exp);
         retries = 0;
         $("region").textContent = msg.region;
         // A user token names the user: the page says who it acts as.
@@ -107,6 +108,9 @@
         saved = saved.filter((s) => s.lamport > msg.state.lamport);
         render(msg.state);
         renderPending();
+        break;
+      case "TOKEN_ACCEPTED":
+        askForTokenBefore(msg.expires);
         break;
       case "PRESENCE":
         $("present").innerHTML = msg.users.map((u) =>
@@ -138,6 +142,32 @@
         break;
     }
   }
+
+  // Token renewal: the app that embeds (an iframe's parent) or opened this page hands it a
+  // fresh user token with postMessage({type: "crdt-token", token}); the page keeps it for this
+  // tab and renews the live session in band (TOKEN), so the session outlives its first token.
+  // A token for another user is ignored (the node would refuse it too). Before the current
+  // token expires, the page asks: postMessage({type: "crdt-token-needed", runId, expires}).
+  let askTimer = null;
+  function askForTokenBefore(expires) {
+    clearTimeout(askTimer);
+    const embedder = Crdt.embedder();
+    if (!expires || !embedder) return;
+    const left = expires * 1000 - Date.now();
+    const ask = () => embedder.postMessage({ type: "crdt-token-needed", runId, expires }, "*");
+    askTimer = setTimeout(ask, Math.max(0, Math.min(left - 60000, left / 2)));
+  }
+
+  window.addEventListener("message", (ev) => {
+    const data = ev.data;
+    if (!data || data.type !== "crdt-token" || typeof data.token !== "string") return;
+    if (!ev.source || ev.source !== Crdt.embedder()) return;
+    const fresh = Crdt.claims(data.token);
+    const current = Crdt.claims(Crdt.token());
+    if (!fresh || (current && current.sub !== fresh.sub)) return;
+    Crdt.setToken(data.token);
+    if (ws && joined) ws.send(JSON.stringify({ type: "TOKEN", token: data.token }));
+  });
 
   // Sends outbox entries not yet sent on this connection, keeping at most WINDOW unanswered.
   function flush() {

@@ -1,3 +1,5 @@
+// Issue 19 too: the page keeps nothing about the user beyond the tab, and an app that embeds
+// it renews its token in band (postMessage), so a session outlives its first token.
 // Issue 14 in a real browser: a user token handed to the page once (`#token=…`) is kept in
 // the tab's sessionStorage and out of the address bar; the page acts as the token's user, and
 // a read-only token's edits are refused with the reason on the page.
@@ -15,9 +17,9 @@ let node, browser;
 const b64url = (v) => Buffer.from(typeof v === "string" ? v : JSON.stringify(v)).toString("base64url");
 
 /** An HS256 user token, as an identity provider would issue it. */
-function token(sub, runs, role) {
+function token(sub, runs, role, lifetime = 600) {
   const head = b64url({ alg: "HS256", typ: "JWT" });
-  const body = b64url({ sub, runs, role, exp: Math.floor(Date.now() / 1000) + 600 });
+  const body = b64url({ sub, runs, role, exp: Math.floor(Date.now() / 1000) + lifetime });
   const sig = createHmac("sha256", SECRET).update(`${head}.${body}`).digest("base64url");
   return `${head}.${body}.${sig}`;
 }
@@ -85,4 +87,43 @@ test("a read-only token's page shows the run and refuses edits with the reason",
   const { body } = await node.api(`/api/crdt/runs/${run}/state`, { headers: { Authorization: `Bearer ${SERVICE}` } });
   assert.deepEqual(body.flags, {}, "nothing written");
   await page.screenshot({ path: path.join(repo, "e2e/artifacts/identity-reader.png"), fullPage: true });
+});
+
+test("an embedded page renews its token from the app, and its session outlives the first one", async () => {
+  const run = randomUUID();
+  const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
+  const app = await context.newPage();
+  app.on("pageerror", (e) => console.error("page error:", e));
+  // The embedding app: the run page in an iframe, and a record of what the page asks of it.
+  // (Served from the node's origin, as an app behind the same host would embed it.)
+  await app.goto(`${node.url}/`);
+  await app.evaluate((src) => {
+    document.body.innerHTML = `<iframe id="run" width="1050" height="850" src="${src}"></iframe>`;
+    window.asked = [];
+    addEventListener("message", (e) => { if (e.data && e.data.type === "crdt-token-needed") window.asked.push(e.data); });
+  }, `${node.url}/runs/${run}#token=${token("ana", [run], "write", 8)}`);
+  const page = await until("the run page framed", async () => app.frames().find((f) => f.url().includes("/runs/")));
+  await until("the page joined", async () => (await page.getAttribute("#conn", "data-state")) === "connected");
+  // Before the 8 s token expires, the page asks the app for a fresh one; the app hands it over.
+  const asked = await until("the page asked for a token", async () => (await app.evaluate(() => window.asked))[0]);
+  assert.equal(asked.runId, run);
+  const fresh = token("ana", [run], "write", 600);
+  await app.evaluate((t) => document.getElementById("run").contentWindow.postMessage({ type: "crdt-token", token: t }, "*"), fresh);
+  // A token for someone else is not taken.
+  await app.evaluate((t) => document.getElementById("run").contentWindow.postMessage({ type: "crdt-token", token: t }, "*"),
+    token("mallory", [run], "write", 600));
+  // Past the first token's expiry the session is still the same one, and still writes as ana.
+  await new Promise((r) => setTimeout(r, 9000));
+  assert.equal(await page.getAttribute("#conn", "data-state"), "connected", await page.textContent("#conn"));
+  await page.fill("#agent", "AfterRenewal");
+  await page.fill("#after-step", "Step1");
+  await page.click("#graft-form button");
+  await until("the graft stored under ana", async () => {
+    const { body } = await node.api(`/api/crdt/runs/${run}/state`, { headers: { Authorization: `Bearer ${SERVICE}` } });
+    return body.grafts?.some((g) => g.agent === "AfterRenewal" && g.user === "ana");
+  });
+  assert.equal(await page.evaluate(() => sessionStorage.getItem("crdt-token")), fresh, "the fresh token kept for this tab");
+  // Nothing about the user outlives the tab.
+  assert.equal(await page.evaluate(() => localStorage.length), 0, "localStorage holds nothing");
+  await context.close();
 });
