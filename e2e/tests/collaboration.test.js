@@ -18,7 +18,7 @@ async function shot(page, name) {
 
 async function openRun(node, user) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
-  await context.addInitScript((u) => localStorage.setItem("crdt-user", u), user);
+  await context.addInitScript((u) => sessionStorage.setItem("crdt-user", u), user);
   const page = await context.newPage();
   page.on("pageerror", (e) => console.error(`[${user}] page error:`, e));
   await page.goto(`${node.url}/runs/${run}`);
