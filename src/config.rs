@@ -77,6 +77,10 @@ pub struct Memory {
     /// recently used idle runs unload and clients' changes wait (1013).
     #[serde(default = "default_max_loaded_ops")]
     pub max_loaded_ops: u64,
+    /// Operations clients and services may add to one run per second (peers are not held to
+    /// it); past it their changes wait (1013, 503) until the run's bucket refills.
+    #[serde(default = "default_max_run_ops_per_sec")]
+    pub max_run_ops_per_sec: u64,
 }
 
 impl Default for Memory {
@@ -87,6 +91,7 @@ impl Default for Memory {
             message_deadline_ms: default_message_deadline(),
             max_loaded_runs: default_max_loaded_runs(),
             max_loaded_ops: default_max_loaded_ops(),
+            max_run_ops_per_sec: default_max_run_ops_per_sec(),
         }
     }
 }
@@ -105,6 +110,10 @@ fn default_message_deadline() -> u64 {
 
 fn default_max_loaded_ops() -> u64 {
     1_500_000
+}
+
+fn default_max_run_ops_per_sec() -> u64 {
+    200_000
 }
 
 fn default_max_loaded_runs() -> usize {
@@ -649,6 +658,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_MAX_LOADED_RUNS", "crdt.memory.max-loaded-runs"),
     ("CRDT_MAX_LOADED_OPS", "crdt.memory.max-loaded-ops"),
     (
+        "CRDT_MAX_RUN_OPS_PER_SEC",
+        "crdt.memory.max-run-ops-per-sec",
+    ),
+    (
         "CRDT_PRE_AUTH_PER_ADDRESS",
         "crdt.admission.pre-auth-per-address",
     ),
@@ -925,6 +938,12 @@ impl Settings {
             return Err(invalid(
                 "crdt.memory.max-loaded-ops",
                 "must be at least 100000",
+            ));
+        }
+        if memory.max_run_ops_per_sec < 10_000 {
+            return Err(invalid(
+                "crdt.memory.max-run-ops-per-sec",
+                "must be at least 10000",
             ));
         }
         if memory.max_loaded_runs == 0 {

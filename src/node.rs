@@ -152,6 +152,7 @@ async fn start_runtime(
             write_timeout: std::time::Duration::from_millis(settings.database.write_timeout_ms),
             max_loaded: settings.crdt.memory.max_loaded_runs,
             max_loaded_ops: settings.crdt.memory.max_loaded_ops,
+            max_run_ops_per_sec: settings.crdt.memory.max_run_ops_per_sec,
         },
         metrics.clone(),
         workers,

@@ -361,9 +361,18 @@ async fn operations_held_by_loaded_runs_are_a_budget() {
         assert_eq!(s, 201);
     }
     for (i, run) in runs[..2].iter().enumerate() {
+        let url = common::run_url(&node, *run, "/state");
+        let (_, before) = c.get(&url).await;
         let refused =
             push_change(&node, *run, &format!("p{i}"), common::op_bomb(*run, 90_000)).await;
         assert!(refused.is_none(), "run {i}: {refused:?}");
+        // Taken (and counted) before the next: a loaded machine may take seconds for it.
+        let taken = common::eventually(30, || async {
+            let (_, now) = c.get(&url).await;
+            (now["heads"] != before["heads"]).then_some(())
+        })
+        .await;
+        assert!(taken.is_some(), "run {i}: the push was not taken");
     }
     let (_, before) = c.get(&common::run_url(&node, runs[2], "/state")).await;
     let refused = push_change(&node, runs[2], "p2", common::op_bomb(runs[2], 90_000)).await;
@@ -381,4 +390,59 @@ async fn operations_held_by_loaded_runs_are_a_budget() {
     assert!(taken.is_some(), "the retry went through once room was made");
     let (_, last) = c.get(&common::run_url(&node, runs[2], "/state")).await;
     assert_ne!(before["heads"], last["heads"]);
+}
+
+/// Issue 18: one client could grow one run by a request's worth over and over (a run's own
+/// operations do not count against the budget it grows in). Now a run takes at most
+/// `max-run-ops-per-sec` from clients and services: past its burst they wait (503 with the
+/// reason, 1013 on sockets) until its bucket refills; other runs are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_grows_from_clients_at_most_at_its_rate() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_MAX_RUN_OPS_PER_SEC", "20000")]);
+    let c = Client::new();
+    let (run, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let flag = |run: Uuid, i: usize| {
+        let c = c.clone();
+        let url = common::run_url(&node, run, &format!("/flags/f{i}"));
+        async move {
+            c.put(&url, &json!({"value": vec![i; 9_999], "user": "u"}))
+                .await
+        }
+    };
+    // The burst is one request's worth (250,000 operations), then 20,000 a second: about 25
+    // of these go through, and one more for every half second the loop took.
+    let start = std::time::Instant::now();
+    let mut refused = None;
+    for i in 0..400 {
+        let (s, body) = flag(run, i).await;
+        if s == 503 {
+            refused = Some((i, body));
+            break;
+        }
+        assert_eq!(s, 200, "{body}");
+    }
+    let (taken, body) = refused.expect("the run's rate holds");
+    let allowed = 250_000.0 + 20_000.0 * start.elapsed().as_secs_f64() + 10_000.0;
+    assert!(taken >= 24, "the burst goes through: refused after {taken}");
+    assert!(
+        (taken as f64) * 10_000.0 <= allowed,
+        "refused after {taken} requests in {:?}",
+        start.elapsed()
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("operations a second"),
+        "{body}"
+    );
+    let (s, body) = flag(other, 0).await;
+    assert_eq!(s, 200, "another run is not held up: {body}");
+    // Its bucket refills at 20,000 a second: 10,000 more after about half a second.
+    let again = common::eventually(5, || async {
+        (flag(run, 100).await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(again.is_some(), "the run takes writes again once refilled");
 }

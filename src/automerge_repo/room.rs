@@ -199,6 +199,7 @@ impl DocRoom {
         // is lost (it still holds it), and a reconnect resyncs.
         let label = match &result {
             Err(RunError::Unavailable(_)) => "unavailable",
+            Err(RunError::Busy(_)) => "busy",
             _ => "run_error",
         };
         for action in peer.sync.stepped(None, result, answered, holds) {

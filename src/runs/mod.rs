@@ -45,12 +45,17 @@ pub struct RunsConfig {
     pub max_loaded: usize,
     /// Operations held by loaded runs' documents, in all, before clients' changes wait.
     pub max_loaded_ops: u64,
+    /// Operations clients and services may add to one run per second.
+    pub max_run_ops_per_sec: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The run takes no more from this door for now (its rate); try again shortly.
+    #[error("{0}")]
+    Busy(String),
     #[error(transparent)]
     Doc(#[from] DocError),
     #[error("{applied} of {total} changes applied, then one was rejected: {reason}")]

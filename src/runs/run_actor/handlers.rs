@@ -80,6 +80,9 @@ impl Handler<Call<Mutate>> for RunActor {
             let seen = seen.clone();
             return self.once_durable(Ok(seen), ctx);
         }
+        if let Err(e) = self.within_rate() {
+            return refuse(e);
+        }
         let now_ms = chrono::Utc::now().timestamp_millis();
         let applied = match self
             .doc()
@@ -92,6 +95,7 @@ impl Handler<Call<Mutate>> for RunActor {
             .doc()
             .map(|d| d.heads().iter().map(|h| h.to_string()).collect())
             .unwrap_or_default();
+        self.charge_rate(&applied.change);
         let outcome = MutationOutcome {
             changed: applied.change.is_some(),
             graft: applied.graft,
@@ -128,7 +132,11 @@ impl Handler<Call<RemoteChanges>> for RunActor {
         // operations; a mesh peer's never do (the regions must converge).
         if msg.via.is_none() {
             let ops = msg.changes.iter().map(|c| c.len() as u64).sum();
-            if let Err(e) = self.runs.ops_room(ops, self.ops_counted) {
+            if let Err(e) = self
+                .runs
+                .ops_room(ops, self.ops_counted)
+                .and_then(|()| self.within_rate())
+            {
                 return refuse(e);
             }
         }
@@ -147,6 +155,9 @@ impl Handler<Call<RemoteChanges>> for RunActor {
             Err(e) => return refuse(e),
         };
         self.lamport_gauge(lamport);
+        if msg.via.is_none() {
+            self.charge_rate(&out.applied);
+        }
         self.report_schema(&out.applied, &msg.source_region);
         let outcome = SyncOutcome {
             applied: out.applied.len(),
@@ -198,7 +209,12 @@ impl Handler<Call<SyncStep>> for RunActor {
                 .flatten()
                 .map(|size| size.ops)
                 .sum();
-            if let Err(e) = self.runs.ops_room(ops, self.ops_counted) {
+            let room = self.runs.ops_room(ops, self.ops_counted);
+            let rate = match incoming.changes.is_empty() {
+                true => Ok(()),
+                false => self.within_rate(),
+            };
+            if let Err(e) = room.and(rate) {
                 return refuse(e);
             }
         }
@@ -217,6 +233,9 @@ impl Handler<Call<SyncStep>> for RunActor {
             Err(e) => return refuse(e),
         };
         self.lamport_gauge(lamport);
+        if msg.client.is_some() {
+            self.charge_rate(&step.applied.applied);
+        }
         let from = msg.client.as_deref().unwrap_or(&msg.via).to_string();
         self.report_schema(&step.applied.applied, &from);
         let bad_input = match step.applied.error {

@@ -17,6 +17,7 @@
 mod events;
 mod handlers;
 mod lifecycle;
+mod ops_rate;
 mod snapshot_schedule;
 mod warming;
 mod write_queue;
@@ -68,6 +69,8 @@ pub struct RunActor {
     ops_counted: u64,
     /// Set while the document loads and the snapshot's projection answers reads.
     warming: Option<warming::Warming>,
+    /// How fast clients and services may grow this run.
+    rate: ops_rate::OpsRate,
 }
 
 impl RunActor {
@@ -90,6 +93,11 @@ impl RunActor {
             unreadable: 0,
             ops_counted: 0,
             warming: None,
+            rate: ops_rate::OpsRate::new(
+                config.max_run_ops_per_sec,
+                config.max_run_ops_per_sec.max(run_doc::MAX_OPS_PER_REQUEST),
+                Instant::now(),
+            ),
             runs,
         }
     }
@@ -146,6 +154,24 @@ impl RunActor {
                 problems.join("; ")
             );
         }
+    }
+
+    /// Whether a client's or service's changes may be taken now (see `ops_rate`).
+    fn within_rate(&mut self) -> Result<(), RunError> {
+        self.rate.check(Instant::now()).map_err(|wait| {
+            RunError::Busy(format!(
+                "run {} takes at most {} operations a second from clients; try again in {} ms",
+                self.run_id,
+                self.rate.per_sec(),
+                wait.as_millis().max(1)
+            ))
+        })
+    }
+
+    /// Charges what a client's or service's request added to the run.
+    fn charge_rate<'a>(&mut self, changes: impl IntoIterator<Item = &'a Change>) {
+        let ops = changes.into_iter().map(|c| c.len() as u64).sum();
+        self.rate.charge(ops, Instant::now());
     }
 
     fn lamport_gauge(&mut self, lamport: u64) {
