@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "building the release binary (about 10 minutes the first time, seconds after)…"
 cargo build --release --quiet --bin crdt-node
 bin="${CARGO_TARGET_DIR:-target}/release/crdt-node"
 dir=data/local-mesh
@@ -40,10 +41,12 @@ for i in 0 1 2; do
   else
     url="sqlite://$dir/$region.db"
   fi
+  # Each start appends to the region's log, after a line that marks it.
+  echo "=== $(date -u +%FT%TZ) local-mesh start" >>"$dir/$region.log"
   REGION=$region NODE_ID="local-$region" PORT=${ports[$i]} DATABASE_URL=$url \
     CRDT_MESH_SECRET=$secret CRDT_MESH_PEERS=$(IFS=,; echo "${peers[*]}") \
     RUST_LOG=${RUST_LOG:-info,automerge=warn} \
-    "$bin" >"$dir/$region.log" 2>&1 &
+    "$bin" >>"$dir/$region.log" 2>&1 &
   pids+=($!)
   echo "$region: http://127.0.0.1:${ports[$i]}  (log: $dir/$region.log)"
 done

@@ -742,6 +742,30 @@ fn bad_configuration_stops_start_up_naming_the_key() {
     }
 }
 
+/// A PostgreSQL database that does not exist stops start-up with the way past it: create it,
+/// or let the node (issue 20: a newcomer's first start against a fresh server).
+#[test]
+fn a_missing_database_says_how_to_create_it() {
+    let url = format!(
+        "{}/crdt_never_created_{}",
+        common::pg_admin_url().trim_end_matches("/postgres"),
+        Uuid::new_v4().simple()
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crdt-node"))
+        .env(
+            "CRDT_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
+        )
+        .env("DATABASE_URL", &url)
+        .env("PORT", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(err.contains("DATABASE_CREATE_IF_MISSING=true"), "{err}");
+}
+
 /// With every commit slowed to half a second, the node holds many applied-but-uncommitted
 /// writes at any moment; SIGKILL it then, and every write it acknowledged is still there.
 /// (PostgreSQL only: the commit is slowed by a trigger.)

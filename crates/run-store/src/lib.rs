@@ -185,7 +185,18 @@ pub async fn open(
         if create_if_missing {
             postgres::create_database(url).await?;
         }
-        migrate::run(migrate::Target::Postgres(url.to_string())).await?;
+        migrate::run(migrate::Target::Postgres(url.to_string()))
+            .await
+            .map_err(|e| match e {
+                // The first thing a newcomer with a fresh server meets: say how to get past it.
+                StoreError::Unavailable(why) if why.contains("does not exist") => {
+                    StoreError::Unavailable(format!(
+                        "{why} (create it, or set DATABASE_CREATE_IF_MISSING=true and the \
+                         node creates it)"
+                    ))
+                }
+                other => other,
+            })?;
         Ok(Arc::new(postgres::PgStore::connect(url, pool_size)?))
     } else {
         let path = sqlite_path(url)?;

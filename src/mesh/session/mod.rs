@@ -184,7 +184,12 @@ impl PeerSession {
 
     fn close(&mut self, code: u16, reason: String, ctx: &mut Context<Self>) {
         if self.close_reason.is_none() {
-            log::warn!("mesh: closing {}: {reason}", self.peer_label());
+            // A node stopping closes its links: that is no trouble worth a warning.
+            let level = match code {
+                close::GOING_AWAY => log::Level::Info,
+                _ => log::Level::Warn,
+            };
+            log::log!(level, "mesh: closing {}: {reason}", self.peer_label());
             let _ = self.out.try_send(Out::Close(code, reason.clone()));
             self.close_reason = Some(reason);
         }
