@@ -123,16 +123,25 @@ async fn state(
     let run_id = validate::run_id(&path)?;
     allow(&caller, run_id, Access::Read)?;
     let state = app.runs.state(run_id).await?;
-    let mut body = serde_json::to_value(&state).map_err(|e| ApiError::Internal(e.to_string()))?;
-    if let Some(obj) = body.as_object_mut() {
-        obj.insert("runId".into(), json!(run_id));
-        obj.insert("region".into(), json!(app.region));
-        obj.insert(
-            "automergeUrl".into(),
-            json!(run_wire::automerge_repo::doc_id::url(run_id)),
-        );
-    }
-    Ok(HttpResponse::Ok().json(body))
+    // Serialized straight from the state: a JSON tree of a 50,000-graft run first would cost
+    // as much again as writing it.
+    Ok(HttpResponse::Ok().json(StateBody {
+        run_id,
+        region: &app.region,
+        automerge_url: run_wire::automerge_repo::doc_id::url(run_id),
+        state: &state,
+    }))
+}
+
+/// `GET …/state`: the run's state and where it is.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StateBody<'a> {
+    run_id: Uuid,
+    region: &'a str,
+    automerge_url: String,
+    #[serde(flatten)]
+    state: &'a run_doc::RunState,
 }
 
 #[derive(Deserialize)]

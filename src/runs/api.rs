@@ -162,7 +162,7 @@ impl Runs {
     }
 
     /// The run's state as the log holds it.
-    pub async fn state(&self, run_id: Uuid) -> Result<RunState, RunError> {
+    pub async fn state(&self, run_id: Uuid) -> Result<std::sync::Arc<RunState>, RunError> {
         self.send(run_id, Call(ReadState)).await?
     }
 

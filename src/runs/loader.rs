@@ -61,6 +61,12 @@ impl Stored {
     }
 }
 
+/// A snapshot's projection, and its state ready to be shared with readers.
+pub struct Projected {
+    pub projection: Arc<Projection>,
+    pub state: Arc<run_doc::RunState>,
+}
+
 /// How many older snapshots to try before replaying the whole log.
 const SNAPSHOT_ATTEMPTS: usize = 3;
 
@@ -82,7 +88,7 @@ pub async fn fetch(
 pub async fn fetch_projected(
     store: &dyn Store,
     run_id: Uuid,
-) -> Result<(Stored, Option<Arc<Projection>>), LoadError> {
+) -> Result<(Stored, Option<Projected>), LoadError> {
     let stored = fetch(store, run_id, None).await?;
     let covers_all = stored.events.is_empty()
         && stored
@@ -93,8 +99,11 @@ pub async fn fetch_projected(
         return Ok((stored, None));
     }
     tokio::task::spawn_blocking(move || {
-        let projection = stored.projection().map(Arc::new);
-        (stored, projection)
+        let projected = stored.projection().map(|p| Projected {
+            state: Arc::new(p.state.clone()),
+            projection: Arc::new(p),
+        });
+        (stored, projected)
     })
     .await
     .map_err(|e| LoadError::Build(e.to_string()))

@@ -1,6 +1,8 @@
 //! The messages a run actor answers: the runtime's API (`runs::api`) wrapped in [`Call`], and
 //! the snapshot actor's.
 
+use std::sync::Arc;
+
 use actix::prelude::*;
 use run_doc::{concat_changes, Budget, DocError, RunState};
 use run_store::Snapshot;
@@ -30,7 +32,7 @@ answers! {
     Mutate => MutationOutcome,
     RemoteChanges => SyncOutcome,
     SyncStep => SyncStepReply,
-    ReadState => RunState,
+    ReadState => Arc<RunState>,
     ReadChanges => ChangesSince,
     ReadDocument => FullDocument,
 }
@@ -273,7 +275,7 @@ impl Handler<Call<SyncStep>> for RunActor {
 }
 
 impl Handler<Call<ReadState>> for RunActor {
-    type Result = Answer<RunState>;
+    type Result = Answer<Arc<RunState>>;
 
     fn handle(&mut self, _: Call<ReadState>, ctx: &mut Self::Context) -> Self::Result {
         if let Some(warming) = &self.warming {
@@ -282,7 +284,7 @@ impl Handler<Call<ReadState>> for RunActor {
             self.last_active = std::time::Instant::now();
             return Box::pin(async move { Ok(state) });
         }
-        let state = self.doc().map(|d| d.state());
+        let state = self.current_state();
         self.once_durable(state, ctx)
     }
 }

@@ -71,6 +71,9 @@ pub struct RunActor {
     warming: Option<warming::Warming>,
     /// How fast clients and services may grow this run.
     rate: ops_rate::OpsRate,
+    /// The state last read, with the heads and clock it was read at: a run read far more
+    /// often than written (every browser room, every poll) builds it once per change.
+    read: Option<(Vec<automerge::ChangeHash>, u64, Arc<run_doc::RunState>)>,
 }
 
 impl RunActor {
@@ -98,8 +101,23 @@ impl RunActor {
                 config.max_run_ops_per_sec.max(run_doc::MAX_OPS_PER_REQUEST),
                 Instant::now(),
             ),
+            read: None,
             runs,
         }
+    }
+
+    /// The run's state now, built once per change of heads or clock.
+    fn current_state(&mut self) -> Result<Arc<run_doc::RunState>, RunError> {
+        let doc = self.doc()?;
+        let (heads, lamport) = (doc.heads(), doc.lamport());
+        if let Some((h, l, state)) = &self.read {
+            if *h == heads && *l == lamport {
+                return Ok(state.clone());
+            }
+        }
+        let state = Arc::new(self.doc()?.state());
+        self.read = Some((heads, lamport, state.clone()));
+        Ok(state)
     }
 
     /// Brings the registry's count of loaded operations up to date with this run's.

@@ -21,19 +21,22 @@ type Deferred = Box<dyn FnOnce(&mut RunActor, &mut Context<RunActor>)>;
 
 pub(super) struct Warming {
     projection: Arc<Projection>,
+    /// The projection's state, shared with every read.
+    state: Arc<RunState>,
     deferred: Vec<Deferred>,
 }
 
 impl Warming {
-    pub fn new(projection: Arc<Projection>) -> Self {
+    pub fn new(projection: Arc<Projection>, state: Arc<RunState>) -> Self {
         Warming {
             projection,
+            state,
             deferred: Vec::new(),
         }
     }
 
-    pub fn state(&self) -> RunState {
-        self.projection.state.clone()
+    pub fn state(&self) -> Arc<RunState> {
+        self.state.clone()
     }
 
     /// The answer to a retried graft whose id the run holds; None for anything else.
