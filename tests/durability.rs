@@ -1000,15 +1000,14 @@ async fn a_cold_run_answers_from_its_projection_while_it_loads(backend: Backend)
         .await
         .expect("the final snapshot carries a projection");
     let mut projection = run_doc::Projection::decode(&stored).expect("it decodes");
-    let shown: Value = serde_json::to_value(&projection.state).unwrap();
+    let shown: Value = serde_json::to_value(projection.state.as_ref()).unwrap();
     for (key, value) in shown.as_object().unwrap() {
         assert!(
             before[key] == *value,
             "the projection's {key} is what the node showed"
         );
     }
-    projection
-        .state
+    std::sync::Arc::make_mut(&mut projection.state)
         .flags
         .insert("marker".into(), json!("from the projection"));
     db::set_snapshot_projection(&db, run, projection.encode()).await;

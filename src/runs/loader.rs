@@ -100,7 +100,7 @@ pub async fn fetch_projected(
     }
     tokio::task::spawn_blocking(move || {
         let projected = stored.projection().map(|p| Projected {
-            state: Arc::new(p.state.clone()),
+            state: p.state.clone(),
             projection: Arc::new(p),
         });
         (stored, projected)

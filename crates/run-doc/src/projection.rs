@@ -9,6 +9,7 @@
 //! that does not match (another version, a list of another length) is ignored and rebuilt.
 
 use std::io::Read;
+use std::sync::Arc;
 
 use automerge::{AutoCommit, ObjType, ReadDoc, ValueRef};
 use flate2::{read::DeflateDecoder, write::DeflateEncoder, Compression};
@@ -27,8 +28,10 @@ const MAX_INFLATED: u64 = 1 << 30;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Projection {
     version: u32,
-    /// What `/state` answers at the snapshot's heads.
-    pub state: RunState,
+    /// What `/state` answers at the snapshot's heads; shared, not copied, with the readers of
+    /// a run that is loading.
+    #[serde(with = "shared")]
+    pub state: Arc<RunState>,
     /// The grafts list in document order, when the list follows the schema: each entry is the
     /// position of its graft in `state.grafts`, or a graft hidden behind another with its id.
     list: Option<Vec<ListEntry>>,
@@ -45,7 +48,7 @@ impl Projection {
     pub(super) fn new(state: RunState, list: Option<Vec<ListEntry>>) -> Self {
         Projection {
             version: VERSION,
-            state,
+            state: Arc::new(state),
             list,
         }
     }
@@ -101,6 +104,23 @@ impl Projection {
             out.push((item.id(), graft));
         }
         items.next().is_none().then_some((list, out))
+    }
+}
+
+/// The state (de)serialized as itself, held in an `Arc`.
+mod shared {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::RunState;
+
+    pub fn serialize<S: Serializer>(state: &Arc<RunState>, s: S) -> Result<S::Ok, S::Error> {
+        state.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<RunState>, D::Error> {
+        RunState::deserialize(d).map(Arc::new)
     }
 }
 

@@ -1462,7 +1462,7 @@ fn a_projection_seeds_the_graft_index_of_the_loaded_document() {
     )
     .unwrap();
     let projection = Projection::decode(&us.projection().encode()).unwrap();
-    assert_eq!(projection.state, us.state());
+    assert_eq!(*projection.state, us.state());
     assert!(projection.graft(&twice.to_string()).is_some());
 
     let saved = us.save();
