@@ -1000,16 +1000,18 @@ async fn a_cold_run_answers_from_its_projection_while_it_loads(backend: Backend)
         .await
         .expect("the final snapshot carries a projection");
     let mut projection = run_doc::Projection::decode(&stored).expect("it decodes");
-    let shown: Value = serde_json::to_value(projection.state.as_ref()).unwrap();
+    let shown: Value = serde_json::from_str(projection.state.json()).unwrap();
     for (key, value) in shown.as_object().unwrap() {
         assert!(
             before[key] == *value,
             "the projection's {key} is what the node showed"
         );
     }
-    std::sync::Arc::make_mut(&mut projection.state)
+    let mut marked = (**projection.state).clone();
+    marked
         .flags
         .insert("marker".into(), json!("from the projection"));
+    projection = projection.with_state(marked);
     db::set_snapshot_projection(&db, run, projection.encode()).await;
 
     let node = Node::spawn(&db, &[]);

@@ -123,25 +123,26 @@ async fn state(
     let run_id = validate::run_id(&path)?;
     allow(&caller, run_id, Access::Read)?;
     let state = app.runs.state(run_id).await?;
-    // Serialized straight from the state: a JSON tree of a 50,000-graft run first would cost
-    // as much again as writing it.
-    Ok(HttpResponse::Ok().json(StateBody {
-        run_id,
-        region: &app.region,
-        automerge_url: run_wire::automerge_repo::doc_id::url(run_id),
-        state: &state,
-    }))
-}
-
-/// `GET …/state`: the run's state and where it is.
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StateBody<'a> {
-    run_id: Uuid,
-    region: &'a str,
-    automerge_url: String,
-    #[serde(flatten)]
-    state: &'a run_doc::RunState,
+    // The state's JSON is made once per change and shared; the run's own fields go in front.
+    let json = state.json();
+    let head = json!({
+        "runId": run_id,
+        "region": app.region,
+        "automergeUrl": run_wire::automerge_repo::doc_id::url(run_id),
+    })
+    .to_string();
+    let mut body = String::with_capacity(head.len() + json.len());
+    body.push_str(head.trim_end_matches('}'));
+    match json.strip_prefix('{').filter(|rest| *rest != "}") {
+        Some(rest) => {
+            body.push(',');
+            body.push_str(rest);
+        }
+        None => body.push('}'),
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body))
 }
 
 #[derive(Deserialize)]

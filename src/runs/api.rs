@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use automerge::{sync, Change, ChangeHash};
-use run_doc::{Graft, Mutation, RunState};
+use run_doc::{Graft, Mutation, SharedState};
 use run_store::RunActivity;
 use uuid::Uuid;
 
@@ -162,7 +162,7 @@ impl Runs {
     }
 
     /// The run's state as the log holds it.
-    pub async fn state(&self, run_id: Uuid) -> Result<std::sync::Arc<RunState>, RunError> {
+    pub async fn state(&self, run_id: Uuid) -> Result<std::sync::Arc<SharedState>, RunError> {
         self.send(run_id, Call(ReadState)).await?
     }
 

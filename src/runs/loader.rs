@@ -64,7 +64,7 @@ impl Stored {
 /// A snapshot's projection, and its state ready to be shared with readers.
 pub struct Projected {
     pub projection: Arc<Projection>,
-    pub state: Arc<run_doc::RunState>,
+    pub state: Arc<run_doc::SharedState>,
 }
 
 /// How many older snapshots to try before replaying the whole log.

@@ -46,7 +46,7 @@ pub use legacy::{legacy_actor, LegacyEvent};
 pub use projection::Projection;
 use rules::MAX_FOREIGN_JUMP;
 pub use rules::{MAX_LAMPORT, MAX_LAMPORT_STEP};
-pub use state::{Graft, PrunedStep, RunState};
+pub use state::{Graft, PrunedStep, RunState, SharedState};
 pub use sync_message::decode_sync_message;
 
 use genesis::{FLAGS, GRAFTS, PRUNED_STEPS};

@@ -16,24 +16,30 @@ use flate2::{read::DeflateDecoder, write::DeflateEncoder, Compression};
 use serde::{Deserialize, Serialize};
 
 use super::genesis::GRAFTS;
-use super::state::{root_obj, Graft, RunState};
+use super::state::{root_obj, Graft, RunState, SharedState};
 use super::DocError;
 
 /// Bumped whenever `RunState` or this layout changes meaning: older projections are ignored.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// A projection inflates to at most this (a cap on the node's own bytes, against a torn row).
 const MAX_INFLATED: u64 = 1 << 30;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Projection {
-    version: u32,
-    /// What `/state` answers at the snapshot's heads; shared, not copied, with the readers of
-    /// a run that is loading.
-    #[serde(with = "shared")]
-    pub state: Arc<RunState>,
+    /// What `/state` answers at the snapshot's heads, with its JSON as stored: a loading run's
+    /// readers get both without a copy or a second serialization.
+    pub state: Arc<SharedState>,
     /// The grafts list in document order, when the list follows the schema: each entry is the
     /// position of its graft in `state.grafts`, or a graft hidden behind another with its id.
+    list: Option<Vec<ListEntry>>,
+}
+
+/// A projection as stored: the state as its JSON text, kept whole to be served as it is.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    version: u32,
+    state: String,
     list: Option<Vec<ListEntry>>,
 }
 
@@ -47,18 +53,30 @@ pub(super) enum ListEntry {
 impl Projection {
     pub(super) fn new(state: RunState, list: Option<Vec<ListEntry>>) -> Self {
         Projection {
-            version: VERSION,
-            state: Arc::new(state),
+            state: Arc::new(SharedState::new(state)),
             list,
+        }
+    }
+
+    /// The same list with another state (for tests that mark a stored projection).
+    pub fn with_state(&self, state: RunState) -> Self {
+        Projection {
+            state: Arc::new(SharedState::new(state)),
+            list: self.list.clone(),
         }
     }
 
     /// JSON, deflated: a 50,000-graft run's state is 8 MB of JSON, and it is written with every
     /// snapshot.
     pub fn encode(&self) -> Vec<u8> {
+        let stored = Stored {
+            version: VERSION,
+            state: self.state.json().to_owned(),
+            list: self.list.clone(),
+        };
         let mut out = DeflateEncoder::new(Vec::new(), Compression::fast());
         // Writing to a Vec and serializing plain data cannot fail.
-        let _ = serde_json::to_writer(&mut out, self);
+        let _ = serde_json::to_writer(&mut out, &stored);
         out.finish().unwrap_or_default()
     }
 
@@ -69,12 +87,16 @@ impl Projection {
             .take(MAX_INFLATED)
             .read_to_end(&mut json)
             .map_err(|e| bad(e.to_string()))?;
-        let projection: Projection =
-            serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
-        if projection.version != VERSION {
-            return Err(bad(format!("version {}", projection.version)));
+        let stored: Stored = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
+        if stored.version != VERSION {
+            return Err(bad(format!("version {}", stored.version)));
         }
-        Ok(projection)
+        let state: RunState =
+            serde_json::from_str(&stored.state).map_err(|e| bad(e.to_string()))?;
+        Ok(Projection {
+            state: Arc::new(SharedState::with_json(state, stored.state)),
+            list: stored.list,
+        })
     }
 
     /// The graft readers see under `id`.
@@ -104,23 +126,6 @@ impl Projection {
             out.push((item.id(), graft));
         }
         items.next().is_none().then_some((list, out))
-    }
-}
-
-/// The state (de)serialized as itself, held in an `Arc`.
-mod shared {
-    use std::sync::Arc;
-
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use super::RunState;
-
-    pub fn serialize<S: Serializer>(state: &Arc<RunState>, s: S) -> Result<S::Ok, S::Error> {
-        state.as_ref().serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<RunState>, D::Error> {
-        RunState::deserialize(d).map(Arc::new)
     }
 }
 

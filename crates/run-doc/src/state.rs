@@ -67,6 +67,47 @@ fn valid_default() -> bool {
     true
 }
 
+/// A run's state as shared by its readers, with its JSON made at most once: a large run's
+/// state is read far more often than it changes, and writing 50,000 grafts as JSON costs tens
+/// of milliseconds each time. Immutable: a change makes a new one.
+#[derive(Debug)]
+pub struct SharedState {
+    state: RunState,
+    json: std::sync::OnceLock<String>,
+}
+
+impl SharedState {
+    pub fn new(state: RunState) -> Self {
+        SharedState {
+            state,
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The state with the JSON it was read from (a snapshot's projection): nothing to redo.
+    pub(super) fn with_json(state: RunState, json: String) -> Self {
+        SharedState {
+            state,
+            json: std::sync::OnceLock::from(json),
+        }
+    }
+
+    /// The state as a JSON object.
+    pub fn json(&self) -> &str {
+        // Serializing plain data cannot fail.
+        self.json
+            .get_or_init(|| serde_json::to_string(&self.state).unwrap_or_default())
+    }
+}
+
+impl std::ops::Deref for SharedState {
+    type Target = RunState;
+
+    fn deref(&self) -> &RunState {
+        &self.state
+    }
+}
+
 /// The state, with the grafts (once per id, in display order) and their schema errors read
 /// from the graft index.
 pub(super) fn read_state(

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use run_doc::{concat_changes, Budget, DocError, RunState};
+use run_doc::{concat_changes, Budget, DocError, SharedState};
 use run_store::Snapshot;
 use uuid::Uuid;
 
@@ -32,7 +32,7 @@ answers! {
     Mutate => MutationOutcome,
     RemoteChanges => SyncOutcome,
     SyncStep => SyncStepReply,
-    ReadState => Arc<RunState>,
+    ReadState => Arc<SharedState>,
     ReadChanges => ChangesSince,
     ReadDocument => FullDocument,
 }
@@ -275,7 +275,7 @@ impl Handler<Call<SyncStep>> for RunActor {
 }
 
 impl Handler<Call<ReadState>> for RunActor {
-    type Result = Answer<Arc<RunState>>;
+    type Result = Answer<Arc<SharedState>>;
 
     fn handle(&mut self, _: Call<ReadState>, ctx: &mut Self::Context) -> Self::Result {
         if let Some(warming) = &self.warming {

@@ -73,7 +73,7 @@ pub struct RunActor {
     rate: ops_rate::OpsRate,
     /// The state last read, with the heads and clock it was read at: a run read far more
     /// often than written (every browser room, every poll) builds it once per change.
-    read: Option<(Vec<automerge::ChangeHash>, u64, Arc<run_doc::RunState>)>,
+    read: Option<(Vec<automerge::ChangeHash>, u64, Arc<run_doc::SharedState>)>,
 }
 
 impl RunActor {
@@ -107,7 +107,7 @@ impl RunActor {
     }
 
     /// The run's state now, built once per change of heads or clock.
-    fn current_state(&mut self) -> Result<Arc<run_doc::RunState>, RunError> {
+    fn current_state(&mut self) -> Result<Arc<run_doc::SharedState>, RunError> {
         let doc = self.doc()?;
         let (heads, lamport) = (doc.heads(), doc.lamport());
         if let Some((h, l, state)) = &self.read {
@@ -115,7 +115,7 @@ impl RunActor {
                 return Ok(state.clone());
             }
         }
-        let state = Arc::new(self.doc()?.state());
+        let state = Arc::new(run_doc::SharedState::new(self.doc()?.state()));
         self.read = Some((heads, lamport, state.clone()));
         Ok(state)
     }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use run_doc::{Mutation, Projection, RunState};
+use run_doc::{Mutation, Projection, SharedState};
 use tokio::sync::oneshot;
 
 use super::handlers::Answer;
@@ -22,12 +22,12 @@ type Deferred = Box<dyn FnOnce(&mut RunActor, &mut Context<RunActor>)>;
 pub(super) struct Warming {
     projection: Arc<Projection>,
     /// The projection's state, shared with every read.
-    state: Arc<RunState>,
+    state: Arc<SharedState>,
     deferred: Vec<Deferred>,
 }
 
 impl Warming {
-    pub fn new(projection: Arc<Projection>, state: Arc<RunState>) -> Self {
+    pub fn new(projection: Arc<Projection>, state: Arc<SharedState>) -> Self {
         Warming {
             projection,
             state,
@@ -35,7 +35,7 @@ impl Warming {
         }
     }
 
-    pub fn state(&self) -> Arc<RunState> {
+    pub fn state(&self) -> Arc<SharedState> {
         self.state.clone()
     }
 
