@@ -48,23 +48,13 @@ pub struct Stored {
 }
 
 impl Stored {
-    /// The snapshot's projection, when it describes all that is stored (no event follows the
-    /// snapshot) and reads.
-    pub fn projection(&self) -> Option<Projection> {
-        let bytes = self.snapshot.as_ref()?.projection.as_deref()?;
+    /// The snapshot's projection, when it describes all that is stored: no event follows it.
+    fn full_projection(&self) -> Option<&[u8]> {
         if !self.events.is_empty() {
             return None;
         }
-        Projection::decode(bytes)
-            .inspect_err(|e| log::warn!("a snapshot's projection is not used: {e}"))
-            .ok()
+        self.snapshot.as_ref()?.projection.as_deref()
     }
-}
-
-/// A snapshot's projection, and its state ready to be shared with readers.
-pub struct Projected {
-    pub projection: Arc<Projection>,
-    pub state: Arc<run_doc::SharedState>,
 }
 
 /// How many older snapshots to try before replaying the whole log.
@@ -88,22 +78,18 @@ pub async fn fetch(
 pub async fn fetch_projected(
     store: &dyn Store,
     run_id: Uuid,
-) -> Result<(Stored, Option<Projected>), LoadError> {
+) -> Result<(Stored, Option<Arc<Projection>>), LoadError> {
     let stored = fetch(store, run_id, None).await?;
-    let covers_all = stored.events.is_empty()
-        && stored
-            .snapshot
-            .as_ref()
-            .is_some_and(|s| s.projection.is_some());
-    if !covers_all {
+    if stored.full_projection().is_none() {
         return Ok((stored, None));
     }
     tokio::task::spawn_blocking(move || {
-        let projected = stored.projection().map(|p| Projected {
-            state: p.state.clone(),
-            projection: Arc::new(p),
+        let projection = stored.full_projection().and_then(|bytes| {
+            Projection::decode(bytes)
+                .inspect_err(|e| log::warn!("run {run_id}: its projection is not used: {e}"))
+                .ok()
         });
-        (stored, projected)
+        (stored, projection.map(Arc::new))
     })
     .await
     .map_err(|e| LoadError::Build(e.to_string()))

@@ -99,11 +99,6 @@ impl Projection {
         })
     }
 
-    /// The graft readers see under `id`.
-    pub fn graft(&self, id: &str) -> Option<&Graft> {
-        self.state.grafts.iter().find(|g| g.id == id)
-    }
-
     /// The list's entries in document order, each with its graft, when the projection has
     /// them and they match the document's list (same length, every entry a map).
     pub(super) fn graft_objects(

@@ -1,15 +1,16 @@
 //! A run actor's life: loading the run, unloading it when idle, surviving a panic inside
 //! Automerge, rolling back when the database is out of reach, failing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use run_doc::RunDoc;
+use run_doc::{Projection, RunDoc};
 
 use super::warming::Warming;
 use super::write_queue::Batch;
 use super::{Reply, RunActor};
-use crate::runs::loader::{self, LoadError, Loaded, Projected, Stored};
+use crate::runs::loader::{self, LoadError, Loaded, Stored};
 use crate::runs::RunError;
 
 /// How long a run this incarnation has not written stays loaded after its last read.
@@ -128,8 +129,12 @@ impl RunActor {
     /// Builds the document off this thread. With a projection that covers all that is stored,
     /// reads are answered from it meanwhile and other requests wait in `warming`; without
     /// one, every message waits.
-    fn build(&mut self, stored: Stored, projected: Option<Projected>, ctx: &mut Context<Self>) {
-        let projection = projected.as_ref().map(|p| p.projection.clone());
+    fn build(
+        &mut self,
+        stored: Stored,
+        projection: Option<Arc<Projection>>,
+        ctx: &mut Context<Self>,
+    ) {
         let store = self.runs.inner.store.clone();
         let region = self.runs.inner.config.region.clone();
         let run_id = self.run_id;
@@ -144,9 +149,9 @@ impl RunActor {
                     }
                     act.warmed(ctx);
                 });
-        match projected {
-            Some(Projected { projection, state }) => {
-                self.warming = Some(Warming::new(projection, state));
+        match projection {
+            Some(projection) => {
+                self.warming = Some(Warming::new(projection.state.clone()));
                 ctx.spawn(work);
             }
             None => {
@@ -220,7 +225,7 @@ impl Actor for RunActor {
             async move { loader::fetch_projected(store.as_ref(), run_id).await }
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
-                    Ok((stored, projected)) => act.build(stored, projected, ctx),
+                    Ok((stored, projection)) => act.build(stored, projection, ctx),
                     Err(e) => act.load_failed(&e, ctx),
                 }),
         );

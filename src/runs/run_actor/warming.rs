@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use run_doc::{Mutation, Projection, SharedState};
+use run_doc::{Mutation, SharedState};
 use tokio::sync::oneshot;
 
 use super::handlers::Answer;
@@ -20,16 +20,14 @@ use crate::runs::RunError;
 type Deferred = Box<dyn FnOnce(&mut RunActor, &mut Context<RunActor>)>;
 
 pub(super) struct Warming {
-    projection: Arc<Projection>,
     /// The projection's state, shared with every read.
     state: Arc<SharedState>,
     deferred: Vec<Deferred>,
 }
 
 impl Warming {
-    pub fn new(projection: Arc<Projection>, state: Arc<SharedState>) -> Self {
+    pub fn new(state: Arc<SharedState>) -> Self {
         Warming {
-            projection,
             state,
             deferred: Vec::new(),
         }
@@ -49,8 +47,9 @@ impl Warming {
         else {
             return None;
         };
-        let graft = self.projection.graft(&id.to_string())?;
-        let state = &self.projection.state;
+        let id = id.to_string();
+        let state = &self.state;
+        let graft = state.grafts.iter().find(|g| g.id == id)?;
         Some(MutationOutcome {
             changed: false,
             graft: Some(graft.clone()),
