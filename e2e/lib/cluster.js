@@ -131,6 +131,25 @@ export class Proxy {
   }
 }
 
+/**
+ * Two regions: eu-central-1 (`west`) and us-east-1 (`east`), which dials west through a
+ * `Proxy` the test can cut (`link`); resolves once each lists the other as connected. `env` for
+ * both nodes; `headers` for the mesh status when the nodes ask for a token.
+ */
+export async function meshedPair([westName, eastName], env = {}, headers = {}) {
+  const west = new Node(westName, "eu-central-1", env);
+  await west.start();
+  const link = new Proxy(() => west.port);
+  const peer = await link.listen();
+  const east = new Node(eastName, "us-east-1", { ...env, CRDT_MESH_PEERS: peer });
+  await east.start();
+  for (const n of [east, west]) {
+    await until(`${n.name} meshed`, async () =>
+      (await n.api("/api/crdt/mesh/status", { headers })).body.connectedPeers === 1);
+  }
+  return { west, east, link };
+}
+
 /** Polls `f` until it returns a truthy value, or fails after `ms`. */
 export async function until(what, f, ms = 20000) {
   const deadline = Date.now() + ms;

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { createHmac, randomUUID } from "node:crypto";
 import { Repo, stringifyAutomergeUrl } from "@automerge/automerge-repo";
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket";
-import { Node, Proxy, until } from "../lib/cluster.js";
+import { meshedPair, until } from "../lib/cluster.js";
 
 const SECRET = "e2e-authorship-secret";
 const SERVICE = "e2e-authorship-service";
@@ -51,15 +51,7 @@ const graftBy = (user, agent) => ({
 
 before(async () => {
   const env = { CRDT_API_TOKEN: SERVICE, CRDT_JWT_HS256_SECRET: SECRET };
-  west = new Node("auth-eu", "eu-central-1", env);
-  await west.start();
-  link = new Proxy(() => west.port);
-  const peer = await link.listen();
-  east = new Node("auth-us", "us-east-1", { ...env, CRDT_MESH_PEERS: peer });
-  await east.start();
-  for (const n of [east, west]) {
-    await until(`${n.name} meshed`, async () => (await api(n, "/api/crdt/mesh/status")).body.connectedPeers === 1);
-  }
+  ({ west, east, link } = await meshedPair(["auth-eu", "auth-us"], env, auth));
 });
 
 after(async () => {

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { Repo } from "@automerge/automerge-repo";
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket";
-import { Node, Proxy, until } from "../lib/cluster.js";
+import { Proxy, meshedPair, until } from "../lib/cluster.js";
 
 const TOKEN = "e2e-automerge-token";
 let east, west, link;
@@ -61,15 +61,7 @@ const agents = (doc) => doc.grafts.map((g) => String(g.agent)).sort();
 const httpAgents = (st) => st.grafts.map((g) => g.agent).sort();
 
 before(async () => {
-  west = new Node("am-eu", "eu-central-1", { CRDT_API_TOKEN: TOKEN });
-  await west.start();
-  link = new Proxy(() => west.port);
-  const peer = await link.listen();
-  east = new Node("am-us", "us-east-1", { CRDT_API_TOKEN: TOKEN, CRDT_MESH_PEERS: peer });
-  await east.start();
-  for (const n of [east, west]) {
-    await until(`${n.name} meshed`, async () => (await api(n, "/api/crdt/mesh/status")).body.connectedPeers === 1);
-  }
+  ({ west, east, link } = await meshedPair(["am-eu", "am-us"], { CRDT_API_TOKEN: TOKEN }, auth));
 });
 
 after(async () => {

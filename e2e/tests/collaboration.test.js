@@ -6,7 +6,7 @@ import { mkdirSync } from "node:fs";
 import path from "node:path";
 import { randomUUID } from "node:crypto";
 import { chromium } from "playwright-core";
-import { Node, Proxy, until, repo } from "../lib/cluster.js";
+import { meshedPair, until, repo } from "../lib/cluster.js";
 
 const artifacts = path.join(repo, "e2e/artifacts");
 const run = randomUUID();
@@ -48,15 +48,7 @@ const pendingCount = (page) =>
 
 before(async () => {
   mkdirSync(artifacts, { recursive: true });
-  west = new Node("e2e-eu", "eu-central-1");
-  await west.start();
-  link = new Proxy(() => west.port);
-  const peer = await link.listen();
-  east = new Node("e2e-us", "us-east-1", { CRDT_MESH_PEERS: peer });
-  await east.start();
-  for (const n of [east, west]) {
-    await until(`${n.name} meshed`, async () => (await n.api("/api/crdt/mesh/status")).body.connectedPeers === 1);
-  }
+  ({ west, east, link } = await meshedPair(["e2e-eu", "e2e-us"]));
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],

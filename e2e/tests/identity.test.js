@@ -35,6 +35,17 @@ async function openWithToken(run, jwt) {
   return page;
 }
 
+/** Grafts `agent` through the page's form and waits until the node stores it under `user`. */
+async function graftOnPage(page, run, agent, user) {
+  await page.fill("#agent", agent);
+  await page.fill("#after-step", "Step1");
+  await page.click("#graft-form button");
+  await until(`${agent} stored under ${user}`, async () => {
+    const { body } = await node.api(`/api/crdt/runs/${run}/state`, { headers: { Authorization: `Bearer ${SERVICE}` } });
+    return body.grafts?.some((g) => g.agent === agent && g.user === user);
+  });
+}
+
 before(async () => {
   node = new Node("e2e-identity", "us-east-1", {
     CRDT_API_TOKEN: SERVICE,
@@ -60,13 +71,7 @@ test("a token handed to the page names its user and stays in this tab only", asy
   assert.ok(await page.evaluate(() => sessionStorage.getItem("crdt-token")), "kept for this tab");
   assert.equal(await page.evaluate(() => localStorage.getItem("crdt-token")), null, "not for every tab");
   assert.equal(await page.inputValue("#user"), "ana", "the page says who it acts as");
-  await page.fill("#agent", "TokenAgent");
-  await page.fill("#after-step", "Step1");
-  await page.click("#graft-form button");
-  await until("the graft stored", async () => {
-    const { body } = await node.api(`/api/crdt/runs/${run}/state`, { headers: { Authorization: `Bearer ${SERVICE}` } });
-    return body.grafts?.some((g) => g.agent === "TokenAgent" && g.user === "ana");
-  });
+  await graftOnPage(page, run, "TokenAgent", "ana");
   await page.screenshot({ path: path.join(repo, "e2e/artifacts/identity-writer.png"), fullPage: true });
 });
 
@@ -107,21 +112,16 @@ test("an embedded page renews its token from the app, and its session outlives t
   // Before the 8 s token expires, the page asks the app for a fresh one; the app hands it over.
   const asked = await until("the page asked for a token", async () => (await app.evaluate(() => window.asked))[0]);
   assert.equal(asked.runId, run);
+  const handOver = (t) =>
+    app.evaluate((t) => document.getElementById("run").contentWindow.postMessage({ type: "crdt-token", token: t }, "*"), t);
   const fresh = token("ana", [run], "write", 600);
-  await app.evaluate((t) => document.getElementById("run").contentWindow.postMessage({ type: "crdt-token", token: t }, "*"), fresh);
+  await handOver(fresh);
   // A token for someone else is not taken.
-  await app.evaluate((t) => document.getElementById("run").contentWindow.postMessage({ type: "crdt-token", token: t }, "*"),
-    token("mallory", [run], "write", 600));
+  await handOver(token("mallory", [run], "write", 600));
   // Past the first token's expiry the session is still the same one, and still writes as ana.
   await new Promise((r) => setTimeout(r, 9000));
   assert.equal(await page.getAttribute("#conn", "data-state"), "connected", await page.textContent("#conn"));
-  await page.fill("#agent", "AfterRenewal");
-  await page.fill("#after-step", "Step1");
-  await page.click("#graft-form button");
-  await until("the graft stored under ana", async () => {
-    const { body } = await node.api(`/api/crdt/runs/${run}/state`, { headers: { Authorization: `Bearer ${SERVICE}` } });
-    return body.grafts?.some((g) => g.agent === "AfterRenewal" && g.user === "ana");
-  });
+  await graftOnPage(page, run, "AfterRenewal", "ana");
   assert.equal(await page.evaluate(() => sessionStorage.getItem("crdt-token")), fresh, "the fresh token kept for this tab");
   // Nothing about the user outlives the tab.
   assert.equal(await page.evaluate(() => localStorage.length), 0, "localStorage holds nothing");
