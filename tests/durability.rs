@@ -1012,7 +1012,7 @@ async fn a_cold_run_answers_from_its_projection_while_it_loads(backend: Backend)
         .flags
         .insert("marker".into(), json!("from the projection"));
     projection = projection.with_state(marked);
-    db::set_snapshot_projection(&db, run, projection.encode()).await;
+    db::set_snapshot_projection(&db, run, &projection.encode()).await;
 
     let node = Node::spawn(&db, &[]);
     let cold = state(&c, &node, run).await;

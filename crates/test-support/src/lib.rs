@@ -424,27 +424,18 @@ pub mod db {
     }
 
     /// Replaces the projection of every snapshot of the run (to tell what answered a read).
-    pub async fn set_snapshot_projection(db: &TestDb, run: Uuid, bytes: Vec<u8>) {
-        match db.backend {
-            Backend::Postgres => {
-                use schema::pg::crdt_snapshots::dsl::*;
-                let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
-                diesel::update(crdt_snapshots.filter(run_id.eq(run)))
-                    .set(projection.eq(Some(bytes)))
-                    .execute(&mut c)
-                    .await
-                    .unwrap();
-            }
-            Backend::Sqlite => {
-                use schema::sqlite::crdt_snapshots::dsl::*;
-                diesel::RunQueryDsl::execute(
-                    diesel::update(crdt_snapshots.filter(run_id.eq(run.as_bytes().to_vec())))
-                        .set(projection.eq(Some(bytes))),
-                    &mut sqlite(db),
-                )
-                .unwrap();
-            }
-        }
+    pub async fn set_snapshot_projection(db: &TestDb, run: Uuid, bytes: &[u8]) {
+        let hex = hex::encode(bytes);
+        let value = match db.backend {
+            Backend::Postgres => format!("'\\x{hex}'::bytea"),
+            Backend::Sqlite => format!("X'{hex}'"),
+        };
+        let run = run_literal(db, run);
+        execute(
+            db,
+            &format!("UPDATE crdt_snapshots SET projection = {value} WHERE run_id = {run}"),
+        )
+        .await;
     }
 
     /// Number of event rows of the run.
