@@ -211,6 +211,8 @@ async fn seed_run(store: &dyn run_store::Store, events: usize, snapshot_at: Opti
             change_hash: change.hash().as_ref().to_vec(),
             source_region: "us-east-1".into(),
             lamport: doc.lamport() as i64,
+            kind: Some(doc.describe(&change).kind.as_str().into()),
+            content: Some(doc.describe(&change).content.to_string()),
         });
         if batch.len() == 1000 {
             store.append(&batch).await.expect("append");

@@ -52,6 +52,116 @@ pub struct Crdt {
     pub admission: Admission,
     #[serde(default)]
     pub memory: Memory,
+    #[serde(default)]
+    pub feed: Feed,
+}
+
+/// The change feed: event streams and webhooks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Feed {
+    /// A comment goes down every idle stream this often, so proxies keep it open.
+    #[serde(default = "default_feed_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Event streams open at once; more are refused with 503.
+    #[serde(default = "default_feed_streams")]
+    pub max_streams: usize,
+    #[serde(default)]
+    pub webhooks: Webhooks,
+}
+
+fn default_feed_heartbeat() -> u64 {
+    15_000
+}
+
+fn default_feed_streams() -> usize {
+    1000
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Feed {
+            heartbeat_ms: default_feed_heartbeat(),
+            max_streams: default_feed_streams(),
+            webhooks: Webhooks::default(),
+        }
+    }
+}
+
+/// Webhook delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Webhooks {
+    /// Subscriptions of the configuration (the API adds others).
+    #[serde(default)]
+    pub subscriptions: Vec<WebhookSubscription>,
+    /// Hosts webhook URLs may name (`example.com`, or `*.example.com` for its subdomains);
+    /// empty: any host.
+    #[serde(default)]
+    pub allowed_hosts: Peers,
+    /// Attempts per delivery before it is dead-lettered.
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+    /// Back-off between attempts: from this, doubling (with jitter)...
+    #[serde(default = "default_webhook_backoff_min")]
+    pub backoff_min_ms: u64,
+    /// ...up to this.
+    #[serde(default = "default_webhook_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// One attempt's timeout.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_ms: u64,
+    /// Requests in flight to one endpoint at most.
+    #[serde(default = "default_webhook_concurrency")]
+    pub concurrency: usize,
+}
+
+/// A subscription from the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct WebhookSubscription {
+    pub id: String,
+    pub url: String,
+    /// `whsec_` and base64, as Standard Webhooks secrets are written.
+    pub secret: String,
+    #[serde(default)]
+    pub runs: Option<Vec<String>>,
+    #[serde(default)]
+    pub kinds: Option<Vec<String>>,
+}
+
+fn default_webhook_attempts() -> u32 {
+    12
+}
+
+fn default_webhook_backoff_min() -> u64 {
+    1_000
+}
+
+fn default_webhook_backoff_max() -> u64 {
+    3_600_000
+}
+
+fn default_webhook_timeout() -> u64 {
+    10_000
+}
+
+fn default_webhook_concurrency() -> usize {
+    4
+}
+
+impl Default for Webhooks {
+    fn default() -> Self {
+        Webhooks {
+            subscriptions: Vec::new(),
+            allowed_hosts: Peers::default(),
+            max_attempts: default_webhook_attempts(),
+            backoff_min_ms: default_webhook_backoff_min(),
+            backoff_max_ms: default_webhook_backoff_max(),
+            timeout_ms: default_webhook_timeout(),
+            concurrency: default_webhook_concurrency(),
+        }
+    }
 }
 
 /// The node's memory budget for what others send it, sized by default for a 512 MiB pod.
@@ -675,6 +785,25 @@ const ENV_KEYS: &[(&str, &str)] = &[
         "crdt.admission.pre-auth-timeout-ms",
     ),
     ("CRDT_ALLOWED_ORIGINS", "crdt.admission.allowed-origins"),
+    ("CRDT_FEED_HEARTBEAT_MS", "crdt.feed.heartbeat-ms"),
+    ("CRDT_FEED_MAX_STREAMS", "crdt.feed.max-streams"),
+    (
+        "CRDT_WEBHOOK_MAX_ATTEMPTS",
+        "crdt.feed.webhooks.max-attempts",
+    ),
+    (
+        "CRDT_WEBHOOK_BACKOFF_MIN_MS",
+        "crdt.feed.webhooks.backoff-min-ms",
+    ),
+    (
+        "CRDT_WEBHOOK_BACKOFF_MAX_MS",
+        "crdt.feed.webhooks.backoff-max-ms",
+    ),
+    ("CRDT_WEBHOOK_TIMEOUT_MS", "crdt.feed.webhooks.timeout-ms"),
+    (
+        "CRDT_WEBHOOK_ALLOWED_HOSTS",
+        "crdt.feed.webhooks.allowed-hosts",
+    ),
     ("DATABASE_URL", "database.url"),
     ("DATABASE_POOL_SIZE", "database.pool-size"),
     ("BIND", "server.bind"),
@@ -722,6 +851,7 @@ impl Settings {
         self.validate_api()?;
         self.validate_automerge()?;
         self.validate_browser()?;
+        self.validate_feed()?;
         self.validate_runtime()?;
         self.validate_server()?;
         self.validate_database()?;
@@ -871,6 +1001,43 @@ impl Settings {
         if repo.max_documents == 0 {
             return Err(invalid(
                 "crdt.automerge.max-documents",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The change feed and webhooks.
+    fn validate_feed(&mut self) -> Result<(), ConfigError> {
+        let feed = &self.crdt.feed;
+        if feed.heartbeat_ms < 100 {
+            return Err(invalid("crdt.feed.heartbeat-ms", "must be at least 100"));
+        }
+        if feed.max_streams == 0 {
+            return Err(invalid("crdt.feed.max-streams", "must be at least 1"));
+        }
+        let hooks = &feed.webhooks;
+        if hooks.max_attempts == 0 {
+            return Err(invalid(
+                "crdt.feed.webhooks.max-attempts",
+                "must be at least 1",
+            ));
+        }
+        if hooks.backoff_min_ms == 0 || hooks.backoff_max_ms < hooks.backoff_min_ms {
+            return Err(invalid(
+                "crdt.feed.webhooks.backoff-max-ms",
+                "back-off must be at least 1 ms, and its maximum at least its minimum",
+            ));
+        }
+        if hooks.timeout_ms < 100 {
+            return Err(invalid(
+                "crdt.feed.webhooks.timeout-ms",
+                "must be at least 100",
+            ));
+        }
+        if hooks.concurrency == 0 {
+            return Err(invalid(
+                "crdt.feed.webhooks.concurrency",
                 "must be at least 1",
             ));
         }

@@ -6,6 +6,7 @@ pub mod automerge_repo;
 pub mod browser;
 pub mod config;
 pub mod edge_kit;
+pub mod feed;
 pub mod http;
 pub mod identity;
 pub mod mesh;

@@ -21,19 +21,15 @@ fn main() -> std::process::ExitCode {
         // On SIGINT/SIGTERM: mesh links and browser sessions are closed first ("going away") so
         // they do not hold the server up, the server stops gracefully, then the runs are
         // drained and snapshotted, all within the shutdown grace.
-        let mesh = node.mesh.clone();
-        let browser = node.browser.clone();
-        let automerge = node.automerge.clone();
         let server = node.server.clone();
         let grace = std::time::Duration::from_secs(settings.server.shutdown_grace_secs);
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel();
+        let edges = node.edges();
         actix_web::rt::spawn(async move {
             shutdown_signal().await;
             let _ = stopping_tx.send(std::time::Instant::now());
-            log::info!("shutting down: closing mesh links, browser sessions and automerge-repo connections");
-            mesh.close();
-            browser.close();
-            automerge.close();
+            log::info!("shutting down: closing mesh links, browser and automerge-repo sessions, event streams");
+            edges.close();
             // Stop accepting; requests in flight finish (their writes commit) within the grace.
             server.stop(true).await;
         });

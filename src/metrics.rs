@@ -43,6 +43,10 @@ pub struct Metrics {
     pub browser_frames: IntCounterVec,
     /// Browser sessions closed by the node, by reason (`too_slow`, `timeout`, `unauthorized`, …).
     pub browser_closed: IntCounterVec,
+    /// Open change-feed streams (SSE).
+    pub feed_streams: IntGauge,
+    /// Events sent down change-feed streams.
+    pub feed_streamed: IntCounter,
 }
 
 impl Metrics {
@@ -116,6 +120,8 @@ impl Metrics {
                 "Browser sessions the node closed, by reason",
                 &["reason"],
             )?,
+            feed_streams: gauge(&r, "crdt_feed_streams", "Open change-feed (SSE) streams")?,
+            feed_streamed: counter(&r, "crdt_feed_events_streamed_total", "Events sent down change-feed streams")?,
             registry: r,
         })
     }

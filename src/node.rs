@@ -11,6 +11,7 @@ use crate::admission::PreAuth;
 use crate::automerge_repo::{AutomergeRepo, RepoConfig};
 use crate::browser::{Browser, BrowserConfig};
 use crate::config::Settings;
+use crate::feed::FeedEdge;
 use crate::http::{self, AppState};
 use crate::identity::{Auth, Verifier};
 use crate::mesh::{Mesh, MeshConfig};
@@ -41,7 +42,41 @@ pub struct RunningNode {
     pub mesh: Mesh,
     pub browser: Browser,
     pub automerge: AutomergeRepo,
+    pub feed: web::Data<FeedEdge>,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningNode {
+    /// The edges that hold long-lived connections, to close when the node stops.
+    pub fn edges(&self) -> Edges {
+        Edges {
+            mesh: self.mesh.clone(),
+            browser: self.browser.clone(),
+            automerge: self.automerge.clone(),
+            feed: self.feed.clone(),
+        }
+    }
+}
+
+/// Every edge that holds long-lived connections. A new edge of that kind is added here, and
+/// closes with the others.
+#[derive(Clone)]
+pub struct Edges {
+    mesh: Mesh,
+    browser: Browser,
+    automerge: AutomergeRepo,
+    feed: web::Data<FeedEdge>,
+}
+
+impl Edges {
+    /// The node is stopping: each edge closes its connections ("going away") so they do not
+    /// hold the server's graceful stop up.
+    pub fn close(&self) {
+        self.mesh.close();
+        self.browser.close();
+        self.automerge.close();
+        self.feed.close();
+    }
 }
 
 /// Starts a node on the current actix system.
@@ -76,6 +111,11 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         runs.clone(),
         metrics.clone(),
     );
+    let feed = web::Data::new(FeedEdge::new(
+        runs.change_feed(),
+        &settings.crdt.feed,
+        &metrics,
+    ));
     let state = web::Data::new(AppState {
         runs: runs.clone(),
         mesh: mesh.clone(),
@@ -91,6 +131,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
             budget: crate::socket::MemoryBudget::new(settings.crdt.memory.incoming_bytes),
             deadline: std::time::Duration::from_millis(settings.crdt.memory.message_deadline_ms),
         },
+        feed: feed.clone(),
     });
     let (addr, server, task) = serve(settings, state, &metrics, workers)?;
     log::info!(
@@ -105,6 +146,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         mesh,
         browser,
         automerge,
+        feed,
         task,
     })
 }

@@ -315,6 +315,7 @@ impl SyncFixtures {
             let stamp = run_doc::Stamp {
                 lamport: run_doc::MAX_LAMPORT,
                 region: "eu".into(),
+                user: None,
             };
             raw.commit_with(
                 automerge::transaction::CommitOptions::default().with_message(stamp.to_message()),

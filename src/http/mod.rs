@@ -3,7 +3,7 @@
 //! `/ws/automerge` and the pages (`/`,
 //! `/runs/{runId}`, `/mesh`). Routes only parse, validate and send a message to the core.
 
-mod auth;
+pub(crate) mod auth;
 mod automerge;
 pub mod body_budget;
 mod browser;
@@ -45,6 +45,8 @@ pub struct AppState {
     pub metrics_token: Option<String>,
     /// The budget of incoming WebSocket messages, and how long one may take.
     pub incoming: Incoming,
+    /// The change feed's edge, whose routes are mounted under `/api/crdt`.
+    pub feed: web::Data<crate::feed::FeedEdge>,
 }
 
 /// What every WebSocket door reads within (see `socket::reader`).
@@ -91,7 +93,9 @@ impl Incoming {
 /// Registers everything on an App; `max_body` bounds every request body.
 pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, max_body: usize) {
     let auth = web::Data::new(state.auth.clone());
+    let feed = state.feed.clone();
     cfg.app_data(state)
+        .app_data(feed)
         .app_data(auth)
         .app_data(
             web::JsonConfig::default()
@@ -110,6 +114,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, max_b
             web::scope("/api/crdt")
                 .wrap(middleware::from_fn(auth::authenticate))
                 .configure(runs::routes)
+                .configure(crate::feed::routes)
                 .configure(automerge::routes)
                 .configure(mesh::routes),
         )

@@ -6,6 +6,7 @@
 //! imports the edges (HTTP, mesh, browser sessions) that consume them.
 
 mod api;
+mod feed;
 pub mod loader;
 mod run_actor;
 mod snapshot_actor;
@@ -27,6 +28,7 @@ pub use api::{
     BadInput, ChangesSince, FullDocument, Health, Mutate, MutationOutcome, RemoteChanges, RunsPage,
     SyncOutcome, SyncStep, SyncStepReply,
 };
+pub use feed::{ChangeFeed, FeedEvent, PAGE as FEED_PAGE};
 use run_actor::{FinalSnapshot, RunActor};
 pub use run_store::RunActivity;
 use snapshot_actor::SnapshotActor;
@@ -107,7 +109,9 @@ struct Inner {
     snapshots: Addr<SnapshotActor>,
     config: RunsConfig,
     metrics: Metrics,
-    feed: RwLock<Vec<Recipient<RunChanged>>>,
+    subscribers: RwLock<Vec<Recipient<RunChanged>>>,
+    /// Every committed change, read back from the log by cursor.
+    changes: Arc<ChangeFeed>,
     /// Heads digests of runs whose durable state this process knows (loaded at least once
     /// since start); the mesh compares them to skip runs a peer already holds.
     digests: Vec<Mutex<HashMap<Uuid, [u8; 32]>>>,
@@ -166,6 +170,8 @@ impl Runs {
         let arbiters = (0..arbiters.max(1))
             .map(|_| Arbiter::new().handle())
             .collect();
+        let changes = ChangeFeed::new(store.clone());
+        actix::spawn(changes.clone().run_tail());
         Runs {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -177,7 +183,8 @@ impl Runs {
                 snapshots,
                 config,
                 metrics,
-                feed: RwLock::new(Vec::new()),
+                subscribers: RwLock::new(Vec::new()),
+                changes: changes.clone(),
                 digests: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 store_down: AtomicBool::new(false),
                 damaged: Mutex::new(HashMap::new()),
@@ -190,9 +197,14 @@ impl Runs {
 
     /// Adds a subscriber to every committed change of every run.
     pub fn subscribe(&self, recipient: Recipient<RunChanged>) {
-        if let Ok(mut feed) = self.inner.feed.write() {
-            feed.push(recipient);
+        if let Ok(mut subscribers) = self.inner.subscribers.write() {
+            subscribers.push(recipient);
         }
+    }
+
+    /// The change feed: every committed change of every run, by cursor.
+    pub fn change_feed(&self) -> Arc<ChangeFeed> {
+        self.inner.changes.clone()
     }
 
     /// Sends `msg` to the run's actor, starting (and loading) it first if needed.
@@ -467,11 +479,14 @@ impl Runs {
     }
 
     fn has_subscribers(&self) -> bool {
-        self.inner.feed.read().is_ok_and(|feed| !feed.is_empty())
+        self.inner
+            .subscribers
+            .read()
+            .is_ok_and(|feed| !feed.is_empty())
     }
 
     fn publish(&self, event: RunChanged) {
-        if let Ok(feed) = self.inner.feed.read() {
+        if let Ok(feed) = self.inner.subscribers.read() {
             for recipient in feed.iter() {
                 recipient.do_send(event.clone());
             }

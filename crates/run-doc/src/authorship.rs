@@ -19,6 +19,21 @@ use automerge::{AutoCommit, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop
 use super::genesis::{FLAGS, GRAFTS, PRUNED_STEPS};
 use super::state::{root_obj, str_field};
 
+/// A change's stamp names its author for every region (see `Stamp::user`): a user's own
+/// changes may name that user only.
+pub(super) fn check_stamps(changes: &[automerge::Change], author: &str) -> Result<(), String> {
+    for change in changes {
+        if let Some(named) = super::Stamp::of(change).and_then(|s| s.user) {
+            if named != author {
+                return Err(format!(
+                    "a change's stamp names {named:?} as its author; yours may name only you"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks what the changes between `before` and the document's heads did to the run's
 /// attributed entries, made by `author`. The reason, when they did what `author` may not.
 pub(super) fn check(

@@ -188,6 +188,11 @@ pub fn concat_changes<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Vec<
 pub struct Stamp {
     pub lamport: u64,
     pub region: String,
+    /// Who made the change (the writer a node's mutation was made for), so every region
+    /// reads the same author from the change itself. Absent on changes made before it was
+    /// recorded, and on replayed legacy rows (whose bytes must stay as they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl Stamp {
@@ -204,8 +209,14 @@ impl Stamp {
     /// A stamp is trusted only when it is well-formed: a region as the log stores it and a
     /// timestamp within [`super::MAX_LAMPORT`].
     pub fn parse(message: &str) -> Option<Stamp> {
-        let stamp: Stamp = serde_json::from_str(message).ok()?;
+        let mut stamp: Stamp = serde_json::from_str(message).ok()?;
         let ok = super::rules::is_region(&stamp.region) && stamp.lamport <= super::MAX_LAMPORT;
+        // A user the rules would not take is not believed (the rest of the stamp still is).
+        if let Some(user) = &stamp.user {
+            if super::rules::name("user", Some(user)).is_err() {
+                stamp.user = None;
+            }
+        }
         ok.then_some(stamp)
     }
 }
@@ -257,6 +268,7 @@ mod tests {
         let stamp = Stamp {
             lamport: 42,
             region: "us-east-1".into(),
+            user: Some("ann".into()),
         };
         let mut doc = AutoCommit::new();
         doc.put(ROOT, "a", 1).unwrap();

@@ -16,6 +16,7 @@
 mod authorship;
 mod bounds;
 mod changes;
+mod describe;
 mod genesis;
 mod graft_index;
 mod json;
@@ -41,6 +42,7 @@ pub use changes::{
     concat_changes, parse_changes, parse_changes_or_document, parse_document, parse_own_changes,
     parse_own_document, parse_peer_changes, parse_peer_document, Stamp,
 };
+pub use describe::{Described, Kind};
 pub use genesis::genesis_actor;
 pub use legacy::{legacy_actor, LegacyEvent};
 pub use projection::Projection;
@@ -290,6 +292,17 @@ impl RunDoc {
     /// Applies a local mutation as one change, stamped with the next Lamport timestamp.
     /// On error nothing is left half-done in the document.
     pub fn apply(&mut self, mutation: &Mutation, now_ms: i64) -> Result<Applied, DocError> {
+        self.apply_by(mutation, now_ms, None)
+    }
+
+    /// [`Self::apply`], recording `user` as the change's author in its stamp, which travels
+    /// with the change to every region.
+    pub fn apply_by(
+        &mut self,
+        mutation: &Mutation,
+        now_ms: i64,
+        user: Option<&str>,
+    ) -> Result<Applied, DocError> {
         if let Mutation::Graft {
             id,
             retry_safe: true,
@@ -341,6 +354,7 @@ impl RunDoc {
         let stamp = Stamp {
             lamport,
             region: self.region.clone(),
+            user: user.map(str::to_string),
         };
         let options = CommitOptions::default()
             .with_message(stamp.to_message())
@@ -631,7 +645,9 @@ impl RunDoc {
         *applied = self.apply_ordered(ordered, duplicates, None, bound)?;
         if let (Some(author), Some((heads, lamport, parked))) = (author, undo) {
             if !applied.applied.is_empty() {
-                if let Err(reason) = authorship::check(&mut self.doc, &heads, author) {
+                let checked = authorship::check_stamps(&applied.applied, author)
+                    .and_then(|()| authorship::check(&mut self.doc, &heads, author));
+                if let Err(reason) = checked {
                     self.undo(&heads, lamport, parked);
                     *applied = RemoteApplied::default();
                     return Err(DocError::NotPermitted(reason));
@@ -883,6 +899,11 @@ impl RunDoc {
         missing.sort();
         missing.dedup();
         missing
+    }
+
+    /// What `change` (which this run holds) did, as the change feed describes it.
+    pub fn describe(&self, change: &Change) -> Described {
+        describe::describe(&self.doc, change)
     }
 
     /// Every change the holder of `heads` lacks. Heads this document does not know are

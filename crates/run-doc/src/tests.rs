@@ -1109,6 +1109,7 @@ fn stamped_change(run: Uuid, lamport: u64) -> Change {
     let stamp = Stamp {
         lamport,
         region: "evil".into(),
+        user: None,
     };
     raw.commit_with(CommitOptions::default().with_message(stamp.to_message()));
     raw.get_last_local_change().unwrap()
@@ -1377,6 +1378,7 @@ fn the_loader_reads_back_own_changes_past_the_client_bound() {
     let stamp = Stamp {
         lamport: 1,
         region: "r1".into(),
+        user: None,
     };
     let big = big_change(Some(stamp.to_message()));
     assert!(parse_changes(&big).is_err(), "a client door refuses it");

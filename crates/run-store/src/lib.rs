@@ -59,6 +59,10 @@ pub struct NewEvent {
     pub change_hash: Vec<u8>,
     pub source_region: String,
     pub lamport: i64,
+    /// What the change did (`run_doc::Kind`), for the change feed and webhook filters.
+    pub kind: Option<String>,
+    /// The description's content, JSON.
+    pub content: Option<String>,
 }
 
 /// An event read back for replay. `crdt_changes` is `None` for a legacy OT event.
@@ -96,6 +100,71 @@ impl From<EventColumns> for StoredEvent {
             lamport,
             user_id,
             created_at,
+        }
+    }
+}
+
+/// An event as the change feed reads it: by cursor (the row id), without its change bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedRow {
+    pub id: i64,
+    pub run_id: Uuid,
+    pub event_type: String,
+    pub payload: Option<String>,
+    pub user_id: Option<String>,
+    pub created_at: NaiveDateTime,
+    /// `None` for a legacy OT event.
+    pub change_hash: Option<Vec<u8>>,
+    pub source_region: Option<String>,
+    pub lamport: Option<i64>,
+    pub kind: Option<String>,
+    pub content: Option<String>,
+}
+
+/// The columns `feed` selects, in order (the run id as each backend stores it).
+type FeedColumns<R> = (
+    i64,
+    R,
+    String,
+    Option<String>,
+    Option<String>,
+    NaiveDateTime,
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
+
+impl FeedRow {
+    fn from_columns<R>(
+        (
+            id,
+            run_id,
+            event_type,
+            payload,
+            user_id,
+            created_at,
+            change_hash,
+            source_region,
+            lamport,
+            kind,
+            content,
+        ): FeedColumns<R>,
+        run: impl FnOnce(R) -> Uuid,
+    ) -> Self {
+        FeedRow {
+            id,
+            run_id: run(run_id),
+            event_type,
+            payload,
+            user_id,
+            created_at,
+            change_hash,
+            source_region,
+            lamport,
+            kind,
+            content,
         }
     }
 }
@@ -168,6 +237,19 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&RunActivity>,
         limit: i64,
     ) -> Result<Vec<RunActivity>, StoreError>;
+    /// Up to `limit` events after cursor `after` (a row id), of one run or of all, in cursor
+    /// order. Cursors follow commit order: appends are serialized, so a reader that has seen
+    /// cursor N never later finds a new event below it.
+    async fn feed(
+        &self,
+        after: i64,
+        run: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<FeedRow>, StoreError>;
+    /// The newest event's cursor (0 for an empty log).
+    async fn last_event_id(&self) -> Result<i64, StoreError>;
+    /// The run of the event at cursor `id`, if there is one.
+    async fn event_run(&self, id: i64) -> Result<Option<Uuid>, StoreError>;
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// "postgres" or "sqlite".

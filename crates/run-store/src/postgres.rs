@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use super::schema::pg::{collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap};
 use super::{
-    activity, pool_error, EventColumns, NewEvent, RunActivity, Snapshot, Store, StoreError,
-    StoredEvent,
+    activity, pool_error, EventColumns, FeedColumns, FeedRow, NewEvent, RunActivity, Snapshot,
+    Store, StoreError, StoredEvent,
 };
 
 /// Every run a batch touched, in one statement.
@@ -23,6 +23,48 @@ const TOUCH_RUNS: &str = "INSERT INTO crdt_runs (run_id, last_activity) \
     SELECT * FROM unnest($1::uuid[], $2::timestamp[]) \
     ON CONFLICT (run_id) DO UPDATE \
     SET last_activity = GREATEST(crdt_runs.last_activity, EXCLUDED.last_activity)";
+
+/// Appends take this transaction-scoped lock first, so they commit one after another and
+/// cursors (row ids) become visible in order: with overlapping transactions, an id drawn
+/// earlier could commit later, behind a feed reader that had already passed it.
+const APPEND_LOCK: &str = "SELECT pg_advisory_xact_lock(7263010451)";
+
+/// The outbox rows of the events this transaction appended (ids past `$1`): one per webhook
+/// subscription whose filters take the event.
+const FILL_OUTBOX: &str = "INSERT INTO crdt_webhook_outbox \
+    (subscription_id, event_id, run_id, attempts, next_attempt_at, state, created_at) \
+    SELECT s.id, e.id, e.run_id, 0, $2, 'pending', $2 \
+    FROM collaboration_events e JOIN crdt_webhooks s \
+    ON (s.runs IS NULL OR ',' || s.runs || ',' LIKE '%,' || replace(e.run_id::text, '-', '') || ',%') \
+    AND (s.kinds IS NULL OR ',' || s.kinds || ',' LIKE '%,' || COALESCE(e.event_kind, 'other') || ',%') \
+    WHERE e.id > $1 \
+    ON CONFLICT DO NOTHING";
+
+const FEED_COLUMNS: (
+    ev::id,
+    ev::run_id,
+    ev::event_type,
+    ev::payload,
+    ev::user_id,
+    ev::created_at,
+    ev::change_hash,
+    ev::source_region,
+    ev::lamport_timestamp,
+    ev::event_kind,
+    ev::event_content,
+) = (
+    ev::id,
+    ev::run_id,
+    ev::event_type,
+    ev::payload,
+    ev::user_id,
+    ev::created_at,
+    ev::change_hash,
+    ev::source_region,
+    ev::lamport_timestamp,
+    ev::event_kind,
+    ev::event_content,
+);
 
 pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
@@ -41,6 +83,8 @@ struct EventRow<'a> {
     lamport_timestamp: Option<i64>,
     run_seq: Option<i64>,
     change_hash: Option<&'a [u8]>,
+    event_kind: Option<&'a str>,
+    event_content: Option<&'a str>,
 }
 
 #[derive(Insertable, Queryable)]
@@ -140,6 +184,8 @@ fn event_row(e: &NewEvent) -> EventRow<'_> {
         lamport_timestamp: Some(e.lamport),
         run_seq: Some(e.run_seq),
         change_hash: Some(&e.change_hash),
+        event_kind: e.kind.as_deref(),
+        event_content: e.content.as_deref(),
     }
 }
 
@@ -160,6 +206,11 @@ impl Store for PgStore {
         // commit together.
         let inserted = conn
             .transaction(async |c| {
+                diesel::sql_query(APPEND_LOCK).execute(c).await?;
+                let before: Option<i64> = ev::table
+                    .select(diesel::dsl::max(ev::id))
+                    .get_result(c)
+                    .await?;
                 let mut n = 0;
                 for chunk in rows.chunks(2000) {
                     n += diesel::insert_into(ev::table)
@@ -175,6 +226,13 @@ impl Store for PgStore {
                     .bind::<Array<sql_types::Timestamp>, _>(&times)
                     .execute(c)
                     .await?;
+                if n > 0 {
+                    diesel::sql_query(FILL_OUTBOX)
+                        .bind::<sql_types::BigInt, _>(before.unwrap_or(0))
+                        .bind::<sql_types::Timestamp, _>(chrono::Utc::now().naive_utc())
+                        .execute(c)
+                        .await?;
+                }
                 Ok::<_, diesel::result::Error>(n)
             })
             .await?;
@@ -324,6 +382,48 @@ impl Store for PgStore {
                 last_activity,
             })
             .collect())
+    }
+
+    async fn feed(
+        &self,
+        after: i64,
+        run: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<FeedRow>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let mut query = ev::table
+            .select(FEED_COLUMNS)
+            .filter(ev::id.gt(after))
+            .order(ev::id.asc())
+            .limit(limit)
+            .into_boxed();
+        if let Some(run) = run {
+            query = query.filter(ev::run_id.eq(run));
+        }
+        let rows: Vec<FeedColumns<Uuid>> = query.load(&mut conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| FeedRow::from_columns(r, |id| id))
+            .collect())
+    }
+
+    async fn last_event_id(&self) -> Result<i64, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let max: Option<i64> = ev::table
+            .select(diesel::dsl::max(ev::id))
+            .get_result(&mut conn)
+            .await?;
+        Ok(max.unwrap_or(0))
+    }
+
+    async fn event_run(&self, id: i64) -> Result<Option<Uuid>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        Ok(ev::table
+            .select(ev::run_id)
+            .filter(ev::id.eq(id))
+            .first(&mut conn)
+            .await
+            .optional()?)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

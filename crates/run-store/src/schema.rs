@@ -15,6 +15,8 @@ pub mod pg {
             lamport_timestamp -> Nullable<BigInt>,
             run_seq -> Nullable<BigInt>,
             change_hash -> Nullable<Bytea>,
+            event_kind -> Nullable<Varchar>,
+            event_content -> Nullable<Text>,
         }
     }
 
@@ -37,6 +39,34 @@ pub mod pg {
             last_activity -> Timestamp,
         }
     }
+
+    diesel::table! {
+        crdt_webhooks (id) {
+            id -> Varchar,
+            url -> Text,
+            secret -> Text,
+            runs -> Nullable<Text>,
+            kinds -> Nullable<Text>,
+            origin -> Varchar,
+            created_at -> Timestamp,
+        }
+    }
+
+    diesel::table! {
+        crdt_webhook_outbox (id) {
+            id -> BigInt,
+            subscription_id -> Varchar,
+            event_id -> BigInt,
+            run_id -> Uuid,
+            attempts -> Integer,
+            next_attempt_at -> Timestamp,
+            state -> Varchar,
+            last_error -> Nullable<Text>,
+            created_at -> Timestamp,
+        }
+    }
+
+    diesel::allow_tables_to_appear_in_same_query!(collaboration_events, crdt_webhook_outbox);
 }
 
 pub mod sqlite {
@@ -53,6 +83,8 @@ pub mod sqlite {
             lamport_timestamp -> Nullable<BigInt>,
             run_seq -> Nullable<BigInt>,
             change_hash -> Nullable<Binary>,
+            event_kind -> Nullable<Text>,
+            event_content -> Nullable<Text>,
         }
     }
 
@@ -75,4 +107,32 @@ pub mod sqlite {
             last_activity -> Timestamp,
         }
     }
+
+    diesel::table! {
+        crdt_webhooks (id) {
+            id -> Text,
+            url -> Text,
+            secret -> Text,
+            runs -> Nullable<Text>,
+            kinds -> Nullable<Text>,
+            origin -> Text,
+            created_at -> Timestamp,
+        }
+    }
+
+    diesel::table! {
+        crdt_webhook_outbox (id) {
+            id -> BigInt,
+            subscription_id -> Text,
+            event_id -> BigInt,
+            run_id -> Binary,
+            attempts -> Integer,
+            next_attempt_at -> Timestamp,
+            state -> Text,
+            last_error -> Nullable<Text>,
+            created_at -> Timestamp,
+        }
+    }
+
+    diesel::allow_tables_to_appear_in_same_query!(collaboration_events, crdt_webhook_outbox);
 }

@@ -21,8 +21,8 @@ use super::schema::sqlite::{
     collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap,
 };
 use super::{
-    activity, pool_error, EventColumns, NewEvent, RunActivity, Snapshot, Store, StoreError,
-    StoredEvent,
+    activity, pool_error, EventColumns, FeedColumns, FeedRow, NewEvent, RunActivity, Snapshot,
+    Store, StoreError, StoredEvent,
 };
 
 type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
@@ -38,6 +38,43 @@ const PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
 const TOUCH_RUN: &str = "INSERT INTO crdt_runs (run_id, last_activity) VALUES (?, ?) \
     ON CONFLICT (run_id) DO UPDATE \
     SET last_activity = MAX(crdt_runs.last_activity, excluded.last_activity)";
+
+/// The outbox rows of the events this transaction appended (ids past the first `?`): one per
+/// webhook subscription whose filters take the event.
+const FILL_OUTBOX: &str = "INSERT INTO crdt_webhook_outbox \
+    (subscription_id, event_id, run_id, attempts, next_attempt_at, state, created_at) \
+    SELECT s.id, e.id, e.run_id, 0, ?2, 'pending', ?2 \
+    FROM collaboration_events e JOIN crdt_webhooks s \
+    ON (s.runs IS NULL OR ',' || s.runs || ',' LIKE '%,' || lower(hex(e.run_id)) || ',%') \
+    AND (s.kinds IS NULL OR ',' || s.kinds || ',' LIKE '%,' || COALESCE(e.event_kind, 'other') || ',%') \
+    WHERE e.id > ?1 \
+    ON CONFLICT DO NOTHING";
+
+const FEED_COLUMNS: (
+    ev::id,
+    ev::run_id,
+    ev::event_type,
+    ev::payload,
+    ev::user_id,
+    ev::created_at,
+    ev::change_hash,
+    ev::source_region,
+    ev::lamport_timestamp,
+    ev::event_kind,
+    ev::event_content,
+) = (
+    ev::id,
+    ev::run_id,
+    ev::event_type,
+    ev::payload,
+    ev::user_id,
+    ev::created_at,
+    ev::change_hash,
+    ev::source_region,
+    ev::lamport_timestamp,
+    ev::event_kind,
+    ev::event_content,
+);
 
 #[derive(Debug)]
 struct Pragmas;
@@ -62,6 +99,8 @@ struct EventRow<'a> {
     lamport_timestamp: Option<i64>,
     run_seq: Option<i64>,
     change_hash: Option<&'a [u8]>,
+    event_kind: Option<&'a str>,
+    event_content: Option<&'a str>,
 }
 
 #[derive(Insertable, Queryable)]
@@ -117,6 +156,8 @@ fn event_row(e: &NewEvent) -> EventRow<'_> {
         lamport_timestamp: Some(e.lamport),
         run_seq: Some(e.run_seq),
         change_hash: Some(&e.change_hash),
+        event_kind: e.kind.as_deref(),
+        event_content: e.content.as_deref(),
     }
 }
 
@@ -128,7 +169,10 @@ impl Store for SqliteStore {
         }
         let events = events.to_vec();
         self.with_conn(move |c| {
-            let n = c.transaction(|c| {
+            // Immediate: the write lock from the start, so the ids read below are this
+            // transaction's own.
+            let n = c.immediate_transaction(|c| {
+                let before: Option<i64> = ev::table.select(diesel::dsl::max(ev::id)).first(c)?;
                 let mut n = 0;
                 for e in &events {
                     n += diesel::insert_into(ev::table)
@@ -142,6 +186,12 @@ impl Store for SqliteStore {
                     diesel::sql_query(TOUCH_RUN)
                         .bind::<diesel::sql_types::Binary, _>(a.run_id.as_bytes().to_vec())
                         .bind::<diesel::sql_types::Timestamp, _>(a.last_activity)
+                        .execute(c)?;
+                }
+                if n > 0 {
+                    diesel::sql_query(FILL_OUTBOX)
+                        .bind::<diesel::sql_types::BigInt, _>(before.unwrap_or(0))
+                        .bind::<diesel::sql_types::Timestamp, _>(chrono::Utc::now().naive_utc())
                         .execute(c)?;
                 }
                 Ok::<_, diesel::result::Error>(n)
@@ -209,6 +259,53 @@ impl Store for SqliteStore {
             })
             .await?;
         Ok(rows.into_iter().map(StoredEvent::from).collect())
+    }
+
+    async fn feed(
+        &self,
+        after: i64,
+        run: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<FeedRow>, StoreError> {
+        let rows: Vec<FeedColumns<Vec<u8>>> = self
+            .with_conn(move |c| {
+                let mut query = ev::table
+                    .select(FEED_COLUMNS)
+                    .filter(ev::id.gt(after))
+                    .order(ev::id.asc())
+                    .limit(limit)
+                    .into_boxed();
+                if let Some(run) = run {
+                    query = query.filter(ev::run_id.eq(run.as_bytes().to_vec()));
+                }
+                Ok(query.load(c)?)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| FeedRow::from_columns(r, |id| Uuid::from_slice(&id).unwrap_or_default()))
+            .collect())
+    }
+
+    async fn last_event_id(&self) -> Result<i64, StoreError> {
+        self.with_conn(|c| {
+            let max: Option<i64> = ev::table.select(diesel::dsl::max(ev::id)).first(c)?;
+            Ok(max.unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn event_run(&self, id: i64) -> Result<Option<Uuid>, StoreError> {
+        let run: Option<Vec<u8>> = self
+            .with_conn(move |c| {
+                Ok(ev::table
+                    .select(ev::run_id)
+                    .filter(ev::id.eq(id))
+                    .first(c)
+                    .optional()?)
+            })
+            .await?;
+        Ok(run.map(|r| Uuid::from_slice(&r).unwrap_or_default()))
     }
 
     async fn save_snapshot(&self, s: &Snapshot, keep: usize) -> Result<(), StoreError> {

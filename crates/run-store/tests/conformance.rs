@@ -28,6 +28,8 @@ fn event(run_id: Uuid, seq: i64, micros: i64) -> NewEvent {
         change_hash: format!("{run_id}-{seq}").into_bytes(),
         source_region: "eu-west".into(),
         lamport: seq * 10,
+        kind: Some("setFlag".into()),
+        content: Some(format!("{{\"key\":\"k\",\"value\":{seq}}}")),
     }
 }
 
@@ -150,12 +152,88 @@ async fn runs_are_listed_by_id_and_by_activity(store: &dyn Store) {
     assert_eq!(recent[0].last_activity, at(1004));
 }
 
+async fn the_feed_reads_by_cursor_in_commit_order(store: &dyn Store) {
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let start = store.last_event_id().await.unwrap();
+    store
+        .append(&[event(a, 1, 1), event(b, 1, 1)])
+        .await
+        .unwrap();
+    store.append(&[event(a, 2, 2)]).await.unwrap();
+    // A duplicate makes no second event.
+    store
+        .append(&[event(a, 2, 2), event(b, 2, 3)])
+        .await
+        .unwrap();
+    let all = store.feed(start, None, 100).await.unwrap();
+    let seen: Vec<(Uuid, i64)> = all
+        .iter()
+        .map(|r| (r.run_id, r.lamport.unwrap() / 10))
+        .collect();
+    assert_eq!(seen, vec![(a, 1), (b, 1), (a, 2), (b, 2)]);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "cursors ascend");
+    assert_eq!(store.last_event_id().await.unwrap(), all[3].id);
+    let r = &all[2];
+    assert_eq!(
+        (r.kind.as_deref(), r.user_id.as_deref()),
+        (Some("setFlag"), Some("ann"))
+    );
+    assert_eq!(r.content.as_deref(), Some("{\"key\":\"k\",\"value\":2}"));
+    assert_eq!(r.change_hash.as_deref(), Some(format!("{a}-2").as_bytes()));
+    assert_eq!(
+        (r.created_at, r.source_region.as_deref()),
+        (at(2), Some("eu-west"))
+    );
+    // One run's events, a page at a time.
+    let of_a = store.feed(start, Some(a), 1).await.unwrap();
+    assert_eq!(of_a.len(), 1);
+    let rest = store.feed(of_a[0].id, Some(a), 10).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![all[2].id]
+    );
+    assert_eq!(store.event_run(all[1].id).await.unwrap(), Some(b));
+    assert_eq!(store.event_run(all[3].id + 1000).await.unwrap(), None);
+}
+
+/// Appends from several committers at once: a reader following the cursor meets every event
+/// (none commits below a cursor the reader already passed).
+async fn concurrent_appends_never_commit_behind_a_reader(store: Arc<dyn Store>) {
+    let start = store.last_event_id().await.unwrap();
+    let writers: Vec<_> = (0..6)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let run = Uuid::new_v4();
+                for seq in 1..=40 {
+                    store.append(&[event(run, seq, seq)]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let (mut cursor, mut seen) = (start, 0);
+    while seen < 240 {
+        for row in store.feed(cursor, None, 7).await.unwrap() {
+            assert!(row.id > cursor);
+            cursor = row.id;
+            seen += 1;
+        }
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(store.feed(cursor, None, 10).await.unwrap().len(), 0);
+    assert_eq!(seen, 240, "every event met once");
+}
+
 async fn suite(store: Arc<dyn Store>, backend: &str) {
     assert_eq!(store.backend(), backend);
     store.ping().await.expect("the database answers");
     the_log_keeps_order_fields_and_drops_duplicates(store.as_ref()).await;
     snapshots_keep_the_newest_and_fall_back(store.as_ref()).await;
     runs_are_listed_by_id_and_by_activity(store.as_ref()).await;
+    the_feed_reads_by_cursor_in_commit_order(store.as_ref()).await;
+    concurrent_appends_never_commit_behind_a_reader(store.clone()).await;
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use automerge::Change;
 use chrono::NaiveDateTime;
-use run_doc::{Mutation, Stamp};
+use run_doc::{Described, Mutation, Stamp};
 use run_store::NewEvent;
 use serde_json::json;
 use uuid::Uuid;
@@ -36,9 +36,10 @@ impl EventMeta {
     }
 }
 
-/// The rows for `changes`, numbered from `next_seq()`. A change's own stamp names its region;
-/// unstamped ones (foreign clients) take `region`. `lamport` is the run's clock after the
-/// write, so a restart resumes it exactly.
+/// The rows for `changes`, numbered from `next_seq()`, each with what it did (`describe`,
+/// for the change feed). A change's own stamp names its region; unstamped ones (foreign
+/// clients) take `region`. `lamport` is the run's clock after the write, so a restart resumes
+/// it exactly.
 pub(crate) fn rows(
     run_id: Uuid,
     changes: &[Change],
@@ -46,23 +47,34 @@ pub(crate) fn rows(
     region: &str,
     lamport: u64,
     mut next_seq: impl FnMut() -> i64,
+    describe: impl Fn(&Change) -> Option<Described>,
 ) -> Vec<NewEvent> {
     let lamport = i64::try_from(lamport).unwrap_or(i64::MAX);
     // Microseconds, as PostgreSQL keeps them, so the runs list's cursor is exact on SQLite.
     let now: NaiveDateTime = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now().naive_utc(), 6);
     changes
         .iter()
-        .map(|change| NewEvent {
-            run_id,
-            run_seq: next_seq(),
-            event_type: meta.event_type.to_string(),
-            payload: meta.payload.clone(),
-            user_id: meta.user_id.clone(),
-            created_at: now,
-            crdt_changes: change.raw_bytes().to_vec(),
-            change_hash: change.hash().as_ref().to_vec(),
-            source_region: Stamp::of(change).map_or_else(|| region.to_string(), |s| s.region),
-            lamport,
+        .map(|change| {
+            let described = describe(change);
+            // The author the change names travels with it: another region's row names them too.
+            let user_id = meta
+                .user_id
+                .clone()
+                .or_else(|| described.as_ref().and_then(|d| d.user.clone()));
+            NewEvent {
+                run_id,
+                run_seq: next_seq(),
+                event_type: meta.event_type.to_string(),
+                payload: meta.payload.clone(),
+                user_id,
+                created_at: now,
+                crdt_changes: change.raw_bytes().to_vec(),
+                change_hash: change.hash().as_ref().to_vec(),
+                source_region: Stamp::of(change).map_or_else(|| region.to_string(), |s| s.region),
+                lamport,
+                kind: described.as_ref().map(|d| d.kind.as_str().to_string()),
+                content: described.map(|d| d.content.to_string()),
+            }
         })
         .collect()
 }
@@ -130,10 +142,13 @@ mod tests {
                 seq += 1;
                 seq
             },
+            |c| Some(doc.describe(c)),
         );
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].run_seq, rows[0].lamport), (7, 9));
         assert_eq!(rows[0].source_region, "eu-west", "the change's own stamp");
         assert_eq!(rows[0].event_type, "CRDT_SYNC");
+        assert_eq!(rows[0].kind.as_deref(), Some("setFlag"));
+        assert_eq!(rows[0].content.as_deref(), Some(r#"{"key":"k","value":1}"#));
     }
 }

@@ -86,10 +86,10 @@ impl Handler<Call<Mutate>> for RunActor {
             return refuse(e);
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let applied = match self
-            .doc()
-            .and_then(|d| d.apply(&msg.mutation, now_ms).map_err(RunError::from))
-        {
+        let applied = match self.doc().and_then(|d| {
+            d.apply_by(&msg.mutation, now_ms, msg.user.as_deref())
+                .map_err(RunError::from)
+        }) {
             Ok(a) => a,
             Err(e) => return refuse(e),
         };

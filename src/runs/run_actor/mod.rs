@@ -234,9 +234,16 @@ impl RunActor {
             None => self.writes.durable().clone(),
         };
         let writes = &mut self.writes;
-        let events = events::rows(self.run_id, &changes, &meta, &region, lamport_after, || {
-            writes.next_seq()
-        });
+        let doc = self.doc.as_ref();
+        let events = events::rows(
+            self.run_id,
+            &changes,
+            &meta,
+            &region,
+            lamport_after,
+            || writes.next_seq(),
+            |change| doc.map(|d| d.describe(change)),
+        );
         let start = self.writes.push(PendingWrite {
             events,
             changes,
@@ -290,6 +297,9 @@ impl RunActor {
         let lamport = self.doc.as_ref().map_or(0, |d| d.lamport());
         self.lamport_gauge(lamport);
         let subscribed = self.runs.has_subscribers();
+        if writes.iter().any(|w| !w.changes.is_empty()) {
+            self.runs.inner.changes.wake();
+        }
         for write in writes {
             let _ = write.reply.send(Ok(()));
             if write.changes.is_empty() || !subscribed {

@@ -145,6 +145,8 @@ mod tests {
                 change_hash: Vec::new(),
                 source_region: "r".into(),
                 lamport: lamport as i64,
+                kind: None,
+                content: None,
             })
             .collect();
         PendingWrite {

@@ -1,0 +1,5 @@
+DROP TABLE IF EXISTS crdt_webhook_outbox;
+DROP TABLE IF EXISTS crdt_webhooks;
+DROP INDEX IF EXISTS collaboration_events_run_cursor;
+ALTER TABLE collaboration_events DROP COLUMN event_content;
+ALTER TABLE collaboration_events DROP COLUMN event_kind;

@@ -1,0 +1,66 @@
+//! The change feed's edge: Server-Sent Events streams of committed changes
+//! (`GET /api/crdt/runs/{runId}/events`, `GET /api/crdt/events`) and signed webhooks.
+//!
+//! It reaches the runtime only through [`ChangeFeed`](crate::runs::ChangeFeed): pages of the
+//! log by cursor and the live tail.
+
+mod sse;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+use prometheus::{IntCounter, IntGauge};
+
+use crate::runs::ChangeFeed;
+
+/// What the feed's routes share.
+pub struct FeedEdge {
+    pub feed: Arc<ChangeFeed>,
+    pub heartbeat: Duration,
+    /// Streams open at most; more are refused with 503.
+    pub max_streams: usize,
+    /// Streams open now.
+    open: AtomicUsize,
+    pub metrics: FeedMetrics,
+    /// Set when the node stops: every stream ends, telling its consumer why.
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl FeedEdge {
+    pub fn new(
+        feed: Arc<ChangeFeed>,
+        settings: &crate::config::Feed,
+        metrics: &crate::metrics::Metrics,
+    ) -> Self {
+        FeedEdge {
+            feed,
+            heartbeat: Duration::from_millis(settings.heartbeat_ms),
+            max_streams: settings.max_streams,
+            open: AtomicUsize::new(0),
+            metrics: FeedMetrics {
+                streams: metrics.feed_streams.clone(),
+                streamed: metrics.feed_streamed.clone(),
+            },
+            stopping: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// The node is stopping: ends every stream (their consumers resume elsewhere or later).
+    pub fn close(&self) {
+        let _ = self.stopping.send(true);
+    }
+}
+
+#[derive(Clone)]
+pub struct FeedMetrics {
+    pub streams: IntGauge,
+    pub streamed: IntCounter,
+}
+
+/// The feed's routes, mounted under `/api/crdt` (behind its authentication).
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/runs/{runId}/events", web::get().to(sse::run_events))
+        .route("/events", web::get().to(sse::node_events));
+}
