@@ -169,6 +169,216 @@ impl FeedRow {
     }
 }
 
+/// A webhook subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    pub id: String,
+    pub url: String,
+    pub secret: String,
+    /// Only these runs' events; `None`: every run's.
+    pub runs: Option<Vec<Uuid>>,
+    /// Only events of these kinds; `None`: every kind.
+    pub kinds: Option<Vec<String>>,
+    /// `config` or `api`.
+    pub origin: String,
+    pub created_at: NaiveDateTime,
+}
+
+impl Webhook {
+    /// The filters as stored: comma-separated run ids (simple hex, as both backends spell a
+    /// run id in the outbox's filter) and kinds.
+    fn stored_filters(&self) -> (Option<String>, Option<String>) {
+        (
+            self.runs.as_ref().map(|runs| {
+                runs.iter()
+                    .map(|r| r.simple().to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+            self.kinds.as_ref().map(|k| k.join(",")),
+        )
+    }
+
+    fn from_stored((id, url, secret, runs, kinds, origin, created_at): WebhookColumns) -> Webhook {
+        let split = |s: Option<String>| {
+            s.map(|s| {
+                s.split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+        };
+        Webhook {
+            id,
+            url,
+            secret,
+            runs: split(runs).map(|r| r.iter().filter_map(|r| Uuid::parse_str(r).ok()).collect()),
+            kinds: split(kinds),
+            origin,
+            created_at,
+        }
+    }
+}
+
+type WebhookColumns = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    NaiveDateTime,
+);
+
+/// One event waiting in a subscription's outbox, or dead-lettered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The outbox row.
+    pub id: i64,
+    pub subscription_id: String,
+    pub attempts: i32,
+    /// `pending` or `dead`.
+    pub state: String,
+    pub last_error: Option<String>,
+    pub next_attempt_at: NaiveDateTime,
+    /// When the event entered the outbox (its commit).
+    pub queued_at: NaiveDateTime,
+    pub event: FeedRow,
+}
+
+/// An outbox row as selected (without its event).
+#[derive(Debug, Clone, diesel::QueryableByName)]
+struct OutboxRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    subscription_id: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    event_id: i64,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    attempts: i32,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    state: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    last_error: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Timestamp)]
+    next_attempt_at: NaiveDateTime,
+    #[diesel(sql_type = diesel::sql_types::Timestamp)]
+    created_at: NaiveDateTime,
+}
+
+/// The outbox's queries, the same text on both backends (`$n` placeholders, each first used
+/// in order, which SQLite numbers alike).
+mod outbox_sql {
+    pub const DUE: &str = "SELECT o.id, o.subscription_id, o.event_id, o.attempts, o.state, \
+        o.last_error, o.next_attempt_at, o.created_at FROM crdt_webhook_outbox o \
+        WHERE o.state = 'pending' AND o.next_attempt_at <= $1 \
+        AND NOT EXISTS (SELECT 1 FROM crdt_webhook_outbox p \
+            WHERE p.subscription_id = o.subscription_id AND p.run_id = o.run_id \
+            AND p.state = 'pending' AND p.event_id < o.event_id) \
+        ORDER BY o.event_id LIMIT $2";
+    pub const DEAD: &str = "SELECT o.id, o.subscription_id, o.event_id, o.attempts, o.state, \
+        o.last_error, o.next_attempt_at, o.created_at FROM crdt_webhook_outbox o \
+        WHERE o.subscription_id = $1 AND o.state = 'dead' AND o.id > $2 \
+        ORDER BY o.id LIMIT $3";
+    pub const DELIVERED: &str = "DELETE FROM crdt_webhook_outbox WHERE id = $1";
+    pub const RETRY: &str = "UPDATE crdt_webhook_outbox SET attempts = attempts + 1, \
+        last_error = $1, next_attempt_at = $2 WHERE id = $3";
+    pub const KILL: &str = "UPDATE crdt_webhook_outbox SET attempts = attempts + 1, \
+        last_error = $1, state = 'dead' WHERE id = $2";
+    pub const REPLAY: &str = "UPDATE crdt_webhook_outbox SET state = 'pending', attempts = 0, \
+        next_attempt_at = $1 WHERE subscription_id = $2 AND state = 'dead'";
+    pub const REPLAY_ONE: &str = "UPDATE crdt_webhook_outbox SET state = 'pending', \
+        attempts = 0, next_attempt_at = $1 WHERE subscription_id = $2 AND state = 'dead' \
+        AND id = $3";
+    pub const DROP_OUTBOX: &str = "DELETE FROM crdt_webhook_outbox WHERE subscription_id = $1";
+    pub const DROP_WEBHOOK: &str = "DELETE FROM crdt_webhooks WHERE id = $1";
+    pub const SAVE_WEBHOOK: &str = "INSERT INTO crdt_webhooks \
+        (id, url, secret, runs, kinds, origin, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+        ON CONFLICT (id) DO UPDATE SET url = excluded.url, secret = excluded.secret, \
+        runs = excluded.runs, kinds = excluded.kinds, origin = excluded.origin";
+    pub const WEBHOOKS: &str = "SELECT id, url, secret, runs, kinds, origin, created_at \
+        FROM crdt_webhooks ORDER BY created_at, id";
+    pub const DEPTH: &str = "SELECT state, COUNT(*) AS n FROM crdt_webhook_outbox GROUP BY state";
+}
+
+#[derive(diesel::QueryableByName)]
+struct WebhookRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    url: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    secret: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    runs: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    kinds: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    origin: String,
+    #[diesel(sql_type = diesel::sql_types::Timestamp)]
+    created_at: NaiveDateTime,
+}
+
+impl From<WebhookRow> for Webhook {
+    fn from(r: WebhookRow) -> Self {
+        Webhook::from_stored((
+            r.id,
+            r.url,
+            r.secret,
+            r.runs,
+            r.kinds,
+            r.origin,
+            r.created_at,
+        ))
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct DepthRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    state: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+fn depth(rows: Vec<DepthRow>) -> (i64, i64) {
+    let count = |state: &str| rows.iter().filter(|r| r.state == state).map(|r| r.n).sum();
+    (count("pending"), count("dead"))
+}
+
+/// Joins outbox rows with their events (rows whose event is gone are left out).
+fn deliveries(rows: Vec<OutboxRow>, events: Vec<FeedRow>) -> Vec<Delivery> {
+    let events: std::collections::HashMap<i64, FeedRow> =
+        events.into_iter().map(|e| (e.id, e)).collect();
+    rows.into_iter()
+        .filter_map(|r| {
+            Some(Delivery {
+                event: events.get(&r.event_id)?.clone(),
+                id: r.id,
+                subscription_id: r.subscription_id,
+                attempts: r.attempts,
+                state: r.state,
+                last_error: r.last_error,
+                next_attempt_at: r.next_attempt_at,
+                queued_at: r.created_at,
+            })
+        })
+        .collect()
+}
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attempted {
+    /// Delivered: the row leaves the outbox.
+    Delivered,
+    /// Failed; tried again at `next` (or dead-lettered if `None`).
+    Failed {
+        error: String,
+        next: Option<NaiveDateTime>,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub id: Uuid,
@@ -250,6 +460,37 @@ pub trait Store: Send + Sync + 'static {
     async fn last_event_id(&self) -> Result<i64, StoreError>;
     /// The run of the event at cursor `id`, if there is one.
     async fn event_run(&self, id: i64) -> Result<Option<Uuid>, StoreError>;
+    /// Adds or replaces a webhook subscription.
+    async fn save_webhook(&self, webhook: &Webhook) -> Result<(), StoreError>;
+    /// Removes a subscription and its outbox; false if there was none.
+    async fn delete_webhook(&self, id: &str) -> Result<bool, StoreError>;
+    async fn webhooks(&self) -> Result<Vec<Webhook>, StoreError>;
+    /// Up to `limit` pending deliveries due by `now`, each the oldest pending one of its
+    /// subscription and run (a run's events are delivered in order), oldest first.
+    async fn due_deliveries(
+        &self,
+        now: NaiveDateTime,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError>;
+    /// Records an attempt: delivered rows leave the outbox; failed ones wait for their next
+    /// attempt, or stay dead-lettered.
+    async fn attempted(&self, delivery: i64, outcome: &Attempted) -> Result<(), StoreError>;
+    /// A subscription's dead-lettered deliveries, oldest first, after outbox row `after`.
+    async fn dead_letters(
+        &self,
+        subscription: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError>;
+    /// Puts a subscription's dead letters back in line (all, or those listed); how many.
+    async fn replay_dead(
+        &self,
+        subscription: &str,
+        only: Option<Vec<i64>>,
+        now: NaiveDateTime,
+    ) -> Result<usize, StoreError>;
+    /// Deliveries pending and dead, in all.
+    async fn outbox_depth(&self) -> Result<(i64, i64), StoreError>;
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// "postgres" or "sqlite".

@@ -14,9 +14,12 @@ use uuid::Uuid;
 
 use super::schema::pg::{collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap};
 use super::{
-    activity, pool_error, EventColumns, FeedColumns, FeedRow, NewEvent, RunActivity, Snapshot,
-    Store, StoreError, StoredEvent,
+    activity, deliveries, depth, outbox_sql as sql, pool_error, Attempted, Delivery, DepthRow,
+    EventColumns, FeedColumns, FeedRow, NewEvent, OutboxRow, RunActivity, Snapshot, Store,
+    StoreError, StoredEvent, Webhook, WebhookRow,
 };
+use chrono::NaiveDateTime;
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
 
 /// Every run a batch touched, in one statement.
 const TOUCH_RUNS: &str = "INSERT INTO crdt_runs (run_id, last_activity) \
@@ -169,6 +172,30 @@ impl PgStore {
             .build()
             .map_err(pool_error)?;
         Ok(PgStore { pool })
+    }
+}
+
+impl PgStore {
+    /// Outbox rows with their events.
+    async fn with_events(
+        &self,
+        conn: &mut AsyncPgConnection,
+        rows: Vec<OutboxRow>,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.event_id).collect();
+        let events: Vec<FeedColumns<Uuid>> = ev::table
+            .select(FEED_COLUMNS)
+            .filter(ev::id.eq_any(ids))
+            .load(conn)
+            .await?;
+        let events = events
+            .into_iter()
+            .map(|r| FeedRow::from_columns(r, |id| id))
+            .collect();
+        Ok(deliveries(rows, events))
     }
 }
 
@@ -424,6 +451,146 @@ impl Store for PgStore {
             .first(&mut conn)
             .await
             .optional()?)
+    }
+
+    async fn save_webhook(&self, w: &Webhook) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let (runs, kinds) = w.stored_filters();
+        diesel::sql_query(sql::SAVE_WEBHOOK)
+            .bind::<Text, _>(&w.id)
+            .bind::<Text, _>(&w.url)
+            .bind::<Text, _>(&w.secret)
+            .bind::<Nullable<Text>, _>(runs)
+            .bind::<Nullable<Text>, _>(kinds)
+            .bind::<Text, _>(&w.origin)
+            .bind::<Timestamp, _>(w.created_at)
+            .execute(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_webhook(&self, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let id = id.to_string();
+        let n = conn
+            .transaction(async |c| {
+                diesel::sql_query(sql::DROP_OUTBOX)
+                    .bind::<Text, _>(&id)
+                    .execute(c)
+                    .await?;
+                diesel::sql_query(sql::DROP_WEBHOOK)
+                    .bind::<Text, _>(&id)
+                    .execute(c)
+                    .await
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn webhooks(&self) -> Result<Vec<Webhook>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let rows: Vec<WebhookRow> = diesel::sql_query(sql::WEBHOOKS).load(&mut conn).await?;
+        Ok(rows.into_iter().map(Webhook::from).collect())
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: NaiveDateTime,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let rows: Vec<OutboxRow> = diesel::sql_query(sql::DUE)
+            .bind::<Timestamp, _>(now)
+            .bind::<BigInt, _>(limit)
+            .load(&mut conn)
+            .await?;
+        self.with_events(&mut conn, rows).await
+    }
+
+    async fn attempted(&self, delivery: i64, outcome: &Attempted) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        match outcome {
+            Attempted::Delivered => {
+                diesel::sql_query(sql::DELIVERED)
+                    .bind::<BigInt, _>(delivery)
+                    .execute(&mut conn)
+                    .await?
+            }
+            Attempted::Failed {
+                error,
+                next: Some(at),
+            } => {
+                diesel::sql_query(sql::RETRY)
+                    .bind::<Text, _>(error)
+                    .bind::<Timestamp, _>(*at)
+                    .bind::<BigInt, _>(delivery)
+                    .execute(&mut conn)
+                    .await?
+            }
+            Attempted::Failed { error, next: None } => {
+                diesel::sql_query(sql::KILL)
+                    .bind::<Text, _>(error)
+                    .bind::<BigInt, _>(delivery)
+                    .execute(&mut conn)
+                    .await?
+            }
+        };
+        Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        subscription: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let rows: Vec<OutboxRow> = diesel::sql_query(sql::DEAD)
+            .bind::<Text, _>(subscription)
+            .bind::<BigInt, _>(after)
+            .bind::<BigInt, _>(limit)
+            .load(&mut conn)
+            .await?;
+        self.with_events(&mut conn, rows).await
+    }
+
+    async fn replay_dead(
+        &self,
+        subscription: &str,
+        only: Option<Vec<i64>>,
+        now: NaiveDateTime,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let subscription = subscription.to_string();
+        Ok(conn
+            .transaction(async |c| match only {
+                None => {
+                    diesel::sql_query(sql::REPLAY)
+                        .bind::<Timestamp, _>(now)
+                        .bind::<Text, _>(&subscription)
+                        .execute(c)
+                        .await
+                }
+                Some(ids) => {
+                    let mut n = 0;
+                    for id in ids {
+                        n += diesel::sql_query(sql::REPLAY_ONE)
+                            .bind::<Timestamp, _>(now)
+                            .bind::<Text, _>(&subscription)
+                            .bind::<BigInt, _>(id)
+                            .execute(c)
+                            .await?;
+                    }
+                    Ok(n)
+                }
+            })
+            .await?)
+    }
+
+    async fn outbox_depth(&self) -> Result<(i64, i64), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let rows: Vec<DepthRow> = diesel::sql_query(sql::DEPTH).load(&mut conn).await?;
+        Ok(depth(rows))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

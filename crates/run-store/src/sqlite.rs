@@ -21,9 +21,12 @@ use super::schema::sqlite::{
     collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap,
 };
 use super::{
-    activity, pool_error, EventColumns, FeedColumns, FeedRow, NewEvent, RunActivity, Snapshot,
-    Store, StoreError, StoredEvent,
+    activity, deliveries, depth, outbox_sql as sql, pool_error, Attempted, Delivery, DepthRow,
+    EventColumns, FeedColumns, FeedRow, NewEvent, OutboxRow, RunActivity, Snapshot, Store,
+    StoreError, StoredEvent, Webhook, WebhookRow,
 };
+use chrono::NaiveDateTime;
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
 
 type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
 
@@ -142,6 +145,23 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Unavailable(format!("SQLite task failed: {e}")))?
     }
+}
+
+/// Outbox rows with their events.
+fn with_events(c: &mut Conn, rows: Vec<OutboxRow>) -> Result<Vec<Delivery>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.event_id).collect();
+    let events: Vec<FeedColumns<Vec<u8>>> = ev::table
+        .select(FEED_COLUMNS)
+        .filter(ev::id.eq_any(ids))
+        .load(c)?;
+    let events = events
+        .into_iter()
+        .map(|r| FeedRow::from_columns(r, |id| Uuid::from_slice(&id).unwrap_or_default()))
+        .collect();
+    Ok(deliveries(rows, events))
 }
 
 fn event_row(e: &NewEvent) -> EventRow<'_> {
@@ -306,6 +326,143 @@ impl Store for SqliteStore {
             })
             .await?;
         Ok(run.map(|r| Uuid::from_slice(&r).unwrap_or_default()))
+    }
+
+    async fn save_webhook(&self, w: &Webhook) -> Result<(), StoreError> {
+        let (runs, kinds) = w.stored_filters();
+        let w = w.clone();
+        self.with_conn(move |c| {
+            diesel::sql_query(sql::SAVE_WEBHOOK)
+                .bind::<Text, _>(&w.id)
+                .bind::<Text, _>(&w.url)
+                .bind::<Text, _>(&w.secret)
+                .bind::<Nullable<Text>, _>(runs)
+                .bind::<Nullable<Text>, _>(kinds)
+                .bind::<Text, _>(&w.origin)
+                .bind::<Timestamp, _>(w.created_at)
+                .execute(c)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_webhook(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.with_conn(move |c| {
+            let n = c.immediate_transaction(|c| {
+                diesel::sql_query(sql::DROP_OUTBOX)
+                    .bind::<Text, _>(&id)
+                    .execute(c)?;
+                diesel::sql_query(sql::DROP_WEBHOOK)
+                    .bind::<Text, _>(&id)
+                    .execute(c)
+            })?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn webhooks(&self) -> Result<Vec<Webhook>, StoreError> {
+        self.with_conn(|c| {
+            let rows: Vec<WebhookRow> = diesel::sql_query(sql::WEBHOOKS).load(c)?;
+            Ok(rows.into_iter().map(Webhook::from).collect())
+        })
+        .await
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: NaiveDateTime,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.with_conn(move |c| {
+            let rows: Vec<OutboxRow> = diesel::sql_query(sql::DUE)
+                .bind::<Timestamp, _>(now)
+                .bind::<BigInt, _>(limit)
+                .load(c)?;
+            with_events(c, rows)
+        })
+        .await
+    }
+
+    async fn attempted(&self, delivery: i64, outcome: &Attempted) -> Result<(), StoreError> {
+        let outcome = outcome.clone();
+        self.with_conn(move |c| {
+            match &outcome {
+                Attempted::Delivered => diesel::sql_query(sql::DELIVERED)
+                    .bind::<BigInt, _>(delivery)
+                    .execute(c)?,
+                Attempted::Failed {
+                    error,
+                    next: Some(at),
+                } => diesel::sql_query(sql::RETRY)
+                    .bind::<Text, _>(error)
+                    .bind::<Timestamp, _>(*at)
+                    .bind::<BigInt, _>(delivery)
+                    .execute(c)?,
+                Attempted::Failed { error, next: None } => diesel::sql_query(sql::KILL)
+                    .bind::<Text, _>(error)
+                    .bind::<BigInt, _>(delivery)
+                    .execute(c)?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn dead_letters(
+        &self,
+        subscription: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let subscription = subscription.to_string();
+        self.with_conn(move |c| {
+            let rows: Vec<OutboxRow> = diesel::sql_query(sql::DEAD)
+                .bind::<Text, _>(&subscription)
+                .bind::<BigInt, _>(after)
+                .bind::<BigInt, _>(limit)
+                .load(c)?;
+            with_events(c, rows)
+        })
+        .await
+    }
+
+    async fn replay_dead(
+        &self,
+        subscription: &str,
+        only: Option<Vec<i64>>,
+        now: NaiveDateTime,
+    ) -> Result<usize, StoreError> {
+        let subscription = subscription.to_string();
+        self.with_conn(move |c| {
+            Ok(c.immediate_transaction(|c| match only {
+                None => diesel::sql_query(sql::REPLAY)
+                    .bind::<Timestamp, _>(now)
+                    .bind::<Text, _>(&subscription)
+                    .execute(c),
+                Some(ids) => {
+                    let mut n = 0;
+                    for id in ids {
+                        n += diesel::sql_query(sql::REPLAY_ONE)
+                            .bind::<Timestamp, _>(now)
+                            .bind::<Text, _>(&subscription)
+                            .bind::<BigInt, _>(id)
+                            .execute(c)?;
+                    }
+                    Ok::<_, diesel::result::Error>(n)
+                }
+            })?)
+        })
+        .await
+    }
+
+    async fn outbox_depth(&self) -> Result<(i64, i64), StoreError> {
+        self.with_conn(|c| {
+            let rows: Vec<DepthRow> = diesel::sql_query(sql::DEPTH).load(c)?;
+            Ok(depth(rows))
+        })
+        .await
     }
 
     async fn save_snapshot(&self, s: &Snapshot, keep: usize) -> Result<(), StoreError> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use run_store::{NewEvent, RunActivity, Snapshot, Store};
+use run_store::{Attempted, NewEvent, RunActivity, Snapshot, Store, Webhook};
 use uuid::Uuid;
 
 fn at(micros: i64) -> NaiveDateTime {
@@ -226,6 +226,134 @@ async fn concurrent_appends_never_commit_behind_a_reader(store: Arc<dyn Store>) 
     assert_eq!(seen, 240, "every event met once");
 }
 
+fn webhook(id: &str, runs: Option<Vec<Uuid>>, kinds: Option<Vec<&str>>) -> Webhook {
+    Webhook {
+        id: id.into(),
+        url: format!("http://127.0.0.1:9/{id}"),
+        secret: "whsec_c2VjcmV0".into(),
+        runs,
+        kinds: kinds.map(|k| k.into_iter().map(str::to_string).collect()),
+        origin: "api".into(),
+        created_at: at(0),
+    }
+}
+
+fn kinded(run: Uuid, seq: i64, kind: &str) -> NewEvent {
+    NewEvent {
+        kind: Some(kind.into()),
+        ..event(run, seq, seq)
+    }
+}
+
+/// The outbox is filled with the events it reports, per subscription and filter, delivered
+/// in order per run, retried, dead-lettered and replayed.
+async fn the_outbox_follows_the_log(store: &dyn Store) {
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let before = kinded(a, 1, "graft");
+    store.append(&[before]).await.unwrap();
+    let (all, grafts_of_a) = (format!("all-{a}"), format!("a-{a}"));
+    store
+        .save_webhook(&webhook(&all, None, None))
+        .await
+        .unwrap();
+    store
+        .save_webhook(&webhook(&grafts_of_a, Some(vec![a]), Some(vec!["graft"])))
+        .await
+        .unwrap();
+    let listed = store.webhooks().await.unwrap();
+    let mine = listed.iter().find(|w| w.id == grafts_of_a).unwrap();
+    assert_eq!(
+        (mine.runs.clone(), mine.kinds.clone()),
+        (Some(vec![a]), Some(vec!["graft".into()]))
+    );
+    store
+        .append(&[
+            kinded(a, 2, "graft"),
+            kinded(a, 3, "setFlag"),
+            kinded(b, 1, "graft"),
+        ])
+        .await
+        .unwrap();
+    let now = chrono::Utc::now().naive_utc() + chrono::Duration::seconds(1);
+    let ours = |d: &Vec<run_store::Delivery>| -> Vec<(String, Uuid, i64)> {
+        d.iter()
+            .filter(|d| d.subscription_id == all || d.subscription_id == grafts_of_a)
+            .map(|d| {
+                (
+                    d.subscription_id.clone(),
+                    d.event.run_id,
+                    d.event.lamport.unwrap() / 10,
+                )
+            })
+            .collect()
+    };
+    // Only the oldest of each (subscription, run); the event before the subscriptions has none.
+    let due = store.due_deliveries(now, 1000).await.unwrap();
+    let mut got = ours(&due);
+    got.sort();
+    let mut want = vec![
+        (all.clone(), a, 2),
+        (all.clone(), b, 1),
+        (grafts_of_a.clone(), a, 2),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    let first = due
+        .iter()
+        .find(|d| d.subscription_id == all && d.event.run_id == a)
+        .unwrap();
+    assert_eq!(first.event.kind.as_deref(), Some("graft"));
+    store
+        .attempted(first.id, &Attempted::Delivered)
+        .await
+        .unwrap();
+    let next = store.due_deliveries(now, 1000).await.unwrap();
+    let next = next
+        .iter()
+        .find(|d| d.subscription_id == all && d.event.run_id == a)
+        .unwrap();
+    assert_eq!(
+        next.event.lamport,
+        Some(30),
+        "the run's next event, in order"
+    );
+    // A retry later is not due now; a last failure dead-letters.
+    let later = now + chrono::Duration::seconds(60);
+    let failed = |next| Attempted::Failed {
+        error: "503".into(),
+        next,
+    };
+    store
+        .attempted(next.id, &failed(Some(later)))
+        .await
+        .unwrap();
+    assert!(ours(&store.due_deliveries(now, 1000).await.unwrap())
+        .iter()
+        .all(|(s, r, _)| !(s == &all && *r == a)));
+    store.attempted(next.id, &failed(None)).await.unwrap();
+    let dead = store.dead_letters(&all, 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].attempts, dead[0].last_error.as_deref()),
+        (2, Some("503"))
+    );
+    assert_eq!(store.replay_dead(&all, None, now).await.unwrap(), 1);
+    assert!(store.dead_letters(&all, 0, 10).await.unwrap().is_empty());
+    let again = store.due_deliveries(now, 1000).await.unwrap();
+    assert!(again.iter().any(|d| d.id == next.id && d.attempts == 0));
+    let (pending, _) = store.outbox_depth().await.unwrap();
+    assert!(pending >= 3);
+    assert!(store.delete_webhook(&all).await.unwrap());
+    assert!(!store.delete_webhook(&all).await.unwrap());
+    assert!(store
+        .due_deliveries(now, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .all(|d| d.subscription_id != all));
+    store.delete_webhook(&grafts_of_a).await.unwrap();
+}
+
 async fn suite(store: Arc<dyn Store>, backend: &str) {
     assert_eq!(store.backend(), backend);
     store.ping().await.expect("the database answers");
@@ -234,6 +362,7 @@ async fn suite(store: Arc<dyn Store>, backend: &str) {
     runs_are_listed_by_id_and_by_activity(store.as_ref()).await;
     the_feed_reads_by_cursor_in_commit_order(store.as_ref()).await;
     concurrent_appends_never_commit_behind_a_reader(store.clone()).await;
+    the_outbox_follows_the_log(store.as_ref()).await;
 }
 
 #[tokio::test]
