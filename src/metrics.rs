@@ -47,6 +47,14 @@ pub struct Metrics {
     pub feed_streams: IntGauge,
     /// Events sent down change-feed streams.
     pub feed_streamed: IntCounter,
+    /// Webhook delivery attempts, by outcome (`delivered`, `retry`, `dead`, `gone`).
+    pub webhook_attempts: IntCounterVec,
+    /// Deliveries waiting in the outbox.
+    pub webhook_outbox: IntGauge,
+    /// Deliveries dead-lettered (kept until replayed or their subscription is removed).
+    pub webhook_dead_letters: IntGauge,
+    /// Seconds from a change's commit to its endpoint's 2xx.
+    pub webhook_lag: Histogram,
 }
 
 impl Metrics {
@@ -122,6 +130,20 @@ impl Metrics {
             )?,
             feed_streams: gauge(&r, "crdt_feed_streams", "Open change-feed (SSE) streams")?,
             feed_streamed: counter(&r, "crdt_feed_events_streamed_total", "Events sent down change-feed streams")?,
+            webhook_attempts: counters(
+                &r,
+                "crdt_webhook_attempts_total",
+                "Webhook delivery attempts, by outcome",
+                &["outcome"],
+            )?,
+            webhook_outbox: gauge(&r, "crdt_webhook_outbox_pending", "Webhook deliveries waiting in the outbox")?,
+            webhook_dead_letters: gauge(&r, "crdt_webhook_dead_letters", "Webhook deliveries dead-lettered")?,
+            webhook_lag: histogram(
+                &r,
+                "crdt_webhook_delivery_lag_seconds",
+                "Seconds from a change's commit to its webhook endpoint's 2xx",
+                prometheus::exponential_buckets(0.005, 2.0, 16)?,
+            )?,
             registry: r,
         })
     }

@@ -27,6 +27,8 @@ pub enum NodeError {
     Metrics(String),
     #[error("user-token keys: {0}")]
     Keys(#[from] crate::identity::verifier::KeyError),
+    #[error(transparent)]
+    Webhooks(#[from] crate::feed::webhooks::WebhookError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -111,11 +113,8 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         runs.clone(),
         metrics.clone(),
     );
-    let feed = web::Data::new(FeedEdge::new(
-        runs.change_feed(),
-        &settings.crdt.feed,
-        &metrics,
-    ));
+    let feed = FeedEdge::start(runs.change_feed(), &settings.crdt.feed, &metrics).await?;
+    let feed = web::Data::new(feed);
     let state = web::Data::new(AppState {
         runs: runs.clone(),
         mesh: mesh.clone(),

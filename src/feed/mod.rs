@@ -5,6 +5,7 @@
 //! log by cursor and the live tail.
 
 mod sse;
+pub mod webhooks;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -26,15 +27,18 @@ pub struct FeedEdge {
     pub metrics: FeedMetrics,
     /// Set when the node stops: every stream ends, telling its consumer why.
     stopping: tokio::sync::watch::Sender<bool>,
+    pub webhooks: webhooks::Webhooks,
 }
 
 impl FeedEdge {
-    pub fn new(
+    /// The feed's edge, with webhook delivery started (on the current actix thread).
+    pub async fn start(
         feed: Arc<ChangeFeed>,
         settings: &crate::config::Feed,
         metrics: &crate::metrics::Metrics,
-    ) -> Self {
-        FeedEdge {
+    ) -> Result<Self, webhooks::WebhookError> {
+        let webhooks = webhooks::Webhooks::start(feed.clone(), &settings.webhooks, metrics).await?;
+        Ok(FeedEdge {
             feed,
             heartbeat: Duration::from_millis(settings.heartbeat_ms),
             max_streams: settings.max_streams,
@@ -44,7 +48,8 @@ impl FeedEdge {
                 streamed: metrics.feed_streamed.clone(),
             },
             stopping: tokio::sync::watch::channel(false).0,
-        }
+            webhooks,
+        })
     }
 
     /// The node is stopping: ends every stream (their consumers resume elsewhere or later).
@@ -62,5 +67,6 @@ pub struct FeedMetrics {
 /// The feed's routes, mounted under `/api/crdt` (behind its authentication).
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/runs/{runId}/events", web::get().to(sse::run_events))
-        .route("/events", web::get().to(sse::node_events));
+        .route("/events", web::get().to(sse::node_events))
+        .configure(webhooks::routes);
 }

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::NaiveDateTime;
-use run_store::{FeedRow, Store, StoreError};
+use run_store::{Attempted, Delivery, FeedRow, Store, StoreError, Webhook};
 use serde_json::{json, Value as Json};
-use tokio::sync::{broadcast, Mutex, Notify};
+use tokio::sync::{broadcast, watch, Mutex, Notify};
 use uuid::Uuid;
 
 /// Events held in the ring for live readers; a reader further behind is told it lagged.
@@ -127,6 +127,8 @@ pub struct ChangeFeed {
     ring: broadcast::Sender<FeedEvent>,
     tail: Mutex<Tail>,
     wake: Notify,
+    /// Counts commits, for whoever else follows them (webhook delivery).
+    commits: watch::Sender<u64>,
 }
 
 impl ChangeFeed {
@@ -136,6 +138,7 @@ impl ChangeFeed {
             ring: broadcast::channel(RING).0,
             tail: Mutex::new(Tail { position: None }),
             wake: Notify::new(),
+            commits: watch::channel(0).0,
         })
     }
 
@@ -153,6 +156,12 @@ impl ChangeFeed {
     /// Something was committed: the tail reads it (if anyone listens).
     pub fn wake(&self) {
         self.wake.notify_one();
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes each time something is committed.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     async fn read_tail(&self) -> Result<(), StoreError> {
@@ -218,6 +227,54 @@ impl ChangeFeed {
     /// The newest cursor.
     pub async fn last(&self) -> Result<i64, StoreError> {
         self.store.last_event_id().await
+    }
+}
+
+/// Webhook subscriptions and their outbox (filled by the log's appends, see
+/// `run_store::Store::append`), for the webhook edge.
+impl ChangeFeed {
+    pub async fn save_webhook(&self, webhook: &Webhook) -> Result<(), StoreError> {
+        self.store.save_webhook(webhook).await
+    }
+
+    pub async fn delete_webhook(&self, id: &str) -> Result<bool, StoreError> {
+        self.store.delete_webhook(id).await
+    }
+
+    pub async fn webhooks(&self) -> Result<Vec<Webhook>, StoreError> {
+        self.store.webhooks().await
+    }
+
+    pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<Delivery>, StoreError> {
+        let now = chrono::Utc::now().naive_utc();
+        self.store.due_deliveries(now, limit).await
+    }
+
+    pub async fn attempted(&self, delivery: i64, outcome: &Attempted) -> Result<(), StoreError> {
+        self.store.attempted(delivery, outcome).await
+    }
+
+    pub async fn dead_letters(
+        &self,
+        subscription: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.store.dead_letters(subscription, after, limit).await
+    }
+
+    pub async fn replay_dead(
+        &self,
+        subscription: &str,
+        only: Option<Vec<i64>>,
+    ) -> Result<usize, StoreError> {
+        let now = chrono::Utc::now().naive_utc();
+        self.store.replay_dead(subscription, only, now).await
+    }
+
+    /// Deliveries pending and dead.
+    pub async fn outbox_depth(&self) -> Result<(i64, i64), StoreError> {
+        self.store.outbox_depth().await
     }
 }
 

@@ -31,6 +31,7 @@ pub use api::{
 pub use feed::{ChangeFeed, FeedEvent, PAGE as FEED_PAGE};
 use run_actor::{FinalSnapshot, RunActor};
 pub use run_store::RunActivity;
+pub use run_store::{Attempted, Delivery, Webhook};
 use snapshot_actor::SnapshotActor;
 
 /// What the runtime needs to know of the configuration.
