@@ -70,6 +70,13 @@ export class Node {
     this.port = await listening;
   }
 
+  /** SIGKILL (a crash: nothing is flushed or snapshotted), and wait for the exit. */
+  async kill() {
+    if (!this.child || this.child.exitCode !== null) return;
+    this.child.kill("SIGKILL");
+    await this.exited;
+  }
+
   /** SIGTERM, and wait for the exit. */
   async stop() {
     if (!this.child || this.child.exitCode !== null) return;
