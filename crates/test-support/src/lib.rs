@@ -438,6 +438,22 @@ pub mod db {
         .await;
     }
 
+    /// Every change the node's log holds, as (run, change hash in hex), in cursor order, read
+    /// through the store as the node reads it.
+    pub async fn logged_changes(db: &TestDb) -> Vec<(Uuid, String)> {
+        let store = run_store::open(&db.url, 2, false).await.expect("store");
+        let (mut after, mut out) = (0, Vec::new());
+        loop {
+            let page = store.feed(after, None, 1000).await.expect("feed");
+            let Some(last) = page.last() else { return out };
+            after = last.id;
+            out.extend(
+                page.iter()
+                    .filter_map(|r| Some((r.run_id, hex::encode(r.change_hash.as_ref()?)))),
+            );
+        }
+    }
+
     /// Number of event rows of the run.
     pub async fn event_rows(db: &TestDb, run: Uuid) -> i64 {
         match db.backend {
@@ -569,6 +585,7 @@ pub mod mesh;
 pub mod proxy;
 pub mod raw_ws;
 pub mod repo;
+pub mod sse;
 pub mod tls;
 
 /// A path in the repository (the workspace root).
