@@ -98,59 +98,61 @@ pub(super) fn describe(doc: &AutoCommit, change: &Change) -> Described {
 
 fn effect(doc: &AutoCommit, change: &Change) -> (Kind, Json) {
     let expanded = change.decode();
-    let actor = change.actor_id().to_hex_string();
+    let actor = change.actor_id();
     let start = change.start_op().get();
-    let op_id = |i: usize| format!("{}@{actor}", start + i as u64);
-    let roots = [GRAFTS, PRUNED_STEPS, FLAGS].map(|key| {
-        let kind = if key == GRAFTS {
-            ObjType::List
-        } else {
-            ObjType::Map
-        };
-        root_obj(doc, key, kind).ok().map(|o| o.to_string())
-    });
-    let [grafts, pruned, flags] = roots;
-    // Objects this change made: what happens inside them belongs to whatever made them.
-    let mut made: HashSet<String> = HashSet::new();
+    let op_id = |i: usize| format!("{}@{}", start + i as u64, actor.to_hex_string());
+    // The root objects as (counter, actor), to compare with operations' objects directly.
+    let root = |key: &str, kind: ObjType| match root_obj(doc, key, kind) {
+        Ok(ObjId::Id(counter, actor, _)) => Some((counter, actor)),
+        _ => None,
+    };
+    let grafts = root(GRAFTS, ObjType::List);
+    let pruned = root(PRUNED_STEPS, ObjType::Map);
+    let flags = root(FLAGS, ObjType::Map);
+    let is = |root: &Option<(u64, automerge::ActorId)>, id: &automerge::legacy::OpId| {
+        root.as_ref().is_some_and(|(c, a)| *c == id.0 && *a == id.1)
+    };
+    // Objects this change made (their counters; the actor is the change's): what happens
+    // inside them belongs to whatever made them.
+    let mut made: HashSet<u64> = HashSet::new();
     let mut effects: BTreeSet<Effect> = BTreeSet::new();
     for (i, op) in expanded.operations.iter().enumerate() {
-        let obj = match &op.obj {
-            ObjectId::Root => None,
-            ObjectId::Id(id) => Some(id.to_string()),
-        };
         if let OpType::Make(_) = op.action {
-            made.insert(op_id(i));
+            made.insert(start + i as u64);
         }
         let key = match &op.key {
             Key::Map(k) => Some(k.to_string()),
             Key::Seq(_) => None,
         };
-        let Some(obj) = obj else {
-            effects.insert(Effect::Touched(key.unwrap_or_default()));
-            continue;
+        let obj = match &op.obj {
+            ObjectId::Root => {
+                effects.insert(Effect::Touched(key.unwrap_or_default()));
+                continue;
+            }
+            ObjectId::Id(id) => id,
         };
-        if made.contains(&obj) {
+        if obj.1 == *actor && made.contains(&obj.0) {
             continue;
         }
-        let effect = if Some(&obj) == grafts.as_ref() {
+        let effect = if is(&grafts, obj) {
             match (&op.action, op.insert) {
                 (OpType::Make(ObjType::Map), true) => Effect::Graft(op_id(i)),
                 _ => Effect::Touched(GRAFTS.into()),
             }
-        } else if Some(&obj) == pruned.as_ref() {
+        } else if is(&pruned, obj) {
             match (&op.action, key) {
                 (OpType::Make(ObjType::Map), Some(step)) => Effect::Prune(step, op_id(i)),
                 (OpType::Delete, Some(step)) => Effect::Unprune(step),
                 (_, step) => Effect::Touched(path(PRUNED_STEPS, step)),
             }
-        } else if Some(&obj) == flags.as_ref() {
+        } else if is(&flags, obj) {
             match (&op.action, key) {
                 (OpType::Delete, Some(k)) => Effect::DeleteFlag(k),
                 (OpType::Put(_) | OpType::Make(_), Some(k)) => Effect::SetFlag(k),
                 (_, k) => Effect::Touched(path(FLAGS, k)),
             }
         } else {
-            match doc.import_obj(&obj) {
+            match doc.import_obj(&obj.to_string()) {
                 Ok(o) => Effect::Touched(place(doc, &o)),
                 Err(_) => Effect::Touched("(unknown)".into()),
             }
@@ -165,6 +167,9 @@ fn effect(doc: &AutoCommit, change: &Change) -> (Kind, Json) {
         }
     };
     let read = |id: &str| doc.import_obj(id).ok();
+    let root_id = |r: Option<(u64, automerge::ActorId)>| {
+        r.and_then(|(c, a)| doc.import_obj(&format!("{c}@{}", a.to_hex_string())).ok())
+    };
     match only {
         Effect::Graft(id) => match read(&id).and_then(|obj| read_graft(doc, &obj)) {
             Some(graft) => (Kind::Graft, json!({ "graft": graft })),
@@ -176,10 +181,7 @@ fn effect(doc: &AutoCommit, change: &Change) -> (Kind, Json) {
         }
         Effect::Unprune(step) => (Kind::Unprune, json!({ "stepId": step })),
         Effect::SetFlag(key) => {
-            let value = flags
-                .as_deref()
-                .and_then(read)
-                .map_or(Json::Null, |f| written_value(doc, change, &f, &key));
+            let value = root_id(flags).map_or(Json::Null, |f| written_value(doc, change, &f, &key));
             (Kind::SetFlag, json!({ "key": key, "value": value }))
         }
         Effect::DeleteFlag(key) => (Kind::DeleteFlag, json!({ "key": key })),

@@ -80,19 +80,22 @@ fn read_at_depth(doc: &AutoCommit, value: &Value<'_>, id: &ObjId, depth: usize) 
     }
     match value {
         Value::Scalar(s) => scalar_to_json(s),
+        // One pass over the entries: a look-up per key or index seeks from the top each time.
         Value::Object(ObjType::Map) | Value::Object(ObjType::Table) => {
             let mut out = Map::new();
-            for key in doc.keys(id) {
-                if let Ok(Some((v, child))) = doc.get(id, key.as_str()) {
-                    out.insert(key, read_at_depth(doc, &v, &child, depth + 1));
-                }
+            for item in doc.map_range(id, ..) {
+                let child = item.id();
+                let value = read_at_depth(doc, &item.value.into(), &child, depth + 1);
+                out.insert(item.key.to_string(), value);
             }
             Json::Object(out)
         }
         Value::Object(ObjType::List) => Json::Array(
-            (0..doc.length(id))
-                .filter_map(|i| doc.get(id, i).ok().flatten())
-                .map(|(v, child)| read_at_depth(doc, &v, &child, depth + 1))
+            doc.list_range(id, ..)
+                .map(|item| {
+                    let child = item.id();
+                    read_at_depth(doc, &item.value.into(), &child, depth + 1)
+                })
                 .collect(),
         ),
         Value::Object(ObjType::Text) => Json::String(doc.text(id).unwrap_or_default()),
