@@ -22,6 +22,10 @@ use crate::runs::{Attempted, ChangeFeed, Delivery, FeedEvent, Webhook};
 const POLL: Duration = Duration::from_millis(500);
 /// Due deliveries read at a time.
 const BATCH: i64 = 200;
+/// How often the outbox's depth is counted for the metrics.
+const DEPTH_EVERY: Duration = Duration::from_secs(2);
+/// A pause after each wake-up, gathering those that follow into one read of the outbox.
+const COALESCE: Duration = Duration::from_millis(10);
 /// A response body read at most (only for the log).
 const MAX_RESPONSE_BYTES: usize = 4096;
 
@@ -107,6 +111,7 @@ impl Dispatcher {
     pub async fn run(self: Rc<Self>) {
         let mut commits = self.feed.commits();
         let mut stale = true;
+        let mut counted = tokio::time::Instant::now() - DEPTH_EVERY;
         loop {
             if stale {
                 match self.feed.webhooks().await {
@@ -117,9 +122,19 @@ impl Dispatcher {
                     Err(e) => log::warn!("webhooks: reading the subscriptions failed: {e}"),
                 }
             }
-            if !self.endpoints.borrow().is_empty() {
+            // The outbox is read again only once half of what was handed out is done: a
+            // read per finished attempt would cost more than the attempts.
+            let has_endpoints = !self.endpoints.borrow().is_empty();
+            if has_endpoints && self.in_flight.borrow().len() < BATCH as usize / 2 {
                 if let Err(e) = self.dispatch().await {
                     log::warn!("webhooks: reading the outbox failed: {e}");
+                }
+            }
+            if has_endpoints && counted.elapsed() >= DEPTH_EVERY {
+                counted = tokio::time::Instant::now();
+                if let Ok((pending, dead)) = self.feed.outbox_depth().await {
+                    self.metrics.outbox_pending.set(pending);
+                    self.metrics.dead_letters.set(dead);
                 }
             }
             tokio::select! {
@@ -128,6 +143,8 @@ impl Dispatcher {
                 _ = self.changed.notified() => stale = true,
                 _ = tokio::time::sleep(POLL) => {}
             }
+            // Wake-ups in a burst (commits, finished attempts) make one read.
+            tokio::time::sleep(COALESCE).await;
         }
     }
 
@@ -173,22 +190,18 @@ impl Dispatcher {
             else {
                 continue;
             };
-            let Ok(permit) = endpoint.permits.clone().try_acquire_owned() else {
-                continue;
-            };
             self.in_flight.borrow_mut().insert(delivery.id);
             let this = self.clone();
             actix_web::rt::spawn(async move {
                 let id = delivery.id;
-                this.deliver(&endpoint, delivery).await;
-                drop(permit);
+                // Waits its turn among the endpoint's `concurrency` requests.
+                if let Ok(permit) = endpoint.permits.clone().acquire_owned().await {
+                    this.deliver(&endpoint, delivery).await;
+                    drop(permit);
+                }
                 this.in_flight.borrow_mut().remove(&id);
                 this.finished.notify_one();
             });
-        }
-        if let Ok((pending, dead)) = self.feed.outbox_depth().await {
-            self.metrics.outbox_pending.set(pending);
-            self.metrics.dead_letters.set(dead);
         }
         Ok(())
     }
