@@ -106,7 +106,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         auth.clone(),
         metrics.clone(),
     );
-    mesh.state.presence().subscribe(browser.peer_presence());
+    mesh.presence().subscribe(browser.peer_presence());
     let automerge = AutomergeRepo::start(
         RepoConfig::from_settings(settings, &outgoing),
         PreAuth::from_settings(admission, admission.pre_auth_total),
@@ -119,6 +119,7 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         runs: runs.clone(),
         mesh: mesh.clone(),
         browser: browser.clone(),
+        viewers: Arc::new(browser.clone()),
         automerge: automerge.clone(),
         metrics: metrics.clone(),
         region: settings.crdt.region.clone(),

@@ -31,3 +31,9 @@ pub enum PeerPresence {
 pub trait Announce: Send + Sync {
     fn announce(&self, run_id: Uuid, users: Vec<PresenceUser>);
 }
+
+/// How many people view a run, in every region: the browser edge counts them, the runs list
+/// shows them (the HTTP edge holds this, not the browser edge's internals).
+pub trait Viewers: Send + Sync {
+    fn viewers(&self, run_id: Uuid) -> u64;
+}

@@ -117,11 +117,8 @@ impl AutomergeRepo {
         });
         let hub = {
             let shared = shared.clone();
-            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-            let rooms = (0..threads).map(|_| Arbiter::new().handle()).collect();
-            Hub::start_in_arbiter(&Arbiter::new().handle(), move |_| Hub::new(shared, rooms))
+            crate::edge_kit::start_hub(&runs, move |rooms| Hub::new(shared, rooms))
         };
-        runs.subscribe(hub.clone().recipient());
         AutomergeRepo { shared, hub }
     }
 

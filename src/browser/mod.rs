@@ -118,11 +118,8 @@ impl Browser {
         });
         let hub = {
             let shared = shared.clone();
-            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-            let rooms = (0..threads).map(|_| Arbiter::new().handle()).collect();
-            Hub::start_in_arbiter(&Arbiter::new().handle(), move |_| Hub::new(shared, rooms))
+            crate::edge_kit::start_hub(&runs, move |rooms| Hub::new(shared, rooms))
         };
-        runs.subscribe(hub.clone().recipient());
         Browser { shared, hub }
     }
 
@@ -172,5 +169,11 @@ impl Browser {
     /// Closes every session ("going away") and refuses new ones: the node is stopping.
     pub fn close(&self) {
         self.shared.door.close();
+    }
+}
+
+impl crate::presence::Viewers for Browser {
+    fn viewers(&self, run_id: Uuid) -> u64 {
+        Browser::viewers(self, run_id)
     }
 }

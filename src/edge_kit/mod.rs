@@ -14,6 +14,26 @@ pub use door::{Admitted, Door, NotAdmitted, Seat};
 pub use rooms::Rooms;
 pub use session::{EdgeSession, EdgeSocket, Timing};
 
+use actix::prelude::*;
+
+use crate::runs::{RunChanged, Runs};
+
+/// Starts an edge's hub on a thread of its own, with a thread per core for its rooms (`make`
+/// gets them), subscribed to every committed change.
+pub fn start_hub<H>(
+    runs: &Runs,
+    make: impl FnOnce(Vec<ArbiterHandle>) -> H + Send + 'static,
+) -> Addr<H>
+where
+    H: Actor<Context = Context<H>> + Handler<RunChanged>,
+{
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rooms = (0..threads).map(|_| Arbiter::new().handle()).collect();
+    let hub = H::start_in_arbiter(&Arbiter::new().handle(), move |_| make(rooms));
+    runs.subscribe(hub.clone().recipient());
+    hub
+}
+
 /// Tells a session to close (its room: it fell behind or was refused; its hub: replaced).
 #[derive(actix::Message, Debug, Clone, PartialEq, Eq)]
 #[rtype(result = "()")]

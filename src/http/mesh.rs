@@ -52,7 +52,7 @@ async fn peer_socket(
 
 async fn status(app: web::Data<AppState>, caller: Identity) -> Result<HttpResponse, ApiError> {
     service_only(&caller, "the mesh is operated")?;
-    let mesh = app.mesh.state.snapshot();
+    let mesh = app.mesh.status();
     Ok(HttpResponse::Ok().json(json!({
         "nodeId": app.node_id,
         "region": app.region,
@@ -78,13 +78,11 @@ async fn register_peer(
     service_only(&caller, "the mesh is operated")?;
     let run_id = validate::run_id(&path)?;
     let region = validate::region("peerRegion", body.peer_region.as_deref())?;
-    let newly = app
-        .mesh
-        .state
-        .register(run_id, &region)
-        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     // Connected nodes of that region get the run at once; others on their next connect.
-    let syncing = app.mesh.sync_run_to(run_id, &region);
+    let (newly, syncing) = app
+        .mesh
+        .register_run(run_id, &region)
+        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     Ok(HttpResponse::Ok().json(json!({
         "runId": run_id,
         "peerRegion": region,

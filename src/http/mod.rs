@@ -33,6 +33,8 @@ pub struct AppState {
     pub runs: Runs,
     pub mesh: Mesh,
     pub browser: Browser,
+    /// Each run's viewers in every region, for the runs list.
+    pub viewers: Arc<dyn crate::presence::Viewers>,
     pub automerge: AutomergeRepo,
     pub metrics: Metrics,
     pub region: String,

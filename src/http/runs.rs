@@ -65,7 +65,7 @@ async fn list(
                 "runId": r.run_id,
                 "lastActivity": r.last_activity.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 "loaded": app.runs.is_loaded(r.run_id),
-                "viewers": app.browser.viewers(r.run_id),
+                "viewers": app.viewers.viewers(r.run_id),
             })
         })
         .collect();

@@ -76,7 +76,7 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 /// The running mesh: cheap to clone.
 #[derive(Clone)]
 pub struct Mesh {
-    pub state: MeshState,
+    state: MeshState,
     pub config: Arc<MeshConfig>,
     runs: Runs,
     metrics: Metrics,
@@ -197,6 +197,27 @@ impl Mesh {
             users,
         };
         announcement.send(&self.state, &self.metrics, self.config.max_frame, &[]);
+    }
+
+    /// Every link and registration, as `mesh/status` shows them.
+    pub fn status(&self) -> directory::MeshSnapshot {
+        self.state.snapshot()
+    }
+
+    /// Registers `run` for `region` (true if new); its connected nodes get it at once (how
+    /// many there are).
+    pub fn register_run(
+        &self,
+        run: Uuid,
+        region: &str,
+    ) -> Result<(bool, usize), directory::TooManyRegions> {
+        let newly = self.state.register(run, region)?;
+        Ok((newly, self.sync_run_to(run, region)))
+    }
+
+    /// Where this node's browser presence is relayed to other regions.
+    pub fn presence(&self) -> &presence::PresenceRelay {
+        self.state.presence()
     }
 
     /// Syncs `run` now to every connected node of `region`; returns how many there are.

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use automerge::{sync, Change, ChangeHash};
 use run_doc::{Graft, Mutation, SharedState};
-use run_store::RunActivity;
 use uuid::Uuid;
 
 use super::run_actor::Call;
@@ -113,6 +112,32 @@ pub struct FullDocument {
     pub lamport: u64,
 }
 
+/// A run and when it last had a change committed: an entry of the runs list, and (the last
+/// entry of a page) where the next page starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunActivity {
+    pub run_id: Uuid,
+    pub last_activity: chrono::NaiveDateTime,
+}
+
+impl From<run_store::RunActivity> for RunActivity {
+    fn from(a: run_store::RunActivity) -> Self {
+        RunActivity {
+            run_id: a.run_id,
+            last_activity: a.last_activity,
+        }
+    }
+}
+
+impl From<&RunActivity> for run_store::RunActivity {
+    fn from(a: &RunActivity) -> Self {
+        run_store::RunActivity {
+            run_id: a.run_id,
+            last_activity: a.last_activity,
+        }
+    }
+}
+
 /// A page of the runs list, most recently active first.
 #[derive(Debug, Clone)]
 pub struct RunsPage {
@@ -192,12 +217,16 @@ impl Runs {
         limit: i64,
     ) -> Result<RunsPage, RunError> {
         // One more than asked says whether there is a next page.
-        let mut runs = self
+        let after = after.map(run_store::RunActivity::from);
+        let mut runs: Vec<RunActivity> = self
             .inner
             .store
-            .recent_runs(after, limit + 1)
+            .recent_runs(after.as_ref(), limit + 1)
             .await
-            .map_err(|e| RunError::Unavailable(e.to_string()))?;
+            .map_err(|e| RunError::Unavailable(e.to_string()))?
+            .into_iter()
+            .map(RunActivity::from)
+            .collect();
         let more = runs.len() as i64 > limit;
         runs.truncate(usize::try_from(limit).unwrap_or(0));
         let next = more.then(|| runs.last().cloned()).flatten();

@@ -25,12 +25,11 @@ use run_doc::DocError;
 use run_store::{GroupCommitter, Store};
 
 pub use api::{
-    BadInput, ChangesSince, FullDocument, Health, Mutate, MutationOutcome, RemoteChanges, RunsPage,
-    SyncOutcome, SyncStep, SyncStepReply,
+    BadInput, ChangesSince, FullDocument, Health, Mutate, MutationOutcome, RemoteChanges,
+    RunActivity, RunsPage, SyncOutcome, SyncStep, SyncStepReply,
 };
 pub use feed::{ChangeFeed, FeedEvent, PAGE as FEED_PAGE};
 use run_actor::{FinalSnapshot, RunActor};
-pub use run_store::RunActivity;
 pub use run_store::{Attempted, Delivery, Webhook};
 use snapshot_actor::SnapshotActor;
 
@@ -89,6 +88,9 @@ pub struct RunChanged {
     pub run_id: Uuid,
     /// The new changes, concatenated in the wire format (`doc::parse_changes` reads it).
     pub changes: Arc<Vec<u8>>,
+    /// The run's heads once these changes committed (what a subscriber holds after applying
+    /// them). Their cursor is the log's (see `ChangeFeed`): it is known where the log is read.
+    pub heads: Vec<automerge::ChangeHash>,
     pub lamport: u64,
     pub origin: Origin,
 }

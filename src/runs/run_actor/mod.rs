@@ -308,6 +308,7 @@ impl RunActor {
             self.runs.publish(RunChanged {
                 run_id: self.run_id,
                 changes: Arc::new(concat_changes(&write.changes)),
+                heads: write.heads_after,
                 lamport,
                 origin: write.origin,
             });
