@@ -471,3 +471,98 @@ async fn each_region_s_stream_carries_its_log_sqlite() {
 async fn each_region_s_stream_carries_its_log_postgres() {
     each_region_s_stream_carries_its_log(Backend::Postgres).await;
 }
+
+/// A consumer that stops reading while thousands of events go by is closed with the reason
+/// and the cursor to resume from; resuming there misses nothing and repeats nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_left_behind_is_closed_and_resumes_from_its_cursor() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let runs: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
+    let url = node.url("/api/crdt/events");
+    let mut slow = Sse::open(&url, Some(0), None).await.expect("opens");
+    // It reads nothing while 8,000 flags of 8 KB are written: past what the sockets' buffers
+    // hold, and then past the ring's 4,096 events.
+    const EVENTS: usize = 8_000;
+    let value = "x".repeat(8_000);
+    let writers = (0..8).map(|w| {
+        let (c, node_base, runs, value) =
+            (c.clone(), node.base.clone(), runs.clone(), value.clone());
+        async move {
+            for i in (w..EVENTS).step_by(8) {
+                let run = runs[i % runs.len()];
+                let url = format!("{node_base}/api/crdt/runs/{run}/flags/k{i}");
+                let body = json!({"value": value, "user": "u"});
+                assert_eq!(c.put(&url, &body).await.0, 200);
+            }
+        }
+    });
+    futures_util::future::join_all(writers).await;
+    let mut seen = Vec::new();
+    let closed = loop {
+        match slow
+            .next(Duration::from_secs(10))
+            .await
+            .expect("the stream goes on or closes")
+        {
+            Frame::Event {
+                event: Some(e),
+                data,
+                ..
+            } if e == "closed" => break serde_json::from_str::<Value>(&data).unwrap(),
+            f @ Frame::Event { .. } => seen.push(f.id().unwrap()),
+            Frame::Comment(_) => {}
+        }
+    };
+    assert!(
+        closed["reason"].as_str().unwrap().contains("too slow"),
+        "{closed}"
+    );
+    let resume = closed["resumeAfter"].as_i64().unwrap();
+    assert_eq!(
+        Some(&resume),
+        seen.last(),
+        "the cursor of the last event it was sent"
+    );
+    assert!(seen.len() < EVENTS, "it was closed before the end");
+    let mut again = Sse::open(&url, Some(resume), None).await.unwrap();
+    seen.extend(
+        again
+            .drain(Duration::from_secs(2))
+            .await
+            .iter()
+            .filter_map(Frame::id),
+    );
+    assert_eq!(seen.len(), EVENTS, "every event once");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_urls_outside_the_allowed_hosts_are_refused() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[("CRDT_WEBHOOK_ALLOWED_HOSTS", "*.example.com")]);
+    let c = Client::new();
+    let hooks = node.url("/api/crdt/webhooks");
+    let (status, body) = c
+        .post(&hooks, &json!({"url": "http://169.254.169.254/latest"}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("allowed"),
+        "{body}"
+    );
+    let (status, body) = c
+        .post(&hooks, &json!({"url": "https://hooks.example.com/crdt"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (_, listed) = c.get(&hooks).await;
+    assert_eq!(
+        listed["webhooks"][0]["url"],
+        "https://hooks.example.com/crdt"
+    );
+    assert!(
+        listed["webhooks"][0].get("secret").is_none(),
+        "secrets are shown once"
+    );
+}
