@@ -379,7 +379,7 @@ async fn each_region_s_stream_carries_its_log(backend: Backend) {
                 .await;
             c.put(
                 &format!("{url}/flags/f{round}"),
-                &json!({"value": round, "user": "w"}),
+                &json!({"value": format!("{round}-{i}"), "user": "w"}),
             )
             .await;
         }
