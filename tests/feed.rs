@@ -566,3 +566,44 @@ async fn webhook_urls_outside_the_allowed_hosts_are_refused() {
         "secrets are shown once"
     );
 }
+
+/// Subscriptions of the configuration are written at start, listed as such, cannot be removed
+/// through the API, and go when the configuration no longer lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_subscriptions_follow_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(common::repo_path("config/application.yml")).unwrap();
+    let with_hook = base.replace(
+        "\ncrdt:\n",
+        "\ncrdt:\n  feed:\n    webhooks:\n      subscriptions:\n        - id: ops-audit\n          \
+         url: http://127.0.0.1:9/audit\n          secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n          \
+         kinds: [graft, prune]\n",
+    );
+    assert_ne!(with_hook, base, "the configuration has a crdt: section");
+    let (configured, plain) = (dir.path().join("hook.yml"), dir.path().join("plain.yml"));
+    std::fs::write(&configured, with_hook).unwrap();
+    std::fs::write(&plain, &base).unwrap();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let binary = common::node_binary();
+    let mut node = Node::spawn_binary(&binary, configured.to_str().unwrap(), &db, &[]);
+    let c = Client::new();
+    let hooks = node.url("/api/crdt/webhooks");
+    let (_, listed) = c.get(&hooks).await;
+    let hook = &listed["webhooks"][0];
+    assert_eq!(
+        (hook["id"].as_str(), hook["origin"].as_str()),
+        (Some("ops-audit"), Some("config"))
+    );
+    assert_eq!(hook["kinds"], json!(["graft", "prune"]));
+    let (status, body) = c.delete(&node.url("/api/crdt/webhooks/ops-audit")).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("configuration"));
+    node.terminate(20);
+    let node = Node::spawn_binary(&binary, plain.to_str().unwrap(), &db, &[]);
+    let (_, listed) = c.get(&node.url("/api/crdt/webhooks")).await;
+    assert_eq!(
+        listed["webhooks"],
+        json!([]),
+        "removed with the configuration's entry"
+    );
+}
