@@ -6,6 +6,26 @@
 //! database server). [`GroupCommitter`] batches appends from many runs into one transaction.
 //! This module knows bytes and rows, not Automerge documents.
 
+/// The columns the feed reads of `collaboration_events` (as `FeedColumns`), for either
+/// backend's table module.
+macro_rules! feed_columns {
+    ($ev:ident) => {
+        (
+            $ev::id,
+            $ev::run_id,
+            $ev::event_type,
+            $ev::payload,
+            $ev::user_id,
+            $ev::created_at,
+            $ev::change_hash,
+            $ev::source_region,
+            $ev::lamport_timestamp,
+            $ev::event_kind,
+            $ev::event_content,
+        )
+    };
+}
+
 mod group_commit;
 mod migrate;
 mod postgres;

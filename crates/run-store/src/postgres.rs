@@ -43,32 +43,6 @@ const FILL_OUTBOX: &str = "INSERT INTO crdt_webhook_outbox \
     WHERE e.id > $1 \
     ON CONFLICT DO NOTHING";
 
-const FEED_COLUMNS: (
-    ev::id,
-    ev::run_id,
-    ev::event_type,
-    ev::payload,
-    ev::user_id,
-    ev::created_at,
-    ev::change_hash,
-    ev::source_region,
-    ev::lamport_timestamp,
-    ev::event_kind,
-    ev::event_content,
-) = (
-    ev::id,
-    ev::run_id,
-    ev::event_type,
-    ev::payload,
-    ev::user_id,
-    ev::created_at,
-    ev::change_hash,
-    ev::source_region,
-    ev::lamport_timestamp,
-    ev::event_kind,
-    ev::event_content,
-);
-
 pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
 }
@@ -187,7 +161,7 @@ impl PgStore {
         }
         let ids: Vec<i64> = rows.iter().map(|r| r.event_id).collect();
         let events: Vec<FeedColumns<Uuid>> = ev::table
-            .select(FEED_COLUMNS)
+            .select(feed_columns!(ev))
             .filter(ev::id.eq_any(ids))
             .load(conn)
             .await?;
@@ -419,7 +393,7 @@ impl Store for PgStore {
     ) -> Result<Vec<FeedRow>, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let mut query = ev::table
-            .select(FEED_COLUMNS)
+            .select(feed_columns!(ev))
             .filter(ev::id.gt(after))
             .order(ev::id.asc())
             .limit(limit)

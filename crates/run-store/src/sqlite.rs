@@ -53,32 +53,6 @@ const FILL_OUTBOX: &str = "INSERT INTO crdt_webhook_outbox \
     WHERE e.id > ?1 \
     ON CONFLICT DO NOTHING";
 
-const FEED_COLUMNS: (
-    ev::id,
-    ev::run_id,
-    ev::event_type,
-    ev::payload,
-    ev::user_id,
-    ev::created_at,
-    ev::change_hash,
-    ev::source_region,
-    ev::lamport_timestamp,
-    ev::event_kind,
-    ev::event_content,
-) = (
-    ev::id,
-    ev::run_id,
-    ev::event_type,
-    ev::payload,
-    ev::user_id,
-    ev::created_at,
-    ev::change_hash,
-    ev::source_region,
-    ev::lamport_timestamp,
-    ev::event_kind,
-    ev::event_content,
-);
-
 #[derive(Debug)]
 struct Pragmas;
 
@@ -154,7 +128,7 @@ fn with_events(c: &mut Conn, rows: Vec<OutboxRow>) -> Result<Vec<Delivery>, Stor
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.event_id).collect();
     let events: Vec<FeedColumns<Vec<u8>>> = ev::table
-        .select(FEED_COLUMNS)
+        .select(feed_columns!(ev))
         .filter(ev::id.eq_any(ids))
         .load(c)?;
     let events = events
@@ -290,7 +264,7 @@ impl Store for SqliteStore {
         let rows: Vec<FeedColumns<Vec<u8>>> = self
             .with_conn(move |c| {
                 let mut query = ev::table
-                    .select(FEED_COLUMNS)
+                    .select(feed_columns!(ev))
                     .filter(ev::id.gt(after))
                     .order(ev::id.asc())
                     .limit(limit)
