@@ -19,6 +19,7 @@ mod changes;
 mod describe;
 mod genesis;
 mod graft_index;
+mod history;
 mod json;
 mod legacy;
 mod projection;
@@ -44,6 +45,7 @@ pub use changes::{
 };
 pub use describe::{Described, Kind};
 pub use genesis::genesis_actor;
+pub use history::{FlagChange, HistoryEntry, HistoryPage, RunDiff, Touched};
 pub use legacy::{legacy_actor, LegacyEvent};
 pub use projection::Projection;
 use rules::MAX_FOREIGN_JUMP;
@@ -74,6 +76,9 @@ pub enum DocError {
     /// so the order of every later graft) in every region.
     #[error("{0}")]
     ClockJump(String),
+    /// A point of history named by a change the run does not hold.
+    #[error("{0} is not a change of this run")]
+    UnknownChange(ChangeHash),
     #[error("not a saved document of run {run_id}: {reason}")]
     NotThisRun { run_id: Uuid, reason: String },
     #[error("automerge rejected the operation: {0}")]
@@ -899,6 +904,67 @@ impl RunDoc {
         missing.sort();
         missing.dedup();
         missing
+    }
+
+    /// A page of the run's history (see `history`): up to `limit` entries after the change
+    /// `after`, in the causal order every region gives alike.
+    pub fn history(
+        &mut self,
+        after: Option<ChangeHash>,
+        limit: usize,
+    ) -> Result<HistoryPage, DocError> {
+        let legacy = legacy_actor(self.run_id);
+        history::page(&mut self.doc, self.genesis, &legacy, after, limit)
+    }
+
+    /// The run as it was at `heads` (changes of this run; not empty).
+    fn at(&mut self, heads: &[ChangeHash]) -> Result<RunDoc, DocError> {
+        if let Some(h) = heads
+            .iter()
+            .find(|h| self.doc.get_change_meta_by_hash(h).is_none())
+        {
+            return Err(DocError::UnknownChange(*h));
+        }
+        if heads.is_empty() {
+            return Err(DocError::InvalidChanges(
+                "a point of history names its heads".into(),
+            ));
+        }
+        let mut doc = self.doc.fork_at(heads)?;
+        let lamport = doc
+            .get_changes_meta(&[])
+            .iter()
+            .filter_map(|m| Stamp::parse(m.message.as_deref()?))
+            .map(|s| s.lamport)
+            .max()
+            .unwrap_or(0);
+        Ok(RunDoc {
+            run_id: self.run_id,
+            region: self.region.clone(),
+            doc,
+            lamport,
+            genesis: self.genesis,
+            parked: HashMap::new(),
+            grafts: Default::default(),
+        })
+    }
+
+    /// The state exactly as it was at `heads`.
+    pub fn state_at(&mut self, heads: &[ChangeHash]) -> Result<RunState, DocError> {
+        Ok(self.at(heads)?.state())
+    }
+
+    /// What changed from `from` to `to` (now, if `None`), with who did it.
+    pub fn diff(
+        &mut self,
+        from: &[ChangeHash],
+        to: Option<&[ChangeHash]>,
+    ) -> Result<RunDiff, DocError> {
+        let mut before = self.at(from)?;
+        let now = self.doc.get_heads();
+        let mut after = self.at(to.unwrap_or(&now))?;
+        let who = history::authors(&mut after.doc, &mut before.doc);
+        Ok(history::diff(&before.state(), &after.state(), &who))
     }
 
     /// What `change` (which this run holds) did, as the change feed describes it.
