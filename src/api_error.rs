@@ -74,6 +74,7 @@ impl From<RunError> for ApiError {
                 ApiError::Unprocessable(e.to_string())
             }
             RunError::Doc(DocError::NotPermitted(_)) => ApiError::Forbidden(e.to_string()),
+            RunError::Doc(DocError::UnknownChange(_)) => ApiError::NotFound(e.to_string()),
             RunError::Doc(_) => ApiError::Internal(e.to_string()),
         }
     }

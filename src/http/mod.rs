@@ -9,6 +9,7 @@ pub mod body_budget;
 mod browser;
 pub mod error;
 mod health;
+mod history;
 mod mesh;
 pub mod origin;
 mod page;
@@ -116,6 +117,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, max_b
             web::scope("/api/crdt")
                 .wrap(middleware::from_fn(auth::authenticate))
                 .configure(runs::routes)
+                .configure(history::routes)
                 .configure(crate::feed::routes)
                 .configure(automerge::routes)
                 .configure(mesh::routes),

@@ -115,13 +115,30 @@ async fn visible_runs(
 /// Pages of the runs list one request reads for a token that names its runs.
 const MAX_SCANNED_PAGES: usize = 10;
 
+#[derive(Deserialize)]
+struct StateQuery {
+    /// A point of history (heads): the state as it was then.
+    at: Option<String>,
+}
+
 async fn state(
     app: web::Data<AppState>,
     caller: Identity,
     path: web::Path<String>,
+    query: web::Query<StateQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let run_id = validate::run_id(&path)?;
     allow(&caller, run_id, Access::Read)?;
+    if let Some(at) = query.at.as_deref() {
+        let heads = super::history::point("at", Some(at))?;
+        let then = app.runs.state_at(run_id, heads).await?;
+        let mut body =
+            serde_json::to_value(&then).map_err(|e| ApiError::Internal(e.to_string()))?;
+        body["runId"] = json!(run_id);
+        body["region"] = json!(app.region);
+        body["at"] = json!(at);
+        return Ok(HttpResponse::Ok().json(body));
+    }
     let state = app.runs.state(run_id).await?;
     // The state's JSON is made once per change and shared; the run's own fields go in front.
     let json = state.json();

@@ -163,6 +163,18 @@ pub(crate) struct ReadState;
 #[derive(Debug, Clone)]
 pub(crate) struct ReadChanges(pub Vec<ChangeHash>);
 #[derive(Debug, Clone)]
+pub(crate) struct ReadHistory {
+    pub after: Option<ChangeHash>,
+    pub limit: usize,
+}
+#[derive(Debug, Clone)]
+pub(crate) struct ReadStateAt(pub Vec<ChangeHash>);
+#[derive(Debug, Clone)]
+pub(crate) struct ReadDiff {
+    pub from: Vec<ChangeHash>,
+    pub to: Option<Vec<ChangeHash>>,
+}
+#[derive(Debug, Clone)]
 pub(crate) struct ReadDocument;
 
 /// Damaged runs the health endpoint names.
@@ -198,6 +210,37 @@ impl Runs {
         heads: Vec<ChangeHash>,
     ) -> Result<ChangesSince, RunError> {
         self.send(run_id, Call(ReadChanges(heads))).await?
+    }
+
+    /// A page of the run's history: up to `limit` changes after the change `after`, in the
+    /// causal order every region gives alike.
+    pub async fn history(
+        &self,
+        run_id: Uuid,
+        after: Option<ChangeHash>,
+        limit: usize,
+    ) -> Result<run_doc::HistoryPage, RunError> {
+        self.send(run_id, Call(ReadHistory { after, limit }))
+            .await?
+    }
+
+    /// The run's state as it was at `heads`.
+    pub async fn state_at(
+        &self,
+        run_id: Uuid,
+        heads: Vec<ChangeHash>,
+    ) -> Result<run_doc::RunState, RunError> {
+        self.send(run_id, Call(ReadStateAt(heads))).await?
+    }
+
+    /// What changed between two points of the run (`to`: now), and who did it.
+    pub async fn diff(
+        &self,
+        run_id: Uuid,
+        from: Vec<ChangeHash>,
+        to: Option<Vec<ChangeHash>>,
+    ) -> Result<run_doc::RunDiff, RunError> {
+        self.send(run_id, Call(ReadDiff { from, to })).await?
     }
 
     /// The whole durable document.

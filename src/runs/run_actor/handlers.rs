@@ -11,8 +11,9 @@ use uuid::Uuid;
 use super::events::EventMeta;
 use super::RunActor;
 use crate::runs::api::{
-    BadInput, ChangesSince, FullDocument, Mutate, MutationOutcome, ReadChanges, ReadDocument,
-    ReadState, RemoteChanges, SyncOutcome, SyncStep, SyncStepReply,
+    BadInput, ChangesSince, FullDocument, Mutate, MutationOutcome, ReadChanges, ReadDiff,
+    ReadDocument, ReadHistory, ReadState, ReadStateAt, RemoteChanges, SyncOutcome, SyncStep,
+    SyncStepReply,
 };
 use crate::runs::{Origin, RunError};
 
@@ -35,6 +36,9 @@ answers! {
     ReadState => Arc<SharedState>,
     ReadChanges => ChangesSince,
     ReadDocument => FullDocument,
+    ReadHistory => run_doc::HistoryPage,
+    ReadStateAt => run_doc::RunState,
+    ReadDiff => run_doc::RunDiff,
 }
 
 /// The node is stopping: once every write queued so far has committed, answer with a snapshot
@@ -307,6 +311,32 @@ impl Handler<Call<ReadChanges>> for RunActor {
         // Never hand another replica a change that may yet be refused.
         self.once_durable(answer, ctx)
     }
+}
+
+/// Reads of the run's history: answered once what they reflect is durable.
+macro_rules! history_reads {
+    ($($request:ty => $result:ty, |$doc:ident, $msg:ident| $read:expr;)*) => {
+        $(impl Handler<Call<$request>> for RunActor {
+            type Result = Answer<$result>;
+
+            fn handle(&mut self, msg: Call<$request>, ctx: &mut Self::Context) -> Self::Result {
+                if self.warming.is_some() {
+                    return self.defer(msg, ctx);
+                }
+                let Call($msg) = msg;
+                let answer = self
+                    .doc()
+                    .and_then(|$doc| $read.map_err(RunError::from));
+                self.once_durable(answer, ctx)
+            }
+        })*
+    };
+}
+
+history_reads! {
+    ReadHistory => run_doc::HistoryPage, |doc, m| doc.history(m.after, m.limit);
+    ReadStateAt => run_doc::RunState, |doc, m| doc.state_at(&m.0);
+    ReadDiff => run_doc::RunDiff, |doc, m| doc.diff(&m.from, m.to.as_deref());
 }
 
 impl Handler<Call<ReadDocument>> for RunActor {
