@@ -179,3 +179,68 @@ async fn the_state_at_a_point_is_what_was_read_then_and_a_diff_says_who() {
     assert_eq!(c.get(&url("/state?at=nothex")).await.0, 400);
     assert_eq!(c.get(&url("/diff")).await.0, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_made_in_one_region_brings_every_region_back_to_that_point() {
+    let mesh = TestMesh::start(Backend::Sqlite, &["us-east-1", "eu-central-1"], &[(0, 1)]).await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    let run = Uuid::new_v4();
+    let url = |i: usize, rest: &str| run_url(mesh.node(i), run, rest);
+    c.post(
+        &url(0, "/grafts"),
+        &json!({"agent": "A", "afterStep": "s1", "user": "ann"}),
+    )
+    .await;
+    let (_, answer) = c
+        .put(
+            &url(0, "/flags/mode"),
+            &json!({"value": "fast", "user": "ann"}),
+        )
+        .await;
+    let point = answer["heads"].clone();
+    let (_, then) = c.get(&url(0, "/state")).await;
+    c.post(
+        &url(1, "/grafts"),
+        &json!({"agent": "B", "afterStep": "s1", "user": "eve"}),
+    )
+    .await;
+    c.put(
+        &url(1, "/flags/mode"),
+        &json!({"value": "slow", "user": "eve"}),
+    )
+    .await;
+    c.post(
+        &url(1, "/pruned-steps"),
+        &json!({"stepId": "s1", "user": "eve"}),
+    )
+    .await;
+    converged(&c, &mesh.nodes(), run, 20).await;
+    let (status, reverted) = c
+        .post(&url(1, "/revert"), &json!({"to": point, "user": "bo"}))
+        .await;
+    assert_eq!(status, 200, "{reverted}");
+    assert_eq!(reverted["changed"], true);
+    let now = converged(&c, &mesh.nodes(), run, 20).await;
+    for field in ["grafts", "prunedSteps", "flags"] {
+        assert_eq!(now[field], then[field], "{field}");
+    }
+    // Recorded as a revert by its author, in both regions' histories and the change feed.
+    for i in 0..2 {
+        let entries = history(&c, mesh.node(i), run, 100).await;
+        let last = entries.last().unwrap();
+        assert_eq!(
+            (last["kind"].as_str(), last["user"].as_str()),
+            (Some("revert"), Some("bo"))
+        );
+        assert_eq!(last["content"]["to"], point);
+        assert_eq!(entries.len(), 6, "history is never rewritten");
+    }
+    let (status, body) = c
+        .post(
+            &url(0, "/revert"),
+            &json!({"to": ["ab".repeat(32)], "user": "bo"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+}

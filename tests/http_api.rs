@@ -316,6 +316,7 @@ impl SyncFixtures {
                 lamport: run_doc::MAX_LAMPORT,
                 region: "eu".into(),
                 user: None,
+                revert_to: None,
             };
             raw.commit_with(
                 automerge::transaction::CommitOptions::default().with_message(stamp.to_message()),

@@ -30,7 +30,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::delete().to(unprune),
         )
         .route("/runs/{runId}/flags/{key}", web::put().to(set_flag))
-        .route("/runs/{runId}/flags/{key}", web::delete().to(delete_flag));
+        .route("/runs/{runId}/flags/{key}", web::delete().to(delete_flag))
+        .route("/runs/{runId}/revert", web::post().to(revert));
 }
 
 #[derive(Deserialize)]
@@ -447,6 +448,34 @@ async fn delete_flag(
     let mutation = Mutation::DeleteFlag { key: key.clone() };
     let body = answer(&app, run_id, mutation, caller.user(query.user()?), |_| {
         vec![("key", json!(key))]
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(body))
+}
+
+#[derive(Deserialize)]
+struct RevertBody {
+    /// The point to go back to: an entry's `heads` from the history.
+    to: Option<Vec<String>>,
+    user: Option<String>,
+}
+
+/// One new change after which the state is the state at `to`; recorded as a revert by the
+/// caller (history is never rewritten).
+async fn revert(
+    app: web::Data<AppState>,
+    caller: Identity,
+    path: web::Path<String>,
+    body: web::Json<RevertBody>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = validate::run_id(&path)?;
+    allow(&caller, run_id, Access::Write)?;
+    let to = body.to.as_ref().map(|t| t.join(","));
+    let to = super::history::point("to", to.as_deref())?;
+    let user = recorded_user(&caller, body.user.as_deref())?;
+    let shown: Vec<String> = to.iter().map(|h| h.to_string()).collect();
+    let body = answer(&app, run_id, Mutation::Revert { to }, Some(user), |_| {
+        vec![("to", json!(shown))]
     })
     .await?;
     Ok(HttpResponse::Ok().json(body))

@@ -193,6 +193,9 @@ pub struct Stamp {
     /// recorded, and on replayed legacy rows (whose bytes must stay as they were).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Set on a revert: the heads whose state the change brings back.
+    #[serde(default, rename = "revertTo", skip_serializing_if = "Option::is_none")]
+    pub revert_to: Option<Vec<String>>,
 }
 
 impl Stamp {
@@ -269,6 +272,7 @@ mod tests {
             lamport: 42,
             region: "us-east-1".into(),
             user: Some("ann".into()),
+            revert_to: None,
         };
         let mut doc = AutoCommit::new();
         doc.put(ROOT, "a", 1).unwrap();

@@ -30,19 +30,22 @@ pub enum Kind {
     DeleteFlag,
     /// A row of the operational-transform system the run began with.
     Legacy,
+    /// A change that brought the run back to an earlier point (`content.to`).
+    Revert,
     /// Anything the typed mutations do not describe (the run's genesis, several effects in one
     /// change, a foreign client's edit of a nested value).
     Other,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Graft,
         Kind::Prune,
         Kind::Unprune,
         Kind::SetFlag,
         Kind::DeleteFlag,
         Kind::Legacy,
+        Kind::Revert,
         Kind::Other,
     ];
 
@@ -54,6 +57,7 @@ impl Kind {
             Kind::SetFlag => "setFlag",
             Kind::DeleteFlag => "deleteFlag",
             Kind::Legacy => "legacy",
+            Kind::Revert => "revert",
             Kind::Other => "other",
         }
     }
@@ -88,11 +92,27 @@ enum Effect {
 
 /// Describes `change`, which `doc` holds.
 pub(super) fn describe(doc: &AutoCommit, change: &Change) -> Described {
-    let (kind, content) = effect(doc, change);
+    let stamp = super::Stamp::of(change);
+    let (mut kind, mut content) = effect(doc, change);
+    if let Some(to) = stamp.as_ref().and_then(|s| s.revert_to.clone()) {
+        // What a revert touched, and the point it went back to.
+        let field = |root: &str, name: &str| {
+            json!([path(root, content[name].as_str().map(str::to_string))])
+        };
+        let touched = match kind {
+            Kind::Other => content["touched"].take(),
+            Kind::Graft => json!([GRAFTS]),
+            Kind::Prune | Kind::Unprune => field(PRUNED_STEPS, "stepId"),
+            Kind::SetFlag | Kind::DeleteFlag => field(FLAGS, "key"),
+            _ => json!([]),
+        };
+        kind = Kind::Revert;
+        content = json!({ "to": to, "touched": touched });
+    }
     Described {
         kind,
         content,
-        user: super::Stamp::of(change).and_then(|s| s.user),
+        user: stamp.and_then(|s| s.user),
     }
 }
 

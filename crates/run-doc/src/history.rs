@@ -478,4 +478,67 @@ mod tests {
         let back = doc.diff(&now, Some(&from)).unwrap();
         assert_eq!(back.grafts_removed.len(), 1);
     }
+
+    #[test]
+    fn a_revert_brings_the_state_at_a_point_back_in_every_region() {
+        let run = Uuid::new_v4();
+        let (mut us, mut eu) = (RunDoc::new(run, "us"), RunDoc::new(run, "eu"));
+        us.apply(&graft("A"), T0).unwrap();
+        us.apply(&flag("kept", json!(1)), T0).unwrap();
+        us.apply(
+            &Mutation::Prune {
+                step_id: "s1".into(),
+                user: "ann".into(),
+            },
+            T0,
+        )
+        .unwrap();
+        let point = us.heads();
+        let then = us.state();
+        us.apply(&graft("B"), T0).unwrap();
+        us.apply(&flag("kept", json!(2)), T0).unwrap();
+        us.apply(&flag("new", json!("x")), T0).unwrap();
+        us.apply(
+            &Mutation::Unprune {
+                step_id: "s1".into(),
+            },
+            T0,
+        )
+        .unwrap();
+        merge(&mut eu, &mut us);
+        let later = us.state();
+        let revert = Mutation::Revert { to: point.clone() };
+        let applied = eu.apply_by(&revert, T0, Some("bo")).unwrap();
+        let change = applied.change.expect("a change");
+        let same = |a: &crate::RunState, b: &crate::RunState| {
+            a.grafts == b.grafts && a.flags == b.flags && a.pruned_steps == b.pruned_steps
+        };
+        assert!(same(&eu.state(), &then), "{:?}", eu.state());
+        merge(&mut us, &mut eu);
+        assert!(same(&us.state(), &then), "and in the other region");
+        let d = us.describe(&change);
+        assert_eq!(d.kind, Kind::Revert);
+        assert_eq!(d.user.as_deref(), Some("bo"));
+        let to: Vec<String> = point.iter().map(|h| h.to_string()).collect();
+        assert_eq!(d.content["to"], json!(to));
+        assert_eq!(
+            d.content["touched"],
+            json!(["flags.kept", "flags.new", "grafts", "prunedSteps.s1"])
+        );
+        // Nothing to revert: no change. And back to the later point: graft B returns.
+        assert!(us.apply(&revert, T0).unwrap().change.is_none());
+        let mut later_heads = later.heads.clone();
+        later_heads.sort();
+        let back: Vec<automerge::ChangeHash> =
+            later_heads.iter().map(|h| h.parse().unwrap()).collect();
+        us.apply(&Mutation::Revert { to: back }, T0).unwrap();
+        let st = us.state();
+        assert_eq!(st.flags, later.flags);
+        assert_eq!(
+            st.grafts.iter().map(|g| &g.id).collect::<Vec<_>>(),
+            later.grafts.iter().map(|g| &g.id).collect::<Vec<_>>()
+        );
+        // History is never rewritten: every change is still listed.
+        assert_eq!(us.history(None, 100).unwrap().total, 9);
+    }
 }

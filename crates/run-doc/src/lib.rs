@@ -119,6 +119,12 @@ pub enum Mutation {
     DeleteFlag {
         key: String,
     },
+    /// One change after which the run's state is its state at `to` (history is never
+    /// rewritten: grafts, pruned steps and flags made since are removed, those removed since
+    /// are written again).
+    Revert {
+        to: Vec<ChangeHash>,
+    },
 }
 
 impl Mutation {
@@ -130,6 +136,7 @@ impl Mutation {
             Mutation::Unprune { .. } => "UNPRUNE",
             Mutation::SetFlag { .. } => "SET_FLAG",
             Mutation::DeleteFlag { .. } => "DELETE_FLAG",
+            Mutation::Revert { .. } => "REVERT",
         }
     }
 }
@@ -360,6 +367,10 @@ impl RunDoc {
             lamport,
             region: self.region.clone(),
             user: user.map(str::to_string),
+            revert_to: match mutation {
+                Mutation::Revert { to } => Some(to.iter().map(|h| h.to_string()).collect()),
+                _ => None,
+            },
         };
         let options = CommitOptions::default()
             .with_message(stamp.to_message())
@@ -375,7 +386,12 @@ impl RunDoc {
         }
         self.lamport = lamport;
         let shown = graft.as_ref().map(|(_, g)| g.clone());
-        self.grafts.local_change(&mut self.doc, &built_on, graft);
+        if matches!(mutation, Mutation::Revert { .. }) {
+            // It may remove grafts: the index catches up from Automerge's diff.
+            self.grafts.note_changes(&mut self.doc, 1);
+        } else {
+            self.grafts.local_change(&mut self.doc, &built_on, graft);
+        }
         let graft = shown;
         let change = self.doc.get_last_local_change();
         Ok(Applied {
@@ -452,7 +468,91 @@ impl RunDoc {
                 let flags = self.root(FLAGS, ObjType::Map)?;
                 (self.delete_if_present(&flags, key)?, None)
             }
+            Mutation::Revert { to } => (self.write_revert(to)?, None),
         })
+    }
+
+    /// The operations that bring the state back to its state at `to`; true if any.
+    fn write_revert(&mut self, to: &[ChangeHash]) -> Result<bool, DocError> {
+        // Read before anything is written: forking closes the open transaction.
+        let then = self.at(to)?.state();
+        let now = self.state();
+        let mut changed = false;
+        // Grafts: those made since go (every entry of their id), those removed since return.
+        let kept: HashSet<&str> = then.grafts.iter().map(|g| g.id.as_str()).collect();
+        let list = self.root(GRAFTS, ObjType::List)?;
+        let doomed: Vec<usize> = self
+            .doc
+            .list_range(&list, ..)
+            .filter(|item| {
+                let id = match item.value {
+                    automerge::ValueRef::Object(ObjType::Map) => {
+                        state::str_field(&self.doc, &item.id(), "id")
+                    }
+                    _ => None,
+                };
+                id.is_some_and(|id| !kept.contains(id.as_str()))
+            })
+            .map(|item| item.index)
+            .collect();
+        for index in doomed.into_iter().rev() {
+            self.doc.delete(&list, index)?;
+            changed = true;
+        }
+        let present: HashSet<&str> = now.grafts.iter().map(|g| g.id.as_str()).collect();
+        for g in then
+            .grafts
+            .iter()
+            .filter(|g| !present.contains(g.id.as_str()))
+        {
+            let at = self.doc.length(&list);
+            let created = chrono::DateTime::parse_from_rfc3339(&g.created_at)
+                .map_or(0, |t| t.timestamp_millis());
+            let entry = object([
+                ("id", g.id.as_str().into()),
+                ("agent", g.agent.as_str().into()),
+                ("afterStep", g.after_step.as_str().into()),
+                ("user", g.user.as_str().into()),
+                ("region", g.region.as_str().into()),
+                ("lamport", lamport_scalar(g.lamport)),
+                ("createdAt", ScalarValue::Timestamp(created)),
+            ]);
+            self.doc.batch_create_object(&list, at, &entry, true)?;
+            changed = true;
+        }
+        // Pruned steps and flags: as they were.
+        let pruned = self.root(PRUNED_STEPS, ObjType::Map)?;
+        for p in &now.pruned_steps {
+            if !then.pruned_steps.iter().any(|t| t.step_id == p.step_id) {
+                changed |= self.delete_if_present(&pruned, &p.step_id)?;
+            }
+        }
+        for p in &then.pruned_steps {
+            if !now.pruned_steps.iter().any(|n| n.step_id == p.step_id) {
+                let entry = object([
+                    ("user", p.user.as_str().into()),
+                    ("region", p.region.as_str().into()),
+                    ("lamport", lamport_scalar(p.lamport)),
+                ]);
+                self.doc
+                    .batch_create_object(&pruned, p.step_id.as_str(), &entry, false)?;
+                changed = true;
+            }
+        }
+        let flags = self.root(FLAGS, ObjType::Map)?;
+        for key in now.flags.keys() {
+            if !then.flags.contains_key(key) {
+                changed |= self.delete_if_present(&flags, key)?;
+            }
+        }
+        for (key, value) in &then.flags {
+            let same = now.flags.get(key) == Some(value) && !now.flag_conflicts.contains_key(key);
+            if !same {
+                json::put_json(&mut self.doc, &flags, Prop::Map(key.clone()), value)?;
+                changed = true;
+            }
+        }
+        Ok(changed)
     }
 
     fn root(&self, key: &str, kind: ObjType) -> Result<automerge::ObjId, DocError> {
