@@ -200,6 +200,13 @@ async fn a_revert_made_in_one_region_brings_every_region_back_to_that_point() {
         .await;
     let point = answer["heads"].clone();
     let (_, then) = c.get(&url(0, "/state")).await;
+    let (status, marked) = c
+        .post(
+            &url(0, "/checkpoints"),
+            &json!({"label": "stable", "user": "ann"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{marked}");
     c.post(
         &url(1, "/grafts"),
         &json!({"agent": "B", "afterStep": "s1", "user": "eve"}),
@@ -216,8 +223,26 @@ async fn a_revert_made_in_one_region_brings_every_region_back_to_that_point() {
     )
     .await;
     converged(&c, &mesh.nodes(), run, 20).await;
+    // The checkpoint replicated: the other region finds the point by its label.
+    let listed = history(&c, mesh.node(1), run, 100).await;
+    let mark = listed
+        .iter()
+        .find(|e| e["kind"] == "checkpoint")
+        .expect("the checkpoint is in the history");
+    assert_eq!(
+        (mark["content"]["label"].as_str(), mark["user"].as_str()),
+        (Some("stable"), Some("ann"))
+    );
+    let mut at: Vec<String> = serde_json::from_value(mark["content"]["at"].clone()).unwrap();
+    let mut expected: Vec<String> = serde_json::from_value(point.clone()).unwrap();
+    at.sort();
+    expected.sort();
+    assert_eq!(at, expected, "it names the heads it was made at");
     let (status, reverted) = c
-        .post(&url(1, "/revert"), &json!({"to": point, "user": "bo"}))
+        .post(
+            &url(1, "/revert"),
+            &json!({"to": mark["content"]["at"], "user": "bo"}),
+        )
         .await;
     assert_eq!(status, 200, "{reverted}");
     assert_eq!(reverted["changed"], true);
@@ -233,8 +258,8 @@ async fn a_revert_made_in_one_region_brings_every_region_back_to_that_point() {
             (last["kind"].as_str(), last["user"].as_str()),
             (Some("revert"), Some("bo"))
         );
-        assert_eq!(last["content"]["to"], point);
-        assert_eq!(entries.len(), 6, "history is never rewritten");
+        assert_eq!(last["content"]["to"], mark["content"]["at"]);
+        assert_eq!(entries.len(), 7, "history is never rewritten");
     }
     let (status, body) = c
         .post(

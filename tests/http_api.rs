@@ -317,6 +317,7 @@ impl SyncFixtures {
                 region: "eu".into(),
                 user: None,
                 revert_to: None,
+                checkpoint: None,
             };
             raw.commit_with(
                 automerge::transaction::CommitOptions::default().with_message(stamp.to_message()),

@@ -31,7 +31,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/runs/{runId}/flags/{key}", web::put().to(set_flag))
         .route("/runs/{runId}/flags/{key}", web::delete().to(delete_flag))
-        .route("/runs/{runId}/revert", web::post().to(revert));
+        .route("/runs/{runId}/revert", web::post().to(revert))
+        .route("/runs/{runId}/checkpoints", web::post().to(checkpoint));
 }
 
 #[derive(Deserialize)]
@@ -479,4 +480,31 @@ async fn revert(
     })
     .await?;
     Ok(HttpResponse::Ok().json(body))
+}
+
+#[derive(Deserialize)]
+struct CheckpointBody {
+    label: Option<String>,
+    user: Option<String>,
+}
+
+/// Names the run's current heads with `label`; the history lists it, every region alike.
+async fn checkpoint(
+    app: web::Data<AppState>,
+    caller: Identity,
+    path: web::Path<String>,
+    body: web::Json<CheckpointBody>,
+) -> Result<HttpResponse, ApiError> {
+    let run_id = validate::run_id(&path)?;
+    allow(&caller, run_id, Access::Write)?;
+    let label = validate::name("label", body.label.as_deref())?;
+    let user = recorded_user(&caller, body.user.as_deref())?;
+    let mutation = Mutation::Checkpoint {
+        label: label.clone(),
+    };
+    let body = answer(&app, run_id, mutation, Some(user), |_| {
+        vec![("label", json!(label))]
+    })
+    .await?;
+    Ok(HttpResponse::Created().json(body))
 }

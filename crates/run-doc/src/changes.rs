@@ -196,6 +196,9 @@ pub struct Stamp {
     /// Set on a revert: the heads whose state the change brings back.
     #[serde(default, rename = "revertTo", skip_serializing_if = "Option::is_none")]
     pub revert_to: Option<Vec<String>>,
+    /// Set on a checkpoint: its label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 impl Stamp {
@@ -273,6 +276,7 @@ mod tests {
             region: "us-east-1".into(),
             user: Some("ann".into()),
             revert_to: None,
+            checkpoint: None,
         };
         let mut doc = AutoCommit::new();
         doc.put(ROOT, "a", 1).unwrap();

@@ -32,13 +32,15 @@ pub enum Kind {
     Legacy,
     /// A change that brought the run back to an earlier point (`content.to`).
     Revert,
+    /// A label on the heads the change builds on (`content.label`, `content.at`).
+    Checkpoint,
     /// Anything the typed mutations do not describe (the run's genesis, several effects in one
     /// change, a foreign client's edit of a nested value).
     Other,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Graft,
         Kind::Prune,
         Kind::Unprune,
@@ -46,6 +48,7 @@ impl Kind {
         Kind::DeleteFlag,
         Kind::Legacy,
         Kind::Revert,
+        Kind::Checkpoint,
         Kind::Other,
     ];
 
@@ -58,6 +61,7 @@ impl Kind {
             Kind::DeleteFlag => "deleteFlag",
             Kind::Legacy => "legacy",
             Kind::Revert => "revert",
+            Kind::Checkpoint => "checkpoint",
             Kind::Other => "other",
         }
     }
@@ -108,6 +112,11 @@ pub(super) fn describe(doc: &AutoCommit, change: &Change) -> Described {
         };
         kind = Kind::Revert;
         content = json!({ "to": to, "touched": touched });
+    }
+    if let Some(label) = stamp.as_ref().and_then(|s| s.checkpoint.clone()) {
+        let at: Vec<String> = change.deps().iter().map(|h| h.to_string()).collect();
+        kind = Kind::Checkpoint;
+        content = json!({ "label": label, "at": at });
     }
     Described {
         kind,

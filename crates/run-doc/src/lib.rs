@@ -125,6 +125,11 @@ pub enum Mutation {
     Revert {
         to: Vec<ChangeHash>,
     },
+    /// Names the run's current heads: a change with no operations whose stamp carries the
+    /// label, so it replicates with the run and the history lists it.
+    Checkpoint {
+        label: String,
+    },
 }
 
 impl Mutation {
@@ -137,6 +142,7 @@ impl Mutation {
             Mutation::SetFlag { .. } => "SET_FLAG",
             Mutation::DeleteFlag { .. } => "DELETE_FLAG",
             Mutation::Revert { .. } => "REVERT",
+            Mutation::Checkpoint { .. } => "CHECKPOINT",
         }
     }
 }
@@ -371,13 +377,20 @@ impl RunDoc {
                 Mutation::Revert { to } => Some(to.iter().map(|h| h.to_string()).collect()),
                 _ => None,
             },
+            checkpoint: match mutation {
+                Mutation::Checkpoint { label } => Some(label.clone()),
+                _ => None,
+            },
         };
         let options = CommitOptions::default()
             .with_message(stamp.to_message())
             .with_time(now_ms.div_euclid(1000));
-        // Automerge drops writes that change nothing (a flag set to its current value): then
-        // there is no change, and the clock does not move.
-        if self.doc.commit_with(options).is_none() {
+        if matches!(mutation, Mutation::Checkpoint { .. }) {
+            // A change of no operations, which Automerge's commit would drop.
+            self.doc.empty_change(options);
+        } else if self.doc.commit_with(options).is_none() {
+            // Automerge drops writes that change nothing (a flag set to its current value):
+            // then there is no change, and the clock does not move.
             return Ok(Applied {
                 change: None,
                 graft: None,
@@ -469,6 +482,7 @@ impl RunDoc {
                 (self.delete_if_present(&flags, key)?, None)
             }
             Mutation::Revert { to } => (self.write_revert(to)?, None),
+            Mutation::Checkpoint { .. } => (true, None),
         })
     }
 

@@ -1111,6 +1111,7 @@ fn stamped_change(run: Uuid, lamport: u64) -> Change {
         region: "evil".into(),
         user: None,
         revert_to: None,
+        checkpoint: None,
     };
     raw.commit_with(CommitOptions::default().with_message(stamp.to_message()));
     raw.get_last_local_change().unwrap()
@@ -1381,6 +1382,7 @@ fn the_loader_reads_back_own_changes_past_the_client_bound() {
         region: "r1".into(),
         user: None,
         revert_to: None,
+        checkpoint: None,
     };
     let big = big_change(Some(stamp.to_message()));
     assert!(parse_changes(&big).is_err(), "a client door refuses it");

@@ -95,6 +95,7 @@ fn payload(mutation: &Mutation) -> String {
         Mutation::Unprune { step_id } => json!({"stepId": step_id}),
         Mutation::SetFlag { key, value } => json!({"key": key, "value": value}),
         Mutation::DeleteFlag { key } => json!({"key": key}),
+        Mutation::Checkpoint { label } => json!({"label": label}),
         Mutation::Revert { to } => {
             json!({"to": to.iter().map(|h| h.to_string()).collect::<Vec<_>>()})
         }
