@@ -76,6 +76,7 @@ async fn node_with_runs(db: &TestDb) -> (Node, Vec<Uuid>) {
             ("CRDT_WEBHOOK_BACKOFF_MIN_MS", "200"),
             ("CRDT_WEBHOOK_BACKOFF_MAX_MS", "1000"),
             ("CRDT_WEBHOOK_MAX_ATTEMPTS", "1000"),
+            ("CRDT_WEBHOOK_ALLOWED_HOSTS", "127.0.0.1"),
         ],
     );
     let runs: Vec<Uuid> = (0..RUNS).map(|_| Uuid::new_v4()).collect();

@@ -40,6 +40,8 @@ before(async () => {
     CRDT_WEBHOOK_BACKOFF_MAX_MS: "1200",
     CRDT_WEBHOOK_TIMEOUT_MS: "2000",
     CRDT_WEBHOOK_MAX_ATTEMPTS: "8",
+    // The receiver is on this machine: a local address is reached only when listed.
+    CRDT_WEBHOOK_ALLOWED_HOSTS: "127.0.0.1",
   });
   await node.start();
 });

@@ -27,6 +27,8 @@ use crate::runs::{FeedEvent, FEED_PAGE};
 
 /// Frames waiting for one consumer's socket.
 const FRAMES_QUEUED: usize = 16;
+/// A consumer that takes no frame for this long is dropped.
+const STALLED: Duration = Duration::from_secs(60);
 /// Most run ids one node-wide stream may name.
 const MAX_RUNS_FILTER: usize = 1000;
 
@@ -168,16 +170,15 @@ async fn open(
     let feed = edge.feed.clone();
     if let Some(c) = after {
         let known = feed
-            .knows(c, filter.run())
+            .knows(c)
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         if !known {
             return Err(ApiError::invalid(
                 "cursor",
                 format!(
-                    "{c} is not an event of this {} on this node (cursors are per node: \
-                     resume from 0, or from a cursor this node gave)",
-                    if filter.run().is_some() { "run" } else { "log" }
+                    "{c} is not an event of this node's log (cursors are per node: resume \
+                     from 0, or from a cursor this node gave)"
                 ),
             ));
         }
@@ -360,8 +361,14 @@ impl Stream {
         Ok(())
     }
 
+    /// Queues a frame for the consumer. One that takes nothing for [`STALLED`] (its socket
+    /// full, the heartbeats included) is dropped: it holds a place among the streams and the
+    /// rows in hand, and resumes from its cursor when it reads again.
     async fn send(&self, frame: web::Bytes) -> Result<(), End> {
-        self.tx.send(frame).await.map_err(|_| End::Gone)
+        match tokio::time::timeout(STALLED, self.tx.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(End::Gone),
+        }
     }
 }
 

@@ -12,8 +12,8 @@ use super::AppState;
 use crate::identity::{Access, Identity};
 use run_doc::HistoryEntry;
 
-/// Longest page of the history.
-const MAX_PAGE: usize = 500;
+/// Longest page of the history (each entry is described on the run's actor).
+const MAX_PAGE: usize = 200;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/runs/{runId}/history", web::get().to(history))

@@ -213,15 +213,14 @@ impl ChangeFeed {
         Ok(rows.iter().find(|r| r.id == id).map(FeedEvent::from_row))
     }
 
-    /// Whether `cursor` names a point of this node's log (of `run`'s events, if given).
-    pub async fn knows(&self, cursor: i64, run: Option<Uuid>) -> Result<bool, StoreError> {
+    /// Whether `cursor` names a point of this node's log. Any event's id is a position in it,
+    /// also on one run's stream: a stream that was told to resume after another run's event
+    /// (the last one it passed over) resumes there.
+    pub async fn knows(&self, cursor: i64) -> Result<bool, StoreError> {
         if cursor == 0 {
             return Ok(true);
         }
-        Ok(match self.store.event_run(cursor).await? {
-            None => false,
-            Some(r) => run.is_none_or(|run| run == r),
-        })
+        Ok(self.store.event_run(cursor).await?.is_some())
     }
 
     /// The newest cursor.

@@ -23,12 +23,18 @@ use super::state::{root_obj, str_field};
 /// changes may name that user only.
 pub(super) fn check_stamps(changes: &[automerge::Change], author: &str) -> Result<(), String> {
     for change in changes {
-        if let Some(named) = super::Stamp::of(change).and_then(|s| s.user) {
-            if named != author {
-                return Err(format!(
-                    "a change's stamp names {named:?} as its author; yours may name only you"
-                ));
-            }
+        let Some(stamp) = super::Stamp::of(change) else {
+            continue;
+        };
+        if let Some(named) = stamp.user.filter(|named| named != author) {
+            return Err(format!(
+                "a change's stamp names {named:?} as its author; yours may name only you"
+            ));
+        }
+        // Reverts and checkpoints are made by the node; a client's would be believed by every
+        // region's history, feed and webhook filters.
+        if stamp.revert_to.is_some() || stamp.checkpoint.is_some() {
+            return Err("a change's stamp may not call it a revert or a checkpoint".into());
         }
     }
     Ok(())

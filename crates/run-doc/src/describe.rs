@@ -12,12 +12,12 @@ use std::collections::{BTreeSet, HashSet};
 
 use automerge::{
     legacy::{Key, ObjectId, OpType},
-    AutoCommit, Change, ObjId, ObjType, ReadDoc, Value,
+    AutoCommit, Change, ChangeHash, ObjId, ObjType, ReadDoc, Value,
 };
 use serde_json::{json, Value as Json};
 
 use super::genesis::{FLAGS, GRAFTS, PRUNED_STEPS};
-use super::json::read_json;
+use super::json::{read_json, read_json_at};
 use super::state::{read_graft, root_obj, str_field};
 
 /// The kinds of event a change makes.
@@ -94,10 +94,10 @@ enum Effect {
     Touched(String),
 }
 
-/// Describes `change`, which `doc` holds.
-pub(super) fn describe(doc: &AutoCommit, change: &Change) -> Described {
+/// Describes `change`, which `doc` (now at `heads`) holds.
+pub(super) fn describe(doc: &AutoCommit, change: &Change, heads: &[ChangeHash]) -> Described {
     let stamp = super::Stamp::of(change);
-    let (mut kind, mut content) = effect(doc, change);
+    let (mut kind, mut content) = effect(doc, change, heads);
     if let Some(to) = stamp.as_ref().and_then(|s| s.revert_to.clone()) {
         // What a revert touched, and the point it went back to.
         let field = |root: &str, name: &str| {
@@ -113,7 +113,10 @@ pub(super) fn describe(doc: &AutoCommit, change: &Change) -> Described {
         kind = Kind::Revert;
         content = json!({ "to": to, "touched": touched });
     }
-    if let Some(label) = stamp.as_ref().and_then(|s| s.checkpoint.clone()) {
+    // A checkpoint is a change of no operations; a stamp saying so on anything else is not
+    // believed.
+    let label = stamp.as_ref().and_then(|s| s.checkpoint.clone());
+    if let Some(label) = label.filter(|_| change.is_empty()) {
         let at: Vec<String> = change.deps().iter().map(|h| h.to_string()).collect();
         kind = Kind::Checkpoint;
         content = json!({ "label": label, "at": at });
@@ -125,7 +128,7 @@ pub(super) fn describe(doc: &AutoCommit, change: &Change) -> Described {
     }
 }
 
-fn effect(doc: &AutoCommit, change: &Change) -> (Kind, Json) {
+fn effect(doc: &AutoCommit, change: &Change, heads: &[ChangeHash]) -> (Kind, Json) {
     let expanded = change.decode();
     let actor = change.actor_id();
     let start = change.start_op().get();
@@ -210,7 +213,8 @@ fn effect(doc: &AutoCommit, change: &Change) -> (Kind, Json) {
         }
         Effect::Unprune(step) => (Kind::Unprune, json!({ "stepId": step })),
         Effect::SetFlag(key) => {
-            let value = root_id(flags).map_or(Json::Null, |f| written_value(doc, change, &f, &key));
+            let value =
+                root_id(flags).map_or(Json::Null, |f| written_value(doc, change, heads, &f, &key));
             (Kind::SetFlag, json!({ "key": key, "value": value }))
         }
         Effect::DeleteFlag(key) => (Kind::DeleteFlag, json!({ "key": key })),
@@ -255,28 +259,46 @@ fn place(doc: &AutoCommit, obj: &ObjId) -> String {
     }
 }
 
-/// The value `change` wrote to `key` of `map`: the one of the key's values (a concurrent
-/// write keeps several) that the change made, else (a later change replaced it) the value as
-/// of the change.
-fn written_value(doc: &AutoCommit, change: &Change, map: &ObjId, key: &str) -> Json {
+/// The value `change` wrote to `key` of `map`, as it was when written: the one of the key's
+/// values (a concurrent write keeps several) that the change made, read as of the change (a
+/// later change may have edited inside it; another region may hold that later change already,
+/// or not yet).
+fn written_value(
+    doc: &AutoCommit,
+    change: &Change,
+    doc_heads: &[ChangeHash],
+    map: &ObjId,
+    key: &str,
+) -> Json {
     let actor = change.actor_id();
     let ops = change.start_op().get()..change.start_op().get() + change.len() as u64;
     let ours = |id: &ObjId| match id {
         ObjId::Id(counter, a, _) => a == actor && ops.contains(counter),
         ObjId::Root => false,
     };
-    if let Ok(values) = doc.get_all(map, key) {
-        if let Some((value, id)) = values.iter().find(|(_, id)| ours(id)) {
-            return read_json(doc, value, id);
-        }
-    }
     let heads = [change.hash()];
-    match doc.get_at(map, key, &heads) {
-        Ok(Some((value @ Value::Scalar(_), id))) => read_json(doc, &value, &id),
-        // An object replaced since: its content as now (objects a flag holds are replaced
-        // whole by the node's own writes).
-        Ok(Some((value, id))) => read_json(doc, &value, &id),
-        _ => Json::Null,
+    // Reading as of heads walks the history; when the change is all there is on top, the
+    // document as it is now is the document as of the change.
+    let latest = doc_heads == heads;
+    let read = |value: &Value<'_>, id: &ObjId| {
+        if latest {
+            read_json(doc, value, id)
+        } else {
+            read_json_at(doc, value, id, &heads)
+        }
+    };
+    let now = if latest {
+        doc.get_all(map, key)
+    } else {
+        doc.get_all_at(map, key, &heads)
+    };
+    match now {
+        Ok(values) => values
+            .iter()
+            .find(|(_, id)| ours(id))
+            .or(values.first())
+            .map_or(Json::Null, |(value, id)| read(value, id)),
+        Err(_) => Json::Null,
     }
 }
 
@@ -430,6 +452,52 @@ mod tests {
             d.content,
             json!({"touched": ["flags.list", "flags.other", "note"]})
         );
+    }
+
+    #[test]
+    fn a_flag_is_described_as_written_even_when_a_later_change_in_the_same_batch_edits_it() {
+        let run = Uuid::new_v4();
+        let mut a = RunDoc::new(run, "us");
+        let mut b = RunDoc::new(run, "eu");
+        let set = change(&mut a, flag("list", json!([1, 2])));
+        let mut client = automerge::AutoCommit::load(&a.save()).unwrap();
+        let flags = client.get(automerge::ROOT, "flags").unwrap().unwrap().1;
+        let list = client.get(&flags, "list").unwrap().unwrap().1;
+        client.insert(&list, 0, 7).unwrap();
+        client.commit();
+        let edit = client.get_changes(&a.heads());
+        let here = a.describe(&set);
+        // The other region gets both in one batch, and describes them after applying both.
+        let mut batch = vec![set.clone()];
+        batch.extend(edit);
+        b.apply_remote(batch, None).unwrap();
+        assert_eq!(b.describe(&set), here);
+        assert_eq!(here.content, json!({"key": "list", "value": [1, 2]}));
+    }
+
+    #[test]
+    fn a_clients_stamp_may_not_call_a_change_a_revert_or_checkpoint() {
+        let run = Uuid::new_v4();
+        let mut a = RunDoc::new(run, "us");
+        let mut client = automerge::AutoCommit::load(&a.save()).unwrap();
+        let flags = client.get(automerge::ROOT, "flags").unwrap().unwrap().1;
+        client.put(&flags, "k", 1).unwrap();
+        let stamp = crate::Stamp {
+            lamport: 1,
+            region: "web".into(),
+            user: Some("eve".into()),
+            revert_to: None,
+            checkpoint: Some("fake".into()),
+        };
+        client.commit_with(
+            automerge::transaction::CommitOptions::default().with_message(stamp.to_message()),
+        );
+        let forged = client.get_changes(&a.heads());
+        assert!(crate::authorship::check_stamps(&forged, "eve").is_err());
+        // Were it written by someone trusted all the same, a change with operations is no
+        // checkpoint.
+        a.apply_remote(forged.clone(), None).unwrap();
+        assert_eq!(a.describe(&forged[0]).kind, Kind::SetFlag);
     }
 
     #[test]

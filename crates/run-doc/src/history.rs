@@ -129,6 +129,7 @@ pub(super) fn page(
         }
     };
     let end = (start + limit).min(order.len());
+    let now = doc.get_heads();
     let mut entries = Vec::with_capacity(end.saturating_sub(start));
     for (hash, heads) in &order[start..end] {
         let Some(change) = doc.get_change_by_hash(hash) else {
@@ -142,7 +143,7 @@ pub(super) fn page(
             region: stamp.as_ref().map(|s| s.region.clone()),
             lamport: stamp.as_ref().map(|s| s.lamport),
             time: change.timestamp(),
-            described: describe(doc, &change),
+            described: describe(doc, &change, &now),
             legacy: change.actor_id() == legacy,
         });
     }
@@ -194,6 +195,7 @@ pub(super) fn authors(
     from: &mut AutoCommit,
 ) -> HashMap<String, Option<String>> {
     let before: HashSet<ChangeHash> = from.get_changes_meta(&[]).iter().map(|m| m.hash).collect();
+    let now = to.get_heads();
     let mut who = HashMap::new();
     for (hash, _) in ordered(to) {
         if before.contains(&hash) {
@@ -203,7 +205,7 @@ pub(super) fn authors(
             continue;
         };
         let user = Stamp::of(&change).and_then(|s| s.user);
-        let d = describe(to, &change);
+        let d = describe(to, &change, &now);
         let path =
             |root: &str, field: &str| d.content[field].as_str().map(|k| format!("{root}.{k}"));
         let key = match d.kind {

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 
 use automerge::{
-    hydrate, transaction::Transactable, AutoCommit, AutomergeError, ObjId, ObjType, Prop, ReadDoc,
-    ScalarValue, Value,
+    hydrate, transaction::Transactable, AutoCommit, AutomergeError, ChangeHash, ObjId, ObjType,
+    Prop, ReadDoc, ScalarValue, Value,
 };
 use serde_json::{Map, Number, Value as Json};
 
@@ -71,34 +71,62 @@ pub const MAX_DEPTH: usize = 64;
 
 /// Reads an Automerge value (and, for objects, everything below it) as JSON.
 pub fn read_json(doc: &AutoCommit, value: &Value<'_>, id: &ObjId) -> Json {
-    read_at_depth(doc, value, id, 0)
+    read_at_depth(doc, value, id, None, 0)
 }
 
-fn read_at_depth(doc: &AutoCommit, value: &Value<'_>, id: &ObjId, depth: usize) -> Json {
+/// [`read_json`] as the document was at `heads`.
+pub fn read_json_at(doc: &AutoCommit, value: &Value<'_>, id: &ObjId, heads: &[ChangeHash]) -> Json {
+    read_at_depth(doc, value, id, Some(heads), 0)
+}
+
+fn read_at_depth(
+    doc: &AutoCommit,
+    value: &Value<'_>,
+    id: &ObjId,
+    heads: Option<&[ChangeHash]>,
+    depth: usize,
+) -> Json {
     if depth > MAX_DEPTH {
         return Json::Null;
     }
+    let below =
+        |value: Value<'_>, child: &ObjId| read_at_depth(doc, &value, child, heads, depth + 1);
     match value {
         Value::Scalar(s) => scalar_to_json(s),
         // One pass over the entries: a look-up per key or index seeks from the top each time.
         Value::Object(ObjType::Map) | Value::Object(ObjType::Table) => {
+            let entries = match heads {
+                Some(h) => doc.map_range_at(id, .., h),
+                None => doc.map_range(id, ..),
+            };
             let mut out = Map::new();
-            for item in doc.map_range(id, ..) {
+            for item in entries {
                 let child = item.id();
-                let value = read_at_depth(doc, &item.value.into(), &child, depth + 1);
-                out.insert(item.key.to_string(), value);
+                out.insert(item.key.to_string(), below(item.value.into(), &child));
             }
             Json::Object(out)
         }
-        Value::Object(ObjType::List) => Json::Array(
-            doc.list_range(id, ..)
-                .map(|item| {
-                    let child = item.id();
-                    read_at_depth(doc, &item.value.into(), &child, depth + 1)
-                })
-                .collect(),
+        Value::Object(ObjType::List) => {
+            let items = match heads {
+                Some(h) => doc.list_range_at(id, .., h),
+                None => doc.list_range(id, ..),
+            };
+            Json::Array(
+                items
+                    .map(|item| {
+                        let child = item.id();
+                        below(item.value.into(), &child)
+                    })
+                    .collect(),
+            )
+        }
+        Value::Object(ObjType::Text) => Json::String(
+            match heads {
+                Some(h) => doc.text_at(id, h),
+                None => doc.text(id),
+            }
+            .unwrap_or_default(),
         ),
-        Value::Object(ObjType::Text) => Json::String(doc.text(id).unwrap_or_default()),
     }
 }
 

@@ -1082,8 +1082,9 @@ impl RunDoc {
     }
 
     /// What `change` (which this run holds) did, as the change feed describes it.
-    pub fn describe(&self, change: &Change) -> Described {
-        describe::describe(&self.doc, change)
+    pub fn describe(&mut self, change: &Change) -> Described {
+        let heads = self.doc.get_heads();
+        describe::describe(&self.doc, change, &heads)
     }
 
     /// Every change the holder of `heads` lacks. Heads this document does not know are

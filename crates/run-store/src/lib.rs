@@ -290,13 +290,18 @@ struct OutboxRow {
 /// The outbox's queries, the same text on both backends (`$n` placeholders, each first used
 /// in order, which SQLite numbers alike).
 mod outbox_sql {
-    pub const DUE: &str = "SELECT o.id, o.subscription_id, o.event_id, o.attempts, o.state, \
-        o.last_error, o.next_attempt_at, o.created_at FROM crdt_webhook_outbox o \
+    /// Due deliveries of live subscriptions, at most `$2` of each (one slow endpoint cannot
+    /// fill the window the others are read through), `$3` in all.
+    pub const DUE: &str = "SELECT id, subscription_id, event_id, attempts, state, last_error, \
+        next_attempt_at, created_at FROM (SELECT o.id, o.subscription_id, o.event_id, \
+        o.attempts, o.state, o.last_error, o.next_attempt_at, o.created_at, \
+        ROW_NUMBER() OVER (PARTITION BY o.subscription_id ORDER BY o.event_id) AS rn \
+        FROM crdt_webhook_outbox o JOIN crdt_webhooks w ON w.id = o.subscription_id \
         WHERE o.state = 'pending' AND o.next_attempt_at <= $1 \
         AND NOT EXISTS (SELECT 1 FROM crdt_webhook_outbox p \
             WHERE p.subscription_id = o.subscription_id AND p.run_id = o.run_id \
-            AND p.state = 'pending' AND p.event_id < o.event_id) \
-        ORDER BY o.event_id LIMIT $2";
+            AND p.state = 'pending' AND p.event_id < o.event_id)) d \
+        WHERE rn <= $2 ORDER BY event_id LIMIT $3";
     pub const DEAD: &str = "SELECT o.id, o.subscription_id, o.event_id, o.attempts, o.state, \
         o.last_error, o.next_attempt_at, o.created_at FROM crdt_webhook_outbox o \
         WHERE o.subscription_id = $1 AND o.state = 'dead' AND o.id > $2 \
@@ -366,6 +371,9 @@ fn depth(rows: Vec<DepthRow>) -> (i64, i64) {
     let count = |state: &str| rows.iter().filter(|r| r.state == state).map(|r| r.n).sum();
     (count("pending"), count("dead"))
 }
+
+/// Due deliveries of one subscription read at a time (see `outbox_sql::DUE`).
+const DUE_PER_SUBSCRIPTION: i64 = 50;
 
 /// Joins outbox rows with their events (rows whose event is gone are left out).
 fn deliveries(rows: Vec<OutboxRow>, events: Vec<FeedRow>) -> Vec<Delivery> {

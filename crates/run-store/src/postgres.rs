@@ -16,7 +16,7 @@ use super::schema::pg::{collaboration_events as ev, crdt_runs as runs, crdt_snap
 use super::{
     activity, deliveries, depth, outbox_sql as sql, pool_error, Attempted, Delivery, DepthRow,
     EventColumns, FeedColumns, FeedRow, NewEvent, OutboxRow, RunActivity, Snapshot, Store,
-    StoreError, StoredEvent, Webhook, WebhookRow,
+    StoreError, StoredEvent, Webhook, WebhookRow, DUE_PER_SUBSCRIPTION,
 };
 use chrono::NaiveDateTime;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
@@ -448,6 +448,9 @@ impl Store for PgStore {
         let id = id.to_string();
         let n = conn
             .transaction(async |c| {
+                // Not beside an append: one filling the outbox from a snapshot that still
+                // holds the subscription would leave rows behind it.
+                diesel::sql_query(APPEND_LOCK).execute(c).await?;
                 diesel::sql_query(sql::DROP_OUTBOX)
                     .bind::<Text, _>(&id)
                     .execute(c)
@@ -475,6 +478,7 @@ impl Store for PgStore {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let rows: Vec<OutboxRow> = diesel::sql_query(sql::DUE)
             .bind::<Timestamp, _>(now)
+            .bind::<BigInt, _>(DUE_PER_SUBSCRIPTION.min(limit))
             .bind::<BigInt, _>(limit)
             .load(&mut conn)
             .await?;

@@ -23,7 +23,7 @@ use super::schema::sqlite::{
 use super::{
     activity, deliveries, depth, outbox_sql as sql, pool_error, Attempted, Delivery, DepthRow,
     EventColumns, FeedColumns, FeedRow, NewEvent, OutboxRow, RunActivity, Snapshot, Store,
-    StoreError, StoredEvent, Webhook, WebhookRow,
+    StoreError, StoredEvent, Webhook, WebhookRow, DUE_PER_SUBSCRIPTION,
 };
 use chrono::NaiveDateTime;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
@@ -352,6 +352,7 @@ impl Store for SqliteStore {
         self.with_conn(move |c| {
             let rows: Vec<OutboxRow> = diesel::sql_query(sql::DUE)
                 .bind::<Timestamp, _>(now)
+                .bind::<BigInt, _>(DUE_PER_SUBSCRIPTION.min(limit))
                 .bind::<BigInt, _>(limit)
                 .load(c)?;
             with_events(c, rows)

@@ -1,5 +1,8 @@
 //! Which URLs a webhook may be sent to: http(s) with a host, and, when the configuration
 //! lists allowed hosts, one of those (`example.com`, or `*.example.com` for its subdomains).
+//! With no list, any host but the node's own neighbourhood: loopback, private, link-local and
+//! unspecified addresses (and `localhost`) must be listed to be reached, so a subscription
+//! cannot make the node probe the services beside it or a cloud's metadata address.
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BadTarget {
@@ -11,6 +14,8 @@ pub enum BadTarget {
     NoHost,
     #[error("host {0:?} is not among the configuration's allowed webhook hosts")]
     NotAllowed(String),
+    #[error("host {0:?} is a local or private address: list it in the allowed webhook hosts to reach it")]
+    Local(String),
     #[error("a webhook URL may not carry a user or password")]
     Credentials,
 }
@@ -55,7 +60,44 @@ impl AllowedHosts {
         if !self.allows(&host) {
             return Err(BadTarget::NotAllowed(host));
         }
+        if self.0.is_empty() && local(&parsed) {
+            return Err(BadTarget::Local(host));
+        }
         Ok(parsed)
+    }
+}
+
+/// Whether the URL names this node's neighbourhood rather than the internet.
+fn local(url: &url::Url) -> bool {
+    use std::net::IpAddr;
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
+        Some(url::Host::Ipv6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            return d == "localhost" || d.ends_with(".localhost");
+        }
+        None => return false,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                // 100.64/10, shared address space (carrier-grade NAT, some clusters).
+                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
     }
 }
 
@@ -92,5 +134,26 @@ mod tests {
         );
         assert!(some.check("https://evilexample.com/").is_err());
         assert!(some.check("http://169.254.169.254/").is_err());
+    }
+
+    #[test]
+    fn the_node_s_neighbourhood_must_be_listed() {
+        let any = AllowedHosts::default();
+        for url in [
+            "http://127.0.0.1:8080/",
+            "http://10.0.0.5/",
+            "http://192.168.1.1/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://[fd00::1]/",
+            "http://localhost:9000/",
+            "http://0.0.0.0/",
+        ] {
+            assert!(matches!(any.check(url), Err(BadTarget::Local(_))), "{url}");
+        }
+        assert!(any.check("http://93.184.216.34/").is_ok());
+        let listed = AllowedHosts::new(vec!["127.0.0.1".into()]);
+        assert!(listed.check("http://127.0.0.1:8080/hook").is_ok());
     }
 }

@@ -47,7 +47,7 @@ pub(crate) fn rows(
     region: &str,
     lamport: u64,
     mut next_seq: impl FnMut() -> i64,
-    describe: impl Fn(&Change) -> Option<Described>,
+    mut describe: impl FnMut(&Change) -> Option<Described>,
 ) -> Vec<NewEvent> {
     let lamport = i64::try_from(lamport).unwrap_or(i64::MAX);
     // Microseconds, as PostgreSQL keeps them, so the runs list's cursor is exact on SQLite.
@@ -56,11 +56,20 @@ pub(crate) fn rows(
         .iter()
         .map(|change| {
             let described = describe(change);
-            // The author the change names travels with it: another region's row names them too.
-            let user_id = meta
-                .user_id
-                .clone()
-                .or_else(|| described.as_ref().and_then(|d| d.user.clone()));
+            // The author as the change itself names them (its stamp, else the entry it wrote),
+            // so every region's row names the same one; what this door knew only when the
+            // change says nothing.
+            let named = described.as_ref().and_then(|d| {
+                d.user.clone().or_else(|| {
+                    d.content
+                        .get("graft")
+                        .unwrap_or(&d.content)
+                        .get("user")
+                        .and_then(|u| u.as_str())
+                        .map(str::to_string)
+                })
+            });
+            let user_id = named.or_else(|| meta.user_id.clone());
             NewEvent {
                 run_id,
                 run_seq: next_seq(),

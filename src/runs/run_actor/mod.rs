@@ -234,7 +234,7 @@ impl RunActor {
             None => self.writes.durable().clone(),
         };
         let writes = &mut self.writes;
-        let doc = self.doc.as_ref();
+        let mut doc = self.doc.as_mut();
         let events = events::rows(
             self.run_id,
             &changes,
@@ -242,7 +242,7 @@ impl RunActor {
             &region,
             lamport_after,
             || writes.next_seq(),
-            |change| doc.map(|d| d.describe(change)),
+            |change| doc.as_mut().map(|d| d.describe(change)),
         );
         let start = self.writes.push(PendingWrite {
             events,
