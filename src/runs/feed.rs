@@ -20,10 +20,10 @@ use uuid::Uuid;
 /// Events held in the ring for live readers; a reader further behind is told it lagged.
 const RING: usize = 4096;
 /// Content larger than this stays in the log: the ring carries the event without it and a
-/// reader fetches it there, so the ring holds at most `RING` × this.
-const RING_CONTENT_MAX: usize = 16 * 1024;
-/// Rows read from the log at a time.
-pub const PAGE: i64 = 500;
+/// reader fetches it there, so the ring holds at most `RING` × this (16 MiB).
+const RING_CONTENT_MAX: usize = 4 * 1024;
+/// Rows read from the log at a time (a replaying stream holds at most one page).
+pub const PAGE: i64 = 100;
 /// The tail also reads this often without being woken (a commit it was not told about).
 const TAIL_POLL: Duration = Duration::from_secs(1);
 
