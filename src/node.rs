@@ -176,11 +176,11 @@ async fn start_runtime(
         store.backend(),
         redact(&settings.database.url)
     );
-    let committers = if store.backend() == "sqlite" {
-        1
-    } else {
-        settings.database.pool_size.clamp(1, 4)
-    };
+    // One committer: appends commit one after another so that the log's cursors become
+    // visible in order (see `run_store::Store::feed`). Several committers would only queue on
+    // the append lock with smaller batches; one collects everything waiting while the
+    // previous commit flushes.
+    let committers = 1;
     Ok(Runs::start(
         store,
         RunsConfig {

@@ -81,6 +81,32 @@ pub struct Described {
     pub user: Option<String>,
 }
 
+impl Described {
+    /// What the change of a local mutation did, known from the mutation (and the graft it
+    /// made) without reading the change back: what [`describe`] says of that change in every
+    /// region (tested), at a fraction of the cost on the write path. `None` where only the
+    /// change is exact (a flag's value as stored, reverts, checkpoints).
+    pub fn of_local(
+        mutation: &crate::Mutation,
+        graft: Option<&crate::Graft>,
+        user: Option<&str>,
+    ) -> Option<Described> {
+        use crate::Mutation as M;
+        let (kind, content) = match mutation {
+            M::Graft { .. } => (Kind::Graft, json!({ "graft": graft? })),
+            M::Prune { step_id, user } => (Kind::Prune, json!({ "stepId": step_id, "user": user })),
+            M::Unprune { step_id } => (Kind::Unprune, json!({ "stepId": step_id })),
+            M::DeleteFlag { key } => (Kind::DeleteFlag, json!({ "key": key })),
+            M::SetFlag { .. } | M::Revert { .. } | M::Checkpoint { .. } => return None,
+        };
+        Some(Described {
+            kind,
+            content,
+            user: user.map(str::to_string),
+        })
+    }
+}
+
 /// One thing a change did.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Clone)]
 enum Effect {
@@ -414,6 +440,43 @@ mod tests {
         assert!(crate::authorship::check_stamps(std::slice::from_ref(&c), "cy").is_ok());
         let err = crate::authorship::check_stamps(&[c], "eve").unwrap_err();
         assert!(err.contains("\"cy\""), "{err}");
+    }
+
+    #[test]
+    fn a_local_mutation_is_described_from_itself_as_its_change_is_everywhere() {
+        let run = Uuid::new_v4();
+        let mut a = RunDoc::new(run, "us");
+        let mut b = RunDoc::new(run, "eu");
+        let mutations = [
+            Mutation::Graft {
+                id: Uuid::new_v4(),
+                retry_safe: false,
+                agent: "Planner".into(),
+                after_step: "s1".into(),
+                user: "ann".into(),
+            },
+            Mutation::Prune {
+                step_id: "s1".into(),
+                user: "bo".into(),
+            },
+            Mutation::Unprune {
+                step_id: "s1".into(),
+            },
+            flag("k", json!(1)),
+            Mutation::DeleteFlag { key: "k".into() },
+        ];
+        for m in mutations {
+            let applied = a.apply_by(&m, T0, Some("cy")).unwrap();
+            let change = applied.change.unwrap();
+            b.apply_remote(vec![change.clone()], None).unwrap();
+            let quick = crate::Described::of_local(&m, applied.graft.as_ref(), Some("cy"));
+            if let Some(quick) = quick {
+                assert_eq!(quick, a.describe(&change), "{m:?}");
+                assert_eq!(quick, b.describe(&change), "{m:?}");
+            } else {
+                assert!(matches!(m, Mutation::SetFlag { .. }));
+            }
+        }
     }
 
     #[test]

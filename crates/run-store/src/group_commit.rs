@@ -4,8 +4,9 @@
 //! of runs append at once. Committer tasks take every append waiting in the queue, write them
 //! in a single transaction and answer each caller. Under light load a batch is one append and
 //! costs one commit; under heavy load one commit carries hundreds, so durability does not cost
-//! throughput. Several committers (PostgreSQL) overlap one batch's commit with the next batch's
-//! collection; SQLite has a single writer, so it gets one.
+//! throughput. The node runs one committer: appends are serialized anyway (the change feed's
+//! cursors must become visible in order), and one committer collects everything that waited
+//! while the previous commit flushed, where several would queue with smaller batches.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -32,6 +32,20 @@ const TOUCH_RUNS: &str = "INSERT INTO crdt_runs (run_id, last_activity) \
 /// earlier could commit later, behind a feed reader that had already passed it.
 const APPEND_LOCK: &str = "SELECT pg_advisory_xact_lock(7263010451)";
 
+/// An append's first statement, one round trip: the lock, where the log ends (the rows after
+/// it are this transaction's) and whether any subscription may want an outbox row.
+const BEGIN_APPEND: &str = "SELECT pg_advisory_xact_lock(7263010451)::text AS locked, \
+    COALESCE((SELECT MAX(id) FROM collaboration_events), 0) AS before, \
+    EXISTS (SELECT 1 FROM crdt_webhooks) AS hooks";
+
+#[derive(QueryableByName)]
+struct AppendStart {
+    #[diesel(sql_type = sql_types::BigInt)]
+    before: i64,
+    #[diesel(sql_type = sql_types::Bool)]
+    hooks: bool,
+}
+
 /// The outbox rows of the events this transaction appended (ids past `$1`): one per webhook
 /// subscription whose filters take the event.
 const FILL_OUTBOX: &str = "INSERT INTO crdt_webhook_outbox \
@@ -207,11 +221,7 @@ impl Store for PgStore {
         // commit together.
         let inserted = conn
             .transaction(async |c| {
-                diesel::sql_query(APPEND_LOCK).execute(c).await?;
-                let before: Option<i64> = ev::table
-                    .select(diesel::dsl::max(ev::id))
-                    .get_result(c)
-                    .await?;
+                let start: AppendStart = diesel::sql_query(BEGIN_APPEND).get_result(c).await?;
                 let mut n = 0;
                 for chunk in rows.chunks(2000) {
                     n += diesel::insert_into(ev::table)
@@ -227,9 +237,9 @@ impl Store for PgStore {
                     .bind::<Array<sql_types::Timestamp>, _>(&times)
                     .execute(c)
                     .await?;
-                if n > 0 {
+                if n > 0 && start.hooks {
                     diesel::sql_query(FILL_OUTBOX)
-                        .bind::<sql_types::BigInt, _>(before.unwrap_or(0))
+                        .bind::<sql_types::BigInt, _>(start.before)
                         .bind::<sql_types::Timestamp, _>(chrono::Utc::now().naive_utc())
                         .execute(c)
                         .await?;
@@ -430,16 +440,22 @@ impl Store for PgStore {
     async fn save_webhook(&self, w: &Webhook) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let (runs, kinds) = w.stored_filters();
-        diesel::sql_query(sql::SAVE_WEBHOOK)
-            .bind::<Text, _>(&w.id)
-            .bind::<Text, _>(&w.url)
-            .bind::<Text, _>(&w.secret)
-            .bind::<Nullable<Text>, _>(runs)
-            .bind::<Nullable<Text>, _>(kinds)
-            .bind::<Text, _>(&w.origin)
-            .bind::<Timestamp, _>(w.created_at)
-            .execute(&mut conn)
-            .await?;
+        let w = w.clone();
+        conn.transaction(async |c| {
+            // Not beside an append: one that found no subscription must not commit after it.
+            diesel::sql_query(APPEND_LOCK).execute(c).await?;
+            diesel::sql_query(sql::SAVE_WEBHOOK)
+                .bind::<Text, _>(&w.id)
+                .bind::<Text, _>(&w.url)
+                .bind::<Text, _>(&w.secret)
+                .bind::<Nullable<Text>, _>(runs)
+                .bind::<Nullable<Text>, _>(kinds)
+                .bind::<Text, _>(&w.origin)
+                .bind::<Timestamp, _>(w.created_at)
+                .execute(c)
+                .await
+        })
+        .await?;
         Ok(())
     }
 

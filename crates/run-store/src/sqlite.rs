@@ -42,6 +42,20 @@ const TOUCH_RUN: &str = "INSERT INTO crdt_runs (run_id, last_activity) VALUES (?
     ON CONFLICT (run_id) DO UPDATE \
     SET last_activity = MAX(crdt_runs.last_activity, excluded.last_activity)";
 
+/// An append's first statement: where the log ends (the rows after it are this transaction's)
+/// and whether any subscription may want an outbox row.
+const BEGIN_APPEND: &str =
+    "SELECT COALESCE((SELECT MAX(id) FROM collaboration_events), 0) AS before, \
+    EXISTS (SELECT 1 FROM crdt_webhooks) AS hooks";
+
+#[derive(QueryableByName)]
+struct AppendStart {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    before: i64,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    hooks: bool,
+}
+
 /// The outbox rows of the events this transaction appended (ids past the first `?`): one per
 /// webhook subscription whose filters take the event.
 const FILL_OUTBOX: &str = "INSERT INTO crdt_webhook_outbox \
@@ -166,7 +180,7 @@ impl Store for SqliteStore {
             // Immediate: the write lock from the start, so the ids read below are this
             // transaction's own.
             let n = c.immediate_transaction(|c| {
-                let before: Option<i64> = ev::table.select(diesel::dsl::max(ev::id)).first(c)?;
+                let start: AppendStart = diesel::sql_query(BEGIN_APPEND).get_result(c)?;
                 let mut n = 0;
                 for e in &events {
                     n += diesel::insert_into(ev::table)
@@ -182,9 +196,9 @@ impl Store for SqliteStore {
                         .bind::<diesel::sql_types::Timestamp, _>(a.last_activity)
                         .execute(c)?;
                 }
-                if n > 0 {
+                if n > 0 && start.hooks {
                     diesel::sql_query(FILL_OUTBOX)
-                        .bind::<diesel::sql_types::BigInt, _>(before.unwrap_or(0))
+                        .bind::<diesel::sql_types::BigInt, _>(start.before)
                         .bind::<diesel::sql_types::Timestamp, _>(chrono::Utc::now().naive_utc())
                         .execute(c)?;
                 }

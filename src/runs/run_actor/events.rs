@@ -3,7 +3,7 @@
 
 use automerge::Change;
 use chrono::NaiveDateTime;
-use run_doc::{Described, Mutation, Stamp};
+use run_doc::{Described, Graft, Mutation, Stamp};
 use run_store::NewEvent;
 use serde_json::json;
 use uuid::Uuid;
@@ -14,14 +14,17 @@ pub(crate) struct EventMeta {
     pub event_type: &'static str,
     pub payload: Option<String>,
     pub user_id: Option<String>,
+    /// The description of a local mutation's one change, known without reading it back.
+    pub described: Option<Described>,
 }
 
 impl EventMeta {
     /// A local mutation by `user`.
-    pub fn local(mutation: &Mutation, user: Option<String>) -> Self {
+    pub fn local(mutation: &Mutation, graft: Option<&Graft>, user: Option<String>) -> Self {
         EventMeta {
             event_type: mutation.event_type(),
             payload: Some(payload(mutation)),
+            described: Described::of_local(mutation, graft, user.as_deref()),
             user_id: user,
         }
     }
@@ -32,6 +35,7 @@ impl EventMeta {
             event_type: "CRDT_SYNC",
             payload: None,
             user_id: user,
+            described: None,
         }
     }
 }
@@ -55,7 +59,10 @@ pub(crate) fn rows(
     changes
         .iter()
         .map(|change| {
-            let described = describe(change);
+            let described = match &meta.described {
+                Some(d) if changes.len() == 1 => Some(d.clone()),
+                _ => describe(change),
+            };
             // The author as the change itself names them (its stamp, else the entry it wrote),
             // so every region's row names the same one; what this door knew only when the
             // change says nothing.
@@ -122,7 +129,7 @@ mod tests {
             step_id: "s1".into(),
             user: "ann".into(),
         };
-        let meta = EventMeta::local(&m, Some("ann".into()));
+        let meta = EventMeta::local(&m, None, Some("ann".into()));
         assert_eq!(meta.event_type, "PRUNE");
         let p: serde_json::Value = serde_json::from_str(meta.payload.as_deref().unwrap()).unwrap();
         assert_eq!(p, json!({"stepId": "s1", "user": "ann"}));

@@ -115,7 +115,7 @@ impl Handler<Call<Mutate>> for RunActor {
             // Nothing new to write, but the state it reports must be durable first.
             return self.once_durable(Ok(outcome), ctx);
         };
-        let meta = EventMeta::local(&msg.mutation, msg.user);
+        let meta = EventMeta::local(&msg.mutation, outcome.graft.as_ref(), msg.user);
         let done = self.enqueue(vec![change], meta, Origin::Local, ctx);
         Box::pin(async move {
             done.await.map_err(|_| RunError::Stopped)??;
