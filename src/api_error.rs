@@ -31,6 +31,9 @@ pub enum ApiError {
     /// A request body that did not arrive within the deadline.
     #[error("{0}")]
     Timeout(String),
+    /// The caller holds as many of something as one caller may (event streams).
+    #[error("{0}")]
+    TooMany(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -54,6 +57,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Timeout(_) => "request_timeout",
+            ApiError::TooMany(_) => "too_many_requests",
             ApiError::Internal(_) => "internal",
         }
     }

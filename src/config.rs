@@ -66,6 +66,9 @@ pub struct Feed {
     /// Event streams open at once; more are refused with 503.
     #[serde(default = "default_feed_streams")]
     pub max_streams: usize,
+    /// Event streams one user token may hold open (the service credential is not counted).
+    #[serde(default = "default_feed_streams_per_user")]
+    pub max_streams_per_user: usize,
     #[serde(default)]
     pub webhooks: Webhooks,
 }
@@ -78,11 +81,16 @@ fn default_feed_streams() -> usize {
     1000
 }
 
+fn default_feed_streams_per_user() -> usize {
+    10
+}
+
 impl Default for Feed {
     fn default() -> Self {
         Feed {
             heartbeat_ms: default_feed_heartbeat(),
             max_streams: default_feed_streams(),
+            max_streams_per_user: default_feed_streams_per_user(),
             webhooks: Webhooks::default(),
         }
     }
@@ -788,6 +796,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_FEED_HEARTBEAT_MS", "crdt.feed.heartbeat-ms"),
     ("CRDT_FEED_MAX_STREAMS", "crdt.feed.max-streams"),
     (
+        "CRDT_FEED_MAX_STREAMS_PER_USER",
+        "crdt.feed.max-streams-per-user",
+    ),
+    (
         "CRDT_WEBHOOK_MAX_ATTEMPTS",
         "crdt.feed.webhooks.max-attempts",
     ),
@@ -1015,6 +1027,12 @@ impl Settings {
         }
         if feed.max_streams == 0 {
             return Err(invalid("crdt.feed.max-streams", "must be at least 1"));
+        }
+        if feed.max_streams_per_user == 0 {
+            return Err(invalid(
+                "crdt.feed.max-streams-per-user",
+                "must be at least 1",
+            ));
         }
         let hooks = &feed.webhooks;
         if hooks.max_attempts == 0 {

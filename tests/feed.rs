@@ -238,6 +238,8 @@ async fn streams_answer_to_identity_as_every_door_does() {
         &[
             ("CRDT_API_TOKEN", SERVICE),
             ("CRDT_JWT_HS256_SECRET", SECRET),
+            ("CRDT_FEED_MAX_STREAMS_PER_USER", "5"),
+            ("CRDT_FEED_HEARTBEAT_MS", "200"),
         ],
     );
     let service = Client::with_token(SERVICE);
@@ -285,6 +287,26 @@ async fn streams_answer_to_identity_as_every_door_does() {
             .0,
         403
     );
+    // One user holds a bounded number of streams (5 here; two of vic's are still open above);
+    // a closed one gives its place back.
+    let url = events_url(&node, mine);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            Sse::open(&url, None, Some(&reader))
+                .await
+                .expect("within the user's share"),
+        );
+    }
+    let (status, body) = Sse::open(&url, None, Some(&reader)).await.err().unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("vic"), "{body}");
+    drop(held.pop());
+    let again = common::eventually(5, || async {
+        Sse::open(&url, None, Some(&reader)).await.ok()
+    })
+    .await;
+    assert!(again.is_some(), "the place came back");
     // The service credential sees every run; webhooks are for it alone.
     let mut s = Sse::open(&all, Some(0), Some(SERVICE)).await.unwrap();
     assert_eq!(s.drain(Duration::from_millis(700)).await.len(), 2);

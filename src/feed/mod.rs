@@ -24,6 +24,10 @@ pub struct FeedEdge {
     pub max_streams: usize,
     /// Streams open now.
     open: AtomicUsize,
+    /// Streams one user token may hold open (the service credential: only `max_streams`).
+    pub max_per_user: usize,
+    /// Streams open per user token's `sub`.
+    per_user: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     pub metrics: FeedMetrics,
     /// Set when the node stops: every stream ends, telling its consumer why.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -43,6 +47,8 @@ impl FeedEdge {
             heartbeat: Duration::from_millis(settings.heartbeat_ms),
             max_streams: settings.max_streams,
             open: AtomicUsize::new(0),
+            max_per_user: settings.max_streams_per_user,
+            per_user: Default::default(),
             metrics: FeedMetrics {
                 streams: metrics.feed_streams.clone(),
                 streamed: metrics.feed_streamed.clone(),
@@ -50,6 +56,27 @@ impl FeedEdge {
             stopping: tokio::sync::watch::channel(false).0,
             webhooks,
         })
+    }
+
+    /// Takes a place among `user`'s streams; false when they hold all they may.
+    fn take_user_place(&self, user: &str) -> bool {
+        let mut open = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(user.to_string()).or_default();
+        if *n >= self.max_per_user {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn give_user_place(&self, user: &str) {
+        let mut open = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(user);
+            }
+        }
     }
 
     /// The node is stopping: ends every stream (their consumers resume elsewhere or later).

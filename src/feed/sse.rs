@@ -150,12 +150,15 @@ fn cursor(query: &StreamQuery, req: &HttpRequest) -> Result<Option<i64>, ApiErro
 }
 
 /// A place among the node's open streams, given back when the stream ends.
-struct Place(Arc<FeedEdge>);
+struct Place(Arc<FeedEdge>, Option<String>);
 
 impl Drop for Place {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::SeqCst);
         self.0.metrics.streams.dec();
+        if let Some(user) = &self.1 {
+            self.0.give_user_place(user);
+        }
     }
 }
 
@@ -183,8 +186,24 @@ async fn open(
             ));
         }
     }
+    // One user's streams are bounded, so that one token cannot take every place.
+    let user = match caller {
+        Identity::User(grant) => Some(grant.sub.clone()),
+        Identity::Service => None,
+    };
+    if let Some(user) = &user {
+        if !edge.take_user_place(user) {
+            return Err(ApiError::TooMany(format!(
+                "{user} holds {} event streams, as many as one user may: close one first",
+                edge.max_per_user
+            )));
+        }
+    }
     if edge.open.fetch_add(1, Ordering::SeqCst) >= edge.max_streams {
         edge.open.fetch_sub(1, Ordering::SeqCst);
+        if let Some(user) = &user {
+            edge.give_user_place(user);
+        }
         return Err(ApiError::Unavailable(format!(
             "this node serves {} event streams at most; retry shortly",
             edge.max_streams
@@ -192,7 +211,7 @@ async fn open(
     }
     edge.metrics.streams.inc();
     let edge = edge.into_inner();
-    let place = Place(edge.clone());
+    let place = Place(edge.clone(), user);
     let live = feed
         .subscribe()
         .await
