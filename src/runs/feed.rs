@@ -42,14 +42,10 @@ pub struct FeedEvent {
 impl FeedEvent {
     pub fn from_row(row: &FeedRow) -> Self {
         let (kind, content) = describe_row(row);
-        let user = row.user_id.clone().or_else(|| {
-            content
-                .get("graft")
-                .unwrap_or(&content)
-                .get("user")
-                .and_then(Json::as_str)
-                .map(str::to_string)
-        });
+        let user = row
+            .user_id
+            .clone()
+            .or_else(|| run_doc::entry_user(&content).map(str::to_string));
         let event = json!({
             "id": row.id,
             "runId": row.run_id,

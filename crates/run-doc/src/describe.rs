@@ -81,7 +81,25 @@ pub struct Described {
     pub user: Option<String>,
 }
 
+/// The user the entry a change wrote names (a graft's, a pruned step's), from a description's
+/// content.
+pub fn entry_user(content: &Json) -> Option<&str> {
+    content
+        .get("graft")
+        .unwrap_or(content)
+        .get("user")
+        .and_then(Json::as_str)
+}
+
 impl Described {
+    /// Who made the change as the change itself says, the same in every region: its stamp's
+    /// user, else the user the entry it wrote names.
+    pub fn author(&self) -> Option<String> {
+        self.user
+            .clone()
+            .or_else(|| entry_user(&self.content).map(str::to_string))
+    }
+
     /// What the change of a local mutation did, known from the mutation (and the graft it
     /// made) without reading the change back: what [`describe`] says of that change in every
     /// region (tested), at a fraction of the cost on the write path. `None` where only the

@@ -204,7 +204,6 @@ pub(super) fn authors(
         let Some(change) = to.get_change_by_hash(&hash) else {
             continue;
         };
-        let user = Stamp::of(&change).and_then(|s| s.user);
         let d = describe(to, &change, &now);
         let path =
             |root: &str, field: &str| d.content[field].as_str().map(|k| format!("{root}.{k}"));
@@ -216,12 +215,7 @@ pub(super) fn authors(
             super::Kind::SetFlag | super::Kind::DeleteFlag => path("flags", "key"),
             _ => None,
         };
-        let user = user.or_else(|| {
-            d.content["graft"]["user"]
-                .as_str()
-                .or(d.content["user"].as_str())
-                .map(str::to_string)
-        });
+        let user = d.author();
         match key {
             Some(key) => {
                 who.insert(key, user);

@@ -43,7 +43,7 @@ pub use changes::{
     concat_changes, parse_changes, parse_changes_or_document, parse_document, parse_own_changes,
     parse_own_document, parse_peer_changes, parse_peer_document, Stamp,
 };
-pub use describe::{Described, Kind};
+pub use describe::{entry_user, Described, Kind};
 pub use genesis::genesis_actor;
 pub use history::{FlagChange, HistoryEntry, HistoryPage, RunDiff, Touched};
 pub use legacy::{legacy_actor, LegacyEvent};
@@ -90,6 +90,16 @@ fn hashes(hs: &[ChangeHash]) -> String {
         .map(|h| h.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The highest Lamport stamp among the document's changes: where its clock resumes.
+fn highest_stamp(doc: &mut AutoCommit) -> u64 {
+    doc.get_changes_meta(&[])
+        .iter()
+        .filter_map(|m| Stamp::parse(m.message.as_deref()?))
+        .map(|s| s.lamport)
+        .max()
+        .unwrap_or(0)
 }
 
 /// A mutation a user asks for.
@@ -230,13 +240,7 @@ impl RunDoc {
         if doc.get_change_meta_by_hash(&genesis).is_none() {
             return Err(not_this_run("it lacks the run's genesis change".into()));
         }
-        let lamport = doc
-            .get_changes_meta(&[])
-            .iter()
-            .filter_map(|m| Stamp::parse(m.message.as_deref()?))
-            .map(|s| s.lamport)
-            .max()
-            .unwrap_or(0);
+        let lamport = highest_stamp(&mut doc);
         doc.set_actor(ActorId::random());
         Ok(RunDoc {
             run_id,
@@ -1045,13 +1049,7 @@ impl RunDoc {
             ));
         }
         let mut doc = self.doc.fork_at(heads)?;
-        let lamport = doc
-            .get_changes_meta(&[])
-            .iter()
-            .filter_map(|m| Stamp::parse(m.message.as_deref()?))
-            .map(|s| s.lamport)
-            .max()
-            .unwrap_or(0);
+        let lamport = highest_stamp(&mut doc);
         Ok(RunDoc {
             run_id: self.run_id,
             region: self.region.clone(),
@@ -1075,8 +1073,9 @@ impl RunDoc {
         to: Option<&[ChangeHash]>,
     ) -> Result<RunDiff, DocError> {
         let mut before = self.at(from)?;
-        let now = self.doc.get_heads();
-        let mut after = self.at(to.unwrap_or(&now))?;
+        // Up to now: this document itself, not a copy of it.
+        let mut forked = to.map(|to| self.at(to)).transpose()?;
+        let after = forked.as_mut().unwrap_or(self);
         let who = history::authors(&mut after.doc, &mut before.doc);
         Ok(history::diff(&before.state(), &after.state(), &who))
     }

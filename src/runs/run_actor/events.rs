@@ -66,17 +66,10 @@ pub(crate) fn rows(
             // The author as the change itself names them (its stamp, else the entry it wrote),
             // so every region's row names the same one; what this door knew only when the
             // change says nothing.
-            let named = described.as_ref().and_then(|d| {
-                d.user.clone().or_else(|| {
-                    d.content
-                        .get("graft")
-                        .unwrap_or(&d.content)
-                        .get("user")
-                        .and_then(|u| u.as_str())
-                        .map(str::to_string)
-                })
-            });
-            let user_id = named.or_else(|| meta.user_id.clone());
+            let user_id = described
+                .as_ref()
+                .and_then(Described::author)
+                .or_else(|| meta.user_id.clone());
             NewEvent {
                 run_id,
                 run_seq: next_seq(),
