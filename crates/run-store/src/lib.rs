@@ -422,6 +422,93 @@ pub struct Snapshot {
     pub projection: Option<Vec<u8>>,
 }
 
+/// The last decision about a run's deletion: deleted, or restored. Regions exchange them and
+/// the later decision wins ([`Tombstone::supersedes`]), so every region reaches the same one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    pub run_id: Uuid,
+    pub deleted: bool,
+    /// When it was decided, unix milliseconds: the clock the later decision is chosen by.
+    pub decided_at: i64,
+    /// The region that decided; breaks a tie of `decided_at`.
+    pub region: String,
+    pub by: Option<String>,
+    /// The run's events and snapshots are gone (only this row is left of it).
+    pub purged: bool,
+}
+
+impl Tombstone {
+    /// Whether this decision wins over `other` (the same rule as `SAVE_TOMBSTONE`'s).
+    pub fn supersedes(&self, other: &Tombstone) -> bool {
+        (self.decided_at, self.region.as_str()) > (other.decided_at, other.region.as_str())
+    }
+}
+
+/// Rows excluded from the runs lists: runs deleted (their row says so).
+const NOT_DELETED: &str = "NOT EXISTS (SELECT 1 FROM crdt_tombstones t \
+    WHERE t.run_id = {table}.run_id AND t.deleted)";
+
+/// [`NOT_DELETED`] for rows of `table`.
+fn not_deleted(table: &str) -> String {
+    NOT_DELETED.replace("{table}", table)
+}
+
+mod tombstone_sql {
+    pub const GET: &str = "SELECT deleted, decided_at, region, decided_by, purged \
+        FROM crdt_tombstones WHERE run_id = $1";
+    /// Last writer wins: a decision is recorded only over an earlier one. A restore clears
+    /// `purged` (the run comes back from its peers); a deletion keeps it.
+    pub const SAVE: &str = "INSERT INTO crdt_tombstones \
+        (run_id, deleted, decided_at, region, decided_by, purged) \
+        VALUES ($1, $2, $3, $4, $5, FALSE) \
+        ON CONFLICT (run_id) DO UPDATE SET deleted = excluded.deleted, \
+        decided_at = excluded.decided_at, region = excluded.region, \
+        decided_by = excluded.decided_by, \
+        purged = CASE WHEN excluded.deleted THEN crdt_tombstones.purged ELSE FALSE END \
+        WHERE excluded.decided_at > crdt_tombstones.decided_at \
+        OR (excluded.decided_at = crdt_tombstones.decided_at \
+            AND excluded.region > crdt_tombstones.region)";
+    pub const DUE: &str = "SELECT run_id FROM crdt_tombstones \
+        WHERE deleted AND NOT purged AND decided_at < $1 ORDER BY decided_at LIMIT $2";
+    /// The purge's first statement: only a run still deleted, not yet purged.
+    pub const MARK_PURGED: &str = "UPDATE crdt_tombstones SET purged = TRUE \
+        WHERE run_id = $1 AND deleted AND NOT purged";
+    /// Everything else stored of a run.
+    pub const PURGE: [&str; 4] = [
+        "DELETE FROM crdt_webhook_outbox WHERE run_id = $1",
+        "DELETE FROM crdt_snapshots WHERE run_id = $1",
+        "DELETE FROM collaboration_events WHERE run_id = $1",
+        "DELETE FROM crdt_runs WHERE run_id = $1",
+    ];
+}
+
+#[derive(diesel::QueryableByName)]
+struct TombstoneRow {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    deleted: bool,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    decided_at: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    region: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    decided_by: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    purged: bool,
+}
+
+impl TombstoneRow {
+    fn of(self, run_id: Uuid) -> Tombstone {
+        Tombstone {
+            run_id,
+            deleted: self.deleted,
+            decided_at: self.decided_at,
+            region: self.region,
+            by: self.decided_by,
+            purged: self.purged,
+        }
+    }
+}
+
 /// A run and when it last had an event appended: an entry of the runs list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunActivity {
@@ -520,6 +607,16 @@ pub trait Store: Send + Sync + 'static {
     /// Deliveries pending and dead, in all.
     async fn outbox_depth(&self) -> Result<(i64, i64), StoreError>;
     /// Checks the database answers.
+    /// The last decision about the run's deletion, if any was ever made.
+    async fn tombstone(&self, run_id: Uuid) -> Result<Option<Tombstone>, StoreError>;
+    /// Records `t` unless a later decision is stored; whether it was recorded.
+    async fn save_tombstone(&self, t: &Tombstone) -> Result<bool, StoreError>;
+    /// Runs deleted before `decided_before` (unix ms) and not yet purged, oldest first.
+    async fn purge_due(&self, decided_before: i64, limit: i64) -> Result<Vec<Uuid>, StoreError>;
+    /// Removes every row of a deleted run but its tombstone; false if it is no longer deleted
+    /// or was purged already (nothing is removed then).
+    async fn purge_run(&self, run_id: Uuid) -> Result<bool, StoreError>;
+
     async fn ping(&self) -> Result<(), StoreError>;
     /// "postgres" or "sqlite".
     fn backend(&self) -> &'static str;

@@ -14,9 +14,10 @@ use uuid::Uuid;
 
 use super::schema::pg::{collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap};
 use super::{
-    activity, deliveries, depth, outbox_sql as sql, pool_error, Attempted, Delivery, DepthRow,
-    EventColumns, FeedColumns, FeedRow, NewEvent, OutboxRow, RunActivity, Snapshot, Store,
-    StoreError, StoredEvent, Webhook, WebhookRow, DUE_PER_SUBSCRIPTION,
+    activity, deliveries, depth, not_deleted, outbox_sql as sql, pool_error, tombstone_sql as tomb,
+    Attempted, Delivery, DepthRow, EventColumns, FeedColumns, FeedRow, NewEvent, OutboxRow,
+    RunActivity, Snapshot, Store, StoreError, StoredEvent, Tombstone, TombstoneRow, Webhook,
+    WebhookRow, DUE_PER_SUBSCRIPTION,
 };
 use chrono::NaiveDateTime;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
@@ -354,6 +355,9 @@ impl Store for PgStore {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let mut query = ev::table
             .select(ev::run_id)
+            .filter(diesel::dsl::sql::<sql_types::Bool>(&not_deleted(
+                "collaboration_events",
+            )))
             .distinct()
             .order(ev::run_id.asc())
             .limit(limit)
@@ -372,6 +376,9 @@ impl Store for PgStore {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let mut query = runs::table
             .select((runs::run_id, runs::last_activity))
+            .filter(diesel::dsl::sql::<sql_types::Bool>(&not_deleted(
+                "crdt_runs",
+            )))
             .order((runs::last_activity.desc(), runs::run_id.desc()))
             .limit(limit)
             .into_boxed();
@@ -585,6 +592,67 @@ impl Store for PgStore {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let rows: Vec<DepthRow> = diesel::sql_query(sql::DEPTH).load(&mut conn).await?;
         Ok(depth(rows))
+    }
+
+    async fn tombstone(&self, run_id: Uuid) -> Result<Option<Tombstone>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let row: Option<TombstoneRow> = diesel::sql_query(tomb::GET)
+            .bind::<sql_types::Uuid, _>(run_id)
+            .get_result(&mut conn)
+            .await
+            .optional()?;
+        Ok(row.map(|r| r.of(run_id)))
+    }
+
+    async fn save_tombstone(&self, t: &Tombstone) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let n = diesel::sql_query(tomb::SAVE)
+            .bind::<sql_types::Uuid, _>(t.run_id)
+            .bind::<sql_types::Bool, _>(t.deleted)
+            .bind::<BigInt, _>(t.decided_at)
+            .bind::<Text, _>(&t.region)
+            .bind::<Nullable<Text>, _>(t.by.as_deref())
+            .execute(&mut conn)
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn purge_due(&self, decided_before: i64, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        #[derive(QueryableByName)]
+        struct Due {
+            #[diesel(sql_type = sql_types::Uuid)]
+            run_id: Uuid,
+        }
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let rows: Vec<Due> = diesel::sql_query(tomb::DUE)
+            .bind::<BigInt, _>(decided_before)
+            .bind::<BigInt, _>(limit)
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.run_id).collect())
+    }
+
+    async fn purge_run(&self, run_id: Uuid) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let purged = conn
+            .transaction(async |c| {
+                let marked = diesel::sql_query(tomb::MARK_PURGED)
+                    .bind::<sql_types::Uuid, _>(run_id)
+                    .execute(c)
+                    .await?;
+                if marked == 0 {
+                    return Ok::<_, diesel::result::Error>(false);
+                }
+                for statement in tomb::PURGE {
+                    diesel::sql_query(statement)
+                        .bind::<sql_types::Uuid, _>(run_id)
+                        .execute(c)
+                        .await?;
+                }
+                Ok(true)
+            })
+            .await?;
+        Ok(purged)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -21,12 +21,13 @@ use super::schema::sqlite::{
     collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap,
 };
 use super::{
-    activity, deliveries, depth, outbox_sql as sql, pool_error, Attempted, Delivery, DepthRow,
-    EventColumns, FeedColumns, FeedRow, NewEvent, OutboxRow, RunActivity, Snapshot, Store,
-    StoreError, StoredEvent, Webhook, WebhookRow, DUE_PER_SUBSCRIPTION,
+    activity, deliveries, depth, not_deleted, outbox_sql as sql, pool_error, tombstone_sql as tomb,
+    Attempted, Delivery, DepthRow, EventColumns, FeedColumns, FeedRow, NewEvent, OutboxRow,
+    RunActivity, Snapshot, Store, StoreError, StoredEvent, Tombstone, TombstoneRow, Webhook,
+    WebhookRow, DUE_PER_SUBSCRIPTION,
 };
 use chrono::NaiveDateTime;
-use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
+use diesel::sql_types::{BigInt, Binary, Bool, Nullable, Text, Timestamp};
 
 type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
 
@@ -493,6 +494,9 @@ impl Store for SqliteStore {
             .with_conn(move |c| {
                 let mut query = ev::table
                     .select(ev::run_id)
+                    .filter(diesel::dsl::sql::<Bool>(&not_deleted(
+                        "collaboration_events",
+                    )))
                     .distinct()
                     .order(ev::run_id.asc())
                     .limit(limit)
@@ -521,9 +525,8 @@ impl Store for SqliteStore {
                 let mut query = runs::table
                     .select((runs::run_id, runs::last_activity))
                     // Ids this node writes are 16 bytes; others would end a page early.
-                    .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
-                        "length(run_id) = 16",
-                    ))
+                    .filter(diesel::dsl::sql::<Bool>("length(run_id) = 16"))
+                    .filter(diesel::dsl::sql::<Bool>(&not_deleted("crdt_runs")))
                     .order((runs::last_activity.desc(), runs::run_id.desc()))
                     .limit(limit)
                     .into_boxed();
@@ -550,6 +553,74 @@ impl Store for SqliteStore {
                 })
             })
             .collect())
+    }
+
+    async fn tombstone(&self, run_id: Uuid) -> Result<Option<Tombstone>, StoreError> {
+        let row: Option<TombstoneRow> = self
+            .with_conn(move |c| {
+                Ok(diesel::sql_query(tomb::GET)
+                    .bind::<Binary, _>(run_id.as_bytes().to_vec())
+                    .get_result(c)
+                    .optional()?)
+            })
+            .await?;
+        Ok(row.map(|r| r.of(run_id)))
+    }
+
+    async fn save_tombstone(&self, t: &Tombstone) -> Result<bool, StoreError> {
+        let t = t.clone();
+        self.with_conn(move |c| {
+            let n = diesel::sql_query(tomb::SAVE)
+                .bind::<Binary, _>(t.run_id.as_bytes().to_vec())
+                .bind::<Bool, _>(t.deleted)
+                .bind::<BigInt, _>(t.decided_at)
+                .bind::<Text, _>(&t.region)
+                .bind::<Nullable<Text>, _>(t.by.as_deref())
+                .execute(c)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn purge_due(&self, decided_before: i64, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        #[derive(QueryableByName)]
+        struct Due {
+            #[diesel(sql_type = Binary)]
+            run_id: Vec<u8>,
+        }
+        let rows: Vec<Due> = self
+            .with_conn(move |c| {
+                Ok(diesel::sql_query(tomb::DUE)
+                    .bind::<BigInt, _>(decided_before)
+                    .bind::<BigInt, _>(limit)
+                    .load(c)?)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| Uuid::from_slice(&r.run_id).ok())
+            .collect())
+    }
+
+    async fn purge_run(&self, run_id: Uuid) -> Result<bool, StoreError> {
+        self.with_conn(move |c| {
+            let id = run_id.as_bytes().to_vec();
+            Ok(c.immediate_transaction(|c| {
+                let marked = diesel::sql_query(tomb::MARK_PURGED)
+                    .bind::<Binary, _>(&id)
+                    .execute(c)?;
+                if marked == 0 {
+                    return Ok::<_, diesel::result::Error>(false);
+                }
+                for statement in tomb::PURGE {
+                    diesel::sql_query(statement)
+                        .bind::<Binary, _>(&id)
+                        .execute(c)?;
+                }
+                Ok(true)
+            })?)
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

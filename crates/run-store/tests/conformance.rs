@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use run_store::{Attempted, NewEvent, RunActivity, Snapshot, Store, Webhook};
+use run_store::{Attempted, NewEvent, RunActivity, Snapshot, Store, Tombstone, Webhook};
 use uuid::Uuid;
 
 fn at(micros: i64) -> NaiveDateTime {
@@ -150,6 +150,111 @@ async fn runs_are_listed_by_id_and_by_activity(store: &dyn Store) {
     let order: Vec<Uuid> = recent.iter().map(|a| a.run_id).collect();
     assert_eq!(order, runs, "most recently active first, over pages");
     assert_eq!(recent[0].last_activity, at(1004));
+}
+
+fn tombstone(run_id: Uuid, deleted: bool, decided_at: i64, region: &str) -> Tombstone {
+    Tombstone {
+        run_id,
+        deleted,
+        decided_at,
+        region: region.into(),
+        by: Some("ann".into()),
+        purged: false,
+    }
+}
+
+async fn deletion_is_the_last_decision_and_the_purge_leaves_only_it(store: &dyn Store) {
+    let (run, other) = (Uuid::new_v4(), Uuid::new_v4());
+    for r in [run, other] {
+        store
+            .append(&[event(r, 1, 5000), event(r, 2, 5001)])
+            .await
+            .unwrap();
+        store.save_snapshot(&snapshot(r, 2), 3).await.unwrap();
+    }
+    store
+        .save_webhook(&webhook("purge-hook", None, None))
+        .await
+        .unwrap();
+    store.append(&[event(run, 3, 5002)]).await.unwrap();
+    assert_eq!(store.tombstone(run).await.unwrap(), None);
+    let queued = |d: &Vec<run_store::Delivery>| d.iter().any(|d| d.event.run_id == run);
+    let far = (chrono::Utc::now() + chrono::Duration::days(1)).naive_utc();
+    assert!(queued(&store.due_deliveries(far, 100_000).await.unwrap()));
+
+    let deleted = tombstone(run, true, 1_000, "eu");
+    assert!(store.save_tombstone(&deleted).await.unwrap());
+    assert_eq!(store.tombstone(run).await.unwrap(), Some(deleted.clone()));
+    // Deleted runs leave both lists; the other stays.
+    let listed = store.list_runs(None, 100_000).await.unwrap();
+    assert!(!listed.contains(&run) && listed.contains(&other));
+    let recent = store.recent_runs(None, 100_000).await.unwrap();
+    assert!(recent.iter().all(|a| a.run_id != run));
+    assert!(recent.iter().any(|a| a.run_id == other));
+
+    // An earlier decision, or an equal one from a smaller region, loses; a later one wins.
+    assert!(!store
+        .save_tombstone(&tombstone(run, false, 999, "zz"))
+        .await
+        .unwrap());
+    assert!(!store
+        .save_tombstone(&tombstone(run, false, 1_000, "ap"))
+        .await
+        .unwrap());
+    assert_eq!(store.tombstone(run).await.unwrap(), Some(deleted));
+    let restored = tombstone(run, false, 1_000, "us");
+    assert!(store.save_tombstone(&restored).await.unwrap());
+    assert_eq!(store.tombstone(run).await.unwrap(), Some(restored));
+    assert!(store.list_runs(None, 100_000).await.unwrap().contains(&run));
+    assert!(store
+        .purge_due(i64::MAX, 100)
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| *r != run));
+    assert!(
+        !store.purge_run(run).await.unwrap(),
+        "a restored run is not purged"
+    );
+
+    store
+        .save_tombstone(&tombstone(run, true, 2_000, "eu"))
+        .await
+        .unwrap();
+    assert!(store
+        .purge_due(2_000, 100)
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| *r != run));
+    assert!(store
+        .purge_due(2_001, 100_000)
+        .await
+        .unwrap()
+        .contains(&run));
+    assert!(store.purge_run(run).await.unwrap());
+    assert!(!store.purge_run(run).await.unwrap(), "purged once");
+    assert!(store.events_after(run, 0).await.unwrap().is_empty());
+    assert!(store.latest_snapshot(run, None).await.unwrap().is_none());
+    assert!(store.feed(0, Some(run), 100).await.unwrap().is_empty());
+    assert!(!queued(&store.due_deliveries(far, 100_000).await.unwrap()));
+    let left = store
+        .tombstone(run)
+        .await
+        .unwrap()
+        .expect("the tombstone stays");
+    assert!(left.deleted && left.purged);
+    // The other run is untouched.
+    assert_eq!(store.events_after(other, 0).await.unwrap().len(), 2);
+    assert!(store.latest_snapshot(other, None).await.unwrap().is_some());
+    // A later restore (from a region still holding the run) clears the purge mark.
+    store
+        .save_tombstone(&tombstone(run, false, 3_000, "us"))
+        .await
+        .unwrap();
+    let back = store.tombstone(run).await.unwrap().expect("kept");
+    assert!(!back.deleted && !back.purged);
+    store.delete_webhook("purge-hook").await.unwrap();
 }
 
 async fn the_feed_reads_by_cursor_in_commit_order(store: &dyn Store) {
@@ -363,6 +468,7 @@ async fn suite(store: Arc<dyn Store>, backend: &str) {
     the_feed_reads_by_cursor_in_commit_order(store.as_ref()).await;
     concurrent_appends_never_commit_behind_a_reader(store.clone()).await;
     the_outbox_follows_the_log(store.as_ref()).await;
+    deletion_is_the_last_decision_and_the_purge_leaves_only_it(store.as_ref()).await;
 }
 
 #[tokio::test]
