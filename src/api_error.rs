@@ -24,6 +24,12 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    /// The run was deleted.
+    #[error("{0}")]
+    Gone(String),
+    /// The request does not fit the resource's state (restoring a run that is not deleted).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Unprocessable(String),
     #[error("{0}")]
@@ -54,6 +60,8 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::Gone(_) => "gone",
+            ApiError::Conflict(_) => "conflict",
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Timeout(_) => "request_timeout",
@@ -80,6 +88,9 @@ impl From<RunError> for ApiError {
             RunError::Doc(DocError::NotPermitted(_)) => ApiError::Forbidden(e.to_string()),
             RunError::Doc(DocError::UnknownChange(_)) => ApiError::NotFound(e.to_string()),
             RunError::Doc(_) => ApiError::Internal(e.to_string()),
+            RunError::Deleted(_) => ApiError::Gone(e.to_string()),
+            RunError::NoSuchRun(_) => ApiError::NotFound(e.to_string()),
+            RunError::NotDeleted(_) => ApiError::Conflict(e.to_string()),
         }
     }
 }

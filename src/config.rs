@@ -614,18 +614,35 @@ impl Default for SnapshotSettings {
 pub struct RunSettings {
     #[serde(default = "default_idle")]
     pub idle_timeout_secs: u64,
+    /// How long a deleted run's events and snapshots are kept (and the run can be restored)
+    /// before they are purged.
+    #[serde(default = "default_deletion_grace")]
+    pub deletion_grace_secs: u64,
+    /// How often the node looks for deleted runs past their grace period.
+    #[serde(default = "default_purge_every")]
+    pub purge_every_secs: u64,
 }
 
 impl Default for RunSettings {
     fn default() -> Self {
         RunSettings {
             idle_timeout_secs: default_idle(),
+            deletion_grace_secs: default_deletion_grace(),
+            purge_every_secs: default_purge_every(),
         }
     }
 }
 
 fn default_idle() -> u64 {
     300
+}
+
+fn default_deletion_grace() -> u64 {
+    7 * 24 * 3600
+}
+
+fn default_purge_every() -> u64 {
+    600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -767,6 +784,8 @@ const ENV_KEYS: &[(&str, &str)] = &[
         "crdt.snapshot.min-interval-ms",
     ),
     ("CRDT_RUN_IDLE_SECS", "crdt.runs.idle-timeout-secs"),
+    ("CRDT_DELETION_GRACE_SECS", "crdt.runs.deletion-grace-secs"),
+    ("CRDT_PURGE_EVERY_SECS", "crdt.runs.purge-every-secs"),
     ("CRDT_MEMORY_INCOMING_BYTES", "crdt.memory.incoming-bytes"),
     ("CRDT_MEMORY_OUTGOING_BYTES", "crdt.memory.outgoing-bytes"),
     (
@@ -1099,6 +1118,9 @@ impl Settings {
         }
         if self.crdt.runs.idle_timeout_secs == 0 {
             return Err(invalid("crdt.runs.idle-timeout-secs", "must be at least 1"));
+        }
+        if self.crdt.runs.purge_every_secs == 0 {
+            return Err(invalid("crdt.runs.purge-every-secs", "must be at least 1"));
         }
         let memory = &self.crdt.memory;
         if memory.incoming_bytes < self.server.max_body_bytes {

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub webhook_dead_letters: IntGauge,
     /// Seconds from a change's commit to its endpoint's 2xx.
     pub webhook_lag: Histogram,
+    /// Runs deleted and restored here, by this region's decision or another's.
+    pub run_tombstones: IntCounterVec,
+    /// Deleted runs purged after their grace period.
+    pub runs_purged: IntCounter,
 }
 
 impl Metrics {
@@ -138,6 +142,13 @@ impl Metrics {
             )?,
             webhook_outbox: gauge(&r, "crdt_webhook_outbox_pending", "Webhook deliveries waiting in the outbox")?,
             webhook_dead_letters: gauge(&r, "crdt_webhook_dead_letters", "Webhook deliveries dead-lettered")?,
+            run_tombstones: counters(
+                &r,
+                "crdt_run_tombstones_total",
+                "Runs deleted and restored here, by action",
+                &["action"],
+            )?,
+            runs_purged: counter(&r, "crdt_runs_purged_total", "Deleted runs purged after their grace period")?,
             webhook_lag: histogram(
                 &r,
                 "crdt_webhook_delivery_lag_seconds",

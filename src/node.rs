@@ -195,6 +195,8 @@ async fn start_runtime(
             max_loaded: settings.crdt.memory.max_loaded_runs,
             max_loaded_ops: settings.crdt.memory.max_loaded_ops,
             max_run_ops_per_sec: settings.crdt.memory.max_run_ops_per_sec,
+            deletion_grace: std::time::Duration::from_secs(settings.crdt.runs.deletion_grace_secs),
+            purge_every: std::time::Duration::from_secs(settings.crdt.runs.purge_every_secs),
         },
         metrics.clone(),
         workers,

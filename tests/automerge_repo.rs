@@ -512,3 +512,39 @@ async fn a_users_forged_graft_is_refused_whole_and_nothing_is_stored() {
     assert_eq!(common::db::event_rows(&db, run).await, rows + 1);
     own.ws.close(None).await.ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_run_is_unavailable_to_its_clients_and_takes_nothing_from_them() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = make_run(&c, &node, "A").await;
+    let mut p = Peer::joined(&node, "holder").await;
+    let mut doc = AutoCommit::new();
+    p.sync_until_quiet(&doc_id(run), &mut doc).await;
+    assert_eq!(c.delete(&run_url(&node, run, "")).await.0, 200);
+    let told = p.next().await;
+    assert_eq!(
+        field(&told, "type"),
+        Some(text("doc-unavailable")),
+        "{told:?}"
+    );
+    assert_eq!(field(&told, "documentId"), Some(text(&doc_id(run))));
+    // The client's own change for it goes nowhere; a new client learns the same at once.
+    let grafts = doc.get(ROOT, "grafts").unwrap().map(|(_, id)| id).unwrap();
+    doc.insert(&grafts, 0, "not a graft").unwrap();
+    let mut state = sync::State::new();
+    let m = doc.sync().generate_sync_message(&mut state).unwrap();
+    p.sync("sync", &doc_id(run), m).await;
+    let mut q = Peer::joined(&node, "newcomer").await;
+    let mut fresh = AutoCommit::new();
+    let mut state = sync::State::new();
+    let ask = fresh.sync().generate_sync_message(&mut state).unwrap();
+    q.sync("request", &doc_id(run), ask).await;
+    assert_eq!(
+        field(&q.next().await, "type"),
+        Some(text("doc-unavailable"))
+    );
+    assert_eq!(c.get(&run_url(&node, run, "/state")).await.0, 410);
+    assert_eq!(common::db::event_rows(&db, run).await, 1);
+}

@@ -12,7 +12,7 @@ use super::room::{AddMember, CloseRoom, DocRoom, Member, RemoveMember, RunCommit
 use super::session::RepoSession;
 use super::Shared;
 use crate::edge_kit::{Kick, Rooms};
-use crate::runs::RunChanged;
+use crate::runs::{RunChanged, RunTombstoned};
 use run_wire::close;
 
 /// A connection joined as `peer_id`; an older connection of the same peer is closed.
@@ -124,6 +124,17 @@ impl Handler<RunChanged> for Hub {
 
     fn handle(&mut self, msg: RunChanged, _ctx: &mut Self::Context) {
         if let Some(room) = self.rooms.get(msg.run_id) {
+            room.do_send(RunCommitted);
+        }
+    }
+}
+
+/// A deleted run's room steps every peer, and each learns the document is unavailable.
+impl Handler<RunTombstoned> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunTombstoned, _ctx: &mut Self::Context) {
+        if let Some(room) = self.rooms.get(msg.tombstone.run_id) {
             room.do_send(RunCommitted);
         }
     }

@@ -197,6 +197,13 @@ impl DocRoom {
         };
         // The database out of reach, or the run's actor restarting: nothing the client sent
         // is lost (it still holds it), and a reconnect resyncs.
+        if let Err(RunError::Deleted(_)) = result {
+            // The document is gone: the client is told so, and its messages for it ignored.
+            peer.refused = true;
+            peer.inbox.clear();
+            Self::unavailable(&self.shared, peer, &self.document_id);
+            return;
+        }
         let label = match &result {
             Err(RunError::Unavailable(_)) => "unavailable",
             Err(RunError::Busy(_)) => "busy",

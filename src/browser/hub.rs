@@ -15,7 +15,7 @@ use super::session::BrowserSession;
 use super::Shared;
 use crate::edge_kit::Rooms;
 use crate::presence::PeerPresence;
-use crate::runs::RunChanged;
+use crate::runs::{RunChanged, RunTombstoned};
 use crate::socket::Outbox;
 
 /// How often expired presence announcements are swept.
@@ -118,6 +118,17 @@ impl Handler<RunChanged> for Hub {
 
     fn handle(&mut self, msg: RunChanged, _ctx: &mut Self::Context) {
         if let Some(room) = self.rooms.get(msg.run_id) {
+            room.do_send(Changed);
+        }
+    }
+}
+
+/// A deleted run's room reads the state, is told the run is gone and closes its sessions.
+impl Handler<RunTombstoned> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunTombstoned, _ctx: &mut Self::Context) {
+        if let Some(room) = self.rooms.get(msg.tombstone.run_id) {
             room.do_send(Changed);
         }
     }

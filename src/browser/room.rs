@@ -153,6 +153,19 @@ impl RunRoom {
     }
 
     fn failed(&mut self, e: RunError, ctx: &mut Context<Self>) {
+        if let RunError::Deleted(_) = e {
+            // Nothing to retry: every session is told why and closed.
+            let reason = e.to_string();
+            for seat in self.seats.values_mut().filter(|s| !s.kicked) {
+                seat.kicked = true;
+                seat.member.session.do_send(Kick {
+                    code: run_wire::close::GONE,
+                    reason: reason.clone(),
+                    label: "deleted",
+                });
+            }
+            return;
+        }
         log::warn!("browser: run {}: cannot read its state: {e}", self.run_id);
         let e = ApiError::from(e);
         let text = ServerFrame::Error {

@@ -16,21 +16,22 @@ pub use session::{EdgeSession, EdgeSocket, Timing};
 
 use actix::prelude::*;
 
-use crate::runs::{RunChanged, Runs};
+use crate::runs::{RunChanged, RunTombstoned, Runs};
 
 /// Starts an edge's hub on a thread of its own, with a thread per core for its rooms (`make`
-/// gets them), subscribed to every committed change.
+/// gets them), subscribed to every committed change and every deletion and restore.
 pub fn start_hub<H>(
     runs: &Runs,
     make: impl FnOnce(Vec<ArbiterHandle>) -> H + Send + 'static,
 ) -> Addr<H>
 where
-    H: Actor<Context = Context<H>> + Handler<RunChanged>,
+    H: Actor<Context = Context<H>> + Handler<RunChanged> + Handler<RunTombstoned>,
 {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rooms = (0..threads).map(|_| Arbiter::new().handle()).collect();
     let hub = H::start_in_arbiter(&Arbiter::new().handle(), move |_| make(rooms));
     runs.subscribe(hub.clone().recipient());
+    runs.subscribe_tombstones(hub.clone().recipient());
     hub
 }
 

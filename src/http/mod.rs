@@ -7,6 +7,7 @@ pub(crate) mod auth;
 mod automerge;
 pub mod body_budget;
 mod browser;
+mod deletion;
 pub mod error;
 mod health;
 mod history;
@@ -118,6 +119,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, max_b
                 .wrap(middleware::from_fn(auth::authenticate))
                 .configure(runs::routes)
                 .configure(history::routes)
+                .configure(deletion::routes)
                 .configure(crate::feed::routes)
                 .configure(automerge::routes)
                 .configure(mesh::routes),

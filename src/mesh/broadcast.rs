@@ -10,9 +10,10 @@ use actix::prelude::*;
 use super::directory::MeshState;
 use super::directory::SessionHandle;
 use super::session::CloseLink;
+use super::session::{tombstone_frame, SyncRun};
 use super::transport::{queue_text, NotQueued};
 use crate::metrics::Metrics;
-use crate::runs::{Origin, RunChanged};
+use crate::runs::{Origin, RunChanged, RunTombstoned};
 use run_wire::close;
 use run_wire::mesh::{self as protocol, change_frames, encoded_len, Frame};
 
@@ -57,6 +58,25 @@ impl Handler<RunChanged> for Broadcaster {
                 if !self.send(&session, text.clone()) {
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// A run deleted or restored here goes to every connected peer node but the one it came from;
+/// after a restore every peer syncs the run again (what a cut-off region wrote meanwhile, it
+/// still holds).
+impl Handler<RunTombstoned> for Broadcaster {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunTombstoned, _ctx: &mut Self::Context) {
+        let text: Arc<str> = Arc::from(tombstone_frame(&msg.tombstone).encode());
+        for (node_id, session) in self.mesh.primaries() {
+            if Some(node_id.as_str()) != msg.via.as_deref() {
+                self.send(&session, text.clone());
+            }
+            if !msg.tombstone.deleted {
+                session.addr.do_send(SyncRun(msg.tombstone.run_id));
             }
         }
     }

@@ -104,7 +104,8 @@ impl Mesh {
             max_frame: config.max_frame,
         }
         .start();
-        runs.subscribe(broadcaster.recipient());
+        runs.subscribe(broadcaster.clone().recipient());
+        runs.subscribe_tombstones(broadcaster.recipient());
         for url in peers {
             let connector = connector::Connector::new(
                 url.clone(),

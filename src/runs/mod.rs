@@ -6,6 +6,7 @@
 //! imports the edges (HTTP, mesh, browser sessions) that consume them.
 
 mod api;
+mod deletion;
 mod feed;
 pub mod loader;
 mod run_actor;
@@ -28,6 +29,7 @@ pub use api::{
     BadInput, ChangesSince, FullDocument, Health, Mutate, MutationOutcome, RemoteChanges,
     RunActivity, RunsPage, SyncOutcome, SyncStep, SyncStepReply,
 };
+pub use deletion::{RunTombstoned, Tombstone};
 pub use feed::{ChangeFeed, FeedEvent, PAGE as FEED_PAGE};
 use run_actor::{FinalSnapshot, RunActor};
 pub use run_store::{Attempted, Delivery, Webhook};
@@ -49,6 +51,10 @@ pub struct RunsConfig {
     pub max_loaded_ops: u64,
     /// Operations clients and services may add to one run per second.
     pub max_run_ops_per_sec: u64,
+    /// How long a deleted run is kept (and can be restored) before it is purged.
+    pub deletion_grace: Duration,
+    /// How often deleted runs past their grace are looked for.
+    pub purge_every: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +74,33 @@ pub enum RunError {
     },
     #[error("the run's actor stopped before answering; try again")]
     Stopped,
+    /// The run was deleted (and, if `purged`, nothing of it is left).
+    #[error("{}", deleted_reason(.0))]
+    Deleted(Tombstone),
+    #[error("run {0} has no changes stored here")]
+    NoSuchRun(Uuid),
+    #[error("run {0} is not deleted")]
+    NotDeleted(Uuid),
+}
+
+fn deleted_reason(t: &Tombstone) -> String {
+    let when = t
+        .decided_at_utc()
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default();
+    let by =
+        t.by.as_deref()
+            .map(|b| format!(" by {b}"))
+            .unwrap_or_default();
+    let purged = if t.purged {
+        "; it was purged and cannot be restored"
+    } else {
+        ""
+    };
+    format!(
+        "run {} was deleted at {when}{by} (in {}){purged}",
+        t.run_id, t.region
+    )
 }
 
 /// Where a committed change came from, so a subscriber can avoid echoing it back.
@@ -113,6 +146,7 @@ struct Inner {
     config: RunsConfig,
     metrics: Metrics,
     subscribers: RwLock<Vec<Recipient<RunChanged>>>,
+    tombstone_subscribers: RwLock<Vec<Recipient<RunTombstoned>>>,
     /// Every committed change, read back from the log by cursor.
     changes: Arc<ChangeFeed>,
     /// Heads digests of runs whose durable state this process knows (loaded at least once
@@ -175,7 +209,7 @@ impl Runs {
             .collect();
         let changes = ChangeFeed::new(store.clone());
         actix::spawn(changes.clone().run_tail());
-        Runs {
+        let runs = Runs {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 arbiters,
@@ -187,6 +221,7 @@ impl Runs {
                 config,
                 metrics,
                 subscribers: RwLock::new(Vec::new()),
+                tombstone_subscribers: RwLock::new(Vec::new()),
                 changes: changes.clone(),
                 digests: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 store_down: AtomicBool::new(false),
@@ -195,7 +230,9 @@ impl Runs {
                 ops_loaded: AtomicU64::new(0),
                 started: std::time::Instant::now(),
             }),
-        }
+        };
+        actix::spawn(runs.clone().run_purges());
+        runs
     }
 
     /// Adds a subscriber to every committed change of every run.

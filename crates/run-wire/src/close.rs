@@ -30,3 +30,5 @@ pub const TOO_SLOW: u16 = 4009;
 pub const FORBIDDEN: u16 = 4403;
 /// A peer with the same id joined on another connection.
 pub const REPLACED: u16 = 4010;
+/// The run was deleted (as HTTP's 410 Gone).
+pub const GONE: u16 = 4410;

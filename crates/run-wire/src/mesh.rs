@@ -77,6 +77,19 @@ pub enum Frame {
         seq: u64,
         users: Vec<crate::presence::PresenceUser>,
     },
+    /// The last decision about a run's deletion (`deleted: false`: restored). Every region
+    /// keeps the later decision: `decidedAt` (unix ms), then the greater `region`. Sent when a
+    /// run is deleted or restored, relayed once onwards, and sent back for any frame about a
+    /// deleted run.
+    #[serde(rename = "RUN_TOMBSTONE", rename_all = "camelCase")]
+    RunTombstone {
+        run_id: String,
+        deleted: bool,
+        decided_at: i64,
+        region: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
     /// Why the peer's frame was rejected; the link stays open.
     #[serde(rename_all = "camelCase")]
     Error {
@@ -96,6 +109,7 @@ impl Frame {
             Frame::CrdtRuns { .. } => "CRDT_RUNS",
             Frame::CrdtSyncMessage { .. } => "CRDT_SYNC_MESSAGE",
             Frame::Presence { .. } => "PRESENCE",
+            Frame::RunTombstone { .. } => "RUN_TOMBSTONE",
             Frame::Error { .. } => "ERROR",
         }
     }
@@ -122,8 +136,9 @@ impl Frame {
     }
 }
 
-const KNOWN: [&str; 8] = [
+const KNOWN: [&str; 9] = [
     "PRESENCE",
+    "RUN_TOMBSTONE",
     "HELLO",
     "AUTH",
     "CRDT_SYNC",

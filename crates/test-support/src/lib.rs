@@ -560,6 +560,41 @@ pub mod db {
         }
     }
 
+    /// Rows of the run in every table that holds runs' data, by table (the tombstone apart).
+    pub async fn rows_of_run(db: &TestDb, run: Uuid) -> Vec<(&'static str, i64)> {
+        let id = run_literal(db, run);
+        let mut out = Vec::new();
+        for table in [
+            "collaboration_events",
+            "crdt_snapshots",
+            "crdt_runs",
+            "crdt_webhook_outbox",
+        ] {
+            let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE run_id = {id}");
+            out.push((table, count(db, &sql).await));
+        }
+        out
+    }
+
+    /// The number a `SELECT COUNT(*) AS n ...` answers.
+    pub async fn count(db: &TestDb, sql: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let row: N = match db.backend {
+            Backend::Postgres => {
+                let mut c = AsyncPgConnection::establish(&db.url).await.unwrap();
+                diesel::sql_query(sql).get_result(&mut c).await.unwrap()
+            }
+            Backend::Sqlite => {
+                diesel::RunQueryDsl::get_result(diesel::sql_query(sql), &mut sqlite(db)).unwrap()
+            }
+        };
+        row.n
+    }
+
     /// The SQL literal of a run id in this backend.
     pub fn run_literal(db: &TestDb, run: Uuid) -> String {
         match db.backend {

@@ -30,7 +30,7 @@ use super::transport::{queue_text, NotQueued};
 use super::MeshConfig;
 use crate::metrics::Metrics;
 use crate::runs::{
-    FullDocument, RemoteChanges, RunError, Runs, SyncOutcome, SyncStep, SyncStepReply,
+    FullDocument, RemoteChanges, RunError, Runs, SyncOutcome, SyncStep, SyncStepReply, Tombstone,
 };
 use crate::socket::{Inbound, Out, Shutdown};
 use run_doc::{decode_sync_message, parse_peer_changes, parse_peer_document};
@@ -40,6 +40,7 @@ use run_wire::mesh::{
 };
 
 use catchup::Catchup;
+pub(crate) use work::tombstone_frame;
 use work::{Slot, Work, SLOT_IDLE};
 
 /// Frames a peer may send before its handshake is done are small; a larger one is refused
@@ -47,6 +48,9 @@ use work::{Slot, Work, SLOT_IDLE};
 pub(crate) const MAX_HANDSHAKE_FRAME: usize = 4096;
 /// Run ids accepted from one peer's `CRDT_RUNS`.
 const MAX_PEER_RUNS: usize = 10_000_000;
+/// How far ahead of this node's clock a peer's deletion decision may be dated: a later one
+/// would win over every decision made here until then.
+const MAX_DECISION_SKEW_MS: i64 = 24 * 3600 * 1000;
 
 /// Tells a link's owner (the connector of an outbound link) how the session went.
 #[derive(Message, Debug, Clone)]
@@ -314,6 +318,26 @@ impl PeerSession {
                 };
                 self.on_presence(announcement, run_id, ctx);
             }
+            Frame::RunTombstone {
+                run_id,
+                deleted,
+                decided_at,
+                region,
+                by,
+            } => {
+                let Some(run) = self.run_id(&run_id, ctx) else {
+                    return;
+                };
+                let tombstone = Tombstone {
+                    run_id: run,
+                    deleted,
+                    decided_at,
+                    region,
+                    by,
+                    purged: false,
+                };
+                self.on_tombstone(tombstone, ctx);
+            }
             Frame::Error { reason, run_id } => self.on_peer_error(&reason, run_id, ctx),
             other @ (Frame::Hello { .. } | Frame::Auth { .. }) => self.reject(
                 "handshake",
@@ -380,6 +404,33 @@ impl PeerSession {
         }
         let from = self.peer().map(|p| p.node_id.clone());
         self.relay_presence(a, from);
+    }
+
+    /// Another region's decision about a run's deletion: checked, then taken (the run's actor
+    /// keeps the later decision and, if it is new here, the broadcaster relays it onwards).
+    fn on_tombstone(&mut self, t: Tombstone, ctx: &mut Context<Self>) {
+        let latest = chrono::Utc::now().timestamp_millis() + MAX_DECISION_SKEW_MS;
+        let bad = !run_doc::rules::is_region(&t.region)
+            || t.by.as_deref().is_some_and(|b| !valid_user(b))
+            || !(0..=latest).contains(&t.decided_at);
+        if bad {
+            return self.reject(
+                "tombstone",
+                "RUN_TOMBSTONE with a bad region, user or time".into(),
+                Some(t.run_id.to_string()),
+                ctx,
+            );
+        }
+        let Some(via) = self.peer().map(|p| p.node_id.clone()) else {
+            return;
+        };
+        let runs = self.runs.clone();
+        let run = t.run_id;
+        actix::spawn(async move {
+            if let Err(e) = runs.take_tombstone(t, via).await {
+                log::warn!("mesh: run {run}: cannot take a peer's deletion decision: {e}");
+            }
+        });
     }
 
     /// The peer refused a frame of ours.

@@ -3,6 +3,7 @@
 //! step's outcome means is the [`SyncDriver`]'s to decide; this does the IO.
 
 use super::*;
+use crate::runs::Tombstone;
 use crate::sync_driver::{Action, PeerKind, StepRequest, SyncDriver};
 
 /// Work queued per link beyond this means the peer sends faster than we can apply: the link
@@ -39,6 +40,17 @@ impl Work {
     }
 }
 
+/// The frame that tells a peer of a run's deletion (or restore).
+pub(crate) fn tombstone_frame(t: &Tombstone) -> Frame {
+    Frame::RunTombstone {
+        run_id: t.run_id.to_string(),
+        deleted: t.deleted,
+        decided_at: t.decided_at,
+        region: t.region.clone(),
+        by: t.by.clone(),
+    }
+}
+
 /// A finished piece of work.
 enum Finished {
     Step {
@@ -60,6 +72,21 @@ pub(super) struct Slot {
     pub(super) last_used: Instant,
     /// A `Resync` is queued: more requests for one are the same request.
     pub(super) resync_queued: bool,
+}
+
+impl Finished {
+    /// The run's tombstone, when the work found the run deleted.
+    fn gone(&self) -> Option<&Tombstone> {
+        match self {
+            Finished::Step {
+                result: Err(RunError::Deleted(t)),
+                ..
+            }
+            | Finished::Changes(Err(RunError::Deleted(t)))
+            | Finished::Full(Err(RunError::Deleted(t))) => Some(t),
+            _ => None,
+        }
+    }
 }
 
 impl Slot {
@@ -180,6 +207,31 @@ impl PeerSession {
             return;
         };
         slot.busy = false;
+        // A deleted run: the peer is told (it keeps the later decision), and this run's work
+        // on the link stops; nothing is retried or reported as an error.
+        if let Some(t) = finished.gone().cloned() {
+            let dropped: Vec<(Work, bool)> = slot.queue.drain(..).collect();
+            if let Finished::Step {
+                sent,
+                result,
+                answered,
+            } = finished
+            {
+                // Keeps the sync state for a later restore.
+                let _ = slot
+                    .sync
+                    .stepped(sent.as_deref(), result, answered, answered);
+            }
+            for (work, catchup) in dropped {
+                self.queued -= 1;
+                self.queued_bytes -= work.size();
+                if catchup {
+                    self.catchup.active -= 1;
+                }
+            }
+            self.send(&tombstone_frame(&t), ctx);
+            return self.feed_catchup(ctx);
+        }
         let (actions, lamport) = match finished {
             Finished::Step {
                 sent,

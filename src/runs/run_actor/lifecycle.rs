@@ -11,7 +11,7 @@ use super::warming::Warming;
 use super::write_queue::Batch;
 use super::{Reply, RunActor};
 use crate::runs::loader::{self, LoadError, Loaded, Stored};
-use crate::runs::RunError;
+use crate::runs::{RunError, Tombstone};
 
 /// How long a run this incarnation has not written stays loaded after its last read.
 const UNWRITTEN_LINGER: Duration = Duration::from_secs(5);
@@ -220,14 +220,27 @@ impl Actor for RunActor {
         self.runs.inner.metrics.runs_loaded.inc();
         let store = self.runs.inner.store.clone();
         let run_id = self.run_id;
-        // `wait` holds every message until storage is read.
+        // `wait` holds every message until storage is read. A deleted run is not loaded.
         ctx.wait(
-            async move { loader::fetch_projected(store.as_ref(), run_id).await }
-                .into_actor(self)
-                .map(|result, act, ctx| match result {
-                    Ok((stored, projection)) => act.build(stored, projection, ctx),
-                    Err(e) => act.load_failed(&e, ctx),
-                }),
+            async move {
+                let tombstone = store.tombstone(run_id).await?.map(Tombstone::from);
+                if tombstone.as_ref().is_some_and(|t| t.deleted) {
+                    return Ok((tombstone, None));
+                }
+                let stored = loader::fetch_projected(store.as_ref(), run_id).await?;
+                Ok((tombstone, Some(stored)))
+            }
+            .into_actor(self)
+            .map(|result: Result<_, LoadError>, act, ctx| match result {
+                Ok((tombstone, stored)) => {
+                    act.tombstone = tombstone;
+                    match stored {
+                        Some((stored, projection)) => act.build(stored, projection, ctx),
+                        None => act.unload_if_unwritten(ctx),
+                    }
+                }
+                Err(e) => act.load_failed(&e, ctx),
+            }),
         );
         let idle = self.runs.inner.config.idle_timeout;
         let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));

@@ -14,6 +14,7 @@
 //!   projection while the document loads;
 //! - `write_queue`, `events`, `snapshot_schedule`: the durability pipeline as plain data.
 
+mod deletion;
 mod events;
 mod handlers;
 mod lifecycle;
@@ -39,6 +40,7 @@ use events::EventMeta;
 use snapshot_schedule::{Due, SnapshotSchedule};
 use write_queue::{Batch, PendingWrite, WriteQueue};
 
+pub(crate) use deletion::Decide;
 pub(crate) use handlers::{Call, FinalSnapshot, SnapshotWritten};
 pub(crate) use lifecycle::Evict;
 
@@ -53,6 +55,8 @@ pub struct RunActor {
     runs: Runs,
     doc: Option<RunDoc>,
     failed: Option<String>,
+    /// The last decision about the run's deletion, read before the run loads.
+    tombstone: Option<super::Tombstone>,
     writes: WriteQueue<Reply>,
     snapshots: SnapshotSchedule,
     /// Whether this incarnation has written anything (else it unloads soon after use).
@@ -86,6 +90,7 @@ impl RunActor {
             incarnation,
             doc: None,
             failed: None,
+            tombstone: None,
             writes: WriteQueue::new(0, (Vec::new(), 0)),
             snapshots,
             written: false,
@@ -139,6 +144,9 @@ impl RunActor {
 
     fn doc(&mut self) -> Result<&mut RunDoc, RunError> {
         self.last_active = Instant::now();
+        if let Some(t) = self.tombstone.as_ref().filter(|t| t.deleted) {
+            return Err(RunError::Deleted(t.clone()));
+        }
         if let Some(reason) = &self.failed {
             return Err(RunError::Unavailable(reason.clone()));
         }
