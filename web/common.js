@@ -50,10 +50,15 @@ const Crdt = {
     return window.opener || null;
   },
 
-  async api(path) {
+  async api(path, method = "GET", payload = undefined) {
     const headers = {};
     if (Crdt.token()) headers.Authorization = "Bearer " + Crdt.token();
-    const res = await fetch(path, { headers });
+    const init = { method, headers };
+    if (payload !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(payload);
+    }
+    const res = await fetch(path, init);
     const body = await res.json().catch(() => ({}));
     if (!res.ok) {
       const err = new Error(body.message || res.statusText);

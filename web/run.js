@@ -31,6 +31,13 @@
   let retries = 0;
   let retryTimer = null;
   let lastState = null;
+  let region = "";
+  // The point of history shown instead of now (its heads, comma-separated), if any.
+  let point = null;
+  let history = [];
+  let historyHeads = null;
+  let historyLoading = false;
+  let gone = false;
 
   $("run-id").textContent = runId;
   document.title = `Run ${runId.slice(0, 8)} · crdt-node`;
@@ -72,6 +79,10 @@
     ws.onclose = (ev) => {
       joined = false;
       ws = null;
+      if (ev.code === 4410) {
+        showGone(ev.reason);
+        return;
+      }
       if (ev.code === 4001) {
         setConn("refused", `refused: ${ev.reason || "a token is needed"}`);
         Crdt.askToken($("notice"), () => { retries = 0; connect(); });
@@ -94,6 +105,7 @@
         askForTokenBefore(Crdt.claims(Crdt.token())?.exp);
         retries = 0;
         $("region").textContent = msg.region;
+        region = msg.region;
         // A user token names the user: the page says who it acts as.
         if (msg.user !== Crdt.user()) { Crdt.setUser(msg.user); $("user").value = msg.user; }
         if (Crdt.token().split(".").length === 3) {
@@ -106,8 +118,9 @@
       case "STATE":
         lastState = msg.state;
         saved = saved.filter((s) => s.lamport > msg.state.lamport);
-        render(msg.state);
+        if (!point) render(msg.state);
         renderPending();
+        refreshHistory();
         break;
       case "TOKEN_ACCEPTED":
         askForTokenBefore(msg.expires);
@@ -203,7 +216,81 @@
     $("pending").innerHTML = items.length ? items.join("") : "<li>nothing</li>";
   }
 
+  // The run was deleted: the page says so and stops reconnecting.
+  function showGone(reason) {
+    gone = true;
+    setConn("deleted", "deleted");
+    $("gone").hidden = false;
+    $("gone").textContent = `This run was deleted${reason ? `: ${reason}` : "."}`;
+    document.querySelector("main").classList.add("viewing");
+  }
+
+  // The history, read again when the run's heads move (a change from another region may take
+  // its place among earlier entries: the order is causal, not arrival).
+  async function refreshHistory() {
+    const heads = lastState ? lastState.heads.join(",") : "";
+    if (historyLoading || heads === historyHeads) return;
+    historyLoading = true;
+    try {
+      const { entries, more } = await Timeline.load(runId);
+      history = entries;
+      historyHeads = heads;
+      $("history-count").textContent = `(${entries.length}${more ? "+" : ""})`;
+      Timeline.render($("timeline"), history, region, point);
+    } catch (e) {
+      if (e.status === 410) showGone(e.message);
+    } finally {
+      historyLoading = false;
+    }
+    // Moved again while it was read.
+    if (lastState && lastState.heads.join(",") !== historyHeads) setTimeout(refreshHistory, 200);
+  }
+
+  const canWrite = () => Crdt.claims(Crdt.token())?.role !== "read";
+
+  // Shows the run as it was at `heads` (an entry of the timeline), read-only.
+  async function openPoint(heads) {
+    const entry = history.find((e) => e.heads.join(",") === heads);
+    try {
+      const then = await Crdt.api(`/api/crdt/runs/${encodeURIComponent(runId)}/state?at=${encodeURIComponent(heads)}`);
+      point = heads;
+      document.querySelector("main").classList.add("viewing");
+      $("point-banner").hidden = false;
+      $("revert-here").hidden = !canWrite();
+      $("point-what").innerHTML = entry
+        ? `${esc(entry.user || "someone")} ${Timeline.what(entry)} (${esc(new Date(entry.time).toLocaleString())})`
+        : esc(heads);
+      $("picture-caption").textContent = "then";
+      render(then);
+      Timeline.render($("timeline"), history, region, point);
+    } catch (e) {
+      $("notice").textContent = `That point cannot be shown: ${e.message}`;
+    }
+  }
+
+  function backToNow() {
+    point = null;
+    if (!gone) document.querySelector("main").classList.remove("viewing");
+    $("point-banner").hidden = true;
+    $("picture-caption").textContent = "now";
+    if (lastState) render(lastState);
+    Timeline.render($("timeline"), history, region, point);
+  }
+
+  async function revertHere() {
+    if (!point) return;
+    const to = point.split(",");
+    try {
+      await Crdt.api(`/api/crdt/runs/${encodeURIComponent(runId)}/revert`, "POST", { to, user: Crdt.user() });
+      $("notice").textContent = "";
+      backToNow();
+    } catch (e) {
+      $("notice").textContent = `Revert refused: ${e.message}`;
+    }
+  }
+
   function render(s) {
+    Picture.render($("picture"), s);
     $("graft-count").textContent = `(${s.grafts.length})`;
     $("grafts").innerHTML = s.grafts.map((g, i) => `<tr data-graft="${esc(g.id)}">
         <td class="hide-narrow">${i + 1}</td><td>${esc(g.agent)}</td><td>${esc(g.afterStep)}</td><td>${esc(g.user)}</td>
@@ -211,7 +298,7 @@
       || `<tr><td colspan="6" class="muted">No grafts yet.</td></tr>`;
     $("pruned").innerHTML = s.prunedSteps.map((p) => `<tr data-step="${esc(p.stepId)}">
         <td>${esc(p.stepId)}</td><td>${esc(p.user)} · ${esc(p.region)}</td>
-        <td><button class="small plain" data-unprune="${esc(p.stepId)}">unprune</button></td></tr>`).join("")
+        <td><button class="small plain live-only" data-unprune="${esc(p.stepId)}">unprune</button></td></tr>`).join("")
       || `<tr><td colspan="3" class="muted">None.</td></tr>`;
     const conflicts = s.flagConflicts || {};
     $("flags").innerHTML = Object.entries(s.flags).map(([k, v]) => {
@@ -220,7 +307,7 @@
           ${c.map((x) => `<code>${esc(JSON.stringify(x))}</code>`).join(", ")}; kept
           <code>${esc(JSON.stringify(v))}</code></div>` : "";
       return `<tr data-flag="${esc(k)}"><td>${esc(k)}</td><td><code>${esc(JSON.stringify(v))}</code>${note}</td>
-        <td><button class="small plain" data-delete-flag="${esc(k)}">delete</button></td></tr>`;
+        <td><button class="small plain live-only" data-delete-flag="${esc(k)}">delete</button></td></tr>`;
     }).join("") || `<tr><td colspan="3" class="muted">None.</td></tr>`;
     $("lamport").textContent = s.lamport;
     $("heads").textContent = s.heads.map((h) => h.slice(0, 8)).join(" ");
@@ -247,6 +334,12 @@
     submit({ op: "SET_FLAG", key: $("flag-key").value.trim(), value });
     $("flag-value").value = "";
   });
+  $("timeline").addEventListener("click", (e) => {
+    const li = e.target.closest("li.entry");
+    if (li) openPoint(li.dataset.heads);
+  });
+  $("back-live").addEventListener("click", backToNow);
+  $("revert-here").addEventListener("click", revertHere);
   document.body.addEventListener("click", (e) => {
     const t = e.target;
     if (t.dataset.unprune) submit({ op: "UNPRUNE", stepId: t.dataset.unprune });
@@ -260,7 +353,7 @@
     // Presence follows the session's user: rejoin under the new name.
     if (ws) ws.close(1000, "renamed");
   });
-  window.addEventListener("online", () => { if (!ws) { retries = 0; connect(); } });
+  window.addEventListener("online", () => { if (!ws && !gone) { retries = 0; connect(); } });
 
   renderPending();
   connect();

@@ -13,7 +13,7 @@ const RUN: &str = include_str!("../../web/run.html");
 const MESH: &str = include_str!("../../web/mesh.html");
 
 /// Assets by name: content and type.
-const ASSETS: [(&str, &str, &str); 5] = [
+const ASSETS: [(&str, &str, &str); 7] = [
     (
         "app.css",
         include_str!("../../web/app.css"),
@@ -32,6 +32,16 @@ const ASSETS: [(&str, &str, &str); 5] = [
     (
         "run.js",
         include_str!("../../web/run.js"),
+        "text/javascript; charset=utf-8",
+    ),
+    (
+        "picture.js",
+        include_str!("../../web/picture.js"),
+        "text/javascript; charset=utf-8",
+    ),
+    (
+        "timeline.js",
+        include_str!("../../web/timeline.js"),
         "text/javascript; charset=utf-8",
     ),
     (
