@@ -269,3 +269,216 @@ async fn a_revert_made_in_one_region_brings_every_region_back_to_that_point() {
         .await;
     assert_eq!(status, 404, "{body}");
 }
+
+/// A state's replicated fields: what a point of history must give back exactly.
+fn fields(state: &Value) -> Value {
+    json!({"grafts": state["grafts"], "prunedSteps": state["prunedSteps"], "flags": state["flags"]})
+}
+
+/// Every recorded point reads back exactly as recorded on `node`.
+async fn check_points(c: &Client, node: &Node, run: Uuid, points: &[(String, Value)]) {
+    for (heads, state) in points {
+        let (status, then) = c
+            .get(&run_url(node, run, &format!("/state?at={heads}")))
+            .await;
+        assert_eq!(status, 200, "{then}");
+        assert_eq!(fields(&then), *state, "{} at {heads}", node.base);
+    }
+}
+
+/// `diff` applied to `from`: grafts (by id), pruned steps, flags.
+fn apply_diff(from: &Value, diff: &Value) -> Value {
+    use std::collections::BTreeMap;
+    let mut grafts: BTreeMap<String, Value> = from["grafts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["id"].as_str().unwrap().to_string(), g.clone()))
+        .collect();
+    for g in diff["graftsRemoved"].as_array().unwrap() {
+        grafts.remove(g["id"].as_str().unwrap());
+    }
+    for g in diff["graftsAdded"].as_array().unwrap() {
+        grafts.insert(g["id"].as_str().unwrap().to_string(), g.clone());
+    }
+    let mut pruned: BTreeMap<String, Value> = from["prunedSteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["stepId"].as_str().unwrap().to_string(), p.clone()))
+        .collect();
+    for p in diff["stepsUnpruned"].as_array().unwrap() {
+        pruned.remove(p["stepId"].as_str().unwrap());
+    }
+    for p in diff["stepsPruned"].as_array().unwrap() {
+        pruned.insert(p["stepId"].as_str().unwrap().to_string(), p.clone());
+    }
+    let mut flags = from["flags"].as_object().unwrap().clone();
+    for f in diff["flagsDeleted"].as_array().unwrap() {
+        flags.remove(f["key"].as_str().unwrap());
+    }
+    for f in diff["flagsSet"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(diff["flagsChanged"].as_array().unwrap())
+    {
+        flags.insert(f["key"].as_str().unwrap().to_string(), f["to"].clone());
+    }
+    json!({"grafts": grafts, "prunedSteps": pruned, "flags": flags})
+}
+
+/// Where two keyed states (as `apply_diff` gives) differ: part, key, one side, the other.
+fn differences(a: &Value, b: &Value) -> Vec<(String, String, Value, Value)> {
+    let mut out = Vec::new();
+    for part in ["grafts", "prunedSteps", "flags"] {
+        let (x, y) = (a[part].as_object().unwrap(), b[part].as_object().unwrap());
+        for k in x.keys().chain(y.keys()) {
+            if x.get(k) != y.get(k) && !out.iter().any(|(p, q, _, _)| p == part && q == k) {
+                let side =
+                    |m: &serde_json::Map<String, Value>| m.get(k).cloned().unwrap_or_default();
+                out.push((part.to_string(), k.clone(), side(x), side(y)));
+            }
+        }
+    }
+    out
+}
+
+/// `fields` keyed as `apply_diff` keys them, to compare without the run's order.
+fn keyed(state: &Value) -> Value {
+    apply_diff(
+        state,
+        &json!({"graftsRemoved": [], "graftsAdded": [], "stepsUnpruned": [], "stepsPruned": [],
+            "flagsDeleted": [], "flagsSet": [], "flagsChanged": []}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_run_across_three_regions_has_one_history_and_every_point_reads_back() {
+    let mut mesh = TestMesh::start_with(
+        Backend::Sqlite,
+        &["us-east-1", "eu-central-1", "ap-southeast-1"],
+        &[(0, 1), (0, 2), (1, 2)],
+        &[("CRDT_SNAPSHOT_EVERY", "250")],
+    )
+    .await;
+    let c = Client::new();
+    mesh.wait_connected(&c, 2).await;
+    let run = Uuid::new_v4();
+    let mut points: Vec<(String, Value)> = Vec::new();
+    let mut written = 0;
+    // Three phases: all connected, ap-southeast-1 cut off (both sides write the same flags and
+    // graft after the same steps), healed. Every write is acknowledged before the next batch.
+    for phase in 0..3 {
+        if phase == 1 {
+            mesh.partition(&[2]);
+        }
+        if phase == 2 {
+            mesh.heal_all();
+            mesh.wait_connected(&c, 2).await;
+        }
+        for batch in 0..80 {
+            let writes = (0..10).map(|k| {
+                let node = mesh.node((batch + k) % 3);
+                let user = ["ann", "bo", "cy"][(batch + k) % 3];
+                let n = phase * 1000 + batch * 10 + k;
+                let c = &c;
+                async move {
+                    let (status, body) = match n % 5 {
+                        0 | 1 => {
+                            c.post(
+                                &run_url(node, run, "/grafts"),
+                                &json!({"agent": format!("agent{n}"), "afterStep": format!("Step{}", n % 7), "user": user}),
+                            )
+                            .await
+                        }
+                        2 => {
+                            c.put(
+                                &run_url(node, run, &format!("/flags/f{}", n % 4)),
+                                &json!({"value": n, "user": user}),
+                            )
+                            .await
+                        }
+                        3 => {
+                            c.post(
+                                &run_url(node, run, "/pruned-steps"),
+                                &json!({"stepId": format!("Step{}", n % 7), "user": user}),
+                            )
+                            .await
+                        }
+                        _ => {
+                            c.delete(&run_url(
+                                node,
+                                run,
+                                &format!("/pruned-steps/Step{}?user={user}", (n + 3) % 7),
+                            ))
+                            .await
+                        }
+                    };
+                    assert!(status == 200 || status == 201, "{body}");
+                    // A prune of a pruned step (or the reverse) changes nothing.
+                    body["changed"] == true
+                }
+            });
+            let changed = futures_util::future::join_all(writes).await;
+            written += changed.into_iter().filter(|c| *c).count();
+            if batch % 20 == 19 || batch % 20 == 9 || batch % 20 == 4 {
+                let node = mesh.node(batch % 3);
+                let (_, state) = c.get(&run_url(node, run, "/state")).await;
+                let heads: Vec<String> = serde_json::from_value(state["heads"].clone()).unwrap();
+                points.push((heads.join(","), fields(&state)));
+            }
+        }
+    }
+    let now = converged(&c, &mesh.nodes(), run, 60).await;
+    let histories = [
+        history(&c, mesh.node(0), run, 200).await,
+        history(&c, mesh.node(1), run, 200).await,
+        history(&c, mesh.node(2), run, 150).await,
+    ];
+    assert_eq!(histories[0].len(), written, "every change listed once");
+    assert_eq!(histories[0], histories[1], "one history in every region");
+    assert_eq!(histories[0], histories[2], "one history in every region");
+    assert_eq!(points.len(), 36);
+
+    for i in 0..3 {
+        check_points(&c, mesh.node(i), run, &points).await;
+    }
+    // Applying a diff to the state at its start gives the state at its end, in any region.
+    for (k, w) in points.windows(6).step_by(5).enumerate() {
+        let ((from, at_from), (to, at_to)) = (&w[0], &w[5]);
+        let node = mesh.node(k % 3);
+        let (status, diff) = c
+            .get(&run_url(node, run, &format!("/diff?from={from}&to={to}")))
+            .await;
+        assert_eq!(status, 200, "{diff}");
+        let differ = differences(&apply_diff(at_from, &diff), &keyed(at_to));
+        assert!(differ.is_empty(), "diff {from} → {to}: {differ:?}\n{diff}");
+    }
+    // After a restart (loading a snapshot and the tail), the same points read the same.
+    mesh.kill(1);
+    mesh.restart(1);
+    mesh.wait_connected(&c, 2).await;
+    check_points(&c, mesh.node(1), run, &points).await;
+    assert_eq!(history(&c, mesh.node(1), run, 200).await, histories[0]);
+
+    // Revert in one region to a point from the partition: every region converges on it.
+    let (to, recorded) = &points[18];
+    let to: Vec<&str> = to.split(',').collect();
+    let (status, body) = c
+        .post(
+            &run_url(mesh.node(2), run, "/revert"),
+            &json!({"to": to, "user": "dee"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let reverted = converged(&c, &mesh.nodes(), run, 30).await;
+    assert_ne!(fields(&now), *recorded);
+    let differ = differences(&keyed(&reverted), &keyed(recorded));
+    assert!(differ.is_empty(), "after the revert: {differ:?}");
+    for i in 0..3 {
+        let after = history(&c, mesh.node(i), run, 200).await;
+        assert_eq!(after.len(), histories[0].len() + 1, "history grew by one");
+        assert_eq!(after.last().unwrap()["kind"], "revert");
+    }
+}

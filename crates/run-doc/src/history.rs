@@ -247,7 +247,7 @@ pub(super) fn diff(
     let steps = |s: &crate::RunState| -> HashSet<String> {
         s.pruned_steps.iter().map(|p| p.step_id.clone()).collect()
     };
-    let (from_steps, to_steps) = (steps(from), steps(to));
+    let to_steps = steps(to);
     let mut d = RunDiff {
         grafts_added: to
             .grafts
@@ -261,10 +261,12 @@ pub(super) fn diff(
             .filter(|g| !to_ids.contains(&g.id))
             .cloned()
             .collect(),
+        // Pruned since, or pruned again since (unpruned and pruned by someone in between):
+        // the entry that stands now, with who made it.
         steps_pruned: to
             .pruned_steps
             .iter()
-            .filter(|p| !from_steps.contains(&p.step_id))
+            .filter(|p| !from.pruned_steps.contains(p))
             .cloned()
             .collect(),
         steps_unpruned: from
@@ -473,6 +475,37 @@ mod tests {
         let now = doc.heads();
         let back = doc.diff(&now, Some(&from)).unwrap();
         assert_eq!(back.grafts_removed.len(), 1);
+    }
+
+    #[test]
+    fn a_step_pruned_again_by_someone_else_is_in_the_diff_with_its_new_author() {
+        let mut doc = RunDoc::new(Uuid::new_v4(), "us");
+        let prune = |user: &str| Mutation::Prune {
+            step_id: "s1".into(),
+            user: user.into(),
+        };
+        doc.apply_by(&prune("ann"), T0, Some("ann")).unwrap();
+        let from = doc.heads();
+        let unprune = Mutation::Unprune {
+            step_id: "s1".into(),
+        };
+        doc.apply_by(&unprune, T0, Some("bo")).unwrap();
+        doc.apply_by(&prune("cy"), T0, Some("cy")).unwrap();
+        let d = doc.diff(&from, None).unwrap();
+        assert_eq!(d.steps_pruned.len(), 1, "{d:?}");
+        assert_eq!(d.steps_pruned[0].user, "cy");
+        assert!(d.steps_unpruned.is_empty());
+        // Nothing changed, nothing listed.
+        let now = doc.heads();
+        assert_eq!(doc.diff(&now, None).unwrap(), super::RunDiff::default());
+        // A revert to the first prune brings back ann's entry, not cy's.
+        doc.apply_by(&Mutation::Revert { to: from.clone() }, T0, Some("dee"))
+            .unwrap();
+        assert_eq!(doc.state().pruned_steps[0].user, "ann");
+        assert_eq!(
+            doc.state().pruned_steps,
+            doc.state_at(&from).unwrap().pruned_steps
+        );
     }
 
     #[test]

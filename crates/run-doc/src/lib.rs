@@ -546,7 +546,8 @@ impl RunDoc {
             }
         }
         for p in &then.pruned_steps {
-            if !now.pruned_steps.iter().any(|n| n.step_id == p.step_id) {
+            // Missing now, or pruned again since by someone else: the entry as it was.
+            if !now.pruned_steps.contains(p) {
                 let entry = object([
                     ("user", p.user.as_str().into()),
                     ("region", p.region.as_str().into()),
