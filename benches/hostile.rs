@@ -13,6 +13,9 @@
 //! - grafts: a run of 50,000 grafts, in-process: reading the state and answering a retried
 //!   graft, with the graft index up to date (after one more graft) and from scratch (what every
 //!   read cost before the index).
+//! - history: the same run on a node: a history page of 100 at random cursors, the state at an
+//!   early and at a late point, each's p50/p99, and the node's peak memory meanwhile against
+//!   its memory with the run loaded (issue 22).
 
 use test_support as common;
 
@@ -54,6 +57,9 @@ fn main() {
     }
     if args.wants("cold") {
         rt.block_on(cold());
+    }
+    if args.wants("history") {
+        rt.block_on(history());
     }
 }
 
@@ -428,6 +434,121 @@ fn node_port_of(url: &str) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+// ---------- history ----------
+
+async fn history() {
+    const GRAFTS: usize = 50_000;
+    let build = &builds()[0];
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut node = Node::spawn_binary(&build.binary, &build.config, &db, &[]);
+    let run = Uuid::new_v4();
+    let url = common::run_url(&node, run, "/grafts");
+    let c = Client::new();
+    let (_, first) = c
+        .post(&url, &json!({"agent": "A0", "afterStep": "S", "user": "u"}))
+        .await;
+    let early: Vec<String> = serde_json::from_value(first["heads"].clone()).expect("heads");
+    let writers = (0..16).map(|w| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            for i in (1 + w..GRAFTS).step_by(16) {
+                c.post(
+                    &url,
+                    &json!({"agent": format!("A{i}"), "afterStep": "S", "user": "u"}),
+                )
+                .await;
+            }
+        }
+    });
+    futures_util::future::join_all(writers).await;
+    node.terminate(60);
+    let node = Node::spawn_binary(&build.binary, &build.config, &db, &[]);
+    let base = common::run_url(&node, run, "");
+    // Loaded: the run's state read once; its memory is the baseline.
+    let (_, state) = c.get(&format!("{base}/state")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loaded_kib = common::bench::procfs::rss_kib(node.pid());
+    // Peak memory from here on (writing 5 resets the high-water mark).
+    let _ = std::fs::write(format!("/proc/{}/clear_refs", node.pid()), "5");
+    // Cursors all over the run: every 100th entry of a full read.
+    let mut cursors = vec![String::new()];
+    let mut after: Option<String> = None;
+    let mut last_page;
+    loop {
+        let q = after
+            .as_ref()
+            .map(|a| format!("&after={a}"))
+            .unwrap_or_default();
+        let (_, page) = c.get(&format!("{base}/history?limit=200{q}")).await;
+        for e in page["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .step_by(100)
+        {
+            cursors.push(e["changeHash"].as_str().unwrap_or_default().to_string());
+        }
+        last_page = page["entries"].as_array().expect("entries").clone();
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    // A late point: ten changes before now (now itself is answered from the run's state).
+    let late: Vec<String> =
+        serde_json::from_value(last_page[last_page.len() - 11]["heads"].clone()).expect("heads");
+    let mut pages = Vec::new();
+    for i in 0..200 {
+        let cursor = &cursors[(i * 7919) % cursors.len()];
+        let q = if cursor.is_empty() {
+            String::new()
+        } else {
+            format!("&after={cursor}")
+        };
+        let start = Instant::now();
+        let (status, page) = c.get(&format!("{base}/history?limit=100{q}")).await;
+        pages.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(status, 200, "{page}");
+    }
+    let mut points = Vec::new();
+    for (name, heads) in [("early", &early), ("late", &late)] {
+        let mut times = Vec::new();
+        for _ in 0..100 {
+            let start = Instant::now();
+            let (status, then) = c.get(&format!("{base}/state?at={}", heads.join(","))).await;
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(status, 200, "{then}");
+        }
+        points.push((name, times));
+    }
+    let peak_kib = common::peak_rss_mib(node.pid()) * 1024;
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    println!("| what | p50 | p99 |");
+    println!("|---|---:|---:|");
+    println!(
+        "| history page of 100 (200 reads, random cursors over {} entries) | {:.1} ms | {:.1} ms |",
+        state["grafts"].as_array().map_or(0, Vec::len),
+        pct(&mut pages, 0.5),
+        pct(&mut pages, 0.99)
+    );
+    for (name, mut times) in points {
+        println!(
+            "| state at the {name} point (100 reads) | {:.1} ms | {:.1} ms |",
+            pct(&mut times, 0.5),
+            pct(&mut times, 0.99)
+        );
+    }
+    println!(
+        "\nnode memory with the run loaded {} MiB; peak during the reads {} MiB ({:.2}x)",
+        loaded_kib / 1024,
+        peak_kib / 1024,
+        peak_kib as f64 / loaded_kib.max(1) as f64
+    );
 }
 
 // ---------- grafts ----------

@@ -7,7 +7,7 @@
 //! the same one — the first by (lamport, region, user, id, object id), all of which are the
 //! same on every replica — so every region shows one graft per id.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use automerge::{
     AutoCommit, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, Value, ValueRef,
@@ -16,7 +16,8 @@ use automerge::{
 use super::authorship::entry_of;
 use super::genesis::GRAFTS;
 use super::projection::{ListEntry, Projection};
-use super::state::{read_graft, root_obj, Graft};
+use super::reader::At;
+use super::state::{read_graft, read_graft_in, root_obj, root_obj_in, Graft};
 
 /// Changes the patch log may gather between reads before it is dropped (and the next read
 /// rebuilds): a run written and never read must not grow it without end.
@@ -79,6 +80,123 @@ impl GraftIndex {
             .filter_map(|obj| self.by_obj.get(obj).cloned())
             .collect();
         (grafts, self.errors.clone())
+    }
+
+    /// Every graft once per id, in display order, and the schema errors of the list, as the
+    /// document was at some point: read whole, as a fresh index would (no patches back).
+    pub fn read(doc: At<'_>) -> (Vec<Graft>, Vec<String>) {
+        let mut index = GraftIndex::default();
+        index.rebuild(doc, root_obj_in(doc, GRAFTS, ObjType::List).ok());
+        index.shown_grafts()
+    }
+
+    /// [`GraftIndex::read`] at `heads`, for a point near now: the list walked at the point,
+    /// and each graft taken from this index (brought up to date) unless Automerge's diff from
+    /// the point to now touched it, so only those are read at the point.
+    pub fn read_near(
+        &mut self,
+        doc: &mut AutoCommit,
+        heads: &[ChangeHash],
+    ) -> (Vec<Graft>, Vec<String>) {
+        self.refresh(doc);
+        let list = root_obj_in(
+            At {
+                doc,
+                heads: Some(heads),
+            },
+            GRAFTS,
+            ObjType::List,
+        )
+        .ok();
+        let (Some(list), true) = (list, self.errors.is_empty()) else {
+            return Self::read(At {
+                doc,
+                heads: Some(heads),
+            });
+        };
+        if self.list.as_ref() != Some(&list) {
+            return Self::read(At {
+                doc,
+                heads: Some(heads),
+            });
+        }
+        let now = doc.get_heads();
+        let changed: HashSet<ObjId> = doc
+            .diff(heads, &now)
+            .iter()
+            .filter_map(|patch| match touched_graft(patch, &list) {
+                Touch::Graft(obj) => Some(obj),
+                _ => None,
+            })
+            .collect();
+        let at = At {
+            doc,
+            heads: Some(heads),
+        };
+        let items: Vec<(usize, bool, ObjId)> = at
+            .list_range(&list)
+            .map(|item| {
+                let is_map = matches!(item.value, ValueRef::Object(ObjType::Map));
+                (item.index, is_map, item.id())
+            })
+            .collect();
+        if let Some(grafts) = self.shown_among(&items, &changed) {
+            return (grafts, Vec::new());
+        }
+        let mut index = GraftIndex {
+            list: Some(list.clone()),
+            ..GraftIndex::default()
+        };
+        for (i, is_map, obj) in items {
+            if !is_map {
+                index.errors.push(format!("grafts[{i}] is not a map"));
+                continue;
+            }
+            let graft = match self.by_obj.get(&obj) {
+                Some(g) if !changed.contains(&obj) => Some(g.clone()),
+                _ => read_graft_in(at, &obj),
+            };
+            match graft {
+                Some(g) => index.insert(obj, g),
+                None => index.errors.push(format!("grafts[{i}] lacks a field")),
+            }
+        }
+        index.shown_grafts()
+    }
+
+    /// The grafts shown now, kept to the list `items` of a point, when that is the point's
+    /// display: every entry there is a graft this index holds unchanged since, and for each
+    /// of their ids the entry shown now is among them (else None: a fresh index decides).
+    fn shown_among(
+        &self,
+        items: &[(usize, bool, ObjId)],
+        changed: &HashSet<ObjId>,
+    ) -> Option<Vec<Graft>> {
+        let mut ids: HashSet<&str> = HashSet::with_capacity(items.len());
+        for (_, is_map, obj) in items {
+            let graft = self
+                .by_obj
+                .get(obj)
+                .filter(|_| *is_map && !changed.contains(obj))?;
+            ids.insert(graft.id.as_str());
+        }
+        let present: HashSet<&ObjId> = items.iter().map(|(_, _, obj)| obj).collect();
+        let grafts: Vec<Graft> = self
+            .shown
+            .values()
+            .filter(|obj| present.contains(obj))
+            .filter_map(|obj| self.by_obj.get(obj).cloned())
+            .collect();
+        (grafts.len() == ids.len()).then_some(grafts)
+    }
+
+    fn shown_grafts(mut self) -> (Vec<Graft>, Vec<String>) {
+        let grafts = self
+            .shown
+            .values()
+            .filter_map(|obj| self.by_obj.remove(obj))
+            .collect();
+        (grafts, self.errors)
     }
 
     /// Whether the index has been built (it is kept up to date from then on).
@@ -159,7 +277,7 @@ impl GraftIndex {
             && list == self.list
             && doc.diff_cursor() == self.heads;
         if !(incremental && self.apply_patches(doc, &heads)) {
-            self.rebuild(doc, list);
+            self.rebuild(At::now(doc), list);
         }
         doc.update_diff_cursor();
         self.heads = heads;
@@ -194,7 +312,7 @@ impl GraftIndex {
         true
     }
 
-    fn rebuild(&mut self, doc: &AutoCommit, list: Option<ObjId>) {
+    fn rebuild(&mut self, doc: At<'_>, list: Option<ObjId>) {
         self.by_obj.clear();
         self.by_id.clear();
         self.shown.clear();
@@ -202,7 +320,7 @@ impl GraftIndex {
         self.list = list.clone();
         let Some(list) = list else {
             self.errors
-                .push(match root_obj(doc, GRAFTS, ObjType::List) {
+                .push(match root_obj_in(doc, GRAFTS, ObjType::List) {
                     Err(e) => e,
                     Ok(_) => format!("{GRAFTS} is missing"),
                 });
@@ -211,7 +329,7 @@ impl GraftIndex {
         // One pass over the list: a look-up by index walks the list from its start, which
         // made a rebuild quadratic (2.5 s for 50,000 grafts).
         let entries: Vec<(usize, bool, ObjId)> = doc
-            .list_range(&list, ..)
+            .list_range(&list)
             .map(|item| {
                 let is_map = matches!(item.value, ValueRef::Object(ObjType::Map));
                 (item.index, is_map, item.id())
@@ -222,7 +340,7 @@ impl GraftIndex {
                 self.errors.push(format!("grafts[{i}] is not a map"));
                 continue;
             }
-            match read_graft(doc, &obj) {
+            match read_graft_in(doc, &obj) {
                 Some(g) => self.insert(obj, g),
                 None => self.errors.push(format!("grafts[{i}] lacks a field")),
             }

@@ -47,8 +47,67 @@ struct Node {
     lamport: u64,
 }
 
-/// Every change's hash in history order, with the heads after each.
-fn ordered(doc: &mut AutoCommit) -> Vec<(ChangeHash, Vec<ChangeHash>)> {
+/// A run's history in order, worked out once per heads of the document (a page, a cursor and a
+/// point's clock then cost what they read, not a sort of the whole history).
+pub(super) struct Order {
+    heads: Vec<ChangeHash>,
+    /// Every change but the genesis, in history order, with the heads after each.
+    entries: Vec<(ChangeHash, Vec<ChangeHash>)>,
+    position: HashMap<ChangeHash, usize>,
+    /// Each change's dependencies and Lamport stamp.
+    nodes: HashMap<ChangeHash, (Vec<ChangeHash>, u64)>,
+}
+
+impl Order {
+    pub fn of(doc: &mut AutoCommit, genesis: ChangeHash) -> Order {
+        let (entries, nodes) = ordered(doc);
+        let entries: Vec<_> = entries.into_iter().filter(|(h, _)| *h != genesis).collect();
+        let position = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (h, _))| (*h, i))
+            .collect();
+        Order {
+            heads: doc.get_heads(),
+            entries,
+            position,
+            nodes,
+        }
+    }
+
+    /// Whether this is the order of a document with these heads.
+    pub fn is_for(&self, heads: &[ChangeHash]) -> bool {
+        self.heads == heads
+    }
+
+    /// Changes in the history (the genesis not counted).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The highest Lamport stamp among the changes up to `heads` (a point's clock), and how
+    /// many changes that is.
+    pub fn up_to(&self, heads: &[ChangeHash]) -> (u64, usize) {
+        let mut seen: HashSet<ChangeHash> = HashSet::new();
+        let mut todo: Vec<ChangeHash> = heads.to_vec();
+        let mut highest = 0;
+        while let Some(h) = todo.pop() {
+            if !seen.insert(h) {
+                continue;
+            }
+            if let Some((deps, lamport)) = self.nodes.get(&h) {
+                highest = highest.max(*lamport);
+                todo.extend(deps.iter().filter(|d| !seen.contains(*d)));
+            }
+        }
+        (highest, seen.len())
+    }
+}
+
+type Nodes = HashMap<ChangeHash, (Vec<ChangeHash>, u64)>;
+
+/// Every change's hash in history order, with the heads after each; and the graph.
+fn ordered(doc: &mut AutoCommit) -> (Vec<(ChangeHash, Vec<ChangeHash>)>, Nodes) {
     let metas = doc.get_changes_meta(&[]);
     let nodes: HashMap<ChangeHash, Node> = metas
         .iter()
@@ -102,31 +161,26 @@ fn ordered(doc: &mut AutoCommit) -> Vec<(ChangeHash, Vec<ChangeHash>)> {
             }
         }
     }
-    out
+    let graph = nodes
+        .into_iter()
+        .map(|(h, n)| (h, (n.deps, n.lamport)))
+        .collect();
+    (out, graph)
 }
 
 /// Up to `limit` entries after the change `after` (from the first without), the run's
 /// genesis left out. `legacy` is the actor of replayed legacy rows.
 pub(super) fn page(
     doc: &mut AutoCommit,
-    genesis: ChangeHash,
+    history: &Order,
     legacy: &automerge::ActorId,
     after: Option<ChangeHash>,
     limit: usize,
 ) -> Result<HistoryPage, DocError> {
-    let order: Vec<(ChangeHash, Vec<ChangeHash>)> = ordered(doc)
-        .into_iter()
-        .filter(|(h, _)| *h != genesis)
-        .collect();
+    let order = &history.entries;
     let start = match after {
         None => 0,
-        Some(h) => {
-            order
-                .iter()
-                .position(|(x, _)| *x == h)
-                .ok_or(DocError::UnknownChange(h))?
-                + 1
-        }
+        Some(h) => *history.position.get(&h).ok_or(DocError::UnknownChange(h))? + 1,
     };
     let end = (start + limit).min(order.len());
     let now = doc.get_heads();
@@ -197,7 +251,7 @@ pub(super) fn authors(
     let before: HashSet<ChangeHash> = from.get_changes_meta(&[]).iter().map(|m| m.hash).collect();
     let now = to.get_heads();
     let mut who = HashMap::new();
-    for (hash, _) in ordered(to) {
+    for (hash, _) in ordered(to).0 {
         if before.contains(&hash) {
             continue;
         }
@@ -407,6 +461,63 @@ mod tests {
         assert!(
             matches!(doc.state_at(&[unknown]), Err(DocError::UnknownChange(h)) if h == unknown)
         );
+    }
+
+    /// Points near now are read from the graft index less what changed since; this holds
+    /// them to what a fresh read at the point gives, with a graft id made twice (two regions
+    /// retrying one graft), grafts a revert removed, and another region's changes merged.
+    #[test]
+    fn points_near_now_read_as_a_fresh_read_at_the_point_does() {
+        let run = Uuid::new_v4();
+        let (mut us, mut eu) = (RunDoc::new(run, "us"), RunDoc::new(run, "eu"));
+        let same_id = Uuid::new_v4();
+        let retried = Mutation::Graft {
+            id: same_id,
+            retry_safe: true,
+            agent: "Twice".into(),
+            after_step: "s1".into(),
+            user: "ann".into(),
+        };
+        for i in 0..6 {
+            us.apply(&graft(&format!("U{i}")), T0).unwrap();
+        }
+        us.apply(&retried, T0).unwrap();
+        eu.apply(&retried, T0).unwrap();
+        eu.apply(&graft("E"), T0).unwrap();
+        merge(&mut us, &mut eu);
+        let mut points = Vec::new();
+        for i in 0..4 {
+            us.apply(&graft(&format!("V{i}")), T0).unwrap();
+            points.push(us.heads());
+        }
+        us.apply(
+            &Mutation::Revert {
+                to: points[0].clone(),
+            },
+            T0,
+        )
+        .unwrap();
+        us.apply(&graft("W"), T0).unwrap();
+        points.push(us.heads());
+        us.state();
+        for point in &points {
+            let fresh = {
+                let at = crate::reader::At {
+                    doc: &us.doc,
+                    heads: Some(point),
+                };
+                crate::graft_index::GraftIndex::read(at)
+            };
+            let then = us.state_at(point).unwrap();
+            assert_eq!(then.grafts, fresh.0, "at {point:?}");
+            assert_eq!(
+                then.grafts
+                    .iter()
+                    .filter(|g| g.id == same_id.to_string())
+                    .count(),
+                1
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod history;
 mod json;
 mod legacy;
 mod projection;
+mod reader;
 pub mod rules;
 mod schema;
 mod state;
@@ -193,6 +194,8 @@ pub struct RunDoc {
     /// asked for meanwhile. Not applied, not logged, not acknowledged.
     parked: HashMap<ChangeHash, Change>,
     grafts: graft_index::GraftIndex,
+    /// The history's order, kept until the heads move (see `history::Order`).
+    order: Option<history::Order>,
 }
 
 /// The result of one sync-protocol step; see [`RunDoc::sync_step`].
@@ -222,6 +225,7 @@ impl RunDoc {
             genesis,
             parked: HashMap::new(),
             grafts: Default::default(),
+            order: None,
         }
     }
 
@@ -250,6 +254,7 @@ impl RunDoc {
             genesis,
             parked: HashMap::new(),
             grafts: Default::default(),
+            order: None,
         })
     }
 
@@ -267,6 +272,7 @@ impl RunDoc {
             // Held-back peer changes are not in the document: they stay held back.
             parked: std::mem::take(&mut self.parked),
             grafts: Default::default(),
+            order: None,
         })
     }
 
@@ -288,7 +294,7 @@ impl RunDoc {
     pub fn state(&mut self) -> RunState {
         let heads = self.doc.get_heads().iter().map(|h| h.to_string()).collect();
         let grafts = self.grafts.grafts(&mut self.doc);
-        state::read_state(&self.doc, self.lamport, heads, grafts)
+        state::read_state(reader::At::now(&self.doc), self.lamport, heads, grafts)
     }
 
     /// The state and where each graft sits, to be kept with a snapshot of this document.
@@ -1033,11 +1039,71 @@ impl RunDoc {
         limit: usize,
     ) -> Result<HistoryPage, DocError> {
         let legacy = legacy_actor(self.run_id);
-        history::page(&mut self.doc, self.genesis, &legacy, after, limit)
+        let order = self.take_order();
+        let page = history::page(&mut self.doc, &order, &legacy, after, limit);
+        self.order = Some(order);
+        page
+    }
+
+    /// The history's order at the current heads: the one kept, or worked out anew.
+    fn take_order(&mut self) -> history::Order {
+        let heads = self.doc.get_heads();
+        match self.order.take() {
+            Some(order) if order.is_for(&heads) => order,
+            _ => history::Order::of(&mut self.doc, self.genesis),
+        }
     }
 
     /// The run as it was at `heads` (changes of this run; not empty).
     fn at(&mut self, heads: &[ChangeHash]) -> Result<RunDoc, DocError> {
+        self.known(heads)?;
+        let mut doc = self.doc.fork_at(heads)?;
+        let lamport = highest_stamp(&mut doc);
+        Ok(RunDoc {
+            run_id: self.run_id,
+            region: self.region.clone(),
+            doc,
+            lamport,
+            genesis: self.genesis,
+            parked: HashMap::new(),
+            grafts: Default::default(),
+            order: None,
+        })
+    }
+
+    /// The state exactly as it was at `heads`, read in place (Automerge's reads at heads),
+    /// not from a copy of the document forked there.
+    pub fn state_at(&mut self, heads: &[ChangeHash]) -> Result<RunState, DocError> {
+        self.known(heads)?;
+        let mut point = heads.to_vec();
+        point.sort();
+        point.dedup();
+        if point == self.doc.get_heads() {
+            return Ok(self.state());
+        }
+        let order = self.take_order();
+        let (lamport, before) = order.up_to(&point);
+        let near_now = before * 2 > order.len();
+        self.order = Some(order);
+        // Near now, the grafts kept read serve, less what changed since; early on, the few
+        // grafts there were are read at the point.
+        let grafts = match near_now {
+            true => self.grafts.read_near(&mut self.doc, &point),
+            false => graft_index::GraftIndex::read(reader::At {
+                doc: &self.doc,
+                heads: Some(&point),
+            }),
+        };
+        let at = reader::At {
+            doc: &self.doc,
+            heads: Some(&point),
+        };
+        let shown = point.iter().map(|h| h.to_string()).collect();
+        Ok(state::read_state(at, lamport, shown, grafts))
+    }
+
+    /// Refuses a point of history this run does not hold, or none at all.
+    fn known(&mut self, heads: &[ChangeHash]) -> Result<(), DocError> {
         if let Some(h) = heads
             .iter()
             .find(|h| self.doc.get_change_meta_by_hash(h).is_none())
@@ -1049,22 +1115,7 @@ impl RunDoc {
                 "a point of history names its heads".into(),
             ));
         }
-        let mut doc = self.doc.fork_at(heads)?;
-        let lamport = highest_stamp(&mut doc);
-        Ok(RunDoc {
-            run_id: self.run_id,
-            region: self.region.clone(),
-            doc,
-            lamport,
-            genesis: self.genesis,
-            parked: HashMap::new(),
-            grafts: Default::default(),
-        })
-    }
-
-    /// The state exactly as it was at `heads`.
-    pub fn state_at(&mut self, heads: &[ChangeHash]) -> Result<RunState, DocError> {
-        Ok(self.at(heads)?.state())
+        Ok(())
     }
 
     /// What changed from `from` to `to` (now, if `None`), with who did it.

@@ -6,12 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, Value, ValueRef, ROOT};
+use automerge::{AutoCommit, ObjId, ObjType, ScalarValue, Value, ValueRef, ROOT};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
 use super::genesis::{FLAGS, PRUNED_STEPS};
-use super::json::read_json;
+use super::json::{read_json, read_json_at};
+use super::reader::At;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -111,7 +112,7 @@ impl std::ops::Deref for SharedState {
 /// The state, with the grafts (once per id, in display order) and their schema errors read
 /// from the graft index.
 pub(super) fn read_state(
-    doc: &AutoCommit,
+    doc: At<'_>,
     lamport: u64,
     heads: Vec<String>,
     grafts: (Vec<Graft>, Vec<String>),
@@ -122,7 +123,7 @@ pub(super) fn read_state(
 }
 
 fn read_parts(
-    doc: &AutoCommit,
+    doc: At<'_>,
     lamport: u64,
     heads: Vec<String>,
     (grafts, schema_errors): (Vec<Graft>, Vec<String>),
@@ -134,15 +135,15 @@ fn read_parts(
         schema_errors,
         ..RunState::default()
     };
-    match root_obj(doc, PRUNED_STEPS, ObjType::Map) {
+    match root_obj_in(doc, PRUNED_STEPS, ObjType::Map) {
         Ok(pruned) => {
             for step_id in doc.keys(&pruned) {
                 let entry = doc.get(&pruned, step_id.as_str()).ok().flatten();
                 match entry {
                     Some((Value::Object(ObjType::Map), id)) => {
                         state.pruned_steps.push(PrunedStep {
-                            user: str_field(doc, &id, "user").unwrap_or_default(),
-                            region: str_field(doc, &id, "region").unwrap_or_default(),
+                            user: str_field_in(doc, &id, "user").unwrap_or_default(),
+                            region: str_field_in(doc, &id, "region").unwrap_or_default(),
                             lamport: u64_field(doc, &id, "lamport").unwrap_or(0),
                             step_id,
                         })
@@ -155,15 +156,19 @@ fn read_parts(
         }
         Err(e) => state.schema_errors.push(e),
     }
-    match root_obj(doc, FLAGS, ObjType::Map) {
+    let json = |value: &Value<'_>, id: &ObjId| match doc.heads {
+        Some(h) => read_json_at(doc.doc, value, id, h),
+        None => read_json(doc.doc, value, id),
+    };
+    match root_obj_in(doc, FLAGS, ObjType::Map) {
         Ok(flags) => {
             for key in doc.keys(&flags) {
                 let all = doc.get_all(&flags, key.as_str()).unwrap_or_default();
                 if let Ok(Some((value, id))) = doc.get(&flags, key.as_str()) {
-                    state.flags.insert(key.clone(), read_json(doc, &value, &id));
+                    state.flags.insert(key.clone(), json(&value, &id));
                 }
                 if all.len() > 1 {
-                    let values = all.iter().map(|(v, id)| read_json(doc, v, id)).collect();
+                    let values = all.iter().map(|(v, id)| json(v, id)).collect();
                     state.flag_conflicts.insert(key, values);
                 }
             }
@@ -175,7 +180,12 @@ fn read_parts(
 
 /// The id of a root object, checked to be of the kind the run schema says.
 pub(super) fn root_obj(doc: &AutoCommit, key: &str, kind: ObjType) -> Result<ObjId, String> {
-    match doc.get(ROOT, key) {
+    root_obj_in(At::now(doc), key, kind)
+}
+
+/// [`root_obj`], now or at some heads.
+pub(super) fn root_obj_in(doc: At<'_>, key: &str, kind: ObjType) -> Result<ObjId, String> {
+    match doc.get(&ROOT, key) {
         Ok(Some((Value::Object(k), id))) if k == kind => Ok(id),
         Ok(Some(_)) => Err(format!("{key} is not a {kind:?}")),
         _ => Err(format!("{key} is missing")),
@@ -186,6 +196,11 @@ pub(super) fn root_obj(doc: &AutoCommit, key: &str, kind: ObjType) -> Result<Obj
 /// map's entries: a look-up per field costs a seek in Automerge's op set each, and a run's
 /// first read after loading reads every graft (50,000 took 1.2 s that way).
 pub(super) fn read_graft(doc: &AutoCommit, id: &ObjId) -> Option<Graft> {
+    read_graft_in(At::now(doc), id)
+}
+
+/// [`read_graft`], now or at some heads.
+pub(super) fn read_graft_in(doc: At<'_>, id: &ObjId) -> Option<Graft> {
     const KEYS: [&str; 7] = [
         "id",
         "agent",
@@ -196,7 +211,7 @@ pub(super) fn read_graft(doc: &AutoCommit, id: &ObjId) -> Option<Graft> {
         "createdAt",
     ];
     let mut fields: [Option<Field>; 7] = Default::default();
-    for item in doc.map_range(id, ..) {
+    for item in doc.map_range(id) {
         let Some(slot) = KEYS.iter().position(|k| *k == item.key.as_ref()) else {
             continue;
         };
@@ -232,7 +247,7 @@ enum Field {
 }
 
 impl Field {
-    fn text(self, doc: &AutoCommit) -> Option<String> {
+    fn text(self, doc: At<'_>) -> Option<String> {
         match self {
             Field::Scalar(ScalarValue::Str(s)) => Some(s.to_string()),
             Field::Text(id) => doc.text(&id).ok(),
@@ -242,7 +257,7 @@ impl Field {
 
     /// A creation time: a timestamp, milliseconds as a number (JavaScript's `Date.now()`), or
     /// a string as written.
-    fn time(self, doc: &AutoCommit) -> Option<String> {
+    fn time(self, doc: At<'_>) -> Option<String> {
         let millis = |ms: i64| {
             chrono::DateTime::from_timestamp_millis(ms)
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -257,7 +272,7 @@ impl Field {
     }
 }
 
-fn scalar(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<ScalarValue> {
+fn scalar(doc: At<'_>, obj: &ObjId, key: &str) -> Option<ScalarValue> {
     match doc.get(obj, key).ok()?? {
         (Value::Scalar(s), _) => Some(s.into_owned()),
         _ => None,
@@ -265,6 +280,10 @@ fn scalar(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<ScalarValue> {
 }
 
 pub(super) fn str_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
+    str_field_in(At::now(doc), obj, key)
+}
+
+fn str_field_in(doc: At<'_>, obj: &ObjId, key: &str) -> Option<String> {
     match doc.get(obj, key).ok()?? {
         (Value::Scalar(s), _) => match s.as_ref() {
             ScalarValue::Str(s) => Some(s.to_string()),
@@ -276,7 +295,7 @@ pub(super) fn str_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<Stri
     }
 }
 
-fn u64_field(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<u64> {
+fn u64_field(doc: At<'_>, obj: &ObjId, key: &str) -> Option<u64> {
     as_u64(&scalar(doc, obj, key)?)
 }
 
