@@ -4,10 +4,9 @@
 //! service credential restores it whole (what the cut-off region wrote included); after it,
 //! nothing of the run is left but its tombstone.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
@@ -21,14 +20,7 @@ const JWT_SECRET: &str = "deletion-user-secret";
 const SERVICE: &str = "deletion-service";
 
 fn token(sub: &str, run: Uuid, role: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let claims = json!({"sub": sub, "runs": [run.to_string()], "role": role, "exp": exp});
-    let key = EncodingKey::from_secret(JWT_SECRET.as_bytes());
-    encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    common::jwt::user_token(JWT_SECRET, sub, json!([run.to_string()]), role, 600)
 }
 
 fn graft(agent: &str) -> Value {
@@ -190,16 +182,22 @@ async fn a_deleted_run_stays_deleted_everywhere_and_a_restore_brings_it_back_who
     mesh.wait_connected(&c, 1).await;
     assert_eq!(c.get(&run_url(mesh.node(1), run, "/state")).await.0, 410);
 
-    // Restore: the service only; the run comes back in both regions, eu's write included.
+    // Restore: the service only, made while eu is cut off again; at the heal eu learns of
+    // it, and the run comes back in both regions, eu's write included.
     let (status, _) = Client::with_token(&writer)
         .post(&run_url(mesh.node(0), run, "/restore"), &json!({}))
         .await;
     assert_eq!(status, 403);
+    mesh.partition(&[0]);
     let (status, body) = c
         .post(&run_url(mesh.node(0), run, "/restore?user=ops"), &json!({}))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["deleted"], false);
+    assert_eq!(c.get(&run_url(mesh.node(0), run, "/state")).await.0, 200);
+    assert_eq!(c.get(&run_url(mesh.node(1), run, "/state")).await.0, 410);
+    mesh.heal_all();
+    mesh.wait_connected(&c, 1).await;
     answers(&c, mesh.node(1), run, 200, 20).await;
     let state = converged(&c, &mesh.nodes(), run, 20).await;
     let mut names = agents(&state);

@@ -7,12 +7,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ReadDoc, ROOT};
 use futures_util::SinkExt;
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use test_support as common;
 use tokio_tungstenite::tungstenite::Message;
@@ -220,14 +219,7 @@ const SECRET: &str = "feed-user-secret";
 const SERVICE: &str = "feed-service";
 
 fn token(sub: &str, runs: Value, role: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let claims = json!({"sub": sub, "runs": runs, "role": role, "exp": exp});
-    let key = EncodingKey::from_secret(SECRET.as_bytes());
-    encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    common::jwt::user_token(SECRET, sub, runs, role, 600)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

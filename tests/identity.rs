@@ -30,12 +30,7 @@ fn now() -> u64 {
 
 /// A token for `sub` on `runs` with `role`, expiring `exp_in` seconds from now (negative: past).
 fn token(sub: &str, runs: Value, role: &str, exp_in: i64, secret: &str) -> String {
-    let claims = json!({
-        "sub": sub, "runs": runs, "role": role,
-        "exp": now().saturating_add_signed(exp_in),
-    });
-    let key = EncodingKey::from_secret(secret.as_bytes());
-    encode(&Header::new(Algorithm::HS256), &claims, &key).expect("signed")
+    common::jwt::user_token(secret, sub, runs, role, exp_in)
 }
 
 /// The five tokens every door must refuse or restrict, for a request on `run`.

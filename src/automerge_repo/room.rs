@@ -195,15 +195,16 @@ impl DocRoom {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
-        // The database out of reach, or the run's actor restarting: nothing the client sent
-        // is lost (it still holds it), and a reconnect resyncs.
         if let Err(RunError::Deleted(_)) = result {
-            // The document is gone: the client is told so, and its messages for it ignored.
-            peer.refused = true;
+            // The document is gone: the client is told so, and what it sent is dropped. Its
+            // next message asks again (answered once a restore brings the run back).
+            let _ = peer.sync.stepped(None, result, answered, holds);
             peer.inbox.clear();
             Self::unavailable(&self.shared, peer, &self.document_id);
             return;
         }
+        // The database out of reach, or the run's actor restarting: nothing the client sent
+        // is lost (it still holds it), and a reconnect resyncs.
         let label = match &result {
             Err(RunError::Unavailable(_)) => "unavailable",
             Err(RunError::Busy(_)) => "busy",

@@ -31,6 +31,12 @@ impl Tombstone {
         run_store::Tombstone::from(self).supersedes(&other.into())
     }
 
+    /// The same decision (whether either side has purged the run since aside).
+    pub fn same_decision(&self, other: &Tombstone) -> bool {
+        (self.deleted, self.decided_at, &self.region)
+            == (other.deleted, other.decided_at, &other.region)
+    }
+
     pub fn decided_at_utc(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         chrono::DateTime::from_timestamp_millis(self.decided_at)
     }
@@ -142,7 +148,14 @@ impl Runs {
             let (n, before_round) = (due.len(), purged);
             for run_id in due {
                 // Through the run's actor: a restore cannot cross the purge.
-                let t = self.send(run_id, Call(Decide::Purge { before })).await??;
+                let t = match self.send(run_id, Call(Decide::Purge)).await {
+                    Ok(Ok(t)) => t,
+                    // One run that cannot be purged now does not hold up the others.
+                    Ok(Err(e)) | Err(e) => {
+                        log::warn!("run {run_id}: not purged this round: {e}");
+                        continue;
+                    }
+                };
                 if t.purged {
                     purged += 1;
                     self.inner.metrics.runs_purged.inc();

@@ -457,19 +457,26 @@ mod tombstone_sql {
     pub const GET: &str = "SELECT deleted, decided_at, region, decided_by, purged \
         FROM crdt_tombstones WHERE run_id = $1";
     /// Last writer wins: a decision is recorded only over an earlier one. A restore clears
-    /// `purged` (the run comes back from its peers); a deletion keeps it.
-    pub const SAVE: &str = "INSERT INTO crdt_tombstones \
-        (run_id, deleted, decided_at, region, decided_by, purged) \
-        VALUES ($1, $2, $3, $4, $5, FALSE) \
-        ON CONFLICT (run_id) DO UPDATE SET deleted = excluded.deleted, \
-        decided_at = excluded.decided_at, region = excluded.region, \
-        decided_by = excluded.decided_by, \
-        purged = CASE WHEN excluded.deleted THEN crdt_tombstones.purged ELSE FALSE END \
-        WHERE excluded.decided_at > crdt_tombstones.decided_at \
-        OR (excluded.decided_at = crdt_tombstones.decided_at \
-            AND excluded.region > crdt_tombstones.region)";
+    /// `purged` (the run comes back from its peers); a deletion keeps it. `collate` makes the
+    /// region tie-break compare bytes, as `Tombstone::supersedes` does.
+    pub fn save(collate: &str) -> String {
+        format!(
+            "INSERT INTO crdt_tombstones \
+            (run_id, deleted, decided_at, region, decided_by, purged, recorded_at) \
+            VALUES ($1, $2, $3, $4, $5, FALSE, $6) \
+            ON CONFLICT (run_id) DO UPDATE SET deleted = excluded.deleted, \
+            decided_at = excluded.decided_at, region = excluded.region, \
+            decided_by = excluded.decided_by, recorded_at = excluded.recorded_at, \
+            purged = CASE WHEN excluded.deleted THEN crdt_tombstones.purged ELSE FALSE END \
+            WHERE excluded.decided_at > crdt_tombstones.decided_at \
+            OR (excluded.decided_at = crdt_tombstones.decided_at \
+                AND excluded.region{collate} > crdt_tombstones.region{collate})"
+        )
+    }
+    /// Deleted runs this region recorded before `$1` (the grace period counts from when the
+    /// decision reached this region, whatever clock made it).
     pub const DUE: &str = "SELECT run_id FROM crdt_tombstones \
-        WHERE deleted AND NOT purged AND decided_at < $1 ORDER BY decided_at LIMIT $2";
+        WHERE deleted AND NOT purged AND recorded_at < $1 ORDER BY recorded_at LIMIT $2";
     /// The purge's first statement: only a run still deleted, not yet purged.
     pub const MARK_PURGED: &str = "UPDATE crdt_tombstones SET purged = TRUE \
         WHERE run_id = $1 AND deleted AND NOT purged";
@@ -609,10 +616,12 @@ pub trait Store: Send + Sync + 'static {
     /// Checks the database answers.
     /// The last decision about the run's deletion, if any was ever made.
     async fn tombstone(&self, run_id: Uuid) -> Result<Option<Tombstone>, StoreError>;
-    /// Records `t` unless a later decision is stored; whether it was recorded.
+    /// Records `t` unless a later decision is stored (and when it was recorded: now); whether
+    /// it was recorded.
     async fn save_tombstone(&self, t: &Tombstone) -> Result<bool, StoreError>;
-    /// Runs deleted before `decided_before` (unix ms) and not yet purged, oldest first.
-    async fn purge_due(&self, decided_before: i64, limit: i64) -> Result<Vec<Uuid>, StoreError>;
+    /// Runs whose deletion this store recorded before `recorded_before` (unix ms) and not yet
+    /// purged, oldest first.
+    async fn purge_due(&self, recorded_before: i64, limit: i64) -> Result<Vec<Uuid>, StoreError>;
     /// Removes every row of a deleted run but its tombstone; false if it is no longer deleted
     /// or was purged already (nothing is removed then).
     async fn purge_run(&self, run_id: Uuid) -> Result<bool, StoreError>;

@@ -606,18 +606,19 @@ impl Store for PgStore {
 
     async fn save_tombstone(&self, t: &Tombstone) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let n = diesel::sql_query(tomb::SAVE)
+        let n = diesel::sql_query(tomb::save(" COLLATE \"C\""))
             .bind::<sql_types::Uuid, _>(t.run_id)
             .bind::<sql_types::Bool, _>(t.deleted)
             .bind::<BigInt, _>(t.decided_at)
             .bind::<Text, _>(&t.region)
             .bind::<Nullable<Text>, _>(t.by.as_deref())
+            .bind::<BigInt, _>(chrono::Utc::now().timestamp_millis())
             .execute(&mut conn)
             .await?;
         Ok(n > 0)
     }
 
-    async fn purge_due(&self, decided_before: i64, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+    async fn purge_due(&self, recorded_before: i64, limit: i64) -> Result<Vec<Uuid>, StoreError> {
         #[derive(QueryableByName)]
         struct Due {
             #[diesel(sql_type = sql_types::Uuid)]
@@ -625,7 +626,7 @@ impl Store for PgStore {
         }
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let rows: Vec<Due> = diesel::sql_query(tomb::DUE)
-            .bind::<BigInt, _>(decided_before)
+            .bind::<BigInt, _>(recorded_before)
             .bind::<BigInt, _>(limit)
             .load(&mut conn)
             .await?;

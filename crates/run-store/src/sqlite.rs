@@ -570,19 +570,20 @@ impl Store for SqliteStore {
     async fn save_tombstone(&self, t: &Tombstone) -> Result<bool, StoreError> {
         let t = t.clone();
         self.with_conn(move |c| {
-            let n = diesel::sql_query(tomb::SAVE)
+            let n = diesel::sql_query(tomb::save(""))
                 .bind::<Binary, _>(t.run_id.as_bytes().to_vec())
                 .bind::<Bool, _>(t.deleted)
                 .bind::<BigInt, _>(t.decided_at)
                 .bind::<Text, _>(&t.region)
                 .bind::<Nullable<Text>, _>(t.by.as_deref())
+                .bind::<BigInt, _>(chrono::Utc::now().timestamp_millis())
                 .execute(c)?;
             Ok(n > 0)
         })
         .await
     }
 
-    async fn purge_due(&self, decided_before: i64, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+    async fn purge_due(&self, recorded_before: i64, limit: i64) -> Result<Vec<Uuid>, StoreError> {
         #[derive(QueryableByName)]
         struct Due {
             #[diesel(sql_type = Binary)]
@@ -591,7 +592,7 @@ impl Store for SqliteStore {
         let rows: Vec<Due> = self
             .with_conn(move |c| {
                 Ok(diesel::sql_query(tomb::DUE)
-                    .bind::<BigInt, _>(decided_before)
+                    .bind::<BigInt, _>(recorded_before)
                     .bind::<BigInt, _>(limit)
                     .load(c)?)
             })

@@ -616,6 +616,7 @@ pub mod db {
     }
 }
 pub mod bench;
+pub mod jwt;
 pub mod mesh;
 pub mod proxy;
 pub mod raw_ws;

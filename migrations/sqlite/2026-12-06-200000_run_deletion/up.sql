@@ -5,8 +5,9 @@ CREATE TABLE IF NOT EXISTS crdt_tombstones (
     decided_at BIGINT NOT NULL,
     region VARCHAR(50) NOT NULL,
     decided_by VARCHAR(255),
-    purged BOOLEAN NOT NULL DEFAULT FALSE
+    purged BOOLEAN NOT NULL DEFAULT FALSE,
+    recorded_at BIGINT NOT NULL
 );
 
-CREATE INDEX IF NOT EXISTS crdt_tombstones_due ON crdt_tombstones (decided_at)
+CREATE INDEX IF NOT EXISTS crdt_tombstones_due ON crdt_tombstones (recorded_at)
     WHERE deleted AND NOT purged;

@@ -425,12 +425,24 @@ impl PeerSession {
             return;
         };
         let runs = self.runs.clone();
-        let run = t.run_id;
-        actix::spawn(async move {
-            if let Err(e) = runs.take_tombstone(t, via).await {
-                log::warn!("mesh: run {run}: cannot take a peer's deletion decision: {e}");
-            }
-        });
+        let (run, theirs) = (t.run_id, t.clone());
+        let taken = async move { runs.take_tombstone(t, via).await };
+        ctx.spawn(
+            taken
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    // Ours is later: the peer gets it back (a region that missed a restore learns of
+                    // it so; a peer that takes it then holds the same, so this cannot loop).
+                    Ok(ours) if !ours.same_decision(&theirs) => {
+                        act.send(&tombstone_frame(&ours), ctx)
+                    }
+                    Ok(_) => {}
+                    // The peer tells us again with its next frame about the run.
+                    Err(e) => {
+                        log::warn!("mesh: run {run}: cannot take a peer's deletion decision: {e}")
+                    }
+                }),
+        );
     }
 
     /// The peer refused a frame of ours.

@@ -211,17 +211,19 @@ impl PeerSession {
         // on the link stops; nothing is retried or reported as an error.
         if let Some(t) = finished.gone().cloned() {
             let dropped: Vec<(Work, bool)> = slot.queue.drain(..).collect();
+            slot.resync_queued = false;
             if let Finished::Step {
                 sent,
                 result,
                 answered,
             } = finished
             {
-                // Keeps the sync state for a later restore.
+                // Keeps the sync state for a later restore (its failures forgotten below).
                 let _ = slot
                     .sync
                     .stepped(sent.as_deref(), result, answered, answered);
             }
+            slot.sync.progressed();
             for (work, catchup) in dropped {
                 self.queued -= 1;
                 self.queued_bytes -= work.size();

@@ -25,10 +25,8 @@ pub(crate) enum Decide {
         tombstone: Tombstone,
         via: String,
     },
-    /// Purge the run if it was deleted before `before` (unix ms) and still is.
-    Purge {
-        before: i64,
-    },
+    /// Purge the run if it is still deleted (the store says when it is due).
+    Purge,
 }
 
 impl Message for Call<Decide> {
@@ -58,6 +56,9 @@ impl Handler<Call<Decide>> for RunActor {
             Decide::Restore { by } => match deleted {
                 Some(t) if t.purged => return ready(Err(RunError::Deleted(t))),
                 Some(_) => (self.decision(false, by), None),
+                None if current.is_none() && self.writes.last_seq() == 0 => {
+                    return ready(Err(RunError::NoSuchRun(self.run_id)))
+                }
                 None => return ready(Err(RunError::NotDeleted(self.run_id))),
             },
             Decide::Peer { tombstone, via } => {
@@ -66,9 +67,9 @@ impl Handler<Call<Decide>> for RunActor {
                 }
                 (tombstone, Some(via))
             }
-            Decide::Purge { before } => {
+            Decide::Purge => {
                 return match deleted {
-                    Some(t) if !t.purged && t.decided_at < before => self.purge(t, ctx),
+                    Some(t) if !t.purged => self.purge(t, ctx),
                     Some(t) => ready(Ok(t)),
                     None => ready(current.ok_or(RunError::NotDeleted(self.run_id))),
                 };
@@ -155,15 +156,24 @@ impl RunActor {
             via,
         });
         if t.deleted {
+            // Writes waiting behind the append in flight are refused; that one was applied
+            // before the decision and is answered when it commits.
+            for write in self.writes.refuse_waiting() {
+                let _ = write.reply.send(Err(RunError::Deleted(t.clone())));
+            }
             self.doc = None;
             self.read = None;
             self.recent_ops.clear();
             self.recent_order.clear();
             self.count_ops();
             self.runs.set_digest(self.run_id, None);
-        } else {
+        } else if self.writes.is_idle() {
             self.runs.forget(self.run_id, self.incarnation);
             ctx.stop();
+        } else {
+            // An append from before the deletion is still in flight: it answers first, then
+            // the actor stops (see `flush`), and the next request loads the run.
+            self.failed = Some("the run was restored and is loading again".into());
         }
     }
 

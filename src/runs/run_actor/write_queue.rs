@@ -109,6 +109,16 @@ impl<R> WriteQueue<R> {
         batch.writes
     }
 
+    /// Takes the writes waiting behind the append in flight, none of which was sent: the run
+    /// takes no more (it was deleted). The log goes on after the append in flight.
+    pub fn refuse_waiting(&mut self) -> Vec<PendingWrite<R>> {
+        let waiting = std::mem::take(&mut self.pending);
+        if let Some(first) = waiting.iter().find_map(|w| w.events.first()) {
+            self.last_seq = first.run_seq - 1;
+        }
+        waiting
+    }
+
     /// The append of `batch` failed: every write not committed (it and those waiting) is to be
     /// refused, and the log continues from what it holds.
     pub fn refuse_all(&mut self, batch: Option<Batch<R>>) -> Vec<PendingWrite<R>> {
@@ -181,6 +191,33 @@ mod tests {
         q.committed(second);
         assert_eq!((q.committed_seq(), q.durable().1), (17, 8));
         assert!(q.is_idle());
+    }
+
+    #[test]
+    fn a_deletion_refuses_what_waits_and_lets_the_append_in_flight_finish() {
+        let mut q = WriteQueue::new(5, (Vec::new(), 1));
+        let w = write(&mut q, 1, 2, 2);
+        q.push(w);
+        let in_flight = q.take_batch().expect("a batch");
+        for reply in 2..=3 {
+            let w = write(&mut q, reply, 1, 3);
+            q.push(w);
+        }
+        let refused = q.refuse_waiting();
+        assert_eq!(
+            refused.iter().map(|w| w.reply).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(
+            q.last_seq(),
+            7,
+            "the log goes on after the append in flight"
+        );
+        assert!(!q.is_idle(), "the append in flight still answers");
+        let done = q.committed(in_flight);
+        assert_eq!(done.iter().map(|w| w.reply).collect::<Vec<_>>(), vec![1]);
+        assert!(q.is_idle() && q.take_batch().is_none());
+        assert_eq!(q.committed_seq(), 7);
     }
 
     #[test]
