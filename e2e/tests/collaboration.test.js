@@ -2,28 +2,14 @@
 // partition, and a page whose node stops and comes back. Screenshots go to e2e/artifacts/.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { mkdirSync } from "node:fs";
-import path from "node:path";
 import { randomUUID } from "node:crypto";
-import { chromium } from "playwright-core";
-import { meshedPair, until, repo } from "../lib/cluster.js";
+import { launch, openRun, shot } from "../lib/pages.js";
+import { meshedPair, until } from "../lib/cluster.js";
 
-const artifacts = path.join(repo, "e2e/artifacts");
 const run = randomUUID();
 let east, west, link, browser, pageA, pageB;
 
-async function shot(page, name) {
-  await page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
-}
-
-async function openRun(node, user) {
-  const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
-  await context.addInitScript((u) => sessionStorage.setItem("crdt-user", u), user);
-  const page = await context.newPage();
-  page.on("pageerror", (e) => console.error(`[${user}] page error:`, e));
-  await page.goto(`${node.url}/runs/${run}`);
-  return page;
-}
+const open = (node, user) => openRun(browser, node, run, user);
 
 const connState = (page) => page.getAttribute("#conn", "data-state");
 const graftAgents = (page) =>
@@ -47,14 +33,10 @@ const pendingCount = (page) =>
     lis.filter((li) => li.textContent !== "nothing" && !li.classList.contains("saved")).length);
 
 before(async () => {
-  mkdirSync(artifacts, { recursive: true });
   ({ west, east, link } = await meshedPair(["e2e-eu", "e2e-us"]));
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-  });
-  pageA = await openRun(east, "ana");
-  pageB = await openRun(west, "bo");
+  browser = await launch();
+  pageA = await open(east, "ana");
+  pageB = await open(west, "bo");
 });
 
 after(async () => {

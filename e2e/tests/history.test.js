@@ -5,28 +5,14 @@
 // Screenshots go to e2e/artifacts/.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { mkdirSync } from "node:fs";
-import path from "node:path";
 import { randomUUID } from "node:crypto";
-import { chromium } from "playwright-core";
-import { meshedPair, until, repo } from "../lib/cluster.js";
+import { launch, openRun, shot } from "../lib/pages.js";
+import { meshedPair, until } from "../lib/cluster.js";
 
-const artifacts = path.join(repo, "e2e/artifacts");
 const run = randomUUID();
 let east, west, link, browser, pageUs, pageEu;
 
-async function shot(page, name) {
-  await page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
-}
-
-async function openRun(node, user) {
-  const context = await browser.newContext({ viewport: { width: 1200, height: 1000 } });
-  await context.addInitScript((u) => sessionStorage.setItem("crdt-user", u), user);
-  const page = await context.newPage();
-  page.on("pageerror", (e) => console.error(`[${user}] page error:`, e));
-  await page.goto(`${node.url}/runs/${run}`);
-  return page;
-}
+const open = (node, user) => openRun(browser, node, run, user, { width: 1200, height: 1000 });
 
 const post = (node, rest, body) =>
   node.api(`/api/crdt/runs/${run}${rest}`, { method: "POST", body: JSON.stringify(body) });
@@ -41,20 +27,16 @@ const timeline = (page) =>
       text: `${li.querySelector(".who").textContent} ${li.querySelector(".what").textContent}` })));
 
 before(async () => {
-  mkdirSync(artifacts, { recursive: true });
   ({ west, east, link } = await meshedPair(["hist-eu", "hist-us"]));
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-  });
+  browser = await launch();
   // Written in both regions, by people and by a service.
   assert.equal((await post(east, "/grafts", { agent: "SecurityAgent", afterStep: "Step1", user: "ana" })).status, 201);
   assert.equal((await post(west, "/grafts", { agent: "CostAgent", afterStep: "Step1", user: "bo" })).status, 201);
   assert.equal((await post(west, "/grafts", { agent: "ReviewAgent", afterStep: "Step2", user: "bo" })).status, 201);
   assert.equal((await post(west, "/grafts", { agent: "Planner", afterStep: "Step10", user: "svc" })).status, 201);
   assert.equal((await post(east, "/pruned-steps", { stepId: "Step2", user: "ana" })).status, 200);
-  pageUs = await openRun(east, "ana");
-  pageEu = await openRun(west, "bo");
+  pageUs = await open(east, "ana");
+  pageEu = await open(west, "bo");
 });
 
 after(async () => {
