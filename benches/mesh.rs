@@ -11,6 +11,10 @@
 //!   changes on a 100,000-op document, against the size of those changes and of the document.
 //! - converge: two nodes partitioned, 10,000 operations written on each side of one run, then
 //!   healed: time until both hold the same heads.
+//! - wan: two regions linked through a proxy that holds every byte `WAN_ONE_WAY_MS` (40) each
+//!   way: propagation at 1,000 mutations/s, then a partition of `WAN_PARTITION_SECS` (60) at
+//!   that rate and the catch-up after it: time to converge, and bytes the link carried against
+//!   the bytes of the missed changes.
 
 use test_support as common;
 
@@ -52,6 +56,9 @@ fn main() {
     }
     if run("converge") {
         rt.block_on(converge());
+    }
+    if run("wan") {
+        rt.block_on(wan());
     }
 }
 
@@ -441,4 +448,132 @@ async fn converge() {
     {
         println!("    {line}");
     }
+}
+
+// ---------- a wide-area link ----------
+
+/// Percentiles of sorted milliseconds.
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+async fn wan() {
+    let one_way_ms: u64 = std::env::var("WAN_ONE_WAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let one_way = Duration::from_millis(one_way_ms);
+    const RATE: f64 = 1000.0;
+    let partition_secs: f64 = std::env::var("WAN_PARTITION_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60.0);
+    let mesh = TestMesh::start(Backend::Sqlite, &["us-east-1", "eu-central-1"], &[(0, 1)]).await;
+    let link = &mesh.links[0].proxy;
+    link.set_delay(one_way);
+    // The link dialled before the delay was set: make it dial again through the delay.
+    link.cut();
+    link.heal();
+    let c = Client::new();
+    mesh.wait_connected(&c, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, status) = c.get(&mesh.node(0).url("/api/crdt/mesh/status")).await;
+    let rtt = status["peers"][0]["rttMs"].as_f64().unwrap_or(f64::NAN);
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    listen(mesh.node(1), seen.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let addr = mesh.node(0).base.trim_start_matches("http://").to_string();
+
+    println!(
+        "\n### Propagation over an 80 ms round trip (40 ms each way), {RATE:.0} mutations/s\n"
+    );
+    let acks = offer(&addr, RATE, 10.0, 16).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut lat: Vec<f64> = {
+        let seen = seen.lock().unwrap();
+        acks.iter()
+            .filter_map(|(at, h, _)| {
+                Some(seen.get(h)?.saturating_duration_since(*at).as_secs_f64() * 1e3)
+            })
+            .collect()
+    };
+    lat.sort_by(f64::total_cmp);
+    println!("link round trip as the mesh measures it (ping/pong): {rtt:.1} ms\n");
+    println!("| acknowledged/s | seen in eu-central-1 | p50 ms | p90 ms | p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:.0} | {:.1}% | {:.1} | {:.1} | {:.1} | {:.1} |",
+        acks.len() as f64 / 10.0,
+        100.0 * lat.len() as f64 / acks.len().max(1) as f64,
+        pct(&lat, 0.5),
+        pct(&lat, 0.9),
+        pct(&lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+
+    // A partition at the same rate, then the heal.
+    let a = &mesh.members[0].db;
+    let before = common::db::count(
+        a,
+        "SELECT COALESCE(MAX(id), 0) AS n FROM collaboration_events",
+    )
+    .await;
+    mesh.partition(&[0]);
+    let missed = offer(&addr, RATE, partition_secs, 16).await;
+    let missed_bytes = common::db::count(
+        a,
+        &format!(
+            "SELECT COALESCE(SUM(LENGTH(crdt_changes)), 0) AS n FROM collaboration_events \
+             WHERE id > {before}"
+        ),
+    )
+    .await;
+    let mut last: HashMap<Uuid, String> = HashMap::new();
+    for (_, head, run) in &missed {
+        last.insert(*run, head.clone());
+    }
+    link.take_carried();
+    let healed = Instant::now();
+    mesh.heal_all();
+    let mut waiting: Vec<(Uuid, String)> = last.into_iter().collect();
+    while !waiting.is_empty() && healed.elapsed() < Duration::from_secs(300) {
+        let mut still = Vec::new();
+        for (run, head) in waiting {
+            if !common::mesh::holds(&c, mesh.node(1), run, std::slice::from_ref(&head)).await {
+                still.push((run, head));
+            }
+        }
+        waiting = still;
+        if !waiting.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let converged_ms = healed.elapsed().as_secs_f64() * 1e3;
+    let carried = link.take_carried();
+    println!(
+        "\n### Catch-up after a {partition_secs:.0} s partition at {RATE:.0} mutations/s ({one_way_ms} ms each way)\n"
+    );
+    println!("| changes missed | runs | bytes of the changes | converged after | bytes the link carried | ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {} | {}{:.0} ms | {} | {:.2}× |",
+        missed.len(),
+        missed
+            .iter()
+            .map(|(_, _, r)| *r)
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        missed_bytes,
+        if waiting.is_empty() {
+            ""
+        } else {
+            "NOT CONVERGED "
+        },
+        converged_ms,
+        carried,
+        carried as f64 / missed_bytes.max(1) as f64
+    );
 }

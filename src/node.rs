@@ -235,6 +235,9 @@ fn serve(
             .configure(|cfg| http::configure(cfg, state.clone(), max_body))
     })
     .workers(workers)
+    // Small frames go out at once: with Nagle's algorithm a frame written while the last is
+    // unacknowledged waits for the peer's delayed ACK (40 ms on Linux) or a round trip.
+    .tcp_nodelay(true)
     // `main` handles SIGTERM/SIGINT itself: actix's own handler would stop the whole actix
     // system, run actors included, before their final snapshots.
     .disable_signals()

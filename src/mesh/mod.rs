@@ -11,6 +11,7 @@
 pub mod broadcast;
 pub mod connector;
 pub mod directory;
+mod no_delay;
 pub mod presence;
 pub mod session;
 pub mod transport;
