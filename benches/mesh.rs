@@ -488,7 +488,7 @@ async fn wan() {
     let addr = mesh.node(0).base.trim_start_matches("http://").to_string();
 
     println!(
-        "\n### Propagation over an 80 ms round trip (40 ms each way), {RATE:.0} mutations/s\n"
+        "\n### Propagation over a link holding bytes {one_way_ms} ms each way, {RATE:.0} mutations/s\n"
     );
     let acks = offer(&addr, RATE, 10.0, 16).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
