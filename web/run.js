@@ -37,7 +37,11 @@
   let history = [];
   let historyHeads = null;
   let historyLoading = false;
+  let historyRead = 0;
   let gone = false;
+  // The history is read again at most this often: a busy run's changes come many a second,
+  // and a long history costs its node a sort of every change after each.
+  const HISTORY_EVERY_MS = 1000;
 
   $("run-id").textContent = runId;
   document.title = `Run ${runId.slice(0, 8)} · crdt-node`;
@@ -222,6 +226,7 @@
     setConn("deleted", "deleted");
     $("gone").hidden = false;
     $("gone").textContent = `This run was deleted${reason ? `: ${reason}` : "."}`;
+    $("present").innerHTML = "";
     document.querySelector("main").classList.add("viewing");
   }
 
@@ -230,6 +235,13 @@
   async function refreshHistory() {
     const heads = lastState ? lastState.heads.join(",") : "";
     if (historyLoading || heads === historyHeads) return;
+    const wait = historyRead + HISTORY_EVERY_MS - Date.now();
+    if (wait > 0) {
+      historyLoading = true;
+      setTimeout(() => { historyLoading = false; refreshHistory(); }, wait);
+      return;
+    }
+    historyRead = Date.now();
     historyLoading = true;
     try {
       const { entries, more } = await Timeline.load(runId);
