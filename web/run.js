@@ -117,6 +117,7 @@
           $("user").title = "your sign-in token names you";
         }
         setConn("connected", `connected to ${msg.region}`);
+        $("delete-run").hidden = !canWrite();
         flush();
         break;
       case "STATE":
@@ -228,6 +229,7 @@
     $("gone").textContent = `This run was deleted${reason ? `: ${reason}` : "."}`;
     $("present").innerHTML = "";
     document.querySelector("main").classList.add("viewing");
+    $("delete-run").hidden = true;
   }
 
   // The history, read again when the run's heads move (a change from another region may take
@@ -351,6 +353,16 @@
     if (li) openPoint(li.dataset.heads);
   });
   $("back-live").addEventListener("click", backToNow);
+  // Deleting asks first; the node then closes this session (4410) and the page says so.
+  $("delete-run").addEventListener("click", async () => {
+    if (!confirm("Delete this run in every region? The service can restore it for a while.")) return;
+    const by = encodeURIComponent(Crdt.user());
+    try {
+      await Crdt.api(`/api/crdt/runs/${encodeURIComponent(runId)}?user=${by}`, "DELETE");
+    } catch (e) {
+      $("notice").textContent = `Delete refused: ${e.message}`;
+    }
+  });
   $("revert-here").addEventListener("click", revertHere);
   document.body.addEventListener("click", (e) => {
     const t = e.target;

@@ -115,9 +115,15 @@ test("a point of the timeline opens read-only; revert to here restores it in eve
   await shot(pageEu, "history-04-reverted");
 });
 
-test("a deleted run's pages say so", async () => {
-  const res = await fetch(`${east.url}/api/crdt/runs/${run}?user=ana`, { method: "DELETE" });
-  assert.equal(res.status, 200);
+test("a run deleted from its page is gone from every region's page", async () => {
+  assert.ok(!(await pageUs.isHidden("#delete-run")), "a writer sees Delete run");
+  pageUs.once("dialog", (d) => d.accept());
+  await pageUs.click("#delete-run");
+  const gone = await until("deleted in eu too", async () => {
+    const r = await west.api(`/api/crdt/runs/${run}/state`);
+    return r.status === 410 && r.body;
+  });
+  assert.match(gone.message, /deleted at .* by ana \(in us-east-1\)/);
   for (const page of [pageUs, pageEu]) {
     await until("the page says the run is gone", async () => !(await page.isHidden("#gone")));
     assert.match(await page.textContent("#gone"), /deleted/);

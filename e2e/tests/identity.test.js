@@ -91,6 +91,7 @@ test("a read-only token's page shows the run and refuses edits with the reason",
   await until("the refusal shown", async () => (await page.textContent("#notice")).includes("read-only"));
   const { body } = await node.api(`/api/crdt/runs/${run}/state`, { headers: { Authorization: `Bearer ${SERVICE}` } });
   assert.deepEqual(body.flags, {}, "nothing written");
+  assert.ok(await page.isHidden("#delete-run"), "a reader is not offered Delete run");
   await page.screenshot({ path: path.join(repo, "e2e/artifacts/identity-reader.png"), fullPage: true });
 });
 
