@@ -1089,15 +1089,9 @@ impl RunDoc {
         // grafts there were are read at the point.
         let grafts = match near_now {
             true => self.grafts.read_near(&mut self.doc, &point),
-            false => graft_index::GraftIndex::read(reader::At {
-                doc: &self.doc,
-                heads: Some(&point),
-            }),
+            false => graft_index::GraftIndex::read(reader::At::point(&self.doc, &point)),
         };
-        let at = reader::At {
-            doc: &self.doc,
-            heads: Some(&point),
-        };
+        let at = reader::At::point(&self.doc, &point);
         let shown = point.iter().map(|h| h.to_string()).collect();
         Ok(state::read_state(at, lamport, shown, grafts))
     }

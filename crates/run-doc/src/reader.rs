@@ -21,6 +21,14 @@ impl<'a> At<'a> {
         At { doc, heads: None }
     }
 
+    /// The document as it was at `heads`.
+    pub fn point(doc: &'a AutoCommit, heads: &'a [ChangeHash]) -> Self {
+        At {
+            doc,
+            heads: Some(heads),
+        }
+    }
+
     pub fn get(&self, obj: &ObjId, prop: impl Into<Prop>) -> Found<'a> {
         match self.heads {
             Some(h) => self.doc.get_at(obj, prop, h),
