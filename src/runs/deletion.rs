@@ -106,17 +106,11 @@ impl Runs {
 
     /// Adds a subscriber to every deletion and restore.
     pub fn subscribe_tombstones(&self, recipient: Recipient<RunTombstoned>) {
-        if let Ok(mut subscribers) = self.inner.tombstone_subscribers.write() {
-            subscribers.push(recipient);
-        }
+        self.inner.tombstone_subscribers.add(recipient);
     }
 
     pub(super) fn publish_tombstone(&self, event: RunTombstoned) {
-        if let Ok(subscribers) = self.inner.tombstone_subscribers.read() {
-            for recipient in subscribers.iter() {
-                recipient.do_send(event.clone());
-            }
-        }
+        self.inner.tombstone_subscribers.publish(event);
     }
 
     /// Purges deleted runs past the grace period, every `purge_every`, until the node stops.

@@ -145,8 +145,8 @@ struct Inner {
     snapshots: Addr<SnapshotActor>,
     config: RunsConfig,
     metrics: Metrics,
-    subscribers: RwLock<Vec<Recipient<RunChanged>>>,
-    tombstone_subscribers: RwLock<Vec<Recipient<RunTombstoned>>>,
+    subscribers: Subscribers<RunChanged>,
+    tombstone_subscribers: Subscribers<RunTombstoned>,
     /// Every committed change, read back from the log by cursor.
     changes: Arc<ChangeFeed>,
     /// Heads digests of runs whose durable state this process knows (loaded at least once
@@ -171,6 +171,35 @@ struct Inner {
 #[derive(Clone)]
 pub struct Runs {
     inner: Arc<Inner>,
+}
+
+/// Who is told of one kind of event (committed changes, deletions), known only as recipients.
+struct Subscribers<M: Message<Result = ()> + Send>(RwLock<Vec<Recipient<M>>>);
+
+impl<M: Message<Result = ()> + Send> Default for Subscribers<M> {
+    fn default() -> Self {
+        Subscribers(RwLock::new(Vec::new()))
+    }
+}
+
+impl<M: Message<Result = ()> + Send + Clone> Subscribers<M> {
+    fn add(&self, recipient: Recipient<M>) {
+        if let Ok(mut all) = self.0.write() {
+            all.push(recipient);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.read().map_or(true, |all| all.is_empty())
+    }
+
+    fn publish(&self, event: M) {
+        if let Ok(all) = self.0.read() {
+            for recipient in all.iter() {
+                recipient.do_send(event.clone());
+            }
+        }
+    }
 }
 
 const SHARDS: usize = 64;
@@ -220,8 +249,8 @@ impl Runs {
                 snapshots,
                 config,
                 metrics,
-                subscribers: RwLock::new(Vec::new()),
-                tombstone_subscribers: RwLock::new(Vec::new()),
+                subscribers: Subscribers::default(),
+                tombstone_subscribers: Subscribers::default(),
                 changes: changes.clone(),
                 digests: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 store_down: AtomicBool::new(false),
@@ -237,9 +266,7 @@ impl Runs {
 
     /// Adds a subscriber to every committed change of every run.
     pub fn subscribe(&self, recipient: Recipient<RunChanged>) {
-        if let Ok(mut subscribers) = self.inner.subscribers.write() {
-            subscribers.push(recipient);
-        }
+        self.inner.subscribers.add(recipient);
     }
 
     /// The change feed: every committed change of every run, by cursor.
@@ -519,17 +546,10 @@ impl Runs {
     }
 
     fn has_subscribers(&self) -> bool {
-        self.inner
-            .subscribers
-            .read()
-            .is_ok_and(|feed| !feed.is_empty())
+        !self.inner.subscribers.is_empty()
     }
 
     fn publish(&self, event: RunChanged) {
-        if let Ok(feed) = self.inner.subscribers.read() {
-            for recipient in feed.iter() {
-                recipient.do_send(event.clone());
-            }
-        }
+        self.inner.subscribers.publish(event);
     }
 }
