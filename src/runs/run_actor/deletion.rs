@@ -6,7 +6,7 @@
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::handlers::Answer;
+use super::handlers::{ready, Answer};
 use super::RunActor;
 use crate::runs::deletion::{RunTombstoned, Tombstone};
 use crate::runs::run_actor::Call;
@@ -79,10 +79,6 @@ impl Handler<Call<Decide>> for RunActor {
     }
 }
 
-fn ready<T: 'static>(answer: Result<T, RunError>) -> Answer<T> {
-    Box::pin(async move { answer })
-}
-
 impl RunActor {
     /// A decision of this region, later than any known for the run (whatever the clocks say).
     fn decision(&self, deleted: bool, by: Option<String>) -> Tombstone {
@@ -98,40 +94,47 @@ impl RunActor {
         }
     }
 
-    /// Stores the decision (the mailbox waits), then acts on it and answers.
+    /// Stores the decision, then acts on it if it is news here, and answers with the decision
+    /// in force (this one, or a later one already stored).
     fn record(
         &mut self,
         next: Tombstone,
         via: Option<String>,
         ctx: &mut Context<Self>,
     ) -> Answer<Tombstone> {
-        let (tx, rx) = oneshot::channel();
         let store = self.runs.inner.store.clone();
         let stored = run_store::Tombstone::from(&next);
-        ctx.wait(
-            async move {
-                store.save_tombstone(&stored).await?;
-                // What is in force now: this decision, or a later one already stored.
-                store.tombstone(stored.run_id).await
+        let work = async move {
+            store.save_tombstone(&stored).await?;
+            store.tombstone(stored.run_id).await
+        };
+        self.store_then(work, ctx, move |result, act, ctx| match result {
+            Ok(Some(now)) => {
+                let now = Tombstone::from(now);
+                if act.tombstone.as_ref() != Some(&now) {
+                    act.decided(now.clone(), via, ctx);
+                }
+                Ok(now)
             }
-            .into_actor(self)
-            .map(move |result, act, ctx| {
-                let answer = match result {
-                    Ok(Some(now)) => {
-                        let now = Tombstone::from(now);
-                        if now == next || act.tombstone.as_ref() != Some(&now) {
-                            act.decided(now.clone(), via, ctx);
-                        }
-                        Ok(now)
-                    }
-                    Ok(None) => Err(RunError::Unavailable(
-                        "the run's tombstone was not stored".into(),
-                    )),
-                    Err(e) => Err(RunError::Unavailable(e.to_string())),
-                };
-                let _ = tx.send(answer);
-            }),
-        );
+            Ok(None) => Err(RunError::Unavailable(
+                "the run's tombstone was not stored".into(),
+            )),
+            Err(e) => Err(RunError::Unavailable(e.to_string())),
+        })
+    }
+
+    /// Runs `work` on storage while the mailbox waits (no other request or decision meets the
+    /// run half-decided), then answers with what `then` makes of its result.
+    fn store_then<R: 'static, T: 'static>(
+        &mut self,
+        work: impl std::future::Future<Output = R> + 'static,
+        ctx: &mut Context<Self>,
+        then: impl FnOnce(R, &mut Self, &mut Context<Self>) -> Result<T, RunError> + 'static,
+    ) -> Answer<T> {
+        let (tx, rx) = oneshot::channel();
+        ctx.wait(work.into_actor(self).map(move |result, act, ctx| {
+            let _ = tx.send(then(result, act, ctx));
+        }));
         Box::pin(async move { rx.await.map_err(|_| RunError::Stopped)? })
     }
 
@@ -178,24 +181,16 @@ impl RunActor {
     }
 
     fn purge(&mut self, t: Tombstone, ctx: &mut Context<Self>) -> Answer<Tombstone> {
-        let (tx, rx) = oneshot::channel();
         let store = self.runs.inner.store.clone();
         let run_id = self.run_id;
-        ctx.wait(
-            async move { store.purge_run(run_id).await }
-                .into_actor(self)
-                .map(move |result, act, _| {
-                    let answer = match result {
-                        Ok(purged) => {
-                            let t = Tombstone { purged, ..t };
-                            act.tombstone = Some(t.clone());
-                            Ok(t)
-                        }
-                        Err(e) => Err(RunError::Unavailable(e.to_string())),
-                    };
-                    let _ = tx.send(answer);
-                }),
-        );
-        Box::pin(async move { rx.await.map_err(|_| RunError::Stopped)? })
+        let work = async move { store.purge_run(run_id).await };
+        self.store_then(work, ctx, move |result, act, _| match result {
+            Ok(purged) => {
+                let t = Tombstone { purged, ..t };
+                act.tombstone = Some(t.clone());
+                Ok(t)
+            }
+            Err(e) => Err(RunError::Unavailable(e.to_string())),
+        })
     }
 }

@@ -56,8 +56,13 @@ pub(crate) struct SnapshotWritten {
 
 pub(super) type Answer<T> = ResponseFuture<Result<T, RunError>>;
 
+/// An answer known at once.
+pub(super) fn ready<T: 'static>(answer: Result<T, RunError>) -> Answer<T> {
+    Box::pin(async move { answer })
+}
+
 fn refuse<T: 'static>(e: RunError) -> Answer<T> {
-    Box::pin(async move { Err(e) })
+    ready(Err(e))
 }
 
 impl Handler<Call<Mutate>> for RunActor {
@@ -74,7 +79,7 @@ impl Handler<Call<Mutate>> for RunActor {
             if let Err(e) = self.runs.check_store() {
                 return refuse(e);
             }
-            return Box::pin(async move { Ok(outcome) });
+            return ready(Ok(outcome));
         }
         let usable = self.doc().map(|_| ());
         if let Err(e) = usable.and_then(|()| self.runs.check_store()) {
@@ -286,7 +291,7 @@ impl Handler<Call<ReadState>> for RunActor {
             // Nothing is written while the document loads: the projection is the state.
             let state = warming.state();
             self.last_active = std::time::Instant::now();
-            return Box::pin(async move { Ok(state) });
+            return ready(Ok(state));
         }
         let state = self.current_state();
         self.once_durable(state, ctx)
