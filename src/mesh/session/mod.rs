@@ -40,7 +40,6 @@ use run_wire::mesh::{
 };
 
 use catchup::Catchup;
-pub(crate) use work::tombstone_frame;
 use work::{Slot, Work, SLOT_IDLE};
 
 /// Frames a peer may send before its handshake is done are small; a larger one is refused
@@ -51,6 +50,17 @@ const MAX_PEER_RUNS: usize = 10_000_000;
 /// How far ahead of this node's clock a peer's deletion decision may be dated: a later one
 /// would win over every decision made here until then.
 const MAX_DECISION_SKEW_MS: i64 = 24 * 3600 * 1000;
+
+/// The frame that tells a peer of a run's deletion (or restore); `on_frame` reads it back.
+pub(crate) fn tombstone_frame(t: &Tombstone) -> Frame {
+    Frame::RunTombstone {
+        run_id: t.run_id.to_string(),
+        deleted: t.deleted,
+        decided_at: t.decided_at,
+        region: t.region.clone(),
+        by: t.by.clone(),
+    }
+}
 
 /// Tells a link's owner (the connector of an outbound link) how the session went.
 #[derive(Message, Debug, Clone)]

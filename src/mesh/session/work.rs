@@ -40,17 +40,6 @@ impl Work {
     }
 }
 
-/// The frame that tells a peer of a run's deletion (or restore).
-pub(crate) fn tombstone_frame(t: &Tombstone) -> Frame {
-    Frame::RunTombstone {
-        run_id: t.run_id.to_string(),
-        deleted: t.deleted,
-        decided_at: t.decided_at,
-        region: t.region.clone(),
-        by: t.by.clone(),
-    }
-}
-
 /// A finished piece of work.
 enum Finished {
     Step {
