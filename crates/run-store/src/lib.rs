@@ -444,13 +444,12 @@ impl Tombstone {
     }
 }
 
-/// Rows excluded from the runs lists: runs deleted (their row says so).
-const NOT_DELETED: &str = "NOT EXISTS (SELECT 1 FROM crdt_tombstones t \
-    WHERE t.run_id = {table}.run_id AND t.deleted)";
-
-/// [`NOT_DELETED`] for rows of `table`.
+/// The filter that leaves deleted runs (their tombstone says so) out of a list of `table`.
 fn not_deleted(table: &str) -> String {
-    NOT_DELETED.replace("{table}", table)
+    format!(
+        "NOT EXISTS (SELECT 1 FROM crdt_tombstones t \
+        WHERE t.run_id = {table}.run_id AND t.deleted)"
+    )
 }
 
 mod tombstone_sql {
