@@ -28,3 +28,13 @@ export async function openRun(browser, node, run, user, viewport = { width: 1100
 export async function shot(page, name) {
   await page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
 }
+
+/** Closes the browser, the regions' link and the nodes, and removes the nodes' data. */
+export async function closeAll(browser, link, nodes) {
+  await browser?.close();
+  link?.close();
+  for (const n of nodes) {
+    await n?.stop();
+    n?.cleanup();
+  }
+}

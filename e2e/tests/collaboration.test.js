@@ -3,7 +3,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
-import { launch, openRun, shot } from "../lib/pages.js";
+import { closeAll, launch, openRun, shot } from "../lib/pages.js";
 import { meshedPair, until } from "../lib/cluster.js";
 
 const run = randomUUID();
@@ -39,14 +39,7 @@ before(async () => {
   pageB = await open(west, "bo");
 });
 
-after(async () => {
-  await browser?.close();
-  link?.close();
-  for (const n of [east, west]) {
-    await n?.stop();
-    n?.cleanup();
-  }
-});
+after(() => closeAll(browser, link, [east, west]));
 
 test("both pages connect, each to its region, and see each other", async () => {
   await until("page A connected", async () => (await connState(pageA)) === "connected");

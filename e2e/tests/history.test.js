@@ -6,7 +6,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
-import { launch, openRun, shot } from "../lib/pages.js";
+import { closeAll, launch, openRun, shot } from "../lib/pages.js";
 import { meshedPair, until } from "../lib/cluster.js";
 
 const run = randomUUID();
@@ -39,14 +39,7 @@ before(async () => {
   pageEu = await open(west, "bo");
 });
 
-after(async () => {
-  await browser?.close();
-  link?.close();
-  for (const n of [east, west]) {
-    await n?.stop();
-    n?.cleanup();
-  }
-});
+after(() => closeAll(browser, link, [east, west]));
 
 test("the picture shows the steps in order, the agents after them and who pruned what", async () => {
   for (const page of [pageUs, pageEu]) {
