@@ -1,12 +1,20 @@
-//! A load client for the automerge-repo protocol in Rust (issue 23 item 1): many clients per
-//! process, each an automerge-repo peer on a WebSocket of its own, writing at an open-loop rate
-//! and timing every change from its creation to its arrival at each other client of its
-//! document. Printed as a Markdown row per cell for BENCHMARKS.md.
+//! A load client for the automerge-repo protocol in Rust (issue 23 items 1 and 2): many
+//! clients per process, each an automerge-repo peer on a WebSocket of its own, writing at an
+//! open-loop rate and timing every change from its creation to its arrival at each other client
+//! of its document. Printed as Markdown rows for BENCHMARKS.md.
 //!
 //! `cargo bench --bench repo_load -- [--clients 10] [--docs 1] [--rate 200] [--secs 10]
-//! [--observers 1]` starts a node (release build, SQLite) and runs one cell: `clients` writers
-//! spread over `docs` documents, and `observers` more clients per document that only read (so a
-//! document with one writer still has someone to deliver to).
+//! [--observers 1] [--servers crdt-node,reference,samod] [--find-max]`
+//!
+//! Each trial starts a fresh server: crdt-node (this release build, SQLite),
+//! automerge-repo-sync-server 0.2.8 (`e2e/node_modules`, after `npm ci` there) or the samod
+//! server (`benches/samod-server`, built by `scripts/side-by-side.sh`). `clients` writers spread
+//! over `docs` documents, and `observers` more clients per document that only read (so a
+//! document with one writer still has someone to deliver to). On crdt-node the documents are
+//! runs made over HTTP first; on the others the first observer of each document creates it.
+//! `--find-max` doubles the rate from `--rate` while a trial is sustained (every change
+//! delivered, p99 ≤ `--p99-ms` (250), at least 95% of the offered rate sent), then halves the
+//! gap twice; the servers take turns at each rate, so their figures come from one run.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{AutoCommit, ReadDoc, ROOT};
+use automerge::{AutoCommit, ObjType, ReadDoc, ROOT};
 use ciborium::Value as Cbor;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -22,14 +30,45 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use test_support as common;
+use test_support::bench::procfs::rss_kib;
 use test_support::repo::{cbor, doc_id, field, text};
 
+#[derive(Clone)]
 struct Options {
     clients: usize,
     docs: usize,
     rate: f64,
     secs: f64,
     observers: usize,
+    servers: Vec<Target>,
+    find_max: bool,
+    p99_ms: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Target {
+    CrdtNode,
+    Reference,
+    Samod,
+}
+
+impl Target {
+    fn parse(name: &str) -> Option<Target> {
+        match name {
+            "crdt-node" => Some(Target::CrdtNode),
+            "reference" => Some(Target::Reference),
+            "samod" => Some(Target::Samod),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::CrdtNode => "crdt-node",
+            Target::Reference => "automerge-repo-sync-server",
+            Target::Samod => "samod",
+        }
+    }
 }
 
 fn option(args: &[String], name: &str, default: f64) -> f64 {
@@ -48,73 +87,301 @@ struct Tally {
     arrived: AtomicU64,
 }
 
+/// One trial's figures.
+struct Trial {
+    offered: f64,
+    sent: u64,
+    arrived: u64,
+    expected: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    client_cpu: f64,
+    server_cpu_us_per_change: f64,
+    rss_peak_mib: f64,
+    rss_after_mib: f64,
+}
+
+impl Trial {
+    fn sustained(&self, o: &Options) -> bool {
+        self.arrived >= self.expected
+            && self.p99_ms <= o.p99_ms
+            && self.sent as f64 >= 0.95 * self.offered * o.secs
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let servers = args
+        .iter()
+        .position(|a| a == "--servers")
+        .and_then(|i| args.get(i + 1))
+        .map_or("crdt-node", String::as_str)
+        .split(',')
+        .map(|s| Target::parse(s).unwrap_or_else(|| panic!("unknown server {s}")))
+        .collect();
     let o = Options {
         clients: option(&args, "--clients", 10.0) as usize,
         docs: option(&args, "--docs", 1.0) as usize,
         rate: option(&args, "--rate", 200.0),
         secs: option(&args, "--secs", 10.0),
         observers: option(&args, "--observers", 1.0) as usize,
+        servers,
+        find_max: args.iter().any(|a| a == "--find-max"),
+        p99_ms: option(&args, "--p99-ms", 250.0),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(cell(o));
+    rt.block_on(bench(o));
 }
 
-async fn cell(o: Options) {
-    let db = common::TestDb::new(common::Backend::Sqlite).await;
-    let node = common::Node::spawn_binary(
-        env!("CARGO_BIN_EXE_crdt-node"),
-        concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
-        &db,
-        &[
-            ("CRDT_PRE_AUTH_PER_ADDRESS", "4096"),
-            ("CRDT_PRE_AUTH_PER_RANGE", "4096"),
-            ("CRDT_PRE_AUTH_TOTAL", "8192"),
-        ],
-    );
-    let c = common::Client::new();
-    let runs: Vec<Uuid> = (0..o.docs).map(|_| Uuid::new_v4()).collect();
-    for run in &runs {
-        let body = json!({"agent": "Seed", "afterStep": "S", "user": "bench"});
-        c.post(&common::run_url(&node, *run, "/grafts"), &body)
-            .await;
+async fn bench(o: Options) {
+    println!("| server | writers × docs (+ observers per doc) | offered/s | sent/s | arrived / expected | p50 | p99 | client CPU | server CPU per change | server RSS peak / after |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    if !o.find_max {
+        for &target in &o.servers {
+            let t = trial(&o, target, o.rate).await;
+            row(&o, target, &t);
+        }
+        return;
     }
-    let url = node.url("/ws/automerge").replace("http://", "ws://");
+    // Per server: the highest sustained rate so far and the lowest that was not.
+    let mut bounds: Vec<(f64, Option<f64>)> = o.servers.iter().map(|_| (0.0, None)).collect();
+    let mut rate = o.rate;
+    // Doubling while any server still sustains, then two halvings of each server's gap.
+    loop {
+        let mut any = false;
+        for (i, &target) in o.servers.iter().enumerate() {
+            if bounds[i].1.is_some() {
+                continue;
+            }
+            let t = trial(&o, target, rate).await;
+            row(&o, target, &t);
+            if t.sustained(&o) {
+                bounds[i].0 = rate;
+                any = true;
+            } else {
+                bounds[i].1 = Some(rate);
+            }
+        }
+        if !any {
+            break;
+        }
+        rate *= 2.0;
+    }
+    for _ in 0..2 {
+        for (i, &target) in o.servers.iter().enumerate() {
+            let (good, Some(bad)) = bounds[i] else {
+                continue;
+            };
+            let mid = ((good + bad) / 2.0).round();
+            let t = trial(&o, target, mid).await;
+            row(&o, target, &t);
+            if t.sustained(&o) {
+                bounds[i].0 = mid;
+            } else {
+                bounds[i].1 = Some(mid);
+            }
+        }
+    }
+    println!();
+    for (i, &target) in o.servers.iter().enumerate() {
+        println!(
+            "highest sustained rate, {} × {} (+{}), {}: {:.0}/s (not sustained at {:.0}/s)",
+            o.clients,
+            o.docs,
+            o.observers,
+            target.name(),
+            bounds[i].0,
+            bounds[i].1.unwrap_or(f64::NAN)
+        );
+    }
+}
+
+fn row(o: &Options, target: Target, t: &Trial) {
+    println!(
+        "| {} | {} × {} (+{}) | {:.0} | {:.0} | {} / {} | {:.1} ms | {:.1} ms | {:.0}% | {:.0} µs | {:.0} / {:.0} MiB |",
+        target.name(),
+        o.clients,
+        o.docs,
+        o.observers,
+        t.offered,
+        t.sent as f64 / o.secs,
+        t.arrived,
+        t.expected,
+        t.p50_ms,
+        t.p99_ms,
+        100.0 * t.client_cpu / o.secs,
+        t.server_cpu_us_per_change,
+        t.rss_peak_mib,
+        t.rss_after_mib,
+    );
+}
+
+/// A server under test, stopped when dropped.
+enum Server {
+    CrdtNode {
+        node: common::Node,
+        _db: common::TestDb,
+    },
+    External {
+        child: std::process::Child,
+        url: String,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Server::External { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Server {
+    async fn start(target: Target) -> Server {
+        if target == Target::CrdtNode {
+            let db = common::TestDb::new(common::Backend::Sqlite).await;
+            let node = common::Node::spawn_binary(
+                env!("CARGO_BIN_EXE_crdt-node"),
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
+                &db,
+                &[
+                    ("CRDT_PRE_AUTH_PER_ADDRESS", "4096"),
+                    ("CRDT_PRE_AUTH_PER_RANGE", "4096"),
+                    ("CRDT_PRE_AUTH_TOTAL", "8192"),
+                ],
+            );
+            return Server::CrdtNode { node, _db: db };
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let data = dir.path().join("data");
+        let mut cmd = match target {
+            Target::Reference => {
+                let mut c = std::process::Command::new("node");
+                c.arg(common::repo_path(
+                    "e2e/node_modules/@automerge/automerge-repo-sync-server/src/index.js",
+                ))
+                .env("PORT", port.to_string())
+                .env("DATA_DIR", &data);
+                c
+            }
+            _ => {
+                let mut c = std::process::Command::new(common::repo_path(
+                    "benches/samod-server/target/release/samod-server",
+                ));
+                c.arg(port.to_string()).arg(&data);
+                c
+            }
+        };
+        // The reference server serves ./public from its working directory.
+        cmd.current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", target.name()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "{} did not start", target.name());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Server::External {
+            child,
+            url: format!("ws://127.0.0.1:{port}/"),
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Server::CrdtNode { node, .. } => node.pid(),
+            Server::External { child, .. } => child.id(),
+        }
+    }
+
+    fn ws_url(&self) -> String {
+        match self {
+            Server::CrdtNode { node, .. } => node.url("/ws/automerge").replace("http://", "ws://"),
+            Server::External { url, .. } => url.clone(),
+        }
+    }
+
+    /// `n` documents, each holding a `flags` map: runs made over HTTP on crdt-node (a client's
+    /// own new document is not a run there); on the others, ids whose first client creates them.
+    async fn documents(&self, n: usize) -> Vec<String> {
+        let runs: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        if let Server::CrdtNode { node, .. } = self {
+            let c = common::Client::new();
+            for run in &runs {
+                let body = json!({"agent": "Seed", "afterStep": "S", "user": "bench"});
+                c.post(&common::run_url(node, *run, "/grafts"), &body)
+                    .await;
+            }
+        }
+        runs.into_iter().map(doc_id).collect()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn trial(o: &Options, target: Target, rate: f64) -> Trial {
+    let server = Server::start(target).await;
+    let docs = server.documents(o.docs).await;
+    let creates = !matches!(server, Server::CrdtNode { .. });
+    let url = server.ws_url();
     let epoch = Instant::now();
     let tally = Arc::new(Tally::default());
     let mut joined = Vec::new();
-    for i in 0..o.clients {
-        joined.push((true, Client::join(&url, i, runs[i % o.docs]).await));
-    }
+    // Observers first: on the servers where clients create documents, the first one of each
+    // document does.
     for i in 0..o.docs * o.observers {
         let id = o.clients + i;
-        joined.push((false, Client::join(&url, id, runs[i % o.docs]).await));
+        let create = creates && i < o.docs;
+        joined.push((false, Client::join(&url, id, &docs[i % o.docs], create).await));
     }
+    for i in 0..o.clients {
+        joined.push((true, Client::join(&url, i, &docs[i % o.docs], false).await));
+    }
+    let pid = server.pid();
     let cpu_before = (
         process_cpu_secs(std::process::id()),
-        process_cpu_secs(node.pid()),
+        process_cpu_secs(pid),
     );
-    let interval = Duration::from_secs_f64(o.clients as f64 / o.rate);
+    let interval = Duration::from_secs_f64(o.clients as f64 / rate);
     let deadline = Instant::now() + Duration::from_secs_f64(o.secs);
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, (writes, client)) in joined.into_iter().enumerate() {
+    let mut w = 0;
+    for (writes, client) in joined {
         let tally = tally.clone();
         // Writers start spread over one interval, so the offered load is even; observers
         // write nothing.
-        let start = Instant::now() + interval.mul_f64(i as f64 / o.clients as f64);
+        let start = Instant::now() + interval.mul_f64(w as f64 / o.clients as f64);
+        w += usize::from(writes);
         let until = if writes { deadline } else { Instant::now() };
         tasks.spawn(client.run(start, interval, until, deadline, epoch, tally));
     }
     while tasks.join_next().await.is_some() {}
     let cpu_after = (
         process_cpu_secs(std::process::id()),
-        process_cpu_secs(node.pid()),
+        process_cpu_secs(pid),
     );
+    let rss_after_mib = rss_kib(pid) as f64 / 1024.0;
+    let rss_peak_mib = common::peak_rss_mib(pid) as f64;
+    drop(server);
     let sent = tally.sent.load(Ordering::Relaxed);
     // Each change reaches the other writers of its document and its observers.
     let per_doc = (o.clients as f64 / o.docs as f64).ceil() as u64;
@@ -130,42 +397,44 @@ async fn cell(o: Options) {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
             .map_or(f64::NAN, |us| *us as f64 / 1000.0)
     };
-    println!("| writers × docs (+ observers per doc) | offered/s | sent/s | arrived / expected | p50 | p99 | client CPU | node CPU per change |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| {} × {} (+{}) | {:.0} | {:.0} | {} / {} | {:.1} ms | {:.1} ms | {:.0}% | {:.0} µs |",
-        o.clients,
-        o.docs,
-        o.observers,
-        o.rate,
-        sent as f64 / o.secs,
+    Trial {
+        offered: rate,
+        sent,
         arrived,
         expected,
-        pct(0.5),
-        pct(0.99),
-        100.0 * (cpu_after.0 - cpu_before.0) / o.secs,
-        1e6 * (cpu_after.1 - cpu_before.1) / sent.max(1) as f64,
-    );
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        client_cpu: cpu_after.0 - cpu_before.0,
+        server_cpu_us_per_change: 1e6 * (cpu_after.1 - cpu_before.1) / sent.max(1) as f64,
+        rss_peak_mib,
+        rss_after_mib,
+    }
 }
 
 /// One automerge-repo peer with its copy of one document.
 struct Client {
     ws: common::mesh::Ws,
     id: String,
+    server_id: String,
     doc_id: String,
     doc: AutoCommit,
     state: sync::State,
 }
 
 impl Client {
-    async fn join(url: &str, i: usize, run: Uuid) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
+    /// Connects, joins and holds the document: asks the server for it, or (`create`) makes it
+    /// and waits until the server holds it.
+    async fn join(url: &str, i: usize, doc_id: &str, create: bool) -> Client {
+        // Nagle off, as a browser has it: otherwise an answer waits for the server's delayed
+        // ACK of the message before it.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
             .await
             .expect("connect");
         let mut client = Client {
             ws,
             id: format!("load-{i}"),
-            doc_id: doc_id(run),
+            server_id: String::new(),
+            doc_id: doc_id.to_string(),
             doc: AutoCommit::new(),
             state: sync::State::new(),
         };
@@ -176,17 +445,36 @@ impl Client {
             ("supportedProtocolVersions", Cbor::Array(vec![text("1")])),
         ]);
         client.ws.send(Message::binary(join)).await.expect("join");
-        // The peer message, then the document: request it and sync until it is here.
-        let mut asked = false;
-        while client.doc.get(ROOT, "flags").ok().flatten().is_none() {
-            if !asked {
-                client.send_sync("request").await;
-                asked = true;
+        while client.server_id.is_empty() {
+            let message = client.next().await.expect("the server's peer message");
+            if field(&message, "type") == Some(text("peer")) {
+                if let Some(Cbor::Text(id)) = field(&message, "senderId") {
+                    client.server_id = id;
+                }
             }
+        }
+        if create {
+            let _ = client.doc.put_object(ROOT, "flags", ObjType::Map);
+            client.doc.commit();
+            client.send_sync("sync").await;
+            let ours = client.doc.get_heads();
+            while client.state.shared_heads != ours {
+                let Some(message) = client.next().await else {
+                    panic!("{}: the server closed before it held the new document {doc_id}", client.id);
+                };
+                client.take(&message, None);
+                client.send_sync("sync").await;
+            }
+            return client;
+        }
+        // Request the document and sync until it is here.
+        client.send_sync("request").await;
+        while client.doc.get(ROOT, "flags").ok().flatten().is_none() {
             let Some(message) = client.next().await else {
                 break;
             };
             client.take(&message, None);
+            client.send_sync("sync").await;
         }
         client
     }
@@ -208,7 +496,7 @@ impl Client {
         let bytes = cbor(vec![
             ("type", text(kind)),
             ("senderId", text(&self.id)),
-            ("targetId", text("server")),
+            ("targetId", text(&self.server_id)),
             ("documentId", text(&self.doc_id)),
             ("data", Cbor::Bytes(m.encode())),
         ]);
@@ -218,7 +506,9 @@ impl Client {
     /// Applies a `sync` message; each new change of another client is an arrival, timed from
     /// the creation instant its message carries.
     fn take(&mut self, message: &Cbor, timing: Option<(&Instant, &Tally)>) {
-        if field(message, "type") != Some(text("sync")) {
+        if field(message, "type") != Some(text("sync"))
+            || field(message, "documentId") != Some(text(&self.doc_id))
+        {
             return;
         }
         let Some(Cbor::Bytes(data)) = field(message, "data") else {
@@ -264,8 +554,8 @@ impl Client {
     }
 
     /// Writes a change every `interval` from `start` until `writes_until` (open loop: a late
-    /// write does not push the next ones back), reading and answering the node meanwhile, and
-    /// reads on until two seconds after `deadline` so changes in flight arrive.
+    /// write does not push the next ones back), reading and answering the server meanwhile,
+    /// and reads on until two seconds after `deadline` so changes in flight arrive.
     async fn run(
         mut self,
         start: Instant,

@@ -2,6 +2,12 @@
 
 use crdt_node::config::Settings;
 
+/// mimalloc rather than glibc's malloc: the write path allocates many small, short-lived
+/// objects across threads, where glibc spent ~14% of the node's samples (BENCHMARKS.md,
+/// "Where the write path's time goes").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,automerge=warn"),
