@@ -328,8 +328,7 @@ impl Server {
             let c = common::Client::new();
             for run in &runs {
                 let body = json!({"agent": "Seed", "afterStep": "S", "user": "bench"});
-                c.post(&common::run_url(node, *run, "/grafts"), &body)
-                    .await;
+                c.post(&common::run_url(node, *run, "/grafts"), &body).await;
             }
         }
         runs.into_iter().map(doc_id).collect()
@@ -356,16 +355,16 @@ async fn trial(o: &Options, target: Target, rate: f64) -> Trial {
     for i in 0..o.docs * o.observers {
         let id = o.clients + i;
         let create = creates && i < o.docs;
-        joined.push((false, Client::join(&url, id, &docs[i % o.docs], create).await));
+        joined.push((
+            false,
+            Client::join(&url, id, &docs[i % o.docs], create).await,
+        ));
     }
     for i in 0..o.clients {
         joined.push((true, Client::join(&url, i, &docs[i % o.docs], false).await));
     }
     let pid = server.pid();
-    let cpu_before = (
-        process_cpu_secs(std::process::id()),
-        process_cpu_secs(pid),
-    );
+    let cpu_before = (process_cpu_secs(std::process::id()), process_cpu_secs(pid));
     let interval = Duration::from_secs_f64(o.clients as f64 / rate);
     let deadline = Instant::now() + Duration::from_secs_f64(o.secs);
     let mut tasks = tokio::task::JoinSet::new();
@@ -380,10 +379,7 @@ async fn trial(o: &Options, target: Target, rate: f64) -> Trial {
         tasks.spawn(client.run(start, interval, until, deadline, epoch, tally));
     }
     while tasks.join_next().await.is_some() {}
-    let cpu_after = (
-        process_cpu_secs(std::process::id()),
-        process_cpu_secs(pid),
-    );
+    let cpu_after = (process_cpu_secs(std::process::id()), process_cpu_secs(pid));
     let rss_after_mib = rss_kib(pid) as f64 / 1024.0;
     let rss_peak_mib = common::peak_rss_mib(pid) as f64;
     drop(server);
@@ -431,12 +427,29 @@ struct Client {
 impl Client {
     /// Connects, joins and holds the document: asks the server for it, or (`create`) makes it
     /// and waits until the server holds it.
+    /// A socket the server drops before its `peer` message (automerge-repo-sync-server does,
+    /// now and then, while a thousand clients connect) is opened again, as a real client would.
     async fn join(url: &str, i: usize, doc_id: &str, create: bool) -> Client {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::try_join(url, i, doc_id, create).await {
+                Some(client) => return client,
+                None if tries < 5 => {
+                    eprintln!("load-{i}: the server closed the socket before joining; again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => panic!("load-{i}: could not join in {tries} tries"),
+            }
+        }
+    }
+
+    async fn try_join(url: &str, i: usize, doc_id: &str, create: bool) -> Option<Client> {
         // Nagle off, as a browser has it: otherwise an answer waits for the server's delayed
         // ACK of the message before it.
         let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
             .await
-            .expect("connect");
+            .ok()?;
         let mut client = Client {
             ws,
             id: format!("load-{i}"),
@@ -452,9 +465,9 @@ impl Client {
             ("peerMetadata", Cbor::Map(vec![])),
             ("supportedProtocolVersions", Cbor::Array(vec![text("1")])),
         ]);
-        client.ws.send(Message::binary(join)).await.expect("join");
+        client.ws.send(Message::binary(join)).await.ok()?;
         while client.server_id.is_empty() {
-            let message = client.next().await.expect("the server's peer message");
+            let message = client.next().await?;
             if field(&message, "type") == Some(text("peer")) {
                 if let Some(Cbor::Text(id)) = field(&message, "senderId") {
                     client.server_id = id;
@@ -468,13 +481,16 @@ impl Client {
             let ours = client.doc.get_heads();
             while client.state.shared_heads != ours {
                 let Some(message) = client.next().await else {
-                    panic!("{}: the server closed before it held the new document {doc_id}", client.id);
+                    panic!(
+                        "{}: the server closed before it held the new document {doc_id}",
+                        client.id
+                    );
                 };
                 client.take(&message, None);
                 client.send_sync("sync").await;
             }
             client.new_changes();
-            return client;
+            return Some(client);
         }
         // Request the document and sync until it is here.
         client.send_sync("request").await;
@@ -486,7 +502,7 @@ impl Client {
             client.send_sync("sync").await;
         }
         client.new_changes();
-        client
+        Some(client)
     }
 
     /// The changes not seen before: walked back from the heads to what was seen, so the cost
