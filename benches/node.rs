@@ -6,6 +6,8 @@
 //! - throughput: durable mutations/s and latency over HTTP at 1, 16 and 64 clients, on 1 run and
 //!   spread over 1,000 runs, on SQLite and PostgreSQL, beside the in-process ceiling for the
 //!   same operation mix measured in the same run.
+//! - wrk: durable grafts/s with `wrk` as the client (64 connections, 1,000 runs), beside the
+//!   in-process ceiling of the same grafts measured in the same run.
 //! - load: time to load a run of 10,000 events from snapshot + tail vs. full replay.
 //! - memory: resident memory of the node with 10,000 loaded runs of 10 operations each.
 //!
@@ -41,6 +43,9 @@ fn main() {
         .expect("runtime");
     if run("throughput") {
         rt.block_on(throughput(quick));
+    }
+    if run("wrk") {
+        rt.block_on(wrk_cells(quick));
     }
     if run("load") {
         rt.block_on(load_time());
@@ -182,6 +187,106 @@ async fn throughput(quick: bool) {
                 );
             }
         }
+        drop(node);
+    }
+}
+
+// ---------- durable grafts driven by wrk ----------
+
+/// Grafts/s in-process on one thread: the work of `scripts/wrk-graft.lua`'s requests (a graft
+/// of "Agent" after "Step1" into one of 1,000 runs), `ops` of them.
+fn graft_ceiling(runs: usize, ops: usize) -> f64 {
+    let mut docs: Vec<RunDoc> = (0..runs)
+        .map(|_| RunDoc::new(Uuid::new_v4(), "us-east-1"))
+        .collect();
+    let start = Instant::now();
+    for i in 0..ops {
+        let graft = run_doc::Mutation::Graft {
+            id: Uuid::new_v4(),
+            retry_safe: false,
+            agent: "Agent".into(),
+            after_step: "Step1".into(),
+            user: "bench".into(),
+        };
+        let out = docs[(i * 7919) % runs]
+            .apply(&graft, 1_764_000_000_000)
+            .expect("apply");
+        std::hint::black_box(out.change.map(|c| c.raw_bytes().len()));
+    }
+    ops as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A duration as wrk prints it ("812.00us", "19.38ms", "1.02s"), in ms.
+fn wrk_ms(text: &str) -> f64 {
+    let unit = |suffix: &str, scale: f64| {
+        text.strip_suffix(suffix)
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v * scale)
+    };
+    unit("us", 1e-3)
+        .or_else(|| unit("ms", 1.0))
+        .or_else(|| unit("s", 1e3))
+        .unwrap_or(f64::NAN)
+}
+
+/// `wrk -t2 -c64` with `scripts/wrk-graft.lua` against `base` for `secs`: requests/s, p99 ms
+/// and the requests not answered 2xx.
+fn wrk(base: &str, secs: u64) -> (f64, f64, u64) {
+    let out = std::process::Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{secs}s"), "--latency", "-s"])
+        .arg(common::repo_path("scripts/wrk-graft.lua"))
+        .arg(base)
+        .output()
+        .expect("wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    (
+        field("Requests/sec:").parse().unwrap_or(f64::NAN),
+        wrk_ms(&field("99%")),
+        field("Non-2xx or 3xx responses:").parse().unwrap_or(0),
+    )
+}
+
+/// Durable grafts/s over HTTP with `wrk` as the client (C, two threads, little CPU per
+/// request), beside the in-process ceiling of the same grafts measured in the same run.
+async fn wrk_cells(quick: bool) {
+    let secs = if quick { 5 } else { 10 };
+    let ceiling = graft_ceiling(1000, 80_000);
+    println!("\n### Durable grafts over HTTP, wrk -t2 -c64, 1,000 runs (`-- wrk`)\n");
+    println!("In-process ceiling of the same grafts, one thread, 80,000 over 1,000 runs: {ceiling:.0} grafts/s.\n");
+    println!("| backend | requests/s | p99 ms | not 2xx | node CPU per request | share of in-process ceiling |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let db = TestDb::new(backend).await;
+        let node = Node::spawn(
+            &db,
+            &[
+                ("CRDT_RUN_IDLE_SECS", "3600"),
+                ("RUST_LOG", "warn,crdt_node=info"),
+            ],
+        );
+        // Warm: every run loaded and the database's first pages written.
+        wrk(&node.base, 3);
+        let cpu = || procfs::cpu_secs(node.pid());
+        let before = cpu();
+        let (rate, p99, errors) = wrk(&node.base, secs);
+        let used = cpu() - before;
+        println!(
+            "| {} | {rate:.0} | {p99:.1} | {errors} | {:.0} µs | {:.0}% |",
+            if backend == Backend::Sqlite {
+                "SQLite"
+            } else {
+                "PostgreSQL"
+            },
+            1e6 * used / (rate * secs as f64).max(1.0),
+            100.0 * rate / ceiling
+        );
         drop(node);
     }
 }

@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use test_support as common;
-use test_support::bench::procfs::rss_kib;
+use test_support::bench::procfs::{cpu_secs, rss_kib};
 use test_support::repo::{cbor, doc_id, field, text};
 
 /// The node's allocator here too: the client allocates as much per message as the node does.
@@ -364,7 +364,7 @@ async fn trial(o: &Options, target: Target, rate: f64) -> Trial {
         joined.push((true, Client::join(&url, i, &docs[i % o.docs], false).await));
     }
     let pid = server.pid();
-    let cpu_before = (process_cpu_secs(std::process::id()), process_cpu_secs(pid));
+    let cpu_before = (cpu_secs(std::process::id()), cpu_secs(pid));
     let interval = Duration::from_secs_f64(o.clients as f64 / rate);
     let deadline = Instant::now() + Duration::from_secs_f64(o.secs);
     let mut tasks = tokio::task::JoinSet::new();
@@ -379,7 +379,7 @@ async fn trial(o: &Options, target: Target, rate: f64) -> Trial {
         tasks.spawn(client.run(start, interval, until, deadline, epoch, tally));
     }
     while tasks.join_next().await.is_some() {}
-    let cpu_after = (process_cpu_secs(std::process::id()), process_cpu_secs(pid));
+    let cpu_after = (cpu_secs(std::process::id()), cpu_secs(pid));
     let rss_after_mib = rss_kib(pid) as f64 / 1024.0;
     let rss_peak_mib = common::peak_rss_mib(pid) as f64;
     drop(server);
@@ -658,21 +658,4 @@ impl Client {
             }
         }
     }
-}
-
-/// CPU seconds (user + system) a process has used.
-fn process_cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields 14 and 15 of the stat line (utime, stime), counted after the command's ')'.
-    (ticks(11) + ticks(12)) / 100.0
 }
