@@ -63,18 +63,43 @@ fn main() {
 
 // ---------- the operation mix ----------
 
-/// Ops/s of the mix in-process on one thread, over `runs` documents (one change per op).
-fn in_process_ceiling(runs: usize, ops: usize) -> f64 {
+/// Ops/s in-process on one thread over `runs` documents (one change per op), op `i` being
+/// `mutation(i)` into document `(i * step) % runs`.
+fn in_process_ceiling(
+    runs: usize,
+    ops: usize,
+    step: usize,
+    mutation: impl Fn(usize) -> run_doc::Mutation,
+) -> f64 {
     let mut docs: Vec<RunDoc> = (0..runs)
         .map(|_| RunDoc::new(Uuid::new_v4(), "us-east-1"))
         .collect();
     let start = Instant::now();
     for i in 0..ops {
-        let doc = &mut docs[i % runs];
-        let out = doc.apply(&mix(i), 1_764_000_000_000).expect("apply");
+        let doc = &mut docs[(i * step) % runs];
+        let out = doc.apply(&mutation(i), 1_764_000_000_000).expect("apply");
         std::hint::black_box(out.change.map(|c| c.raw_bytes().len()));
     }
     ops as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A node for a throughput cell: runs stay loaded, its log says little.
+fn throughput_node(db: &TestDb) -> Node {
+    Node::spawn(
+        db,
+        &[
+            ("CRDT_RUN_IDLE_SECS", "3600"),
+            ("RUST_LOG", "warn,crdt_node=info"),
+        ],
+    )
+}
+
+fn backend_name(backend: Backend) -> &'static str {
+    if backend == Backend::Sqlite {
+        "SQLite"
+    } else {
+        "PostgreSQL"
+    }
 }
 
 struct Cell {
@@ -151,21 +176,15 @@ async fn throughput(quick: bool) {
     } else {
         (Duration::from_secs(1), Duration::from_secs(5))
     };
-    let ceiling_1 = in_process_ceiling(1, 20_000);
-    let ceiling_1000 = in_process_ceiling(1000, 20_000);
+    let ceiling_1 = in_process_ceiling(1, 20_000, 1, mix);
+    let ceiling_1000 = in_process_ceiling(1000, 20_000, 1, mix);
     println!("\n### Durable mutations over HTTP (mix: 50% graft, 25% set flag, 25% prune)\n");
     println!("In-process ceiling of the same mix, one thread: {ceiling_1:.0} ops/s on 1 run (20,000 ops into one document), {ceiling_1000:.0} ops/s over 1,000 runs.\n");
     println!("| backend | runs | clients | mutations/s | p50 ms | p99 ms | errors | share of in-process ceiling |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let db = TestDb::new(backend).await;
-        let node = Node::spawn(
-            &db,
-            &[
-                ("CRDT_RUN_IDLE_SECS", "3600"),
-                ("RUST_LOG", "warn,crdt_node=info"),
-            ],
-        );
+        let node = throughput_node(&db);
         let addr = node.base.trim_start_matches("http://").to_string();
         for runs in [1usize, 1000] {
             for clients in [1usize, 16, 64] {
@@ -174,11 +193,7 @@ async fn throughput(quick: bool) {
                 let ceiling = if runs == 1 { ceiling_1 } else { ceiling_1000 };
                 println!(
                     "| {} | {runs} | {clients} | {:.0} | {:.2} | {:.2} | {} | {:.0}% |",
-                    if backend == Backend::Sqlite {
-                        "SQLite"
-                    } else {
-                        "PostgreSQL"
-                    },
+                    backend_name(backend),
                     cell.rate,
                     cell.p50_ms,
                     cell.p99_ms,
@@ -192,29 +207,6 @@ async fn throughput(quick: bool) {
 }
 
 // ---------- durable grafts driven by wrk ----------
-
-/// Grafts/s in-process on one thread: the work of `scripts/wrk-graft.lua`'s requests (a graft
-/// of "Agent" after "Step1" into one of 1,000 runs), `ops` of them.
-fn graft_ceiling(runs: usize, ops: usize) -> f64 {
-    let mut docs: Vec<RunDoc> = (0..runs)
-        .map(|_| RunDoc::new(Uuid::new_v4(), "us-east-1"))
-        .collect();
-    let start = Instant::now();
-    for i in 0..ops {
-        let graft = run_doc::Mutation::Graft {
-            id: Uuid::new_v4(),
-            retry_safe: false,
-            agent: "Agent".into(),
-            after_step: "Step1".into(),
-            user: "bench".into(),
-        };
-        let out = docs[(i * 7919) % runs]
-            .apply(&graft, 1_764_000_000_000)
-            .expect("apply");
-        std::hint::black_box(out.change.map(|c| c.raw_bytes().len()));
-    }
-    ops as f64 / start.elapsed().as_secs_f64()
-}
 
 /// A duration as wrk prints it ("812.00us", "19.38ms", "1.02s"), in ms.
 fn wrk_ms(text: &str) -> f64 {
@@ -257,20 +249,22 @@ fn wrk(base: &str, secs: u64) -> (f64, f64, u64) {
 /// request), beside the in-process ceiling of the same grafts measured in the same run.
 async fn wrk_cells(quick: bool) {
     let secs = if quick { 5 } else { 10 };
-    let ceiling = graft_ceiling(1000, 80_000);
+    // The work of `scripts/wrk-graft.lua`'s requests: "Agent" after "Step1", 1,000 runs.
+    let graft = |_| run_doc::Mutation::Graft {
+        id: Uuid::new_v4(),
+        retry_safe: false,
+        agent: "Agent".into(),
+        after_step: "Step1".into(),
+        user: "bench".into(),
+    };
+    let ceiling = in_process_ceiling(1000, 80_000, 7919, graft);
     println!("\n### Durable grafts over HTTP, wrk -t2 -c64, 1,000 runs (`-- wrk`)\n");
     println!("In-process ceiling of the same grafts, one thread, 80,000 over 1,000 runs: {ceiling:.0} grafts/s.\n");
     println!("| backend | requests/s | p99 ms | not 2xx | node CPU per request | share of in-process ceiling |");
     println!("|---|---:|---:|---:|---:|---:|");
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let db = TestDb::new(backend).await;
-        let node = Node::spawn(
-            &db,
-            &[
-                ("CRDT_RUN_IDLE_SECS", "3600"),
-                ("RUST_LOG", "warn,crdt_node=info"),
-            ],
-        );
+        let node = throughput_node(&db);
         // Warm: every run loaded and the database's first pages written.
         wrk(&node.base, 3);
         let cpu = || procfs::cpu_secs(node.pid());
@@ -279,11 +273,7 @@ async fn wrk_cells(quick: bool) {
         let used = cpu() - before;
         println!(
             "| {} | {rate:.0} | {p99:.1} | {errors} | {:.0} µs | {:.0}% |",
-            if backend == Backend::Sqlite {
-                "SQLite"
-            } else {
-                "PostgreSQL"
-            },
+            backend_name(backend),
             1e6 * used / (rate * secs as f64).max(1.0),
             100.0 * rate / ceiling
         );
