@@ -4,7 +4,7 @@
 //! of its document. Printed as Markdown rows for BENCHMARKS.md.
 //!
 //! `cargo bench --bench repo_load -- [--clients 10] [--docs 1] [--rate 200] [--secs 10]
-//! [--observers 1] [--servers crdt-node,reference,samod] [--find-max]`
+//! [--observers 1] [--servers crdt-node,reference,samod] [--find-max] [--node-env K=V]`
 //!
 //! Each trial starts a fresh server: crdt-node (this release build, SQLite),
 //! automerge-repo-sync-server 0.2.8 (`e2e/node_modules`, after `npm ci` there) or the samod
@@ -47,6 +47,8 @@ struct Options {
     servers: Vec<Target>,
     find_max: bool,
     p99_ms: f64,
+    /// `--node-env K=V` (repeatable): more environment for crdt-node, e.g. its settings.
+    node_env: Vec<(String, String)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -132,6 +134,12 @@ fn main() {
         servers,
         find_max: args.iter().any(|a| a == "--find-max"),
         p99_ms: option(&args, "--p99-ms", 250.0),
+        node_env: args
+            .windows(2)
+            .filter(|w| w[0] == "--node-env")
+            .filter_map(|w| w[1].split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     // One thread: the clients' tasks never wake each other across cores, and the client's
     // CPU figure is one core's.
@@ -248,18 +256,20 @@ impl Drop for Server {
 }
 
 impl Server {
-    async fn start(target: Target) -> Server {
+    async fn start(target: Target, node_env: &[(String, String)]) -> Server {
         if target == Target::CrdtNode {
             let db = common::TestDb::new(common::Backend::Sqlite).await;
+            let mut env = vec![
+                ("CRDT_PRE_AUTH_PER_ADDRESS", "4096"),
+                ("CRDT_PRE_AUTH_PER_RANGE", "4096"),
+                ("CRDT_PRE_AUTH_TOTAL", "8192"),
+            ];
+            env.extend(node_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             let node = common::Node::spawn_binary(
                 env!("CARGO_BIN_EXE_crdt-node"),
                 concat!(env!("CARGO_MANIFEST_DIR"), "/config/application.yml"),
                 &db,
-                &[
-                    ("CRDT_PRE_AUTH_PER_ADDRESS", "4096"),
-                    ("CRDT_PRE_AUTH_PER_RANGE", "4096"),
-                    ("CRDT_PRE_AUTH_TOTAL", "8192"),
-                ],
+                &env,
             );
             return Server::CrdtNode { node, _db: db };
         }
@@ -343,7 +353,7 @@ fn free_port() -> u16 {
 }
 
 async fn trial(o: &Options, target: Target, rate: f64) -> Trial {
-    let server = Server::start(target).await;
+    let server = Server::start(target, &o.node_env).await;
     let docs = server.documents(o.docs).await;
     let creates = !matches!(server, Server::CrdtNode { .. });
     let url = server.ws_url();
