@@ -9,6 +9,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, so code changes do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
+# automerge with one fix, used through [patch.crates-io] (vendor/README.md).
+COPY vendor vendor
 COPY benches benches
 COPY crates/run-doc/Cargo.toml crates/run-doc/
 COPY crates/run-store/Cargo.toml crates/run-store/
