@@ -12,7 +12,7 @@ use super::room::{AddMember, CloseRoom, DocRoom, Member, RemoveMember, RunCommit
 use super::session::RepoSession;
 use super::Shared;
 use crate::edge_kit::{Kick, Rooms};
-use crate::runs::{RunChanged, RunTombstoned};
+use crate::runs::{RunChanged, RunTombstoned, Watched};
 use run_wire::close;
 
 /// A connection joined as `peer_id`; an older connection of the same peer is closed.
@@ -51,11 +51,11 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub(super) fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>, watched: Watched) -> Self {
         Hub {
             shared,
             peers: HashMap::new(),
-            rooms: Rooms::default(),
+            rooms: Rooms::watching(watched),
             arbiters,
         }
     }

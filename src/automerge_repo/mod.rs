@@ -117,7 +117,9 @@ impl AutomergeRepo {
         });
         let hub = {
             let shared = shared.clone();
-            crate::edge_kit::start_hub(&runs, move |rooms| Hub::new(shared, rooms))
+            crate::edge_kit::start_hub(&runs, move |rooms, watched| {
+                Hub::new(shared, rooms, watched)
+            })
         };
         AutomergeRepo { shared, hub }
     }

@@ -15,7 +15,7 @@ use super::session::BrowserSession;
 use super::Shared;
 use crate::edge_kit::Rooms;
 use crate::presence::PeerPresence;
-use crate::runs::{RunChanged, RunTombstoned};
+use crate::runs::{RunChanged, RunTombstoned, Watched};
 use crate::socket::Outbox;
 
 /// How often expired presence announcements are swept.
@@ -47,10 +47,10 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>) -> Self {
+    pub fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>, watched: Watched) -> Self {
         Hub {
             shared,
-            rooms: Rooms::default(),
+            rooms: Rooms::watching(watched),
             arbiters,
         }
     }

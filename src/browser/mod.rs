@@ -118,7 +118,9 @@ impl Browser {
         });
         let hub = {
             let shared = shared.clone();
-            crate::edge_kit::start_hub(&runs, move |rooms| Hub::new(shared, rooms))
+            crate::edge_kit::start_hub(&runs, move |rooms, watched| {
+                Hub::new(shared, rooms, watched)
+            })
         };
         Browser { shared, hub }
     }

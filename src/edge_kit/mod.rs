@@ -16,21 +16,24 @@ pub use session::{EdgeSession, EdgeSocket, Timing};
 
 use actix::prelude::*;
 
-use crate::runs::{RunChanged, RunTombstoned, Runs};
+use crate::runs::{RunChanged, RunTombstoned, Runs, Watched};
 
 /// Starts an edge's hub on a thread of its own, with a thread per core for its rooms (`make`
-/// gets them), subscribed to every committed change and every deletion and restore.
+/// gets them, and the set of runs with a room, for its [`Rooms`]), subscribed to the committed
+/// changes of the runs with a room and to every deletion and restore.
 pub fn start_hub<H>(
     runs: &Runs,
-    make: impl FnOnce(Vec<ArbiterHandle>) -> H + Send + 'static,
+    make: impl FnOnce(Vec<ArbiterHandle>, Watched) -> H + Send + 'static,
 ) -> Addr<H>
 where
     H: Actor<Context = Context<H>> + Handler<RunChanged> + Handler<RunTombstoned>,
 {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rooms = (0..threads).map(|_| Arbiter::new().handle()).collect();
-    let hub = H::start_in_arbiter(&Arbiter::new().handle(), move |_| make(rooms));
-    runs.subscribe(hub.clone().recipient());
+    let watched = Watched::default();
+    let with_rooms = watched.clone();
+    let hub = H::start_in_arbiter(&Arbiter::new().handle(), move |_| make(rooms, with_rooms));
+    runs.subscribe_watched(hub.clone().recipient(), watched);
     runs.subscribe_tombstones(hub.clone().recipient());
     hub
 }

@@ -1,28 +1,38 @@
 //! The registry of rooms: one per run, started on first join over a few threads, closed when
 //! its last member leaves. Kept by one hub actor, so a session joining a run never meets a
-//! room that is stopping.
+//! room that is stopping. The runs with a room are also kept in a [`Watched`] set, which the
+//! runtime reads to tell the hub only of their commits.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use uuid::Uuid;
 
+use crate::runs::Watched;
+
 /// Rooms by run; `R` is a room's handle (an actor's address).
 pub struct Rooms<R> {
     rooms: HashMap<Uuid, (R, usize)>,
     generation: u64,
+    watched: Watched,
 }
 
 impl<R> Default for Rooms<R> {
     fn default() -> Self {
-        Rooms {
-            rooms: HashMap::new(),
-            generation: 0,
-        }
+        Self::watching(Watched::default())
     }
 }
 
 impl<R> Rooms<R> {
+    /// A registry that keeps `watched` to the runs it holds a room for.
+    pub fn watching(watched: Watched) -> Self {
+        Rooms {
+            rooms: HashMap::new(),
+            generation: 0,
+            watched,
+        }
+    }
+
     /// One more member of the run's room, started by `start(generation)` if there is none.
     /// Each room is a new generation: a closing room never overwrites its successor's state,
     /// and the generation spreads rooms over threads.
@@ -31,6 +41,7 @@ impl<R> Rooms<R> {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
                 self.generation += 1;
+                self.watched.insert(run_id);
                 e.insert((start(self.generation), 0))
             }
         };
@@ -50,6 +61,7 @@ impl<R> Rooms<R> {
         let members = &mut e.get_mut().1;
         *members = members.saturating_sub(1);
         if *members == 0 {
+            self.watched.remove(run_id);
             return Some((e.remove().0, true));
         }
         Some((e.get().0.clone(), false))
@@ -70,9 +82,11 @@ mod tests {
 
     #[test]
     fn a_room_lives_from_its_first_join_to_its_last_leave() {
-        let mut rooms: Rooms<u64> = Rooms::default();
         let run = Uuid::new_v4();
+        let watched = Watched::default();
+        let mut rooms: Rooms<u64> = Rooms::watching(watched.clone());
         assert_eq!(*rooms.join(run, |g| g * 10), 10);
+        assert!(watched.contains(run), "a run with a room is watched");
         assert_eq!(*rooms.join(run, |_| unreachable!("started once")), 10);
         assert_eq!(rooms.leave(run), Some((10, false)));
         assert_eq!(
@@ -81,6 +95,7 @@ mod tests {
             "the last member closes it"
         );
         assert_eq!(rooms.get(run), None);
+        assert!(!watched.contains(run), "its last member gone, it is not");
         assert_eq!(rooms.leave(run), None);
         assert_eq!(*rooms.join(run, |g| g * 10), 20, "a new generation");
         let other = Uuid::new_v4();

@@ -106,11 +106,12 @@ impl Runs {
 
     /// Adds a subscriber to every deletion and restore.
     pub fn subscribe_tombstones(&self, recipient: Recipient<RunTombstoned>) {
-        self.inner.tombstone_subscribers.add(recipient);
+        self.inner.tombstone_subscribers.add(recipient, None);
     }
 
     pub(super) fn publish_tombstone(&self, event: RunTombstoned) {
-        self.inner.tombstone_subscribers.publish(event);
+        let run_id = event.tombstone.run_id;
+        self.inner.tombstone_subscribers.publish(event, run_id);
     }
 
     /// Purges deleted runs past the grace period, every `purge_every`, until the node stops.

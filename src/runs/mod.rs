@@ -12,7 +12,7 @@ pub mod loader;
 mod run_actor;
 mod snapshot_actor;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -173,8 +173,33 @@ pub struct Runs {
     inner: Arc<Inner>,
 }
 
-/// Who is told of one kind of event (committed changes, deletions), known only as recipients.
-struct Subscribers<M: Message<Result = ()> + Send>(RwLock<Vec<Recipient<M>>>);
+/// The runs a subscriber wants to hear of (the runs its rooms serve): kept by the subscriber,
+/// read by the runtime on each commit. A service writing runs that no browser or client has
+/// open then costs those edges nothing: no message, no wake-up of their threads.
+#[derive(Clone, Default)]
+pub struct Watched(Arc<RwLock<HashSet<Uuid>>>);
+
+impl Watched {
+    pub fn insert(&self, run_id: Uuid) {
+        if let Ok(mut runs) = self.0.write() {
+            runs.insert(run_id);
+        }
+    }
+
+    pub fn remove(&self, run_id: Uuid) {
+        if let Ok(mut runs) = self.0.write() {
+            runs.remove(&run_id);
+        }
+    }
+
+    pub fn contains(&self, run_id: Uuid) -> bool {
+        self.0.read().is_ok_and(|runs| runs.contains(&run_id))
+    }
+}
+
+/// Who is told of one kind of event (committed changes, deletions), known only as recipients:
+/// of every run's, or only of the runs in its [`Watched`].
+struct Subscribers<M: Message<Result = ()> + Send>(RwLock<Vec<(Recipient<M>, Option<Watched>)>>);
 
 impl<M: Message<Result = ()> + Send> Default for Subscribers<M> {
     fn default() -> Self {
@@ -183,20 +208,29 @@ impl<M: Message<Result = ()> + Send> Default for Subscribers<M> {
 }
 
 impl<M: Message<Result = ()> + Send + Clone> Subscribers<M> {
-    fn add(&self, recipient: Recipient<M>) {
+    fn add(&self, recipient: Recipient<M>, watched: Option<Watched>) {
         if let Ok(mut all) = self.0.write() {
-            all.push(recipient);
+            all.push((recipient, watched));
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.0.read().map_or(true, |all| all.is_empty())
+    fn wanted(watched: &Option<Watched>, run_id: Uuid) -> bool {
+        watched.as_ref().is_none_or(|w| w.contains(run_id))
     }
 
-    fn publish(&self, event: M) {
+    /// Whether anyone would be told of an event of `run_id`.
+    fn wants(&self, run_id: Uuid) -> bool {
+        self.0
+            .read()
+            .is_ok_and(|all| all.iter().any(|(_, w)| Self::wanted(w, run_id)))
+    }
+
+    fn publish(&self, event: M, run_id: Uuid) {
         if let Ok(all) = self.0.read() {
-            for recipient in all.iter() {
-                recipient.do_send(event.clone());
+            for (recipient, watched) in all.iter() {
+                if Self::wanted(watched, run_id) {
+                    recipient.do_send(event.clone());
+                }
             }
         }
     }
@@ -266,7 +300,14 @@ impl Runs {
 
     /// Adds a subscriber to every committed change of every run.
     pub fn subscribe(&self, recipient: Recipient<RunChanged>) {
-        self.inner.subscribers.add(recipient);
+        self.inner.subscribers.add(recipient, None);
+    }
+
+    /// Adds a subscriber to the committed changes of the runs in `watched`, as it is when each
+    /// commits. A run added later needs no missed change: whoever watches it reads its state
+    /// through the run's actor afterwards, which holds everything committed before.
+    pub fn subscribe_watched(&self, recipient: Recipient<RunChanged>, watched: Watched) {
+        self.inner.subscribers.add(recipient, Some(watched));
     }
 
     /// The change feed: every committed change of every run, by cursor.
@@ -545,11 +586,12 @@ impl Runs {
         }
     }
 
-    fn has_subscribers(&self) -> bool {
-        !self.inner.subscribers.is_empty()
+    fn has_subscribers(&self, run_id: Uuid) -> bool {
+        self.inner.subscribers.wants(run_id)
     }
 
     fn publish(&self, event: RunChanged) {
-        self.inner.subscribers.publish(event);
+        let run_id = event.run_id;
+        self.inner.subscribers.publish(event, run_id);
     }
 }

@@ -304,7 +304,7 @@ impl RunActor {
         let writes = self.writes.committed(batch);
         let lamport = self.doc.as_ref().map_or(0, |d| d.lamport());
         self.lamport_gauge(lamport);
-        let subscribed = self.runs.has_subscribers();
+        let subscribed = self.runs.has_subscribers(self.run_id);
         if writes.iter().any(|w| !w.changes.is_empty()) {
             self.runs.inner.changes.wake();
         }
