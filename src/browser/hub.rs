@@ -68,8 +68,8 @@ impl Actor for Hub {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Every committed change of every run passes through here; all come by `do_send`,
-        // which the mailbox capacity does not limit.
+        // Every committed change of a run with a room passes through here; all come by
+        // `do_send`, which the mailbox capacity does not limit.
         ctx.run_interval(SWEEP, |act, _| {
             let changed = act.shared.book.expire(Instant::now());
             act.presence_changed(&changed);

@@ -7,11 +7,12 @@
 //!
 //! WAL mode lets loads read while the group committer writes; `synchronous=FULL` makes every
 //! committed transaction survive a power cut, which is what an acknowledgement promises.
-//! Each connection keeps up to 8 MiB of pages (SQLite's default is 2 MiB): the group committer's
-//! inserts land on index pages all over the log (a thousand runs written at once), and re-reading
-//! them was part of each commit. The WAL is checkpointed every 4,000 pages (16 MB) rather than
-//! 1,000: the checkpoint runs inside a commit, and pages written again between two checkpoints
-//! are copied back once. Together 1.08× durable grafts/s under wrk (BENCHMARKS.md).
+//! Each connection keeps up to 8 MiB of pages (SQLite's default is 2 MiB; 64 MiB at most for
+//! the pool of 8): the group committer's inserts land on index pages all over the log (a
+//! thousand runs written at once), and re-reading them was part of each commit. The WAL is
+//! checkpointed every 4,000 pages (16 MB) rather than 1,000: the checkpoint runs inside a commit,
+//! and pages written again between two checkpoints are copied back once. Together 1.06×
+//! durable grafts/s under wrk (BENCHMARKS.md).
 
 use std::time::Duration;
 
