@@ -182,17 +182,12 @@ async fn propagation() {
                 "Not seen forwarded: {h} of run {r}; eu-central-1 holds it: {held}."
             ));
         }
-        let pct = |p: f64| {
-            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or(f64::NAN)
-        };
         println!(
             "| {rate:.0} | {:.0} | {:.1}% | {:.2} | {:.2} | {:.2} |",
             acks.len() as f64 / secs,
             100.0 * lat.len() as f64 / acks.len().max(1) as f64,
-            pct(0.5),
-            pct(0.99),
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
             lat.last().copied().unwrap_or(f64::NAN)
         );
     }
@@ -450,15 +445,12 @@ async fn converge() {
     }
 }
 
-// ---------- a wide-area link ----------
-
-/// Percentiles of sorted milliseconds.
+/// Percentiles of sorted milliseconds (NaN for none).
 fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted
-        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or(f64::NAN)
+    test_support::bench::stats::percentile(sorted, p).unwrap_or(f64::NAN)
 }
+
+// ---------- a wide-area link ----------
 
 async fn wan() {
     let one_way_ms: u64 = std::env::var("WAN_ONE_WAY_MS")

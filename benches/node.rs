@@ -24,6 +24,8 @@ use test_support::bench::procfs;
 
 use test_support::bench::http;
 
+use test_support::bench::stats::percentile;
+
 use std::time::{Duration, Instant};
 
 use common::{Backend, Node, TestDb};
@@ -158,10 +160,7 @@ async fn drive(
         errors += e;
     }
     all.sort();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-    };
+    let pct = |p: f64| percentile(&all, p).map_or(0.0, |d| d.as_secs_f64() * 1e3);
     Cell {
         rate: all.len() as f64 / measure.as_secs_f64(),
         p50_ms: pct(0.50),

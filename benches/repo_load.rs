@@ -31,7 +31,8 @@ use uuid::Uuid;
 
 use test_support as common;
 use test_support::bench::procfs::{cpu_secs, rss_kib};
-use test_support::repo::{cbor, doc_id, field, text};
+use test_support::bench::stats::percentile;
+use test_support::repo::{doc_id, field, field_ref, join_message, sync_message, text};
 
 /// The node's allocator here too: the client allocates as much per message as the node does.
 #[global_allocator]
@@ -167,16 +168,8 @@ async fn bench(o: Options) {
     loop {
         let mut any = false;
         for (i, &target) in o.servers.iter().enumerate() {
-            if bounds[i].1.is_some() {
-                continue;
-            }
-            let t = trial(&o, target, rate).await;
-            row(&o, target, &t);
-            if t.sustained(&o) {
-                bounds[i].0 = rate;
-                any = true;
-            } else {
-                bounds[i].1 = Some(rate);
+            if bounds[i].1.is_none() {
+                any |= narrow(&o, target, rate, &mut bounds[i]).await;
             }
         }
         if !any {
@@ -186,16 +179,8 @@ async fn bench(o: Options) {
     }
     for _ in 0..2 {
         for (i, &target) in o.servers.iter().enumerate() {
-            let (good, Some(bad)) = bounds[i] else {
-                continue;
-            };
-            let mid = ((good + bad) / 2.0).round();
-            let t = trial(&o, target, mid).await;
-            row(&o, target, &t);
-            if t.sustained(&o) {
-                bounds[i].0 = mid;
-            } else {
-                bounds[i].1 = Some(mid);
+            if let (good, Some(bad)) = bounds[i] {
+                narrow(&o, target, ((good + bad) / 2.0).round(), &mut bounds[i]).await;
             }
         }
     }
@@ -211,6 +196,20 @@ async fn bench(o: Options) {
             bounds[i].1.unwrap_or(f64::NAN)
         );
     }
+}
+
+/// One trial of `target` at `rate`, printed; `rate` becomes the highest sustained or the lowest
+/// not sustained bound. Whether it was sustained.
+async fn narrow(o: &Options, target: Target, rate: f64, bounds: &mut (f64, Option<f64>)) -> bool {
+    let t = trial(o, target, rate).await;
+    row(o, target, &t);
+    let sustained = t.sustained(o);
+    if sustained {
+        bounds.0 = rate;
+    } else {
+        bounds.1 = Some(rate);
+    }
+    sustained
 }
 
 fn row(o: &Options, target: Target, t: &Trial) {
@@ -404,10 +403,7 @@ async fn trial(o: &Options, target: Target, rate: f64) -> Trial {
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
-    };
+    let pct = |p: f64| percentile(&lat, p).map_or(f64::NAN, |us| us as f64 / 1000.0);
     Trial {
         offered: rate,
         sent,
@@ -469,12 +465,7 @@ impl Client {
             state: sync::State::new(),
             seen: Default::default(),
         };
-        let join = cbor(vec![
-            ("type", text("join")),
-            ("senderId", text(&client.id)),
-            ("peerMetadata", Cbor::Map(vec![])),
-            ("supportedProtocolVersions", Cbor::Array(vec![text("1")])),
-        ]);
+        let join = join_message(&client.id, &["1"]);
         client.ws.send(Message::binary(join)).await.ok()?;
         while client.server_id.is_empty() {
             let message = client.next().await?;
@@ -547,27 +538,14 @@ impl Client {
         let Some(m) = self.doc.sync().generate_sync_message(&mut self.state) else {
             return;
         };
-        let bytes = cbor(vec![
-            ("type", text(kind)),
-            ("senderId", text(&self.id)),
-            ("targetId", text(&self.server_id)),
-            ("documentId", text(&self.doc_id)),
-            ("data", Cbor::Bytes(m.encode())),
-        ]);
+        let bytes = sync_message(kind, &self.id, &self.server_id, &self.doc_id, m.encode());
         let _ = self.ws.send(Message::binary(bytes)).await;
     }
 
     /// Applies a `sync` message; each new change of another client is an arrival, timed from
     /// the creation instant its message carries.
     fn take(&mut self, message: &Cbor, timing: Option<(&Instant, &Tally)>) {
-        // Read in place: a message's data is not copied to be looked at.
-        let get = |name: &str| {
-            message
-                .as_map()?
-                .iter()
-                .find(|(k, _)| k.as_text() == Some(name))
-                .map(|(_, v)| v)
-        };
+        let get = |name: &str| field_ref(message, name);
         if get("type").and_then(Cbor::as_text) != Some("sync")
             || get("documentId").and_then(Cbor::as_text) != Some(self.doc_id.as_str())
         {

@@ -63,15 +63,8 @@ impl Peer {
     }
 
     pub async fn join(&mut self, versions: &[&str]) {
-        let versions = Cbor::Array(versions.iter().map(|v| text(v)).collect());
-        let id = self.id.clone();
-        self.send(cbor(vec![
-            ("type", text("join")),
-            ("senderId", text(&id)),
-            ("peerMetadata", Cbor::Map(vec![])),
-            ("supportedProtocolVersions", versions),
-        ]))
-        .await;
+        let join = join_message(&self.id, versions);
+        self.send(join).await;
     }
 
     pub async fn send(&mut self, bytes: Vec<u8>) {
@@ -79,15 +72,8 @@ impl Peer {
     }
 
     pub async fn sync(&mut self, kind: &str, doc: &str, message: sync::Message) {
-        let id = self.id.clone();
-        self.send(cbor(vec![
-            ("type", text(kind)),
-            ("senderId", text(&id)),
-            ("targetId", text("server")),
-            ("documentId", text(doc)),
-            ("data", Cbor::Bytes(message.encode())),
-        ]))
-        .await;
+        let bytes = sync_message(kind, &self.id, "server", doc, message.encode());
+        self.send(bytes).await;
     }
 
     /// The next message (pings skipped).
@@ -170,9 +156,38 @@ impl Peer {
 }
 
 pub fn field(message: &Cbor, name: &str) -> Option<Cbor> {
+    field_ref(message, name).cloned()
+}
+
+/// A field of a message, read in place (a large `data` is not copied to be looked at).
+pub fn field_ref<'a>(message: &'a Cbor, name: &str) -> Option<&'a Cbor> {
     message
         .as_map()?
         .iter()
         .find(|(k, _)| k.as_text() == Some(name))
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| v)
+}
+
+/// A `join` message from `sender`, offering protocol `versions`.
+pub fn join_message(sender: &str, versions: &[&str]) -> Vec<u8> {
+    cbor(vec![
+        ("type", text("join")),
+        ("senderId", text(sender)),
+        ("peerMetadata", Cbor::Map(vec![])),
+        (
+            "supportedProtocolVersions",
+            Cbor::Array(versions.iter().map(|v| text(v)).collect()),
+        ),
+    ])
+}
+
+/// A `sync` or `request` message (`kind`) carrying an encoded sync message for `doc`.
+pub fn sync_message(kind: &str, sender: &str, target: &str, doc: &str, data: Vec<u8>) -> Vec<u8> {
+    cbor(vec![
+        ("type", text(kind)),
+        ("senderId", text(sender)),
+        ("targetId", text(target)),
+        ("documentId", text(doc)),
+        ("data", Cbor::Bytes(data)),
+    ])
 }

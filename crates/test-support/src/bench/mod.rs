@@ -6,4 +6,5 @@ pub mod builds;
 pub mod http;
 pub mod mix;
 pub mod procfs;
+pub mod stats;
 pub mod watchdog;
