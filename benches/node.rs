@@ -307,6 +307,7 @@ async fn seed_run(store: &dyn run_store::Store, events: usize, snapshot_at: Opti
             lamport: doc.lamport() as i64,
             kind: Some(doc.describe(&change).kind.as_str().into()),
             content: Some(doc.describe(&change).content.to_string()),
+            fence: None,
         });
         if batch.len() == 1000 {
             store.append(&batch).await.expect("append");

@@ -74,9 +74,10 @@ impl ApiError {
 impl From<RunError> for ApiError {
     fn from(e: RunError) -> Self {
         match e {
-            RunError::Unavailable(_) | RunError::Busy(_) | RunError::Stopped => {
-                ApiError::Unavailable(e.to_string())
-            }
+            RunError::Unavailable(_)
+            | RunError::Busy(_)
+            | RunError::Stopped
+            | RunError::Elsewhere(_) => ApiError::Unavailable(e.to_string()),
             RunError::Doc(DocError::InvalidChanges(_)) => ApiError::BadRequest(e.to_string()),
             RunError::Doc(DocError::TooLarge(ref why)) => ApiError::TooLargeContent(why.clone()),
             RunError::Doc(DocError::MissingDependencies(_))

@@ -54,6 +54,39 @@ pub struct Crdt {
     pub memory: Memory,
     #[serde(default)]
     pub feed: Feed,
+    #[serde(default)]
+    pub cluster: Cluster,
+}
+
+/// Several pods of one region sharing one PostgreSQL database, one owner per run
+/// (`runs::ownership`). Off by default: each node then has a database of its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Cluster {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Where the other pods reach this one (`http://POD_IP:PORT`); by default
+    /// `http://<node id>:<port>`, which a StatefulSet's headless service resolves.
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+    /// How long a pod's lease lasts unrenewed: a pod that dies has its runs taken over within
+    /// this time (renewed every third of it).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            enabled: false,
+            advertise_url: None,
+            lease_ms: default_lease_ms(),
+        }
+    }
+}
+
+fn default_lease_ms() -> u64 {
+    5_000
 }
 
 /// The change feed: event streams and webhooks.
@@ -844,6 +877,9 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("DATABASE_CREATE_IF_MISSING", "database.create-if-missing"),
     ("DATABASE_PER_NODE", "database.per-node"),
     ("DATABASE_WRITE_TIMEOUT_MS", "database.write-timeout-ms"),
+    ("CRDT_CLUSTER", "crdt.cluster.enabled"),
+    ("CRDT_CLUSTER_ADVERTISE_URL", "crdt.cluster.advertise-url"),
+    ("CRDT_CLUSTER_LEASE_MS", "crdt.cluster.lease-ms"),
 ];
 
 impl Settings {
@@ -1219,6 +1255,55 @@ impl Settings {
         if self.database.pool_size == 0 {
             return Err(invalid("database.pool-size", "must be at least 1"));
         }
+        self.validate_cluster()
+    }
+
+    /// A shared database is PostgreSQL's, one for the region (not per node).
+    fn validate_cluster(&mut self) -> Result<(), ConfigError> {
+        let cluster = &mut self.crdt.cluster;
+        if !cluster.enabled {
+            return Ok(());
+        }
+        let url = &self.database.url;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "crdt.cluster.enabled",
+                "pods share a PostgreSQL database: database.url must be postgres://…",
+            ));
+        }
+        if self.database.per_node {
+            return Err(invalid(
+                "database.per-node",
+                "pods of a cluster share one database; turn per-node off",
+            ));
+        }
+        if !(1_000..=60_000).contains(&cluster.lease_ms) {
+            return Err(invalid(
+                "crdt.cluster.lease-ms",
+                "must be between 1000 and 60000",
+            ));
+        }
+        let advertise = cluster.advertise_url.clone().filter(|u| !u.is_empty());
+        let advertise = advertise.unwrap_or_else(|| {
+            format!(
+                "http://{}:{}",
+                self.crdt.node_id.as_deref().unwrap_or("localhost"),
+                self.server.port
+            )
+        });
+        let parsed = url::Url::parse(&advertise).map_err(|e| {
+            invalid(
+                "crdt.cluster.advertise-url",
+                format!("{advertise:?} is not a URL: {e}"),
+            )
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(invalid(
+                "crdt.cluster.advertise-url",
+                format!("{advertise:?} must be an http:// or https:// URL with a host"),
+            ));
+        }
+        cluster.advertise_url = Some(advertise.trim_end_matches('/').to_string());
         Ok(())
     }
 

@@ -22,6 +22,12 @@ pub struct Metrics {
     pub lamport_clock: IntGaugeVec,
     run_series: Arc<AtomicUsize>,
     pub runs_loaded: IntGauge,
+    /// Runs this pod owns among the region's pods (a shared database).
+    pub runs_owned: IntGauge,
+    /// Ownership changes this pod made or met: claimed, released, deposed.
+    pub ownership_moves: IntCounterVec,
+    /// Requests this pod forwarded to a run's owner, by door.
+    pub forwarded: IntCounterVec,
     /// Stored changes of loaded runs that did not load again (kept in the log, reported).
     pub unloadable_changes: IntGauge,
     pub snapshot_failures: prometheus::IntCounter,
@@ -94,6 +100,19 @@ impl Metrics {
             )?)?,
             run_series: Arc::new(AtomicUsize::new(0)),
             runs_loaded: gauge(&r, "crdt_runs_loaded", "Runs loaded in memory")?,
+            runs_owned: gauge(&r, "crdt_cluster_runs_owned", "Runs this pod owns among the region's pods")?,
+            ownership_moves: counters(
+                &r,
+                "crdt_cluster_ownership_moves_total",
+                "Run ownership changes on this pod: claimed, released, deposed",
+                &["action"],
+            )?,
+            forwarded: counters(
+                &r,
+                "crdt_cluster_forwarded_requests_total",
+                "Requests forwarded to the pod that owns their run, by door",
+                &["door"],
+            )?,
             unloadable_changes: gauge(
                 &r,
                 "crdt_stored_changes_unloadable",

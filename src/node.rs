@@ -134,6 +134,18 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
         feed: feed.clone(),
     });
     let (addr, server, task) = serve(settings, state, &metrics, workers)?;
+    if let Some(ownership) = runs.ownership() {
+        // Port 0 (tests): the other pods reach the port actually bound.
+        let mut advertised = ownership.address();
+        if let Ok(mut url) = url::Url::parse(&advertised) {
+            if url.port() == Some(0) {
+                let _ = url.set_port(Some(addr.port()));
+                advertised = url.as_str().trim_end_matches('/').to_string();
+            }
+        }
+        ownership.set_address(advertised);
+        runs.join_cluster().await?;
+    }
     log::info!(
         "crdt-node {} (region {}) listening on http://{addr}",
         settings.node_id(),
@@ -181,6 +193,16 @@ async fn start_runtime(
     // the append lock with smaller batches; one collects everything waiting while the
     // previous commit flushes.
     let committers = 1;
+    let cluster = &settings.crdt.cluster;
+    let ownership = cluster.enabled.then(|| {
+        Arc::new(crate::runs::ownership::Ownership::new(
+            store.clone(),
+            settings.node_id(),
+            &settings.crdt.region,
+            cluster.advertise_url.as_deref().unwrap_or_default(),
+            std::time::Duration::from_millis(cluster.lease_ms),
+        ))
+    });
     Ok(Runs::start(
         store,
         RunsConfig {
@@ -201,6 +223,7 @@ async fn start_runtime(
         metrics.clone(),
         workers,
         committers,
+        ownership,
     ))
 }
 

@@ -53,6 +53,23 @@ async fn peer_socket(
 async fn status(app: web::Data<AppState>, caller: Identity) -> Result<HttpResponse, ApiError> {
     service_only(&caller, "the mesh is operated")?;
     let mesh = app.mesh.status();
+    // The region's pods on a shared database: who they are and how many runs each owns.
+    let cluster = app.runs.cluster_members().await?.map(|(me, members)| {
+        let pods: Vec<_> = members
+            .iter()
+            .filter(|m| m.live)
+            .map(|m| {
+                json!({
+                    "pod": m.pod,
+                    "member": m.member,
+                    "address": m.address,
+                    "runsOwned": m.runs,
+                    "self": *m.member == *me,
+                })
+            })
+            .collect();
+        json!({ "member": &*me, "pods": pods })
+    });
     Ok(HttpResponse::Ok().json(json!({
         "nodeId": app.node_id,
         "region": app.region,
@@ -60,6 +77,7 @@ async fn status(app: web::Data<AppState>, caller: Identity) -> Result<HttpRespon
         "peers": mesh.peers,
         "registrations": mesh.registrations,
         "regionConflicts": mesh.region_conflicts,
+        "cluster": cluster,
     })))
 }
 

@@ -9,6 +9,7 @@ pub mod body_budget;
 mod browser;
 mod deletion;
 pub mod error;
+mod forward;
 mod health;
 mod history;
 mod mesh;
@@ -116,6 +117,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, max_b
         .configure(page::routes)
         .service(
             web::scope("/api/crdt")
+                // Authenticated first (the outer wrap), then forwarded to the run's owner.
+                .wrap(middleware::from_fn(forward::forward))
                 .wrap(middleware::from_fn(auth::authenticate))
                 .configure(runs::routes)
                 .configure(history::routes)

@@ -9,6 +9,7 @@ mod api;
 mod deletion;
 mod feed;
 pub mod loader;
+pub mod ownership;
 mod run_actor;
 mod snapshot_actor;
 
@@ -81,6 +82,9 @@ pub enum RunError {
     NoSuchRun(Uuid),
     #[error("run {0} is not deleted")]
     NotDeleted(Uuid),
+    /// Another pod of this region owns the run (the edges forward to it).
+    #[error("another pod of this region serves this run; try again")]
+    Elsewhere(run_store::Owner),
 }
 
 fn deleted_reason(t: &Tombstone) -> String {
@@ -159,6 +163,8 @@ struct Inner {
     /// did not. Never expected: every door admits only what the loader takes back; reported
     /// loudly (health, metric, log) if it happens all the same.
     damaged: Mutex<HashMap<Uuid, usize>>,
+    /// On a database the region's pods share: this pod's membership (one owner per run).
+    ownership: Option<Arc<ownership::Ownership>>,
     /// Registry entries (runs loaded or loading), bounded by `config.max_loaded`.
     loaded: AtomicUsize,
     /// Operations the loaded runs' documents hold, in all (each actor adds what it holds).
@@ -249,6 +255,7 @@ impl Runs {
         metrics: Metrics,
         arbiters: usize,
         committers: usize,
+        ownership: Option<Arc<ownership::Ownership>>,
     ) -> Self {
         let committer = GroupCommitter::start(
             store.clone(),
@@ -289,6 +296,7 @@ impl Runs {
                 digests: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 store_down: AtomicBool::new(false),
                 damaged: Mutex::new(HashMap::new()),
+                ownership,
                 loaded: AtomicUsize::new(0),
                 ops_loaded: AtomicU64::new(0),
                 started: std::time::Instant::now(),
@@ -322,6 +330,9 @@ impl Runs {
         M::Result: Send,
         RunActor: Handler<M>,
     {
+        if let Some(owner) = self.owner_elsewhere(run_id) {
+            return Err(RunError::Elsewhere(owner));
+        }
         // An actor may stop (idle, failed) between lookup and delivery: then start a fresh one.
         for _ in 0..3 {
             let (addr, incarnation) = self.actor(run_id)?;
@@ -372,6 +383,14 @@ impl Runs {
                 "final snapshots cut short after {} ms",
                 deadline.as_millis()
             );
+        }
+        // Hand every run over: the other pods take them on their next request, without
+        // waiting for this pod's lease to lapse.
+        if let Some(ownership) = &self.inner.ownership {
+            match ownership.leave().await {
+                Ok(()) => log::info!("cluster: left; this pod's runs are free for the others"),
+                Err(e) => log::warn!("cluster: leaving failed ({e}); the lease will lapse"),
+            }
         }
         written.load(Ordering::Relaxed)
     }
@@ -593,5 +612,90 @@ impl Runs {
     fn publish(&self, event: RunChanged) {
         let run_id = event.run_id;
         self.inner.subscribers.publish(event, run_id);
+    }
+}
+
+/// Where a run is served, for an edge that can forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Here,
+    /// Another pod of this region: its address.
+    At(run_store::Owner),
+}
+
+impl Runs {
+    /// This pod's membership, on a database the region's pods share.
+    pub fn ownership(&self) -> Option<&Arc<ownership::Ownership>> {
+        self.inner.ownership.as_ref()
+    }
+
+    /// Joins the region's pods (once the server is bound) and renews the lease until the node
+    /// stops. A lease found lapsed unloads the idle runs: another pod may hold them now.
+    pub async fn join_cluster(&self) -> Result<(), run_store::StoreError> {
+        let Some(ownership) = self.inner.ownership.clone() else {
+            return Ok(());
+        };
+        ownership.join().await?;
+        let runs = self.clone();
+        actix::spawn(async move {
+            let mut tick = tokio::time::interval(ownership.renew_every());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match ownership.renew().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        log::warn!("cluster: this pod's lease had lapsed; unloading its runs");
+                        runs.evict(runs.loaded());
+                    }
+                    Err(e) => log::warn!("cluster: renewing the lease failed: {e}"),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn owner_elsewhere(&self, run_id: Uuid) -> Option<run_store::Owner> {
+        self.inner.ownership.as_ref()?.elsewhere(run_id)
+    }
+
+    /// Where the run is served: here (claimed and loaded, or no cluster), or by another pod.
+    pub async fn locate(&self, run_id: Uuid) -> Result<Location, RunError> {
+        if self.inner.ownership.is_none() {
+            return Ok(Location::Here);
+        }
+        match self.send(run_id, run_actor::Locate).await {
+            Ok(Ok(())) => Ok(Location::Here),
+            Ok(Err(RunError::Elsewhere(owner))) | Err(RunError::Elsewhere(owner)) => {
+                Ok(Location::At(owner))
+            }
+            Ok(Err(e)) | Err(e) => Err(e),
+        }
+    }
+
+    /// The owner this pod forwarded to did not answer: ask the database next time.
+    pub fn owner_unreachable(&self, run_id: Uuid) {
+        if let Some(ownership) = &self.inner.ownership {
+            ownership.forget(run_id);
+        }
+    }
+}
+
+impl Runs {
+    /// The region's pods as the shared database knows them (with the runs each owns), and
+    /// which is this one; `None` without a cluster.
+    pub async fn cluster_members(
+        &self,
+    ) -> Result<Option<(Arc<str>, Vec<run_store::Member>)>, RunError> {
+        let Some(ownership) = &self.inner.ownership else {
+            return Ok(None);
+        };
+        let members = self
+            .inner
+            .store
+            .members()
+            .await
+            .map_err(|e| RunError::Unavailable(e.to_string()))?;
+        Ok(Some((ownership.member().clone(), members)))
     }
 }

@@ -148,6 +148,8 @@ async fn snapshot_durable_state(
         event_count: i32::try_from(loaded.last_seq).unwrap_or(i32::MAX),
         data: doc.save(),
         projection: Some(doc.projection().encode()),
+        // Made of the log alone: whoever owns the run now, it holds only what is durable.
+        fence: None,
     };
     store.save_snapshot(&snapshot, keep).await?;
     Ok(Done {

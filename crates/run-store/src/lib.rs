@@ -28,6 +28,7 @@ macro_rules! feed_columns {
 
 mod group_commit;
 mod migrate;
+pub mod ownership;
 mod postgres;
 pub mod schema;
 mod sqlite;
@@ -39,6 +40,7 @@ use chrono::NaiveDateTime;
 use uuid::Uuid;
 
 pub use group_commit::GroupCommitter;
+pub use ownership::{Claim, Fence, Joining, Member, Owner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,6 +54,14 @@ pub enum StoreError {
     Migration(String),
     #[error("the group committer has stopped")]
     CommitterStopped,
+    /// The write's fence is no longer the run's: another member owns it now (or nobody does).
+    #[error("this pod no longer owns run(s) {}", .0.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "))]
+    Fenced(Vec<Uuid>),
+    /// This member's lease lapsed: it may claim nothing until it renews.
+    #[error("this pod's membership lease has lapsed")]
+    LeaseLapsed,
+    #[error("{0} is not supported by this database (use PostgreSQL)")]
+    Unsupported(&'static str),
 }
 
 impl StoreError {
@@ -59,7 +69,8 @@ impl StoreError {
     /// one bad row be at fault, and retrying the rows apart makes sense.
     pub fn is_refusal(&self) -> bool {
         use diesel::result::{DatabaseErrorKind as K, Error as E};
-        matches!(self, StoreError::Query(E::DatabaseError(kind, _))
+        matches!(self, StoreError::Fenced(_))
+            || matches!(self, StoreError::Query(E::DatabaseError(kind, _))
             if !matches!(kind, K::ClosedConnection | K::UnableToSendCommand))
     }
 }
@@ -83,6 +94,9 @@ pub struct NewEvent {
     pub kind: Option<String>,
     /// The description's content, JSON.
     pub content: Option<String>,
+    /// The writer's ownership of the run, on a database pods share: the append is refused
+    /// unless it is still the run's.
+    pub fence: Option<Fence>,
 }
 
 /// An event read back for replay. `crdt_changes` is `None` for a legacy OT event.
@@ -420,6 +434,8 @@ pub struct Snapshot {
     /// The run's read model at the snapshot's heads (`run_doc::Projection`, encoded), if
     /// written with it.
     pub projection: Option<Vec<u8>>,
+    /// As [`NewEvent::fence`]: a deposed owner's snapshot is refused.
+    pub fence: Option<Fence>,
 }
 
 /// The last decision about a run's deletion: deleted, or restored. Regions exchange them and
@@ -626,6 +642,33 @@ pub trait Store: Send + Sync + 'static {
     async fn purge_run(&self, run_id: Uuid) -> Result<bool, StoreError>;
 
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Joins the pods sharing this database as `who`, with a lease of `lease_secs`.
+    async fn join(&self, _who: &Joining, _lease_secs: f64) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported("sharing a database among pods"))
+    }
+    /// Renews the member's lease; whether it was still running (if not, others may have
+    /// claimed its runs meanwhile).
+    async fn renew(&self, _member: &str, _lease_secs: f64) -> Result<bool, StoreError> {
+        Err(StoreError::Unsupported("sharing a database among pods"))
+    }
+    /// Releases every run of the member and ends its membership.
+    async fn leave(&self, _member: &str) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported("sharing a database among pods"))
+    }
+    /// Claims the run for the member unless a live member holds it.
+    async fn claim(&self, _run_id: Uuid, _member: &Arc<str>) -> Result<Claim, StoreError> {
+        Err(StoreError::Unsupported("sharing a database among pods"))
+    }
+    /// Gives the run up, if the fence still holds it.
+    async fn release(&self, _run_id: Uuid, _fence: &Fence) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported("sharing a database among pods"))
+    }
+    /// The members, with how many runs each owns.
+    async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        Err(StoreError::Unsupported("sharing a database among pods"))
+    }
+
     /// "postgres" or "sqlite".
     fn backend(&self) -> &'static str;
 }

@@ -1,5 +1,6 @@
 //! PostgreSQL store through diesel-async and a deadpool connection pool.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,6 +13,7 @@ use diesel_async::pooled_connection::{
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::ownership::sql as own;
 use super::schema::pg::{collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap};
 use super::{
     activity, deliveries, depth, not_deleted, outbox_sql as sql, pool_error, tombstone_sql as tomb,
@@ -19,6 +21,7 @@ use super::{
     RunActivity, Snapshot, Store, StoreError, StoredEvent, Tombstone, TombstoneRow, Webhook,
     WebhookRow, DUE_PER_SUBSCRIPTION,
 };
+use super::{Claim, Fence, Joining, Member, Owner};
 use chrono::NaiveDateTime;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
 
@@ -205,6 +208,96 @@ fn event_row(e: &NewEvent) -> EventRow<'_> {
     }
 }
 
+/// The distinct fences of a write, by run.
+fn fences_of<'a>(
+    writes: impl IntoIterator<Item = (Uuid, Option<&'a Fence>)>,
+) -> Vec<(Uuid, Fence)> {
+    let mut out: Vec<(Uuid, Fence)> = writes
+        .into_iter()
+        .filter_map(|(run, f)| f.map(|f| (run, f.clone())))
+        .collect();
+    out.sort_by_key(|(run, f)| (*run, f.epoch));
+    out.dedup();
+    out
+}
+
+#[derive(QueryableByName)]
+struct FenceRow {
+    #[diesel(sql_type = sql_types::Uuid)]
+    run_id: Uuid,
+    #[diesel(sql_type = Nullable<Text>)]
+    member: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    epoch: i64,
+}
+
+/// The runs among `fences` whose row no longer names the fence's member and epoch. The rows
+/// stay locked (shared) until the transaction ends, so no claim lands between this check and
+/// the commit: a claim's later load sees everything this write commits.
+async fn check_fences(
+    c: &mut AsyncPgConnection,
+    fences: &[(Uuid, Fence)],
+) -> Result<Vec<Uuid>, diesel::result::Error> {
+    if fences.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runs: Vec<Uuid> = fences.iter().map(|(r, _)| *r).collect();
+    let rows: Vec<FenceRow> = diesel::sql_query(own::FENCES)
+        .bind::<Array<sql_types::Uuid>, _>(&runs)
+        .load(c)
+        .await?;
+    let holds = |run: Uuid, f: &Fence| {
+        rows.iter().any(|r| {
+            r.run_id == run && r.epoch == f.epoch && r.member.as_deref() == Some(&*f.member)
+        })
+    };
+    let mut refused: Vec<Uuid> = fences
+        .iter()
+        .filter(|(run, f)| !holds(*run, f))
+        .map(|(run, _)| *run)
+        .collect();
+    refused.dedup();
+    Ok(refused)
+}
+
+#[derive(QueryableByName)]
+struct Epoch {
+    #[diesel(sql_type = BigInt)]
+    epoch: i64,
+}
+
+#[derive(QueryableByName)]
+struct Holder {
+    #[diesel(sql_type = Nullable<Text>)]
+    member: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    address: Option<String>,
+    #[diesel(sql_type = sql_types::Bool)]
+    live: bool,
+    #[diesel(sql_type = sql_types::Bool)]
+    joined: bool,
+}
+
+#[derive(QueryableByName)]
+struct Running {
+    #[diesel(sql_type = Nullable<sql_types::Bool>)]
+    running: Option<bool>,
+}
+
+#[derive(QueryableByName)]
+struct MemberRow {
+    #[diesel(sql_type = Text)]
+    member: String,
+    #[diesel(sql_type = Text)]
+    pod: String,
+    #[diesel(sql_type = Text)]
+    address: String,
+    #[diesel(sql_type = sql_types::Bool)]
+    live: bool,
+    #[diesel(sql_type = BigInt)]
+    runs: i64,
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn append(&self, events: &[NewEvent]) -> Result<usize, StoreError> {
@@ -220,9 +313,15 @@ impl Store for PgStore {
         let times: Vec<chrono::NaiveDateTime> = touched.iter().map(|a| a.last_activity).collect();
         // One statement per chunk keeps under PostgreSQL's 65,535 bind parameters; all chunks
         // commit together.
+        let fences = fences_of(events.iter().map(|e| (e.run_id, e.fence.as_ref())));
         let inserted = conn
             .transaction(async |c| {
                 let start: AppendStart = diesel::sql_query(BEGIN_APPEND).get_result(c).await?;
+                let refused = check_fences(c, &fences).await?;
+                if !refused.is_empty() {
+                    // Nothing written: the empty transaction commits, the caller is told.
+                    return Ok(Err(refused));
+                }
                 let mut n = 0;
                 for chunk in rows.chunks(2000) {
                     n += diesel::insert_into(ev::table)
@@ -245,10 +344,10 @@ impl Store for PgStore {
                         .execute(c)
                         .await?;
                 }
-                Ok::<_, diesel::result::Error>(n)
+                Ok::<_, diesel::result::Error>(Ok(n))
             })
             .await?;
-        Ok(inserted)
+        inserted.map_err(StoreError::Fenced)
     }
 
     async fn latest_snapshot(
@@ -279,6 +378,7 @@ impl Store for PgStore {
             created_at: r.created_at,
             event_count: r.event_count.unwrap_or(0),
             projection: r.projection,
+            fence: None,
         }))
     }
 
@@ -323,32 +423,42 @@ impl Store for PgStore {
             projection: s.projection.clone(),
         };
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
-        conn.transaction(async |c| {
-            diesel::insert_into(snap::table)
-                .values(&row)
+        let fences = fences_of([(s.run_id, s.fence.as_ref())]);
+        let refused = conn
+            .transaction(async |c| {
+                let refused = check_fences(c, &fences).await?;
+                if !refused.is_empty() {
+                    return Ok(refused);
+                }
+                diesel::insert_into(snap::table)
+                    .values(&row)
+                    .execute(c)
+                    .await?;
+                let newest: Vec<Uuid> = snap::table
+                    .filter(snap::run_id.eq(row.run_id))
+                    .order((
+                        snap::event_count.desc().nulls_last(),
+                        snap::created_at.desc(),
+                    ))
+                    .select(snap::id)
+                    .limit(keep)
+                    .load(c)
+                    .await?;
+                diesel::delete(
+                    snap::table
+                        .filter(snap::run_id.eq(row.run_id))
+                        .filter(snap::id.ne_all(newest)),
+                )
                 .execute(c)
                 .await?;
-            let newest: Vec<Uuid> = snap::table
-                .filter(snap::run_id.eq(row.run_id))
-                .order((
-                    snap::event_count.desc().nulls_last(),
-                    snap::created_at.desc(),
-                ))
-                .select(snap::id)
-                .limit(keep)
-                .load(c)
-                .await?;
-            diesel::delete(
-                snap::table
-                    .filter(snap::run_id.eq(row.run_id))
-                    .filter(snap::id.ne_all(newest)),
-            )
-            .execute(c)
+                Ok::<_, diesel::result::Error>(Vec::new())
+            })
             .await?;
-            Ok::<_, diesel::result::Error>(())
-        })
-        .await?;
-        Ok(())
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced(refused))
+        }
     }
 
     async fn list_runs(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>, StoreError> {
@@ -660,6 +770,125 @@ impl Store for PgStore {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         diesel::sql_query("SELECT 1").execute(&mut conn).await?;
         Ok(())
+    }
+
+    async fn join(&self, who: &Joining, lease_secs: f64) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let member: &str = &who.member;
+        conn.transaction(async |c| {
+            diesel::sql_query(own::JOIN)
+                .bind::<Text, _>(member)
+                .bind::<Text, _>(&who.pod)
+                .bind::<Text, _>(&who.region)
+                .bind::<Text, _>(&who.address)
+                .bind::<sql_types::Double, _>(lease_secs)
+                .execute(c)
+                .await?;
+            diesel::sql_query(own::END_EARLIER)
+                .bind::<Text, _>(member)
+                .bind::<Text, _>(&who.pod)
+                .execute(c)
+                .await?;
+            diesel::sql_query(own::FORGET_GONE).execute(c).await?;
+            Ok::<_, diesel::result::Error>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn renew(&self, member: &str, lease_secs: f64) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let row: Option<Running> = diesel::sql_query(own::RENEW)
+            .bind::<Text, _>(member)
+            .bind::<sql_types::Double, _>(lease_secs)
+            .get_result(&mut conn)
+            .await
+            .optional()?;
+        // No row: forgotten after an hour gone; the caller joins again.
+        Ok(row.and_then(|r| r.running).unwrap_or(false))
+    }
+
+    async fn leave(&self, member: &str) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        conn.transaction(async |c| {
+            diesel::sql_query(own::LEAVE_RUNS)
+                .bind::<Text, _>(member)
+                .execute(c)
+                .await?;
+            diesel::sql_query(own::LEAVE)
+                .bind::<Text, _>(member)
+                .execute(c)
+                .await?;
+            Ok::<_, diesel::result::Error>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn claim(&self, run_id: Uuid, member: &Arc<str>) -> Result<Claim, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        // A holder that releases between the two statements is claimed from on the next try.
+        for _ in 0..3 {
+            let won: Option<Epoch> = diesel::sql_query(own::CLAIM)
+                .bind::<sql_types::Uuid, _>(run_id)
+                .bind::<Text, _>(&**member)
+                .get_result(&mut conn)
+                .await
+                .optional()?;
+            if let Some(won) = won {
+                return Ok(Claim::Owned(Fence {
+                    member: member.clone(),
+                    epoch: won.epoch,
+                }));
+            }
+            let holder: Option<Holder> = diesel::sql_query(own::HOLDER)
+                .bind::<sql_types::Uuid, _>(run_id)
+                .bind::<Text, _>(&**member)
+                .get_result(&mut conn)
+                .await
+                .optional()?;
+            match holder {
+                Some(h) if !h.joined => return Err(StoreError::LeaseLapsed),
+                Some(Holder {
+                    member: Some(m),
+                    address: Some(address),
+                    live: true,
+                    ..
+                }) => return Ok(Claim::Held(Owner { member: m, address })),
+                // No row and no claim: this member's lease is not running.
+                None => return Err(StoreError::LeaseLapsed),
+                Some(_) => continue,
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "run {run_id}: its ownership kept changing while claimed"
+        )))
+    }
+
+    async fn release(&self, run_id: Uuid, fence: &Fence) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        diesel::sql_query(own::RELEASE)
+            .bind::<sql_types::Uuid, _>(run_id)
+            .bind::<Text, _>(&*fence.member)
+            .bind::<BigInt, _>(fence.epoch)
+            .execute(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let rows: Vec<MemberRow> = diesel::sql_query(own::MEMBERS).load(&mut conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Member {
+                member: r.member,
+                pod: r.pod,
+                address: r.address,
+                live: r.live,
+                runs: r.runs,
+            })
+            .collect())
     }
 
     fn backend(&self) -> &'static str {

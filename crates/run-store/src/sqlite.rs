@@ -183,6 +183,9 @@ impl Store for SqliteStore {
         if events.is_empty() {
             return Ok(0);
         }
+        if events.iter().any(|e| e.fence.is_some()) {
+            return Err(StoreError::Unsupported("sharing a database among pods"));
+        }
         let events = events.to_vec();
         self.with_conn(move |c| {
             // Immediate: the write lock from the start, so the ids read below are this
@@ -244,6 +247,7 @@ impl Store for SqliteStore {
             created_at: r.created_at,
             event_count: r.event_count.unwrap_or(0),
             projection: r.projection,
+            fence: None,
         }))
     }
 
@@ -463,6 +467,9 @@ impl Store for SqliteStore {
     }
 
     async fn save_snapshot(&self, s: &Snapshot, keep: usize) -> Result<(), StoreError> {
+        if s.fence.is_some() {
+            return Err(StoreError::Unsupported("sharing a database among pods"));
+        }
         let row = SnapshotRow {
             id: s.id.as_bytes().to_vec(),
             run_id: s.run_id.as_bytes().to_vec(),

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use run_store::{Attempted, NewEvent, RunActivity, Snapshot, Store, Tombstone, Webhook};
+use run_store::{
+    Attempted, Claim, Fence, Joining, NewEvent, Owner, RunActivity, Snapshot, Store, StoreError,
+    Tombstone, Webhook,
+};
 use uuid::Uuid;
 
 fn at(micros: i64) -> NaiveDateTime {
@@ -30,6 +33,7 @@ fn event(run_id: Uuid, seq: i64, micros: i64) -> NewEvent {
         lamport: seq * 10,
         kind: Some("setFlag".into()),
         content: Some(format!("{{\"key\":\"k\",\"value\":{seq}}}")),
+        fence: None,
     }
 }
 
@@ -44,6 +48,7 @@ fn snapshot(run_id: Uuid, covers: i32) -> Snapshot {
         event_count: covers,
         // Every other snapshot carries a projection; older ones have none.
         projection: (covers % 20 == 0).then(|| vec![covers as u8; 3]),
+        fence: None,
     }
 }
 
@@ -458,6 +463,121 @@ async fn the_outbox_follows_the_log(store: &dyn Store) {
     store.delete_webhook(&grafts_of_a).await.unwrap();
 }
 
+fn joining(member: &str, pod: &str) -> Joining {
+    Joining {
+        member: member.into(),
+        pod: pod.into(),
+        region: "eu-west".into(),
+        address: format!("http://{pod}:8080"),
+    }
+}
+
+fn fenced(run: Uuid, seq: i64, fence: &Fence) -> NewEvent {
+    NewEvent {
+        fence: Some(fence.clone()),
+        ..event(run, seq, seq)
+    }
+}
+
+fn owned(claim: Claim) -> Fence {
+    match claim {
+        Claim::Owned(f) => f,
+        Claim::Held(o) => panic!("expected to own the run, {o:?} holds it"),
+    }
+}
+
+/// Two pods sharing one database: a run has one owner at a time, a deposed owner's writes are
+/// refused by the database, and leases decide when a run may be taken.
+async fn one_owner_per_run(a: &dyn Store, b: &dyn Store) {
+    let (ma, mb): (Arc<str>, Arc<str>) = ("pod-0#1".into(), "pod-1#1".into());
+    a.join(&joining(&ma, "pod-0"), 30.0).await.unwrap();
+    b.join(&joining(&mb, "pod-1"), 1.0).await.unwrap();
+    let (run, other_run) = (Uuid::new_v4(), Uuid::new_v4());
+
+    let fa = owned(a.claim(run, &ma).await.unwrap());
+    assert_eq!(
+        b.claim(run, &mb).await.unwrap(),
+        Claim::Held(Owner {
+            member: ma.to_string(),
+            address: "http://pod-0:8080".into()
+        }),
+        "a live owner keeps its run"
+    );
+    assert_eq!(a.append(&[fenced(run, 1, &fa)]).await.unwrap(), 1);
+    let forged = Fence {
+        member: mb.clone(),
+        epoch: fa.epoch,
+    };
+    assert!(matches!(
+        b.append(&[fenced(run, 2, &forged)]).await,
+        Err(StoreError::Fenced(r)) if r == vec![run]
+    ));
+
+    // Handed over: the old owner's fence no longer writes, not even beside a run it owns.
+    let fa_other = owned(a.claim(other_run, &ma).await.unwrap());
+    a.release(run, &fa).await.unwrap();
+    let fb = owned(b.claim(run, &mb).await.unwrap());
+    assert!(fb.epoch > fa.epoch, "every claim raises the epoch");
+    let mixed = [fenced(other_run, 1, &fa_other), fenced(run, 2, &fa)];
+    assert!(matches!(a.append(&mixed).await, Err(StoreError::Fenced(r)) if r == vec![run]));
+    assert_eq!(
+        a.events_after(other_run, 0).await.unwrap().len(),
+        0,
+        "a refused write writes nothing"
+    );
+    let mut snap = snapshot(run, 1);
+    snap.fence = Some(fa.clone());
+    assert!(matches!(
+        a.save_snapshot(&snap, 3).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert_eq!(b.append(&[fenced(run, 2, &fb)]).await.unwrap(), 1);
+
+    // b stops renewing: once its lease lapses, a may take the run, and b's fence is dead.
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let fa2 = owned(a.claim(run, &ma).await.unwrap());
+    assert!(fa2.epoch > fb.epoch);
+    assert!(matches!(
+        b.append(&[fenced(run, 3, &fb)]).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(
+        matches!(b.claim(other_run, &mb).await, Err(StoreError::LeaseLapsed)),
+        "a member whose lease lapsed claims nothing"
+    );
+    assert!(!b.renew(&mb, 30.0).await.unwrap(), "its lease had lapsed");
+    assert!(b.renew(&mb, 30.0).await.unwrap(), "renewed");
+
+    // pod-0 restarts: the new member ends the old one's lease and may take its runs at once.
+    let ma2: Arc<str> = "pod-0#2".into();
+    a.join(&joining(&ma2, "pod-0"), 30.0).await.unwrap();
+    let members = b.members().await.unwrap();
+    let live: Vec<(&str, bool, i64)> = members
+        .iter()
+        .map(|m| (m.member.as_str(), m.live, m.runs))
+        .collect();
+    assert_eq!(
+        live,
+        vec![
+            ("pod-0#1", false, 2),
+            ("pod-0#2", true, 0),
+            ("pod-1#1", true, 0)
+        ]
+    );
+    let fb2 = owned(b.claim(other_run, &mb).await.unwrap());
+    assert!(matches!(
+        a.append(&[fenced(other_run, 1, &fa_other)]).await,
+        Err(StoreError::Fenced(_))
+    ));
+
+    // Leaving releases everything: the other member claims without waiting for a lease.
+    b.leave(&mb).await.unwrap();
+    let f = owned(a.claim(other_run, &ma2).await.unwrap());
+    assert!(f.epoch > fb2.epoch);
+    assert_eq!(a.append(&[fenced(other_run, 1, &f)]).await.unwrap(), 1);
+    a.leave(&ma2).await.unwrap();
+}
+
 async fn suite(store: Arc<dyn Store>, backend: &str) {
     assert_eq!(store.backend(), backend);
     store.ping().await.expect("the database answers");
@@ -490,7 +610,10 @@ async fn postgres_conforms() {
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {base} is required for this test: {e}"));
     suite(store.clone(), "postgres").await;
-    drop(store);
+    // A second pod on the same database.
+    let other = run_store::open(&url, 2, false).await.expect("opens again");
+    one_owner_per_run(store.as_ref(), other.as_ref()).await;
+    drop((store, other));
     let mut conn = AsyncPgConnection::establish(&admin).await.expect("admin");
     let drop_db = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
     diesel::sql_query(drop_db)

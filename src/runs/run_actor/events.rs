@@ -83,6 +83,7 @@ pub(crate) fn rows(
                 lamport,
                 kind: described.as_ref().map(|d| d.kind.as_str().to_string()),
                 content: described.map(|d| d.content.to_string()),
+                fence: None,
             }
         })
         .collect()

@@ -384,6 +384,7 @@ impl Handler<FinalSnapshot> for RunActor {
                 event_count: i32::try_from(committed).unwrap_or(i32::MAX),
                 data: doc.save(),
                 projection: Some(doc.projection().encode()),
+                fence: act.fence.clone(),
             })
         }))
     }
@@ -396,5 +397,21 @@ impl Handler<SnapshotWritten> for RunActor {
         self.snapshots.written(msg.event_count);
         // Events committed while that snapshot was written may already be due another one.
         self.report_event_count(ctx);
+    }
+}
+
+/// Whether this pod serves the run (answered once the actor's claim is decided).
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RunError>")]
+pub(crate) struct Locate;
+
+impl Handler<Locate> for RunActor {
+    type Result = Result<(), RunError>;
+
+    fn handle(&mut self, _: Locate, _: &mut Self::Context) -> Self::Result {
+        match &self.elsewhere {
+            Some(owner) => Err(RunError::Elsewhere(owner.clone())),
+            None => Ok(()),
+        }
     }
 }

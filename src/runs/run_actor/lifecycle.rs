@@ -12,6 +12,7 @@ use super::write_queue::Batch;
 use super::{Reply, RunActor};
 use crate::runs::loader::{self, LoadError, Loaded, Stored};
 use crate::runs::{RunError, Tombstone};
+use run_store::Claim;
 
 /// How long a run this incarnation has not written stays loaded after its last read.
 const UNWRITTEN_LINGER: Duration = Duration::from_secs(5);
@@ -160,6 +161,36 @@ impl RunActor {
         }
     }
 
+    /// The database refused this actor's append: another pod of the region claimed the run
+    /// (this one's lease lapsed, or it was told to leave). Nothing uncommitted was stored;
+    /// every waiting write is refused, and the next request finds the new owner.
+    pub(super) fn deposed(&mut self, batch: Batch<Reply>, ctx: &mut Context<Self>) {
+        log::warn!(
+            "run {}: another pod of the region owns it now; unloading it",
+            self.run_id
+        );
+        self.runs
+            .inner
+            .metrics
+            .ownership_moves
+            .with_label_values(&["deposed"])
+            .inc();
+        // The claim is gone: nothing to release when this actor stops.
+        self.fence = None;
+        self.fail(
+            "another pod of this region took the run over; try again".into(),
+            Some(batch),
+            ctx,
+        );
+    }
+
+    /// Another member holds the run: answer the waiting requests so, and stop.
+    fn held_elsewhere(&mut self, owner: run_store::Owner, ctx: &mut Context<Self>) {
+        self.elsewhere = Some(owner);
+        self.runs.forget(self.run_id, self.incarnation);
+        ctx.run_later(Duration::from_millis(100), |_, ctx| ctx.stop());
+    }
+
     fn load_failed(&mut self, e: &LoadError, ctx: &mut Context<Self>) {
         let reason = format!("loading the run failed: {e}");
         log::warn!("run {}: {reason}", self.run_id);
@@ -193,6 +224,21 @@ impl RunActor {
     }
 }
 
+/// A run this pod serves: its fence (on a shared database), tombstone and what is stored.
+type Here = (
+    Option<run_store::Fence>,
+    Option<Tombstone>,
+    Option<(Stored, Option<Arc<Projection>>)>,
+);
+
+/// What starting an actor found.
+enum Start {
+    /// The run is this pod's (with its fence on a shared database): serve it.
+    Here(Box<Here>),
+    /// Another pod of the region holds it.
+    Elsewhere(run_store::Owner),
+}
+
 /// Unload if idle: the registry is past its cap and this run is among the least recently used.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -219,20 +265,41 @@ impl Actor for RunActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.runs.inner.metrics.runs_loaded.inc();
         let store = self.runs.inner.store.clone();
+        let ownership = self.runs.inner.ownership.clone();
         let run_id = self.run_id;
-        // `wait` holds every message until storage is read. A deleted run is not loaded.
+        // `wait` holds every message until storage is read. On a database pods share, the run
+        // is claimed first, so the load sees every write of its previous owner. A deleted run
+        // is not loaded.
         ctx.wait(
             async move {
+                let fence = match &ownership {
+                    Some(ownership) => match ownership.claim(run_id).await? {
+                        Claim::Owned(fence) => Some(fence),
+                        Claim::Held(owner) => return Ok(Start::Elsewhere(owner)),
+                    },
+                    None => None,
+                };
                 let tombstone = store.tombstone(run_id).await?.map(Tombstone::from);
                 if tombstone.as_ref().is_some_and(|t| t.deleted) {
-                    return Ok((tombstone, None));
+                    return Ok(Start::Here(Box::new((fence, tombstone, None))));
                 }
                 let stored = loader::fetch_projected(store.as_ref(), run_id).await?;
-                Ok((tombstone, Some(stored)))
+                Ok(Start::Here(Box::new((fence, tombstone, Some(stored)))))
             }
             .into_actor(self)
             .map(|result: Result<_, LoadError>, act, ctx| match result {
-                Ok((tombstone, stored)) => {
+                Ok(Start::Elsewhere(owner)) => act.held_elsewhere(owner, ctx),
+                Ok(Start::Here(here)) => {
+                    let (fence, tombstone, stored) = *here;
+                    if fence.is_some() {
+                        let metrics = &act.runs.inner.metrics;
+                        metrics
+                            .ownership_moves
+                            .with_label_values(&["claimed"])
+                            .inc();
+                        metrics.runs_owned.inc();
+                    }
+                    act.fence = fence;
                     act.tombstone = tombstone;
                     match stored {
                         Some((stored, projection)) => act.build(stored, projection, ctx),
@@ -254,6 +321,24 @@ impl Actor for RunActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.runs.forget(self.run_id, self.incarnation);
+        if let Some(fence) = self.fence.take() {
+            // Unloaded: the run is free for whichever pod is asked for it next.
+            let metrics = self.runs.inner.metrics.clone();
+            metrics.runs_owned.dec();
+            if let Some(ownership) = self.runs.inner.ownership.clone() {
+                let run_id = self.run_id;
+                actix::spawn(async move {
+                    match ownership.release(run_id, &fence).await {
+                        Ok(()) => metrics
+                            .ownership_moves
+                            .with_label_values(&["released"])
+                            .inc(),
+                        // Kept until this pod leaves or its lease lapses; claimable then.
+                        Err(e) => log::warn!("run {run_id}: releasing it failed: {e}"),
+                    }
+                });
+            }
+        }
         self.doc = None;
         self.count_ops();
         let metrics = &self.runs.inner.metrics;

@@ -41,7 +41,7 @@ use snapshot_schedule::{Due, SnapshotSchedule};
 use write_queue::{Batch, PendingWrite, WriteQueue};
 
 pub(crate) use deletion::Decide;
-pub(crate) use handlers::{Call, FinalSnapshot, SnapshotWritten};
+pub(crate) use handlers::{Call, FinalSnapshot, Locate, SnapshotWritten};
 pub(crate) use lifecycle::Evict;
 
 /// Client operation ids a run remembers, newest last.
@@ -78,6 +78,10 @@ pub struct RunActor {
     /// The state last read, with the heads and clock it was read at: a run read far more
     /// often than written (every browser room, every poll) builds it once per change.
     read: Option<(Vec<automerge::ChangeHash>, u64, Arc<run_doc::SharedState>)>,
+    /// On a database pods share: this actor's claim on the run, carried by its writes.
+    fence: Option<run_store::Fence>,
+    /// Another pod of the region holds the run: nothing is loaded, every request is told so.
+    elsewhere: Option<run_store::Owner>,
 }
 
 impl RunActor {
@@ -107,6 +111,8 @@ impl RunActor {
                 Instant::now(),
             ),
             read: None,
+            fence: None,
+            elsewhere: None,
             runs,
         }
     }
@@ -144,6 +150,9 @@ impl RunActor {
 
     fn doc(&mut self) -> Result<&mut RunDoc, RunError> {
         self.last_active = Instant::now();
+        if let Some(owner) = &self.elsewhere {
+            return Err(RunError::Elsewhere(owner.clone()));
+        }
         if let Some(t) = self.tombstone.as_ref().filter(|t| t.deleted) {
             return Err(RunError::Deleted(t.clone()));
         }
@@ -243,7 +252,7 @@ impl RunActor {
         };
         let writes = &mut self.writes;
         let mut doc = self.doc.as_mut();
-        let events = events::rows(
+        let mut events = events::rows(
             self.run_id,
             &changes,
             &meta,
@@ -252,6 +261,11 @@ impl RunActor {
             || writes.next_seq(),
             |change| doc.as_mut().map(|d| d.describe(change)),
         );
+        if let Some(fence) = &self.fence {
+            for e in &mut events {
+                e.fence = Some(fence.clone());
+            }
+        }
         let start = self.writes.push(PendingWrite {
             events,
             changes,
@@ -284,6 +298,10 @@ impl RunActor {
                             Some(reason) => act.fail(reason, None, ctx),
                             None => act.flush(ctx),
                         }
+                    }
+                    // Another pod of the region owns the run now: nothing of this was stored.
+                    Err(e) if matches!(*e, run_store::StoreError::Fenced(_)) => {
+                        act.deposed(batch, ctx)
                     }
                     // Out of reach: refuse what was not stored, keep serving what was.
                     Err(e) if !e.is_refusal() && act.failed.is_none() => {

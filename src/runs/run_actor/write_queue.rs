@@ -157,6 +157,7 @@ mod tests {
                 lamport: lamport as i64,
                 kind: None,
                 content: None,
+                fence: None,
             })
             .collect();
         PendingWrite {

@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS crdt_run_owners;
+DROP TABLE IF EXISTS crdt_pods;

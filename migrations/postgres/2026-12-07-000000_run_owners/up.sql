@@ -1,0 +1,26 @@
+-- One owner per run among the pods of a region that share this database (crdt.cluster).
+-- A pod is a member while its lease (in the database's own time, so pods' clocks do not
+-- matter) has not lapsed; each start is a new member, so a restarted pod never inherits what
+-- its previous life held.
+CREATE TABLE IF NOT EXISTS crdt_pods (
+    member VARCHAR(200) PRIMARY KEY,
+    pod VARCHAR(200) NOT NULL,
+    region VARCHAR(50) NOT NULL,
+    address VARCHAR(500) NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    lease_expires TIMESTAMPTZ NOT NULL
+);
+
+-- A run's owner and its fencing epoch. Every claim raises the epoch; every write of the owner
+-- carries the epoch it claimed, and the database takes the write only while this row still
+-- names that member and epoch. A released run keeps its row (member NULL), so epochs never
+-- repeat.
+CREATE TABLE IF NOT EXISTS crdt_run_owners (
+    run_id UUID PRIMARY KEY,
+    member VARCHAR(200),
+    epoch BIGINT NOT NULL,
+    since TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS crdt_run_owners_member ON crdt_run_owners (member)
+    WHERE member IS NOT NULL;

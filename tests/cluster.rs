@@ -1,0 +1,216 @@
+//! A region of several pods sharing one PostgreSQL database (`crdt.cluster`): one owner per
+//! run, any pod answers, an owner that dies or stops hands its runs over, and nothing
+//! acknowledged is lost. Real node processes on one real database.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use test_support::{db, Backend, Client, Node, TestDb};
+use uuid::Uuid;
+
+const LEASE_MS: &str = "2000";
+
+fn pod(db: &TestDb, name: &str) -> Node {
+    Node::spawn(
+        db,
+        &[
+            ("NODE_ID", name),
+            ("CRDT_CLUSTER", "true"),
+            ("CRDT_CLUSTER_ADVERTISE_URL", "http://127.0.0.1:0"),
+            ("CRDT_CLUSTER_LEASE_MS", LEASE_MS),
+            ("CRDT_SHUTDOWN_GRACE_SECS", "5"),
+        ],
+    )
+}
+
+/// The pods' base URLs the writers pick from; a pod being stopped is taken out first.
+type Live = Arc<Mutex<Vec<String>>>;
+
+/// Grafts `agent` through a random live pod, retrying (as a service would) while the run
+/// changes hands; whether it was acknowledged.
+async fn graft(http: &reqwest::Client, live: &Live, run: Uuid, agent: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let base = {
+            let live = live.lock().unwrap();
+            live[(Uuid::new_v4().as_u128() % live.len() as u128) as usize].clone()
+        };
+        let answer = http
+            .post(format!("{base}/api/crdt/runs/{run}/grafts"))
+            .json(&json!({"agent": agent, "afterStep": "S1", "user": "svc", "opId": agent}))
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await;
+        match answer.map(|r| r.status().as_u16()) {
+            Ok(200 | 201) => return true,
+            // Moving between pods, or the pod went away mid-request: try again.
+            Ok(502..=504) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(other) => panic!("graft {agent} on {run}: unexpected {other}"),
+        }
+    }
+    false
+}
+
+async fn state(c: &Client, base: &str, run: Uuid) -> Value {
+    let (s, body) = c.get(&format!("{base}/api/crdt/runs/{run}/state")).await;
+    assert_eq!(s, 200, "{body}");
+    body
+}
+
+fn agents(state: &Value) -> BTreeSet<String> {
+    test_support::agents(state).into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_share_a_database_with_one_owner_per_run() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut pods: HashMap<&str, Node> = HashMap::new();
+    for name in ["pod-0", "pod-1", "pod-2"] {
+        pods.insert(name, pod(&db, name));
+    }
+    let live: Live = Arc::new(Mutex::new(pods.values().map(|p| p.base.clone()).collect()));
+    let runs: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
+    let acked: Arc<Mutex<HashMap<Uuid, BTreeSet<String>>>> = Default::default();
+
+    // Writers on random pods while one pod is killed, replaced, and another stopped.
+    let http = reqwest::Client::new();
+    let writers: Vec<_> = (0..6)
+        .map(|w| {
+            let (http, live, runs, acked) =
+                (http.clone(), live.clone(), runs.clone(), acked.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut n = 0;
+                while started.elapsed() < Duration::from_secs(9) {
+                    let run = runs[(w + n) % runs.len()];
+                    let agent = format!("w{w}-{n}");
+                    if graft(&http, &live, run, &agent).await {
+                        acked.lock().unwrap().entry(run).or_default().insert(agent);
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // kill -9: its runs wait for its lease to lapse (2 s), then the others take them.
+    let dead = pods.remove("pod-0").expect("pod-0");
+    live.lock().unwrap().retain(|b| *b != dead.base);
+    let mut dead = dead;
+    dead.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Its replacement (same pod name) joins; then pod-1 is stopped as a rolling update does.
+    let replacement = pod(&db, "pod-0");
+    live.lock().unwrap().push(replacement.base.clone());
+    pods.insert("pod-0", replacement);
+    let mut stopping = pods.remove("pod-1").expect("pod-1");
+    live.lock().unwrap().retain(|b| *b != stopping.base);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = stopping.terminate(20);
+        (stopping, status)
+    });
+    let (stopped, status) = exited.await.expect("joined");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM stops the pod cleanly:\n{}",
+        stopped.log_text()
+    );
+    assert!(
+        stopped.log_text().contains("cluster: left"),
+        "the stopped pod handed its runs over"
+    );
+    for w in writers {
+        w.await.expect("writer");
+    }
+
+    let acked = acked.lock().unwrap().clone();
+    let total: usize = acked.values().map(BTreeSet::len).sum();
+    assert!(total > 100, "the writers got through: {total} grafts");
+    let c = Client::new();
+    let bases: Vec<String> = pods.values().map(|p| p.base.clone()).collect();
+    for &run in &runs {
+        // Any pod answers, with the same state, holding every acknowledged graft.
+        let first = state(&c, &bases[0], run).await;
+        for base in &bases[1..] {
+            assert_eq!(state(&c, base, run).await, first, "run {run}: pods agree");
+        }
+        let held = agents(&first);
+        let want = acked.get(&run).cloned().unwrap_or_default();
+        let lost: Vec<_> = want.difference(&held).collect();
+        assert!(
+            lost.is_empty(),
+            "run {run}: acknowledged grafts lost: {lost:?}"
+        );
+        // Each change stored once in the region's log, numbered without a gap or a clash.
+        let rows = db::count(
+            &db,
+            &format!("SELECT count(*) AS n FROM collaboration_events WHERE run_id = '{run}'"),
+        )
+        .await;
+        let distinct = db::count(
+            &db,
+            &format!(
+                "SELECT count(DISTINCT change_hash) AS n FROM collaboration_events WHERE run_id = '{run}'"
+            ),
+        )
+        .await;
+        let last_seq = db::count(
+            &db,
+            &format!("SELECT COALESCE(max(run_seq), 0) AS n FROM collaboration_events WHERE run_id = '{run}'"),
+        )
+        .await;
+        assert_eq!(rows, distinct, "run {run}: a change stored twice");
+        assert_eq!(
+            rows, last_seq,
+            "run {run}: the log's positions run 1..{rows}"
+        );
+        assert!(
+            rows as usize >= want.len(),
+            "run {run}: {rows} rows for {} grafts",
+            want.len()
+        );
+    }
+
+    // Ownership is spread, visible in the status, and forwarding happened.
+    let (s, status) = c.get(&format!("{}/api/crdt/mesh/status", bases[0])).await;
+    assert_eq!(s, 200, "{status}");
+    let pods_seen = status["cluster"]["pods"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(pods_seen.len(), 2, "two live pods: {status}");
+    let owned: i64 = pods_seen
+        .iter()
+        .map(|p| p["runsOwned"].as_i64().unwrap_or(0))
+        .sum();
+    assert!(owned <= runs.len() as i64, "{status}");
+    let mut forwarded = 0.0;
+    for base in &bases {
+        let text = c.text(&format!("{base}/actuator/prometheus")).await;
+        forwarded += test_support::metric(
+            &text,
+            "crdt_cluster_forwarded_requests_total{door=\"http\"}",
+        )
+        .unwrap_or(0.0);
+    }
+    assert!(
+        forwarded > 0.0,
+        "requests reached non-owners and were forwarded"
+    );
+    // Runs changed hands (the killed pod's, the stopped pod's).
+    let moved = db::count(
+        &db,
+        "SELECT count(*) AS n FROM crdt_run_owners WHERE epoch > 1",
+    )
+    .await;
+    assert!(moved > 0, "no run was taken over");
+    eprintln!(
+        "{total} grafts acknowledged over {} runs; {forwarded} forwarded; {moved} runs changed hands",
+        runs.len()
+    );
+    drop(dead);
+}
