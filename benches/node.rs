@@ -323,6 +323,7 @@ async fn seed_run(store: &dyn run_store::Store, events: usize, snapshot_at: Opti
                 created_at: chrono::Utc::now().naive_utc(),
                 event_count: (i + 1) as i32,
                 projection: None,
+                fence: None,
             };
             store.save_snapshot(&snapshot, 10).await.expect("snapshot");
         }
@@ -486,6 +487,7 @@ async fn legacy_load() {
             created_at: chrono::Utc::now().naive_utc(),
             event_count: 0,
             projection: None,
+            fence: None,
         };
         store.save_snapshot(&snapshot, 10).await.expect("snapshot");
         let (fast, l2) = median_load(store.as_ref(), run).await;
