@@ -214,3 +214,93 @@ async fn pods_share_a_database_with_one_owner_per_run() {
     );
     drop(dead);
 }
+
+/// A browser session opened on a pod that does not own the run is relayed to the owner: it
+/// joins, sees changes made elsewhere live, and writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_on_another_pod_is_served_by_the_owner() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let db = TestDb::new(Backend::Postgres).await;
+    let owner = pod(&db, "pod-0");
+    let other = pod(&db, "pod-1");
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let graft = |node: &Node, agent: &str| {
+        let url = format!("{}/api/crdt/runs/{run}/grafts", node.base);
+        let body = json!({"agent": agent, "afterStep": "S1", "user": "svc"});
+        let c = c.clone();
+        async move {
+            let (s, body) = c.post(&url, &body).await;
+            assert_eq!(s, 201, "{body}");
+        }
+    };
+    // The run's first write goes to pod-0, which claims it.
+    graft(&owner, "First").await;
+
+    let url = format!("{}/ws/runs/{run}", other.base.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    async fn frame(
+        ws: &mut test_support::mesh::Ws,
+        kind: &str,
+        want: impl Fn(&Value) -> bool,
+    ) -> Value {
+        loop {
+            let f = match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Value>(&t).expect("json"),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("expected {kind}, got {other:?}"),
+            };
+            if f["type"] == kind && want(&f) {
+                return f;
+            }
+        }
+    }
+    ws.send(Message::text(
+        json!({"type": "JOIN", "user": "ana"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    frame(&mut ws, "WELCOME", |_| true).await;
+    let has = |n: usize| move |f: &Value| test_support::agents(&f["state"]).len() == n;
+    frame(&mut ws, "STATE", has(1)).await;
+
+    // A change made on the owner reaches the relayed session.
+    graft(&owner, "Second").await;
+    frame(&mut ws, "STATE", has(2)).await;
+    // The relayed session writes; the owner has it.
+    ws.send(Message::text(
+        json!({"type": "MUTATE", "opId": "o1", "op": "GRAFT", "agent": "Third", "afterStep": "S1"})
+            .to_string(),
+    ))
+    .await
+    .expect("send");
+    let ack = frame(&mut ws, "ACK", |_| true).await;
+    assert_eq!(ack["graft"]["user"], "ana", "{ack}");
+    let on_owner = state(&c, &owner.base, run).await;
+    assert_eq!(
+        test_support::agents(&on_owner),
+        ["First", "Second", "Third"]
+    );
+
+    let metrics_url = format!("{}/actuator/prometheus", other.base);
+    let metrics = || c.text(&metrics_url);
+    let text = metrics().await;
+    assert_eq!(
+        test_support::metric(
+            &text,
+            "crdt_cluster_forwarded_requests_total{door=\"browser\"}"
+        ),
+        Some(1.0)
+    );
+    // Nothing of the run is held on the pod that relayed (its actor only found the owner).
+    let unloaded = test_support::eventually(5, || async {
+        let text = metrics().await;
+        (test_support::metric(&text, "crdt_runs_loaded") == Some(0.0)).then_some(())
+    })
+    .await;
+    assert!(unloaded.is_some(), "{}", metrics().await);
+}

@@ -22,6 +22,15 @@ async fn session(
 ) -> Result<HttpResponse, actix_web::Error> {
     let run_id = validate::run_id(&path)?;
     app.origins.check(&req)?;
+    // Another pod of the region owns the run: relay the socket to it.
+    let upstream = match super::forward::owner_elsewhere(&app, &req, run_id).await {
+        Some((owner, member)) => Some(
+            super::socket_relay::connect(&req, &owner, &member)
+                .await
+                .map_err(ApiError::Unavailable)?,
+        ),
+        None => None,
+    };
     // A bearer token on the upgrade (non-browser clients) stands for JOIN's, and proves the
     // socket before it would take a place among the unproven ones.
     let upgraded = auth::bearer(req.headers()).and_then(|t| app.auth.identify(Some(t)).ok());
@@ -37,6 +46,16 @@ async fn session(
     let (limits, slot) = app
         .incoming
         .admitted(slot, MAX_UNPROVEN_FRAME, app.browser.max_frame());
+    if let Some(upstream) = upstream {
+        app.metrics.forwarded.with_label_values(&["browser"]).inc();
+        // The socket was upgraded above; the relay runs over it.
+        return super::socket_relay::relay(
+            (response, socket, payload),
+            upstream,
+            (limits, slot),
+            seat,
+        );
+    }
     app.browser
         .accept((socket, payload, limits), run_id, (slot, seat), upgraded);
     Ok(response)

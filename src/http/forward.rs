@@ -59,6 +59,23 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// The run's owner when it is another pod and this request was not forwarded already (with
+/// this pod's member id, to name the forwarder).
+pub async fn owner_elsewhere(
+    app: &AppState,
+    req: &actix_web::HttpRequest,
+    run_id: Uuid,
+) -> Option<(run_store::Owner, std::sync::Arc<str>)> {
+    let ownership = app.runs.ownership()?;
+    if req.headers().contains_key(FORWARDED_BY) {
+        return None;
+    }
+    match app.runs.locate(run_id).await {
+        Ok(Location::At(owner)) => Some((owner, ownership.member().clone())),
+        _ => None,
+    }
+}
+
 pub async fn forward(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,

@@ -17,6 +17,7 @@ pub mod origin;
 mod page;
 mod runs;
 mod scrape;
+mod socket_relay;
 pub mod validate;
 
 use std::sync::Arc;

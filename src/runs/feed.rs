@@ -125,23 +125,71 @@ pub struct ChangeFeed {
     wake: Notify,
     /// Counts commits, for whoever else follows them (webhook delivery).
     commits: watch::Sender<u64>,
+    /// On a database the region's pods share: the others' commits wake nothing here, so the
+    /// tail polls more often, and one pod of the region delivers webhooks.
+    cluster: Option<Arc<super::ownership::Ownership>>,
+    /// Until when this pod is known to hold the delivery role.
+    delivering_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
+/// The tail's poll on a shared database, where other pods' commits are not announced here.
+const CLUSTER_TAIL_POLL: Duration = Duration::from_millis(200);
+
+/// The role of the pod that delivers the region's webhooks.
+const DELIVERY_ROLE: &str = "webhooks";
+
 impl ChangeFeed {
-    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        cluster: Option<Arc<super::ownership::Ownership>>,
+    ) -> Arc<Self> {
         Arc::new(ChangeFeed {
             store,
             ring: broadcast::channel(RING).0,
             tail: Mutex::new(Tail { position: None }),
             wake: Notify::new(),
             commits: watch::channel(0).0,
+            cluster,
+            delivering_until: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Whether this pod delivers webhooks: always alone; on a shared database, while it holds
+    /// the region's delivery role (checked again every third of a lease). A pod whose lease
+    /// lapses may overlap its successor by that much: deliveries are at least once, and carry
+    /// their id for the receiver to drop a repeat.
+    async fn delivers(&self) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        let known = *self
+            .delivering_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if known.is_some_and(|until| now < until) {
+            return true;
+        }
+        let holds = cluster.claim_role(DELIVERY_ROLE).await.unwrap_or_else(|e| {
+            log::warn!("webhooks: claiming the delivery role failed: {e}");
+            false
+        });
+        *self
+            .delivering_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = holds.then(|| now + cluster.renew_every());
+        holds
     }
 
     /// Follows the log's tail until the process ends (spawn it once).
     pub async fn run_tail(self: Arc<Self>) {
         loop {
-            let _ = tokio::time::timeout(TAIL_POLL, self.wake.notified()).await;
+            let poll = if self.cluster.is_some() {
+                CLUSTER_TAIL_POLL
+            } else {
+                TAIL_POLL
+            };
+            let _ = tokio::time::timeout(poll, self.wake.notified()).await;
             if let Err(e) = self.read_tail().await {
                 log::warn!("change feed: reading the log failed: {e}");
                 tokio::time::sleep(TAIL_POLL).await;
@@ -241,6 +289,9 @@ impl ChangeFeed {
     }
 
     pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<Delivery>, StoreError> {
+        if !self.delivers().await {
+            return Ok(Vec::new());
+        }
         let now = chrono::Utc::now().naive_utc();
         self.store.due_deliveries(now, limit).await
     }

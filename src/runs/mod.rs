@@ -277,7 +277,7 @@ impl Runs {
         let arbiters = (0..arbiters.max(1))
             .map(|_| Arbiter::new().handle())
             .collect();
-        let changes = ChangeFeed::new(store.clone());
+        let changes = ChangeFeed::new(store.clone(), ownership.clone());
         actix::spawn(changes.clone().run_tail());
         let runs = Runs {
             inner: Arc::new(Inner {

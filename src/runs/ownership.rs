@@ -133,6 +133,11 @@ impl Ownership {
         Ok(claim)
     }
 
+    /// Takes or keeps a role one pod plays for the region; whether this pod holds it.
+    pub async fn claim_role(&self, role: &str) -> Result<bool, StoreError> {
+        self.store.claim_role(role, &self.member).await
+    }
+
     pub async fn release(&self, run_id: Uuid, fence: &Fence) -> Result<(), StoreError> {
         self.store.release(run_id, fence).await
     }

@@ -19,8 +19,7 @@ use tokio::task::AbortHandle;
 
 mod reader;
 
-use reader::FrameReader;
-pub use reader::{FrameLimit, MemoryBudget, Read, ReadLimits, Reservation};
+pub use reader::{FrameLimit, FrameReader, MemoryBudget, Read, ReadLimits, Reservation};
 
 #[derive(Debug)]
 pub enum Out {

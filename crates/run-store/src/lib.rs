@@ -664,6 +664,11 @@ pub trait Store: Send + Sync + 'static {
     async fn release(&self, _run_id: Uuid, _fence: &Fence) -> Result<(), StoreError> {
         Err(StoreError::Unsupported("sharing a database among pods"))
     }
+    /// Takes (or keeps) a role one member of the region plays for all, unless a live member
+    /// holds it; whether this member holds it now.
+    async fn claim_role(&self, _role: &str, _member: &str) -> Result<bool, StoreError> {
+        Err(StoreError::Unsupported("sharing a database among pods"))
+    }
     /// The members, with how many runs each owns.
     async fn members(&self) -> Result<Vec<Member>, StoreError> {
         Err(StoreError::Unsupported("sharing a database among pods"))

@@ -74,6 +74,15 @@ pub(crate) mod sql {
         UPDATE crdt_pods SET lease_expires = now() + make_interval(secs => $2) \
         WHERE member = $1 RETURNING (SELECT running FROM old) AS running";
     pub const LEAVE_RUNS: &str = "UPDATE crdt_run_owners SET member = NULL WHERE member = $1";
+    pub const LEAVE_ROLES: &str = "UPDATE crdt_roles SET member = NULL WHERE member = $1";
+    /// `$1` role, `$2` member: as [`CLAIM`], returning the holder afterwards.
+    pub const CLAIM_ROLE: &str = "INSERT INTO crdt_roles AS r (role, member, since) \
+        SELECT $1, $2, now() WHERE EXISTS (SELECT 1 FROM crdt_pods \
+            WHERE member = $2 AND lease_expires > now()) \
+        ON CONFLICT (role) DO UPDATE SET member = EXCLUDED.member, since = now() \
+        WHERE r.member IS NULL OR r.member = EXCLUDED.member OR NOT EXISTS ( \
+            SELECT 1 FROM crdt_pods p WHERE p.member = r.member AND p.lease_expires > now()) \
+        RETURNING member";
     pub const LEAVE: &str = "DELETE FROM crdt_pods WHERE member = $1";
     /// `$1` run, `$2` member. Taken when nobody holds it, this member did, or its holder's
     /// lease lapsed; and only by a member whose own lease runs.

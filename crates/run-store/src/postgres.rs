@@ -815,6 +815,10 @@ impl Store for PgStore {
                 .bind::<Text, _>(member)
                 .execute(c)
                 .await?;
+            diesel::sql_query(own::LEAVE_ROLES)
+                .bind::<Text, _>(member)
+                .execute(c)
+                .await?;
             diesel::sql_query(own::LEAVE)
                 .bind::<Text, _>(member)
                 .execute(c)
@@ -874,6 +878,23 @@ impl Store for PgStore {
             .execute(&mut conn)
             .await?;
         Ok(())
+    }
+
+    async fn claim_role(&self, role: &str, member: &str) -> Result<bool, StoreError> {
+        #[derive(QueryableByName)]
+        struct Held {
+            #[diesel(sql_type = Text)]
+            #[allow(dead_code)]
+            member: String,
+        }
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let won: Option<Held> = diesel::sql_query(own::CLAIM_ROLE)
+            .bind::<Text, _>(role)
+            .bind::<Text, _>(member)
+            .get_result(&mut conn)
+            .await
+            .optional()?;
+        Ok(won.is_some())
     }
 
     async fn members(&self) -> Result<Vec<Member>, StoreError> {

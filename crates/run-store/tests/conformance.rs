@@ -570,8 +570,20 @@ async fn one_owner_per_run(a: &dyn Store, b: &dyn Store) {
         Err(StoreError::Fenced(_))
     ));
 
+    // A role (webhook delivery) is one member's while it lives.
+    assert!(b.claim_role("webhooks", &mb).await.unwrap());
+    assert!(b.claim_role("webhooks", &mb).await.unwrap(), "kept");
+    assert!(
+        !a.claim_role("webhooks", &ma2).await.unwrap(),
+        "held by a live member"
+    );
+
     // Leaving releases everything: the other member claims without waiting for a lease.
     b.leave(&mb).await.unwrap();
+    assert!(
+        a.claim_role("webhooks", &ma2).await.unwrap(),
+        "released on leaving"
+    );
     let f = owned(a.claim(other_run, &ma2).await.unwrap());
     assert!(f.epoch > fb2.epoch);
     assert_eq!(a.append(&[fenced(other_run, 1, &f)]).await.unwrap(), 1);

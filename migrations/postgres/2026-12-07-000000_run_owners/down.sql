@@ -1,2 +1,3 @@
+DROP TABLE IF EXISTS crdt_roles;
 DROP TABLE IF EXISTS crdt_run_owners;
 DROP TABLE IF EXISTS crdt_pods;

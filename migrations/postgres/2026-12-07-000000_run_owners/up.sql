@@ -22,5 +22,13 @@ CREATE TABLE IF NOT EXISTS crdt_run_owners (
     since TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
+-- Work one pod of the region does for all (delivering webhooks): held like a run, by a live
+-- member, and taken over when its lease lapses.
+CREATE TABLE IF NOT EXISTS crdt_roles (
+    role VARCHAR(50) PRIMARY KEY,
+    member VARCHAR(200),
+    since TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
 CREATE INDEX IF NOT EXISTS crdt_run_owners_member ON crdt_run_owners (member)
     WHERE member IS NOT NULL;
