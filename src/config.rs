@@ -73,6 +73,9 @@ pub struct Cluster {
     /// this time (renewed every third of it).
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
+    /// The region's pods prove their calls to each other with it (HMAC); required.
+    #[serde(default)]
+    pub secret: Option<String>,
 }
 
 impl Default for Cluster {
@@ -81,6 +84,7 @@ impl Default for Cluster {
             enabled: false,
             advertise_url: None,
             lease_ms: default_lease_ms(),
+            secret: None,
         }
     }
 }
@@ -880,6 +884,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("CRDT_CLUSTER", "crdt.cluster.enabled"),
     ("CRDT_CLUSTER_ADVERTISE_URL", "crdt.cluster.advertise-url"),
     ("CRDT_CLUSTER_LEASE_MS", "crdt.cluster.lease-ms"),
+    ("CRDT_CLUSTER_SECRET", "crdt.cluster.secret"),
 ];
 
 impl Settings {
@@ -1275,6 +1280,12 @@ impl Settings {
             return Err(invalid(
                 "database.per-node",
                 "pods of a cluster share one database; turn per-node off",
+            ));
+        }
+        if cluster.secret.as_deref().is_none_or(|s| s.len() < 16) {
+            return Err(invalid(
+                "crdt.cluster.secret",
+                "the region's pods prove their calls to each other with it: at least 16 characters",
             ));
         }
         if !(1_000..=60_000).contains(&cluster.lease_ms) {

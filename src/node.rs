@@ -132,6 +132,12 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
             deadline: std::time::Duration::from_millis(settings.crdt.memory.message_deadline_ms),
         },
         feed: feed.clone(),
+        cluster_secret: settings
+            .crdt
+            .cluster
+            .enabled
+            .then(|| settings.crdt.cluster.secret.clone())
+            .flatten(),
     });
     let (addr, server, task) = serve(settings, state, &metrics, workers)?;
     if let Some(ownership) = runs.ownership() {
@@ -144,6 +150,9 @@ pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
             }
         }
         ownership.set_address(advertised);
+        if let Some(secret) = &settings.crdt.cluster.secret {
+            runs.set_transport(http::cluster_link::ClusterLink::start(secret.clone()));
+        }
         runs.join_cluster().await?;
     }
     log::info!(

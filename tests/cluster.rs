@@ -20,6 +20,7 @@ fn pod(db: &TestDb, name: &str) -> Node {
             ("CRDT_CLUSTER", "true"),
             ("CRDT_CLUSTER_ADVERTISE_URL", "http://127.0.0.1:0"),
             ("CRDT_CLUSTER_LEASE_MS", LEASE_MS),
+            ("CRDT_CLUSTER_SECRET", "region-secret-for-tests"),
             ("CRDT_SHUTDOWN_GRACE_SECS", "5"),
         ],
     )
@@ -303,4 +304,77 @@ async fn a_browser_on_another_pod_is_served_by_the_owner() {
     })
     .await;
     assert!(unloaded.is_some(), "{}", metrics().await);
+}
+
+/// An automerge-repo client connected to a pod that does not own the run syncs through the
+/// owner: it reads the run, writes to it, and hears of changes made on the owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automerge_repo_client_on_another_pod_syncs_through_the_owner() {
+    use automerge::sync::{self, SyncDoc};
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ReadDoc, ROOT};
+    use test_support::repo::{doc_id, field, text, Peer};
+
+    let db = TestDb::new(Backend::Postgres).await;
+    let owner = pod(&db, "pod-0");
+    let other = pod(&db, "pod-1");
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let graft = |agent: &str| {
+        let url = format!("{}/api/crdt/runs/{run}/grafts", owner.base);
+        let body = json!({"agent": agent, "afterStep": "S1", "user": "svc"});
+        let c = c.clone();
+        async move {
+            let (s, body) = c.post(&url, &body).await;
+            assert_eq!(s, 201, "{body}");
+        }
+    };
+    graft("First").await;
+
+    let mut p = Peer::joined(&other, "app").await;
+    let mut doc = AutoCommit::new();
+    p.sync_until_quiet(&doc_id(run), &mut doc).await;
+    let grafts = doc.get(ROOT, "grafts").unwrap().expect("grafts").1;
+    assert_eq!(doc.length(&grafts), 1, "read through the owner");
+
+    // The client writes; the owner has it.
+    let flags = doc.get(ROOT, "flags").unwrap().expect("flags").1;
+    doc.put(&flags, "fromApp", "yes").unwrap();
+    doc.commit();
+    p.sync_until_quiet(&doc_id(run), &mut doc).await;
+    let on_owner = state(&c, &owner.base, run).await;
+    assert_eq!(on_owner["flags"]["fromApp"], "yes", "{on_owner}");
+
+    // A change made on the owner reaches the client on the other pod, unasked.
+    let mut sync_state = sync::State::new();
+    if let Some(m) = doc.sync().generate_sync_message(&mut sync_state) {
+        p.sync("sync", &doc_id(run), m).await;
+    }
+    graft("Second").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while doc.length(&grafts) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the owner's change never arrived"
+        );
+        let message = p.next().await;
+        assert_eq!(field(&message, "type"), Some(text("sync")), "{message:?}");
+        let Some(ciborium::Value::Bytes(data)) = field(&message, "data") else {
+            panic!("sync without data: {message:?}")
+        };
+        let m = sync::Message::decode(&data).unwrap();
+        doc.sync().receive_sync_message(&mut sync_state, m).unwrap();
+        if let Some(reply) = doc.sync().generate_sync_message(&mut sync_state) {
+            p.sync("sync", &doc_id(run), reply).await;
+        }
+    }
+    let text_metrics = c.text(&format!("{}/actuator/prometheus", other.base)).await;
+    assert!(
+        test_support::metric(
+            &text_metrics,
+            "crdt_cluster_forwarded_requests_total{door=\"runtime\"}"
+        )
+        .unwrap_or(0.0)
+            > 0.0
+    );
 }

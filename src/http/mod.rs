@@ -7,11 +7,13 @@ pub(crate) mod auth;
 mod automerge;
 pub mod body_budget;
 mod browser;
+pub mod cluster_link;
 mod deletion;
 pub mod error;
 mod forward;
 mod health;
 mod history;
+mod internal;
 mod mesh;
 pub mod origin;
 mod page;
@@ -53,6 +55,8 @@ pub struct AppState {
     pub incoming: Incoming,
     /// The change feed's edge, whose routes are mounted under `/api/crdt`.
     pub feed: web::Data<crate::feed::FeedEdge>,
+    /// On a shared database: the secret the region's pods prove their calls with.
+    pub cluster_secret: Option<String>,
 }
 
 /// What every WebSocket door reads within (see `socket::reader`).
@@ -116,6 +120,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>, max_b
         .configure(browser::routes)
         .configure(automerge::socket)
         .configure(page::routes)
+        .configure(internal::routes)
         .service(
             web::scope("/api/crdt")
                 // Authenticated first (the outer wrap), then forwarded to the run's owner.

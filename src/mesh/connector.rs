@@ -84,7 +84,7 @@ impl Connector {
             .map(|s| protocol::prove_upgrade(s, unix_ms()));
         let connecting = async move {
             let client = awc::Client::builder()
-                .connector(awc::Connector::new().connector(super::no_delay::NoDelay::default()))
+                .connector(awc::Connector::new().connector(crate::socket::NoDelay::default()))
                 .timeout(timeout)
                 .max_http_version(awc::http::Version::HTTP_11)
                 .finish();

@@ -11,7 +11,6 @@
 pub mod broadcast;
 pub mod connector;
 pub mod directory;
-mod no_delay;
 pub mod presence;
 pub mod session;
 pub mod transport;

@@ -10,6 +10,7 @@ mod deletion;
 mod feed;
 pub mod loader;
 pub mod ownership;
+mod remote;
 mod run_actor;
 mod snapshot_actor;
 
@@ -32,6 +33,7 @@ pub use api::{
 };
 pub use deletion::{RunTombstoned, Tombstone};
 pub use feed::{ChangeFeed, FeedEvent, PAGE as FEED_PAGE};
+pub use remote::{path as remote_path, Transport};
 use run_actor::{FinalSnapshot, RunActor};
 pub use run_store::{Attempted, Delivery, Webhook};
 use snapshot_actor::SnapshotActor;
@@ -165,6 +167,8 @@ struct Inner {
     damaged: Mutex<HashMap<Uuid, usize>>,
     /// On a database the region's pods share: this pod's membership (one owner per run).
     ownership: Option<Arc<ownership::Ownership>>,
+    /// How other pods are reached (the HTTP edge's), for runs they own.
+    transport: std::sync::OnceLock<Arc<dyn remote::Transport>>,
     /// Registry entries (runs loaded or loading), bounded by `config.max_loaded`.
     loaded: AtomicUsize,
     /// Operations the loaded runs' documents hold, in all (each actor adds what it holds).
@@ -229,6 +233,17 @@ impl<M: Message<Result = ()> + Send + Clone> Subscribers<M> {
         self.0
             .read()
             .is_ok_and(|all| all.iter().any(|(_, w)| Self::wanted(w, run_id)))
+    }
+
+    /// As `publish`, to the subscribers that watch chosen runs only.
+    fn publish_watched(&self, event: M, run_id: Uuid) {
+        if let Ok(all) = self.0.read() {
+            for (recipient, watched) in all.iter() {
+                if watched.as_ref().is_some_and(|w| w.contains(run_id)) {
+                    recipient.do_send(event.clone());
+                }
+            }
+        }
     }
 
     fn publish(&self, event: M, run_id: Uuid) {
@@ -297,6 +312,7 @@ impl Runs {
                 store_down: AtomicBool::new(false),
                 damaged: Mutex::new(HashMap::new()),
                 ownership,
+                transport: std::sync::OnceLock::new(),
                 loaded: AtomicUsize::new(0),
                 ops_loaded: AtomicU64::new(0),
                 started: std::time::Instant::now(),
@@ -333,6 +349,17 @@ impl Runs {
         if let Some(owner) = self.owner_elsewhere(run_id) {
             return Err(RunError::Elsewhere(owner));
         }
+        self.send_here(run_id, msg).await
+    }
+
+    /// As `send`, without trusting what this pod last heard of the run's owner: for a call
+    /// another pod forwarded here (which believes this pod owns the run).
+    async fn send_here<M>(&self, run_id: Uuid, msg: M) -> Result<M::Result, RunError>
+    where
+        M: Message + Send + Clone + 'static,
+        M::Result: Send,
+        RunActor: Handler<M>,
+    {
         // An actor may stop (idle, failed) between lookup and delivery: then start a fresh one.
         for _ in 0..3 {
             let (addr, incarnation) = self.actor(run_id)?;
@@ -636,6 +663,7 @@ impl Runs {
             return Ok(());
         };
         ownership.join().await?;
+        actix::spawn(self.clone().follow_region());
         let runs = self.clone();
         actix::spawn(async move {
             let mut tick = tokio::time::interval(ownership.renew_every());
@@ -697,5 +725,51 @@ impl Runs {
             .await
             .map_err(|e| RunError::Unavailable(e.to_string()))?;
         Ok(Some((ownership.member().clone(), members)))
+    }
+}
+
+impl Runs {
+    /// On a shared database: tells this pod's rooms of commits to runs other pods own (their
+    /// clients then take a sync step through the owner). The change feed reads the shared
+    /// log; a run loaded here published its own commits already.
+    async fn follow_region(self) {
+        let region = self.inner.config.region.clone();
+        loop {
+            let mut events = match self.inner.changes.subscribe().await {
+                Ok(events) => events,
+                Err(e) => {
+                    log::warn!("cluster: following the region's log failed: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        if self.is_loaded(event.run_id) {
+                            continue;
+                        }
+                        let changed = RunChanged {
+                            run_id: event.run_id,
+                            changes: Arc::new(Vec::new()),
+                            heads: Vec::new(),
+                            lamport: 0,
+                            origin: Origin::Remote {
+                                source_region: region.clone(),
+                                via: None,
+                            },
+                        };
+                        self.inner
+                            .subscribers
+                            .publish_watched(changed, event.run_id);
+                    }
+                    // Fell behind the ring: later commits still wake the rooms.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        log::warn!("cluster: {n} commits of other pods passed unannounced");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        }
     }
 }

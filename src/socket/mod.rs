@@ -17,8 +17,10 @@ use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
+mod no_delay;
 mod reader;
 
+pub use no_delay::NoDelay;
 pub use reader::{FrameLimit, FrameReader, MemoryBudget, Read, ReadLimits, Reservation};
 
 #[derive(Debug)]

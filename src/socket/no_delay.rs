@@ -1,4 +1,4 @@
-//! The TCP connector of outbound mesh links: awc's own, with Nagle's algorithm turned off on
+//! The TCP connector of outbound links (mesh links, calls to the region's other pods): awc's own, with Nagle's algorithm turned off on
 //! the socket. Mesh frames are small and follow each other closely; with Nagle a frame written
 //! while the last is unacknowledged waits for the peer's delayed ACK (40 ms on Linux) or a whole
 //! round trip, which on a wide-area link doubled the propagation delay.
