@@ -378,3 +378,111 @@ async fn an_automerge_repo_client_on_another_pod_syncs_through_the_owner() {
             > 0.0
     );
 }
+
+/// Two regions of two pods each, one database per region, linked pod to pod through proxies:
+/// writes on random pods of both regions, a partition between the regions and its heal. Each
+/// region converges on the same state, holding every acknowledged write, and stores each
+/// change once (rows = changes, not changes × pods).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_of_several_pods_mesh_as_regions() {
+    use test_support::mesh::{converged, mesh_env};
+    use test_support::proxy::Proxy;
+
+    let (db_us, db_eu) = (
+        TestDb::new(Backend::Postgres).await,
+        TestDb::new(Backend::Postgres).await,
+    );
+    let links = [Proxy::start().await, Proxy::start().await];
+    let spawn = |db: &TestDb, region: &str, name: &str, peers: &[String]| {
+        let mut env = mesh_env(region, name, peers);
+        for (k, v) in [
+            ("CRDT_CLUSTER", "true"),
+            ("CRDT_CLUSTER_ADVERTISE_URL", "http://127.0.0.1:0"),
+            ("CRDT_CLUSTER_LEASE_MS", LEASE_MS),
+            ("CRDT_CLUSTER_SECRET", "region-secret-for-tests"),
+        ] {
+            env.push((k.to_string(), v.to_string()));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Node::spawn(db, &env)
+    };
+    // Each pod of us dials one pod of eu; eu's pods dial nobody.
+    let us = [
+        spawn(&db_us, "us", "us-0", &[links[0].url()]),
+        spawn(&db_us, "us", "us-1", &[links[1].url()]),
+    ];
+    let eu = [
+        spawn(&db_eu, "eu", "eu-0", &[]),
+        spawn(&db_eu, "eu", "eu-1", &[]),
+    ];
+    links[0].target(&eu[0].base);
+    links[1].target(&eu[1].base);
+
+    let http = reqwest::Client::new();
+    let live_us: Live = Arc::new(Mutex::new(us.iter().map(|p| p.base.clone()).collect()));
+    let live_eu: Live = Arc::new(Mutex::new(eu.iter().map(|p| p.base.clone()).collect()));
+    let runs: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    let write_round = |round: &'static str| {
+        let (http, live_us, live_eu, runs) = (&http, &live_us, &live_eu, &runs);
+        async move {
+            let mut done = Vec::new();
+            for (i, &run) in runs.iter().enumerate() {
+                for (region, live) in [("us", live_us), ("eu", live_eu)] {
+                    for n in 0..3 {
+                        let agent = format!("{round}-{region}-{i}-{n}");
+                        assert!(
+                            graft(http, live, run, &agent).await,
+                            "{agent} not acknowledged"
+                        );
+                        done.push(agent);
+                    }
+                }
+            }
+            done
+        }
+    };
+    acked.extend(write_round("before").await);
+    // Cut the regions apart; both keep taking writes.
+    for l in &links {
+        l.cut();
+    }
+    acked.extend(write_round("cut").await);
+    for l in &links {
+        l.heal();
+    }
+    acked.extend(write_round("healed").await);
+
+    let c = Client::new();
+    let all: Vec<&Node> = us.iter().chain(eu.iter()).collect();
+    let mut held = BTreeSet::new();
+    for &run in &runs {
+        let state = converged(&c, &all, run, 30).await;
+        held.extend(agents(&state));
+        let (us_rows, us_distinct) = stored(&db_us, run).await;
+        let (eu_rows, eu_distinct) = stored(&db_eu, run).await;
+        assert_eq!(
+            us_rows, us_distinct,
+            "run {run}: a change stored twice in us"
+        );
+        assert_eq!(
+            eu_rows, eu_distinct,
+            "run {run}: a change stored twice in eu"
+        );
+        assert_eq!(
+            us_rows, eu_rows,
+            "run {run}: both regions hold every change once"
+        );
+    }
+    let lost: Vec<_> = acked.difference(&held).collect();
+    assert!(lost.is_empty(), "acknowledged grafts lost: {lost:?}");
+}
+
+/// A run's rows in a region's log, and how many distinct changes they hold.
+async fn stored(db: &TestDb, run: Uuid) -> (i64, i64) {
+    let rows = format!("SELECT count(*) AS n FROM collaboration_events WHERE run_id = '{run}'");
+    let distinct = format!(
+        "SELECT count(DISTINCT change_hash) AS n FROM collaboration_events WHERE run_id = '{run}'"
+    );
+    (db::count(db, &rows).await, db::count(db, &distinct).await)
+}
