@@ -379,10 +379,12 @@ async fn an_automerge_repo_client_on_another_pod_syncs_through_the_owner() {
     );
 }
 
-/// Two regions of two pods each, one database per region, linked pod to pod through proxies:
-/// writes on random pods of both regions, a partition between the regions and its heal. Each
-/// region converges on the same state, holding every acknowledged write, and stores each
-/// change once (rows = changes, not changes × pods).
+/// The issue's scenario: two regions of three pods each, one database per region, each pod of
+/// `us` linked to one pod of `eu` through a proxy. Writers on random pods of both regions;
+/// meanwhile an owner pod of `us` is killed (-9), a pod of `eu` is stopped (SIGTERM), and the
+/// regions are cut apart and healed. Every pod of both regions converges on one state holding
+/// every acknowledged write; each change is stored once per region; and along every run's log
+/// the ownership epochs never go down: no deposed owner appended after its successor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regions_of_several_pods_mesh_as_regions() {
     use test_support::mesh::{converged, mesh_env};
@@ -392,7 +394,11 @@ async fn regions_of_several_pods_mesh_as_regions() {
         TestDb::new(Backend::Postgres).await,
         TestDb::new(Backend::Postgres).await,
     );
-    let links = [Proxy::start().await, Proxy::start().await];
+    let links = [
+        Proxy::start().await,
+        Proxy::start().await,
+        Proxy::start().await,
+    ];
     let spawn = |db: &TestDb, region: &str, name: &str, peers: &[String]| {
         let mut env = mesh_env(region, name, peers);
         for (k, v) in [
@@ -400,64 +406,87 @@ async fn regions_of_several_pods_mesh_as_regions() {
             ("CRDT_CLUSTER_ADVERTISE_URL", "http://127.0.0.1:0"),
             ("CRDT_CLUSTER_LEASE_MS", LEASE_MS),
             ("CRDT_CLUSTER_SECRET", "region-secret-for-tests"),
+            ("CRDT_SHUTDOWN_GRACE_SECS", "5"),
         ] {
             env.push((k.to_string(), v.to_string()));
         }
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Node::spawn(db, &env)
     };
-    // Each pod of us dials one pod of eu; eu's pods dial nobody.
-    let us = [
-        spawn(&db_us, "us", "us-0", &[links[0].url()]),
-        spawn(&db_us, "us", "us-1", &[links[1].url()]),
-    ];
-    let eu = [
-        spawn(&db_eu, "eu", "eu-0", &[]),
-        spawn(&db_eu, "eu", "eu-1", &[]),
-    ];
-    links[0].target(&eu[0].base);
-    links[1].target(&eu[1].base);
+    let mut us: Vec<Option<Node>> = (0..3)
+        .map(|i| Some(spawn(&db_us, "us", &format!("us-{i}"), &[links[i].url()])))
+        .collect();
+    let mut eu: Vec<Option<Node>> = (0..3)
+        .map(|i| Some(spawn(&db_eu, "eu", &format!("eu-{i}"), &[])))
+        .collect();
+    for (link, pod) in links.iter().zip(&eu) {
+        link.target(&pod.as_ref().expect("pod").base);
+    }
+    let bases = |pods: &[Option<Node>]| -> Vec<String> {
+        pods.iter().flatten().map(|p| p.base.clone()).collect()
+    };
+    let live_us: Live = Arc::new(Mutex::new(bases(&us)));
+    let live_eu: Live = Arc::new(Mutex::new(bases(&eu)));
+    let runs: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    let acked: Arc<Mutex<BTreeSet<String>>> = Default::default();
 
     let http = reqwest::Client::new();
-    let live_us: Live = Arc::new(Mutex::new(us.iter().map(|p| p.base.clone()).collect()));
-    let live_eu: Live = Arc::new(Mutex::new(eu.iter().map(|p| p.base.clone()).collect()));
-    let runs: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
-    let mut acked: BTreeSet<String> = BTreeSet::new();
-    let write_round = |round: &'static str| {
-        let (http, live_us, live_eu, runs) = (&http, &live_us, &live_eu, &runs);
-        async move {
-            let mut done = Vec::new();
-            for (i, &run) in runs.iter().enumerate() {
-                for (region, live) in [("us", live_us), ("eu", live_eu)] {
-                    for n in 0..3 {
-                        let agent = format!("{round}-{region}-{i}-{n}");
-                        assert!(
-                            graft(http, live, run, &agent).await,
-                            "{agent} not acknowledged"
-                        );
-                        done.push(agent);
+    let writers: Vec<_> = [("us", live_us.clone()), ("eu", live_eu.clone())]
+        .into_iter()
+        .flat_map(|(region, live)| (0..2).map(move |w| (region, live.clone(), w)))
+        .map(|(region, live, w)| {
+            let (http, runs, acked) = (http.clone(), runs.clone(), acked.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut n = 0;
+                while started.elapsed() < Duration::from_secs(8) {
+                    let run = runs[(w + n) % runs.len()];
+                    let agent = format!("{region}-w{w}-{n}");
+                    if graft(&http, &live, run, &agent).await {
+                        acked.lock().unwrap().insert(agent);
                     }
+                    n += 1;
                 }
-            }
-            done
-        }
-    };
-    acked.extend(write_round("before").await);
-    // Cut the regions apart; both keep taking writes.
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // us-0 dies: its runs are taken once its lease lapses; its link to eu-0 is gone.
+    let mut dead = us[0].take().expect("us-0");
+    live_us.lock().unwrap().retain(|b| *b != dead.base);
+    dead.kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // eu-1 is stopped as a rolling update does: it hands its runs over and leaves.
+    let mut stopping = eu[1].take().expect("eu-1");
+    live_eu.lock().unwrap().retain(|b| *b != stopping.base);
+    let stopped = tokio::task::spawn_blocking(move || {
+        let status = stopping.terminate(20);
+        (stopping, status)
+    });
+    // The regions are cut apart, and both keep taking writes.
     for l in &links {
         l.cut();
     }
-    acked.extend(write_round("cut").await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     for l in &links {
         l.heal();
     }
-    acked.extend(write_round("healed").await);
+    let (stopped, status) = stopped.await.expect("joined");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        stopped.log_text()
+    );
+    for w in writers {
+        w.await.expect("writer");
+    }
 
     let c = Client::new();
-    let all: Vec<&Node> = us.iter().chain(eu.iter()).collect();
+    let all: Vec<&Node> = us.iter().chain(eu.iter()).flatten().collect();
     let mut held = BTreeSet::new();
     for &run in &runs {
-        let state = converged(&c, &all, run, 30).await;
+        let state = converged(&c, &all, run, 60).await;
         held.extend(agents(&state));
         let (us_rows, us_distinct) = stored(&db_us, run).await;
         let (eu_rows, eu_distinct) = stored(&db_eu, run).await;
@@ -474,8 +503,31 @@ async fn regions_of_several_pods_mesh_as_regions() {
             "run {run}: both regions hold every change once"
         );
     }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 50, "the writers got through: {}", acked.len());
     let lost: Vec<_> = acked.difference(&held).collect();
     assert!(lost.is_empty(), "acknowledged grafts lost: {lost:?}");
+    for db in [&db_us, &db_eu] {
+        let stepped_back = db::count(
+            db,
+            "SELECT count(*) AS n FROM (SELECT owner_epoch, lag(owner_epoch) OVER \
+             (PARTITION BY run_id ORDER BY id) AS before FROM collaboration_events) e \
+             WHERE owner_epoch < before",
+        )
+        .await;
+        assert_eq!(stepped_back, 0, "an owner appended after its successor had");
+        let fenced = db::count(
+            db,
+            "SELECT count(*) AS n FROM collaboration_events WHERE owner_epoch IS NULL",
+        )
+        .await;
+        assert_eq!(fenced, 0, "every append of a cluster pod carries its epoch");
+    }
+    eprintln!(
+        "{} grafts acknowledged in two regions of three pods",
+        acked.len()
+    );
+    drop(dead);
 }
 
 /// A run's rows in a region's log, and how many distinct changes they hold.

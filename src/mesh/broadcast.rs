@@ -2,6 +2,10 @@
 //! `CRDT_SYNC` — except back to the peer that delivered it. Changes a peer delivered are sent
 //! on to the others, so a chain A–B–C converges; a change already present was never published
 //! (the run actor publishes only what was new), so nothing circulates twice.
+//!
+//! On a database the region's pods share, one pod pushes to each other region (`carrier`), and
+//! a commit another pod made (`Origin::Pod`, no changes carried) is pushed as a sync round for
+//! the run, which the owner answers.
 
 use std::sync::Arc;
 
@@ -22,6 +26,7 @@ pub struct Broadcaster {
     pub metrics: Metrics,
     pub region: String,
     pub max_frame: usize,
+    pub carrier: super::carrier::Carrier,
 }
 
 impl Actor for Broadcaster {
@@ -37,15 +42,20 @@ impl Handler<RunChanged> for Broadcaster {
     type Result = ();
 
     fn handle(&mut self, msg: RunChanged, _ctx: &mut Self::Context) {
+        self.carrier.note(msg.run_id);
         let (source_region, via) = match &msg.origin {
-            Origin::Local => (self.region.as_str(), None),
+            Origin::Local | Origin::Pod => (self.region.as_str(), None),
             Origin::Remote { source_region, via } => (source_region.as_str(), via.as_deref()),
         };
         // One frame, encoded once for every peer; changes too big for one frame (a large sync
         // batch) go over several, in order.
         let mut frames: Option<Vec<Arc<str>>> = None;
-        for (node_id, session) in self.mesh.primaries() {
-            if Some(node_id.as_str()) == via {
+        for (peer, session) in self.mesh.primaries_by_region() {
+            if Some(peer.node_id.as_str()) == via || !self.carrier.carries(&peer.region) {
+                continue;
+            }
+            if msg.origin == Origin::Pod {
+                session.addr.do_send(SyncRun(msg.run_id));
                 continue;
             }
             let frames = frames.get_or_insert_with(|| {

@@ -333,6 +333,25 @@ impl MeshState {
         self.primaries_where(|_| true)
     }
 
+    /// The primary sessions, with each peer's region.
+    pub fn primaries_by_region(&self) -> Vec<(PeerIdentity, SessionHandle)> {
+        let regions: HashMap<String, String> = {
+            let dir = self.read();
+            dir.links
+                .values()
+                .filter_map(|l| l.peer.as_ref())
+                .map(|p| (p.node_id.clone(), p.region.clone()))
+                .collect()
+        };
+        self.primaries()
+            .into_iter()
+            .filter_map(|(node_id, s)| {
+                let region = regions.get(&node_id)?.clone();
+                Some((PeerIdentity { node_id, region }, s))
+            })
+            .collect()
+    }
+
     /// The primary sessions to nodes of `region`.
     pub fn sessions_in(&self, region: &str) -> Vec<SessionHandle> {
         self.primaries_where(|p| p.region == region)

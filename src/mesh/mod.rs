@@ -9,6 +9,7 @@
 //! - [`presence`]: who views which run, relayed between nodes, never stored.
 
 pub mod broadcast;
+pub mod carrier;
 pub mod connector;
 pub mod directory;
 pub mod presence;
@@ -97,11 +98,16 @@ impl Mesh {
             MAX_PENDING_HANDSHAKES / 2,
         );
         let config = Arc::new(config);
+        let carrier = match runs.ownership() {
+            Some(ownership) => carrier::Carrier::start(state.clone(), ownership.clone()),
+            None => carrier::Carrier::default(),
+        };
         let broadcaster = broadcast::Broadcaster {
             mesh: state.clone(),
             metrics: metrics.clone(),
             region: config.region.clone(),
             max_frame: config.max_frame,
+            carrier,
         }
         .start();
         runs.subscribe(broadcaster.clone().recipient());

@@ -118,6 +118,9 @@ pub enum Origin {
         source_region: String,
         via: Option<String>,
     },
+    /// Committed by another pod of this region (a shared database): the event carries no
+    /// changes; whoever wants them syncs the run through its owner.
+    Pod,
 }
 
 /// Published after changes are committed to the log.
@@ -233,17 +236,6 @@ impl<M: Message<Result = ()> + Send + Clone> Subscribers<M> {
         self.0
             .read()
             .is_ok_and(|all| all.iter().any(|(_, w)| Self::wanted(w, run_id)))
-    }
-
-    /// As `publish`, to the subscribers that watch chosen runs only.
-    fn publish_watched(&self, event: M, run_id: Uuid) {
-        if let Ok(all) = self.0.read() {
-            for (recipient, watched) in all.iter() {
-                if watched.as_ref().is_some_and(|w| w.contains(run_id)) {
-                    recipient.do_send(event.clone());
-                }
-            }
-        }
     }
 
     fn publish(&self, event: M, run_id: Uuid) {
@@ -729,11 +721,10 @@ impl Runs {
 }
 
 impl Runs {
-    /// On a shared database: tells this pod's rooms of commits to runs other pods own (their
-    /// clients then take a sync step through the owner). The change feed reads the shared
+    /// On a shared database: tells this pod's subscribers of commits to runs other pods own
+    /// (`Origin::Pod`: rooms and mesh links then take a sync step through the owner). The change feed reads the shared
     /// log; a run loaded here published its own commits already.
     async fn follow_region(self) {
-        let region = self.inner.config.region.clone();
         loop {
             let mut events = match self.inner.changes.subscribe().await {
                 Ok(events) => events,
@@ -754,14 +745,9 @@ impl Runs {
                             changes: Arc::new(Vec::new()),
                             heads: Vec::new(),
                             lamport: 0,
-                            origin: Origin::Remote {
-                                source_region: region.clone(),
-                                via: None,
-                            },
+                            origin: Origin::Pod,
                         };
-                        self.inner
-                            .subscribers
-                            .publish_watched(changed, event.run_id);
+                        self.inner.subscribers.publish(changed, event.run_id);
                     }
                     // Fell behind the ring: later commits still wake the rooms.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {

@@ -107,6 +107,10 @@ impl Ownership {
         Ok(running)
     }
 
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
     pub fn renew_every(&self) -> Duration {
         self.lease / 3
     }
@@ -136,6 +140,10 @@ impl Ownership {
     /// Takes or keeps a role one pod plays for the region; whether this pod holds it.
     pub async fn claim_role(&self, role: &str) -> Result<bool, StoreError> {
         self.store.claim_role(role, &self.member).await
+    }
+
+    pub async fn release_role(&self, role: &str) -> Result<(), StoreError> {
+        self.store.release_role(role, &self.member).await
     }
 
     pub async fn release(&self, run_id: Uuid, fence: &Fence) -> Result<(), StoreError> {

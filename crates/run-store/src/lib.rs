@@ -669,6 +669,10 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_role(&self, _role: &str, _member: &str) -> Result<bool, StoreError> {
         Err(StoreError::Unsupported("sharing a database among pods"))
     }
+    /// Gives a role up, if this member holds it.
+    async fn release_role(&self, _role: &str, _member: &str) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported("sharing a database among pods"))
+    }
     /// The members, with how many runs each owns.
     async fn members(&self) -> Result<Vec<Member>, StoreError> {
         Err(StoreError::Unsupported("sharing a database among pods"))

@@ -74,6 +74,8 @@ pub(crate) mod sql {
         UPDATE crdt_pods SET lease_expires = now() + make_interval(secs => $2) \
         WHERE member = $1 RETURNING (SELECT running FROM old) AS running";
     pub const LEAVE_RUNS: &str = "UPDATE crdt_run_owners SET member = NULL WHERE member = $1";
+    pub const RELEASE_ROLE: &str =
+        "UPDATE crdt_roles SET member = NULL WHERE role = $1 AND member = $2";
     pub const LEAVE_ROLES: &str = "UPDATE crdt_roles SET member = NULL WHERE member = $1";
     /// `$1` role, `$2` member: as [`CLAIM`], returning the holder afterwards.
     pub const CLAIM_ROLE: &str = "INSERT INTO crdt_roles AS r (role, member, since) \

@@ -80,6 +80,7 @@ struct EventRow<'a> {
     change_hash: Option<&'a [u8]>,
     event_kind: Option<&'a str>,
     event_content: Option<&'a str>,
+    owner_epoch: Option<i64>,
 }
 
 #[derive(Insertable, Queryable)]
@@ -205,6 +206,7 @@ fn event_row(e: &NewEvent) -> EventRow<'_> {
         change_hash: Some(&e.change_hash),
         event_kind: e.kind.as_deref(),
         event_content: e.content.as_deref(),
+        owner_epoch: e.fence.as_ref().map(|f| f.epoch),
     }
 }
 
@@ -895,6 +897,16 @@ impl Store for PgStore {
             .await
             .optional()?;
         Ok(won.is_some())
+    }
+
+    async fn release_role(&self, role: &str, member: &str) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        diesel::sql_query(own::RELEASE_ROLE)
+            .bind::<Text, _>(role)
+            .bind::<Text, _>(member)
+            .execute(&mut conn)
+            .await?;
+        Ok(())
     }
 
     async fn members(&self) -> Result<Vec<Member>, StoreError> {

@@ -17,6 +17,7 @@ pub mod pg {
             change_hash -> Nullable<Bytea>,
             event_kind -> Nullable<Varchar>,
             event_content -> Nullable<Text>,
+            owner_epoch -> Nullable<BigInt>,
         }
     }
 

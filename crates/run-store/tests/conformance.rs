@@ -577,6 +577,10 @@ async fn one_owner_per_run(a: &dyn Store, b: &dyn Store) {
         !a.claim_role("webhooks", &ma2).await.unwrap(),
         "held by a live member"
     );
+    b.release_role("webhooks", &mb).await.unwrap();
+    assert!(a.claim_role("webhooks", &ma2).await.unwrap(), "released");
+    a.release_role("webhooks", &ma2).await.unwrap();
+    assert!(b.claim_role("webhooks", &mb).await.unwrap());
 
     // Leaving releases everything: the other member claims without waiting for a lease.
     b.leave(&mb).await.unwrap();

@@ -25,10 +25,14 @@ CREATE TABLE IF NOT EXISTS crdt_run_owners (
 -- Work one pod of the region does for all (delivering webhooks): held like a run, by a live
 -- member, and taken over when its lease lapses.
 CREATE TABLE IF NOT EXISTS crdt_roles (
-    role VARCHAR(50) PRIMARY KEY,
+    role VARCHAR(100) PRIMARY KEY,
     member VARCHAR(200),
     since TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- The ownership epoch an event was appended under (a region's pods sharing this database):
+-- along a run's log the epochs never go down, which is what fencing promises.
+ALTER TABLE collaboration_events ADD COLUMN IF NOT EXISTS owner_epoch BIGINT;
 
 CREATE INDEX IF NOT EXISTS crdt_run_owners_member ON crdt_run_owners (member)
     WHERE member IS NOT NULL;

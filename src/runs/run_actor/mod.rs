@@ -245,6 +245,7 @@ impl RunActor {
         let region = match &origin {
             Origin::Local => self.runs.inner.config.region.clone(),
             Origin::Remote { source_region, .. } => source_region.clone(),
+            Origin::Pod => self.runs.inner.config.region.clone(),
         };
         let (heads_after, lamport_after) = match self.doc.as_mut() {
             Some(d) => (d.heads(), d.lamport()),

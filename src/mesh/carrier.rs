@@ -1,0 +1,148 @@
+//! Which pod of a region carries the region's changes to each other region, when the region's
+//! pods share one database (`runs::ownership`).
+//!
+//! Every pod may hold links to other regions (each dials its configured peers, and peers'
+//! links land on any pod), and every pod hears of every commit of the region (its own runs'
+//! from their actors, the others' through the shared log). Were each to push, a change would
+//! reach another region once per pod. So for each other region one pod with a live link to it
+//! holds the role `mesh:<region>` (`run_store` roles: one live member at a time), and only it
+//! pushes to that region. Links of the other pods still answer what arrives on them, and
+//! catch up on connect. A pod that takes the role over syncs, on its links to that region,
+//! every run changed within the last lease and a little (what nobody may have pushed while the
+//! role had no holder).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::directory::MeshState;
+use super::session::SyncRun;
+use crate::runs::ownership::Ownership;
+
+/// How often links are looked at for a region to claim or give up.
+const LOOK_EVERY: Duration = Duration::from_millis(500);
+/// Runs remembered as recently changed at most; past it the oldest are forgotten.
+const MAX_RECENT: usize = 200_000;
+
+/// The regions this pod pushes to. Alone (no cluster) it pushes to every region.
+#[derive(Clone, Default)]
+pub struct Carrier {
+    held: Arc<RwLock<Option<HashSet<String>>>>,
+    /// Runs changed lately, and when: what a new holder of a role syncs.
+    recent: Arc<Mutex<HashMap<Uuid, Instant>>>,
+}
+
+impl Carrier {
+    /// Whether this pod pushes the region's changes to `region`.
+    pub fn carries(&self, region: &str) -> bool {
+        match &*self.held.read().unwrap_or_else(|p| p.into_inner()) {
+            None => true,
+            Some(held) => held.contains(region),
+        }
+    }
+
+    /// A run changed (on any pod of the region).
+    pub fn note(&self, run_id: Uuid) {
+        if self.held.read().is_ok_and(|h| h.is_none()) {
+            return;
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= MAX_RECENT && !recent.contains_key(&run_id) {
+            if let Some(oldest) = recent.iter().min_by_key(|(_, at)| **at).map(|(r, _)| *r) {
+                recent.remove(&oldest);
+            }
+        }
+        recent.insert(run_id, Instant::now());
+    }
+
+    fn changed_within(&self, window: Duration) -> Vec<Uuid> {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|_, at| at.elapsed() < window);
+        recent.keys().copied().collect()
+    }
+
+    /// On a shared database: keeps the roles of the regions this pod has links to, until the
+    /// node stops.
+    pub fn start(mesh: MeshState, ownership: Arc<Ownership>) -> Carrier {
+        let carrier = Carrier {
+            held: Arc::new(RwLock::new(Some(HashSet::new()))),
+            recent: Arc::default(),
+        };
+        let keeper = carrier.clone();
+        actix::spawn(async move {
+            let mut renewed = Instant::now();
+            loop {
+                tokio::time::sleep(LOOK_EVERY).await;
+                let renew = renewed.elapsed() >= ownership.renew_every();
+                if renew {
+                    renewed = Instant::now();
+                }
+                keeper.look(&mesh, &ownership, renew).await;
+            }
+        });
+        carrier
+    }
+
+    async fn look(&self, mesh: &MeshState, ownership: &Ownership, renew: bool) {
+        let links = mesh.primaries_by_region();
+        let linked: HashSet<String> = links.iter().map(|(p, _)| p.region.clone()).collect();
+        let held = self
+            .held
+            .read()
+            .map(|h| h.clone().unwrap_or_default())
+            .unwrap_or_default();
+        for region in &linked {
+            let had = held.contains(region);
+            if had && !renew {
+                continue;
+            }
+            let holds = ownership
+                .claim_role(&role(region))
+                .await
+                .unwrap_or_else(|e| {
+                    log::warn!("mesh: claiming the role for {region} failed: {e}");
+                    had
+                });
+            self.set(region, holds);
+            if holds && !had {
+                log::info!("mesh: this pod carries the region's changes to {region}");
+                // What nobody may have pushed while the role had no holder.
+                let window = ownership.lease() + LOOK_EVERY * 2;
+                let runs = self.changed_within(window);
+                for (peer, session) in links.iter().filter(|(p, _)| &p.region == region) {
+                    log::debug!(
+                        "mesh: syncing {} recent runs with {}",
+                        runs.len(),
+                        peer.node_id
+                    );
+                    for run in &runs {
+                        session.addr.do_send(SyncRun(*run));
+                    }
+                }
+            }
+        }
+        for region in held.difference(&linked) {
+            self.set(region, false);
+            if let Err(e) = ownership.release_role(&role(region)).await {
+                log::warn!("mesh: giving up the role for {region} failed: {e}");
+            }
+        }
+    }
+
+    fn set(&self, region: &str, holds: bool) {
+        let mut held = self.held.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = held.as_mut() {
+            if holds {
+                held.insert(region.to_string());
+            } else {
+                held.remove(region);
+            }
+        }
+    }
+}
+
+fn role(region: &str) -> String {
+    format!("mesh:{region}")
+}
