@@ -4,8 +4,11 @@
 1. Each rendered object validates (strictly) against the Kubernetes schemas of a pinned version,
    with `kubernetes-validate`; the Prometheus Operator's kinds, which it has no schema for, get
    structural checks here.
-2. Each region's StatefulSet names its region, and its mesh peers are exactly its own sibling
-   pods plus the other regions' public endpoints (the hosts of their Ingresses).
+2. Each region's StatefulSet names its region. A region with a database per pod meshes its own
+   sibling pods plus the other regions' public endpoints (the hosts of their Ingresses); a region
+   whose pods share one database (components/shared-database) has at least three pods, peers
+   only with the other regions, advertises each pod's own address, proves pod-to-pod calls with
+   a secret from the Secret, and routes each run's requests by its id at the Ingress.
 3. What must agree with the node does: health probe paths, the metrics path, the shutdown grace
    within terminationGracePeriodSeconds, secrets referenced and never committed, the non-root
    read-only security context, and every metric the alerts and the dashboard query exists.
@@ -104,12 +107,15 @@ def check_region(region, docs, hosts):
     check(env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name",
           f"{region}: POD_NAME is not the pod's name")
 
-    # Mesh peers: exactly this region's pods and the other regions' public endpoints.
+    # Mesh peers: the other regions' public endpoints, and with a database per pod, this
+    # region's pods too.
     peers = [p.strip() for p in env["CRDT_MESH_PEERS"]["value"].split(",") if p.strip()]
     headless = spec["serviceName"]
     ns = sts["metadata"].get("namespace", "default")
-    siblings = {f"ws://{sts['metadata']['name']}-{i}.{headless}.{ns}.svc.cluster.local:8080/ws"
-                for i in range(spec["replicas"])}
+    shared = env.get("CRDT_CLUSTER", {}).get("value") == "true"
+    siblings = set() if shared else {
+        f"ws://{sts['metadata']['name']}-{i}.{headless}.{ns}.svc.cluster.local:8080/ws"
+        for i in range(spec["replicas"])}
     others = {f"wss://{hosts[o]}/ws" for o in REGIONS if o != region}
     check(len(peers) == len(set(peers)), f"{region}: a peer is listed twice: {peers}")
     check(set(peers) == siblings | others,
@@ -127,8 +133,11 @@ def check_region(region, docs, hosts):
     for name in ["DATABASE_URL"]:
         check("secretKeyRef" in env[name].get("valueFrom", {}),
               f"{region}: {name} does not come from a Secret")
-    check(env["DATABASE_PER_NODE"].get("value") == "true",
-          f"{region}: pods would share one database")
+    if shared:
+        check_shared_database(region, spec, env, by_kind)
+    else:
+        check(env["DATABASE_PER_NODE"].get("value") == "true",
+              f"{region}: pods would share one database without a cluster")
 
     # Probes on the node's health endpoints; metrics where the node serves them.
     for probe, path in [("livenessProbe", "/actuator/health/liveness"),
@@ -163,7 +172,7 @@ def check_region(region, docs, hosts):
     check(cm["metadata"]["name"] in mounted, f"{region}: the config map is not mounted")
 
     # Ingress: TLS for the host the other regions dial; health and metrics not public.
-    (ing,) = by_kind["Ingress"]
+    (ing,) = [i for i in by_kind["Ingress"] if not i["metadata"]["name"].startswith("crdt-node-runs")]
     paths = [p["path"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
     check("/ws" in paths and "/api" in paths, f"{region}: the Ingress does not route /ws and /api")
     check(not any(p == "/" and q["pathType"] == "Prefix" or p.startswith("/actuator")
@@ -209,11 +218,42 @@ def check_region(region, docs, hosts):
         check(needed in queried, f"{region}: the dashboard does not show {needed}")
 
 
+def check_shared_database(region, spec, env, by_kind):
+    """A region whose pods share one database, one owner per run."""
+    check(spec["replicas"] >= 3, f"{region}: a shared-database region here has three pods")
+    check(env["DATABASE_PER_NODE"].get("value") == "false",
+          f"{region}: a cluster's pods must not each take a database of their own")
+    check("secretKeyRef" in env.get("CRDT_CLUSTER_SECRET", {}).get("valueFrom", {}),
+          f"{region}: CRDT_CLUSTER_SECRET does not come from a Secret")
+    check(env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+          == "status.podIP", f"{region}: POD_IP is not the pod's address")
+    check(env.get("CRDT_CLUSTER_ADVERTISE_URL", {}).get("value") == "http://$(POD_IP):8080",
+          f"{region}: the pods do not advertise their own address")
+    lease = int(env.get("CRDT_CLUSTER_LEASE_MS", {}).get("value", "5000"))
+    check(1000 <= lease <= 10000, f"{region}: takeover after {lease} ms is not within 10 s")
+    runs = [i for i in by_kind["Ingress"] if i["metadata"]["name"].startswith("crdt-node-runs")]
+    check(len(runs) == 1, f"{region}: no Ingress routes runs by their id")
+    if runs:
+        (ing,) = runs
+        notes = ing["metadata"].get("annotations", {})
+        check(notes.get("nginx.ingress.kubernetes.io/upstream-hash-by") == "$crdt_run_id",
+              f"{region}: the run Ingress does not hash by run id")
+        snippet = notes.get("nginx.ingress.kubernetes.io/configuration-snippet", "")
+        check("set $crdt_run_id" in snippet and "/runs/" in snippet,
+              f"{region}: the run id is not taken from the path")
+        paths = {p["path"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]}
+        check(paths == {"/api/crdt/runs/", "/ws/runs/"}, f"{region}: run Ingress paths {paths}")
+        main_host = [i for i in by_kind["Ingress"] if i is not ing][0]["spec"]["rules"][0]["host"]
+        check(ing["spec"]["rules"][0]["host"] == main_host,
+              f"{region}: the run Ingress serves another host")
+
+
 def main():
     rendered = {r: render(r) for r in REGIONS}
     hosts = {}
     for r, (_, docs) in rendered.items():
-        (ing,) = [d for d in docs if d["kind"] == "Ingress"]
+        (ing,) = [d for d in docs if d["kind"] == "Ingress"
+                  and not d["metadata"]["name"].startswith("crdt-node-runs")]
         hosts[r] = ing["spec"]["rules"][0]["host"]
     check(len(set(hosts.values())) == len(REGIONS), f"regions share a public host: {hosts}")
     # Pod names are node ids: no two regions may share a StatefulSet name.
