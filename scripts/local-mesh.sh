@@ -45,7 +45,7 @@ for i in 0 1 2; do
   echo "=== $(date -u +%FT%TZ) local-mesh start" >>"$dir/$region.log"
   REGION=$region NODE_ID="local-$region" PORT=${ports[$i]} DATABASE_URL=$url \
     CRDT_MESH_SECRET=$secret CRDT_MESH_PEERS=$(IFS=,; echo "${peers[*]}") \
-    RUST_LOG=${RUST_LOG:-info,automerge=warn} \
+    RUST_LOG=${RUST_LOG:-info,automerge=warn,actix_web_prom=error} \
     "$bin" >>"$dir/$region.log" 2>&1 &
   pids+=($!)
   echo "$region: http://127.0.0.1:${ports[$i]}  (log: $dir/$region.log)"

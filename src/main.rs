@@ -10,7 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,automerge=warn"),
+        env_logger::Env::default().default_filter_or("info,automerge=warn,actix_web_prom=error"),
     )
     .init();
     let settings = match Settings::load() {

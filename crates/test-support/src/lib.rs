@@ -133,7 +133,7 @@ impl Node {
             .env("CRDT_CONFIG", config)
             .env("DATABASE_URL", &db.url)
             .env("PORT", "0")
-            .env("RUST_LOG", "info,automerge=warn")
+            .env("RUST_LOG", "info,automerge=warn,actix_web_prom=error")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
