@@ -123,7 +123,17 @@ pub async fn forward(
                         reply.append_header((name.clone(), value.clone()));
                     }
                 }
-                let reply = reply.streaming(answer);
+                // Streamed, with the owner's length when it gave one (clients that read by
+                // length, not chunks, keep working).
+                let length = answer
+                    .headers()
+                    .get(actix_web::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                let reply = match length {
+                    Some(length) => reply.body(actix_web::body::SizedStream::new(length, answer)),
+                    None => reply.streaming(answer),
+                };
                 return Ok(ServiceResponse::new(http, reply));
             }
             Err(e) => {
