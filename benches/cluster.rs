@@ -47,13 +47,12 @@ impl Layout {
     }
 }
 
-/// Keeps every run loaded (they are all active) and the pods' logs quiet.
-const COMMON: [(&str, &str); 5] = [
+/// Keeps every run loaded (they are all active).
+const COMMON: [(&str, &str); 4] = [
     ("REGION", "us"),
     ("CRDT_MAX_LOADED_RUNS", "50000"),
     ("CRDT_MAX_LOADED_OPS", "50000000"),
     ("CRDT_RUN_IDLE_SECS", "3600"),
-    ("RUST_LOG", "warn,actix_web_prom=error"),
 ];
 
 struct Region {

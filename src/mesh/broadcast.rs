@@ -42,7 +42,6 @@ impl Handler<RunChanged> for Broadcaster {
     type Result = ();
 
     fn handle(&mut self, msg: RunChanged, _ctx: &mut Self::Context) {
-        self.carrier.note(msg.run_id);
         let (source_region, via) = match &msg.origin {
             Origin::Local | Origin::Pod => (self.region.as_str(), None),
             Origin::Remote { source_region, via } => (source_region.as_str(), via.as_deref()),

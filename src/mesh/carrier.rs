@@ -8,11 +8,11 @@
 //! holds the role `mesh:<region>` (`run_store` roles: one live member at a time), and only it
 //! pushes to that region. Links of the other pods still answer what arrives on them, and
 //! catch up on connect. A pod that takes the role over syncs, on its links to that region,
-//! every run changed within the last lease and a little (what nobody may have pushed while the
-//! role had no holder).
+//! every run active within the last lease and a margin for the pods' clocks (the runs list of
+//! the shared database): what nobody may have pushed while the role had no holder.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -20,18 +20,22 @@ use uuid::Uuid;
 use super::directory::MeshState;
 use super::session::SyncRun;
 use crate::runs::ownership::Ownership;
+use crate::runs::Runs;
 
 /// How often links are looked at for a region to claim or give up.
 const LOOK_EVERY: Duration = Duration::from_millis(500);
-/// Runs remembered as recently changed at most; past it the oldest are forgotten.
-const MAX_RECENT: usize = 200_000;
+/// Past the lease, how far back a new holder looks for runs nobody may have pushed: the pods'
+/// clocks stamp the activity it reads.
+const CLOCK_MARGIN: Duration = Duration::from_secs(10);
+/// Runs a new holder syncs at most (the rest wait for their next change or a reconnect).
+const MAX_RESYNC: usize = 100_000;
 
 /// The regions this pod pushes to. Alone (no cluster) it pushes to every region.
 #[derive(Clone, Default)]
 pub struct Carrier {
     held: Arc<RwLock<Option<HashSet<String>>>>,
-    /// Runs changed lately, and when: what a new holder of a role syncs.
-    recent: Arc<Mutex<HashMap<Uuid, Instant>>>,
+    /// Told whether this pod carries any region (it then follows the other pods' commits).
+    runs: Option<Runs>,
 }
 
 impl Carrier {
@@ -43,32 +47,37 @@ impl Carrier {
         }
     }
 
-    /// A run changed (on any pod of the region).
-    pub fn note(&self, run_id: Uuid) {
-        if self.held.read().is_ok_and(|h| h.is_none()) {
-            return;
-        }
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() >= MAX_RECENT && !recent.contains_key(&run_id) {
-            if let Some(oldest) = recent.iter().min_by_key(|(_, at)| **at).map(|(r, _)| *r) {
-                recent.remove(&oldest);
+    /// The runs active within `window`, most recent first (at most `MAX_RESYNC`).
+    async fn active_within(runs: &Runs, window: Duration) -> Vec<Uuid> {
+        let since =
+            chrono::Utc::now().naive_utc() - chrono::Duration::from_std(window).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut after = None;
+        while out.len() < MAX_RESYNC {
+            let Ok(page) = runs.recent_runs(after.as_ref(), 500).await else {
+                break;
+            };
+            let more = page.next.is_some();
+            for r in &page.runs {
+                if r.last_activity < since {
+                    return out;
+                }
+                out.push(r.run_id);
             }
+            if !more {
+                break;
+            }
+            after = page.next;
         }
-        recent.insert(run_id, Instant::now());
-    }
-
-    fn changed_within(&self, window: Duration) -> Vec<Uuid> {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.retain(|_, at| at.elapsed() < window);
-        recent.keys().copied().collect()
+        out
     }
 
     /// On a shared database: keeps the roles of the regions this pod has links to, until the
     /// node stops.
-    pub fn start(mesh: MeshState, ownership: Arc<Ownership>) -> Carrier {
+    pub fn start(mesh: MeshState, ownership: Arc<Ownership>, runs: Runs) -> Carrier {
         let carrier = Carrier {
             held: Arc::new(RwLock::new(Some(HashSet::new()))),
-            recent: Arc::default(),
+            runs: Some(runs),
         };
         let keeper = carrier.clone();
         actix::spawn(async move {
@@ -109,8 +118,11 @@ impl Carrier {
             if holds && !had {
                 log::info!("mesh: this pod carries the region's changes to {region}");
                 // What nobody may have pushed while the role had no holder.
-                let window = ownership.lease() + LOOK_EVERY * 2;
-                let runs = self.changed_within(window);
+                let window = ownership.lease() + LOOK_EVERY * 2 + CLOCK_MARGIN;
+                let runs: Vec<Uuid> = match &self.runs {
+                    Some(runs) => Self::active_within(runs, window).await,
+                    None => Vec::new(),
+                };
                 for (peer, session) in links.iter().filter(|(p, _)| &p.region == region) {
                     log::debug!(
                         "mesh: syncing {} recent runs with {}",
@@ -138,6 +150,9 @@ impl Carrier {
                 held.insert(region.to_string());
             } else {
                 held.remove(region);
+            }
+            if let Some(runs) = &self.runs {
+                runs.set_carrying(!held.is_empty());
             }
         }
     }

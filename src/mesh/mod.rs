@@ -99,7 +99,9 @@ impl Mesh {
         );
         let config = Arc::new(config);
         let carrier = match runs.ownership() {
-            Some(ownership) => carrier::Carrier::start(state.clone(), ownership.clone()),
+            Some(ownership) => {
+                carrier::Carrier::start(state.clone(), ownership.clone(), runs.clone())
+            }
             None => carrier::Carrier::default(),
         };
         let broadcaster = broadcast::Broadcaster {

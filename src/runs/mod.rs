@@ -170,6 +170,9 @@ struct Inner {
     damaged: Mutex<HashMap<Uuid, usize>>,
     /// On a database the region's pods share: this pod's membership (one owner per run).
     ownership: Option<Arc<ownership::Ownership>>,
+    /// Whether this pod's mesh pushes the region's changes to another region (then it must
+    /// hear of the other pods' commits).
+    carrying: AtomicBool,
     /// How other pods are reached (the HTTP edge's), for runs they own.
     transport: std::sync::OnceLock<Arc<dyn remote::Transport>>,
     /// Registry entries (runs loaded or loading), bounded by `config.max_loaded`.
@@ -208,6 +211,10 @@ impl Watched {
     pub fn contains(&self, run_id: Uuid) -> bool {
         self.0.read().is_ok_and(|runs| runs.contains(&run_id))
     }
+
+    fn is_empty(&self) -> bool {
+        self.0.read().is_ok_and(|runs| runs.is_empty())
+    }
 }
 
 /// Who is told of one kind of event (committed changes, deletions), known only as recipients:
@@ -231,6 +238,14 @@ impl<M: Message<Result = ()> + Send + Clone> Subscribers<M> {
         watched.as_ref().is_none_or(|w| w.contains(run_id))
     }
 
+    /// Whether a subscriber watching chosen runs watches any now.
+    fn any_watched(&self) -> bool {
+        self.0.read().is_ok_and(|all| {
+            all.iter()
+                .any(|(_, w)| w.as_ref().is_some_and(|w| !w.is_empty()))
+        })
+    }
+
     /// Whether anyone would be told of an event of `run_id`.
     fn wants(&self, run_id: Uuid) -> bool {
         self.0
@@ -250,6 +265,8 @@ impl<M: Message<Result = ()> + Send + Clone> Subscribers<M> {
 }
 
 const SHARDS: usize = 64;
+/// How often a pod that follows nobody's runs looks again whether it should.
+const FOLLOW_CHECK: Duration = Duration::from_millis(200);
 /// How often an unreachable database is probed.
 const STORE_PROBE: Duration = Duration::from_millis(500);
 
@@ -304,6 +321,7 @@ impl Runs {
                 store_down: AtomicBool::new(false),
                 damaged: Mutex::new(HashMap::new()),
                 ownership,
+                carrying: AtomicBool::new(false),
                 transport: std::sync::OnceLock::new(),
                 loaded: AtomicUsize::new(0),
                 ops_loaded: AtomicU64::new(0),
@@ -724,8 +742,24 @@ impl Runs {
     /// On a shared database: tells this pod's subscribers of commits to runs other pods own
     /// (`Origin::Pod`: rooms and mesh links then take a sync step through the owner). The change feed reads the shared
     /// log; a run loaded here published its own commits already.
+    /// Whether anything here wants to hear of the other pods' commits.
+    fn others_wanted(&self) -> bool {
+        self.inner.carrying.load(Ordering::Relaxed) || self.inner.subscribers.any_watched()
+    }
+
+    /// The mesh pushes (or no longer pushes) the region's changes to another region.
+    pub fn set_carrying(&self, carrying: bool) {
+        self.inner.carrying.store(carrying, Ordering::Relaxed);
+    }
+
     async fn follow_region(self) {
         loop {
+            // Nobody to tell (no room watching a run, no region carried): the shared log is
+            // not read for this pod at all.
+            if !self.others_wanted() {
+                tokio::time::sleep(FOLLOW_CHECK).await;
+                continue;
+            }
             let mut events = match self.inner.changes.subscribe().await {
                 Ok(events) => events,
                 Err(e) => {
@@ -735,7 +769,12 @@ impl Runs {
                 }
             };
             loop {
-                match events.recv().await {
+                let event = match tokio::time::timeout(FOLLOW_CHECK, events.recv()).await {
+                    Ok(event) => event,
+                    Err(_) if self.others_wanted() => continue,
+                    Err(_) => break,
+                };
+                match event {
                     Ok(event) => {
                         if self.is_loaded(event.run_id) {
                             continue;
