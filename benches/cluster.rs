@@ -197,6 +197,20 @@ fn postgres_cpu() -> f64 {
     total
 }
 
+/// Transactions the pods' group committers have made so far (`crdt_commit_batch_appends`).
+async fn commits(region: &Region) -> f64 {
+    let mut total = 0.0;
+    for pod in &region.pods {
+        let mut conn = Conn::open(pod.base.trim_start_matches("http://")).await;
+        let request = b"GET /actuator/prometheus HTTP/1.1\r\nHost: bench\r\n\r\n";
+        if conn.call(request).await.is_ok() {
+            let text = String::from_utf8_lossy(&conn.body).to_string();
+            total += test_support::metric(&text, "crdt_commit_batch_appends_count").unwrap_or(0.0);
+        }
+    }
+    total
+}
+
 fn rows(database: &str) -> i64 {
     let out = Command::new("psql")
         .args(["-h", "127.0.0.1", "-U", "postgres", "-d", database, "-Atc"])
@@ -237,7 +251,7 @@ async fn layout(layout: Layout, runs: usize, ops: usize) -> Option<String> {
     let pids: Vec<u32> = region.pods.iter().map(Node::pid).collect();
     let cpu = || pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() + postgres_cpu();
     let rows_now = || region.databases.iter().map(|d| rows(d)).sum::<i64>();
-    let (cpu_before, rows_before) = (cpu(), rows_now());
+    let (cpu_before, rows_before, commits_before) = (cpu(), rows_now(), commits(&region).await);
     // Random runs among all of them.
     let rate = drive(&region, &ids, ops, |i, n| {
         (i.wrapping_mul(2_654_435_761)) % n
@@ -247,16 +261,17 @@ async fn layout(layout: Layout, runs: usize, ops: usize) -> Option<String> {
         // Replication to the other pods is work this layout does per mutation too.
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let (cpu_after, rows_after) = (cpu(), rows_now());
+    let (cpu_after, rows_after, commits_after) = (cpu(), rows_now(), commits(&region).await);
     let rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p) / 1024).collect();
     println!(
-        "| {} | {} | {:.2} | {:.0} µs | {:.0}/s |",
+        "| {} | {} | {:.2} | {:.2} | {:.0} µs | {:.0}/s |",
         layout.name(),
         rss.iter()
             .map(|m| format!("{m}"))
             .collect::<Vec<_>>()
             .join(" / "),
         (rows_after - rows_before) as f64 / ops as f64,
+        (commits_after - commits_before) / ops as f64,
         (cpu_after - cpu_before) / ops as f64 * 1e6,
         rate,
     );
@@ -330,8 +345,8 @@ fn main() {
         .expect("runtime");
     println!(
         "{runs} active runs, {ops} grafts on random runs, 64 at a time, each to its run's pod\n\n\
-         | layout | RSS per pod (MiB) | rows written per mutation | CPU per mutation (pods + PostgreSQL) | grafts/s |\n\
-         |---|---|---:|---:|---:|"
+         | layout | RSS per pod (MiB) | rows written per mutation | transactions per mutation | CPU per mutation (pods + PostgreSQL) | grafts/s |\n\
+         |---|---|---:|---:|---:|---:|"
     );
     let mut extra = Vec::new();
     for l in [Layout::Shared(1), Layout::Shared(3), Layout::PerPod(3)] {
