@@ -144,7 +144,8 @@ async fn drive(
     ops: usize,
     pick: fn(usize, usize) -> usize,
 ) -> f64 {
-    let concurrency = 64;
+    // 64 in flight per pod: each pod sees the load one pod alone sees.
+    let concurrency = 64 * region.pods.len();
     let next = Arc::new(AtomicUsize::new(0));
     let addrs: Arc<Vec<String>> = Arc::new(
         region
@@ -249,7 +250,13 @@ async fn layout(layout: Layout, runs: usize, ops: usize) -> Option<String> {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     let pids: Vec<u32> = region.pods.iter().map(Node::pid).collect();
-    let cpu = || pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() + postgres_cpu();
+    // (the pods', PostgreSQL's) CPU seconds so far.
+    let cpu = || {
+        (
+            pids.iter().map(|p| cpu_secs(*p)).sum::<f64>(),
+            postgres_cpu(),
+        )
+    };
     let rows_now = || region.databases.iter().map(|d| rows(d)).sum::<i64>();
     let (cpu_before, rows_before, commits_before) = (cpu(), rows_now(), commits(&region).await);
     // Random runs among all of them.
@@ -264,7 +271,7 @@ async fn layout(layout: Layout, runs: usize, ops: usize) -> Option<String> {
     let (cpu_after, rows_after, commits_after) = (cpu(), rows_now(), commits(&region).await);
     let rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p) / 1024).collect();
     println!(
-        "| {} | {} | {:.2} | {:.2} | {:.0} µs | {:.0}/s |",
+        "| {} | {} | {:.2} | {:.2} | {:.0} µs ({:.0} + {:.0}) | {:.0}/s |",
         layout.name(),
         rss.iter()
             .map(|m| format!("{m}"))
@@ -272,7 +279,9 @@ async fn layout(layout: Layout, runs: usize, ops: usize) -> Option<String> {
             .join(" / "),
         (rows_after - rows_before) as f64 / ops as f64,
         (commits_after - commits_before) / ops as f64,
-        (cpu_after - cpu_before) / ops as f64 * 1e6,
+        (cpu_after.0 + cpu_after.1 - cpu_before.0 - cpu_before.1) / ops as f64 * 1e6,
+        (cpu_after.0 - cpu_before.0) / ops as f64 * 1e6,
+        (cpu_after.1 - cpu_before.1) / ops as f64 * 1e6,
         rate,
     );
     let extra = if layout == Layout::Shared(3) {
@@ -344,7 +353,7 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "{runs} active runs, {ops} grafts on random runs, 64 at a time, each to its run's pod\n\n\
+        "{runs} active runs, {ops} grafts on random runs, 64 at a time per pod, each to its run's pod\n\n\
          | layout | RSS per pod (MiB) | rows written per mutation | transactions per mutation | CPU per mutation (pods + PostgreSQL) | grafts/s |\n\
          |---|---|---:|---:|---:|---:|"
     );
