@@ -167,11 +167,19 @@ async fn drive(
                     }
                     let run = runs[pick(i, runs.len())];
                     let pod = home(run, addrs.len());
-                    let conn = match &mut conns[pod] {
-                        Some(c) => c,
-                        slot => slot.insert(Conn::open(&addrs[pod]).await),
-                    };
-                    let status = conn.call(&graft(run, i)).await.expect("a graft");
+                    // A connection the pod closed (idle past its keep-alive) is opened again.
+                    let mut status = 0;
+                    for _ in 0..2 {
+                        let conn = match &mut conns[pod] {
+                            Some(c) => c,
+                            slot => slot.insert(Conn::open(&addrs[pod]).await),
+                        };
+                        status = conn.call(&graft(run, i)).await.unwrap_or(0);
+                        if status != 0 {
+                            break;
+                        }
+                        conns[pod] = None;
+                    }
                     assert!(status == 201 || status == 200, "graft answered {status}");
                 }
             })
