@@ -3,10 +3,11 @@
 //! meshed with each other). Every layout holds 10,000 active runs on the release build, its
 //! pods and PostgreSQL on this machine's two cores with the client.
 //!
-//! `cargo bench --bench cluster [-- --quick]` prints, per layout: memory per pod, rows written
-//! and CPU seconds (every pod and every PostgreSQL process together) per mutation, and the
-//! write rate the client got; then, for three pods on a shared database, the latency of a
-//! graft sent to the run's owner against one sent to another pod (forwarded).
+//! `cargo bench --bench cluster [-- layouts|stalls] [--quick]` prints, per layout: memory per
+//! pod, rows written and CPU seconds (every pod and every PostgreSQL process together) per
+//! mutation, and the write rate the client got; for three pods on a shared database, the
+//! latency of a graft sent to the run's owner against one sent to another pod (forwarded);
+//! and (`stalls`) how long writes wait while a pod is stopped and while one is killed.
 //!
 //! The client sends each run's requests to one pod, as the Ingress's hash by run id does
 //! (`k8s/components/shared-database`); the first request claims the run there.
@@ -347,29 +348,139 @@ async fn forwarding(region: &Region, runs: &[Uuid], n: usize) -> String {
     )
 }
 
+/// How long writes to runs wait while pods go away: a pod stopped as a rolling update stops it
+/// (taken out of the endpoints first, then SIGTERM), and a pod killed outright. Writers send
+/// each run's grafts to its pod and, when that fails or answers 503, to the next live pod after
+/// 50 ms, as a service behind the Ingress retries; a write's wait is from its first attempt to
+/// its acknowledgement.
+async fn stalls(runs: usize) {
+    let mut region = start(Layout::Shared(3)).await;
+    let ids: Arc<Vec<Uuid>> = Arc::new((0..runs).map(|_| Uuid::new_v4()).collect());
+    drive(&region, &ids, runs, |i, _| i).await;
+    let live: Arc<std::sync::Mutex<Vec<bool>>> = Arc::new(std::sync::Mutex::new(vec![true; 3]));
+    let addrs: Arc<Vec<String>> = Arc::new(
+        region
+            .pods
+            .iter()
+            .map(|p| p.base.trim_start_matches("http://").to_string())
+            .collect(),
+    );
+    let started = Instant::now();
+    let stop_at = Duration::from_secs(16);
+    // (when the write began, its wait, the run's pod)
+    let waits: Arc<std::sync::Mutex<Vec<(f64, f64, usize)>>> = Arc::default();
+    let writers: Vec<_> =
+        (0..32)
+            .map(|w| {
+                let (ids, live, addrs, waits) =
+                    (ids.clone(), live.clone(), addrs.clone(), waits.clone());
+                tokio::spawn(async move {
+                    let mut n = w;
+                    while started.elapsed() < stop_at {
+                        let run = ids[n % ids.len()];
+                        n += 32;
+                        let home_pod = home(run, 3);
+                        let began = started.elapsed().as_secs_f64();
+                        let mut pod = home_pod;
+                        loop {
+                            let up = live.lock().map(|l| l[pod]).unwrap_or(false);
+                            if up {
+                                let answered =
+                                    match Conn::open_within(&addrs[pod], Duration::from_secs(2))
+                                        .await
+                                    {
+                                        Some(mut c) => c.call(&graft(run, n)).await.unwrap_or(0),
+                                        None => 0,
+                                    };
+                                if answered == 201 || answered == 200 {
+                                    break;
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            pod = (pod + 1) % 3;
+                        }
+                        let wait = started.elapsed().as_secs_f64() - began;
+                        waits.lock().unwrap().push((began, wait, home_pod));
+                    }
+                })
+            })
+            .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A rolling update: out of the endpoints, then SIGTERM.
+    live.lock().unwrap()[1] = false;
+    let stopping_at = started.elapsed().as_secs_f64();
+    let mut stopping = region.pods.remove(1);
+    let stopped = tokio::task::spawn_blocking(move || {
+        let status = stopping.terminate(30);
+        (stopping, status)
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // A pod killed outright (its address still in the endpoints for a moment).
+    let killed_at = started.elapsed().as_secs_f64();
+    region.pods[1].kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    live.lock().unwrap()[2] = false;
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let (_stopped, status) = stopped.await.expect("joined");
+    let waits = waits.lock().unwrap().clone();
+    let window = |from: f64, to: f64, pod: usize| {
+        let mut w: Vec<f64> = waits
+            .iter()
+            .filter(|(began, _, p)| *began >= from && *began < to && *p == pod)
+            .map(|(_, wait, _)| wait * 1e3)
+            .collect();
+        w.sort_by(f64::total_cmp);
+        w
+    };
+    let row = |what: &str, w: &[f64]| {
+        format!(
+            "| {what} | {} | {:.0} ms | {:.0} ms | {:.0} ms |",
+            w.len(),
+            percentile(w, 0.5).unwrap_or(f64::NAN),
+            percentile(w, 0.99).unwrap_or(f64::NAN),
+            w.last().copied().unwrap_or(f64::NAN),
+        )
+    };
+    println!(
+        "\nWrites to the runs of a pod that goes away ({runs} runs, 32 writers; stopped pod exited {}):\n\n\
+         | writes to its runs | count | p50 wait | p99 wait | longest |\n|---|---:|---:|---:|---:|\n{}\n{}\n{}",
+        status.map_or("not in 30 s".into(), |s| s.to_string()),
+        row("before anything happened", &window(0.0, stopping_at, 1)),
+        row("pod 1 stopped (SIGTERM), the next 5 s", &window(stopping_at, killed_at, 1)),
+        row("pod 2 killed (-9), the next 8 s", &window(killed_at, killed_at + 8.0, 2)),
+    );
+}
+
 fn main() {
     let args = Args::from_env();
     let quick = args.flag("--quick");
-    let (runs, ops) = if quick {
-        (1_000, 2_000)
-    } else {
-        (10_000, 20_000)
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    println!(
-        "{runs} active runs, {ops} grafts on random runs, 64 at a time per pod, each to its run's pod\n\n\
-         | layout | RSS per pod (MiB) | rows written per mutation | transactions per mutation | CPU per mutation (pods + PostgreSQL) | grafts/s |\n\
-         |---|---|---:|---:|---:|---:|"
-    );
-    let mut extra = Vec::new();
-    for l in [Layout::Shared(1), Layout::Shared(3), Layout::PerPod(3)] {
-        extra.extend(rt.block_on(layout(l, runs, ops)));
+    if args.wants("layouts") {
+        let (runs, ops) = if quick {
+            (1_000, 2_000)
+        } else {
+            (10_000, 20_000)
+        };
+        println!(
+            "{runs} active runs, {ops} grafts on random runs, 64 at a time per pod, each to its run's pod\n\n\
+             | layout | RSS per pod (MiB) | rows written per mutation | transactions per mutation | CPU per mutation (pods + PostgreSQL) | grafts/s |\n\
+             |---|---|---:|---:|---:|---:|"
+        );
+        let mut extra = Vec::new();
+        for l in [Layout::Shared(1), Layout::Shared(3), Layout::PerPod(3)] {
+            extra.extend(rt.block_on(layout(l, runs, ops)));
+        }
+        for text in extra {
+            println!("{text}");
+        }
     }
-    for text in extra {
-        println!("{text}");
+    if args.wants("stalls") {
+        rt.block_on(stalls(if quick { 300 } else { 3_000 }));
     }
 }

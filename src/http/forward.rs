@@ -21,6 +21,9 @@ use crate::runs::Location;
 
 /// Names the pod (member) that forwarded a request.
 pub const FORWARDED_BY: &str = "x-crdt-forwarded-by";
+/// On a forwarded request's 503: the pod it reached no longer holds the run (the forwarder
+/// forgets where the run was and looks again).
+pub const RUN_MOVED: &str = "x-crdt-run-moved";
 
 /// A forwarded request's whole time, answer included (the owner's own write timeout is 10 s).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,10 +97,14 @@ pub async fn forward(
         _ => return Ok(next.call(req).await?.map_into_boxed_body()),
     };
     if forwarded {
-        return Err(ApiError::Unavailable(
-            "the run is moving between this region's pods; try again".into(),
-        )
-        .into());
+        let moved =
+            ApiError::Unavailable("the run is moving between this region's pods; try again".into());
+        let mut answer = actix_web::ResponseError::error_response(&moved);
+        answer.headers_mut().insert(
+            HeaderName::from_static(RUN_MOVED),
+            actix_web::http::header::HeaderValue::from_static("1"),
+        );
+        return Ok(req.into_response(answer));
     }
     let (http, mut payload) = req.into_parts();
     // Buffered (within the body limit the budget already charged): a pod that is gone is
@@ -114,7 +121,15 @@ pub async fn forward(
             }
         }
         out = out.insert_header((FORWARDED_BY, &**ownership.member()));
-        match out.send_body(body.clone()).await {
+        let sent = out.send_body(body.clone()).await;
+        // The pod reached holds the run no more: as if it had not answered.
+        let sent = match sent {
+            Ok(answer) if answer.headers().contains_key(RUN_MOVED) => {
+                Err("it no longer holds the run".to_string())
+            }
+            other => other.map_err(|e| e.to_string()),
+        };
+        match sent {
             Ok(answer) => {
                 state.metrics.forwarded.with_label_values(&["http"]).inc();
                 let mut reply = HttpResponse::build(answer.status());

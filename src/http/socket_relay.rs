@@ -20,7 +20,7 @@ use run_store::Owner;
 
 /// The largest frame the owner may send through the relay. The owner bounds what it queues
 /// for the client already (its outgoing budget); a run's whole state can be megabytes.
-const MAX_OWNER_FRAME: usize = 256 * 1024 * 1024;
+const MAX_OWNER_FRAME: usize = 64 * 1024 * 1024;
 
 /// How long the owner has to accept the relayed socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

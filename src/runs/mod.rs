@@ -398,6 +398,7 @@ impl Runs {
         let store = self.inner.store.clone();
         let keep = self.inner.config.snapshot_keep;
         let written = AtomicUsize::new(0);
+        let ownership = self.inner.ownership.as_ref();
         let work = futures_util::stream::iter(actors)
             .map(|addr| {
                 let (store, written) = (store.clone(), &written);
@@ -410,6 +411,12 @@ impl Runs {
                             written.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => log::warn!("run {}: final snapshot failed: {e}", snapshot.run_id),
+                    }
+                    // Handed over as soon as it is snapshotted, not after every other run.
+                    if let (Some(ownership), Some(fence)) = (ownership, &snapshot.fence) {
+                        if let Err(e) = ownership.release(snapshot.run_id, fence).await {
+                            log::warn!("run {}: releasing it failed: {e}", snapshot.run_id);
+                        }
                     }
                 }
             })
@@ -678,19 +685,47 @@ impl Runs {
         actix::spawn(async move {
             let mut tick = tokio::time::interval(ownership.renew_every());
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // When a renewal last succeeded, by this pod's own clock.
+            let mut renewed = std::time::Instant::now();
+            let mut lapsed = false;
             loop {
                 tick.tick().await;
+                if ownership.is_leaving() {
+                    return;
+                }
                 match ownership.renew().await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        log::warn!("cluster: this pod's lease had lapsed; unloading its runs");
-                        runs.evict(runs.loaded());
+                    Ok(running) => {
+                        renewed = std::time::Instant::now();
+                        if !running {
+                            log::warn!("cluster: this pod's lease had lapsed; giving up its runs");
+                            runs.depose_all();
+                        }
+                        lapsed = false;
                     }
-                    Err(e) => log::warn!("cluster: renewing the lease failed: {e}"),
+                    Err(e) => {
+                        log::warn!("cluster: renewing the lease failed: {e}");
+                        // Past its lease another pod may hold any of these runs: stop serving
+                        // them (reads included) until the database answers again.
+                        if renewed.elapsed() >= ownership.lease() && !lapsed {
+                            log::warn!("cluster: no renewal for a whole lease; giving up its runs");
+                            runs.depose_all();
+                            lapsed = true;
+                        }
+                    }
                 }
             }
         });
         Ok(())
+    }
+
+    /// Every loaded run gives up serving (this pod's claims may be others' now).
+    fn depose_all(&self) {
+        for shard in &self.inner.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for e in shard.values() {
+                e.addr.do_send(run_actor::Depose);
+            }
+        }
     }
 
     fn owner_elsewhere(&self, run_id: Uuid) -> Option<run_store::Owner> {
@@ -698,16 +733,22 @@ impl Runs {
     }
 
     /// Where the run is served: here (claimed and loaded, or no cluster), or by another pod.
+    /// Reads only: nothing is claimed or loaded here for a request that may yet be refused
+    /// (unauthorized, or a browser that never joins); the route's own call claims the run.
     pub async fn locate(&self, run_id: Uuid) -> Result<Location, RunError> {
-        if self.inner.ownership.is_none() {
+        let Some(ownership) = &self.inner.ownership else {
+            return Ok(Location::Here);
+        };
+        if self.is_loaded(run_id) {
             return Ok(Location::Here);
         }
-        match self.send(run_id, run_actor::Locate).await {
-            Ok(Ok(())) => Ok(Location::Here),
-            Ok(Err(RunError::Elsewhere(owner))) | Err(RunError::Elsewhere(owner)) => {
-                Ok(Location::At(owner))
-            }
-            Ok(Err(e)) | Err(e) => Err(e),
+        if let Some(owner) = ownership.elsewhere(run_id) {
+            return Ok(Location::At(owner));
+        }
+        match ownership.holder(run_id).await {
+            Ok(Some(owner)) if *owner.member != **ownership.member() => Ok(Location::At(owner)),
+            Ok(_) => Ok(Location::Here),
+            Err(e) => Err(RunError::Unavailable(e.to_string())),
         }
     }
 

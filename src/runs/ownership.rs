@@ -32,6 +32,8 @@ pub struct Ownership {
     lease: Duration,
     /// Runs another member holds, as last found.
     elsewhere: Mutex<HashMap<Uuid, (Owner, Instant)>>,
+    /// Set when the pod leaves (it stops renewing).
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Ownership {
@@ -55,6 +57,7 @@ impl Ownership {
             member,
             lease,
             elsewhere: Mutex::new(HashMap::new()),
+            leaving: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -117,7 +120,14 @@ impl Ownership {
 
     /// Releases every run and ends the membership: the other pods take the runs at once.
     pub async fn leave(&self) -> Result<(), StoreError> {
+        // No renewal may join again after this.
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.store.leave(&self.member).await
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Claims the run; a live holder elsewhere is remembered.
@@ -125,16 +135,18 @@ impl Ownership {
         let claim = self.store.claim(run_id, &self.member).await?;
         match &claim {
             Claim::Owned(_) => self.forget(run_id),
-            Claim::Held(owner) => {
-                let mut known = self.lock();
-                // Bounded: expired entries go when it grows large.
-                if known.len() >= MAX_REMEMBERED {
-                    known.retain(|_, (_, at)| at.elapsed() < ELSEWHERE_TTL);
-                }
-                known.insert(run_id, (owner.clone(), Instant::now()));
-            }
+            Claim::Held(owner) => self.remember(run_id, owner.clone()),
         }
         Ok(claim)
+    }
+
+    fn remember(&self, run_id: Uuid, owner: Owner) {
+        let mut known = self.lock();
+        // Bounded: expired entries go when it grows large.
+        if known.len() >= MAX_REMEMBERED {
+            known.retain(|_, (_, at)| at.elapsed() < ELSEWHERE_TTL);
+        }
+        known.insert(run_id, (owner, Instant::now()));
     }
 
     /// Takes or keeps a role one pod plays for the region; whether this pod holds it.
@@ -144,6 +156,15 @@ impl Ownership {
 
     pub async fn release_role(&self, role: &str) -> Result<(), StoreError> {
         self.store.release_role(role, &self.member).await
+    }
+
+    /// The run's live holder, read without claiming; remembered when it is another pod.
+    pub async fn holder(&self, run_id: Uuid) -> Result<Option<Owner>, StoreError> {
+        let holder = self.store.holder(run_id).await?;
+        if let Some(owner) = holder.as_ref().filter(|o| *o.member != *self.member) {
+            self.remember(run_id, owner.clone());
+        }
+        Ok(holder)
     }
 
     pub async fn release(&self, run_id: Uuid, fence: &Fence) -> Result<(), StoreError> {

@@ -66,6 +66,42 @@ impl GroupCommitter {
     }
 }
 
+/// Appends the batch; when the database refuses some runs' appends as fenced (another pod owns
+/// them now), those callers are told so and the rest are appended again together, rather than
+/// one by one. Returns what is left to answer and its outcome.
+async fn commit_unfenced(
+    store: &dyn Store,
+    mut batch: Vec<Request>,
+    timeout: Duration,
+) -> (Vec<Request>, Result<usize, StoreError>) {
+    loop {
+        let events: Vec<NewEvent> = batch
+            .iter()
+            .flat_map(|r| r.events.iter().cloned())
+            .collect();
+        let result = append(store, &events, timeout).await;
+        let fenced = match &result {
+            Err(StoreError::Fenced(runs)) if batch.len() > 1 => runs.clone(),
+            _ => return (batch, result),
+        };
+        let (refused, rest): (Vec<Request>, Vec<Request>) = batch
+            .into_iter()
+            .partition(|r| r.events.iter().any(|e| fenced.contains(&e.run_id)));
+        for request in refused {
+            let mine: Vec<uuid::Uuid> = fenced
+                .iter()
+                .filter(|run| request.events.iter().any(|e| e.run_id == **run))
+                .copied()
+                .collect();
+            let _ = request.reply.send(Err(Arc::new(StoreError::Fenced(mine))));
+        }
+        if rest.is_empty() {
+            return (rest, Ok(0));
+        }
+        batch = rest;
+    }
+}
+
 /// Appends within `timeout`; past it the outcome is unknown, and it counts as out of reach.
 async fn append(
     store: &dyn Store,
@@ -104,12 +140,8 @@ async fn run_committer(
             }
             batch
         };
-        let events: Vec<NewEvent> = batch
-            .iter()
-            .flat_map(|r| r.events.iter().cloned())
-            .collect();
         batch_sizes.observe(batch.len() as f64);
-        let result = append(store.as_ref(), &events, timeout).await;
+        let (batch, result) = commit_unfenced(store.as_ref(), batch, timeout).await;
         match result {
             Ok(_) => {
                 for request in batch {
@@ -118,7 +150,7 @@ async fn run_committer(
             }
             // Out of reach (or a single append): fail fast, every caller gets the error now.
             Err(e) if batch.len() == 1 || !e.is_refusal() => {
-                log::warn!("commit of {} events failed: {e}", events.len());
+                log::warn!("commit of {} appends failed: {e}", batch.len());
                 let e = Arc::new(e);
                 for request in batch {
                     let _ = request.reply.send(Err(e.clone()));

@@ -660,6 +660,10 @@ pub trait Store: Send + Sync + 'static {
     async fn claim(&self, _run_id: Uuid, _member: &Arc<str>) -> Result<Claim, StoreError> {
         Err(StoreError::Unsupported("sharing a database among pods"))
     }
+    /// The run's live holder, if any (reads only: claims nothing, locks nothing).
+    async fn holder(&self, _run_id: Uuid) -> Result<Option<Owner>, StoreError> {
+        Err(StoreError::Unsupported("sharing a database among pods"))
+    }
     /// Gives the run up, if the fence still holds it.
     async fn release(&self, _run_id: Uuid, _fence: &Fence) -> Result<(), StoreError> {
         Err(StoreError::Unsupported("sharing a database among pods"))

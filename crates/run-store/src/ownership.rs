@@ -101,6 +101,11 @@ pub(crate) mod sql {
         EXISTS (SELECT 1 FROM crdt_pods WHERE member = $2 AND lease_expires > now()) AS joined \
         FROM crdt_run_owners o LEFT JOIN crdt_pods p ON p.member = o.member \
         WHERE o.run_id = $1";
+    /// The run's live holder, if any (`$1` run): read before claiming, so a pod asking for a
+    /// run someone holds takes no lock on its row (the holder's appends lock it to check).
+    pub const LIVE_HOLDER: &str = "SELECT o.member AS member, p.address AS address \
+        FROM crdt_run_owners o JOIN crdt_pods p ON p.member = o.member \
+        WHERE o.run_id = $1 AND p.lease_expires > now()";
     /// `$1` run, `$2` member, `$3` epoch.
     pub const RELEASE: &str = "UPDATE crdt_run_owners SET member = NULL \
         WHERE run_id = $1 AND member = $2 AND epoch = $3";

@@ -831,8 +831,47 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn holder(&self, run_id: Uuid) -> Result<Option<Owner>, StoreError> {
+        #[derive(QueryableByName)]
+        struct Live {
+            #[diesel(sql_type = Text)]
+            member: String,
+            #[diesel(sql_type = Text)]
+            address: String,
+        }
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let live: Option<Live> = diesel::sql_query(own::LIVE_HOLDER)
+            .bind::<sql_types::Uuid, _>(run_id)
+            .get_result(&mut conn)
+            .await
+            .optional()?;
+        Ok(live.map(|l| Owner {
+            member: l.member,
+            address: l.address,
+        }))
+    }
+
     async fn claim(&self, run_id: Uuid, member: &Arc<str>) -> Result<Claim, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
+        // Read first: a claim's upsert locks the row even when its condition refuses it, and
+        // the holder's appends lock the same row.
+        let live: Option<Holder> = diesel::sql_query(own::HOLDER)
+            .bind::<sql_types::Uuid, _>(run_id)
+            .bind::<Text, _>(&**member)
+            .get_result(&mut conn)
+            .await
+            .optional()?;
+        if let Some(Holder {
+            member: Some(m),
+            address: Some(address),
+            live: true,
+            joined: true,
+        }) = live
+        {
+            if *m != **member {
+                return Ok(Claim::Held(Owner { member: m, address }));
+            }
+        }
         // A holder that releases between the two statements is claimed from on the next try.
         for _ in 0..3 {
             let won: Option<Epoch> = diesel::sql_query(own::CLAIM)

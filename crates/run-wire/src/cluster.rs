@@ -5,9 +5,9 @@
 //!
 //! The caller keeps the per-peer sync state and sends it with each step, as the runtime's
 //! `SyncStep` does in-process; the owner keeps nothing per caller. Bodies are CBOR; each call
-//! carries a proof ([`prove`]): an HMAC of the region's cluster secret over the time, the path
-//! and the body, so only the region's pods can make one and none can be altered or replayed
-//! after its window.
+//! carries a proof ([`prove`]): an HMAC of the region's cluster secret over the time, the path,
+//! the body's length and digest, so only the region's pods can make one, none can be altered or
+//! replayed after its window, and the receiver checks it before it reads the body.
 
 use std::collections::BTreeSet;
 
@@ -252,35 +252,67 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError
     ciborium::from_reader(bytes).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
-fn proof_mac(secret: &str, at_ms: u64, path: &str, body: &[u8]) -> Hmac<Sha256> {
+fn proof_mac(secret: &str, at_ms: u64, path: &str, len: u64, digest: &[u8]) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
         .expect("HMAC takes keys of any length");
-    mac.update(b"crdt-cluster-call/1");
+    mac.update(b"crdt-cluster-call/2");
     mac.update(&at_ms.to_be_bytes());
     mac.update(&(path.len() as u64).to_be_bytes());
     mac.update(path.as_bytes());
-    mac.update(&Sha256::digest(body));
+    mac.update(&len.to_be_bytes());
+    mac.update(digest);
     mac
 }
 
-/// The proof of a call to `path` with `body` at `at_ms` (ms since the Unix epoch).
+/// The proof of a call to `path` with `body` at `at_ms` (ms since the Unix epoch):
+/// `<at_ms>.<body length>.<hex SHA-256 of the body>.<hex HMAC>`. The HMAC covers the header's
+/// own fields, so the receiver checks it before reading a byte of the body.
 pub fn prove(secret: &str, at_ms: u64, path: &str, body: &[u8]) -> String {
-    let tag = proof_mac(secret, at_ms, path, body).finalize().into_bytes();
-    format!("{at_ms}.{}", hex::encode(tag))
+    let digest = Sha256::digest(body);
+    let len = body.len() as u64;
+    let tag = proof_mac(secret, at_ms, path, len, &digest)
+        .finalize()
+        .into_bytes();
+    format!("{at_ms}.{len}.{}.{}", hex::encode(digest), hex::encode(tag))
+}
+
+/// What a proof's header promises of the body it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promised {
+    pub len: usize,
+    digest: Vec<u8>,
+}
+
+impl Promised {
+    /// Whether `body` is the body the proof was made for.
+    pub fn matches(&self, body: &[u8]) -> bool {
+        body.len() == self.len && Sha256::digest(body).as_slice() == self.digest.as_slice()
+    }
+}
+
+/// Checks a proof's header alone (secret, time window, path): what it promises of the body,
+/// or None.
+pub fn check_header(secret: &str, header: &str, now_ms: u64, path: &str) -> Option<Promised> {
+    let mut parts = header.split('.');
+    let (at, len, digest, tag) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let (at_ms, len) = (at.parse::<u64>().ok()?, len.parse::<u64>().ok()?);
+    let (digest, tag) = (hex::decode(digest).ok()?, hex::decode(tag).ok()?);
+    let fresh = at_ms.abs_diff(now_ms) <= PROOF_WINDOW_MS;
+    let holds = proof_mac(secret, at_ms, path, len, &digest)
+        .verify_slice(&tag)
+        .is_ok();
+    (fresh && holds && digest.len() == 32).then(|| Promised {
+        len: usize::try_from(len).unwrap_or(usize::MAX),
+        digest,
+    })
 }
 
 /// Whether `header` proves a call to `path` with `body`, made with `secret` within the window.
 pub fn verify(secret: &str, header: &str, now_ms: u64, path: &str, body: &[u8]) -> bool {
-    let Some((at, tag)) = header.split_once('.') else {
-        return false;
-    };
-    let (Ok(at_ms), Ok(tag)) = (at.parse::<u64>(), hex::decode(tag)) else {
-        return false;
-    };
-    at_ms.abs_diff(now_ms) <= PROOF_WINDOW_MS
-        && proof_mac(secret, at_ms, path, body)
-            .verify_slice(&tag)
-            .is_ok()
+    check_header(secret, header, now_ms, path).is_some_and(|p| p.matches(body))
 }
 
 #[cfg(test)]

@@ -399,19 +399,3 @@ impl Handler<SnapshotWritten> for RunActor {
         self.report_event_count(ctx);
     }
 }
-
-/// Whether this pod serves the run (answered once the actor's claim is decided).
-#[derive(Message, Clone)]
-#[rtype(result = "Result<(), RunError>")]
-pub(crate) struct Locate;
-
-impl Handler<Locate> for RunActor {
-    type Result = Result<(), RunError>;
-
-    fn handle(&mut self, _: Locate, _: &mut Self::Context) -> Self::Result {
-        match &self.elsewhere {
-            Some(owner) => Err(RunError::Elsewhere(owner.clone())),
-            None => Ok(()),
-        }
-    }
-}

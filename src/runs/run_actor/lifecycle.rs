@@ -176,7 +176,9 @@ impl RunActor {
             .with_label_values(&["deposed"])
             .inc();
         // The claim is gone: nothing to release when this actor stops.
-        self.fence = None;
+        if self.fence.take().is_some() {
+            self.runs.inner.metrics.runs_owned.dec();
+        }
         self.fail(
             "another pod of this region took the run over; try again".into(),
             Some(batch),
@@ -237,6 +239,28 @@ enum Start {
     Here(Box<Here>),
     /// Another pod of the region holds it.
     Elsewhere(run_store::Owner),
+}
+
+/// This pod's lease lapsed: another pod may hold the run now. Writes waiting are refused, and
+/// the actor stops once an append in flight answers (the database decides that one by the
+/// fence), so nothing stale is served.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Depose;
+
+impl Handler<Depose> for RunActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Depose, ctx: &mut Context<Self>) {
+        let reason = "this pod's lease lapsed; another pod may serve the run: try again";
+        if self.writes.is_idle() {
+            self.fail(reason.into(), None, ctx);
+        } else {
+            self.failed = Some(reason.into());
+            self.doc = None;
+            self.runs.set_digest(self.run_id, None);
+        }
+    }
 }
 
 /// Unload if idle: the registry is past its cap and this run is among the least recently used.

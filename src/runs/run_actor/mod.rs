@@ -41,8 +41,8 @@ use snapshot_schedule::{Due, SnapshotSchedule};
 use write_queue::{Batch, PendingWrite, WriteQueue};
 
 pub(crate) use deletion::Decide;
-pub(crate) use handlers::{Call, FinalSnapshot, Locate, SnapshotWritten};
-pub(crate) use lifecycle::Evict;
+pub(crate) use handlers::{Call, FinalSnapshot, SnapshotWritten};
+pub(crate) use lifecycle::{Depose, Evict};
 
 /// Client operation ids a run remembers, newest last.
 const RECENT_OPS: usize = 4096;

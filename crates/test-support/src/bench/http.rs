@@ -60,6 +60,20 @@ impl Conn {
         }
     }
 
+    /// A connection to `addr`, or None if it is refused or not made within `within`.
+    pub async fn open_within(addr: &str, within: std::time::Duration) -> Option<Conn> {
+        let stream = tokio::time::timeout(within, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        stream.set_nodelay(true).ok()?;
+        Some(Conn {
+            io: BufStream::new(stream),
+            line: String::new(),
+            body: Vec::new(),
+        })
+    }
+
     /// Sends one request and reads the whole response; returns the status code.
     pub async fn call(&mut self, request: &[u8]) -> std::io::Result<u16> {
         self.io.write_all(request).await?;
