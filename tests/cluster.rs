@@ -538,3 +538,76 @@ async fn stored(db: &TestDb, run: Uuid) -> (i64, i64) {
     );
     (db::count(db, &rows).await, db::count(db, &distinct).await)
 }
+
+/// Another region's deletion of a run reaches its owner, whichever pod of the region the link
+/// lands on: the decision is the owner's to take (it refuses the run's writes from then on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_regions_deletion_reaches_the_owner_through_any_pod() {
+    use test_support::mesh::mesh_env;
+
+    let (db_us, db_eu) = (
+        TestDb::new(Backend::Postgres).await,
+        TestDb::new(Backend::Postgres).await,
+    );
+    let eu = {
+        let env = mesh_env("eu", "eu-0", &[]);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Node::spawn(&db_eu, &env)
+    };
+    let us_pod = |name: &str, peers: &[String]| {
+        let mut env = mesh_env("us", name, peers);
+        for (k, v) in [
+            ("CRDT_CLUSTER", "true"),
+            ("CRDT_CLUSTER_ADVERTISE_URL", "http://127.0.0.1:0"),
+            ("CRDT_CLUSTER_LEASE_MS", LEASE_MS),
+            ("CRDT_CLUSTER_SECRET", "region-secret-for-tests"),
+        ] {
+            env.push((k.to_string(), v.to_string()));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Node::spawn(&db_us, &env)
+    };
+    // Only us-0 links to eu; us-1 owns the run.
+    let eu_url = eu.url("/ws").replace("http://", "ws://");
+    let linked = us_pod("us-0", &[eu_url]);
+    let owner = us_pod("us-1", &[]);
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let (s, body) = c
+        .post(
+            &format!("{}/api/crdt/runs/{run}/grafts", owner.base),
+            &json!({"agent": "A", "afterStep": "S1", "user": "svc"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    // eu has the run (through the link on us-0 and the owner), then deletes it.
+    let synced = test_support::eventually(20, || async {
+        let (s, state) = c
+            .get(&format!("{}/api/crdt/runs/{run}/state", eu.base))
+            .await;
+        (s == 200 && agents(&state).contains("A")).then_some(())
+    })
+    .await;
+    assert!(synced.is_some(), "eu never received the run");
+    let (s, body) = c.delete(&format!("{}/api/crdt/runs/{run}", eu.base)).await;
+    assert!(s == 200 || s == 204, "{s} {body}");
+    // The owner takes the decision: the run is gone on every pod of us, writes refused.
+    let gone = test_support::eventually(20, || async {
+        let (a, _) = c
+            .get(&format!("{}/api/crdt/runs/{run}/state", owner.base))
+            .await;
+        let (b, _) = c
+            .get(&format!("{}/api/crdt/runs/{run}/state", linked.base))
+            .await;
+        (a == 410 && b == 410).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the deletion never reached the run's owner");
+    let (s, _) = c
+        .post(
+            &format!("{}/api/crdt/runs/{run}/grafts", owner.base),
+            &json!({"agent": "B", "afterStep": "S1", "user": "svc"}),
+        )
+        .await;
+    assert_eq!(s, 410, "a deleted run takes no writes");
+}

@@ -100,8 +100,17 @@ impl Runs {
         via: String,
     ) -> Result<Tombstone, RunError> {
         let run_id = tombstone.run_id;
-        self.send(run_id, Call(Decide::Peer { tombstone, via }))
-            .await?
+        let decide = Decide::Peer {
+            tombstone: tombstone.clone(),
+            via: via.clone(),
+        };
+        match self.send(run_id, Call(decide)).await {
+            // Another pod of the region holds the run: the decision is its to take.
+            Ok(Err(RunError::Elsewhere(owner))) | Err(RunError::Elsewhere(owner)) => {
+                self.remote_tombstone(&owner, &tombstone, via).await
+            }
+            other => other?,
+        }
     }
 
     /// Adds a subscriber to every deletion and restore.
@@ -145,6 +154,8 @@ impl Runs {
                 // Through the run's actor: a restore cannot cross the purge.
                 let t = match self.send(run_id, Call(Decide::Purge)).await {
                     Ok(Ok(t)) => t,
+                    // Its owner, another pod of the region, purges it.
+                    Ok(Err(RunError::Elsewhere(_))) | Err(RunError::Elsewhere(_)) => continue,
                     // One run that cannot be purged now does not hold up the others.
                     Ok(Err(e)) | Err(e) => {
                         log::warn!("run {run_id}: not purged this round: {e}");

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use automerge::sync;
 use futures_util::future::BoxFuture;
 use run_store::Owner;
-use run_wire::cluster::{self as wire, Call, Failure, Reply};
+use run_wire::cluster::{self as wire, Call, Decision, Failure, Reply};
 use serde_bytes::ByteBuf;
 use uuid::Uuid;
 
@@ -45,13 +45,7 @@ fn failure(e: RunError) -> Failure {
         RunError::Unavailable(s) => Failure::Unavailable(s),
         RunError::Busy(s) => Failure::Busy(s),
         RunError::Stopped => Failure::Unavailable(RunError::Stopped.to_string()),
-        RunError::Deleted(t) => Failure::Deleted {
-            deleted: t.deleted,
-            decided_at: t.decided_at,
-            region: t.region,
-            by: t.by,
-            purged: t.purged,
-        },
+        RunError::Deleted(t) => Failure::Deleted(decision(&t)),
         RunError::NoSuchRun(_) => Failure::NoSuchRun,
         RunError::Elsewhere(_) => Failure::Moved,
         other => Failure::Refused(other.to_string()),
@@ -62,25 +56,33 @@ fn run_error(run_id: Uuid, f: Failure) -> RunError {
     match f {
         Failure::Unavailable(s) => RunError::Unavailable(s),
         Failure::Busy(s) => RunError::Busy(s),
-        Failure::Deleted {
-            deleted,
-            decided_at,
-            region,
-            by,
-            purged,
-        } => RunError::Deleted(Tombstone {
-            run_id,
-            deleted,
-            decided_at,
-            region,
-            by,
-            purged,
-        }),
+        Failure::Deleted(d) => RunError::Deleted(tombstone(run_id, d)),
         Failure::NoSuchRun => RunError::NoSuchRun(run_id),
         Failure::Refused(s) => RunError::Doc(run_doc::DocError::InvalidChanges(s)),
         Failure::Moved => {
             RunError::Unavailable("the run is moving between this region's pods; try again".into())
         }
+    }
+}
+
+fn decision(t: &Tombstone) -> Decision {
+    Decision {
+        deleted: t.deleted,
+        decided_at: t.decided_at,
+        region: t.region.clone(),
+        by: t.by.clone(),
+        purged: t.purged,
+    }
+}
+
+fn tombstone(run_id: Uuid, d: Decision) -> Tombstone {
+    Tombstone {
+        run_id,
+        deleted: d.deleted,
+        decided_at: d.decided_at,
+        region: d.region,
+        by: d.by,
+        purged: d.purged,
     }
 }
 
@@ -270,6 +272,22 @@ impl Runs {
         }
     }
 
+    pub(super) async fn remote_tombstone(
+        &self,
+        owner: &Owner,
+        t: &Tombstone,
+        via: String,
+    ) -> Result<Tombstone, RunError> {
+        let call = Call::Tombstone {
+            decision: decision(t),
+            via,
+        };
+        match self.call_owner(t.run_id, owner, &call).await? {
+            Reply::Decided(d) => Ok(tombstone(t.run_id, d)),
+            _ => Err(unexpected()),
+        }
+    }
+
     /// Serves another pod's call for a run this pod owns. Never forwarded again: a run that
     /// is not (or no longer) here answers `Moved`.
     pub async fn serve_call(&self, run_id: Uuid, body: &[u8]) -> Vec<u8> {
@@ -339,6 +357,16 @@ impl Runs {
                     lamport: o.lamport,
                     heads: o.heads,
                 })
+            }
+            Call::Tombstone { decision, via } => {
+                let tombstone = tombstone(run_id, decision);
+                let t = self
+                    .send_here(
+                        run_id,
+                        Ask(super::run_actor::Decide::Peer { tombstone, via }),
+                    )
+                    .await??;
+                Ok(Reply::Decided(self::decision(&t)))
             }
             Call::FullDocument => {
                 let d = self.send_here(run_id, Ask(ReadDocument)).await??;

@@ -171,6 +171,8 @@ pub enum Call {
     },
     /// The whole durable document.
     FullDocument,
+    /// Another region's decision about the run's deletion, which a peer node sent.
+    Tombstone { decision: Decision, via: String },
     /// Every durable change the holder of `heads` lacks.
     ChangesSince { heads: Vec<ByteBuf> },
 }
@@ -188,19 +190,23 @@ impl Call {
     }
 }
 
+/// A decision about a run's deletion (the runtime's `Tombstone`, less the run id).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Decision {
+    pub deleted: bool,
+    pub decided_at: i64,
+    pub region: String,
+    pub by: Option<String>,
+    pub purged: bool,
+}
+
 /// Why the owner did not do a call, as the runtime's `RunError` says it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Failure {
     Unavailable(String),
     Busy(String),
     /// The run was deleted: the decision.
-    Deleted {
-        deleted: bool,
-        decided_at: i64,
-        region: String,
-        by: Option<String>,
-        purged: bool,
-    },
+    Deleted(Decision),
     NoSuchRun,
     /// The owner refused the input (the reason).
     Refused(String),
@@ -238,6 +244,8 @@ pub enum Reply {
         count: usize,
         heads: Vec<String>,
     },
+    /// The decision in force after a `Tombstone` call.
+    Decided(Decision),
     Failed(Failure),
 }
 
