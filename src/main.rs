@@ -31,11 +31,14 @@ fn main() -> std::process::ExitCode {
         let grace = std::time::Duration::from_secs(settings.server.shutdown_grace_secs);
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel();
         let edges = node.edges();
+        let runs = node.runs.clone();
         actix_web::rt::spawn(async move {
             shutdown_signal().await;
             let _ = stopping_tx.send(std::time::Instant::now());
             log::info!("shutting down: closing mesh links, browser and automerge-repo sessions, event streams");
             edges.close();
+            // A pod of a region sharing a database hands its runs to the others first.
+            runs.hand_over(grace / 2).await;
             // Stop accepting; requests in flight finish (their writes commit) within the grace.
             server.stop(true).await;
         });

@@ -91,20 +91,17 @@ pub async fn forward(
         return Ok(next.call(req).await?.map_into_boxed_body());
     };
     let forwarded = req.headers().contains_key(FORWARDED_BY);
+    // A pod handing its runs over serves none: the forwarder is told to look again.
+    if forwarded && ownership.is_leaving() {
+        return Ok(req.into_response(moved()));
+    }
     let owner = match state.runs.locate(run_id).await {
         Ok(Location::At(owner)) => owner,
         // Served here; or an error the route meets again and answers in its own words.
         _ => return Ok(next.call(req).await?.map_into_boxed_body()),
     };
     if forwarded {
-        let moved =
-            ApiError::Unavailable("the run is moving between this region's pods; try again".into());
-        let mut answer = actix_web::ResponseError::error_response(&moved);
-        answer.headers_mut().insert(
-            HeaderName::from_static(RUN_MOVED),
-            actix_web::http::header::HeaderValue::from_static("1"),
-        );
-        return Ok(req.into_response(answer));
+        return Ok(req.into_response(moved()));
     }
     let (http, mut payload) = req.into_parts();
     // Buffered (within the body limit the budget already charged): a pod that is gone is
@@ -179,6 +176,18 @@ pub async fn forward(
             .into(),
     )
     .into())
+}
+
+/// 503 for a forwarded request this pod does not serve, marked so the forwarder looks again.
+fn moved() -> HttpResponse {
+    let moved =
+        ApiError::Unavailable("the run is moving between this region's pods; try again".into());
+    let mut answer = actix_web::ResponseError::error_response(&moved);
+    answer.headers_mut().insert(
+        HeaderName::from_static(RUN_MOVED),
+        actix_web::http::header::HeaderValue::from_static("1"),
+    );
+    answer
 }
 
 fn body_payload(body: web::Bytes) -> actix_web::dev::Payload {

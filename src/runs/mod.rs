@@ -34,7 +34,7 @@ pub use api::{
 pub use deletion::{RunTombstoned, Tombstone};
 pub use feed::{ChangeFeed, FeedEvent, PAGE as FEED_PAGE};
 pub use remote::{path as remote_path, Transport};
-use run_actor::{FinalSnapshot, RunActor};
+use run_actor::{FinalSnapshot, Handover, RunActor};
 pub use run_store::{Attempted, Delivery, Webhook};
 use snapshot_actor::SnapshotActor;
 
@@ -384,8 +384,63 @@ impl Runs {
     /// The node is stopping (its server no longer accepts requests): waits for every run's
     /// queued writes to commit, then snapshots each run with events no snapshot covers, so
     /// the next start loads fast. Bounded by `deadline`; returns how many runs were snapshotted.
+    /// On a shared database, the pod is stopping (SIGTERM): it claims nothing more, every
+    /// run it holds is released as soon as its queued writes are durable (and unloaded), then
+    /// it leaves the region's pods. Done before the server stops, whose graceful stop can wait
+    /// on idle connections for the whole grace: the other pods serve the runs meanwhile.
+    pub async fn hand_over(&self, deadline: Duration) {
+        use futures_util::StreamExt;
+        let Some(ownership) = &self.inner.ownership else {
+            return;
+        };
+        if ownership.is_leaving() {
+            return;
+        }
+        ownership.start_leaving();
+        let started = std::time::Instant::now();
+        let actors: Vec<Addr<RunActor>> = self
+            .inner
+            .shards
+            .iter()
+            .flat_map(|s| {
+                let shard = s.lock().unwrap_or_else(|p| p.into_inner());
+                shard.values().map(|e| e.addr.clone()).collect::<Vec<_>>()
+            })
+            .collect();
+        let count = actors.len();
+        let handed = futures_util::stream::iter(actors)
+            .map(|addr| async move {
+                if let Ok(Some((run_id, fence))) = addr.send(Handover).await {
+                    if let Err(e) = ownership.release(run_id, &fence).await {
+                        log::warn!("run {run_id}: releasing it failed: {e}");
+                    }
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<()>();
+        if tokio::time::timeout(deadline, handed).await.is_err() {
+            log::warn!(
+                "handing runs over cut short after {} ms",
+                deadline.as_millis()
+            );
+        }
+        match ownership.leave().await {
+            Ok(()) => log::info!(
+                "cluster: left; {count} run(s) handed over in {} ms",
+                started.elapsed().as_millis()
+            ),
+            Err(e) => log::warn!("cluster: leaving failed ({e}); the lease will lapse"),
+        }
+    }
+
     pub async fn shutdown(&self, deadline: Duration) -> usize {
         use futures_util::StreamExt;
+        let started = std::time::Instant::now();
+        // On a shared database (if `hand_over` has not already): the runs first; those handed
+        // over have stopped and are not snapshotted here (the snapshot schedule is their new
+        // owner's).
+        self.hand_over(deadline).await;
+        let deadline = deadline.saturating_sub(started.elapsed());
         let actors: Vec<Addr<RunActor>> = self
             .inner
             .shards
@@ -398,7 +453,6 @@ impl Runs {
         let store = self.inner.store.clone();
         let keep = self.inner.config.snapshot_keep;
         let written = AtomicUsize::new(0);
-        let ownership = self.inner.ownership.as_ref();
         let work = futures_util::stream::iter(actors)
             .map(|addr| {
                 let (store, written) = (store.clone(), &written);
@@ -412,12 +466,6 @@ impl Runs {
                         }
                         Err(e) => log::warn!("run {}: final snapshot failed: {e}", snapshot.run_id),
                     }
-                    // Handed over as soon as it is snapshotted, not after every other run.
-                    if let (Some(ownership), Some(fence)) = (ownership, &snapshot.fence) {
-                        if let Err(e) = ownership.release(snapshot.run_id, fence).await {
-                            log::warn!("run {}: releasing it failed: {e}", snapshot.run_id);
-                        }
-                    }
                 }
             })
             .buffer_unordered(4)
@@ -427,14 +475,6 @@ impl Runs {
                 "final snapshots cut short after {} ms",
                 deadline.as_millis()
             );
-        }
-        // Hand every run over: the other pods take them on their next request, without
-        // waiting for this pod's lease to lapse.
-        if let Some(ownership) = &self.inner.ownership {
-            match ownership.leave().await {
-                Ok(()) => log::info!("cluster: left; this pod's runs are free for the others"),
-                Err(e) => log::warn!("cluster: leaving failed ({e}); the lease will lapse"),
-            }
         }
         written.load(Ordering::Relaxed)
     }

@@ -118,11 +118,15 @@ impl Ownership {
         self.lease / 3
     }
 
-    /// Releases every run and ends the membership: the other pods take the runs at once.
-    pub async fn leave(&self) -> Result<(), StoreError> {
-        // No renewal may join again after this.
+    /// From now on this pod claims nothing and does not renew (it is handing its runs over).
+    pub fn start_leaving(&self) {
         self.leaving
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Releases every run and ends the membership: the other pods take the runs at once.
+    pub async fn leave(&self) -> Result<(), StoreError> {
+        self.start_leaving();
         self.store.leave(&self.member).await
     }
 
@@ -132,6 +136,11 @@ impl Ownership {
 
     /// Claims the run; a live holder elsewhere is remembered.
     pub async fn claim(&self, run_id: Uuid) -> Result<Claim, StoreError> {
+        if self.is_leaving() {
+            return Err(StoreError::Unavailable(
+                "this pod is leaving; another pod serves the run".into(),
+            ));
+        }
         let claim = self.store.claim(run_id, &self.member).await?;
         match &claim {
             Claim::Owned(_) => self.forget(run_id),

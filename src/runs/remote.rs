@@ -291,6 +291,10 @@ impl Runs {
     /// Serves another pod's call for a run this pod owns. Never forwarded again: a run that
     /// is not (or no longer) here answers `Moved`.
     pub async fn serve_call(&self, run_id: Uuid, body: &[u8]) -> Vec<u8> {
+        // Handing its runs over, this pod serves none: the caller looks again.
+        if self.ownership().is_some_and(|o| o.is_leaving()) {
+            return wire::encode(&Reply::Failed(Failure::Moved));
+        }
         let reply = match wire::decode::<Call>(body) {
             Ok(call) => self
                 .serve(run_id, call)

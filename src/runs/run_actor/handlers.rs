@@ -359,6 +359,28 @@ impl Handler<Call<ReadDocument>> for RunActor {
     }
 }
 
+/// The pod is leaving: once the run's queued writes are durable, the actor gives its claim up
+/// (returned for the caller to release) and stops; the run's snapshot schedule is the new
+/// owner's now.
+#[derive(Message)]
+#[rtype(result = "Option<(Uuid, run_store::Fence)>")]
+pub(crate) struct Handover;
+
+impl Handler<Handover> for RunActor {
+    type Result = ResponseActFuture<Self, Option<(Uuid, run_store::Fence)>>;
+
+    fn handle(&mut self, _: Handover, ctx: &mut Self::Context) -> Self::Result {
+        let drained = self.enqueue(Vec::new(), EventMeta::default(), Origin::Local, ctx);
+        Box::pin(drained.into_actor(self).map(|_, act, ctx| {
+            // Unloaded: the next request here finds the run's new owner.
+            ctx.stop();
+            let fence = act.fence.take()?;
+            act.runs.inner.metrics.runs_owned.dec();
+            Some((act.run_id, fence))
+        }))
+    }
+}
+
 impl Handler<FinalSnapshot> for RunActor {
     type Result = ResponseActFuture<Self, Option<Snapshot>>;
 

@@ -41,7 +41,7 @@ use snapshot_schedule::{Due, SnapshotSchedule};
 use write_queue::{Batch, PendingWrite, WriteQueue};
 
 pub(crate) use deletion::Decide;
-pub(crate) use handlers::{Call, FinalSnapshot, SnapshotWritten};
+pub(crate) use handlers::{Call, FinalSnapshot, Handover, SnapshotWritten};
 pub(crate) use lifecycle::{Depose, Evict};
 
 /// Client operation ids a run remembers, newest last.
