@@ -23,21 +23,34 @@ async fn session(
     let run_id = validate::run_id(&path)?;
     app.origins.check(&req)?;
     // Another pod of the region owns the run: relay the socket to it.
-    let upstream = match super::forward::owner_elsewhere(&app, &req, run_id).await {
-        Some((owner, member)) => Some(
-            super::socket_relay::connect(&req, &owner, &member)
+    let secret = app.cluster_secret.as_deref();
+    let upstream = match (
+        super::forward::owner_elsewhere(&app, &req, run_id).await,
+        secret,
+    ) {
+        (Some((owner, member)), Some(secret)) => Some(
+            super::socket_relay::connect(&req, &owner, &member, secret)
                 .await
                 .map_err(ApiError::Unavailable)?,
         ),
-        None => None,
+        _ => None,
     };
+    // Relayed by a pod of this region, which admitted it at its door: admitted here by the
+    // client's own address, outside the pool of unproven sockets (it still joins with a token).
+    let relayed = super::socket_relay::relayed_for(&req, secret);
     // A bearer token on the upgrade (non-browser clients) stands for JOIN's, and proves the
     // socket before it would take a place among the unproven ones.
     let upgraded = auth::bearer(req.headers()).and_then(|t| app.auth.identify(Some(t)).ok());
-    let address = req.peer_addr().map(|a| a.ip());
+    let address = match relayed {
+        Some(Some(client)) => Some(client),
+        _ => req.peer_addr().map(|a| a.ip()),
+    };
     // Upgraded before admission: a request that is no WebSocket must not evict anyone.
     let (response, socket, payload) = crate::socket::upgrade(&req, body).await?;
-    let (slot, seat) = match app.browser.admit(address, upgraded.is_some()) {
+    let (slot, seat) = match app
+        .browser
+        .admit(address, upgraded.is_some() || relayed.is_some())
+    {
         Ok(admitted) => admitted,
         Err(NotAdmitted::Busy(refused)) => return Ok(super::error::busy(refused)),
         Err(full @ NotAdmitted::Full) => return Err(ApiError::Unavailable(full.to_string()).into()),

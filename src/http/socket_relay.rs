@@ -27,6 +27,28 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Headers the owner's door looks at.
 const PASSED: [&str; 3] = ["authorization", "origin", "user-agent"];
+/// The client's own address, on a relayed upgrade the region's proof vouches for: the owner
+/// admits the socket by it (else every relayed client would share this pod's address).
+pub const CLIENT_ADDRESS: &str = "x-crdt-client-address";
+
+/// Whether an upgrade request was relayed by a pod of this region (its proof holds), and if so
+/// the client's address it names.
+pub fn relayed_for(req: &HttpRequest, secret: Option<&str>) -> Option<Option<std::net::IpAddr>> {
+    let secret = secret?;
+    let proof = req
+        .headers()
+        .get(run_wire::cluster::PROOF_HEADER)?
+        .to_str()
+        .ok()?;
+    let promised =
+        run_wire::cluster::check_header(secret, proof, super::cluster_link::now_ms(), req.path())?;
+    promised.matches(b"").then(|| {
+        req.headers()
+            .get(CLIENT_ADDRESS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    })
+}
 
 /// Opens the relay to the owner; `Err` (the owner did not accept) before the client's socket
 /// is upgraded, so the client is answered 503 and retries.
@@ -34,6 +56,7 @@ pub async fn connect(
     req: &HttpRequest,
     owner: &Owner,
     member: &str,
+    secret: &str,
 ) -> Result<crate::mesh::transport::ClientSocket, String> {
     let base = owner
         .address
@@ -44,10 +67,18 @@ pub async fn connect(
         .max_http_version(awc::http::Version::HTTP_11)
         .timeout(CONNECT_TIMEOUT)
         .finish();
+    // The region's proof over the path: the owner admits the socket by the client's address,
+    // which this pod has already admitted at its own door.
+    let proof =
+        run_wire::cluster::prove(secret, super::cluster_link::now_ms(), req.uri().path(), b"");
     let mut request = client
         .ws(format!("{base}{path}"))
         .max_frame_size(MAX_OWNER_FRAME)
-        .header(FORWARDED_BY, member);
+        .header(FORWARDED_BY, member)
+        .header(run_wire::cluster::PROOF_HEADER, proof);
+    if let Some(address) = req.peer_addr() {
+        request = request.header(CLIENT_ADDRESS, address.ip().to_string());
+    }
     for name in PASSED {
         if let Some(value) = req.headers().get(name) {
             request = request.header(name, value.clone());

@@ -318,6 +318,11 @@ impl Runs {
     /// Whether the database answers (within two seconds).
     pub async fn health(&self) -> Health {
         let database = match tokio::time::timeout(PING_TIMEOUT, self.inner.store.ping()).await {
+            // A pod of a region sharing the database serves once it is a member (and while it
+            // is not leaving): until then it could claim nothing.
+            Ok(Ok(())) if self.ownership().is_some_and(|o| !o.is_member()) => {
+                Err("not (or no longer) a member of the region's pods".into())
+            }
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(

@@ -34,6 +34,8 @@ pub struct Ownership {
     elsewhere: Mutex<HashMap<Uuid, (Owner, Instant)>>,
     /// Set when the pod leaves (it stops renewing).
     leaving: std::sync::atomic::AtomicBool,
+    /// Set once the pod has joined.
+    joined: std::sync::atomic::AtomicBool,
 }
 
 impl Ownership {
@@ -58,6 +60,7 @@ impl Ownership {
             lease,
             elsewhere: Mutex::new(HashMap::new()),
             leaving: std::sync::atomic::AtomicBool::new(false),
+            joined: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -91,6 +94,8 @@ impl Ownership {
     pub async fn join(&self) -> Result<(), StoreError> {
         let joining = self.joining();
         self.store.join(&joining, self.lease_secs()).await?;
+        self.joined
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         log::info!(
             "cluster: joined as {} ({}), lease {} ms",
             joining.member,
@@ -128,6 +133,11 @@ impl Ownership {
     pub async fn leave(&self) -> Result<(), StoreError> {
         self.start_leaving();
         self.store.leave(&self.member).await
+    }
+
+    /// Joined, and not leaving.
+    pub fn is_member(&self) -> bool {
+        self.joined.load(std::sync::atomic::Ordering::Relaxed) && !self.is_leaving()
     }
 
     pub fn is_leaving(&self) -> bool {
