@@ -64,6 +64,16 @@ struct Region {
     _links: Vec<Proxy>,
 }
 
+impl Region {
+    /// The pods' `host:port`, for the raw client.
+    fn addrs(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .map(|p| p.base.trim_start_matches("http://").to_string())
+            .collect()
+    }
+}
+
 async fn start(layout: Layout) -> Region {
     let db = TestDb::new(Backend::Postgres).await;
     let name = db.url.rsplit('/').next().unwrap_or_default().to_string();
@@ -148,13 +158,7 @@ async fn drive(
     // 64 in flight per pod: each pod sees the load one pod alone sees.
     let concurrency = 64 * region.pods.len();
     let next = Arc::new(AtomicUsize::new(0));
-    let addrs: Arc<Vec<String>> = Arc::new(
-        region
-            .pods
-            .iter()
-            .map(|p| p.base.trim_start_matches("http://").to_string())
-            .collect(),
-    );
+    let addrs = Arc::new(region.addrs());
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -358,13 +362,7 @@ async fn stalls(runs: usize) {
     let ids: Arc<Vec<Uuid>> = Arc::new((0..runs).map(|_| Uuid::new_v4()).collect());
     drive(&region, &ids, runs, |i, _| i).await;
     let live: Arc<std::sync::Mutex<Vec<bool>>> = Arc::new(std::sync::Mutex::new(vec![true; 3]));
-    let addrs: Arc<Vec<String>> = Arc::new(
-        region
-            .pods
-            .iter()
-            .map(|p| p.base.trim_start_matches("http://").to_string())
-            .collect(),
-    );
+    let addrs = Arc::new(region.addrs());
     let started = Instant::now();
     let stop_at = Duration::from_secs(19);
     // (when the write began, its wait, the run's pod)

@@ -12,18 +12,31 @@ use uuid::Uuid;
 
 const LEASE_MS: &str = "2000";
 
+/// What every pod of a region sharing a database is started with here.
+const CLUSTER_ENV: [(&str, &str); 5] = [
+    ("CRDT_CLUSTER", "true"),
+    ("CRDT_CLUSTER_ADVERTISE_URL", "http://127.0.0.1:0"),
+    ("CRDT_CLUSTER_LEASE_MS", LEASE_MS),
+    ("CRDT_CLUSTER_SECRET", "region-secret-for-tests"),
+    ("CRDT_SHUTDOWN_GRACE_SECS", "5"),
+];
+
 fn pod(db: &TestDb, name: &str) -> Node {
-    Node::spawn(
-        db,
-        &[
-            ("NODE_ID", name),
-            ("CRDT_CLUSTER", "true"),
-            ("CRDT_CLUSTER_ADVERTISE_URL", "http://127.0.0.1:0"),
-            ("CRDT_CLUSTER_LEASE_MS", LEASE_MS),
-            ("CRDT_CLUSTER_SECRET", "region-secret-for-tests"),
-            ("CRDT_SHUTDOWN_GRACE_SECS", "5"),
-        ],
-    )
+    let mut env = vec![("NODE_ID", name)];
+    env.extend(CLUSTER_ENV);
+    Node::spawn(db, &env)
+}
+
+/// A pod of `region` on `db` that also dials `peers` (other regions).
+fn meshed_pod(db: &TestDb, region: &str, name: &str, peers: &[String]) -> Node {
+    let mut env = test_support::mesh::mesh_env(region, name, peers);
+    env.extend(
+        CLUSTER_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Node::spawn(db, &env)
 }
 
 /// The pods' base URLs the writers pick from; a pod being stopped is taken out first.
@@ -387,7 +400,7 @@ async fn an_automerge_repo_client_on_another_pod_syncs_through_the_owner() {
 /// the ownership epochs never go down: no deposed owner appended after its successor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regions_of_several_pods_mesh_as_regions() {
-    use test_support::mesh::{converged, mesh_env};
+    use test_support::mesh::converged;
     use test_support::proxy::Proxy;
 
     let (db_us, db_eu) = (
@@ -399,20 +412,7 @@ async fn regions_of_several_pods_mesh_as_regions() {
         Proxy::start().await,
         Proxy::start().await,
     ];
-    let spawn = |db: &TestDb, region: &str, name: &str, peers: &[String]| {
-        let mut env = mesh_env(region, name, peers);
-        for (k, v) in [
-            ("CRDT_CLUSTER", "true"),
-            ("CRDT_CLUSTER_ADVERTISE_URL", "http://127.0.0.1:0"),
-            ("CRDT_CLUSTER_LEASE_MS", LEASE_MS),
-            ("CRDT_CLUSTER_SECRET", "region-secret-for-tests"),
-            ("CRDT_SHUTDOWN_GRACE_SECS", "5"),
-        ] {
-            env.push((k.to_string(), v.to_string()));
-        }
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Node::spawn(db, &env)
-    };
+    let spawn = meshed_pod;
     let mut us: Vec<Option<Node>> = (0..3)
         .map(|i| Some(spawn(&db_us, "us", &format!("us-{i}"), &[links[i].url()])))
         .collect();
@@ -554,19 +554,7 @@ async fn another_regions_deletion_reaches_the_owner_through_any_pod() {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Node::spawn(&db_eu, &env)
     };
-    let us_pod = |name: &str, peers: &[String]| {
-        let mut env = mesh_env("us", name, peers);
-        for (k, v) in [
-            ("CRDT_CLUSTER", "true"),
-            ("CRDT_CLUSTER_ADVERTISE_URL", "http://127.0.0.1:0"),
-            ("CRDT_CLUSTER_LEASE_MS", LEASE_MS),
-            ("CRDT_CLUSTER_SECRET", "region-secret-for-tests"),
-        ] {
-            env.push((k.to_string(), v.to_string()));
-        }
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Node::spawn(&db_us, &env)
-    };
+    let us_pod = |name: &str, peers: &[String]| meshed_pod(&db_us, "us", name, peers);
     // Only us-0 links to eu; us-1 owns the run.
     let eu_url = eu.url("/ws").replace("http://", "ws://");
     let linked = us_pod("us-0", &[eu_url]);

@@ -398,15 +398,7 @@ impl Runs {
         }
         ownership.start_leaving();
         let started = std::time::Instant::now();
-        let actors: Vec<Addr<RunActor>> = self
-            .inner
-            .shards
-            .iter()
-            .flat_map(|s| {
-                let shard = s.lock().unwrap_or_else(|p| p.into_inner());
-                shard.values().map(|e| e.addr.clone()).collect::<Vec<_>>()
-            })
-            .collect();
+        let actors = self.actors();
         let count = actors.len();
         let handed = futures_util::stream::iter(actors)
             .map(|addr| async move {
@@ -441,15 +433,7 @@ impl Runs {
         // owner's).
         self.hand_over(deadline).await;
         let deadline = deadline.saturating_sub(started.elapsed());
-        let actors: Vec<Addr<RunActor>> = self
-            .inner
-            .shards
-            .iter()
-            .flat_map(|s| {
-                let shard = s.lock().unwrap_or_else(|p| p.into_inner());
-                shard.values().map(|e| e.addr.clone()).collect::<Vec<_>>()
-            })
-            .collect();
+        let actors = self.actors();
         let store = self.inner.store.clone();
         let keep = self.inner.config.snapshot_keep;
         let written = AtomicUsize::new(0);
@@ -760,12 +744,21 @@ impl Runs {
 
     /// Every loaded run gives up serving (this pod's claims may be others' now).
     fn depose_all(&self) {
-        for shard in &self.inner.shards {
-            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            for e in shard.values() {
-                e.addr.do_send(run_actor::Depose);
-            }
+        for addr in self.actors() {
+            addr.do_send(run_actor::Depose);
         }
+    }
+
+    /// The actors of every run loaded or loading now.
+    fn actors(&self) -> Vec<Addr<RunActor>> {
+        self.inner
+            .shards
+            .iter()
+            .flat_map(|s| {
+                let shard = s.lock().unwrap_or_else(|p| p.into_inner());
+                shard.values().map(|e| e.addr.clone()).collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     fn owner_elsewhere(&self, run_id: Uuid) -> Option<run_store::Owner> {
