@@ -195,15 +195,10 @@ impl Runs {
         run_id: Uuid,
         c: RemoteChanges,
     ) -> Result<SyncOutcome, RunError> {
-        if self.ownership().is_none() {
-            return self.send(run_id, Call(c)).await?;
-        }
-        match self.send(run_id, Call(c.clone())).await {
-            Ok(Err(RunError::Elsewhere(owner))) | Err(RunError::Elsewhere(owner)) => {
-                self.remote_apply(run_id, &owner, c).await
-            }
-            other => other?,
-        }
+        self.ask_or_owner(run_id, Call(c), |owner, Call(c)| async move {
+            self.remote_apply(run_id, &owner, c).await
+        })
+        .await
     }
 
     /// The run's state as the log holds it.
@@ -217,15 +212,14 @@ impl Runs {
         run_id: Uuid,
         heads: Vec<ChangeHash>,
     ) -> Result<ChangesSince, RunError> {
-        if self.ownership().is_none() {
-            return self.send(run_id, Call(ReadChanges(heads))).await?;
-        }
-        match self.send(run_id, Call(ReadChanges(heads.clone()))).await {
-            Ok(Err(RunError::Elsewhere(owner))) | Err(RunError::Elsewhere(owner)) => {
+        self.ask_or_owner(
+            run_id,
+            Call(ReadChanges(heads)),
+            |owner, Call(ReadChanges(heads))| async move {
                 self.remote_changes_since(run_id, &owner, &heads).await
-            }
-            other => other?,
-        }
+            },
+        )
+        .await
     }
 
     /// A page of the run's history: up to `limit` changes after the change `after`, in the
@@ -261,26 +255,18 @@ impl Runs {
 
     /// The whole durable document.
     pub async fn full_document(&self, run_id: Uuid) -> Result<FullDocument, RunError> {
-        match self.send(run_id, Call(ReadDocument)).await {
-            Ok(Err(RunError::Elsewhere(owner))) | Err(RunError::Elsewhere(owner)) => {
-                self.remote_document(run_id, &owner).await
-            }
-            other => other?,
-        }
+        self.ask_or_owner(run_id, Call(ReadDocument), |owner, _| async move {
+            self.remote_document(run_id, &owner).await
+        })
+        .await
     }
 
     /// One step of the sync protocol with a peer.
     pub async fn sync_step(&self, run_id: Uuid, s: SyncStep) -> Result<SyncStepReply, RunError> {
-        // Alone (no cluster), the step is not kept for a second try elsewhere.
-        if self.ownership().is_none() {
-            return self.send(run_id, Call(s)).await?;
-        }
-        match self.send(run_id, Call(s.clone())).await {
-            Ok(Err(RunError::Elsewhere(owner))) | Err(RunError::Elsewhere(owner)) => {
-                self.remote_sync_step(run_id, &owner, s).await
-            }
-            other => other?,
-        }
+        self.ask_or_owner(run_id, Call(s), |owner, Call(s)| async move {
+            self.remote_sync_step(run_id, &owner, s).await
+        })
+        .await
     }
 
     /// Runs, most recently active first, `limit` at a time after `after`.

@@ -100,17 +100,14 @@ impl Runs {
         via: String,
     ) -> Result<Tombstone, RunError> {
         let run_id = tombstone.run_id;
-        let decide = Decide::Peer {
-            tombstone: tombstone.clone(),
-            via: via.clone(),
-        };
-        match self.send(run_id, Call(decide)).await {
-            // Another pod of the region holds the run: the decision is its to take.
-            Ok(Err(RunError::Elsewhere(owner))) | Err(RunError::Elsewhere(owner)) => {
-                self.remote_tombstone(&owner, &tombstone, via).await
-            }
-            other => other?,
-        }
+        // Another pod of the region holds the run: the decision is its to take.
+        let (t, v) = (tombstone.clone(), via.clone());
+        self.ask_or_owner(
+            run_id,
+            Call(Decide::Peer { tombstone, via }),
+            |owner, _| async move { self.remote_tombstone(&owner, &t, v).await },
+        )
+        .await
     }
 
     /// Adds a subscriber to every deletion and restore.

@@ -362,6 +362,31 @@ impl Runs {
         self.send_here(run_id, msg).await
     }
 
+    /// Asks the run's actor here; when another pod of the region owns the run, `elsewhere`
+    /// takes the message to it. Alone (no cluster) the message is not kept for that second try.
+    async fn ask_or_owner<M, T, F, Fut>(
+        &self,
+        run_id: Uuid,
+        msg: M,
+        elsewhere: F,
+    ) -> Result<T, RunError>
+    where
+        M: Message<Result = Result<T, RunError>> + Send + Clone + 'static,
+        T: Send + 'static,
+        RunActor: Handler<M>,
+        F: FnOnce(run_store::Owner, M) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RunError>>,
+    {
+        let kept = self.inner.ownership.is_some().then(|| msg.clone());
+        match (self.send(run_id, msg).await, kept) {
+            (Ok(Err(RunError::Elsewhere(owner))) | Err(RunError::Elsewhere(owner)), Some(msg)) => {
+                elsewhere(owner, msg).await
+            }
+            (Ok(result), _) => result,
+            (Err(e), _) => Err(e),
+        }
+    }
+
     /// As `send`, without trusting what this pod last heard of the run's owner: for a call
     /// another pod forwarded here (which believes this pod owns the run).
     async fn send_here<M>(&self, run_id: Uuid, msg: M) -> Result<M::Result, RunError>
