@@ -374,9 +374,7 @@ impl Handler<Handover> for RunActor {
         Box::pin(drained.into_actor(self).map(|_, act, ctx| {
             // Unloaded: the next request here finds the run's new owner.
             ctx.stop();
-            let fence = act.fence.take()?;
-            act.runs.inner.metrics.runs_owned.dec();
-            Some((act.run_id, fence))
+            Some((act.run_id, act.drop_claim()?))
         }))
     }
 }

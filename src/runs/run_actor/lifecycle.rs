@@ -64,16 +64,7 @@ impl RunActor {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 let reason = format!("Automerge failed on changes from elsewhere: {what}");
-                if self.writes.is_idle() {
-                    self.fail(reason.clone(), None, ctx);
-                } else {
-                    // The append in flight may still commit: let it answer and publish
-                    // first; the actor stops when it completes.
-                    log::error!("run {}: {reason}; unloading it", self.run_id);
-                    self.failed = Some(reason.clone());
-                    self.doc = None;
-                    self.runs.set_digest(self.run_id, None);
-                }
+                self.fail_once_settled(reason.clone(), ctx);
                 Err(RunError::Unavailable(reason))
             }
         }
@@ -107,6 +98,27 @@ impl RunActor {
         let ops = &self.recent_ops;
         self.recent_order.retain(|k| ops.contains_key(k));
         self.record_digest();
+    }
+
+    /// As `fail`, but an append in flight may still commit: it answers and publishes first,
+    /// and the actor stops when it completes. Meanwhile nothing is served.
+    fn fail_once_settled(&mut self, reason: String, ctx: &mut Context<Self>) {
+        if self.writes.is_idle() {
+            self.fail(reason, None, ctx);
+        } else {
+            log::error!("run {}: {reason}; unloading it", self.run_id);
+            self.failed = Some(reason);
+            self.doc = None;
+            self.runs.set_digest(self.run_id, None);
+        }
+    }
+
+    /// Gives the run's claim up (counted out of the owned runs); the caller releases it, or
+    /// not when another pod holds the run already.
+    pub(super) fn drop_claim(&mut self) -> Option<run_store::Fence> {
+        let fence = self.fence.take()?;
+        self.runs.inner.metrics.runs_owned.dec();
+        Some(fence)
     }
 
     /// Refuses every uncommitted write and stops; see the module comment of `run_actor`.
@@ -176,9 +188,7 @@ impl RunActor {
             .with_label_values(&["deposed"])
             .inc();
         // The claim is gone: nothing to release when this actor stops.
-        if self.fence.take().is_some() {
-            self.runs.inner.metrics.runs_owned.dec();
-        }
+        self.drop_claim();
         self.fail(
             "another pod of this region took the run over; try again".into(),
             Some(batch),
@@ -253,13 +263,7 @@ impl Handler<Depose> for RunActor {
 
     fn handle(&mut self, _: Depose, ctx: &mut Context<Self>) {
         let reason = "this pod's lease lapsed; another pod may serve the run: try again";
-        if self.writes.is_idle() {
-            self.fail(reason.into(), None, ctx);
-        } else {
-            self.failed = Some(reason.into());
-            self.doc = None;
-            self.runs.set_digest(self.run_id, None);
-        }
+        self.fail_once_settled(reason.into(), ctx);
     }
 }
 
@@ -345,10 +349,9 @@ impl Actor for RunActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.runs.forget(self.run_id, self.incarnation);
-        if let Some(fence) = self.fence.take() {
+        if let Some(fence) = self.drop_claim() {
             // Unloaded: the run is free for whichever pod is asked for it next.
             let metrics = self.runs.inner.metrics.clone();
-            metrics.runs_owned.dec();
             if let Some(ownership) = self.runs.inner.ownership.clone() {
                 let run_id = self.run_id;
                 actix::spawn(async move {
