@@ -22,19 +22,7 @@ async fn session(
 ) -> Result<HttpResponse, actix_web::Error> {
     let run_id = validate::run_id(&path)?;
     app.origins.check(&req)?;
-    // Another pod of the region owns the run: relay the socket to it.
     let secret = app.cluster_secret.as_deref();
-    let upstream = match (
-        super::forward::owner_elsewhere(&app, &req, run_id).await,
-        secret,
-    ) {
-        (Some((owner, member)), Some(secret)) => Some(
-            super::socket_relay::connect(&req, &owner, &member, secret)
-                .await
-                .map_err(ApiError::Unavailable)?,
-        ),
-        _ => None,
-    };
     // Relayed by a pod of this region, which admitted it at its door: admitted here by the
     // client's own address, outside the pool of unproven sockets (it still joins with a token).
     let relayed = super::socket_relay::relayed_for(&req, secret);
@@ -59,9 +47,15 @@ async fn session(
     let (limits, slot) = app
         .incoming
         .admitted(slot, MAX_UNPROVEN_FRAME, app.browser.max_frame());
-    if let Some(upstream) = upstream {
+    // Another pod of the region owns the run: the admitted socket is relayed to it. Looked up
+    // and opened only now, so a socket this door refuses costs the owner nothing. The upgrade
+    // answer is not sent yet: an owner that does not accept makes it a 503.
+    let owner = super::forward::owner_elsewhere(&app, &req, run_id).await;
+    if let (Some((owner, member)), Some(secret)) = (owner, secret) {
+        let upstream = super::socket_relay::connect(&req, &owner, &member, secret)
+            .await
+            .map_err(ApiError::Unavailable)?;
         app.metrics.forwarded.with_label_values(&["browser"]).inc();
-        // The socket was upgraded above; the relay runs over it.
         return super::socket_relay::relay(
             (response, socket, payload),
             upstream,

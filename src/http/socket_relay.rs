@@ -50,8 +50,8 @@ pub fn relayed_for(req: &HttpRequest, secret: Option<&str>) -> Option<Option<std
     })
 }
 
-/// Opens the relay to the owner; `Err` (the owner did not accept) before the client's socket
-/// is upgraded, so the client is answered 503 and retries.
+/// Opens the relay to the owner; `Err` (the owner did not accept) before the client's upgrade
+/// is answered, so the client is answered 503 and retries.
 pub async fn connect(
     req: &HttpRequest,
     owner: &Owner,
