@@ -331,25 +331,14 @@ impl MeshState {
     /// not yet found dead, and what is queued on it would be lost with it.
     pub fn primaries(&self) -> Vec<(String, SessionHandle)> {
         self.primaries_where(|_| true)
+            .into_iter()
+            .map(|(peer, s)| (peer.node_id, s))
+            .collect()
     }
 
-    /// The primary sessions, with each peer's region.
+    /// The primary sessions, with each peer's identity (its region).
     pub fn primaries_by_region(&self) -> Vec<(PeerIdentity, SessionHandle)> {
-        let regions: HashMap<String, String> = {
-            let dir = self.read();
-            dir.links
-                .values()
-                .filter_map(|l| l.peer.as_ref())
-                .map(|p| (p.node_id.clone(), p.region.clone()))
-                .collect()
-        };
-        self.primaries()
-            .into_iter()
-            .filter_map(|(node_id, s)| {
-                let region = regions.get(&node_id)?.clone();
-                Some((PeerIdentity { node_id, region }, s))
-            })
-            .collect()
+        self.primaries_where(|_| true)
     }
 
     /// The primary sessions to nodes of `region`.
@@ -363,23 +352,29 @@ impl MeshState {
     fn primaries_where(
         &self,
         keep: impl Fn(&PeerIdentity) -> bool,
-    ) -> Vec<(String, SessionHandle)> {
+    ) -> Vec<(PeerIdentity, SessionHandle)> {
         let dir = self.read();
-        let mut best: BTreeMap<&str, (chrono::DateTime<chrono::Utc>, &SessionHandle)> =
-            BTreeMap::new();
+        type Best<'a> = (
+            chrono::DateTime<chrono::Utc>,
+            &'a PeerIdentity,
+            &'a SessionHandle,
+        );
+        let mut best: BTreeMap<&str, Best<'_>> = BTreeMap::new();
         for l in dir.links.values() {
             if let (Some(peer), Some(s), Some(since)) = (&l.peer, &l.session, l.connected_since) {
                 if !keep(peer) {
                     continue;
                 }
-                let entry = best.entry(peer.node_id.as_str()).or_insert((since, s));
+                let entry = best
+                    .entry(peer.node_id.as_str())
+                    .or_insert((since, peer, s));
                 if since > entry.0 {
-                    *entry = (since, s);
+                    *entry = (since, peer, s);
                 }
             }
         }
-        best.into_iter()
-            .map(|(node, (_, s))| (node.to_string(), s.clone()))
+        best.into_values()
+            .map(|(_, peer, s)| (peer.clone(), s.clone()))
             .collect()
     }
 
