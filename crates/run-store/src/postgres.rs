@@ -853,27 +853,32 @@ impl Store for PgStore {
 
     async fn claim(&self, run_id: Uuid, member: &Arc<str>) -> Result<Claim, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        // Read first: a claim's upsert locks the row even when its condition refuses it, and
-        // the holder's appends lock the same row.
-        let live: Option<Holder> = diesel::sql_query(own::HOLDER)
-            .bind::<sql_types::Uuid, _>(run_id)
-            .bind::<Text, _>(&**member)
-            .get_result(&mut conn)
-            .await
-            .optional()?;
-        if let Some(Holder {
-            member: Some(m),
-            address: Some(address),
-            live: true,
-            joined: true,
-        }) = live
-        {
-            if *m != **member {
-                return Ok(Claim::Held(Owner { member: m, address }));
-            }
-        }
-        // A holder that releases between the two statements is claimed from on the next try.
+        // A holder that releases between the read and the claim is claimed from on the next
+        // try.
         for _ in 0..3 {
+            // Read first: a claim's upsert locks the row even when its condition refuses it,
+            // and the holder's appends lock the same row.
+            let holder: Option<Holder> = diesel::sql_query(own::HOLDER)
+                .bind::<sql_types::Uuid, _>(run_id)
+                .bind::<Text, _>(&**member)
+                .get_result(&mut conn)
+                .await
+                .optional()?;
+            match &holder {
+                Some(h) if !h.joined => return Err(StoreError::LeaseLapsed),
+                Some(Holder {
+                    member: Some(m),
+                    address: Some(address),
+                    live: true,
+                    ..
+                }) if **m != **member => {
+                    return Ok(Claim::Held(Owner {
+                        member: m.clone(),
+                        address: address.clone(),
+                    }))
+                }
+                _ => {}
+            }
             let won: Option<Epoch> = diesel::sql_query(own::CLAIM)
                 .bind::<sql_types::Uuid, _>(run_id)
                 .bind::<Text, _>(&**member)
@@ -886,23 +891,9 @@ impl Store for PgStore {
                     epoch: won.epoch,
                 }));
             }
-            let holder: Option<Holder> = diesel::sql_query(own::HOLDER)
-                .bind::<sql_types::Uuid, _>(run_id)
-                .bind::<Text, _>(&**member)
-                .get_result(&mut conn)
-                .await
-                .optional()?;
-            match holder {
-                Some(h) if !h.joined => return Err(StoreError::LeaseLapsed),
-                Some(Holder {
-                    member: Some(m),
-                    address: Some(address),
-                    live: true,
-                    ..
-                }) => return Ok(Claim::Held(Owner { member: m, address })),
-                // No row and no claim: this member's lease is not running.
-                None => return Err(StoreError::LeaseLapsed),
-                Some(_) => continue,
+            // No row and no claim: this member's lease is not running.
+            if holder.is_none() {
+                return Err(StoreError::LeaseLapsed);
             }
         }
         Err(StoreError::Unavailable(format!(
