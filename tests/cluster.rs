@@ -67,6 +67,21 @@ async fn graft(http: &reqwest::Client, live: &Live, run: Uuid, agent: &str) -> b
     false
 }
 
+/// One graft of `agent` on `node`, answered with its status.
+async fn post_graft(c: &Client, node: &Node, run: Uuid, agent: &str) -> u16 {
+    let url = format!("{}/api/crdt/runs/{run}/grafts", node.base);
+    let (s, body) = c
+        .post(
+            &url,
+            &json!({"agent": agent, "afterStep": "S1", "user": "svc"}),
+        )
+        .await;
+    if s != 201 {
+        eprintln!("graft {agent} on {run}: {s} {body}");
+    }
+    s
+}
+
 async fn state(c: &Client, base: &str, run: Uuid) -> Value {
     let (s, body) = c.get(&format!("{base}/api/crdt/runs/{run}/state")).await;
     assert_eq!(s, 200, "{body}");
@@ -241,17 +256,8 @@ async fn a_browser_on_another_pod_is_served_by_the_owner() {
     let other = pod(&db, "pod-1");
     let c = Client::new();
     let run = Uuid::new_v4();
-    let graft = |node: &Node, agent: &str| {
-        let url = format!("{}/api/crdt/runs/{run}/grafts", node.base);
-        let body = json!({"agent": agent, "afterStep": "S1", "user": "svc"});
-        let c = c.clone();
-        async move {
-            let (s, body) = c.post(&url, &body).await;
-            assert_eq!(s, 201, "{body}");
-        }
-    };
     // The run's first write goes to pod-0, which claims it.
-    graft(&owner, "First").await;
+    assert_eq!(post_graft(&c, &owner, run, "First").await, 201);
 
     let url = format!("{}/ws/runs/{run}", other.base.replace("http://", "ws://"));
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
@@ -283,7 +289,7 @@ async fn a_browser_on_another_pod_is_served_by_the_owner() {
     frame(&mut ws, "STATE", has(1)).await;
 
     // A change made on the owner reaches the relayed session.
-    graft(&owner, "Second").await;
+    assert_eq!(post_graft(&c, &owner, run, "Second").await, 201);
     frame(&mut ws, "STATE", has(2)).await;
     // The relayed session writes; the owner has it.
     ws.send(Message::text(
@@ -333,16 +339,7 @@ async fn an_automerge_repo_client_on_another_pod_syncs_through_the_owner() {
     let other = pod(&db, "pod-1");
     let c = Client::new();
     let run = Uuid::new_v4();
-    let graft = |agent: &str| {
-        let url = format!("{}/api/crdt/runs/{run}/grafts", owner.base);
-        let body = json!({"agent": agent, "afterStep": "S1", "user": "svc"});
-        let c = c.clone();
-        async move {
-            let (s, body) = c.post(&url, &body).await;
-            assert_eq!(s, 201, "{body}");
-        }
-    };
-    graft("First").await;
+    assert_eq!(post_graft(&c, &owner, run, "First").await, 201);
 
     let mut p = Peer::joined(&other, "app").await;
     let mut doc = AutoCommit::new();
@@ -363,7 +360,7 @@ async fn an_automerge_repo_client_on_another_pod_syncs_through_the_owner() {
     if let Some(m) = doc.sync().generate_sync_message(&mut sync_state) {
         p.sync("sync", &doc_id(run), m).await;
     }
-    graft("Second").await;
+    assert_eq!(post_graft(&c, &owner, run, "Second").await, 201);
     let deadline = Instant::now() + Duration::from_secs(10);
     while doc.length(&grafts) < 2 {
         assert!(
@@ -561,13 +558,7 @@ async fn another_regions_deletion_reaches_the_owner_through_any_pod() {
     let owner = us_pod("us-1", &[]);
     let c = Client::new();
     let run = Uuid::new_v4();
-    let (s, body) = c
-        .post(
-            &format!("{}/api/crdt/runs/{run}/grafts", owner.base),
-            &json!({"agent": "A", "afterStep": "S1", "user": "svc"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{body}");
+    assert_eq!(post_graft(&c, &owner, run, "A").await, 201);
     // eu has the run (through the link on us-0 and the owner), then deletes it.
     let synced = test_support::eventually(20, || async {
         let (s, state) = c
@@ -591,11 +582,9 @@ async fn another_regions_deletion_reaches_the_owner_through_any_pod() {
     })
     .await;
     assert!(gone.is_some(), "the deletion never reached the run's owner");
-    let (s, _) = c
-        .post(
-            &format!("{}/api/crdt/runs/{run}/grafts", owner.base),
-            &json!({"agent": "B", "afterStep": "S1", "user": "svc"}),
-        )
-        .await;
-    assert_eq!(s, 410, "a deleted run takes no writes");
+    assert_eq!(
+        post_graft(&c, &owner, run, "B").await,
+        410,
+        "a deleted run takes no writes"
+    );
 }
