@@ -12,6 +12,9 @@ use super::StoreError;
 const POSTGRES: EmbeddedMigrations = embed_migrations!("../../migrations/postgres");
 const SQLITE: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
 
+/// Migrations of one PostgreSQL database run one at a time, whichever process starts them.
+const MIGRATION_LOCK: &str = "SELECT pg_advisory_lock(7263010452)::text";
+
 pub enum Target {
     Postgres(String),
     Sqlite(String),
@@ -44,10 +47,18 @@ fn run_blocking(target: Target) -> Result<(), StoreError> {
                 .build()
                 .map_err(|e| StoreError::Migration(e.to_string()))?;
             runtime.block_on(async move {
-                use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection};
-                let conn = AsyncPgConnection::establish(&url)
+                use diesel_async::{
+                    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl,
+                };
+                let mut conn = AsyncPgConnection::establish(&url)
                     .await
                     .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                // Pods sharing one database start together: one migrates at a time (the
+                // others then find nothing pending). Held by this session until it closes.
+                diesel::sql_query(MIGRATION_LOCK)
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| StoreError::Migration(e.to_string()))?;
                 // On a worker thread, where the harness may block in place.
                 tokio::spawn(async move {
                     let mut harness = AsyncMigrationHarness::new(conn);

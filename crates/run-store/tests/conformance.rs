@@ -622,9 +622,14 @@ async fn postgres_conforms() {
     let name = format!("crdt_conformance_{}", Uuid::new_v4().simple());
     let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
     let url = format!("{base}/{name}");
-    let store = run_store::open(&url, 2, true)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {base} is required for this test: {e}"));
+    // Pods sharing a fresh database start at once: both migrate it, one after the other.
+    let (store, twin) = tokio::join!(
+        run_store::open(&url, 2, true),
+        run_store::open(&url, 2, true)
+    );
+    let store =
+        store.unwrap_or_else(|e| panic!("PostgreSQL at {base} is required for this test: {e}"));
+    twin.expect("a second node migrating the same database at the same moment");
     suite(store.clone(), "postgres").await;
     // A second pod on the same database.
     let other = run_store::open(&url, 2, false).await.expect("opens again");
