@@ -253,15 +253,21 @@ pub async fn converged(c: &Client, nodes: &[&Node], run: Uuid, secs: u64) -> Val
 /// returns fewer than asking for everything (a head the node lacks is ignored, so the answer
 /// would then be everything).
 pub async fn holds(c: &Client, node: &Node, run: Uuid, heads: &[String]) -> bool {
-    let (_, all) = c.get(&run_url(node, run, "/changes")).await;
-    let Some(all) = all["count"].as_u64() else {
+    // A count is asked until the node gives one: a read that meets the run's actor as it
+    // unloads answers 503, which says nothing of what the node holds.
+    let count = |url: String| async move {
+        eventually(5, || {
+            let url = url.clone();
+            async move { c.get(&url).await.1["count"].as_u64() }
+        })
+        .await
+    };
+    let Some(all) = count(run_url(node, run, "/changes")).await else {
         return false;
     };
     for head in heads {
-        let (_, after) = c
-            .get(&run_url(node, run, &format!("/changes?heads={head}")))
-            .await;
-        if after["count"].as_u64().is_none_or(|n| n >= all) {
+        let after = count(run_url(node, run, &format!("/changes?heads={head}"))).await;
+        if after.is_none_or(|n| n >= all) {
             return false;
         }
     }
