@@ -67,6 +67,18 @@ async fn graft(http: &reqwest::Client, live: &Live, run: Uuid, agent: &str) -> b
     false
 }
 
+/// Two pods on a fresh database, and a run grafted once ("First") through pod-0, which owns
+/// it: (the database, pod-0, pod-1, a client, the run).
+async fn run_on_one_of_two_pods() -> (TestDb, Node, Node, Client, Uuid) {
+    let db = TestDb::new(Backend::Postgres).await;
+    let owner = pod(&db, "pod-0");
+    let other = pod(&db, "pod-1");
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    assert_eq!(post_graft(&c, &owner, run, "First").await, 201);
+    (db, owner, other, c, run)
+}
+
 /// One graft of `agent` on `node`, answered with its status.
 async fn post_graft(c: &Client, node: &Node, run: Uuid, agent: &str) -> u16 {
     let url = format!("{}/api/crdt/runs/{run}/grafts", node.base);
@@ -251,13 +263,7 @@ async fn a_browser_on_another_pod_is_served_by_the_owner() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
-    let db = TestDb::new(Backend::Postgres).await;
-    let owner = pod(&db, "pod-0");
-    let other = pod(&db, "pod-1");
-    let c = Client::new();
-    let run = Uuid::new_v4();
-    // The run's first write goes to pod-0, which claims it.
-    assert_eq!(post_graft(&c, &owner, run, "First").await, 201);
+    let (_db, owner, other, c, run) = run_on_one_of_two_pods().await;
 
     let url = format!("{}/ws/runs/{run}", other.base.replace("http://", "ws://"));
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
@@ -334,12 +340,7 @@ async fn an_automerge_repo_client_on_another_pod_syncs_through_the_owner() {
     use automerge::{AutoCommit, ReadDoc, ROOT};
     use test_support::repo::{doc_id, field, text, Peer};
 
-    let db = TestDb::new(Backend::Postgres).await;
-    let owner = pod(&db, "pod-0");
-    let other = pod(&db, "pod-1");
-    let c = Client::new();
-    let run = Uuid::new_v4();
-    assert_eq!(post_graft(&c, &owner, run, "First").await, 201);
+    let (_db, owner, other, c, run) = run_on_one_of_two_pods().await;
 
     let mut p = Peer::joined(&other, "app").await;
     let mut doc = AutoCommit::new();
