@@ -294,6 +294,13 @@ pub mod transaction;
 mod types;
 mod value;
 
+/// crdt-node patch: turns the map walk's stepping over hidden ops off and on (on by default),
+/// so a test can compare the patched walk with upstream's on the same changes. Process-wide.
+#[doc(hidden)]
+pub fn set_map_walk_steps_over_hidden(on: bool) {
+    crate::op_set2::change::batch::STEP_OVER_HIDDEN.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub use crate::anonymize::AnonymizeError;
 pub use crate::automerge::{Automerge, LoadOptions, OnPartialLoad, SaveOptions, StringMigration};
 pub use author::Author;

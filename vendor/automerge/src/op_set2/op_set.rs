@@ -1255,6 +1255,59 @@ impl OpSet {
         self.cols.key_str.scope_to_value(Some(prop), range)
     }
 
+    // crdt-node patch (see vendor/README.md): what lets a batch's map walk step over a key's
+    // overwritten values instead of decoding each of them.
+
+    /// The position of the op `id`, if the document holds it.
+    pub(crate) fn op_id_pos(&self, id: OpId) -> Option<usize> {
+        self.get_op_id_pos(id)
+    }
+
+    /// A position no later than the first op of `obj` at or after (`key`, `id`) in the
+    /// document's order: the end of the key's ops when all of them come before `id`, else
+    /// the start of the key's ops.
+    pub(crate) fn map_key_bound(&self, obj: &ObjId, key: &str, id: OpId) -> usize {
+        let range = self.prop_range(obj, key);
+        if range.is_empty() {
+            return range.start;
+        }
+        let last = range.end - 1;
+        let last_id = OpId::try_load(self.cols.id_actor.get(last), self.cols.id_ctr.get(last).map(i64::from));
+        match last_id {
+            Ok(last_id) if last_id < id => range.end,
+            _ => range.start,
+        }
+    }
+
+    /// How many ops from `from` (before `limit`) are neither visible nor marks: a map walk
+    /// learns nothing from those unless one is a predecessor it looks for.
+    pub(crate) fn hidden_run(&self, from: usize, limit: usize) -> usize {
+        if from >= limit {
+            return 0;
+        }
+        let mut hidden = 0;
+        let mut visible = self.cols.index.visible.iter_range(from..limit);
+        while let Some(run) = visible.next_run() {
+            if run.value {
+                break;
+            }
+            hidden += run.count;
+        }
+        let hidden = hidden.min(limit - from);
+        if hidden == 0 {
+            return 0;
+        }
+        let mut plain = 0;
+        let mut actions = self.cols.action.iter_range(from..from + hidden);
+        while let Some(run) = actions.next_run() {
+            if run.value == Action::Mark {
+                break;
+            }
+            plain += run.count;
+        }
+        plain.min(hidden)
+    }
+
     pub(crate) fn iter_obj<'a>(&'a self, obj: &ObjId) -> OpIter<'a> {
         let range = self.scope_to_obj(obj);
         self.iter_range(&range)

@@ -19,6 +19,13 @@ use std::ops::Range;
 
 type PredCache = SmallHashMap<OpId, Vec<(OpId, Option<i64>)>>;
 
+/// crdt-node patch: up to how many predecessors a map walk looks up to step over hidden ops.
+const MAX_PREDS_LOOKED_UP: usize = 64;
+
+/// crdt-node patch: whether map walks step over hidden ops (see `set_map_walk_steps_over_hidden`).
+pub(crate) static STEP_OVER_HIDDEN: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
+
 #[derive(Debug, Clone, Default)]
 struct BatchApply {
     ops: Vec<ChangeOp>,
@@ -333,6 +340,13 @@ fn walk_list<'a>(
 
 struct MapWalker<'a, 'b> {
     ops: OpIter<'a>,
+    // crdt-node patch: the walk steps over runs of hidden ops (see `next_doc_op_before`).
+    op_set: &'a OpSet,
+    /// Sorted positions of the predecessors sought that lie in this object; None when there
+    /// are too many to look up (the walk then decodes every op, as upstream).
+    preds_at: Option<Vec<usize>>,
+    /// No op at or past this position is stepped over for the change op being placed.
+    bound: usize,
     log: &'b mut PatchLog,
     pred: &'b mut PredCache,
     succ: &'b mut Vec<SuccInsert>,
@@ -393,8 +407,10 @@ impl Top {
 }
 
 impl<'a, 'b> MapWalker<'a, 'b> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         obj: ObjId,
+        op_set: &'a OpSet,
         mut ops: OpIter<'a>,
         text_encoding: TextEncoding,
         pred: &'b mut PredCache,
@@ -403,11 +419,27 @@ impl<'a, 'b> MapWalker<'a, 'b> {
         conflicts: &'b mut Vec<Adjust>,
     ) -> Self {
         let pos = ops.pos();
+        let range = ops.range();
+        // A batch that replaces many values at once (a document loaded change by change) has
+        // many predecessors to look up; a walk over every op is as cheap there.
+        let steps = STEP_OVER_HIDDEN.load(std::sync::atomic::Ordering::Relaxed);
+        let preds_at = (steps && pred.len() <= MAX_PREDS_LOOKED_UP).then(|| {
+            let mut at: Vec<usize> = pred
+                .keys()
+                .filter_map(|id| op_set.op_id_pos(*id))
+                .filter(|p| range.contains(p))
+                .collect();
+            at.sort_unstable();
+            at
+        });
         let doc_op = ops.next();
         let value = ValueState::new(obj, SequenceType::List, text_encoding);
         let top = Top::Nothing;
         MapWalker {
             ops,
+            op_set,
+            preds_at,
+            bound: pos,
             log,
             pos,
             doc_op,
@@ -431,6 +463,12 @@ impl<'a, 'b> MapWalker<'a, 'b> {
             ops[pos].succ = successors
         }
 
+        self.bound = match (&self.preds_at, ops[pos].key()) {
+            (Some(_), KeyRef::Map(key)) => {
+                self.op_set.map_key_bound(&self.value.obj, key, ops[pos].id())
+            }
+            _ => self.pos,
+        };
         self.advance_doc_op(pos, ops);
 
         if ops[pos].prop() != self.value.key {
@@ -462,7 +500,34 @@ impl<'a, 'b> MapWalker<'a, 'b> {
                     self.top.process_doc_op(ops, d, deleted);
                 }
             }
-            self.next_doc_op();
+            self.next_doc_op_before();
+        }
+    }
+
+    /// As `next_doc_op`, stepping over ops that come before `bound` (so before the change op
+    /// being placed) and that the walk would learn nothing from: not visible, not a mark, not
+    /// a predecessor sought. Those only move a key's history along; visiting one changes
+    /// neither the values, the top op nor the patches. A key left unvisited altogether is
+    /// flushed when the walk reaches the next op it visits, which is what visiting it would
+    /// have done.
+    fn next_doc_op_before(&mut self) {
+        let from = self.ops.pos();
+        let limit = match &self.preds_at {
+            Some(at) if from < self.bound => {
+                let next_pred = at[at.partition_point(|&p| p < from)..]
+                    .first()
+                    .copied()
+                    .unwrap_or(usize::MAX);
+                self.bound.min(next_pred).min(self.ops.end_pos())
+            }
+            _ => from,
+        };
+        match self.op_set.hidden_run(from, limit) {
+            0 => self.next_doc_op(),
+            n => {
+                self.pos = from + n;
+                self.doc_op = self.ops.nth(n);
+            }
         }
     }
 
@@ -890,6 +955,7 @@ impl BatchApply {
                 Some(ObjType::Map) => {
                     let mut walker = MapWalker::new(
                         os.obj,
+                        doc.ops(),
                         doc_ops,
                         doc.text_encoding(),
                         &mut self.pred,
