@@ -488,6 +488,42 @@ impl ChangeGraph {
         }
     }
 
+    /// crdt-node patch (vendor/README.md): the changes since `have_deps` that the peer lacks —
+    /// those `missing` says its Bloom filters do not hold, and every change that depends on one
+    /// of them — in the order of `get_hashes`. One pass in index order (a change's dependencies
+    /// always have lower indices), where upstream hashes every change into a set and a map of
+    /// dependents to find the same list.
+    pub(crate) fn hashes_to_send_since(
+        &self,
+        have_deps: &[ChangeHash],
+        missing: impl Fn(&ChangeHash) -> bool,
+    ) -> Vec<ChangeHash> {
+        let nodes: Vec<NodeIdx> = if have_deps.is_empty() {
+            (0..self.hashes.len() as u32).map(NodeIdx).collect()
+        } else {
+            self.get_build_indexes(self.seq_clock_for_heads(have_deps))
+        };
+        let (Some(first), Some(last)) = (nodes.first(), nodes.last()) else {
+            return Vec::new();
+        };
+        let base = first.0 as usize;
+        let mut sent = vec![false; last.0 as usize - base + 1];
+        let mut out = Vec::new();
+        for node in nodes {
+            let Some(hash) = self.hashes.get(node.0 as usize) else {
+                continue;
+            };
+            let after_sent = self
+                .parents(node)
+                .any(|p| (p.0 as usize) >= base && sent[p.0 as usize - base]);
+            if after_sent || missing(hash) {
+                sent[node.0 as usize - base] = true;
+                out.push(*hash);
+            }
+        }
+        out
+    }
+
     pub(crate) fn get_build_metadata_clock(
         &self,
         have_deps: &[ChangeHash],

@@ -301,6 +301,14 @@ pub fn set_map_walk_steps_over_hidden(on: bool) {
     crate::op_set2::change::batch::STEP_OVER_HIDDEN.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// crdt-node patch: turns the one-pass choice of the changes a sync message carries off and on
+/// (on by default), so a test can compare it with upstream's on the same documents.
+/// Process-wide.
+#[doc(hidden)]
+pub fn set_sync_hashes_in_one_pass(on: bool) {
+    crate::sync::ONE_PASS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub use crate::anonymize::AnonymizeError;
 pub use crate::automerge::{Automerge, LoadOptions, OnPartialLoad, SaveOptions, StringMigration};
 pub use author::Author;

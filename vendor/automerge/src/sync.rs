@@ -306,6 +306,10 @@ impl SyncDoc for Automerge {
     }
 }
 
+/// crdt-node patch: whether `get_hashes_to_send` takes the one-pass way (see
+/// `set_sync_hashes_in_one_pass`).
+pub(crate) static ONE_PASS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 impl Automerge {
     fn make_bloom_filter(&self, last_sync: Vec<ChangeHash>) -> Have {
         let hashes = self.change_graph.get_hashes(&last_sync);
@@ -327,6 +331,22 @@ impl Automerge {
             .collect::<Vec<_>>();
         if have.is_empty() {
             Ok(need)
+        } else if ONE_PASS.load(std::sync::atomic::Ordering::Relaxed) {
+            // crdt-node patch: the same list as below, in one pass (`hashes_to_send_since`).
+            let last_sync: HashSet<ChangeHash> =
+                have.iter().flat_map(|h| h.last_sync.iter().copied()).collect();
+            let last_sync: Vec<ChangeHash> = last_sync.into_iter().collect();
+            let to_send = self.change_graph.hashes_to_send_since(&last_sync, |hash| {
+                have.iter().all(|h| !h.bloom.contains_hash(hash))
+            });
+            if need.is_empty() {
+                return Ok(to_send);
+            }
+            let sending: HashSet<&ChangeHash> = to_send.iter().collect();
+            let mut out: Vec<ChangeHash> =
+                need.into_iter().filter(|hash| !sending.contains(hash)).collect();
+            out.extend(to_send);
+            Ok(out)
         } else {
             let mut last_sync_hashes = HashSet::new();
             let mut bloom_filters = Vec::with_capacity(have.len());
