@@ -16,6 +16,7 @@
 //! delivered, p99 ≤ `--p99-ms` (250), at least 95% of the offered rate sent), then halves the
 //! gap twice; the servers take turns at each rate, so their figures come from one run.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -494,7 +495,7 @@ impl Client {
                 client.take(&message, None);
                 client.send_sync("sync").await;
             }
-            client.new_changes();
+            client.new_changes(HashMap::new());
             return Some(client);
         }
         // Request the document and sync until it is here.
@@ -506,21 +507,28 @@ impl Client {
             client.take(&message, None);
             client.send_sync("sync").await;
         }
-        client.new_changes();
+        client.new_changes(HashMap::new());
         Some(client)
     }
 
-    /// The changes not seen before: walked back from the heads to what was seen, so the cost
-    /// follows the new changes (Automerge's `get_changes(heads)` works out the clock of the
-    /// whole history).
-    fn new_changes(&mut self) -> Vec<automerge::Change> {
+    /// The changes applied since the last look: walked back from the heads to what was seen,
+    /// so the cost follows the new changes (Automerge's `get_changes(heads)` works out the
+    /// clock of the whole history). Those in `carried` are not rebuilt from the document.
+    /// (A change that arrived before its dependencies counts once it is applied.)
+    fn new_changes(
+        &mut self,
+        mut carried: HashMap<automerge::ChangeHash, automerge::Change>,
+    ) -> Vec<automerge::Change> {
         let mut out = Vec::new();
         let mut to_visit = self.doc.get_heads();
         while let Some(hash) = to_visit.pop() {
             if !self.seen.insert(hash) {
                 continue;
             }
-            if let Some(change) = self.doc.get_change_by_hash(&hash) {
+            let change = carried
+                .remove(&hash)
+                .or_else(|| self.doc.get_change_by_hash(&hash));
+            if let Some(change) = change {
                 to_visit.extend(change.deps().iter().copied());
                 out.push(change);
             }
@@ -563,16 +571,16 @@ impl Client {
         };
         // The changes the message carries, read from its own bytes: rebuilding each from the
         // document afterwards (`get_change_by_hash`) cost an eighth of the client's CPU. A chunk
-        // that is not exactly one change (a bundle, a document) leaves it to the walk back
-        // from the heads.
-        let carried: Option<Vec<automerge::Change>> = m
+        // that is not exactly one change (a bundle, a document) is left to the rebuilding.
+        let carried: HashMap<automerge::ChangeHash, automerge::Change> = m
             .changes
             .iter()
-            .map(|chunk| {
+            .filter_map(|chunk| {
                 automerge::Change::try_from(chunk)
                     .ok()
                     .filter(|c| c.raw_bytes().len() == chunk.len())
             })
+            .map(|c| (c.hash(), c))
             .collect();
         if self
             .doc
@@ -585,14 +593,7 @@ impl Client {
         let Some((epoch, tally)) = timing else { return };
         let now = epoch.elapsed().as_micros() as u64;
         let mut arrivals = Vec::new();
-        let arrived = match carried {
-            Some(changes) => changes
-                .into_iter()
-                .filter(|c| self.seen.insert(c.hash()))
-                .collect(),
-            None => self.new_changes(),
-        };
-        for change in arrived {
+        for change in self.new_changes(carried) {
             let Some(stamp) = change.message().and_then(|m| m.strip_prefix("load:")) else {
                 continue;
             };

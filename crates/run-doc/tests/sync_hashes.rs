@@ -88,6 +88,10 @@ enum Step {
     Lose {
         to_a: bool,
     },
+    /// A peer's document is saved and loaded again (its change graph built by loading).
+    Reload {
+        a: bool,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -96,6 +100,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => any::<bool>().prop_map(|a| Step::Send { a }),
         3 => any::<bool>().prop_map(|to_a| Step::Deliver { to_a }),
         1 => any::<bool>().prop_map(|to_a| Step::Lose { to_a }),
+        1 => any::<bool>().prop_map(|a| Step::Reload { a }),
     ]
 }
 
@@ -129,6 +134,13 @@ proptest! {
                 }
                 Step::Lose { to_a } => {
                     deliver(&mut a, &mut b, to_a, true);
+                }
+                Step::Reload { a: which } => {
+                    let peer = if which { &mut a } else { &mut b };
+                    let actor = peer.doc.get_actor().clone();
+                    peer.doc = AutoCommit::load(&peer.doc.save())
+                        .expect("our own save")
+                        .with_actor(actor);
                 }
             }
         }
