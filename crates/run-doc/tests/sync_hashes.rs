@@ -7,28 +7,15 @@
 //! message either sends, the message is made both ways from copies of the same state. The
 //! switch is process-wide, hence one test per file.
 
-use std::collections::VecDeque;
-
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
-use automerge::{ActorId, AutoCommit, ROOT};
+use automerge::{AutoCommit, ROOT};
 use proptest::prelude::*;
 
-struct Peer {
-    doc: AutoCommit,
-    state: sync::State,
-    outbox: VecDeque<Vec<u8>>,
-}
+mod peers;
+use peers::{deliver, Peer};
 
 impl Peer {
-    fn new(actor: u8) -> Peer {
-        Peer {
-            doc: AutoCommit::new().with_actor(ActorId::from(vec![actor; 16])),
-            state: sync::State::new(),
-            outbox: VecDeque::new(),
-        }
-    }
-
     /// `n` changes, each a put under one of a few keys.
     fn write(&mut self, n: u8, seed: i64) {
         for i in 0..n {
@@ -60,14 +47,6 @@ impl Peer {
             self.outbox.push_back(bytes);
         }
         Ok(())
-    }
-
-    fn read(&mut self, bytes: &[u8]) {
-        let m = sync::Message::decode(bytes).expect("a message we encoded");
-        self.doc
-            .sync()
-            .receive_sync_message(&mut self.state, m)
-            .expect("a message we generated");
     }
 }
 
@@ -102,19 +81,6 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<bool>().prop_map(|to_a| Step::Lose { to_a }),
         1 => any::<bool>().prop_map(|a| Step::Reload { a }),
     ]
-}
-
-fn deliver(a: &mut Peer, b: &mut Peer, to_a: bool, lose: bool) -> bool {
-    let (from, to) = if to_a { (b, a) } else { (a, b) };
-    match from.outbox.pop_front() {
-        Some(bytes) => {
-            if !lose {
-                to.read(&bytes);
-            }
-            true
-        }
-        None => false,
-    }
 }
 
 proptest! {
