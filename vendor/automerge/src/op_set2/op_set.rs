@@ -827,7 +827,7 @@ impl OpSet {
         Some((elemid, last_pos))
     }
 
-    fn get_op_id_pos(&self, id: OpId) -> Option<usize> {
+    pub(crate) fn get_op_id_pos(&self, id: OpId) -> Option<usize> {
         self.cols
             .id_ctr
             .find_by_value(id.counter() as u32)
@@ -1258,11 +1258,6 @@ impl OpSet {
     // crdt-node patch (see vendor/README.md): what lets a batch's map walk step over a key's
     // overwritten values instead of decoding each of them.
 
-    /// The position of the op `id`, if the document holds it.
-    pub(crate) fn op_id_pos(&self, id: OpId) -> Option<usize> {
-        self.get_op_id_pos(id)
-    }
-
     /// A position no later than the first op of `obj` at or after (`key`, `id`) in the
     /// document's order: the end of the key's ops when all of them come before `id`, else
     /// the start of the key's ops.
@@ -1271,10 +1266,8 @@ impl OpSet {
         if range.is_empty() {
             return range.start;
         }
-        let last = range.end - 1;
-        let last_id = OpId::try_load(self.cols.id_actor.get(last), self.cols.id_ctr.get(last).map(i64::from));
-        match last_id {
-            Ok(last_id) if last_id < id => range.end,
+        match self.id_iter_range(&(range.end - 1..range.end)).next() {
+            Some(last_id) if last_id < id => range.end,
             _ => range.start,
         }
     }

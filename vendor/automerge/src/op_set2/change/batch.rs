@@ -426,7 +426,7 @@ impl<'a, 'b> MapWalker<'a, 'b> {
         let preds_at = (steps && pred.len() <= MAX_PREDS_LOOKED_UP).then(|| {
             let mut at: Vec<usize> = pred
                 .keys()
-                .filter_map(|id| op_set.op_id_pos(*id))
+                .filter_map(|id| op_set.get_op_id_pos(*id))
                 .filter(|p| range.contains(p))
                 .collect();
             at.sort_unstable();
