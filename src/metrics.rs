@@ -31,6 +31,9 @@ pub struct Metrics {
     /// Stored changes of loaded runs that did not load again (kept in the log, reported).
     pub unloadable_changes: IntGauge,
     pub snapshot_failures: prometheus::IntCounter,
+    /// Snapshots written, by what they were built from: `memory` (a copy of the run's document
+    /// while it held only what is durable) or `storage` (the newest snapshot and the log).
+    pub snapshots_written: IntCounterVec,
     /// Appends carried by each event-log transaction (group commit at work).
     pub commit_batch: Histogram,
     /// Legacy (OT) rows skipped as malformed when replaying a run's log.
@@ -117,6 +120,12 @@ impl Metrics {
                 &r,
                 "crdt_stored_changes_unloadable",
                 "Stored changes of runs loaded since start that could not be loaded again (kept in the log)",
+            )?,
+            snapshots_written: counters(
+                &r,
+                "crdt_snapshots_written_total",
+                "Snapshots written, by what they were built from (memory, storage)",
+                &["source"],
             )?,
             snapshot_failures: counter(&r, "crdt_snapshot_failures_total", "Snapshots that failed to be written")?,
             commit_batch: histogram(&r, "crdt_commit_batch_appends", "Appends carried by each event-log transaction", batch_sizes)?,

@@ -584,7 +584,81 @@ async fn a_clock_advanced_by_a_sync_hint_survives_restart(backend: Backend) {
     assert_eq!(flag(&c, &node, run, "next", json!(2)).await["lamport"], 501);
 }
 
+/// Every snapshot holds exactly the log up to its event count, while eight clients write at
+/// once (so the run often has writes waiting for the log when a snapshot falls due): a snapshot
+/// saved from the run's document with a write still in flight would hold a change the log
+/// gained only later, or never. Most snapshots are saved from memory; the rest from storage.
+async fn snapshots_hold_exactly_the_log_up_to_their_count(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let env = [
+        ("CRDT_SNAPSHOT_EVERY", "10"),
+        ("CRDT_SNAPSHOT_MIN_INTERVAL_MS", "0"),
+        ("CRDT_SNAPSHOT_KEEP", "1000"),
+    ];
+    let node = Node::spawn(&db, &env);
+    let run = Uuid::new_v4();
+    let writers = (0..8).map(|w| {
+        let node = &node;
+        async move {
+            let c = Client::new();
+            for i in 0..40 {
+                flag(&c, node, run, &format!("w{w}-{i}"), json!(i)).await;
+            }
+        }
+    });
+    futures_util::future::join_all(writers).await;
+    // The snapshot due at the end is written after the last answer.
+    common::eventually(10, || async {
+        let p = db::snapshot_positions(&db, run).await;
+        (p.first().is_some_and(|n| *n > 310)).then_some(())
+    })
+    .await
+    .expect("a snapshot near the end of the log");
+
+    let store = run_store::open(&db.url, 2, false).await.expect("store");
+    let mut by_seq = std::collections::BTreeMap::new();
+    for e in store.events_after(run, 0).await.expect("events") {
+        let changes = run_doc::parse_own_changes(&e.crdt_changes.expect("changes")).unwrap();
+        let seq = e.run_seq.expect("a sequence number");
+        by_seq.insert(seq, changes.iter().map(|c| c.hash()).collect::<Vec<_>>());
+    }
+    assert_eq!(by_seq.len(), 320);
+    let genesis = run_doc::RunDoc::new(run, "us-east-1").heads();
+    let (mut below, mut checked) = (None, 0);
+    while let Some(snapshot) = store.latest_snapshot(run, below).await.expect("snapshot") {
+        let doc = automerge::Automerge::load(&snapshot.data).expect("a snapshot loads");
+        let held: HashSet<automerge::ChangeHash> =
+            doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+        let logged: HashSet<automerge::ChangeHash> = by_seq
+            .range(..=i64::from(snapshot.event_count))
+            .flat_map(|(_, hashes)| hashes.iter().copied())
+            .chain(genesis.iter().copied())
+            .collect();
+        assert!(
+            held == logged,
+            "the snapshot at {} holds {} changes the log lacks there and lacks {} it has",
+            snapshot.event_count,
+            held.difference(&logged).count(),
+            logged.difference(&held).count()
+        );
+        below = Some(snapshot.event_count);
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} snapshots");
+    let text = Client::new().text(&node.url("/actuator/prometheus")).await;
+    let from = |source: &str| {
+        common::metric(
+            &text,
+            &format!("crdt_snapshots_written_total{{source=\"{source}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(from("memory") + from("storage"), checked as f64, "{text}");
+    assert!(from("memory") > 0.0, "no snapshot was saved from memory");
+}
+
 both_backends!(
+    snapshots_hold_exactly_the_log_up_to_their_count,
     a_cold_run_answers_from_its_projection_while_it_loads,
     sigterm_snapshots_dirty_runs_and_exits_cleanly,
     a_clock_advanced_by_a_sync_hint_survives_restart,

@@ -3,11 +3,13 @@
 //! A run actor reports how many events it has committed since its last snapshot; at
 //! `snapshot_every` (and no sooner than `snapshot_min_interval` after the previous one) this actor
 //! writes a snapshot, with the run's projection (its read model at the snapshot's heads, which
-//! serves a cold run's first reads while it loads). It builds it from durable storage, the newest snapshot plus the events
-//! after it, not from the run's in-memory document. So a snapshot holds only committed changes,
-//! never a write still in flight that may yet be refused, and the run actor never pauses to
-//! serialize its document. The work runs on this actor's own thread. One run never has two
-//! snapshots in progress, and the newest `snapshot_keep` per run are kept.
+//! serves a cold run's first reads while it loads). A snapshot holds only committed changes,
+//! never a write still in flight that may yet be refused: it is saved from a copy of the run's
+//! document taken while that holds exactly what the log holds (`run_actor::snapshot_copy`), or,
+//! when the run cannot give one soon, built from durable storage, the newest snapshot plus the
+//! events after it. The run actor never pauses to serialize its document: saving runs on this
+//! actor's own thread. One run never has two snapshots in progress, and the newest
+//! `snapshot_keep` per run are kept.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use super::loader::{self, LoadError};
-use super::run_actor::{RunActor, SnapshotWritten};
+use super::run_actor::{CopyForSnapshot, DurableCopy, RunActor, SnapshotWritten};
 use super::RunsConfig;
 use crate::metrics::Metrics;
 use run_store::{Snapshot, Store};
@@ -64,15 +66,28 @@ impl SnapshotActor {
             let store = self.store.clone();
             let region = self.config.region.clone();
             let keep = self.config.snapshot_keep;
-            let work =
-                async move { snapshot_durable_state(store.as_ref(), run_id, region, keep).await };
+            let copy = run.clone();
+            let work = async move {
+                match copy.send(CopyForSnapshot).await {
+                    Ok(Some(copy)) => snapshot_copy(store.as_ref(), run_id, copy, region, keep)
+                        .await
+                        .map(|done| (done, "memory")),
+                    _ => snapshot_durable_state(store.as_ref(), run_id, region, keep)
+                        .await
+                        .map(|done| (done, "storage")),
+                }
+            };
             ctx.spawn(work.into_actor(self).map(move |result, act, ctx| {
                 act.running -= 1;
                 act.in_progress.remove(&run_id);
                 match result {
-                    Ok(done) => {
+                    Ok((done, source)) => {
                         if let Some(size) = done.bytes {
                             act.metrics.snapshot_size.observe(size as f64);
+                            act.metrics
+                                .snapshots_written
+                                .with_label_values(&[source])
+                                .inc();
                             log::debug!(
                                 "run {run_id}: snapshot of {size} bytes at event {}",
                                 done.covers
@@ -113,7 +128,38 @@ struct Done {
     bytes: Option<usize>,
 }
 
-/// Builds and stores a snapshot of what is durable.
+/// Saves and stores the run actor's copy of what is durable.
+async fn snapshot_copy(
+    store: &dyn Store,
+    run_id: Uuid,
+    copy: DurableCopy,
+    region: String,
+    keep: usize,
+) -> Result<Done, LoadError> {
+    let DurableCopy {
+        mut doc,
+        event_count,
+        fence,
+    } = copy;
+    let snapshot = Snapshot {
+        id: Uuid::new_v4(),
+        run_id,
+        lamport: i64::try_from(doc.lamport()).unwrap_or(i64::MAX),
+        region,
+        created_at: chrono::Utc::now().naive_utc(),
+        event_count: i32::try_from(event_count).unwrap_or(i32::MAX),
+        data: doc.save(),
+        projection: Some(doc.projection().encode()),
+        fence,
+    };
+    store.save_snapshot(&snapshot, keep).await?;
+    Ok(Done {
+        covers: event_count,
+        bytes: Some(snapshot.data.len()),
+    })
+}
+
+/// Builds and stores a snapshot of what is durable, from storage.
 async fn snapshot_durable_state(
     store: &dyn Store,
     run_id: Uuid,

@@ -23,7 +23,7 @@ use super::state::{read_graft, read_graft_in, root_obj, root_obj_in, Graft};
 /// rebuilds): a run written and never read must not grow it without end.
 const MAX_UNREAD_CHANGES: usize = 20_000;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(super) struct GraftIndex {
     /// The heads the index reflects; empty when it must be rebuilt.
     heads: Vec<ChangeHash>,

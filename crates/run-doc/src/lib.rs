@@ -276,6 +276,23 @@ impl RunDoc {
         })
     }
 
+    /// A copy of the document and its graft index, to be saved elsewhere: a snapshot is built
+    /// on the snapshot thread from this, not by pausing the run to serialize it. Cloning
+    /// copies Automerge's columns (memory copies), far cheaper than `save`. Changes held back
+    /// for missing dependencies are not part of the document and are not copied.
+    pub fn copy_for_snapshot(&self) -> RunDoc {
+        RunDoc {
+            run_id: self.run_id,
+            region: self.region.clone(),
+            doc: self.doc.clone(),
+            lamport: self.lamport,
+            genesis: self.genesis,
+            parked: HashMap::new(),
+            grafts: self.grafts.clone(),
+            order: None,
+        }
+    }
+
     pub fn lamport(&self) -> u64 {
         self.lamport
     }

@@ -12,13 +12,15 @@
 //! - `handlers`: the messages (the runtime's API, see `runs::api`);
 //! - `lifecycle`: loading, idling out, failing; `warming`: answering from the snapshot's
 //!   projection while the document loads;
-//! - `write_queue`, `events`, `snapshot_schedule`: the durability pipeline as plain data.
+//! - `write_queue`, `events`, `snapshot_schedule`: the durability pipeline as plain data;
+//! - `snapshot_copy`: the document handed to the snapshot actor when it holds what is durable.
 
 mod deletion;
 mod events;
 mod handlers;
 mod lifecycle;
 mod ops_rate;
+mod snapshot_copy;
 mod snapshot_schedule;
 mod warming;
 mod write_queue;
@@ -43,6 +45,7 @@ use write_queue::{Batch, PendingWrite, WriteQueue};
 pub(crate) use deletion::Decide;
 pub(crate) use handlers::{Call, FinalSnapshot, Handover, SnapshotWritten};
 pub(crate) use lifecycle::{Depose, Evict};
+pub(crate) use snapshot_copy::{CopyForSnapshot, DurableCopy};
 
 /// Client operation ids a run remembers, newest last.
 const RECENT_OPS: usize = 4096;
@@ -82,6 +85,9 @@ pub struct RunActor {
     fence: Option<run_store::Fence>,
     /// Another pod of the region holds the run: nothing is loaded, every request is told so.
     elsewhere: Option<run_store::Owner>,
+    /// The snapshot actor's request for a copy of the document, answered once it holds only
+    /// what is durable.
+    copy_wanted: Option<snapshot_copy::CopyReply>,
 }
 
 impl RunActor {
@@ -113,6 +119,7 @@ impl RunActor {
             read: None,
             fence: None,
             elsewhere: None,
+            copy_wanted: None,
             runs,
         }
     }
@@ -342,6 +349,7 @@ impl RunActor {
         }
         self.report_event_count(ctx);
         self.record_digest();
+        self.answer_copy(false);
     }
 
     /// Records the heads digest when the document holds exactly what is durable; while writes
