@@ -13,6 +13,12 @@
 //! checkpointed every 4,000 pages (16 MB) rather than 1,000: the checkpoint runs inside a commit,
 //! and pages written again between two checkpoints are copied back once. Together 1.06×
 //! durable grafts/s under wrk (BENCHMARKS.md).
+//!
+//! Appends and snapshots are written through one connection of their own. In WAL mode a
+//! connection drops its whole page cache when it begins a transaction after another connection
+//! wrote, so writes spread over the pool found their index pages cold and read them again; and
+//! two writers of ours met in SQLite's busy handler, which sleeps. One writer behind a mutex
+//! keeps its cache and queues in order.
 
 use std::time::Duration;
 
@@ -39,6 +45,8 @@ type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
 
 pub struct SqliteStore {
     pool: Pool<ConnectionManager<SqliteConnection>>,
+    /// The connection appends and snapshots are written through (see the module's notes).
+    writer: std::sync::Arc<std::sync::Mutex<Conn>>,
 }
 
 // busy_timeout first: the others may need a lock that a neighbouring connection holds.
@@ -124,7 +132,36 @@ impl SqliteStore {
             .connection_customizer(Box::new(Pragmas))
             .build(ConnectionManager::new(path))
             .map_err(pool_error)?;
-        Ok(SqliteStore { pool })
+        // Held for the store's life: the pool keeps the rest for reads and rarer writes.
+        let writer = pool.get().map_err(pool_error)?;
+        Ok(SqliteStore {
+            pool,
+            writer: std::sync::Arc::new(std::sync::Mutex::new(writer)),
+        })
+    }
+
+    /// Runs `work` with the writer connection on the blocking pool.
+    async fn with_writer<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Conn) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (writer, pool) = (self.writer.clone(), self.pool.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = match writer.lock() {
+                Ok(conn) => conn,
+                // A panic mid-transaction may have left one open on it: take a fresh one.
+                Err(poisoned) => {
+                    let mut conn = poisoned.into_inner();
+                    *conn = pool.get().map_err(pool_error)?;
+                    writer.clear_poison();
+                    conn
+                }
+            };
+            work(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("SQLite task failed: {e}")))?
     }
 
     /// Runs `work` with a pooled connection on the blocking pool.
@@ -187,7 +224,7 @@ impl Store for SqliteStore {
             return Err(StoreError::Unsupported("sharing a database among pods"));
         }
         let events = events.to_vec();
-        self.with_conn(move |c| {
+        self.with_writer(move |c| {
             // Immediate: the write lock from the start, so the ids read below are this
             // transaction's own.
             let n = c.immediate_transaction(|c| {
@@ -481,7 +518,7 @@ impl Store for SqliteStore {
             projection: s.projection.clone(),
         };
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
-        self.with_conn(move |c| {
+        self.with_writer(move |c| {
             c.transaction(|c| {
                 diesel::insert_into(snap::table).values(&row).execute(c)?;
                 let newest: Vec<Vec<u8>> = snap::table
