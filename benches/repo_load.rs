@@ -393,6 +393,20 @@ async fn trial(o: &Options, target: Target, rate: f64) -> Trial {
     let cpu_after = (cpu_secs(std::process::id()), cpu_secs(pid));
     let rss_after_mib = rss_kib(pid) as f64 / 1024.0;
     let rss_peak_mib = common::peak_rss_mib(pid) as f64;
+    if let Server::CrdtNode { node, .. } = &server {
+        // What the node complained of, when it did: why a trial fell short.
+        let text = node.log_text();
+        let mut seen = std::collections::HashSet::new();
+        for line in text
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        {
+            let gist: String = line.split_whitespace().skip(3).take(8).collect();
+            if seen.insert(gist) && seen.len() <= 5 {
+                eprintln!("crdt-node: {line}");
+            }
+        }
+    }
     drop(server);
     let sent = tally.sent.load(Ordering::Relaxed);
     // Each change reaches the other writers of its document and its observers.

@@ -36,7 +36,7 @@ pub const MAX_STALL_RESETS: u8 = 2;
 #[derive(Debug)]
 pub struct StepRequest {
     pub state: Box<sync::State>,
-    pub incoming: Option<sync::Message>,
+    pub incoming: Vec<sync::Message>,
 }
 
 /// What the caller is to do.
@@ -95,10 +95,17 @@ impl SyncDriver {
         self.state.as_deref()
     }
 
-    /// A step with `incoming` (`None`: offer what the peer may lack), unless one is out.
-    pub fn step(&mut self, incoming: Option<sync::Message>) -> Option<StepRequest> {
+    /// A step with `incoming`, the peer's messages in order (none: offer what the peer may
+    /// lack), unless one is out.
+    pub fn step(
+        &mut self,
+        incoming: impl IntoIterator<Item = sync::Message>,
+    ) -> Option<StepRequest> {
         let state = self.state.take()?;
-        Some(StepRequest { state, incoming })
+        Some(StepRequest {
+            state,
+            incoming: incoming.into_iter().collect(),
+        })
     }
 
     /// A fresh round from what both sides last agreed on, asking the peer to resend what this
@@ -107,7 +114,7 @@ impl SyncDriver {
         let state = self.state.take()?;
         Some(StepRequest {
             state: self.reset(Some(&state)),
-            incoming: None,
+            incoming: Vec::new(),
         })
     }
 

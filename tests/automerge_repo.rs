@@ -241,24 +241,7 @@ async fn an_answered_client_change_survives_sigkill(backend: Backend) {
     let mut state = sync::State::new();
     let hello = doc.sync().generate_sync_message(&mut state).unwrap();
     p.sync("sync", &doc_id(run), hello).await;
-    let mut answered = false;
-    while !answered {
-        let m = p.next().await;
-        let Some(Cbor::Bytes(data)) = field(&m, "data") else {
-            panic!("{m:?}")
-        };
-        doc.sync()
-            .receive_sync_message(&mut state, sync::Message::decode(&data).unwrap())
-            .unwrap();
-        // The node's heads include ours once it has taken the change.
-        answered = state
-            .their_heads
-            .as_ref()
-            .is_some_and(|h| *h == doc.get_heads());
-        if let Some(reply) = doc.sync().generate_sync_message(&mut state) {
-            p.sync("sync", &doc_id(run), reply).await;
-        }
-    }
+    until_answered(&mut p, run, &mut doc, &mut state).await;
     node.kill();
     let node = Node::spawn(&db, &[]);
     let (_, st) = c.get(&run_url(&node, run, "/state")).await;
@@ -267,7 +250,68 @@ async fn an_answered_client_change_survives_sigkill(backend: Backend) {
     assert_eq!(rows, 2);
 }
 
-both_backends!(an_answered_client_change_survives_sigkill);
+/// Takes the node's sync messages (answering them) until its heads are the client's: the node
+/// answers with heads that include a change only once the change is committed.
+async fn until_answered(p: &mut Peer, run: Uuid, doc: &mut AutoCommit, state: &mut sync::State) {
+    let mut answered = false;
+    while !answered {
+        let m = p.next().await;
+        let Some(Cbor::Bytes(data)) = field(&m, "data") else {
+            panic!("{m:?}")
+        };
+        doc.sync()
+            .receive_sync_message(state, sync::Message::decode(&data).unwrap())
+            .unwrap();
+        answered = state
+            .their_heads
+            .as_ref()
+            .is_some_and(|h| *h == doc.get_heads());
+        if let Some(reply) = doc.sync().generate_sync_message(state) {
+            p.sync("sync", &doc_id(run), reply).await;
+        }
+    }
+}
+
+/// A client writing faster than the node commits: thirty changes, each sent in a sync message
+/// of its own at once, without waiting for answers. The node takes what waited in one step
+/// (each message still judged on its own); every change is logged: after SIGKILL the restarted
+/// node holds all thirty, one event each.
+async fn a_burst_of_client_changes_is_logged_whole(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = make_run(&c, &node, "A").await;
+    let mut p = Peer::joined(&node, "writer").await;
+    let mut doc = AutoCommit::new();
+    // One sync state throughout, as a client keeps: each message then carries its change.
+    let mut state = sync::State::new();
+    p.sync_until_quiet_with(&doc_id(run), &mut doc, &mut state)
+        .await;
+    let flags = doc.get(ROOT, "flags").unwrap().unwrap().1;
+    for i in 0..30 {
+        doc.put(&flags, format!("burst{i}"), i).unwrap();
+        doc.commit();
+        if let Some(m) = doc.sync().generate_sync_message(&mut state) {
+            p.sync("sync", &doc_id(run), m).await;
+        }
+    }
+    let answered = tokio::spawn(async move {
+        until_answered(&mut p, run, &mut doc, &mut state).await;
+    });
+    assert!(answered.await.is_ok(), "not answered:\n{}", node.log_text());
+    node.kill();
+    let node = Node::spawn(&db, &[]);
+    let (_, st) = c.get(&run_url(&node, run, "/state")).await;
+    for i in 0..30 {
+        assert_eq!(st["flags"][format!("burst{i}")], i, "{st}");
+    }
+    assert_eq!(common::db::event_rows(&db, run).await, 31);
+}
+
+both_backends!(
+    an_answered_client_change_survives_sigkill,
+    a_burst_of_client_changes_is_logged_whole
+);
 
 /// A client's own document under a run's id (`repo.create()`) is not the run: the node asks
 /// for it, refuses it, says `doc-unavailable` without offering the run's genesis, and the

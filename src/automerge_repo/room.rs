@@ -3,10 +3,11 @@
 //! Each connection has its own Automerge sync state here, created when it opens the document
 //! (so a reconnect always starts afresh). A connection takes one sync step at a time through
 //! the run's actor, which applies what the client sent, logs it, and answers once what the
-//! reply shows is durable; messages that arrive meanwhile wait in order. After every commit
-//! to the run (from any door) each connection takes one more step, which sends it what it
-//! lacks, if anything. A client asking for a run that has nothing stored is offered the run's
-//! genesis (nothing is stored for that), so its first write creates the run.
+//! reply shows is durable; messages that arrive meanwhile wait in order, and the next step
+//! takes them all (up to `MAX_STEP_MESSAGES`). After every commit to the run (from any door)
+//! each connection takes one more step, which sends it what it lacks, if anything. A client
+//! asking for a run that has nothing stored is offered the run's genesis (nothing is stored
+//! for that), so its first write creates the run.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -87,6 +88,9 @@ struct Peer {
 /// its changes commit is closed (it resyncs when it reconnects) rather than buffered forever.
 const MAX_INBOX: usize = 256;
 
+/// Most waiting messages of one connection taken in one step.
+const MAX_STEP_MESSAGES: usize = 32;
+
 pub struct DocRoom {
     run_id: Uuid,
     document_id: String,
@@ -161,10 +165,14 @@ impl DocRoom {
         }
         // Any step replies with all the run holds by then: it covers the pending push.
         peer.dirty = false;
-        let incoming = peer.inbox.pop_front();
-        // Whether a message came, and whether it says the client holds the document.
-        let answered = incoming.is_some();
-        let holds = incoming.as_ref().is_some_and(|m| !m.heads.is_empty());
+        // Everything that arrived while the last step was made durable, in one step (each
+        // message still judged on its own): a client writing faster than one commit per
+        // message is answered once per commit instead of falling behind.
+        let take = peer.inbox.len().min(MAX_STEP_MESSAGES);
+        let incoming: Vec<sync::Message> = peer.inbox.drain(..take).collect();
+        // Whether a message came, and whether the latest says the client holds the document.
+        let answered = !incoming.is_empty();
+        let holds = incoming.last().is_some_and(|m| !m.heads.is_empty());
         let Some(request) = peer.sync.step(incoming) else {
             return;
         };

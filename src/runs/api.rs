@@ -57,7 +57,8 @@ pub struct SyncOutcome {
 #[derive(Debug, Clone)]
 pub struct SyncStep {
     pub state: Box<sync::State>,
-    pub incoming: Option<sync::Message>,
+    /// The peer's messages, taken in order before one reply; none: offer what it may lack.
+    pub incoming: Vec<sync::Message>,
     pub source_region: String,
     pub via: String,
     /// Set when the peer is a foreign Automerge client (automerge-repo) rather than a node:

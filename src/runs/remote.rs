@@ -166,7 +166,11 @@ impl Runs {
     ) -> Result<SyncStepReply, RunError> {
         let call = Call::SyncStep {
             state: Box::new(wire::SyncState::from(&*s.state)),
-            incoming: s.incoming.map(|m| ByteBuf::from(m.encode())),
+            incoming: s
+                .incoming
+                .into_iter()
+                .map(|m| ByteBuf::from(m.encode()))
+                .collect(),
             source_region: s.source_region,
             via: s.via,
             client: s.client,
@@ -318,8 +322,9 @@ impl Runs {
                 author,
             } => {
                 let incoming = incoming
-                    .map(|b| run_doc::decode_sync_message(&b))
-                    .transpose()?;
+                    .iter()
+                    .map(|b| run_doc::decode_sync_message(b))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let step = SyncStep {
                     state: Box::new(state.into_state().map_err(bad)?),
                     incoming,

@@ -67,7 +67,7 @@ fn a_reloaded_run_resyncs_from_the_shared_heads() {
     );
     let req = d.resync().expect("a fresh round");
     assert!(req.state.needs_reset, "the peer is asked to resend");
-    assert!(req.incoming.is_none());
+    assert!(req.incoming.is_empty());
 }
 
 #[test]

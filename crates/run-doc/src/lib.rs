@@ -182,6 +182,18 @@ pub struct RemoteApplied {
     pub parked: usize,
 }
 
+impl RemoteApplied {
+    /// Adds what a later batch did to this one's.
+    fn absorb(&mut self, later: RemoteApplied) {
+        self.applied.extend(later.applied);
+        self.duplicates += later.duplicates;
+        self.parked += later.parked;
+        if later.error.is_some() {
+            self.error = later.error;
+        }
+    }
+}
+
 /// One run's Automerge document and Lamport clock.
 pub struct RunDoc {
     run_id: Uuid,
@@ -718,7 +730,7 @@ impl RunDoc {
     pub fn sync_step(
         &mut self,
         state: &mut sync::State,
-        incoming: Option<sync::Message>,
+        incoming: impl IntoIterator<Item = sync::Message>,
         budget: Budget,
     ) -> SyncStep {
         self.sync_step_by(state, incoming, budget, None)
@@ -727,23 +739,36 @@ impl RunDoc {
     /// As [`RunDoc::sync_step`], for a user's own changes: with `author`, the changes must keep
     /// the run's authorship rules for that user (see `authorship`), or the whole message is
     /// refused with [`DocError::NotPermitted`] and nothing of it stays in the document.
+    ///
+    /// Several messages are taken in order, each on its own (its own budget, its own
+    /// authorship check), before one reply: what a peer sent while its last step was being
+    /// made durable costs one step, not one each. A refused message stops the step; those
+    /// before it stay applied.
     pub fn sync_step_by(
         &mut self,
         state: &mut sync::State,
-        incoming: Option<sync::Message>,
+        incoming: impl IntoIterator<Item = sync::Message>,
         budget: Budget,
         author: Option<&str>,
     ) -> SyncStep {
         let mut step = SyncStep::default();
         let mut newly_parked = false;
-        if let Some(message) = incoming {
-            match self.receive(state, message, budget, author, &mut step.applied) {
-                Ok(parked) => newly_parked = parked,
+        for message in incoming {
+            let mut applied = RemoteApplied::default();
+            let received = self.receive(state, message, budget.clone(), author, &mut applied);
+            step.applied.absorb(applied);
+            match received {
+                Ok(parked) => newly_parked |= parked,
                 Err(e) => step.applied.error = Some(e),
             }
             if step.applied.error.is_some() {
                 return step;
             }
+        }
+        if !step.applied.applied.is_empty() {
+            // A later message without changes, whose heads are now ours, would have Automerge
+            // think the peer knows we hold them: it must hear our heads (as `receive` says).
+            state.last_sent_heads.clear();
         }
         step.reply = self.doc.sync().generate_sync_message(state);
         self.ask_for_parked(state, &mut step.reply, newly_parked);

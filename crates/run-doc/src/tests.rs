@@ -792,6 +792,82 @@ fn sync_changes_ahead_of_their_dependencies_are_parked_and_the_gap_is_asked_for(
     assert_eq!(a.heads(), b.heads());
 }
 
+/// `n` grafts on `a`, each followed by the sync message a client would send at once, without
+/// waiting for an answer.
+fn messages_in_a_row(a: &mut RunDoc, sa: &mut sync::State, n: usize) -> Vec<sync::Message> {
+    (0..n)
+        .map(|i| {
+            a.apply(&graft(&format!("Row{i}"), "Step1", "alice"), T0)
+                .unwrap();
+            a.sync_step(sa, None, Budget::default())
+                .reply
+                .expect("a message for each new change")
+        })
+        .collect()
+}
+
+#[test]
+fn several_sync_messages_in_one_step_do_what_they_do_one_by_one() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "us-east-1");
+    let mut sa = sync::State::new();
+    // The peer first learns what the server holds, as a connected client has.
+    let mut together = RunDoc::new(run, "eu-central-1");
+    let mut st = sync::State::new();
+    sync_until_quiet(&mut a, &mut sa, &mut together, &mut st);
+    let mut one_by_one = RunDoc::load(run, "eu-central-1", &together.save()).unwrap();
+    let mut so = st.clone();
+    let messages = messages_in_a_row(&mut a, &mut sa, 5);
+
+    let step = together.sync_step(&mut st, messages.clone(), Budget::default());
+    assert!(step.applied.error.is_none(), "{:?}", step.applied.error);
+    assert_eq!(step.applied.applied.len(), 5);
+    let reply = step.reply.expect("one reply to the five");
+    assert_eq!(reply.heads, a.heads(), "the reply acknowledges all five");
+
+    let mut applied = 0;
+    for m in messages {
+        let step = one_by_one.sync_step(&mut so, Some(m), Budget::default());
+        assert!(step.applied.error.is_none());
+        applied += step.applied.applied.len();
+    }
+    assert_eq!(applied, 5);
+    assert_eq!(together.heads(), one_by_one.heads());
+    assert_eq!(together.state(), one_by_one.state());
+    // The one reply is enough for the client: both sides settle on the same document.
+    let answer = a.sync_step(&mut sa, Some(reply), Budget::default());
+    assert!(answer.applied.error.is_none());
+    sync_until_quiet(&mut a, &mut sa, &mut together, &mut st);
+    assert_eq!(a.heads(), together.heads());
+}
+
+#[test]
+fn a_refused_message_in_a_step_keeps_those_before_it_and_stops_the_rest() {
+    let run = Uuid::new_v4();
+    let mut a = RunDoc::new(run, "us-east-1");
+    let mut sa = sync::State::new();
+    let mut b = RunDoc::new(run, "eu-central-1");
+    let mut sb = sync::State::new();
+    sync_until_quiet(&mut a, &mut sa, &mut b, &mut sb);
+    let mut messages = messages_in_a_row(&mut a, &mut sa, 3);
+    // The middle message carries bytes that are not a change.
+    messages[1].changes = vec![vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3]].into();
+    let step = b.sync_step(&mut sb, messages, Budget::default());
+    assert!(
+        matches!(step.applied.error, Some(DocError::InvalidChanges(_))),
+        "{:?}",
+        step.applied.error
+    );
+    assert_eq!(
+        step.applied.applied.len(),
+        1,
+        "the first message stays applied"
+    );
+    assert!(step.reply.is_none());
+    let grafts: Vec<String> = b.state().grafts.iter().map(|g| g.agent.clone()).collect();
+    assert_eq!(grafts, vec!["Row0".to_string()]);
+}
+
 #[test]
 fn sync_messages_with_malformed_bloom_filters_are_refused_not_panicked_on() {
     let run = Uuid::new_v4();
@@ -1706,4 +1782,51 @@ fn a_users_changes_may_graft_and_prune_only_under_their_own_name() {
     let service = client_edit(&mut doc, None, |raw| push_graft(raw, "g-svc", "carol"));
     assert!(service.is_none(), "{service:?}");
     assert_eq!(doc.state().grafts.len(), 4);
+}
+
+/// A client that writes before it has heard from the node sends heads only; once asked, it
+/// answers with its changes and then a message without any. Taken in one step, the node must
+/// still answer with its new heads, or the client never learns its changes were taken (one
+/// by one, the first message's answer said so).
+#[test]
+fn a_step_whose_last_message_brings_nothing_still_acknowledges_the_earlier_ones() {
+    let run = Uuid::new_v4();
+    let mut node = RunDoc::new(run, "us-east-1");
+    node.apply(&graft("Base", "Step1", "alice"), T0).unwrap();
+    let mut client = RunDoc::load(run, "eu-central-1", &node.save()).unwrap();
+    let (mut cs, mut ns) = (sync::State::new(), sync::State::new());
+    let mut heads_only = Vec::new();
+    for i in 0..5 {
+        client
+            .apply(&graft(&format!("B{i}"), "Step1", "bob"), T0)
+            .unwrap();
+        heads_only.extend(client.sync_step(&mut cs, None, Budget::default()).reply);
+    }
+    assert!(heads_only.iter().all(|m| m.changes.is_empty()));
+    let asks = node.sync_step(&mut ns, heads_only, Budget::default()).reply;
+    let asks = asks.expect("the node asks for what it lacks");
+    // Two answers in a row: the changes, then (the client's state moved on) heads alone.
+    let mut answers = Vec::new();
+    answers.extend(
+        client
+            .sync_step(&mut cs, Some(asks.clone()), Budget::default())
+            .reply,
+    );
+    answers.extend(
+        client
+            .sync_step(&mut cs, Some(asks), Budget::default())
+            .reply,
+    );
+    assert_eq!(answers.len(), 2);
+    assert!(!answers[0].changes.is_empty() && answers[1].changes.is_empty());
+    let step = node.sync_step(&mut ns, answers, Budget::default());
+    assert_eq!(step.applied.applied.len(), 5);
+    let ack = step.reply.expect("the node answers with its new heads");
+    client.sync_step(&mut cs, Some(ack), Budget::default());
+    assert_eq!(
+        cs.their_heads,
+        Some(client.heads()),
+        "the client knows its changes were taken"
+    );
+    assert_eq!(node.heads(), client.heads());
 }

@@ -156,7 +156,8 @@ pub enum Call {
     /// or an automerge-repo client).
     SyncStep {
         state: Box<SyncState>,
-        incoming: Option<ByteBuf>,
+        /// The peer's messages, taken in order (none: offer what it may lack).
+        incoming: Vec<ByteBuf>,
         source_region: String,
         via: String,
         client: Option<String>,
@@ -367,7 +368,7 @@ mod tests {
     fn calls_round_trip_and_garbage_is_refused() {
         let call = Call::SyncStep {
             state: Box::new(SyncState::from(&busy_state())),
-            incoming: Some(ByteBuf::from(vec![1, 2, 3])),
+            incoming: vec![ByteBuf::from(vec![1, 2, 3])],
             source_region: "eu".into(),
             via: "node-1".into(),
             client: None,

@@ -135,8 +135,19 @@ impl Peer {
 
     /// Syncs `doc` with the node until the node has nothing more to say.
     pub async fn sync_until_quiet(&mut self, doc_id: &str, doc: &mut AutoCommit) {
-        let mut state = sync::State::new();
-        if let Some(m) = doc.sync().generate_sync_message(&mut state) {
+        self.sync_until_quiet_with(doc_id, doc, &mut sync::State::new())
+            .await
+    }
+
+    /// [`Peer::sync_until_quiet`] with a sync state the caller keeps (as a client keeps one
+    /// per peer, so its later messages carry its changes at once).
+    pub async fn sync_until_quiet_with(
+        &mut self,
+        doc_id: &str,
+        doc: &mut AutoCommit,
+        state: &mut sync::State,
+    ) {
+        if let Some(m) = doc.sync().generate_sync_message(state) {
             self.sync("sync", doc_id, m).await;
         }
         loop {
@@ -147,8 +158,8 @@ impl Peer {
                 panic!("sync without data: {message:?}")
             };
             let m = sync::Message::decode(&data).unwrap();
-            doc.sync().receive_sync_message(&mut state, m).unwrap();
-            if let Some(reply) = doc.sync().generate_sync_message(&mut state) {
+            doc.sync().receive_sync_message(state, m).unwrap();
+            if let Some(reply) = doc.sync().generate_sync_message(state) {
                 self.sync("sync", doc_id, reply).await;
             }
         }

@@ -205,25 +205,26 @@ impl Handler<Call<SyncStep>> for RunActor {
         }
         // Changes cannot be stored now: refuse them at once (the peer retries); a step that
         // carries none may still answer.
-        let carries_changes = msg.incoming.as_ref().is_some_and(|m| !m.changes.is_empty());
+        let carries_changes = msg.incoming.iter().any(|m| !m.changes.is_empty());
         if carries_changes {
             if let Err(e) = self.runs.check_store() {
                 return refuse(e);
             }
         }
         // A client's changes wait while the loaded runs hold the node's budget of operations.
-        if let (Some(_), Some(incoming)) = (&msg.client, &msg.incoming) {
-            let ops: u64 = incoming
-                .changes
+        if msg.client.is_some() && !msg.incoming.is_empty() {
+            let ops: u64 = msg
+                .incoming
                 .iter()
+                .flat_map(|m| m.changes.iter())
                 .filter_map(|chunk| Budget::own().admit_all(chunk).ok())
                 .flatten()
                 .map(|size| size.ops)
                 .sum();
             let room = self.runs.ops_room(ops, self.ops_counted);
-            let rate = match incoming.changes.is_empty() {
-                true => Ok(()),
-                false => self.within_rate(),
+            let rate = match carries_changes {
+                false => Ok(()),
+                true => self.within_rate(),
             };
             if let Err(e) = room.and(rate) {
                 return refuse(e);
