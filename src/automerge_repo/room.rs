@@ -4,7 +4,7 @@
 //! (so a reconnect always starts afresh). A connection takes one sync step at a time through
 //! the run's actor, which applies what the client sent, logs it, and answers once what the
 //! reply shows is durable; messages that arrive meanwhile wait in order, and the next step
-//! takes them all (up to `MAX_STEP_MESSAGES`). After every commit to the run (from any door)
+//! takes them all (up to `MAX_STEP_MESSAGES`, and a frame's worth of changes). After every commit to the run (from any door)
 //! each connection takes one more step, which sends it what it lacks, if anything. A client
 //! asking for a run that has nothing stored is offered the run's genesis (nothing is stored
 //! for that), so its first write creates the run.
@@ -91,6 +91,24 @@ const MAX_INBOX: usize = 256;
 /// Most waiting messages of one connection taken in one step.
 const MAX_STEP_MESSAGES: usize = 32;
 
+/// The messages of the next step: the oldest always, then more while they number at most
+/// [`MAX_STEP_MESSAGES`] and their changes add up to at most one frame's worth (`max_frame`),
+/// so a step handed to another pod stays within what one message could make it.
+fn take_step(inbox: &mut VecDeque<sync::Message>, max_frame: usize) -> Vec<sync::Message> {
+    let size = |m: &sync::Message| m.changes.iter().map(|c| c.len()).sum::<usize>();
+    let mut taken = Vec::new();
+    let mut bytes = 0;
+    while let Some(next) = inbox.front() {
+        let more = size(next);
+        if !taken.is_empty() && (taken.len() >= MAX_STEP_MESSAGES || bytes + more > max_frame) {
+            break;
+        }
+        bytes += more;
+        taken.extend(inbox.pop_front());
+    }
+    taken
+}
+
 pub struct DocRoom {
     run_id: Uuid,
     document_id: String,
@@ -168,8 +186,7 @@ impl DocRoom {
         // Everything that arrived while the last step was made durable, in one step (each
         // message still judged on its own): a client writing faster than one commit per
         // message is answered once per commit instead of falling behind.
-        let take = peer.inbox.len().min(MAX_STEP_MESSAGES);
-        let incoming: Vec<sync::Message> = peer.inbox.drain(..take).collect();
+        let incoming = take_step(&mut peer.inbox, self.shared.config.max_frame);
         // Whether a message came, and whether the latest says the client holds the document.
         let answered = !incoming.is_empty();
         let holds = incoming.last().is_some_and(|m| !m.heads.is_empty());
@@ -399,5 +416,43 @@ impl Handler<Relay> for DocRoom {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(change_bytes: usize) -> sync::Message {
+        sync::Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![],
+            changes: vec![vec![0; change_bytes]].into(),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        }
+    }
+
+    fn sizes(step: &[sync::Message]) -> Vec<usize> {
+        step.iter()
+            .map(|m| m.changes.iter().map(|c| c.len()).sum())
+            .collect()
+    }
+
+    #[test]
+    fn a_step_takes_what_waited_up_to_a_count_and_a_frame() {
+        let mut inbox: VecDeque<_> = (0..40).map(|_| message(10)).collect();
+        assert_eq!(take_step(&mut inbox, 1_000).len(), MAX_STEP_MESSAGES);
+        assert_eq!(take_step(&mut inbox, 1_000).len(), 8);
+        assert!(take_step(&mut inbox, 1_000).is_empty());
+
+        let mut inbox: VecDeque<_> = [400, 500, 200, 50].map(message).into();
+        assert_eq!(sizes(&take_step(&mut inbox, 1_000)), vec![400, 500]);
+        assert_eq!(sizes(&take_step(&mut inbox, 1_000)), vec![200, 50]);
+        // One message past a frame's worth still goes, alone.
+        let mut inbox: VecDeque<_> = [2_000, 10].map(message).into();
+        assert_eq!(sizes(&take_step(&mut inbox, 1_000)), vec![2_000]);
+        assert_eq!(sizes(&take_step(&mut inbox, 1_000)), vec![10]);
     }
 }

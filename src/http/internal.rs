@@ -11,8 +11,9 @@ use super::cluster_link::now_ms;
 use super::error::ApiError;
 use super::{validate, AppState};
 
-/// The largest call this pod reads (a peer's sync message, a region's changes: bounded by the
-/// mesh's and the doors' frame limits, far below this).
+/// The largest call this pod reads (a peer's sync messages, a region's changes: bounded by the
+/// mesh's and the doors' frame limits; a step of several client messages carries at most one
+/// frame's worth of changes, `automerge_repo::room::take_step`).
 const MAX_CALL: usize = 32 * 1024 * 1024;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

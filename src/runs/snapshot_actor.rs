@@ -7,8 +7,8 @@
 //! never a write still in flight that may yet be refused: it is saved from a copy of the run's
 //! document taken while that holds exactly what the log holds (`run_actor::snapshot_copy`), or,
 //! when the run cannot give one soon, built from durable storage, the newest snapshot plus the
-//! events after it. The run actor never pauses to serialize its document: saving runs on this
-//! actor's own thread. One run never has two snapshots in progress, and the newest
+//! events after it. The run actor never pauses to serialize its document (only to copy it):
+//! saving runs on this actor's own thread. One run never has two snapshots in progress, and the newest
 //! `snapshot_keep` per run are kept.
 
 use std::collections::{HashSet, VecDeque};
@@ -18,7 +18,7 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use super::loader::{self, LoadError};
-use super::run_actor::{CopyForSnapshot, DurableCopy, RunActor, SnapshotWritten};
+use super::run_actor::{CopyAnswer, CopyForSnapshot, DurableCopy, RunActor, SnapshotWritten};
 use super::RunsConfig;
 use crate::metrics::Metrics;
 use run_store::{Snapshot, Store};
@@ -69,12 +69,24 @@ impl SnapshotActor {
             let copy = run.clone();
             let work = async move {
                 match copy.send(CopyForSnapshot).await {
-                    Ok(Some(copy)) => snapshot_copy(store.as_ref(), run_id, copy, region, keep)
-                        .await
-                        .map(|done| (done, "memory")),
-                    _ => snapshot_durable_state(store.as_ref(), run_id, region, keep)
-                        .await
-                        .map(|done| (done, "storage")),
+                    Ok(CopyAnswer::Copy(copy)) => {
+                        snapshot_copy(store.as_ref(), run_id, *copy, region, keep)
+                            .await
+                            .map(|done| (done, "memory"))
+                    }
+                    Ok(CopyAnswer::NothingNew) => Ok((
+                        Done {
+                            covers: 0,
+                            bytes: None,
+                        },
+                        "memory",
+                    )),
+                    // Not loaded any more, or no copy now: from the log.
+                    Ok(CopyAnswer::FromStorage) | Err(_) => {
+                        snapshot_durable_state(store.as_ref(), run_id, region, keep)
+                            .await
+                            .map(|done| (done, "storage"))
+                    }
                 }
             };
             ctx.spawn(work.into_actor(self).map(move |result, act, ctx| {

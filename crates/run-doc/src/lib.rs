@@ -187,7 +187,8 @@ impl RemoteApplied {
     fn absorb(&mut self, later: RemoteApplied) {
         self.applied.extend(later.applied);
         self.duplicates += later.duplicates;
-        self.parked += later.parked;
+        // How many are held back now, not per batch.
+        self.parked = later.parked;
         if later.error.is_some() {
             self.error = later.error;
         }

@@ -25,7 +25,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::r2d2::{
+    ConnectionManager, CustomizeConnection, Pool, PooledConnection, R2D2Connection,
+};
 use diesel::SqliteConnection;
 use uuid::Uuid;
 
@@ -148,16 +150,17 @@ impl SqliteStore {
     {
         let (writer, pool) = (self.writer.clone(), self.pool.clone());
         tokio::task::spawn_blocking(move || {
-            let mut conn = match writer.lock() {
-                Ok(conn) => conn,
-                // A panic mid-transaction may have left one open on it: take a fresh one.
-                Err(poisoned) => {
-                    let mut conn = poisoned.into_inner();
-                    *conn = pool.get().map_err(pool_error)?;
-                    writer.clear_poison();
-                    conn
-                }
-            };
+            let mut conn = writer.lock().unwrap_or_else(|poisoned| {
+                writer.clear_poison();
+                poisoned.into_inner()
+            });
+            // A connection left in a transaction (a panic mid-way) or in error (a commit and its
+            // rollback both failed, as on a full disk) would refuse every later write: it is
+            // replaced, as the pool discards such a connection when it comes back, and dropping
+            // it closes it, which rolls back what it held and releases the write lock.
+            if R2D2Connection::is_broken(&mut **conn) {
+                *conn = pool.get().map_err(pool_error)?;
+            }
             work(&mut conn)
         })
         .await

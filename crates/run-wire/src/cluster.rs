@@ -149,6 +149,38 @@ impl SyncState {
     }
 }
 
+/// A step's messages as an optional byte string when there are none or one, the form every
+/// earlier pod reads and writes, so pods of two versions keep stepping each other's runs
+/// during a rolling update; several go as an array, which only pods of this version read (an
+/// earlier one refuses the call as malformed and the client resyncs).
+mod step_messages {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_bytes::ByteBuf;
+
+    pub fn serialize<S: Serializer>(messages: &[ByteBuf], s: S) -> Result<S::Ok, S::Error> {
+        match messages {
+            [] => s.serialize_none(),
+            [one] => s.serialize_some(one),
+            several => several.serialize(s),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Several(Vec<ByteBuf>),
+        One(ByteBuf),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ByteBuf>, D::Error> {
+        Ok(match Option::<Form>::deserialize(d)? {
+            None => Vec::new(),
+            Some(Form::One(one)) => vec![one],
+            Some(Form::Several(several)) => several,
+        })
+    }
+}
+
 /// A call to the run's owner.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Call {
@@ -156,7 +188,9 @@ pub enum Call {
     /// or an automerge-repo client).
     SyncStep {
         state: Box<SyncState>,
-        /// The peer's messages, taken in order (none: offer what it may lack).
+        /// The peer's messages, taken in order (none: offer what it may lack). Written as pods
+        /// before several messages per step wrote one (null or bytes) unless there are several.
+        #[serde(with = "step_messages")]
         incoming: Vec<ByteBuf>,
         source_region: String,
         via: String,
@@ -386,6 +420,69 @@ mod tests {
             unreachable!()
         };
         assert!(Call::heads(heads).is_err(), "a short hash is refused");
+    }
+
+    /// How a pod of the version before several messages per step wrote a sync step.
+    #[derive(Serialize, Deserialize)]
+    enum EarlierCall {
+        SyncStep {
+            state: Box<SyncState>,
+            incoming: Option<ByteBuf>,
+            source_region: String,
+            via: String,
+            client: Option<String>,
+            author: Option<String>,
+        },
+    }
+
+    fn step_with(incoming: Vec<ByteBuf>) -> Call {
+        Call::SyncStep {
+            state: Box::new(SyncState::from(&busy_state())),
+            incoming,
+            source_region: "eu".into(),
+            via: "node-1".into(),
+            client: None,
+            author: None,
+        }
+    }
+
+    fn earlier_step(incoming: Option<ByteBuf>) -> EarlierCall {
+        EarlierCall::SyncStep {
+            state: Box::new(SyncState::from(&busy_state())),
+            incoming,
+            source_region: "eu".into(),
+            via: "node-1".into(),
+            client: None,
+            author: None,
+        }
+    }
+
+    fn incoming_of(call: Call) -> Vec<ByteBuf> {
+        match call {
+            Call::SyncStep { incoming, .. } => incoming,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn sync_steps_stay_readable_across_one_version_both_ways() {
+        let one = ByteBuf::from(vec![1, 2, 3]);
+        let two = ByteBuf::from(vec![4, 5]);
+        // From an earlier pod: none, or one message.
+        for incoming in [None, Some(one.clone())] {
+            let read: Call = decode(&encode(&earlier_step(incoming.clone()))).unwrap();
+            assert_eq!(incoming_of(read), incoming.into_iter().collect::<Vec<_>>());
+        }
+        // To an earlier pod: none or one message read as before; several refused, not misread.
+        for incoming in [vec![], vec![one.clone()]] {
+            let bytes = encode(&step_with(incoming.clone()));
+            let EarlierCall::SyncStep { incoming: read, .. } = decode(&bytes).unwrap();
+            assert_eq!(read.into_iter().collect::<Vec<_>>(), incoming);
+        }
+        let several = encode(&step_with(vec![one.clone(), two.clone()]));
+        assert!(decode::<EarlierCall>(&several).is_err());
+        // Between pods of this version, several in order.
+        assert_eq!(incoming_of(decode(&several).unwrap()), vec![one, two]);
     }
 
     #[test]

@@ -45,7 +45,7 @@ use write_queue::{Batch, PendingWrite, WriteQueue};
 pub(crate) use deletion::Decide;
 pub(crate) use handlers::{Call, FinalSnapshot, Handover, SnapshotWritten};
 pub(crate) use lifecycle::{Depose, Evict};
-pub(crate) use snapshot_copy::{CopyForSnapshot, DurableCopy};
+pub(crate) use snapshot_copy::{CopyAnswer, CopyForSnapshot, DurableCopy};
 
 /// Client operation ids a run remembers, newest last.
 const RECENT_OPS: usize = 4096;
@@ -87,7 +87,9 @@ pub struct RunActor {
     elsewhere: Option<run_store::Owner>,
     /// The snapshot actor's request for a copy of the document, answered once it holds only
     /// what is durable.
-    copy_wanted: Option<snapshot_copy::CopyReply>,
+    copy_wanted: Option<snapshot_copy::CopyWanted>,
+    /// Copy requests so far (numbers them).
+    copy_asks: u64,
 }
 
 impl RunActor {
@@ -120,6 +122,7 @@ impl RunActor {
             fence: None,
             elsewhere: None,
             copy_wanted: None,
+            copy_asks: 0,
             runs,
         }
     }

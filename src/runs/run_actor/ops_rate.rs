@@ -5,7 +5,9 @@
 //! (or a large run could never be written again), so without this one client could grow one
 //! run by a request's worth over and over. A request is taken while the bucket holds anything
 //! and is charged what it actually applied (a mutation's cost is known only once made), so the
-//! bucket may go into debt; the next requests wait until it refills. Peers are not charged:
+//! bucket may go into debt; the next requests wait until it refills (an automerge-repo step of
+//! several waiting messages is one request, so its debt can reach that many requests' worth).
+//! Peers are not charged:
 //! the regions must converge, and a peer's changes were charged where they came in.
 
 use std::time::{Duration, Instant};
