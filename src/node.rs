@@ -221,6 +221,7 @@ async fn start_runtime(
             snapshot_min_interval: std::time::Duration::from_millis(
                 settings.crdt.snapshot.min_interval_ms,
             ),
+            snapshot_copy_max_changes: settings.crdt.snapshot.copy_max_changes,
             idle_timeout: settings.idle_timeout(),
             write_timeout: std::time::Duration::from_millis(settings.database.write_timeout_ms),
             max_loaded: settings.crdt.memory.max_loaded_runs,

@@ -47,6 +47,8 @@ pub struct RunsConfig {
     pub snapshot_every: u64,
     pub snapshot_keep: usize,
     pub snapshot_min_interval: Duration,
+    /// Largest run (in changes) snapshotted from a copy of its document; 0: none.
+    pub snapshot_copy_max_changes: u64,
     pub idle_timeout: Duration,
     /// Longest an event-log transaction may take before it counts as the database out of reach.
     pub write_timeout: Duration,

@@ -140,7 +140,8 @@ struct Done {
     bytes: Option<usize>,
 }
 
-/// Saves and stores the run actor's copy of what is durable.
+/// Saves and stores a document that holds what is durable (the run actor's copy, or one
+/// rebuilt from storage).
 async fn snapshot_copy(
     store: &dyn Store,
     run_id: Uuid,
@@ -196,24 +197,13 @@ async fn snapshot_durable_state(
             bytes: None,
         });
     }
-    let mut doc = loaded.doc;
-    let snapshot = Snapshot {
-        id: Uuid::new_v4(),
-        run_id,
-        lamport: i64::try_from(doc.lamport()).unwrap_or(i64::MAX),
-        region,
-        created_at: chrono::Utc::now().naive_utc(),
-        event_count: i32::try_from(loaded.last_seq).unwrap_or(i32::MAX),
-        data: doc.save(),
-        projection: Some(doc.projection().encode()),
+    let durable = DurableCopy {
+        doc: loaded.doc,
+        event_count: loaded.last_seq,
         // Made of the log alone: whoever owns the run now, it holds only what is durable.
         fence: None,
     };
-    store.save_snapshot(&snapshot, keep).await?;
-    Ok(Done {
-        covers: loaded.last_seq,
-        bytes: Some(snapshot.data.len()),
-    })
+    snapshot_copy(store, run_id, durable, region, keep).await
 }
 
 impl Handler<EventCount> for SnapshotActor {

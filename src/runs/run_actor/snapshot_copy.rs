@@ -9,7 +9,7 @@
 //! the snapshot thread instead. Writes waiting for the log make the document ahead of it: the
 //! request then waits for the queue to empty, and after [`COPY_WAIT`] the snapshot actor builds
 //! from storage as before. Taking the copy pauses the run briefly (1.8 ms at 10,000 changes,
-//! hence [`MAX_COPIED_CHANGES`]). A copy carries the actor's fence, so a deposed owner's snapshot is
+//! hence `crdt.snapshot.copy-max-changes`, 20,000 by default). A copy carries the actor's fence, so a deposed owner's snapshot is
 //! refused like its writes.
 
 use std::time::Duration;
@@ -22,10 +22,6 @@ use super::RunActor;
 
 /// How long a request waits for the write queue to empty before storage is used instead.
 const COPY_WAIT: Duration = Duration::from_millis(500);
-
-/// Runs larger than this are built from storage: copying them would pause the run (and the
-/// runs sharing its thread) for milliseconds (1.8 ms at 10,000 changes).
-const MAX_COPIED_CHANGES: u64 = 20_000;
 
 /// The run's document as the log holds it up to `event_count`.
 pub(crate) struct DurableCopy {
@@ -87,10 +83,10 @@ impl RunActor {
             && self.warming.is_none()
             && self.elsewhere.is_none()
             && !self.tombstone.as_ref().is_some_and(|t| t.deleted);
-        let size_ok = self
-            .doc
-            .as_ref()
-            .is_some_and(|d| d.size().1 <= MAX_COPIED_CHANGES);
+        // Larger runs are built from storage: copying them would pause the run (and the runs
+        // sharing its thread) for milliseconds (`crdt.snapshot.copy-max-changes`).
+        let most = self.runs.inner.config.snapshot_copy_max_changes;
+        let size_ok = self.doc.as_ref().is_some_and(|d| d.size().1 <= most);
         if usable && size_ok && !self.writes.is_idle() && !give_up {
             // Ahead of the log for now: answered when the queue empties (or gives up).
             return;
