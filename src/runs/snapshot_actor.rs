@@ -35,6 +35,11 @@ pub struct EventCount {
 /// connection pool that commits need.
 const CONCURRENT: usize = 2;
 
+/// Runs asked for a copy, or holding one for its turn, at once: an ask can wait half a second
+/// for a busy run's queue, and must not hold a build slot meanwhile; each answer may hold a
+/// copy of a run's document, so they are bounded too.
+const ASKING: usize = 16;
+
 pub struct SnapshotActor {
     store: Arc<dyn Store>,
     config: RunsConfig,
@@ -42,6 +47,9 @@ pub struct SnapshotActor {
     /// Runs with a snapshot running or waiting: each run at most once.
     in_progress: HashSet<Uuid>,
     waiting: VecDeque<(Uuid, Addr<RunActor>)>,
+    /// Asks for a copy out, and answers waiting for a build slot.
+    asking: usize,
+    answered: VecDeque<(Uuid, Addr<RunActor>, CopyAnswer)>,
     running: usize,
 }
 
@@ -53,36 +61,55 @@ impl SnapshotActor {
             metrics,
             in_progress: HashSet::new(),
             waiting: VecDeque::new(),
+            asking: 0,
+            answered: VecDeque::new(),
             running: 0,
         }
     }
 
+    /// Asks waiting runs for copies, then builds what was answered, each within its bound.
     fn start_waiting(&mut self, ctx: &mut Context<Self>) {
-        while self.running < CONCURRENT {
+        while self.asking + self.answered.len() < ASKING {
             let Some((run_id, run)) = self.waiting.pop_front() else {
+                break;
+            };
+            self.asking += 1;
+            let ask = run.send(CopyForSnapshot);
+            ctx.spawn(ask.into_actor(self).map(move |answer, act, ctx| {
+                act.asking -= 1;
+                // Not loaded any more: from the log.
+                let answer = answer.unwrap_or(CopyAnswer::FromStorage);
+                act.answered.push_back((run_id, run, answer));
+                act.start_waiting(ctx);
+            }));
+        }
+        self.start_answered(ctx);
+    }
+
+    fn start_answered(&mut self, ctx: &mut Context<Self>) {
+        while self.running < CONCURRENT {
+            let Some((run_id, run, answer)) = self.answered.pop_front() else {
                 return;
             };
             self.running += 1;
             let store = self.store.clone();
             let region = self.config.region.clone();
             let keep = self.config.snapshot_keep;
-            let copy = run.clone();
             let work = async move {
-                match copy.send(CopyForSnapshot).await {
-                    Ok(CopyAnswer::Copy(copy)) => {
+                match answer {
+                    CopyAnswer::Copy(copy) => {
                         snapshot_copy(store.as_ref(), run_id, *copy, region, keep)
                             .await
                             .map(|done| (done, "memory"))
                     }
-                    Ok(CopyAnswer::NothingNew) => Ok((
+                    CopyAnswer::NothingNew => Ok((
                         Done {
                             covers: 0,
                             bytes: None,
                         },
                         "memory",
                     )),
-                    // Not loaded any more, or no copy now: from the log.
-                    Ok(CopyAnswer::FromStorage) | Err(_) => {
+                    CopyAnswer::FromStorage => {
                         snapshot_durable_state(store.as_ref(), run_id, region, keep)
                             .await
                             .map(|done| (done, "storage"))
@@ -129,6 +156,8 @@ impl Supervised for SnapshotActor {
         log::warn!("snapshot actor restarting");
         self.in_progress.clear();
         self.waiting.clear();
+        self.asking = 0;
+        self.answered.clear();
         self.running = 0;
     }
 }
