@@ -260,6 +260,10 @@ pub struct Automerge {
     actor: Actor,
     /// The current author.
     author: Option<Author<'static>>,
+    /// crdt-node patch: the change this document's last local commit made, as encoded then.
+    /// Asking for it again (`get_last_local_change`, a sync message to a peer) rebuilt it from
+    /// the op set; a change's bytes never change (its hash is theirs), so the copy is kept.
+    last_local: Option<Change>,
 }
 
 impl Automerge {
@@ -273,6 +277,7 @@ impl Automerge {
             deps: Default::default(),
             actor: Actor::Unused(ActorId::random()),
             author: None,
+            last_local: None,
         }
     }
 
@@ -313,6 +318,7 @@ impl Automerge {
             deps: Default::default(),
             actor: Actor::Unused(ActorId::random()),
             author: None,
+            last_local: None,
         }
     }
 
@@ -328,6 +334,7 @@ impl Automerge {
             deps,
             actor: Actor::Unused(ActorId::random()),
             author: None,
+            last_local: None,
         };
         doc.remove_unused_actors(false);
         doc
@@ -738,7 +745,38 @@ impl Automerge {
     where
         I: IntoIterator<Item = ChangeHash>,
     {
+        // crdt-node patch: one hash, the last local commit's: its change as committed.
+        let mut hashes = hashes.into_iter().peekable();
+        if let Some(first) = hashes.next() {
+            if hashes.peek().is_none() {
+                if let Some(change) = self.cached_local_change(&first) {
+                    return Ok(vec![change]);
+                }
+            }
+            return ChangeCollector::for_hashes(
+                &self.ops,
+                &self.change_graph,
+                std::iter::once(first).chain(hashes),
+            );
+        }
         ChangeCollector::for_hashes(&self.ops, &self.change_graph, hashes)
+    }
+
+    /// crdt-node patch: the last local commit's change, if `hash` is its hash (and the cache is
+    /// on; see [`crate::set_local_change_cache`]).
+    fn cached_local_change(&self, hash: &ChangeHash) -> Option<Change> {
+        if !crate::LOCAL_CHANGE_CACHE.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        self.last_local
+            .as_ref()
+            .filter(|c| c.hash() == *hash)
+            .cloned()
+    }
+
+    /// crdt-node patch: keeps the change a local commit just made (see `last_local`).
+    pub(crate) fn keep_local_change(&mut self, change: Change) {
+        self.last_local = Some(change);
     }
 
     pub(crate) fn exid_to_opid(&self, id: &ExId) -> Result<OpId, AutomergeError> {
@@ -2263,6 +2301,9 @@ impl ReadDoc for Automerge {
     }
 
     fn get_change_by_hash(&self, hash: &ChangeHash) -> Option<Change> {
+        if let Some(change) = self.cached_local_change(hash) {
+            return Some(change);
+        }
         ChangeCollector::for_hashes(&self.ops, &self.change_graph, [*hash])
             .ok()?
             .pop()

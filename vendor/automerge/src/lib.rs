@@ -309,6 +309,18 @@ pub fn set_sync_hashes_in_one_pass(on: bool) {
     crate::sync::ONE_PASS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// crdt-node patch: whether a document answers for its last local commit's change with the
+/// change as committed rather than rebuilding it (on by default; see `Automerge::last_local`).
+pub(crate) static LOCAL_CHANGE_CACHE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
+
+/// crdt-node patch: turns that off and on, so a test can compare both on the same documents.
+/// Process-wide.
+#[doc(hidden)]
+pub fn set_local_change_cache(on: bool) {
+    LOCAL_CHANGE_CACHE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub use crate::anonymize::AnonymizeError;
 pub use crate::automerge::{Automerge, LoadOptions, OnPartialLoad, SaveOptions, StringMigration};
 pub use author::Author;

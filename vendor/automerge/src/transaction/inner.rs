@@ -168,6 +168,8 @@ impl TransactionInner {
         }
         doc.update_history(&change);
         doc.remove_unused_actors(true);
+        // crdt-node patch: asked for again right away (the sync message, the caller's log).
+        doc.keep_local_change(change);
         hash
     }
 
