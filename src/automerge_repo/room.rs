@@ -4,10 +4,10 @@
 //! (so a reconnect always starts afresh). A connection takes one sync step at a time through
 //! the run's actor, which applies what the client sent, logs it, and answers once what the
 //! reply shows is durable; messages that arrive meanwhile wait in order, and the next step
-//! takes them all (up to `MAX_STEP_MESSAGES`, and a frame's worth of changes). After every commit to the run (from any door)
-//! each connection takes one more step, which sends it what it lacks, if anything. A client
-//! asking for a run that has nothing stored is offered the run's genesis (nothing is stored
-//! for that), so its first write creates the run.
+//! takes them all (up to `MAX_STEP_MESSAGES`, and a frame's worth of changes). After every
+//! commit to the run (from any door) each connection takes one more step, which sends it what
+//! it lacks, if anything. A client asking for a run that has nothing stored is offered the
+//! run's genesis (nothing is stored for that), so its first write creates the run.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

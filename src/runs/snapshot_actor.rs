@@ -8,8 +8,8 @@
 //! document taken while that holds exactly what the log holds (`run_actor::snapshot_copy`), or,
 //! when the run cannot give one soon, built from durable storage, the newest snapshot plus the
 //! events after it. The run actor never pauses to serialize its document (only to copy it):
-//! saving runs on this actor's own thread. One run never has two snapshots in progress, and the newest
-//! `snapshot_keep` per run are kept.
+//! saving runs on this actor's own thread. One run never has two snapshots in progress, and
+//! the newest `snapshot_keep` per run are kept.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -18,10 +18,12 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use super::loader::{self, LoadError};
-use super::run_actor::{CopyAnswer, CopyForSnapshot, DurableCopy, RunActor, SnapshotWritten};
+use super::run_actor::{
+    durable_snapshot, CopyAnswer, CopyForSnapshot, DurableCopy, RunActor, SnapshotWritten,
+};
 use super::RunsConfig;
 use crate::metrics::Metrics;
-use run_store::{Snapshot, Store};
+use run_store::Store;
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -183,17 +185,7 @@ async fn snapshot_copy(
         event_count,
         fence,
     } = copy;
-    let snapshot = Snapshot {
-        id: Uuid::new_v4(),
-        run_id,
-        lamport: i64::try_from(doc.lamport()).unwrap_or(i64::MAX),
-        region,
-        created_at: chrono::Utc::now().naive_utc(),
-        event_count: i32::try_from(event_count).unwrap_or(i32::MAX),
-        data: doc.save(),
-        projection: Some(doc.projection().encode()),
-        fence,
-    };
+    let snapshot = durable_snapshot(run_id, &mut doc, event_count, region, fence);
     store.save_snapshot(&snapshot, keep).await?;
     Ok(Done {
         covers: event_count,

@@ -395,18 +395,15 @@ impl Handler<FinalSnapshot> for RunActor {
             if !settled || committed <= act.snapshots.covered() {
                 return None;
             }
+            let region = act.runs.inner.config.region.clone();
             let doc = act.doc.as_mut()?;
-            Some(Snapshot {
-                id: Uuid::new_v4(),
-                run_id: act.run_id,
-                lamport: i64::try_from(doc.lamport()).unwrap_or(i64::MAX),
-                region: act.runs.inner.config.region.clone(),
-                created_at: chrono::Utc::now().naive_utc(),
-                event_count: i32::try_from(committed).unwrap_or(i32::MAX),
-                data: doc.save(),
-                projection: Some(doc.projection().encode()),
-                fence: act.fence.clone(),
-            })
+            Some(super::durable_snapshot(
+                act.run_id,
+                doc,
+                committed,
+                region,
+                act.fence.clone(),
+            ))
         }))
     }
 }

@@ -45,7 +45,7 @@ use write_queue::{Batch, PendingWrite, WriteQueue};
 pub(crate) use deletion::Decide;
 pub(crate) use handlers::{Call, FinalSnapshot, Handover, SnapshotWritten};
 pub(crate) use lifecycle::{Depose, Evict};
-pub(crate) use snapshot_copy::{CopyAnswer, CopyForSnapshot, DurableCopy};
+pub(crate) use snapshot_copy::{durable_snapshot, CopyAnswer, CopyForSnapshot, DurableCopy};
 
 /// Client operation ids a run remembers, newest last.
 const RECENT_OPS: usize = 4096;

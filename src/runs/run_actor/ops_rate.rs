@@ -7,8 +7,8 @@
 //! and is charged what it actually applied (a mutation's cost is known only once made), so the
 //! bucket may go into debt; the next requests wait until it refills (an automerge-repo step of
 //! several waiting messages is one request, so its debt can reach that many requests' worth).
-//! Peers are not charged:
-//! the regions must converge, and a peer's changes were charged where they came in.
+//! Peers are not charged: the regions must converge, and a peer's changes were charged where
+//! they came in.
 
 use std::time::{Duration, Instant};
 

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use run_doc::RunDoc;
+use run_store::Snapshot;
 use tokio::sync::oneshot;
+use uuid::Uuid;
 
 use super::RunActor;
 
@@ -28,6 +30,29 @@ pub(crate) struct DurableCopy {
     pub doc: RunDoc,
     pub event_count: i64,
     pub fence: Option<run_store::Fence>,
+}
+
+/// A snapshot of `doc`, which holds exactly the log of `run_id` up to `event_count`: saved, with
+/// its projection. Every snapshot is made here (the snapshot actor's, from a copy or from
+/// storage, and the final one a run makes when the node stops).
+pub(crate) fn durable_snapshot(
+    run_id: Uuid,
+    doc: &mut RunDoc,
+    event_count: i64,
+    region: String,
+    fence: Option<run_store::Fence>,
+) -> Snapshot {
+    Snapshot {
+        id: Uuid::new_v4(),
+        run_id,
+        lamport: i64::try_from(doc.lamport()).unwrap_or(i64::MAX),
+        region,
+        created_at: chrono::Utc::now().naive_utc(),
+        event_count: i32::try_from(event_count).unwrap_or(i32::MAX),
+        data: doc.save(),
+        projection: Some(doc.projection().encode()),
+        fence,
+    }
 }
 
 /// What a run answers when asked for a copy.

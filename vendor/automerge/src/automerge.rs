@@ -746,18 +746,11 @@ impl Automerge {
         I: IntoIterator<Item = ChangeHash>,
     {
         // crdt-node patch: one hash, the last local commit's: its change as committed.
-        let mut hashes = hashes.into_iter().peekable();
-        if let Some(first) = hashes.next() {
-            if hashes.peek().is_none() {
-                if let Some(change) = self.cached_local_change(&first) {
-                    return Ok(vec![change]);
-                }
+        let hashes: Vec<ChangeHash> = hashes.into_iter().collect();
+        if let [one] = hashes.as_slice() {
+            if let Some(change) = self.cached_local_change(one) {
+                return Ok(vec![change]);
             }
-            return ChangeCollector::for_hashes(
-                &self.ops,
-                &self.change_graph,
-                std::iter::once(first).chain(hashes),
-            );
         }
         ChangeCollector::for_hashes(&self.ops, &self.change_graph, hashes)
     }
@@ -2301,12 +2294,7 @@ impl ReadDoc for Automerge {
     }
 
     fn get_change_by_hash(&self, hash: &ChangeHash) -> Option<Change> {
-        if let Some(change) = self.cached_local_change(hash) {
-            return Some(change);
-        }
-        ChangeCollector::for_hashes(&self.ops, &self.change_graph, [*hash])
-            .ok()?
-            .pop()
+        self.get_changes_by_hashes([*hash]).ok()?.pop()
     }
 
     fn stats(&self) -> crate::read::Stats {
