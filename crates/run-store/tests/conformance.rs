@@ -305,6 +305,46 @@ async fn the_feed_reads_by_cursor_in_commit_order(store: &dyn Store) {
     assert_eq!(store.event_run(all[3].id + 1000).await.unwrap(), None);
 }
 
+/// A batch as the group committer makes it: many runs interleaved, some events with every
+/// optional column empty. Its cursors follow its order and empty columns stay empty.
+async fn a_batch_keeps_its_order_and_its_empty_columns(store: &dyn Store) {
+    let runs = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+    let start = store.last_event_id().await.unwrap();
+    let batch: Vec<NewEvent> = (0..60)
+        .map(|i| {
+            let mut e = event(runs[i % 3], (i / 3 + 1) as i64, i as i64);
+            if i % 2 == 1 {
+                (e.payload, e.user_id, e.kind, e.content) = (None, None, None, None);
+            }
+            e
+        })
+        .collect();
+    assert_eq!(store.append(&batch).await.unwrap(), 60);
+    let stored = store.feed(start, None, 100).await.unwrap();
+    let order = |run: Uuid, lamport: i64| (run, lamport);
+    assert_eq!(
+        stored
+            .iter()
+            .map(|r| order(r.run_id, r.lamport.unwrap()))
+            .collect::<Vec<_>>(),
+        batch
+            .iter()
+            .map(|e| order(e.run_id, e.lamport))
+            .collect::<Vec<_>>(),
+        "cursors follow the batch's order"
+    );
+    for (row, e) in stored.iter().zip(&batch) {
+        assert_eq!(row.user_id, e.user_id);
+        assert_eq!(row.kind, e.kind);
+        assert_eq!(row.content, e.content);
+    }
+    let of_run = store.events_after(runs[0], 0).await.unwrap();
+    assert_eq!(of_run.len(), 20);
+    assert!(of_run.iter().all(|e| e.run_seq.is_some()));
+    assert_eq!(of_run[0].payload.as_deref(), Some("{\"seq\":1}"));
+    assert_eq!(of_run[1].payload, None, "an empty payload stays empty");
+}
+
 /// Appends from several committers at once: a reader following the cursor meets every event
 /// (none commits below a cursor the reader already passed).
 async fn concurrent_appends_never_commit_behind_a_reader(store: Arc<dyn Store>) {
@@ -601,6 +641,7 @@ async fn suite(store: Arc<dyn Store>, backend: &str) {
     snapshots_keep_the_newest_and_fall_back(store.as_ref()).await;
     runs_are_listed_by_id_and_by_activity(store.as_ref()).await;
     the_feed_reads_by_cursor_in_commit_order(store.as_ref()).await;
+    a_batch_keeps_its_order_and_its_empty_columns(store.as_ref()).await;
     concurrent_appends_never_commit_behind_a_reader(store.clone()).await;
     the_outbox_follows_the_log(store.as_ref()).await;
     deletion_is_the_last_decision_and_the_purge_leaves_only_it(store.as_ref()).await;

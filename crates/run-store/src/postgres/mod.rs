@@ -13,6 +13,8 @@ use diesel_async::pooled_connection::{
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+mod prepared;
+
 use super::ownership::sql as own;
 use super::schema::pg::{collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap};
 use super::{
@@ -25,23 +27,14 @@ use super::{Claim, Fence, Joining, Member, Owner};
 use chrono::NaiveDateTime;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
 
-/// Every run a batch touched, in one statement.
-const TOUCH_RUNS: &str = "INSERT INTO crdt_runs (run_id, last_activity) \
-    SELECT * FROM unnest($1::uuid[], $2::timestamp[]) \
-    ON CONFLICT (run_id) DO UPDATE \
-    SET last_activity = GREATEST(crdt_runs.last_activity, EXCLUDED.last_activity)";
-
 /// Appends take this transaction-scoped lock first, so they commit one after another and
 /// cursors (row ids) become visible in order: with overlapping transactions, an id drawn
 /// earlier could commit later, behind a feed reader that had already passed it.
 const APPEND_LOCK: &str = "SELECT pg_advisory_xact_lock(7263010451)";
 
-/// An append's first statement, one round trip: the lock, where the log ends (the rows after
-/// it are this transaction's) and whether any subscription may want an outbox row.
-const BEGIN_APPEND: &str = "SELECT pg_advisory_xact_lock(7263010451)::text AS locked, \
-    COALESCE((SELECT MAX(id) FROM collaboration_events), 0) AS before, \
-    EXISTS (SELECT 1 FROM crdt_webhooks) AS hooks";
-
+/// What an append's first statement reads ([`prepared::BeginAppend`], which takes
+/// [`APPEND_LOCK`]'s lock too): where the log ends and whether any subscription may want an
+/// outbox row.
 #[derive(QueryableByName)]
 struct AppendStart {
     #[diesel(sql_type = sql_types::BigInt)]
@@ -63,24 +56,6 @@ const FILL_OUTBOX: &str = "INSERT INTO crdt_webhook_outbox \
 
 pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
-}
-
-#[derive(Insertable)]
-#[diesel(table_name = ev)]
-struct EventRow<'a> {
-    run_id: Uuid,
-    event_type: &'a str,
-    payload: Option<&'a str>,
-    user_id: Option<&'a str>,
-    created_at: chrono::NaiveDateTime,
-    crdt_changes: Option<&'a [u8]>,
-    source_region: Option<&'a str>,
-    lamport_timestamp: Option<i64>,
-    run_seq: Option<i64>,
-    change_hash: Option<&'a [u8]>,
-    event_kind: Option<&'a str>,
-    event_content: Option<&'a str>,
-    owner_epoch: Option<i64>,
 }
 
 #[derive(Insertable, Queryable)]
@@ -192,24 +167,6 @@ impl PgStore {
     }
 }
 
-fn event_row(e: &NewEvent) -> EventRow<'_> {
-    EventRow {
-        run_id: e.run_id,
-        event_type: &e.event_type,
-        payload: e.payload.as_deref(),
-        user_id: e.user_id.as_deref(),
-        created_at: e.created_at,
-        crdt_changes: Some(&e.crdt_changes),
-        source_region: Some(&e.source_region),
-        lamport_timestamp: Some(e.lamport),
-        run_seq: Some(e.run_seq),
-        change_hash: Some(&e.change_hash),
-        event_kind: e.kind.as_deref(),
-        event_content: e.content.as_deref(),
-        owner_epoch: e.fence.as_ref().map(|f| f.epoch),
-    }
-}
-
 /// The distinct fences of a write, by run.
 fn fences_of<'a>(
     writes: impl IntoIterator<Item = (Uuid, Option<&'a Fence>)>,
@@ -307,38 +264,27 @@ impl Store for PgStore {
             return Ok(0);
         }
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let rows: Vec<EventRow<'_>> = events.iter().map(event_row).collect();
         // In run id order: two committers touching the same runs take their locks alike.
         let mut touched = activity(events);
         touched.sort_by_key(|a| a.run_id);
         let run_ids: Vec<Uuid> = touched.iter().map(|a| a.run_id).collect();
         let times: Vec<chrono::NaiveDateTime> = touched.iter().map(|a| a.last_activity).collect();
-        // One statement per chunk keeps under PostgreSQL's 65,535 bind parameters; all chunks
-        // commit together.
         let fences = fences_of(events.iter().map(|e| (e.run_id, e.fence.as_ref())));
         let inserted = conn
             .transaction(async |c| {
-                let start: AppendStart = diesel::sql_query(BEGIN_APPEND).get_result(c).await?;
+                let start: AppendStart = prepared::BeginAppend.get_result(c).await?;
                 let refused = check_fences(c, &fences).await?;
                 if !refused.is_empty() {
                     // Nothing written: the empty transaction commits, the caller is told.
                     return Ok(Err(refused));
                 }
-                let mut n = 0;
-                for chunk in rows.chunks(2000) {
-                    n += diesel::insert_into(ev::table)
-                        .values(chunk)
-                        // A change already stored is skipped; a clash on run_seq is an error.
-                        .on_conflict((ev::run_id, ev::change_hash))
-                        .do_nothing()
-                        .execute(c)
-                        .await?;
+                let n = prepared::InsertEvents::new(events).execute(c).await?;
+                prepared::TouchRuns {
+                    run_ids: &run_ids,
+                    times: &times,
                 }
-                diesel::sql_query(TOUCH_RUNS)
-                    .bind::<Array<sql_types::Uuid>, _>(&run_ids)
-                    .bind::<Array<sql_types::Timestamp>, _>(&times)
-                    .execute(c)
-                    .await?;
+                .execute(c)
+                .await?;
                 if n > 0 && start.hooks {
                     diesel::sql_query(FILL_OUTBOX)
                         .bind::<sql_types::BigInt, _>(start.before)

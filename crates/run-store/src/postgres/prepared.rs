@@ -1,0 +1,156 @@
+//! The append's statements as query fragments that diesel-async keeps prepared.
+//!
+//! diesel-async prepares a statement it cannot cache (a `sql_query`, a multi-row insert whose
+//! text grows with its rows) in a round trip of its own before running it, and PostgreSQL
+//! parses and plans it again each time. An append ran three of them, so its transaction took
+//! eight round trips, and every commit queues behind the one before. These have fixed text and a
+//! type of their own to be cached by; the events go in as one array per column.
+
+use chrono::NaiveDateTime;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, BigInt, Binary, Nullable, Text, Timestamp, Untyped};
+use diesel::QueryResult;
+use uuid::Uuid;
+
+use crate::NewEvent;
+
+/// Takes the append lock, then reads where the log ends (the rows after it are this
+/// transaction's) and whether any subscription may want an outbox row. Read as
+/// [`super::AppendStart`].
+pub(super) struct BeginAppend;
+
+/// Records the latest activity of each run, never moving it back; runs in id order.
+pub(super) struct TouchRuns<'a> {
+    pub run_ids: &'a [Uuid],
+    pub times: &'a [NaiveDateTime],
+}
+
+/// Inserts events in their order, skipping a change the run already holds.
+pub(super) struct InsertEvents<'a> {
+    run_ids: Vec<Uuid>,
+    event_types: Vec<&'a str>,
+    payloads: Vec<Option<&'a str>>,
+    user_ids: Vec<Option<&'a str>>,
+    created_at: Vec<NaiveDateTime>,
+    changes: Vec<&'a [u8]>,
+    regions: Vec<&'a str>,
+    lamports: Vec<i64>,
+    seqs: Vec<i64>,
+    hashes: Vec<&'a [u8]>,
+    kinds: Vec<Option<&'a str>>,
+    contents: Vec<Option<&'a str>>,
+    epochs: Vec<Option<i64>>,
+}
+
+impl<'a> InsertEvents<'a> {
+    pub fn new(events: &'a [NewEvent]) -> Self {
+        InsertEvents {
+            run_ids: events.iter().map(|e| e.run_id).collect(),
+            event_types: events.iter().map(|e| e.event_type.as_str()).collect(),
+            payloads: events.iter().map(|e| e.payload.as_deref()).collect(),
+            user_ids: events.iter().map(|e| e.user_id.as_deref()).collect(),
+            created_at: events.iter().map(|e| e.created_at).collect(),
+            changes: events.iter().map(|e| e.crdt_changes.as_slice()).collect(),
+            regions: events.iter().map(|e| e.source_region.as_str()).collect(),
+            lamports: events.iter().map(|e| e.lamport).collect(),
+            seqs: events.iter().map(|e| e.run_seq).collect(),
+            hashes: events.iter().map(|e| e.change_hash.as_slice()).collect(),
+            kinds: events.iter().map(|e| e.kind.as_deref()).collect(),
+            contents: events.iter().map(|e| e.content.as_deref()).collect(),
+            epochs: events
+                .iter()
+                .map(|e| e.fence.as_ref().map(|f| f.epoch))
+                .collect(),
+        }
+    }
+}
+
+/// The lock is `APPEND_LOCK`'s (in `super`).
+const BEGIN_APPEND: &str = "SELECT pg_advisory_xact_lock(7263010451)::text AS locked, \
+    COALESCE((SELECT MAX(id) FROM collaboration_events), 0) AS before, \
+    EXISTS (SELECT 1 FROM crdt_webhooks) AS hooks";
+
+const EVENT_COLUMNS: &str = "run_id, event_type, payload, user_id, created_at, crdt_changes, \
+    source_region, lamport_timestamp, run_seq, change_hash, event_kind, event_content, owner_epoch";
+
+// Each is cached by its own type (lifetimes made `'static`).
+impl QueryId for BeginAppend {
+    type QueryId = BeginAppend;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryId for TouchRuns<'_> {
+    type QueryId = TouchRuns<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryId for InsertEvents<'_> {
+    type QueryId = InsertEvents<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for BeginAppend {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(BEGIN_APPEND);
+        Ok(())
+    }
+}
+
+impl Query for BeginAppend {
+    type SqlType = Untyped;
+}
+
+impl QueryFragment<Pg> for TouchRuns<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("INSERT INTO crdt_runs (run_id, last_activity) SELECT * FROM unnest(");
+        out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(self.run_ids)?;
+        out.push_sql("::uuid[], ");
+        out.push_bind_param::<Array<Timestamp>, _>(self.times)?;
+        out.push_sql(
+            "::timestamp[]) ON CONFLICT (run_id) DO UPDATE \
+            SET last_activity = GREATEST(crdt_runs.last_activity, EXCLUDED.last_activity)",
+        );
+        Ok(())
+    }
+}
+
+impl QueryFragment<Pg> for InsertEvents<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("INSERT INTO collaboration_events (");
+        out.push_sql(EVENT_COLUMNS);
+        out.push_sql(") SELECT ");
+        out.push_sql(EVENT_COLUMNS);
+        out.push_sql(" FROM unnest(");
+        out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.run_ids)?;
+        out.push_sql("::uuid[], ");
+        out.push_bind_param::<Array<Text>, _>(&self.event_types)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.payloads)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.user_ids)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<Timestamp>, _>(&self.created_at)?;
+        out.push_sql("::timestamp[], ");
+        out.push_bind_param::<Array<Binary>, _>(&self.changes)?;
+        out.push_sql("::bytea[], ");
+        out.push_bind_param::<Array<Text>, _>(&self.regions)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.lamports)?;
+        out.push_sql("::int8[], ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.seqs)?;
+        out.push_sql("::int8[], ");
+        out.push_bind_param::<Array<Binary>, _>(&self.hashes)?;
+        out.push_sql("::bytea[], ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.kinds)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.contents)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<Nullable<BigInt>>, _>(&self.epochs)?;
+        // Ids are drawn in the order rows come, so the log's cursors follow the events' order.
+        out.push_sql("::int8[]) WITH ORDINALITY AS e (");
+        out.push_sql(EVENT_COLUMNS);
+        out.push_sql(", ord) ORDER BY ord ON CONFLICT (run_id, change_hash) DO NOTHING");
+        Ok(())
+    }
+}
