@@ -634,6 +634,81 @@ async fn one_owner_per_run(a: &dyn Store, b: &dyn Store) {
     a.leave(&ma2).await.unwrap();
 }
 
+/// PostgreSQL: an append that waits for the append lock sees what committed while it waited.
+/// Here a subscription saved by the lock's holder: the events must get their outbox row (a
+/// statement reads the database as it stood when it began, so the lock is taken by a statement
+/// of its own before the append reads whether any subscription exists).
+async fn an_append_waiting_for_the_lock_sees_what_committed_meanwhile(
+    store: Arc<dyn Store>,
+    url: &str,
+) {
+    use diesel_async::SimpleAsyncConnection;
+    let mut holder = AsyncPgConnection::establish(url).await.expect("connects");
+    holder
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7263010451);")
+        .await
+        .expect("holds the append lock");
+    let run = Uuid::new_v4();
+    let appending = {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(&[event(run, 1, 1)]).await })
+    };
+    let mut watcher = AsyncPgConnection::establish(url).await.expect("connects");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: Vec<Count> = diesel::sql_query(
+            "SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .load(&mut watcher)
+        .await
+        .expect("pg_locks");
+        if waiting.as_slice().first().is_some_and(|c| c.n > 0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the append never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let hook = format!("waiting-{}", run.simple());
+    holder
+        .batch_execute(&format!(
+            "INSERT INTO crdt_webhooks (id, url, secret, runs, kinds, origin, created_at) \
+             VALUES ('{hook}', 'http://127.0.0.1:9/', 's', NULL, NULL, 'api', now()); COMMIT;"
+        ))
+        .await
+        .expect("saves a subscription and lets go of the lock");
+    assert_eq!(appending.await.expect("joins").expect("appends"), 1);
+    let rows: Vec<Count> = diesel::sql_query(format!(
+        "SELECT COUNT(*) AS n FROM crdt_webhook_outbox WHERE subscription_id = '{hook}'"
+    ))
+    .load(&mut watcher)
+    .await
+    .expect("outbox");
+    assert_eq!(
+        rows.as_slice().first().map(|c| c.n),
+        Some(1),
+        "the event lost its delivery to the subscription saved while it waited"
+    );
+    diesel::sql_query(format!(
+        "DELETE FROM crdt_webhook_outbox WHERE subscription_id = '{hook}'"
+    ))
+    .execute(&mut watcher)
+    .await
+    .expect("cleans up");
+    diesel::sql_query(format!("DELETE FROM crdt_webhooks WHERE id = '{hook}'"))
+        .execute(&mut watcher)
+        .await
+        .expect("cleans up");
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
 async fn suite(store: Arc<dyn Store>, backend: &str) {
     assert_eq!(store.backend(), backend);
     store.ping().await.expect("the database answers");
@@ -672,6 +747,7 @@ async fn postgres_conforms() {
         store.unwrap_or_else(|e| panic!("PostgreSQL at {base} is required for this test: {e}"));
     twin.expect("a second node migrating the same database at the same moment");
     suite(store.clone(), "postgres").await;
+    an_append_waiting_for_the_lock_sees_what_committed_meanwhile(store.clone(), &url).await;
     // A second pod on the same database.
     let other = run_store::open(&url, 2, false).await.expect("opens again");
     one_owner_per_run(store.as_ref(), other.as_ref()).await;

@@ -27,14 +27,8 @@ use super::{Claim, Fence, Joining, Member, Owner};
 use chrono::NaiveDateTime;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
 
-/// Appends take this transaction-scoped lock first, so they commit one after another and
-/// cursors (row ids) become visible in order: with overlapping transactions, an id drawn
-/// earlier could commit later, behind a feed reader that had already passed it.
-const APPEND_LOCK: &str = "SELECT pg_advisory_xact_lock(7263010451)";
-
-/// What an append's first statement reads ([`prepared::BeginAppend`], which takes
-/// [`APPEND_LOCK`]'s lock too): where the log ends and whether any subscription may want an
-/// outbox row.
+/// What an append reads once it holds the lock ([`prepared::BeginAppend`]): where the log ends
+/// and whether any subscription may want an outbox row.
 #[derive(QueryableByName)]
 struct AppendStart {
     #[diesel(sql_type = sql_types::BigInt)]
@@ -272,13 +266,17 @@ impl Store for PgStore {
         let fences = fences_of(events.iter().map(|e| (e.run_id, e.fence.as_ref())));
         let inserted = conn
             .transaction(async |c| {
+                prepared::TakeAppendLock.execute(c).await?;
                 let start: AppendStart = prepared::BeginAppend.get_result(c).await?;
                 let refused = check_fences(c, &fences).await?;
                 if !refused.is_empty() {
                     // Nothing written: the empty transaction commits, the caller is told.
                     return Ok(Err(refused));
                 }
-                let n = prepared::InsertEvents::new(events).execute(c).await?;
+                let mut n = 0;
+                for chunk in prepared::chunks_by_bytes(events) {
+                    n += prepared::InsertEvents::new(chunk).execute(c).await?;
+                }
                 prepared::TouchRuns {
                     run_ids: &run_ids,
                     times: &times,
@@ -508,7 +506,7 @@ impl Store for PgStore {
         let w = w.clone();
         conn.transaction(async |c| {
             // Not beside an append: one that found no subscription must not commit after it.
-            diesel::sql_query(APPEND_LOCK).execute(c).await?;
+            prepared::TakeAppendLock.execute(c).await?;
             diesel::sql_query(sql::SAVE_WEBHOOK)
                 .bind::<Text, _>(&w.id)
                 .bind::<Text, _>(&w.url)
@@ -531,7 +529,7 @@ impl Store for PgStore {
             .transaction(async |c| {
                 // Not beside an append: one filling the outbox from a snapshot that still
                 // holds the subscription would leave rows behind it.
-                diesel::sql_query(APPEND_LOCK).execute(c).await?;
+                prepared::TakeAppendLock.execute(c).await?;
                 diesel::sql_query(sql::DROP_OUTBOX)
                     .bind::<Text, _>(&id)
                     .execute(c)

@@ -4,7 +4,9 @@
 //! text grows with its rows) in a round trip of its own before running it, and PostgreSQL
 //! parses and plans it again each time. An append ran three of them, so its transaction took
 //! eight round trips, and every commit queues behind the one before. These have fixed text and a
-//! type of their own to be cached by; the events go in as one array per column.
+//! type of their own to be cached by; the events go in as one array per column. An append is
+//! now six round trips (the lock on its own: see [`BeginAppend`]), a fenced one seven, one
+//! with subscriptions one more.
 
 use chrono::NaiveDateTime;
 use diesel::pg::Pg;
@@ -15,9 +17,16 @@ use uuid::Uuid;
 
 use crate::NewEvent;
 
-/// Takes the append lock, then reads where the log ends (the rows after it are this
-/// transaction's) and whether any subscription may want an outbox row. Read as
-/// [`super::AppendStart`].
+/// Takes the lock that serializes appends (and the webhook changes beside them) until the
+/// transaction ends: cursors (row ids) then become visible in order, where with overlapping
+/// transactions an id drawn earlier could commit later, behind a feed reader that had already
+/// passed it.
+pub(super) struct TakeAppendLock;
+
+/// Reads where the log ends (the rows after it are this transaction's) and whether any
+/// subscription may want an outbox row, as [`super::AppendStart`]. A statement of its own after
+/// [`TakeAppendLock`]: a statement reads the database as it stood when the statement began, so
+/// one that also waited for the lock would miss what committed meanwhile.
 pub(super) struct BeginAppend;
 
 /// Records the latest activity of each run, never moving it back; runs in id order.
@@ -66,15 +75,45 @@ impl<'a> InsertEvents<'a> {
     }
 }
 
-/// The lock is `APPEND_LOCK`'s (in `super`).
-const BEGIN_APPEND: &str = "SELECT pg_advisory_xact_lock(7263010451)::text AS locked, \
-    COALESCE((SELECT MAX(id) FROM collaboration_events), 0) AS before, \
-    EXISTS (SELECT 1 FROM crdt_webhooks) AS hooks";
+/// At most this many bytes of changes go in one insert: each column's array is one value and
+/// the statement one message, and PostgreSQL takes neither past 1 GB.
+const CHUNK_BYTES: usize = 64 << 20;
+
+/// `events` in order, in runs of at most [`CHUNK_BYTES`] of changes (at least one event each).
+pub(super) fn chunks_by_bytes(events: &[NewEvent]) -> impl Iterator<Item = &[NewEvent]> {
+    let mut rest = events;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let end = rest
+            .iter()
+            .position(|e| {
+                bytes += e.crdt_changes.len() + e.content.as_ref().map_or(0, String::len);
+                bytes > CHUNK_BYTES
+            })
+            .map_or(rest.len(), |i| i.max(1));
+        let (chunk, tail) = rest.split_at(end);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+const APPEND_LOCK: &str = "SELECT pg_advisory_xact_lock(7263010451)";
+
+const BEGIN_APPEND: &str = "SELECT COALESCE((SELECT MAX(id) FROM collaboration_events), 0) \
+    AS before, EXISTS (SELECT 1 FROM crdt_webhooks) AS hooks";
 
 const EVENT_COLUMNS: &str = "run_id, event_type, payload, user_id, created_at, crdt_changes, \
     source_region, lamport_timestamp, run_seq, change_hash, event_kind, event_content, owner_epoch";
 
 // Each is cached by its own type (lifetimes made `'static`).
+impl QueryId for TakeAppendLock {
+    type QueryId = TakeAppendLock;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
 impl QueryId for BeginAppend {
     type QueryId = BeginAppend;
     const HAS_STATIC_QUERY_ID: bool = true;
@@ -88,6 +127,13 @@ impl QueryId for TouchRuns<'_> {
 impl QueryId for InsertEvents<'_> {
     type QueryId = InsertEvents<'static>;
     const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for TakeAppendLock {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(APPEND_LOCK);
+        Ok(())
+    }
 }
 
 impl QueryFragment<Pg> for BeginAppend {
@@ -152,5 +198,59 @@ impl QueryFragment<Pg> for InsertEvents<'_> {
         out.push_sql(EVENT_COLUMNS);
         out.push_sql(", ord) ORDER BY ord ON CONFLICT (run_id, change_hash) DO NOTHING");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(bytes: usize) -> NewEvent {
+        NewEvent {
+            run_id: Uuid::nil(),
+            run_seq: 1,
+            event_type: "GRAFT".into(),
+            payload: None,
+            user_id: None,
+            created_at: chrono::DateTime::UNIX_EPOCH.naive_utc(),
+            crdt_changes: vec![0; bytes],
+            change_hash: Vec::new(),
+            source_region: "r".into(),
+            lamport: 1,
+            kind: None,
+            content: None,
+            fence: None,
+        }
+    }
+
+    #[test]
+    fn chunks_keep_order_and_stay_under_the_bound() {
+        let mb = 1 << 20;
+        let events: Vec<NewEvent> = [30, 30, 10, 70, 1, 1, 63, 2]
+            .iter()
+            .map(|m| sized(m * mb))
+            .collect();
+        let sizes: Vec<Vec<usize>> = chunks_by_bytes(&events)
+            .map(|c| c.iter().map(|e| e.crdt_changes.len() / mb).collect())
+            .collect();
+        // One event over the bound goes alone; the rest fill chunks in order.
+        assert_eq!(
+            sizes,
+            vec![
+                vec![30, 30],
+                vec![10],
+                vec![70],
+                vec![1, 1],
+                vec![63],
+                vec![2]
+            ]
+        );
+        assert_eq!(chunks_by_bytes(&[]).count(), 0);
+        assert_eq!(
+            chunks_by_bytes(&events[..3])
+                .map(<[NewEvent]>::len)
+                .sum::<usize>(),
+            3
+        );
     }
 }

@@ -183,7 +183,8 @@ fn append_in(c: &mut SqliteConnection, events: &[NewEvent]) -> QueryResult<usize
     let mut n = 0;
     for e in events {
         // Every column bound, empty ones as NULL: an `Insertable` struct leaves out its `None`
-        // fields, so its SQL would vary with the event and never stay prepared.
+        // fields, so its SQL varied with the event, one prepared statement per mix of empty
+        // columns.
         n += diesel::insert_into(ev::table)
             .values((
                 ev::run_id.eq(e.run_id.as_bytes().as_slice()),
