@@ -527,8 +527,9 @@ fn owned(claim: Claim) -> Fence {
 }
 
 /// Two pods sharing one database: a run has one owner at a time, a deposed owner's writes are
-/// refused by the database, and leases decide when a run may be taken.
-async fn one_owner_per_run(a: &dyn Store, b: &dyn Store) {
+/// refused by the database, and leases decide when a run may be taken. Returns the last
+/// fenced write's run and epoch.
+async fn one_owner_per_run(a: &dyn Store, b: &dyn Store) -> (Uuid, i64) {
     let (ma, mb): (Arc<str>, Arc<str>) = ("pod-0#1".into(), "pod-1#1".into());
     a.join(&joining(&ma, "pod-0"), 30.0).await.unwrap();
     b.join(&joining(&mb, "pod-1"), 1.0).await.unwrap();
@@ -632,6 +633,7 @@ async fn one_owner_per_run(a: &dyn Store, b: &dyn Store) {
     assert!(f.epoch > fb2.epoch);
     assert_eq!(a.append(&[fenced(other_run, 1, &f)]).await.unwrap(), 1);
     a.leave(&ma2).await.unwrap();
+    (other_run, f.epoch)
 }
 
 /// PostgreSQL: an append that waits for the append lock sees what committed while it waited.
@@ -656,7 +658,7 @@ async fn an_append_waiting_for_the_lock_sees_what_committed_meanwhile(
     let mut watcher = AsyncPgConnection::establish(url).await.expect("connects");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let waiting: Vec<Count> = diesel::sql_query(
+        let waiting: Vec<Number> = diesel::sql_query(
             "SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
         )
         .load(&mut watcher)
@@ -680,7 +682,7 @@ async fn an_append_waiting_for_the_lock_sees_what_committed_meanwhile(
         .await
         .expect("saves a subscription and lets go of the lock");
     assert_eq!(appending.await.expect("joins").expect("appends"), 1);
-    let rows: Vec<Count> = diesel::sql_query(format!(
+    let rows: Vec<Number> = diesel::sql_query(format!(
         "SELECT COUNT(*) AS n FROM crdt_webhook_outbox WHERE subscription_id = '{hook}'"
     ))
     .load(&mut watcher)
@@ -704,7 +706,7 @@ async fn an_append_waiting_for_the_lock_sees_what_committed_meanwhile(
 }
 
 #[derive(diesel::QueryableByName)]
-struct Count {
+struct Number {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     n: i64,
 }
@@ -750,7 +752,17 @@ async fn postgres_conforms() {
     an_append_waiting_for_the_lock_sees_what_committed_meanwhile(store.clone(), &url).await;
     // A second pod on the same database.
     let other = run_store::open(&url, 2, false).await.expect("opens again");
-    one_owner_per_run(store.as_ref(), other.as_ref()).await;
+    let (run, epoch) = one_owner_per_run(store.as_ref(), other.as_ref()).await;
+    // The fence's epoch is kept with the event (no `Store` method reads it back).
+    let mut conn = AsyncPgConnection::establish(&url).await.expect("connects");
+    let kept: Vec<Number> = diesel::sql_query(format!(
+        "SELECT owner_epoch AS n FROM collaboration_events WHERE run_id = '{run}' AND run_seq = 1"
+    ))
+    .load(&mut conn)
+    .await
+    .expect("reads the epoch");
+    assert_eq!(kept.as_slice().first().map(|c| c.n), Some(epoch));
+    drop(conn);
     drop((store, other));
     let mut conn = AsyncPgConnection::establish(&admin).await.expect("admin");
     let drop_db = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
