@@ -793,31 +793,45 @@ fn sync_changes_ahead_of_their_dependencies_are_parked_and_the_gap_is_asked_for(
 }
 
 /// `n` grafts on `a`, each followed by the sync message a client would send at once, without
-/// waiting for an answer.
-fn messages_in_a_row(a: &mut RunDoc, sa: &mut sync::State, n: usize) -> Vec<sync::Message> {
+/// waiting for an answer; `None` when a message left its change out. Automerge leaves out a
+/// change the peer's Bloom filter seems to hold (about 1% of them, by design: a later round
+/// asks for it), so a test that needs every change in its message draws its documents again.
+fn messages_in_a_row(a: &mut RunDoc, sa: &mut sync::State, n: usize) -> Option<Vec<sync::Message>> {
     (0..n)
         .map(|i| {
             a.apply(&graft(&format!("Row{i}"), "Step1", "alice"), T0)
                 .unwrap();
-            a.sync_step(sa, None, Budget::default())
+            let m = a
+                .sync_step(sa, None, Budget::default())
                 .reply
-                .expect("a message for each new change")
+                .expect("a message for each new change");
+            (m.changes.len() == 1).then_some(m)
         })
         .collect()
 }
 
+/// The first of up to 20 draws of `make` that gives something (see [`messages_in_a_row`]).
+fn drawn<T>(mut make: impl FnMut() -> Option<T>) -> T {
+    (0..20)
+        .find_map(|_| make())
+        .expect("20 draws, each with a change taken for held by the Bloom filter")
+}
+
 #[test]
 fn several_sync_messages_in_one_step_do_what_they_do_one_by_one() {
-    let run = Uuid::new_v4();
-    let mut a = RunDoc::new(run, "us-east-1");
-    let mut sa = sync::State::new();
-    // The peer first learns what the server holds, as a connected client has.
-    let mut together = RunDoc::new(run, "eu-central-1");
-    let mut st = sync::State::new();
-    sync_until_quiet(&mut a, &mut sa, &mut together, &mut st);
-    let mut one_by_one = RunDoc::load(run, "eu-central-1", &together.save()).unwrap();
-    let mut so = st.clone();
-    let messages = messages_in_a_row(&mut a, &mut sa, 5);
+    let (mut a, mut sa, mut together, mut st, mut one_by_one, mut so, messages) = drawn(|| {
+        let run = Uuid::new_v4();
+        let mut a = RunDoc::new(run, "us-east-1");
+        let mut sa = sync::State::new();
+        // The peer first learns what the server holds, as a connected client has.
+        let mut together = RunDoc::new(run, "eu-central-1");
+        let mut st = sync::State::new();
+        sync_until_quiet(&mut a, &mut sa, &mut together, &mut st);
+        let one_by_one = RunDoc::load(run, "eu-central-1", &together.save()).unwrap();
+        let so = st.clone();
+        let messages = messages_in_a_row(&mut a, &mut sa, 5)?;
+        Some((a, sa, together, st, one_by_one, so, messages))
+    });
 
     let step = together.sync_step(&mut st, messages.clone(), Budget::default());
     assert!(step.applied.error.is_none(), "{:?}", step.applied.error);
@@ -843,13 +857,16 @@ fn several_sync_messages_in_one_step_do_what_they_do_one_by_one() {
 
 #[test]
 fn a_refused_message_in_a_step_keeps_those_before_it_and_stops_the_rest() {
-    let run = Uuid::new_v4();
-    let mut a = RunDoc::new(run, "us-east-1");
-    let mut sa = sync::State::new();
-    let mut b = RunDoc::new(run, "eu-central-1");
-    let mut sb = sync::State::new();
-    sync_until_quiet(&mut a, &mut sa, &mut b, &mut sb);
-    let mut messages = messages_in_a_row(&mut a, &mut sa, 3);
+    let (mut b, mut sb, mut messages) = drawn(|| {
+        let run = Uuid::new_v4();
+        let mut a = RunDoc::new(run, "us-east-1");
+        let mut sa = sync::State::new();
+        let mut b = RunDoc::new(run, "eu-central-1");
+        let mut sb = sync::State::new();
+        sync_until_quiet(&mut a, &mut sa, &mut b, &mut sb);
+        let messages = messages_in_a_row(&mut a, &mut sa, 3)?;
+        Some((b, sb, messages))
+    });
     // The middle message carries bytes that are not a change.
     messages[1].changes = vec![vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3]].into();
     let step = b.sync_step(&mut sb, messages, Budget::default());
