@@ -251,6 +251,45 @@ struct MemberRow {
     runs: i64,
 }
 
+/// Inserts `events` inside the caller's transaction, with their runs' activity and outbox
+/// rows: how many were new, or the runs whose fence no longer holds (then nothing is written).
+async fn append_in(
+    c: &mut AsyncPgConnection,
+    events: &[NewEvent],
+) -> Result<Result<usize, Vec<Uuid>>, diesel::result::Error> {
+    // In run id order: two committers touching the same runs take their locks alike.
+    let mut touched = activity(events);
+    touched.sort_by_key(|a| a.run_id);
+    let run_ids: Vec<Uuid> = touched.iter().map(|a| a.run_id).collect();
+    let times: Vec<chrono::NaiveDateTime> = touched.iter().map(|a| a.last_activity).collect();
+    let fences = fences_of(events.iter().map(|e| (e.run_id, e.fence.as_ref())));
+    prepared::TakeAppendLock.execute(c).await?;
+    let start: AppendStart = prepared::BeginAppend.get_result(c).await?;
+    let refused = check_fences(c, &fences).await?;
+    if !refused.is_empty() {
+        // Nothing written: the empty transaction commits, the caller is told.
+        return Ok(Err(refused));
+    }
+    let mut n = 0;
+    for chunk in prepared::chunks_by_bytes(events) {
+        n += prepared::InsertEvents::new(chunk).execute(c).await?;
+    }
+    prepared::TouchRuns {
+        run_ids: &run_ids,
+        times: &times,
+    }
+    .execute(c)
+    .await?;
+    if n > 0 && start.hooks {
+        diesel::sql_query(FILL_OUTBOX)
+            .bind::<sql_types::BigInt, _>(start.before)
+            .bind::<sql_types::Timestamp, _>(chrono::Utc::now().naive_utc())
+            .execute(c)
+            .await?;
+    }
+    Ok(Ok(n))
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn append(&self, events: &[NewEvent]) -> Result<usize, StoreError> {
@@ -258,40 +297,8 @@ impl Store for PgStore {
             return Ok(0);
         }
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        // In run id order: two committers touching the same runs take their locks alike.
-        let mut touched = activity(events);
-        touched.sort_by_key(|a| a.run_id);
-        let run_ids: Vec<Uuid> = touched.iter().map(|a| a.run_id).collect();
-        let times: Vec<chrono::NaiveDateTime> = touched.iter().map(|a| a.last_activity).collect();
-        let fences = fences_of(events.iter().map(|e| (e.run_id, e.fence.as_ref())));
         let inserted = conn
-            .transaction(async |c| {
-                prepared::TakeAppendLock.execute(c).await?;
-                let start: AppendStart = prepared::BeginAppend.get_result(c).await?;
-                let refused = check_fences(c, &fences).await?;
-                if !refused.is_empty() {
-                    // Nothing written: the empty transaction commits, the caller is told.
-                    return Ok(Err(refused));
-                }
-                let mut n = 0;
-                for chunk in prepared::chunks_by_bytes(events) {
-                    n += prepared::InsertEvents::new(chunk).execute(c).await?;
-                }
-                prepared::TouchRuns {
-                    run_ids: &run_ids,
-                    times: &times,
-                }
-                .execute(c)
-                .await?;
-                if n > 0 && start.hooks {
-                    diesel::sql_query(FILL_OUTBOX)
-                        .bind::<sql_types::BigInt, _>(start.before)
-                        .bind::<sql_types::Timestamp, _>(chrono::Utc::now().naive_utc())
-                        .execute(c)
-                        .await?;
-                }
-                Ok::<_, diesel::result::Error>(Ok(n))
-            })
+            .transaction(async |c| append_in(c, events).await)
             .await?;
         inserted.map_err(StoreError::Fenced)
     }
@@ -900,5 +907,97 @@ impl Store for PgStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use diesel::connection::{Instrumentation, InstrumentationEvent};
+
+    use super::*;
+
+    fn event(run: Uuid, seq: i64, filled: bool) -> NewEvent {
+        let some = |v: &str| filled.then(|| v.to_string());
+        NewEvent {
+            run_id: run,
+            run_seq: seq,
+            event_type: "SET_FLAG".into(),
+            payload: some("{}"),
+            user_id: some("u"),
+            created_at: chrono::Utc::now().naive_utc(),
+            crdt_changes: vec![seq as u8],
+            change_hash: vec![seq as u8; 32],
+            source_region: "r".into(),
+            lamport: seq,
+            kind: some("flag"),
+            content: some("{}"),
+            fence: None,
+        }
+    }
+
+    /// Every statement an append runs without fences or subscriptions is prepared once per
+    /// connection, whatever the batch's size: diesel-async spends a round trip preparing each
+    /// statement it cannot cache, and PostgreSQL parses and plans it again.
+    #[tokio::test]
+    async fn an_appends_statements_are_prepared_once() {
+        let admin = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("crdt_prepared_{}", Uuid::new_v4().simple());
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        create_database(&url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {base} is required for this test: {e}"));
+        crate::migrate::run(crate::migrate::Target::Postgres(url.clone()))
+            .await
+            .expect("migrations");
+        let mut c = AsyncPgConnection::establish(&url).await.expect("connects");
+        let cached = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = cached.clone();
+        let watch = move |e: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::CacheQuery { sql, .. } = e {
+                sink.lock().expect("lock").push(sql.to_string());
+            }
+        };
+        c.set_instrumentation(Box::new(watch) as Box<dyn Instrumentation>);
+        let first = [event(Uuid::new_v4(), 1, true)];
+        let n = c
+            .transaction(async |c| append_in(c, &first).await)
+            .await
+            .expect("append");
+        assert_eq!(n, Ok(1));
+        let after_first = cached.lock().expect("lock").clone();
+        for wanted in [
+            "pg_advisory_xact_lock",
+            "MAX(id)",
+            "INSERT INTO collaboration_events",
+            "INSERT INTO crdt_runs",
+        ] {
+            assert!(
+                after_first.iter().any(|sql| sql.contains(wanted)),
+                "{wanted} is not kept prepared: {after_first:?}"
+            );
+        }
+        // A bigger batch over several runs, its optional columns empty.
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let second = [event(a, 1, false), event(b, 1, false), event(a, 2, true)];
+        let n = c
+            .transaction(async |c| append_in(c, &second).await)
+            .await
+            .expect("append");
+        assert_eq!(n, Ok(3));
+        assert_eq!(
+            *cached.lock().expect("lock"),
+            after_first,
+            "the second append prepared statements again"
+        );
+        drop(c);
+        let mut admin_conn = AsyncPgConnection::establish(&admin).await.expect("admin");
+        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin_conn)
+            .await
+            .expect("dropped");
     }
 }
