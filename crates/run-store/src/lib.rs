@@ -32,6 +32,8 @@ pub mod ownership;
 mod postgres;
 pub mod schema;
 mod sqlite;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 

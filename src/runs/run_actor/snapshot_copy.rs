@@ -9,8 +9,8 @@
 //! the snapshot thread instead. Writes waiting for the log make the document ahead of it: the
 //! request then waits for the queue to empty, and after [`COPY_WAIT`] the snapshot actor builds
 //! from storage as before. Taking the copy pauses the run briefly (1.8 ms at 10,000 changes,
-//! hence `crdt.snapshot.copy-max-changes`, 20,000 by default). A copy carries the actor's fence, so a deposed owner's snapshot is
-//! refused like its writes.
+//! hence `crdt.snapshot.copy-max-changes`, 20,000 by default). A copy carries the actor's
+//! fence, so a deposed owner's snapshot is refused like its writes.
 
 use std::time::Duration;
 

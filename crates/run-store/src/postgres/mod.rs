@@ -912,30 +912,8 @@ impl Store for PgStore {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use diesel::connection::{Instrumentation, InstrumentationEvent};
-
     use super::*;
-
-    fn event(run: Uuid, seq: i64, filled: bool) -> NewEvent {
-        let some = |v: &str| filled.then(|| v.to_string());
-        NewEvent {
-            run_id: run,
-            run_seq: seq,
-            event_type: "SET_FLAG".into(),
-            payload: some("{}"),
-            user_id: some("u"),
-            created_at: chrono::Utc::now().naive_utc(),
-            crdt_changes: vec![seq as u8],
-            change_hash: vec![seq as u8; 32],
-            source_region: "r".into(),
-            lamport: seq,
-            kind: some("flag"),
-            content: some("{}"),
-            fence: None,
-        }
-    }
+    use crate::testing::{event, Prepared};
 
     /// Every statement an append runs without fences or subscriptions is prepared once per
     /// connection, whatever the batch's size: diesel-async spends a round trip preparing each
@@ -954,32 +932,21 @@ mod tests {
             .await
             .expect("migrations");
         let mut c = AsyncPgConnection::establish(&url).await.expect("connects");
-        let cached = Arc::new(Mutex::new(Vec::<String>::new()));
-        let sink = cached.clone();
-        let watch = move |e: InstrumentationEvent<'_>| {
-            if let InstrumentationEvent::CacheQuery { sql, .. } = e {
-                sink.lock().expect("lock").push(sql.to_string());
-            }
-        };
-        c.set_instrumentation(Box::new(watch) as Box<dyn Instrumentation>);
+        let prepared = Prepared::default();
+        c.set_instrumentation(prepared.watch());
         let first = [event(Uuid::new_v4(), 1, true)];
         let n = c
             .transaction(async |c| append_in(c, &first).await)
             .await
             .expect("append");
         assert_eq!(n, Ok(1));
-        let after_first = cached.lock().expect("lock").clone();
-        for wanted in [
+        prepared.assert_holds(&[
             "pg_advisory_xact_lock",
             "MAX(id)",
             "INSERT INTO collaboration_events",
             "INSERT INTO crdt_runs",
-        ] {
-            assert!(
-                after_first.iter().any(|sql| sql.contains(wanted)),
-                "{wanted} is not kept prepared: {after_first:?}"
-            );
-        }
+        ]);
+        let after_first = prepared.statements();
         // A bigger batch over several runs, its optional columns empty.
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let second = [event(a, 1, false), event(b, 1, false), event(a, 2, true)];
@@ -989,7 +956,7 @@ mod tests {
             .expect("append");
         assert_eq!(n, Ok(3));
         assert_eq!(
-            *cached.lock().expect("lock"),
+            prepared.statements(),
             after_first,
             "the second append prepared statements again"
         );

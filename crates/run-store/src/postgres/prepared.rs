@@ -207,19 +207,8 @@ mod tests {
 
     fn sized(bytes: usize) -> NewEvent {
         NewEvent {
-            run_id: Uuid::nil(),
-            run_seq: 1,
-            event_type: "GRAFT".into(),
-            payload: None,
-            user_id: None,
-            created_at: chrono::DateTime::UNIX_EPOCH.naive_utc(),
             crdt_changes: vec![0; bytes],
-            change_hash: Vec::new(),
-            source_region: "r".into(),
-            lamport: 1,
-            kind: None,
-            content: None,
-            fence: None,
+            ..crate::testing::event(Uuid::nil(), 1, false)
         }
     }
 

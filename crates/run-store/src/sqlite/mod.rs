@@ -673,31 +673,8 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use diesel::connection::{Instrumentation, InstrumentationEvent};
-
     use super::*;
-
-    /// An event with every optional column filled, or none.
-    fn event(run: Uuid, seq: i64, filled: bool) -> NewEvent {
-        let some = |v: &str| filled.then(|| v.to_string());
-        NewEvent {
-            run_id: run,
-            run_seq: seq,
-            event_type: "SET_FLAG".into(),
-            payload: some("{}"),
-            user_id: some("u"),
-            created_at: chrono::Utc::now().naive_utc(),
-            crdt_changes: vec![seq as u8],
-            change_hash: vec![seq as u8; 32],
-            source_region: "r".into(),
-            lamport: seq,
-            kind: some("flag"),
-            content: some("{}"),
-            fence: None,
-        }
-    }
+    use crate::testing::{event, Prepared};
 
     /// Every statement an append runs is prepared once per connection, whichever optional
     /// columns its events fill: diesel re-prepares what it cannot cache, which was 12% of
@@ -710,31 +687,20 @@ mod tests {
             .await
             .expect("migrations");
         let mut c = SqliteConnection::establish(&path).expect("open");
-        let cached = Arc::new(Mutex::new(Vec::<String>::new()));
-        let sink = cached.clone();
-        let watch = move |e: InstrumentationEvent<'_>| {
-            if let InstrumentationEvent::CacheQuery { sql, .. } = e {
-                sink.lock().expect("lock").push(sql.to_string());
-            }
-        };
-        c.set_instrumentation(Box::new(watch) as Box<dyn Instrumentation>);
+        let prepared = Prepared::default();
+        c.set_instrumentation(prepared.watch());
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let first = [event(a, 1, true), event(b, 1, true)];
         let n = c
             .immediate_transaction(|c| append_in(c, &first))
             .expect("append");
         assert_eq!(n, 2);
-        let after_first = cached.lock().expect("lock").clone();
-        for wanted in [
+        prepared.assert_holds(&[
             "MAX(id)",
             "INSERT INTO `collaboration_events`",
             "INSERT INTO crdt_runs",
-        ] {
-            assert!(
-                after_first.iter().any(|sql| sql.contains(wanted)),
-                "{wanted} is not kept prepared: {after_first:?}"
-            );
-        }
+        ]);
+        let after_first = prepared.statements();
         // Empty optional columns this time, and a third run.
         let second = [
             event(a, 2, false),
@@ -746,7 +712,7 @@ mod tests {
             .expect("append");
         assert_eq!(n, 3);
         assert_eq!(
-            *cached.lock().expect("lock"),
+            prepared.statements(),
             after_first,
             "the second append prepared statements again"
         );

@@ -1,0 +1,60 @@
+//! What the backends' unit tests share: events, and a watch on the statements a connection
+//! keeps prepared (diesel's instrumentation reports each statement it caches).
+
+use std::sync::{Arc, Mutex};
+
+use diesel::connection::{Instrumentation, InstrumentationEvent};
+use uuid::Uuid;
+
+use crate::NewEvent;
+
+/// An event with every optional column filled, or none.
+pub(crate) fn event(run: Uuid, seq: i64, filled: bool) -> NewEvent {
+    let some = |v: &str| filled.then(|| v.to_string());
+    NewEvent {
+        run_id: run,
+        run_seq: seq,
+        event_type: "SET_FLAG".into(),
+        payload: some("{}"),
+        user_id: some("u"),
+        created_at: chrono::Utc::now().naive_utc(),
+        crdt_changes: vec![seq as u8],
+        change_hash: vec![seq as u8; 32],
+        source_region: "r".into(),
+        lamport: seq,
+        kind: some("flag"),
+        content: some("{}"),
+        fence: None,
+    }
+}
+
+/// The SQL of every statement a connection has put in its cache, in order.
+#[derive(Clone, Default)]
+pub(crate) struct Prepared(Arc<Mutex<Vec<String>>>);
+
+impl Prepared {
+    /// The instrumentation that fills this, for `set_instrumentation`.
+    pub fn watch(&self) -> Box<dyn Instrumentation> {
+        let sink = self.0.clone();
+        Box::new(move |e: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::CacheQuery { sql, .. } = e {
+                sink.lock().expect("lock").push(sql.to_string());
+            }
+        })
+    }
+
+    pub fn statements(&self) -> Vec<String> {
+        self.0.lock().expect("lock").clone()
+    }
+
+    /// Panics unless a cached statement contains each of `wanted`.
+    pub fn assert_holds(&self, wanted: &[&str]) {
+        let cached = self.statements();
+        for w in wanted {
+            assert!(
+                cached.iter().any(|sql| sql.contains(w)),
+                "{w} is not kept prepared: {cached:?}"
+            );
+        }
+    }
+}
