@@ -72,7 +72,8 @@ def node_metrics():
     """Metric names the node exports: its own (src/metrics.rs) and actix-web-prom's."""
     src = (REPO / "src" / "metrics.rs").read_text()
     names = set(re.findall(r'"(crdt_[a-z_]+)"', src))
-    histograms = {"crdt_snapshot_size_bytes", "crdt_commit_batch_appends"}
+    histograms = {"crdt_snapshot_size_bytes", "crdt_commit_batch_appends",
+                  "crdt_commit_wait_seconds", "crdt_commit_duration_seconds"}
     for h in histograms & names:
         names |= {f"{h}_bucket", f"{h}_sum", f"{h}_count"}
     names |= {"crdt_node_http_requests_total", "crdt_node_http_requests_duration_seconds_bucket",

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub snapshots_written: IntCounterVec,
     /// Appends carried by each event-log transaction (group commit at work).
     pub commit_batch: Histogram,
+    pub commit_wait: Histogram,
+    pub commit_duration: Histogram,
     /// Legacy (OT) rows skipped as malformed when replaying a run's log.
     pub legacy_skipped: prometheus::IntCounter,
     /// Schema breaches found in changes from foreign Automerge clients (kept, reported).
@@ -92,6 +94,9 @@ impl Metrics {
         }
         let snapshot_sizes = prometheus::exponential_buckets(256.0, 4.0, 10)?;
         let batch_sizes = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+        let commit_seconds = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
         Ok(Metrics {
             sync_messages,
             sync_failures: counters(&r, "crdt_sync_failures_total", "Failed sync attempts", &["reason"])?,
@@ -129,6 +134,18 @@ impl Metrics {
             )?,
             snapshot_failures: counter(&r, "crdt_snapshot_failures_total", "Snapshots that failed to be written")?,
             commit_batch: histogram(&r, "crdt_commit_batch_appends", "Appends carried by each event-log transaction", batch_sizes)?,
+            commit_wait: histogram(
+                &r,
+                "crdt_commit_wait_seconds",
+                "Time each append waited for its event-log transaction to begin",
+                commit_seconds.clone(),
+            )?,
+            commit_duration: histogram(
+                &r,
+                "crdt_commit_duration_seconds",
+                "Time each event-log transaction took, to its commit",
+                commit_seconds,
+            )?,
             legacy_skipped: counter(
                 &r,
                 "crdt_legacy_events_skipped_total",

@@ -325,11 +325,13 @@ async fn a_retried_graft_is_stored_once(backend: Backend) {
 }
 
 /// 64 clients writing at once to 64 runs: every write is acknowledged and stored, and
-/// transactions carry several appends (group commit), as the batch histogram shows.
+/// transactions carry several appends (group commit), as the batch histogram shows. The
+/// committer's time histograms count every append's wait and every transaction.
 async fn concurrent_writes_share_transactions(backend: Backend) {
     let db = TestDb::new(backend).await;
     let node = Node::spawn(&db, &[]);
     let runs: Vec<Uuid> = (0..64).map(|_| Uuid::new_v4()).collect();
+    let started = std::time::Instant::now();
     let mut tasks = Vec::new();
     for run in runs.clone() {
         let url = run_url(&node, run, "/flags/n");
@@ -344,6 +346,7 @@ async fn concurrent_writes_share_transactions(backend: Backend) {
     for t in tasks {
         t.await.unwrap();
     }
+    let writing = started.elapsed();
     for run in &runs {
         assert_eq!(db::event_rows(&db, *run).await, 20);
     }
@@ -363,6 +366,32 @@ async fn concurrent_writes_share_transactions(backend: Backend) {
     assert!(
         single < transactions,
         "some transaction carried more than one append"
+    );
+    let metric = |name: &str| common::metric(&text, name).unwrap_or(f64::NAN);
+    assert_eq!(
+        metric("crdt_commit_wait_seconds_count"),
+        appends,
+        "every append's wait is observed"
+    );
+    assert_eq!(
+        metric("crdt_commit_duration_seconds_count"),
+        transactions,
+        "every transaction's duration is observed"
+    );
+    // Every transaction wrote to disk: none took no time, and none took the write timeout.
+    let took = metric("crdt_commit_duration_seconds_sum");
+    assert!(took > 0.0, "transactions took {took} s");
+    assert_eq!(
+        metric("crdt_commit_duration_seconds_bucket{le=\"10\"}"),
+        transactions,
+        "a transaction took over 10 s"
+    );
+    // No append waited longer than all the writing took.
+    let waited = metric("crdt_commit_wait_seconds_sum");
+    let bound = appends * writing.as_secs_f64();
+    assert!(
+        (0.0..=bound).contains(&waited),
+        "appends waited {waited} s in all, past {bound} s"
     );
 }
 

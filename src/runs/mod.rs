@@ -286,7 +286,11 @@ impl Runs {
         let committer = GroupCommitter::start(
             store.clone(),
             committers,
-            metrics.commit_batch.clone(),
+            run_store::CommitMetrics {
+                batch_sizes: metrics.commit_batch.clone(),
+                waits: metrics.commit_wait.clone(),
+                durations: metrics.commit_duration.clone(),
+            },
             config.write_timeout,
         );
         // On a thread of its own: building a snapshot is CPU work that must not delay the

@@ -11,6 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::time::Instant;
+
 use prometheus::Histogram;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -21,6 +23,18 @@ type Reply = oneshot::Sender<Result<(), Arc<StoreError>>>;
 struct Request {
     events: Vec<NewEvent>,
     reply: Reply,
+    queued: Instant,
+}
+
+/// What the committer reports, so that an operator sees where a durable write's time goes.
+#[derive(Clone)]
+pub struct CommitMetrics {
+    /// Appends each transaction carried.
+    pub batch_sizes: Histogram,
+    /// Seconds each append waited for its transaction to begin (behind the one in flight).
+    pub waits: Histogram,
+    /// Seconds each transaction took, retries of a refused batch included.
+    pub durations: Histogram,
 }
 
 #[derive(Clone)]
@@ -32,14 +46,13 @@ pub struct GroupCommitter {
 const MAX_BATCH_EVENTS: usize = 4096;
 
 impl GroupCommitter {
-    /// Starts `committers` tasks on the current runtime; `batch_sizes` observes how many
-    /// appends each transaction carried.
+    /// Starts `committers` tasks on the current runtime, reporting to `metrics`.
     /// A transaction not done within `timeout` fails as "database unavailable": a database
     /// that stops answering without closing its connections must not hold writes forever.
     pub fn start(
         store: Arc<dyn Store>,
         committers: usize,
-        batch_sizes: Histogram,
+        metrics: CommitMetrics,
         timeout: Duration,
     ) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
@@ -48,7 +61,7 @@ impl GroupCommitter {
             tokio::spawn(run_committer(
                 store.clone(),
                 rx.clone(),
-                batch_sizes.clone(),
+                metrics.clone(),
                 timeout,
             ));
         }
@@ -59,7 +72,11 @@ impl GroupCommitter {
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<(), Arc<StoreError>> {
         let (reply, done) = oneshot::channel();
         self.queue
-            .send(Request { events, reply })
+            .send(Request {
+                events,
+                reply,
+                queued: Instant::now(),
+            })
             .map_err(|_| Arc::new(StoreError::CommitterStopped))?;
         done.await
             .map_err(|_| Arc::new(StoreError::CommitterStopped))?
@@ -120,7 +137,7 @@ async fn append(
 async fn run_committer(
     store: Arc<dyn Store>,
     rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>,
-    batch_sizes: Histogram,
+    metrics: CommitMetrics,
     timeout: Duration,
 ) {
     loop {
@@ -140,8 +157,14 @@ async fn run_committer(
             }
             batch
         };
-        batch_sizes.observe(batch.len() as f64);
+        let began = Instant::now();
+        metrics.batch_sizes.observe(batch.len() as f64);
+        for request in &batch {
+            let waited = began.saturating_duration_since(request.queued);
+            metrics.waits.observe(waited.as_secs_f64());
+        }
         let (batch, result) = commit_unfenced(store.as_ref(), batch, timeout).await;
+        metrics.durations.observe(began.elapsed().as_secs_f64());
         match result {
             Ok(_) => {
                 for request in batch {

@@ -41,7 +41,7 @@ use async_trait::async_trait;
 use chrono::NaiveDateTime;
 use uuid::Uuid;
 
-pub use group_commit::GroupCommitter;
+pub use group_commit::{CommitMetrics, GroupCommitter};
 pub use ownership::{Claim, Fence, Joining, Member, Owner};
 
 #[derive(Debug, thiserror::Error)]
