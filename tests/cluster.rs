@@ -568,6 +568,12 @@ async fn another_regions_deletion_reaches_the_owner_through_any_pod() {
         (s == 200 && agents(&state).contains("A")).then_some(())
     })
     .await;
+    if synced.is_none() {
+        // The three logs say which pod carried what, and when.
+        for (name, node) in [("eu-0", &eu), ("us-0", &linked), ("us-1", &owner)] {
+            eprintln!("--- {name}'s log\n{}", node.log_text());
+        }
+    }
     assert!(synced.is_some(), "eu never received the run");
     let (s, body) = c.delete(&format!("{}/api/crdt/runs/{run}", eu.base)).await;
     assert!(s == 200 || s == 204, "{s} {body}");

@@ -9,7 +9,10 @@
 //! pushes to that region. Links of the other pods still answer what arrives on them, and
 //! catch up on connect. A pod that takes the role over syncs, on its links to that region,
 //! every run active within the last lease and a margin for the pods' clocks (the runs list of
-//! the shared database): what nobody may have pushed while the role had no holder.
+//! the shared database): what nobody may have pushed while the role had no holder. It reads
+//! that list only once it follows the region's log, so each commit is in the list or comes
+//! through the log; reading it first lost the commits made in between (they reached the other
+//! region only with the run's next change).
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -27,6 +30,8 @@ const LOOK_EVERY: Duration = Duration::from_millis(500);
 /// Past the lease, how far back a new holder looks for runs nobody may have pushed: the pods'
 /// clocks stamp the activity it reads.
 const CLOCK_MARGIN: Duration = Duration::from_secs(10);
+/// How long a new holder waits to follow the region's log before it reads the recent runs.
+const FOLLOW_WAIT: Duration = Duration::from_secs(5);
 /// Runs a new holder syncs at most (the rest wait for their next change or a reconnect).
 const MAX_RESYNC: usize = 100_000;
 
@@ -117,6 +122,16 @@ impl Carrier {
             self.set(region, holds);
             if holds && !had {
                 log::info!("mesh: this pod carries the region's changes to {region}");
+                // The other pods' commits from now on reach the links through the region's log;
+                // those before are in the runs list read next.
+                if let Some(runs) = &self.runs {
+                    if !runs.following_region(FOLLOW_WAIT).await {
+                        log::warn!(
+                            "mesh: not yet following the region's log; commits to runs of \
+                             other pods may reach {region} only on their next change"
+                        );
+                    }
+                }
                 // What nobody may have pushed while the role had no holder.
                 let window = ownership.lease() + LOOK_EVERY * 2 + CLOCK_MARGIN;
                 let runs: Vec<Uuid> = match &self.runs {

@@ -132,12 +132,22 @@ impl Runs {
 
     /// Whether anything here wants to hear of the other pods' commits.
     fn others_wanted(&self) -> bool {
-        self.inner.carrying.load(Ordering::Relaxed) || self.inner.subscribers.any_watched()
+        self.inner.carrying.load(Ordering::SeqCst) || self.inner.subscribers.any_watched()
     }
 
     /// The mesh pushes (or no longer pushes) the region's changes to another region.
     pub fn set_carrying(&self, carrying: bool) {
-        self.inner.carrying.store(carrying, Ordering::Relaxed);
+        self.inner.carrying.store(carrying, Ordering::SeqCst);
+    }
+
+    /// Waits, up to `within`, until the other pods' commits reach this pod's subscribers;
+    /// whether they do. A pod that starts carrying the region's changes reads the recently
+    /// active runs after this: a commit either is among them or reaches it through the log.
+    /// Reading them first left a gap, the commits between that read and the subscription.
+    pub async fn following_region(&self, within: Duration) -> bool {
+        let mut following = self.inner.following.subscribe();
+        let waited = tokio::time::timeout(within, following.wait_for(|on| *on)).await;
+        matches!(waited, Ok(Ok(_)))
     }
 
     /// On a shared database: tells this pod's subscribers of commits to runs other pods own
@@ -159,11 +169,21 @@ impl Runs {
                     continue;
                 }
             };
+            self.inner.following.send_replace(true);
             loop {
                 let event = match tokio::time::timeout(FOLLOW_CHECK, events.recv()).await {
                     Ok(event) => event,
                     Err(_) if self.others_wanted() => continue,
-                    Err(_) => break,
+                    Err(_) => {
+                        // Said before the last look, so that whoever starts wanting the commits
+                        // meanwhile waits for the next subscription instead of trusting this one.
+                        self.inner.following.send_replace(false);
+                        if self.others_wanted() {
+                            self.inner.following.send_replace(true);
+                            continue;
+                        }
+                        break;
+                    }
                 };
                 match event {
                     Ok(event) => {
@@ -183,7 +203,10 @@ impl Runs {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         log::warn!("cluster: {n} commits of other pods passed unannounced");
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        self.inner.following.send_replace(false);
+                        break;
+                    }
                 }
             }
         }

@@ -177,6 +177,9 @@ struct Inner {
     /// Whether this pod's mesh pushes the region's changes to another region (then it must
     /// hear of the other pods' commits).
     carrying: AtomicBool,
+    /// Whether the other pods' commits reach this pod's subscribers now (`follow_region` is
+    /// subscribed to the region's log).
+    following: tokio::sync::watch::Sender<bool>,
     /// How other pods are reached (the HTTP edge's), for runs they own.
     transport: std::sync::OnceLock<Arc<dyn remote::Transport>>,
     /// Registry entries (runs loaded or loading), bounded by `config.max_loaded`.
@@ -328,6 +331,7 @@ impl Runs {
                 damaged: Mutex::new(HashMap::new()),
                 ownership,
                 carrying: AtomicBool::new(false),
+                following: tokio::sync::watch::Sender::new(false),
                 transport: std::sync::OnceLock::new(),
                 loaded: AtomicUsize::new(0),
                 ops_loaded: AtomicU64::new(0),
