@@ -36,7 +36,9 @@ pub struct Metrics {
     pub snapshots_written: IntCounterVec,
     /// Appends carried by each event-log transaction (group commit at work).
     pub commit_batch: Histogram,
+    /// Each append's wait for its event-log transaction to begin.
     pub commit_wait: Histogram,
+    /// Each commit of the event log (see `run_store::CommitMetrics::durations`).
     pub commit_duration: Histogram,
     /// Legacy (OT) rows skipped as malformed when replaying a run's log.
     pub legacy_skipped: prometheus::IntCounter,
@@ -96,6 +98,7 @@ impl Metrics {
         let batch_sizes = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
         let commit_seconds = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0,
         ];
         Ok(Metrics {
             sync_messages,
@@ -143,7 +146,7 @@ impl Metrics {
             commit_duration: histogram(
                 &r,
                 "crdt_commit_duration_seconds",
-                "Time each event-log transaction took, to its commit",
+                "Time each event-log commit took, from its first statement (retries of a batch refused in part included)",
                 commit_seconds,
             )?,
             legacy_skipped: counter(

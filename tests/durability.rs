@@ -378,20 +378,12 @@ async fn concurrent_writes_share_transactions(backend: Backend) {
         transactions,
         "every transaction's duration is observed"
     );
-    // Every transaction wrote to disk: none took no time, and none took the write timeout.
+    // One committer runs the transactions one after another, all while the clients wrote:
+    // together they took no longer than the writing did.
     let took = metric("crdt_commit_duration_seconds_sum");
-    assert!(took > 0.0, "transactions took {took} s");
-    assert_eq!(
-        metric("crdt_commit_duration_seconds_bucket{le=\"10\"}"),
-        transactions,
-        "a transaction took over 10 s"
-    );
-    // No append waited longer than all the writing took.
-    let waited = metric("crdt_commit_wait_seconds_sum");
-    let bound = appends * writing.as_secs_f64();
     assert!(
-        (0.0..=bound).contains(&waited),
-        "appends waited {waited} s in all, past {bound} s"
+        took <= writing.as_secs_f64(),
+        "transactions took {took} s in all, within {writing:?} of writing"
     );
 }
 

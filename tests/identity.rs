@@ -469,10 +469,17 @@ async fn a_narrow_token_pages_through_a_long_runs_list() {
     let c = Client::with_token(SERVICE);
     let writes = (0..2100).map(|_| {
         let (c, url) = (c.clone(), run_url(&node, Uuid::new_v4(), "/flags/k"));
-        async move { c.put(&url, &json!({"value": 1, "user": "svc"})).await.0 }
+        async move { c.put(&url, &json!({"value": 1, "user": "svc"})).await }
     });
-    let statuses = futures_util::future::join_all(writes).await;
-    assert!(statuses.iter().all(|s| *s == 200));
+    let answers = futures_util::future::join_all(writes).await;
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        refused.is_empty(),
+        "{} of 2,100 writes refused, first {:?}; node log:\n{}",
+        refused.len(),
+        refused.first(),
+        node.log_text()
+    );
     let reader = Client::with_token(&token("ana", json!([old.to_string()]), "read", 600, SECRET));
     let (mut found, mut cursor, mut requests) = (Vec::new(), None::<String>, 0);
     loop {

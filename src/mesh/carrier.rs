@@ -10,12 +10,12 @@
 //! catch up on connect. A pod that takes the role over syncs, on its links to that region,
 //! every run active within the last lease and a margin for the pods' clocks (the runs list of
 //! the shared database): what nobody may have pushed while the role had no holder. It reads
-//! that list only once it follows the region's log, so each commit is in the list or comes
-//! through the log; reading it first lost the commits made in between (they reached the other
-//! region only with the run's next change).
+//! that list only once it follows the region's log (if that takes a while, at a later look),
+//! so each commit is in the list or comes through the log; reading it first lost the commits
+//! made in between (they reached the other region only with the run's next change).
 
 use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -41,6 +41,8 @@ pub struct Carrier {
     held: Arc<RwLock<Option<HashSet<String>>>>,
     /// Told whether this pod carries any region (it then follows the other pods' commits).
     runs: Option<Runs>,
+    /// Regions this pod took over whose recently active runs are still to be synced.
+    unsynced: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Carrier {
@@ -83,6 +85,7 @@ impl Carrier {
         let carrier = Carrier {
             held: Arc::new(RwLock::new(Some(HashSet::new()))),
             runs: Some(runs),
+            unsynced: Arc::default(),
         };
         let keeper = carrier.clone();
         actix::spawn(async move {
@@ -107,46 +110,60 @@ impl Carrier {
             .read()
             .map(|h| h.clone().unwrap_or_default())
             .unwrap_or_default();
+        // Whether the other pods' commits reach this pod: asked once per look, so that a
+        // database too slow to answer delays one look, not one per region.
+        let mut following: Option<bool> = None;
         for region in &linked {
             let had = held.contains(region);
-            if had && !renew {
+            if !had || renew {
+                let holds = ownership
+                    .claim_role(&role(region))
+                    .await
+                    .unwrap_or_else(|e| {
+                        log::warn!("mesh: claiming the role for {region} failed: {e}");
+                        had
+                    });
+                self.set(region, holds);
+                if holds && !had {
+                    log::info!("mesh: this pod carries the region's changes to {region}");
+                    self.mark_unsynced(region, true);
+                }
+            }
+            if !self.is_unsynced(region) {
                 continue;
             }
-            let holds = ownership
-                .claim_role(&role(region))
-                .await
-                .unwrap_or_else(|e| {
-                    log::warn!("mesh: claiming the role for {region} failed: {e}");
-                    had
-                });
-            self.set(region, holds);
-            if holds && !had {
-                log::info!("mesh: this pod carries the region's changes to {region}");
-                // The other pods' commits from now on reach the links through the region's log;
-                // those before are in the runs list read next.
-                if let Some(runs) = &self.runs {
-                    if !runs.following_region(FOLLOW_WAIT).await {
-                        log::warn!(
-                            "mesh: not yet following the region's log; commits to runs of \
-                             other pods may reach {region} only on their next change"
-                        );
-                    }
+            // The other pods' commits from now on reach the links through the region's log;
+            // those before are in the runs list read next. Until the log is followed the list
+            // is not read (a commit in between would reach neither way): the next look tries
+            // again, well inside the list's window.
+            let ready = match (&self.runs, following) {
+                (None, _) => true,
+                (Some(_), Some(known)) => known,
+                (Some(runs), None) => {
+                    let now = runs.following_region(FOLLOW_WAIT).await;
+                    following = Some(now);
+                    now
                 }
-                // What nobody may have pushed while the role had no holder.
-                let window = ownership.lease() + LOOK_EVERY * 2 + CLOCK_MARGIN;
-                let runs: Vec<Uuid> = match &self.runs {
-                    Some(runs) => Self::active_within(runs, window).await,
-                    None => Vec::new(),
-                };
-                for (peer, session) in links.iter().filter(|(p, _)| &p.region == region) {
-                    log::debug!(
-                        "mesh: syncing {} recent runs with {}",
-                        runs.len(),
-                        peer.node_id
-                    );
-                    for run in &runs {
-                        session.addr.do_send(SyncRun(*run));
-                    }
+            };
+            if !ready {
+                log::warn!("mesh: not yet following the region's log; {region} is synced later");
+                continue;
+            }
+            self.mark_unsynced(region, false);
+            // What nobody may have pushed while the role had no holder.
+            let window = ownership.lease() + LOOK_EVERY * 2 + CLOCK_MARGIN;
+            let runs: Vec<Uuid> = match &self.runs {
+                Some(runs) => Self::active_within(runs, window).await,
+                None => Vec::new(),
+            };
+            for (peer, session) in links.iter().filter(|(p, _)| &p.region == region) {
+                log::debug!(
+                    "mesh: syncing {} recent runs with {}",
+                    runs.len(),
+                    peer.node_id
+                );
+                for run in &runs {
+                    session.addr.do_send(SyncRun(*run));
                 }
             }
         }
@@ -158,7 +175,24 @@ impl Carrier {
         }
     }
 
+    fn is_unsynced(&self, region: &str) -> bool {
+        let unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+        unsynced.contains(region)
+    }
+
+    fn mark_unsynced(&self, region: &str, unsynced: bool) {
+        let mut regions = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+        if unsynced {
+            regions.insert(region.to_string());
+        } else {
+            regions.remove(region);
+        }
+    }
+
     fn set(&self, region: &str, holds: bool) {
+        if !holds {
+            self.mark_unsynced(region, false);
+        }
         let mut held = self.held.write().unwrap_or_else(|p| p.into_inner());
         if let Some(held) = held.as_mut() {
             if holds {

@@ -175,8 +175,9 @@ impl Runs {
                     Ok(event) => event,
                     Err(_) if self.others_wanted() => continue,
                     Err(_) => {
-                        // Said before the last look, so that whoever starts wanting the commits
-                        // meanwhile waits for the next subscription instead of trusting this one.
+                        // Cleared before the second look: whoever starts wanting the commits
+                        // after it finds the flag false and waits for the next subscription;
+                        // whoever started before it keeps this one.
                         self.inner.following.send_replace(false);
                         if self.others_wanted() {
                             self.inner.following.send_replace(true);
