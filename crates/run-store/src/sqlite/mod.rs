@@ -49,6 +49,12 @@ type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
 
 pub struct SqliteStore {
     pool: Pool<ConnectionManager<SqliteConnection>>,
+    /// One permit per connection the pool has for reads. Reads queue here, first come first
+    /// served and without a deadline, rather than in the pool's own wait: that one gives up
+    /// after its connection timeout and serves its waiters in no order, so a burst of thousands
+    /// of loads (each a blocking task waiting for a connection) could leave some waiting past
+    /// the timeout and refuse them as "database unavailable".
+    readers: std::sync::Arc<tokio::sync::Semaphore>,
     /// The connection appends and snapshots are written through (see the module's notes).
     writer: std::sync::Arc<std::sync::Mutex<Conn>>,
 }
@@ -102,10 +108,16 @@ struct SnapshotRow {
 
 impl SqliteStore {
     pub fn connect(path: &str, pool_size: usize) -> Result<Self, StoreError> {
+        Self::connect_waiting(path, pool_size, Duration::from_secs(5))
+    }
+
+    /// As [`SqliteStore::connect`], the pool waiting at most `wait` for a connection.
+    fn connect_waiting(path: &str, pool_size: usize, wait: Duration) -> Result<Self, StoreError> {
+        let size = pool_size.clamp(2, 8);
         let pool = Pool::builder()
-            .max_size(u32::try_from(pool_size.clamp(2, 8)).unwrap_or(8))
+            .max_size(u32::try_from(size).unwrap_or(8))
             .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(5))
+            .connection_timeout(wait)
             .connection_customizer(Box::new(Pragmas))
             .build(ConnectionManager::new(path))
             .map_err(pool_error)?;
@@ -113,6 +125,7 @@ impl SqliteStore {
         let writer = pool.get().map_err(pool_error)?;
         Ok(SqliteStore {
             pool,
+            readers: std::sync::Arc::new(tokio::sync::Semaphore::new(size - 1)),
             writer: std::sync::Arc::new(std::sync::Mutex::new(writer)),
         })
     }
@@ -149,7 +162,15 @@ impl SqliteStore {
         F: FnOnce(&mut Conn) -> Result<T, StoreError> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let turn = self
+            .readers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable("the SQLite store is closed".into()))?;
         tokio::task::spawn_blocking(move || {
+            // Held until the work ends, even if the caller stops waiting for it.
+            let _turn = turn;
             let mut conn = pool.get().map_err(pool_error)?;
             work(&mut conn)
         })
@@ -716,5 +737,43 @@ mod tests {
             after_first,
             "the second append prepared statements again"
         );
+    }
+
+    /// Reads queue for the pool's connections in order, however long the wait: with one read
+    /// connection held past the pool's connection timeout, twenty reads behind it are all
+    /// answered (the pool's own wait refused them as "database unavailable").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_wait_their_turn_past_the_pools_timeout() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db").display().to_string();
+        crate::migrate::run(crate::migrate::Target::Sqlite(path.clone()))
+            .await
+            .expect("migrations");
+        // Two connections: the writer's and one for reads.
+        let store = std::sync::Arc::new(
+            SqliteStore::connect_waiting(&path, 2, Duration::from_millis(100)).expect("store"),
+        );
+        let holder = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .with_conn(|_| {
+                        std::thread::sleep(Duration::from_millis(600));
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        // The holder has the read connection before the others ask.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let reads = (0..20).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.latest_snapshot(Uuid::new_v4(), None).await })
+        });
+        for read in reads.collect::<Vec<_>>() {
+            let answer = read.await.expect("read task");
+            assert!(matches!(answer, Ok(None)), "{answer:?}");
+        }
+        holder.await.expect("holder").expect("held read");
     }
 }
