@@ -697,16 +697,22 @@ mod tests {
     use super::*;
     use crate::testing::{event, Prepared};
 
-    /// Every statement an append runs is prepared once per connection, whichever optional
-    /// columns its events fill: diesel re-prepares what it cannot cache, which was 12% of
-    /// the writer's time.
-    #[tokio::test]
-    async fn an_appends_statements_are_prepared_once() {
+    /// A migrated database in a folder of its own (kept while the folder is).
+    async fn migrated_db() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("t.db").display().to_string();
         crate::migrate::run(crate::migrate::Target::Sqlite(path.clone()))
             .await
             .expect("migrations");
+        (dir, path)
+    }
+
+    /// Every statement an append runs is prepared once per connection, whichever optional
+    /// columns its events fill: diesel re-prepares what it cannot cache, which was 12% of
+    /// the writer's time.
+    #[tokio::test]
+    async fn an_appends_statements_are_prepared_once() {
+        let (_dir, path) = migrated_db().await;
         let mut c = SqliteConnection::establish(&path).expect("open");
         let prepared = Prepared::default();
         c.set_instrumentation(prepared.watch());
@@ -744,11 +750,7 @@ mod tests {
     /// answered (the pool's own wait refused them as "database unavailable").
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_wait_their_turn_past_the_pools_timeout() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("t.db").display().to_string();
-        crate::migrate::run(crate::migrate::Target::Sqlite(path.clone()))
-            .await
-            .expect("migrations");
+        let (_dir, path) = migrated_db().await;
         // Two connections: the writer's and one for reads.
         let store = std::sync::Arc::new(
             SqliteStore::connect_waiting(&path, 2, Duration::from_millis(100)).expect("store"),
