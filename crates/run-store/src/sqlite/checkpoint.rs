@@ -1,33 +1,38 @@
-//! Copies the WAL back into the database file from a thread of its own, shortly after each
-//! commit.
+//! Copies the WAL back into the database file from a thread of its own, soon after each write.
 //!
-//! SQLite's automatic checkpoint runs inside the commit that crosses its threshold: under load
-//! one commit in twenty-five took 10–50 ms instead of 3, and every append queued behind it
-//! waited as long. A passive checkpoint takes no write lock, so it can run beside the commits
-//! instead. It still ends with an fsync of the database file, and a commit's fsync of the WAL
-//! that meets a large one waits for it: checkpointing every 100 ms left commits of 10–27 ms
-//! (the write path's p99 at 31–38 ms under wrk). Small checkpoints soon after each commit keep
-//! that flush short (p99 17–19 ms at 5 ms apart) for about a third more bytes written; see
-//! BENCHMARKS.md. The writer's own automatic checkpoint stays, at a larger threshold, as the
-//! bound on the WAL should this thread fall behind.
+//! SQLite's automatic checkpoint runs inside the commit that crosses its threshold: with 4,000
+//! pages, one commit in 25 under wrk took 10–50 ms instead of 3, and every append queued behind
+//! it waited as long. A passive checkpoint takes no write lock, so it can run beside the commits.
+//! A checkpoint that copies the whole WAL ends with an fsync of the database file, and a commit's
+//! fsync of the WAL that meets a large one waits for it: checkpointing every 100 ms still left
+//! commits of 10–27 ms and a p99 of 28–47 ms. Small checkpoints soon after each write (at most
+//! one per 10 ms) keep that flush short: p99 18.5–21.2 ms, for a fifth more bytes written
+//! (BENCHMARKS.md).
+//!
+//! Only the writer restarts the WAL from its beginning, and only when its transaction begins
+//! with everything copied back. Under a writer that never pauses that moment rarely comes, so the
+//! WAL grows to the writer's own threshold (16,384 pages, 64 MiB), whose checkpoint inside a
+//! commit then has little left to copy and restarts it.
 
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
-use diesel::{Connection, SqliteConnection};
+use diesel::sql_types::Integer;
+use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 
 use super::super::{pool_error, StoreError};
 
-/// Least time between the starts of two checkpoints: commits closer together share one.
+/// Least time between the starts of two checkpoints: writes closer together share one. Also how
+/// soon a checkpoint that could not copy everything is tried again.
 const MIN_GAP: Duration = Duration::from_millis(10);
 
-/// Tells the checkpoint thread that something was committed.
+/// Tells the checkpoint thread that something was written.
 #[derive(Clone)]
 pub(super) struct Wake(mpsc::SyncSender<()>);
 
 impl Wake {
-    /// Never blocks: a wake already pending covers this commit too.
+    /// Never blocks: a wake already pending covers this write too.
     pub(super) fn committed(&self) {
         // Full: a wake is pending already. Disconnected: the thread is gone (it cannot stop
         // while a handle exists, so only in a panic), and the writer's own checkpoint bounds
@@ -36,13 +41,34 @@ impl Wake {
     }
 }
 
+/// What `PRAGMA wal_checkpoint` reports.
+#[derive(QueryableByName)]
+struct Outcome {
+    /// 1 when another checkpoint held the lock, so this one did nothing.
+    #[diesel(sql_type = Integer)]
+    busy: i32,
+    /// Frames in the WAL (-1 when the database is not in WAL mode).
+    #[diesel(sql_type = Integer)]
+    log: i32,
+    /// Frames copied back, this time or before.
+    #[diesel(sql_type = Integer)]
+    checkpointed: i32,
+}
+
+impl Outcome {
+    /// Whether frames were left in the WAL: a reader still needed them, or the lock was taken.
+    fn left_some(&self) -> bool {
+        self.busy != 0 || self.checkpointed < self.log
+    }
+}
+
 /// Starts checkpointing the database at `path` on a connection of its own. The thread ends,
 /// after a last checkpoint, once every handle to it is dropped.
 pub(super) fn start(path: &str) -> Result<Wake, StoreError> {
     let mut conn = SqliteConnection::establish(path).map_err(pool_error)?;
-    // A passive checkpoint never waits for the writer: it copies what is committed and stops
-    // where a reader still needs the WAL. The busy timeout covers the checkpoint lock, which
-    // the writer's own automatic checkpoint may hold.
+    // A passive checkpoint never waits for a lock: it copies what is committed, stops where a
+    // reader still needs the WAL, and does nothing if another checkpoint runs. The busy timeout
+    // covers the schema read it starts with.
     conn.batch_execute("PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL;")
         .map_err(pool_error)?;
     let (wake, woken) = mpsc::sync_channel::<()>(1);
@@ -50,15 +76,30 @@ pub(super) fn start(path: &str) -> Result<Wake, StoreError> {
         .name("sqlite-checkpoint".into())
         .spawn(move || {
             let mut last = Instant::now();
+            let mut left_some = false;
             loop {
-                let stopping = woken.recv().is_err();
+                // With frames left behind, try again after the gap even if nothing is written.
+                let stopping = if left_some {
+                    matches!(
+                        woken.recv_timeout(MIN_GAP),
+                        Err(RecvTimeoutError::Disconnected)
+                    )
+                } else {
+                    woken.recv().is_err()
+                };
                 if !stopping {
                     std::thread::sleep(MIN_GAP.saturating_sub(last.elapsed()));
                 }
                 last = Instant::now();
-                if let Err(e) = conn.batch_execute("PRAGMA wal_checkpoint(PASSIVE);") {
-                    log::warn!("SQLite checkpoint failed (the writer's own bounds the WAL): {e}");
-                }
+                left_some = match diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .get_result::<Outcome>(&mut conn)
+                {
+                    Ok(outcome) => outcome.left_some(),
+                    Err(e) => {
+                        log::warn!("SQLite checkpoint failed (the writer's own will run): {e}");
+                        false
+                    }
+                };
                 if stopping {
                     return;
                 }
