@@ -40,6 +40,8 @@ pub struct Metrics {
     pub commit_wait: Histogram,
     /// Each commit of the event log (see `run_store::CommitMetrics::durations`).
     pub commit_duration: Histogram,
+    /// SQLite's WAL pages not yet copied back into the database file, set at each scrape.
+    pub wal_backlog: IntGauge,
     /// Legacy (OT) rows skipped as malformed when replaying a run's log.
     pub legacy_skipped: prometheus::IntCounter,
     /// Schema breaches found in changes from foreign Automerge clients (kept, reported).
@@ -148,6 +150,11 @@ impl Metrics {
                 "crdt_commit_duration_seconds",
                 "Time each event-log commit took, from its first statement (retries of a batch refused in part included)",
                 commit_seconds,
+            )?,
+            wal_backlog: gauge(
+                &r,
+                "crdt_sqlite_wal_backlog_pages",
+                "SQLite: pages in the WAL not yet copied back into the database file, as the last checkpoint left them (0 on PostgreSQL)",
             )?,
             legacy_skipped: counter(
                 &r,

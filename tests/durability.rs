@@ -387,6 +387,50 @@ async fn concurrent_writes_share_transactions(backend: Backend) {
     );
 }
 
+/// The scrape reports SQLite's WAL pages not yet copied back: some while a reader holds an old
+/// snapshot of the node's database, none once it lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_back_wal_shows_in_the_metrics() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = Node::spawn(&db, &[]);
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    flag(&c, &node, run, "first", json!(0)).await;
+    let path = db.url.strip_prefix("sqlite://").expect("a SQLite URL");
+    let mut reader = diesel::SqliteConnection::establish(path).expect("open the node's database");
+    reader
+        .batch_execute(
+            "PRAGMA busy_timeout = 5000; BEGIN; SELECT COUNT(*) FROM collaboration_events;",
+        )
+        .expect("read");
+    for i in 0..20 {
+        flag(&c, &node, run, &format!("k{i}"), json!(i)).await;
+    }
+    let backlog = || async {
+        let text = Client::new().text(&node.url("/actuator/prometheus")).await;
+        common::metric(&text, "crdt_sqlite_wal_backlog_pages")
+    };
+    // The checkpoint after the last write runs within 10 ms and leaves what the reader needs.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let held = backlog().await;
+    assert!(held.is_some_and(|pages| pages > 0.0), "held back: {held:?}");
+    reader.batch_execute("COMMIT;").expect("end the read");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = backlog().await;
+        if left == Some(0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "10 s after the reader let go, the backlog is {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A run loaded with more events than the snapshot interval since its last snapshot gets one
 /// at once, and that snapshot holds the whole run: loading from it alone gives the same state.
 async fn a_snapshot_taken_right_after_loading_is_complete(backend: Backend) {

@@ -51,6 +51,9 @@ pub fn view(req: &HttpRequest, app: &AppState) -> Result<View, ApiError> {
 
 async fn scrape(req: HttpRequest, app: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let view = view(&req, &app)?;
+    if let Some(pages) = app.runs.wal_backlog() {
+        app.metrics.wal_backlog.set(pages);
+    }
     let mut families = app.metrics.registry.gather();
     if view == View::WithoutRuns {
         families.retain(|f| {

@@ -686,6 +686,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// "postgres" or "sqlite".
     fn backend(&self) -> &'static str;
+
+    /// Pages written to the log's WAL but not yet copied back into the database file, as the
+    /// last checkpoint left them: SQLite's only (PostgreSQL checkpoints on its own). It grows
+    /// while a reader holds an old snapshot, and the WAL file with it.
+    fn wal_backlog(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// Opens the store a database URL names, running embedded migrations first.

@@ -14,7 +14,9 @@
 //! WAL grows to the writer's own threshold (16,384 pages, 64 MiB), whose checkpoint inside a
 //! commit then has little left to copy and restarts it.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
@@ -27,17 +29,26 @@ use super::super::{pool_error, StoreError};
 /// soon a checkpoint that could not copy everything is tried again.
 const MIN_GAP: Duration = Duration::from_millis(10);
 
-/// Tells the checkpoint thread that something was written.
+/// Tells the checkpoint thread that something was written, and reads what it found.
 #[derive(Clone)]
-pub(super) struct Wake(mpsc::SyncSender<()>);
+pub(super) struct Wake {
+    tx: mpsc::SyncSender<()>,
+    backlog: Arc<AtomicI64>,
+}
 
 impl Wake {
+    /// Pages in the WAL not yet copied back into the database file, as the last checkpoint
+    /// left them.
+    pub(super) fn backlog(&self) -> i64 {
+        self.backlog.load(Ordering::Relaxed)
+    }
+
     /// Never blocks: a wake already pending covers this write too.
     pub(super) fn committed(&self) {
         // Full: a wake is pending already. Disconnected: the thread is gone (it cannot stop
         // while a handle exists, so only in a panic), and the writer's own checkpoint bounds
         // the WAL.
-        let _ = self.0.try_send(());
+        let _ = self.tx.try_send(());
     }
 }
 
@@ -60,6 +71,11 @@ impl Outcome {
     fn left_some(&self) -> bool {
         self.busy != 0 || self.checkpointed < self.log
     }
+
+    /// Frames not copied back (none when the database is not in WAL mode).
+    fn backlog(&self) -> i64 {
+        i64::from(self.log.max(0) - self.checkpointed.max(0)).max(0)
+    }
 }
 
 /// Starts checkpointing the database at `path` on a connection of its own. The thread ends,
@@ -71,7 +87,9 @@ pub(super) fn start(path: &str) -> Result<Wake, StoreError> {
     // covers the schema read it starts with.
     conn.batch_execute("PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL;")
         .map_err(pool_error)?;
-    let (wake, woken) = mpsc::sync_channel::<()>(1);
+    let (tx, woken) = mpsc::sync_channel::<()>(1);
+    let backlog = Arc::new(AtomicI64::new(0));
+    let found = backlog.clone();
     std::thread::Builder::new()
         .name("sqlite-checkpoint".into())
         .spawn(move || {
@@ -94,7 +112,10 @@ pub(super) fn start(path: &str) -> Result<Wake, StoreError> {
                 left_some = match diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)")
                     .get_result::<Outcome>(&mut conn)
                 {
-                    Ok(outcome) => outcome.left_some(),
+                    Ok(outcome) => {
+                        found.store(outcome.backlog(), Ordering::Relaxed);
+                        outcome.left_some()
+                    }
                     Err(e) => {
                         log::warn!("SQLite checkpoint failed (the writer's own will run): {e}");
                         false
@@ -106,5 +127,5 @@ pub(super) fn start(path: &str) -> Result<Wake, StoreError> {
             }
         })
         .map_err(|e| StoreError::Unavailable(format!("SQLite checkpoint thread: {e}")))?;
-    Ok(Wake(wake))
+    Ok(Wake { tx, backlog })
 }

@@ -710,6 +710,10 @@ impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
+
+    fn wal_backlog(&self) -> Option<i64> {
+        Some(self.checkpoint.backlog())
+    }
 }
 
 #[cfg(test)]
@@ -822,8 +826,20 @@ mod tests {
         assert_eq!(store.append(&events).await.expect("append"), 50);
         // The checkpoint after the append has run (at most 10 ms later) and left them.
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let held = store.wal_backlog().expect("SQLite reports its WAL");
+        assert!(held > 0, "the reader held back no pages: {held}");
         reader.batch_execute("COMMIT;").expect("end the read");
         file_holds(&path, run, 50).await;
+        // The file holds them once a checkpoint copied everything, which it reports.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.wal_backlog() != Some(0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog stays at {:?}",
+                store.wal_backlog()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Reads queue for the pool's connections in order, however long the wait: with one read
