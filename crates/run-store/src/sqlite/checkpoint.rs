@@ -6,8 +6,8 @@
 //! A checkpoint that copies the whole WAL ends with an fsync of the database file, and a commit's
 //! fsync of the WAL that meets a large one waits for it: checkpointing every 100 ms still left
 //! commits of 10–27 ms and a p99 of 28–47 ms. Small checkpoints soon after each write (at most
-//! one per 10 ms) keep that flush short: p99 18.5–21.2 ms, for a fifth more bytes written
-//! (BENCHMARKS.md).
+//! one per 10 ms) keep that flush short: p99 18–24 ms against 28–34, for a fifth more bytes
+//! written (BENCHMARKS.md).
 //!
 //! Only the writer restarts the WAL from its beginning, and only when its transaction begins
 //! with everything copied back. Under a writer that never pauses that moment rarely comes, so the
@@ -113,7 +113,10 @@ pub(super) fn start(path: &str) -> Result<Wake, StoreError> {
                     .get_result::<Outcome>(&mut conn)
                 {
                     Ok(outcome) => {
-                        found.store(outcome.backlog(), Ordering::Relaxed);
+                        // Busy: it read nothing; the last count stands.
+                        if outcome.busy == 0 {
+                            found.store(outcome.backlog(), Ordering::Relaxed);
+                        }
                         outcome.left_some()
                     }
                     Err(e) => {
