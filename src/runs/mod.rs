@@ -458,12 +458,12 @@ impl Runs {
         written.load(Ordering::Relaxed)
     }
 
-    /// Refuses a write at once while the database is known to be out of reach.
     /// The store's WAL pages not yet copied back into its database file (SQLite only).
     pub fn wal_backlog(&self) -> Option<i64> {
         self.inner.store.wal_backlog()
     }
 
+    /// Refuses a write at once while the database is known to be out of reach.
     pub fn check_store(&self) -> Result<(), RunError> {
         if self.inner.store_down.load(Ordering::Relaxed) {
             return Err(RunError::Unavailable(
