@@ -417,18 +417,14 @@ async fn a_held_back_wal_shows_in_the_metrics() {
     let held = backlog().await;
     assert!(held.is_some_and(|pages| pages > 0.0), "held back: {held:?}");
     reader.batch_execute("COMMIT;").expect("end the read");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let left = backlog().await;
-        if left == Some(0.0) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "10 s after the reader let go, the backlog is {left:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let copied = common::eventually(10, || async {
+        (backlog().await == Some(0.0)).then_some(())
+    });
+    assert!(
+        copied.await.is_some(),
+        "10 s after the reader let go, the backlog is {:?}",
+        backlog().await
+    );
 }
 
 /// A run loaded with more events than the snapshot interval since its last snapshot gets one
