@@ -28,23 +28,35 @@ pub(crate) fn event(run: Uuid, seq: i64, filled: bool) -> NewEvent {
     }
 }
 
-/// The SQL of every statement a connection has put in its cache, in order.
+/// The SQL of every statement a connection has put in its cache, in order, and of every query
+/// it has started (each a round trip on PostgreSQL).
 #[derive(Clone, Default)]
-pub(crate) struct Prepared(Arc<Mutex<Vec<String>>>);
+pub(crate) struct Prepared {
+    cached: Arc<Mutex<Vec<String>>>,
+    started: Arc<Mutex<Vec<String>>>,
+}
 
 impl Prepared {
     /// The instrumentation that fills this, for `set_instrumentation`.
     pub fn watch(&self) -> Box<dyn Instrumentation> {
-        let sink = self.0.clone();
-        Box::new(move |e: InstrumentationEvent<'_>| {
-            if let InstrumentationEvent::CacheQuery { sql, .. } = e {
-                sink.lock().expect("lock").push(sql.to_string());
+        let (cached, started) = (self.cached.clone(), self.started.clone());
+        Box::new(move |e: InstrumentationEvent<'_>| match e {
+            InstrumentationEvent::CacheQuery { sql, .. } => {
+                cached.lock().expect("lock").push(sql.to_string());
             }
+            InstrumentationEvent::StartQuery { query, .. } => {
+                started.lock().expect("lock").push(query.to_string());
+            }
+            _ => {}
         })
     }
 
     pub fn statements(&self) -> Vec<String> {
-        self.0.lock().expect("lock").clone()
+        self.cached.lock().expect("lock").clone()
+    }
+
+    pub fn started(&self) -> Vec<String> {
+        self.started.lock().expect("lock").clone()
     }
 
     /// Panics unless a cached statement contains each of `wanted`.

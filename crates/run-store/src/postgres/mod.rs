@@ -10,7 +10,10 @@ use diesel_async::pooled_connection::deadpool::Pool;
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{
+    AnsiTransactionManager, AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
+    TransactionManager,
+};
 use uuid::Uuid;
 
 mod prepared;
@@ -18,7 +21,7 @@ mod prepared;
 use super::ownership::sql as own;
 use super::schema::pg::{collaboration_events as ev, crdt_runs as runs, crdt_snapshots as snap};
 use super::{
-    activity, deliveries, depth, not_deleted, outbox_sql as sql, pool_error, tombstone_sql as tomb,
+    deliveries, depth, not_deleted, outbox_sql as sql, pool_error, tombstone_sql as tomb,
     Attempted, Delivery, DepthRow, EventColumns, FeedColumns, FeedRow, NewEvent, OutboxRow,
     RunActivity, Snapshot, Store, StoreError, StoredEvent, Tombstone, TombstoneRow, Webhook,
     WebhookRow, DUE_PER_SUBSCRIPTION,
@@ -27,26 +30,13 @@ use super::{Claim, Fence, Joining, Member, Owner};
 use chrono::NaiveDateTime;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
 
-/// What an append reads once it holds the lock ([`prepared::BeginAppend`]): where the log ends
-/// and whether any subscription may want an outbox row.
+/// What [`prepared::AppendEvents`] answers.
 #[derive(QueryableByName)]
-struct AppendStart {
+struct Appended {
+    /// Events inserted (a change the run held already is not).
     #[diesel(sql_type = sql_types::BigInt)]
-    before: i64,
-    #[diesel(sql_type = sql_types::Bool)]
-    hooks: bool,
+    appended: i64,
 }
-
-/// The outbox rows of the events this transaction appended (ids past `$1`): one per webhook
-/// subscription whose filters take the event.
-const FILL_OUTBOX: &str = "INSERT INTO crdt_webhook_outbox \
-    (subscription_id, event_id, run_id, attempts, next_attempt_at, state, created_at) \
-    SELECT s.id, e.id, e.run_id, 0, $2, 'pending', $2 \
-    FROM collaboration_events e JOIN crdt_webhooks s \
-    ON (s.runs IS NULL OR ',' || s.runs || ',' LIKE '%,' || replace(e.run_id::text, '-', '') || ',%') \
-    AND (s.kinds IS NULL OR ',' || s.kinds || ',' LIKE '%,' || COALESCE(e.event_kind, 'other') || ',%') \
-    WHERE e.id > $1 \
-    ON CONFLICT DO NOTHING";
 
 pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
@@ -251,41 +241,50 @@ struct MemberRow {
     runs: i64,
 }
 
-/// Inserts `events` inside the caller's transaction, with their runs' activity and outbox
-/// rows: how many were new, or the runs whose fence no longer holds (then nothing is written).
+/// Appends `events` in a transaction of their own that holds the append lock: how many were
+/// new, or the runs whose fence no longer holds (then nothing is written).
+async fn append_locked(
+    c: &mut AsyncPgConnection,
+    events: &[NewEvent],
+) -> Result<Result<usize, Vec<Uuid>>, diesel::result::Error> {
+    if let Err(e) = AnsiTransactionManager::begin_transaction_sql(c, prepared::BEGIN_LOCKED).await {
+        // The message may have opened the transaction before its lock failed, which diesel
+        // does not know of; with none open this only warns.
+        let _ = c.batch_execute("ROLLBACK").await;
+        return Err(e);
+    }
+    match append_in(c, events).await {
+        Ok(done) => {
+            AnsiTransactionManager::commit_transaction(c).await?;
+            Ok(done)
+        }
+        Err(e) => {
+            AnsiTransactionManager::rollback_transaction(c).await?;
+            Err(e)
+        }
+    }
+}
+
+/// Inserts `events` inside the caller's transaction, which holds the append lock, with their
+/// runs' activity and outbox rows: how many were new, or the runs whose fence no longer holds
+/// (then nothing is written).
 async fn append_in(
     c: &mut AsyncPgConnection,
     events: &[NewEvent],
 ) -> Result<Result<usize, Vec<Uuid>>, diesel::result::Error> {
-    // In run id order: two committers touching the same runs take their locks alike.
-    let mut touched = activity(events);
-    touched.sort_by_key(|a| a.run_id);
-    let run_ids: Vec<Uuid> = touched.iter().map(|a| a.run_id).collect();
-    let times: Vec<chrono::NaiveDateTime> = touched.iter().map(|a| a.last_activity).collect();
     let fences = fences_of(events.iter().map(|e| (e.run_id, e.fence.as_ref())));
-    prepared::TakeAppendLock.execute(c).await?;
-    let start: AppendStart = prepared::BeginAppend.get_result(c).await?;
     let refused = check_fences(c, &fences).await?;
     if !refused.is_empty() {
         // Nothing written: the empty transaction commits, the caller is told.
         return Ok(Err(refused));
     }
+    let now = chrono::Utc::now().naive_utc();
     let mut n = 0;
     for chunk in prepared::chunks_by_bytes(events) {
-        n += prepared::InsertEvents::new(chunk).execute(c).await?;
-    }
-    prepared::TouchRuns {
-        run_ids: &run_ids,
-        times: &times,
-    }
-    .execute(c)
-    .await?;
-    if n > 0 && start.hooks {
-        diesel::sql_query(FILL_OUTBOX)
-            .bind::<sql_types::BigInt, _>(start.before)
-            .bind::<sql_types::Timestamp, _>(chrono::Utc::now().naive_utc())
-            .execute(c)
+        let done: Appended = prepared::AppendEvents::new(chunk, now)
+            .get_result(c)
             .await?;
+        n += usize::try_from(done.appended).unwrap_or(0);
     }
     Ok(Ok(n))
 }
@@ -297,9 +296,7 @@ impl Store for PgStore {
             return Ok(0);
         }
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let inserted = conn
-            .transaction(async |c| append_in(c, events).await)
-            .await?;
+        let inserted = append_locked(&mut conn, events).await?;
         inserted.map_err(StoreError::Fenced)
     }
 
@@ -935,31 +932,35 @@ mod tests {
         let prepared = Prepared::default();
         c.set_instrumentation(prepared.watch());
         let first = [event(Uuid::new_v4(), 1, true)];
-        let n = c
-            .transaction(async |c| append_in(c, &first).await)
-            .await
-            .expect("append");
+        let n = append_locked(&mut c, &first).await.expect("append");
         assert_eq!(n, Ok(1));
         prepared.assert_holds(&[
-            "pg_advisory_xact_lock",
-            "MAX(id)",
             "INSERT INTO collaboration_events",
             "INSERT INTO crdt_runs",
+            "INSERT INTO crdt_webhook_outbox",
         ]);
         let after_first = prepared.statements();
         // A bigger batch over several runs, its optional columns empty.
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let second = [event(a, 1, false), event(b, 1, false), event(a, 2, true)];
-        let n = c
-            .transaction(async |c| append_in(c, &second).await)
-            .await
-            .expect("append");
+        let before = prepared.started().len();
+        let n = append_locked(&mut c, &second).await.expect("append");
         assert_eq!(n, Ok(3));
         assert_eq!(
             prepared.statements(),
             after_first,
             "the second append prepared statements again"
         );
+        // Three round trips: the transaction's start with the lock, the append, the commit.
+        let started = prepared.started().split_off(before);
+        assert_eq!(started.len(), 3, "{started:#?}");
+        assert!(
+            started[0].contains("pg_advisory_xact_lock"),
+            "{}",
+            started[0]
+        );
+        assert!(started[1].contains("INSERT INTO collaboration_events"));
+        assert!(started[2].contains("COMMIT"), "{}", started[2]);
         drop(c);
         let mut admin_conn = AsyncPgConnection::establish(&admin).await.expect("admin");
         diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

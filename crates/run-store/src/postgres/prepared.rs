@@ -2,11 +2,13 @@
 //!
 //! diesel-async prepares a statement it cannot cache (a `sql_query`, a multi-row insert whose
 //! text grows with its rows) in a round trip of its own before running it, and PostgreSQL
-//! parses and plans it again each time. An append ran three of them, so its transaction took
-//! eight round trips, and every commit queues behind the one before. These have fixed text and a
-//! type of their own to be cached by; the events go in as one array per column. An append is
-//! now six round trips (the lock on its own: see [`BeginAppend`]), a fenced one seven, one
-//! with subscriptions one more.
+//! parses and plans it again each time. These have fixed text and a type of their own to be
+//! cached by; the events go in as one array per column.
+//!
+//! Every commit queues behind the one before, so an append's round trips are the committer's
+//! time: three now ([`BEGIN_LOCKED`], [`AppendEvents`], the commit), a fenced one four. It
+//! was six: the transaction's start, the lock, reading where the log ended, the insert, the
+//! runs' activity and the commit, and one more with webhook subscriptions.
 
 use chrono::NaiveDateTime;
 use diesel::pg::Pg;
@@ -23,20 +25,40 @@ use crate::NewEvent;
 /// passed it.
 pub(super) struct TakeAppendLock;
 
-/// Reads where the log ends (the rows after it are this transaction's) and whether any
-/// subscription may want an outbox row, as [`super::AppendStart`]. A statement of its own after
-/// [`TakeAppendLock`]: a statement reads the database as it stood when the statement began, so
-/// one that also waited for the lock would miss what committed meanwhile.
-pub(super) struct BeginAppend;
+/// Opens an append's transaction and takes [`TakeAppendLock`]'s lock, in one message (the
+/// simple protocol runs its statements in order). The statements after it begin once the lock
+/// is held, so each reads the database with every earlier append in it: a statement reads the
+/// database as it stood when it began, so one that also waited for the lock would miss what
+/// committed meanwhile.
+pub(super) const BEGIN_LOCKED: &str = "BEGIN; SELECT pg_advisory_xact_lock(7263010451)";
 
-/// Records the latest activity of each run, never moving it back; runs in id order.
-pub(super) struct TouchRuns<'a> {
-    pub run_ids: &'a [Uuid],
-    pub times: &'a [NaiveDateTime],
+/// Inserts events in their order, skipping a change the run already holds, and in the same
+/// statement records each run's latest activity (never moving it back; runs in id order) and
+/// the outbox rows of the events it inserted: one per webhook subscription whose filters take
+/// the event. Read as [`super::Appended`].
+pub(super) struct AppendEvents<'a> {
+    events: InsertEvents<'a>,
+    run_ids: Vec<Uuid>,
+    times: Vec<NaiveDateTime>,
+    now: NaiveDateTime,
 }
 
-/// Inserts events in their order, skipping a change the run already holds.
-pub(super) struct InsertEvents<'a> {
+impl<'a> AppendEvents<'a> {
+    pub fn new(events: &'a [NewEvent], now: NaiveDateTime) -> Self {
+        // In run id order: two writers touching the same runs take their row locks alike.
+        let mut touched = crate::activity(events);
+        touched.sort_by_key(|a| a.run_id);
+        AppendEvents {
+            events: InsertEvents::new(events),
+            run_ids: touched.iter().map(|a| a.run_id).collect(),
+            times: touched.iter().map(|a| a.last_activity).collect(),
+            now,
+        }
+    }
+}
+
+/// The events' columns, one array each.
+struct InsertEvents<'a> {
     run_ids: Vec<Uuid>,
     event_types: Vec<&'a str>,
     payloads: Vec<Option<&'a str>>,
@@ -53,7 +75,7 @@ pub(super) struct InsertEvents<'a> {
 }
 
 impl<'a> InsertEvents<'a> {
-    pub fn new(events: &'a [NewEvent]) -> Self {
+    fn new(events: &'a [NewEvent]) -> Self {
         InsertEvents {
             run_ids: events.iter().map(|e| e.run_id).collect(),
             event_types: events.iter().map(|e| e.event_type.as_str()).collect(),
@@ -102,8 +124,16 @@ pub(super) fn chunks_by_bytes(events: &[NewEvent]) -> impl Iterator<Item = &[New
 
 const APPEND_LOCK: &str = "SELECT pg_advisory_xact_lock(7263010451)";
 
-const BEGIN_APPEND: &str = "SELECT COALESCE((SELECT MAX(id) FROM collaboration_events), 0) \
-    AS before, EXISTS (SELECT 1 FROM crdt_webhooks) AS hooks";
+/// The outbox rows of the events inserted (`ins`): one per webhook subscription whose filters
+/// take the event.
+const FILL_OUTBOX: &str = "INSERT INTO crdt_webhook_outbox \
+    (subscription_id, event_id, run_id, attempts, next_attempt_at, state, created_at) \
+    SELECT s.id, e.id, e.run_id, 0, clock.t, 'pending', clock.t \
+    FROM ins e JOIN crdt_webhooks s \
+    ON (s.runs IS NULL OR ',' || s.runs || ',' LIKE '%,' || replace(e.run_id::text, '-', '') || ',%') \
+    AND (s.kinds IS NULL OR ',' || s.kinds || ',' LIKE '%,' || COALESCE(e.event_kind, 'other') || ',%') \
+    CROSS JOIN clock \
+    ON CONFLICT DO NOTHING";
 
 const EVENT_COLUMNS: &str = "run_id, event_type, payload, user_id, created_at, crdt_changes, \
     source_region, lamport_timestamp, run_seq, change_hash, event_kind, event_content, owner_epoch";
@@ -114,18 +144,8 @@ impl QueryId for TakeAppendLock {
     const HAS_STATIC_QUERY_ID: bool = true;
 }
 
-impl QueryId for BeginAppend {
-    type QueryId = BeginAppend;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl QueryId for TouchRuns<'_> {
-    type QueryId = TouchRuns<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl QueryId for InsertEvents<'_> {
-    type QueryId = InsertEvents<'static>;
+impl QueryId for AppendEvents<'_> {
+    type QueryId = AppendEvents<'static>;
     const HAS_STATIC_QUERY_ID: bool = true;
 }
 
@@ -136,29 +156,32 @@ impl QueryFragment<Pg> for TakeAppendLock {
     }
 }
 
-impl QueryFragment<Pg> for BeginAppend {
+impl QueryFragment<Pg> for AppendEvents<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(BEGIN_APPEND);
-        Ok(())
-    }
-}
-
-impl Query for BeginAppend {
-    type SqlType = Untyped;
-}
-
-impl QueryFragment<Pg> for TouchRuns<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        // Every part of one statement reads the database as it stood when the statement began,
+        // and data-modifying parts always run to completion: the outbox reads the new rows
+        // from the insert's RETURNING.
+        out.push_sql("WITH ins AS (");
+        self.events.walk_ast(out.reborrow())?;
+        out.push_sql(" RETURNING id, run_id, event_kind), touched AS (");
         out.push_sql("INSERT INTO crdt_runs (run_id, last_activity) SELECT * FROM unnest(");
-        out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(self.run_ids)?;
+        out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.run_ids)?;
         out.push_sql("::uuid[], ");
-        out.push_bind_param::<Array<Timestamp>, _>(self.times)?;
+        out.push_bind_param::<Array<Timestamp>, _>(&self.times)?;
         out.push_sql(
             "::timestamp[]) ON CONFLICT (run_id) DO UPDATE \
-            SET last_activity = GREATEST(crdt_runs.last_activity, EXCLUDED.last_activity)",
+            SET last_activity = GREATEST(crdt_runs.last_activity, EXCLUDED.last_activity)), clock AS (SELECT ",
         );
+        out.push_bind_param::<Timestamp, _>(&self.now)?;
+        out.push_sql("::timestamp AS t), outbox AS (");
+        out.push_sql(FILL_OUTBOX);
+        out.push_sql(") SELECT COUNT(*) AS appended FROM ins");
         Ok(())
     }
+}
+
+impl Query for AppendEvents<'_> {
+    type SqlType = Untyped;
 }
 
 impl QueryFragment<Pg> for InsertEvents<'_> {
