@@ -29,7 +29,7 @@ pub(crate) fn event(run: Uuid, seq: i64, filled: bool) -> NewEvent {
 }
 
 /// The SQL of every statement a connection has put in its cache, in order, and of every query
-/// it has started (each a round trip on PostgreSQL).
+/// it has started (on PostgreSQL a round trip each, two for a statement not yet prepared).
 #[derive(Clone, Default)]
 pub(crate) struct Prepared {
     cached: Arc<Mutex<Vec<String>>>,

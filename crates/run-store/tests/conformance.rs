@@ -639,7 +639,7 @@ async fn one_owner_per_run(a: &dyn Store, b: &dyn Store) -> (Uuid, i64) {
 /// PostgreSQL: an append that waits for the append lock sees what committed while it waited.
 /// Here a subscription saved by the lock's holder: the events must get their outbox row (a
 /// statement reads the database as it stood when it began, so the lock is taken by a statement
-/// of its own before the append reads whether any subscription exists).
+/// of its own before the append's statement reads the subscriptions).
 async fn an_append_waiting_for_the_lock_sees_what_committed_meanwhile(
     store: Arc<dyn Store>,
     url: &str,

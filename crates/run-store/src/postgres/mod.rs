@@ -248,9 +248,11 @@ async fn append_locked(
     events: &[NewEvent],
 ) -> Result<Result<usize, Vec<Uuid>>, diesel::result::Error> {
     if let Err(e) = AnsiTransactionManager::begin_transaction_sql(c, prepared::BEGIN_LOCKED).await {
-        // The message may have opened the transaction before its lock failed, which diesel
-        // does not know of; with none open this only warns.
-        let _ = c.batch_execute("ROLLBACK").await;
+        // The server refused the lock after opening the transaction, which diesel does not know
+        // of (on a connection already in one it refuses before sending anything).
+        if matches!(e, diesel::result::Error::DatabaseError(..)) {
+            let _ = c.batch_execute("ROLLBACK").await;
+        }
         return Err(e);
     }
     match append_in(c, events).await {
@@ -258,10 +260,11 @@ async fn append_locked(
             AnsiTransactionManager::commit_transaction(c).await?;
             Ok(done)
         }
-        Err(e) => {
-            AnsiTransactionManager::rollback_transaction(c).await?;
-            Err(e)
-        }
+        // As diesel's own `transaction`: the write's error, unless the rollback failed too.
+        Err(e) => match AnsiTransactionManager::rollback_transaction(c).await {
+            Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(e),
+            Err(rollback) => Err(rollback),
+        },
     }
 }
 
@@ -912,7 +915,7 @@ mod tests {
     use super::*;
     use crate::testing::{event, Prepared};
 
-    /// Every statement an append runs without fences or subscriptions is prepared once per
+    /// Every statement an append runs without fences is prepared once per
     /// connection, whatever the batch's size: diesel-async spends a round trip preparing each
     /// statement it cannot cache, and PostgreSQL parses and plans it again.
     #[tokio::test]

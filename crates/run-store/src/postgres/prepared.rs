@@ -6,7 +6,8 @@
 //! cached by; the events go in as one array per column.
 //!
 //! Every commit queues behind the one before, so an append's round trips are the committer's
-//! time: three now ([`BEGIN_LOCKED`], [`AppendEvents`], the commit), a fenced one four. It
+//! time: three now ([`BEGIN_LOCKED`], [`AppendEvents`], the commit), a fenced one five (its
+//! check is prepared each time, a round trip of its own). It
 //! was six: the transaction's start, the lock, reading where the log ended, the insert, the
 //! runs' activity and the commit, and one more with webhook subscriptions.
 
@@ -19,6 +20,13 @@ use uuid::Uuid;
 
 use crate::NewEvent;
 
+/// The statement that takes the append lock (a macro, so [`BEGIN_LOCKED`] can hold it too).
+macro_rules! append_lock {
+    () => {
+        "SELECT pg_advisory_xact_lock(7263010451)"
+    };
+}
+
 /// Takes the lock that serializes appends (and the webhook changes beside them) until the
 /// transaction ends: cursors (row ids) then become visible in order, where with overlapping
 /// transactions an id drawn earlier could commit later, behind a feed reader that had already
@@ -30,7 +38,10 @@ pub(super) struct TakeAppendLock;
 /// is held, so each reads the database with every earlier append in it: a statement reads the
 /// database as it stood when it began, so one that also waited for the lock would miss what
 /// committed meanwhile.
-pub(super) const BEGIN_LOCKED: &str = "BEGIN; SELECT pg_advisory_xact_lock(7263010451)";
+/// The isolation level is named: under a stricter default the transaction's snapshot would be
+/// taken by the lock statement, before it waited.
+pub(super) const BEGIN_LOCKED: &str =
+    concat!("BEGIN ISOLATION LEVEL READ COMMITTED; ", append_lock!());
 
 /// Inserts events in their order, skipping a change the run already holds, and in the same
 /// statement records each run's latest activity (never moving it back; runs in id order) and
@@ -122,7 +133,7 @@ pub(super) fn chunks_by_bytes(events: &[NewEvent]) -> impl Iterator<Item = &[New
     })
 }
 
-const APPEND_LOCK: &str = "SELECT pg_advisory_xact_lock(7263010451)";
+const APPEND_LOCK: &str = append_lock!();
 
 /// The outbox rows of the events inserted (`ins`): one per webhook subscription whose filters
 /// take the event.
