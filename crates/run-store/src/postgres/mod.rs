@@ -918,11 +918,11 @@ mod tests {
     /// Every statement an append runs without fences is prepared once per
     /// connection, whatever the batch's size: diesel-async spends a round trip preparing each
     /// statement it cannot cache, and PostgreSQL parses and plans it again.
-    #[tokio::test]
-    async fn an_appends_statements_are_prepared_once() {
+    /// A migrated database of its own on the test server: its URL, and a guard that drops it.
+    async fn scratch_database() -> (String, Scratch) {
         let admin = std::env::var("TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let name = format!("crdt_prepared_{}", Uuid::new_v4().simple());
+        let name = format!("crdt_unit_{}", Uuid::new_v4().simple());
         let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
         let url = format!("{base}/{name}");
         create_database(&url)
@@ -931,6 +931,58 @@ mod tests {
         crate::migrate::run(crate::migrate::Target::Postgres(url.clone()))
             .await
             .expect("migrations");
+        (url, Scratch { admin, name })
+    }
+
+    struct Scratch {
+        admin: String,
+        name: String,
+    }
+
+    impl Scratch {
+        async fn drop_database(self) {
+            let mut admin = AsyncPgConnection::establish(&self.admin)
+                .await
+                .expect("admin");
+            diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin)
+            .await
+            .expect("dropped");
+        }
+    }
+
+    /// An append abandoned while it holds the append lock (the group committer's timeout
+    /// drops it between statements, and its connection waits in the pool idle in that
+    /// transaction) holds later appends only until the server ends the idle session.
+    #[tokio::test]
+    async fn an_abandoned_append_gives_the_lock_back() {
+        let (url, scratch) = scratch_database().await;
+        let mut abandoned = AsyncPgConnection::establish(&url).await.expect("connects");
+        AnsiTransactionManager::begin_transaction_sql(&mut abandoned, prepared::BEGIN_LOCKED)
+            .await
+            .expect("holds the lock");
+        let store = PgStore::connect(&url, 2).expect("pool");
+        let appended = tokio::time::timeout(
+            Duration::from_secs(60),
+            store.append(&[event(Uuid::new_v4(), 1, true)]),
+        )
+        .await
+        .expect("the append still waits for the abandoned one's lock");
+        assert_eq!(appended.expect("append"), 1);
+        assert!(
+            abandoned.batch_execute("SELECT 1").await.is_err(),
+            "the abandoned session should have been ended by the server"
+        );
+        drop(store);
+        scratch.drop_database().await;
+    }
+
+    #[tokio::test]
+    async fn an_appends_statements_are_prepared_once() {
+        let (url, scratch) = scratch_database().await;
         let mut c = AsyncPgConnection::establish(&url).await.expect("connects");
         let prepared = Prepared::default();
         c.set_instrumentation(prepared.watch());
@@ -965,10 +1017,6 @@ mod tests {
         assert!(started[1].contains("INSERT INTO collaboration_events"));
         assert!(started[2].contains("COMMIT"), "{}", started[2]);
         drop(c);
-        let mut admin_conn = AsyncPgConnection::establish(&admin).await.expect("admin");
-        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut admin_conn)
-            .await
-            .expect("dropped");
+        scratch.drop_database().await;
     }
 }

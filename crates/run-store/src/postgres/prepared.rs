@@ -38,10 +38,19 @@ pub(super) struct TakeAppendLock;
 /// is held, so each reads the database with every earlier append in it: a statement reads the
 /// database as it stood when it began, so one that also waited for the lock would miss what
 /// committed meanwhile.
+///
 /// The isolation level is named: under a stricter default the transaction's snapshot would be
-/// taken by the lock statement, before it waited.
-pub(super) const BEGIN_LOCKED: &str =
-    concat!("BEGIN ISOLATION LEVEL READ COMMITTED; ", append_lock!());
+/// taken by the lock statement, before it waited. An append its caller gave up on (the group
+/// committer's timeout drops it between statements) leaves its connection idle in a
+/// transaction that holds the lock, back in the pool until its next checkout, while every
+/// other append waits on the lock: the server ends such a session after
+/// 20 s idle, which releases it. An append's own statements follow each other
+/// at once, so only an abandoned one is ever idle that long.
+pub(super) const BEGIN_LOCKED: &str = concat!(
+    "BEGIN ISOLATION LEVEL READ COMMITTED; \
+    SET LOCAL idle_in_transaction_session_timeout = '20s'; ",
+    append_lock!()
+);
 
 /// Inserts events in their order, skipping a change the run already holds, and in the same
 /// statement records each run's latest activity (never moving it back; runs in id order) and
