@@ -109,9 +109,6 @@ pub(crate) mod sql {
     /// `$1` run, `$2` member, `$3` epoch.
     pub const RELEASE: &str = "UPDATE crdt_run_owners SET member = NULL \
         WHERE run_id = $1 AND member = $2 AND epoch = $3";
-    /// The owners of the runs a write touches, locked against a claim until it commits.
-    pub const FENCES: &str = "SELECT run_id, member, epoch FROM crdt_run_owners \
-        WHERE run_id = ANY($1) FOR SHARE";
     pub const MEMBERS: &str = "SELECT p.member, p.pod, p.address, \
         p.lease_expires > now() AS live, \
         (SELECT count(*) FROM crdt_run_owners o WHERE o.member = p.member) AS runs \

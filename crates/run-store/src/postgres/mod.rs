@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use diesel::prelude::*;
-use diesel::sql_types::{self, Array};
+use diesel::sql_types;
 use diesel_async::pooled_connection::deadpool::Pool;
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
@@ -185,10 +185,7 @@ async fn check_fences(
         return Ok(Vec::new());
     }
     let runs: Vec<Uuid> = fences.iter().map(|(r, _)| *r).collect();
-    let rows: Vec<FenceRow> = diesel::sql_query(own::FENCES)
-        .bind::<Array<sql_types::Uuid>, _>(&runs)
-        .load(c)
-        .await?;
+    let rows: Vec<FenceRow> = prepared::CheckFences { runs: &runs }.load(c).await?;
     let holds = |run: Uuid, f: &Fence| {
         rows.iter().any(|r| {
             r.run_id == run && r.epoch == f.epoch && r.member.as_deref() == Some(&*f.member)
@@ -1016,6 +1013,25 @@ mod tests {
         );
         assert!(started[1].contains("INSERT INTO collaboration_events"));
         assert!(started[2].contains("COMMIT"), "{}", started[2]);
+        // A fenced append checks its runs' owners first, a prepared statement too: here the
+        // run has no owner, so nothing is written.
+        let run = Uuid::new_v4();
+        let fenced = [NewEvent {
+            fence: Some(Fence {
+                member: "pod-a".into(),
+                epoch: 1,
+            }),
+            ..event(run, 1, true)
+        }];
+        let before = prepared.started().len();
+        assert_eq!(
+            append_locked(&mut c, &fenced).await.expect("append"),
+            Err(vec![run])
+        );
+        let started = prepared.started().split_off(before);
+        assert_eq!(started.len(), 3, "{started:#?}");
+        assert!(started[1].contains("FOR SHARE"), "{}", started[1]);
+        prepared.assert_holds(&["FROM crdt_run_owners"]);
         drop(c);
         scratch.drop_database().await;
     }

@@ -6,10 +6,10 @@
 //! cached by; the events go in as one array per column.
 //!
 //! Every commit queues behind the one before, so an append's round trips are the committer's
-//! time: three now ([`BEGIN_LOCKED`], [`AppendEvents`], the commit), a fenced one five (its
-//! check is prepared each time, a round trip of its own). It
-//! was six: the transaction's start, the lock, reading where the log ended, the insert, the
-//! runs' activity and the commit, and one more with webhook subscriptions.
+//! time: three now ([`BEGIN_LOCKED`], [`AppendEvents`], the commit), a fenced one four
+//! ([`CheckFences`] first). It was six: the transaction's start, the lock, reading where the
+//! log ended, the insert, the runs' activity and the commit, one more with webhook
+//! subscriptions, and two more with fences.
 
 use chrono::NaiveDateTime;
 use diesel::pg::Pg;
@@ -51,6 +51,12 @@ pub(super) const BEGIN_LOCKED: &str = concat!(
     SET LOCAL idle_in_transaction_session_timeout = '20s'; ",
     append_lock!()
 );
+
+/// The owner rows of a fenced append's runs, locked (shared) until the transaction ends, so
+/// no claim lands between this check and the commit. Read as `super::FenceRow`.
+pub(super) struct CheckFences<'a> {
+    pub runs: &'a [Uuid],
+}
 
 /// Inserts events in their order, skipping a change the run already holds, and in the same
 /// statement records each run's latest activity (never moving it back; runs in id order) and
@@ -162,6 +168,24 @@ const EVENT_COLUMNS: &str = "run_id, event_type, payload, user_id, created_at, c
 impl QueryId for TakeAppendLock {
     type QueryId = TakeAppendLock;
     const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryId for CheckFences<'_> {
+    type QueryId = CheckFences<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for CheckFences<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("SELECT run_id, member, epoch FROM crdt_run_owners WHERE run_id = ANY(");
+        out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(self.runs)?;
+        out.push_sql(") FOR SHARE");
+        Ok(())
+    }
+}
+
+impl Query for CheckFences<'_> {
+    type SqlType = Untyped;
 }
 
 impl QueryId for AppendEvents<'_> {
