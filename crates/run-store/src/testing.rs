@@ -70,3 +70,24 @@ impl Prepared {
         }
     }
 }
+
+/// Polls `check` every 20 ms until it holds, panicking after `secs` seconds with `what` and
+/// what `check` found last.
+pub(crate) async fn within<T: std::fmt::Debug>(
+    secs: u64,
+    what: &str,
+    mut check: impl FnMut() -> Result<(), T>,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let found = match check() {
+            Ok(()) => return,
+            Err(found) => found,
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after {secs} s {what}: {found:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -912,9 +912,6 @@ mod tests {
     use super::*;
     use crate::testing::{event, Prepared};
 
-    /// Every statement an append runs without fences is prepared once per
-    /// connection, whatever the batch's size: diesel-async spends a round trip preparing each
-    /// statement it cannot cache, and PostgreSQL parses and plans it again.
     /// A migrated database of its own on the test server: its URL, and a guard that drops it.
     async fn scratch_database() -> (String, Scratch) {
         let admin = std::env::var("TEST_DATABASE_URL")
@@ -977,6 +974,9 @@ mod tests {
         scratch.drop_database().await;
     }
 
+    /// Every statement an append runs is prepared once per connection, whatever the batch's
+    /// size (diesel-async spends a round trip preparing each statement it cannot cache, and
+    /// PostgreSQL parses and plans it again), and an append is three round trips.
     #[tokio::test]
     async fn an_appends_statements_are_prepared_once() {
         let (url, scratch) = scratch_database().await;

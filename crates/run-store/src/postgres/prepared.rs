@@ -43,9 +43,9 @@ pub(super) struct TakeAppendLock;
 /// taken by the lock statement, before it waited. An append its caller gave up on (the group
 /// committer's timeout drops it between statements) leaves its connection idle in a
 /// transaction that holds the lock, back in the pool until its next checkout, while every
-/// other append waits on the lock: the server ends such a session after
-/// 20 s idle, which releases it. An append's own statements follow each other
-/// at once, so only an abandoned one is ever idle that long.
+/// other append waits on the lock: the server ends such a session after 20 s idle, which
+/// releases it. An append's own statements follow each other at once, so only an abandoned
+/// one is ever idle that long.
 pub(super) const BEGIN_LOCKED: &str = concat!(
     "BEGIN ISOLATION LEVEL READ COMMITTED; \
     SET LOCAL idle_in_transaction_session_timeout = '20s'; ",

@@ -719,7 +719,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{event, Prepared};
+    use crate::testing::{event, within, Prepared};
 
     /// A migrated database in a folder of its own (kept while the folder is).
     async fn migrated_db() -> (tempfile::TempDir, String) {
@@ -774,8 +774,8 @@ mod tests {
     async fn file_holds(path: &str, run: Uuid, n: i64) {
         // Immutable: SQLite reads the database file and ignores the WAL.
         let file_alone = format!("file:{path}?mode=ro&immutable=1");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
+        let what = format!("the database file does not hold the {n} events");
+        within(10, &what, || {
             // Read without locks, so a read racing a checkpoint may fail: try again.
             let count = SqliteConnection::establish(&file_alone)
                 .map_err(|e| e.to_string())
@@ -787,14 +787,12 @@ mod tests {
                         .map_err(|e| e.to_string())
                 });
             if count == Ok(n) {
-                return;
+                Ok(())
+            } else {
+                Err(count)
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "after 10 s the database file does not hold the {n} events: {count:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
     }
 
     /// The WAL is copied back into the database file soon after each write, by the checkpoint
@@ -831,15 +829,11 @@ mod tests {
         reader.batch_execute("COMMIT;").expect("end the read");
         file_holds(&path, run, 50).await;
         // The file holds them once a checkpoint copied everything, which it reports.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while store.wal_backlog() != Some(0) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the backlog stays at {:?}",
-                store.wal_backlog()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        within(10, "the backlog stays", || match store.wal_backlog() {
+            Some(0) => Ok(()),
+            left => Err(left),
+        })
+        .await;
     }
 
     /// Reads queue for the pool's connections in order, however long the wait: with one read
