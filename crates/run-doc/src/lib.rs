@@ -19,6 +19,7 @@ mod changes;
 mod describe;
 mod genesis;
 mod graft_index;
+mod grafts_end;
 mod history;
 mod json;
 mod legacy;
@@ -209,6 +210,8 @@ pub struct RunDoc {
     grafts: graft_index::GraftIndex,
     /// The history's order, kept until the heads move (see `history::Order`).
     order: Option<history::Order>,
+    /// Where the next graft goes, kept until the heads move (see `grafts_end`).
+    grafts_end: grafts_end::GraftsEnd,
 }
 
 /// The result of one sync-protocol step; see [`RunDoc::sync_step`].
@@ -239,6 +242,7 @@ impl RunDoc {
             parked: HashMap::new(),
             grafts: Default::default(),
             order: None,
+            grafts_end: Default::default(),
         }
     }
 
@@ -268,6 +272,7 @@ impl RunDoc {
             parked: HashMap::new(),
             grafts: Default::default(),
             order: None,
+            grafts_end: Default::default(),
         })
     }
 
@@ -286,6 +291,7 @@ impl RunDoc {
             parked: std::mem::take(&mut self.parked),
             grafts: Default::default(),
             order: None,
+            grafts_end: Default::default(),
         })
     }
 
@@ -303,6 +309,7 @@ impl RunDoc {
             parked: HashMap::new(),
             grafts: self.grafts.clone(),
             order: None,
+            grafts_end: Default::default(),
         }
     }
 
@@ -376,6 +383,7 @@ impl RunDoc {
                 });
             }
         }
+        self.grafts_end.unstage();
         let lamport = self.lamport.saturating_add(1).min(MAX_LAMPORT);
         // Only an index in use follows local changes directly (else the next read rebuilds it).
         let built_on = if self.grafts.in_use() {
@@ -438,6 +446,7 @@ impl RunDoc {
             });
         }
         self.lamport = lamport;
+        self.grafts_end.committed(self.doc.get_heads());
         let shown = graft.as_ref().map(|(_, g)| g.clone());
         if matches!(mutation, Mutation::Revert { .. }) {
             // It may remove grafts: the index catches up from Automerge's diff.
@@ -470,8 +479,15 @@ impl RunDoc {
                 user,
                 ..
             } => {
-                let list = self.root(GRAFTS, ObjType::List)?;
-                let at = self.doc.length(&list);
+                // Nothing is written yet, so reading the heads commits no open transaction.
+                let (list, at) = match self.grafts_end.at(&self.doc.get_heads()) {
+                    Some(end) => end,
+                    None => {
+                        let list = self.root(GRAFTS, ObjType::List)?;
+                        let at = self.doc.length(&list);
+                        (list, at)
+                    }
+                };
                 let g = Graft {
                     id: id.to_string(),
                     agent: agent.clone(),
@@ -495,6 +511,7 @@ impl RunDoc {
                 // One batch operation for the whole map: Automerge applies it several times
                 // faster than one put per field, and the ops are the same.
                 let obj = self.doc.batch_create_object(&list, at, &entry, true)?;
+                self.grafts_end.stage(list, at + 1);
                 (true, Some((obj, g)))
             }
             Mutation::Prune { step_id, user } => {
@@ -1111,6 +1128,7 @@ impl RunDoc {
             parked: HashMap::new(),
             grafts: Default::default(),
             order: None,
+            grafts_end: Default::default(),
         })
     }
 

@@ -504,6 +504,61 @@ proptest! {
     }
 }
 
+/// The id of the last item of `doc`'s grafts list, read from Automerge directly.
+fn last_graft_id(doc: &mut RunDoc) -> Option<String> {
+    let list = doc.root(GRAFTS, ObjType::List).ok()?;
+    let len = doc.doc.length(&list);
+    let (_, entry) = doc.doc.get(&list, len.checked_sub(1)?).ok()??;
+    let (value, _) = doc.doc.get(&entry, "id").ok()??;
+    value.as_str().map(str::to_string)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A local graft goes at the end of the grafts list whatever came before it: grafts, other
+    /// mutations, merges from other replicas, a revert and a rollback. (Where the end is, is
+    /// remembered between grafts, see `grafts_end`: a stale end would put a graft in the
+    /// middle, or past the end, which Automerge refuses.)
+    #[test]
+    fn a_local_graft_lands_at_the_end_of_the_list(
+        steps in schedule(),
+        revert_after in 0usize..40,
+        roll_back_after in 0usize..40,
+    ) {
+        let mut docs = replicas(Uuid::new_v4());
+        let mut marks = vec![docs[0].heads()];
+        for (n, step) in steps.iter().enumerate() {
+            match step {
+                Step::Local(i, o) => {
+                    let out = docs[*i].apply(&to_mutation(o, "u"), T0).unwrap();
+                    if let (Op::Graft(..), Some(g)) = (o, out.graft) {
+                        prop_assert_eq!(last_graft_id(&mut docs[*i]), Some(g.id));
+                    }
+                }
+                Step::Pull(i, j) => pull(&mut docs, *i, *j),
+            }
+            marks.push(docs[0].heads());
+            if n == revert_after {
+                let to = marks[(marks.len() - 1) / 2].clone();
+                docs[0].apply(&Mutation::Revert { to }, T0).unwrap();
+                marks.push(docs[0].heads());
+            }
+            if n == roll_back_after {
+                // The heads after the point rolled back to are gone with it.
+                marks.truncate((marks.len() - 1) / 3 + 1);
+                let (heads, lamport) = (marks[marks.len() - 1].clone(), docs[0].lamport());
+                docs[0] = docs[0].rolled_back(&heads, lamport).unwrap();
+            }
+        }
+        // And once more on every replica, after all of the above.
+        for d in docs.iter_mut() {
+            let g = d.apply(&graft("last", "s", "u"), T0).unwrap().graft.unwrap();
+            prop_assert_eq!(last_graft_id(d), Some(g.id));
+        }
+    }
+}
+
 fn merge_from_all(docs: &mut [RunDoc]) -> usize {
     let all = docs[2].changes_since(&[]);
     docs[0].apply_remote(all, None).unwrap().applied.len()
