@@ -16,6 +16,7 @@ use diesel_async::{
 };
 use uuid::Uuid;
 
+mod connections;
 mod prepared;
 
 use super::ownership::sql as own;
@@ -113,6 +114,7 @@ impl PgStore {
         // A broken connection shows itself on first use and is then dropped; checking each
         // checkout with a query would cost a round trip per commit.
         config.recycling_method = RecyclingMethod::Fast;
+        config.custom_setup = connections::open_on_driver();
         let manager =
             AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
         let pool = Pool::builder(manager)
@@ -970,6 +972,58 @@ mod tests {
             abandoned.batch_execute("SELECT 1").await.is_err(),
             "the abandoned session should have been ended by the server"
         );
+        drop(store);
+        scratch.drop_database().await;
+    }
+
+    /// A pooled connection's socket is driven by a task. Opened by whichever thread first
+    /// needed it, that task ran on that thread's runtime (every actix arbiter has its own), so
+    /// while that thread was busy (the snapshot thread saving a large run, a run actor applying
+    /// a large sync) every query on the connection waited, whoever made it: appends on one hot
+    /// run waited 0.5-2.5 s now and then. Here a connection is opened from a thread that then
+    /// blocks for 6 s; an append from another runtime through the same pool, which finds only
+    /// that connection idle, must not wait for it.
+    #[tokio::test]
+    async fn a_busy_thread_does_not_hold_the_connections_it_opened() {
+        let (url, scratch) = scratch_database().await;
+        let store = std::sync::Arc::new(PgStore::connect(&url, 2).expect("pool"));
+        let (opened, opened_rx) = std::sync::mpsc::channel();
+        let busy = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    // The pool's first connection, opened from here, back in the pool after.
+                    store
+                        .latest_snapshot(Uuid::new_v4(), None)
+                        .await
+                        .expect("read");
+                    let _ = opened.send(());
+                    // Busy, as a thread saving a snapshot is: its runtime polls nothing.
+                    std::thread::sleep(Duration::from_secs(6));
+                });
+            })
+        };
+        opened_rx
+            .recv()
+            .expect("the busy thread opened a connection");
+        let started = std::time::Instant::now();
+        let appended = tokio::time::timeout(
+            Duration::from_secs(3),
+            store.append(&[event(Uuid::new_v4(), 1, true)]),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the append waited {:?} for a busy thread",
+                started.elapsed()
+            )
+        });
+        assert_eq!(appended.expect("append"), 1);
+        busy.join().expect("the busy thread");
         drop(store);
         scratch.drop_database().await;
     }
