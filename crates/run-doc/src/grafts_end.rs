@@ -12,8 +12,6 @@ use automerge::{ChangeHash, ObjId};
 #[derive(Clone, Default)]
 pub(crate) struct GraftsEnd {
     known: Option<End>,
-    /// The list's end once the open transaction commits (a graft was written in it).
-    staged: Option<(ObjId, usize)>,
 }
 
 #[derive(Clone)]
@@ -32,22 +30,9 @@ impl GraftsEnd {
             .map(|end| (end.list.clone(), end.len))
     }
 
-    /// A graft was written at the end of `list`, which will hold `len` items once it commits.
-    pub fn stage(&mut self, list: ObjId, len: usize) {
-        self.staged = Some((list, len));
-    }
-
-    /// Forgets what the last write staged: it did not commit.
-    pub fn unstage(&mut self) {
-        self.staged = None;
-    }
-
-    /// The open transaction committed and the document is now at `heads`: what it staged is
-    /// known there. Nothing staged: nothing is learnt (what was known is for older heads).
-    pub fn committed(&mut self, heads: Vec<ChangeHash>) {
-        if let Some((list, len)) = self.staged.take() {
-            self.known = Some(End { heads, list, len });
-        }
+    /// A graft committed: the document is at `heads`, where `list` holds `len` items.
+    pub fn remember(&mut self, heads: Vec<ChangeHash>, list: ObjId, len: usize) {
+        self.known = Some(End { heads, list, len });
     }
 }
 
@@ -60,27 +45,12 @@ mod tests {
     }
 
     #[test]
-    fn known_only_at_the_heads_of_the_commit_that_staged_it() {
+    fn known_only_at_the_heads_it_was_remembered_at() {
         let mut end = GraftsEnd::default();
         assert!(end.at(&[hash(1)]).is_none(), "nothing known at first");
-        end.stage(ObjId::Root, 4);
-        assert!(end.at(&[hash(1)]).is_none(), "staged is not known yet");
-        end.committed(vec![hash(2)]);
+        end.remember(vec![hash(2)], ObjId::Root, 4);
         assert_eq!(end.at(&[hash(2)]), Some((ObjId::Root, 4)));
         assert!(end.at(&[hash(3)]).is_none(), "other heads: unknown");
         assert!(end.at(&[hash(2), hash(3)]).is_none(), "a merge moved them");
-    }
-
-    #[test]
-    fn a_write_that_did_not_commit_teaches_nothing() {
-        let mut end = GraftsEnd::default();
-        end.stage(ObjId::Root, 1);
-        end.committed(vec![hash(1)]);
-        end.stage(ObjId::Root, 2);
-        end.unstage();
-        // A later commit of something else (a prune) must not claim the unstaged graft.
-        end.committed(vec![hash(2)]);
-        assert!(end.at(&[hash(2)]).is_none());
-        assert_eq!(end.at(&[hash(1)]), Some((ObjId::Root, 1)));
     }
 }

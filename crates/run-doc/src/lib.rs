@@ -214,6 +214,13 @@ pub struct RunDoc {
     grafts_end: grafts_end::GraftsEnd,
 }
 
+/// What one mutation's operations did: true if anything changed; for a graft, its object, what
+/// it reads as, and the grafts list with the length it has once the change commits.
+type Written = (
+    bool,
+    Option<(automerge::ObjId, Graft, (automerge::ObjId, usize))>,
+);
+
 /// The result of one sync-protocol step; see [`RunDoc::sync_step`].
 #[derive(Debug, Default)]
 pub struct SyncStep {
@@ -383,7 +390,6 @@ impl RunDoc {
                 });
             }
         }
-        self.grafts_end.unstage();
         let lamport = self.lamport.saturating_add(1).min(MAX_LAMPORT);
         // Only an index in use follows local changes directly (else the next read rebuilds it).
         let built_on = if self.grafts.in_use() {
@@ -391,7 +397,7 @@ impl RunDoc {
         } else {
             Vec::new()
         };
-        let (changed, graft) = match self.write(mutation, lamport, now_ms) {
+        let (changed, written) = match self.write(mutation, lamport, now_ms) {
             Ok(r) => r,
             Err(e) => {
                 self.doc.rollback();
@@ -446,7 +452,11 @@ impl RunDoc {
             });
         }
         self.lamport = lamport;
-        self.grafts_end.committed(self.doc.get_heads());
+        let graft = written.map(|(obj, g, (list, len))| {
+            // Known only once committed: a write refused above teaches nothing.
+            self.grafts_end.remember(self.doc.get_heads(), list, len);
+            (obj, g)
+        });
         let shown = graft.as_ref().map(|(_, g)| g.clone());
         if matches!(mutation, Mutation::Revert { .. }) {
             // It may remove grafts: the index catches up from Automerge's diff.
@@ -463,13 +473,13 @@ impl RunDoc {
         })
     }
 
-    /// The operations of one mutation, in the open transaction; true if anything changed.
+    /// The operations of one mutation, in the open transaction (see [`Written`]).
     fn write(
         &mut self,
         mutation: &Mutation,
         lamport: u64,
         now_ms: i64,
-    ) -> Result<(bool, Option<(automerge::ObjId, Graft)>), DocError> {
+    ) -> Result<Written, DocError> {
         let region = self.region.clone();
         Ok(match mutation {
             Mutation::Graft {
@@ -511,8 +521,7 @@ impl RunDoc {
                 // One batch operation for the whole map: Automerge applies it several times
                 // faster than one put per field, and the ops are the same.
                 let obj = self.doc.batch_create_object(&list, at, &entry, true)?;
-                self.grafts_end.stage(list, at + 1);
-                (true, Some((obj, g)))
+                (true, Some((obj, g, (list, at + 1))))
             }
             Mutation::Prune { step_id, user } => {
                 let pruned = self.root(PRUNED_STEPS, ObjType::Map)?;
