@@ -9,6 +9,7 @@
 //! - wrk: durable grafts/s with `wrk` as the client (64 connections, 1,000 runs), beside the
 //!   in-process ceiling of the same grafts measured in the same run.
 //! - wrk-hot: the same into one run, which grows by thousands of grafts a second.
+//! - long: the same into 10 runs of 20,000 events each: what snapshots of long runs cost.
 //! - load: time to load a run of 10,000 events from snapshot + tail vs. full replay.
 //! - memory: resident memory of the node with 10,000 loaded runs of 10 operations each.
 //!
@@ -52,6 +53,9 @@ fn main() {
     }
     if run("wrk-hot") {
         rt.block_on(wrk_cells(quick, 1));
+    }
+    if run("long") {
+        rt.block_on(long_runs(quick));
     }
     if run("load") {
         rt.block_on(load_time());
@@ -292,12 +296,78 @@ async fn wrk_cells(quick: bool, runs: usize) {
     }
 }
 
+/// Durable grafts with `wrk` into 10 runs of 20,000 events each (the runs of
+/// `scripts/wrk-graft.lua` with `WRK_RUNS=10`, seeded with a snapshot at their end): a run's
+/// snapshot saves all of it, so their cost per request shows here, with how many were written
+/// and from what (a run past `crdt.snapshot.copy-max-changes` is rebuilt from storage).
+async fn long_runs(quick: bool) {
+    const RUNS: usize = 10;
+    const EVENTS: usize = 20_000;
+    let secs = if quick { 5 } else { 10 };
+    println!("\n### Durable grafts over HTTP into {RUNS} runs of {EVENTS} events, wrk -t2 -c64 (`-- long`)\n");
+    println!("| backend | requests/s | p99 ms | not 2xx | node CPU per request | snapshots from memory | from storage |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let db = TestDb::new(backend).await;
+        let store = run_store::open(&db.url, 4, false).await.expect("store");
+        for i in 1..=RUNS {
+            let run = Uuid::parse_str(&format!("{i:08x}-0000-4000-8000-{i:012x}")).expect("id");
+            seed_run_as(store.as_ref(), run, EVENTS, Some(EVENTS)).await;
+        }
+        drop(store);
+        let node = throughput_node(&db);
+        // Warm: every run loaded.
+        wrk(&node.base, 3, RUNS);
+        let snapshots = || async {
+            let text = reqwest::get(node.url("/actuator/prometheus"))
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("metrics text");
+            let written = |source: &str| {
+                common::metric(
+                    &text,
+                    &format!("crdt_snapshots_written_total{{source=\"{source}\"}}"),
+                )
+                .unwrap_or(0.0)
+            };
+            (written("memory"), written("storage"))
+        };
+        let (memory0, storage0) = snapshots().await;
+        let cpu = || procfs::cpu_secs(node.pid());
+        let before = cpu();
+        let (rate, p99, errors) = wrk(&node.base, secs, RUNS);
+        let used = cpu() - before;
+        let (memory1, storage1) = snapshots().await;
+        println!(
+            "| {} | {rate:.0} | {p99:.1} | {errors} | {:.0} µs | {:.0} | {:.0} |",
+            backend_name(backend),
+            1e6 * used / (rate * secs as f64).max(1.0),
+            memory1 - memory0,
+            storage1 - storage0,
+        );
+        drop(node);
+    }
+}
+
 // ---------- load time ----------
 
 /// Builds a run of `events` events in the store; with `snapshot_at`, a snapshot of the state
 /// after that many events.
 async fn seed_run(store: &dyn run_store::Store, events: usize, snapshot_at: Option<usize>) -> Uuid {
     let run = Uuid::new_v4();
+    seed_run_as(store, run, events, snapshot_at).await;
+    run
+}
+
+/// As [`seed_run`], for the run `run`.
+async fn seed_run_as(
+    store: &dyn run_store::Store,
+    run: Uuid,
+    events: usize,
+    snapshot_at: Option<usize>,
+) {
     let mut doc = RunDoc::new(run, "us-east-1");
     let mut batch = Vec::new();
     for i in 0..events {
@@ -341,7 +411,6 @@ async fn seed_run(store: &dyn run_store::Store, events: usize, snapshot_at: Opti
         }
     }
     store.append(&batch).await.expect("append");
-    run
 }
 
 /// A table row: the backend, the fast load, the slow one, and how much faster.

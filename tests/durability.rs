@@ -115,6 +115,37 @@ async fn snapshot_plus_tail(backend: Backend) {
     assert_eq!(next["lamport"], 251);
 }
 
+/// Past ten times `every-events`, a run is snapshotted every tenth of its length: written one
+/// at a time, and waiting at each snapshot due, a run of 300 events holds snapshots exactly at
+/// 10, 20, … 100, then 110, 121, 133, … (each a tenth past the last), and none between.
+async fn a_long_run_is_snapshotted_every_tenth_of_its_length(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let c = Client::new();
+    let run = Uuid::new_v4();
+    let env = [
+        ("CRDT_SNAPSHOT_EVERY", "10"),
+        ("CRDT_SNAPSHOT_KEEP", "1000"),
+        ("CRDT_SNAPSHOT_MIN_INTERVAL_MS", "0"),
+    ];
+    let node = Node::spawn(&db, &env);
+    let mut expected = Vec::new();
+    let mut due = 10;
+    for i in 1..=300 {
+        flag(&c, &node, run, &format!("k{}", i % 40), json!(i)).await;
+        if i == due {
+            snapshots_reaching(&db, run, i).await;
+            expected.insert(0, i);
+            due = i + (i / 10).max(10);
+        }
+    }
+    assert_eq!(
+        expected[..4],
+        [281, 256, 233, 212],
+        "the spacing this test expects"
+    );
+    assert_eq!(db::snapshot_positions(&db, run).await, expected);
+}
+
 async fn snapshots_keep_the_newest(backend: Backend) {
     let db = TestDb::new(backend).await;
     let c = Client::new();
@@ -665,8 +696,9 @@ async fn snapshots_rebuilt_from_storage_hold_exactly_the_log_too(backend: Backen
     assert!(storage > 0.0);
 }
 
-/// Eight clients write 320 flags at once, with a snapshot due every 10 events; checks every
-/// stored snapshot against the log and returns how many were saved (from memory, from storage).
+/// Eight clients write 320 flags at once, with a snapshot due every 10 events (every tenth of
+/// the run past 100); checks every stored snapshot against the log and returns how many were
+/// saved (from memory, from storage).
 async fn snapshots_of_concurrent_writes(backend: Backend, copy_max_changes: &str) -> (f64, f64) {
     let db = TestDb::new(backend).await;
     let env = [
@@ -687,10 +719,11 @@ async fn snapshots_of_concurrent_writes(backend: Backend, copy_max_changes: &str
         }
     });
     futures_util::future::join_all(writers).await;
-    // The snapshot due at the end is written after the last answer.
+    // The snapshot due at the end is written after the last answer. Past 100 events one is
+    // due every tenth of the run, so the last covers more than 290 (290 + 29 < 320).
     common::eventually(10, || async {
         let p = db::snapshot_positions(&db, run).await;
-        (p.first().is_some_and(|n| *n > 310)).then_some(())
+        (p.first().is_some_and(|n| *n > 290)).then_some(())
     })
     .await
     .expect("a snapshot near the end of the log");
@@ -752,6 +785,7 @@ both_backends!(
     a_retried_graft_is_stored_once,
     restart_serves_identical_state_and_continues_the_clock,
     snapshot_plus_tail,
+    a_long_run_is_snapshotted_every_tenth_of_its_length,
     snapshots_keep_the_newest,
     corrupt_snapshot_falls_back_to_the_log,
     acknowledged_writes_survive_sigkill,
