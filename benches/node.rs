@@ -9,7 +9,7 @@
 //! - wrk: durable grafts/s with `wrk` as the client (64 connections, 1,000 runs), beside the
 //!   in-process ceiling of the same grafts measured in the same run.
 //! - wrk-hot: the same into one run, which grows by thousands of grafts a second.
-//! - long: the same into 10 runs of 20,000 events each: what snapshots of long runs cost.
+//! - long: the same into 10 runs of 10,000 events each: what snapshots of long runs cost.
 //! - load: time to load a run of 10,000 events from snapshot + tail vs. full replay.
 //! - memory: resident memory of the node with 10,000 loaded runs of 10 operations each.
 //!
@@ -296,13 +296,13 @@ async fn wrk_cells(quick: bool, runs: usize) {
     }
 }
 
-/// Durable grafts with `wrk` into 10 runs of 20,000 events each (the runs of
+/// Durable grafts with `wrk` into 10 runs of 10,000 events each (the runs of
 /// `scripts/wrk-graft.lua` with `WRK_RUNS=10`, seeded with a snapshot at their end): a run's
 /// snapshot saves all of it, so their cost per request shows here, with how many were written
 /// and from what (a run past `crdt.snapshot.copy-max-changes` is rebuilt from storage).
 async fn long_runs(quick: bool) {
     const RUNS: usize = 10;
-    const EVENTS: usize = 20_000;
+    const EVENTS: usize = 10_000;
     let secs = if quick { 5 } else { 10 };
     println!("\n### Durable grafts over HTTP into {RUNS} runs of {EVENTS} events, wrk -t2 -c64 (`-- long`)\n");
     println!("| backend | requests/s | p99 ms | not 2xx | node CPU per request | snapshots from memory | from storage |");

@@ -88,6 +88,8 @@ pub struct RunActor {
     /// The snapshot actor's request for a copy of the document, answered once it holds only
     /// what is durable.
     copy_wanted: Option<snapshot_copy::CopyWanted>,
+    /// A copy for it taken while writes were on their way to the log, until they commit.
+    copy_pending: Option<snapshot_copy::PendingCopy>,
     /// Copy requests so far (numbers them).
     copy_asks: u64,
 }
@@ -122,6 +124,7 @@ impl RunActor {
             fence: None,
             elsewhere: None,
             copy_wanted: None,
+            copy_pending: None,
             copy_asks: 0,
             runs,
         }

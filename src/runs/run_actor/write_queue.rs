@@ -3,6 +3,8 @@
 //! meanwhile go together in the next append. The actor does the IO; this decides what goes
 //! when, and what each outcome means for the writes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use automerge::{Change, ChangeHash};
 use run_store::NewEvent;
 
@@ -28,8 +30,18 @@ pub(crate) struct Batch<R> {
     last_seq: i64,
 }
 
+/// Numbers the stretches of a queue's life in which no write was refused; process-wide, so a
+/// queue made anew never repeats an earlier one's number.
+static EPOCHS: AtomicU64 = AtomicU64::new(1);
+
+fn next_epoch() -> u64 {
+    EPOCHS.fetch_add(1, Ordering::Relaxed)
+}
+
 pub(crate) struct WriteQueue<R> {
     pending: Vec<PendingWrite<R>>,
+    /// Changes when writes are refused: what was written before is then not all in the log.
+    epoch: u64,
     in_flight: bool,
     /// `run_seq` of the last event handed to the log (committed or in flight).
     last_seq: i64,
@@ -43,6 +55,7 @@ impl<R> WriteQueue<R> {
     pub fn new(last_seq: i64, durable: (Vec<ChangeHash>, u64)) -> Self {
         WriteQueue {
             pending: Vec::new(),
+            epoch: next_epoch(),
             in_flight: false,
             last_seq,
             committed_seq: last_seq,
@@ -67,6 +80,13 @@ impl<R> WriteQueue<R> {
     /// Heads and clock of what the log holds.
     pub fn durable(&self) -> &(Vec<ChangeHash>, u64) {
         &self.durable
+    }
+
+    /// The same while every write handed to this queue is committed or still on its way: a
+    /// state that holds the writes up to some `run_seq` is the log's up to there once that
+    /// commits, unless the number has changed meanwhile.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Nothing waits and nothing is in flight: the log holds all that was written.
@@ -113,6 +133,7 @@ impl<R> WriteQueue<R> {
     /// takes no more (it was deleted). The log goes on after the append in flight.
     pub fn refuse_waiting(&mut self) -> Vec<PendingWrite<R>> {
         let waiting = std::mem::take(&mut self.pending);
+        self.epoch = next_epoch();
         if let Some(first) = waiting.iter().find_map(|w| w.events.first()) {
             self.last_seq = first.run_seq - 1;
         }
@@ -124,6 +145,7 @@ impl<R> WriteQueue<R> {
     pub fn refuse_all(&mut self, batch: Option<Batch<R>>) -> Vec<PendingWrite<R>> {
         self.in_flight = false;
         self.last_seq = self.committed_seq;
+        self.epoch = next_epoch();
         let failed = batch.map(|b| b.writes).unwrap_or_default();
         failed
             .into_iter()
@@ -192,6 +214,32 @@ mod tests {
         q.committed(second);
         assert_eq!((q.committed_seq(), q.durable().1), (17, 8));
         assert!(q.is_idle());
+    }
+
+    #[test]
+    fn the_epoch_moves_only_when_writes_are_refused() {
+        let mut q = WriteQueue::new(0, (Vec::new(), 0));
+        let fresh = q.epoch();
+        assert_ne!(
+            WriteQueue::<u32>::new(0, (Vec::new(), 0)).epoch(),
+            fresh,
+            "a new queue never repeats one"
+        );
+        let w = write(&mut q, 1, 1, 1);
+        q.push(w);
+        let batch = q.take_batch().expect("a batch");
+        let w = write(&mut q, 2, 1, 2);
+        q.push(w);
+        q.committed(batch);
+        assert_eq!(q.epoch(), fresh, "committing keeps it");
+        let w = write(&mut q, 3, 1, 3);
+        q.push(w);
+        q.refuse_waiting();
+        let after_deletion = q.epoch();
+        assert_ne!(after_deletion, fresh);
+        let batch = q.take_batch();
+        q.refuse_all(batch);
+        assert_ne!(q.epoch(), after_deletion);
     }
 
     #[test]
