@@ -9,7 +9,8 @@
 //! - wrk: durable grafts/s with `wrk` as the client (64 connections, 1,000 runs), beside the
 //!   in-process ceiling of the same grafts measured in the same run.
 //! - wrk-hot: the same into one run, which grows by thousands of grafts a second.
-//! - long: the same into 10 runs of 10,000 events each: what snapshots of long runs cost.
+//! - long: the same into 10 runs of 10,000 events each (`LONG_EVENTS=N`: N each): what
+//!   snapshots of long runs cost.
 //! - load: time to load a run of 10,000 events from snapshot + tail vs. full replay.
 //! - memory: resident memory of the node with 10,000 loaded runs of 10 operations each.
 //!
@@ -296,15 +297,18 @@ async fn wrk_cells(quick: bool, runs: usize) {
     }
 }
 
-/// Durable grafts with `wrk` into 10 runs of 10,000 events each (the runs of
+/// Durable grafts with `wrk` into 10 runs of 10,000 events each (`LONG_EVENTS`; the runs of
 /// `scripts/wrk-graft.lua` with `WRK_RUNS=10`, seeded with a snapshot at their end): a run's
 /// snapshot saves all of it, so their cost per request shows here, with how many were written
 /// and from what (a run past `crdt.snapshot.copy-max-changes` is rebuilt from storage).
 async fn long_runs(quick: bool) {
     const RUNS: usize = 10;
-    const EVENTS: usize = 10_000;
+    let events: usize = std::env::var("LONG_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
     let secs = if quick { 5 } else { 10 };
-    println!("\n### Durable grafts over HTTP into {RUNS} runs of {EVENTS} events, wrk -t2 -c64 (`-- long`)\n");
+    println!("\n### Durable grafts over HTTP into {RUNS} runs of {events} events, wrk -t2 -c64 (`-- long`)\n");
     println!("| backend | requests/s | p99 ms | not 2xx | node CPU per request | snapshots from memory | from storage |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for backend in [Backend::Sqlite, Backend::Postgres] {
@@ -312,7 +316,7 @@ async fn long_runs(quick: bool) {
         let store = run_store::open(&db.url, 4, false).await.expect("store");
         for i in 1..=RUNS {
             let run = Uuid::parse_str(&format!("{i:08x}-0000-4000-8000-{i:012x}")).expect("id");
-            seed_run_as(store.as_ref(), run, EVENTS, Some(EVENTS)).await;
+            seed_run_as(store.as_ref(), run, events, Some(events)).await;
         }
         drop(store);
         let node = throughput_node(&db);

@@ -135,6 +135,22 @@ async fn a_long_run_is_snapshotted_every_tenth_of_its_length(backend: Backend) {
         if i == due {
             snapshots_reaching(&db, run, i).await;
             expected.insert(0, i);
+            // The snapshot actor counts a snapshot just before telling the run of it: once
+            // counted, the run hears of it before the next write.
+            let written = expected.len() as f64;
+            common::eventually(10, || async {
+                let text = c.text(&node.url("/actuator/prometheus")).await;
+                let n = ["memory", "storage"]
+                    .iter()
+                    .filter_map(|source| {
+                        let series = format!("crdt_snapshots_written_total{{source=\"{source}\"}}");
+                        common::metric(&text, &series)
+                    })
+                    .sum::<f64>();
+                (n >= written).then_some(())
+            })
+            .await
+            .expect("the snapshot counted");
             due = i + (i / 10).max(10);
         }
     }
@@ -676,17 +692,16 @@ async fn a_clock_advanced_by_a_sync_hint_survives_restart(backend: Backend) {
     assert_eq!(flag(&c, &node, run, "next", json!(2)).await["lamport"], 501);
 }
 
-/// Every snapshot holds exactly the log up to its event count, while eight clients write at
-/// once (so the run often has writes waiting for the log when a snapshot falls due): a snapshot
-/// saved from the run's document with a write still in flight would hold a change the log
-/// gained only later, or never. Most snapshots are saved from memory; the rest from storage.
+/// Every snapshot holds exactly the log up to its event count, while sixteen clients write at
+/// once (so the run mostly has writes on their way to the log when a snapshot falls due, and
+/// its copy is handed over only once they commit): a copy handed over before a write it holds
+/// committed would hold a change the log gained only later, or never. Snapshots are saved from
+/// memory; one whose writes take over half a second to commit would be built from storage.
 async fn snapshots_hold_exactly_the_log_up_to_their_count(backend: Backend) {
     let (memory, storage) = snapshots_of_concurrent_writes(backend, "20000").await;
-    // Sixteen writers keep the run's queue from ever emptying: each copy is taken with writes
-    // in flight and saved once they commit, never rebuilt from storage.
     assert!(
-        memory > 0.0 && storage == 0.0,
-        "{memory} snapshots saved from memory, {storage} from storage"
+        memory > 0.0,
+        "no snapshot was saved from memory ({storage} from storage)"
     );
 }
 

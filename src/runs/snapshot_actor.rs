@@ -1,12 +1,12 @@
 //! `SnapshotActor`: listens for event counts and writes full snapshots.
 //!
-//! A run actor reports how many events it has committed since its last snapshot; at
-//! `snapshot_every` (and no sooner than `snapshot_min_interval` after the previous one) this actor
-//! writes a snapshot, with the run's projection (its read model at the snapshot's heads, which
+//! A run actor reports how many events it has committed since its last snapshot when one is due
+//! (`run_actor::snapshot_schedule`: every `snapshot_every` events, or a tenth of a long run, and
+//! no sooner than `snapshot_min_interval` after the previous one); this actor writes a snapshot, with the run's projection (its read model at the snapshot's heads, which
 //! serves a cold run's first reads while it loads). A snapshot holds only committed changes,
 //! never a write still in flight that may yet be refused: it is saved from a copy of the run's
-//! document taken while that holds exactly what the log holds (`run_actor::snapshot_copy`), or,
-//! when the run cannot give one soon, built from durable storage, the newest snapshot plus the
+//! document that holds exactly what the log holds once the writes in it commit
+//! (`run_actor::snapshot_copy`), or, when the run cannot give one soon, built from durable storage, the newest snapshot plus the
 //! events after it. The run actor never pauses to serialize its document (only to copy it):
 //! saving runs on this actor's own thread. One run never has two snapshots in progress, and
 //! the newest `snapshot_keep` per run are kept.

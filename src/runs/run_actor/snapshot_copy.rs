@@ -26,7 +26,8 @@ use uuid::Uuid;
 
 use super::RunActor;
 
-/// How long a request waits for the write queue to empty before storage is used instead.
+/// How long a request waits for its copy (or the writes a copy holds to commit) before storage
+/// is used instead.
 const COPY_WAIT: Duration = Duration::from_millis(500);
 
 /// The run's document as the log holds it up to `event_count`.
@@ -65,7 +66,7 @@ pub(crate) enum CopyAnswer {
     /// A snapshot already covers everything the log holds.
     NothingNew,
     /// No copy now (not loaded, failed, holding unreadable stored changes, warming, too large,
-    /// or its queue not empty in time): build from storage.
+    /// or the writes its copy holds not committed in time): build from storage.
     FromStorage,
 }
 
@@ -93,6 +94,8 @@ struct Facts {
     idle: bool,
     /// The log's last committed position.
     committed: i64,
+    /// The last position handed out to a write (committed or on its way).
+    last: i64,
     /// What the newest snapshot covers.
     covered: i64,
     epoch: u64,
@@ -118,11 +121,12 @@ fn next(f: Facts, pending: Option<(i64, u64)>) -> Next {
     if !f.usable {
         return Next::FromStorage;
     }
-    // A pending copy of another epoch holds writes that were refused: decided afresh.
-    if let Some((through, _)) = pending.filter(|&(_, epoch)| epoch == f.epoch) {
-        return if through <= f.covered {
-            Next::NothingNew
-        } else if f.committed >= through {
+    // A pending copy of another epoch holds writes that were refused, and one a newer snapshot
+    // covers is of no use: decided afresh.
+    if let Some((through, _)) =
+        pending.filter(|&(through, epoch)| epoch == f.epoch && through > f.covered)
+    {
+        return if f.committed >= through {
             Next::HandOver
         } else if f.give_up {
             Next::FromStorage
@@ -136,6 +140,9 @@ fn next(f: Facts, pending: Option<(i64, u64)>) -> Next {
         } else {
             Next::CopyNow
         };
+    }
+    if f.last <= f.covered {
+        return Next::NothingNew;
     }
     if f.give_up {
         return Next::FromStorage;
@@ -220,6 +227,7 @@ impl RunActor {
             usable,
             idle: self.writes.is_idle(),
             committed: self.writes.committed_seq(),
+            last: self.writes.last_seq(),
             covered: self.snapshots.covered(),
             epoch: self.writes.epoch(),
             give_up,
@@ -246,6 +254,7 @@ mod tests {
             usable: true,
             idle: false,
             committed: 100,
+            last: 105,
             covered: 50,
             epoch: 7,
             give_up: false,
@@ -256,6 +265,7 @@ mod tests {
     fn an_idle_run_is_copied_at_once() {
         let idle = Facts {
             idle: true,
+            last: 100,
             ..facts()
         };
         assert_eq!(next(idle, None), Next::CopyNow);
@@ -283,18 +293,30 @@ mod tests {
         // Later writes on their way do not hold it back.
         let further = Facts {
             committed: 108,
+            last: 120,
             ..facts()
         };
         assert_eq!(next(further, Some((105, 7))), Next::HandOver);
         // Only what was handed out counts: a queue holding no new events hands over at once,
-        // or has nothing new.
-        let nothing_new_queued = Facts { ..facts() };
+        // or has nothing new (and takes no copy).
+        let nothing_new_queued = Facts {
+            last: 100,
+            ..facts()
+        };
         assert_eq!(next(nothing_new_queued, Some((100, 7))), Next::HandOver);
         let covered = Facts {
             covered: 100,
             ..nothing_new_queued
         };
         assert_eq!(next(covered, Some((100, 7))), Next::NothingNew);
+        assert_eq!(next(covered, None), Next::NothingNew);
+        // A newer snapshot (built from storage meanwhile) passed the pending copy: a new one
+        // is taken.
+        let passed = Facts {
+            covered: 104,
+            ..facts()
+        };
+        assert_eq!(next(passed, Some((103, 7))), Next::Take);
     }
 
     #[test]
@@ -303,12 +325,14 @@ mod tests {
         // even once the log passes 105 again with other writes.
         let refused = Facts {
             committed: 110,
+            last: 112,
             epoch: 8,
             ..facts()
         };
         assert_eq!(next(refused, Some((105, 7))), Next::Take);
         let idle = Facts {
             idle: true,
+            last: 110,
             ..refused
         };
         assert_eq!(next(idle, Some((105, 7))), Next::CopyNow);

@@ -7,7 +7,8 @@
 //! 0.84 µs per change, so a run of 10,000 changes paid 84 µs per event at every 100 events,
 //! more than the write itself), and over a run's life the snapshots cost the square of its
 //! length. Spaced by a tenth, a snapshot costs each event about ten changes' saving whatever
-//! the run's length, and a load replays at most a tenth of the run after its snapshot.
+//! the run's length, and a load replays about a tenth of the run after its snapshot (more while
+//! the minimum interval holds a hot run's snapshot back, or a snapshot fails).
 
 use std::time::{Duration, Instant};
 
