@@ -748,6 +748,24 @@ async fn snapshots_of_concurrent_writes(backend: Backend, copy_max_changes: &str
     .await
     .expect("a snapshot near the end of the log");
 
+    let (logged, checked) = snapshots_match_the_log(&db, run).await;
+    assert_eq!(logged, WRITERS * EACH);
+    assert!(checked >= 3, "only {checked} snapshots");
+    let text = Client::new().text(&node.url("/actuator/prometheus")).await;
+    let from = |source: &str| {
+        common::metric(
+            &text,
+            &format!("crdt_snapshots_written_total{{source=\"{source}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(from("memory") + from("storage"), checked as f64, "{text}");
+    (from("memory"), from("storage"))
+}
+
+/// Checks that every stored snapshot of `run` holds exactly the logged changes up to its event
+/// count; returns how many events are logged and how many snapshots were checked.
+async fn snapshots_match_the_log(db: &TestDb, run: Uuid) -> (usize, usize) {
     let store = run_store::open(&db.url, 2, false).await.expect("store");
     let mut by_seq = std::collections::BTreeMap::new();
     for e in store.events_after(run, 0).await.expect("events") {
@@ -755,7 +773,6 @@ async fn snapshots_of_concurrent_writes(backend: Backend, copy_max_changes: &str
         let seq = e.run_seq.expect("a sequence number");
         by_seq.insert(seq, changes.iter().map(|c| c.hash()).collect::<Vec<_>>());
     }
-    assert_eq!(by_seq.len(), WRITERS * EACH);
     let genesis = run_doc::RunDoc::new(run, "us-east-1").heads();
     let (mut below, mut checked) = (None, 0);
     while let Some(snapshot) = store.latest_snapshot(run, below).await.expect("snapshot") {
@@ -777,22 +794,101 @@ async fn snapshots_of_concurrent_writes(backend: Backend, copy_max_changes: &str
         below = Some(snapshot.event_count);
         checked += 1;
     }
+    (by_seq.len(), checked)
+}
+
+/// A copy taken for a snapshot while writes were on their way holds those writes; if the log
+/// refuses them (the run rolls back to what is stored) the copy must never be saved, even once
+/// later writes carry the log past its position again. Eight clients write at once with a
+/// snapshot due every 2 events, and the database refuses every write of a flag named
+/// `poison…` (with the writes sharing its append); every stored snapshot must hold exactly
+/// the log up to its count. (A refusal by the database fails the run, which drops its copy
+/// with it; the outage test below covers a run that rolls back instead.)
+async fn a_copy_holding_refused_writes_is_never_saved(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let env = [
+        ("CRDT_SNAPSHOT_EVERY", "2"),
+        ("CRDT_SNAPSHOT_MIN_INTERVAL_MS", "0"),
+        ("CRDT_SNAPSHOT_KEEP", "1000"),
+    ];
+    let node = Node::spawn(&db, &env);
+    let run = Uuid::new_v4();
+    // The first write creates the run (its row is not refused).
+    flag(&Client::new(), &node, run, "start", json!(0)).await;
+    match backend {
+        Backend::Postgres => {
+            db::execute(
+                &db,
+                "CREATE FUNCTION poison() RETURNS trigger AS $$ BEGIN \
+                 IF NEW.event_content LIKE '%poison%' THEN RAISE EXCEPTION 'injected fault'; \
+                 END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+            )
+            .await;
+            db::execute(
+                &db,
+                "CREATE TRIGGER poison BEFORE INSERT ON collaboration_events \
+                 FOR EACH ROW EXECUTE FUNCTION poison()",
+            )
+            .await;
+        }
+        Backend::Sqlite => {
+            db::execute(
+                &db,
+                "CREATE TRIGGER poison BEFORE INSERT ON collaboration_events \
+                 WHEN NEW.event_content LIKE '%poison%' \
+                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+            )
+            .await;
+        }
+    }
+    let writers = (0..8).map(|w| {
+        let node = &node;
+        async move {
+            let c = Client::new();
+            let mut refused = 0;
+            for i in 0..30 {
+                let key = if i % 7 == 3 {
+                    format!("poison-{w}-{i}")
+                } else {
+                    format!("w{w}-{i}")
+                };
+                let (s, body) = c
+                    .put(
+                        &run_url(node, run, &format!("/flags/{key}")),
+                        &json!({"value": i, "user": "u"}),
+                    )
+                    .await;
+                assert!(s == 200 || s == 503, "{s} {body}");
+                refused += usize::from(s == 503);
+            }
+            refused
+        }
+    });
+    let refused: usize = futures_util::future::join_all(writers).await.iter().sum();
+    assert!(
+        refused >= 8 * 4,
+        "every poisoned write is refused: {refused}"
+    );
+    let st = state(&Client::new(), &node, run).await;
+    let flags = st["flags"].as_object().expect("flags").clone();
+    assert!(flags.keys().all(|k| !k.starts_with("poison")), "{st}");
+    // The snapshot due at the end covers more than ten elevenths of the log (see above).
+    let total = flags.len() as i32;
+    common::eventually(10, || async {
+        let p = db::snapshot_positions(&db, run).await;
+        (p.first().is_some_and(|n| n * 11 > total * 10)).then_some(())
+    })
+    .await
+    .expect("a snapshot near the end of the log");
+    let (logged, checked) = snapshots_match_the_log(&db, run).await;
+    assert_eq!(logged, flags.len(), "one event per flag acknowledged");
     assert!(checked >= 3, "only {checked} snapshots");
-    let text = Client::new().text(&node.url("/actuator/prometheus")).await;
-    let from = |source: &str| {
-        common::metric(
-            &text,
-            &format!("crdt_snapshots_written_total{{source=\"{source}\"}}"),
-        )
-        .unwrap_or(0.0)
-    };
-    assert_eq!(from("memory") + from("storage"), checked as f64, "{text}");
-    (from("memory"), from("storage"))
 }
 
 both_backends!(
     snapshots_hold_exactly_the_log_up_to_their_count,
     snapshots_rebuilt_from_storage_hold_exactly_the_log_too,
+    a_copy_holding_refused_writes_is_never_saved,
     a_cold_run_answers_from_its_projection_while_it_loads,
     sigterm_snapshots_dirty_runs_and_exits_cleanly,
     a_clock_advanced_by_a_sync_hint_survives_restart,
@@ -1096,6 +1192,83 @@ async fn a_database_outage_refuses_writes_keeps_reads_and_recovers() {
     let node = Node::spawn(&db, &[]);
     let st = state(&c, &node, run).await;
     assert_eq!(st["flags"], json!({"before": 1, "during": 4}), "{st}");
+}
+
+/// A copy taken for a snapshot while writes were on their way holds those writes. When the
+/// database drops out under them the run rolls back to what is stored, and later writes take
+/// the same log positions again: the copy must never be saved, or the snapshot would hold
+/// changes the log never got. Eight clients write without pause, a snapshot due every 2
+/// events, while PostgreSQL is cut off six times for 150 ms; every stored snapshot must hold
+/// exactly the log up to its count. (Here writes resume later than a copy is waited for, so
+/// this guards the whole path under outages; the epoch's own case, a copy outliving a refusal
+/// until the log passes its position again, is unit-tested in `run_actor/snapshot_copy.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_never_saves_a_copy_holding_refused_writes() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let env = [
+        ("CRDT_SNAPSHOT_EVERY", "2"),
+        ("CRDT_SNAPSHOT_MIN_INTERVAL_MS", "0"),
+        ("CRDT_SNAPSHOT_KEEP", "1000"),
+    ];
+    let (node, proxy) = node_through_proxy(&db, &env).await;
+    let run = Uuid::new_v4();
+    flag(&Client::new(), &node, run, "start", json!(0)).await;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let writers = futures_util::future::join_all((0..8).map(|w| {
+        let (node, stop) = (&node, &stop);
+        async move {
+            let c = Client::new();
+            let mut refused = 0;
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (s, body) = c
+                    .put(
+                        &run_url(node, run, &format!("/flags/w{w}-{i}")),
+                        &json!({"value": i, "user": "u"}),
+                    )
+                    .await;
+                assert!(s == 200 || s == 503, "{s} {body}");
+                refused += usize::from(s == 503);
+                i += 1;
+            }
+            refused
+        }
+    }));
+    let outages = async {
+        for _ in 0..6 {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            proxy.cut();
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            proxy.heal();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let (refused, ()) = futures_util::join!(writers, outages);
+    assert!(refused.iter().sum::<usize>() > 0, "no write was refused");
+    let c = Client::new();
+    common::eventually(30, || async {
+        let (s, _) = c
+            .put(
+                &run_url(&node, run, "/flags/end"),
+                &json!({"value": 1, "user": "u"}),
+            )
+            .await;
+        (s == 200).then_some(())
+    })
+    .await
+    .expect("writes resume");
+    let st = state(&c, &node, run).await;
+    let total = st["flags"].as_object().expect("flags").len() as i32;
+    common::eventually(10, || async {
+        let p = db::snapshot_positions(&db, run).await;
+        (p.first().is_some_and(|n| n * 11 > total * 10)).then_some(())
+    })
+    .await
+    .expect("a snapshot near the end of the log");
+    let (logged, checked) = snapshots_match_the_log(&db, run).await;
+    assert_eq!(logged as i32, total, "one event per flag acknowledged");
+    assert!(checked >= 3, "only {checked} snapshots");
 }
 
 /// SIGTERM: the node finishes, snapshots every run with events no snapshot covers, and exits
