@@ -254,6 +254,21 @@ fn wrk(base: &str, secs: u64, runs: usize) -> (f64, f64, u64) {
     )
 }
 
+/// [`wrk`] against `node` for `secs`: requests/s, p99 ms, the requests not answered 2xx and the
+/// node's CPU per request in µs.
+fn wrk_measured(node: &Node, secs: u64, runs: usize) -> (f64, f64, u64, f64) {
+    let cpu = || procfs::cpu_secs(node.pid());
+    let before = cpu();
+    let (rate, p99, errors) = wrk(&node.base, secs, runs);
+    let used = cpu() - before;
+    (
+        rate,
+        p99,
+        errors,
+        1e6 * used / (rate * secs as f64).max(1.0),
+    )
+}
+
 /// Durable grafts/s over HTTP into `runs` runs with `wrk` as the client (C, two threads,
 /// little CPU per request), beside the in-process ceiling of the same grafts measured in the
 /// same run. One run (`-- wrk-hot`) is a run many write to at once: its document grows by
@@ -283,14 +298,10 @@ async fn wrk_cells(quick: bool, runs: usize) {
         let node = throughput_node(&db);
         // Warm: every run loaded and the database's first pages written.
         wrk(&node.base, 3, runs);
-        let cpu = || procfs::cpu_secs(node.pid());
-        let before = cpu();
-        let (rate, p99, errors) = wrk(&node.base, secs, runs);
-        let used = cpu() - before;
+        let (rate, p99, errors, cpu) = wrk_measured(&node, secs, runs);
         println!(
-            "| {} | {rate:.0} | {p99:.1} | {errors} | {:.0} µs | {:.0}% |",
+            "| {} | {rate:.0} | {p99:.1} | {errors} | {cpu:.0} µs | {:.0}% |",
             backend_name(backend),
-            1e6 * used / (rate * secs as f64).max(1.0),
             100.0 * rate / ceiling
         );
         drop(node);
@@ -329,25 +340,14 @@ async fn long_runs(quick: bool) {
                 .text()
                 .await
                 .expect("metrics text");
-            let written = |source: &str| {
-                common::metric(
-                    &text,
-                    &format!("crdt_snapshots_written_total{{source=\"{source}\"}}"),
-                )
-                .unwrap_or(0.0)
-            };
-            (written("memory"), written("storage"))
+            common::snapshots_written(&text)
         };
         let (memory0, storage0) = snapshots().await;
-        let cpu = || procfs::cpu_secs(node.pid());
-        let before = cpu();
-        let (rate, p99, errors) = wrk(&node.base, secs, RUNS);
-        let used = cpu() - before;
+        let (rate, p99, errors, cpu) = wrk_measured(&node, secs, RUNS);
         let (memory1, storage1) = snapshots().await;
         println!(
-            "| {} | {rate:.0} | {p99:.1} | {errors} | {:.0} µs | {:.0} | {:.0} |",
+            "| {} | {rate:.0} | {p99:.1} | {errors} | {cpu:.0} µs | {:.0} | {:.0} |",
             backend_name(backend),
-            1e6 * used / (rate * secs as f64).max(1.0),
             memory1 - memory0,
             storage1 - storage0,
         );

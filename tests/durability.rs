@@ -140,14 +140,8 @@ async fn a_long_run_is_snapshotted_every_tenth_of_its_length(backend: Backend) {
             let written = expected.len() as f64;
             common::eventually(10, || async {
                 let text = c.text(&node.url("/actuator/prometheus")).await;
-                let n = ["memory", "storage"]
-                    .iter()
-                    .filter_map(|source| {
-                        let series = format!("crdt_snapshots_written_total{{source=\"{source}\"}}");
-                        common::metric(&text, &series)
-                    })
-                    .sum::<f64>();
-                (n >= written).then_some(())
+                let (memory, storage) = common::snapshots_written(&text);
+                (memory + storage >= written).then_some(())
             })
             .await
             .expect("the snapshot counted");
@@ -738,29 +732,27 @@ async fn snapshots_of_concurrent_writes(backend: Backend, copy_max_changes: &str
         }
     });
     futures_util::future::join_all(writers).await;
-    // The snapshot due at the end is written after the last answer. Past 100 events one is
-    // due every tenth of the run, so the last covers more than ten elevenths of the log.
-    let total = (WRITERS * EACH) as i32;
-    common::eventually(10, || async {
-        let p = db::snapshot_positions(&db, run).await;
-        (p.first().is_some_and(|n| n * 11 > total * 10)).then_some(())
-    })
-    .await
-    .expect("a snapshot near the end of the log");
+    a_snapshot_near_the_end(&db, run, (WRITERS * EACH) as i32).await;
 
     let (logged, checked) = snapshots_match_the_log(&db, run).await;
     assert_eq!(logged, WRITERS * EACH);
     assert!(checked >= 3, "only {checked} snapshots");
     let text = Client::new().text(&node.url("/actuator/prometheus")).await;
-    let from = |source: &str| {
-        common::metric(
-            &text,
-            &format!("crdt_snapshots_written_total{{source=\"{source}\"}}"),
-        )
-        .unwrap_or(0.0)
-    };
-    assert_eq!(from("memory") + from("storage"), checked as f64, "{text}");
-    (from("memory"), from("storage"))
+    let (memory, storage) = common::snapshots_written(&text);
+    assert_eq!(memory + storage, checked as f64, "{text}");
+    (memory, storage)
+}
+
+/// Waits for the snapshot due at the end of a run of `total` events, written after the last
+/// answer: past ten times `every-events` one is due every tenth of the run, so the last covers
+/// more than ten elevenths of the log.
+async fn a_snapshot_near_the_end(db: &TestDb, run: Uuid, total: i32) {
+    common::eventually(10, || async {
+        let p = db::snapshot_positions(db, run).await;
+        (p.first().is_some_and(|n| n * 11 > total * 10)).then_some(())
+    })
+    .await
+    .expect("a snapshot near the end of the log");
 }
 
 /// Checks that every stored snapshot of `run` holds exactly the logged changes up to its event
@@ -872,14 +864,7 @@ async fn a_copy_holding_refused_writes_is_never_saved(backend: Backend) {
     let st = state(&Client::new(), &node, run).await;
     let flags = st["flags"].as_object().expect("flags").clone();
     assert!(flags.keys().all(|k| !k.starts_with("poison")), "{st}");
-    // The snapshot due at the end covers more than ten elevenths of the log (see above).
-    let total = flags.len() as i32;
-    common::eventually(10, || async {
-        let p = db::snapshot_positions(&db, run).await;
-        (p.first().is_some_and(|n| n * 11 > total * 10)).then_some(())
-    })
-    .await
-    .expect("a snapshot near the end of the log");
+    a_snapshot_near_the_end(&db, run, flags.len() as i32).await;
     let (logged, checked) = snapshots_match_the_log(&db, run).await;
     assert_eq!(logged, flags.len(), "one event per flag acknowledged");
     assert!(checked >= 3, "only {checked} snapshots");
@@ -1260,12 +1245,7 @@ async fn an_outage_never_saves_a_copy_holding_refused_writes() {
     .expect("writes resume");
     let st = state(&c, &node, run).await;
     let total = st["flags"].as_object().expect("flags").len() as i32;
-    common::eventually(10, || async {
-        let p = db::snapshot_positions(&db, run).await;
-        (p.first().is_some_and(|n| n * 11 > total * 10)).then_some(())
-    })
-    .await
-    .expect("a snapshot near the end of the log");
+    a_snapshot_near_the_end(&db, run, total).await;
     let (logged, checked) = snapshots_match_the_log(&db, run).await;
     assert_eq!(logged as i32, total, "one event per flag acknowledged");
     assert!(checked >= 3, "only {checked} snapshots");

@@ -310,6 +310,16 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Snapshots a node reports written (`crdt_snapshots_written_total`) in the metrics `text`: from
+/// memory, from storage.
+pub fn snapshots_written(text: &str) -> (f64, f64) {
+    let from = |source: &str| {
+        let series = format!("crdt_snapshots_written_total{{source=\"{source}\"}}");
+        metric(text, &series).unwrap_or(0.0)
+    };
+    (from("memory"), from("storage"))
+}
+
 /// Polls `f` until it returns Some, for up to `secs` seconds.
 pub async fn eventually<T, F, Fut>(secs: u64, mut f: F) -> Option<T>
 where

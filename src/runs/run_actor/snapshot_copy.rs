@@ -12,9 +12,9 @@
 //! one sent some of its snapshots to storage (10 runs of 10,000 events under wrk on
 //! PostgreSQL: 3-6 of 30-40 in 10 s, none since). If any write is refused first, the copy holds
 //! what the log never will and is dropped; after [`COPY_WAIT`] the snapshot actor builds from
-//! storage. Taking the copy pauses the run briefly
-//! (1.8 ms at 10,000 changes, hence `crdt.snapshot.copy-max-changes`, 20,000 by default). A
-//! copy carries the actor's fence, so a deposed owner's snapshot is refused like its writes.
+//! storage. Taking the copy pauses the run briefly (1.8 ms at 10,000 changes, hence
+//! `crdt.snapshot.copy-max-changes`, 20,000 by default). A copy carries the actor's fence, so a
+//! deposed owner's snapshot is refused like its writes.
 
 use std::time::Duration;
 
