@@ -254,19 +254,56 @@ fn wrk(base: &str, secs: u64, runs: usize) -> (f64, f64, u64) {
     )
 }
 
-/// [`wrk`] against `node` for `secs`: requests/s, p99 ms, the requests not answered 2xx and the
-/// node's CPU per request in µs.
-fn wrk_measured(node: &Node, secs: u64, runs: usize) -> (f64, f64, u64, f64) {
-    let cpu = || procfs::cpu_secs(node.pid());
-    let before = cpu();
+/// One [`wrk`] run against a node, and the CPU it cost.
+struct Measured {
+    rate: f64,
+    p99: f64,
+    errors: u64,
+    /// The node's CPU per request, µs.
+    node_us: f64,
+    /// Of it, the threads that write the database (SQLite: tokio's blocking pool, where the
+    /// writer runs, and the checkpoint thread; PostgreSQL: the connections' thread), µs.
+    storage_us: f64,
+    /// The PostgreSQL server's processes per request, µs (every `postgres` process on the
+    /// machine: run it for nothing else meanwhile); 0 on SQLite.
+    server_us: f64,
+    /// How busy the machine's cores were, %.
+    busy: f64,
+}
+
+/// The node's threads that write the database (see [`Measured::storage_us`]), by name.
+fn storage_thread(name: &str) -> bool {
+    name.starts_with("tokio-") || name.starts_with("sqlite-") || name == "pg-connections"
+}
+
+/// [`wrk`] against `node` on `backend` for `secs`, with what it cost.
+fn wrk_measured(node: &Node, backend: Backend, secs: u64, runs: usize) -> Measured {
+    let storage = || -> f64 {
+        procfs::thread_cpu_secs(node.pid())
+            .iter()
+            .filter(|(name, _)| storage_thread(name))
+            .map(|(_, secs)| secs)
+            .sum()
+    };
+    let server = || match backend {
+        Backend::Postgres => procfs::processes_cpu_secs("postgres"),
+        Backend::Sqlite => 0.0,
+    };
+    let (node0, storage0, server0) = (procfs::cpu_secs(node.pid()), storage(), server());
+    let (busy0, idle0) = procfs::machine_jiffies();
     let (rate, p99, errors) = wrk(&node.base, secs, runs);
-    let used = cpu() - before;
-    (
+    let (busy1, idle1) = procfs::machine_jiffies();
+    let per_request = |used: f64| 1e6 * used / (rate * secs as f64).max(1.0);
+    let (busy, idle) = (busy1.saturating_sub(busy0), idle1.saturating_sub(idle0));
+    Measured {
         rate,
         p99,
         errors,
-        1e6 * used / (rate * secs as f64).max(1.0),
-    )
+        node_us: per_request(procfs::cpu_secs(node.pid()) - node0),
+        storage_us: per_request(storage() - storage0),
+        server_us: per_request(server() - server0),
+        busy: 100.0 * busy as f64 / (busy + idle).max(1) as f64,
+    }
 }
 
 /// Durable grafts/s over HTTP into `runs` runs with `wrk` as the client (C, two threads,
@@ -291,18 +328,25 @@ async fn wrk_cells(quick: bool, runs: usize) {
     };
     println!("\n### Durable grafts over HTTP, wrk -t2 -c64, {over} (`-- {section}`)\n");
     println!("In-process ceiling of the same grafts, one thread, 80,000 into {over}: {ceiling:.0} grafts/s.\n");
-    println!("| backend | requests/s | p99 ms | not 2xx | node CPU per request | share of in-process ceiling |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| backend | requests/s | p99 ms | not 2xx | node CPU per request | of it, writing the database | database server per request | cores busy | share of in-process ceiling |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let db = TestDb::new(backend).await;
         let node = throughput_node(&db);
         // Warm: every run loaded and the database's first pages written.
         wrk(&node.base, 3, runs);
-        let (rate, p99, errors, cpu) = wrk_measured(&node, secs, runs);
+        let m = wrk_measured(&node, backend, secs, runs);
         println!(
-            "| {} | {rate:.0} | {p99:.1} | {errors} | {cpu:.0} µs | {:.0}% |",
+            "| {} | {:.0} | {:.1} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0}% | {:.0}% |",
             backend_name(backend),
-            100.0 * rate / ceiling
+            m.rate,
+            m.p99,
+            m.errors,
+            m.node_us,
+            m.storage_us,
+            m.server_us,
+            m.busy,
+            100.0 * m.rate / ceiling
         );
         drop(node);
     }
@@ -343,11 +387,15 @@ async fn long_runs(quick: bool) {
             common::snapshots_written(&text)
         };
         let (memory0, storage0) = snapshots().await;
-        let (rate, p99, errors, cpu) = wrk_measured(&node, secs, RUNS);
+        let m = wrk_measured(&node, backend, secs, RUNS);
         let (memory1, storage1) = snapshots().await;
         println!(
-            "| {} | {rate:.0} | {p99:.1} | {errors} | {cpu:.0} µs | {:.0} | {:.0} |",
+            "| {} | {:.0} | {:.1} | {} | {:.0} µs | {:.0} | {:.0} |",
             backend_name(backend),
+            m.rate,
+            m.p99,
+            m.errors,
+            m.node_us,
             memory1 - memory0,
             storage1 - storage0,
         );
