@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use test_support::bench::args::Args;
 use test_support::bench::http::Conn;
-use test_support::bench::procfs::{cpu_secs, rss_kib};
+use test_support::bench::procfs::{cpu_secs, processes_cpu_secs, rss_kib};
 use test_support::bench::stats::percentile;
 use test_support::proxy::Proxy;
 use test_support::{mesh, Backend, Node, TestDb};
@@ -196,21 +196,6 @@ async fn drive(
     ops as f64 / started.elapsed().as_secs_f64()
 }
 
-/// CPU seconds of every PostgreSQL process on the machine so far.
-fn postgres_cpu() -> f64 {
-    let mut total = 0.0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "postgres" {
-            total += cpu_secs(pid);
-        }
-    }
-    total
-}
-
 /// Transactions the pods' group committers have made so far (`crdt_commit_batch_appends`).
 async fn commits(region: &Region) -> f64 {
     let mut total = 0.0;
@@ -267,7 +252,7 @@ async fn layout(layout: Layout, runs: usize, ops: usize) -> Option<String> {
     let cpu = || {
         (
             pids.iter().map(|p| cpu_secs(*p)).sum::<f64>(),
-            postgres_cpu(),
+            processes_cpu_secs("postgres"),
         )
     };
     let rows_now = || region.databases.iter().map(|d| rows(d)).sum::<i64>();
