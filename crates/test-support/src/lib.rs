@@ -47,16 +47,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new(backend: Backend) -> TestDb {
         match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().expect("temp dir");
-                let url = format!("sqlite://{}", dir.path().join("crdt.db").display());
-                TestDb {
-                    url,
-                    backend,
-                    _dir: Some(dir),
-                    pg_name: None,
-                }
-            }
+            Backend::Sqlite => Self::sqlite(tempfile::tempdir().expect("temp dir")),
             Backend::Postgres => {
                 let admin = pg_admin_url();
                 let name = format!("crdt_test_{}", uuid::Uuid::new_v4().simple());
@@ -80,6 +71,24 @@ impl TestDb {
                     pg_name: Some(name),
                 }
             }
+        }
+    }
+}
+
+impl TestDb {
+    /// A SQLite database in a new directory under `parent` (a benchmark puts one in RAM, under
+    /// `/dev/shm`, to see what the disk costs).
+    pub fn sqlite_under(parent: &std::path::Path) -> TestDb {
+        Self::sqlite(tempfile::tempdir_in(parent).expect("temp dir"))
+    }
+
+    fn sqlite(dir: tempfile::TempDir) -> TestDb {
+        let url = format!("sqlite://{}", dir.path().join("crdt.db").display());
+        TestDb {
+            url,
+            backend: Backend::Sqlite,
+            _dir: Some(dir),
+            pg_name: None,
         }
     }
 }
