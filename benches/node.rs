@@ -7,7 +7,8 @@
 //!   spread over 1,000 runs, on SQLite and PostgreSQL, beside the in-process ceiling for the
 //!   same operation mix measured in the same run.
 //! - wrk: durable grafts/s with `wrk` as the client (64 connections, 1,000 runs), beside the
-//!   in-process ceiling of the same grafts measured in the same run.
+//!   in-process ceiling of the same grafts measured in the same run; on SQLite, SQLite in RAM
+//!   (a bound: what the disk costs) and PostgreSQL.
 //! - wrk-hot: the same into one run, which grows by thousands of grafts a second.
 //! - long: the same into 10 runs of 10,000 events each (`LONG_EVENTS=N`: N each): what
 //!   snapshots of long runs cost.
@@ -308,8 +309,8 @@ fn wrk_measured(node: &Node, backend: Backend, secs: u64, runs: usize) -> Measur
 
 /// Durable grafts/s over HTTP into `runs` runs with `wrk` as the client (C, two threads,
 /// little CPU per request), beside the in-process ceiling of the same grafts measured in the
-/// same run. One run (`-- wrk-hot`) is a run many write to at once: its document grows by
-/// about 7,000 grafts a second.
+/// same run, on SQLite, SQLite in RAM and PostgreSQL. One run (`-- wrk-hot`) is a run many
+/// write to at once: its document grows by about 7,000 grafts a second.
 async fn wrk_cells(quick: bool, runs: usize) {
     let secs = if quick { 5 } else { 10 };
     // The work of `scripts/wrk-graft.lua`'s requests: "Agent" after "Step1".

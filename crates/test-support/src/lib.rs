@@ -73,9 +73,7 @@ impl TestDb {
             }
         }
     }
-}
 
-impl TestDb {
     /// A SQLite database in a new directory under `parent` (a benchmark puts one in RAM, under
     /// `/dev/shm`, to see what the disk costs).
     pub fn sqlite_under(parent: &std::path::Path) -> TestDb {
