@@ -26,6 +26,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use test_support as common;
 
 use test_support::bench::mix;
+use test_support::bench::no_writes;
 
 use test_support::bench::args;
 
@@ -284,8 +285,13 @@ fn storage_thread(name: &str) -> bool {
 
 /// [`wrk`] against `node` on `backend` for `secs`, with what it cost.
 fn wrk_measured(node: &Node, backend: Backend, secs: u64, runs: usize) -> Measured {
+    wrk_measured_at(&node.base, node.pid(), backend, secs, runs)
+}
+
+/// [`wrk_measured`] against the node at `base`, which is process `pid`.
+fn wrk_measured_at(base: &str, pid: u32, backend: Backend, secs: u64, runs: usize) -> Measured {
     let storage = || -> f64 {
-        procfs::thread_cpu_secs(node.pid())
+        procfs::thread_cpu_secs(pid)
             .iter()
             .filter(|(name, _)| storage_thread(name))
             .map(|(_, secs)| secs)
@@ -295,9 +301,9 @@ fn wrk_measured(node: &Node, backend: Backend, secs: u64, runs: usize) -> Measur
         Backend::Postgres => procfs::processes_cpu_secs("postgres"),
         Backend::Sqlite => 0.0,
     };
-    let (node0, storage0, server0) = (procfs::cpu_secs(node.pid()), storage(), server());
+    let (node0, storage0, server0) = (procfs::cpu_secs(pid), storage(), server());
     let (busy0, idle0) = procfs::machine_jiffies();
-    let (rate, p99, errors) = wrk(&node.base, secs, runs);
+    let (rate, p99, errors) = wrk(base, secs, runs);
     let (busy1, idle1) = procfs::machine_jiffies();
     let per_request = |used: f64| 1e6 * used / (rate * secs as f64).max(1.0);
     let (busy, idle) = (busy1.saturating_sub(busy0), idle1.saturating_sub(idle0));
@@ -305,7 +311,7 @@ fn wrk_measured(node: &Node, backend: Backend, secs: u64, runs: usize) -> Measur
         rate,
         p99,
         errors,
-        node_us: per_request(procfs::cpu_secs(node.pid()) - node0),
+        node_us: per_request(procfs::cpu_secs(pid) - node0),
         storage_us: per_request(storage() - storage0),
         server_us: per_request(server() - server0),
         busy: 100.0 * busy as f64 / (busy + idle).max(1) as f64,
@@ -375,6 +381,75 @@ async fn wrk_cells(quick: bool, runs: usize) {
             100.0 * m.rate / ceiling
         );
         drop(node);
+    }
+    let db = TestDb::new(Backend::Sqlite).await;
+    let node = InProcessNode::without_durable_writes(&db);
+    wrk(&node.base, 3, runs);
+    let m = wrk_measured_at(&node.base, std::process::id(), Backend::Sqlite, secs, runs);
+    println!(
+        "| no durable write (this process, a bound) | {:.0} | {:.1} | {} | {:.0} µs | — | — | {:.0}% | {:.0}% |",
+        m.rate,
+        m.p99,
+        m.errors,
+        m.node_us,
+        m.busy,
+        100.0 * m.rate / ceiling
+    );
+    node.stop().await;
+}
+
+/// The node in this process on a SQLite store whose appends are acknowledged and dropped
+/// (`no_writes::NoDurableWrites`; snapshots and reads still reach the database): what the
+/// write path would do if the database cost nothing. This process then holds only the node
+/// and idle threads, so its CPU is the node's. The node has no such mode of its own.
+struct InProcessNode {
+    base: String,
+    server: actix_web::dev::ServerHandle,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl InProcessNode {
+    fn without_durable_writes(db: &TestDb) -> InProcessNode {
+        let url = db.url.clone();
+        let (started, addr) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                // As `throughput_node` configures the node process.
+                let settings = crdt_node::config::Settings::load_from(
+                    &common::repo_path("config/application.yml"),
+                    true,
+                    |key| match key {
+                        "DATABASE_URL" => Some(url.clone()),
+                        "PORT" => Some("0".into()),
+                        "CRDT_RUN_IDLE_SECS" => Some("3600".into()),
+                        _ => None,
+                    },
+                )
+                .expect("settings");
+                let db = &settings.database;
+                let store = run_store::open(&db.url, db.pool_size, db.create_if_missing)
+                    .await
+                    .expect("open the store");
+                let store = std::sync::Arc::new(no_writes::NoDurableWrites(store));
+                let node = crdt_node::node::start_with_store(&settings, store)
+                    .await
+                    .expect("start the node");
+                let _ = started.send((node.addr, node.server.clone()));
+                let _ = node.task.await;
+                actix::System::current().stop();
+            });
+        });
+        let (addr, server) = addr.recv().expect("the node started");
+        InProcessNode {
+            base: format!("http://{addr}"),
+            server,
+            thread,
+        }
+    }
+
+    async fn stop(self) {
+        self.server.stop(false).await;
+        let _ = self.thread.join();
     }
 }
 

@@ -17,7 +17,7 @@ use crate::identity::{Auth, Verifier};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::metrics::Metrics;
 use crate::runs::{Runs, RunsConfig};
-use run_store::{self, StoreError};
+use run_store::{self, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -81,14 +81,25 @@ impl Edges {
     }
 }
 
-/// Starts a node on the current actix system.
+/// Starts a node on the current actix system, on the database `settings` name.
 pub async fn start(settings: &Settings) -> Result<RunningNode, NodeError> {
+    let db = &settings.database;
+    let store = run_store::open(&db.url, db.pool_size, db.create_if_missing).await?;
+    start_with_store(settings, store).await
+}
+
+/// [`start`] on a store opened already: the node bench runs one in its own process on a store
+/// wrapped to measure what the database costs.
+pub async fn start_with_store(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+) -> Result<RunningNode, NodeError> {
     // wss:// peers: rustls needs one process-wide crypto provider (ring, as awc is built).
     // A second node in one process finds it installed already, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let metrics = Metrics::new().map_err(|e| NodeError::Metrics(e.to_string()))?;
-    let runs = start_runtime(settings, &metrics, workers).await?;
+    let runs = start_runtime(settings, store, &metrics, workers).await?;
     let mesh = Mesh::start(
         MeshConfig::from_settings(settings),
         &settings.peer_urls(),
@@ -184,14 +195,13 @@ fn start_auth(settings: &Settings) -> Result<Arc<Auth>, NodeError> {
     Ok(Arc::new(Auth::new(settings.crdt.api.token.clone(), users)))
 }
 
-/// Opens the store and starts the runtime on it.
+/// Starts the runtime on `store`.
 async fn start_runtime(
     settings: &Settings,
+    store: Arc<dyn Store>,
     metrics: &Metrics,
     workers: usize,
 ) -> Result<Runs, NodeError> {
-    let db = &settings.database;
-    let store = run_store::open(&db.url, db.pool_size, db.create_if_missing).await?;
     log::info!(
         "storage: {} ({})",
         store.backend(),

@@ -5,6 +5,7 @@ pub mod args;
 pub mod builds;
 pub mod http;
 pub mod mix;
+pub mod no_writes;
 pub mod procfs;
 pub mod stats;
 pub mod watchdog;
