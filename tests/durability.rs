@@ -737,19 +737,20 @@ async fn snapshots_of_concurrent_writes(backend: Backend, copy_max_changes: &str
     // The metrics first, then the table: a snapshot is counted after it is stored, so one
     // still being saved makes the table hold one more, never fewer; once they agree, every
     // snapshot the node counted was checked.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let (logged, checked, memory, storage) = loop {
+    let counted_and_stored = || async {
         let text = Client::new().text(&node.url("/actuator/prometheus")).await;
         let (memory, storage) = common::snapshots_written(&text);
         let (logged, checked) = snapshots_match_the_log(&db, run).await;
-        if memory + storage == checked as f64 {
-            break (logged, checked, memory, storage);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the snapshots counted ({memory} + {storage}) never matched the {checked} stored:\n{text}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        (logged, checked, memory, storage, text)
+    };
+    let agreed = common::eventually(10, || async {
+        let (logged, checked, memory, storage, _) = counted_and_stored().await;
+        (memory + storage == checked as f64).then_some((logged, checked, memory, storage))
+    })
+    .await;
+    let Some((logged, checked, memory, storage)) = agreed else {
+        let (_, checked, memory, storage, text) = counted_and_stored().await;
+        panic!("the snapshots counted ({memory} + {storage}) never matched the {checked} stored:\n{text}");
     };
     assert_eq!(logged, WRITERS * EACH);
     assert!(checked >= 3, "only {checked} snapshots");
